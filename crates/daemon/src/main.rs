@@ -1,0 +1,2 @@
+//! berthd: BuildKit-compatible build daemon.
+fn main() {}
