@@ -1,0 +1,1 @@
+//! dockerstore (in progress).
