@@ -1,0 +1,55 @@
+//! Generates the Rust wire types from `proto/` without a system `protoc`.
+//!
+//! `protox` parses our `.proto` files into a `FileDescriptorSet` (its bundled
+//! copies of the well-known `google/protobuf/*.proto` satisfy the imports), and
+//! `tonic-prost-build` turns that set into prost messages plus tonic client and
+//! server stubs under `OUT_DIR`. The encoded set is also written to
+//! `OUT_DIR/berth_descriptor_set.bin` for `protos::FILE_DESCRIPTOR_SET`.
+
+use std::path::{Path, PathBuf};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("proto");
+    let mut files = Vec::new();
+    collect_protos(&root, &root, &mut files)?;
+    files.sort();
+
+    println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed={}", root.display());
+    for f in &files {
+        println!("cargo:rerun-if-changed={}", root.join(f).display());
+    }
+
+    let fds = protox::compile(&files, [&root])?;
+
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(
+        out_dir.join("berth_descriptor_set.bin"),
+        prost::Message::encode_to_vec(&fds),
+    )?;
+
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        // Servers may leave RPCs unimplemented; the stub answers UNIMPLEMENTED.
+        .generate_default_stubs(true)
+        // Sorted maps: deterministic encoding, as Go's stable marshaler (op digests).
+        .btree_map(".")
+        // `bytes::Bytes` for every bytes field: cheap clones of stream payloads.
+        .bytes(".")
+        .compile_fds(fds)?;
+    Ok(())
+}
+
+/// Lists every `.proto` under `dir`, as paths relative to `root`.
+fn collect_protos(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            collect_protos(root, &path, out)?;
+        } else if path.extension().is_some_and(|e| e == "proto") {
+            out.push(path.strip_prefix(root).expect("under root").to_path_buf());
+        }
+    }
+    Ok(())
+}
