@@ -1,0 +1,217 @@
+//! The snapshot store's metadata database (redb). Values are JSON so that records can grow fields.
+//!
+//! Tables: `snapshots` (id → [`SnapRec`]), `layers` (id → [`LayerRec`]), `cache_keys` (key → snapshot id),
+//! `leases` (id → [`LeaseRec`]), `docker_adapters` (Docker diff dir → [`AdapterRec`]).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use chrono::{DateTime, Utc};
+use redb::{ReadableTable, TableDefinition};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use super::{Chain, LayerId, LayerMeta, RecordType, SnapshotId, SnapshotKind};
+use crate::{Error, Result};
+
+pub(crate) const SNAPSHOTS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("snapshots");
+pub(crate) const LAYERS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("layers");
+pub(crate) const CACHE_KEYS: TableDefinition<'_, &str, &str> = TableDefinition::new("cache_keys");
+pub(crate) const LEASES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("leases");
+pub(crate) const ADAPTERS: TableDefinition<'_, &str, &[u8]> =
+    TableDefinition::new("docker_adapters");
+
+/// A snapshot record.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct SnapRec {
+    pub kind: SnapshotKind,
+    pub parents: Vec<SnapshotId>,
+    /// Committed: all layers. Mutable: the lower chain under `mutable/<id>/upper`.
+    pub chain: Chain,
+    /// The layer this snapshot created (commit, diff, tar import), counted as its size in disk usage.
+    pub own_layer: Option<LayerId>,
+    pub description: String,
+    pub record_type: RecordType,
+    pub created_at: DateTime<Utc>,
+    pub last_used_at: Option<DateTime<Utc>>,
+    pub usage_count: u64,
+}
+
+/// A layer record.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct LayerRec {
+    pub meta: LayerMeta,
+    pub created_at: DateTime<Utc>,
+    /// Bytes of `diff/` (lstat sizes of non-dirs, hardlinks once), computed at commit.
+    pub disk_size: u64,
+    /// Set for the generated layers around an AUFS-format Docker layer: that layer's diff dir.
+    pub adapter_for: Option<String>,
+}
+
+/// A lease record.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct LeaseRec {
+    pub snapshots: Vec<SnapshotId>,
+    /// `None`: bound to the process that made it (dropped at the next `open`).
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// Generated layers for an AUFS-format Docker layer (both `None` when it has no whiteout markers).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct AdapterRec {
+    pub below: Option<LayerId>,
+    pub above: Option<LayerId>,
+}
+
+fn db_err(op: &'static str) -> impl FnOnce(redb::Error) -> Error {
+    move |source| Error::SnapshotDb {
+        op,
+        source: Box::new(source),
+    }
+}
+
+fn enc<T: Serialize>(v: &T) -> Vec<u8> {
+    // Serialising these plain structs cannot fail (no maps with non-string keys, no custom serialisers).
+    serde_json::to_vec(v).expect("snapshot metadata serialises")
+}
+
+fn dec<T: DeserializeOwned>(table: &'static str, key: &str, bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|source| Error::SnapshotMetadata {
+        table,
+        key: key.to_string(),
+        source,
+    })
+}
+
+/// The whole metadata state, read in one transaction.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct State {
+    pub snapshots: BTreeMap<SnapshotId, SnapRec>,
+    pub layers: BTreeMap<LayerId, LayerRec>,
+    pub cache_keys: BTreeMap<String, SnapshotId>,
+    pub leases: BTreeMap<String, LeaseRec>,
+    pub adapters: BTreeMap<String, AdapterRec>,
+}
+
+/// One batch of changes, applied atomically by [`Db::apply`].
+#[derive(Debug, Default)]
+pub(crate) struct Batch {
+    pub put_snapshots: Vec<(SnapshotId, SnapRec)>,
+    pub del_snapshots: Vec<SnapshotId>,
+    pub put_layers: Vec<(LayerId, LayerRec)>,
+    pub del_layers: Vec<LayerId>,
+    pub put_cache_keys: Vec<(String, SnapshotId)>,
+    pub del_cache_keys: Vec<String>,
+    pub put_leases: Vec<(String, LeaseRec)>,
+    pub del_leases: Vec<String>,
+    pub put_adapters: Vec<(String, AdapterRec)>,
+    pub del_adapters: Vec<String>,
+}
+
+pub(crate) struct Db {
+    db: redb::Database,
+}
+
+impl Db {
+    pub fn open(path: &Path) -> Result<Db> {
+        let db = redb::Database::create(path).map_err(|e| db_err("open")(e.into()))?;
+        let db = Db { db };
+        // Create the tables so that readers never see "table does not exist".
+        db.apply(Batch::default())?;
+        Ok(db)
+    }
+
+    pub fn load(&self) -> Result<State> {
+        let tx = self
+            .db
+            .begin_read()
+            .map_err(|e| db_err("begin read")(e.into()))?;
+        let mut st = State::default();
+        let read = |e: redb::TableError| db_err("open table")(e.into());
+        let t = tx.open_table(SNAPSHOTS).map_err(read)?;
+        for row in t.iter().map_err(|e| db_err("read")(e.into()))? {
+            let (k, v) = row.map_err(|e| db_err("read")(e.into()))?;
+            st.snapshots.insert(
+                SnapshotId(k.value().to_string()),
+                dec("snapshots", k.value(), v.value())?,
+            );
+        }
+        let t = tx.open_table(LAYERS).map_err(read)?;
+        for row in t.iter().map_err(|e| db_err("read")(e.into()))? {
+            let (k, v) = row.map_err(|e| db_err("read")(e.into()))?;
+            st.layers.insert(
+                LayerId(k.value().to_string()),
+                dec("layers", k.value(), v.value())?,
+            );
+        }
+        let t = tx.open_table(CACHE_KEYS).map_err(read)?;
+        for row in t.iter().map_err(|e| db_err("read")(e.into()))? {
+            let (k, v) = row.map_err(|e| db_err("read")(e.into()))?;
+            st.cache_keys
+                .insert(k.value().to_string(), SnapshotId(v.value().to_string()));
+        }
+        let t = tx.open_table(LEASES).map_err(read)?;
+        for row in t.iter().map_err(|e| db_err("read")(e.into()))? {
+            let (k, v) = row.map_err(|e| db_err("read")(e.into()))?;
+            st.leases
+                .insert(k.value().to_string(), dec("leases", k.value(), v.value())?);
+        }
+        let t = tx.open_table(ADAPTERS).map_err(read)?;
+        for row in t.iter().map_err(|e| db_err("read")(e.into()))? {
+            let (k, v) = row.map_err(|e| db_err("read")(e.into()))?;
+            st.adapters.insert(
+                k.value().to_string(),
+                dec("docker_adapters", k.value(), v.value())?,
+            );
+        }
+        Ok(st)
+    }
+
+    /// Applies a batch in one durable write transaction (the commit point).
+    pub fn apply(&self, b: Batch) -> Result<()> {
+        let tx = self
+            .db
+            .begin_write()
+            .map_err(|e| db_err("begin write")(e.into()))?;
+        {
+            let open = |e: redb::TableError| db_err("open table")(e.into());
+            let w = |e: redb::StorageError| db_err("write")(e.into());
+            let mut t = tx.open_table(SNAPSHOTS).map_err(open)?;
+            for id in &b.del_snapshots {
+                t.remove(id.as_str()).map_err(w)?;
+            }
+            for (id, rec) in &b.put_snapshots {
+                t.insert(id.as_str(), enc(rec).as_slice()).map_err(w)?;
+            }
+            let mut t = tx.open_table(LAYERS).map_err(open)?;
+            for id in &b.del_layers {
+                t.remove(id.as_str()).map_err(w)?;
+            }
+            for (id, rec) in &b.put_layers {
+                t.insert(id.as_str(), enc(rec).as_slice()).map_err(w)?;
+            }
+            let mut t = tx.open_table(CACHE_KEYS).map_err(open)?;
+            for k in &b.del_cache_keys {
+                t.remove(k.as_str()).map_err(w)?;
+            }
+            for (k, id) in &b.put_cache_keys {
+                t.insert(k.as_str(), id.as_str()).map_err(w)?;
+            }
+            let mut t = tx.open_table(LEASES).map_err(open)?;
+            for k in &b.del_leases {
+                t.remove(k.as_str()).map_err(w)?;
+            }
+            for (k, rec) in &b.put_leases {
+                t.insert(k.as_str(), enc(rec).as_slice()).map_err(w)?;
+            }
+            let mut t = tx.open_table(ADAPTERS).map_err(open)?;
+            for k in &b.del_adapters {
+                t.remove(k.as_str()).map_err(w)?;
+            }
+            for (k, rec) in &b.put_adapters {
+                t.insert(k.as_str(), enc(rec).as_slice()).map_err(w)?;
+            }
+        }
+        tx.commit().map_err(|e| db_err("commit")(e.into()))
+    }
+}
