@@ -1,0 +1,299 @@
+//! Sender ↔ receiver over in-memory channels: trees arrive intact, re-syncs are incremental,
+//! hostile listings are refused.
+
+use fsutil::walk::{MapResult, WalkOptions};
+use fsutil::{receive, send, Error, Packet, ReceiveOptions, SendOptions, Stat};
+use futures::StreamExt;
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+async fn transfer(
+    src: &Path,
+    dest: &Path,
+    send_opts: SendOptions,
+    recv_opts: ReceiveOptions,
+) -> fsutil::receive::ReceiveStats {
+    let (to_recv, from_send) = mpsc::channel::<Packet>(64);
+    let (to_send, from_recv) = mpsc::channel::<Packet>(64);
+    let s = tokio::spawn(send(
+        src.to_path_buf(),
+        send_opts,
+        to_recv,
+        ReceiverStream::new(from_recv).map(Ok::<_, Error>),
+    ));
+    let r = receive(
+        dest.to_path_buf(),
+        recv_opts,
+        to_send,
+        ReceiverStream::new(from_send).map(Ok::<_, Error>),
+    );
+    let stats = r.await.expect("receive");
+    s.await.unwrap().expect("send");
+    stats
+}
+
+fn listing(root: &Path) -> Vec<Stat> {
+    let mut out = Vec::new();
+    fsutil::walk::walk(
+        root,
+        &WalkOptions::default(),
+        &mut |_| MapResult::Keep,
+        &mut |st| {
+            out.push(st);
+            Ok(())
+        },
+    )
+    .unwrap();
+    out
+}
+
+fn make_tree(root: &Path) {
+    fs::create_dir_all(root.join("dir/sub")).unwrap();
+    fs::write(root.join("dir/sub/small.txt"), "hello\n").unwrap();
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    fs::write(root.join("big.bin"), &big).unwrap();
+    fs::write(root.join("empty"), "").unwrap();
+    fs::write(root.join("exec.sh"), "#!/bin/sh\n").unwrap();
+    fs::set_permissions(root.join("exec.sh"), fs::Permissions::from_mode(0o4755)).unwrap();
+    std::os::unix::fs::symlink("dir/sub/small.txt", root.join("link")).unwrap();
+    std::os::unix::fs::symlink("/nonexistent/abs", root.join("abslink")).unwrap();
+    fs::hard_link(root.join("big.bin"), root.join("dir/hard.bin")).unwrap();
+    fs::set_permissions(root.join("dir"), fs::Permissions::from_mode(0o750)).unwrap();
+}
+
+#[tokio::test]
+async fn full_tree_roundtrip_and_incremental_resync() {
+    let src = tempfile::tempdir().unwrap();
+    let dst = tempfile::tempdir().unwrap();
+    make_tree(src.path());
+    let dest = dst.path().join("out");
+
+    let stats = transfer(
+        src.path(),
+        &dest,
+        SendOptions::default(),
+        ReceiveOptions::default(),
+    )
+    .await;
+    // big.bin, dir/sub/small.txt, empty, exec.sh (the hardlink is linked, not requested)
+    assert_eq!(stats.files_requested, 4, "{stats:?}");
+    assert_eq!(stats.bytes_written, 300_000 + 6 + 10);
+    let a = listing(src.path());
+    let b = listing(&dest);
+    assert_eq!(a, b, "trees differ after transfer");
+    assert_eq!(
+        fs::read(dest.join("big.bin")).unwrap(),
+        fs::read(src.path().join("big.bin")).unwrap()
+    );
+    let m1 = fs::metadata(dest.join("big.bin")).unwrap();
+    let m2 = fs::metadata(dest.join("dir/hard.bin")).unwrap();
+    assert_eq!(m1.ino(), m2.ino(), "hardlink must share the inode");
+    assert_eq!(
+        fs::metadata(dest.join("exec.sh")).unwrap().mode() & 0o7777,
+        0o4755
+    );
+
+    // unchanged re-sync: nothing requested, nothing deleted
+    let stats = transfer(
+        src.path(),
+        &dest,
+        SendOptions::default(),
+        ReceiveOptions::default(),
+    )
+    .await;
+    assert_eq!(stats.files_requested, 0, "{stats:?}");
+    assert_eq!(stats.bytes_written, 0);
+    assert_eq!(stats.deleted, 0);
+
+    // change one file, delete one, add one: only the changed/new are requested, the deleted goes
+    fs::write(src.path().join("dir/sub/small.txt"), "changed content\n").unwrap();
+    fs::remove_file(src.path().join("empty")).unwrap();
+    fs::write(src.path().join("new.txt"), "new").unwrap();
+    fs::write(dest.join("stale-only-in-dest"), "x").unwrap();
+    let stats = transfer(
+        src.path(),
+        &dest,
+        SendOptions::default(),
+        ReceiveOptions::default(),
+    )
+    .await;
+    assert_eq!(stats.files_requested, 2, "{stats:?}");
+    assert_eq!(stats.deleted, 2, "{stats:?}");
+    assert_eq!(listing(src.path()), listing(&dest));
+
+    // differ none re-requests every regular file
+    let stats = transfer(
+        src.path(),
+        &dest,
+        SendOptions::default(),
+        ReceiveOptions {
+            differ_none: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(stats.files_requested, 4, "{stats:?}");
+}
+
+#[tokio::test]
+async fn filtered_send_and_uid_map() {
+    let src = tempfile::tempdir().unwrap();
+    let dst = tempfile::tempdir().unwrap();
+    make_tree(src.path());
+    let opts = SendOptions {
+        walk: WalkOptions {
+            include_patterns: vec!["dir".into(), "*.sh".into()],
+            exclude_patterns: vec!["**/hard.bin".into()],
+            follow_paths: vec![],
+        },
+        map: Some(std::sync::Arc::new(|st: &mut Stat| {
+            st.uid = 1234;
+            st.gid = 5678;
+            MapResult::Keep
+        })),
+        progress: None,
+    };
+    transfer(src.path(), dst.path(), opts, ReceiveOptions::default()).await;
+    let got: Vec<(String, u32)> = listing(dst.path())
+        .into_iter()
+        .map(|s| (s.path, s.uid))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("dir".to_string(), 1234),
+            ("dir/sub".into(), 1234),
+            ("dir/sub/small.txt".into(), 1234),
+            ("exec.sh".into(), 1234)
+        ]
+    );
+}
+
+#[tokio::test]
+async fn merge_mode_replaces_symlink_and_never_escapes() {
+    let outside = tempfile::tempdir().unwrap();
+    let src = tempfile::tempdir().unwrap();
+    let dst = tempfile::tempdir().unwrap();
+    fs::create_dir(src.path().join("d")).unwrap();
+    fs::write(src.path().join("d/x"), "payload").unwrap();
+    // the destination holds a symlink named like the incoming directory, pointing outside
+    std::os::unix::fs::symlink(outside.path(), dst.path().join("d")).unwrap();
+    fs::write(dst.path().join("keep"), "kept").unwrap();
+    transfer(
+        src.path(),
+        dst.path(),
+        SendOptions::default(),
+        ReceiveOptions {
+            merge: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(
+        !outside.path().join("x").exists(),
+        "write escaped through a symlink"
+    );
+    assert!(fs::symlink_metadata(dst.path().join("d")).unwrap().is_dir());
+    assert_eq!(
+        fs::read_to_string(dst.path().join("d/x")).unwrap(),
+        "payload"
+    );
+    assert_eq!(
+        fs::read_to_string(dst.path().join("keep")).unwrap(),
+        "kept",
+        "merge must not delete"
+    );
+}
+
+/// Drives a receiver with a hand-written packet sequence and returns its result.
+async fn receive_script(
+    dest: &Path,
+    packets: Vec<Packet>,
+) -> Result<fsutil::receive::ReceiveStats, Error> {
+    let (to_recv, from_send) = mpsc::channel::<Packet>(64);
+    let (to_send, mut from_recv) = mpsc::channel::<Packet>(64);
+    for p in packets {
+        to_recv.send(p).await.unwrap();
+    }
+    drop(to_recv);
+    let drain = tokio::spawn(async move { while from_recv.recv().await.is_some() {} });
+    let r = receive(
+        dest.to_path_buf(),
+        ReceiveOptions::default(),
+        to_send,
+        ReceiverStream::new(from_send).map(Ok::<_, Error>),
+    )
+    .await;
+    drain.await.unwrap();
+    r
+}
+
+#[tokio::test]
+async fn hostile_listings_are_rejected() {
+    let file = |p: &str| Stat {
+        path: p.into(),
+        mode: 0o644,
+        ..Default::default()
+    };
+    let symlink = |p: &str, target: &str| Stat {
+        path: p.into(),
+        mode: fsutil::filemode::MODE_SYMLINK | 0o777,
+        linkname: target.into(),
+        ..Default::default()
+    };
+    let cases: Vec<(&str, Vec<Packet>)> = vec![
+        (
+            "parent escape",
+            vec![Packet::Stat(Some(file("../evil"))), Packet::Stat(None)],
+        ),
+        (
+            "absolute",
+            vec![Packet::Stat(Some(file("/evil"))), Packet::Stat(None)],
+        ),
+        (
+            "through symlink",
+            vec![
+                Packet::Stat(Some(symlink("a", "/"))),
+                Packet::Stat(Some(file("a/evil"))),
+                Packet::Stat(None),
+            ],
+        ),
+        (
+            "out of order",
+            vec![
+                Packet::Stat(Some(file("b"))),
+                Packet::Stat(Some(file("a"))),
+                Packet::Stat(None),
+            ],
+        ),
+        (
+            "data before listing end",
+            vec![Packet::Data {
+                id: 0,
+                data: "x".into(),
+            }],
+        ),
+        (
+            "unrequested id",
+            vec![
+                Packet::Stat(Some(file("a"))),
+                Packet::Stat(None),
+                Packet::Data {
+                    id: 7,
+                    data: "x".into(),
+                },
+            ],
+        ),
+        ("sender error", vec![Packet::Err("boom".into())]),
+        ("early eof", vec![Packet::Stat(Some(file("a")))]),
+    ];
+    for (name, packets) in cases {
+        let dst = tempfile::tempdir().unwrap();
+        let res = receive_script(dst.path(), packets).await;
+        assert!(res.is_err(), "{name}: accepted");
+    }
+    assert!(!Path::new("/evil").exists());
+}
