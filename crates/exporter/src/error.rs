@@ -16,4 +16,58 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
+    /// A layer had to be sent but berth holds no copy of it.
+    #[error("layer {diff_id} is needed but neither Docker nor berth has it")]
+    LayerUnavailable {
+        /// The layer's diffID.
+        diff_id: String,
+    },
+    /// Producing a layer's tar failed.
+    #[error("stream layer {diff_id}")]
+    LayerStream {
+        /// The layer's diffID.
+        diff_id: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A layer source produced a different number of bytes than announced.
+    #[error("layer {diff_id}: expected {expected} bytes of tar, produced {found}")]
+    LayerSizeMismatch {
+        /// The layer's diffID.
+        diff_id: String,
+        /// Announced size.
+        expected: u64,
+        /// Produced size.
+        found: u64,
+    },
+    /// Writing the archive failed.
+    #[error("write docker archive")]
+    ArchiveWrite {
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The Docker Engine refused or failed the load.
+    #[error("docker load: {message}")]
+    DockerLoad {
+        /// What the daemon (or the client) said.
+        message: String,
+    },
+    /// Tagging the image failed.
+    #[error("tag {name}: {message}")]
+    DockerTag {
+        /// The name being applied.
+        name: String,
+        /// What the daemon said.
+        message: String,
+    },
+    /// An image name could not be used.
+    #[error("invalid image name {name:?}: {reason}")]
+    InvalidName {
+        /// The name.
+        name: String,
+        /// Why.
+        reason: &'static str,
+    },
 }

@@ -1,0 +1,300 @@
+//! A streaming docker-archive (`docker save` format) writer that carries only some layer tars.
+//!
+//! Layout written, in this order:
+//!
+//! ```text
+//! <diffID-hex>/layer.tar   one per layer that must travel, in chain order, each unique path once
+//! <configID-hex>.json      the image config bytes
+//! manifest.json            [{"Config":…,"RepoTags":[…],"Layers":[every layer's path, bottom→top]}]
+//! ```
+//!
+//! The manifest always lists every layer; a layer whose tar is left out must already be present in
+//! the receiving Docker Engine, which looks it up by chainID and never opens the file (see
+//! `shared/spec/docker-store.md` §2). Layer tars are streamed from their [`LayerSource`] straight
+//! into the output: nothing is buffered beyond one copy buffer, and the size each source produces
+//! is checked against the size declared in the tar header.
+
+use std::io::{self, Write};
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::image::ImageConfig;
+use crate::{Error, Result};
+
+/// Something that can write a layer's uncompressed tar on demand.
+pub trait LayerSource: Send + Sync {
+    /// Writes the whole layer tar to `out`. The bytes must hash to the layer's diffID and their
+    /// count must equal the size announced for the layer.
+    fn write_tar(&self, out: &mut dyn Write) -> io::Result<()>;
+}
+
+/// One layer of an exported image, bottom to top.
+#[derive(Clone)]
+pub struct ExportLayer {
+    /// `sha256:<hex>` of the uncompressed tar.
+    pub diff_id: String,
+    /// Size of the uncompressed tar in bytes.
+    pub size: u64,
+    /// Where its tar comes from; `None` for a layer berth never holds (it came from Docker).
+    pub source: Option<Arc<dyn LayerSource>>,
+}
+
+impl std::fmt::Debug for ExportLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExportLayer")
+            .field("diff_id", &self.diff_id)
+            .field("size", &self.size)
+            .field("has_source", &self.source.is_some())
+            .finish()
+    }
+}
+
+/// Counts of what an archive carried.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ArchiveStats {
+    /// diffIDs whose tars were written.
+    pub layers_sent: Vec<String>,
+    /// Sum of the sizes of the tars written.
+    pub layer_bytes_sent: u64,
+    /// All bytes written, headers included.
+    pub archive_bytes: u64,
+}
+
+#[derive(Serialize)]
+struct ManifestEntry<'a> {
+    #[serde(rename = "Config")]
+    config: String,
+    #[serde(rename = "RepoTags")]
+    repo_tags: &'a [String],
+    #[serde(rename = "Layers")]
+    layers: Vec<String>,
+}
+
+fn layer_path(diff_id: &str) -> String {
+    format!(
+        "{}/layer.tar",
+        diff_id.strip_prefix("sha256:").unwrap_or(diff_id)
+    )
+}
+
+/// Writes a docker-archive to `out`. `include[i]` says whether layer `i`'s tar travels; a layer
+/// that must travel needs a source.
+pub fn write_docker_archive(
+    out: &mut dyn Write,
+    config: &ImageConfig,
+    layers: &[ExportLayer],
+    include: &[bool],
+    repo_tags: &[String],
+) -> Result<ArchiveStats> {
+    assert_eq!(layers.len(), include.len(), "one include flag per layer");
+    let mut out = CountingWriter {
+        inner: out,
+        count: 0,
+    };
+    let mut stats = ArchiveStats::default();
+    let mut written = std::collections::HashSet::new();
+    for (layer, &inc) in layers.iter().zip(include) {
+        if !inc {
+            continue;
+        }
+        let path = layer_path(&layer.diff_id);
+        if !written.insert(path.clone()) {
+            continue;
+        }
+        let source = layer
+            .source
+            .as_ref()
+            .ok_or_else(|| Error::LayerUnavailable {
+                diff_id: layer.diff_id.clone(),
+            })?;
+        write_dir_header(&mut out, path.trim_end_matches("layer.tar"))?;
+        write_header(&mut out, &path, layer.size)?;
+        let start = out.count;
+        source
+            .write_tar(&mut out)
+            .map_err(|source| Error::LayerStream {
+                diff_id: layer.diff_id.clone(),
+                source,
+            })?;
+        let produced = out.count - start;
+        if produced != layer.size {
+            return Err(Error::LayerSizeMismatch {
+                diff_id: layer.diff_id.clone(),
+                expected: layer.size,
+                found: produced,
+            });
+        }
+        pad(&mut out, layer.size)?;
+        stats.layers_sent.push(layer.diff_id.clone());
+        stats.layer_bytes_sent += layer.size;
+    }
+
+    let config_name = format!(
+        "{}.json",
+        config
+            .digest
+            .strip_prefix("sha256:")
+            .unwrap_or(&config.digest)
+    );
+    write_file(&mut out, &config_name, &config.bytes)?;
+    let manifest = [ManifestEntry {
+        config: config_name,
+        repo_tags,
+        layers: layers.iter().map(|l| layer_path(&l.diff_id)).collect(),
+    }];
+    let manifest = serde_json::to_vec(&manifest).map_err(|source| Error::ImageConfig {
+        what: "encode manifest.json",
+        source,
+    })?;
+    write_file(&mut out, "manifest.json", &manifest)?;
+    // End of archive: two zero blocks.
+    out.write_all(&[0u8; 1024]).map_err(archive_io)?;
+    out.flush().map_err(archive_io)?;
+    stats.archive_bytes = out.count;
+    Ok(stats)
+}
+
+fn archive_io(source: io::Error) -> Error {
+    Error::ArchiveWrite { source }
+}
+
+fn header(path: &str, size: u64, kind: tar::EntryType, mode: u32) -> Result<tar::Header> {
+    let mut h = tar::Header::new_ustar();
+    h.set_path(path).map_err(archive_io)?;
+    h.set_size(size);
+    h.set_mode(mode);
+    h.set_mtime(0);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_entry_type(kind);
+    h.set_cksum();
+    Ok(h)
+}
+
+fn write_dir_header(out: &mut dyn Write, path: &str) -> Result<()> {
+    let h = header(path, 0, tar::EntryType::Directory, 0o755)?;
+    out.write_all(h.as_bytes()).map_err(archive_io)
+}
+
+fn write_header(out: &mut dyn Write, path: &str, size: u64) -> Result<()> {
+    let h = header(path, size, tar::EntryType::Regular, 0o644)?;
+    out.write_all(h.as_bytes()).map_err(archive_io)
+}
+
+fn pad(out: &mut dyn Write, size: u64) -> Result<()> {
+    let rem = (size % 512) as usize;
+    if rem != 0 {
+        out.write_all(&[0u8; 512][..512 - rem])
+            .map_err(archive_io)?;
+    }
+    Ok(())
+}
+
+fn write_file(out: &mut dyn Write, path: &str, data: &[u8]) -> Result<()> {
+    write_header(out, path, data.len() as u64)?;
+    out.write_all(data).map_err(archive_io)?;
+    pad(out, data.len() as u64)
+}
+
+struct CountingWriter<'a> {
+    inner: &'a mut dyn Write,
+    count: u64,
+}
+
+impl Write for CountingWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.count += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Bytes(Vec<u8>);
+    impl LayerSource for Bytes {
+        fn write_tar(&self, out: &mut dyn Write) -> io::Result<()> {
+            out.write_all(&self.0)
+        }
+    }
+
+    fn cfg() -> ImageConfig {
+        ImageConfig {
+            bytes: b"{}".to_vec(),
+            digest: format!("sha256:{}", "c".repeat(64)),
+        }
+    }
+
+    fn layer(n: u8, len: usize) -> ExportLayer {
+        ExportLayer {
+            diff_id: format!("sha256:{}", hex::encode([n; 32])),
+            size: len as u64,
+            source: Some(Arc::new(Bytes(vec![n; len]))),
+        }
+    }
+
+    #[test]
+    fn thin_archive_lists_all_layers_but_carries_only_included() {
+        let layers = [layer(1, 700), layer(2, 512), layer(3, 1)];
+        let mut buf = Vec::new();
+        let stats = write_docker_archive(
+            &mut buf,
+            &cfg(),
+            &layers,
+            &[false, true, true],
+            &["a:b".into()],
+        )
+        .unwrap();
+        assert_eq!(
+            stats.layers_sent,
+            vec![layers[1].diff_id.clone(), layers[2].diff_id.clone()]
+        );
+        assert_eq!(stats.layer_bytes_sent, 513);
+        assert_eq!(stats.archive_bytes, buf.len() as u64);
+
+        let mut ar = tar::Archive::new(&buf[..]);
+        let mut names = Vec::new();
+        let mut manifest = None;
+        for e in ar.entries().unwrap() {
+            let mut e = e.unwrap();
+            let name = e.path().unwrap().to_string_lossy().into_owned();
+            if name == "manifest.json" {
+                let mut s = String::new();
+                io::Read::read_to_string(&mut e, &mut s).unwrap();
+                manifest = Some(s);
+            } else if name.ends_with("layer.tar") {
+                let mut data = Vec::new();
+                io::Read::read_to_end(&mut e, &mut data).unwrap();
+                assert!(data.iter().all(|b| *b == data[0]));
+            }
+            names.push(name);
+        }
+        assert!(!names.iter().any(|n| n.starts_with(&hex::encode([1u8; 32]))));
+        let m: serde_json::Value = serde_json::from_str(&manifest.unwrap()).unwrap();
+        assert_eq!(m[0]["Layers"].as_array().unwrap().len(), 3);
+        assert_eq!(m[0]["RepoTags"][0], "a:b");
+        assert_eq!(m[0]["Config"], format!("{}.json", "c".repeat(64)));
+    }
+
+    #[test]
+    fn wrong_source_size_is_an_error_naming_the_layer() {
+        let mut l = layer(1, 10);
+        l.size = 11;
+        let err = write_docker_archive(&mut Vec::new(), &cfg(), &[l], &[true], &[]).unwrap_err();
+        assert!(err.to_string().contains(&hex::encode([1u8; 32])), "{err}");
+    }
+
+    #[test]
+    fn included_layer_without_source_is_an_error() {
+        let mut l = layer(1, 10);
+        l.source = None;
+        let err = write_docker_archive(&mut Vec::new(), &cfg(), &[l], &[true], &[]).unwrap_err();
+        assert!(matches!(err, Error::LayerUnavailable { .. }), "{err}");
+    }
+}
