@@ -24,6 +24,7 @@ pub mod patterns;
 mod send;
 mod stat;
 pub mod walk;
+mod wire;
 
 pub mod receive;
 pub use receive::{receive, ReceiveOptions, ReceiveStats};
