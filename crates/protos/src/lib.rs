@@ -227,3 +227,8 @@ pub use bytes;
 pub use prost;
 pub use prost_types;
 pub use tonic;
+
+#[cfg(test)]
+mod schema_listing;
+#[cfg(test)]
+mod wire_tests;
