@@ -665,8 +665,10 @@ impl SnapshotStore {
                 .unwrap_or_else(|p| p.into_inner())
                 .entry(id.clone())
                 .or_insert(0) += 1;
-            let inner = Arc::clone(&self.inner);
+            // Weak: a leaked guard must not keep the store (and its DB lock) alive.
+            let inner = Arc::downgrade(&self.inner);
             Arc::new(move || {
+                let Some(inner) = inner.upgrade() else { return };
                 let mut m = inner.mounted.lock().unwrap_or_else(|p| p.into_inner());
                 if let Some(n) = m.get_mut(&id) {
                     *n -= 1;
