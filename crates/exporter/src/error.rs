@@ -70,4 +70,14 @@ pub enum Error {
         /// Why.
         reason: &'static str,
     },
+    /// A containerd call failed.
+    #[error("containerd: {what}: {code:?}: {message}")]
+    Containerd {
+        /// What was being done.
+        what: String,
+        /// The gRPC code containerd answered.
+        code: tonic::Code,
+        /// Its message.
+        message: String,
+    },
 }

@@ -4,14 +4,19 @@
 //! Modules:
 //! - [`image`]: the image config (and so the image ID) built from the result and its layers.
 //! - `archive`: a streaming docker-archive writer that carries only the layers Docker lacks.
+//! - `containerd`: export into a containerd image store through containerd's API.
 //! - `docker_load`: export into a live classic-store Docker Engine by a thin `POST /images/load`.
 #![forbid(unsafe_code)]
 
 mod archive;
+mod containerd;
 mod docker_load;
 mod error;
 pub mod image;
 
 pub use archive::{write_docker_archive, ArchiveStats, ExportLayer, LayerSource};
+pub use containerd::{
+    oci_manifest, ContainerdLayer, ContainerdReport, ContainerdStore, LayerFiles,
+};
 pub use docker_load::{chain_id, chain_ids, split_tag, DockerEngine, LoadReport};
 pub use error::{Error, Result};

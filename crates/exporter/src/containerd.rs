@@ -1,0 +1,535 @@
+//! Export into a containerd image store (Docker 24+ with the containerd snapshotter, the default
+//! on Engine 29), live, through containerd's own API.
+//!
+//! For each layer whose chainID has no snapshot yet, a snapshot is prepared on top of its parent,
+//! the layer's files are written straight into the prepared upper directory (overlay whiteout
+//! format, which the overlayfs snapshotter uses too) and the snapshot is committed under the
+//! chainID — the new bytes are written once, and nothing re-hashes them. Present chainIDs are
+//! skipped. The image config and an OCI manifest are ingested into the content store with the GC
+//! labels containerd expects (manifest → config and layers, config → top snapshot), then the
+//! image record is created. All of it happens under a lease, so a crash at any point leaves only
+//! garbage that containerd's GC collects; the record is the last write. See
+//! `shared/spec/docker-store.md` §5.
+//!
+//! Docker names images itself: the caller gives the record name (for Docker, the dangling name
+//! `moby-dangling@<manifest digest>`) and applies tags through the Docker Engine API afterwards.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
+use containerd_client::services::v1::snapshots::{
+    CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
+};
+use containerd_client::services::v1::{
+    content_client::ContentClient, images_client::ImagesClient, leases_client::LeasesClient,
+    CreateImageRequest, GetImageRequest, Image, InfoRequest, UpdateImageRequest, WriteAction,
+    WriteContentRequest,
+};
+use containerd_client::services::v1::{CreateRequest as LeaseCreate, DeleteRequest as LeaseDelete};
+use containerd_client::types::Descriptor;
+use serde::Serialize;
+use sha2::{Digest as _, Sha256};
+use tonic::transport::Channel;
+use tonic::{Code, Request};
+
+use crate::docker_load::chain_ids;
+use crate::image::ImageConfig;
+use crate::{Error, Result};
+
+/// Media type of the manifest berth writes.
+pub const MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
+/// Media type of the config.
+pub const CONFIG_MEDIA_TYPE: &str = "application/vnd.oci.image.config.v1+json";
+/// Media type of an uncompressed layer.
+pub const LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar";
+
+/// Writes a layer's files, in overlay format, into an empty directory.
+pub trait LayerFiles: Send + Sync {
+    /// Fills `dest` (an empty snapshot upper directory) with the layer's tree.
+    fn write_into(&self, dest: &Path) -> std::io::Result<()>;
+}
+
+/// One layer of an image exported to containerd, bottom to top.
+#[derive(Clone)]
+pub struct ContainerdLayer {
+    /// `sha256:<hex>` of the layer's uncompressed tar.
+    pub diff_id: String,
+    /// Size of the uncompressed tar.
+    pub size: u64,
+    /// Its files, when berth holds them; `None` for layers containerd must already have.
+    pub files: Option<Arc<dyn LayerFiles>>,
+}
+
+/// What an export into containerd did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ContainerdReport {
+    /// Manifest digest (Docker's image ID in this store).
+    pub manifest_digest: String,
+    /// Config digest.
+    pub config_digest: String,
+    /// chainIDs committed as new snapshots.
+    pub snapshots_written: Vec<String>,
+    /// chainIDs that were already present.
+    pub snapshots_skipped: Vec<String>,
+}
+
+/// A containerd instance and the namespace/snapshotter an image store uses.
+#[derive(Debug, Clone)]
+pub struct ContainerdStore {
+    channel: Channel,
+    namespace: String,
+    snapshotter: String,
+}
+
+#[derive(Serialize)]
+struct OciDescriptor<'a> {
+    #[serde(rename = "mediaType")]
+    media_type: &'a str,
+    digest: &'a str,
+    size: u64,
+}
+
+#[derive(Serialize)]
+struct OciManifest<'a> {
+    #[serde(rename = "schemaVersion")]
+    schema_version: u32,
+    #[serde(rename = "mediaType")]
+    media_type: &'a str,
+    config: OciDescriptor<'a>,
+    layers: Vec<OciDescriptor<'a>>,
+}
+
+/// The OCI manifest berth writes for an image: uncompressed layers, digests = diffIDs.
+pub fn oci_manifest(config: &ImageConfig, layers: &[(String, u64)]) -> Vec<u8> {
+    let m = OciManifest {
+        schema_version: 2,
+        media_type: MANIFEST_MEDIA_TYPE,
+        config: OciDescriptor {
+            media_type: CONFIG_MEDIA_TYPE,
+            digest: &config.digest,
+            size: config.bytes.len() as u64,
+        },
+        layers: layers
+            .iter()
+            .map(|(d, s)| OciDescriptor {
+                media_type: LAYER_MEDIA_TYPE,
+                digest: d,
+                size: *s,
+            })
+            .collect(),
+    };
+    serde_json::to_vec(&m).expect("manifest serialises")
+}
+
+fn sha256(data: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+}
+
+fn cd_err(what: impl Into<String>) -> impl FnOnce(tonic::Status) -> Error {
+    let what = what.into();
+    move |status| Error::Containerd {
+        what,
+        code: status.code(),
+        message: status.message().to_string(),
+    }
+}
+
+impl ContainerdStore {
+    /// Connects to containerd's socket.
+    pub async fn connect(socket: &Path, namespace: &str, snapshotter: &str) -> Result<Self> {
+        let channel = containerd_client::connect(socket)
+            .await
+            .map_err(|e| Error::Containerd {
+                what: format!("connect {}", socket.display()),
+                code: Code::Unavailable,
+                message: e.to_string(),
+            })?;
+        Ok(ContainerdStore {
+            channel,
+            namespace: namespace.into(),
+            snapshotter: snapshotter.into(),
+        })
+    }
+
+    fn req<T>(&self, msg: T, lease: Option<&str>) -> Request<T> {
+        let mut r = Request::new(msg);
+        let md = r.metadata_mut();
+        md.insert(
+            "containerd-namespace",
+            self.namespace.parse().expect("namespace is ascii"),
+        );
+        if let Some(l) = lease {
+            md.insert("containerd-lease", l.parse().expect("lease id is ascii"));
+        }
+        r
+    }
+
+    /// Exports an image: snapshots for missing layers, config and manifest content, then the
+    /// image record `record_name` pointing at the manifest.
+    pub async fn export(
+        &self,
+        config: &ImageConfig,
+        layers: &[ContainerdLayer],
+        record_name: &str,
+    ) -> Result<ContainerdReport> {
+        let lease_id = format!(
+            "berth-export-{}",
+            &sha256(format!("{record_name}{:?}", std::time::SystemTime::now()).as_bytes())[7..27]
+        );
+        let mut leases = LeasesClient::new(self.channel.clone());
+        let mut labels = HashMap::new();
+        // Expire on its own if berthd dies before deleting it.
+        let expire = chrono::Utc::now() + chrono::Duration::hours(1);
+        labels.insert(
+            "containerd.io/gc.expire".to_string(),
+            expire.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        );
+        leases
+            .create(self.req(
+                LeaseCreate {
+                    id: lease_id.clone(),
+                    labels,
+                },
+                None,
+            ))
+            .await
+            .map_err(cd_err("create lease"))?;
+        let result = self
+            .export_leased(config, layers, record_name, &lease_id)
+            .await;
+        let deleted = leases
+            .delete(self.req(
+                LeaseDelete {
+                    id: lease_id.clone(),
+                    sync: false,
+                },
+                None,
+            ))
+            .await;
+        if let Err(status) = deleted {
+            tracing::warn!(lease = %lease_id, %status, "could not delete export lease; it expires on its own");
+        }
+        result
+    }
+
+    async fn export_leased(
+        &self,
+        config: &ImageConfig,
+        layers: &[ContainerdLayer],
+        record_name: &str,
+        lease: &str,
+    ) -> Result<ContainerdReport> {
+        let chains = chain_ids(layers.iter().map(|l| l.diff_id.as_str()));
+        let mut report = ContainerdReport {
+            config_digest: config.digest.clone(),
+            ..Default::default()
+        };
+        let mut snaps = SnapshotsClient::new(self.channel.clone());
+        for (i, (layer, chain)) in layers.iter().zip(&chains).enumerate() {
+            let stat = snaps
+                .stat(self.req(
+                    StatSnapshotRequest {
+                        snapshotter: self.snapshotter.clone(),
+                        key: chain.clone(),
+                    },
+                    Some(lease),
+                ))
+                .await;
+            match stat {
+                Ok(_) => {
+                    report.snapshots_skipped.push(chain.clone());
+                    continue;
+                }
+                Err(s) if s.code() == Code::NotFound => {}
+                Err(s) => return Err(cd_err(format!("stat snapshot {chain}"))(s)),
+            }
+            let files = layer
+                .files
+                .as_ref()
+                .ok_or_else(|| Error::LayerUnavailable {
+                    diff_id: layer.diff_id.clone(),
+                })?;
+            let parent = if i == 0 {
+                String::new()
+            } else {
+                chains[i - 1].clone()
+            };
+            let key = format!("berth-extract-{}-{}", std::process::id(), &chain[7..]);
+            let prepared = snaps
+                .prepare(self.req(
+                    PrepareSnapshotRequest {
+                        snapshotter: self.snapshotter.clone(),
+                        key: key.clone(),
+                        parent,
+                        labels: HashMap::new(),
+                    },
+                    Some(lease),
+                ))
+                .await
+                .map_err(cd_err(format!("prepare snapshot for {chain}")))?
+                .into_inner();
+            let upper = writable_dir(&prepared.mounts).ok_or_else(|| Error::Containerd {
+                what: format!("prepare snapshot for {chain}"),
+                code: Code::Unimplemented,
+                message: format!(
+                    "snapshotter {} returned mounts berth cannot write into",
+                    self.snapshotter
+                ),
+            })?;
+            let files = files.clone();
+            let written = tokio::task::spawn_blocking(move || files.write_into(&upper))
+                .await
+                .map_err(|e| Error::LayerStream {
+                    diff_id: layer.diff_id.clone(),
+                    source: std::io::Error::other(e),
+                })?;
+            if let Err(source) = written {
+                let _ = snaps
+                    .remove(self.req(
+                        RemoveSnapshotRequest {
+                            snapshotter: self.snapshotter.clone(),
+                            key: key.clone(),
+                        },
+                        Some(lease),
+                    ))
+                    .await;
+                return Err(Error::LayerStream {
+                    diff_id: layer.diff_id.clone(),
+                    source,
+                });
+            }
+            let committed = snaps
+                .commit(self.req(
+                    CommitSnapshotRequest {
+                        snapshotter: self.snapshotter.clone(),
+                        name: chain.clone(),
+                        key: key.clone(),
+                        labels: HashMap::new(),
+                    },
+                    Some(lease),
+                ))
+                .await;
+            match committed {
+                Ok(_) => report.snapshots_written.push(chain.clone()),
+                Err(s) if s.code() == Code::AlreadyExists => {
+                    // Another export committed the same chainID meanwhile: drop ours.
+                    let _ = snaps
+                        .remove(self.req(
+                            RemoveSnapshotRequest {
+                                snapshotter: self.snapshotter.clone(),
+                                key,
+                            },
+                            Some(lease),
+                        ))
+                        .await;
+                    report.snapshots_skipped.push(chain.clone());
+                }
+                Err(s) => return Err(cd_err(format!("commit snapshot {chain}"))(s)),
+            }
+        }
+
+        let top = chains.last().cloned().unwrap_or_default();
+        let mut config_labels = HashMap::new();
+        if !top.is_empty() {
+            config_labels.insert(
+                format!("containerd.io/gc.ref.snapshot.{}", self.snapshotter),
+                top,
+            );
+        }
+        self.write_blob(&config.bytes, &config.digest, config_labels, lease)
+            .await?;
+
+        let layer_descs: Vec<(String, u64)> =
+            layers.iter().map(|l| (l.diff_id.clone(), l.size)).collect();
+        let manifest = oci_manifest(config, &layer_descs);
+        let manifest_digest = sha256(&manifest);
+        let mut manifest_labels = HashMap::new();
+        manifest_labels.insert(
+            "containerd.io/gc.ref.content.config".to_string(),
+            config.digest.clone(),
+        );
+        for (i, (d, _)) in layer_descs.iter().enumerate() {
+            manifest_labels.insert(format!("containerd.io/gc.ref.content.l.{i}"), d.clone());
+        }
+        self.write_blob(&manifest, &manifest_digest, manifest_labels, lease)
+            .await?;
+
+        let image = Image {
+            name: record_name.to_string(),
+            labels: HashMap::new(),
+            target: Some(Descriptor {
+                media_type: MANIFEST_MEDIA_TYPE.into(),
+                digest: manifest_digest.clone(),
+                size: manifest.len() as i64,
+                annotations: HashMap::new(),
+            }),
+            created_at: None,
+            updated_at: None,
+        };
+        let mut images = ImagesClient::new(self.channel.clone());
+        let exists = images
+            .get(self.req(
+                GetImageRequest {
+                    name: record_name.to_string(),
+                },
+                Some(lease),
+            ))
+            .await;
+        match exists {
+            Ok(_) => {
+                images
+                    .update(self.req(
+                        UpdateImageRequest {
+                            image: Some(image),
+                            update_mask: None,
+                            source_date_epoch: None,
+                        },
+                        Some(lease),
+                    ))
+                    .await
+                    .map_err(cd_err(format!("update image {record_name}")))?;
+            }
+            Err(s) if s.code() == Code::NotFound => {
+                images
+                    .create(self.req(
+                        CreateImageRequest {
+                            image: Some(image),
+                            source_date_epoch: None,
+                        },
+                        Some(lease),
+                    ))
+                    .await
+                    .map_err(cd_err(format!("create image {record_name}")))?;
+            }
+            Err(s) => return Err(cd_err(format!("get image {record_name}"))(s)),
+        }
+        report.manifest_digest = manifest_digest;
+        Ok(report)
+    }
+
+    async fn write_blob(
+        &self,
+        data: &[u8],
+        digest: &str,
+        labels: HashMap<String, String>,
+        lease: &str,
+    ) -> Result<()> {
+        let mut content = ContentClient::new(self.channel.clone());
+        match content
+            .info(self.req(
+                InfoRequest {
+                    digest: digest.to_string(),
+                },
+                Some(lease),
+            ))
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(s) if s.code() == Code::NotFound => {}
+            Err(s) => return Err(cd_err(format!("content info {digest}"))(s)),
+        }
+        let r#ref = format!("berth-{}", &digest[7..]);
+        let total = data.len() as i64;
+        let msgs = vec![
+            WriteContentRequest {
+                action: WriteAction::Stat as i32,
+                r#ref: r#ref.clone(),
+                ..Default::default()
+            },
+            // Data rides on the commit: containerd truncates a write whose offset is 0 when data
+            // is already there, so a separate WRITE would have to carry the running offset.
+            WriteContentRequest {
+                action: WriteAction::Commit as i32,
+                r#ref,
+                total,
+                expected: digest.to_string(),
+                offset: 0,
+                data: data.to_vec(),
+                labels,
+            },
+        ];
+        let resp = content
+            .write(self.req(futures::stream::iter(msgs), Some(lease)))
+            .await;
+        let drained = match resp {
+            Ok(stream) => {
+                let mut stream = stream.into_inner();
+                loop {
+                    match stream.message().await {
+                        Ok(Some(_)) => continue,
+                        Ok(None) => break Ok(()),
+                        Err(s) => break Err(s),
+                    }
+                }
+            }
+            Err(s) => Err(s),
+        };
+        match drained {
+            // A concurrent writer stored the same blob first: that is success.
+            Err(s) if s.code() != Code::AlreadyExists => {
+                Err(cd_err(format!("write content {digest}"))(s))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The directory a prepared snapshot's writes go to: `upperdir=` of an overlay mount, or the
+/// source of a bind mount (a snapshot without parent).
+fn writable_dir(mounts: &[containerd_client::types::Mount]) -> Option<PathBuf> {
+    let m = mounts.first()?;
+    match m.r#type.as_str() {
+        "overlay" => m
+            .options
+            .iter()
+            .find_map(|o| o.strip_prefix("upperdir="))
+            .map(PathBuf::from),
+        "bind" => Some(PathBuf::from(&m.source)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use containerd_client::types::Mount;
+
+    #[test]
+    fn writable_dir_from_mounts() {
+        let overlay = Mount {
+            r#type: "overlay".into(),
+            source: "overlay".into(),
+            target: String::new(),
+            options: vec![
+                "workdir=/w".into(),
+                "upperdir=/u".into(),
+                "lowerdir=/l".into(),
+            ],
+        };
+        assert_eq!(writable_dir(&[overlay]), Some(PathBuf::from("/u")));
+        let bind = Mount {
+            r#type: "bind".into(),
+            source: "/s/fs".into(),
+            target: String::new(),
+            options: vec!["rbind".into()],
+        };
+        assert_eq!(writable_dir(&[bind]), Some(PathBuf::from("/s/fs")));
+        assert_eq!(writable_dir(&[]), None);
+    }
+
+    #[test]
+    fn manifest_lists_config_and_layers() {
+        let cfg = ImageConfig {
+            bytes: b"{}".to_vec(),
+            digest: sha256(b"{}"),
+        };
+        let m = oci_manifest(&cfg, &[("sha256:aa".into(), 5)]);
+        let v: serde_json::Value = serde_json::from_slice(&m).unwrap();
+        assert_eq!(v["schemaVersion"], 2);
+        assert_eq!(v["config"]["digest"], cfg.digest);
+        assert_eq!(v["config"]["size"], 2);
+        assert_eq!(v["layers"][0]["mediaType"], LAYER_MEDIA_TYPE);
+    }
+}
