@@ -1,0 +1,196 @@
+//! [`Registry`]: Debian's `docker-registry` (distribution 2.8) on a free loopback port.
+//!
+//! Its temp dir holds `config.yml`, `storage/` (the filesystem driver's root) and
+//! `registry.log`. It listens on `127.0.0.1` only, which Docker treats as an insecure (plain
+//! HTTP) registry by default, so `docker push 127.0.0.1:PORT/...` works without configuration.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use tempfile::TempDir;
+
+use crate::http::{http_get, HttpResponse};
+use crate::process::{log_tail, terminate};
+
+const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A running local registry, stopped (by PID) and deleted on drop.
+#[derive(Debug)]
+pub struct Registry {
+    dir: TempDir,
+    child: Option<Child>,
+    addr: String,
+}
+
+impl Registry {
+    /// Starts a registry with empty storage and waits until `GET /v2/` answers 200.
+    ///
+    /// Panics when `/usr/bin/docker-registry` (package `docker-registry`) is missing.
+    pub fn start() -> Result<Self> {
+        let binary = crate::require_tool(REGISTRY_BIN, "docker-registry");
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("berth-registry-{}-", std::process::id()))
+            .tempdir()
+            .context("creating registry temp dir")?;
+        std::fs::create_dir(dir.path().join("storage"))?;
+        let mut last_error = None;
+        // The port is picked by binding :0 and released before the registry binds it; another
+        // process could take it in between, so a start that fails early is retried on a new port.
+        for _ in 0..5 {
+            let port = free_port()?;
+            match Self::launch(&binary, dir.path(), port) {
+                Ok(child) => {
+                    return Ok(Self {
+                        dir,
+                        child: Some(child),
+                        addr: format!("127.0.0.1:{port}"),
+                    })
+                }
+                Err(err) => last_error = Some(err),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| anyhow!("registry did not start")))
+    }
+
+    fn launch(binary: &std::path::Path, dir: &std::path::Path, port: u16) -> Result<Child> {
+        let config = format!(
+            "version: 0.1\n\
+             log:\n  level: info\n  formatter: text\n\
+             storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n\
+             \x20 maintenance:\n    uploadpurging:\n      enabled: false\n\
+             http:\n  addr: 127.0.0.1:{port}\n",
+            storage = dir.join("storage").display(),
+        );
+        let config_path = dir.join("config.yml");
+        std::fs::write(&config_path, config)?;
+        let log = dir.join("registry.log");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        let mut cmd = Command::new(binary);
+        cmd.arg("serve")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file);
+        // Environment variables REGISTRY_* override the config file; ignore the caller's.
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("REGISTRY_") {
+                cmd.env_remove(key);
+            }
+        }
+        let mut child = cmd.spawn().context("spawning docker-registry")?;
+        let addr = format!("127.0.0.1:{port}");
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            match http_get(&addr, "/v2/") {
+                Ok(r) if r.status == 200 => return Ok(child),
+                _ if Instant::now() >= deadline => {
+                    let _ = terminate(&mut child, "docker-registry", Duration::from_secs(5));
+                    bail!(
+                        "registry on {addr} did not answer GET /v2/ within {START_TIMEOUT:?}; \
+                         its log:\n{}",
+                        log_tail(&log, 8192)
+                    );
+                }
+                _ => {}
+            }
+            if let Some(status) = child.try_wait()? {
+                bail!(
+                    "registry exited during start-up ({status}); its log:\n{}",
+                    log_tail(&log, 8192)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `127.0.0.1:PORT`: the registry host to put in image references.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// The registry's PID while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The filesystem driver's root directory.
+    pub fn storage_dir(&self) -> PathBuf {
+        self.dir.path().join("storage")
+    }
+
+    /// `GET <path>` on the registry (e.g. `/v2/_catalog`).
+    pub fn get(&self, path: &str) -> Result<HttpResponse> {
+        http_get(&self.addr, path)
+    }
+
+    /// The repositories listed by `GET /v2/_catalog`.
+    pub fn catalog(&self) -> Result<Vec<String>> {
+        let response = self.get("/v2/_catalog")?;
+        string_list(&response, "repositories")
+    }
+
+    /// The tags listed by `GET /v2/<repo>/tags/list`.
+    pub fn tags(&self, repo: &str) -> Result<Vec<String>> {
+        let response = self.get(&format!("/v2/{repo}/tags/list"))?;
+        string_list(&response, "tags")
+    }
+
+    /// The last 64 KiB of the registry's log.
+    pub fn log_tail(&self) -> String {
+        log_tail(&self.dir.path().join("registry.log"), 64 * 1024)
+    }
+
+    /// Stops the registry (SIGTERM, then SIGKILL after 10 s). Idempotent.
+    pub fn stop(&mut self) -> Result<()> {
+        match self.child.take() {
+            Some(mut child) => {
+                terminate(&mut child, "docker-registry", Duration::from_secs(10)).map(|_| ())
+            }
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        if let Err(err) = self.stop() {
+            eprintln!("integration: stopping registry: {err:#}");
+        }
+    }
+}
+
+/// A loopback port that was free a moment ago.
+fn free_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// `body[key]` as a list of strings (`null` is an empty list), requiring HTTP 200.
+fn string_list(response: &HttpResponse, key: &str) -> Result<Vec<String>> {
+    if response.status != 200 {
+        bail!(
+            "registry answered HTTP {}: {}",
+            response.status,
+            response.text()
+        );
+    }
+    let json = response.json()?;
+    match &json[key] {
+        serde_json::Value::Null => Ok(Vec::new()),
+        serde_json::Value::Array(items) => items
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| anyhow!("non-string in {key}: {v}"))
+            })
+            .collect(),
+        other => bail!("registry answer has {key} = {other}, not a list"),
+    }
+}
