@@ -21,6 +21,75 @@ pub enum Error {
         source: std::io::Error,
     },
     // -- tar module variants below (owned by the tar module) --
+    /// A digest string is not `sha256:<64 lowercase hex>`.
+    #[error("invalid digest {value:?}")]
+    InvalidDigest {
+        /// The string given.
+        value: String,
+    },
+    /// A file changed size while it was being archived.
+    #[error("{} changed while being archived", path.display())]
+    SourceChanged {
+        /// The file.
+        path: PathBuf,
+    },
+    /// Writing a layer tar or its tar-split to the caller's sink failed.
+    #[error("write layer tar output")]
+    TarOutput {
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Reading or decompressing a tar stream failed.
+    #[error("read tar at offset {offset} (entry {entry:?})")]
+    TarRead {
+        /// The member being read (or the last one read).
+        entry: String,
+        /// Offset in the uncompressed stream.
+        offset: u64,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A tar stream is malformed or truncated.
+    #[error("corrupt tar at offset {offset} (entry {entry:?}): {reason}")]
+    CorruptTar {
+        /// The member being read (or the last one read).
+        entry: String,
+        /// Offset in the uncompressed stream.
+        offset: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A tar member was refused: it would land outside the root, or is not supported.
+    #[error("tar entry {entry:?} rejected: {reason}")]
+    TarEntryRejected {
+        /// The member name.
+        entry: String,
+        /// Why.
+        reason: String,
+    },
+    /// A tar stream exceeds a configured limit.
+    #[error("tar entry {entry:?} exceeds the {limit} limit of {max}")]
+    TarLimit {
+        /// The member that crossed the limit.
+        entry: String,
+        /// Which limit (`max_entries`, `max_depth`).
+        limit: &'static str,
+        /// The limit's value.
+        max: u64,
+    },
+    /// Creating a tar member on disk failed.
+    #[error("apply tar entry {entry:?}: {op}")]
+    TarApply {
+        /// The member name.
+        entry: String,
+        /// What was being done (`create`, `chown`, `set xattr`, ...).
+        op: &'static str,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
     // -- dockerstore module variants below --
     // -- snapshot module variants below --
     /// A snapshot or layer id has the wrong form.

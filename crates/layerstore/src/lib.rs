@@ -12,3 +12,4 @@ pub mod snapshot;
 pub mod tar;
 
 pub use error::{Error, Result};
+pub use tar::{chain_id, Digest};
