@@ -1,0 +1,233 @@
+//! The worker's error type and its coarse classification ([`ErrorKind`]).
+//!
+//! The daemon maps [`Error::kind`] to a gRPC status code in exactly one place; nothing in the
+//! worker knows about gRPC.
+
+use std::path::PathBuf;
+
+/// Result alias for the worker.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Boxed error used as a `#[source]` for causes from other crates or from the daemon.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Coarse classification of an [`Error`], for mapping to a gRPC status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The request (definition, op, path...) is malformed or refers to something impossible.
+    InvalidArgument,
+    /// Something the build refers to does not exist (session dir, secret, file to copy...).
+    NotFound,
+    /// A required service (session, docker, registry) is not reachable right now.
+    Unavailable,
+    /// The build was canceled.
+    Canceled,
+    /// The build asked for something that is not allowed (entitlements).
+    PermissionDenied,
+    /// The build needs a feature berth does not implement (yet).
+    Unimplemented,
+    /// A build step ran and failed (e.g. a process exited non-zero): the build's own fault.
+    FailedPrecondition,
+    /// A bug or an unexpected system failure inside berth.
+    Internal,
+}
+
+/// Everything that can go wrong while solving a build.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The LLB definition is malformed; `op` names the op (digest, or `def[i]` before the digest
+    /// is known).
+    #[error("invalid definition: op {op}: {reason}")]
+    InvalidDefinition {
+        /// The offending op (digest, or `def[<index>]`).
+        op: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A definition-level problem that is not about one op.
+    #[error("invalid definition: {reason}")]
+    InvalidRequest {
+        /// What is wrong.
+        reason: String,
+    },
+    /// A feature berth does not implement.
+    #[error("{what} is not implemented yet")]
+    NotImplemented {
+        /// The missing feature (`ExecOp`, `git source`...).
+        what: String,
+    },
+    /// An op needs an entitlement that was not granted.
+    #[error("{entitlement} is not allowed")]
+    EntitlementDenied {
+        /// The entitlement (`network.host`, `security.insecure`).
+        entitlement: String,
+    },
+    /// A path given by the build is invalid or tries to leave its root.
+    #[error("invalid path {path:?}: {reason}")]
+    InvalidPath {
+        /// The path as given by the build.
+        path: String,
+        /// Why it is refused.
+        reason: String,
+    },
+    /// A path that the build needs does not exist in its state.
+    #[error("{path:?} not found")]
+    PathNotFound {
+        /// The path as given by the build.
+        path: String,
+    },
+    /// A file operation failed in a way that is the build's fault (e.g. copying a directory onto a
+    /// file, mkdir under a regular file).
+    #[error("{action} {path:?}: {reason}")]
+    FileAction {
+        /// The action (`mkdir`, `copy`...).
+        action: &'static str,
+        /// The path as given by the build.
+        path: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// An I/O operation failed.
+    #[error("{op} {}", path.display())]
+    Io {
+        /// What was being done (`open`, `mount overlay`...).
+        op: &'static str,
+        /// The path it was done to.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The session (client side) failed; `kind` says how the daemon should classify it.
+    #[error("session: {what}")]
+    Session {
+        /// What was asked of the session (`sync local "context"`, `secret "id"`...).
+        what: String,
+        /// Classification chosen by the [`crate::SessionProvider`] implementation.
+        kind: ErrorKind,
+        /// The underlying error, if any.
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// The snapshot store (layerstore) failed.
+    #[error("snapshot store: {what}")]
+    Store {
+        /// What was being done (`commit`, `mount`...).
+        what: &'static str,
+        /// The underlying error.
+        #[source]
+        source: layerstore::Error,
+    },
+    /// A vertex failed; wraps the op's error with the vertex name shown in progress. The message
+    /// includes the op's error (it is not exposed as a separate `source()` so that chains are not
+    /// printed twice).
+    #[error("{name}: {error}")]
+    Vertex {
+        /// The vertex display name.
+        name: String,
+        /// The op's error.
+        error: Box<Error>,
+    },
+    /// The build was canceled.
+    #[error("context canceled")]
+    Canceled,
+    /// An error shared by several waiters (the same failed vertex seen from several users).
+    #[error(transparent)]
+    Shared(std::sync::Arc<Error>),
+    /// Unexpected internal failure (a bug).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// The coarse classification of this error, for mapping to a gRPC status code.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::InvalidDefinition { .. } | Error::InvalidRequest { .. } => {
+                ErrorKind::InvalidArgument
+            }
+            Error::InvalidPath { .. } => ErrorKind::InvalidArgument,
+            Error::NotImplemented { .. } => ErrorKind::Unimplemented,
+            Error::EntitlementDenied { .. } => ErrorKind::PermissionDenied,
+            Error::PathNotFound { .. } => ErrorKind::NotFound,
+            Error::FileAction { .. } => ErrorKind::FailedPrecondition,
+            Error::Io { source, .. } => match source.kind() {
+                std::io::ErrorKind::NotFound => ErrorKind::NotFound,
+                _ => ErrorKind::Internal,
+            },
+            Error::Session { kind, .. } => *kind,
+            Error::Store { source, .. } => match source {
+                layerstore::Error::SnapshotNotFound { .. } => ErrorKind::NotFound,
+                _ => ErrorKind::Internal,
+            },
+            Error::Vertex { error, .. } => error.kind(),
+            Error::Canceled => ErrorKind::Canceled,
+            Error::Shared(e) => e.kind(),
+            Error::Internal(_) => ErrorKind::Internal,
+        }
+    }
+
+    /// Builds a [`Error::Session`]; for [`crate::SessionProvider`] implementations.
+    pub fn session(kind: ErrorKind, what: impl Into<String>, source: Option<BoxError>) -> Self {
+        Error::Session {
+            what: what.into(),
+            kind,
+            source,
+        }
+    }
+
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// Maps a layerstore error, naming what was being done.
+    pub(crate) fn store(what: &'static str) -> impl FnOnce(layerstore::Error) -> Error {
+        move |source| Error::Store { what, source }
+    }
+
+    pub(crate) fn invalid_op(op: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::InvalidDefinition {
+            op: op.into(),
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn not_implemented(what: impl Into<String>) -> Self {
+        Error::NotImplemented { what: what.into() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vertex_error_keeps_inner_kind() {
+        let inner = Error::PathNotFound { path: "/a".into() };
+        let e = Error::Vertex {
+            name: "copy /a /b".into(),
+            error: Box::new(inner),
+        };
+        assert_eq!(e.kind(), ErrorKind::NotFound);
+        assert_eq!(e.to_string(), "copy /a /b: \"/a\" not found");
+    }
+
+    #[test]
+    fn kinds() {
+        assert_eq!(Error::Canceled.kind(), ErrorKind::Canceled);
+        assert_eq!(
+            Error::invalid_op("sha256:ab", "bad").kind(),
+            ErrorKind::InvalidArgument
+        );
+        assert_eq!(
+            Error::not_implemented("ExecOp").to_string(),
+            "ExecOp is not implemented yet"
+        );
+    }
+}

@@ -1,0 +1,66 @@
+//! The solver's cache store over layerstore's snapshot DB: cache key → committed snapshot, one
+//! mapping per output (`solver::output_key(key, i)`), recorded with
+//! [`SnapshotStore::set_cache_key`]. Loading leases the snapshots; a mapping whose snapshot was
+//! pruned is a miss.
+
+use async_trait::async_trait;
+use layerstore::snapshot::SnapshotStore;
+
+use crate::error::{Error, Result};
+use crate::result::Snap;
+use crate::solver::{output_key, CacheStore};
+
+/// [`CacheStore`] backed by the snapshot store's metadata DB.
+pub(crate) struct SnapshotCache {
+    pub(crate) store: SnapshotStore,
+}
+
+#[async_trait]
+impl CacheStore<Snap> for SnapshotCache {
+    async fn load(&self, key: &str, outputs: usize) -> Result<Option<Vec<Snap>>> {
+        let store = self.store.clone();
+        let key = key.to_string();
+        blocking(move || {
+            let mut out = Vec::with_capacity(outputs);
+            for i in 0..outputs {
+                let k = output_key(&key, i);
+                let Some(id) = store.cache_key(&k).map_err(Error::store("cache lookup"))? else {
+                    return Ok(None);
+                };
+                match Snap::acquire(&store, id) {
+                    Ok(s) => out.push(s),
+                    Err(e) => {
+                        tracing::debug!(key = %k, error = %e, "cached snapshot unusable; cache miss");
+                        return Ok(None);
+                    }
+                }
+            }
+            Ok(Some(out))
+        })
+        .await
+    }
+
+    async fn save(&self, key: &str, results: &[Snap]) -> Result<()> {
+        let store = self.store.clone();
+        let key = key.to_string();
+        let ids: Vec<_> = results.iter().map(|r| r.id().clone()).collect();
+        blocking(move || {
+            for (i, id) in ids.iter().enumerate() {
+                store
+                    .set_cache_key(&output_key(&key, i), id)
+                    .map_err(Error::store("record cache key"))?;
+            }
+            Ok(())
+        })
+        .await
+    }
+}
+
+/// Runs blocking store work off the async threads.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Internal(format!("blocking task failed: {e}")))?
+}

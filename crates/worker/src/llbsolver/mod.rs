@@ -1,0 +1,116 @@
+//! LLB on top of the generic solver: loads the definition, builds one solver vertex per op
+//! (through the op registry in `crate::ops`), runs the solver and wraps the result.
+
+pub(crate) mod cache;
+pub(crate) mod caps;
+pub(crate) mod definition;
+
+use std::sync::Arc;
+
+use layerstore::snapshot::{SnapshotStore, StoreOptions};
+use protos::pb;
+use tracing::Instrument;
+
+use crate::error::{Error, Result};
+use crate::ops::{self, BuildEnv, Shared};
+use crate::result::{Snap, SolvedRef};
+use crate::solver::{Solver, Vertex};
+use crate::worker::{SolveContext, WorkerOptions};
+use cache::SnapshotCache;
+
+/// State shared by every build of a worker.
+pub(crate) struct Inner {
+    pub(crate) opts: WorkerOptions,
+    pub(crate) store: SnapshotStore,
+    pub(crate) solver: Arc<Solver<Snap>>,
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl Inner {
+    pub(crate) fn open(opts: WorkerOptions, store: Option<SnapshotStore>) -> Result<Self> {
+        let root = opts.root.clone();
+        std::fs::create_dir_all(&root).map_err(|e| Error::io("create worker root", &root, e))?;
+        let store = match store {
+            Some(s) => s,
+            None => SnapshotStore::open(StoreOptions::new(&root))
+                .map_err(Error::store("open snapshot store"))?,
+        };
+        let cache = Arc::new(SnapshotCache {
+            store: store.clone(),
+        });
+        let solver = Arc::new(Solver::new(cache, opts.max_parallelism));
+        let shared = Arc::new(Shared::new(&root.join("worker"))?);
+        Ok(Inner {
+            opts,
+            store,
+            solver,
+            shared,
+        })
+    }
+
+    pub(crate) fn scratch(&self) -> SolvedRef {
+        SolvedRef {
+            snap: None,
+            store: self.store.clone(),
+        }
+    }
+}
+
+/// Solves `def` (see [`crate::Worker::solve`]).
+pub(crate) async fn solve(
+    inner: &Inner,
+    def: pb::Definition,
+    ctx: SolveContext,
+) -> Result<SolvedRef> {
+    let span = tracing::info_span!("solve", build_id = %ctx.build_id);
+    let loaded = span.in_scope(|| {
+        definition::load(
+            &def,
+            &definition::ValidateOpts {
+                platform: &inner.opts.default_platform,
+                allowed_entitlements: &inner.opts.allowed_entitlements,
+                requested_entitlements: &ctx.entitlements,
+            },
+        )
+    })?;
+    let Some(target) = loaded.target else {
+        return Ok(inner.scratch());
+    };
+    let env = Arc::new(BuildEnv {
+        store: inner.store.clone(),
+        shared: inner.shared.clone(),
+        session: ctx.session.clone(),
+        opts: inner.opts.clone(),
+    });
+    let mut graph: Vec<Vertex<Snap>> = Vec::with_capacity(loaded.ops.len());
+    for op in &loaded.ops {
+        let imp = ops::make_op(op, &env)?;
+        graph.push(Vertex {
+            digest: op.digest.clone(),
+            name: op.name.clone(),
+            inputs: op.inputs.clone(),
+            outputs: definition::num_outputs(&op.op),
+            ignore_cache: op.meta.ignore_cache,
+            progress_group: op
+                .meta
+                .progress_group
+                .as_ref()
+                .map(|g| crate::ProgressGroup {
+                    id: g.id.clone(),
+                    name: g.name.clone(),
+                    weak: g.weak,
+                }),
+            op: imp,
+        });
+    }
+    let (solved, stats) = inner
+        .solver
+        .solve(graph, target, ctx.progress.clone(), ctx.cancel.clone())
+        .instrument(span)
+        .await?;
+    tracing::info!(build_id = %ctx.build_id, cached = stats.cached, executed = stats.executed, "solved");
+    Ok(SolvedRef {
+        snap: Some(solved.result),
+        store: inner.store.clone(),
+    })
+}

@@ -1,0 +1,115 @@
+//! The op registry: one module per LLB op kind, each turning a validated op into a solver
+//! [`Op`](crate::solver::Op) over layer chains.
+//!
+//! | op | module |
+//! |---|---|
+//! | `SourceOp` `local://` | [`source_local`] |
+//! | `SourceOp` `docker-image://` | [`source_image`] |
+//! | `FileOp` | [`file`] |
+//! | `ExecOp` | [`exec`] |
+//! | `MergeOp` | [`merge`] |
+//! | `DiffOp` | [`diff`] |
+//!
+//! A module exposes `pub(crate) fn new(op: &LoadedOp, env: &Arc<BuildEnv>) -> Result<Arc<dyn
+//! Op<Snap>>>`; [`make_op`] dispatches. Cache keys: each op hashes its own definition without
+//! volatile fields (input digests, session ids) plus its inputs' cache keys ([`base_key`] helps).
+
+pub(crate) mod diff;
+pub(crate) mod exec;
+pub(crate) mod file;
+pub(crate) mod merge;
+pub(crate) mod source_image;
+pub(crate) mod source_local;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use prost::Message;
+use protos::pb;
+use protos::pb::op::Op as OpPayload;
+
+use crate::error::{Error, Result};
+use crate::llbsolver::definition::LoadedOp;
+use crate::result::Snap;
+use crate::session::SessionProvider;
+use crate::solver::{Op, Solved};
+use crate::worker::WorkerOptions;
+use layerstore::snapshot::SnapshotStore;
+
+/// Worker-wide state that ops share across builds.
+pub(crate) struct Shared {
+    /// `<root>/local`: one persistent directory per (local name, shared key).
+    pub(crate) local_root: PathBuf,
+    /// Locks serializing syncs into the same local directory.
+    local_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Shared {
+    pub(crate) fn new(root: &Path) -> Result<Self> {
+        let local_root = root.join("local");
+        // `root` is `<berth root>/worker`: the worker's own files next to the snapshot store.
+        std::fs::create_dir_all(&local_root)
+            .map_err(|e| Error::io("create directory", &local_root, e))?;
+        Ok(Shared {
+            local_root,
+            local_locks: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The lock for local directory `key`.
+    pub(crate) fn local_lock(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.local_locks
+            .lock()
+            .unwrap()
+            .entry(key.to_string())
+            .or_default()
+            .clone()
+    }
+}
+
+/// Per-build environment given to op constructors.
+pub(crate) struct BuildEnv {
+    pub(crate) store: SnapshotStore,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) session: Arc<dyn SessionProvider>,
+    pub(crate) opts: WorkerOptions,
+}
+
+/// The solver op for a validated LLB op.
+pub(crate) fn make_op(op: &LoadedOp, env: &Arc<BuildEnv>) -> Result<Arc<dyn Op<Snap>>> {
+    match op.payload() {
+        OpPayload::Source(s) => {
+            let scheme = s.identifier.split_once("://").map(|x| x.0).unwrap_or("");
+            match scheme {
+                "local" => source_local::new(op, env),
+                "docker-image" => source_image::new(op, env),
+                other => Err(Error::not_implemented(format!("{other} sources"))),
+            }
+        }
+        OpPayload::File(_) => file::new(op, env),
+        OpPayload::Exec(_) => exec::new(op, env),
+        OpPayload::Merge(_) => merge::new(op, env),
+        OpPayload::Diff(_) => diff::new(op, env),
+        OpPayload::Build(_) => Err(Error::not_implemented("BuildOp")),
+        OpPayload::Passthrough(_) => Err(Error::not_implemented("PassthroughOp")),
+    }
+}
+
+/// Key material of an op without its input digests (which change with volatile attributes of
+/// the inputs, e.g. a local source's session id, while the inputs' content may not).
+pub(crate) fn base_key(op: &pb::Op) -> Vec<u8> {
+    let mut op = op.clone();
+    op.inputs.clear();
+    op.encode_to_vec()
+}
+
+/// Standard cache key: op kind, op without input digests, and each input's key.
+pub(crate) fn standard_key(kind: &str, op: &pb::Op, inputs: &[Solved<Snap>]) -> String {
+    let mut h = crate::digest::KeyHasher::new(kind);
+    h.field(&base_key(op));
+    for i in inputs {
+        h.field(i.key.as_bytes());
+    }
+    h.finish()
+}

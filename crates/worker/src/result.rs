@@ -1,0 +1,123 @@
+//! Build results: committed snapshots of layerstore's [`SnapshotStore`], kept alive by leases.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use layerstore::snapshot::{Chain, Lease, Mount, SnapshotId, SnapshotStore};
+
+use crate::error::{Error, Result};
+
+/// A committed snapshot protected from pruning by a lease for as long as any clone lives.
+/// This is the solver's result type.
+#[derive(Clone)]
+pub(crate) struct Snap(Arc<SnapInner>);
+
+struct SnapInner {
+    id: SnapshotId,
+    chain: Chain,
+    _lease: Lease,
+}
+
+impl std::fmt::Debug for Snap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Snap({})", self.0.id)
+    }
+}
+
+impl Snap {
+    /// Leases committed snapshot `id` (blocking: DB writes). Fails if it no longer exists.
+    pub(crate) fn acquire(store: &SnapshotStore, id: SnapshotId) -> Result<Snap> {
+        let lease = store.lease().map_err(Error::store("lease"))?;
+        lease.add(&id).map_err(Error::store("lease snapshot"))?;
+        let chain = store
+            .info(&id)
+            .map_err(Error::store("snapshot info"))?
+            .chain;
+        Ok(Snap(Arc::new(SnapInner {
+            id,
+            chain,
+            _lease: lease,
+        })))
+    }
+
+    pub(crate) fn id(&self) -> &SnapshotId {
+        &self.0.id
+    }
+
+    pub(crate) fn chain(&self) -> &Chain {
+        &self.0.chain
+    }
+}
+
+/// A solved build result: an immutable filesystem state (a committed snapshot in layerstore's
+/// [`SnapshotStore`]). Cheap to clone; the snapshot cannot be pruned while a clone lives.
+///
+/// The empty result (scratch) has no snapshot.
+#[derive(Clone)]
+pub struct SolvedRef {
+    pub(crate) snap: Option<Snap>,
+    pub(crate) store: SnapshotStore,
+}
+
+impl std::fmt::Debug for SolvedRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SolvedRef")
+            .field("snapshot", &self.snap.as_ref().map(|s| s.id().to_string()))
+            .finish()
+    }
+}
+
+static EMPTY_CHAIN: std::sync::OnceLock<Chain> = std::sync::OnceLock::new();
+
+impl SolvedRef {
+    /// True for the empty filesystem (no layers).
+    pub fn is_empty(&self) -> bool {
+        self.chain().is_empty()
+    }
+
+    /// The committed snapshot, `None` for the scratch result of an empty definition.
+    pub fn snapshot_id(&self) -> Option<&SnapshotId> {
+        self.snap.as_ref().map(|s| s.id())
+    }
+
+    /// The layer chain, bottom first (berth layers and Docker layers). Exporters turn each
+    /// layer into a tar or reuse Docker's.
+    pub fn chain(&self) -> &Chain {
+        match &self.snap {
+            Some(s) => s.chain(),
+            None => EMPTY_CHAIN.get_or_init(Chain::default),
+        }
+    }
+
+    /// The snapshot store the result lives in.
+    pub fn store(&self) -> &SnapshotStore {
+        &self.store
+    }
+
+    /// Mounts the result read-only; the mount lives as long as the returned guard.
+    pub async fn mount(&self) -> Result<ReadOnlyMount> {
+        let store = self.store.clone();
+        let snap = self.snap.clone();
+        let m = tokio::task::spawn_blocking(move || match &snap {
+            Some(s) => store.mount(s.id(), None),
+            None => store.mount_chain(&Chain::default(), None),
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("mount task: {e}")))?
+        .map_err(Error::store("mount result"))?;
+        Ok(ReadOnlyMount { mount: m })
+    }
+}
+
+/// A read-only view of a [`SolvedRef`] at [`ReadOnlyMount::path`]; unmounted on drop.
+#[derive(Debug)]
+pub struct ReadOnlyMount {
+    mount: Mount,
+}
+
+impl ReadOnlyMount {
+    /// Where the result's root directory is visible.
+    pub fn path(&self) -> &Path {
+        self.mount.path()
+    }
+}

@@ -1,0 +1,154 @@
+//! What the worker needs from the client session; implemented by the daemon.
+//!
+//! The worker never speaks the session protocol itself: the daemon owns the gRPC tunnel and the
+//! fsutil receiver and implements [`SessionProvider`] on top of them. Tests implement it over a
+//! real local directory.
+
+use std::path::Path;
+
+use async_trait::async_trait;
+
+use crate::error::Result;
+
+/// How the receiver decides that an existing file is unchanged (`local.differ`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LocalDiffer {
+    /// Compare size, mtime, mode, uid/gid, link target (the default).
+    #[default]
+    Metadata,
+    /// Re-request every regular file.
+    None,
+}
+
+/// A request to receive a client directory (`local://NAME` source).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LocalSync {
+    /// The local name (`dir-name` header), i.e. `NAME` in `local://NAME`.
+    pub name: String,
+    /// The session to use (`local.session` attr), without any `prefix:`. `None`: any session
+    /// of the build.
+    pub session_id: Option<String>,
+    /// `include-patterns` (dockerignore syntax).
+    pub include_patterns: Vec<String>,
+    /// `exclude-patterns` (dockerignore syntax).
+    pub exclude_patterns: Vec<String>,
+    /// `followpaths`.
+    pub follow_paths: Vec<String>,
+    /// `local.sharedkeyhint`, if any.
+    pub shared_key_hint: Option<String>,
+    /// `local.differ`.
+    pub differ: LocalDiffer,
+}
+
+impl LocalSync {
+    /// A request for `name` with no filters.
+    pub fn new(name: impl Into<String>) -> Self {
+        LocalSync {
+            name: name.into(),
+            session_id: None,
+            include_patterns: vec![],
+            exclude_patterns: vec![],
+            follow_paths: vec![],
+            shared_key_hint: None,
+            differ: LocalDiffer::Metadata,
+        }
+    }
+}
+
+/// Receives byte counts during a transfer; the worker turns them into a
+/// `transferring <name>:` status of the vertex.
+pub struct TransferProgress {
+    f: Box<dyn Fn(u64) + Send + Sync>,
+}
+
+impl std::fmt::Debug for TransferProgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TransferProgress")
+    }
+}
+
+impl TransferProgress {
+    pub(crate) fn new(f: impl Fn(u64) + Send + Sync + 'static) -> Self {
+        TransferProgress { f: Box::new(f) }
+    }
+
+    /// A reporter that drops updates (for callers outside a solve).
+    pub fn discard() -> Self {
+        TransferProgress::new(|_| {})
+    }
+
+    /// Reports the total number of bytes received so far.
+    pub fn report(&self, bytes_so_far: u64) {
+        (self.f)(bytes_so_far)
+    }
+}
+
+/// Registry credentials returned by the session's Auth service.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// User name (may be empty for token auth).
+    pub username: String,
+    /// Password or identity token.
+    pub secret: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .field("secret", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Access to the client's session attachables for one build. Implemented by the daemon.
+///
+/// Errors should be built with [`crate::Error::session`], choosing the kind
+/// (`NotFound` for an unknown dir name or secret, `Unavailable` when the session is gone...).
+#[async_trait]
+pub trait SessionProvider: Send + Sync {
+    /// Receives the client directory described by `req` into `dest` (fsutil DiffCopy receiver
+    /// semantics, `session.md` §4.2): `dest` may already hold a previous sync of the same
+    /// directory, and must afterwards mirror the client's (filtered) directory exactly, with
+    /// unchanged files left in place. Everything written must stay inside `dest`.
+    /// Returns the number of bytes received.
+    async fn sync_local(
+        &self,
+        req: &LocalSync,
+        dest: &Path,
+        progress: &TransferProgress,
+    ) -> Result<u64>;
+
+    /// Returns the secret `id`, or `None` when the client does not have it.
+    async fn get_secret(&self, id: &str) -> Result<Option<Vec<u8>>> {
+        let _ = id;
+        Ok(None)
+    }
+
+    /// Returns credentials for registry `host`, or `None` for anonymous access.
+    async fn registry_credentials(&self, host: &str) -> Result<Option<Credentials>> {
+        let _ = host;
+        Ok(None)
+    }
+}
+
+/// A session that has nothing: every local sync fails with `NotFound`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoSession;
+
+#[async_trait]
+impl SessionProvider for NoSession {
+    async fn sync_local(
+        &self,
+        req: &LocalSync,
+        _dest: &Path,
+        _progress: &TransferProgress,
+    ) -> Result<u64> {
+        Err(crate::Error::session(
+            crate::ErrorKind::NotFound,
+            format!("no session to sync local {:?} from", req.name),
+            None,
+        ))
+    }
+}

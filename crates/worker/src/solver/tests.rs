@@ -1,0 +1,414 @@
+//! Scheduler tests with in-memory ops: strings as results, a HashMap as cache.
+
+use super::*;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+#[derive(Default)]
+struct MemCache(Mutex<HashMap<String, Vec<String>>>);
+
+#[async_trait]
+impl CacheStore<String> for MemCache {
+    async fn load(&self, key: &str, outputs: usize) -> Result<Option<Vec<String>>> {
+        let r = self.0.lock().unwrap().get(key).cloned();
+        if let Some(r) = &r {
+            assert_eq!(r.len(), outputs);
+        }
+        Ok(r)
+    }
+    async fn save(&self, key: &str, results: &[String]) -> Result<()> {
+        self.0
+            .lock()
+            .unwrap()
+            .insert(key.to_string(), results.to_vec());
+        Ok(())
+    }
+}
+
+/// Concatenates its inputs' results and its own label; counts executions; can wait on a
+/// barrier or block forever.
+struct Concat {
+    label: String,
+    execs: Arc<AtomicUsize>,
+    running: Arc<AtomicUsize>,
+    max_running: Arc<AtomicUsize>,
+    barrier: Option<Arc<tokio::sync::Barrier>>,
+    block: bool,
+    fail: bool,
+    delay: Duration,
+}
+
+impl Concat {
+    fn new(label: &str, execs: &Arc<AtomicUsize>) -> Self {
+        Concat {
+            label: label.into(),
+            execs: execs.clone(),
+            running: Arc::new(AtomicUsize::new(0)),
+            max_running: Arc::new(AtomicUsize::new(0)),
+            barrier: None,
+            block: false,
+            fail: false,
+            delay: Duration::ZERO,
+        }
+    }
+}
+
+#[async_trait]
+impl Op<String> for Concat {
+    async fn cache_key(&self, _ctx: &OpContext, inputs: &[Solved<String>]) -> Result<String> {
+        let mut h = crate::digest::KeyHasher::new("concat");
+        h.field(self.label.as_bytes());
+        for i in inputs {
+            h.field(i.key.as_bytes());
+        }
+        Ok(h.finish())
+    }
+
+    async fn exec(&self, _ctx: &OpContext, inputs: &[Solved<String>]) -> Result<Vec<String>> {
+        self.execs.fetch_add(1, Ordering::SeqCst);
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_running.fetch_max(now, Ordering::SeqCst);
+        if let Some(b) = &self.barrier {
+            b.wait().await;
+        }
+        if self.block {
+            futures::future::pending::<()>().await;
+        }
+        tokio::time::sleep(self.delay).await;
+        self.running.fetch_sub(1, Ordering::SeqCst);
+        if self.fail {
+            return Err(Error::FileAction {
+                action: "test",
+                path: self.label.clone(),
+                reason: "boom".into(),
+            });
+        }
+        let mut parts: Vec<String> = inputs.iter().map(|i| i.result.clone()).collect();
+        parts.push(self.label.clone());
+        Ok(vec![parts.join("+")])
+    }
+}
+
+fn vertex(name: &str, inputs: Vec<usize>, op: Concat) -> Vertex<String> {
+    Vertex {
+        digest: format!("sha256:{name}"),
+        name: name.into(),
+        inputs: inputs.into_iter().map(|i| (i, 0)).collect(),
+        outputs: 1,
+        ignore_cache: false,
+        progress_group: None,
+        op: Arc::new(op),
+    }
+}
+
+fn events() -> (ProgressSink, Arc<Mutex<Vec<ProgressEvent>>>) {
+    let evs = Arc::new(Mutex::new(vec![]));
+    let e2 = evs.clone();
+    (
+        ProgressSink::from_fn(move |e| e2.lock().unwrap().push(e)),
+        evs,
+    )
+}
+
+/// a, b independent; c = a+b; d = c.
+fn diamond(execs: &Arc<AtomicUsize>, b_label: &str) -> Vec<Vertex<String>> {
+    vec![
+        vertex("a", vec![], Concat::new("a", execs)),
+        vertex("b", vec![], Concat::new(b_label, execs)),
+        vertex("c", vec![0, 1], Concat::new("c", execs)),
+        vertex("d", vec![2], Concat::new("d", execs)),
+    ]
+}
+
+#[test]
+fn topo_order_orders_and_detects_cycles() {
+    let edges = [vec![1, 2], vec![2], vec![]];
+    let order = topo_order(3, |i| edges[i].clone()).unwrap();
+    let pos = |n| order.iter().position(|&x| x == n).unwrap();
+    assert!(pos(2) < pos(1) && pos(1) < pos(0));
+
+    let cyc = [vec![1], vec![2], vec![0]];
+    assert!(topo_order(3, |i| cyc[i].clone()).is_err());
+    let selfloop = [vec![0]];
+    assert_eq!(topo_order(1, |i| selfloop[i].clone()), Err(0));
+}
+
+#[tokio::test]
+async fn cycle_is_invalid_argument() {
+    let execs = Arc::new(AtomicUsize::new(0));
+    let solver = Arc::new(Solver::new(Arc::new(MemCache::default()), 2));
+    let g = vec![
+        vertex("a", vec![1], Concat::new("a", &execs)),
+        vertex("b", vec![0], Concat::new("b", &execs)),
+    ];
+    let err = solver
+        .solve(g, (0, 0), ProgressSink::discard(), CancellationToken::new())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), crate::ErrorKind::InvalidArgument);
+    assert!(err.to_string().contains("cycle"), "{err}");
+    assert_eq!(execs.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn rebuild_is_fully_cached_and_change_reruns_dependents_only() {
+    let execs = Arc::new(AtomicUsize::new(0));
+    let solver = Arc::new(Solver::new(Arc::new(MemCache::default()), 4));
+    let (sink, evs) = events();
+    let (r, stats) = solver
+        .solve(
+            diamond(&execs, "b"),
+            (3, 0),
+            sink.clone(),
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.result, "a+b+c+d");
+    assert_eq!(
+        stats,
+        SolveStats {
+            cached: 0,
+            executed: 4
+        }
+    );
+    assert_eq!(execs.load(Ordering::SeqCst), 4);
+
+    evs.lock().unwrap().clear();
+    let (r2, stats) = solver
+        .solve(
+            diamond(&execs, "b"),
+            (3, 0),
+            sink.clone(),
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r2.result, "a+b+c+d");
+    assert_eq!(r2.key, r.key);
+    assert_eq!(
+        stats,
+        SolveStats {
+            cached: 4,
+            executed: 0
+        }
+    );
+    assert_eq!(
+        execs.load(Ordering::SeqCst),
+        4,
+        "nothing executed on rebuild"
+    );
+    let completed: Vec<bool> = evs
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|e| match e {
+            ProgressEvent::VertexCompleted { cached, error, .. } => {
+                assert!(error.is_none());
+                Some(*cached)
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(completed, vec![true; 4]);
+
+    // Change b: b, c, d re-run; a stays cached.
+    let (r3, stats) = solver
+        .solve(diamond(&execs, "B"), (3, 0), sink, CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(r3.result, "a+B+c+d");
+    assert_eq!(
+        stats,
+        SolveStats {
+            cached: 1,
+            executed: 3
+        }
+    );
+}
+
+#[tokio::test]
+async fn independent_vertices_run_in_parallel() {
+    let execs = Arc::new(AtomicUsize::new(0));
+    let solver = Arc::new(Solver::new(Arc::new(MemCache::default()), 2));
+    let barrier = Arc::new(tokio::sync::Barrier::new(2));
+    let mut a = Concat::new("a", &execs);
+    a.barrier = Some(barrier.clone());
+    let mut b = Concat::new("b", &execs);
+    b.barrier = Some(barrier);
+    let g = vec![
+        vertex("a", vec![], a),
+        vertex("b", vec![], b),
+        vertex("c", vec![0, 1], Concat::new("c", &execs)),
+    ];
+    // With sequential execution the barrier would never open.
+    let (r, _) = tokio::time::timeout(
+        Duration::from_secs(5),
+        solver.solve(g, (2, 0), ProgressSink::discard(), CancellationToken::new()),
+    )
+    .await
+    .expect("a and b must run concurrently")
+    .unwrap();
+    assert_eq!(r.result, "a+b+c");
+}
+
+#[tokio::test]
+async fn parallelism_limit_is_respected() {
+    let execs = Arc::new(AtomicUsize::new(0));
+    let solver = Arc::new(Solver::new(Arc::new(MemCache::default()), 1));
+    let running = Arc::new(AtomicUsize::new(0));
+    let max = Arc::new(AtomicUsize::new(0));
+    let mut g = vec![];
+    for l in ["a", "b", "c", "d"] {
+        let mut op = Concat::new(l, &execs);
+        op.running = running.clone();
+        op.max_running = max.clone();
+        op.delay = Duration::from_millis(20);
+        g.push(vertex(l, vec![], op));
+    }
+    g.push(vertex("top", vec![0, 1, 2, 3], Concat::new("top", &execs)));
+    solver
+        .solve(g, (4, 0), ProgressSink::discard(), CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(max.load(Ordering::SeqCst), 1);
+    assert_eq!(execs.load(Ordering::SeqCst), 5);
+}
+
+#[tokio::test]
+async fn concurrent_builds_share_identical_vertices() {
+    let execs = Arc::new(AtomicUsize::new(0));
+    let solver = Arc::new(Solver::new(Arc::new(MemCache::default()), 4));
+    let mk = || {
+        let mut op = Concat::new("slow", &execs);
+        op.delay = Duration::from_millis(200);
+        vec![vertex("slow", vec![], op)]
+    };
+    let (r1, r2) = tokio::join!(
+        solver.solve(
+            mk(),
+            (0, 0),
+            ProgressSink::discard(),
+            CancellationToken::new()
+        ),
+        solver.solve(
+            mk(),
+            (0, 0),
+            ProgressSink::discard(),
+            CancellationToken::new()
+        ),
+    );
+    assert_eq!(r1.unwrap().0.result, "slow");
+    assert_eq!(r2.unwrap().0.result, "slow");
+    assert_eq!(
+        execs.load(Ordering::SeqCst),
+        1,
+        "identical vertex executed once"
+    );
+}
+
+#[tokio::test]
+async fn ignore_cache_executes_again() {
+    let execs = Arc::new(AtomicUsize::new(0));
+    let solver = Arc::new(Solver::new(Arc::new(MemCache::default()), 4));
+    for _ in 0..2 {
+        let mut v = vertex("a", vec![], Concat::new("a", &execs));
+        v.ignore_cache = true;
+        solver
+            .solve(
+                vec![v],
+                (0, 0),
+                ProgressSink::discard(),
+                CancellationToken::new(),
+            )
+            .await
+            .unwrap();
+    }
+    assert_eq!(execs.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn cancel_stops_and_completes_running_vertices() {
+    let execs = Arc::new(AtomicUsize::new(0));
+    let solver = Arc::new(Solver::new(Arc::new(MemCache::default()), 4));
+    let mut op = Concat::new("forever", &execs);
+    op.block = true;
+    let g = vec![
+        vertex("forever", vec![], op),
+        vertex("after", vec![0], Concat::new("after", &execs)),
+    ];
+    let (sink, evs) = events();
+    let cancel = CancellationToken::new();
+    let c2 = cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        c2.cancel();
+    });
+    let err = tokio::time::timeout(
+        Duration::from_secs(5),
+        solver.solve(g, (1, 0), sink, cancel),
+    )
+    .await
+    .expect("cancel must stop the build")
+    .unwrap_err();
+    assert_eq!(err.kind(), crate::ErrorKind::Canceled);
+    let evs = evs.lock().unwrap();
+    let started: Vec<_> = evs
+        .iter()
+        .filter_map(|e| match e {
+            ProgressEvent::VertexStarted { digest, .. } => Some(digest.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(started, vec!["sha256:forever".to_string()]);
+    let completed: Vec<_> = evs
+        .iter()
+        .filter_map(|e| match e {
+            ProgressEvent::VertexCompleted { digest, error, .. } => {
+                Some((digest.clone(), error.clone()))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        completed,
+        vec![(
+            "sha256:forever".to_string(),
+            Some("context canceled".to_string())
+        )]
+    );
+}
+
+#[tokio::test]
+async fn failure_names_the_vertex_and_cancels_siblings() {
+    let execs = Arc::new(AtomicUsize::new(0));
+    let solver = Arc::new(Solver::new(Arc::new(MemCache::default()), 4));
+    let mut bad = Concat::new("bad", &execs);
+    bad.fail = true;
+    let mut slow = Concat::new("slow", &execs);
+    slow.block = true;
+    let g = vec![
+        vertex("bad", vec![], bad),
+        vertex("slow", vec![], slow),
+        vertex("top", vec![0, 1], Concat::new("top", &execs)),
+    ];
+    let (sink, evs) = events();
+    let err = tokio::time::timeout(
+        Duration::from_secs(5),
+        solver.solve(g, (2, 0), sink, CancellationToken::new()),
+    )
+    .await
+    .expect("failure must not wait for the blocked sibling")
+    .unwrap_err();
+    assert_eq!(err.to_string(), "bad: test \"bad\": boom");
+    let evs = evs.lock().unwrap();
+    let n_started = evs
+        .iter()
+        .filter(|e| matches!(e, ProgressEvent::VertexStarted { .. }))
+        .count();
+    let n_completed = evs
+        .iter()
+        .filter(|e| matches!(e, ProgressEvent::VertexCompleted { .. }))
+        .count();
+    assert_eq!(n_started, n_completed, "every started vertex completes");
+}

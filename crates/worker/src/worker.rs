@@ -1,0 +1,213 @@
+//! [`Worker`]: solves LLB definitions into [`SolvedRef`]s.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use layerstore::snapshot::SnapshotStore;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, Result};
+use crate::progress::ProgressSink;
+use crate::result::SolvedRef;
+use crate::session::SessionProvider;
+
+/// Entitlement allowing `network=host` execs.
+pub const ENTITLEMENT_NETWORK_HOST: &str = "network.host";
+/// Entitlement allowing `security=insecure` execs.
+pub const ENTITLEMENT_SECURITY_INSECURE: &str = "security.insecure";
+
+/// The platform the worker builds for (`os/arch[/variant]`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Platform {
+    /// `linux`.
+    pub os: String,
+    /// GOARCH-style name (`amd64`, `arm64`...).
+    pub architecture: String,
+    /// `v8`, `v7`... or empty.
+    pub variant: String,
+}
+
+impl Platform {
+    /// The platform of the machine berth runs on.
+    pub fn host() -> Self {
+        let architecture = match std::env::consts::ARCH {
+            "x86_64" => "amd64",
+            "aarch64" => "arm64",
+            "x86" => "386",
+            "arm" => "arm",
+            "powerpc64" => "ppc64le",
+            "s390x" => "s390x",
+            "riscv64" => "riscv64",
+            other => other,
+        };
+        Platform {
+            os: "linux".into(),
+            architecture: architecture.into(),
+            variant: String::new(),
+        }
+    }
+}
+
+impl std::fmt::Display for Platform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.os, self.architecture)?;
+        if !self.variant.is_empty() {
+            write!(f, "/{}", self.variant)?;
+        }
+        Ok(())
+    }
+}
+
+/// How to construct a [`Worker`]. Start from [`WorkerOptions::new`] and set fields.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct WorkerOptions {
+    /// berth's root (`--root`): the snapshot store lives in `<root>/snapshots` (layers, metadata
+    /// DB with the cache keys), the worker's own files in `<root>/worker` (local syncs).
+    pub root: PathBuf,
+    /// Maximum number of vertices executing at once, across all builds (at least 1).
+    pub max_parallelism: usize,
+    /// Docker Engine API address (`unix:///var/run/docker.sock`), for image sources.
+    pub docker_host: Option<String>,
+    /// Entitlements the daemon allows at all (`network.host`, `security.insecure`); a build
+    /// gets an entitlement only if it asks for it and it is listed here.
+    pub allowed_entitlements: Vec<String>,
+    /// Platform used for ops without one.
+    pub default_platform: Platform,
+}
+
+impl WorkerOptions {
+    /// Options with defaults: parallelism = number of CPUs, no docker host, no entitlements,
+    /// host platform.
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        WorkerOptions {
+            root: root.into(),
+            max_parallelism: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
+            docker_host: None,
+            allowed_entitlements: vec![],
+            default_platform: Platform::host(),
+        }
+    }
+}
+
+/// Per-build context given to [`Worker::solve`].
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct SolveContext {
+    /// Build (job) id, used in logs and as the session-owner key.
+    pub build_id: String,
+    /// Access to the client session.
+    pub session: Arc<dyn SessionProvider>,
+    /// Where progress goes.
+    pub progress: ProgressSink,
+    /// Cancels the build; every running step stops and releases its mounts.
+    pub cancel: CancellationToken,
+    /// Entitlements the client asked for (`SolveRequest.Entitlements`).
+    pub entitlements: Vec<String>,
+}
+
+impl std::fmt::Debug for SolveContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SolveContext")
+            .field("build_id", &self.build_id)
+            .field("entitlements", &self.entitlements)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SolveContext {
+    /// A context with no entitlements.
+    pub fn new(
+        build_id: impl Into<String>,
+        session: Arc<dyn SessionProvider>,
+        progress: ProgressSink,
+        cancel: CancellationToken,
+    ) -> Self {
+        SolveContext {
+            build_id: build_id.into(),
+            session,
+            progress,
+            cancel,
+            entitlements: vec![],
+        }
+    }
+
+    /// Sets the requested entitlements.
+    pub fn with_entitlements(mut self, entitlements: Vec<String>) -> Self {
+        self.entitlements = entitlements;
+        self
+    }
+}
+
+/// The LLB worker. Cheap to clone; all clones share the cache and the parallelism limit.
+#[derive(Clone)]
+pub struct Worker {
+    pub(crate) inner: Arc<crate::llbsolver::Inner>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("root", &self.inner.opts.root)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Worker {
+    /// Opens (creating) the worker state under `opts.root`.
+    pub fn new(opts: WorkerOptions) -> Result<Self> {
+        if opts.max_parallelism == 0 {
+            return Err(Error::InvalidRequest {
+                reason: "max_parallelism must be at least 1".into(),
+            });
+        }
+        Ok(Worker {
+            inner: Arc::new(crate::llbsolver::Inner::open(opts, None)?),
+        })
+    }
+
+    /// Like [`Worker::new`], with a snapshot store the caller already opened on the same root
+    /// (the daemon shares it for DiskUsage/Prune).
+    pub fn with_store(opts: WorkerOptions, store: SnapshotStore) -> Result<Self> {
+        if opts.max_parallelism == 0 {
+            return Err(Error::InvalidRequest {
+                reason: "max_parallelism must be at least 1".into(),
+            });
+        }
+        Ok(Worker {
+            inner: Arc::new(crate::llbsolver::Inner::open(opts, Some(store))?),
+        })
+    }
+
+    /// The snapshot store holding the worker's results (for DiskUsage, Prune, exporters).
+    pub fn snapshot_store(&self) -> &SnapshotStore {
+        &self.inner.store
+    }
+
+    /// The options the worker was built with.
+    pub fn options(&self) -> &WorkerOptions {
+        &self.inner.opts
+    }
+
+    /// LLB cap IDs this worker supports (`LLBCaps` to advertise; definitions whose metadata
+    /// requires any other cap are rejected).
+    pub fn supported_caps() -> &'static [&'static str] {
+        crate::llbsolver::caps::SUPPORTED
+    }
+
+    /// Solves `def` and returns its result. An empty definition (no ops) yields the empty
+    /// result (scratch), as buildkitd does.
+    ///
+    /// Errors: malformed definitions → [`crate::ErrorKind::InvalidArgument`] naming the op; a
+    /// failing step → an [`Error::Vertex`] naming the step; cancellation → `Canceled`.
+    pub async fn solve(&self, def: protos::pb::Definition, ctx: SolveContext) -> Result<SolvedRef> {
+        crate::llbsolver::solve(&self.inner, def, ctx).await
+    }
+
+    /// The empty result (scratch).
+    pub fn scratch(&self) -> SolvedRef {
+        self.inner.scratch()
+    }
+}
