@@ -28,7 +28,8 @@
 //! mutable/<snapshot-id>/{upper,work}/   rw dirs of mutable snapshots
 //! mounts/<n>/              mount points created by [`SnapshotStore::mount`] when no target is given
 //! tmp/                     staging area; everything in it is garbage after a crash
-//! empty/                   an empty dir used as the bottom lowerdir of every read-only mount
+//! empty/, empty2/          empty dirs: the bottom lowerdir of every mount (so whiteouts in the lowest real layer
+//!                          are hidden, and a read-only mount of scratch still has the two lowers overlay needs)
 //! ```
 //!
 //! # Crash safety

@@ -73,7 +73,9 @@ impl SnapshotStore {
     /// mutable dirs that no record points to (and records whose dirs are gone).
     pub fn open(opts: StoreOptions) -> Result<SnapshotStore> {
         let dir = opts.root.join("snapshots");
-        for sub in ["", "layers", "l", "mutable", "mounts", "tmp", "empty"] {
+        for sub in [
+            "", "layers", "l", "mutable", "mounts", "tmp", "empty", "empty2",
+        ] {
             let p = dir.join(sub);
             std::fs::create_dir_all(&p).map_err(io_err("create dir", &p))?;
         }
@@ -636,7 +638,11 @@ impl SnapshotStore {
         target: Option<&Path>,
         snap: Option<SnapshotId>,
     ) -> Result<Mount> {
-        let lowers = self.resolve_lowers(chain)?;
+        let mut lowers = self.resolve_lowers(chain)?;
+        if upper.is_none() && lowers.len() < 2 {
+            // Overlay needs two lower dirs when it has no upper dir.
+            lowers.insert(0, (self.inner.dir.join("empty2"), "empty2".to_string()));
+        }
         let spec = OverlaySpec {
             lowers: lowers.iter().rev().map(|(p, _)| p.clone()).collect(),
             short_lowers: lowers.iter().rev().map(|(_, s)| s.clone()).collect(),
