@@ -28,7 +28,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         prost::Message::encode_to_vec(&fds),
     )?;
 
-    tonic_prost_build::configure()
+    let mut builder = tonic_prost_build::configure();
+    // BuildKit sends these as JSON inside google.rpc.Status details (see
+    // src/details.rs); keys are the proto field names, bytes are base64.
+    for (message, rename) in JSON_DETAIL_TYPES {
+        builder = builder
+            .type_attribute(
+                message,
+                "#[derive(::serde::Serialize, ::serde::Deserialize)] #[serde(default)]",
+            )
+            .type_attribute(message, format!("#[serde(rename_all = \"{rename}\")]"));
+    }
+    builder = builder
+        .field_attribute(
+            ".pb.SourceInfo.data",
+            "#[serde(with = \"crate::details::base64\")]",
+        )
+        // The LLB of the source file is not carried in JSON details by berth.
+        .field_attribute(".pb.SourceInfo.definition", "#[serde(skip)]");
+
+    builder
         .build_client(true)
         .build_server(true)
         // Servers may leave RPCs unimplemented; the stub answers UNIMPLEMENTED.
@@ -40,6 +59,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .compile_fds(fds)?;
     Ok(())
 }
+
+/// Messages that get serde derives, with the serde `rename_all` rule that
+/// turns prost's snake_case field names back into the proto names Go uses
+/// as JSON keys.
+const JSON_DETAIL_TYPES: &[(&str, &str)] = &[
+    (".errdefs.Vertex", "camelCase"),
+    (".errdefs.Source", "camelCase"),
+    (".errdefs.Frontend", "camelCase"),
+    (".errdefs.FrontendCap", "camelCase"),
+    (".errdefs.Subrequest", "camelCase"),
+    (".errdefs.CompatibilityFeature", "camelCase"),
+    (".pb.SourceInfo", "camelCase"),
+    (".pb.Range", "camelCase"),
+    (".pb.Position", "camelCase"),
+    (".stack.Stack", "camelCase"),
+    (".stack.Frame", "PascalCase"),
+];
 
 /// Lists every `.proto` under `dir`, as paths relative to `root`.
 fn collect_protos(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {

@@ -56,8 +56,15 @@
 //! [`google::rpc::Status::details`] with type URLs of the form
 //! `github.com/moby/buildkit/errdefs.Vertex+json` (see [`type_urls`]), and the
 //! `Any` value is the **JSON** encoding of the Go struct, not protobuf.
+//! [`details::JsonDetail`] reads and writes that form.
+//!
+//! # Method paths
+//!
+//! [`methods`] lists the gRPC paths of the services a client attaches to its
+//! session, as they appear in the session's exposed-method headers.
 
-// Keep generated code's lints from leaking into the workspace's `-D warnings`.
+/// Includes one generated file from `OUT_DIR`; lints are silenced by the
+/// `#[allow]` on each package module.
 macro_rules! generated {
     ($file:literal) => {
         include!(concat!(env!("OUT_DIR"), "/", $file));
@@ -212,11 +219,75 @@ pub mod type_urls {
     pub const ERRDEFS_SOLVE: &str = "github.com/moby/buildkit/errdefs.Solve+json";
     /// [`crate::errdefs::Frontend`] (newer daemons).
     pub const ERRDEFS_FRONTEND: &str = "github.com/moby/buildkit/errdefs.Frontend+json";
+    /// [`crate::errdefs::CompatibilityFeature`] (newer daemons).
+    pub const ERRDEFS_COMPATIBILITY_FEATURE: &str =
+        "github.com/moby/buildkit/errdefs.CompatibilityFeature+json";
     /// [`crate::stack::Stack`].
     pub const STACK: &str = "github.com/moby/buildkit/stack.Stack+json";
     /// [`crate::moby::buildkit::v1::frontend::ExitMessage`] (container exit codes).
     pub const GATEWAY_EXIT_MESSAGE: &str = "github.com/moby/buildkit/gatewayapi.ExitMessage+json";
 }
+
+/// Full gRPC method paths (`/package.Service/Method`) of the services a
+/// client may attach to its session.
+pub mod methods {
+    /// `grpc.health.v1.Health/Check`.
+    pub const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
+    /// `grpc.health.v1.Health/Watch`.
+    pub const HEALTH_WATCH: &str = "/grpc.health.v1.Health/Watch";
+    /// `moby.filesync.v1.Auth/Credentials`.
+    pub const AUTH_CREDENTIALS: &str = "/moby.filesync.v1.Auth/Credentials";
+    /// `moby.filesync.v1.Auth/FetchToken`.
+    pub const AUTH_FETCH_TOKEN: &str = "/moby.filesync.v1.Auth/FetchToken";
+    /// `moby.filesync.v1.Auth/GetTokenAuthority`.
+    pub const AUTH_GET_TOKEN_AUTHORITY: &str = "/moby.filesync.v1.Auth/GetTokenAuthority";
+    /// `moby.filesync.v1.Auth/VerifyTokenAuthority`.
+    pub const AUTH_VERIFY_TOKEN_AUTHORITY: &str = "/moby.filesync.v1.Auth/VerifyTokenAuthority";
+    /// `moby.filesync.v1.FileSync/DiffCopy` (local sources, fsutil packets).
+    pub const FILESYNC_DIFF_COPY: &str = "/moby.filesync.v1.FileSync/DiffCopy";
+    /// `moby.filesync.v1.FileSync/TarStream`.
+    pub const FILESYNC_TAR_STREAM: &str = "/moby.filesync.v1.FileSync/TarStream";
+    /// `moby.filesync.v1.FileSend/DiffCopy` (exporter output to the client).
+    pub const FILESEND_DIFF_COPY: &str = "/moby.filesync.v1.FileSend/DiffCopy";
+    /// `moby.buildkit.secrets.v1.Secrets/GetSecret`.
+    pub const SECRETS_GET_SECRET: &str = "/moby.buildkit.secrets.v1.Secrets/GetSecret";
+    /// `moby.sshforward.v1.SSH/CheckAgent`.
+    pub const SSH_CHECK_AGENT: &str = "/moby.sshforward.v1.SSH/CheckAgent";
+    /// `moby.sshforward.v1.SSH/ForwardAgent`.
+    pub const SSH_FORWARD_AGENT: &str = "/moby.sshforward.v1.SSH/ForwardAgent";
+    /// `moby.upload.v1.Upload/Pull`.
+    pub const UPLOAD_PULL: &str = "/moby.upload.v1.Upload/Pull";
+    /// `moby.exporter.v1.Exporter/FindExporters` (newer clients).
+    pub const EXPORTER_FIND_EXPORTERS: &str = "/moby.exporter.v1.Exporter/FindExporters";
+    /// `moby.exporter.v1.Exporter/FinalizeExport` (newer clients).
+    pub const EXPORTER_FINALIZE_EXPORT: &str = "/moby.exporter.v1.Exporter/FinalizeExport";
+    /// `moby.buildkit.v1.sourcepolicy.policysession.PolicyVerifier/CheckPolicy` (newer clients).
+    pub const POLICY_CHECK_POLICY: &str =
+        "/moby.buildkit.v1.sourcepolicy.policysession.PolicyVerifier/CheckPolicy";
+    /// Every path above. (The content-store attachable,
+    /// `containerd.services.content.v1.Content`, is containerd's API and not
+    /// defined here; `containerd-client` has it.)
+    pub const ALL: &[&str] = &[
+        HEALTH_CHECK,
+        HEALTH_WATCH,
+        AUTH_CREDENTIALS,
+        AUTH_FETCH_TOKEN,
+        AUTH_GET_TOKEN_AUTHORITY,
+        AUTH_VERIFY_TOKEN_AUTHORITY,
+        FILESYNC_DIFF_COPY,
+        FILESYNC_TAR_STREAM,
+        FILESEND_DIFF_COPY,
+        SECRETS_GET_SECRET,
+        SSH_CHECK_AGENT,
+        SSH_FORWARD_AGENT,
+        UPLOAD_PULL,
+        EXPORTER_FIND_EXPORTERS,
+        EXPORTER_FINALIZE_EXPORT,
+        POLICY_CHECK_POLICY,
+    ];
+}
+
+pub mod details;
 
 /// The encoded `google.protobuf.FileDescriptorSet` of every file in `proto/`
 /// (plus the well-known types they import), for reflection and tests.

@@ -331,6 +331,20 @@ fn service_names_are_upstream() {
     assert_eq!(Health::NAME, "grpc.health.v1.Health");
 }
 
+#[test]
+fn session_method_paths_exist() {
+    let ours = our_listing();
+    for path in crate::methods::ALL {
+        let (service, method) = path[1..].rsplit_once('/').unwrap();
+        let prefix = format!("method\t.{service}\t{method}\t");
+        assert!(
+            ours.iter().any(|l| l.starts_with(&prefix)),
+            "{path} is not a method of our schema"
+        );
+    }
+    assert_eq!(crate::methods::ALL.len(), 16);
+}
+
 fn our_listing() -> BTreeSet<String> {
     let fds = prost_types::FileDescriptorSet::decode(crate::FILE_DESCRIPTOR_SET).unwrap();
     crate::schema_listing::listing(&fds)
