@@ -103,7 +103,9 @@ impl PrivateDockerd {
             dockerd: None,
             containerd: None,
         };
-        this.start()?;
+        let root = this.root().display().to_string();
+        this.start()
+            .with_context(|| format!("starting private dockerd in {root}"))?;
         Ok(this)
     }
 

@@ -20,13 +20,23 @@ fn mounts_under(root: &Path) -> Vec<String> {
 #[tokio::test]
 async fn private_dockerd_runs_stops_and_restarts_on_same_data_root() {
     require_root();
-    let mut daemon = PrivateDockerd::new(PrivateDockerdOptions::default()).expect("start dockerd");
+    let label = format!("berth.test={}", integration::unique_name("private"));
+    let mut options = PrivateDockerdOptions::default();
+    options
+        .daemon_json
+        .insert("labels".into(), serde_json::json!([label]));
+    let mut daemon = PrivateDockerd::new(options).expect("start dockerd");
     let engine = daemon.engine().clone();
     engine.ping().await.unwrap();
     assert_ne!(engine.socket(), Path::new("/var/run/docker.sock"));
 
     let info = engine.client().info().await.unwrap();
     assert_eq!(info.driver.as_deref(), Some("overlay2"), "{info:?}");
+    assert_eq!(
+        info.labels,
+        Some(vec![label.clone()]),
+        "daemon.json honoured"
+    );
     assert_eq!(
         Path::new(info.docker_root_dir.as_deref().unwrap()),
         daemon.data_root(),
@@ -92,4 +102,79 @@ async fn private_dockerd_runs_stops_and_restarts_on_same_data_root() {
     drop(image);
     drop(daemon);
     assert!(!root.exists(), "temp dir {} not removed", root.display());
+}
+
+#[test]
+fn failed_start_reports_dockerd_log_and_leaves_nothing_running() {
+    require_root();
+    let options = PrivateDockerdOptions {
+        storage_driver: "berth-no-such-driver".into(),
+        ..Default::default()
+    };
+    let err = PrivateDockerd::new(options).expect_err("bogus storage driver must fail");
+    let text = format!("{err:#}");
+    assert!(text.contains("dockerd exited during start-up"), "{text}");
+    assert!(
+        text.contains("berth-no-such-driver"),
+        "error must carry dockerd's log: {text}"
+    );
+    // The error names the temp dir; the failed start stopped containerd and unmounted what
+    // dockerd had mounted, and dropping removed the dir.
+    let start = text
+        .find("/berth-dockerd-")
+        .expect("error names the temp dir");
+    let root: String = text[..start].rsplit(' ').next().unwrap().to_string()
+        + text[start..].split([' ', ':']).next().unwrap();
+    assert!(root.starts_with('/'), "{root}");
+    assert!(!Path::new(&root).exists(), "{root} left behind");
+    let needle = format!("{root}/");
+    let procs: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&needle))
+        .collect();
+    assert_eq!(
+        procs,
+        Vec::<String>::new(),
+        "processes of the failed daemon still run"
+    );
+    assert!(mounts_under_str(&root).is_empty());
+}
+
+fn mounts_under_str(root: &str) -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| p.starts_with(root))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn panicking_test_still_stops_its_daemon() {
+    require_root();
+    let seen = std::sync::Mutex::new(None);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let daemon = PrivateDockerd::new(PrivateDockerdOptions::default()).unwrap();
+        *seen.lock().unwrap() = Some((
+            daemon.pid().unwrap(),
+            daemon.containerd_pid().unwrap(),
+            daemon.root().to_path_buf(),
+        ));
+        panic!("simulated test failure");
+    }));
+    assert!(result.is_err());
+    let (pid, containerd_pid, root) = seen.lock().unwrap().take().unwrap();
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "dockerd survived the panic"
+    );
+    assert!(
+        !Path::new(&format!("/proc/{containerd_pid}")).exists(),
+        "containerd survived"
+    );
+    assert!(!root.exists(), "{} survived the panic", root.display());
 }
