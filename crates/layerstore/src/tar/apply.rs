@@ -505,7 +505,17 @@ impl Applier<'_> {
                     let up = self.resolve_nocache(&comps[..i - 1], name)?;
                     let c = cstr(comps[i - 1], name)?;
                     match rustix::fs::mkdirat(&*up, &c, Mode::from_raw_mode(0o755)) {
-                        Ok(()) | Err(Errno::EXIST) => {}
+                        Ok(()) => {}
+                        // Exists, yet could not be opened as a directory: a dangling symlink.
+                        Err(Errno::EXIST) => {
+                            return Err(Error::TarEntryRejected {
+                                entry: name.to_owned(),
+                                reason: format!(
+                                    "{:?} is a dangling symlink",
+                                    String::from_utf8_lossy(&sub)
+                                ),
+                            })
+                        }
                         Err(err) => return Err(apply_err(name, "create parent dir", err)),
                     }
                 }
