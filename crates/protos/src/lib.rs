@@ -50,6 +50,20 @@
 //! * `bytes` fields are [`bytes::Bytes`];
 //! * `google.protobuf.*` types are [`prost_types`].
 //!
+//! # Re-encoding is not byte-exact
+//!
+//! Decoding then encoding a Go-written message gives the same *values* but not
+//! always the same *bytes*: Go writes most control-API maps in random order
+//! (we sort), and writes map entries whose key or value is the default
+//! explicitly (prost omits them). An op's identity is therefore always the
+//! digest of the bytes found in `pb::Definition::def`, never of a re-encoding.
+//!
+//! # Tests
+//!
+//! `src/wire_tests.rs` pins bytes of the fields peers depend on and compares
+//! the whole schema with listings of upstream's names and numbers
+//! (`src/testdata/upstream-*.listing`, master and v0.11.6).
+//!
 //! # Error details
 //!
 //! BuildKit puts [`errdefs`] and [`stack`] messages into
