@@ -21,6 +21,26 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Translating an `ExecOp` (the worker's side)
+//!
+//! * Root mount (`dest` `/`): mount its writable layer (overlay) on a host directory and pass
+//!   it as [`ProcessSpec::rootfs`]; a read-only root sets [`ProcessSpec::readonly_rootfs`].
+//!   Keep it mounted until `run` returns, then diff it.
+//! * `BIND` / `CACHE` mounts: mount the snapshot or cache directory on the host, resolve the
+//!   `selector` inside it safely (pathrs), and pass [`MountKind::Bind`]. `TMPFS`:
+//!   [`MountKind::Tmpfs`]. `SECRET`: fetch the bytes from the session (skip when optional and
+//!   missing), [`MountKind::SecretFile`]. `SSH`: create the forwarding socket,
+//!   [`MountKind::SshSocket`]. `dest` may stay relative: it is taken relative to `cwd` here.
+//! * `Meta`: `args`, `env` (proxy and secret env already appended; `PATH` is defaulted here),
+//!   `cwd`, `user`, `hostname`, `extraHosts`, `ulimit`, `cgroupParent`,
+//!   `removeMountStubsRecursive` map field for field. `NetMode`/`SecurityMode` map to
+//!   [`NetMode`]/[`SecurityMode`] once entitlements are checked.
+//! * A non-zero [`ExitStatus`] is not an error here; report it as
+//!   `process "<args joined by spaces>" did not complete successfully: exit code: N`.
+//!   [`Error::kind`] classifies failures for the gRPC status.
+//! * Mount stubs are already removed when `run` returns ([`ExecResult::mount_stubs`] lists
+//!   them). Call [`RuncExecutor::cleanup_stale`] once at start-up.
+//!
 //! Modules: `types` (inputs and outputs), `runcexecutor` (the run itself, bundle layout),
 //! `oci` (runtime spec, user lookup, hosts file), `stubs` (safe paths inside the rootfs),
 //! `runc` (typed runc client), `secrets` (secret tmpfs). No `unsafe` anywhere.

@@ -292,6 +292,7 @@ impl RuncExecutor {
                 program: self.runc.program().to_owned(),
                 source: e,
             })?;
+        tracing::debug!(pid = ?child.id(), "runc run started");
         let out = tokio::spawn(pump(child.stdout.take(), io.stdout));
         let err = tokio::spawn(pump(child.stderr.take(), io.stderr));
         let wait_err = |source| Error::Wait {
@@ -314,6 +315,7 @@ impl RuncExecutor {
             }
         };
 
+        let (out_abort, err_abort) = (out.abort_handle(), err.abort_handle());
         let drain = async {
             let _ = out.await;
             let _ = err.await;
@@ -322,6 +324,8 @@ impl RuncExecutor {
             tracing::warn!(
                 "output pipes still open {DRAIN_TIMEOUT:?} after runc exited; dropping them"
             );
+            out_abort.abort();
+            err_abort.abort();
         }
 
         use std::os::unix::process::ExitStatusExt;

@@ -423,6 +423,104 @@ async fn tmpfs_with_size() -> Result<()> {
 }
 
 #[tokio::test]
+async fn relative_mount_dest_is_under_cwd() -> Result<()> {
+    let env = env()?;
+    let mut spec = env.spec("grep -c ' /work/rel tmpfs ' /proc/mounts");
+    spec.cwd = "/work".into();
+    spec.mounts = vec![Mount {
+        dest: "rel".into(),
+        kind: MountKind::Tmpfs { size: 0 },
+    }];
+    assert_eq!(env.ok(spec).await?, "1\n");
+    Ok(())
+}
+
+/// Unmounts on drop.
+struct MountGuard(PathBuf);
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+fn list_tree(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            out.push(p.strip_prefix(dir).unwrap().display().to_string());
+            if p.is_dir() && !p.is_symlink() {
+                stack.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn overlay_rootfs_upper_holds_only_process_changes() -> Result<()> {
+    let env = env()?;
+    let base = tempfile::tempdir()?;
+    let (upper, work, merged) = (
+        base.path().join("upper"),
+        base.path().join("work"),
+        base.path().join("merged"),
+    );
+    for d in [&upper, &work, &merged] {
+        std::fs::create_dir(d)?;
+    }
+    let old = std::time::UNIX_EPOCH + Duration::from_secs(1_500_000_000);
+    std::fs::File::open(env.rootfs.join("etc"))?.set_times(
+        std::fs::FileTimes::new()
+            .set_accessed(old)
+            .set_modified(old),
+    )?;
+    nix::mount::mount(
+        Some("overlay"),
+        &merged,
+        Some("overlay"),
+        nix::mount::MsFlags::empty(),
+        Some(
+            format!(
+                "lowerdir={},upperdir={},workdir={}",
+                env.rootfs.display(),
+                upper.display(),
+                work.display()
+            )
+            .as_str(),
+        ),
+    )
+    .context("mount overlay")?;
+    let _guard = MountGuard(merged.clone());
+
+    let spec = ProcessSpec {
+        rootfs: merged.clone(),
+        args: vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            "echo hi > /newfile; ls /mnt/cache /etc/hosts".into(),
+        ],
+        mounts: vec![Mount {
+            dest: "/mnt/cache".into(),
+            kind: MountKind::Tmpfs { size: 0 },
+        }],
+        remove_mount_stubs_recursive: true,
+        ..Default::default()
+    };
+    let (r, _, err) = env.run(spec).await;
+    assert!(r?.exit.success(), "{err}");
+    // /etc was copied up to hold the /etc/hosts and /etc/resolv.conf stubs; the stubs are gone
+    // and its mtime is back to the lower layer's, so a differ sees it unchanged.
+    assert_eq!(list_tree(&upper), ["etc", "newfile"]);
+    assert_eq!(std::fs::read_to_string(upper.join("newfile"))?, "hi\n");
+    assert_eq!(std::fs::metadata(upper.join("etc"))?.modified()?, old);
+    Ok(())
+}
+
+#[tokio::test]
 async fn secret_file_and_ssh_socket() -> Result<()> {
     let env = env()?;
     let sockdir = tempfile::tempdir()?;
