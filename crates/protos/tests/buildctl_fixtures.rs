@@ -1972,3 +1972,79 @@ fn reencode(ty: &str, bytes: &[u8], what: &str) -> Vec<u8> {
         other => panic!("no Rust type wired for {other}"),
     }
 }
+
+// ---------------------------------------------------------------------------
+// A newer client (buildctl v0.24.0) against the same v0.11.6 daemon
+
+#[test]
+fn newer_buildctl_v0_24_shapes() {
+    let schema = Schema::load();
+    let mut rt = RoundTrips::default();
+    let s = "v0.24.0-build-local";
+    let solve: control::SolveRequest = rt.check(
+        &schema,
+        ".moby.buildkit.v1.SolveRequest",
+        "v0.24 solve",
+        &chunks(s, "control.Solve", "req")[0],
+    );
+    // The first output goes both into the deprecated fields 3/4 and into Exporters (13).
+    assert_eq!(solve.exporter_deprecated, "local");
+    assert_eq!(solve.exporters.len(), 1);
+    assert_eq!(solve.exporters[0].r#type, "local");
+    assert!(
+        solve.exporters[0].attrs.is_empty(),
+        "dest stays client-side"
+    );
+    assert!(!solve.enable_session_exporter);
+    assert_eq!(solve.compatibility_version, 0);
+
+    let md = metadata(&format!("wire/{s}/control.Session.metadata.txt"));
+    assert!(
+        md_values(&md, "x-docker-expose-session-name").is_empty(),
+        "newer clients send no session name"
+    );
+    assert_eq!(md_one(&md, "x-docker-expose-session-uuid"), solve.session);
+    assert!(md_values(&md, "x-docker-expose-session-grpc-method")
+        .contains(&"/grpc.health.v1.Health/List"));
+    assert_eq!(md_one(&md, "grpc-accept-encoding"), "gzip");
+    let ping_md = metadata(&format!("wire/{s}/llbbridge.Ping.metadata.txt"));
+    assert_eq!(md_one(&ping_md, BUILD_ID_HEADER), solve.r#ref);
+
+    // It reports its spans to the daemon when it exits, after the Session ended.
+    let seq = fixture_text(&format!("wire/{s}/sequence.log"));
+    let session_end = seq
+        .find("control.Session resp END OK")
+        .expect("session end");
+    let export = seq
+        .find("trace.Export start")
+        .expect("TraceService/Export call");
+    assert!(export > session_end);
+    let trace_md = metadata(&format!("wire/{s}/trace.Export.metadata.txt"));
+    assert!(md_values(&trace_md, BUILD_ID_HEADER).is_empty());
+
+    let prune: control::PruneRequest = rt.check(
+        &schema,
+        ".moby.buildkit.v1.PruneRequest",
+        "v0.24 prune",
+        &chunks("v0.24.0-prune-flags", "control.Prune", "req")[0],
+    );
+    assert!(prune.all);
+    assert_eq!(prune.filter, ["type==regular"]);
+    assert_eq!(prune.keep_duration, 3600 * 1_000_000_000);
+    assert_eq!(
+        prune.reserved_space, 0,
+        "newer --keep-storage no longer fills field 4"
+    );
+    assert_eq!(
+        prune.max_used_space, 10_000_000,
+        "newer --keep-storage fills field 5"
+    );
+    let du: control::DiskUsageRequest = rt.check(
+        &schema,
+        ".moby.buildkit.v1.DiskUsageRequest",
+        "v0.24 du",
+        &chunks("v0.24.0-du", "control.DiskUsage", "req")[0],
+    );
+    assert_eq!(du.age_limit, 0);
+    rt.only(&[Diff::Exact]);
+}
