@@ -91,6 +91,77 @@ pub enum Error {
         source: std::io::Error,
     },
     // -- dockerstore module variants below --
+    /// A graph driver berth cannot read or write.
+    #[error("unsupported docker storage driver {driver:?} (need overlay2 or fuse-overlayfs)")]
+    UnsupportedStorageDriver {
+        /// The driver name.
+        driver: String,
+    },
+    /// A Docker Engine API call failed.
+    #[error("docker engine api: {op}")]
+    DockerApi {
+        /// The call.
+        op: &'static str,
+        /// The client error.
+        #[source]
+        source: Box<bollard::errors::Error>,
+    },
+    /// What dockerd reports does not match the store on disk.
+    #[error("docker store mismatch: {what}")]
+    DockerStoreMismatch {
+        /// What differs.
+        what: String,
+    },
+    /// Docker's layerdb has no such layer.
+    #[error("layer {chain_id} is not in docker's store at {}", data_root.display())]
+    DockerLayerMissing {
+        /// The chainID.
+        chain_id: String,
+        /// The data root.
+        data_root: PathBuf,
+    },
+    /// A file of Docker's store is malformed.
+    #[error("bad docker store file {}: {reason}", path.display())]
+    BadDockerStoreFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Content does not hash to the digest it is stored under.
+    #[error("digest mismatch: expected {expected}, found {found}")]
+    DigestMismatch {
+        /// The expected digest.
+        expected: String,
+        /// The computed digest.
+        found: String,
+    },
+    /// An image config is unusable.
+    #[error("bad image config: {reason}")]
+    BadImageConfig {
+        /// What is wrong.
+        reason: String,
+    },
+    /// The offline writer refuses a data root a dockerd is using.
+    #[error("dockerd is running on {}: {evidence}", data_root.display())]
+    DockerDaemonRunning {
+        /// The data root.
+        data_root: PathBuf,
+        /// How it was detected.
+        evidence: String,
+    },
+    /// Docker refuses chains deeper than this.
+    #[error("layer chain deeper than docker's limit of {max}")]
+    DockerChainTooDeep {
+        /// The limit.
+        max: usize,
+    },
+    /// An image reference cannot be used as a tag.
+    #[error("invalid image reference {reference:?}")]
+    InvalidImageReference {
+        /// The reference.
+        reference: String,
+    },
     // -- snapshot module variants below --
     /// A snapshot or layer id has the wrong form.
     #[error("invalid snapshot or layer id {id:?}")]

@@ -58,8 +58,15 @@ mod diff;
 mod mount;
 mod store;
 
+pub(crate) use diff::{copy_meta, make_whiteout};
 pub use mount::{Mount, MountMethod};
 pub use store::SnapshotStore;
+pub(crate) use store::{dir_size, fsync_path};
+
+/// A random `[a-z0-9]` string of `len` characters (ids, temp names).
+pub(crate) fn random_token(len: usize) -> String {
+    store::random_id(len)
+}
 
 use std::fmt;
 use std::path::PathBuf;
