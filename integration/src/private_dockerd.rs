@@ -19,9 +19,11 @@
 //! shared with the system daemon (shim sockets under `/run/containerd/s/` are named after a hash
 //! of the containerd address, so they cannot clash either).
 //!
-//! Networking is off (`--bridge=none --iptables=false --ip-masq=false --ip-forward=false`) so the
-//! host's network configuration is never touched; containers must use network `none` (what
-//! [`crate::RunOptions`] does by default).
+//! Networking is off (`--bridge=none --iptables=false --ip-masq=false --ip-forward=false`) and
+//! dockerd runs in a network namespace of its own (`unshare --net`), so the host's network
+//! configuration is never touched: dockerd 20.10 started with `--bridge=none` deletes an existing
+//! `docker0` interface, which in the host namespace would be the system daemon's bridge.
+//! Containers must use network `none` (what [`crate::RunOptions`] does by default).
 //!
 //! Only the processes this type spawned are signalled, by PID; only mounts under its temp dir are
 //! unmounted. Dropping it stops both daemons (also after a panic), unmounts leftovers and deletes
@@ -178,8 +180,11 @@ impl PrivateDockerd {
         std::fs::write(&config_path, json)
             .with_context(|| format!("writing {}", config_path.display()))?;
         let socket = self.socket_path();
-        let mut cmd = Command::new("dockerd");
-        cmd.arg("--config-file")
+        // dockerd runs in a network namespace of its own: with `--bridge=none` it deletes any
+        // interface named `docker0` at start, and in the host's namespace that is the system
+        // daemon's bridge. `unshare` execs dockerd in place, so the child's PID is dockerd's.
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--net", "--", "dockerd"]).arg("--config-file")
             .arg(&config_path)
             .arg("--data-root")
             .arg(self.data_root())
