@@ -236,6 +236,9 @@ impl RuncExecutor {
         cancel: CancellationToken,
     ) -> Result<ExecResult, Error> {
         validate(&spec, self.opts.allow_insecure)?;
+        if cancel.is_cancelled() {
+            return Err(Error::Cancelled { id });
+        }
         let started = Instant::now();
         let bundle = Bundle::create(self.bundles.join(&id))?;
         let ctx = PrepareCtx {
@@ -258,7 +261,12 @@ impl RuncExecutor {
             })??;
         tracing::debug!(elapsed = ?started.elapsed(), "bundle prepared");
 
-        let result = self.run_container(&id, &bundle.dir, io, &cancel).await;
+        let result = if cancel.is_cancelled() {
+            // Nothing started yet: no container to kill.
+            Err(Error::Cancelled { id: id.clone() })
+        } else {
+            self.run_container(&id, &bundle.dir, io, &cancel).await
+        };
 
         let removed = tokio::task::spawn_blocking(move || stubs.cleanup())
             .await
