@@ -453,7 +453,7 @@ fn validate(spec: &ProcessSpec, allow_insecure: bool) -> Result<(), Error> {
 /// The bundle directory and the secret tmpfs inside it.
 struct Bundle {
     dir: PathBuf,
-    secrets: Option<SecretStore>,
+    secrets: SecretStore,
 }
 
 impl Bundle {
@@ -462,7 +462,7 @@ impl Bundle {
             .mode(0o711)
             .create(&dir)
             .map_err(state_err(&dir, "create bundle directory"))?;
-        let secrets = Some(SecretStore::new(dir.join("secrets")));
+        let secrets = SecretStore::new(dir.join("secrets"));
         Ok(Self { dir, secrets })
     }
 }
@@ -470,7 +470,7 @@ impl Bundle {
 impl Drop for Bundle {
     fn drop(&mut self) {
         // Unmount the secret tmpfs before removing the directory.
-        drop(self.secrets.take());
+        self.secrets.unmount();
         if let Err(e) = std::fs::remove_dir_all(&self.dir) {
             tracing::warn!(path = %self.dir.display(), error = %e, "failed to remove bundle");
         }
@@ -649,11 +649,7 @@ fn prepare(
                 gid,
                 mode,
             } => {
-                let store = bundle
-                    .secrets
-                    .as_mut()
-                    .expect("secret store lives with bundle");
-                let path = store.add(data, *uid, *gid, *mode)?;
+                let path = bundle.secrets.add(data, *uid, *gid, *mode)?;
                 spec::SpecMount::new(
                     &resolved,
                     "bind",

@@ -79,14 +79,20 @@ impl SecretStore {
             .map_err(|e| Self::err(&path, "chmod", e))?;
         Ok(path)
     }
-}
 
-impl Drop for SecretStore {
-    fn drop(&mut self) {
+    /// Unmounts the tmpfs (lazily); idempotent.
+    pub(crate) fn unmount(&mut self) {
         if self.mounted {
+            self.mounted = false;
             if let Err(e) = umount2(&self.dir, MntFlags::MNT_DETACH) {
                 tracing::warn!(path = %self.dir.display(), error = %e, "failed to unmount secret tmpfs");
             }
         }
+    }
+}
+
+impl Drop for SecretStore {
+    fn drop(&mut self) {
+        self.unmount();
     }
 }

@@ -227,7 +227,8 @@ pub struct ExitStatus {
 }
 
 impl ExitStatus {
-    pub(crate) fn from_code(code: i32) -> Self {
+    /// An exit status with runc's exit code `code` (for callers' tests and fakes).
+    pub fn from_code(code: i32) -> Self {
         Self { code }
     }
 
