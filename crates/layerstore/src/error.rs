@@ -69,6 +69,14 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// An overlay upperdir uses a feature that makes it depend on its lower layers.
+    #[error("{}: overlay {xattr} cannot be exported as a layer", path.display())]
+    OverlayFeature {
+        /// The file or directory.
+        path: PathBuf,
+        /// The overlay xattr found.
+        xattr: String,
+    },
     /// A tar stream exceeds a configured limit.
     #[error("tar entry {entry:?} exceeds the {limit} limit of {max}")]
     TarLimit {

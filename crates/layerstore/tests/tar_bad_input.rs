@@ -351,3 +351,26 @@ fn unsupported_entry_type_is_rejected() {
 fn exists(p: &Path) -> bool {
     std::fs::symlink_metadata(p).is_ok()
 }
+
+#[test]
+fn writer_refuses_upperdirs_that_depend_on_lower_layers() {
+    require_root();
+    for (rel, xattr) in [
+        ("moved", "trusted.overlay.redirect"),
+        ("meta", "trusted.overlay.metacopy"),
+    ] {
+        let work = tempdir();
+        let p = work.path().join(rel);
+        if rel == "moved" {
+            std::fs::create_dir(&p).unwrap();
+        } else {
+            std::fs::write(&p, b"").unwrap();
+        }
+        setxattr(&p, xattr, b"/somewhere");
+        let err = write_layer(work.path(), std::io::sink(), None, &WriteOptions::default())
+            .expect_err("must refuse");
+        let msg = err.to_string();
+        assert!(matches!(err, Error::OverlayFeature { .. }), "{msg}");
+        assert!(msg.contains(rel) && msg.contains(xattr), "{msg}");
+    }
+}

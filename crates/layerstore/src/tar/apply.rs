@@ -252,6 +252,9 @@ impl Applier<'_> {
             reason: reason.to_owned(),
         };
         let comps = clean_name(&e.name).map_err(reject)?;
+        if e.uid > u32::MAX as u64 || e.gid > u32::MAX as u64 {
+            return Err(reject("uid or gid out of range"));
+        }
         if comps.len() > self.opts.max_depth {
             return Err(Error::TarLimit {
                 entry: name,
@@ -594,8 +597,11 @@ impl Applier<'_> {
                 continue;
             }
             let ck = cstr(k, name)?;
-            rustix::fs::fsetxattr(fd, &ck, v, rustix::fs::XattrFlags::empty())
-                .map_err(|err| apply_err(name, "set xattr", err))?;
+            tolerate_xattr(
+                name,
+                k,
+                rustix::fs::fsetxattr(fd, &ck, v, rustix::fs::XattrFlags::empty()),
+            )?;
         }
         Ok(())
     }
@@ -629,8 +635,11 @@ impl Applier<'_> {
                     continue;
                 }
                 let ck = cstr(k, name)?;
-                rustix::fs::lsetxattr(&p, &ck, v, rustix::fs::XattrFlags::empty())
-                    .map_err(|err| apply_err(name, "set xattr", err))?;
+                tolerate_xattr(
+                    name,
+                    k,
+                    rustix::fs::lsetxattr(&p, &ck, v, rustix::fs::XattrFlags::empty()),
+                )?;
             }
         }
         rustix::fs::utimensat(pfd, base, &times(e.mtime), AtFlags::SYMLINK_NOFOLLOW)
@@ -681,6 +690,19 @@ fn cstr(b: &[u8], name: &str) -> Result<CString> {
         entry: name.to_owned(),
         reason: "NUL byte in name".into(),
     })
+}
+
+/// Like Docker, an xattr the filesystem does not support (or refuses on this file type)
+/// is skipped with a warning rather than failing the layer.
+fn tolerate_xattr(name: &str, key: &[u8], r: rustix::io::Result<()>) -> Result<()> {
+    match r {
+        Ok(()) => Ok(()),
+        Err(err @ (Errno::OPNOTSUPP | Errno::PERM)) => {
+            tracing::warn!(entry = name, xattr = %String::from_utf8_lossy(key), error = %err, "xattr not applied");
+            Ok(())
+        }
+        Err(err) => Err(apply_err(name, "set xattr", err)),
+    }
 }
 
 fn apply_err(name: &str, op: &'static str, err: Errno) -> Error {

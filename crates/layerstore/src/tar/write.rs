@@ -64,7 +64,8 @@ pub fn write_layer(
     )
     .map_err(|e| io_err("open layer dir", dir, e))?;
     let mut w = LayerWriter {
-        out: HashingWriter::new(out),
+        // Headers are small writes; content goes through in 1 MiB chunks.
+        out: HashingWriter::new(std::io::BufWriter::with_capacity(1 << 18, out)),
         split: tar_split.map(TarSplitWriter::new),
         pending: Vec::with_capacity(4096),
         links: HashMap::new(),
@@ -243,8 +244,11 @@ impl<W: Write> LayerWriter<'_, '_, W> {
                 spec.xattrs = &xattrs;
                 self.member(&spec, None)
             }
-            // Sockets (and anything unknown) cannot be carried in a layer.
-            _ => Ok(()),
+            // Sockets (and anything unknown) cannot be carried in a layer; Docker skips them too.
+            _ => {
+                tracing::debug!(path = %self.path_of(path).display(), "skipping socket");
+                Ok(())
+            }
         }
     }
 
@@ -256,42 +260,45 @@ impl<W: Write> LayerWriter<'_, '_, W> {
     }
 
     fn xattrs_fd(&mut self, fd: BorrowedFd<'_>, path: &[u8]) -> Result<Xattrs> {
-        let n = match rustix::fs::flistxattr(fd, &mut self.xlist[..]) {
-            Ok(n) => n,
-            Err(e) if is_unsupported(e) => return Ok(Vec::new()),
-            Err(e) => return Err(io_err("list xattrs", &self.path_of(path), e)),
-        };
-        let mut out = Vec::new();
-        for xname in self.xlist[..n].split(|&c| c == 0).filter(|s| !s.is_empty()) {
-            if skip_xattr(xname) {
-                continue;
-            }
-            let cname = CString::new(xname).unwrap_or_default();
-            let len = rustix::fs::fgetxattr(fd, &cname, &mut self.xval[..])
-                .map_err(|e| io_err("get xattr", &self.path_of(path), e))?;
-            out.push((xname.to_vec(), self.xval[..len].to_vec()));
-        }
-        out.sort();
-        Ok(out)
+        self.xattrs(XTarget::Fd(fd), path)
     }
 
     /// Xattrs of something we cannot open (symlink, device, fifo): through the parent's fd
     /// in `/proc/self/fd`, with the `l*` calls so the last component is not followed.
     fn xattrs_at(&mut self, dirfd: BorrowedFd<'_>, name: &CStr, path: &[u8]) -> Result<Xattrs> {
         let p = proc_path(dirfd, name);
-        let n = match rustix::fs::llistxattr(&p, &mut self.xlist[..]) {
+        self.xattrs(XTarget::Path(&p), path)
+    }
+
+    fn xattrs(&mut self, t: XTarget<'_>, path: &[u8]) -> Result<Xattrs> {
+        let listed = match t {
+            XTarget::Fd(fd) => rustix::fs::flistxattr(fd, &mut self.xlist[..]),
+            XTarget::Path(p) => rustix::fs::llistxattr(p, &mut self.xlist[..]),
+        };
+        let n = match listed {
             Ok(n) => n,
             Err(e) if is_unsupported(e) => return Ok(Vec::new()),
             Err(e) => return Err(io_err("list xattrs", &self.path_of(path), e)),
         };
         let mut out = Vec::new();
         for xname in self.xlist[..n].split(|&c| c == 0).filter(|s| !s.is_empty()) {
+            if UNSUPPORTED_OVERLAY.contains(&xname) {
+                // The content or name lives in a lower layer: this upperdir cannot be
+                // turned into a self-contained layer.
+                return Err(Error::OverlayFeature {
+                    path: self.path_of(path),
+                    xattr: String::from_utf8_lossy(xname).into_owned(),
+                });
+            }
             if skip_xattr(xname) {
                 continue;
             }
             let cname = CString::new(xname).unwrap_or_default();
-            let len = rustix::fs::lgetxattr(&p, &cname, &mut self.xval[..])
-                .map_err(|e| io_err("get xattr", &self.path_of(path), e))?;
+            let got = match t {
+                XTarget::Fd(fd) => rustix::fs::fgetxattr(fd, &cname, &mut self.xval[..]),
+                XTarget::Path(p) => rustix::fs::lgetxattr(p, &cname, &mut self.xval[..]),
+            };
+            let len = got.map_err(|e| io_err("get xattr", &self.path_of(path), e))?;
             out.push((xname.to_vec(), self.xval[..len].to_vec()));
         }
         out.sort();
@@ -359,6 +366,21 @@ impl<W: Write> LayerWriter<'_, '_, W> {
             entries: self.entries,
         })
     }
+}
+
+/// Overlay xattrs whose files depend on a lower layer (metacopy: data below; redirect: a
+/// renamed lower directory). Mount snapshots without `metacopy` and `redirect_dir`.
+const UNSUPPORTED_OVERLAY: [&[u8]; 4] = [
+    b"trusted.overlay.metacopy",
+    b"trusted.overlay.redirect",
+    b"user.overlay.metacopy",
+    b"user.overlay.redirect",
+];
+
+#[derive(Clone, Copy)]
+enum XTarget<'a> {
+    Fd(BorrowedFd<'a>),
+    Path(&'a Path),
 }
 
 /// Xattrs that describe overlayfs itself, never carried in a layer.
