@@ -1,2 +1,173 @@
-//! berthd: BuildKit-compatible build daemon.
-fn main() {}
+//! berthd: BuildKit-compatible build daemon on Docker's image store.
+//!
+//! Wiring only: parse flags and `buildkitd.toml`, open the state directory and layer store, bind
+//! the listeners and serve `moby.buildkit.v1.Control` and `LLBBridge` on each until SIGTERM or
+//! SIGINT, then cancel running builds, close sessions and remove the unix sockets.
+
+use anyhow::Context;
+use clap::Parser;
+use daemon::{cli, config, control, docker, gateway, jobs, listener, session, solver, workers};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// gRPC message size limit in both directions (buildctl allows 16 MiB; accept more).
+const MAX_MESSAGE: usize = 64 << 20;
+
+fn main() -> anyhow::Result<()> {
+    let cli = cli::Cli::parse();
+    if cli.version {
+        println!("berthd {} {} {}", cli::PACKAGE, cli::VERSION, cli::REVISION);
+        return Ok(());
+    }
+    if let Some(cmd) = &cli.command {
+        match cmd {
+            cli::Command::Debug { .. } => anyhow::bail!("berthd debug: not implemented yet"),
+            cli::Command::DialStdio => anyhow::bail!("berthd dial-stdio: not implemented yet"),
+        }
+    }
+    let cfg = config::load(&cli.daemon)?;
+    let filter = if cli.daemon.trace {
+        "trace"
+    } else if cfg.debug {
+        "debug,h2=info,hyper=info,tower=info,tonic=info"
+    } else {
+        "info"
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BERTHD_LOG")
+                .unwrap_or_else(|_| filter.into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start tokio runtime")?
+        .block_on(run(cfg))
+}
+
+async fn run(cfg: config::Config) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.root)
+        .with_context(|| format!("create root {}", cfg.root.display()))?;
+    let worker_id = workers::load_or_create_id(&cfg.root)?;
+    let record = workers::record(&cfg, &worker_id);
+    tracing::info!(
+        root = %cfg.root.display(),
+        worker = %worker_id,
+        registries = ?cfg.registries.keys().collect::<Vec<_>>(),
+        insecure_entitlements = ?cfg.insecure_entitlements,
+        "starting berthd {} {}",
+        cli::VERSION,
+        cli::REVISION
+    );
+    let sessions = session::SessionManager::new();
+    let backend = solver::Backend::open(&cfg.root, sessions.clone())?;
+    let jobs = jobs::Jobs::new();
+    let docker = Arc::new(docker::Docker::new(
+        cfg.docker_host.clone(),
+        cfg.docker_data_root.clone(),
+    ));
+    let control = Arc::new(control::Control {
+        jobs: jobs.clone(),
+        sessions: sessions.clone(),
+        backend: backend.clone(),
+        worker: record.clone(),
+    });
+    let gateway = Arc::new(gateway::Gateway {
+        jobs: jobs.clone(),
+        backend: backend.clone(),
+        worker: record,
+        docker,
+    });
+
+    let tls = match (&cfg.tls.cert, &cfg.tls.key) {
+        (Some(c), Some(k)) => {
+            let id =
+                tonic::transport::Identity::from_pem(config::read_file(c)?, config::read_file(k)?);
+            let mut t = tonic::transport::ServerTlsConfig::new().identity(id);
+            if let Some(ca) = &cfg.tls.ca {
+                t = t.client_ca_root(tonic::transport::Certificate::from_pem(config::read_file(
+                    ca,
+                )?));
+            }
+            Some(t)
+        }
+        (None, None) => None,
+        _ => anyhow::bail!("--tlscert and --tlskey must be given together"),
+    };
+
+    let shutdown = CancellationToken::new();
+    let mut servers = tokio::task::JoinSet::new();
+    let mut sockets = Vec::new();
+    for addr in &cfg.addrs {
+        let l = listener::bind(addr, cfg.group.as_deref()).await?;
+        tracing::info!(address = %l.describe(), "listening");
+        let control_svc =
+            protos::moby::buildkit::v1::control_server::ControlServer::from_arc(control.clone())
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE);
+        let gateway_svc =
+            protos::moby::buildkit::v1::frontend::llb_bridge_server::LlbBridgeServer::from_arc(
+                gateway.clone(),
+            )
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE);
+        let mut builder = tonic::transport::Server::builder()
+            .initial_stream_window_size(4 << 20)
+            .initial_connection_window_size(8 << 20)
+            .max_frame_size(1 << 20);
+        let stop = shutdown.clone();
+        match l {
+            listener::Listener::Unix(u, path) => {
+                sockets.push(path);
+                let incoming = tokio_stream::wrappers::UnixListenerStream::new(u);
+                let router = builder.add_service(control_svc).add_service(gateway_svc);
+                servers.spawn(async move {
+                    router
+                        .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                        .await
+                });
+            }
+            listener::Listener::Tcp(t, _) => {
+                if let Some(tls) = &tls {
+                    builder = builder.tls_config(tls.clone()).context("configure TLS")?;
+                }
+                let incoming = tokio_stream::wrappers::TcpListenerStream::new(t);
+                let router = builder.add_service(control_svc).add_service(gateway_svc);
+                servers.spawn(async move {
+                    router
+                        .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                        .await
+                });
+            }
+        }
+    }
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("install SIGTERM handler")?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("install SIGINT handler")?;
+    let failed = tokio::select! {
+        _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); None }
+        _ = int.recv() => { tracing::info!("SIGINT: shutting down"); None }
+        r = servers.join_next() => Some(r),
+    };
+    jobs.cancel_all("berthd is shutting down");
+    sessions.close_all();
+    shutdown.cancel();
+    // Give builds a moment to report cancellation, then stop waiting for open streams.
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while servers.join_next().await.is_some() {}
+    })
+    .await;
+    for s in &sockets {
+        let _ = std::fs::remove_file(s);
+    }
+    if let Some(Some(r)) = failed {
+        r.context("server task")?.context("serve")?;
+    }
+    tracing::info!("berthd stopped");
+    Ok(())
+}

@@ -21,15 +21,16 @@
 pub mod filemode;
 pub mod patterns;
 
-mod send;
+pub mod send;
 mod stat;
 pub mod walk;
 mod wire;
 
 pub mod receive;
 pub use receive::{receive, ReceiveOptions, ReceiveStats};
+
 pub use send::{send, SendOptions};
-pub use stat::Stat;
+pub use stat::{stat_path, Stat};
 
 use bytes::Bytes;
 use std::path::PathBuf;

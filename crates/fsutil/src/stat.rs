@@ -140,3 +140,8 @@ fn xattr_err(full: &Path, e: rustix::io::Errno) -> Error {
         source: e.into(),
     }
 }
+
+/// The stat of one entry (not following a final symlink), recorded under `rel`.
+pub fn stat_path(full: &Path, rel: &str) -> Result<Stat, Error> {
+    mkstat(full, rel, None)
+}

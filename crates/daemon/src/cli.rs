@@ -1,0 +1,164 @@
+//! Command line: buildkitd's flag names (so BuildKit's own test harness can run berthd as
+//! `buildkitd`), plus berth's Docker flags. Subcommands are reserved for `debug` and `dial-stdio`.
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+/// Package name reported by `--version`, `Info` and worker records.
+pub const PACKAGE: &str = "github.com/berth-build/berth";
+/// Version reported by `--version`, `Info` and worker records.
+pub const VERSION: &str = concat!("v", env!("CARGO_PKG_VERSION"));
+/// Git revision berthd was built from.
+pub const REVISION: &str = env!("BERTH_GIT_REV");
+
+/// `berthd`: a BuildKit-compatible build daemon on Docker's image store.
+#[derive(Debug, Parser)]
+#[command(name = "berthd", disable_version_flag = true)]
+pub struct Cli {
+    /// Print the version (`berthd <package> <version> <revision>`) and exit.
+    #[arg(long, short = 'v')]
+    pub version: bool,
+
+    /// Daemon options.
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+
+    /// Subcommand (none: run the daemon).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Debugging helpers (not implemented yet).
+    Debug {
+        /// What to show (`workers`).
+        what: Vec<String>,
+    },
+    /// Proxy stdin/stdout to the daemon socket (not implemented yet).
+    DialStdio,
+}
+
+/// Options of the daemon itself. Names follow buildkitd.
+#[derive(Debug, Clone, Args)]
+pub struct DaemonArgs {
+    /// Listening address (`unix:///path` or `tcp://host:port`); repeatable.
+    #[arg(long = "addr")]
+    pub addr: Vec<String>,
+    /// State directory.
+    #[arg(long)]
+    pub root: Option<PathBuf>,
+    /// Path to a buildkitd.toml configuration file.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Enable debug logging.
+    #[arg(long)]
+    pub debug: bool,
+    /// Enable trace logging.
+    #[arg(long)]
+    pub trace: bool,
+    /// Group (name or gid) owning the unix sockets.
+    #[arg(long)]
+    pub group: Option<String>,
+    /// TLS certificate for tcp listeners.
+    #[arg(long)]
+    pub tlscert: Option<PathBuf>,
+    /// TLS key for tcp listeners.
+    #[arg(long)]
+    pub tlskey: Option<PathBuf>,
+    /// CA certificate used to verify clients of tcp listeners.
+    #[arg(long)]
+    pub tlscacert: Option<PathBuf>,
+    /// Docker Engine API address.
+    #[arg(long = "docker-host", env = "DOCKER_HOST")]
+    pub docker_host: Option<String>,
+    /// Docker's data root (default: asked from the Engine with GET /info).
+    #[arg(long = "docker-data-root")]
+    pub docker_data_root: Option<PathBuf>,
+
+    // ---- buildkitd worker flags, accepted for compatibility ----
+    /// Enable the OCI worker (berth always has exactly one worker).
+    #[arg(long = "oci-worker", num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    pub oci_worker: Option<bool>,
+    /// Enable the containerd worker (not supported; must be false if given).
+    #[arg(long = "containerd-worker", num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    pub containerd_worker: Option<bool>,
+    /// Enable garbage collection of the worker's cache.
+    #[arg(long = "oci-worker-gc", num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    pub oci_worker_gc: Option<bool>,
+    /// GC keep-storage in MB.
+    #[arg(long = "oci-worker-gc-keepstorage")]
+    pub oci_worker_gc_keepstorage: Option<i64>,
+    /// Extra worker labels `k=v`; repeatable.
+    #[arg(long = "oci-worker-labels")]
+    pub oci_worker_labels: Vec<String>,
+    /// Snapshotter name (ignored: berth uses its Docker-backed store).
+    #[arg(long = "oci-worker-snapshotter")]
+    pub oci_worker_snapshotter: Option<String>,
+    /// Platforms the worker advertises (after the native one); repeatable.
+    #[arg(long = "oci-worker-platform")]
+    pub oci_worker_platform: Vec<String>,
+    /// Network mode for execs (`host`, `cni`, `auto`).
+    #[arg(long = "oci-worker-net")]
+    pub oci_worker_net: Option<String>,
+    /// Maximum parallelism of the worker.
+    #[arg(long = "oci-max-parallelism")]
+    pub oci_max_parallelism: Option<String>,
+    /// Allowed insecure entitlements (`network.host`, `security.insecure`); repeatable.
+    #[arg(long = "allow-insecure-entitlement")]
+    pub allow_insecure_entitlement: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_buildkit_harness_command_line() {
+        // Exactly what BuildKit's integration sandbox runs (both flag forms).
+        let cli = Cli::try_parse_from([
+            "buildkitd",
+            "--oci-worker=true",
+            "--containerd-worker=false",
+            "--oci-worker-gc=false",
+            "--oci-worker-labels=org.mobyproject.buildkit.worker.sandbox=true",
+            "--config=/tmp/bk.toml",
+            "--root",
+            "/tmp/root",
+            "--addr",
+            "unix:///tmp/x/buildkitd.sock",
+            "--debug",
+        ])
+        .unwrap();
+        let d = cli.daemon;
+        assert_eq!(d.oci_worker, Some(true));
+        assert_eq!(d.containerd_worker, Some(false));
+        assert_eq!(d.oci_worker_gc, Some(false));
+        assert_eq!(
+            d.oci_worker_labels,
+            vec!["org.mobyproject.buildkit.worker.sandbox=true"]
+        );
+        assert_eq!(d.config, Some(PathBuf::from("/tmp/bk.toml")));
+        assert_eq!(d.root, Some(PathBuf::from("/tmp/root")));
+        assert_eq!(d.addr, vec!["unix:///tmp/x/buildkitd.sock"]);
+        assert!(d.debug);
+
+        let cli = Cli::try_parse_from([
+            "berthd",
+            "--addr=tcp://0.0.0.0:1234",
+            "--addr",
+            "unix:///a",
+            "--oci-worker",
+        ])
+        .unwrap();
+        assert_eq!(cli.daemon.addr, vec!["tcp://0.0.0.0:1234", "unix:///a"]);
+        assert_eq!(cli.daemon.oci_worker, Some(true));
+        assert!(Cli::try_parse_from(["berthd", "--no-such-flag"]).is_err());
+        assert!(
+            Cli::try_parse_from(["berthd", "--version"])
+                .unwrap()
+                .version
+        );
+    }
+}

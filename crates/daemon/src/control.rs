@@ -1,0 +1,447 @@
+//! `moby.buildkit.v1.Control`: the daemon's main service.
+//!
+//! `Solve` registers the job first (Status and LLBBridge calls may already be waiting for it),
+//! then either solves a definition given directly or waits for the client's `LLBBridge.Return`
+//! (buildctl's forwarder flow), exports, and ends the job so the `Status` stream closes at once.
+
+use crate::errors::{Error, Result};
+use crate::export_client::{self, ExporterKind};
+use crate::filters::{Adaptor, Filters};
+use crate::jobs::{BuildResult, Job, Jobs};
+use crate::session::{tunnel, SessionManager};
+use crate::solver::{Backend, SolveCtx};
+use futures::StreamExt;
+use protos::moby::buildkit::v1 as pb;
+use protos::moby::buildkit::v1::types::WorkerRecord;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::codegen::BoxStream;
+use tonic::{Request, Response, Status};
+
+/// How long `Status` waits for its job to be registered (buildkitd: 6 s).
+pub const STATUS_WAIT: Duration = Duration::from_secs(6);
+/// A lost session cancels its jobs within this time.
+pub const SESSION_LOSS_GRACE: Duration = Duration::from_millis(500);
+
+/// The Control service.
+pub struct Control {
+    /// Jobs.
+    pub jobs: Arc<Jobs>,
+    /// Sessions.
+    pub sessions: Arc<SessionManager>,
+    /// Solve backend.
+    pub backend: Arc<Backend>,
+    /// The worker record.
+    pub worker: WorkerRecord,
+}
+
+/// Ends the job however `Solve` exits (including when the client drops the call).
+struct JobGuard {
+    jobs: Arc<Jobs>,
+    job: Arc<Job>,
+}
+
+impl Drop for JobGuard {
+    fn drop(&mut self) {
+        if !self.job.ended.is_cancelled() {
+            self.job.cancel.cancel();
+            self.jobs.end(&self.job);
+        }
+    }
+}
+
+impl Control {
+    async fn solve_inner(&self, req: pb::SolveRequest) -> Result<pb::SolveResponse> {
+        if req.r#ref.is_empty() {
+            return Err(Error::invalid("solve request without a build ref"));
+        }
+        let lease = self.backend.lease()?;
+        let (job, returned) = Job::new(
+            req.r#ref.clone(),
+            req.session.clone(),
+            req.entitlements.clone(),
+            req.frontend_attrs.clone(),
+            lease,
+        );
+        self.jobs.register(job.clone())?;
+        let _guard = JobGuard {
+            jobs: self.jobs.clone(),
+            job: job.clone(),
+        };
+        tracing::info!(build = %job.id, session = %job.session_id, "solve");
+        let res = self.run(&job, req, returned).await;
+        let res = match res {
+            Err(_) if job.cancel.is_cancelled() => Err(job.cancel_error()),
+            r => r,
+        };
+        if let Err(e) = &res {
+            tracing::info!(build = %job.id, error = %e, "solve failed");
+        }
+        job.cancel.cancel();
+        self.jobs.end(&job);
+        res
+    }
+
+    async fn run(
+        &self,
+        job: &Arc<Job>,
+        mut req: pb::SolveRequest,
+        returned: tokio::sync::oneshot::Receiver<Result<BuildResult>>,
+    ) -> Result<pb::SolveResponse> {
+        // exporter: newer clients fill `Exporters`; older ones the deprecated pair
+        let (exp_type, mut exp_attrs) = match req.exporters.len() {
+            0 => (
+                req.exporter_deprecated.clone(),
+                req.exporter_attrs_deprecated.clone(),
+            ),
+            1 => (
+                req.exporters[0].r#type.clone(),
+                req.exporters[0].attrs.clone(),
+            ),
+            _ => {
+                return Err(Error::unimplemented(
+                    "multiple exporters are not supported by berthd yet",
+                ))
+            }
+        };
+        let kind = export_client::parse_exporter(&exp_type)?;
+        if let Some(v) = req.frontend_attrs.get("build-arg:SOURCE_DATE_EPOCH") {
+            exp_attrs
+                .entry("source-date-epoch".into())
+                .or_insert_with(|| v.clone());
+        }
+        if req
+            .source_policy
+            .as_ref()
+            .is_some_and(|p| !p.rules.is_empty())
+        {
+            return Err(Error::unimplemented(
+                "source policies are not supported by berthd yet",
+            ));
+        }
+        if let Some(c) = &req.cache {
+            if !c.exports.is_empty() {
+                return Err(Error::unimplemented(format!(
+                    "cache exporter {:?} is not supported by berthd yet",
+                    c.exports[0].r#type
+                )));
+            }
+        }
+        self.watch_session(job);
+
+        let direct =
+            req.definition.as_ref().is_some_and(|d| !d.def.is_empty()) || !req.frontend.is_empty();
+        let result = if direct {
+            if req.definition.as_ref().is_some_and(|d| !d.def.is_empty())
+                && !req.frontend.is_empty()
+            {
+                return Err(Error::invalid(
+                    "solve request has both a definition and a frontend",
+                ));
+            }
+            if !req.frontend.is_empty() {
+                return Err(if req.frontend == "dockerfile.v0" {
+                    Error::unimplemented("frontend dockerfile.v0 not supported yet")
+                } else {
+                    Error::invalid(format!("unsupported frontend {}", req.frontend))
+                });
+            }
+            let ctx = SolveCtx {
+                job_id: job.id.clone(),
+                session_id: job.session_id.clone(),
+                progress: job.progress.clone(),
+                cancel: job.cancel.clone(),
+                lease: job.lease()?,
+            };
+            let fs = self.backend.solve(req.definition.take(), &ctx).await?;
+            BuildResult {
+                fs: Some(fs),
+                metadata: Default::default(),
+            }
+        } else {
+            tokio::select! {
+                r = returned => match r {
+                    Ok(r) => r?,
+                    Err(_) => return Err(Error::internal("build result channel closed")),
+                },
+                _ = job.cancel.cancelled() => return Err(job.cancel_error()),
+            }
+        };
+
+        let mut response = BTreeMap::new();
+        for (k, v) in &result.metadata {
+            if k.starts_with("frontend.") {
+                response.insert(k.clone(), String::from_utf8_lossy(v).into_owned());
+            }
+        }
+        if let ExporterKind::Client(exp) = kind {
+            let fs = result.fs.clone().unwrap_or(crate::solver::FsRef::Scratch);
+            let session = self.sessions.get(&req.session).await?;
+            let r = tokio::select! {
+                r = export_client::export(&self.backend, &session, &job.progress, exp, &exp_attrs, &fs) => r?,
+                _ = job.cancel.cancelled() => return Err(job.cancel_error()),
+            };
+            response.extend(r);
+        }
+        Ok(pb::SolveResponse {
+            exporter_response: response,
+        })
+    }
+
+    /// Cancels the job with `Unavailable` when its session goes away.
+    fn watch_session(&self, job: &Arc<Job>) {
+        if job.session_id.is_empty() {
+            return;
+        }
+        let sessions = self.sessions.clone();
+        let job = job.clone();
+        tokio::spawn(async move {
+            let session = tokio::select! {
+                s = sessions.get(&job.session_id) => match s { Ok(s) => s, Err(_) => return },
+                _ = job.ended.cancelled() => return,
+            };
+            tokio::select! {
+                _ = session.closed.cancelled() => {
+                    tokio::time::sleep(SESSION_LOSS_GRACE).await;
+                    if !job.ended.is_cancelled() {
+                        tracing::info!(build = %job.id, session = %session.id, "session lost, canceling build");
+                        job.cancel_with(Error::unavailable(format!(
+                            "session {} closed while build {} was running",
+                            session.id, job.id
+                        )));
+                    }
+                }
+                _ = job.ended.cancelled() => {}
+            }
+        });
+    }
+}
+
+struct UsageAdaptor<'a>(&'a layerstore::snapshot::UsageRecord);
+
+impl Adaptor for UsageAdaptor<'_> {
+    fn field(&self, path: &[String]) -> Option<String> {
+        let r = self.0;
+        let flag = |b: bool| b.then(String::new);
+        match path.first().map(String::as_str)? {
+            "id" => Some(r.id.clone()),
+            "parents" | "parent" => Some(r.parents.join(";")),
+            "description" => Some(r.description.clone()),
+            "type" => Some(r.record_type.as_str().to_string()),
+            "inuse" => flag(r.in_use),
+            "mutable" => flag(r.mutable),
+            "immutable" => flag(!r.mutable),
+            "shared" => flag(r.shared),
+            "private" => flag(!r.shared),
+            _ => None,
+        }
+    }
+}
+
+fn ts(t: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
+}
+
+fn to_wire(r: &layerstore::snapshot::UsageRecord) -> pb::UsageRecord {
+    #[allow(deprecated)]
+    pb::UsageRecord {
+        id: r.id.clone(),
+        mutable: r.mutable,
+        in_use: r.in_use,
+        size: r.size as i64,
+        parent: String::new(),
+        created_at: Some(ts(r.created_at)),
+        last_used_at: r.last_used_at.map(ts),
+        usage_count: r.usage_count as i64,
+        description: r.description.clone(),
+        record_type: r.record_type.as_str().to_string(),
+        shared: r.shared,
+        parents: r.parents.clone(),
+    }
+}
+
+fn ok<T>(r: Result<T>) -> std::result::Result<Response<T>, Status> {
+    r.map(Response::new).map_err(Status::from)
+}
+
+#[tonic::async_trait]
+impl pb::control_server::Control for Control {
+    async fn disk_usage(
+        &self,
+        request: Request<pb::DiskUsageRequest>,
+    ) -> std::result::Result<Response<pb::DiskUsageResponse>, Status> {
+        let req = request.into_inner();
+        let store = self.backend.store.clone();
+        ok(async {
+            let filters = Filters::parse(&req.filter)?;
+            let records = tokio::task::spawn_blocking(move || store.disk_usage())
+                .await
+                .map_err(|e| Error::internal(format!("disk usage task: {e}")))?
+                .map_err(|e| Error::layerstore("disk usage", e))?;
+            let now = chrono::Utc::now();
+            let record = records
+                .iter()
+                .filter(|r| filters.matches(&UsageAdaptor(r)))
+                .filter(|r| {
+                    req.age_limit <= 0
+                        || now
+                            .signed_duration_since(r.last_used_at.unwrap_or(r.created_at))
+                            .num_nanoseconds()
+                            .unwrap_or(i64::MAX)
+                            >= req.age_limit
+                })
+                .map(to_wire)
+                .collect();
+            Ok(pb::DiskUsageResponse { record })
+        }
+        .await)
+    }
+
+    async fn prune(
+        &self,
+        request: Request<pb::PruneRequest>,
+    ) -> std::result::Result<Response<BoxStream<pb::UsageRecord>>, Status> {
+        let req = request.into_inner();
+        let filters = Filters::parse(&req.filter)?;
+        let store = self.backend.store.clone();
+        let keep_bytes = if req.max_used_space > 0 {
+            req.max_used_space
+        } else {
+            req.reserved_space
+        };
+        let (tx, rx) =
+            tokio::sync::mpsc::channel::<std::result::Result<pb::UsageRecord, Status>>(16);
+        tokio::task::spawn_blocking(move || {
+            let run = || -> Result<()> {
+                let records = store
+                    .disk_usage()
+                    .map_err(|e| Error::layerstore("disk usage", e))?;
+                let mut total: i64 = records.iter().map(|r| r.size as i64).sum();
+                let now = chrono::Utc::now();
+                let mut candidates: Vec<_> = records
+                    .into_iter()
+                    .filter(|r| !r.in_use)
+                    .filter(|r| {
+                        req.all
+                            || !matches!(
+                                r.record_type,
+                                layerstore::snapshot::RecordType::Internal
+                                    | layerstore::snapshot::RecordType::Frontend
+                            )
+                    })
+                    .filter(|r| filters.matches(&UsageAdaptor(r)))
+                    .filter(|r| {
+                        req.keep_duration <= 0
+                            || now
+                                .signed_duration_since(r.last_used_at.unwrap_or(r.created_at))
+                                .num_nanoseconds()
+                                .unwrap_or(i64::MAX)
+                                >= req.keep_duration
+                    })
+                    .collect();
+                candidates.sort_by_key(|r| r.last_used_at.unwrap_or(r.created_at));
+                for r in candidates {
+                    if keep_bytes > 0 && total <= keep_bytes {
+                        break;
+                    }
+                    let id: layerstore::snapshot::SnapshotId = match r.id.parse() {
+                        Ok(id) => id,
+                        Err(_) => continue,
+                    };
+                    match store.remove(&id) {
+                        Ok(()) => {
+                            total -= r.size as i64;
+                            if tx.blocking_send(Ok(to_wire(&r))).is_err() {
+                                return Ok(());
+                            }
+                        }
+                        // in use or removed concurrently: skip, like buildkitd
+                        Err(e) => tracing::debug!(id = %r.id, error = %e, "prune skipped record"),
+                    }
+                }
+                Ok(())
+            };
+            if let Err(e) = run() {
+                let _ = tx.blocking_send(Err(e.into()));
+            }
+        });
+        Ok(Response::new(
+            tokio_stream::wrappers::ReceiverStream::new(rx).boxed(),
+        ))
+    }
+
+    async fn solve(
+        &self,
+        request: Request<pb::SolveRequest>,
+    ) -> std::result::Result<Response<pb::SolveResponse>, Status> {
+        ok(self.solve_inner(request.into_inner()).await)
+    }
+
+    async fn status(
+        &self,
+        request: Request<pb::StatusRequest>,
+    ) -> std::result::Result<Response<BoxStream<pb::StatusResponse>>, Status> {
+        let req = request.into_inner();
+        if req.r#ref.is_empty() {
+            return Err(Error::invalid("status request without a build ref").into());
+        }
+        let job = self.jobs.get(&req.r#ref, STATUS_WAIT).await?;
+        let stream = job.progress.subscribe().map(Ok);
+        let mut resp = Response::new(stream.boxed());
+        if let Ok(v) = chrono::Utc::now()
+            .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+            .parse()
+        {
+            resp.metadata_mut().insert("buildkit-current-timestamp", v);
+        }
+        Ok(resp)
+    }
+
+    async fn session(
+        &self,
+        request: Request<tonic::Streaming<pb::BytesMessage>>,
+    ) -> std::result::Result<Response<BoxStream<pb::BytesMessage>>, Status> {
+        let s = tunnel::serve(self.sessions.clone(), request).await?;
+        Ok(Response::new(s))
+    }
+
+    async fn list_workers(
+        &self,
+        request: Request<pb::ListWorkersRequest>,
+    ) -> std::result::Result<Response<pb::ListWorkersResponse>, Status> {
+        let req = request.into_inner();
+        ok(crate::workers::list(&self.worker, &req.filter)
+            .map(|record| pb::ListWorkersResponse { record }))
+    }
+
+    async fn info(
+        &self,
+        _: Request<pb::InfoRequest>,
+    ) -> std::result::Result<Response<pb::InfoResponse>, Status> {
+        Ok(Response::new(pb::InfoResponse {
+            buildkit_version: Some(crate::workers::version()),
+        }))
+    }
+
+    async fn listen_build_history(
+        &self,
+        _: Request<pb::BuildHistoryRequest>,
+    ) -> std::result::Result<Response<BoxStream<pb::BuildHistoryEvent>>, Status> {
+        Err(Status::unimplemented(
+            "Control.ListenBuildHistory is not implemented by berthd",
+        ))
+    }
+
+    async fn update_build_history(
+        &self,
+        _: Request<pb::UpdateBuildHistoryRequest>,
+    ) -> std::result::Result<Response<pb::UpdateBuildHistoryResponse>, Status> {
+        Err(Status::unimplemented(
+            "Control.UpdateBuildHistory is not implemented by berthd",
+        ))
+    }
+}

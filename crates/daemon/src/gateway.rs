@@ -1,0 +1,339 @@
+//! `moby.buildkit.v1.frontend.LLBBridge` on the main listener, keyed by the
+//! `buildkit-controlapi-buildid` metadata (`control-api.md` §6–7).
+//!
+//! `buildctl build` drives every build through here: `Ping` (caps), `Solve` (definition or
+//! frontend), `Return` (hands the result to the waiting `Control.Solve`). File access calls
+//! (`ReadFile`, `ReadDir`, `StatFile`) read gateway refs inside their root. Calls berth does not
+//! implement answer `UNIMPLEMENTED` naming the call.
+
+use crate::caps;
+use crate::errors::{Error, Result};
+use crate::jobs::{BuildResult, Job, Jobs};
+use crate::solver::{Backend, FsRef, SolveCtx};
+use protos::moby::buildkit::v1::frontend as gw;
+use protos::moby::buildkit::v1::types::WorkerRecord;
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::{Request, Response, Status};
+
+/// Metadata key naming the build of an LLBBridge call.
+pub const BUILDID_KEY: &str = "buildkit-controlapi-buildid";
+/// How long gateway calls wait for the build to be registered.
+pub const JOB_WAIT: Duration = Duration::from_secs(3);
+
+/// The LLBBridge service.
+pub struct Gateway {
+    /// Jobs.
+    pub jobs: Arc<Jobs>,
+    /// Solve backend.
+    pub backend: Arc<Backend>,
+    /// Worker record for `Ping`.
+    pub worker: WorkerRecord,
+    /// Docker access for image config resolution.
+    pub docker: Arc<crate::docker::Docker>,
+}
+
+impl Gateway {
+    async fn job<T>(&self, req: &Request<T>) -> Result<Arc<Job>> {
+        let id = req
+            .metadata()
+            .get(BUILDID_KEY)
+            .and_then(|v| v.to_str().ok())
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| Error::invalid("no buildid found in context"))?;
+        self.jobs.get(id, JOB_WAIT).await
+    }
+
+    async fn active_job<T>(&self, req: &Request<T>) -> Result<Arc<Job>> {
+        let job = self.job(req).await?;
+        if job.ended.is_cancelled() {
+            return Err(Error::invalid(format!(
+                "build {} has already finished",
+                job.id
+            )));
+        }
+        Ok(job)
+    }
+
+    async fn solve_inner(&self, req: Request<gw::SolveRequest>) -> Result<gw::SolveResponse> {
+        let job = self.active_job(&req).await?;
+        let r = req.into_inner();
+        if r.definition.as_ref().is_some_and(|d| !d.def.is_empty()) && !r.frontend.is_empty() {
+            return Err(Error::invalid(
+                "solve request has both a definition and a frontend",
+            ));
+        }
+        if !r.frontend.is_empty() {
+            return Err(frontend_error(&r.frontend));
+        }
+        let ctx = SolveCtx {
+            job_id: job.id.clone(),
+            session_id: job.session_id.clone(),
+            progress: job.progress.clone(),
+            cancel: job.cancel.clone(),
+            lease: job.lease()?,
+        };
+        let def = r.definition.clone();
+        let fs = match self.backend.solve(def, &ctx).await {
+            Err(_) if job.cancel.is_cancelled() => return Err(job.cancel_error()),
+            r => r?,
+        };
+        let id = job.add_ref(fs);
+        let def = r.definition.clone();
+        let result = if r.allow_result_return || r.allow_result_array_ref {
+            gw::Result {
+                result: Some(gw::result::Result::Ref(gw::Ref {
+                    id: id.clone(),
+                    def,
+                })),
+                ..Default::default()
+            }
+        } else {
+            gw::Result {
+                result: Some(gw::result::Result::RefDeprecated(id.clone())),
+                ..Default::default()
+            }
+        };
+        #[allow(deprecated)]
+        Ok(gw::SolveResponse {
+            r#ref: id,
+            result: Some(result),
+        })
+    }
+
+    async fn return_inner(&self, req: Request<gw::ReturnRequest>) -> Result<gw::ReturnResponse> {
+        let job = self.active_job(&req).await?;
+        let r = req.into_inner();
+        if let Some(err) = r.error {
+            if err.code != 0 {
+                let code = tonic::Code::from_i32(err.code);
+                job.deliver(Err(Error::Remote {
+                    code,
+                    message: err.message,
+                }))?;
+                return Ok(gw::ReturnResponse {});
+            }
+        }
+        let res = match r.result {
+            None => BuildResult {
+                fs: None,
+                metadata: Default::default(),
+            },
+            Some(res) => {
+                let fs = match res.result {
+                    None => None,
+                    Some(gw::result::Result::RefDeprecated(id)) => Some(job.get_ref(&id)?),
+                    Some(gw::result::Result::Ref(r)) => Some(job.get_ref(&r.id)?),
+                    Some(gw::result::Result::RefsDeprecated(_))
+                    | Some(gw::result::Result::Refs(_)) => {
+                        return Err(Error::unimplemented(
+                            "multi-platform results (ref maps) are not supported by berthd yet",
+                        ))
+                    }
+                };
+                BuildResult {
+                    fs,
+                    metadata: res.metadata,
+                }
+            }
+        };
+        job.deliver(Ok(res))?;
+        Ok(gw::ReturnResponse {})
+    }
+
+    async fn view_for(&self, job: &Job, ref_id: &str) -> Result<crate::solver::FsView> {
+        let fs = job.get_ref(ref_id)?;
+        self.backend.view(&fs).await
+    }
+}
+
+fn frontend_error(name: &str) -> Error {
+    if name == "dockerfile.v0" {
+        Error::unimplemented("frontend dockerfile.v0 not supported yet")
+    } else if name == "gateway.v0" {
+        Error::unimplemented("frontend gateway.v0 not supported yet")
+    } else {
+        Error::invalid(format!("unsupported frontend {name}"))
+    }
+}
+
+fn unimplemented<T>(call: &str) -> std::result::Result<T, Status> {
+    Err(Status::unimplemented(format!(
+        "LLBBridge.{call} is not implemented by berthd"
+    )))
+}
+
+#[tonic::async_trait]
+impl gw::llb_bridge_server::LlbBridge for Gateway {
+    async fn resolve_image_config(
+        &self,
+        request: Request<gw::ResolveImageConfigRequest>,
+    ) -> std::result::Result<Response<gw::ResolveImageConfigResponse>, Status> {
+        let job = self.job(&request).await?;
+        let r = request.into_inner();
+        let vertex = if r.log_name.is_empty() {
+            None
+        } else {
+            let d = crate::progress::synthetic_digest(&format!(
+                "resolve-image-config-{}-{}",
+                job.id, r.r#ref
+            ));
+            job.progress
+                .vertex_started(&d, &r.log_name, &[], None, std::time::SystemTime::now());
+            Some(d)
+        };
+        let res = self.docker.image_config(&r.r#ref).await;
+        if let Some(d) = &vertex {
+            job.progress.vertex_completed(
+                d,
+                false,
+                res.as_ref().err().map(|e| e.to_string()),
+                std::time::SystemTime::now(),
+            );
+        }
+        let (digest, config) = res?;
+        Ok(Response::new(gw::ResolveImageConfigResponse {
+            digest,
+            config: config.into(),
+            r#ref: r.r#ref,
+        }))
+    }
+
+    async fn resolve_source_meta(
+        &self,
+        _: Request<gw::ResolveSourceMetaRequest>,
+    ) -> std::result::Result<Response<gw::ResolveSourceMetaResponse>, Status> {
+        unimplemented("ResolveSourceMeta")
+    }
+
+    async fn solve(
+        &self,
+        request: Request<gw::SolveRequest>,
+    ) -> std::result::Result<Response<gw::SolveResponse>, Status> {
+        Ok(Response::new(self.solve_inner(request).await?))
+    }
+
+    async fn read_file(
+        &self,
+        request: Request<gw::ReadFileRequest>,
+    ) -> std::result::Result<Response<gw::ReadFileResponse>, Status> {
+        let job = self.job(&request).await?;
+        let r = request.into_inner();
+        let view = self.view_for(&job, &r.r#ref).await?;
+        let (off, len) = r.range.map(|g| (g.offset, g.length)).unwrap_or((0, 0));
+        let data = crate::fsread::read_file(view.path(), &r.file_path, off, len).await?;
+        Ok(Response::new(gw::ReadFileResponse { data: data.into() }))
+    }
+
+    async fn read_dir(
+        &self,
+        request: Request<gw::ReadDirRequest>,
+    ) -> std::result::Result<Response<gw::ReadDirResponse>, Status> {
+        let job = self.job(&request).await?;
+        let r = request.into_inner();
+        let view = self.view_for(&job, &r.r#ref).await?;
+        let entries = crate::fsread::read_dir(view.path(), &r.dir_path, &r.include_pattern).await?;
+        Ok(Response::new(gw::ReadDirResponse { entries }))
+    }
+
+    async fn stat_file(
+        &self,
+        request: Request<gw::StatFileRequest>,
+    ) -> std::result::Result<Response<gw::StatFileResponse>, Status> {
+        let job = self.job(&request).await?;
+        let r = request.into_inner();
+        let view = self.view_for(&job, &r.r#ref).await?;
+        let stat = crate::fsread::stat(view.path(), &r.path).await?;
+        Ok(Response::new(gw::StatFileResponse { stat: Some(stat) }))
+    }
+
+    async fn evaluate(
+        &self,
+        _: Request<gw::EvaluateRequest>,
+    ) -> std::result::Result<Response<gw::EvaluateResponse>, Status> {
+        unimplemented("Evaluate")
+    }
+
+    async fn ping(
+        &self,
+        request: Request<gw::PingRequest>,
+    ) -> std::result::Result<Response<gw::PongResponse>, Status> {
+        let _job = self.job(&request).await?;
+        Ok(Response::new(gw::PongResponse {
+            frontend_api_caps: caps::frontend_caps(),
+            llb_caps: caps::llb_caps(),
+            workers: vec![self.worker.clone()],
+        }))
+    }
+
+    async fn r#return(
+        &self,
+        request: Request<gw::ReturnRequest>,
+    ) -> std::result::Result<Response<gw::ReturnResponse>, Status> {
+        Ok(Response::new(self.return_inner(request).await?))
+    }
+
+    async fn inputs(
+        &self,
+        request: Request<gw::InputsRequest>,
+    ) -> std::result::Result<Response<gw::InputsResponse>, Status> {
+        let _job = self.job(&request).await?;
+        Ok(Response::new(gw::InputsResponse::default()))
+    }
+
+    async fn new_container(
+        &self,
+        _: Request<gw::NewContainerRequest>,
+    ) -> std::result::Result<Response<gw::NewContainerResponse>, Status> {
+        unimplemented("NewContainer")
+    }
+
+    async fn release_container(
+        &self,
+        _: Request<gw::ReleaseContainerRequest>,
+    ) -> std::result::Result<Response<gw::ReleaseContainerResponse>, Status> {
+        unimplemented("ReleaseContainer")
+    }
+
+    async fn exec_process(
+        &self,
+        _: Request<tonic::Streaming<gw::ExecMessage>>,
+    ) -> std::result::Result<Response<tonic::codegen::BoxStream<gw::ExecMessage>>, Status> {
+        unimplemented("ExecProcess")
+    }
+
+    async fn read_file_container(
+        &self,
+        _: Request<gw::ReadFileRequest>,
+    ) -> std::result::Result<Response<gw::ReadFileResponse>, Status> {
+        unimplemented("ReadFileContainer")
+    }
+
+    async fn read_dir_container(
+        &self,
+        _: Request<gw::ReadDirRequest>,
+    ) -> std::result::Result<Response<gw::ReadDirResponse>, Status> {
+        unimplemented("ReadDirContainer")
+    }
+
+    async fn stat_file_container(
+        &self,
+        _: Request<gw::StatFileRequest>,
+    ) -> std::result::Result<Response<gw::StatFileResponse>, Status> {
+        unimplemented("StatFileContainer")
+    }
+
+    async fn warn(
+        &self,
+        request: Request<gw::WarnRequest>,
+    ) -> std::result::Result<Response<gw::WarnResponse>, Status> {
+        let job = self.job(&request).await?;
+        let r = request.into_inner();
+        job.progress
+            .warning(&r.digest, r.level, &r.short, &r.detail, &r.url);
+        Ok(Response::new(gw::WarnResponse {}))
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_fsref(_: FsRef) {}

@@ -1,0 +1,227 @@
+//! Jobs (builds) by ref: registration, lookup with waiting, gateway state and the hand-off of the
+//! client's `LLBBridge.Return` to the waiting `Control.Solve`.
+//!
+//! A job is registered as the first thing `Control.Solve` does. `Status` waits up to 6 s and
+//! LLBBridge calls up to 3 s for it to appear. After the job ends it stays findable (for `Status`
+//! replay) for [`KEEP_AFTER_END`], but no longer accepts gateway calls.
+
+use crate::errors::{Error, Result};
+use crate::progress::Progress;
+use crate::solver::FsRef;
+use bytes::Bytes;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{oneshot, Notify};
+use tokio_util::sync::CancellationToken;
+
+/// How long a finished job stays visible to `Status`.
+pub const KEEP_AFTER_END: Duration = Duration::from_secs(10);
+
+/// What the client returned through `LLBBridge.Return`, or what a direct solve produced.
+#[derive(Debug, Clone)]
+pub struct BuildResult {
+    /// The filesystem result (`None` = no result, nothing to export).
+    pub fs: Option<FsRef>,
+    /// Result metadata (`containerimage.config`...).
+    pub metadata: BTreeMap<String, Bytes>,
+}
+
+/// One build.
+pub struct Job {
+    /// Build ref.
+    pub id: String,
+    /// Session id from the solve request.
+    pub session_id: String,
+    /// Progress log.
+    pub progress: Arc<Progress>,
+    /// Canceled when the job must stop (client gone, session lost, shutdown).
+    pub cancel: CancellationToken,
+    /// Why the job was canceled, if not by the client.
+    cancel_reason: Mutex<Option<Error>>,
+    /// Entitlements requested.
+    pub entitlements: Vec<String>,
+    /// Frontend attributes of the solve request.
+    pub frontend_attrs: BTreeMap<String, String>,
+    /// Gateway results by ref id.
+    refs: Mutex<HashMap<String, FsRef>>,
+    /// Where `Return` delivers.
+    returned: Mutex<Option<oneshot::Sender<Result<BuildResult>>>>,
+    /// Set when the job ended.
+    pub ended: CancellationToken,
+    /// Keeps the job's results from being pruned; released when the job ends.
+    lease: Mutex<Option<Arc<layerstore::snapshot::Lease>>>,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Job {
+    /// A new job and the receiver of its `Return`.
+    pub fn new(
+        id: String,
+        session_id: String,
+        entitlements: Vec<String>,
+        frontend_attrs: BTreeMap<String, String>,
+        lease: Arc<layerstore::snapshot::Lease>,
+    ) -> (Arc<Job>, oneshot::Receiver<Result<BuildResult>>) {
+        let (tx, rx) = oneshot::channel();
+        (
+            Arc::new(Job {
+                id,
+                session_id,
+                progress: Progress::new(),
+                cancel: CancellationToken::new(),
+                cancel_reason: Mutex::new(None),
+                entitlements,
+                frontend_attrs,
+                refs: Mutex::new(HashMap::new()),
+                returned: Mutex::new(Some(tx)),
+                ended: CancellationToken::new(),
+                lease: Mutex::new(Some(lease)),
+            }),
+            rx,
+        )
+    }
+
+    /// The job's lease (`Canceled` once the job has ended).
+    pub fn lease(&self) -> Result<Arc<layerstore::snapshot::Lease>> {
+        self.lease.lock().unwrap().clone().ok_or(Error::Canceled)
+    }
+
+    /// Cancels the job with a reason.
+    pub fn cancel_with(&self, reason: Error) {
+        let mut r = self.cancel_reason.lock().unwrap();
+        if r.is_none() {
+            *r = Some(reason);
+        }
+        self.cancel.cancel();
+    }
+
+    /// The error to report for a canceled job.
+    pub fn cancel_error(&self) -> Error {
+        match &*self.cancel_reason.lock().unwrap() {
+            Some(Error::Unavailable { what }) => Error::unavailable(what.clone()),
+            Some(e) => Error::Remote {
+                code: e.code(),
+                message: e.to_string(),
+            },
+            None => Error::Canceled,
+        }
+    }
+
+    /// Stores a gateway result and returns its ref id (`""` for scratch).
+    pub fn add_ref(&self, r: FsRef) -> String {
+        if r == FsRef::Scratch {
+            return String::new();
+        }
+        let id = crate::workers::new_id();
+        self.refs.lock().unwrap().insert(id.clone(), r);
+        id
+    }
+
+    /// Looks up a gateway ref (`""` = scratch).
+    pub fn get_ref(&self, id: &str) -> Result<FsRef> {
+        if id.is_empty() {
+            return Ok(FsRef::Scratch);
+        }
+        self.refs
+            .lock()
+            .unwrap()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::not_found(format!("no such ref: {id}")))
+    }
+
+    /// Delivers the client's `Return`; a second `Return` is an error.
+    pub fn deliver(&self, r: Result<BuildResult>) -> Result<()> {
+        match self.returned.lock().unwrap().take() {
+            Some(tx) => {
+                let _ = tx.send(r);
+                Ok(())
+            }
+            None => Err(Error::invalid(format!(
+                "build {}: result was already returned",
+                self.id
+            ))),
+        }
+    }
+}
+
+/// All jobs.
+#[derive(Default)]
+pub struct Jobs {
+    map: Mutex<HashMap<String, Arc<Job>>>,
+    changed: Notify,
+}
+
+impl Jobs {
+    /// An empty registry.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Jobs::default())
+    }
+
+    /// Registers a job; a ref already in use is an error.
+    pub fn register(&self, job: Arc<Job>) -> Result<()> {
+        let mut m = self.map.lock().unwrap();
+        if m.contains_key(&job.id) {
+            return Err(Error::invalid(format!("job ID {} exists", job.id)));
+        }
+        m.insert(job.id.clone(), job);
+        drop(m);
+        self.changed.notify_waiters();
+        Ok(())
+    }
+
+    /// Finds a job, waiting up to `wait` for it to be registered.
+    pub async fn get(&self, id: &str, wait: Duration) -> Result<Arc<Job>> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = self.changed.notified();
+            if let Some(j) = self.map.lock().unwrap().get(id) {
+                return Ok(j.clone());
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(Error::not_found(format!("no such job {id}")));
+            }
+        }
+    }
+
+    /// Marks the job ended and forgets it after [`KEEP_AFTER_END`].
+    pub fn end(self: &Arc<Self>, job: &Arc<Job>) {
+        job.ended.cancel();
+        job.progress.finish();
+        job.lease.lock().unwrap().take();
+        let jobs = self.clone();
+        let job = job.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(KEEP_AFTER_END).await;
+            let mut m = jobs.map.lock().unwrap();
+            if m.get(&job.id).is_some_and(|j| Arc::ptr_eq(j, &job)) {
+                m.remove(&job.id);
+            }
+        });
+    }
+
+    /// Cancels every job (shutdown).
+    pub fn cancel_all(&self, reason: &str) {
+        for j in self.map.lock().unwrap().values() {
+            j.cancel_with(Error::unavailable(reason.to_string()));
+        }
+    }
+
+    /// Number of running jobs.
+    pub fn running(&self) -> usize {
+        self.map
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|j| !j.ended.is_cancelled())
+            .count()
+    }
+}

@@ -1,0 +1,43 @@
+//! berthd as a library: every part of the daemon, wired together by `main.rs`.
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`caps`] | Capabilities advertised by `LLBBridge.Ping`. |
+//! | [`cli`] | Command line. |
+//! | [`config`] | `buildkitd.toml` and flags. |
+//! | [`control`] | The Control service. |
+//! | [`definition`] | LLB definition loading and validation. |
+//! | [`docker`] | The Docker Engine client. |
+//! | [`errors`] | Errors and their gRPC codes. |
+//! | [`export_client`] | Exporters streaming to the client. |
+//! | [`filters`] | containerd-style filters. |
+//! | [`fsread`] | Gateway file reads. |
+//! | [`gateway`] | The LLBBridge service. |
+//! | [`interim_solver`] | Interim LLB execution (replaced by the worker). |
+//! | [`jobs`] | Jobs by build ref. |
+//! | [`listener`] | Listening sockets. |
+//! | [`progress`] | Progress and the Status stream. |
+//! | [`session`] | Client sessions. |
+//! | [`solver`] | The solve backend. |
+//! | [`workers`] | The worker record. |
+
+#![forbid(unsafe_code)]
+
+pub mod caps;
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod definition;
+pub mod docker;
+pub mod errors;
+pub mod export_client;
+pub mod filters;
+pub mod fsread;
+pub mod gateway;
+pub mod interim_solver;
+pub mod jobs;
+pub mod listener;
+pub mod progress;
+pub mod session;
+pub mod solver;
+pub mod workers;
