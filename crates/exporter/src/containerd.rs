@@ -221,7 +221,7 @@ impl ContainerdStore {
         record_name: &str,
         lease: &str,
     ) -> Result<ContainerdReport> {
-        let chains = chain_ids(layers.iter().map(|l| l.diff_id.as_str()));
+        let chains = chain_ids(layers.iter().map(|l| l.diff_id.as_str()))?;
         let mut report = ContainerdReport {
             config_digest: config.digest.clone(),
             ..Default::default()

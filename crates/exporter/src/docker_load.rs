@@ -17,7 +17,6 @@ use std::path::PathBuf;
 use bollard::Docker;
 use bytes::Bytes;
 use futures::StreamExt;
-use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
 
 use crate::archive::{write_docker_archive, ArchiveStats, ExportLayer};
@@ -46,25 +45,22 @@ pub struct DockerEngine {
     layerdb: Option<PathBuf>,
 }
 
-/// chainID of a layer on top of `parent`, as Docker computes it.
-pub fn chain_id(parent: Option<&str>, diff_id: &str) -> String {
-    match parent {
-        None => diff_id.to_string(),
-        Some(p) => format!(
-            "sha256:{}",
-            hex::encode(Sha256::digest(format!("{p} {diff_id}").as_bytes()))
-        ),
-    }
-}
-
-/// chainIDs of every prefix of a layer chain.
-pub fn chain_ids<'a>(diff_ids: impl IntoIterator<Item = &'a str>) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    for d in diff_ids {
-        let c = chain_id(out.last().map(String::as_str), d);
-        out.push(c);
-    }
-    out
+/// chainIDs (`sha256:<hex>`) of every prefix of a layer chain, as Docker computes them.
+pub(crate) fn chain_ids<'a>(diff_ids: impl IntoIterator<Item = &'a str>) -> Result<Vec<String>> {
+    let digests = diff_ids
+        .into_iter()
+        .map(|d| {
+            d.parse::<layerstore::Digest>()
+                .map_err(|source| Error::Store {
+                    what: format!("diffID {d:?}"),
+                    source,
+                })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(layerstore::tar::chain_ids(&digests)
+        .iter()
+        .map(ToString::to_string)
+        .collect())
 }
 
 impl DockerEngine {
@@ -95,7 +91,7 @@ impl DockerEngine {
         in_docker: &[bool],
     ) -> Result<LoadReport> {
         assert_eq!(layers.len(), in_docker.len(), "one presence flag per layer");
-        let chains = chain_ids(layers.iter().map(|l| l.diff_id.as_str()));
+        let chains = chain_ids(layers.iter().map(|l| l.diff_id.as_str()))?;
         // A layer is present only if its whole chain is: once one is missing, all above it are.
         let mut include = Vec::with_capacity(layers.len());
         let mut missing_below = false;
@@ -282,18 +278,23 @@ fn tokio_stream_from(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sha2::{Digest as _, Sha256};
 
     #[test]
     fn chain_ids_follow_docker() {
         let a = format!("sha256:{}", "a".repeat(64));
         let b = format!("sha256:{}", "b".repeat(64));
-        let ids = chain_ids([a.as_str(), b.as_str()]);
+        let ids = chain_ids([a.as_str(), b.as_str()]).unwrap();
         assert_eq!(ids[0], a);
         let want = format!(
             "sha256:{}",
             hex::encode(Sha256::digest(format!("{a} {b}").as_bytes()))
         );
         assert_eq!(ids[1], want);
+        assert!(
+            chain_ids(["sha256:zz"]).is_err(),
+            "malformed diffIDs are rejected"
+        );
     }
 
     #[test]

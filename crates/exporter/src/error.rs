@@ -80,4 +80,24 @@ pub enum Error {
         /// Its message.
         message: String,
     },
+    /// The layer store failed.
+    #[error("{what}")]
+    Store {
+        /// What was being done.
+        what: String,
+        /// The layer store's error.
+        #[source]
+        source: layerstore::Error,
+    },
+    /// A file operation failed.
+    #[error("{what} {}", path.display())]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// On which path.
+        path: std::path::PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
 }

@@ -4,6 +4,7 @@
 //! Modules:
 //! - [`image`]: the image config (and so the image ID) built from the result and its layers.
 //! - `archive`: a streaming docker-archive writer that carries only the layers Docker lacks.
+//! - `layers`: diffIDs, sizes and exact tars for berth's and Docker's layers of a result.
 //! - `containerd`: export into a containerd image store through containerd's API.
 //! - `docker_load`: export into a live classic-store Docker Engine by a thin `POST /images/load`.
 #![forbid(unsafe_code)]
@@ -13,10 +14,12 @@ mod containerd;
 mod docker_load;
 mod error;
 pub mod image;
+mod layers;
 
 pub use archive::{write_docker_archive, ArchiveStats, ExportLayer, LayerSource};
 pub use containerd::{
     oci_manifest, ContainerdLayer, ContainerdReport, ContainerdStore, LayerFiles,
 };
-pub use docker_load::{chain_id, chain_ids, split_tag, DockerEngine, LoadReport};
+pub use docker_load::{split_tag, DockerEngine, LoadReport};
 pub use error::{Error, Result};
+pub use layers::{berth_layer_dir, docker_layerdb_dir, export_layers};

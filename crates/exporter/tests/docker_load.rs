@@ -150,7 +150,7 @@ async fn thin_load_sends_only_missing_layers_and_image_runs() {
         .await
         .unwrap();
     cleanup.0.push(name.clone());
-    let (ok, out) = docker(&["run", "--rm", &name]);
+    let (ok, out) = docker(&["run", "--rm", "--network", "none", &name]);
     assert!(ok, "docker run failed: {out}");
     assert_eq!(out, marker);
 
