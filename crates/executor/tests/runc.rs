@@ -896,6 +896,90 @@ async fn cleanup_stale_removes_leftovers() -> Result<()> {
 }
 
 #[tokio::test]
+async fn nested_mounts_and_default_mount_override() -> Result<()> {
+    let env = env()?;
+    let host_dir = tempfile::tempdir()?;
+    std::fs::write(host_dir.path().join("f"), "nested\n")?;
+    let mut spec = env.spec(
+        "cat /outer/inner/deep/f; grep -E ' /(outer|outer/inner/deep|dev/shm) ' /proc/mounts | cut -d' ' -f2-4",
+    );
+    spec.remove_mount_stubs_recursive = true;
+    // Given out of order on purpose: they are applied parents first.
+    spec.mounts = vec![
+        Mount {
+            dest: "/outer/inner/deep".into(),
+            kind: MountKind::Bind {
+                source: host_dir.path().into(),
+                readonly: true,
+            },
+        },
+        Mount {
+            dest: "/dev/shm".into(),
+            kind: MountKind::Tmpfs { size: 2 << 20 },
+        },
+        Mount {
+            dest: "/outer".into(),
+            kind: MountKind::Tmpfs { size: 0 },
+        },
+    ];
+    let (r, out, err) = env.run(spec).await;
+    let r = r?;
+    assert!(r.exit.success(), "{err}");
+    let mut lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.remove(0), "nested");
+    lines.sort();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert!(lines[0].starts_with("/dev/shm tmpfs rw,"), "{out}");
+    assert!(lines[0].contains("size=2048k"), "{out}");
+    assert!(lines[1].starts_with("/outer tmpfs "), "{out}");
+    assert!(lines[2].starts_with("/outer/inner/deep "), "{out}");
+    // Only /outer needed a stub in the rootfs; the nested mount point lived in the tmpfs.
+    assert!(r.mount_stubs.contains(&PathBuf::from("/outer")));
+    assert!(!r.mount_stubs.iter().any(|p| p.starts_with("/outer/inner")));
+    assert!(!env.rootfs.join("outer").exists());
+    Ok(())
+}
+
+#[tokio::test]
+async fn sandbox_masks_and_protects_proc() -> Result<()> {
+    let env = env()?;
+    // /proc/timer_list is masked (reads as /dev/null) in the sandbox; the host's is not empty.
+    ensure!(
+        !std::fs::read("/proc/timer_list")?.is_empty(),
+        "host /proc/timer_list is empty; the masking check would prove nothing"
+    );
+    let (r, out, err) = env
+        .run(env.spec(
+            "wc -c < /proc/timer_list; \
+             if echo 1 > /proc/sys/vm/drop_caches; then echo PROC-SYS-WRITABLE; fi; \
+             if mount -t tmpfs none /tmp; then echo MOUNT-ALLOWED; fi; \
+             if touch /sys/berth; then echo SYS-WRITABLE; fi; echo done",
+        ))
+        .await;
+    assert!(r?.exit.success());
+    assert_eq!(out, "0\ndone\n", "stderr: {err}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn concurrent_runs() -> Result<()> {
+    let env = env()?;
+    let runs = (0..4).map(|i| {
+        let mut spec = env.spec("echo run-$N; sleep 0.2; echo end-$N");
+        spec.env = vec![format!("N={i}")];
+        env.run(spec)
+    });
+    let results = futures::future::join_all(runs).await;
+    for (i, (r, out, err)) in results.into_iter().enumerate() {
+        assert!(r?.exit.success(), "{err}");
+        assert_eq!(out, format!("run-{i}\nend-{i}\n"));
+    }
+    assert!(env.bundles_empty()?);
+    assert_eq!(env.runc_list()?, "");
+    Ok(())
+}
+
+#[tokio::test]
 async fn per_exec_overhead_of_true() -> Result<()> {
     let env = env()?;
     let spec = ProcessSpec {

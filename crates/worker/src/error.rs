@@ -130,6 +130,19 @@ pub enum Error {
         /// The op's error.
         error: Box<Error>,
     },
+    /// An op failed in a way the op classifies itself (a process exit code, a download, a git
+    /// command, the Docker Engine); `message` is shown to the user as is.
+    #[error("{message}")]
+    Op {
+        /// What failed, complete (e.g. `process "sh -c false" did not complete successfully:
+        /// exit code: 1`).
+        message: String,
+        /// Classification for the daemon.
+        kind: ErrorKind,
+        /// The underlying error, if any.
+        #[source]
+        source: Option<BoxError>,
+    },
     /// The build was canceled.
     #[error("context canceled")]
     Canceled,
@@ -163,6 +176,7 @@ impl Error {
                 _ => ErrorKind::Internal,
             },
             Error::Vertex { error, .. } => error.kind(),
+            Error::Op { kind, .. } => *kind,
             Error::Canceled => ErrorKind::Canceled,
             Error::Shared(e) => e.kind(),
             Error::Internal(_) => ErrorKind::Internal,

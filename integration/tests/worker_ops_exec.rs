@@ -1,0 +1,275 @@
+//! ExecOp through the worker with real runc and overlayfs, on a busybox base image used in
+//! place from the system Docker Engine. Needs root, runc and busybox-static.
+
+mod worker_ops_support;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use integration::{busybox_image, DockerEngine};
+use llb::{CacheSharing, Mount, NetMode, RunOpts};
+use worker::ErrorKind;
+use worker_ops_support::*;
+
+async fn base() -> Result<(integration::TestImage, llb::State)> {
+    let engine = DockerEngine::system()?;
+    let img = busybox_image(&engine).await?;
+    let st = llb::image(img.reference()).state();
+    Ok((img, st))
+}
+
+/// Files written by the process land in the result; env (with default PATH), cwd, user and
+/// hostname are applied; a second writable bind mount on scratch is an output of its own.
+#[tokio::test]
+async fn exec_env_cwd_user_and_outputs() -> Result<()> {
+    let w = TestWorker::new()?;
+    let (_img, base) = base().await?;
+    let script = "echo \"$FOO\" > /tmp/res; pwd >> /tmp/res; id -u >> /tmp/res; \
+                  echo \"$PATH\" >> /tmp/res; hostname >> /tmp/res";
+    let first = base
+        .env("FOO", "bar baz")
+        .dir("/work/dir")
+        .user("user")
+        .run(RunOpts::shell(script).hostname("berth-test-host"))
+        .root();
+    // Second step as root on top of the first, with an extra output mount.
+    let run = first.user("0").dir("/").run(
+        RunOpts::shell("echo side > /out/side.txt").mount(Mount::bind("/out", &llb::scratch())),
+    );
+    let s = solve(&w.worker, &run.root()).await;
+    let root = s.ok();
+    assert_eq!(
+        read(root, "/tmp/res").await?.as_deref(),
+        Some(
+            "bar baz\n/work/dir\n1000\n/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\nberth-test-host\n"
+        )
+    );
+    // The /out mount's writes are not in the root layer (the mount point stub was removed).
+    assert_eq!(read(root, "/out/side.txt").await?, None);
+    let s2 = solve(&w.worker, &run.get_mount("/out").unwrap()).await;
+    assert_eq!(read(s2.ok(), "/side.txt").await?.as_deref(), Some("side\n"));
+    // Same graph again: every vertex cached, nothing executed.
+    let again = solve(&w.worker, &run.root()).await;
+    again.ok();
+    let done = again.completed();
+    assert!(!done.is_empty());
+    assert!(done.iter().all(|(_, c)| *c), "not all cached: {done:?}");
+    Ok(())
+}
+
+/// A non-zero exit fails the step with buildkitd's message plus the last output lines.
+#[tokio::test]
+async fn exec_exit_code_error() -> Result<()> {
+    let w = TestWorker::new()?;
+    let (_img, base) = base().await?;
+    let run = base.run(RunOpts::shell(
+        "echo first-line; echo oops-line >&2; exit 3",
+    ));
+    let s = solve(&w.worker, &run.root()).await;
+    let err = s.result.as_ref().expect_err("exit 3 must fail");
+    let msg = err.to_string();
+    assert!(
+        msg.contains(
+            "process \"/bin/sh -c echo first-line; echo oops-line >&2; exit 3\" did not complete successfully: exit code: 3"
+        ),
+        "{msg}"
+    );
+    assert!(msg.contains("oops-line"), "{msg}");
+    assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
+    // Output was streamed as logs too.
+    assert!(s.logs().contains("first-line"), "{}", s.logs());
+    // Nothing left mounted.
+    assert_eq!(mounts_under(&w.root()), Vec::<String>::new());
+    Ok(())
+}
+
+/// A secret is readable by the process but in no layer and no log; a missing optional secret
+/// is skipped; a missing required one fails with NotFound.
+#[tokio::test]
+async fn exec_secret_mount() -> Result<()> {
+    let w = TestWorker::new()?;
+    let (_img, base) = base().await?;
+    let secret = "TOPSECRET-4f1c9e";
+    let session = Arc::new(TestSession {
+        secrets: HashMap::from([("tok".to_string(), secret.as_bytes().to_vec())]),
+    });
+    let run = base.run(
+        RunOpts::shell(
+            "test \"$(cat /run/secrets/tok)\" = TOPSECRET-4f1c9e && touch /ok; \
+             test -e /run/secrets/none || touch /no-optional; \
+             ls -ln /run/secrets/tok > /perm",
+        )
+        .mount(Mount::secret("/run/secrets/tok", "tok", false))
+        .mount(Mount::secret("/run/secrets/none", "absent", true)),
+    );
+    let s = solve_with(
+        &w.worker,
+        &run.root(),
+        session.clone(),
+        CancellationToken::new(),
+    )
+    .await;
+    let r = s.ok();
+    assert!(read(r, "/ok").await?.is_some(), "secret content not seen");
+    assert!(read(r, "/no-optional").await?.is_some());
+    let perm = read(r, "/perm").await?.unwrap();
+    assert!(perm.starts_with("-r--------"), "{perm}");
+    assert_eq!(read(r, "/run/secrets/tok").await?, None, "secret stub left");
+    assert!(!s.logs().contains(secret));
+    // Scan every berth layer on disk for the secret bytes.
+    let layers = w.root().join("snapshots/layers");
+    let mut hits = vec![];
+    for e in walk(&layers) {
+        if let Ok(b) = std::fs::read(&e) {
+            if b.windows(secret.len()).any(|x| x == secret.as_bytes()) {
+                hits.push(e);
+            }
+        }
+    }
+    assert!(hits.is_empty(), "secret found in {hits:?}");
+
+    let missing =
+        base.run(RunOpts::shell("true").mount(Mount::secret("/run/secrets/x", "absent", false)));
+    let s = solve_with(
+        &w.worker,
+        &missing.root(),
+        session,
+        CancellationToken::new(),
+    )
+    .await;
+    let err = s.result.expect_err("missing secret");
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    assert!(err.to_string().contains("secret absent not found"), "{err}");
+    Ok(())
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = vec![];
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        let ft = e.file_type().unwrap();
+        if ft.is_dir() {
+            out.extend(walk(&p));
+        } else if ft.is_file() {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// A cache mount keeps its content across builds (different steps, same ID); a tmpfs is a
+/// tmpfs and leaves nothing in the layer.
+#[tokio::test]
+async fn exec_cache_mount_and_tmpfs() -> Result<()> {
+    let w = TestWorker::new()?;
+    let (_img, base) = base().await?;
+    for (i, sharing) in [CacheSharing::Shared, CacheSharing::Locked]
+        .into_iter()
+        .enumerate()
+    {
+        let run = base.run(
+            RunOpts::shell(format!("echo run{i} >> /cache/log; cp /cache/log /log"))
+                .mount(Mount::cache("/cache", "berth-test-cache", sharing)),
+        );
+        let s = solve(&w.worker, &run.root()).await;
+        let want: String = (0..=i).map(|j| format!("run{j}\n")).collect();
+        assert_eq!(read(s.ok(), "/log").await?.as_deref(), Some(want.as_str()));
+        assert_eq!(
+            read(s.ok(), "/cache/log").await?,
+            None,
+            "cache content in layer"
+        );
+    }
+    let run = base.run(
+        RunOpts::shell("grep ' /scratch tmpfs ' /proc/mounts > /m; echo x > /scratch/f")
+            .mount(Mount::tmpfs("/scratch", 1 << 20)),
+    );
+    let s = solve(&w.worker, &run.root()).await;
+    let m = read(s.ok(), "/m").await?.unwrap();
+    assert!(m.contains("size=1024k"), "{m}");
+    assert_eq!(read(s.ok(), "/scratch/f").await?, None);
+    Ok(())
+}
+
+/// `network=none` has only loopback.
+#[tokio::test]
+async fn exec_network_none() -> Result<()> {
+    let w = TestWorker::new()?;
+    let (_img, base) = base().await?;
+    let run =
+        base.run(RunOpts::shell("ls /sys/class/net | tr '\\n' ' ' > /ifs").network(NetMode::None));
+    let s = solve(&w.worker, &run.root()).await;
+    assert_eq!(read(s.ok(), "/ifs").await?.as_deref(), Some("lo "));
+    Ok(())
+}
+
+/// Two independent one-second steps run concurrently.
+#[tokio::test]
+async fn exec_parallel() -> Result<()> {
+    let w = TestWorker::new()?;
+    let (_img, base) = base().await?;
+    // Resolve the image first so that only the execs are timed.
+    solve(&w.worker, &base).await.ok();
+    let a = base.run(RunOpts::shell("sleep 1; echo a > /a")).root();
+    let b = base.run(RunOpts::shell("sleep 1; echo b > /b")).root();
+    let both = llb::merge(&[llb::diff(&base, &a), llb::diff(&base, &b)]);
+    let s = solve(&w.worker, &both).await;
+    let r = s.ok();
+    eprintln!("two parallel 1 s execs + merge: {:?}", s.elapsed);
+    assert_eq!(read(r, "/a").await?.as_deref(), Some("a\n"));
+    assert_eq!(read(r, "/b").await?.as_deref(), Some("b\n"));
+    assert!(s.elapsed < Duration::from_secs(2), "took {:?}", s.elapsed);
+    Ok(())
+}
+
+/// Canceling a build kills the process and releases every mount.
+#[tokio::test]
+async fn exec_cancel() -> Result<()> {
+    let w = TestWorker::new()?;
+    let (_img, base) = base().await?;
+    solve(&w.worker, &base).await.ok();
+    let run = base.run(RunOpts::shell("touch /started; sleep 60"));
+    let cancel = CancellationToken::new();
+    let c2 = cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        c2.cancel();
+    });
+    let start = Instant::now();
+    let s = solve_with(
+        &w.worker,
+        &run.root(),
+        Arc::new(TestSession::default()),
+        cancel,
+    )
+    .await;
+    let err = s.result.expect_err("canceled");
+    assert_eq!(err.kind(), ErrorKind::Canceled, "{err}");
+    assert!(start.elapsed() < Duration::from_secs(10));
+    // Cleanup finishes in the exec task; poll for it.
+    let runc_root = w.root().join("executor/runc");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let mounts = mounts_under(&w.root());
+        let list = std::process::Command::new("runc")
+            .arg("--root")
+            .arg(&runc_root)
+            .args(["list", "-q"])
+            .output()?;
+        let containers = String::from_utf8_lossy(&list.stdout).trim().to_string();
+        if mounts.is_empty() && containers.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "left behind: mounts {mounts:?}, containers {containers:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
