@@ -1,7 +1,8 @@
 //! Direct writes into the data root of a **stopped** dockerd (spec §4).
 //!
 //! Order per layer (crash-safe, spec §4.1):
-//! 1. `<drv>/<cache-id>/` with a `berth-incomplete` marker first, then `diff/`, `link`, `l/<link>`, and for a
+//! 1. `<drv>/<cache-id>/` with a `berth-incomplete` marker (made as `berth-staging-<cache-id>` and renamed, so the
+//!    marker is there from the first moment), then `diff/`, `link`, `l/<link>`, and for a
 //!    non-base layer `work/`, `lower` and the parent's `committed`; the tree; `syncfs`.
 //! 2. `layerdb/tmp/write-set-berth-<rand>/` (`diff`, `size`, `cache-id`, `parent`, `tar-split.json.gz`), fsynced,
 //!    renamed to `layerdb/sha256/<chainID>`: **the commit point**.
@@ -25,6 +26,8 @@ use crate::{Error, Result};
 
 const INCOMPLETE: &str = "berth-incomplete";
 const WRITE_SET_PREFIX: &str = "write-set-berth-";
+/// Name of a layer dir before its marker is in place.
+const STAGING_PREFIX: &str = "berth-staging-";
 /// Docker's layer store refuses chains deeper than this (`layer_store.go` `maxLayerDepth`).
 const MAX_DEPTH: usize = 125;
 
@@ -329,8 +332,11 @@ impl OfflineWriter {
         // 1. The graph driver dir, marked incomplete until the layerdb entry exists.
         let cache_id = hex::encode(rand::thread_rng().gen::<[u8; 32]>());
         let dir = drv.join(&cache_id);
-        mkdir(&dir, 0o710)?;
-        write_file(&dir.join(INCOMPLETE), b"", 0o600)?;
+        // The marker must exist the moment the dir has its final name: made under a temp name, then renamed.
+        let staging = drv.join(format!("{STAGING_PREFIX}{cache_id}"));
+        mkdir(&staging, 0o710)?;
+        write_file(&staging.join(INCOMPLETE), b"", 0o600)?;
+        std::fs::rename(&staging, &dir).map_err(io_err("rename", &dir))?;
         fsync_path(&drv)?;
         let res = self.fill_layer_dir(&dir, lower.as_ref(), src, parent, &cache_id);
         match res {
@@ -735,8 +741,16 @@ pub fn recover(store: &DockerStore) -> Result<RecoverReport> {
     let Ok(rd) = std::fs::read_dir(&drv) else {
         return Ok(report);
     };
-    let marked: Vec<String> = rd
-        .flatten()
+    let children: Vec<_> = rd.flatten().collect();
+    for e in &children {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with(STAGING_PREFIX) {
+            std::fs::remove_dir_all(e.path()).map_err(io_err("remove", &e.path()))?;
+            report.removed_layer_dirs.push(name);
+        }
+    }
+    let marked: Vec<String> = children
+        .iter()
         .filter(|e| e.path().join(INCOMPLETE).exists())
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| valid_cache_id(n))
