@@ -20,6 +20,34 @@
 //! [`unique_name`], so tests running in parallel, in one process or several, never collide.
 //!
 //! Errors are `anyhow` (this is test code); each names the daemon, image or path concerned.
+//!
+//! ```no_run
+//! use integration::{busybox_image, require_root, DockerEngine, PrivateDockerd, Registry};
+//!
+//! # async fn example() -> anyhow::Result<()> {
+//! require_root();
+//! // The system daemon: import a base image, run it, inspect it.
+//! let engine = DockerEngine::system()?;
+//! let image = busybox_image(&engine).await?; // removed again when `image` drops
+//! let out = engine.run(image.reference(), &["sh", "-c", "echo hi"]).await?;
+//! assert_eq!(out.assert_success().stdout, "hi\n");
+//!
+//! // A daemon of our own, stopped, edited on disk and restarted.
+//! let mut daemon = PrivateDockerd::new(Default::default())?;
+//! let private_image = busybox_image(daemon.engine()).await?;
+//! daemon.stop()?;
+//! let _layerdb = daemon.data_root().join("image/overlay2/layerdb");
+//! daemon.start()?;
+//!
+//! // A registry on 127.0.0.1.
+//! let registry = Registry::start()?;
+//! let pushed = image.tag_as(&format!("{}/demo/busybox:v1", registry.addr())).await?;
+//! engine.push(pushed.reference()).await?;
+//! assert_eq!(registry.tags("demo/busybox")?, ["v1"]);
+//! # drop(private_image);
+//! # Ok(())
+//! # }
+//! ```
 
 mod engine;
 mod http;

@@ -90,6 +90,7 @@ impl PrivateDockerd {
         crate::require_tool("dockerd", "docker.io");
         crate::require_tool("containerd", "containerd");
         crate::require_tool("runc", "runc");
+        crate::require_tool("unshare", "util-linux");
         let dir = tempfile::Builder::new()
             .prefix(&format!("berth-dockerd-{}-", std::process::id()))
             .tempdir()
@@ -184,7 +185,8 @@ impl PrivateDockerd {
         // interface named `docker0` at start, and in the host's namespace that is the system
         // daemon's bridge. `unshare` execs dockerd in place, so the child's PID is dockerd's.
         let mut cmd = Command::new("unshare");
-        cmd.args(["--net", "--", "dockerd"]).arg("--config-file")
+        cmd.args(["--net", "--", "dockerd"])
+            .arg("--config-file")
             .arg(&config_path)
             .arg("--data-root")
             .arg(self.data_root())

@@ -20,6 +20,10 @@ fn mounts_under(root: &Path) -> Vec<String> {
 #[tokio::test]
 async fn private_dockerd_runs_stops_and_restarts_on_same_data_root() {
     require_root();
+    // dockerd --bridge=none deletes an interface named docker0 in its network namespace; ours
+    // must never be the host's (the system daemon's bridge).
+    let host_bridge = Path::new("/sys/class/net/docker0");
+    let had_bridge = host_bridge.exists();
     let label = format!("berth.test={}", integration::unique_name("private"));
     let mut options = PrivateDockerdOptions::default();
     options
@@ -102,6 +106,7 @@ async fn private_dockerd_runs_stops_and_restarts_on_same_data_root() {
     drop(image);
     drop(daemon);
     assert!(!root.exists(), "temp dir {} not removed", root.display());
+    assert_eq!(host_bridge.exists(), had_bridge, "host's docker0 changed");
 }
 
 #[test]
