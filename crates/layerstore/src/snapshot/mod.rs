@@ -21,7 +21,7 @@
 //!
 //! ```text
 //! metadata.redb            redb database: snapshots, layers, cache keys, leases (the commit point of every change)
-//! layers/<layer-id>/diff/  immutable layer tree, overlay format
+//! layers/<layer-id>/diff/  immutable layer tree, overlay format (also the generated AUFS adapter layers)
 //! layers/<layer-id>/tar-split.json.gz   optional, written by the exporter
 //! l/<layer-id>             symlink ../layers/<layer-id>/diff (short lowerdir name for the legacy mount path)
 //! l/<dk-xxxxxxxxxx>        symlink to a Docker layer diff dir (absolute), legacy mount path only
@@ -53,6 +53,22 @@
 //! length limit, when the kernel supports `lowerdir+` (Linux ≥ 6.8). Otherwise it falls back to `mount(2)` with
 //! relative `l/<id>` names, resolved by a short-lived thread that unshares its fs context (`CLONE_FS`) and `chdir`s
 //! into `snapshots/`, so the process's working directory never changes.
+//!
+//! Measured (test `long_chain_both_mount_methods`, 130 one-file layers, kernel 6.18, ext4, 2 busy vCPUs, debug
+//! build; `SnapshotStore::mount` end to end, which includes one metadata write): new API 14–26 ms per mount on a
+//! quiet machine and 30–41 ms under load; short links 22–37 ms quiet and 46–93 ms under load (the extra is the helper
+//! thread and path lookups through the `l/` symlinks); unmount 1–13 ms for both. The short-link path also fails past
+//! ~270 layers (12-character ids; `short_links_reject_options_over_a_page`), the new API mounts them. So `Auto`
+//! picks the new API whenever the kernel accepts `lowerdir+`.
+//!
+//! # Docker layers in a chain
+//!
+//! [`LayerRef::Docker`] entries are used in place as lower dirs and never written. A layer of Docker's
+//! `fuse-overlayfs` driver stores deletions in AUFS form ([`WhiteoutFormat::Aufs`]); for each such layer that has
+//! markers the store generates, once, two small berth layers (recorded in the `docker_adapters` table, kept while a
+//! snapshot references the Docker layer): one stacked right below it with the overlay whiteouts/opaque dirs the
+//! markers stand for, and one right above it with whiteouts hiding the marker files themselves (its directories copy
+//! the Docker layer's metadata, so nothing else changes in the merged view).
 mod db;
 mod diff;
 mod mount;
