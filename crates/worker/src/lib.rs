@@ -11,11 +11,10 @@
 //! loading, validation, vertex names, cache mapping), `ops` (one module per op kind). Results are
 //! committed snapshots of layerstore's [`SnapshotStore`].
 #![deny(unsafe_code)]
-// TEMPORARY while the op modules land: several internals are not wired yet.
-#![allow(dead_code)]
 
 mod digest;
 mod error;
+mod file;
 mod llbsolver;
 mod ops;
 mod progress;

@@ -178,7 +178,12 @@ fn output_index(op: &str, index: i64, outputs: usize) -> Result<usize> {
 /// Number of outputs of a (payload-checked) op.
 pub(crate) fn num_outputs(op: &pb::Op) -> usize {
     match &op.op {
-        Some(OpPayload::Exec(e)) => e.mounts.iter().filter(|m| m.output >= 0).count(),
+        // One result per bind mount with an output, in mount order (buildkitd `PrepareMounts`).
+        Some(OpPayload::Exec(e)) => e
+            .mounts
+            .iter()
+            .filter(|m| m.output >= 0 && m.mount_type == pb::MountType::Bind as i32)
+            .count(),
         Some(OpPayload::File(f)) => f.actions.iter().filter(|a| a.output >= 0).count(),
         Some(_) => 1,
         None => 0,
@@ -351,24 +356,18 @@ fn validate_exec(
     if !e.mounts.iter().any(|m| m.dest == "/") {
         return Err(invalid(dgst, "exec op has no root mount"));
     }
-    let mut outputs = vec![];
     for m in &e.mounts {
-        if m.input < -1 || m.input >= n_in {
+        // The Go client leaves `input` (and `output`) at 0 on secret/ssh/tmpfs mounts, where
+        // they mean nothing: only bind and cache mounts read an input.
+        let reads_input = m.mount_type == pb::MountType::Bind as i32
+            || m.mount_type == pb::MountType::Cache as i32;
+        if reads_input && (m.input < -1 || m.input >= n_in) {
             return Err(invalid(
                 dgst,
                 format!("mount {} input index {} out of range", m.dest, m.input),
             ));
         }
-        if m.output >= 0 {
-            outputs.push(m.output);
-        } else if m.output < -1 {
-            return Err(invalid(
-                dgst,
-                format!("mount {} output index {} invalid", m.dest, m.output),
-            ));
-        }
     }
-    check_contiguous(dgst, "mount", outputs)?;
     if let Some(p) = &op.platform {
         if !p.architecture.is_empty() && p.architecture != opts.platform.architecture {
             return Err(invalid(

@@ -1,17 +1,421 @@
-//! file (in progress).
+//! FileOp: runs a chain of file actions on snapshots (`solver/llbsolver/ops/file.go`).
 //!
-//! Not implemented yet: constructing the op fails with `Unimplemented`.
+//! Index space of an action's `input`/`secondaryInput`/owner input: `-1` scratch, `< n` op
+//! inputs, `n + k` the result of action `k`. Each action writes into a mutable snapshot
+//! (layerstore `prepare` + read-write overlay mount) on top of its input. An action result
+//! that is consumed exactly once, as the primary input of a later action, is mutated in place;
+//! any other result (an output, a copy source, a name-lookup state, or used several times) is
+//! committed as its own snapshot first. Failed or canceled runs remove their uncommitted
+//! mutable snapshots.
+//!
+//! Cache key: the op without input digests, plus per input either its cache key or — for an
+//! input used only as a copy source — the content checksums of the copied paths (BuildKit's
+//! content-based selectors), so unrelated changes elsewhere in the source do not invalidate.
 
+use std::cell::RefCell;
 use std::sync::Arc;
 
+use async_trait::async_trait;
+use layerstore::snapshot::{Chain, Mount, SnapshotId, SnapshotOptions, SnapshotStore};
+use protos::pb;
+use protos::pb::file_action::Action;
+
 use crate::error::{Error, Result};
+use crate::file::root::Root;
+use crate::file::user::{self, Owner, Who};
+use crate::file::{self as fileops, checksum, glob, Attrs};
+use crate::llbsolver::cache::blocking;
 use crate::llbsolver::definition::LoadedOp;
-use crate::ops::BuildEnv;
+use crate::ops::{base_key, BuildEnv};
 use crate::result::Snap;
-use crate::solver::Op;
+use crate::solver::{Op, OpContext, Solved};
+
+struct FileOpImpl {
+    op: pb::Op,
+    file: pb::FileOp,
+    name: String,
+    store: SnapshotStore,
+}
 
 /// The solver op for `op`.
 pub(crate) fn new(op: &LoadedOp, env: &Arc<BuildEnv>) -> Result<Arc<dyn Op<Snap>>> {
-    let _ = (op, env);
-    Err(Error::not_implemented("file"))
+    let Some(pb::op::Op::File(file)) = &op.op.op else {
+        return Err(Error::Internal("file::new on a non-file op".into()));
+    };
+    Ok(Arc::new(FileOpImpl {
+        op: op.op.clone(),
+        file: file.clone(),
+        name: op.name.clone(),
+        store: env.store.clone(),
+    }))
+}
+
+/// Inputs (op-input indices) used only as copy sources, with the copy actions reading them.
+fn copy_only_inputs(file: &pb::FileOp, n_in: usize) -> Vec<Option<Vec<usize>>> {
+    let mut out: Vec<Option<Vec<usize>>> = vec![Some(vec![]); n_in];
+    let taint = |i: i64, out: &mut Vec<Option<Vec<usize>>>| {
+        if i >= 0 && (i as usize) < n_in {
+            out[i as usize] = None;
+        }
+    };
+    for (k, a) in file.actions.iter().enumerate() {
+        taint(a.input, &mut out);
+        let mut owner_inputs = vec![];
+        let owner = match &a.action {
+            Some(Action::Copy(c)) => c.owner.as_ref(),
+            Some(Action::Mkdir(m)) => m.owner.as_ref(),
+            Some(Action::Mkfile(m)) => m.owner.as_ref(),
+            Some(Action::Symlink(s)) => s.owner.as_ref(),
+            _ => None,
+        };
+        if let Some(o) = owner {
+            let o = Owner::from_pb(o);
+            for w in [o.user, o.group].into_iter().flatten() {
+                if let Who::Name(_, i) = w {
+                    owner_inputs.push(i);
+                }
+            }
+        }
+        for i in owner_inputs {
+            taint(i, &mut out);
+        }
+        if let Some(Action::Copy(_)) = &a.action {
+            let s = a.secondary_input;
+            if s >= 0 && (s as usize) < n_in {
+                if let Some(v) = &mut out[s as usize] {
+                    v.push(k);
+                }
+            }
+        }
+    }
+    out.into_iter()
+        .map(|o| o.filter(|v| !v.is_empty()))
+        .collect()
+}
+
+#[async_trait]
+impl Op<Snap> for FileOpImpl {
+    async fn cache_key(&self, _ctx: &OpContext, inputs: &[Solved<Snap>]) -> Result<String> {
+        let copy_only = copy_only_inputs(&self.file, inputs.len());
+        let mut h = crate::digest::KeyHasher::new("berth.fileop.v1");
+        h.field(&base_key(&self.op));
+        for (i, inp) in inputs.iter().enumerate() {
+            match &copy_only[i] {
+                None => {
+                    h.field(b"key").field(inp.key.as_bytes());
+                }
+                Some(actions) => {
+                    let store = self.store.clone();
+                    let snap = inp.result.clone();
+                    let copies: Vec<pb::FileActionCopy> = actions
+                        .iter()
+                        .filter_map(|k| match &self.file.actions[*k].action {
+                            Some(Action::Copy(c)) => Some(c.clone()),
+                            _ => None,
+                        })
+                        .collect();
+                    let sums = blocking(move || {
+                        let m = store
+                            .mount(snap.id(), None)
+                            .map_err(Error::store("mount copy source"))?;
+                        let root =
+                            Root::open(m.path()).map_err(|e| Error::io("open", m.path(), e))?;
+                        let mut sums = vec![];
+                        for c in copies {
+                            let paths = if c.allow_wildcard {
+                                glob::resolve_wildcards(&root, &c.src, c.follow_symlink)
+                                    .map_err(|e| Error::io("resolve wildcards", m.path(), e))?
+                            } else {
+                                vec![c.src.clone()]
+                            };
+                            for p in paths {
+                                let sum = checksum::checksum(&root, &p, c.follow_symlink)
+                                    .map_err(|e| Error::io("checksum", m.path(), e))?;
+                                sums.push(format!("{p}\0{sum}"));
+                            }
+                        }
+                        Ok(sums)
+                    })
+                    .await?;
+                    h.field(b"content");
+                    for s in sums {
+                        h.field(s.as_bytes());
+                    }
+                }
+            }
+        }
+        Ok(h.finish())
+    }
+
+    async fn exec(&self, ctx: &OpContext, inputs: &[Solved<Snap>]) -> Result<Vec<Snap>> {
+        let store = self.store.clone();
+        let file = self.file.clone();
+        let name = self.name.clone();
+        let snaps: Vec<Snap> = inputs.iter().map(|i| i.result.clone()).collect();
+        let cancel = ctx.cancel.clone();
+        blocking(move || run(&store, &file, &name, &snaps, &|| cancel.is_cancelled())).await
+    }
+}
+
+/// An uncommitted mutable snapshot; removed on drop unless committed.
+struct Mutable {
+    store: SnapshotStore,
+    id: Option<SnapshotId>,
+    mount: Option<Mount>,
+}
+
+impl Mutable {
+    fn new(store: &SnapshotStore, parent: Option<&SnapshotId>, desc: &str) -> Result<Mutable> {
+        let id = store
+            .prepare(parent, &SnapshotOptions::new(desc))
+            .map_err(Error::store("prepare snapshot"))?;
+        let mut m = Mutable {
+            store: store.clone(),
+            id: Some(id),
+            mount: None,
+        };
+        m.mount = Some(
+            store
+                .mount(m.id.as_ref().expect("set"), None)
+                .map_err(Error::store("mount snapshot"))?,
+        );
+        Ok(m)
+    }
+
+    fn root(&self) -> Result<Root> {
+        let m = self.mount.as_ref().expect("mounted while mutable");
+        Root::open(m.path()).map_err(|e| Error::io("open", m.path(), e))
+    }
+
+    fn commit(mut self) -> Result<Snap> {
+        if let Some(m) = self.mount.take() {
+            m.unmount().map_err(Error::store("unmount snapshot"))?;
+        }
+        let id = self.id.take().expect("not yet committed");
+        if let Err(e) = self.store.commit(&id) {
+            self.id = Some(id);
+            return Err(Error::store("commit snapshot")(e));
+        }
+        Snap::acquire(&self.store, id)
+    }
+}
+
+impl Drop for Mutable {
+    fn drop(&mut self) {
+        drop(self.mount.take());
+        if let Some(id) = self.id.take() {
+            if let Err(e) = self.store.remove(&id) {
+                tracing::warn!(snapshot = %id, error = %e, "removing uncommitted snapshot failed");
+            }
+        }
+    }
+}
+
+enum St {
+    Scratch,
+    Committed(Snap),
+    Mutable(Mutable),
+    /// Moved into its single consumer.
+    Taken,
+}
+
+fn run(
+    store: &SnapshotStore,
+    file: &pb::FileOp,
+    name: &str,
+    inputs: &[Snap],
+    cancelled: &dyn Fn() -> bool,
+) -> Result<Vec<Snap>> {
+    let n_in = inputs.len() as i64;
+    let n_act = file.actions.len();
+    // How each action result is used: (primary uses, other uses).
+    let mut uses = vec![(0usize, 0usize); n_act];
+    let action_of = |i: i64| -> Option<usize> { (i >= n_in).then(|| (i - n_in) as usize) };
+    for a in &file.actions {
+        if let Some(k) = action_of(a.input) {
+            uses[k].0 += 1;
+        }
+        if matches!(a.action, Some(Action::Copy(_))) {
+            if let Some(k) = action_of(a.secondary_input) {
+                uses[k].1 += 1;
+            }
+        }
+        for i in owner_inputs(a) {
+            if let Some(k) = action_of(i) {
+                uses[k].1 += 1;
+            }
+        }
+    }
+    let mut results: Vec<St> = Vec::with_capacity(n_act);
+    let mut outputs: Vec<Option<Snap>> =
+        vec![None; file.actions.iter().filter(|a| a.output >= 0).count()];
+    for (k, a) in file.actions.iter().enumerate() {
+        if cancelled() {
+            return Err(Error::Canceled);
+        }
+        let action = a
+            .action
+            .as_ref()
+            .ok_or_else(|| Error::Internal("validated action has a payload".into()))?;
+        // The state this action writes into.
+        let target = match a.input {
+            -1 => Mutable::new(store, None, name)?,
+            i if i < n_in => Mutable::new(store, Some(inputs[i as usize].id()), name)?,
+            i => {
+                let j = (i - n_in) as usize;
+                match std::mem::replace(&mut results[j], St::Taken) {
+                    St::Mutable(m) => m,
+                    St::Committed(s) => {
+                        let m = Mutable::new(store, Some(s.id()), name)?;
+                        results[j] = St::Committed(s);
+                        m
+                    }
+                    St::Scratch => Mutable::new(store, None, name)?,
+                    St::Taken => {
+                        return Err(Error::Internal(format!("action {j} result used twice")))
+                    }
+                }
+            }
+        };
+        let dst = target.root()?;
+        // Read-only roots for copy sources and owner lookups; mounts live until the action ends.
+        let mounts: RefCell<Vec<Mount>> = RefCell::new(vec![]);
+        let ro_root = |i: i64| -> Result<Option<Root>> {
+            let snap = match i {
+                -1 => return Ok(None),
+                i if i < n_in => inputs[i as usize].clone(),
+                i => match &results[(i - n_in) as usize] {
+                    St::Committed(s) => s.clone(),
+                    St::Scratch => return Ok(None),
+                    St::Mutable(m) => return m.root().map(Some),
+                    St::Taken => {
+                        return Err(Error::Internal("reading a consumed action result".into()))
+                    }
+                },
+            };
+            let m = store
+                .mount(snap.id(), None)
+                .map_err(Error::store("mount input"))?;
+            let r = Root::open(m.path()).map_err(|e| Error::io("open", m.path(), e))?;
+            mounts.borrow_mut().push(m);
+            Ok(Some(r))
+        };
+        let owner_of = |o: &Option<pb::ChownOpt>| -> Result<Option<(u32, u32)>> {
+            match o {
+                None => Ok(None),
+                Some(c) => user::resolve(&Owner::from_pb(c), &ro_root).map(Some),
+            }
+        };
+        match action {
+            Action::Mkdir(m) => {
+                let attrs = Attrs {
+                    owner: owner_of(&m.owner)?,
+                    time: Attrs::time_from_pb(m.timestamp),
+                };
+                fileops::mkdir(&dst, m, &attrs)?;
+            }
+            Action::Mkfile(m) => {
+                let attrs = Attrs {
+                    owner: owner_of(&m.owner)?,
+                    time: Attrs::time_from_pb(m.timestamp),
+                };
+                fileops::mkfile(&dst, m, &attrs)?;
+            }
+            Action::Rm(r) => fileops::rm(&dst, r)?,
+            Action::Copy(c) => {
+                let owner = owner_of(&c.owner)?;
+                let src = match ro_root(a.secondary_input)? {
+                    Some(r) => r,
+                    None => {
+                        // Copy from scratch: an empty read-only mount.
+                        let m = store
+                            .mount_chain(&Chain::default(), None)
+                            .map_err(Error::store("mount scratch"))?;
+                        let r = Root::open(m.path()).map_err(|e| Error::io("open", m.path(), e))?;
+                        mounts.borrow_mut().push(m);
+                        r
+                    }
+                };
+                fileops::copy(&src, &dst, c, owner, cancelled)?;
+            }
+            Action::Symlink(_) => {
+                return Err(Error::not_implemented("file symlink action"));
+            }
+        }
+        drop(mounts);
+        drop(dst);
+        let (primary, other) = uses[k];
+        let keep_mutable = a.output < 0 && primary == 1 && other == 0;
+        let st = if keep_mutable {
+            St::Mutable(target)
+        } else if a.output < 0 && primary == 0 && other == 0 {
+            // Unused intermediate: discard.
+            drop(target);
+            St::Scratch
+        } else {
+            St::Committed(target.commit()?)
+        };
+        if a.output >= 0 {
+            if let St::Committed(s) = &st {
+                outputs[a.output as usize] = Some(s.clone());
+            }
+        }
+        results.push(st);
+    }
+    outputs
+        .into_iter()
+        .enumerate()
+        .map(|(i, o)| o.ok_or_else(|| Error::Internal(format!("file op output {i} not produced"))))
+        .collect()
+}
+
+fn owner_inputs(a: &pb::FileAction) -> Vec<i64> {
+    let owner = match &a.action {
+        Some(Action::Copy(c)) => c.owner.as_ref(),
+        Some(Action::Mkdir(m)) => m.owner.as_ref(),
+        Some(Action::Mkfile(m)) => m.owner.as_ref(),
+        Some(Action::Symlink(s)) => s.owner.as_ref(),
+        _ => None,
+    };
+    let mut v = vec![];
+    if let Some(o) = owner {
+        let o = Owner::from_pb(o);
+        for w in [o.user, o.group].into_iter().flatten() {
+            if let Who::Name(_, i) = w {
+                v.push(i);
+            }
+        }
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_only_inputs_detection() {
+        let copy = |input, secondary| pb::FileAction {
+            input,
+            secondary_input: secondary,
+            output: -1,
+            action: Some(Action::Copy(pb::FileActionCopy {
+                src: "/a".into(),
+                dest: "/b".into(),
+                ..Default::default()
+            })),
+        };
+        // input 0 = base, input 1 = copy source only.
+        let f = pb::FileOp {
+            actions: vec![copy(0, 1), copy(2, 1)],
+        };
+        let c = copy_only_inputs(&f, 2);
+        assert!(c[0].is_none());
+        assert_eq!(c[1], Some(vec![0, 1]));
+        // Used as a base too → not content-addressed.
+        let f = pb::FileOp {
+            actions: vec![copy(1, 1)],
+        };
+        assert!(copy_only_inputs(&f, 2)[1].is_none());
+    }
 }

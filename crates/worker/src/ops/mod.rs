@@ -73,6 +73,8 @@ pub(crate) struct BuildEnv {
     pub(crate) store: SnapshotStore,
     pub(crate) shared: Arc<Shared>,
     pub(crate) session: Arc<dyn SessionProvider>,
+    /// Worker options (docker host, platform...) for the exec and image ops.
+    #[allow(dead_code)]
     pub(crate) opts: WorkerOptions,
 }
 
