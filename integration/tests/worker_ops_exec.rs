@@ -3,7 +3,6 @@
 
 mod worker_ops_support;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
