@@ -70,6 +70,12 @@ fn mutable_write_commit_delete_and_whiteout() -> Result<()> {
         let m = store.mount(&b, None)?;
         ensure!(fs::read_to_string(m.path().join("etc/keep"))? == "keep");
         fs::remove_file(m.path().join("etc/gone"))?;
+        // Renaming a lower dir must not create a redirect in the upper dir (it would not export as a plain tree).
+        let e = fs::rename(m.path().join("etc"), m.path().join("etc2")).unwrap_err();
+        ensure!(
+            e.raw_os_error() == Some(libc::EXDEV),
+            "rename of a lower dir: {e}"
+        );
         fs::write(m.path().join("etc/new"), "new")?;
     }
     let lb = store.commit(&b)?;

@@ -28,6 +28,14 @@ pub enum MountMethod {
     ShortLinks,
 }
 
+/// Overlay features set explicitly on every mount: no inode index (lower dirs are shared between mounts), and no
+/// redirect or metacopy xattrs in upper dirs (they are committed as layers and exported as plain trees).
+const MOUNT_FEATURES: &[(&str, &str)] = &[
+    ("index", "off"),
+    ("redirect_dir", "off"),
+    ("metacopy", "off"),
+];
+
 /// Overlayfs' own limit on stacked lower layers (`OVL_MAX_STACK`).
 pub(crate) const OVL_MAX_STACK: usize = 500;
 
@@ -87,7 +95,10 @@ fn mount_new_api(spec: &OverlaySpec, target: &Path) -> rustix::io::Result<()> {
     } else {
         attrs |= MountAttrFlags::MOUNT_ATTR_RDONLY;
     }
-    fsconfig_set_string(fd, "index", "off")?;
+    // Upper dirs become layers: they must stay plain (no redirect or metacopy xattrs), whatever the module defaults.
+    for (k, v) in MOUNT_FEATURES {
+        fsconfig_set_string(fd, *k, *v)?;
+    }
     fsconfig_create(fd)?;
     let mnt = fsmount(fd, FsMountFlags::FSMOUNT_CLOEXEC, attrs)?;
     move_mount(
@@ -104,7 +115,15 @@ fn mount_short_links(
     spec: &OverlaySpec,
     target: &Path,
 ) -> Result<rustix::io::Result<()>> {
-    let mut data = format!("index=off,lowerdir={}", spec.short_lowers.join(":"));
+    let features: Vec<String> = MOUNT_FEATURES
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    let mut data = format!(
+        "{},lowerdir={}",
+        features.join(","),
+        spec.short_lowers.join(":")
+    );
     if let Some((upper, work)) = &spec.upper {
         let rel = |p: &Path| p.strip_prefix(store_dir).unwrap_or(p).display().to_string();
         data.push_str(&format!(",upperdir={},workdir={}", rel(upper), rel(work)));
