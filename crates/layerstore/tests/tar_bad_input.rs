@@ -374,3 +374,13 @@ fn writer_refuses_upperdirs_that_depend_on_lower_layers() {
         assert!(msg.contains(rel) && msg.contains(xattr), "{msg}");
     }
 }
+
+#[test]
+fn endless_extension_headers_are_bounded() {
+    let sb = Sandbox::new();
+    let g = raw_member(b"pax_global_header", b'g', b"", &vec![b'a'; 900_000]);
+    let members: Vec<Vec<u8>> = std::iter::repeat_n(g, 8).collect();
+    let err = sb.apply(&raw_tar(&members), &strict());
+    assert!(err.to_string().contains("extension headers"), "{err}");
+    sb.assert_clean();
+}

@@ -158,6 +158,9 @@ impl<'a, R: Read> TarReader<'a, R> {
                         b'K' => long_link = Some(trim_nul(data)),
                         _ => {} // global PAX headers carry nothing Docker uses
                     }
+                    if self.seg.len() as u64 > MAX_META * 4 {
+                        return Err(self.corrupt("too many consecutive extension headers"));
+                    }
                     continue;
                 }
                 _ => {}
