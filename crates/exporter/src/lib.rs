@@ -6,11 +6,13 @@
 //! - `archive`: a streaming docker-archive writer that carries only the layers Docker lacks.
 //! - `layers`: diffIDs, sizes and exact tars for berth's and Docker's layers of a result.
 //! - `containerd`: export into a containerd image store through containerd's API.
+//! - `docker_image`: the `image` exporter: picks thin load, offline write or containerd.
 //! - `docker_load`: export into a live classic-store Docker Engine by a thin `POST /images/load`.
 #![forbid(unsafe_code)]
 
 mod archive;
 mod containerd;
+mod docker_image;
 mod docker_load;
 mod error;
 pub mod image;
@@ -19,6 +21,9 @@ mod layers;
 pub use archive::{write_docker_archive, ArchiveStats, ExportLayer, LayerSource};
 pub use containerd::{
     oci_manifest, ContainerdLayer, ContainerdReport, ContainerdStore, LayerFiles,
+};
+pub use docker_image::{
+    ImageExportRequest, ImageExportResult, ImageTarget, TargetOptions, DOCKER_MANIFEST_MEDIA_TYPE,
 };
 pub use docker_load::{split_tag, DockerEngine, LoadReport};
 pub use error::{Error, Result};

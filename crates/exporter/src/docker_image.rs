@@ -1,0 +1,488 @@
+//! The `image` exporter (alias `moby`): the result becomes an image in the Docker Engine berthd is
+//! bound to, by the cheapest correct path for that engine's store:
+//!
+//! | store | how |
+//! |---|---|
+//! | classic, daemon running | thin `POST /images/load` ([`DockerEngine::load_thin`]): only missing layers travel |
+//! | classic, daemon stopped | direct write into the data root (`layerstore::dockerstore::OfflineWriter`) |
+//! | containerd snapshotter | snapshots, content and record through containerd ([`ContainerdStore`]) |
+//!
+//! In both live modes tags are applied through `POST /images/{id}/tag` once the image exists,
+//! never by writing Docker's files; only the offline mode edits `repositories.json` (atomically,
+//! with no daemon running). The config follows BuildKit's rules ([`crate::image`]); its digest is
+//! the Docker image ID in the classic store. A Docker-style manifest (uncompressed layers, digests
+//! = diffIDs) gives `containerimage.digest`.
+
+use std::path::PathBuf;
+
+use base64::Engine as _;
+use bollard::Docker;
+use chrono::{DateTime, Utc};
+use layerstore::dockerstore::{DaemonCheck, DockerStore, OfflineWriter, StorageDriver};
+use layerstore::snapshot::{LayerRef, SnapshotStore};
+use serde::Serialize;
+use sha2::{Digest as _, Sha256};
+
+use crate::archive::ExportLayer;
+use crate::containerd::{ContainerdLayer, ContainerdStore, LayerFiles};
+use crate::docker_load::{chain_ids, DockerEngine};
+use crate::image::{build_config, ConfigInput, ImageConfig, LayerInfo, Platform};
+use crate::layers::{berth_layer_dir, export_layers};
+use crate::{Error, Result};
+
+/// Media type of the manifest berth reports for the classic store.
+pub const DOCKER_MANIFEST_MEDIA_TYPE: &str = "application/vnd.docker.distribution.manifest.v2+json";
+
+/// Where images go.
+#[derive(Debug, Clone)]
+pub enum ImageTarget {
+    /// A running Docker Engine with the classic (graphdriver) store.
+    ClassicLive {
+        /// The engine.
+        engine: DockerEngine,
+    },
+    /// The data root of a stopped dockerd (written directly).
+    ClassicOffline {
+        /// Its data root.
+        data_root: PathBuf,
+        /// Its storage driver.
+        driver: StorageDriver,
+        /// How to tell it is really stopped.
+        check: DaemonCheck,
+    },
+    /// A running Docker Engine whose images live in containerd.
+    Containerd {
+        /// The engine (for tags).
+        docker: Docker,
+        /// The containerd store Docker uses.
+        store: ContainerdStore,
+    },
+}
+
+/// What to export.
+#[derive(Debug, Clone)]
+pub struct ImageExportRequest<'a> {
+    /// The result's layers, bottom first.
+    pub chain: &'a [LayerRef],
+    /// The frontend's `containerimage.config`, if any.
+    pub config: Option<&'a [u8]>,
+    /// Names to tag (`name` attr split on commas).
+    pub names: Vec<String>,
+    /// `source-date-epoch`.
+    pub epoch: Option<DateTime<Utc>>,
+}
+
+/// What the export did, with the values of BuildKit's exporter response keys.
+#[derive(Debug, Clone, Default)]
+pub struct ImageExportResult {
+    /// `containerimage.config.digest`: the config digest (the Docker image ID in the classic store).
+    pub config_digest: String,
+    /// `containerimage.digest`: the manifest digest.
+    pub manifest_digest: String,
+    /// `containerimage.descriptor`: base64 of the manifest's JSON descriptor.
+    pub descriptor: String,
+    /// The names applied.
+    pub names: Vec<String>,
+    /// Layers written or sent to the store.
+    pub layers_sent: usize,
+    /// Bytes of layer tar written or sent.
+    pub bytes_sent: u64,
+    /// Layers the store already had.
+    pub layers_skipped: usize,
+    /// Bytes of layer tar not sent because the store had them.
+    pub bytes_skipped: u64,
+}
+
+#[derive(Serialize)]
+struct Desc<'a> {
+    #[serde(rename = "mediaType")]
+    media_type: &'a str,
+    digest: &'a str,
+    size: u64,
+}
+
+#[derive(Serialize)]
+struct DockerManifest<'a> {
+    #[serde(rename = "schemaVersion")]
+    schema_version: u32,
+    #[serde(rename = "mediaType")]
+    media_type: &'a str,
+    config: Desc<'a>,
+    layers: Vec<Desc<'a>>,
+}
+
+fn docker_manifest(config: &ImageConfig, layers: &[ExportLayer]) -> Vec<u8> {
+    let m = DockerManifest {
+        schema_version: 2,
+        media_type: DOCKER_MANIFEST_MEDIA_TYPE,
+        config: Desc {
+            media_type: "application/vnd.docker.container.image.v1+json",
+            digest: &config.digest,
+            size: config.bytes.len() as u64,
+        },
+        layers: layers
+            .iter()
+            .map(|l| Desc {
+                media_type: "application/vnd.docker.image.rootfs.diff.tar",
+                digest: &l.diff_id,
+                size: l.size,
+            })
+            .collect(),
+    };
+    serde_json::to_vec(&m).expect("manifest serialises")
+}
+
+fn descriptor(media_type: &str, manifest: &[u8]) -> (String, String) {
+    let digest = format!("sha256:{}", hex::encode(Sha256::digest(manifest)));
+    let d = Desc {
+        media_type,
+        digest: &digest,
+        size: manifest.len() as u64,
+    };
+    let json = serde_json::to_vec(&d).expect("descriptor serialises");
+    (
+        digest,
+        base64::engine::general_purpose::STANDARD.encode(json),
+    )
+}
+
+/// Copies a berth layer's tree into a containerd snapshot's upper directory by piping the layer
+/// writer into the applier: both keep overlay whiteouts, opaque dirs, hardlinks and xattrs exactly,
+/// and both are the code that defines berth's layer format.
+struct BerthFiles(PathBuf);
+impl LayerFiles for BerthFiles {
+    fn write_into(&self, dest: &std::path::Path) -> std::io::Result<()> {
+        use layerstore::tar::{
+            apply_layer, write_layer, ApplyOptions, WhiteoutFormat, WriteOptions,
+        };
+        let (rd, mut wr) = std::io::pipe()?;
+        let src = self.0.clone();
+        let producer = std::thread::spawn(move || {
+            let r = write_layer(
+                &src,
+                &mut wr,
+                None,
+                &WriteOptions {
+                    whiteouts: WhiteoutFormat::Overlay,
+                },
+            );
+            drop(wr);
+            r
+        });
+        let applied = apply_layer(rd, dest, None, &ApplyOptions::default());
+        let written = producer
+            .join()
+            .map_err(|_| std::io::Error::other("layer writer panicked"))?;
+        written.map_err(std::io::Error::other)?;
+        applied.map_err(std::io::Error::other)?;
+        Ok(())
+    }
+}
+
+impl ImageTarget {
+    /// Exports `req` (blocking work runs on the blocking pool).
+    pub async fn export(
+        &self,
+        store: &SnapshotStore,
+        req: ImageExportRequest<'_>,
+    ) -> Result<ImageExportResult> {
+        let chain = req.chain.to_vec();
+        let st = store.clone();
+        let (layers, in_docker) = tokio::task::spawn_blocking(move || export_layers(&st, &chain))
+            .await
+            .map_err(|e| Error::DockerLoad {
+                message: format!("layer digest task: {e}"),
+            })??;
+        let infos: Vec<LayerInfo> = layers
+            .iter()
+            .map(|l| LayerInfo {
+                diff_id: l.diff_id.clone(),
+                description: "created by berth".into(),
+                created: None,
+            })
+            .collect();
+        let config = build_config(&ConfigInput {
+            base: req.config,
+            layers: &infos,
+            epoch: req.epoch,
+            platform: &Platform::native(),
+            now: Utc::now(),
+        })?;
+        let mut result = ImageExportResult {
+            config_digest: config.digest.clone(),
+            ..Default::default()
+        };
+        match self {
+            ImageTarget::ClassicLive { engine } => {
+                let manifest = docker_manifest(&config, &layers);
+                (result.manifest_digest, result.descriptor) =
+                    descriptor(DOCKER_MANIFEST_MEDIA_TYPE, &manifest);
+                let report = engine.load_thin(&config, &layers, &in_docker).await?;
+                result.layers_sent = report.sent.layers_sent.len();
+                result.bytes_sent = report.sent.layer_bytes_sent;
+                result.layers_skipped = report.layers_skipped;
+                result.bytes_skipped = report.bytes_skipped;
+                engine.tag(&config.digest, &req.names).await?;
+            }
+            ImageTarget::ClassicOffline {
+                data_root,
+                driver,
+                check,
+            } => {
+                let manifest = docker_manifest(&config, &layers);
+                (result.manifest_digest, result.descriptor) =
+                    descriptor(DOCKER_MANIFEST_MEDIA_TYPE, &manifest);
+                let (data_root, driver, check) = (data_root.clone(), *driver, check.clone());
+                let chain = req.chain.to_vec();
+                let store = store.clone();
+                let names = req.names.clone();
+                let cfg = config.clone();
+                let counts = tokio::task::spawn_blocking(move || {
+                    write_offline(
+                        &store, &chain, &layers, &cfg, &names, data_root, driver, &check,
+                    )
+                })
+                .await
+                .map_err(|e| Error::DockerLoad {
+                    message: format!("offline writer task: {e}"),
+                })??;
+                (
+                    result.layers_sent,
+                    result.bytes_sent,
+                    result.layers_skipped,
+                    result.bytes_skipped,
+                ) = counts;
+            }
+            ImageTarget::Containerd {
+                docker,
+                store: cstore,
+            } => {
+                let clayers: Vec<ContainerdLayer> = req
+                    .chain
+                    .iter()
+                    .zip(&layers)
+                    .map(|(r, l)| ContainerdLayer {
+                        diff_id: l.diff_id.clone(),
+                        size: l.size,
+                        files: match r {
+                            LayerRef::Berth(id) => {
+                                Some(std::sync::Arc::new(BerthFiles(berth_layer_dir(store, id)))
+                                    as std::sync::Arc<dyn LayerFiles>)
+                            }
+                            LayerRef::Docker(_) => None,
+                        },
+                    })
+                    .collect();
+                let layer_descs: Vec<(String, u64)> =
+                    layers.iter().map(|l| (l.diff_id.clone(), l.size)).collect();
+                let manifest = crate::containerd::oci_manifest(&config, &layer_descs);
+                (result.manifest_digest, result.descriptor) =
+                    descriptor(crate::containerd::MANIFEST_MEDIA_TYPE, &manifest);
+                let record = format!("moby-dangling@{}", result.manifest_digest);
+                let report = cstore.export(&config, &clayers, &record).await?;
+                result.layers_sent = report.snapshots_written.len();
+                result.layers_skipped = report.snapshots_skipped.len();
+                for (l, c) in layers
+                    .iter()
+                    .zip(chain_ids(layers.iter().map(|l| l.diff_id.as_str()))?)
+                {
+                    if report.snapshots_written.contains(&c) {
+                        result.bytes_sent += l.size;
+                    } else {
+                        result.bytes_skipped += l.size;
+                    }
+                }
+                let engine = DockerEngine::new(docker.clone(), None);
+                engine.tag(&result.manifest_digest, &req.names).await?;
+            }
+        }
+        result.names = req.names;
+        Ok(result)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_offline(
+    store: &SnapshotStore,
+    chain: &[LayerRef],
+    layers: &[ExportLayer],
+    config: &ImageConfig,
+    names: &[String],
+    data_root: PathBuf,
+    driver: StorageDriver,
+    check: &DaemonCheck,
+) -> Result<(usize, u64, usize, u64)> {
+    let dstore = DockerStore::new(data_root, driver);
+    let writer = OfflineWriter::open(dstore, check).map_err(|source| Error::Store {
+        what: "open Docker data root".into(),
+        source,
+    })?;
+    let (mut sent, mut sent_bytes, mut skipped, mut skipped_bytes) = (0, 0, 0, 0);
+    let mut parent: Option<layerstore::Digest> = None;
+    for (r, l) in chain.iter().zip(layers) {
+        let diff_id: layerstore::Digest = l.diff_id.parse().map_err(|source| Error::Store {
+            what: format!("diffID {}", l.diff_id),
+            source,
+        })?;
+        let written = match r {
+            LayerRef::Berth(id) => {
+                let dir = berth_layer_dir(store, id);
+                let split = store.layer_path(id).join("tar-split.json.gz");
+                writer.write_layer(
+                    parent.as_ref(),
+                    layerstore::dockerstore::LayerSource::Dir {
+                        path: &dir,
+                        diff_id,
+                        tar_split_gz: &split,
+                    },
+                )
+            }
+            LayerRef::Docker(_) => {
+                // A layer of another Docker store: stream its exact tar from that store.
+                let source = l.source.clone().ok_or_else(|| Error::LayerUnavailable {
+                    diff_id: l.diff_id.clone(),
+                })?;
+                let (mut rd, mut wr) = std::io::pipe().map_err(|source| Error::LayerStream {
+                    diff_id: l.diff_id.clone(),
+                    source,
+                })?;
+                let producer = std::thread::spawn(move || {
+                    let r = source.write_tar(&mut wr);
+                    drop(wr);
+                    r
+                });
+                let res = writer.write_layer(
+                    parent.as_ref(),
+                    layerstore::dockerstore::LayerSource::Tar {
+                        reader: Box::new(&mut rd),
+                        diff_id: Some(diff_id),
+                    },
+                );
+                drop(rd);
+                let _ = producer.join();
+                res
+            }
+        }
+        .map_err(|source| Error::Store {
+            what: format!("write layer {}", l.diff_id),
+            source,
+        })?;
+        if written.existed {
+            skipped += 1;
+            skipped_bytes += l.size;
+        } else {
+            sent += 1;
+            sent_bytes += l.size;
+        }
+        parent = Some(written.chain_id);
+    }
+    let id = writer
+        .write_image(&config.bytes)
+        .map_err(|source| Error::Store {
+            what: "write image config".into(),
+            source,
+        })?;
+    for n in names {
+        writer.tag(n, &id).map_err(|source| Error::Store {
+            what: format!("tag {n}"),
+            source,
+        })?;
+    }
+    Ok((sent, sent_bytes, skipped, skipped_bytes))
+}
+
+/// How [`ImageTarget::detect`] finds the store.
+#[derive(Debug, Clone, Default)]
+pub struct TargetOptions {
+    /// Docker's data root when berthd was told it (`--docker-data-root`); needed for the offline
+    /// mode, and used as a read-only presence hint in the live classic mode.
+    pub data_root: Option<PathBuf>,
+    /// containerd's socket for Docker's containerd store, when `/info` does not report it.
+    pub containerd_address: Option<PathBuf>,
+    /// Evidence checks that a daemon is really stopped (offline mode).
+    pub offline_check: DaemonCheck,
+}
+
+impl ImageTarget {
+    /// Picks the mode from `GET /info`: containerd snapshotter → [`ImageTarget::Containerd`];
+    /// graphdriver → [`ImageTarget::ClassicLive`]; no daemon answering but a data root given →
+    /// [`ImageTarget::ClassicOffline`].
+    pub async fn detect(docker: Docker, opts: &TargetOptions) -> Result<ImageTarget> {
+        let info = match docker.info().await {
+            Ok(info) => info,
+            Err(e) => {
+                let Some(root) = &opts.data_root else {
+                    return Err(Error::DockerLoad {
+                        message: format!("the Docker Engine does not answer ({e}) and no --docker-data-root was given"),
+                    });
+                };
+                let driver = detect_offline_driver(root)?;
+                return Ok(ImageTarget::ClassicOffline {
+                    data_root: root.clone(),
+                    driver,
+                    check: opts.offline_check.clone(),
+                });
+            }
+        };
+        let driver = info.driver.clone().unwrap_or_default();
+        let containerd_store = info.driver_status.iter().flatten().any(|kv| {
+            kv.len() == 2 && kv[0] == "driver-type" && kv[1] == "io.containerd.snapshotter.v1"
+        });
+        if containerd_store {
+            let address = opts
+                .containerd_address
+                .clone()
+                .or_else(|| {
+                    info.containerd
+                        .as_ref()
+                        .and_then(|c| c.address.clone())
+                        .map(PathBuf::from)
+                })
+                .unwrap_or_else(|| PathBuf::from("/run/containerd/containerd.sock"));
+            let namespace = info
+                .containerd
+                .as_ref()
+                .and_then(|c| c.namespaces.as_ref())
+                .and_then(|n| n.containers.clone())
+                .unwrap_or_else(|| "moby".to_string());
+            let store = ContainerdStore::connect(&address, &namespace, &driver).await?;
+            return Ok(ImageTarget::Containerd { docker, store });
+        }
+        let data_root = opts
+            .data_root
+            .clone()
+            .or_else(|| info.docker_root_dir.clone().map(PathBuf::from));
+        let layerdb = data_root
+            .map(|r| r.join("image").join(&driver).join("layerdb"))
+            .filter(|p| p.is_dir());
+        Ok(ImageTarget::ClassicLive {
+            engine: DockerEngine::new(docker, layerdb),
+        })
+    }
+
+    /// A short name of the mode, for progress and logs.
+    pub fn mode(&self) -> &'static str {
+        match self {
+            ImageTarget::ClassicLive { .. } => "docker (classic store, thin load)",
+            ImageTarget::ClassicOffline { .. } => "docker data root (daemon stopped, direct write)",
+            ImageTarget::Containerd { .. } => "docker (containerd store)",
+        }
+    }
+}
+
+/// The storage driver of a stopped daemon's data root: the one whose `image/<driver>/layerdb`
+/// exists (an empty data root gets `overlay2`).
+fn detect_offline_driver(root: &std::path::Path) -> Result<StorageDriver> {
+    for name in ["overlay2", "fuse-overlayfs"] {
+        if root.join("image").join(name).join("layerdb").is_dir() {
+            return StorageDriver::from_name(name).map_err(|source| Error::Store {
+                what: "storage driver".into(),
+                source,
+            });
+        }
+    }
+    StorageDriver::from_name("overlay2").map_err(|source| Error::Store {
+        what: "storage driver".into(),
+        source,
+    })
+}
