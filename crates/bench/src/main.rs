@@ -1,0 +1,2 @@
+//! berth-bench (in progress).
+fn main() {}
