@@ -93,6 +93,31 @@ pub(crate) struct State {
     pub adapters: BTreeMap<String, AdapterRec>,
 }
 
+impl State {
+    fn apply(&mut self, b: Batch) {
+        for id in b.del_snapshots {
+            self.snapshots.remove(&id);
+        }
+        self.snapshots.extend(b.put_snapshots);
+        for id in b.del_layers {
+            self.layers.remove(&id);
+        }
+        self.layers.extend(b.put_layers);
+        for k in b.del_cache_keys {
+            self.cache_keys.remove(&k);
+        }
+        self.cache_keys.extend(b.put_cache_keys);
+        for k in b.del_leases {
+            self.leases.remove(&k);
+        }
+        self.leases.extend(b.put_leases);
+        for k in b.del_adapters {
+            self.adapters.remove(&k);
+        }
+        self.adapters.extend(b.put_adapters);
+    }
+}
+
 /// One batch of changes, applied atomically by [`Db::apply`].
 #[derive(Debug, Default)]
 pub(crate) struct Batch {
@@ -108,20 +133,33 @@ pub(crate) struct Batch {
     pub del_adapters: Vec<String>,
 }
 
+/// The database plus an in-memory copy of its state. The store holds the only handle (redb locks the file), so the
+/// copy is updated after each successful commit and reads never touch the disk.
 pub(crate) struct Db {
     db: redb::Database,
+    cache: std::sync::Mutex<State>,
 }
 
 impl Db {
     pub fn open(path: &Path) -> Result<Db> {
         let db = redb::Database::create(path).map_err(|e| db_err("open")(e.into()))?;
-        let db = Db { db };
+        let db = Db {
+            db,
+            cache: std::sync::Mutex::new(State::default()),
+        };
         // Create the tables so that readers never see "table does not exist".
         db.apply(Batch::default())?;
+        let st = db.read_all()?;
+        *db.cache.lock().unwrap_or_else(|p| p.into_inner()) = st;
         Ok(db)
     }
 
+    /// The current state (a copy of the in-memory state).
     pub fn load(&self) -> Result<State> {
+        Ok(self.cache.lock().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+
+    fn read_all(&self) -> Result<State> {
         let tx = self
             .db
             .begin_read()
@@ -212,6 +250,11 @@ impl Db {
                 t.insert(k.as_str(), enc(rec).as_slice()).map_err(w)?;
             }
         }
-        tx.commit().map_err(|e| db_err("commit")(e.into()))
+        tx.commit().map_err(|e| db_err("commit")(e.into()))?;
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .apply(b);
+        Ok(())
     }
 }
