@@ -89,7 +89,10 @@ impl Daemon {
             .append(true)
             .open(self.p("dockerd.log"))?;
         self.dockerd = Some(
-            Command::new("dockerd")
+            // Own network namespace: dockerd with `--bridge=none` deletes `docker0`, which in
+            // the host namespace is the system daemon's bridge.
+            Command::new("unshare")
+                .args(["--net", "--", "dockerd"])
                 .arg("--config-file")
                 .arg(self.p("daemon.json"))
                 .arg("--data-root")
