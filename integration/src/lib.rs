@@ -49,6 +49,7 @@
 //! # }
 //! ```
 
+pub mod buildkit_client;
 mod engine;
 mod http;
 mod images;

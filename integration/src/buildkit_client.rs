@@ -1,0 +1,984 @@
+//! A BuildKit client for end-to-end tests, following the protocol path of `buildctl build`.
+//!
+//! [`Berthd`] runs the daemon binary as a child process (temporary `--root` and unix socket; killed
+//! in `Drop`). [`BuildkitClient`] talks to it like buildctl v0.11.6 does: `ListWorkers`, then in
+//! parallel `Control.Session` (this side is the HTTP/2 **server** inside the tunnel and serves
+//! FileSync, FileSend, Auth, Secrets and Health with the real fsutil packet protocol),
+//! `Control.Solve` with an empty definition, `Control.Status`, and `LLBBridge` `Ping`/`Solve`/`Return`
+//! tagged with `buildkit-controlapi-buildid`. [`BuildReport`] keeps everything a test wants to assert:
+//! the solve outcome, every `StatusResponse`, how the streams ended, and transfer counters.
+
+use anyhow::{bail, Context as _};
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use protos::fsutil::types::Packet as WirePacket;
+use protos::moby::buildkit::v1 as control;
+use protos::moby::buildkit::v1::control_client::ControlClient;
+use protos::moby::buildkit::v1::frontend as gw;
+use protos::moby::buildkit::v1::frontend::llb_bridge_client::LlbBridgeClient;
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+
+/// Message size limit used by the client (buildctl: 16 MiB; we allow more to test the daemon's limit).
+pub const CLIENT_MAX_MESSAGE: usize = 128 << 20;
+
+/// Path of the `berthd` binary, built on demand with the same cargo that runs the tests.
+pub fn berthd_binary() -> anyhow::Result<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("workspace root")?
+        .to_path_buf();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "-q", "-p", "daemon", "--bin", "berthd"])
+        .current_dir(&root)
+        .status()
+        .context("run cargo build for berthd")?;
+    if !status.success() {
+        bail!("building berthd failed: {status}");
+    }
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root.join("target"));
+    let bin = target.join("debug").join("berthd");
+    if !bin.exists() {
+        bail!("berthd binary not found at {}", bin.display());
+    }
+    Ok(bin)
+}
+
+/// A berthd child process with its own root and socket.
+pub struct Berthd {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+    root: PathBuf,
+    log: PathBuf,
+    extra_args: Vec<String>,
+}
+
+impl Berthd {
+    /// Starts berthd and waits until its socket answers (≤ 15 s).
+    pub fn start(extra_args: &[&str]) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("berthd-test-").tempdir()?;
+        let socket = dir.path().join("run").join("buildkitd.sock");
+        let root = dir.path().join("root");
+        let log = dir.path().join("berthd.log");
+        let mut d = Berthd {
+            child: None,
+            dir,
+            socket,
+            root,
+            log,
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+        };
+        d.spawn()?;
+        Ok(d)
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let bin = berthd_binary()?;
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let mut cmd = Command::new(bin);
+        cmd.arg("--root")
+            .arg(&self.root)
+            .arg("--addr")
+            .arg(format!("unix://{}", self.socket.display()))
+            .arg("--debug")
+            .args(&self.extra_args)
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone()?)
+            .stderr(logf);
+        let child = cmd.spawn().context("spawn berthd")?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return Ok(());
+            }
+            if let Some(c) = self.child.as_mut() {
+                if let Some(st) = c.try_wait()? {
+                    bail!("berthd exited early ({st}); log:\n{}", self.log_text());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "berthd did not answer on {} within 15 s; log:\n{}",
+                    self.socket.display(),
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The socket path.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The `--root` directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// A scratch directory that lives as long as the daemon.
+    pub fn scratch(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The daemon's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The child's pid.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Sends SIGTERM and waits for exit (≤ `timeout`); returns the exit status.
+    pub fn terminate(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let mut child = self.child.take().context("berthd not running")?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = child.try_wait()? {
+                return Ok(st);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "berthd did not exit within {timeout:?} after SIGTERM; log:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Restarts the daemon on the same root and socket.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        if self.child.is_some() {
+            self.terminate(Duration::from_secs(10))?;
+        }
+        self.spawn()
+    }
+
+    /// A client connected to this daemon.
+    pub async fn client(&self) -> anyhow::Result<BuildkitClient> {
+        BuildkitClient::connect_unix(&self.socket).await
+    }
+}
+
+impl Drop for Berthd {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A random 25-character id (like buildctl's refs and session ids).
+pub fn new_id() -> String {
+    use rand::Rng;
+    const A: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut r = rand::thread_rng();
+    (0..25).map(|_| A[r.gen_range(0..36)] as char).collect()
+}
+
+/// A connection to a BuildKit-compatible daemon.
+#[derive(Clone)]
+pub struct BuildkitClient {
+    channel: Channel,
+}
+
+impl BuildkitClient {
+    /// Connects to `unix://path`.
+    pub async fn connect_unix(path: &Path) -> anyhow::Result<Self> {
+        let path = path.to_path_buf();
+        let channel = Endpoint::try_from("http://localhost")?
+            .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+                let path = path.clone();
+                async move {
+                    let s = tokio::net::UnixStream::connect(path).await?;
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+                }
+            }))
+            .await
+            .context("connect to the daemon socket")?;
+        Ok(BuildkitClient { channel })
+    }
+
+    /// A Control client.
+    pub fn control(&self) -> ControlClient<Channel> {
+        ControlClient::new(self.channel.clone())
+            .max_decoding_message_size(CLIENT_MAX_MESSAGE)
+            .max_encoding_message_size(CLIENT_MAX_MESSAGE)
+    }
+
+    /// An LLBBridge client.
+    pub fn gateway(&self) -> LlbBridgeClient<Channel> {
+        LlbBridgeClient::new(self.channel.clone())
+            .max_decoding_message_size(CLIENT_MAX_MESSAGE)
+            .max_encoding_message_size(CLIENT_MAX_MESSAGE)
+    }
+
+    /// Opens a session serving `attach`; the returned handle closes it like buildctl does.
+    pub async fn open_session(&self, attach: Attachables) -> anyhow::Result<SessionHandle> {
+        let id = new_id();
+        let (tx, rx) = mpsc::channel::<control::BytesMessage>(32);
+        let mut req = tonic::Request::new(ReceiverStream::new(rx));
+        let md = req.metadata_mut();
+        md.insert("x-docker-expose-session-uuid", id.parse()?);
+        md.insert("x-docker-expose-session-name", "berth-test".parse()?);
+        md.insert(
+            "x-docker-expose-session-sharedkey",
+            attach.shared_key.parse()?,
+        );
+        for m in attach.methods() {
+            md.append("x-docker-expose-session-grpc-method", m.parse()?);
+        }
+        let resp = self
+            .control()
+            .session(req)
+            .await
+            .context("Control.Session")?;
+        let inbound = resp.into_inner();
+        let (server_io, pipe) = tokio::io::duplex(256 * 1024);
+        let (mut pipe_r, mut pipe_w) = tokio::io::split(pipe);
+        // daemon -> pipe
+        let ended_ok = Arc::new(Mutex::new(None::<bool>));
+        let in_task = {
+            let ended_ok = ended_ok.clone();
+            tokio::spawn(async move {
+                let mut inbound = inbound;
+                let mut ok = true;
+                while let Some(m) = inbound.next().await {
+                    match m {
+                        Ok(m) => {
+                            if pipe_w.write_all(&m.data).await.is_err() {
+                                break;
+                            }
+                        }
+                        Err(_) => {
+                            ok = false;
+                            break;
+                        }
+                    }
+                }
+                *ended_ok.lock().unwrap() = Some(ok);
+                let _ = pipe_w.shutdown().await;
+            })
+        };
+        // pipe -> daemon
+        let out_tx = tx.clone();
+        let out_task = tokio::spawn(async move {
+            let mut buf = vec![0u8; 32 * 1024];
+            loop {
+                match pipe_r.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if out_tx
+                            .send(control::BytesMessage {
+                                data: Bytes::copy_from_slice(&buf[..n]),
+                            })
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+        let state = Arc::new(attach);
+        let svc = SessionServer {
+            state: state.clone(),
+        };
+        let server_task = tokio::spawn(async move {
+            let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .max_frame_size(1 << 20)
+                .serve_connection(
+                    hyper_util::rt::TokioIo::new(server_io),
+                    hyper_util::service::TowerToHyperService::new(svc),
+                )
+                .await;
+        });
+        Ok(SessionHandle {
+            id,
+            tx: Some(tx),
+            in_task: Some(in_task),
+            out_task: Some(out_task),
+            server_task: Some(server_task),
+            ended_ok,
+            state,
+        })
+    }
+
+    /// Runs a build the way `buildctl build` does and reports everything observed.
+    pub async fn build(&self, opts: BuildOptions) -> anyhow::Result<BuildReport> {
+        let workers = self
+            .control()
+            .list_workers(control::ListWorkersRequest::default())
+            .await?
+            .into_inner();
+        if workers.record.is_empty() {
+            bail!("ListWorkers returned no worker");
+        }
+        let attach = Attachables {
+            locals: opts.locals.clone(),
+            output: opts.output.clone(),
+            secrets: opts.secrets.clone(),
+            shared_key: String::new(),
+            ..Default::default()
+        };
+        let mut session = self.open_session(attach).await?;
+        let build_ref = new_id();
+        let (exporter, exporter_attrs) = match &opts.output {
+            Output::None => (String::new(), BTreeMap::new()),
+            Output::Local(_) => ("local".to_string(), BTreeMap::new()),
+            Output::Tar(_) => ("tar".to_string(), BTreeMap::new()),
+            Output::Raw(t, a) => (t.clone(), a.clone()),
+        };
+        #[allow(deprecated)]
+        let solve_req = control::SolveRequest {
+            r#ref: build_ref.clone(),
+            session: session.id.clone(),
+            exporter_deprecated: exporter,
+            exporter_attrs_deprecated: exporter_attrs,
+            frontend_attrs: opts.frontend_attrs.clone(),
+            ..Default::default()
+        };
+        let started = Instant::now();
+        let mut control = self.control();
+        let solve = tokio::spawn(async move {
+            let r = control.solve(solve_req).await.map(|r| r.into_inner());
+            (r, Instant::now())
+        });
+        let mut status_client = self.control();
+        let status_ref = build_ref.clone();
+        let status = tokio::spawn(async move {
+            let mut out = Vec::new();
+            let stream = status_client
+                .status(control::StatusRequest { r#ref: status_ref })
+                .await;
+            let mut stream = match stream {
+                Ok(s) => s.into_inner(),
+                Err(e) => return (out, Err(e), Instant::now()),
+            };
+            loop {
+                match stream.next().await {
+                    Some(Ok(m)) => out.push(m),
+                    Some(Err(e)) => return (out, Err(e), Instant::now()),
+                    None => return (out, Ok(()), Instant::now()),
+                }
+            }
+        });
+        // gateway: Ping, Solve, Return
+        let mut g = self.gateway();
+        let pong = g
+            .ping(with_build_id(gw::PingRequest {}, &build_ref))
+            .await
+            .map(|r| r.into_inner());
+        let gw_solve = match &pong {
+            Ok(_) => {
+                let req = gw::SolveRequest {
+                    definition: opts.definition.clone(),
+                    frontend: opts.frontend.clone().unwrap_or_default(),
+                    allow_result_return: true,
+                    allow_result_array_ref: true,
+                    ..Default::default()
+                };
+                Some(
+                    g.solve(with_build_id(req, &build_ref))
+                        .await
+                        .map(|r| r.into_inner()),
+                )
+            }
+            Err(_) => None,
+        };
+        let ret = match &gw_solve {
+            Some(Ok(res)) => ReturnRequest::Result(res.result.clone().unwrap_or_default()),
+            Some(Err(st)) => ReturnRequest::Error(st.clone()),
+            None => ReturnRequest::Error(tonic::Status::unavailable("ping failed")),
+        };
+        let return_req = match ret {
+            ReturnRequest::Result(r) => gw::ReturnRequest {
+                result: Some(r),
+                error: None,
+            },
+            ReturnRequest::Error(st) => gw::ReturnRequest {
+                result: None,
+                error: Some(protos::google::rpc::Status {
+                    code: st.code() as i32,
+                    message: st.message().to_string(),
+                    details: vec![],
+                }),
+            },
+        };
+        let gw_return = if pong.is_ok() {
+            Some(
+                g.r#return(with_build_id(return_req, &build_ref))
+                    .await
+                    .map(|r| r.into_inner()),
+            )
+        } else {
+            None
+        };
+        let (solve_result, solve_done) = solve.await?;
+        // buildctl cancels Status 3 s after Solve returns
+        let status_res = tokio::time::timeout(Duration::from_secs(3), status).await;
+        let (statuses, status_end, status_done) = match status_res {
+            Ok(r) => r?,
+            Err(_) => (
+                vec![],
+                Err(tonic::Status::deadline_exceeded(
+                    "Status did not end within 3 s after Solve",
+                )),
+                Instant::now(),
+            ),
+        };
+        let session_closed_ok = session.close(Duration::from_secs(5)).await;
+        Ok(BuildReport {
+            build_ref,
+            pong,
+            gateway_solve: gw_solve,
+            gateway_return: gw_return,
+            solve: solve_result,
+            statuses,
+            status_end,
+            status_lag: status_done.saturating_duration_since(solve_done),
+            solve_duration: solve_done.duration_since(started),
+            session_closed_ok,
+            file_sync_bytes: session.state.file_sync_bytes.load(Ordering::Relaxed),
+            file_sync_requests: session.state.file_sync_requests.load(Ordering::Relaxed),
+        })
+    }
+}
+
+/// A request tagged with `buildkit-controlapi-buildid`.
+pub fn with_build_id<T>(m: T, build_ref: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(m);
+    r.metadata_mut().insert(
+        "buildkit-controlapi-buildid",
+        build_ref.parse().expect("ascii build ref"),
+    );
+    r
+}
+
+enum ReturnRequest {
+    Result(gw::Result),
+    Error(tonic::Status),
+}
+
+/// Where the build output goes.
+#[derive(Debug, Clone, Default)]
+pub enum Output {
+    /// No exporter.
+    #[default]
+    None,
+    /// `--output type=local,dest=DIR`.
+    Local(PathBuf),
+    /// `--output type=tar,dest=FILE`.
+    Tar(PathBuf),
+    /// Any exporter type and attributes (no client-side target).
+    Raw(String, BTreeMap<String, String>),
+}
+
+/// What to build.
+#[derive(Debug, Clone, Default)]
+pub struct BuildOptions {
+    /// LLB (sent through `LLBBridge.Solve`).
+    pub definition: Option<protos::pb::Definition>,
+    /// Frontend name instead of LLB.
+    pub frontend: Option<String>,
+    /// `--local name=dir`.
+    pub locals: BTreeMap<String, PathBuf>,
+    /// `--output`.
+    pub output: Output,
+    /// `--secret id=...`.
+    pub secrets: BTreeMap<String, Vec<u8>>,
+    /// `--opt` values.
+    pub frontend_attrs: BTreeMap<String, String>,
+}
+
+/// Everything observed during one build.
+#[derive(Debug)]
+pub struct BuildReport {
+    /// The build ref.
+    pub build_ref: String,
+    /// `LLBBridge.Ping`.
+    pub pong: Result<gw::PongResponse, tonic::Status>,
+    /// `LLBBridge.Solve` (absent if Ping failed).
+    pub gateway_solve: Option<Result<gw::SolveResponse, tonic::Status>>,
+    /// `LLBBridge.Return` (absent if Ping failed).
+    pub gateway_return: Option<Result<gw::ReturnResponse, tonic::Status>>,
+    /// `Control.Solve`.
+    pub solve: Result<control::SolveResponse, tonic::Status>,
+    /// Every `StatusResponse`.
+    pub statuses: Vec<control::StatusResponse>,
+    /// How the Status stream ended (`Ok` = EOF with OK).
+    pub status_end: Result<(), tonic::Status>,
+    /// Time from Solve returning to Status ending.
+    pub status_lag: Duration,
+    /// Time Solve took.
+    pub solve_duration: Duration,
+    /// Whether the daemon ended the Session with OK after we half-closed.
+    pub session_closed_ok: bool,
+    /// Content bytes the client's FileSync sent.
+    pub file_sync_bytes: u64,
+    /// Files the daemon requested from FileSync.
+    pub file_sync_requests: u64,
+}
+
+impl BuildReport {
+    /// The last state of every vertex.
+    pub fn vertices(&self) -> BTreeMap<String, control::Vertex> {
+        let mut m = BTreeMap::new();
+        for r in &self.statuses {
+            for v in &r.vertexes {
+                m.insert(v.digest.clone(), v.clone());
+            }
+        }
+        m
+    }
+
+    /// Every status update.
+    pub fn vertex_statuses(&self) -> Vec<control::VertexStatus> {
+        self.statuses
+            .iter()
+            .flat_map(|r| r.statuses.iter().cloned())
+            .collect()
+    }
+}
+
+/// What the client side of a session serves.
+#[derive(Debug, Clone, Default)]
+pub struct Attachables {
+    /// `--local` directories.
+    pub locals: BTreeMap<String, PathBuf>,
+    /// The output target.
+    pub output: Output,
+    /// Secrets.
+    pub secrets: BTreeMap<String, Vec<u8>>,
+    /// `x-docker-expose-session-sharedkey`.
+    pub shared_key: String,
+    file_sync_bytes: Arc<AtomicU64>,
+    file_sync_requests: Arc<AtomicU64>,
+}
+
+impl Attachables {
+    fn methods(&self) -> Vec<&'static str> {
+        let mut m = vec![
+            "/grpc.health.v1.Health/Check",
+            "/moby.filesync.v1.Auth/Credentials",
+            "/moby.filesync.v1.Auth/FetchToken",
+            "/moby.filesync.v1.Auth/GetTokenAuthority",
+            "/moby.filesync.v1.Auth/VerifyTokenAuthority",
+        ];
+        if !self.locals.is_empty() {
+            m.push("/moby.filesync.v1.FileSync/DiffCopy");
+            m.push("/moby.filesync.v1.FileSync/TarStream");
+        }
+        if matches!(self.output, Output::Local(_) | Output::Tar(_)) {
+            m.push("/moby.filesync.v1.FileSend/DiffCopy");
+        }
+        if !self.secrets.is_empty() {
+            m.push("/moby.buildkit.secrets.v1.Secrets/GetSecret");
+        }
+        m
+    }
+}
+
+/// An open session; [`SessionHandle::close`] ends it like buildctl.
+pub struct SessionHandle {
+    /// Session id.
+    pub id: String,
+    tx: Option<mpsc::Sender<control::BytesMessage>>,
+    in_task: Option<tokio::task::JoinHandle<()>>,
+    out_task: Option<tokio::task::JoinHandle<()>>,
+    server_task: Option<tokio::task::JoinHandle<()>>,
+    ended_ok: Arc<Mutex<Option<bool>>>,
+    state: Arc<Attachables>,
+}
+
+impl SessionHandle {
+    /// Half-closes and waits (≤ `timeout`) for the daemon to end the stream; true if it ended with OK.
+    pub async fn close(&mut self, timeout: Duration) -> bool {
+        self.tx.take();
+        if let Some(t) = self.out_task.take() {
+            t.abort();
+        }
+        let res = match self.in_task.take() {
+            Some(t) => tokio::time::timeout(timeout, t).await.is_ok(),
+            None => true,
+        };
+        if let Some(t) = self.server_task.take() {
+            t.abort();
+        }
+        res && self.ended_ok.lock().unwrap().unwrap_or(false)
+    }
+
+    /// Drops the session abruptly (no half-close; the RPC is canceled).
+    pub fn abort(&mut self) {
+        for t in [
+            self.in_task.take(),
+            self.out_task.take(),
+            self.server_task.take(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            t.abort();
+        }
+        self.tx.take();
+    }
+}
+
+impl Drop for SessionHandle {
+    fn drop(&mut self) {
+        self.abort();
+    }
+}
+
+/// The HTTP/2 service inside the tunnel.
+#[derive(Clone)]
+struct SessionServer {
+    state: Arc<Attachables>,
+}
+
+type BoxBodyStream<T> = Pin<Box<dyn Stream<Item = Result<T, tonic::Status>> + Send + 'static>>;
+
+macro_rules! streaming_svc {
+    ($name:ident, $field:ty, $req:ty, $resp:ty, $f:ident) => {
+        struct $name($field);
+        impl tonic::server::StreamingService<$req> for $name {
+            type Response = $resp;
+            type ResponseStream = BoxBodyStream<$resp>;
+            type Future = Pin<
+                Box<
+                    dyn std::future::Future<
+                            Output = Result<tonic::Response<Self::ResponseStream>, tonic::Status>,
+                        > + Send,
+                >,
+            >;
+            fn call(&mut self, request: tonic::Request<tonic::Streaming<$req>>) -> Self::Future {
+                Box::pin($f(self.0.clone(), request))
+            }
+        }
+    };
+}
+
+streaming_svc!(
+    FileSyncSvc,
+    Arc<Attachables>,
+    WirePacket,
+    WirePacket,
+    file_sync
+);
+streaming_svc!(
+    FileReceiveSvc,
+    PathBuf,
+    WirePacket,
+    WirePacket,
+    file_receive
+);
+streaming_svc!(
+    FileWriteSvc,
+    PathBuf,
+    protos::moby::filesync::v1::BytesMessage,
+    protos::moby::filesync::v1::BytesMessage,
+    file_write
+);
+
+struct Unary<F>(F);
+
+impl<Req, Resp, F, Fut> tonic::server::UnaryService<Req> for Unary<F>
+where
+    F: Fn(tonic::Request<Req>) -> Fut + Clone + Send + 'static,
+    Fut:
+        std::future::Future<Output = Result<tonic::Response<Resp>, tonic::Status>> + Send + 'static,
+    Req: Send + 'static,
+    Resp: Send + 'static,
+{
+    type Response = Resp;
+    type Future = Pin<
+        Box<dyn std::future::Future<Output = Result<tonic::Response<Resp>, tonic::Status>> + Send>,
+    >;
+
+    fn call(&mut self, request: tonic::Request<Req>) -> Self::Future {
+        Box::pin((self.0)(request))
+    }
+}
+
+fn md_values(md: &tonic::metadata::MetadataMap, key: &str) -> Vec<String> {
+    md.get_all(key)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::to_string)
+        .collect()
+}
+
+impl tower::Service<http::Request<hyper::body::Incoming>> for SessionServer {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<hyper::body::Incoming>) -> Self::Future {
+        let state = self.state.clone();
+        let req = req.map(tonic::body::Body::new);
+        Box::pin(async move {
+            let path = req.uri().path().to_string();
+            let resp = match path.as_str() {
+                "/grpc.health.v1.Health/Check" => {
+                    let codec: tonic_prost::ProstCodec<
+                        protos::grpc::health::v1::HealthCheckResponse,
+                        protos::grpc::health::v1::HealthCheckRequest,
+                    > = Default::default();
+                    let svc = Unary(
+                        |_r: tonic::Request<protos::grpc::health::v1::HealthCheckRequest>| async {
+                            Ok(tonic::Response::new(
+                                protos::grpc::health::v1::HealthCheckResponse { status: 1 },
+                            ))
+                        },
+                    );
+                    tonic::server::Grpc::new(codec).unary(svc, req).await
+                }
+                "/moby.filesync.v1.Auth/Credentials" => {
+                    let codec: tonic_prost::ProstCodec<
+                        protos::moby::filesync::v1::CredentialsResponse,
+                        protos::moby::filesync::v1::CredentialsRequest,
+                    > = Default::default();
+                    let svc = Unary(
+                        |_r: tonic::Request<protos::moby::filesync::v1::CredentialsRequest>| async {
+                            Ok(tonic::Response::new(
+                                protos::moby::filesync::v1::CredentialsResponse::default(),
+                            ))
+                        },
+                    );
+                    tonic::server::Grpc::new(codec).unary(svc, req).await
+                }
+                "/moby.buildkit.secrets.v1.Secrets/GetSecret" => {
+                    let codec: tonic_prost::ProstCodec<
+                        protos::moby::buildkit::secrets::v1::GetSecretResponse,
+                        protos::moby::buildkit::secrets::v1::GetSecretRequest,
+                    > = Default::default();
+                    let st = state.clone();
+                    let svc = Unary(
+                        move |r: tonic::Request<
+                            protos::moby::buildkit::secrets::v1::GetSecretRequest,
+                        >| {
+                            let st = st.clone();
+                            async move {
+                                match st.secrets.get(&r.get_ref().id) {
+                                    Some(v) => Ok(tonic::Response::new(
+                                        protos::moby::buildkit::secrets::v1::GetSecretResponse {
+                                            data: Bytes::from(v.clone()),
+                                        },
+                                    )),
+                                    None => Err(tonic::Status::not_found(format!(
+                                        "secret {} not found",
+                                        r.get_ref().id
+                                    ))),
+                                }
+                            }
+                        },
+                    );
+                    tonic::server::Grpc::new(codec).unary(svc, req).await
+                }
+                "/moby.filesync.v1.FileSync/DiffCopy" => {
+                    let codec: tonic_prost::ProstCodec<WirePacket, WirePacket> = Default::default();
+                    tonic::server::Grpc::new(codec)
+                        .streaming(FileSyncSvc(state.clone()), req)
+                        .await
+                }
+                "/moby.filesync.v1.FileSend/DiffCopy" => match &state.output {
+                    Output::Local(dir) => {
+                        let codec: tonic_prost::ProstCodec<WirePacket, WirePacket> =
+                            Default::default();
+                        tonic::server::Grpc::new(codec)
+                            .streaming(FileReceiveSvc(dir.clone()), req)
+                            .await
+                    }
+                    Output::Tar(file) => {
+                        let codec: tonic_prost::ProstCodec<
+                            protos::moby::filesync::v1::BytesMessage,
+                            protos::moby::filesync::v1::BytesMessage,
+                        > = Default::default();
+                        tonic::server::Grpc::new(codec)
+                            .streaming(FileWriteSvc(file.clone()), req)
+                            .await
+                    }
+                    _ => tonic::Status::unimplemented("no output target").into_http(),
+                },
+                other => {
+                    tonic::Status::unimplemented(format!("{other} is not served by this session"))
+                        .into_http()
+                }
+            };
+            Ok(resp)
+        })
+    }
+}
+
+async fn file_sync(
+    st: Arc<Attachables>,
+    r: tonic::Request<tonic::Streaming<WirePacket>>,
+) -> Result<tonic::Response<BoxBodyStream<WirePacket>>, tonic::Status> {
+    let md = r.metadata().clone();
+    let name = md_values(&md, "dir-name")
+        .into_iter()
+        .next()
+        .unwrap_or_default();
+    let Some(dir) = st.locals.get(&name).cloned() else {
+        return Err(tonic::Status::not_found(format!(
+            "no access allowed to dir {name:?}"
+        )));
+    };
+    let opts = fsutil::SendOptions {
+        walk: fsutil::walk::WalkOptions {
+            include_patterns: md_values(&md, "include-patterns"),
+            exclude_patterns: md_values(&md, "exclude-patterns"),
+            follow_paths: md_values(&md, "followpaths"),
+        },
+        // buildctl rewrites ownership to 0:0
+        map: Some(Arc::new(|s: &mut fsutil::Stat| {
+            s.uid = 0;
+            s.gid = 0;
+            fsutil::walk::MapResult::Keep
+        })),
+        progress: {
+            let bytes = st.file_sync_bytes.clone();
+            Some(Arc::new(move |n: u64, _last: bool| {
+                bytes.fetch_max(n, Ordering::Relaxed);
+            }))
+        },
+    };
+    let requests = st.file_sync_requests.clone();
+    let incoming = r.into_inner().map(move |p| match p {
+        Ok(p) => {
+            if p.r#type == fsutil::packet_type::REQ {
+                requests.fetch_add(1, Ordering::Relaxed);
+            }
+            fsutil::Packet::try_from(p)
+        }
+        Err(e) => Err(fsutil::Error::Transport {
+            message: e.to_string(),
+        }),
+    });
+    let (tx, rx) = mpsc::channel::<fsutil::Packet>(64);
+    let (out_tx, out_rx) = mpsc::channel::<Result<WirePacket, tonic::Status>>(64);
+    tokio::spawn(async move {
+        let sender = fsutil::send(dir, opts, tx, Box::pin(incoming));
+        let fwd = async {
+            let mut rx = rx;
+            while let Some(p) = rx.recv().await {
+                if out_tx.send(Ok(p.into())).await.is_err() {
+                    break;
+                }
+            }
+            out_tx
+        };
+        let (res, out_tx) = tokio::join!(sender, fwd);
+        if let Err(e) = res {
+            let _ = out_tx
+                .send(Err(tonic::Status::unknown(e.to_string())))
+                .await;
+        }
+    });
+    Ok(tonic::Response::new(Box::pin(ReceiverStream::new(out_rx))))
+}
+
+async fn file_receive(
+    dir: PathBuf,
+    r: tonic::Request<tonic::Streaming<WirePacket>>,
+) -> Result<tonic::Response<BoxBodyStream<WirePacket>>, tonic::Status> {
+    let incoming = r.into_inner().map(|p| match p {
+        Ok(p) => fsutil::Packet::try_from(p),
+        Err(e) => Err(fsutil::Error::Transport {
+            message: e.to_string(),
+        }),
+    });
+    let (tx, rx) = mpsc::channel::<fsutil::Packet>(64);
+    let (out_tx, out_rx) = mpsc::channel::<Result<WirePacket, tonic::Status>>(64);
+    tokio::spawn(async move {
+        let opts = fsutil::ReceiveOptions {
+            merge: true,
+            ..Default::default()
+        };
+        let recv = fsutil::receive(dir, opts, tx, Box::pin(incoming));
+        let fwd = async {
+            let mut rx = rx;
+            while let Some(p) = rx.recv().await {
+                if out_tx.send(Ok(p.into())).await.is_err() {
+                    break;
+                }
+            }
+            out_tx
+        };
+        let (res, out_tx) = tokio::join!(recv, fwd);
+        if let Err(e) = res {
+            let _ = out_tx
+                .send(Err(tonic::Status::unknown(e.to_string())))
+                .await;
+        }
+    });
+    Ok(tonic::Response::new(Box::pin(ReceiverStream::new(out_rx))))
+}
+
+async fn file_write(
+    file: PathBuf,
+    r: tonic::Request<tonic::Streaming<protos::moby::filesync::v1::BytesMessage>>,
+) -> Result<tonic::Response<BoxBodyStream<protos::moby::filesync::v1::BytesMessage>>, tonic::Status>
+{
+    let mut s = r.into_inner();
+    let mut f = tokio::fs::File::create(&file)
+        .await
+        .map_err(|e| tonic::Status::internal(format!("create {}: {e}", file.display())))?;
+    let mut chunks = Vec::new();
+    while let Some(m) = s.next().await {
+        let m = m?;
+        chunks.push(m.data.len());
+        f.write_all(&m.data)
+            .await
+            .map_err(|e| tonic::Status::internal(e.to_string()))?;
+    }
+    f.flush()
+        .await
+        .map_err(|e| tonic::Status::internal(e.to_string()))?;
+    // Record the chunk sizes next to the file, so tests can check the daemon's chunking.
+    let sizes = chunks
+        .iter()
+        .map(|n| n.to_string())
+        .collect::<Vec<_>>()
+        .join("\n");
+    let _ = tokio::fs::write(file.with_extension("chunks"), sizes).await;
+    Ok(tonic::Response::new(Box::pin(futures::stream::empty())))
+}
