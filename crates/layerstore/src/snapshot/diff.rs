@@ -454,3 +454,82 @@ pub(crate) fn write_aufs_above(src: &Path, markers: &[PathBuf], out: &Path) -> R
         out,
     )
 }
+
+fn is_whiteout(md: &std::fs::Metadata) -> bool {
+    md.file_type().is_char_device() && md.rdev() == 0
+}
+
+fn is_opaque(p: &Path) -> bool {
+    let mut v = [0u8; 4];
+    matches!(rustix::fs::lgetxattr(p, "trusted.overlay.opaque", &mut v), Ok(1) if v[0] == b'y')
+}
+
+/// Writes into `out` (an empty dir) the merged view of the overlay-format layer dirs `srcs` (topmost first), as a
+/// plain tree: what overlayfs would show, with whiteouts and opaque dirs applied. Regular files are hardlinked from
+/// the layers (they are immutable), or copied across filesystems. Used where a chain is deeper than overlayfs can
+/// stack: the bottom of the chain is flattened into one lower dir.
+pub(crate) fn flatten(srcs: &[PathBuf], out: &Path) -> Result<()> {
+    let mut c = Copier {
+        links: HashMap::new(),
+    };
+    flatten_dir(&mut c, srcs, out)?;
+    if let Some(top) = srcs.first() {
+        copy_meta(
+            top,
+            &std::fs::symlink_metadata(top).map_err(io_err("lstat", top))?,
+            out,
+        )?;
+    }
+    Ok(())
+}
+
+fn flatten_dir(c: &mut Copier, srcs: &[PathBuf], out: &Path) -> Result<()> {
+    let mut names = BTreeSet::new();
+    for s in srcs {
+        names.extend(sorted_names(s)?);
+    }
+    for name in names {
+        let o = out.join(&name);
+        for (i, s) in srcs.iter().enumerate() {
+            let p = s.join(&name);
+            let Some(md) = lstat(&p)? else { continue };
+            if is_whiteout(&md) {
+                break;
+            }
+            if !md.is_dir() {
+                if md.file_type().is_file() {
+                    if std::fs::hard_link(&p, &o).is_err() {
+                        std::fs::copy(&p, &o).map_err(io_err("copy", &p))?;
+                        copy_meta(&p, &md, &o)?;
+                    }
+                } else {
+                    c.copy_entry(&p, &md, &o)?;
+                }
+                break;
+            }
+            // A directory: it merges with the same-named dirs below, down to an opaque one or a non-dir.
+            let mut sub = vec![p.clone()];
+            if !is_opaque(&p) {
+                for lower in &srcs[i + 1..] {
+                    let lp = lower.join(&name);
+                    match lstat(&lp)? {
+                        Some(m) if m.is_dir() => {
+                            let opaque = is_opaque(&lp);
+                            sub.push(lp);
+                            if opaque {
+                                break;
+                            }
+                        }
+                        Some(_) => break,
+                        None => continue,
+                    }
+                }
+            }
+            std::fs::create_dir(&o).map_err(io_err("create dir", &o))?;
+            flatten_dir(c, &sub, &o)?;
+            copy_meta(&p, &md, &o)?;
+            break;
+        }
+    }
+    Ok(())
+}

@@ -58,8 +58,13 @@
 //! build; `SnapshotStore::mount` end to end, which includes one metadata write): new API 14–26 ms per mount on a
 //! quiet machine and 30–41 ms under load; short links 22–37 ms quiet and 46–93 ms under load (the extra is the helper
 //! thread and path lookups through the `l/` symlinks); unmount 1–13 ms for both. The short-link path also fails past
-//! ~270 layers (12-character ids; `short_links_reject_options_over_a_page`), the new API mounts them. So `Auto`
-//! picks the new API whenever the kernel accepts `lowerdir+`.
+//! ~270 layers (12-character ids). So `Auto` picks the new API whenever the kernel accepts `lowerdir+`.
+//!
+//! Deeper than a method can stack (overlayfs: 500 lower dirs; short links: 240), the bottom of the chain is
+//! flattened for that mount into one plain dir under `tmp/` (files hardlinked from the layers, whiteouts and opaque
+//! dirs applied) and removed after unmount (test `deep_chains_are_flattened_at_the_bottom`). Measured there for a
+//! 505-layer chain: new API (7 layers flattened, 500 stacked) 0.61 s, short links (267 flattened, 240 stacked)
+//! 0.17 s; stacking near overlayfs' maximum is itself slow in the kernel.
 //!
 //! # Docker layers in a chain
 //!

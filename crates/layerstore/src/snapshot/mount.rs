@@ -36,6 +36,10 @@ const MOUNT_FEATURES: &[(&str, &str)] = &[
     ("metacopy", "off"),
 ];
 
+/// Most lower dirs the short-link path stacks (`l/<12 chars>:` is 15 bytes; the option page also holds the
+/// upper/work dirs and feature flags).
+pub(crate) const SHORT_LINKS_MAX_STACK: usize = 240;
+
 /// Overlayfs' own limit on stacked lower layers (`OVL_MAX_STACK`).
 pub(crate) const OVL_MAX_STACK: usize = 500;
 

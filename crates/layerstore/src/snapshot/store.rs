@@ -639,6 +639,33 @@ impl SnapshotStore {
         snap: Option<SnapshotId>,
     ) -> Result<Mount> {
         let mut lowers = self.resolve_lowers(chain)?;
+        // Deeper than the mount method can stack: the bottom of the chain becomes one flattened (hardlinked) dir,
+        // made for this mount and removed after it.
+        let max = match self.inner.method {
+            MountMethod::ShortLinks => mount::SHORT_LINKS_MAX_STACK,
+            _ => mount::OVL_MAX_STACK,
+        };
+        let mut flat_dir = None;
+        if lowers.len() > max {
+            let k = lowers.len() - max + 1;
+            let name = format!("tmp/flat-{}", random_id(12));
+            let dir = self.inner.dir.join(&name);
+            let diff = dir.join("diff");
+            std::fs::create_dir_all(&diff).map_err(io_err("create dir", &diff))?;
+            let srcs: Vec<PathBuf> = lowers[..k].iter().rev().map(|(p, _)| p.clone()).collect();
+            let t = std::time::Instant::now();
+            if let Err(e) = diff::flatten(&srcs, &diff) {
+                let _ = remove_tree(&dir);
+                return Err(e);
+            }
+            tracing::info!(
+                layers = k,
+                elapsed_ms = t.elapsed().as_millis() as u64,
+                "flattened the bottom of a deep chain"
+            );
+            lowers.splice(..k, [(diff, format!("{name}/diff"))]);
+            flat_dir = Some(dir);
+        }
         if upper.is_none() && lowers.len() < 2 {
             // Overlay needs two lower dirs when it has no upper dir.
             lowers.insert(0, (self.inner.dir.join("empty2"), "empty2".to_string()));
@@ -660,10 +687,13 @@ impl SnapshotStore {
             if remove_dir {
                 let _ = std::fs::remove_dir(&target);
             }
+            if let Some(d) = &flat_dir {
+                let _ = remove_tree(d);
+            }
             return Err(e);
         }
         tracing::debug!(target = %target.display(), layers = spec.lowers.len(), rw = spec.upper.is_some(), "overlay mounted");
-        let on_release: Option<Arc<dyn Fn() + Send + Sync>> = snap.map(|id| {
+        let count: Option<Arc<dyn Fn() + Send + Sync>> = snap.map(|id| {
             *self
                 .inner
                 .mounted
@@ -684,6 +714,17 @@ impl SnapshotStore {
                 }
             }) as Arc<dyn Fn() + Send + Sync>
         });
+        let on_release: Option<Arc<dyn Fn() + Send + Sync>> = match (count, flat_dir) {
+            (count, Some(dir)) => Some(Arc::new(move || {
+                if let Err(e) = remove_tree(&dir) {
+                    tracing::warn!(dir = %dir.display(), error = %e, "removing flattened lower dir failed");
+                }
+                if let Some(f) = &count {
+                    f();
+                }
+            })),
+            (count, None) => count,
+        };
         Ok(Mount {
             target,
             remove_dir,
