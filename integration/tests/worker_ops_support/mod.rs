@@ -77,7 +77,15 @@ impl Solve {
     pub fn ok(&self) -> &SolvedRef {
         match &self.result {
             Ok(r) => r,
-            Err(e) => panic!("solve failed: {e}\nlogs:\n{}", self.logs()),
+            Err(e) => {
+                let mut msg = e.to_string();
+                let mut src = std::error::Error::source(e);
+                while let Some(s) = src {
+                    msg.push_str(&format!(": {s}"));
+                    src = s.source();
+                }
+                panic!("solve failed: {msg}\nlogs:\n{}", self.logs())
+            }
         }
     }
 

@@ -90,7 +90,7 @@ impl Op<Snap> for DiffOp {
                     &opts,
                 )
             }
-            .map_err(Error::store("diff"))?;
+            .map_err(crate::ops::exec::store_err("diff"))?;
             Snap::acquire(&store, id)
         })
         .await?;

@@ -153,6 +153,24 @@ fn op_err(kind: ErrorKind, message: impl Into<String>, source: Option<BoxError>)
     }
 }
 
+/// A snapshot store error with its cause in the message (the vertex error shows only the
+/// message, not the source chain).
+pub(crate) fn store_err(what: &'static str) -> impl FnOnce(layerstore::Error) -> Error {
+    move |e| {
+        let kind = match &e {
+            layerstore::Error::SnapshotNotFound { .. } => ErrorKind::NotFound,
+            _ => ErrorKind::Internal,
+        };
+        let mut message = format!("snapshot store: {what}: {e}");
+        let mut src = std::error::Error::source(&e);
+        while let Some(s) = src {
+            message.push_str(&format!(": {s}"));
+            src = s.source();
+        }
+        op_err(kind, message, Some(Box::new(e)))
+    }
+}
+
 fn executor_err(e: executor::Error) -> Error {
     let kind = match e.kind() {
         executor::ErrorKind::InvalidArgument => ErrorKind::InvalidArgument,
@@ -206,7 +224,7 @@ impl MutableSnap {
         o.record_type = RecordType::Regular;
         let id = store
             .prepare(parent.map(|p| p.id()), &o)
-            .map_err(Error::store("prepare exec snapshot"))?;
+            .map_err(store_err("prepare exec snapshot"))?;
         Ok(MutableSnap {
             store: store.clone(),
             id: Some(id),
@@ -222,7 +240,7 @@ impl MutableSnap {
         let id = self.id.take().expect("committed once");
         if let Err(e) = self.store.commit(&id) {
             self.id = Some(id);
-            return Err(Error::store("commit exec output")(e));
+            return Err(store_err("commit exec output")(e));
         }
         Snap::acquire(&self.store, id)
     }
@@ -573,7 +591,7 @@ fn prepare_bind(
             Some(s) => store.mount(s.id(), None),
             None => store.mount_chain(&Chain::default(), None),
         }
-        .map_err(Error::store("mount exec input"))
+        .map_err(store_err("mount exec input"))
     };
     if m.readonly {
         let mount = ro_mount(input)?;
@@ -583,7 +601,7 @@ fn prepare_bind(
                 None => {
                     let id = store
                         .create_from_chain(Chain::default(), &[], &SnapshotOptions::new("scratch"))
-                        .map_err(Error::store("create scratch snapshot"))?;
+                        .map_err(store_err("create scratch snapshot"))?;
                     Snap::acquire(store, id)?
                 }
             };
@@ -601,7 +619,7 @@ fn prepare_bind(
     let ms = MutableSnap::prepare(store, input, &what)?;
     let mount = store
         .mount(ms.id(), None)
-        .map_err(Error::store("mount exec snapshot"))?;
+        .map_err(store_err("mount exec snapshot"))?;
     Ok(Prepared {
         mount: Some(mount),
         after: if outputs {
@@ -840,7 +858,7 @@ fn create_cache_dir(
     if let Some(seed) = seed {
         let m = store
             .mount(seed.id(), None)
-            .map_err(Error::store("mount cache seed"))?;
+            .map_err(store_err("mount cache seed"))?;
         let src = select(m.path(), selector)?;
         let out = std::process::Command::new("cp")
             .arg("-a")

@@ -73,7 +73,7 @@ impl Op<Snap> for MergeOp {
                 let ids: Vec<_> = parts.iter().map(|p| p.id().clone()).collect();
                 store.merge(&ids, &opts)
             }
-            .map_err(Error::store("merge"))?;
+            .map_err(crate::ops::exec::store_err("merge"))?;
             Snap::acquire(&store, id)
         })
         .await?;

@@ -353,7 +353,7 @@ impl Op<Snap> for ImageSource {
         let snap = blocking(move || {
             let id = store
                 .create_from_chain(chain, &[], &SnapshotOptions::new(desc))
-                .map_err(Error::store("record image snapshot"))?;
+                .map_err(crate::ops::exec::store_err("record image snapshot"))?;
             Snap::acquire(&store, id)
         })
         .await?;
