@@ -207,7 +207,26 @@ impl SnapshotStore {
         for id in st.layers.keys() {
             self.ensure_link(id)?;
         }
-        Ok(())
+        // Adapter records whose layers are gone, then layers no snapshot (or adapter in use) references.
+        let stale: Vec<String> = st
+            .adapters
+            .iter()
+            .filter(|(_, a)| {
+                a.below
+                    .iter()
+                    .chain(a.above.iter())
+                    .any(|l| !st.layers.contains_key(l))
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        if !stale.is_empty() {
+            self.inner.db.apply(Batch {
+                del_adapters: stale,
+                ..Default::default()
+            })?;
+        }
+        let st = self.inner.db.load()?;
+        self.remove_locked(&st, &[])
     }
 
     fn layer_dir(&self, id: &LayerId) -> PathBuf {
