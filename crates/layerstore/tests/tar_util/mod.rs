@@ -10,6 +10,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
+
+pub mod gen;
 use base64::Engine as _;
 
 /// Fails loudly unless running as root (the tests need mknod, chown, trusted.* xattrs).
@@ -81,7 +83,8 @@ pub fn snapshot(root: &Path) -> Result<BTreeMap<Vec<u8>, Node>> {
         };
         let content = if ft.is_file() {
             let mut h = sha2::Sha256::default();
-            let mut f = std::fs::File::open(ent.path())?;
+            let mut f = std::fs::File::open(ent.path())
+                .with_context(|| format!("open {}", ent.path().display()))?;
             std::io::copy(&mut f, &mut h)?;
             use sha2::Digest as _;
             Some(hex::encode(h.finalize()))
@@ -137,7 +140,13 @@ pub fn xattrs(p: &Path) -> Result<BTreeMap<Vec<u8>, Vec<u8>>> {
     let mut val = vec![0u8; 65536];
     for name in list[..n].split(|&c| c == 0).filter(|s| !s.is_empty()) {
         let c = CString::new(name)?;
-        let len = rustix::fs::lgetxattr(p, &c, &mut val[..])?;
+        let len = rustix::fs::lgetxattr(p, &c, &mut val[..]).with_context(|| {
+            format!(
+                "lgetxattr {} {}",
+                p.display(),
+                String::from_utf8_lossy(name)
+            )
+        })?;
         out.insert(name.to_vec(), val[..len].to_vec());
     }
     Ok(out)
