@@ -7,7 +7,6 @@
 
 mod tar_util;
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 
