@@ -71,32 +71,6 @@ fn resolve_lenient(root: &Root, p: &str) -> io::Result<String> {
     }
 }
 
-fn is_archive(root: &Root, p: &str) -> io::Result<bool> {
-    use std::io::Read;
-    let fd = match root.open_at(p, OFlags::RDONLY | OFlags::NOFOLLOW, Mode::empty()) {
-        Ok(fd) => fd,
-        Err(_) => return Ok(false),
-    };
-    if file_type(&rustix::fs::fstat(&fd)?) != FileType::RegularFile {
-        return Ok(false);
-    }
-    let mut buf = vec![0u8; 512];
-    let mut f = std::fs::File::from(fd);
-    let mut n = 0;
-    while n < buf.len() {
-        let r = f.read(&mut buf[n..])?;
-        if r == 0 {
-            break;
-        }
-        n += r;
-    }
-    let b = &buf[..n];
-    Ok(b.starts_with(&[0x1f, 0x8b])
-        || b.starts_with(b"BZh")
-        || b.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0])
-        || (n >= 262 && &b[257..262] == b"ustar"))
-}
-
 /// Runs a copy action from `src` onto `dst`.
 pub(crate) fn copy(
     src: &Root,
@@ -144,6 +118,7 @@ pub(crate) fn copy(
         inodes: HashMap::new(),
         stack: vec![],
         cancelled,
+        replace: a.always_replace_existing_dest_paths,
     };
     let srcs = if a.allow_wildcard {
         let m = glob::resolve_wildcards(src, &src_path, a.follow_symlink)
@@ -162,11 +137,9 @@ pub(crate) fn copy(
     };
     for s in srcs {
         if a.attempt_unpack_docker_compatibility
-            && is_archive(src, &s).map_err(|e| io_to_action("copy", &s, e))?
+            && super::unpack::unpack(src, &s, dst, &dest_path, &attrs)?
         {
-            return Err(Error::not_implemented(
-                "extracting archives in copy (attemptUnpackDockerCompatibility)",
-            ));
+            continue;
         }
         c.copy_one(
             src,
@@ -205,6 +178,8 @@ struct Copier<'a> {
     /// Directory levels; level 0 is the destination parent of the top entry.
     stack: Vec<Level>,
     cancelled: &'a dyn Fn() -> bool,
+    /// `alwaysReplaceExistingDestPaths`: an existing destination of another type is replaced.
+    replace: bool,
 }
 
 fn cerr(path: &[u8], e: impl Into<io::Error>) -> Error {
@@ -323,7 +298,7 @@ impl Copier<'_> {
             let lv = &self.stack[l];
             (lv.st, lv.name.clone(), lv.overwrite)
         };
-        let created = copy_dir_only(&parent, &name, &st, overwrite)?;
+        let created = copy_dir_only(&parent, &name, &st, overwrite, self.replace)?;
         if created {
             self.copy_file_info(&st, &parent, &name)?;
         }
@@ -438,6 +413,9 @@ impl Copier<'_> {
         let parent = self.dst_dir(level)?;
         // Replace an existing non-directory; refuse to replace a directory with a file.
         match statat(&*parent, dst_name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(t) if file_type(&t) == FileType::Directory && self.replace => {
+                super::remove_all_at(&*parent, dst_name).map_err(|e| cerr(dst_name, e))?
+            }
             Ok(t) if file_type(&t) == FileType::Directory => {
                 return Err(Error::FileAction {
                     action: "copy",
@@ -549,8 +527,20 @@ fn open_dir_at(dir: &impl AsFd, name: &[u8]) -> io::Result<OwnedFd> {
 /// Creates directory `name` (mode from `st`) unless it exists; an existing non-directory is an
 /// error. With `overwrite`, an existing directory gets the source mode. Returns whether it was
 /// created.
-fn copy_dir_only(parent: &OwnedFd, name: &[u8], st: &Stat, overwrite: bool) -> Result<bool> {
+fn copy_dir_only(
+    parent: &OwnedFd,
+    name: &[u8],
+    st: &Stat,
+    overwrite: bool,
+    replace: bool,
+) -> Result<bool> {
     match statat(parent, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(t) if file_type(&t) != FileType::Directory && replace => {
+            unlinkat(parent, name, AtFlags::empty()).map_err(|e| cerr(name, e))?;
+            mkdirat(parent, name, Mode::from_raw_mode(st.st_mode & 0o777))
+                .map_err(|e| cerr(name, e))?;
+            Ok(true)
+        }
         Ok(t) if file_type(&t) == FileType::Directory => {
             if overwrite {
                 chmodat(

@@ -12,6 +12,7 @@ pub(crate) mod checksum;
 mod copy;
 pub(crate) mod glob;
 pub(crate) mod root;
+mod unpack;
 pub(crate) mod user;
 
 use std::io;

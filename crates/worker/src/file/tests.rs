@@ -357,3 +357,63 @@ fn copy_preserves_hardlinks() {
     let b = std::fs::metadata(t.path().join("d/b")).unwrap();
     assert_eq!(a.ino(), b.ino());
 }
+
+#[test]
+fn copy_always_replace_existing_dest_paths() {
+    let s = tempfile::tempdir().unwrap();
+    let t = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(s.path().join("src/x")).unwrap();
+    std::fs::write(s.path().join("src/x/f"), "F").unwrap();
+    std::fs::write(s.path().join("src/y"), "Y").unwrap();
+    // Destination has the opposite types: x is a file, y is a directory.
+    std::fs::create_dir_all(t.path().join("dst/y/inner")).unwrap();
+    std::fs::write(t.path().join("dst/x"), "old").unwrap();
+    let (sr, tr) = (root_of(s.path()), root_of(t.path()));
+    let mut c = copy_pb("/src", "/dst");
+    c.dir_copy_contents = true;
+    assert!(
+        copy(&sr, &tr, &c, None, &never).is_err(),
+        "type clash without the flag"
+    );
+    c.always_replace_existing_dest_paths = true;
+    copy(&sr, &tr, &c, None, &never).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(t.path().join("dst/x/f")).unwrap(),
+        "F"
+    );
+    assert_eq!(
+        std::fs::read_to_string(t.path().join("dst/y")).unwrap(),
+        "Y"
+    );
+}
+
+#[test]
+fn copy_attempt_unpack_extracts_archives_only() {
+    let s = tempfile::tempdir().unwrap();
+    let t = tempfile::tempdir().unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(2);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    b.append_data(&mut h, "inside.txt", &b"in"[..]).unwrap();
+    std::fs::write(s.path().join("a.tar"), b.into_inner().unwrap()).unwrap();
+    std::fs::write(s.path().join("plain.txt"), "p").unwrap();
+    let (sr, tr) = (root_of(s.path()), root_of(t.path()));
+    for src in ["/a.tar", "/plain.txt"] {
+        let mut c = copy_pb(src, "/dest/");
+        c.attempt_unpack_docker_compatibility = true;
+        copy(&sr, &tr, &c, None, &never).unwrap();
+    }
+    assert_eq!(
+        std::fs::read_to_string(t.path().join("dest/inside.txt")).unwrap(),
+        "in"
+    );
+    assert!(!t.path().join("dest/a.tar").exists());
+    assert_eq!(
+        std::fs::read_to_string(t.path().join("dest/plain.txt")).unwrap(),
+        "p"
+    );
+}

@@ -19,6 +19,10 @@ pub(crate) const SUPPORTED: &[&str] = &[
     "source.local.excludepatterns",
     "source.local.sharedkeyhint",
     "source.local.differ",
+    "source.http",
+    "source.http.checksum",
+    "source.http.perm",
+    "soruce.http.uidgid",
     // exec
     "exec.meta.base",
     "exec.meta.cgroup.parent",
@@ -45,6 +49,7 @@ pub(crate) const SUPPORTED: &[&str] = &[
     "file.rm.wildcard",
     "file.copy.includeexcludepatterns",
     "file.rm.nofollowsymlink",
+    "file.copy.alwaysreplaceexistingdestpaths",
     // metadata
     "constraints",
     "platform",
