@@ -53,7 +53,9 @@ fuzz_target!(|data: &[u8]| {
         max_depth: 64,
         remove_on_error: mode & 2 != 0,
     };
-    let _ = apply_layer(tar, &dest, None, &opts);
+    // Record tar-split too, so that path of the reader is exercised.
+    let mut split = Vec::new();
+    let _ = apply_layer(tar, &dest, Some(&mut split), &opts);
 
     let top = listing(sandbox.path());
     assert!(
