@@ -123,7 +123,42 @@ pub async fn solve_with(
     session: Arc<dyn SessionProvider>,
     cancel: CancellationToken,
 ) -> Solve {
-    let def = st.marshal().expect("marshal");
+    solve_def(w, st.marshal().expect("marshal"), session, cancel).await
+}
+
+/// A definition with one source op (the llb crate has no http/git constructors yet): the op
+/// bytes, digest = sha256 of them, and the terminal op naming output 0.
+pub fn source_def(identifier: &str, attrs: &[(&str, &str)]) -> llb::pb::Definition {
+    use prost::Message as _;
+    use sha2::Digest as _;
+    let op = llb::pb::Op {
+        op: Some(llb::pb::op::Op::Source(llb::pb::SourceOp {
+            identifier: identifier.to_string(),
+            attrs: attrs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        })),
+        ..Default::default()
+    };
+    let bytes = op.encode_to_vec();
+    let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&bytes)));
+    let terminal = llb::pb::Op {
+        inputs: vec![llb::pb::Input { digest, index: 0 }],
+        ..Default::default()
+    };
+    llb::pb::Definition {
+        def: vec![bytes.into(), terminal.encode_to_vec().into()],
+        ..Default::default()
+    }
+}
+
+pub async fn solve_def(
+    w: &Worker,
+    def: llb::pb::Definition,
+    session: Arc<dyn SessionProvider>,
+    cancel: CancellationToken,
+) -> Solve {
     let (sink, mut rx) = ProgressSink::channel();
     let ctx = SolveContext::new(integration::unique_name("build"), session, sink, cancel);
     let start = std::time::Instant::now();

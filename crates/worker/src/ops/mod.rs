@@ -18,6 +18,8 @@ pub(crate) mod diff;
 pub(crate) mod exec;
 pub(crate) mod file;
 pub(crate) mod merge;
+pub(crate) mod source_git;
+pub(crate) mod source_http;
 pub(crate) mod source_image;
 pub(crate) mod source_local;
 
@@ -86,6 +88,8 @@ pub(crate) fn make_op(op: &LoadedOp, env: &Arc<BuildEnv>) -> Result<Arc<dyn Op<S
             match scheme {
                 "local" => source_local::new(op, env),
                 "docker-image" => source_image::new(op, env),
+                "https" | "http" => source_http::new(op, env),
+                "git" => source_git::new(op, env),
                 other => Err(Error::not_implemented(format!("{other} sources"))),
             }
         }
