@@ -333,8 +333,18 @@ async fn base_image_in_place_through_overlay_and_pins() -> Result<()> {
     let p1 = pin_image(&docker, &img.id.to_string(), &instance, "build-2").await?;
     let p2 = pin_image(&docker, &img.id.to_string(), &instance, "build-3").await?;
     std::mem::forget(p2);
-    drop(p1); // spawns removal
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let p1_id = p1.container_id().to_string();
+    drop(p1); // removed synchronously on this multi-thread runtime
+    ensure!(
+        docker
+            .inspect_container(
+                &p1_id,
+                None::<bollard::query_parameters::InspectContainerOptions>
+            )
+            .await
+            .is_err(),
+        "dropped pin still exists"
+    );
     let other = pin_image(&docker, &img.id.to_string(), "another-instance", "b").await?;
     let n = remove_stale_pins(&docker, &instance).await?;
     ensure!(n == 1, "expected the leaked pin only, removed {n}");
@@ -369,5 +379,41 @@ fn reader_reports_missing_layers_and_bad_configs() -> Result<()> {
     ensure!(err.contains("digest mismatch"), "{err}");
     ensure!(StorageDriver::from_name("btrfs").is_err());
     let _ = Path::new("/");
+    Ok(())
+}
+
+/// A pin dropped outside any tokio runtime is still removed (through a helper thread with its own runtime).
+#[test]
+fn pin_dropped_outside_a_runtime_is_removed() -> Result<()> {
+    let tag = format!("berth-test-pin-{}", std::process::id());
+    let mut images = Images(vec![]);
+    let dir = tempfile::tempdir()?;
+    fs::write(dir.path().join("file"), "x")?;
+    let layer = tar_of(dir.path())?;
+    let mut import = Command::new("docker")
+        .args(["import", "-", &tag])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(import.stdin.as_mut().unwrap(), &layer)?;
+    drop(import.stdin.take());
+    ensure!(
+        import.wait_with_output()?.status.success(),
+        "docker import failed"
+    );
+    images.0.push(tag.clone());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let docker = rt.block_on(async { docker() });
+    let pin = rt.block_on(pin_image(&docker, &tag, "berth-test-noruntime", "b"))?;
+    let id = pin.container_id().to_string();
+    drop(rt);
+    drop(pin);
+    let out = Command::new("docker").args(["inspect", &id]).output()?;
+    ensure!(
+        !out.status.success(),
+        "pin container {id} survived its drop"
+    );
     Ok(())
 }

@@ -139,8 +139,10 @@ pub async fn resolve_base_image(
 /// Keeps an image (and so its layers) from being deleted by `docker rmi` while a build uses it: a created,
 /// never-started container of the image, labelled with the berth instance and build.
 ///
-/// Release it with [`Pin::release`]. If it is dropped while still held, its removal is spawned on the current tokio
-/// runtime (or logged if there is none; [`remove_stale_pins`] then removes it at the next start).
+/// Release it with [`Pin::release`]. If it is dropped while still held, `Drop` removes it: synchronously on a
+/// multi-thread tokio runtime (`block_in_place`) or outside any runtime (a helper thread with its own runtime), as a
+/// spawned task on a current-thread runtime. Whatever still fails is logged, and [`remove_stale_pins`] removes it at
+/// the next start.
 #[derive(Debug)]
 #[must_use = "the pin is removed when dropped"]
 pub struct Pin {
@@ -236,7 +238,19 @@ impl Drop for Pin {
             return;
         }
         let (docker, id) = (self.docker.clone(), self.container_id.clone());
+        let log = |r: Result<()>| {
+            if let Err(e) = r {
+                tracing::warn!(container = %id, error = %e, "removing dropped pin failed (remove_stale_pins retries)");
+            }
+        };
         match tokio::runtime::Handle::try_current() {
+            // Removed before drop returns, so a runtime shutting down right after cannot lose it.
+            Ok(rt) if rt.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                log(tokio::task::block_in_place(|| {
+                    rt.block_on(remove_container(&docker, &id))
+                }));
+            }
+            // A current-thread runtime cannot block here: best effort.
             Ok(rt) => {
                 rt.spawn(async move {
                     if let Err(e) = remove_container(&docker, &id).await {
@@ -245,7 +259,26 @@ impl Drop for Pin {
                 });
             }
             Err(_) => {
-                tracing::warn!(container = %id, "pin dropped outside a tokio runtime; removed at next start")
+                let r = std::thread::scope(|s| {
+                    s.spawn(|| {
+                        let rt = tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                            .map_err(|e| Error::Io {
+                                op: "start runtime for pin removal",
+                                path: Default::default(),
+                                source: e,
+                            })?;
+                        rt.block_on(remove_container(&docker, &id))
+                    })
+                    .join()
+                    .unwrap_or_else(|_| {
+                        Err(Error::DockerStoreMismatch {
+                            what: "pin removal thread panicked".into(),
+                        })
+                    })
+                });
+                log(r);
             }
         }
     }
