@@ -32,7 +32,7 @@ pub use file::{
     RmOpts, UserOpt,
 };
 pub use protos::pb;
-pub use source::{image, local, Image, Local};
+pub use source::{git, http, image, local, Git, Http, Image, Local};
 
 /// Errors while building or marshalling a graph.
 #[derive(Debug, thiserror::Error)]

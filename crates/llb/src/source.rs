@@ -274,3 +274,224 @@ pub(crate) fn normalize_ref(r: &str) -> String {
     }
     out
 }
+
+/// Builder for a `git://` source (Go `llb.Git`).
+#[derive(Debug, Clone)]
+pub struct Git {
+    remote: String,
+    reference: String,
+    keep_git_dir: bool,
+    auth_token_secret: Option<String>,
+    auth_header_secret: Option<String>,
+    known_ssh_hosts: Option<String>,
+    mount_ssh_sock: Option<String>,
+}
+
+/// A git repository at `reference` (branch, tag or commit; empty for the default branch).
+/// `remote` may be `https://…`, `http://…`, `ssh://…`, `git@host:path` or a bare `host/path`
+/// (https assumed).
+pub fn git(remote: impl Into<String>, reference: impl Into<String>) -> Git {
+    Git {
+        remote: remote.into(),
+        reference: reference.into(),
+        keep_git_dir: false,
+        auth_token_secret: None,
+        auth_header_secret: None,
+        known_ssh_hosts: None,
+        mount_ssh_sock: None,
+    }
+}
+
+impl Git {
+    /// Keep the `.git` directory.
+    pub fn keep_git_dir(mut self) -> Self {
+        self.keep_git_dir = true;
+        self
+    }
+    /// Secret holding an auth token (adds the `source.git.httpauth` cap).
+    pub fn auth_token_secret(mut self, id: impl Into<String>) -> Self {
+        self.auth_token_secret = Some(id.into());
+        self
+    }
+    /// Secret holding an auth header (adds the `source.git.httpauth` cap).
+    pub fn auth_header_secret(mut self, id: impl Into<String>) -> Self {
+        self.auth_header_secret = Some(id.into());
+        self
+    }
+    /// `known_hosts` content for ssh remotes.
+    pub fn known_ssh_hosts(mut self, hosts: impl Into<String>) -> Self {
+        self.known_ssh_hosts = Some(hosts.into());
+        self
+    }
+    /// SSH agent id for ssh remotes (default `default`).
+    pub fn mount_ssh_sock(mut self, id: impl Into<String>) -> Self {
+        self.mount_ssh_sock = Some(id.into());
+        self
+    }
+
+    /// The source state.
+    pub fn state(self) -> State {
+        let mut url = self.remote.split('#').next().unwrap_or("").to_string();
+        let mut remote = self.remote.clone();
+        let mut ssh = false;
+        let is_scp_like = {
+            // user@host:path
+            let (user, rest) = remote.split_once('@').unwrap_or(("", ""));
+            !user.is_empty()
+                && user
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+                && rest
+                    .split_once(':')
+                    .is_some_and(|(host, _)| !host.is_empty() && !host.contains('/'))
+        };
+        let mut known = true;
+        if let Some(r) = remote
+            .strip_prefix("http://")
+            .or(remote.strip_prefix("https://"))
+        {
+            remote = r.to_string();
+        } else if let Some(r) = remote.strip_prefix("ssh://") {
+            remote = r.to_string();
+            ssh = true;
+        } else if let Some(r) = remote.strip_prefix("git://") {
+            remote = r.to_string();
+        } else if is_scp_like {
+            ssh = true;
+            if let Some((host, path)) = remote.split_once(':') {
+                remote = format!("{host}/{path}");
+            }
+        } else {
+            known = false;
+        }
+        if !known {
+            url = format!("https://{url}");
+        }
+        let mut id = remote;
+        if !self.reference.is_empty() {
+            id.push('#');
+            id.push_str(&self.reference);
+        }
+        let mut attrs = BTreeMap::new();
+        let mut caps = vec!["source.git"];
+        if self.keep_git_dir {
+            attrs.insert("git.keepgitdir".into(), "true".into());
+            caps.push("source.git.keepgitdir");
+        }
+        if !url.is_empty() {
+            attrs.insert("git.fullurl".into(), url);
+            caps.push("source.git.fullurl");
+        }
+        let auth_cap = self.auth_token_secret.is_some() || self.auth_header_secret.is_some();
+        attrs.insert(
+            "git.authtokensecret".into(),
+            self.auth_token_secret
+                .unwrap_or_else(|| "GIT_AUTH_TOKEN".into()),
+        );
+        attrs.insert(
+            "git.authheadersecret".into(),
+            self.auth_header_secret
+                .unwrap_or_else(|| "GIT_AUTH_HEADER".into()),
+        );
+        if auth_cap {
+            caps.push("source.git.httpauth");
+        }
+        if ssh {
+            if let Some(h) = self.known_ssh_hosts {
+                attrs.insert("git.knownsshhosts".into(), h);
+            }
+            caps.push("source.git.knownsshhosts");
+            attrs.insert(
+                "git.mountsshsock".into(),
+                self.mount_ssh_sock.unwrap_or_else(|| "default".into()),
+            );
+            caps.push("source.git.mountsshsock");
+        }
+        source_state(format!("git://{id}"), attrs, &caps, None)
+    }
+}
+
+impl From<Git> for State {
+    fn from(g: Git) -> State {
+        g.state()
+    }
+}
+
+/// Builder for an `http(s)://` source (Go `llb.HTTP`).
+#[derive(Debug, Clone)]
+pub struct Http {
+    url: String,
+    checksum: Option<String>,
+    filename: Option<String>,
+    perm: Option<u32>,
+    uid: Option<u32>,
+    gid: Option<u32>,
+}
+
+/// A file downloaded from `url`.
+pub fn http(url: impl Into<String>) -> Http {
+    Http {
+        url: url.into(),
+        checksum: None,
+        filename: None,
+        perm: None,
+        uid: None,
+        gid: None,
+    }
+}
+
+impl Http {
+    /// Expected `sha256:…` digest of the content.
+    pub fn checksum(mut self, digest: impl Into<String>) -> Self {
+        self.checksum = Some(digest.into());
+        self
+    }
+    /// File name in the result.
+    pub fn filename(mut self, name: impl Into<String>) -> Self {
+        self.filename = Some(name.into());
+        self
+    }
+    /// Permission bits.
+    pub fn perm(mut self, perm: u32) -> Self {
+        self.perm = Some(perm);
+        self
+    }
+    /// Owner.
+    pub fn chown(mut self, uid: u32, gid: u32) -> Self {
+        self.uid = Some(uid);
+        self.gid = Some(gid);
+        self
+    }
+
+    /// The source state.
+    pub fn state(self) -> State {
+        let mut attrs = BTreeMap::new();
+        let mut caps = vec!["source.http"];
+        if let Some(c) = self.checksum {
+            attrs.insert("http.checksum".into(), c);
+            caps.push("source.http.checksum");
+        }
+        if let Some(f) = self.filename {
+            attrs.insert("http.filename".into(), f);
+        }
+        if let Some(p) = self.perm.filter(|p| *p != 0) {
+            attrs.insert("http.perm".into(), format!("0{p:o}"));
+            caps.push("source.http.perm");
+        }
+        if let Some(u) = self.uid.filter(|u| *u != 0) {
+            attrs.insert("http.uid".into(), u.to_string());
+            caps.push("soruce.http.uidgid");
+        }
+        if let Some(g) = self.gid.filter(|g| *g != 0) {
+            attrs.insert("http.gid".into(), g.to_string());
+            caps.push("soruce.http.uidgid");
+        }
+        source_state(self.url, attrs, &caps, None)
+    }
+}
+
+impl From<Http> for State {
+    fn from(h: Http) -> State {
+        h.state()
+    }
+}

@@ -316,3 +316,60 @@ fn paths_follow_state_dir() {
     assert_eq!(st.get_dir(), "/a/c");
     assert_eq!(clean("/x/../../y/./z/"), "/y/z");
 }
+
+fn source_of(st: &State) -> (pb::SourceOp, Vec<String>) {
+    let def = st.marshal().unwrap();
+    let ops = decode(&def);
+    let Some(pb::op::Op::Source(s)) = &ops[0].1.op else {
+        panic!()
+    };
+    assert!(ops[0].1.platform.is_none());
+    (s.clone(), caps(&def, &ops[0].0))
+}
+
+#[test]
+fn git_sources() {
+    let (s, c) = source_of(&git("https://github.com/moby/buildkit.git", "v0.11.6").state());
+    assert_eq!(s.identifier, "git://github.com/moby/buildkit.git#v0.11.6");
+    assert_eq!(
+        s.attrs["git.fullurl"],
+        "https://github.com/moby/buildkit.git"
+    );
+    assert_eq!(s.attrs["git.authtokensecret"], "GIT_AUTH_TOKEN");
+    assert_eq!(c, vec!["source.git", "source.git.fullurl"]);
+    let (s, c) = source_of(&git("github.com/a/b", "").keep_git_dir().state());
+    assert_eq!(s.identifier, "git://github.com/a/b");
+    assert_eq!(s.attrs["git.fullurl"], "https://github.com/a/b");
+    assert_eq!(s.attrs["git.keepgitdir"], "true");
+    assert!(c.contains(&"source.git.keepgitdir".to_string()));
+    let (s, c) = source_of(&git("git@github.com:a/b.git", "main").state());
+    assert_eq!(s.identifier, "git://git@github.com/a/b.git#main");
+    assert_eq!(s.attrs["git.mountsshsock"], "default");
+    assert!(c.contains(&"source.git.mountsshsock".to_string()));
+}
+
+#[test]
+fn http_sources() {
+    let (s, c) = source_of(
+        &http("https://example.com/f.tgz")
+            .checksum("sha256:abc")
+            .filename("x")
+            .perm(0o755)
+            .chown(1, 2)
+            .state(),
+    );
+    assert_eq!(s.identifier, "https://example.com/f.tgz");
+    assert_eq!(s.attrs["http.perm"], "0755");
+    assert_eq!(s.attrs["http.uid"], "1");
+    assert_eq!(s.attrs["http.gid"], "2");
+    assert_eq!(s.attrs["http.filename"], "x");
+    assert_eq!(
+        c,
+        vec![
+            "soruce.http.uidgid",
+            "source.http",
+            "source.http.checksum",
+            "source.http.perm"
+        ]
+    );
+}
