@@ -302,6 +302,43 @@ async fn base_image_in_place_through_overlay_and_pins() -> Result<()> {
         fs::write(m.path().join("etc/keep"), "changed")?;
         fs::remove_file(m.path().join("etc/top"))?;
     }
+    // DiffOp over Docker layers: an exec result on top of the image is one reused layer; two siblings sharing the
+    // busybox layer (the opaque-marker image vs the committed one) get a computed layer, and
+    // merge(lower, diff(lower, upper)) shows exactly upper, through the AUFS adapters.
+    snaps.commit(&rw)?;
+    let d = snaps.diff(Some(&base), Some(&rw), &SnapshotOptions::new("d"))?;
+    ensure!(snaps.info(&d)?.chain.layers().len() == 1);
+    let d2 = snaps.diff(Some(&o), Some(&base), &SnapshotOptions::new("d2"))?;
+    let merged = snaps.merge(&[o.clone(), d2], &SnapshotOptions::new("m"))?;
+    let view = |id: &layerstore::snapshot::SnapshotId| -> Result<Vec<String>> {
+        let m = snaps.mount(id, None)?;
+        let mut out = vec![];
+        for e in walkdir::WalkDir::new(m.path())
+            .min_depth(1)
+            .sort_by_file_name()
+        {
+            let e = e?;
+            let md = fs::symlink_metadata(e.path())?;
+            let content = if md.is_file() {
+                fs::read(e.path())?
+            } else {
+                vec![]
+            };
+            out.push(format!(
+                "{:?} {:o} {} {:?}",
+                e.path().strip_prefix(m.path())?,
+                md.mode(),
+                md.mtime(),
+                content
+            ));
+        }
+        Ok(out)
+    };
+    let (got, want) = (view(&merged)?, view(&base)?);
+    ensure!(
+        got == want,
+        "merge(opq, diff(opq, top)) != top:\n{got:#?}\n{want:#?}"
+    );
     ensure!(
         listing(&img.layer_dirs)? == before,
         "docker's layer dirs were modified"
