@@ -8,8 +8,14 @@
 //! * [`Error`] / [`ErrorKind`] — one error type; `kind()` drives the daemon's gRPC mapping.
 //!
 //! Internals: `solver` (generic DAG scheduler and cache, no LLB), `llbsolver` (definition
-//! loading, validation, vertex names, cache mapping), `ops` (one module per op kind). Results are
-//! committed snapshots of layerstore's [`SnapshotStore`].
+//! loading, validation, vertex names, caps, cache-key → snapshot mapping in the snapshot
+//! store's DB), `ops` (one module per op kind: the op registry), `file` (file actions on a
+//! mounted state, all path resolution confined to the state's root). Results are committed
+//! snapshots of layerstore's [`SnapshotStore`], protected by leases while referenced.
+//!
+//! On-disk: `<root>/snapshots/` belongs to layerstore; the worker owns `<root>/worker/local/`
+//! (one persistent receive directory per local source name and shared key hint, written only
+//! under that source's lock).
 #![deny(unsafe_code)]
 
 mod digest;

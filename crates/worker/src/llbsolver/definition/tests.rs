@@ -191,3 +191,79 @@ fn duplicate_ops_collapse_and_unreachable_ops_are_ignored() {
     .unwrap();
     assert_eq!(d.ops.len(), 1);
 }
+
+/// Untrusted input: random corruptions of a valid definition must give errors, never panics.
+#[test]
+fn corrupted_definitions_never_panic() {
+    let mk = |path: &str| pb::FileAction {
+        input: -1,
+        secondary_input: -1,
+        output: 0,
+        action: Some(pb::file_action::Action::Mkfile(pb::FileActionMkFile {
+            path: path.into(),
+            mode: 0o644,
+            data: "x".into(),
+            ..Default::default()
+        })),
+    };
+    let src = pb::Op {
+        op: Some(OpPayload::Source(pb::SourceOp {
+            identifier: "local://ctx".into(),
+            attrs: [("local.includepattern".to_string(), r#"["a"]"#.to_string())].into(),
+        })),
+        ..Default::default()
+    };
+    let sb = src.encode_to_vec();
+    let file = pb::Op {
+        inputs: vec![pb::Input {
+            digest: dg(&sb),
+            index: 0,
+        }],
+        op: Some(OpPayload::File(pb::FileOp {
+            actions: vec![mk("/a")],
+        })),
+        ..Default::default()
+    };
+    let fb = file.encode_to_vec();
+    let base = pb::Definition {
+        def: vec![sb.into(), fb.clone().into(), term(&dg(&fb), 0)],
+        ..Default::default()
+    };
+    let encoded = base.encode_to_vec();
+    let p = Platform::host();
+    let opts = ValidateOpts {
+        platform: &p,
+        allowed_entitlements: &[],
+        requested_entitlements: &[],
+    };
+    assert!(load(&base, &opts).is_ok());
+    let mut state: u64 = 0x9e3779b97f4a7c15;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut errors = 0;
+    for _ in 0..5000 {
+        let mut b = encoded.clone();
+        for _ in 0..(1 + next() % 4) {
+            let i = (next() as usize) % b.len();
+            b[i] = next() as u8;
+        }
+        if let Ok(def) = pb::Definition::decode(b.as_slice()) {
+            if load(&def, &opts).is_err() {
+                errors += 1;
+            }
+        }
+        // Also corrupt one op's bytes directly (the definition still decodes).
+        let mut d = base.clone();
+        let k = (next() as usize) % d.def.len();
+        let mut ob = d.def[k].to_vec();
+        let i = (next() as usize) % ob.len();
+        ob[i] = next() as u8;
+        d.def[k] = ob.into();
+        let _ = load(&d, &opts);
+    }
+    assert!(errors > 0, "corruptions must be detected");
+}
