@@ -185,16 +185,8 @@ impl<W: Write> LayerWriter<'_, '_, W> {
                 self.walk(fd.as_fd(), path)
             }
             FileType::RegularFile => {
-                if st.st_nlink > 1 {
-                    let key = (st.st_dev, st.st_ino);
-                    if let Some(first) = self.links.get(&key) {
-                        let first = first.clone();
-                        spec.name = path;
-                        spec.typeflag = b'1';
-                        spec.linkname = &first;
-                        return self.member(&spec, None);
-                    }
-                    self.links.insert(key, path.clone());
+                if let Some(r) = self.hardlink(&st, &spec, path) {
+                    return r;
                 }
                 let fd = rustix::fs::openat(
                     dirfd,
@@ -210,6 +202,9 @@ impl<W: Write> LayerWriter<'_, '_, W> {
                 self.member(&spec, Some(File::from(fd)))
             }
             FileType::Symlink => {
+                if let Some(r) = self.hardlink(&st, &spec, path) {
+                    return r;
+                }
                 let target = rustix::fs::readlinkat(dirfd, name, Vec::new())
                     .map_err(|e| io_err("readlink", &self.path_of(path), e))?;
                 let xattrs = self.xattrs_at(dirfd, name, path)?;
@@ -230,6 +225,9 @@ impl<W: Write> LayerWriter<'_, '_, W> {
                 self.member(&spec, None)
             }
             FileType::CharacterDevice | FileType::BlockDevice | FileType::Fifo => {
+                if let Some(r) = self.hardlink(&st, &spec, path) {
+                    return r;
+                }
                 let xattrs = self.xattrs_at(dirfd, name, path)?;
                 spec.name = path;
                 spec.typeflag = match ft {
@@ -248,6 +246,41 @@ impl<W: Write> LayerWriter<'_, '_, W> {
             _ => {
                 tracing::debug!(path = %self.path_of(path).display(), "skipping socket");
                 Ok(())
+            }
+        }
+    }
+
+    /// For an inode with several names: records the first path seen, or for a later one
+    /// emits a link member to it (any non-directory, as Docker does). Whiteouts are never
+    /// linked: overlayfs shares one inode among all of them.
+    fn hardlink(
+        &mut self,
+        st: &rustix::fs::Stat,
+        spec: &HeaderSpec<'_>,
+        path: &[u8],
+    ) -> Option<Result<()>> {
+        if st.st_nlink <= 1 {
+            return None;
+        }
+        let key = (st.st_dev, st.st_ino);
+        match self.links.get(&key) {
+            Some(first) => {
+                let first = first.clone();
+                let link = HeaderSpec {
+                    name: path,
+                    typeflag: b'1',
+                    linkname: &first,
+                    xattrs: &[],
+                    size: 0,
+                    devmajor: 0,
+                    devminor: 0,
+                    ..*spec
+                };
+                Some(self.member(&link, None))
+            }
+            None => {
+                self.links.insert(key, path.to_vec());
+                None
             }
         }
     }

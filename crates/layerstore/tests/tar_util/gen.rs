@@ -19,7 +19,8 @@ pub enum Leaf {
     Fifo(u32),
     Chardev(u32, u32),
     Whiteout,
-    /// Hardlink to the n-th regular file created before it (a file if there is none).
+    /// Hardlink to the n-th file, symlink, fifo or device created before it (a file if
+    /// there is none).
     Hardlink(usize),
 }
 
@@ -158,11 +159,13 @@ pub fn build(
                     Leaf::Symlink(t) => {
                         std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(t), &p).unwrap();
                         chown(&p, m.uid, m.gid);
+                        files.push(p.clone());
                     }
                     Leaf::Fifo(mode) => {
                         mknod(&p, FileType::Fifo, *mode, 0);
                         chown(&p, m.uid, m.gid);
                         chmod(&p, *mode);
+                        files.push(p.clone());
                     }
                     Leaf::Chardev(a, b) => {
                         mknod(
@@ -172,6 +175,7 @@ pub fn build(
                             rustix::fs::makedev(*a, *b),
                         );
                         chown(&p, m.uid, m.gid);
+                        files.push(p.clone());
                     }
                     Leaf::Whiteout if !overlay => {
                         mknod(&p, FileType::Fifo, 0o644, 0);
