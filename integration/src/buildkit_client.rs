@@ -32,8 +32,24 @@ use tonic::transport::{Channel, Endpoint};
 /// Message size limit used by the client (buildctl: 16 MiB; we allow more to test the daemon's limit).
 pub const CLIENT_MAX_MESSAGE: usize = 128 << 20;
 
-/// Path of the `berthd` binary, built on demand with the same cargo that runs the tests.
+/// Path of the `berthd` binary: `$BERTHD_BIN` if set, else built (once per test process) with
+/// the cargo that runs the tests.
 pub fn berthd_binary() -> anyhow::Result<PathBuf> {
+    if let Ok(p) = std::env::var("BERTHD_BIN") {
+        let p = PathBuf::from(p);
+        if !p.exists() {
+            bail!("BERTHD_BIN={} does not exist", p.display());
+        }
+        return Ok(p);
+    }
+    static BUILT: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| build_berthd().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+fn build_berthd() -> anyhow::Result<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .context("workspace root")?

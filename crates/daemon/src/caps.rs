@@ -22,63 +22,8 @@ pub const FRONTEND_CAPS: &[&str] = &[
     "gateway.warnings",
 ];
 
-/// LLB caps (`LLBCaps`): the ops and attributes the worker executes.
-pub const LLB_CAPS: &[&str] = &[
-    "source.image",
-    "source.image.resolvemode",
-    "source.image.layerlimit",
-    "source.local",
-    "source.local.unique",
-    "source.local.sessionid",
-    "source.local.includepatterns",
-    "source.local.followpaths",
-    "source.local.excludepatterns",
-    "source.local.sharedkeyhint",
-    "source.local.differ",
-    "source.git",
-    "source.git.keepgitdir",
-    "source.git.fullurl",
-    "source.git.httpauth",
-    "source.git.knownsshhosts",
-    "source.git.mountsshsock",
-    "source.git.subdir",
-    "source.http",
-    "source.http.checksum",
-    "source.http.perm",
-    "soruce.http.uidgid",
-    "exec.meta.base",
-    "exec.meta.cgroup.parent",
-    "exec.meta.network",
-    "exec.meta.proxyenv",
-    "exec.meta.security",
-    "exec.meta.security.devices.v1",
-    "exec.meta.setsdefaultpath",
-    "exec.meta.ulimit",
-    "exec.meta.removemountstubs.recursive",
-    "exec.mount.bind",
-    "exec.mount.bind.readwrite-nooutput",
-    "exec.mount.cache",
-    "exec.mount.cache.sharing",
-    "exec.mount.selector",
-    "exec.mount.tmpfs",
-    "exec.mount.tmpfs.size",
-    "exec.mount.secret",
-    "exec.mount.ssh",
-    "exec.cgroup",
-    "exec.secretenv",
-    "file.base",
-    "file.rm.wildcard",
-    "file.copy.includeexcludepatterns",
-    "file.rm.nofollowsymlink",
-    "constraints",
-    "platform",
-    "meta.ignorecache",
-    "meta.description",
-    "meta.exportcache",
-    "mergeop",
-    "diffop",
-    "exporter.sourcedateepoch",
-];
+/// Caps of the exporters that are not worker ops, advertised with the worker's LLB caps.
+pub const EXPORTER_CAPS: &[&str] = &["exporter.sourcedateepoch"];
 
 fn to_caps(ids: &[&str]) -> Vec<ApiCap> {
     ids.iter()
@@ -95,12 +40,9 @@ pub fn frontend_caps() -> Vec<ApiCap> {
     to_caps(FRONTEND_CAPS)
 }
 
-/// `PongResponse.LLBCaps`.
+/// `PongResponse.LLBCaps`: what the worker executes, plus exporter caps.
 pub fn llb_caps() -> Vec<ApiCap> {
-    to_caps(LLB_CAPS)
-}
-
-/// Whether an LLB cap is supported.
-pub fn llb_cap_supported(id: &str) -> bool {
-    LLB_CAPS.contains(&id)
+    let mut ids: Vec<&str> = crate::solver::Backend::llb_caps().to_vec();
+    ids.extend_from_slice(EXPORTER_CAPS);
+    to_caps(&ids)
 }

@@ -56,13 +56,11 @@ impl Control {
         if req.r#ref.is_empty() {
             return Err(Error::invalid("solve request without a build ref"));
         }
-        let lease = self.backend.lease()?;
         let (job, returned) = Job::new(
             req.r#ref.clone(),
             req.session.clone(),
             req.entitlements.clone(),
             req.frontend_attrs.clone(),
-            lease,
         );
         self.jobs.register(job.clone())?;
         let _guard = JobGuard {
@@ -152,7 +150,7 @@ impl Control {
                 session_id: job.session_id.clone(),
                 progress: job.progress.clone(),
                 cancel: job.cancel.clone(),
-                lease: job.lease()?,
+                entitlements: job.entitlements.clone(),
             };
             let fs = self.backend.solve(req.definition.take(), &ctx).await?;
             BuildResult {

@@ -75,6 +75,9 @@ pub enum Error {
         #[source]
         source: fsutil::Error,
     },
+    /// The worker (LLB solver) failed.
+    #[error(transparent)]
+    Worker(#[from] worker::Error),
     /// The layer store failed.
     #[error("{context}: {source}")]
     Layerstore {
@@ -158,6 +161,16 @@ impl Error {
                 _ => Code::Internal,
             },
             Error::Layerstore { .. } => Code::Internal,
+            Error::Worker(e) => match e.kind() {
+                worker::ErrorKind::InvalidArgument => Code::InvalidArgument,
+                worker::ErrorKind::NotFound => Code::NotFound,
+                worker::ErrorKind::Unavailable => Code::Unavailable,
+                worker::ErrorKind::Canceled => Code::Cancelled,
+                worker::ErrorKind::PermissionDenied => Code::PermissionDenied,
+                worker::ErrorKind::Unimplemented => Code::Unimplemented,
+                worker::ErrorKind::FailedPrecondition => Code::Unknown,
+                _ => Code::Internal,
+            },
         }
     }
 

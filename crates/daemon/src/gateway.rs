@@ -9,7 +9,7 @@
 use crate::caps;
 use crate::errors::{Error, Result};
 use crate::jobs::{BuildResult, Job, Jobs};
-use crate::solver::{Backend, FsRef, SolveCtx};
+use crate::solver::{Backend, SolveCtx};
 use protos::moby::buildkit::v1::frontend as gw;
 use protos::moby::buildkit::v1::types::WorkerRecord;
 use std::sync::Arc;
@@ -71,7 +71,7 @@ impl Gateway {
             session_id: job.session_id.clone(),
             progress: job.progress.clone(),
             cancel: job.cancel.clone(),
-            lease: job.lease()?,
+            entitlements: job.entitlements.clone(),
         };
         let def = r.definition.clone();
         let fs = match self.backend.solve(def, &ctx).await {
@@ -334,6 +334,3 @@ impl gw::llb_bridge_server::LlbBridge for Gateway {
         Ok(Response::new(gw::WarnResponse {}))
     }
 }
-
-#[allow(dead_code)]
-fn _assert_fsref(_: FsRef) {}

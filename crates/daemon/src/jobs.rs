@@ -49,8 +49,6 @@ pub struct Job {
     returned: Mutex<Option<oneshot::Sender<Result<BuildResult>>>>,
     /// Set when the job ended.
     pub ended: CancellationToken,
-    /// Keeps the job's results from being pruned; released when the job ends.
-    lease: Mutex<Option<Arc<layerstore::snapshot::Lease>>>,
 }
 
 impl std::fmt::Debug for Job {
@@ -68,7 +66,6 @@ impl Job {
         session_id: String,
         entitlements: Vec<String>,
         frontend_attrs: BTreeMap<String, String>,
-        lease: Arc<layerstore::snapshot::Lease>,
     ) -> (Arc<Job>, oneshot::Receiver<Result<BuildResult>>) {
         let (tx, rx) = oneshot::channel();
         (
@@ -83,15 +80,9 @@ impl Job {
                 refs: Mutex::new(HashMap::new()),
                 returned: Mutex::new(Some(tx)),
                 ended: CancellationToken::new(),
-                lease: Mutex::new(Some(lease)),
             }),
             rx,
         )
-    }
-
-    /// The job's lease (`Canceled` once the job has ended).
-    pub fn lease(&self) -> Result<Arc<layerstore::snapshot::Lease>> {
-        self.lease.lock().unwrap().clone().ok_or(Error::Canceled)
     }
 
     /// Cancels the job with a reason.
@@ -117,7 +108,7 @@ impl Job {
 
     /// Stores a gateway result and returns its ref id (`""` for scratch).
     pub fn add_ref(&self, r: FsRef) -> String {
-        if r == FsRef::Scratch {
+        if r.is_scratch() {
             return String::new();
         }
         let id = crate::workers::new_id();
@@ -196,7 +187,8 @@ impl Jobs {
     pub fn end(self: &Arc<Self>, job: &Arc<Job>) {
         job.ended.cancel();
         job.progress.finish();
-        job.lease.lock().unwrap().take();
+        // results are released (their leases dropped) when the job ends
+        job.refs.lock().unwrap().clear();
         let jobs = self.clone();
         let job = job.clone();
         tokio::spawn(async move {

@@ -6,14 +6,12 @@
 //! | [`cli`] | Command line. |
 //! | [`config`] | `buildkitd.toml` and flags. |
 //! | [`control`] | The Control service. |
-//! | [`definition`] | LLB definition loading and validation. |
 //! | [`docker`] | The Docker Engine client. |
 //! | [`errors`] | Errors and their gRPC codes. |
 //! | [`export_client`] | Exporters streaming to the client. |
 //! | [`filters`] | containerd-style filters. |
 //! | [`fsread`] | Gateway file reads. |
 //! | [`gateway`] | The LLBBridge service. |
-//! | [`interim_solver`] | Interim LLB execution (replaced by the worker). |
 //! | [`jobs`] | Jobs by build ref. |
 //! | [`listener`] | Listening sockets. |
 //! | [`progress`] | Progress and the Status stream. |
@@ -27,14 +25,12 @@ pub mod caps;
 pub mod cli;
 pub mod config;
 pub mod control;
-pub mod definition;
 pub mod docker;
 pub mod errors;
 pub mod export_client;
 pub mod filters;
 pub mod fsread;
 pub mod gateway;
-pub mod interim_solver;
 pub mod jobs;
 pub mod listener;
 pub mod progress;

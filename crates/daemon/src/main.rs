@@ -63,7 +63,15 @@ async fn run(cfg: config::Config) -> anyhow::Result<()> {
         cli::REVISION
     );
     let sessions = session::SessionManager::new();
-    let backend = solver::Backend::open(&cfg.root, sessions.clone())?;
+    let backend = solver::Backend::open(
+        &cfg.root,
+        sessions.clone(),
+        solver::BackendOptions {
+            docker_host: cfg.docker_host.clone(),
+            allowed_entitlements: cfg.insecure_entitlements.clone(),
+            max_parallelism: cfg.max_parallelism,
+        },
+    )?;
     let jobs = jobs::Jobs::new();
     let docker = Arc::new(docker::Docker::new(
         cfg.docker_host.clone(),

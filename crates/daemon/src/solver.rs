@@ -1,25 +1,35 @@
-//! The daemon's solve backend: turns a definition into a filesystem result the exporters and the
-//! gateway can read.
+//! The daemon's solve backend: the worker crate's LLB solver, fed with this daemon's session
+//! provider and progress log, and readable views of its results for exporters and the gateway.
 //!
-//! Results are snapshots in berth's layer store (`<root>/snapshots`), leased for the job's
-//! lifetime so `prune` cannot remove them mid-build. Until the worker crate's solver is wired in,
-//! [`crate::interim_solver`] executes the subset of LLB the end-to-end tests need.
+//! Results are committed snapshots in the layer store (`<root>/snapshots`), shared with
+//! DiskUsage/Prune; a [`FsRef::Solved`] keeps its snapshot leased while any clone lives.
 
 use crate::errors::{Error, Result};
 use crate::progress::Progress;
+use crate::session::provider::JobSession;
 use crate::session::SessionManager;
-use layerstore::snapshot::{LayerRef, Mount, SnapshotId, SnapshotStore};
+use layerstore::snapshot::SnapshotStore;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 /// A solved filesystem.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum FsRef {
     /// The empty filesystem.
     Scratch,
-    /// A committed snapshot in the layer store.
-    Snapshot(SnapshotId),
+    /// A worker result.
+    Solved(worker::SolvedRef),
+}
+
+impl FsRef {
+    /// Whether this is the empty filesystem.
+    pub fn is_scratch(&self) -> bool {
+        match self {
+            FsRef::Scratch => true,
+            FsRef::Solved(r) => r.is_empty() && r.snapshot_id().is_none(),
+        }
+    }
 }
 
 /// Per-solve context.
@@ -27,25 +37,36 @@ pub enum FsRef {
 pub struct SolveCtx {
     /// Job (build ref).
     pub job_id: String,
-    /// The job's session id (for local sources without `local.session`).
+    /// The job's session id (used when a local source names none).
     pub session_id: String,
     /// Progress of the job.
     pub progress: Arc<Progress>,
     /// Cancels the solve.
     pub cancel: CancellationToken,
-    /// Keeps results alive until the job ends.
-    pub lease: Arc<layerstore::snapshot::Lease>,
+    /// Entitlements the client asked for.
+    pub entitlements: Vec<String>,
+}
+
+/// Options the backend takes from the daemon config.
+#[derive(Debug, Clone)]
+pub struct BackendOptions {
+    /// Docker Engine address.
+    pub docker_host: String,
+    /// Entitlements the daemon allows (`insecure-entitlements`).
+    pub allowed_entitlements: Vec<String>,
+    /// Worker parallelism (default: CPUs).
+    pub max_parallelism: Option<usize>,
 }
 
 /// The backend shared by all jobs.
 pub struct Backend {
-    /// berth's layer store.
+    /// berth's layer store (shared with the worker).
     pub store: SnapshotStore,
     /// State directory.
     pub root: PathBuf,
     /// Client sessions.
     pub sessions: Arc<SessionManager>,
-    pub(crate) interim: crate::interim_solver::InterimState,
+    worker: worker::Worker,
 }
 
 /// A readable view of a result; unmounted/removed on drop.
@@ -56,9 +77,8 @@ pub struct FsView {
 
 /// Keeps the view's backing alive (dropping it removes the temp dir or unmounts).
 enum ViewGuard {
-    None,
     Temp(#[allow(dead_code)] tempfile::TempDir),
-    Mount(#[allow(dead_code)] Mount),
+    Mount(#[allow(dead_code)] worker::ReadOnlyMount),
 }
 
 impl FsView {
@@ -69,24 +89,33 @@ impl FsView {
 }
 
 impl Backend {
-    /// Opens the backend over the layer store at `root`.
-    pub fn open(root: &Path, sessions: Arc<SessionManager>) -> anyhow::Result<Arc<Self>> {
+    /// Opens the layer store under `root` and the worker on it.
+    pub fn open(
+        root: &Path,
+        sessions: Arc<SessionManager>,
+        opts: BackendOptions,
+    ) -> anyhow::Result<Arc<Self>> {
         let store = SnapshotStore::open(layerstore::snapshot::StoreOptions::new(root))
             .map_err(|e| anyhow::anyhow!("open layer store under {}: {e}", root.display()))?;
+        let mut wopts = worker::WorkerOptions::new(root.join("worker"));
+        wopts.docker_host = Some(opts.docker_host.clone());
+        wopts.allowed_entitlements = opts.allowed_entitlements.clone();
+        if let Some(n) = opts.max_parallelism.filter(|n| *n > 0) {
+            wopts.max_parallelism = n;
+        }
+        let worker = worker::Worker::with_store(wopts, store.clone())
+            .map_err(|e| anyhow::anyhow!("open worker under {}: {e}", root.display()))?;
         Ok(Arc::new(Backend {
             store,
             root: root.to_path_buf(),
             sessions,
-            interim: Default::default(),
+            worker,
         }))
     }
 
-    /// A new job lease.
-    pub fn lease(&self) -> Result<Arc<layerstore::snapshot::Lease>> {
-        self.store
-            .lease()
-            .map(Arc::new)
-            .map_err(|e| Error::layerstore("create lease", e))
+    /// LLB caps the worker supports.
+    pub fn llb_caps() -> &'static [&'static str] {
+        worker::Worker::supported_caps()
     }
 
     /// Solves `def` (`None` or empty → scratch).
@@ -98,19 +127,32 @@ impl Backend {
         let Some(def) = def else {
             return Ok(FsRef::Scratch);
         };
-        let Some(loaded) = crate::definition::load(&def)? else {
+        if def.def.is_empty() {
             return Ok(FsRef::Scratch);
-        };
-        tokio::select! {
-            r = crate::interim_solver::solve(self, loaded, ctx) => r,
-            _ = ctx.cancel.cancelled() => Err(Error::Canceled),
         }
+        let provider = Arc::new(JobSession::new(
+            self.sessions.clone(),
+            ctx.session_id.clone(),
+        ));
+        let sink = progress_sink(ctx.progress.clone());
+        let wctx =
+            worker::SolveContext::new(ctx.job_id.clone(), provider, sink, ctx.cancel.clone())
+                .with_entitlements(ctx.entitlements.clone());
+        let r = self.worker.solve(def, wctx).await.map_err(Error::from)?;
+        Ok(FsRef::Solved(r))
     }
 
     /// Makes a result readable.
     pub async fn view(&self, r: &FsRef) -> Result<FsView> {
         match r {
-            FsRef::Scratch => {
+            FsRef::Solved(s) if !s.is_empty() => {
+                let m = s.mount().await.map_err(Error::from)?;
+                Ok(FsView {
+                    path: m.path().to_path_buf(),
+                    _guard: ViewGuard::Mount(m),
+                })
+            }
+            _ => {
                 let tmp = tempfile::Builder::new()
                     .prefix("scratch-")
                     .tempdir_in(self.tmp_dir()?)
@@ -118,34 +160,6 @@ impl Backend {
                 Ok(FsView {
                     path: tmp.path().to_path_buf(),
                     _guard: ViewGuard::Temp(tmp),
-                })
-            }
-            FsRef::Snapshot(id) => {
-                let info = self
-                    .store
-                    .info(id)
-                    .map_err(|e| Error::layerstore(format!("result {id}"), e))?;
-                let layers = info.chain.layers();
-                if layers.len() == 1 {
-                    if let LayerRef::Berth(lid) = &layers[0] {
-                        return Ok(FsView {
-                            path: self.store.layer_path(lid).join("diff"),
-                            _guard: ViewGuard::None,
-                        });
-                    }
-                }
-                if layers.is_empty() {
-                    return Box::pin(self.view(&FsRef::Scratch)).await;
-                }
-                let store = self.store.clone();
-                let id = id.clone();
-                let m = tokio::task::spawn_blocking(move || store.mount(&id, None))
-                    .await
-                    .map_err(|e| Error::internal(format!("mount task: {e}")))?
-                    .map_err(|e| Error::layerstore("mount result", e))?;
-                Ok(FsView {
-                    path: m.path().to_path_buf(),
-                    _guard: ViewGuard::Mount(m),
                 })
             }
         }
@@ -158,4 +172,48 @@ impl Backend {
             .map_err(|e| Error::internal(format!("create {}: {e}", p.display())))?;
         Ok(p)
     }
+}
+
+/// Converts the worker's progress events into the job's Status log.
+fn progress_sink(p: Arc<Progress>) -> worker::ProgressSink {
+    worker::ProgressSink::from_fn(move |ev| match ev {
+        worker::ProgressEvent::VertexStarted {
+            digest,
+            name,
+            inputs,
+            progress_group,
+            started,
+        } => {
+            let group = progress_group.map(|g| protos::pb::ProgressGroup {
+                id: g.id,
+                name: g.name,
+                weak: g.weak,
+            });
+            p.vertex_started(&digest, &name, &inputs, group, started);
+        }
+        worker::ProgressEvent::VertexCompleted {
+            digest,
+            completed,
+            cached,
+            error,
+            ..
+        } => p.vertex_completed(&digest, cached, error, completed),
+        worker::ProgressEvent::VertexStatus {
+            vertex,
+            id,
+            name,
+            current,
+            total,
+            started,
+            completed,
+            ..
+        } => p.status(&vertex, &id, &name, current, total, started, completed),
+        worker::ProgressEvent::VertexLog {
+            vertex,
+            stream,
+            data,
+            ..
+        } => p.log(&vertex, stream as i64, &data),
+        other => tracing::debug!(event = ?other, "progress event not shown"),
+    })
 }
