@@ -23,6 +23,11 @@ pub(crate) const SUPPORTED: &[&str] = &[
     "source.http.checksum",
     "source.http.perm",
     "soruce.http.uidgid",
+    "source.git",
+    "source.git.keepgitdir",
+    "source.git.fullurl",
+    "source.git.subdir",
+    "source.git.httpauth",
     // exec
     "exec.meta.base",
     "exec.meta.cgroup.parent",
