@@ -384,3 +384,22 @@ fn endless_extension_headers_are_bounded() {
     assert!(err.to_string().contains("extension headers"), "{err}");
     sb.assert_clean();
 }
+
+#[test]
+fn decompression_bomb_hits_size_limit() {
+    let sb = Sandbox::new();
+    let big = raw_member(b"zeros", b'0', b"", &vec![0u8; 64 << 20]);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    gz.write_all(&raw_tar(&[big])).unwrap();
+    let gz = gz.finish().unwrap();
+    assert!(gz.len() < 1 << 20, "the bomb is small compressed");
+    let opts = ApplyOptions {
+        max_size: 8 << 20,
+        remove_on_error: true,
+        ..Default::default()
+    };
+    let err = sb.apply(&gz, &opts);
+    assert!(err.to_string().contains("max_size"), "{err}");
+    assert_names(&err, "zeros");
+    sb.assert_clean();
+}

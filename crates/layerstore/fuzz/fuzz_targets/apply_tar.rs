@@ -51,6 +51,7 @@ fuzz_target!(|data: &[u8]| {
         },
         max_entries: 2000,
         max_depth: 64,
+        max_size: 64 << 20,
         remove_on_error: mode & 2 != 0,
     };
     // Record tar-split too, so that path of the reader is exercised.

@@ -43,6 +43,8 @@ pub struct ApplyOptions {
     pub max_entries: u64,
     /// Most path components in a member name.
     pub max_depth: usize,
+    /// Most bytes of uncompressed tar accepted (guards against decompression bombs).
+    pub max_size: u64,
     /// Remove `dest` entirely when applying fails.
     pub remove_on_error: bool,
 }
@@ -53,6 +55,7 @@ impl Default for ApplyOptions {
             whiteouts: WhiteoutFormat::Overlay,
             max_entries: 10_000_000,
             max_depth: 1024,
+            max_size: u64::MAX,
             remove_on_error: false,
         }
     }
@@ -180,7 +183,7 @@ fn apply_inner(
         source: e.into(),
     })?;
 
-    let mut tr = TarReader::new(reader, tar_split.map(TarSplitWriter::new));
+    let mut tr = TarReader::new(reader, tar_split.map(TarSplitWriter::new), opts.max_size);
     let mut ap = Applier {
         root: Rc::new(root),
         cache: None,

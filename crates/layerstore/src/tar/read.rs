@@ -59,11 +59,14 @@ pub(crate) struct TarReader<'a, R> {
     crc: crc::Digest<'static, u64, crc::Table<16>>,
     in_entry: bool,
     done: bool,
+    /// Most uncompressed bytes accepted.
+    max_size: u64,
 }
 
 impl<'a, R: Read> TarReader<'a, R> {
-    pub(crate) fn new(r: R, split: Option<TarSplitWriter<'a>>) -> Self {
+    pub(crate) fn new(r: R, split: Option<TarSplitWriter<'a>>, max_size: u64) -> Self {
         TarReader {
+            max_size,
             r: HashingReader::new(r),
             split,
             seg: Vec::with_capacity(4096),
@@ -270,6 +273,13 @@ impl<'a, R: Read> TarReader<'a, R> {
             match self.r.read(&mut buf[..want]) {
                 Ok(0) => return Err(self.corrupt("truncated: member content cut short")),
                 Ok(n) => {
+                    if self.r.pos > self.max_size {
+                        return Err(Error::TarLimit {
+                            entry: String::from_utf8_lossy(&self.cur).into_owned(),
+                            limit: "max_size",
+                            max: self.max_size,
+                        });
+                    }
                     if self.split.is_some() {
                         self.crc.update(&buf[..n]);
                     }
