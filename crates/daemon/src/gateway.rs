@@ -107,10 +107,15 @@ impl Gateway {
         if let Some(err) = r.error {
             if err.code != 0 {
                 let code = tonic::Code::from_i32(err.code);
-                job.deliver(Err(Error::Remote {
-                    code,
-                    message: err.message,
-                }))?;
+                // Go clients format non-Unknown errors as "<Code>: <message>" before returning
+                // them; strip that once so the client does not print the code twice.
+                let prefix = format!("{code:?}: ");
+                let message = err
+                    .message
+                    .strip_prefix(&prefix)
+                    .map(str::to_string)
+                    .unwrap_or(err.message);
+                job.deliver(Err(Error::Remote { code, message }))?;
                 return Ok(gw::ReturnResponse {});
             }
         }

@@ -11,6 +11,7 @@ use futures::StreamExt;
 use protos::fsutil::types::Packet as WirePacket;
 use protos::moby::filesync::v1::BytesMessage;
 use std::path::PathBuf;
+use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::codegen::http::uri::PathAndQuery;
@@ -132,11 +133,17 @@ pub async fn sync_local(
         _ = session.closed.cancelled() => return Err(Error::unavailable(format!("{what}: session {} closed", session.id))),
     };
     drop(tx);
-    let incoming = resp.into_inner().map(|r| match r {
+    // A status the client ends the stream with (e.g. NotFound for an unknown dir name) is kept
+    // so the error keeps its code instead of becoming a transport error.
+    let remote: Arc<std::sync::Mutex<Option<tonic::Status>>> = Arc::default();
+    let slot = remote.clone();
+    let incoming = resp.into_inner().map(move |r| match r {
         Ok(p) => fsutil::Packet::try_from(p),
-        Err(st) => Err(fsutil::Error::Transport {
-            message: format!("{}: {}", code_name(st.code()), st.message()),
-        }),
+        Err(st) => {
+            let message = st.message().to_string();
+            *slot.lock().unwrap() = Some(st);
+            Err(fsutil::Error::Transport { message })
+        }
     });
     let opts = fsutil::ReceiveOptions {
         merge: false,
@@ -144,9 +151,16 @@ pub async fn sync_local(
         progress,
     };
     let fut = fsutil::receive(dest, opts, tx_for_recv, Box::pin(incoming));
-    tokio::select! {
-        r = fut => r.map_err(|e| Error::fsutil(what, e)),
-        _ = session.closed.cancelled() => Err(Error::unavailable(format!("{what}: session {} closed", session.id))),
+    let res = tokio::select! {
+        r = fut => r,
+        _ = session.closed.cancelled() => return Err(Error::unavailable(format!("{what}: session {} closed", session.id))),
+    };
+    match res {
+        Ok(stats) => Ok(stats),
+        Err(e) => match remote.lock().unwrap().take() {
+            Some(st) => Err(Error::from_status(&what, &st)),
+            None => Err(Error::fsutil(what, e)),
+        },
     }
 }
 

@@ -56,7 +56,8 @@ fn kind_of(code: tonic::Code) -> ErrorKind {
 
 fn to_worker(what: &str, e: DaemonError) -> worker::Error {
     let kind = kind_of(e.code());
-    worker::Error::session(kind, what.to_string(), Some(Box::new(e)))
+    // The worker shows `what` (vertex errors do not print sources), so the cause goes into it.
+    worker::Error::session(kind, format!("{what}: {e}"), None)
 }
 
 #[async_trait]
