@@ -1,0 +1,225 @@
+//! berthd's LLBBridge beyond buildctl's plain flow (ResolveImageConfig from Docker's store,
+//! result file access), and buildkitd's own test-harness command line.
+
+use integration::buildkit_client::{new_id, with_build_id, Attachables, Berthd};
+use integration::{busybox_image, require_root, DockerEngine};
+use prost::Message;
+use protos::moby::buildkit::v1 as control;
+use protos::moby::buildkit::v1::frontend as gw;
+use protos::pb::{self, file_action::Action, op::Op as OpKind};
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn resolve_image_config_and_result_file_access() {
+    require_root();
+    let engine = DockerEngine::system().unwrap();
+    let image = busybox_image(&engine).await.unwrap();
+    let d = Berthd::start(&[]).unwrap();
+    let c = d.client().await.unwrap();
+    let mut session = c.open_session(Attachables::default()).await.unwrap();
+    let build_ref = new_id();
+    let mut ctl = c.control();
+    let sid = session.id.clone();
+    let br = build_ref.clone();
+    let solve = tokio::spawn(async move {
+        ctl.solve(control::SolveRequest {
+            r#ref: br,
+            session: sid,
+            ..Default::default()
+        })
+        .await
+    });
+    let mut g = c.gateway();
+    let r = g
+        .resolve_image_config(with_build_id(
+            gw::ResolveImageConfigRequest {
+                r#ref: image.reference().to_string(),
+                log_name: format!("[internal] load metadata for {}", image.reference()),
+                ..Default::default()
+            },
+            &build_ref,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.digest.starts_with("sha256:"), "{}", r.digest);
+    let cfg: serde_json::Value = serde_json::from_slice(&r.config).unwrap();
+    assert_eq!(cfg["rootfs"]["type"], "layers", "{cfg}");
+    assert!(cfg["architecture"].is_string());
+    let missing = g
+        .resolve_image_config(with_build_id(
+            gw::ResolveImageConfigRequest {
+                r#ref: "berth.test/does-not-exist:nope".into(),
+                ..Default::default()
+            },
+            &build_ref,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound, "{missing:?}");
+
+    // a result's files are readable through ReadFile/ReadDir/StatFile, inside the result only
+    let op = pb::Op {
+        op: Some(OpKind::File(pb::FileOp {
+            actions: vec![pb::FileAction {
+                input: -1,
+                secondary_input: -1,
+                output: 0,
+                action: Some(Action::Mkfile(pb::FileActionMkFile {
+                    path: "/hello.txt".into(),
+                    mode: 0o644,
+                    data: "0123456789".into(),
+                    timestamp: -1,
+                    ..Default::default()
+                })),
+            }],
+        })),
+        ..Default::default()
+    };
+    let ob = op.encode_to_vec();
+    let dg = format!(
+        "sha256:{}",
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&ob))
+    );
+    let term = pb::Op {
+        inputs: vec![pb::Input {
+            digest: dg,
+            index: 0,
+        }],
+        ..Default::default()
+    };
+    let def = pb::Definition {
+        def: vec![ob.into(), term.encode_to_vec().into()],
+        ..Default::default()
+    };
+    let res = g
+        .solve(with_build_id(
+            gw::SolveRequest {
+                definition: Some(def),
+                allow_result_return: true,
+                allow_result_array_ref: true,
+                ..Default::default()
+            },
+            &build_ref,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(gw::result::Result::Ref(rf)) = res.result.and_then(|r| r.result) else {
+        panic!("expected a ref result");
+    };
+    let data = g
+        .read_file(with_build_id(
+            gw::ReadFileRequest {
+                r#ref: rf.id.clone(),
+                file_path: "/hello.txt".into(),
+                range: Some(gw::FileRange {
+                    offset: 2,
+                    length: 3,
+                }),
+                ..Default::default()
+            },
+            &build_ref,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(&data.data[..], b"234");
+    let esc = g
+        .read_file(with_build_id(
+            gw::ReadFileRequest {
+                r#ref: rf.id.clone(),
+                file_path: "../../../../etc/passwd".into(),
+                ..Default::default()
+            },
+            &build_ref,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        esc.code(),
+        tonic::Code::NotFound,
+        "path must stay inside the result: {esc:?}"
+    );
+    let dir = g
+        .read_dir(with_build_id(
+            gw::ReadDirRequest {
+                r#ref: rf.id.clone(),
+                dir_path: "/".into(),
+                ..Default::default()
+            },
+            &build_ref,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(dir.entries.len(), 1);
+    assert_eq!(dir.entries[0].path, "hello.txt");
+    assert_eq!(dir.entries[0].size, 10);
+    let st = g
+        .stat_file(with_build_id(
+            gw::StatFileRequest {
+                r#ref: rf.id.clone(),
+                path: "hello.txt".into(),
+                ..Default::default()
+            },
+            &build_ref,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(st.stat.unwrap().mode, 0o644);
+
+    // end the build with an empty result
+    g.r#return(with_build_id(gw::ReturnRequest::default(), &build_ref))
+        .await
+        .unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(10), solve)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(r.is_ok(), "{r:?}");
+    assert!(session.close(Duration::from_secs(5)).await);
+    drop(image);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn accepts_buildkitd_harness_command_line_and_config() {
+    require_root();
+    let cfgdir = tempfile::tempdir().unwrap();
+    let cfg = cfgdir.path().join("buildkitd.toml");
+    std::fs::write(
+        &cfg,
+        "insecure-entitlements = [\"network.host\", \"security.insecure\"]\n[registry.\"docker.io\"]\nmirrors = [\"127.0.0.1:5000\"]\n",
+    )
+    .unwrap();
+    let cfg_arg = format!("--config={}", cfg.display());
+    let d = Berthd::start(&[
+        "--oci-worker=true",
+        "--containerd-worker=false",
+        "--oci-worker-gc=false",
+        "--oci-worker-labels=org.mobyproject.buildkit.worker.sandbox=true",
+        &cfg_arg,
+    ])
+    .unwrap();
+    let c = d.client().await.unwrap();
+    let w = c
+        .control()
+        .list_workers(control::ListWorkersRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        w.record[0].labels["org.mobyproject.buildkit.worker.sandbox"],
+        "true"
+    );
+    assert!(
+        w.record[0].gc_policy.is_empty(),
+        "--oci-worker-gc=false means no GC policy"
+    );
+    assert!(
+        d.log_text().contains("docker.io"),
+        "registry config is loaded: {}",
+        d.log_text()
+    );
+}
