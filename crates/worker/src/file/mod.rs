@@ -207,6 +207,26 @@ pub(crate) fn mkfile(root: &Root, a: &pb::FileActionMkFile, attrs: &Attrs) -> Re
     Ok(())
 }
 
+/// `FileActionSymlink` (newer than v0.11.6): a symlink at `newpath` pointing to `oldpath`
+/// (stored as given, never resolved), then owner and time.
+pub(crate) fn symlink(root: &Root, a: &pb::FileActionSymlink, attrs: &Attrs) -> Result<()> {
+    let Some((dir, name)) = root
+        .parent(&a.newpath)
+        .map_err(|e| io_to_action("symlink", &a.newpath, e))?
+    else {
+        return Err(io_to_action(
+            "symlink",
+            &a.newpath,
+            io::Error::from_raw_os_error(libc::EEXIST),
+        ));
+    };
+    rustix::fs::symlinkat(a.oldpath.as_str(), &dir, name.as_str())
+        .map_err(|e| io_to_action("symlink", &a.newpath, e.into()))?;
+    attrs
+        .apply(&dir, &name)
+        .map_err(|e| io_to_action("symlink", &a.newpath, e))
+}
+
 /// `FileActionRm`.
 pub(crate) fn rm(root: &Root, a: &pb::FileActionRm) -> Result<()> {
     if a.allow_wildcard {

@@ -417,3 +417,31 @@ fn copy_attempt_unpack_extracts_archives_only() {
         "p"
     );
 }
+
+#[test]
+fn symlink_action_creates_link_inside_root() {
+    let d = tempfile::tempdir().unwrap();
+    let r = root_of(d.path());
+    std::fs::create_dir(d.path().join("dir")).unwrap();
+    let a = pb::FileActionSymlink {
+        oldpath: "/etc/passwd".into(),
+        newpath: "/dir/link".into(),
+        owner: None,
+        timestamp: 5_000_000_000,
+    };
+    symlink(
+        &r,
+        &a,
+        &Attrs {
+            owner: Some((3, 4)),
+            time: Some(5_000_000_000),
+        },
+    )
+    .unwrap();
+    let p = d.path().join("dir/link");
+    assert_eq!(std::fs::read_link(&p).unwrap(), Path::new("/etc/passwd"));
+    let m = std::fs::symlink_metadata(&p).unwrap();
+    assert_eq!((m.uid(), m.gid(), m.mtime()), (3, 4, 5));
+    // Existing path: error.
+    assert!(symlink(&r, &a, &Attrs::default()).is_err());
+}

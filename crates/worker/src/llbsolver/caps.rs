@@ -55,6 +55,7 @@ pub(crate) const SUPPORTED: &[&str] = &[
     "file.copy.includeexcludepatterns",
     "file.rm.nofollowsymlink",
     "file.copy.alwaysreplaceexistingdestpaths",
+    "file.symlink.create",
     // metadata
     "constraints",
     "platform",

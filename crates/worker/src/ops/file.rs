@@ -338,8 +338,12 @@ fn run(
                 };
                 fileops::copy(&src, &dst, c, owner, cancelled)?;
             }
-            Action::Symlink(_) => {
-                return Err(Error::not_implemented("file symlink action"));
+            Action::Symlink(l) => {
+                let attrs = Attrs {
+                    owner: owner_of(&l.owner)?,
+                    time: Attrs::time_from_pb(l.timestamp),
+                };
+                fileops::symlink(&dst, l, &attrs)?;
             }
         }
         drop(mounts);
