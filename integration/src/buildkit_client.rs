@@ -598,8 +598,10 @@ pub struct Attachables {
     pub secrets: BTreeMap<String, Vec<u8>>,
     /// `x-docker-expose-session-sharedkey`.
     pub shared_key: String,
-    file_sync_bytes: Arc<AtomicU64>,
-    file_sync_requests: Arc<AtomicU64>,
+    /// Content bytes FileSync sent (filled in while the session runs).
+    pub file_sync_bytes: Arc<AtomicU64>,
+    /// Files the daemon requested through FileSync (filled in while the session runs).
+    pub file_sync_requests: Arc<AtomicU64>,
 }
 
 impl Attachables {

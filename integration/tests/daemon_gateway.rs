@@ -223,3 +223,96 @@ async fn accepts_buildkitd_harness_command_line_and_config() {
         d.log_text()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn control_solve_with_a_definition_and_local_output() {
+    require_root();
+    let d = Berthd::start(&[]).unwrap();
+    let c = d.client().await.unwrap();
+    let out = d.scratch().join("out");
+    let mut session = c
+        .open_session(Attachables {
+            output: integration::buildkit_client::Output::Local(out.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let op = pb::Op {
+        op: Some(OpKind::File(pb::FileOp {
+            actions: vec![pb::FileAction {
+                input: -1,
+                secondary_input: -1,
+                output: 0,
+                action: Some(Action::Mkdir(pb::FileActionMkDir {
+                    path: "/made/by/direct".into(),
+                    mode: 0o700,
+                    make_parents: true,
+                    timestamp: -1,
+                    ..Default::default()
+                })),
+            }],
+        })),
+        ..Default::default()
+    };
+    let ob = op.encode_to_vec();
+    let dg = format!(
+        "sha256:{}",
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&ob))
+    );
+    let term = pb::Op {
+        inputs: vec![pb::Input {
+            digest: dg,
+            index: 0,
+        }],
+        ..Default::default()
+    };
+    let def = pb::Definition {
+        def: vec![ob.into(), term.encode_to_vec().into()],
+        ..Default::default()
+    };
+    // buildx-style: the definition goes straight into Control.Solve, no LLBBridge calls
+    #[allow(deprecated)]
+    let r = c
+        .control()
+        .solve(control::SolveRequest {
+            r#ref: new_id(),
+            session: session.id.clone(),
+            definition: Some(def.clone()),
+            exporter_deprecated: "local".into(),
+            ..Default::default()
+        })
+        .await;
+    assert!(r.is_ok(), "{r:?}\n{}", d.log_text());
+    let md = std::fs::metadata(out.join("made/by/direct")).unwrap();
+    assert!(md.is_dir());
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&md.permissions()) & 0o777,
+        0o700
+    );
+    // both a definition and a frontend: InvalidArgument; the dockerfile frontend: Unimplemented
+    for (frontend, code) in [("dockerfile.v0", tonic::Code::InvalidArgument)] {
+        let e = c
+            .control()
+            .solve(control::SolveRequest {
+                r#ref: new_id(),
+                definition: Some(def.clone()),
+                frontend: frontend.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), code, "{e:?}");
+    }
+    let e = c
+        .control()
+        .solve(control::SolveRequest {
+            r#ref: new_id(),
+            frontend: "dockerfile.v0".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unimplemented, "{e:?}");
+    assert!(e.message().contains("dockerfile.v0"));
+    assert!(session.close(Duration::from_secs(5)).await);
+}
