@@ -195,3 +195,66 @@ async fn exec_cancel() -> Result<()> {
     }
     Ok(())
 }
+
+/// Selectors mount a sub-directory or a single file of the input, read-only or writable with
+/// an output (the output is the whole input with the changes); a read-only root stays
+/// read-only; mount stubs are removed from the root layer.
+#[tokio::test]
+async fn exec_selectors_and_readonly() -> Result<()> {
+    let w = TestWorker::new()?;
+    let (_img, base) = base().await?;
+    let data = base
+        .run(RunOpts::shell(
+            "mkdir -p /d/sub && echo inner > /d/sub/f && echo single > /d/one",
+        ))
+        .root();
+    let run = base.run(
+        RunOpts::shell(
+            "cat /ro/f > /res; cat /file >> /res; echo new > /rw/g; \
+             touch /ro/x 2>/dev/null && echo ro-writable >> /res; true",
+        )
+        .mount(Mount::bind("/ro", &data).selector("/d/sub").readonly())
+        .mount(Mount::bind("/file", &data).selector("/d/one").readonly())
+        .mount(Mount::bind("/rw", &data).selector("/d/sub")),
+    );
+    let s = solve(&w.worker, &run.root()).await;
+    let root = s.ok();
+    assert_eq!(
+        read(root, "/res").await?.as_deref(),
+        Some("inner\nsingle\n")
+    );
+    let m = root.mount().await?;
+    for stub in ["ro", "file", "rw"] {
+        assert!(!m.path().join(stub).exists(), "mount stub /{stub} left");
+    }
+    drop(m);
+    let rw = solve(&w.worker, &run.get_mount("/rw").unwrap()).await;
+    assert_eq!(read(rw.ok(), "/d/sub/g").await?.as_deref(), Some("new\n"));
+    assert_eq!(read(rw.ok(), "/d/sub/f").await?.as_deref(), Some("inner\n"));
+
+    // Selector escaping through a symlink stays inside the input.
+    let esc = base
+        .run(RunOpts::shell("ln -s ../../../../etc /esc"))
+        .root();
+    let run = base.run(
+        RunOpts::shell("cat /m > /res")
+            .mount(Mount::bind("/m", &esc).selector("/esc/passwd").readonly()),
+    );
+    let s = solve(&w.worker, &run.root()).await;
+    // /esc resolves to the input's own /etc/passwd (busybox's), not the host's.
+    let got = read(s.ok(), "/res").await?.unwrap();
+    let host = std::fs::read_to_string("/etc/passwd")?;
+    assert!(
+        got.contains("user:x:1000:1000:user:/home/user:/bin/sh") && got != host,
+        "{got}"
+    );
+
+    let ro_out = base.run(
+        RunOpts::shell("(touch /x 2>/dev/null && echo writable || echo readonly) > /out/r")
+            .readonly_root()
+            .mount(Mount::bind("/out", &llb::scratch())),
+    );
+    let s = solve(&w.worker, &ro_out.get_mount("/out").unwrap()).await;
+    assert_eq!(read(s.ok(), "/r").await?.as_deref(), Some("readonly\n"));
+    Ok(())
+}

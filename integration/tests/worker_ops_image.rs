@@ -52,6 +52,23 @@ async fn image_in_place_from_docker() -> Result<()> {
     .await;
     assert_eq!(s.ok().chain().layers().len(), 1);
     assert_eq!(read(s.ok(), "/data/keep/a.txt").await?, None);
+    // The pins taken during the builds are released once they end.
+    let label = format!("dev.berth.pin=worker:{}", w.root().display());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let filters = std::collections::HashMap::from([("label".to_string(), vec![label.clone()])]);
+        let opts = integration::bollard::query_parameters::ListContainersOptions {
+            all: true,
+            filters: Some(filters),
+            ..Default::default()
+        };
+        let left = engine.client().list_containers(Some(opts)).await?;
+        if left.is_empty() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "pins left: {left:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
     Ok(())
 }
 

@@ -66,6 +66,38 @@ impl TestWorker {
     }
 }
 
+impl Drop for TestWorker {
+    /// Removes image pins of this worker still present: the worker releases a pin on the
+    /// runtime when a build ends, but a test's runtime may stop before that task runs.
+    fn drop(&mut self) {
+        let label = format!("dev.berth.pin=worker:{}", self.root.path().display());
+        let done = std::thread::spawn(move || -> Result<()> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let engine = integration::DockerEngine::system()?;
+                let filters = HashMap::from([("label".to_string(), vec![label])]);
+                let opts = integration::bollard::query_parameters::ListContainersOptions {
+                    all: true,
+                    filters: Some(filters),
+                    ..Default::default()
+                };
+                for c in engine.client().list_containers(Some(opts)).await? {
+                    if let Some(id) = c.id {
+                        engine.remove_container(&id).await?;
+                    }
+                }
+                Ok(())
+            })
+        })
+        .join();
+        if let Ok(Err(e)) = done {
+            eprintln!("removing pins of test worker: {e:#}");
+        }
+    }
+}
+
 /// What one solve did.
 pub struct Solve {
     pub result: worker::Result<SolvedRef>,

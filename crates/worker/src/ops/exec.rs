@@ -5,7 +5,7 @@
 //!
 //! | mount | what berth does |
 //! |---|---|
-//! | root `BIND` | a mutable snapshot on top of the input's chain, mounted read-write (read-only root: the input mounted read-only) |
+//! | root `BIND` | a mutable snapshot on top of the input's chain, mounted read-write on the host (a read-only root is made read-only inside the container; its layer is discarded unless it has an output) |
 //! | other `BIND`, read-only | the input mounted read-only; with an output, the input is re-exported unchanged |
 //! | other `BIND`, writable | a mutable snapshot on the input; committed as the output, or removed when `output = -1` |
 //! | `CACHE` | a persistent directory `<root>/worker/cache/<sha256(key)>/<instance>` (see below) |
@@ -593,7 +593,9 @@ fn prepare_bind(
         }
         .map_err(store_err("mount exec input"))
     };
-    if m.readonly {
+    // The root always gets a writable layer on the host (the executor creates mount points and
+    // `/etc/hosts`/`resolv.conf` stubs in it); a read-only root is enforced in the container.
+    if m.readonly && m.dest != "/" {
         let mount = ro_mount(input)?;
         let after = if outputs {
             let snap = match input {

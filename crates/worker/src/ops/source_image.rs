@@ -11,8 +11,9 @@
 //! for the reference's registry (`registry-1.docker.io` for Docker Hub, as BuildKit asks).
 //!
 //! The image is then pinned by ID for the rest of the build (a never-started container, see
-//! [`layerstore::dockerstore::pin_image`]; the pin is released when the build's graph is
-//! dropped) and its layer directories are read from Docker's layerdb. The result is a committed
+//! [`layerstore::dockerstore::pin_image`], labelled with instance `worker:<root>`; the pin is
+//! released when the build's graph is dropped, and pins left by a crashed process are removed
+//! on the first image resolution of the next one) and its layer directories are read from Docker's layerdb. The result is a committed
 //! snapshot whose chain *is* those directories: nothing is pulled into berth, nothing copied.
 //! `image.layerlimit` keeps only the first N layers.
 //!
@@ -179,6 +180,29 @@ pub(crate) fn connect(docker_host: Option<&str>) -> Result<Docker> {
     r.map_err(|e| engine_err("connect to the Docker Engine".into(), e))
 }
 
+/// On the first use of a worker root in this process, removes the pins a previous process left
+/// for it (a crash between pin and release); every build waits for this before pinning.
+async fn remove_stale_pins_once(docker: &Docker, instance: &str) {
+    type Cell = Arc<tokio::sync::OnceCell<()>>;
+    static DONE: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<String, Cell>>> =
+        std::sync::OnceLock::new();
+    let cell = DONE
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap()
+        .entry(instance.to_string())
+        .or_default()
+        .clone();
+    cell.get_or_init(|| async {
+        match dockerstore::remove_stale_pins(docker, instance).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(instance, removed = n, "stale image pins removed"),
+            Err(e) => tracing::warn!(instance, error = %e, "removing stale image pins failed"),
+        }
+    })
+    .await;
+}
+
 /// The registry host of a reference, as BuildKit asks the session for credentials.
 fn registry_host(reference: &str) -> String {
     match reference.split_once('/') {
@@ -257,6 +281,7 @@ impl ImageSource {
         };
         // From here on the image ID, so a concurrent re-tag cannot mix two images.
         let instance = format!("worker:{}", self.env.opts.root.display());
+        remove_stale_pins_once(&docker, &instance).await;
         let pin = dockerstore::pin_image(&docker, &id, &instance, &self.reference)
             .await
             .map_err(|e| store_err(format!("pin image {}", self.reference), e))?;
