@@ -325,6 +325,14 @@ impl Progress {
                                 idx += 1;
                             }
                             drop(st);
+                            // buildkitd's order within one message: vertexes by start (unset
+                            // first), statuses and logs by timestamp; stable, so the updates of
+                            // one vertex keep their order.
+                            let key =
+                                |t: &Option<Timestamp>| t.as_ref().map(|t| (t.seconds, t.nanos));
+                            batch.vertexes.sort_by_key(|v| key(&v.started));
+                            batch.statuses.sort_by_key(|s| key(&s.timestamp));
+                            batch.logs.sort_by_key(|l| key(&l.timestamp));
                             return Some((batch, (p, idx, rx)));
                         }
                         if st.done {
