@@ -258,3 +258,95 @@ async fn exec_selectors_and_readonly() -> Result<()> {
     assert_eq!(read(s.ok(), "/r").await?.as_deref(), Some("readonly\n"));
     Ok(())
 }
+
+/// Cache sharing: LOCKED users of one cache run one after the other, SHARED ones at the same
+/// time, PRIVATE ones concurrently in different directories.
+#[tokio::test]
+async fn exec_cache_sharing_modes() -> Result<()> {
+    let w = TestWorker::new()?;
+    let (_img, base) = base().await?;
+    solve(&w.worker, &base).await.ok();
+    let pair = |sharing: CacheSharing, id: &str| {
+        let run = |n: u32| {
+            base.run(
+                RunOpts::shell(format!(
+                    "ls /c > /seen; echo {n} > /c/{n}; sleep 2; cp /seen /out/seen"
+                ))
+                .mount(Mount::cache("/c", id.to_string(), sharing))
+                .mount(Mount::bind("/out", &llb::scratch())),
+            )
+            .get_mount("/out")
+            .unwrap()
+        };
+        llb::merge(&[run(1), run(2)])
+    };
+    let s = solve(&w.worker, &pair(CacheSharing::Locked, "locked")).await;
+    s.ok();
+    eprintln!("locked pair: {:?}", s.elapsed);
+    // Serialized: at least two full sleeps; concurrent: less than that.
+    assert!(s.elapsed >= Duration::from_secs(4), "{:?}", s.elapsed);
+    let s = solve(&w.worker, &pair(CacheSharing::Shared, "shared")).await;
+    s.ok();
+    eprintln!("shared pair: {:?}", s.elapsed);
+    assert!(s.elapsed < Duration::from_secs(4), "{:?}", s.elapsed);
+    let s = solve(&w.worker, &pair(CacheSharing::Private, "private")).await;
+    eprintln!("private pair: {:?}", s.elapsed);
+    assert!(s.elapsed < Duration::from_secs(4), "{:?}", s.elapsed);
+    // Each private user started from an empty directory of its own.
+    assert_eq!(read(s.ok(), "/seen").await?.as_deref(), Some(""));
+    let dirs = std::fs::read_dir(w.root().join("worker/cache"))?
+        .flatten()
+        .map(|e| std::fs::read_dir(e.path()).unwrap().count())
+        .max();
+    assert_eq!(dirs, Some(2), "private users should get two instances");
+    Ok(())
+}
+
+/// `security=insecure` needs the entitlement from both the worker and the build; granted, the
+/// process has the full capability set. `network=host` sees the host's interfaces.
+#[tokio::test]
+async fn exec_entitlements() -> Result<()> {
+    let (_img, base) = base().await?;
+    let caps = base.run(
+        RunOpts::shell("grep CapEff /proc/self/status > /caps")
+            .security(llb::SecurityMode::Insecure),
+    );
+    // Worker does not allow it.
+    let w = TestWorker::new()?;
+    let def = caps.root().marshal()?;
+    let (sink, _rx) = worker::ProgressSink::channel();
+    let ctx = worker::SolveContext::new(
+        "ent",
+        Arc::new(TestSession::default()),
+        sink,
+        CancellationToken::new(),
+    )
+    .with_entitlements(vec!["security.insecure".into()]);
+    let err = w.worker.solve(def, ctx).await.expect_err("not allowed");
+    assert_eq!(err.kind(), ErrorKind::PermissionDenied, "{err}");
+
+    let w = TestWorker::with_entitlements(&["security.insecure", "network.host"])?;
+    let ents = vec!["security.insecure".to_string(), "network.host".to_string()];
+    let s = solve_ent(&w.worker, &caps.root(), ents.clone()).await;
+    let c = read(s.ok(), "/caps").await?.unwrap();
+    let host = std::fs::read_to_string("/proc/self/status")?;
+    let host_eff = host.lines().find(|l| l.starts_with("CapEff")).unwrap();
+    assert_eq!(
+        c.trim(),
+        host_eff.trim(),
+        "insecure exec lacks capabilities"
+    );
+    let sandbox = base.run(RunOpts::shell("grep CapEff /proc/self/status > /caps"));
+    let s = solve_ent(&w.worker, &sandbox.root(), ents.clone()).await;
+    assert_ne!(
+        read(s.ok(), "/caps").await?.unwrap().trim(),
+        host_eff.trim()
+    );
+
+    let net = base.run(RunOpts::shell("ls /sys/class/net | wc -l > /n").network(NetMode::Host));
+    let s = solve_ent(&w.worker, &net.root(), ents).await;
+    let n: usize = read(s.ok(), "/n").await?.unwrap().trim().parse()?;
+    let host_n = std::fs::read_dir("/sys/class/net")?.count();
+    assert_eq!(n, host_n);
+    Ok(())
+}

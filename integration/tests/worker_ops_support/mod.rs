@@ -49,6 +49,11 @@ pub struct TestWorker {
 
 impl TestWorker {
     pub fn new() -> Result<Self> {
+        Self::with_entitlements(&[])
+    }
+
+    /// A worker allowing `entitlements` (builds must still ask for them).
+    pub fn with_entitlements(entitlements: &[&str]) -> Result<Self> {
         integration::require_root();
         integration::require_tool("runc", "runc");
         let root = tempfile::Builder::new()
@@ -57,6 +62,7 @@ impl TestWorker {
         let mut opts = WorkerOptions::new(root.path());
         opts.docker_host = Some("unix:///var/run/docker.sock".into());
         opts.max_parallelism = 4;
+        opts.allowed_entitlements = entitlements.iter().map(|e| e.to_string()).collect();
         let worker = Worker::new(opts).context("opening worker")?;
         Ok(TestWorker { worker, root })
     }
@@ -85,7 +91,12 @@ impl Drop for TestWorker {
                 };
                 for c in engine.client().list_containers(Some(opts)).await? {
                     if let Some(id) = c.id {
-                        engine.remove_container(&id).await?;
+                        // The worker's own release may be running: "already in progress" is fine.
+                        if let Err(e) = engine.remove_container(&id).await {
+                            if !format!("{e:#}").contains("409") {
+                                return Err(e);
+                            }
+                        }
                     }
                 }
                 Ok(())
@@ -193,6 +204,31 @@ pub async fn solve_def(
 ) -> Solve {
     let (sink, mut rx) = ProgressSink::channel();
     let ctx = SolveContext::new(integration::unique_name("build"), session, sink, cancel);
+    let start = std::time::Instant::now();
+    let result = w.solve(def, ctx).await;
+    let elapsed = start.elapsed();
+    let mut events = Vec::new();
+    while let Ok(e) = rx.try_recv() {
+        events.push(e);
+    }
+    Solve {
+        result,
+        events,
+        elapsed,
+    }
+}
+
+/// Solves `st` asking for `entitlements`.
+pub async fn solve_ent(w: &Worker, st: &llb::State, entitlements: Vec<String>) -> Solve {
+    let def = st.marshal().expect("marshal");
+    let (sink, mut rx) = ProgressSink::channel();
+    let ctx = SolveContext::new(
+        integration::unique_name("build"),
+        Arc::new(TestSession::default()),
+        sink,
+        CancellationToken::new(),
+    )
+    .with_entitlements(entitlements);
     let start = std::time::Instant::now();
     let result = w.solve(def, ctx).await;
     let elapsed = start.elapsed();
