@@ -31,12 +31,12 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Debugging helpers (not implemented yet).
+    /// Debugging helpers: `debug workers` lists the daemon's workers.
     Debug {
         /// What to show (`workers`).
         what: Vec<String>,
     },
-    /// Proxy stdin/stdout to the daemon socket (not implemented yet).
+    /// Proxy stdin/stdout to the daemon socket.
     DialStdio,
 }
 

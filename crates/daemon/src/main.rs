@@ -21,10 +21,22 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     if let Some(cmd) = &cli.command {
-        match cmd {
-            cli::Command::Debug { .. } => anyhow::bail!("berthd debug: not implemented yet"),
-            cli::Command::DialStdio => anyhow::bail!("berthd dial-stdio: not implemented yet"),
-        }
+        let addr = cli
+            .daemon
+            .addr
+            .first()
+            .cloned()
+            .unwrap_or_else(|| config::DEFAULT_ADDR.to_string());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        return match cmd {
+            cli::Command::Debug { what } => match what.first().map(String::as_str) {
+                Some("workers") => rt.block_on(debug_workers(&addr)),
+                _ => anyhow::bail!("usage: berthd [--addr ADDR] debug workers"),
+            },
+            cli::Command::DialStdio => rt.block_on(dial_stdio(&addr)),
+        };
     }
     let cfg = config::load(&cli.daemon)?;
     let filter = if cli.daemon.trace {
@@ -177,5 +189,83 @@ async fn run(cfg: config::Config) -> anyhow::Result<()> {
         r.context("server task")?.context("serve")?;
     }
     tracing::info!("berthd stopped");
+    Ok(())
+}
+
+async fn connect(addr: &str) -> anyhow::Result<Box<dyn AsyncStream>> {
+    if let Some(p) = addr.strip_prefix("unix://") {
+        Ok(Box::new(
+            tokio::net::UnixStream::connect(p)
+                .await
+                .with_context(|| format!("connect to {addr}"))?,
+        ))
+    } else if let Some(hp) = addr.strip_prefix("tcp://") {
+        Ok(Box::new(
+            tokio::net::TcpStream::connect(hp)
+                .await
+                .with_context(|| format!("connect to {addr}"))?,
+        ))
+    } else {
+        anyhow::bail!("unsupported address {addr:?}")
+    }
+}
+
+trait AsyncStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> AsyncStream for T {}
+
+/// `berthd debug workers`: the daemon's worker table, like `buildctl debug workers`.
+async fn debug_workers(addr: &str) -> anyhow::Result<()> {
+    let addr = addr.to_string();
+    let channel = tonic::transport::Endpoint::try_from("http://localhost")?
+        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+            let addr = addr.clone();
+            async move {
+                connect(&addr)
+                    .await
+                    .map(hyper_util::rt::TokioIo::new)
+                    .map_err(|e| std::io::Error::other(format!("{e:#}")))
+            }
+        }))
+        .await
+        .context("connect to berthd")?;
+    let mut c = protos::moby::buildkit::v1::control_client::ControlClient::new(channel);
+    let r = c
+        .list_workers(protos::moby::buildkit::v1::ListWorkersRequest::default())
+        .await
+        .context("ListWorkers")?
+        .into_inner();
+    println!("ID\tPLATFORMS");
+    for w in r.record {
+        let plats: Vec<String> = w
+            .platforms
+            .iter()
+            .map(|p| {
+                if p.variant.is_empty() {
+                    format!("{}/{}", p.os, p.architecture)
+                } else {
+                    format!("{}/{}/{}", p.os, p.architecture, p.variant)
+                }
+            })
+            .collect();
+        println!("{}\t{}", w.id, plats.join(","));
+    }
+    Ok(())
+}
+
+/// `berthd dial-stdio`: proxies stdin/stdout to the daemon socket (for `buildx` over ssh).
+async fn dial_stdio(addr: &str) -> anyhow::Result<()> {
+    let s = connect(addr).await?;
+    let (mut r, mut w) = tokio::io::split(s);
+    let up = async {
+        tokio::io::copy(&mut tokio::io::stdin(), &mut w).await?;
+        tokio::io::AsyncWriteExt::shutdown(&mut w).await
+    };
+    let down = async {
+        tokio::io::copy(&mut r, &mut tokio::io::stdout()).await?;
+        tokio::io::AsyncWriteExt::flush(&mut tokio::io::stdout()).await
+    };
+    let (a, b) = tokio::join!(up, down);
+    a.context("copy stdin to the daemon")?;
+    b.context("copy the daemon to stdout")?;
     Ok(())
 }
