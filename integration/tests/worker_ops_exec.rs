@@ -350,3 +350,52 @@ async fn exec_entitlements() -> Result<()> {
     assert_eq!(n, host_n);
     Ok(())
 }
+
+/// A cache mount with an input is seeded from it (its selector) when first created; the llb
+/// crate has no constructor for this, so the exec op is edited by hand and re-digested.
+#[tokio::test]
+async fn exec_cache_mount_seeded_from_input() -> Result<()> {
+    use prost::Message as _;
+    use sha2::Digest as _;
+    let w = TestWorker::new()?;
+    let (_img, base) = base().await?;
+    let run = base
+        .run(
+            RunOpts::shell("cat /c/group > /seen; echo more >> /c/group").mount(Mount::cache(
+                "/c",
+                "seeded",
+                CacheSharing::Shared,
+            )),
+        )
+        .root();
+    let mut def = run.marshal()?;
+    let n = def.def.len();
+    // The exec op is the one before the terminal op; its input 0 is the image.
+    let mut op = llb::pb::Op::decode(def.def[n - 2].clone())?;
+    let Some(llb::pb::op::Op::Exec(e)) = op.op.as_mut() else {
+        panic!("not an exec op")
+    };
+    let m = e.mounts.iter_mut().find(|m| m.dest == "/c").unwrap();
+    m.input = 0;
+    m.selector = "/etc".into();
+    let bytes = op.encode_to_vec();
+    let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&bytes)));
+    let mut term = llb::pb::Op::decode(def.def[n - 1].clone())?;
+    term.inputs[0].digest = digest;
+    def.def[n - 2] = bytes.into();
+    def.def[n - 1] = term.encode_to_vec().into();
+    def.metadata.clear();
+    let s = solve_def(
+        &w.worker,
+        def.clone(),
+        Arc::new(TestSession::default()),
+        CancellationToken::new(),
+    )
+    .await;
+    let seen = read(s.ok(), "/seen").await?.unwrap();
+    assert!(seen.starts_with("root:x:0:"), "{seen}");
+    assert!(!seen.contains("more"));
+    // The image's own /etc/group is untouched.
+    assert!(!read(s.ok(), "/etc/group").await?.unwrap().contains("more"));
+    Ok(())
+}
