@@ -316,3 +316,31 @@ async fn control_solve_with_a_definition_and_local_output() {
     assert!(e.message().contains("dockerfile.v0"));
     assert!(session.close(Duration::from_secs(5)).await);
 }
+
+#[test]
+fn version_and_debug_workers_subcommand() {
+    require_root();
+    let bin = integration::buildkit_client::berthd_binary().unwrap();
+    let out = std::process::Command::new(&bin)
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let fields: Vec<&str> = text.split_whitespace().collect();
+    assert_eq!(fields.len(), 4, "{text:?}");
+    assert_eq!(fields[0], "berthd");
+    assert_eq!(fields[1], "github.com/berth-build/berth");
+    assert!(fields[2].starts_with('v'));
+    let d = Berthd::start(&[]).unwrap();
+    let out = std::process::Command::new(&bin)
+        .arg("--addr")
+        .arg(format!("unix://{}", d.socket().display()))
+        .args(["debug", "workers"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.starts_with("ID\tPLATFORMS\n"), "{text}");
+    assert!(text.contains("linux/"), "{text}");
+}
