@@ -16,8 +16,11 @@ test:
 run: build
 	./target/release/berthd --debug $(BERTHD_ARGS)
 
+## Benchmarks berth against `docker load` on this machine (needs root and Docker; ~15 min on
+## 2 cores); prints the table and writes docs/benchmarks.md. berthd is built for its idle RSS.
 bench:
-	@echo "make bench: not yet (issue 7)"; exit 1
+	$(CARGO) build --release -p daemon --bin berthd
+	$(CARGO) run --release -p bench --bin berth-bench
 
 fmt:
 	$(CARGO) fmt --all

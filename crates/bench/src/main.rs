@@ -1,2 +1,1187 @@
-//! berth-bench (in progress).
-fn main() {}
+//! `make bench`: berth against the path users have today, on this machine, with fixtures made
+//! here (no registry), printed as a table and written to `docs/benchmarks.md`.
+//!
+//! Every scenario runs one warm-up and then several measured runs; the table reports min,
+//! median and max. Sizes are the (`--scale F` multiplies every size, for a quick smoke
+//! run; the report says so). Nothing here knows the sizes or names beyond generating them.
+//!
+//! Paths, honestly: scenarios 1, 2 and 6 drive the worker (LLB solve) and the `image` exporter
+//! in this process, because berthd does not export `type=image` through its gRPC API yet; the
+//! scenario lines in the report say so. Docker is the real system dockerd throughout.
+
+mod fixtures;
+mod report;
+mod session;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context as _, Result};
+use exporter::image::{build_config, ConfigInput, LayerInfo, Platform};
+use exporter::{export_layers, DockerEngine, ImageExportRequest, ImageTarget, TargetOptions};
+use llb::{CopyOpts, MkdirOpts, MkfileOpts};
+use report::{median, ratio, secs, Row, Unit};
+use session::DirSession;
+use tokio_util::sync::CancellationToken;
+use worker::{ProgressEvent, ProgressSink, SessionProvider, SolveContext, SolvedRef, Worker};
+
+const GIB: u64 = 1 << 30;
+const MIB: u64 = 1 << 20;
+/// Measured runs of the expensive cases (after one warm-up).
+const RUNS: usize = 3;
+/// Measured runs of the cheap cases (after one warm-up).
+const RUNS_CHEAP: usize = 5;
+
+struct Opts {
+    scale: f64,
+    out: PathBuf,
+}
+
+fn parse_args() -> Result<Opts> {
+    let mut o = Opts {
+        scale: 1.0,
+        out: Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/benchmarks.md"),
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--scale" => {
+                o.scale = args
+                    .next()
+                    .context("--scale needs a value")?
+                    .parse()
+                    .context("--scale: not a number")?;
+                ensure!(o.scale > 0.0, "--scale must be positive");
+            }
+            "--out" => o.out = args.next().context("--out needs a path")?.into(),
+            "-h" | "--help" => {
+                println!("berth-bench [--scale F] [--out docs/benchmarks.md]");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?} (try --help)"),
+        }
+    }
+    Ok(o)
+}
+
+/// The run's state: its scratch dir, Docker, what it created, what it measured.
+struct Bench {
+    scale: f64,
+    scratch: PathBuf,
+    docker: bollard::Docker,
+    target: ImageTarget,
+    tag_prefix: String,
+    images: Vec<String>,
+    rows: Vec<Row>,
+    builds: u64,
+}
+
+fn sz(scale: f64, bytes: u64) -> u64 {
+    ((bytes as f64 * scale) as u64).max(4096)
+}
+
+fn human(bytes: u64) -> String {
+    if bytes >= GIB {
+        format!("{:.1} GiB", bytes as f64 / GIB as f64)
+    } else {
+        format!("{:.0} MiB", bytes as f64 / MIB as f64)
+    }
+}
+
+/// Reads a `kB` field of /proc/<pid>/status, in bytes.
+fn proc_status_kb(pid: &str, field: &str) -> Result<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = s
+        .lines()
+        .find(|l| l.starts_with(field))
+        .with_context(|| format!("{field} not in /proc/{pid}/status"))?;
+    let kb: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .context("malformed status line")?
+        .parse()?;
+    Ok(kb * 1024)
+}
+
+/// Resets this process's peak RSS (`VmHWM`) to its current RSS.
+fn reset_peak_rss() -> Result<()> {
+    std::fs::write("/proc/self/clear_refs", "5").context("reset VmHWM via /proc/self/clear_refs")
+}
+
+async fn docker_cmd(args: &[&str]) -> Result<String> {
+    let out = tokio::process::Command::new("docker")
+        .args(args)
+        .output()
+        .await
+        .context("run docker")?;
+    if !out.status.success() {
+        bail!(
+            "docker {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The first `docker run` of the image: it is runnable when this returns.
+async fn docker_run(image: &str) -> Result<()> {
+    docker_cmd(&["run", "--rm", "--network", "none", image, "/bin/true"]).await?;
+    Ok(())
+}
+
+async fn rmi(image: &str) {
+    let _ = docker_cmd(&["rmi", "-f", image]).await;
+}
+
+/// What a solve did.
+struct Solved {
+    result: SolvedRef,
+    executed: usize,
+    cached: usize,
+    took: Duration,
+}
+
+impl Bench {
+    fn worker(&self, name: &str) -> Result<(Worker, PathBuf)> {
+        self.worker_on(name, "unix:///var/run/docker.sock")
+    }
+
+    /// A worker whose images come from the Docker Engine at `docker_host`.
+    fn worker_on(&self, name: &str, docker_host: &str) -> Result<(Worker, PathBuf)> {
+        let root = self.scratch.join(name);
+        let mut opts = worker::WorkerOptions::new(&root);
+        opts.docker_host = Some(docker_host.into());
+        Ok((Worker::new(opts).context("open worker")?, root))
+    }
+
+    async fn solve(
+        &mut self,
+        w: &Worker,
+        st: &llb::State,
+        session: Arc<dyn SessionProvider>,
+    ) -> Result<Solved> {
+        self.builds += 1;
+        let def = st.marshal().context("marshal LLB")?;
+        let (sink, mut rx) = ProgressSink::channel();
+        let ctx = SolveContext::new(
+            format!("{}-{}", self.tag_prefix.replace('/', "-"), self.builds),
+            session,
+            sink,
+            CancellationToken::new(),
+        );
+        let t = Instant::now();
+        let result = w.solve(def, ctx).await.context("solve")?;
+        let took = t.elapsed();
+        let (mut executed, mut cached) = (0, 0);
+        while let Ok(ev) = rx.try_recv() {
+            if let ProgressEvent::VertexCompleted {
+                cached: c,
+                error: None,
+                ..
+            } = ev
+            {
+                if c {
+                    cached += 1;
+                } else {
+                    executed += 1;
+                }
+            }
+        }
+        Ok(Solved {
+            result,
+            executed,
+            cached,
+            took,
+        })
+    }
+
+    async fn base_image(&mut self, name: &str, data: u64, seed: u64) -> Result<String> {
+        let tag = format!("{}{name}:bench", self.tag_prefix);
+        rmi(&tag).await;
+        let t = Instant::now();
+        let tag2 = tag.clone();
+        let id =
+            tokio::task::spawn_blocking(move || fixtures::load_base_image(None, &tag2, data, seed))
+                .await??;
+        self.images.push(id.clone());
+        eprintln!(
+            "  fixture {tag}: busybox + {} loaded in {:.1} s",
+            human(data),
+            t.elapsed().as_secs_f64()
+        );
+        Ok(tag)
+    }
+
+    /// An LLB build on `base` that copies a fresh `change`-byte file from the client context.
+    async fn build_change(
+        &mut self,
+        w: &Worker,
+        base: &str,
+        ctx_dir: &Path,
+        change: u64,
+        seed: u64,
+    ) -> Result<Solved> {
+        let blob = ctx_dir.join("blob");
+        tokio::task::spawn_blocking(move || fixtures::write_blob(&blob, change, seed)).await??;
+        let ctx: llb::State = llb::local("ctx").into();
+        let st = llb::image(base)
+            .resolve_mode("local")
+            .state()
+            .file(llb::copy(&ctx, "/blob", "/blob", CopyOpts::default()));
+        let s = self
+            .solve(w, &st, Arc::new(DirSession::with("ctx", ctx_dir)))
+            .await?;
+        ensure!(s.executed >= 1, "the change step did not execute");
+        Ok(s)
+    }
+
+    /// berth: `type=image` export of the solved result, then the first `docker run`.
+    /// Returns the time and the peak RSS of this process during it.
+    async fn berth_to_runnable(&mut self, w: &Worker, s: &Solved) -> Result<(f64, u64)> {
+        reset_peak_rss()?;
+        let t = Instant::now();
+        let chain = s.result.chain().layers().to_vec();
+        let r = self
+            .target
+            .export(
+                w.snapshot_store(),
+                ImageExportRequest {
+                    chain: &chain,
+                    config: Some(fixtures::BASE_CONFIG.as_bytes()),
+                    names: vec![],
+                    epoch: None,
+                },
+            )
+            .await
+            .context("berth image export")?;
+        docker_run(&r.config_digest).await?;
+        let took = secs(t.elapsed());
+        let peak = proc_status_kb("self", "VmHWM:")?;
+        ensure!(
+            r.layers_sent == 1,
+            "berth sent {} layers, expected only the new one",
+            r.layers_sent
+        );
+        rmi(&r.config_digest).await;
+        Ok((took, peak))
+    }
+
+    /// The stock path: the same image as a full docker-archive (every layer) streamed into
+    /// `POST /images/load` with the base already present, then the first `docker run`.
+    async fn stock_to_runnable(&mut self, w: &Worker, s: &Solved) -> Result<f64> {
+        let t = Instant::now();
+        let chain = s.result.chain().layers().to_vec();
+        let store = w.snapshot_store().clone();
+        let (layers, _) =
+            tokio::task::spawn_blocking(move || export_layers(&store, &chain)).await??;
+        let infos: Vec<LayerInfo> = layers
+            .iter()
+            .map(|l| LayerInfo {
+                diff_id: l.diff_id.clone(),
+                description: "bench".into(),
+                created: None,
+            })
+            .collect();
+        let cfg = build_config(&ConfigInput {
+            base: Some(fixtures::BASE_CONFIG.as_bytes()),
+            layers: &infos,
+            epoch: None,
+            platform: &Platform::native(),
+            now: chrono::Utc::now(),
+        })?;
+        let engine = DockerEngine::new(self.docker.clone(), None);
+        let rep = engine
+            .load_thin(&cfg, &layers, &vec![false; layers.len()])
+            .await
+            .context("full docker load")?;
+        ensure!(
+            rep.sent.layers_sent.len() == layers.len(),
+            "full load sent {} of {} layers",
+            rep.sent.layers_sent.len(),
+            layers.len()
+        );
+        docker_run(&cfg.digest).await?;
+        let took = secs(t.elapsed());
+        rmi(&cfg.digest).await;
+        Ok(took)
+    }
+
+    /// Runs build → berth (and optionally stock and the `cp -a` floor) `1 + runs` times on
+    /// `base` with a `change`-byte change; returns (berth, stock, floor, peak RSS) samples.
+    async fn change_series(
+        &mut self,
+        base: &str,
+        change: u64,
+        runs: usize,
+        with_stock: bool,
+    ) -> Result<[Vec<f64>; 4]> {
+        let (w, root) = self.worker(&format!("w-{}", self.builds))?;
+        let ctx_dir = self.scratch.join("ctx-change");
+        std::fs::create_dir_all(&ctx_dir)?;
+        let mut out: [Vec<f64>; 4] = Default::default();
+        for i in 0..=runs {
+            let seed = 1000 + self.builds;
+            let s = self.build_change(&w, base, &ctx_dir, change, seed).await?;
+            let (b, peak) = self.berth_to_runnable(&w, &s).await?;
+            let st = if with_stock {
+                Some(self.stock_to_runnable(&w, &s).await?)
+            } else {
+                None
+            };
+            let floor_dir = self.scratch.join("floor");
+            let t = Instant::now();
+            let cp = tokio::process::Command::new("cp")
+                .arg("-a")
+                .arg(&ctx_dir)
+                .arg(&floor_dir)
+                .status()
+                .await?;
+            let floor = secs(t.elapsed());
+            ensure!(cp.success(), "cp -a failed");
+            std::fs::remove_dir_all(&floor_dir)?;
+            eprintln!(
+                "    {} {}: solve {:.2} s, berth {b:.2} s, stock {}, cp -a {floor:.2} s",
+                if i == 0 { "warm-up" } else { "run" },
+                human(change),
+                s.took.as_secs_f64(),
+                st.map(|x| format!("{x:.2} s")).unwrap_or("-".into())
+            );
+            if i > 0 {
+                out[0].push(b);
+                if let Some(x) = st {
+                    out[1].push(x);
+                }
+                out[2].push(floor);
+                out[3].push(peak as f64);
+            }
+        }
+        drop(w);
+        remove_tree(&root)?;
+        std::fs::remove_dir_all(&ctx_dir)?;
+        Ok(out)
+    }
+
+    fn row(
+        &mut self,
+        scenario: u32,
+        case: String,
+        samples: Vec<f64>,
+        unit: Unit,
+        ratio: String,
+        note: String,
+    ) {
+        self.rows.push(Row {
+            scenario,
+            case,
+            samples,
+            unit,
+            ratio,
+            note,
+        });
+    }
+}
+
+/// Removes a scratch tree, unmounting anything left mounted under it first.
+fn remove_tree(root: &Path) -> Result<()> {
+    let prefix = root.to_string_lossy().into_owned();
+    if let Ok(mi) = std::fs::read_to_string("/proc/self/mountinfo") {
+        let mut mounts: Vec<String> = mi
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(4).map(str::to_string))
+            .filter(|m| m.starts_with(&prefix))
+            .collect();
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in mounts {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&m)
+                .status();
+        }
+    }
+    if root.exists() {
+        std::fs::remove_dir_all(root).with_context(|| format!("remove {}", root.display()))?;
+    }
+    Ok(())
+}
+
+/// Scenario 1 and 2: build end → runnable.
+async fn scenario_build_end(b: &mut Bench) -> Result<()> {
+    let base2 = b.base_image("base-2g", sz(b.scale, 2 * GIB), 2).await?;
+    let change = sz(b.scale, 50 * MIB);
+    eprintln!(
+        "scenario 1: base {} + change {}",
+        human(sz(b.scale, 2 * GIB)),
+        human(change)
+    );
+    let [berth, stock, floor, peak_small] = b.change_series(&base2, change, RUNS, true).await?;
+    let (mb, ms, mf) = (median(&berth), median(&stock), median(&floor));
+    let (b2, c1) = (human(sz(b.scale, 2 * GIB)), human(change));
+    let mode = b.target.mode();
+    b.row(
+        1,
+        format!("berth `type=image` [{mode}], {b2} base + {c1} change"),
+        berth.clone(),
+        Unit::Secs,
+        ratio("stock/berth", ms, mb),
+        "export + first `docker run`; only the new layer sent".into(),
+    );
+    b.row(
+        1,
+        "stock: full docker-archive → `POST /images/load`, same image, base present".into(),
+        stock.clone(),
+        Unit::Secs,
+        ratio("stock/floor", ms, mf),
+        "every layer streamed; dockerd untars all, registers only the new layer".into(),
+    );
+    b.row(
+        1,
+        format!("floor: `cp -a` of the {c1} once, same disk"),
+        floor,
+        Unit::Secs,
+        ratio("berth/floor", mb, mf),
+        "page cache warm".into(),
+    );
+
+    eprintln!("scenario 2: change scaling on the {b2} base");
+    let mut change_rows = vec![(change, berth.clone())];
+    let mut peak_big = (change, peak_small.clone());
+    for c in [500 * MIB, 2 * GIB] {
+        let c = sz(b.scale, c);
+        let [be, _, _, pk] = b.change_series(&base2, c, RUNS, false).await?;
+        change_rows.push((c, be));
+        peak_big = (c, pk);
+    }
+    let m_small = median(&change_rows[0].1);
+    for (c, s) in change_rows {
+        let m = median(&s);
+        b.row(
+            2,
+            format!("berth, {b2} base, {} change", human(c)),
+            s,
+            Unit::Secs,
+            ratio(&format!("÷ {c1}-change case"), m, m_small),
+            format!("{:.1} s per GiB of change", m / (c as f64 / GIB as f64)),
+        );
+    }
+
+    eprintln!("scenario 2: base scaling with a {c1} change");
+    let mut base_rows = vec![];
+    for (name, size, seed) in [("base-512m", GIB / 2, 3), ("base-8g", 8 * GIB, 4)] {
+        let tag = b.base_image(name, sz(b.scale, size), seed).await?;
+        let [be, st, _, _] = b.change_series(&tag, change, RUNS, true).await?;
+        base_rows.push((sz(b.scale, size), be, st));
+        rmi(&tag).await;
+    }
+    base_rows.insert(1, (sz(b.scale, 2 * GIB), berth, stock));
+    let small_base = median(&base_rows[0].1);
+    let small_name = human(base_rows[0].0);
+    for (size, be, st) in base_rows {
+        let (m, s) = (median(&be), median(&st));
+        b.row(
+            2,
+            format!("berth, {} base, {c1} change", human(size)),
+            be,
+            Unit::Secs,
+            ratio(&format!("÷ {small_name}-base case"), m, small_base),
+            String::new(),
+        );
+        b.row(
+            2,
+            format!("stock full load, {} base, {c1} change", human(size)),
+            st,
+            Unit::Secs,
+            ratio("stock/berth", s, m),
+            String::new(),
+        );
+    }
+
+    b.row(
+        6,
+        format!("peak RSS (VmHWM) of the exporting process, {c1} change on {b2} base"),
+        peak_small.clone(),
+        Unit::Bytes,
+        String::new(),
+        "bench process (in-process worker + exporter), VmHWM reset before each export".into(),
+    );
+    let (p1, p2) = (median(&peak_small), median(&peak_big.1));
+    b.row(
+        6,
+        format!(
+            "peak RSS (VmHWM) of the exporting process, {} change on {b2} base",
+            human(peak_big.0)
+        ),
+        peak_big.1,
+        Unit::Bytes,
+        ratio(&format!("÷ {c1}-change case"), p2, p1),
+        "must stay flat in the layer size".into(),
+    );
+    rmi(&base2).await;
+    Ok(())
+}
+
+/// Scenario 1, offline mode: a private dockerd (own data root, overlay2) holds the same base;
+/// it is stopped when the build ends (that is this mode's premise), berth writes the image into
+/// its data root, and the time runs until dockerd has started again and `docker run` succeeded.
+async fn scenario_offline(b: &mut Bench) -> Result<()> {
+    let base_size = sz(b.scale, 2 * GIB);
+    let change = sz(b.scale, 50 * MIB);
+    eprintln!("scenario 1: offline mode (private dockerd stopped during the export)");
+    let mut dockerd = tokio::task::block_in_place(|| {
+        integration::PrivateDockerd::new(integration::PrivateDockerdOptions::default())
+    })
+    .context("start a private dockerd")?;
+    let host = format!("unix://{}", dockerd.socket_path().display());
+    let tag = format!("{}base-offline:bench", b.tag_prefix);
+    {
+        let (h, t) = (host.clone(), tag.clone());
+        let started = Instant::now();
+        tokio::task::spawn_blocking(move || fixtures::load_base_image(Some(&h), &t, base_size, 2))
+            .await??;
+        eprintln!(
+            "  fixture {tag} in the private dockerd: busybox + {} loaded in {:.1} s",
+            human(base_size),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    let (w, root) = b.worker_on("w-offline", &host)?;
+    let ctx_dir = b.scratch.join("ctx-offline");
+    std::fs::create_dir_all(&ctx_dir)?;
+    let target = ImageTarget::ClassicOffline {
+        data_root: dockerd.data_root(),
+        driver: layerstore::dockerstore::StorageDriver::from_name(dockerd.storage_driver())?,
+        check: layerstore::dockerstore::DaemonCheck {
+            pidfile: Some(dockerd.pidfile()),
+            socket: Some(dockerd.socket_path()),
+        },
+    };
+    let (mut total, mut write) = (vec![], vec![]);
+    for i in 0..=RUNS {
+        let seed = 1000 + b.builds;
+        let s = b.build_change(&w, &tag, &ctx_dir, change, seed).await?;
+        tokio::task::block_in_place(|| dockerd.stop()).context("stop the private dockerd")?;
+        let name = format!("{}offline-{i}:bench", b.tag_prefix);
+        let chain = s.result.chain().layers().to_vec();
+        let t = Instant::now();
+        let r = target
+            .export(
+                w.snapshot_store(),
+                ImageExportRequest {
+                    chain: &chain,
+                    config: Some(fixtures::BASE_CONFIG.as_bytes()),
+                    names: vec![name.clone()],
+                    epoch: None,
+                },
+            )
+            .await
+            .context("offline export")?;
+        let wrote = secs(t.elapsed());
+        tokio::task::block_in_place(|| dockerd.start()).context("restart the private dockerd")?;
+        docker_cmd(&[
+            "-H",
+            &host,
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            &name,
+            "/bin/true",
+        ])
+        .await?;
+        let took = secs(t.elapsed());
+        ensure!(
+            r.layers_sent == 1,
+            "offline export wrote {} layers",
+            r.layers_sent
+        );
+        let _ = docker_cmd(&["-H", &host, "rmi", "-f", &name]).await;
+        eprintln!(
+            "    {}: direct write {wrote:.2} s, to runnable (incl. dockerd start) {took:.2} s",
+            if i == 0 { "warm-up" } else { "run" }
+        );
+        if i > 0 {
+            total.push(took);
+            write.push(wrote);
+        }
+    }
+    drop(w);
+    remove_tree(&root)?;
+    std::fs::remove_dir_all(&ctx_dir)?;
+    tokio::task::block_in_place(|| dockerd.stop()).context("stop the private dockerd")?;
+    let (mt, mw) = (median(&total), median(&write));
+    b.row(
+        1,
+        format!(
+            "berth `type=image` [{}], {} base + {} change: write + dockerd start + first `docker run`",
+            target.mode(),
+            human(base_size),
+            human(change)
+        ),
+        total,
+        Unit::Secs,
+        ratio("(write + start + run)/write", mt, mw),
+        "private dockerd (overlay2, own data root), stopped when the build ends".into(),
+    );
+    b.row(
+        1,
+        "  of which: the direct write into the stopped daemon's data root".into(),
+        write,
+        Unit::Secs,
+        String::new(),
+        "layer dir + tar-split + layerdb/imagedb + tag".into(),
+    );
+    Ok(())
+}
+
+/// Scenario 3: cached rebuilds.
+async fn scenario_cache(b: &mut Bench) -> Result<()> {
+    eprintln!("scenario 3: cached rebuilds");
+    let (w, root) = b.worker("w-cache")?;
+    // 201 vertices: 20 chains of 10 FileOps, gathered by one FileOp copying from each.
+    let graph = || {
+        let mut gather = llb::mkdir("/out", 0o755, MkdirOpts::default());
+        let mut tips = vec![];
+        for c in 0..20 {
+            let mut s = llb::scratch();
+            for v in 0..10 {
+                s = s.file(llb::mkfile(
+                    format!("/c{c}-v{v}"),
+                    0o644,
+                    format!("chain {c} vertex {v}\n"),
+                    MkfileOpts::default(),
+                ));
+            }
+            tips.push(s);
+        }
+        for (c, s) in tips.iter().enumerate() {
+            gather = gather.copy(
+                s,
+                format!("/c{c}-v9"),
+                format!("/out/c{c}"),
+                CopyOpts::default(),
+            );
+        }
+        llb::scratch().file(gather)
+    };
+    let session: Arc<dyn SessionProvider> = Arc::new(worker::NoSession);
+    let cold = b.solve(&w, &graph(), session.clone()).await?;
+    ensure!(
+        cold.executed == 201,
+        "cold build executed {} vertices, expected 201",
+        cold.executed
+    );
+    let mut t = vec![];
+    let mut counts = (0, 0);
+    for i in 0..=RUNS_CHEAP {
+        let s = b.solve(&w, &graph(), session.clone()).await?;
+        ensure!(s.executed == 0, "rebuild executed {} vertices", s.executed);
+        if i > 0 {
+            t.push(secs(s.took));
+        }
+        counts = (s.executed, s.cached);
+    }
+    let m = median(&t);
+    b.row(
+        3,
+        "201-vertex FileOp graph rebuilt, nothing changed".into(),
+        t,
+        Unit::Secs,
+        ratio("cold/rebuild", secs(cold.took), m),
+        format!(
+            "executed {} / cached {}; cold build {:.2} s",
+            counts.0,
+            counts.1,
+            secs(cold.took)
+        ),
+    );
+
+    // A Dockerfile-sized graph: FROM, COPY context, 9 more steps; step 2 changes every run.
+    let bb = b.base_image("busybox", 0, 0).await?;
+    let ctx_dir = b.scratch.join("ctx-small");
+    std::fs::create_dir_all(&ctx_dir)?;
+    fixtures::write_tree(&ctx_dir, 100, sz(b.scale, 4 * MIB), 9)?;
+    let mut payload = vec![0u8; 256 << 10];
+    fixtures::Prng::new(5).fill(&mut payload);
+    let dockerfile = |changed: u64| {
+        let ctx: llb::State = llb::local("ctx").into();
+        let mut s = llb::image(&bb).resolve_mode("local").state();
+        s = s.file(llb::copy(
+            &ctx,
+            "/",
+            "/app",
+            CopyOpts::default()
+                .dir_contents_only(true)
+                .create_dest_path(true),
+        ));
+        s = s.file(llb::mkfile(
+            "/app/version",
+            0o644,
+            format!("build {changed}\n"),
+            MkfileOpts::default(),
+        ));
+        for step in 3..=10 {
+            s = s.file(llb::mkfile(
+                format!("/app/step{step}"),
+                0o644,
+                payload.clone(),
+                MkfileOpts::default(),
+            ));
+        }
+        s
+    };
+    let session: Arc<dyn SessionProvider> = Arc::new(DirSession::with("ctx", &ctx_dir));
+    b.solve(&w, &dockerfile(0), session.clone()).await?;
+    let mut t = vec![];
+    let mut counts = (0, 0);
+    for i in 0..=RUNS_CHEAP {
+        let s = b
+            .solve(&w, &dockerfile(i as u64 + 1), session.clone())
+            .await?;
+        ensure!(
+            s.executed >= 9,
+            "changed rebuild executed only {} vertices",
+            s.executed
+        );
+        if i > 0 {
+            t.push(secs(s.took));
+        }
+        counts = (s.executed, s.cached);
+    }
+    b.row(
+        3,
+        "10-step Dockerfile-shaped graph (FROM, COPY, 9 FileOps), step 2 changed".into(),
+        t,
+        Unit::Secs,
+        String::new(),
+        format!(
+            "executed {} / cached {} (ExecOp not in the graph: not in the worker yet)",
+            counts.0, counts.1
+        ),
+    );
+    drop(w);
+    remove_tree(&root)?;
+    std::fs::remove_dir_all(&ctx_dir)?;
+    rmi(&bb).await;
+    Ok(())
+}
+
+/// Scenarios 4 and 5 share a 1 GiB tree of 20 000 files.
+async fn scenario_context_and_tar(b: &mut Bench) -> Result<()> {
+    let tree = b.scratch.join("ctx-1g");
+    let bytes = sz(b.scale, GIB);
+    let files = ((20_000.0 * b.scale.min(1.0)) as u64).max(100);
+    eprintln!(
+        "scenario 4: local context of {} in {files} files",
+        human(bytes)
+    );
+    {
+        let tree = tree.clone();
+        tokio::task::spawn_blocking(move || fixtures::write_tree(&tree, files, bytes, 11))
+            .await??;
+    }
+    let (mut full, mut one) = (vec![], vec![]);
+    let mut note = String::new();
+    for i in 0..=RUNS {
+        let (w, root) = b.worker(&format!("w-ctx-{i}"))?;
+        let session: Arc<dyn SessionProvider> = Arc::new(DirSession::with("ctx", &tree));
+        let st: llb::State = llb::local("ctx").into();
+        let s1 = b.solve(&w, &st, session.clone()).await?;
+        let victim = tree.join("d0001").join("f000123");
+        let len = std::fs::metadata(&victim)?.len();
+        fixtures::write_blob(&victim, len, 500 + i as u64)?;
+        let s2 = b.solve(&w, &st, session.clone()).await?;
+        ensure!(s2.executed >= 1, "changed context was not re-sent");
+        eprintln!(
+            "    {}: full {:.2} s, one file changed {:.2} s",
+            if i == 0 { "warm-up" } else { "run" },
+            secs(s1.took),
+            secs(s2.took)
+        );
+        if i > 0 {
+            full.push(secs(s1.took));
+            one.push(secs(s2.took));
+        }
+        note = format!(
+            "solve of `local://ctx` on a fresh worker; executed {}/{}",
+            s1.executed, s2.executed
+        );
+        drop(w);
+        remove_tree(&root)?;
+    }
+    let (mf, mo) = (median(&full), median(&one));
+    b.row(
+        4,
+        format!(
+            "send {} context of {files} files (first sync)",
+            human(bytes)
+        ),
+        full,
+        Unit::Secs,
+        String::new(),
+        note,
+    );
+    b.row(
+        4,
+        "same context again, one file changed".into(),
+        one,
+        Unit::Secs,
+        ratio("first/again", mf, mo),
+        String::new(),
+    );
+
+    eprintln!("scenario 5: layer tar of the same tree");
+    let (mut ours, mut theirs) = (vec![], vec![]);
+    for i in 0..=RUNS {
+        let t2 = tree.clone();
+        let t = Instant::now();
+        let digest = tokio::task::spawn_blocking(move || {
+            let mut split = std::io::sink();
+            layerstore::tar::write_layer(
+                &t2,
+                std::io::sink(),
+                Some(&mut split),
+                &layerstore::tar::WriteOptions::default(),
+            )
+        })
+        .await??;
+        let a = secs(t.elapsed());
+        let t = Instant::now();
+        let st = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg("tar -C \"$1\" -cf - . | sha256sum >/dev/null")
+            .arg("sh")
+            .arg(&tree)
+            .status()
+            .await?;
+        ensure!(st.success(), "tar | sha256sum failed");
+        let c = secs(t.elapsed());
+        eprintln!(
+            "    tar+diffID+tar-split {a:.2} s ({}), tar c | sha256sum {c:.2} s",
+            digest.diff_id
+        );
+        if i > 0 {
+            ours.push(a);
+            theirs.push(c);
+        }
+    }
+    let (mo, mt) = (median(&ours), median(&theirs));
+    b.row(
+        5,
+        format!(
+            "berth `write_layer`: tar + diffID + tar-split of {}",
+            human(bytes)
+        ),
+        ours,
+        Unit::Secs,
+        ratio("berth/(tar c | sha256sum)", mo, mt),
+        "output to /dev/null, page cache warm".into(),
+    );
+    b.row(
+        5,
+        "`tar c | sha256sum` (GNU tar, coreutils)".into(),
+        theirs,
+        Unit::Secs,
+        String::new(),
+        String::new(),
+    );
+    remove_tree(&tree)?;
+    Ok(())
+}
+
+/// Scenario 6 (idle part): berthd's RSS once started and idle.
+async fn scenario_idle_rss(b: &mut Bench) -> Result<()> {
+    let exe = std::env::current_exe()?;
+    let berthd = exe.with_file_name("berthd");
+    if !berthd.is_file() {
+        eprintln!(
+            "scenario 6: {} not built; idle RSS not measured",
+            berthd.display()
+        );
+        b.row(
+            6,
+            "berthd idle RSS".into(),
+            vec![],
+            Unit::Bytes,
+            String::new(),
+            format!(
+                "not measured: {} missing (make bench builds it)",
+                berthd.display()
+            ),
+        );
+        return Ok(());
+    }
+    eprintln!("scenario 6: berthd idle RSS");
+    let mut samples = vec![];
+    for i in 0..=RUNS {
+        let dir = b.scratch.join(format!("berthd-{i}"));
+        std::fs::create_dir_all(&dir)?;
+        let sock = dir.join("buildkitd.sock");
+        let mut child = tokio::process::Command::new(&berthd)
+            .arg("--addr")
+            .arg(format!("unix://{}", sock.display()))
+            .arg("--root")
+            .arg(dir.join("root"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("start berthd")?;
+        let pid = child.id().context("berthd pid")?.to_string();
+        let t = Instant::now();
+        while !sock.exists() {
+            if t.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill().await;
+                bail!("berthd did not open {} within 30 s", sock.display());
+            }
+            if let Some(st) = child.try_wait()? {
+                bail!("berthd exited early: {st}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let rss = proc_status_kb(&pid, "VmRSS:")?;
+        child.kill().await?;
+        remove_tree(&dir)?;
+        if i > 0 {
+            samples.push(rss as f64);
+        }
+    }
+    b.row(
+        6,
+        "berthd idle RSS (VmRSS 2 s after its socket appears)".into(),
+        samples,
+        Unit::Bytes,
+        String::new(),
+        "real berthd process".into(),
+    );
+    Ok(())
+}
+
+fn first_line(cmd: &str, args: &[&str]) -> String {
+    std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .ok()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        })
+        .unwrap_or_default()
+}
+
+async fn machine(docker: &bollard::Docker) -> Result<Vec<(String, String)>> {
+    let info = docker.info().await.context("docker info")?;
+    let version = docker.version().await.context("docker version")?;
+    let mem = proc_status_mem()?;
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")?
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    Ok(vec![
+        (
+            "cores".into(),
+            format!("{} ({cpu})", std::thread::available_parallelism()?.get()),
+        ),
+        (
+            "memory".into(),
+            format!("{:.1} GiB", mem as f64 / GIB as f64),
+        ),
+        (
+            "kernel".into(),
+            std::fs::read_to_string("/proc/sys/kernel/osrelease")?
+                .trim()
+                .to_string(),
+        ),
+        (
+            "Docker".into(),
+            format!(
+                "server {} (API {}), client {}",
+                version.version.unwrap_or_default(),
+                version.api_version.unwrap_or_default(),
+                first_line("docker", &["version", "--format", "{{.Client.Version}}"])
+            ),
+        ),
+        (
+            "storage driver".into(),
+            format!(
+                "{} (data root {})",
+                info.driver.unwrap_or_default(),
+                info.docker_root_dir.unwrap_or_default()
+            ),
+        ),
+        (
+            "disk of the scratch dir and Docker".into(),
+            first_line(
+                "sh",
+                &["-c", "df -h --output=source,fstype,size /var/tmp | tail -1"],
+            ),
+        ),
+        (
+            "berth commit".into(),
+            first_line(
+                "git",
+                &[
+                    "-C",
+                    env!("CARGO_MANIFEST_DIR"),
+                    "rev-parse",
+                    "--short",
+                    "HEAD",
+                ],
+            ),
+        ),
+    ])
+}
+
+/// The 1-minute load average.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_default()
+}
+
+fn proc_status_mem() -> Result<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo")?;
+    let kb: u64 = s
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .context("MemTotal")?
+        .parse()?;
+    Ok(kb * 1024)
+}
+
+const SCENARIOS: &[&str] = &[
+    "1. **Build end → runnable** (headline): time from the solve's last vertex to the first successful `docker run --network none <image> /bin/true`, for an LLB build (docker-image base of busybox + 2 GiB incompressible data already in Docker, then a FileOp copying a fresh 50 MiB file from the local context). berth: `ImageTarget::export` in this process (berthd's gRPC `type=image` export is not wired yet), in each mode this machine supports: live classic store (thin `docker load` into the system dockerd) and offline (a private dockerd, stopped when the build ends, whose data root berth writes; its time includes restarting that dockerd). Stock: the same image as a full docker-archive streamed into `POST /images/load` (berth's diffID of the new layer is already cached, which favours stock). Floor: `cp -a` of the 50 MiB once.",
+    "2. **Scaling**: the same with a 50 MiB / 500 MiB / 2 GiB change on the 2 GiB base, and a 50 MiB change on a 0.5 / 2 / 8 GiB base: berth's cost must follow the change and stay flat in the base.",
+    "3. **Cached rebuild** (worker in this process): a 201-vertex FileOp graph re-solved with nothing changed, and a 10-step Dockerfile-shaped graph with step 2 changed; executed vs cached counted from progress events.",
+    "4. **Local context** (worker in this process, fsutil DiffCopy sender → receiver over in-memory channels, no gRPC): first sync of a 1 GiB context of 20 000 files, then again with one file changed.",
+    "5. **Layer tars**: berth's `write_layer` (tar + diffID + tar-split in one pass) of the 1 GiB tree, as a ratio to `tar c | sha256sum`.",
+    "6. **Memory**: berthd's idle RSS (real berthd), and the peak RSS of the process doing the export (this bench process, since berthd cannot export `type=image` yet) for a 50 MiB and a 2 GiB change: it must stay flat in the layer size.",
+];
+
+async fn cleanup(b: &Bench) {
+    for id in &b.images {
+        rmi(id).await;
+    }
+    // Pin containers of this run's builds (normally removed when each build's graph drops).
+    if let Ok(out) = docker_cmd(&["ps", "-aq", "--filter", "label=dev.berth.pin.build"]).await {
+        for id in out.split_whitespace() {
+            if let Ok(l) = docker_cmd(&[
+                "inspect",
+                "--format",
+                "{{index .Config.Labels \"dev.berth.pin.build\"}}",
+                id,
+            ])
+            .await
+            {
+                if l.trim().starts_with(&b.tag_prefix.replace('/', "-")) {
+                    let _ = docker_cmd(&["rm", "-f", id]).await;
+                }
+            }
+        }
+    }
+    if let Err(e) = remove_tree(&b.scratch) {
+        eprintln!("cleanup: {e:#}");
+    }
+}
+
+async fn run() -> Result<()> {
+    let opts = parse_args()?;
+    let started = Instant::now();
+    let docker = bollard::Docker::connect_with_local_defaults().context("connect to Docker")?;
+    let target = ImageTarget::detect(docker.clone(), &TargetOptions::default())
+        .await
+        .context("detect the image store")?;
+    let pid = std::process::id();
+    let scratch = PathBuf::from(format!("/var/tmp/berth-bench-{pid}"));
+    std::fs::create_dir_all(&scratch)?;
+    let mut b = Bench {
+        scale: opts.scale,
+        scratch,
+        docker: docker.clone(),
+        target,
+        tag_prefix: format!("berth-bench-{pid}/"),
+        images: vec![],
+        rows: vec![],
+        builds: 0,
+    };
+    let machine = machine(&docker).await?;
+    let load_start = loadavg();
+    eprintln!(
+        "berth-bench: scratch {}, mode {}",
+        b.scratch.display(),
+        b.target.mode()
+    );
+    let res = async {
+        scenario_idle_rss(&mut b).await?;
+        scenario_cache(&mut b).await?;
+        scenario_context_and_tar(&mut b).await?;
+        scenario_build_end(&mut b).await?;
+        scenario_offline(&mut b).await?;
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    cleanup(&b).await;
+    res?;
+    let total = started.elapsed();
+
+    let mut rows = std::mem::take(&mut b.rows);
+    rows.sort_by_key(|r| r.scenario);
+    let headline = rows
+        .iter()
+        .find(|r| r.scenario == 1)
+        .map(|r| r.ratio.clone())
+        .unwrap_or_default();
+    let mut md = String::new();
+    md.push_str("# Benchmarks\n\nWritten by `make bench` (`crates/bench`, binary `berth-bench`) from a real run; do not edit by hand.\n\n");
+    md.push_str(&format!("**Headline (scenario 1):** {headline} — the median time from build end to a runnable image with the stock path (full `docker load`) divided by berth's.\n\n"));
+    md.push_str("## Machine\n\n");
+    for (k, v) in &machine {
+        md.push_str(&format!("- {k}: {v}\n"));
+    }
+    md.push_str(&format!(
+        "- run: {} UTC, total {:.1} min, {} warm-up + {RUNS} runs (expensive) / {RUNS_CHEAP} runs (cheap) per case{}\n",
+        chrono::Utc::now().format("%Y-%m-%d %H:%M"),
+        total.as_secs_f64() / 60.0,
+        1,
+        if b.scale != 1.0 { format!(", **sizes scaled by {}** (not the issue's sizes)", b.scale) } else { String::new() }
+    ));
+    md.push_str(&format!(
+        "- load average (1 min) at start {load_start}, at end {}: other work on the machine shares its 2 cores, so read ratios rather than absolute times\n\n",
+        loadavg()
+    ));
+    md.push_str("## Scenarios\n\n");
+    for s in SCENARIOS {
+        md.push_str(&format!("{s}\n"));
+    }
+    md.push_str("\n## Results\n\n");
+    md.push_str(&report::table(&rows));
+    md.push_str("\n## Not measured yet\n\n");
+    md.push_str("- berthd end to end: its gRPC `type=image` export is not wired, so scenarios 1, 2 and 6 drive the worker and exporter in this process.\n");
+    md.push_str("- Stock buildkitd with `--output type=docker | docker load` (`BERTH_BENCH_BUILDKITD`/`BERTH_BENCH_BUILDCTL`): not implemented; stock buildkitd cannot use Docker's images in place and would need a registry.\n");
+    md.push_str("- The containerd-store mode: Docker 20.10 has no containerd image store, so no Docker here can use it. The offline mode is measured on a private dockerd (the system one is never stopped).\n");
+    md.push_str("- ExecOp steps in scenario 3 (the worker has no ExecOp yet).\n");
+    println!("{md}");
+    if let Some(dir) = opts.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&opts.out, &md).with_context(|| format!("write {}", opts.out.display()))?;
+    eprintln!("wrote {}", opts.out.display());
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(run())
+}
