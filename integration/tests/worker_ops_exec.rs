@@ -12,6 +12,18 @@ use llb::{CacheSharing, Mount, NetMode, RunOpts};
 use worker::ErrorKind;
 use worker_ops_support::*;
 
+/// Timing tests run alone (write lock); the others share (read lock), so that the
+/// parallelism measurement is not skewed by the rest of this file on a 2-core machine.
+static TIMING: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+async fn shared() -> tokio::sync::RwLockReadGuard<'static, ()> {
+    TIMING.read().await
+}
+
+async fn exclusive() -> tokio::sync::RwLockWriteGuard<'static, ()> {
+    TIMING.write().await
+}
+
 async fn base() -> Result<(integration::TestImage, llb::State)> {
     let engine = DockerEngine::system()?;
     let img = busybox_image(&engine).await?;
@@ -23,6 +35,7 @@ async fn base() -> Result<(integration::TestImage, llb::State)> {
 /// hostname are applied; a second writable bind mount on scratch is an output of its own.
 #[tokio::test]
 async fn exec_env_cwd_user_and_outputs() -> Result<()> {
+    let _timing = shared().await;
     let w = TestWorker::new()?;
     let (_img, base) = base().await?;
     let script = "echo \"$FOO\" > /tmp/res; pwd >> /tmp/res; id -u >> /tmp/res; \
@@ -61,6 +74,7 @@ async fn exec_env_cwd_user_and_outputs() -> Result<()> {
 /// A non-zero exit fails the step with buildkitd's message plus the last output lines.
 #[tokio::test]
 async fn exec_exit_code_error() -> Result<()> {
+    let _timing = shared().await;
     let w = TestWorker::new()?;
     let (_img, base) = base().await?;
     let run = base.run(RunOpts::shell(
@@ -88,6 +102,7 @@ async fn exec_exit_code_error() -> Result<()> {
 /// tmpfs and leaves nothing in the layer.
 #[tokio::test]
 async fn exec_cache_mount_and_tmpfs() -> Result<()> {
+    let _timing = shared().await;
     let w = TestWorker::new()?;
     let (_img, base) = base().await?;
     for (i, sharing) in [CacheSharing::Shared, CacheSharing::Locked]
@@ -121,6 +136,7 @@ async fn exec_cache_mount_and_tmpfs() -> Result<()> {
 /// `network=none` has only loopback.
 #[tokio::test]
 async fn exec_network_none() -> Result<()> {
+    let _timing = shared().await;
     let w = TestWorker::new()?;
     let (_img, base) = base().await?;
     let run =
@@ -133,6 +149,7 @@ async fn exec_network_none() -> Result<()> {
 /// Two independent one-second steps run concurrently.
 #[tokio::test]
 async fn exec_parallel() -> Result<()> {
+    let _timing = exclusive().await;
     let w = TestWorker::new()?;
     let (_img, base) = base().await?;
     // Resolve the image first so that only the execs are timed.
@@ -152,6 +169,7 @@ async fn exec_parallel() -> Result<()> {
 /// Canceling a build kills the process and releases every mount.
 #[tokio::test]
 async fn exec_cancel() -> Result<()> {
+    let _timing = shared().await;
     let w = TestWorker::new()?;
     let (_img, base) = base().await?;
     solve(&w.worker, &base).await.ok();
@@ -201,6 +219,7 @@ async fn exec_cancel() -> Result<()> {
 /// read-only; mount stubs are removed from the root layer.
 #[tokio::test]
 async fn exec_selectors_and_readonly() -> Result<()> {
+    let _timing = shared().await;
     let w = TestWorker::new()?;
     let (_img, base) = base().await?;
     let data = base
@@ -263,6 +282,7 @@ async fn exec_selectors_and_readonly() -> Result<()> {
 /// time, PRIVATE ones concurrently in different directories.
 #[tokio::test]
 async fn exec_cache_sharing_modes() -> Result<()> {
+    let _timing = exclusive().await;
     let w = TestWorker::new()?;
     let (_img, base) = base().await?;
     solve(&w.worker, &base).await.ok();
@@ -306,6 +326,7 @@ async fn exec_cache_sharing_modes() -> Result<()> {
 /// process has the full capability set. `network=host` sees the host's interfaces.
 #[tokio::test]
 async fn exec_entitlements() -> Result<()> {
+    let _timing = shared().await;
     let (_img, base) = base().await?;
     let caps = base.run(
         RunOpts::shell("grep CapEff /proc/self/status > /caps")
@@ -355,6 +376,7 @@ async fn exec_entitlements() -> Result<()> {
 /// crate has no constructor for this, so the exec op is edited by hand and re-digested.
 #[tokio::test]
 async fn exec_cache_mount_seeded_from_input() -> Result<()> {
+    let _timing = shared().await;
     use prost::Message as _;
     use sha2::Digest as _;
     let w = TestWorker::new()?;
@@ -397,5 +419,43 @@ async fn exec_cache_mount_seeded_from_input() -> Result<()> {
     assert!(!seen.contains("more"));
     // The image's own /etc/group is untouched.
     assert!(!read(s.ok(), "/etc/group").await?.unwrap().contains("more"));
+    Ok(())
+}
+
+/// A read-only mount with a selector keys the step by the selected content: a change elsewhere
+/// in that input keeps the step cached, a change inside the selection re-runs it.
+#[tokio::test]
+async fn exec_selector_content_key() -> Result<()> {
+    let _timing = shared().await;
+    let w = TestWorker::new()?;
+    let (_img, base) = base().await?;
+    let data = |inner: &str, other: &str| {
+        base.run(RunOpts::shell(format!(
+            "mkdir -p /d/sub && echo {inner} > /d/sub/f && echo {other} > /other"
+        )))
+        .root()
+    };
+    let step = |d: &llb::State| {
+        base.run(
+            RunOpts::shell("cat /m/f > /res")
+                .mount(Mount::bind("/m", d).selector("/d/sub").readonly()),
+        )
+        .root()
+    };
+    let s1 = solve(&w.worker, &step(&data("x", "1"))).await;
+    assert_eq!(read(s1.ok(), "/res").await?.as_deref(), Some("x\n"));
+    // Only /other differs: the data step runs, the reading step is cached.
+    let s2 = solve(&w.worker, &step(&data("x", "2"))).await;
+    s2.ok();
+    let done = s2.completed();
+    let cat = done.iter().find(|(n, _)| n.contains("cat /m/f")).unwrap();
+    assert!(cat.1, "step re-ran: {done:?}");
+    let writer = done.iter().find(|(n, _)| n.contains("echo 2")).unwrap();
+    assert!(!writer.1);
+    // The selected file differs: the step runs.
+    let s3 = solve(&w.worker, &step(&data("y", "2"))).await;
+    assert_eq!(read(s3.ok(), "/res").await?.as_deref(), Some("y\n"));
+    let done = s3.completed();
+    assert!(!done.iter().find(|(n, _)| n.contains("cat /m/f")).unwrap().1);
     Ok(())
 }

@@ -42,9 +42,11 @@
 //! # Cache key
 //!
 //! Like buildkitd: the op without extra-host IPs and proxy env (which do not change what is
-//! built), the platform, and the inputs' cache keys. Selectors stay in the key (buildkitd hashes
-//! the selected content instead; berth's key is stricter: a change elsewhere in the input also
-//! re-runs the step).
+//! built), the platform, and per input either its cache key or, when every mount of that input
+//! is a read-only non-root bind with a selector, a content checksum of the selected paths
+//! (`file::checksum`, mtimes excluded), so a change elsewhere in such an input does not re-run
+//! the step. Selectors stay in the key. (buildkitd also content-hashes read-only mounts without
+//! a selector; berth does not, to avoid hashing whole base images.)
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -99,11 +101,13 @@ struct Inner {
 #[async_trait]
 impl Op<Snap> for ExecOp {
     async fn cache_key(&self, _ctx: &OpContext, inputs: &[Solved<Snap>]) -> Result<String> {
+        let content = selector_checksums(&self.0.env.store, &self.0.exec, inputs).await?;
         Ok(cache_key(
             &self.0.op,
             &self.0.exec,
             &self.0.env.opts.default_platform,
             inputs,
+            &content,
         ))
     }
 
@@ -118,12 +122,62 @@ impl Op<Snap> for ExecOp {
     }
 }
 
-/// The cache key: op without volatile fields, platform, inputs' keys.
+/// For each input, a checksum of the selected content when every mount of that input is a
+/// read-only, non-root bind mount with a selector (buildkitd's content-based dependency keys);
+/// `None` otherwise (the input's cache key is used).
+async fn selector_checksums(
+    store: &SnapshotStore,
+    exec: &pb::ExecOp,
+    inputs: &[Solved<Snap>],
+) -> Result<Vec<Option<String>>> {
+    let mut out = vec![None; inputs.len()];
+    for (i, input) in inputs.iter().enumerate() {
+        let uses: Vec<&pb::Mount> = exec.mounts.iter().filter(|m| m.input == i as i64).collect();
+        let qualifies = !uses.is_empty()
+            && uses.iter().all(|m| {
+                m.mount_type == pb::MountType::Bind as i32
+                    && m.readonly
+                    && m.dest != "/"
+                    && !m.selector.trim_matches('/').is_empty()
+            });
+        if !qualifies {
+            continue;
+        }
+        let mut selectors: Vec<String> = uses.iter().map(|m| m.selector.clone()).collect();
+        selectors.sort();
+        selectors.dedup();
+        let store = store.clone();
+        let snap = input.result.clone();
+        out[i] = Some(
+            blocking(move || {
+                let m = store
+                    .mount(snap.id(), None)
+                    .map_err(store_err("mount input for checksum"))?;
+                let root = crate::file::root::Root::open(m.path())
+                    .map_err(|e| Error::io("open input", m.path(), e))?;
+                let mut h = crate::digest::KeyHasher::new("exec-selectors");
+                for sel in &selectors {
+                    let sum = crate::file::checksum::checksum(&root, sel, true).map_err(|e| {
+                        Error::io("checksum", m.path().join(sel.trim_start_matches('/')), e)
+                    })?;
+                    h.field(sel.as_bytes()).field(sum.as_bytes());
+                }
+                Ok(h.finish())
+            })
+            .await?,
+        );
+    }
+    Ok(out)
+}
+
+/// The cache key: op without volatile fields, platform, and per input its content checksum
+/// (`content[i]`) or its cache key.
 fn cache_key(
     op: &pb::Op,
     exec: &pb::ExecOp,
     default_platform: &crate::worker::Platform,
     inputs: &[Solved<Snap>],
+    content: &[Option<String>],
 ) -> String {
     let mut exec = exec.clone();
     if let Some(meta) = exec.meta.as_mut() {
@@ -142,7 +196,15 @@ fn cache_key(
         p.architecture = default_platform.architecture.clone();
         p.variant = default_platform.variant.clone();
     }
-    crate::ops::standard_key("exec", &op, inputs)
+    let mut h = crate::digest::KeyHasher::new("exec");
+    h.field(&crate::ops::base_key(&op));
+    for (i, input) in inputs.iter().enumerate() {
+        match content.get(i).and_then(|c| c.as_deref()) {
+            Some(c) => h.field(b"content").field(c.as_bytes()),
+            None => h.field(b"key").field(input.key.as_bytes()),
+        };
+    }
+    h.finish()
 }
 
 fn op_err(kind: ErrorKind, message: impl Into<String>, source: Option<BoxError>) -> Error {
@@ -359,6 +421,44 @@ impl Inner {
             }
         }
 
+        // Validate what is left before holding any mount.
+        let mut extra_hosts = Vec::new();
+        for h in &meta.extra_hosts {
+            let ip = h.ip.parse().map_err(|_| {
+                op_err(
+                    ErrorKind::InvalidArgument,
+                    format!("extra host {}: invalid IP address {:?}", h.host, h.ip),
+                    None,
+                )
+            })?;
+            extra_hosts.push(HostIp {
+                host: h.host.clone(),
+                ip,
+            });
+        }
+        let network = match pb::NetMode::try_from(self.exec.network) {
+            Ok(pb::NetMode::Unset) => NetMode::Sandbox,
+            Ok(pb::NetMode::Host) => NetMode::Host,
+            Ok(pb::NetMode::None) => NetMode::None,
+            Err(_) => {
+                return Err(op_err(
+                    ErrorKind::InvalidArgument,
+                    format!("unknown network mode {}", self.exec.network),
+                    None,
+                ))
+            }
+        };
+        let security = match pb::SecurityMode::try_from(self.exec.security) {
+            Ok(pb::SecurityMode::Sandbox) => SecurityMode::Sandbox,
+            Ok(pb::SecurityMode::Insecure) => SecurityMode::Insecure,
+            Err(_) => {
+                return Err(op_err(
+                    ErrorKind::InvalidArgument,
+                    format!("unknown security mode {}", self.exec.security),
+                    None,
+                ))
+            }
+        };
         // Cache mount directories (may wait for LOCKED users).
         let mut held = Held::default();
         let mut cache_dirs: HashMap<usize, PathBuf> = HashMap::new();
@@ -457,43 +557,6 @@ impl Inner {
         })
         .await?;
 
-        let mut extra_hosts = Vec::new();
-        for h in &meta.extra_hosts {
-            let ip = h.ip.parse().map_err(|_| {
-                op_err(
-                    ErrorKind::InvalidArgument,
-                    format!("extra host {}: invalid IP address {:?}", h.host, h.ip),
-                    None,
-                )
-            })?;
-            extra_hosts.push(HostIp {
-                host: h.host.clone(),
-                ip,
-            });
-        }
-        let network = match pb::NetMode::try_from(self.exec.network) {
-            Ok(pb::NetMode::Unset) => NetMode::Sandbox,
-            Ok(pb::NetMode::Host) => NetMode::Host,
-            Ok(pb::NetMode::None) => NetMode::None,
-            Err(_) => {
-                return Err(op_err(
-                    ErrorKind::InvalidArgument,
-                    format!("unknown network mode {}", self.exec.network),
-                    None,
-                ))
-            }
-        };
-        let security = match pb::SecurityMode::try_from(self.exec.security) {
-            Ok(pb::SecurityMode::Sandbox) => SecurityMode::Sandbox,
-            Ok(pb::SecurityMode::Insecure) => SecurityMode::Insecure,
-            Err(_) => {
-                return Err(op_err(
-                    ErrorKind::InvalidArgument,
-                    format!("unknown security mode {}", self.exec.security),
-                    None,
-                ))
-            }
-        };
         let spec = ProcessSpec {
             rootfs,
             readonly_rootfs,
@@ -933,7 +996,7 @@ mod tests {
         let p = crate::worker::Platform::host();
         let key = |ip: &str, proxy: Option<&str>, sel: &str| {
             let (op, e) = exec_with(ip, proxy, sel);
-            cache_key(&op, &e, &p, &[])
+            cache_key(&op, &e, &p, &[], &[])
         };
         let base = key("1.2.3.4", None, "");
         assert_eq!(base, key("5.6.7.8", None, ""));
@@ -946,9 +1009,9 @@ mod tests {
             architecture: p.architecture.clone(),
             ..Default::default()
         });
-        assert_eq!(base, cache_key(&op, &e, &p, &[]));
+        assert_eq!(base, cache_key(&op, &e, &p, &[], &[]));
         op.platform.as_mut().unwrap().architecture = "s390x-other".into();
-        assert_ne!(base, cache_key(&op, &e, &p, &[]));
+        assert_ne!(base, cache_key(&op, &e, &p, &[], &[]));
     }
 
     #[test]
