@@ -9,7 +9,6 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use anyhow::{bail, ensure, Context as _, Result};
-use sha2::{Digest as _, Sha256};
 
 /// xorshift64*: fast, seeded, and its output does not compress (which is all a fixture needs).
 pub struct Prng(u64);
@@ -67,19 +66,8 @@ fn pad(out: &mut dyn Write, n: u64) -> std::io::Result<()> {
     out.write_all(&[0u8; BLOCK as usize][..p])
 }
 
-/// Size of the data layer tar [`write_data_layer`] writes for `bytes` of data.
-fn data_layer_size(bytes: u64) -> u64 {
-    let mut size = BLOCK; // the directory
-    let mut left = bytes;
-    while left > 0 {
-        let n = left.min(FILE_CHUNK);
-        size += BLOCK + padded(n);
-        left -= n;
-    }
-    size + 2 * BLOCK
-}
-
-/// Writes a layer tar holding `bytes` of PRNG data under `data/` in 64 MiB files, streaming.
+/// Writes tar entries holding `bytes` of PRNG data under `data/` in 64 MiB files, then the end
+/// of the archive, streaming.
 fn write_data_layer(out: &mut dyn Write, bytes: u64, seed: u64) -> Result<()> {
     let mut rng = Prng::new(seed);
     out.write_all(header("data/", 0, tar::EntryType::Directory, 0o755)?.as_bytes())?;
@@ -140,112 +128,57 @@ pub fn busybox_layer() -> Result<Vec<u8>> {
     Ok(b.into_inner()?)
 }
 
-struct HashingWriter<'a> {
-    inner: &'a mut dyn Write,
-    hash: Sha256,
-    count: u64,
-}
-
-impl Write for HashingWriter<'_> {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(b)?;
-        self.hash.update(&b[..n]);
-        self.count += n as u64;
-        Ok(n)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-}
-
 /// The image config every bench image starts from.
 pub const BASE_CONFIG: &str =
     r#"{"architecture":"amd64","os":"linux","config":{"Env":["PATH=/bin"],"Cmd":["/bin/sh"]}}"#;
 
-/// Loads a base image `tag` of busybox plus `data_bytes` of incompressible data (omitted when
-/// zero) into the system Docker by streaming a docker-archive into `docker load`. The data layer
-/// goes first in the archive, so its diffID is known when the config is written (dockerd unpacks
-/// the whole archive before reading `manifest.json`). Returns the image ID.
-/// `host` is a `-H` address for a daemon other than the default one.
+/// Writes the base image's single layer: busybox, then `data_bytes` of PRNG data.
+fn write_base_layer(out: &mut dyn Write, data_bytes: u64, seed: u64) -> Result<()> {
+    let bb = busybox_layer()?;
+    // The busybox tar without its two end-of-archive blocks.
+    out.write_all(&bb[..bb.len() - 2 * BLOCK as usize])?;
+    write_data_layer(out, data_bytes, seed)
+}
+
+/// Makes a base image `tag` of busybox plus `data_bytes` of incompressible data in one layer by
+/// streaming its tar into `docker import` (`POST /images/create?fromSrc=-`): dockerd registers the
+/// layer straight from the stream, with no temporary copy. `host` is a `-H` address for a daemon
+/// other than the default one. Returns the image ID.
 pub fn load_base_image(
     host: Option<&str>,
     tag: &str,
     data_bytes: u64,
     seed: u64,
 ) -> Result<String> {
-    let bb = busybox_layer()?;
-    let bb_id = format!("sha256:{}", hex::encode(Sha256::digest(&bb)));
     let mut cmd = Command::new("docker");
     if let Some(h) = host {
         cmd.args(["-H", h]);
     }
     let mut child = cmd
-        .args(["load", "-q"])
+        .args(["import", "--change", "ENV PATH=/bin", "-", tag])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .context("run docker load")?;
-    let stdin = child.stdin.take().context("docker load stdin")?;
+        .context("run docker import")?;
+    let stdin = child.stdin.take().context("docker import stdin")?;
     let mut out = std::io::BufWriter::with_capacity(1 << 20, stdin);
-    let mut layers = vec![("l0/layer.tar".to_string(), bb_id)];
-    out.write_all(
-        header(
-            "l0/layer.tar",
-            bb.len() as u64,
-            tar::EntryType::Regular,
-            0o644,
-        )?
-        .as_bytes(),
-    )?;
-    out.write_all(&bb)?;
-    pad(&mut out, bb.len() as u64)?;
-    if data_bytes > 0 {
-        let size = data_layer_size(data_bytes);
-        out.write_all(header("l1/layer.tar", size, tar::EntryType::Regular, 0o644)?.as_bytes())?;
-        let mut hw = HashingWriter {
-            inner: &mut out,
-            hash: Sha256::new(),
-            count: 0,
-        };
-        write_data_layer(&mut hw, data_bytes, seed)?;
-        ensure!(
-            hw.count == size,
-            "data layer size {} != announced {size}",
-            hw.count
-        );
-        let diff_id = format!("sha256:{}", hex::encode(hw.hash.finalize()));
-        pad(&mut out, size)?;
-        layers.push(("l1/layer.tar".to_string(), diff_id));
-    }
-    let mut config: serde_json::Value = serde_json::from_str(BASE_CONFIG)?;
-    config["rootfs"] = serde_json::json!({
-        "type": "layers",
-        "diff_ids": layers.iter().map(|(_, d)| d.clone()).collect::<Vec<_>>(),
-    });
-    let config = serde_json::to_vec(&config)?;
-    let image_id = format!("sha256:{}", hex::encode(Sha256::digest(&config)));
-    let manifest = serde_json::to_vec(&serde_json::json!([{
-        "Config": "config.json",
-        "RepoTags": [tag],
-        "Layers": layers.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>(),
-    }]))?;
-    for (name, body) in [("config.json", &config), ("manifest.json", &manifest)] {
-        out.write_all(header(name, body.len() as u64, tar::EntryType::Regular, 0o644)?.as_bytes())?;
-        out.write_all(body)?;
-        pad(&mut out, body.len() as u64)?;
-    }
-    out.write_all(&[0u8; 2 * BLOCK as usize])?;
-    out.flush()?;
+    let written = write_base_layer(&mut out, data_bytes, seed).and_then(|()| Ok(out.flush()?));
     drop(out);
     let res = child.wait_with_output()?;
     if !res.status.success() {
         bail!(
-            "docker load of {tag} failed: {}",
+            "docker import of {tag} failed: {}",
             String::from_utf8_lossy(&res.stderr).trim()
         );
     }
-    Ok(image_id)
+    written?;
+    let id = String::from_utf8_lossy(&res.stdout).trim().to_string();
+    ensure!(
+        id.starts_with("sha256:"),
+        "docker import printed {id:?}, not an image ID"
+    );
+    Ok(id)
 }
 
 /// Writes `bytes` of PRNG data into the single file `path`.
@@ -288,23 +221,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn data_layer_size_matches_what_is_written() {
-        for bytes in [
-            1,
-            511,
-            512,
-            513,
-            FILE_CHUNK,
-            FILE_CHUNK + 7,
-            3 * FILE_CHUNK - 1,
-        ] {
+    fn base_layer_is_a_tar_of_busybox_and_the_data() {
+        for bytes in [1, 511, 512, 513, FILE_CHUNK + 7] {
             let mut v = Vec::new();
-            write_data_layer(&mut v, bytes, 7).unwrap();
-            assert_eq!(v.len() as u64, data_layer_size(bytes), "bytes={bytes}");
-            // A real tar: GNU-compatible readers see the files with the right total size.
+            write_base_layer(&mut v, bytes, 7).unwrap();
             let mut a = tar::Archive::new(&v[..]);
-            let total: u64 = a.entries().unwrap().map(|e| e.unwrap().size()).sum();
-            assert_eq!(total, bytes);
+            let (mut data, mut names) = (0, vec![]);
+            for e in a.entries().unwrap() {
+                let e = e.unwrap();
+                let name = e.path().unwrap().to_string_lossy().into_owned();
+                if name.starts_with("data/") {
+                    data += e.size();
+                }
+                names.push(name);
+            }
+            assert_eq!(data, bytes);
+            assert!(names.contains(&"bin/busybox".to_string()), "{names:?}");
+            assert!(names.contains(&"bin/true".to_string()), "{names:?}");
+            assert_eq!(v.len() % 512, 0);
         }
     }
 
