@@ -182,6 +182,22 @@ impl Control {
             };
             response.extend(r);
         }
+        if kind == ExporterKind::Image {
+            let fs = result.fs.clone().unwrap_or(crate::solver::FsRef::Scratch);
+            let r = tokio::select! {
+                r = crate::export_image::export(
+                    &self.backend.image_export,
+                    &self.backend.store,
+                    &req.session,
+                    &job.progress,
+                    &exp_attrs,
+                    &result.metadata,
+                    &fs,
+                ) => r?,
+                _ = job.cancel.cancelled() => return Err(job.cancel_error()),
+            };
+            response.extend(r);
+        }
         Ok(pb::SolveResponse {
             exporter_response: response,
         })

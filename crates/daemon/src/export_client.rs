@@ -38,15 +38,18 @@ pub enum ExporterKind {
     None,
     /// Streamed to the client.
     Client(ClientExporter),
+    /// `type=image` / `type=moby`: into the Docker Engine berthd is bound to.
+    Image,
 }
 
-/// Parses an exporter type; unknown types are `InvalidArgument`, image types not yet available here `Unimplemented`.
+/// Parses an exporter type; unknown types are `InvalidArgument`, `docker`/`oci` (not available yet) `Unimplemented`.
 pub fn parse_exporter(ty: &str) -> Result<ExporterKind> {
     match ty {
         "" => Ok(ExporterKind::None),
         "local" => Ok(ExporterKind::Client(ClientExporter::Local)),
         "tar" => Ok(ExporterKind::Client(ClientExporter::Tar)),
-        "image" | "docker" | "oci" | "moby" => Err(Error::unimplemented(format!(
+        "image" | "moby" => Ok(ExporterKind::Image),
+        "docker" | "oci" => Err(Error::unimplemented(format!(
             "exporter {ty:?} is not supported by berthd yet"
         ))),
         other => Err(Error::invalid(format!("unknown exporter type {other:?}"))),
@@ -309,8 +312,10 @@ mod tests {
             tonic::Status::from(parse_exporter("bogus").unwrap_err()).code(),
             tonic::Code::InvalidArgument
         );
+        assert_eq!(parse_exporter("image").unwrap(), ExporterKind::Image);
+        assert_eq!(parse_exporter("moby").unwrap(), ExporterKind::Image);
         assert_eq!(
-            tonic::Status::from(parse_exporter("image").unwrap_err()).code(),
+            tonic::Status::from(parse_exporter("docker").unwrap_err()).code(),
             tonic::Code::Unimplemented
         );
     }

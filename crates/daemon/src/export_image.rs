@@ -37,7 +37,11 @@ fn connect(host: &str) -> Result<bollard::Docker> {
     let res = if let Some(p) = host.strip_prefix("unix://") {
         bollard::Docker::connect_with_unix(p, 600, bollard::API_DEFAULT_VERSION)
     } else if let Some(a) = host.strip_prefix("tcp://") {
-        bollard::Docker::connect_with_http(&format!("http://{a}"), 600, bollard::API_DEFAULT_VERSION)
+        bollard::Docker::connect_with_http(
+            &format!("http://{a}"),
+            600,
+            bollard::API_DEFAULT_VERSION,
+        )
     } else {
         bollard::Docker::connect_with_unix(host, 600, bollard::API_DEFAULT_VERSION)
     };
@@ -47,11 +51,20 @@ fn connect(host: &str) -> Result<bollard::Docker> {
 /// Names to apply: the `name` attr split on commas; `*` stands for the result's `image.name`.
 fn names(attrs: &BTreeMap<String, String>, metadata: &BTreeMap<String, Bytes>) -> Vec<String> {
     let mut out = Vec::new();
-    for n in attrs.get("name").map(String::as_str).unwrap_or("").split(',') {
+    for n in attrs
+        .get("name")
+        .map(String::as_str)
+        .unwrap_or("")
+        .split(',')
+    {
         let n = n.trim();
         if n == "*" {
             if let Some(v) = metadata.get("image.name") {
-                out.extend(String::from_utf8_lossy(v).split(',').map(|s| s.trim().to_string()));
+                out.extend(
+                    String::from_utf8_lossy(v)
+                        .split(',')
+                        .map(|s| s.trim().to_string()),
+                );
             }
         } else if !n.is_empty() {
             out.push(n.to_string());
@@ -65,7 +78,9 @@ fn truthy(attrs: &BTreeMap<String, String>, key: &str) -> Result<bool> {
     match attrs.get(key).map(String::as_str) {
         None | Some("") | Some("false") => Ok(false),
         Some("true") => Ok(true),
-        Some(v) => Err(Error::invalid(format!("invalid boolean {v:?} for exporter attribute {key}"))),
+        Some(v) => Err(Error::invalid(format!(
+            "invalid boolean {v:?} for exporter attribute {key}"
+        ))),
     }
 }
 
@@ -80,19 +95,24 @@ pub async fn export(
     fs: &FsRef,
 ) -> Result<BTreeMap<String, String>> {
     if truthy(attrs, "push")? {
-        return Err(Error::unimplemented("exporter image: push=true is not supported by berthd yet"));
+        return Err(Error::unimplemented(
+            "exporter image: push=true is not supported by berthd yet",
+        ));
     }
-    let epoch = match attrs.get("source-date-epoch").map(String::as_str) {
-        None | Some("") => None,
-        Some(v) => {
-            let secs: i64 = v.parse().map_err(|_| {
-                Error::invalid(format!("invalid source-date-epoch {v:?}: want seconds since the epoch"))
-            })?;
-            Some(chrono::DateTime::from_timestamp(secs, 0).ok_or_else(|| {
-                Error::invalid(format!("source-date-epoch {v} is out of range"))
-            })?)
-        }
-    };
+    let epoch =
+        match attrs.get("source-date-epoch").map(String::as_str) {
+            None | Some("") => None,
+            Some(v) => {
+                let secs: i64 = v.parse().map_err(|_| {
+                    Error::invalid(format!(
+                        "invalid source-date-epoch {v:?}: want seconds since the epoch"
+                    ))
+                })?;
+                Some(chrono::DateTime::from_timestamp(secs, 0).ok_or_else(|| {
+                    Error::invalid(format!("source-date-epoch {v} is out of range"))
+                })?)
+            }
+        };
     let names = names(attrs, metadata);
     let chain = match fs {
         FsRef::Scratch => Vec::new(),
@@ -106,19 +126,38 @@ pub async fn export(
         let docker = connect(&opts.docker_host)?;
         let target = ImageTarget::detect(
             docker,
-            &TargetOptions { data_root: opts.data_root.clone(), ..Default::default() },
+            &TargetOptions {
+                data_root: opts.data_root.clone(),
+                ..Default::default()
+            },
         )
         .await
         .map_err(|e| Error::unavailable(format!("exporter image: {e}")))?;
-        tracing::debug!(mode = target.mode(), "exporting image");
+        tracing::debug!(mode = target.mode(), ?chain, "exporting image");
         let started = SystemTime::now();
         progress.status(&vertex, "exporting layers", "", 0, 0, Some(started), None);
         let result = target
-            .export(store, ImageExportRequest { chain: &chain, config: config.as_deref(), names: names.clone(), epoch })
+            .export(
+                store,
+                ImageExportRequest {
+                    chain: &chain,
+                    config: config.as_deref(),
+                    names: names.clone(),
+                    epoch,
+                },
+            )
             .await
             .map_err(|e| Error::unavailable(format!("exporter image ({}): {e}", target.mode())))?;
         let done = SystemTime::now();
-        progress.status(&vertex, "exporting layers", "", result.bytes_sent as i64, result.bytes_sent as i64, Some(started), Some(done));
+        progress.status(
+            &vertex,
+            "exporting layers",
+            "",
+            result.bytes_sent as i64,
+            result.bytes_sent as i64,
+            Some(started),
+            Some(done),
+        );
         if result.layers_skipped > 0 {
             let id = format!(
                 "{} layers already in Docker ({} bytes not sent)",
@@ -126,14 +165,39 @@ pub async fn export(
             );
             progress.status(&vertex, &id, "", 0, 0, Some(started), Some(done));
         }
-        progress.status(&vertex, &format!("writing image {}", result.config_digest), "", 0, 0, Some(started), Some(done));
+        progress.status(
+            &vertex,
+            &format!("writing image {}", result.config_digest),
+            "",
+            0,
+            0,
+            Some(started),
+            Some(done),
+        );
         for n in &result.names {
-            progress.status(&vertex, &format!("naming to {n}"), "", 0, 0, Some(done), Some(SystemTime::now()));
+            progress.status(
+                &vertex,
+                &format!("naming to {n}"),
+                "",
+                0,
+                0,
+                Some(done),
+                Some(SystemTime::now()),
+            );
         }
         let mut response = BTreeMap::new();
-        response.insert("containerimage.digest".to_string(), result.manifest_digest.clone());
-        response.insert("containerimage.config.digest".to_string(), result.config_digest.clone());
-        response.insert("containerimage.descriptor".to_string(), result.descriptor.clone());
+        response.insert(
+            "containerimage.digest".to_string(),
+            result.manifest_digest.clone(),
+        );
+        response.insert(
+            "containerimage.config.digest".to_string(),
+            result.config_digest.clone(),
+        );
+        response.insert(
+            "containerimage.descriptor".to_string(),
+            result.descriptor.clone(),
+        );
         if !result.names.is_empty() {
             response.insert("image.name".to_string(), result.names.join(","));
         }

@@ -28,6 +28,7 @@ pub mod control;
 pub mod docker;
 pub mod errors;
 pub mod export_client;
+pub mod export_image;
 pub mod filters;
 pub mod fsread;
 pub mod gateway;

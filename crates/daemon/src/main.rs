@@ -82,6 +82,7 @@ async fn run(cfg: config::Config) -> anyhow::Result<()> {
             docker_host: cfg.docker_host.clone(),
             allowed_entitlements: cfg.insecure_entitlements.clone(),
             max_parallelism: cfg.max_parallelism,
+            docker_data_root: cfg.docker_data_root.clone(),
         },
     )?;
     let jobs = jobs::Jobs::new();

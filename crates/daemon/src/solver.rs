@@ -56,6 +56,8 @@ pub struct BackendOptions {
     pub allowed_entitlements: Vec<String>,
     /// Worker parallelism (default: CPUs).
     pub max_parallelism: Option<usize>,
+    /// `--docker-data-root`, if given (the image exporter's offline mode and presence hints).
+    pub docker_data_root: Option<PathBuf>,
 }
 
 /// The backend shared by all jobs.
@@ -66,6 +68,8 @@ pub struct Backend {
     pub root: PathBuf,
     /// Client sessions.
     pub sessions: Arc<SessionManager>,
+    /// Where the `image` exporter sends images.
+    pub image_export: crate::export_image::ImageExportOptions,
     worker: worker::Worker,
 }
 
@@ -109,6 +113,10 @@ impl Backend {
             store,
             root: root.to_path_buf(),
             sessions,
+            image_export: crate::export_image::ImageExportOptions {
+                docker_host: opts.docker_host.clone(),
+                data_root: opts.docker_data_root.clone(),
+            },
             worker,
         }))
     }

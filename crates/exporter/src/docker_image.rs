@@ -27,7 +27,7 @@ use crate::archive::ExportLayer;
 use crate::containerd::{ContainerdLayer, ContainerdStore, LayerFiles};
 use crate::docker_load::{chain_ids, DockerEngine};
 use crate::image::{build_config, ConfigInput, ImageConfig, LayerInfo, Platform};
-use crate::layers::{berth_layer_dir, export_layers};
+use crate::layers::{berth_layer_dir, export_layers, layer_created};
 use crate::{Error, Result};
 
 /// Media type of the manifest berth reports for the classic store.
@@ -195,10 +195,11 @@ impl ImageTarget {
             })??;
         let infos: Vec<LayerInfo> = layers
             .iter()
-            .map(|l| LayerInfo {
+            .zip(req.chain)
+            .map(|(l, r)| LayerInfo {
                 diff_id: l.diff_id.clone(),
                 description: "created by berth".into(),
-                created: None,
+                created: layer_created(store, r),
             })
             .collect();
         let config = build_config(&ConfigInput {

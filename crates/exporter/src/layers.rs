@@ -47,6 +47,21 @@ pub fn export_layers(
     Ok((layers, in_docker))
 }
 
+/// When a layer's content was last changed: the mtime of its tree's root directory. Layers are
+/// immutable once committed, so this is stable across exports, which keeps the image config (and
+/// so the image ID) of a fully cached rebuild identical, as with BuildKit.
+pub fn layer_created(
+    store: &SnapshotStore,
+    layer: &LayerRef,
+) -> Option<chrono::DateTime<chrono::Utc>> {
+    let dir = match layer {
+        LayerRef::Berth(id) => berth_layer_dir(store, id),
+        LayerRef::Docker(d) => d.diff_dir.clone(),
+    };
+    let modified = std::fs::metadata(dir).and_then(|m| m.modified()).ok()?;
+    Some(chrono::DateTime::<chrono::Utc>::from(modified))
+}
+
 /// The tree of a berth layer.
 pub fn berth_layer_dir(store: &SnapshotStore, id: &LayerId) -> PathBuf {
     store.layer_path(id).join("diff")

@@ -265,6 +265,15 @@ impl SnapshotStore {
             .ok_or_else(|| Error::LayerNotFound { id: id.to_string() })
     }
 
+    /// When a berth layer was committed (the creation time image history reports for it).
+    pub fn layer_created_at(&self, id: &LayerId) -> Result<DateTime<Utc>> {
+        let st = self.inner.db.load()?;
+        st.layers
+            .get(id)
+            .map(|r| r.created_at)
+            .ok_or_else(|| Error::LayerNotFound { id: id.to_string() })
+    }
+
     /// Records a layer's diffID, tar size and tar-split presence (after the exporter wrote its tar).
     pub fn set_layer_meta(&self, id: &LayerId, meta: LayerMeta) -> Result<()> {
         let _g = self.locked();
