@@ -1076,15 +1076,15 @@ async fn machine(docker: &bollard::Docker) -> Result<Vec<(String, String)>> {
             ),
         ),
         (
-            "berth commit".into(),
+            "berth commit (`-dirty`: built from a tree with uncommitted changes)".into(),
             first_line(
                 "git",
                 &[
                     "-C",
                     env!("CARGO_MANIFEST_DIR"),
-                    "rev-parse",
-                    "--short",
-                    "HEAD",
+                    "describe",
+                    "--always",
+                    "--dirty",
                 ],
             ),
         ),
