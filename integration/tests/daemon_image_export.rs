@@ -52,6 +52,7 @@ async fn image_export_runs_in_docker_and_sends_only_new_layers() {
         .is_some_and(|d| d.starts_with("sha256:")));
     assert!(keys.contains_key("containerimage.descriptor"));
     let _cleanup = integration::TestImage::adopt(&engine, &name).await.unwrap();
+    let _remove_image = RemoveImage(config_digest.clone());
 
     // Runnable at once, with the files the build made.
     let out = engine
@@ -112,5 +113,16 @@ async fn image_export_runs_in_docker_and_sends_only_new_layers() {
             show(&config_digest),
             show(&second)
         );
+    }
+}
+
+/// Removes an image by ID when the test ends (also on panic): the tag guard alone would leave the
+/// built image dangling.
+struct RemoveImage(String);
+impl Drop for RemoveImage {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("docker")
+            .args(["rmi", "-f", &self.0])
+            .output();
     }
 }
