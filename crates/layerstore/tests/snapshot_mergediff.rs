@@ -230,6 +230,15 @@ const CASES: &[Case] = &[
         not_in_diff: &["d/a", "f"],
     },
     Case {
+        // Two levels below the root, in directories present on both sides: the diff layer must
+        // create the parents before the whiteout.
+        name: "deletion deep in shared dirs",
+        lower: noop,
+        upper: |r| fs::remove_file(r.join("d/sub/deep")),
+        in_diff: &[("d/sub/deep", true)],
+        not_in_diff: &["d/a", "f"],
+    },
+    Case {
         name: "dir to file and file to dir",
         lower: noop,
         upper: |r| {

@@ -300,7 +300,9 @@ fn diff_dir(
     let mut ensure = |created: &mut bool| -> Result<()> {
         wrote = true;
         if !*created {
-            std::fs::create_dir(out).map_err(io_err("create dir", out))?;
+            // Parents too: a change deep in a directory present on both sides is found before its
+            // ancestors' entries are written (their metadata is applied as the walk unwinds).
+            std::fs::create_dir_all(out).map_err(io_err("create dir", out))?;
             *created = true;
         }
         Ok(())
