@@ -306,7 +306,7 @@ fn open_in_root(root: &File, name: &[u8]) -> io::Result<File> {
     use std::os::unix::ffi::OsStrExt;
     let path = Path::new(std::ffi::OsStr::from_bytes(name));
     let how = rustix::fs::ResolveFlags::IN_ROOT | rustix::fs::ResolveFlags::NO_MAGICLINKS;
-    let fd = rustix::fs::openat2(
+    let fd = layerstore::openat2_retry(
         root.as_fd(),
         path,
         rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC | rustix::fs::OFlags::NOFOLLOW,

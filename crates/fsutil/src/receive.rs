@@ -539,13 +539,21 @@ impl Root {
             Some((d, n)) => (d, n),
             None => (".", rel),
         };
-        let fd = rustix::fs::openat2(
-            &self.fd,
-            dir,
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-            ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
-        )
+        // The kernel answers EAGAIN when a rename or mount elsewhere raced with a `..` step of a
+        // scoped lookup; that is transient, so the lookup is repeated.
+        let mut tries = 0;
+        let fd = loop {
+            match rustix::fs::openat2(
+                &self.fd,
+                dir,
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+                ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+            ) {
+                Err(rustix::io::Errno::AGAIN) if tries < 256 => tries += 1,
+                other => break other,
+            }
+        }
         .map_err(errno("open parent of", self.display(rel)))?;
         Ok((fd, name.to_string()))
     }

@@ -8,8 +8,10 @@
 
 pub mod dockerstore;
 mod error;
+mod resolve;
 pub mod snapshot;
 pub mod tar;
 
 pub use error::{Error, Result};
+pub use resolve::openat2_retry;
 pub use tar::{chain_id, Digest};

@@ -561,7 +561,7 @@ impl Applier<'_> {
 
     /// Opens a directory under the root; `None` if a component is missing.
     fn open_beneath(&self, rel: &[u8], name: &str) -> Result<Option<OwnedFd>> {
-        let r = rustix::fs::openat2(
+        let r = crate::openat2_retry(
             &*self.root,
             OsStr::from_bytes(rel),
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
@@ -656,7 +656,7 @@ impl Applier<'_> {
             let fd = if path.is_empty() {
                 None
             } else {
-                match rustix::fs::openat2(
+                match crate::openat2_retry(
                     &*self.root,
                     OsStr::from_bytes(&path),
                     OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,

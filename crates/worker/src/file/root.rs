@@ -11,7 +11,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use rustix::fs::{
-    openat2, statat, AtFlags, FileType, Mode, OFlags, ResolveFlags, Stat, Timespec, Timestamps, CWD,
+    statat, AtFlags, FileType, Mode, OFlags, ResolveFlags, Stat, Timespec, Timestamps, CWD,
 };
 
 /// A directory used as `/` for path resolution.
@@ -81,7 +81,7 @@ impl Root {
 
     /// Opens `p` (absolute inside the root) following symlinks inside the root.
     pub(crate) fn open_at(&self, p: &str, flags: OFlags, mode: Mode) -> io::Result<OwnedFd> {
-        Ok(openat2(
+        Ok(layerstore::openat2_retry(
             &self.fd,
             rel(p),
             flags | OFlags::CLOEXEC,
