@@ -373,6 +373,7 @@ impl BuildkitClient {
             Output::None => (String::new(), BTreeMap::new()),
             Output::Local(_) => ("local".to_string(), BTreeMap::new()),
             Output::Tar(_) => ("tar".to_string(), BTreeMap::new()),
+            Output::Docker(_, a) => ("docker".to_string(), a.clone()),
             Output::Raw(t, a) => (t.clone(), a.clone()),
         };
         #[allow(deprecated)]
@@ -516,6 +517,8 @@ pub enum Output {
     Local(PathBuf),
     /// `--output type=tar,dest=FILE`.
     Tar(PathBuf),
+    /// `--output type=docker,dest=FILE` with these attributes (e.g. `name`).
+    Docker(PathBuf, BTreeMap<String, String>),
     /// Any exporter type and attributes (no client-side target).
     Raw(String, BTreeMap<String, String>),
 }
@@ -617,7 +620,10 @@ impl Attachables {
             m.push("/moby.filesync.v1.FileSync/DiffCopy");
             m.push("/moby.filesync.v1.FileSync/TarStream");
         }
-        if matches!(self.output, Output::Local(_) | Output::Tar(_)) {
+        if matches!(
+            self.output,
+            Output::Local(_) | Output::Tar(_) | Output::Docker(..)
+        ) {
             m.push("/moby.filesync.v1.FileSend/DiffCopy");
         }
         if !self.secrets.is_empty() {
@@ -845,7 +851,7 @@ impl tower::Service<http::Request<hyper::body::Incoming>> for SessionServer {
                             .streaming(FileReceiveSvc(dir.clone()), req)
                             .await
                     }
-                    Output::Tar(file) => {
+                    Output::Tar(file) | Output::Docker(file, _) => {
                         let codec: tonic_prost::ProstCodec<
                             protos::moby::filesync::v1::BytesMessage,
                             protos::moby::filesync::v1::BytesMessage,

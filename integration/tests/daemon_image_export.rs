@@ -126,3 +126,65 @@ impl Drop for RemoveImage {
             .output();
     }
 }
+
+/// `--output type=docker,name=…,dest=FILE`: the client receives a complete docker-archive (the
+/// Docker base layer reassembled byte-exactly from Docker's tar-split), which `docker load`
+/// accepts into a daemon that has none of its layers, and the image runs there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_output_loads_into_a_daemon_without_the_base() {
+    require_root();
+    let engine = DockerEngine::system().unwrap();
+    let base = busybox_image(&engine).await.unwrap();
+    let berthd = Berthd::start(&[]).unwrap();
+    let client = berthd.client().await.unwrap();
+    let def = llb::State::from(llb::image(base.reference()))
+        .run(RunOpts::shell("echo archived > /made"))
+        .root()
+        .marshal()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("image.tar");
+    let name = format!("{}:1", unique_name("berth-test/docker-output"));
+    let mut attrs = BTreeMap::new();
+    attrs.insert("name".to_string(), name.clone());
+    let report = client
+        .build(BuildOptions {
+            definition: Some(def),
+            output: Output::Docker(archive.clone(), attrs),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let resp = report
+        .solve
+        .as_ref()
+        .unwrap_or_else(|e| panic!("solve failed: {e}\n{}", berthd.log_text()));
+    assert_eq!(resp.exporter_response.get("image.name"), Some(&name));
+    let config_digest = resp.exporter_response["containerimage.config.digest"].clone();
+
+    // A private dockerd has none of the layers: the archive must carry all of them.
+    let dockerd =
+        integration::PrivateDockerd::new(integration::PrivateDockerdOptions::default()).unwrap();
+    let out = std::process::Command::new("docker")
+        .args(["-H", &dockerd.engine().host(), "load", "-i"])
+        .arg(&archive)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "docker load: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = dockerd
+        .engine()
+        .run(&name, &["cat", "/made"])
+        .await
+        .unwrap();
+    run.assert_success();
+    assert_eq!(run.stdout, "archived\n");
+    let inspect = dockerd.engine().inspect_image(&name).await.unwrap();
+    assert_eq!(inspect.id.as_deref(), Some(config_digest.as_str()));
+    let base_layers = engine.image_layers(base.reference()).await.unwrap();
+    let layers = dockerd.engine().image_layers(&name).await.unwrap();
+    assert_eq!(&layers[..base_layers.len()], &base_layers[..]);
+}

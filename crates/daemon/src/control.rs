@@ -177,7 +177,7 @@ impl Control {
             let fs = result.fs.clone().unwrap_or(crate::solver::FsRef::Scratch);
             let session = self.sessions.get(&req.session).await?;
             let r = tokio::select! {
-                r = export_client::export(&self.backend, &session, &job.progress, exp, &exp_attrs, &fs) => r?,
+                r = export_client::export(&self.backend, &session, &job.progress, exp, &exp_attrs, &result.metadata, &fs) => r?,
                 _ = job.cancel.cancelled() => return Err(job.cancel_error()),
             };
             response.extend(r);

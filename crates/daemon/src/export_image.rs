@@ -49,7 +49,10 @@ fn connect(host: &str) -> Result<bollard::Docker> {
 }
 
 /// Names to apply: the `name` attr split on commas; `*` stands for the result's `image.name`.
-fn names(attrs: &BTreeMap<String, String>, metadata: &BTreeMap<String, Bytes>) -> Vec<String> {
+pub(crate) fn names(
+    attrs: &BTreeMap<String, String>,
+    metadata: &BTreeMap<String, Bytes>,
+) -> Vec<String> {
     let mut out = Vec::new();
     for n in attrs
         .get("name")

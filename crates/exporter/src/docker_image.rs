@@ -193,22 +193,7 @@ impl ImageTarget {
             .map_err(|e| Error::DockerLoad {
                 message: format!("layer digest task: {e}"),
             })??;
-        let infos: Vec<LayerInfo> = layers
-            .iter()
-            .zip(req.chain)
-            .map(|(l, r)| LayerInfo {
-                diff_id: l.diff_id.clone(),
-                description: "created by berth".into(),
-                created: layer_created(store, r),
-            })
-            .collect();
-        let config = build_config(&ConfigInput {
-            base: req.config,
-            layers: &infos,
-            epoch: req.epoch,
-            platform: &Platform::native(),
-            now: Utc::now(),
-        })?;
+        let config = image_config(store, &req, &layers)?;
         let mut result = ImageExportResult {
             config_digest: config.digest.clone(),
             ..Default::default()
@@ -300,6 +285,56 @@ impl ImageTarget {
         result.names = req.names;
         Ok(result)
     }
+}
+
+/// The image config for `req` over its exportable `layers` (BuildKit's rules, layer times from
+/// the layers themselves so a cached rebuild reproduces the image ID).
+fn image_config(
+    store: &SnapshotStore,
+    req: &ImageExportRequest<'_>,
+    layers: &[ExportLayer],
+) -> Result<ImageConfig> {
+    let infos: Vec<LayerInfo> = layers
+        .iter()
+        .zip(req.chain)
+        .map(|(l, r)| LayerInfo {
+            diff_id: l.diff_id.clone(),
+            description: "created by berth".into(),
+            created: layer_created(store, r),
+        })
+        .collect();
+    build_config(&ConfigInput {
+        base: req.config,
+        layers: &infos,
+        epoch: req.epoch,
+        platform: &Platform::native(),
+        now: Utc::now(),
+    })
+}
+
+/// Writes the result as a complete docker-archive (`docker save` format, every layer included,
+/// `RepoTags` = the names) to `out`: the `docker` exporter's stream to the client, which
+/// `docker load` accepts. Blocking; streams each layer, never holding one in memory.
+pub fn write_docker_image_archive(
+    store: &SnapshotStore,
+    req: &ImageExportRequest<'_>,
+    out: &mut dyn std::io::Write,
+) -> Result<ImageExportResult> {
+    let (layers, _) = export_layers(store, req.chain)?;
+    let config = image_config(store, req, &layers)?;
+    let manifest = docker_manifest(&config, &layers);
+    let (manifest_digest, descriptor_b64) = descriptor(DOCKER_MANIFEST_MEDIA_TYPE, &manifest);
+    let include = vec![true; layers.len()];
+    let stats = crate::archive::write_docker_archive(out, &config, &layers, &include, &req.names)?;
+    Ok(ImageExportResult {
+        config_digest: config.digest.clone(),
+        manifest_digest,
+        descriptor: descriptor_b64,
+        names: req.names.clone(),
+        layers_sent: stats.layers_sent.len(),
+        bytes_sent: stats.layer_bytes_sent,
+        ..Default::default()
+    })
 }
 
 #[allow(clippy::too_many_arguments)]

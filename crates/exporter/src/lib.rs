@@ -23,7 +23,8 @@ pub use containerd::{
     oci_manifest, ContainerdLayer, ContainerdReport, ContainerdStore, LayerFiles,
 };
 pub use docker_image::{
-    ImageExportRequest, ImageExportResult, ImageTarget, TargetOptions, DOCKER_MANIFEST_MEDIA_TYPE,
+    write_docker_image_archive, ImageExportRequest, ImageExportResult, ImageTarget, TargetOptions,
+    DOCKER_MANIFEST_MEDIA_TYPE,
 };
 pub use docker_load::{split_tag, DockerEngine, LoadReport};
 pub use error::{Error, Result};
