@@ -182,19 +182,30 @@ pub(crate) fn ensure_path(
                     return Err(err(&candidate, "resolve", e));
                 }
                 let parent_before = dir_times(root, &resolved);
-                if is_last && leaf == Leaf::File {
+                let made = if is_last && leaf == Leaf::File {
                     root.create_file(
                         &candidate,
                         OpenFlags::O_EXCL | OpenFlags::O_WRONLY | OpenFlags::O_CLOEXEC,
                         &std::os::unix::fs::PermissionsExt::from_mode(0o644),
                     )
-                    .map_err(|e| err(&candidate, "create file", pathrs_io(e)))?;
+                    .map(drop)
+                    .map_err(|e| ("create file", pathrs_io(e)))
                 } else {
                     root.create(
                         &candidate,
                         &InodeType::Directory(std::os::unix::fs::PermissionsExt::from_mode(0o755)),
                     )
-                    .map_err(|e| err(&candidate, "create directory", pathrs_io(e)))?;
+                    .map_err(|e| ("create directory", pathrs_io(e)))
+                };
+                match made {
+                    Ok(()) => {}
+                    // A concurrent run on the same rootfs created it first: it is not our stub;
+                    // resolve it again as an existing entry.
+                    Err((_, e)) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                        pending.push_front(candidate.file_name().unwrap_or_default().to_owned());
+                        continue;
+                    }
+                    Err((what, e)) => return Err(err(&candidate, what, e)),
                 }
                 created(Created {
                     path: &candidate,

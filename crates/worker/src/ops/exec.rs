@@ -913,10 +913,13 @@ fn create_cache_dir(
 ) -> Result<()> {
     let parent = dir.parent().expect("cache dirs have a parent");
     std::fs::create_dir_all(parent).map_err(|e| Error::io("create cache dir", parent, e))?;
+    // Unique per call: two builds may create the same cache dir at once in this process.
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let tmp = parent.join(format!(
-        ".tmp-{}-{}",
+        ".tmp-{}-{}-{}",
         dir.file_name().unwrap().to_string_lossy(),
-        std::process::id()
+        std::process::id(),
+        SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).map_err(|e| Error::io("create cache dir", &tmp, e))?;
@@ -944,8 +947,15 @@ fn create_cache_dir(
             ));
         }
     }
-    std::fs::rename(&tmp, dir).map_err(|e| Error::io("rename cache dir", dir, e))?;
-    Ok(())
+    match std::fs::rename(&tmp, dir) {
+        Ok(()) => Ok(()),
+        // Another build created it first (rename onto a non-empty dir): use theirs.
+        Err(_) if dir.is_dir() => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Ok(())
+        }
+        Err(e) => Err(Error::io("rename cache dir", dir, e)),
+    }
 }
 
 #[cfg(test)]
