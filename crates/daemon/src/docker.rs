@@ -23,18 +23,7 @@ impl Docker {
     }
 
     fn client(&self) -> Result<bollard::Docker> {
-        let res = if let Some(p) = self.host.strip_prefix("unix://") {
-            bollard::Docker::connect_with_unix(p, 120, bollard::API_DEFAULT_VERSION)
-        } else if let Some(a) = self.host.strip_prefix("tcp://") {
-            bollard::Docker::connect_with_http(
-                &format!("http://{a}"),
-                120,
-                bollard::API_DEFAULT_VERSION,
-            )
-        } else {
-            bollard::Docker::connect_with_unix(&self.host, 120, bollard::API_DEFAULT_VERSION)
-        };
-        res.map_err(|e| Error::unavailable(format!("docker at {}: {e}", self.host)))
+        connect(&self.host)
     }
 
     /// Docker's data root and storage driver.
@@ -92,6 +81,23 @@ impl Docker {
             .unwrap_or(id);
         Ok((digest, config))
     }
+}
+
+/// A Docker Engine client for `host` (`unix:///path`, `tcp://h:p`, or a bare socket path). The
+/// request timeout is long enough for an image load of many GiB.
+pub(crate) fn connect(host: &str) -> Result<bollard::Docker> {
+    let res = if let Some(p) = host.strip_prefix("unix://") {
+        bollard::Docker::connect_with_unix(p, 600, bollard::API_DEFAULT_VERSION)
+    } else if let Some(a) = host.strip_prefix("tcp://") {
+        bollard::Docker::connect_with_http(
+            &format!("http://{a}"),
+            600,
+            bollard::API_DEFAULT_VERSION,
+        )
+    } else {
+        bollard::Docker::connect_with_unix(host, 600, bollard::API_DEFAULT_VERSION)
+    };
+    res.map_err(|e| Error::unavailable(format!("docker at {host}: {e}")))
 }
 
 fn map_err(reference: &str, e: bollard::errors::Error) -> Error {

@@ -33,21 +33,6 @@ pub struct ImageExportOptions {
     pub data_root: Option<PathBuf>,
 }
 
-fn connect(host: &str) -> Result<bollard::Docker> {
-    let res = if let Some(p) = host.strip_prefix("unix://") {
-        bollard::Docker::connect_with_unix(p, 600, bollard::API_DEFAULT_VERSION)
-    } else if let Some(a) = host.strip_prefix("tcp://") {
-        bollard::Docker::connect_with_http(
-            &format!("http://{a}"),
-            600,
-            bollard::API_DEFAULT_VERSION,
-        )
-    } else {
-        bollard::Docker::connect_with_unix(host, 600, bollard::API_DEFAULT_VERSION)
-    };
-    res.map_err(|e| Error::unavailable(format!("docker at {host}: {e}")))
-}
-
 /// Names to apply: the `name` attr split on commas; `*` stands for the result's `image.name`.
 pub(crate) fn names(
     attrs: &BTreeMap<String, String>,
@@ -126,7 +111,7 @@ pub async fn export(
     let vertex = synthetic_digest(&format!("{session_id}-export"));
     progress.vertex_started(&vertex, "exporting to image", &[], None, SystemTime::now());
     let res = async {
-        let docker = connect(&opts.docker_host)?;
+        let docker = crate::docker::connect(&opts.docker_host)?;
         let target = ImageTarget::detect(
             docker,
             &TargetOptions {
