@@ -457,6 +457,47 @@ pub(crate) fn write_aufs_above(src: &Path, markers: &[PathBuf], out: &Path) -> R
     )
 }
 
+/// Marks every directory of a layer that holds a whiteout with `trusted.overlay.origin`.
+///
+/// overlayfs filters whiteouts out of a directory listing only when it expects the directory to hold some: when the
+/// directory is merged from several layers or carries an origin xattr. A directory that exists in just one layer of a
+/// mount (a DiffOp result mounted alone, or a delete whose target no lower layer has) is otherwise listed as is, and
+/// its whiteouts show up as entries that cannot be stat'ed. The value is never decoded for a lower layer (no index,
+/// no NFS export); tars never carry `trusted.overlay.*` and a mounted view never shows it.
+pub(crate) fn mark_whiteout_dirs(layer: &Path) -> Result<()> {
+    let mut marked = BTreeSet::new();
+    for e in walkdir::WalkDir::new(layer).min_depth(1) {
+        let e = e.map_err(|e| Error::Io {
+            op: "walk",
+            path: e.path().unwrap_or(layer).to_path_buf(),
+            source: e
+                .into_io_error()
+                .unwrap_or_else(|| std::io::Error::other("walk loop")),
+        })?;
+        if !e.file_type().is_char_device() {
+            continue;
+        }
+        let Some(md) = lstat(e.path())? else { continue };
+        let Some(parent) = e.path().parent() else {
+            continue;
+        };
+        if is_whiteout(&md) && parent != layer && marked.insert(parent.to_path_buf()) {
+            rustix::fs::lsetxattr(
+                parent,
+                "trusted.overlay.origin",
+                b"\0",
+                rustix::fs::XattrFlags::empty(),
+            )
+            .map_err(|e| Error::Io {
+                op: "setxattr overlay origin",
+                path: parent.to_path_buf(),
+                source: e.into(),
+            })?;
+        }
+    }
+    Ok(())
+}
+
 fn is_whiteout(md: &std::fs::Metadata) -> bool {
     md.file_type().is_char_device() && md.rdev() == 0
 }

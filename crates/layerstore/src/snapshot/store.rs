@@ -476,6 +476,7 @@ impl SnapshotStore {
         adapter_for: Option<String>,
     ) -> Result<LayerRec> {
         let diff = staged.join("diff");
+        diff::mark_whiteout_dirs(&diff)?;
         let disk_size = dir_size(&diff)?;
         fsync_tree(&diff)?;
         fsync_path(staged)?;
@@ -574,6 +575,16 @@ impl SnapshotStore {
                 }
             }
         }
+        // A layer can occur more than once (a merge of inputs that share a base). overlayfs refuses a dir stacked
+        // twice (ELOOP); only the topmost occurrence can change the view (every path it has is resolved there
+        // first, and whatever it lacks the lower copy lacks too), so the lower ones are dropped.
+        let mut seen = std::collections::HashSet::new();
+        let mut out: Vec<_> = out
+            .into_iter()
+            .rev()
+            .filter(|(p, _)| seen.insert(p.clone()))
+            .collect();
+        out.reverse();
         Ok(out)
     }
 
