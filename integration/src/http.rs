@@ -171,9 +171,16 @@ mod tests {
         let addr = listener.local_addr().unwrap().to_string();
         let server = std::thread::spawn(move || {
             let (mut conn, _) = listener.accept().unwrap();
+            // Read the whole request head before answering: closing a socket with unread
+            // request bytes makes the kernel send RST, which the client sees as a reset.
+            let mut head = Vec::new();
             let mut buf = [0u8; 1024];
-            let n = conn.read(&mut buf).unwrap();
-            let request = String::from_utf8_lossy(&buf[..n]).into_owned();
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = conn.read(&mut buf).unwrap();
+                assert!(n > 0, "client closed before sending a full request");
+                head.extend_from_slice(&buf[..n]);
+            }
+            let request = String::from_utf8_lossy(&head).into_owned();
             conn.write_all(b"HTTP/1.0 200 OK\r\n\r\n{\"ok\":true}")
                 .unwrap();
             request
