@@ -374,6 +374,7 @@ impl BuildkitClient {
             Output::Local(_) => ("local".to_string(), BTreeMap::new()),
             Output::Tar(_) => ("tar".to_string(), BTreeMap::new()),
             Output::Docker(_, a) => ("docker".to_string(), a.clone()),
+            Output::Oci(_, a) => ("oci".to_string(), a.clone()),
             Output::Raw(t, a) => (t.clone(), a.clone()),
         };
         #[allow(deprecated)]
@@ -519,6 +520,8 @@ pub enum Output {
     Tar(PathBuf),
     /// `--output type=docker,dest=FILE` with these attributes (e.g. `name`).
     Docker(PathBuf, BTreeMap<String, String>),
+    /// `--output type=oci,dest=FILE` with these attributes (e.g. `name`, `compression`).
+    Oci(PathBuf, BTreeMap<String, String>),
     /// Any exporter type and attributes (no client-side target).
     Raw(String, BTreeMap<String, String>),
 }
@@ -622,7 +625,7 @@ impl Attachables {
         }
         if matches!(
             self.output,
-            Output::Local(_) | Output::Tar(_) | Output::Docker(..)
+            Output::Local(_) | Output::Tar(_) | Output::Docker(..) | Output::Oci(..)
         ) {
             m.push("/moby.filesync.v1.FileSend/DiffCopy");
         }
@@ -851,7 +854,7 @@ impl tower::Service<http::Request<hyper::body::Incoming>> for SessionServer {
                             .streaming(FileReceiveSvc(dir.clone()), req)
                             .await
                     }
-                    Output::Tar(file) | Output::Docker(file, _) => {
+                    Output::Tar(file) | Output::Docker(file, _) | Output::Oci(file, _) => {
                         let codec: tonic_prost::ProstCodec<
                             protos::moby::filesync::v1::BytesMessage,
                             protos::moby::filesync::v1::BytesMessage,

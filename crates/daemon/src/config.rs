@@ -3,6 +3,17 @@
 //! Keys keep buildkitd's spelling (`root`, `debug`, `[grpc] address`, `[grpc.tls]`,
 //! `[worker.oci] labels/platforms/gc/gckeepstorage/[[gcpolicy]]`, `[registry."host"] mirrors/http/insecure`,
 //! `insecure-entitlements`). Unknown keys are ignored, like buildkitd does for keys of other workers.
+//!
+//! berth's own keys (buildkitd has no exporter section; it ignores these):
+//!
+//! ```toml
+//! [exporter.docker]
+//! thin = true   # type=docker leaves out the layers the bound Docker Engine has (attr thin=false overrides)
+//! ```
+//!
+//! The section is named after the exporter type and the key after its attribute, so the file
+//! default and `--output type=docker,thin=…` read the same; `[exporter.<type>]` leaves room for
+//! other exporters' defaults without clashing with buildkitd's top-level sections.
 
 use crate::cli::DaemonArgs;
 use anyhow::{bail, Context};
@@ -34,6 +45,24 @@ pub struct FileConfig {
     /// `insecure-entitlements`.
     #[serde(rename = "insecure-entitlements")]
     pub insecure_entitlements: Vec<String>,
+    /// `[exporter]` (berth's).
+    pub exporter: ExporterSection,
+}
+
+/// `[exporter]`: defaults of exporter attributes (berth's section).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(default)]
+pub struct ExporterSection {
+    /// `[exporter.docker]`.
+    pub docker: DockerExporterConfig,
+}
+
+/// `[exporter.docker]`.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(default)]
+pub struct DockerExporterConfig {
+    /// `thin`: default of the `thin` attribute of `type=docker`.
+    pub thin: Option<bool>,
 }
 
 /// `[grpc]`.
@@ -158,6 +187,8 @@ pub struct Config {
     pub insecure_entitlements: Vec<String>,
     /// Worker parallelism.
     pub max_parallelism: Option<usize>,
+    /// Default of `type=docker`'s `thin` attribute.
+    pub docker_thin: bool,
 }
 
 /// Parses a `buildkitd.toml` text.
@@ -242,6 +273,7 @@ fn merge(file: FileConfig, args: &DaemonArgs) -> anyhow::Result<Config> {
         registries: file.registry.clone(),
         insecure_entitlements: ents,
         max_parallelism: file.worker.oci.max_parallelism,
+        docker_thin: file.exporter.docker.thin.unwrap_or(false),
     })
 }
 
@@ -313,6 +345,8 @@ mirrors = ["127.0.0.1:5000"]
 http = true
 [worker.containerd]
 snapshotter = "overlayfs"
+[exporter.docker]
+thin = true
 "#,
         )
         .unwrap();
@@ -330,6 +364,13 @@ snapshotter = "overlayfs"
         assert_eq!(c.worker_labels.get("a").map(String::as_str), Some("b"));
         assert_eq!(c.gc_policy.len(), 1);
         assert_eq!(c.gc_policy[0].keep_bytes, 1024);
+        assert!(c.docker_thin);
+        assert!(
+            !merge(FileConfig::default(), &args(&[]))
+                .unwrap()
+                .docker_thin
+        );
+        assert!(parse_file("[exporter.docker]\nthin = \"yes\"\n").is_err());
     }
 
     #[test]
@@ -373,6 +414,7 @@ pub mod tests_support {
             registries: BTreeMap::new(),
             insecure_entitlements: vec![],
             max_parallelism: None,
+            docker_thin: false,
         }
     }
 }

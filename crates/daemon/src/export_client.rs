@@ -1,10 +1,24 @@
 //! Exporters that stream the result to the client: `type=local` (a directory, fsutil packets over
-//! `FileSend`) and `type=tar` (a tarball, raw bytes over `FileSend`). Image exporters live in the
-//! `exporter` crate.
+//! `FileSend`), `type=tar` (a tarball), `type=docker` (a docker-archive, optionally thin) and
+//! `type=oci` (an OCI image layout tar), the last three as raw bytes over `FileSend`. The archive
+//! writers live in the `exporter` crate; this module maps attributes, progress and the exporter
+//! response the way buildkitd does.
 //!
 //! Progress follows buildkitd (`control-api.md` §8.3): a synthetic vertex with digest
-//! `sha256(<session>-export)` named `exporting to client directory` / `exporting to client tarball`,
-//! with one status (`copying files` / `sending tarball`, action `transferring`, bytes so far).
+//! `sha256(<session>-export)` named `exporting to client directory` / `exporting to client tarball`
+//! / `exporting to docker image format` / `exporting to oci image format`, with a status
+//! `copying files` / `sending tarball` (action `transferring`, bytes so far). The image formats add
+//! `exporting layers` and one status per layer with its sizes (for `oci`: uncompressed and
+//! compressed, then `exporting config …`/`exporting manifest …`; for a thin `docker` archive: the
+//! layers left out because Docker has them, with the bytes saved).
+//!
+//! Attributes: `docker` takes `name`, `source-date-epoch` and `thin` (berth's: leave out the
+//! layers the bound Docker Engine has; default from `[exporter.docker] thin` in the config).
+//! `oci` takes `name`, `source-date-epoch`, `compression` (`gzip` default, `zstd`,
+//! `uncompressed`), `compression-level`, `force-compression` (every layer is compressed afresh
+//! anyway: berth keeps layers as trees, not blobs), `oci-mediatypes` (default true; zstd forces it)
+//! and `tar` (only `true`: the `tar=false` layout directory goes through the session's content
+//! store, which berthd does not drive).
 
 use crate::errors::{Error, Result};
 use crate::progress::{synthetic_digest, Progress};
@@ -31,6 +45,16 @@ pub enum ClientExporter {
     Tar,
     /// `type=docker`: a docker-archive of the image (`docker load` format).
     Docker,
+    /// `type=oci`: an OCI image layout tar.
+    Oci,
+}
+
+/// Daemon-wide defaults of the client exporters.
+#[derive(Debug, Clone, Default)]
+pub struct ClientExportOptions {
+    /// `type=docker` leaves out layers the bound Docker Engine has unless `thin=false`
+    /// (`[exporter.docker] thin = true` in the config).
+    pub docker_thin: bool,
 }
 
 /// What `SolveRequest.Exporter` asks for.
@@ -44,7 +68,7 @@ pub enum ExporterKind {
     Image,
 }
 
-/// Parses an exporter type; unknown types are `InvalidArgument`, `docker`/`oci` (not available yet) `Unimplemented`.
+/// Parses an exporter type; unknown types are `InvalidArgument`.
 pub fn parse_exporter(ty: &str) -> Result<ExporterKind> {
     match ty {
         "" => Ok(ExporterKind::None),
@@ -52,9 +76,7 @@ pub fn parse_exporter(ty: &str) -> Result<ExporterKind> {
         "tar" => Ok(ExporterKind::Client(ClientExporter::Tar)),
         "docker" => Ok(ExporterKind::Client(ClientExporter::Docker)),
         "image" | "moby" => Ok(ExporterKind::Image),
-        "oci" => Err(Error::unimplemented(format!(
-            "exporter {ty:?} is not supported by berthd yet"
-        ))),
+        "oci" => Ok(ExporterKind::Client(ClientExporter::Oci)),
         other => Err(Error::invalid(format!("unknown exporter type {other:?}"))),
     }
 }
@@ -87,6 +109,18 @@ pub async fn export(
         ClientExporter::Local => ("exporting to client directory", "copying files"),
         ClientExporter::Tar => ("exporting to client tarball", "sending tarball"),
         ClientExporter::Docker => ("exporting to docker image format", "sending tarball"),
+        ClientExporter::Oci => ("exporting to oci image format", "sending tarball"),
+    };
+    // Attributes are checked before anything is shown or sent.
+    let oci = match kind {
+        ClientExporter::Oci => Some(oci_attrs(attrs)?),
+        _ => None,
+    };
+    let thin = match kind {
+        ClientExporter::Docker => {
+            bool_attr(attrs, "thin", true)?.unwrap_or(backend.client_export.docker_thin)
+        }
+        _ => false,
     };
     progress.vertex_started(&vertex, name, &[], None, SystemTime::now());
     let started = SystemTime::now();
@@ -106,8 +140,21 @@ pub async fn export(
         })
     };
     let res = async {
+        let image = ImageCtx {
+            backend,
+            session,
+            progress,
+            vertex: &vertex,
+            metadata,
+            epoch,
+            fs,
+            report: report.clone(),
+        };
         if kind == ClientExporter::Docker {
-            return send_docker(backend, session, attrs, metadata, epoch, fs, report.clone()).await;
+            return send_docker(&image, attrs, thin).await;
+        }
+        if let Some(oci) = oci {
+            return send_oci(&image, attrs, oci).await;
         }
         let view = backend.view(fs).await?;
         let root = view.path().to_path_buf();
@@ -124,7 +171,7 @@ pub async fn export(
             ClientExporter::Tar => {
                 send_tar(session, root, epoch, report.clone()).await?;
             }
-            ClientExporter::Docker => unreachable!("handled above"),
+            ClientExporter::Docker | ClientExporter::Oci => unreachable!("handled above"),
         }
         drop(view);
         Ok::<_, Error>(BTreeMap::new())
@@ -137,61 +184,382 @@ pub async fn export(
     res
 }
 
-/// `type=docker`: the image as a complete docker-archive streamed to the client (which writes it
-/// to `dest` or stdout, for `docker load`). Layers come from the layer store and Docker's own
-/// store (exact bytes via tar-split), one at a time; nothing is buffered whole.
-async fn send_docker(
-    backend: &Arc<Backend>,
-    session: &Arc<Session>,
+/// What the image formats need to know about the export.
+struct ImageCtx<'a> {
+    backend: &'a Arc<Backend>,
+    session: &'a Arc<Session>,
+    progress: &'a Arc<Progress>,
+    vertex: &'a str,
+    metadata: &'a BTreeMap<String, Bytes>,
+    epoch: Option<i64>,
+    fs: &'a FsRef,
+    report: Arc<dyn Fn(u64, bool) + Send + Sync>,
+}
+
+impl ImageCtx<'_> {
+    fn chain(&self) -> Vec<layerstore::snapshot::LayerRef> {
+        match self.fs {
+            FsRef::Scratch => Vec::new(),
+            FsRef::Solved(r) => r.chain().layers().to_vec(),
+        }
+    }
+
+    fn epoch(&self) -> Result<Option<chrono::DateTime<chrono::Utc>>> {
+        self.epoch
+            .map(|e| {
+                chrono::DateTime::from_timestamp(e, 0)
+                    .ok_or_else(|| Error::invalid(format!("source-date-epoch {e} is out of range")))
+            })
+            .transpose()
+    }
+
+    /// A finished status of the export vertex.
+    fn done(&self, id: &str, current: u64, total: u64, started: SystemTime) {
+        self.progress.status(
+            self.vertex,
+            id,
+            "",
+            current as i64,
+            total as i64,
+            Some(started),
+            Some(SystemTime::now()),
+        );
+    }
+
+    /// Runs `write` on the blocking pool with a writer whose chunks go to the client through
+    /// FileSend, counted into the `sending tarball` status.
+    async fn stream<T: Send + 'static>(
+        &self,
+        what: &'static str,
+        write: impl FnOnce(&mut dyn Write) -> exporter::Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let (tx, rx) = mpsc::channel::<Bytes>(8);
+        let counted = counted(rx, self.report.clone());
+        let producer = tokio::task::spawn_blocking(move || {
+            let mut w = ChunkWriter::new(tx);
+            let r =
+                write(&mut w).map_err(|e| Error::unavailable(format!("{what}: {}", chain(&e))))?;
+            w.flush()
+                .map_err(|e| Error::unavailable(format!("{what}: {e}")))?;
+            Ok::<_, Error>(r)
+        });
+        let send = calls::send_bytes(self.session, counted, &[]);
+        let (sent, produced) = tokio::join!(send, producer);
+        let produced = produced.map_err(|e| Error::internal(format!("{what} task: {e}")))?;
+        // The client's error (it stopped reading) explains a failed write better than the write.
+        sent?;
+        produced
+    }
+}
+
+/// An error with its causes, `: `-separated.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// A boolean attribute as buildkitd parses it (`strconv.ParseBool`; an empty value means
+/// `empty`); `None` when absent.
+fn bool_attr(attrs: &BTreeMap<String, String>, key: &str, empty: bool) -> Result<Option<bool>> {
+    match attrs.get(key).map(String::as_str) {
+        None => Ok(None),
+        Some("") => Ok(Some(empty)),
+        Some("1" | "t" | "T" | "true" | "TRUE" | "True") => Ok(Some(true)),
+        Some("0" | "f" | "F" | "false" | "FALSE" | "False") => Ok(Some(false)),
+        Some(v) => Err(Error::invalid(format!(
+            "non-bool value {v:?} specified for exporter attribute {key}"
+        ))),
+    }
+}
+
+/// `type=oci` attributes, checked.
+#[derive(Debug, Clone, PartialEq)]
+struct OciAttrs {
+    compression: exporter::Compression,
+    level: Option<i32>,
+    oci_types: bool,
+}
+
+fn oci_attrs(attrs: &BTreeMap<String, String>) -> Result<OciAttrs> {
+    if bool_attr(attrs, "tar", true)? == Some(false) {
+        return Err(Error::unimplemented(
+            "exporter oci: tar=false (an OCI layout directory written through the session's content store) is not supported by berthd; use tar=true (the default) and unpack the tarball",
+        ));
+    }
+    if let Some(k) = attrs.keys().find(|k| k.starts_with("annotation")) {
+        return Err(Error::unimplemented(format!(
+            "exporter oci: attribute {k:?}: annotations are not supported by berthd yet"
+        )));
+    }
+    let compression = match attrs.get("compression").map(String::as_str) {
+        None | Some("") => exporter::Compression::Gzip,
+        Some(v) => exporter::Compression::parse(v)
+            .map_err(|e| Error::invalid(format!("exporter oci: {e}")))?,
+    };
+    let level = match attrs.get("compression-level").map(String::as_str) {
+        None | Some("") => None,
+        Some(v) => {
+            let l: i32 = v.parse().map_err(|_| {
+                Error::invalid(format!(
+                    "exporter oci: non-int value {v:?} specified for compression-level"
+                ))
+            })?;
+            let range = compression.levels();
+            if compression != exporter::Compression::Uncompressed && !range.contains(&l) {
+                return Err(Error::invalid(format!(
+                    "exporter oci: compression-level {l} is out of range for {} ({}..={})",
+                    compression.name(),
+                    range.start(),
+                    range.end()
+                )));
+            }
+            Some(l)
+        }
+    };
+    // Accepted for compatibility: berth compresses every layer afresh whatever it says.
+    bool_attr(attrs, "force-compression", true)?;
+    let oci_types =
+        bool_attr(attrs, "oci-mediatypes", true)?.unwrap_or(true) || compression.needs_oci_types();
+    Ok(OciAttrs {
+        compression,
+        level,
+        oci_types,
+    })
+}
+
+/// Normalized names for the image formats (`name`, `*` = the result's `image.name`).
+fn normalized_names(
     attrs: &BTreeMap<String, String>,
     metadata: &BTreeMap<String, Bytes>,
-    epoch: Option<i64>,
-    fs: &FsRef,
-    report: Arc<dyn Fn(u64, bool) + Send + Sync>,
-) -> Result<BTreeMap<String, String>> {
-    let chain = match fs {
-        FsRef::Scratch => Vec::new(),
-        FsRef::Solved(r) => r.chain().layers().to_vec(),
-    };
-    let names = crate::export_image::names(attrs, metadata);
-    let config = metadata.get("containerimage.config").map(|b| b.to_vec());
-    let epoch = match epoch {
-        None => None,
-        Some(e) => Some(
-            chrono::DateTime::from_timestamp(e, 0)
-                .ok_or_else(|| Error::invalid(format!("source-date-epoch {e} is out of range")))?,
-        ),
-    };
-    let store = backend.store.clone();
-    let (tx, rx) = mpsc::channel::<Bytes>(8);
-    let counted = counted(rx, report);
-    let producer = tokio::task::spawn_blocking(move || {
-        let mut w = ChunkWriter::new(tx);
-        let req = exporter::ImageExportRequest {
-            chain: &chain,
-            config: config.as_deref(),
-            names,
-            epoch,
-        };
-        let r = exporter::write_docker_image_archive(&store, &req, &mut w)
-            .map_err(|e| Error::unavailable(format!("exporter docker: {e}")))?;
-        w.flush()
-            .map_err(|e| Error::unavailable(format!("exporter docker: {e}")))?;
-        Ok::<_, Error>(r)
-    });
-    let send = calls::send_bytes(session, counted, &[]);
-    let (sent, produced) = tokio::join!(send, producer);
-    let produced = produced.map_err(|e| Error::internal(format!("docker archive task: {e}")))?;
-    sent?;
-    let r = produced?;
+) -> Result<Vec<String>> {
+    crate::export_image::names(attrs, metadata)
+        .iter()
+        .map(|n| exporter::normalize_name(n).map_err(|e| Error::invalid(format!("exporter: {e}"))))
+        .collect()
+}
+
+fn image_response(r: &exporter::ImageExportResult) -> BTreeMap<String, String> {
     let mut response = BTreeMap::new();
-    response.insert("containerimage.digest".to_string(), r.manifest_digest);
-    response.insert("containerimage.config.digest".to_string(), r.config_digest);
-    response.insert("containerimage.descriptor".to_string(), r.descriptor);
+    response.insert(
+        "containerimage.digest".to_string(),
+        r.manifest_digest.clone(),
+    );
+    response.insert(
+        "containerimage.config.digest".to_string(),
+        r.config_digest.clone(),
+    );
+    response.insert(
+        "containerimage.descriptor".to_string(),
+        r.descriptor.clone(),
+    );
     if !r.names.is_empty() {
         response.insert("image.name".to_string(), r.names.join(","));
     }
-    Ok(response)
+    response
+}
+
+/// `type=docker`: the image as a docker-archive streamed to the client (which writes it to
+/// `dest` or stdout, for `docker load`). Layers come from the layer store and Docker's own store
+/// (exact bytes via tar-split), one at a time; nothing is buffered whole. With `thin`, the layers
+/// the bound Docker Engine has are listed but not carried.
+async fn send_docker(
+    cx: &ImageCtx<'_>,
+    attrs: &BTreeMap<String, String>,
+    thin: bool,
+) -> Result<BTreeMap<String, String>> {
+    let chain = cx.chain();
+    let names = crate::export_image::names(attrs, cx.metadata);
+    let config = cx.metadata.get("containerimage.config").map(|b| b.to_vec());
+    let epoch = cx.epoch()?;
+    let started = SystemTime::now();
+    let presence = if thin {
+        let opts = &cx.backend.image_export;
+        let docker = crate::docker::connect(&opts.docker_host)?;
+        let p = exporter::DockerPresence::detect(&docker, opts.data_root.as_deref()).await;
+        if let exporter::DockerPresence::Unknown(why) = &p {
+            cx.done(
+                &format!("thin archive not possible: {why}; sending every layer"),
+                0,
+                0,
+                started,
+            );
+        }
+        Some(p)
+    } else {
+        None
+    };
+    let store = cx.backend.store.clone();
+    let progress = cx.progress.clone();
+    let vertex = cx.vertex.to_string();
+    let r = cx
+        .stream("exporter docker", move |w| {
+            let req = exporter::ImageExportRequest {
+                chain: &chain,
+                config: config.as_deref(),
+                names,
+                epoch,
+            };
+            let mut on_layer = |diff_id: &str, size: u64, sent: bool| {
+                let id = if sent {
+                    format!("layer {diff_id}: {size} bytes")
+                } else {
+                    format!("layer {diff_id}: already in Docker, {size} bytes not sent")
+                };
+                progress.status(
+                    &vertex,
+                    &id,
+                    "",
+                    size as i64,
+                    size as i64,
+                    Some(started),
+                    Some(SystemTime::now()),
+                );
+            };
+            exporter::write_docker_client_archive(&store, &req, presence.as_ref(), &mut on_layer, w)
+        })
+        .await?;
+    cx.done("exporting layers", r.bytes_sent, r.bytes_sent, started);
+    if r.layers_skipped > 0 {
+        let id = format!(
+            "{} layers already in Docker ({} bytes not sent)",
+            r.layers_skipped, r.bytes_skipped
+        );
+        cx.done(&id, r.bytes_skipped, r.bytes_skipped, started);
+    }
+    Ok(image_response(&r))
+}
+
+/// `type=oci`: the image as an OCI image layout tar streamed to the client.
+async fn send_oci(
+    cx: &ImageCtx<'_>,
+    attrs: &BTreeMap<String, String>,
+    oci: OciAttrs,
+) -> Result<BTreeMap<String, String>> {
+    let chain = cx.chain();
+    let names = normalized_names(attrs, cx.metadata)?;
+    let config = cx.metadata.get("containerimage.config").map(|b| b.to_vec());
+    let epoch = cx.epoch()?;
+    let temp_dir = cx.backend.root.join("export-tmp");
+    std::fs::create_dir_all(&temp_dir).map_err(|e| {
+        Error::unavailable(format!("exporter oci: create {}: {e}", temp_dir.display()))
+    })?;
+    let opts = exporter::OciOptions {
+        compression: oci.compression,
+        level: oci.level,
+        oci_types: oci.oci_types,
+        names,
+        created: epoch.unwrap_or_else(chrono::Utc::now),
+        temp_dir,
+    };
+    let store = cx.backend.store.clone();
+    let progress = cx.progress.clone();
+    let vertex = cx.vertex.to_string();
+    let started = SystemTime::now();
+    let r = cx
+        .stream("exporter oci", move |w| {
+            let req = exporter::ImageExportRequest {
+                chain: &chain,
+                config: config.as_deref(),
+                names: opts.names.clone(),
+                epoch,
+            };
+            let mut layer_started = SystemTime::now();
+            let mut done_bytes = 0u64;
+            let st = |id: &str, action: &str, cur: u64, tot: u64, from: SystemTime, end: bool| {
+                progress.status(
+                    &vertex,
+                    id,
+                    action,
+                    cur as i64,
+                    tot as i64,
+                    Some(from),
+                    end.then(SystemTime::now),
+                );
+            };
+            let mut on = |p: exporter::OciProgress| match p {
+                exporter::OciProgress::Layer {
+                    diff_id,
+                    done,
+                    size,
+                } => {
+                    if done == 0 {
+                        layer_started = SystemTime::now();
+                    }
+                    let action = if opts.compression == exporter::Compression::Uncompressed {
+                        "sending"
+                    } else {
+                        "compressing"
+                    };
+                    st(
+                        &format!("exporting layer {diff_id}"),
+                        action,
+                        done,
+                        size,
+                        layer_started,
+                        false,
+                    );
+                    st("exporting layers", "", done_bytes + done, 0, started, false);
+                }
+                exporter::OciProgress::LayerDone {
+                    diff_id,
+                    size,
+                    blob_digest,
+                    blob_size,
+                } => {
+                    done_bytes += size;
+                    st(
+                        &format!("exporting layer {diff_id}"),
+                        "done",
+                        size,
+                        size,
+                        layer_started,
+                        true,
+                    );
+                    let id = format!(
+                        "layer {diff_id}: {size} bytes, {} blob {blob_digest}: {blob_size} bytes",
+                        opts.compression.name()
+                    );
+                    st(&id, "", blob_size, blob_size, layer_started, true);
+                }
+                exporter::OciProgress::Config { digest } => {
+                    st(
+                        "exporting layers",
+                        "",
+                        done_bytes,
+                        done_bytes,
+                        started,
+                        true,
+                    );
+                    st(
+                        &format!("exporting config {digest}"),
+                        "",
+                        0,
+                        0,
+                        SystemTime::now(),
+                        true,
+                    );
+                }
+                exporter::OciProgress::Manifest { digest } => {
+                    st(
+                        &format!("exporting manifest {digest}"),
+                        "",
+                        0,
+                        0,
+                        SystemTime::now(),
+                        true,
+                    );
+                }
+            };
+            exporter::write_oci_image_archive(&store, &req, &opts, w, &mut on)
+        })
+        .await?;
+    Ok(image_response(&r))
 }
 
 /// Forwards chunks from `rx`, reporting the running byte count (and a final report at the end).
@@ -389,8 +757,8 @@ mod tests {
             ExporterKind::Client(ClientExporter::Docker)
         );
         assert_eq!(
-            tonic::Status::from(parse_exporter("oci").unwrap_err()).code(),
-            tonic::Code::Unimplemented
+            parse_exporter("oci").unwrap(),
+            ExporterKind::Client(ClientExporter::Oci)
         );
     }
 

@@ -83,6 +83,9 @@ async fn run(cfg: config::Config) -> anyhow::Result<()> {
             allowed_entitlements: cfg.insecure_entitlements.clone(),
             max_parallelism: cfg.max_parallelism,
             docker_data_root: cfg.docker_data_root.clone(),
+            client_export: daemon::export_client::ClientExportOptions {
+                docker_thin: cfg.docker_thin,
+            },
         },
     )?;
     let jobs = jobs::Jobs::new();

@@ -58,6 +58,8 @@ pub struct BackendOptions {
     pub max_parallelism: Option<usize>,
     /// `--docker-data-root`, if given (the image exporter's offline mode and presence hints).
     pub docker_data_root: Option<PathBuf>,
+    /// Defaults of the exporters that stream to the client.
+    pub client_export: crate::export_client::ClientExportOptions,
 }
 
 /// The backend shared by all jobs.
@@ -70,6 +72,8 @@ pub struct Backend {
     pub sessions: Arc<SessionManager>,
     /// Where the `image` exporter sends images.
     pub image_export: crate::export_image::ImageExportOptions,
+    /// Defaults of the exporters that stream to the client.
+    pub client_export: crate::export_client::ClientExportOptions,
     worker: worker::Worker,
 }
 
@@ -117,6 +121,7 @@ impl Backend {
                 docker_host: opts.docker_host.clone(),
                 data_root: opts.docker_data_root.clone(),
             },
+            client_export: opts.client_export.clone(),
             worker,
         }))
     }

@@ -88,10 +88,7 @@ pub fn write_docker_archive(
     repo_tags: &[String],
 ) -> Result<ArchiveStats> {
     assert_eq!(layers.len(), include.len(), "one include flag per layer");
-    let mut out = CountingWriter {
-        inner: out,
-        count: 0,
-    };
+    let mut out = CountingWriter::new(out);
     let mut stats = ArchiveStats::default();
     let mut written = std::collections::HashSet::new();
     for (layer, &inc) in layers.iter().zip(include) {
@@ -108,8 +105,8 @@ pub fn write_docker_archive(
             .ok_or_else(|| Error::LayerUnavailable {
                 diff_id: layer.diff_id.clone(),
             })?;
-        write_dir_header(&mut out, path.trim_end_matches("layer.tar"))?;
-        write_header(&mut out, &path, layer.size)?;
+        write_dir(&mut out, path.trim_end_matches("layer.tar"))?;
+        write_header(&mut out, &path, layer.size, 0o644)?;
         let start = out.count;
         source
             .write_tar(&mut out)
@@ -137,7 +134,7 @@ pub fn write_docker_archive(
             .strip_prefix("sha256:")
             .unwrap_or(&config.digest)
     );
-    write_file(&mut out, &config_name, &config.bytes)?;
+    write_file(&mut out, &config_name, &config.bytes, 0o644)?;
     let manifest = [ManifestEntry {
         config: config_name,
         repo_tags,
@@ -147,12 +144,16 @@ pub fn write_docker_archive(
         what: "encode manifest.json",
         source,
     })?;
-    write_file(&mut out, "manifest.json", &manifest)?;
-    // End of archive: two zero blocks.
-    out.write_all(&[0u8; 1024]).map_err(archive_io)?;
-    out.flush().map_err(archive_io)?;
+    write_file(&mut out, "manifest.json", &manifest, 0o644)?;
+    finish(&mut out)?;
     stats.archive_bytes = out.count;
     Ok(stats)
+}
+
+/// Ends an archive: two zero blocks, then a flush.
+pub(crate) fn finish(out: &mut dyn Write) -> Result<()> {
+    out.write_all(&[0u8; 1024]).map_err(archive_io)?;
+    out.flush().map_err(archive_io)
 }
 
 fn archive_io(source: io::Error) -> Error {
@@ -172,17 +173,20 @@ fn header(path: &str, size: u64, kind: tar::EntryType, mode: u32) -> Result<tar:
     Ok(h)
 }
 
-fn write_dir_header(out: &mut dyn Write, path: &str) -> Result<()> {
+/// Writes a directory entry (`path` ends with `/`).
+pub(crate) fn write_dir(out: &mut dyn Write, path: &str) -> Result<()> {
     let h = header(path, 0, tar::EntryType::Directory, 0o755)?;
     out.write_all(h.as_bytes()).map_err(archive_io)
 }
 
-fn write_header(out: &mut dyn Write, path: &str, size: u64) -> Result<()> {
-    let h = header(path, size, tar::EntryType::Regular, 0o644)?;
+/// Writes the header of a regular file of `size` bytes; its data and [`pad`] must follow.
+pub(crate) fn write_header(out: &mut dyn Write, path: &str, size: u64, mode: u32) -> Result<()> {
+    let h = header(path, size, tar::EntryType::Regular, mode)?;
     out.write_all(h.as_bytes()).map_err(archive_io)
 }
 
-fn pad(out: &mut dyn Write, size: u64) -> Result<()> {
+/// Pads a file of `size` bytes to the next 512-byte block.
+pub(crate) fn pad(out: &mut dyn Write, size: u64) -> Result<()> {
     let rem = (size % 512) as usize;
     if rem != 0 {
         out.write_all(&[0u8; 512][..512 - rem])
@@ -191,15 +195,23 @@ fn pad(out: &mut dyn Write, size: u64) -> Result<()> {
     Ok(())
 }
 
-fn write_file(out: &mut dyn Write, path: &str, data: &[u8]) -> Result<()> {
-    write_header(out, path, data.len() as u64)?;
+/// Writes a whole small file.
+pub(crate) fn write_file(out: &mut dyn Write, path: &str, data: &[u8], mode: u32) -> Result<()> {
+    write_header(out, path, data.len() as u64, mode)?;
     out.write_all(data).map_err(archive_io)?;
     pad(out, data.len() as u64)
 }
 
-struct CountingWriter<'a> {
+/// A writer that counts the bytes it passes on.
+pub(crate) struct CountingWriter<'a> {
     inner: &'a mut dyn Write,
     count: u64,
+}
+
+impl<'a> CountingWriter<'a> {
+    pub(crate) fn new(inner: &'a mut dyn Write) -> Self {
+        CountingWriter { inner, count: 0 }
+    }
 }
 
 impl Write for CountingWriter<'_> {

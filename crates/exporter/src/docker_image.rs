@@ -111,7 +111,7 @@ struct DockerManifest<'a> {
     layers: Vec<Desc<'a>>,
 }
 
-fn docker_manifest(config: &ImageConfig, layers: &[ExportLayer]) -> Vec<u8> {
+pub(crate) fn docker_manifest(config: &ImageConfig, layers: &[ExportLayer]) -> Vec<u8> {
     let m = DockerManifest {
         schema_version: 2,
         media_type: DOCKER_MANIFEST_MEDIA_TYPE,
@@ -132,7 +132,7 @@ fn docker_manifest(config: &ImageConfig, layers: &[ExportLayer]) -> Vec<u8> {
     serde_json::to_vec(&m).expect("manifest serialises")
 }
 
-fn descriptor(media_type: &str, manifest: &[u8]) -> (String, String) {
+pub(crate) fn descriptor(media_type: &str, manifest: &[u8]) -> (String, String) {
     let digest = format!("sha256:{}", hex::encode(Sha256::digest(manifest)));
     let d = Desc {
         media_type,
@@ -289,7 +289,7 @@ impl ImageTarget {
 
 /// The image config for `req` over its exportable `layers` (BuildKit's rules, layer times from
 /// the layers themselves so a cached rebuild reproduces the image ID).
-fn image_config(
+pub(crate) fn image_config(
     store: &SnapshotStore,
     req: &ImageExportRequest<'_>,
     layers: &[ExportLayer],

@@ -8,20 +8,25 @@
 //! - `containerd`: export into a containerd image store through containerd's API.
 //! - `docker_image`: the `image` exporter: picks thin load, offline write or containerd.
 //! - `docker_load`: export into a live classic-store Docker Engine by a thin `POST /images/load`.
+//! - `docker_archive`: the docker-archive streamed to the client (`type=docker`), thin or whole.
+//! - `oci`: the OCI image layout tar streamed to the client (`type=oci`), compressed layers.
 #![forbid(unsafe_code)]
 
 mod archive;
 mod containerd;
+mod docker_archive;
 mod docker_image;
 mod docker_load;
 mod error;
 pub mod image;
 mod layers;
+mod oci;
 
 pub use archive::{write_docker_archive, ArchiveStats, ExportLayer, LayerSource};
 pub use containerd::{
     oci_manifest, ContainerdLayer, ContainerdReport, ContainerdStore, LayerFiles,
 };
+pub use docker_archive::{write_docker_client_archive, DockerPresence};
 pub use docker_image::{
     write_docker_image_archive, ImageExportRequest, ImageExportResult, ImageTarget, TargetOptions,
     DOCKER_MANIFEST_MEDIA_TYPE,
@@ -29,3 +34,4 @@ pub use docker_image::{
 pub use docker_load::{split_tag, DockerEngine, LoadReport};
 pub use error::{Error, Result};
 pub use layers::{berth_layer_dir, docker_layerdb_dir, export_layers};
+pub use oci::{normalize_name, write_oci_image_archive, Compression, OciOptions, OciProgress};

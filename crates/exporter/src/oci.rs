@@ -1,0 +1,756 @@
+//! The `oci` client output: the image as an OCI image layout in a tar (`oci-layout`,
+//! `index.json`, `blobs/sha256/…`), the format buildkitd's `type=oci` exporter streams to the
+//! client and `ctr images import`, skopeo (`oci-archive:`) and podman load.
+//!
+//! Layout written, in this order:
+//!
+//! ```text
+//! blobs/  blobs/sha256/            directories
+//! blobs/sha256/<layer blob>        one per distinct layer, bottom first (gzip, zstd or plain tar)
+//! blobs/sha256/<config>            the image config (same bytes, same digest as the Docker image ID)
+//! blobs/sha256/<manifest>          the image manifest
+//! index.json                       one descriptor of the manifest per name (or one unnamed)
+//! oci-layout                       {"imageLayoutVersion":"1.0.0"}
+//! ```
+//!
+//! buildkitd (containerd's archive writer) sorts entries by name; layout readers look blobs up
+//! by digest, so the order here is chosen for streaming instead: each layer blob is written as
+//! soon as it exists, and the documents that name every blob come last.
+//!
+//! **Compressed blobs and the tar header.** A tar entry announces its size before its bytes, and
+//! the manifest needs every compressed digest. A layer is therefore compressed once, hashed on the
+//! way (both the uncompressed stream, checked against the diffID, and the compressed stream),
+//! into an unnamed temporary file (`O_TMPFILE` in berth's state directory: nothing is left behind
+//! if berthd dies) that is then copied into the tar and dropped, before the next layer starts.
+//! Disk use is bounded by one compressed layer; memory by the copy buffers. The alternative, two
+//! compression passes (one to learn size and digest, one to send), needs no disk but doubles the
+//! CPU time of the slowest step of the export (gzip runs at ~50–150 MB/s per core against
+//! several hundred MB/s of sequential disk), so it loses on the large images berth is for.
+//! Uncompressed layers need neither: their size and digest (the diffID) are known and they are
+//! streamed straight from the layer store.
+
+use std::fs::File;
+use std::io::{self, Seek, Write};
+use std::path::PathBuf;
+
+use base64::Engine as _;
+use chrono::{DateTime, SecondsFormat, Utc};
+use layerstore::snapshot::SnapshotStore;
+use serde::Serialize;
+use sha2::{Digest as _, Sha256};
+
+use crate::archive::{self, CountingWriter};
+use crate::docker_image::{image_config, ImageExportRequest, ImageExportResult};
+use crate::layers::export_layers;
+use crate::{Error, Result};
+
+/// `org.opencontainers.image.ref.name`: the tag part of a name (OCI image layout).
+pub const ANNOTATION_REF_NAME: &str = "org.opencontainers.image.ref.name";
+/// `io.containerd.image.name`: the full normalized name, as containerd and buildkitd write it.
+pub const ANNOTATION_IMAGE_NAME: &str = "io.containerd.image.name";
+/// `org.opencontainers.image.created`.
+pub const ANNOTATION_CREATED: &str = "org.opencontainers.image.created";
+
+/// Layer blob compression (`compression` exporter attribute).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    /// Plain tar (`uncompressed`).
+    Uncompressed,
+    /// `gzip` (buildkitd's default).
+    Gzip,
+    /// `zstd` (OCI media types only).
+    Zstd,
+}
+
+impl Compression {
+    /// Parses the attribute value as buildkitd spells it; `estargz` and anything else are
+    /// refused with the list of what berth supports.
+    pub fn parse(v: &str) -> std::result::Result<Self, String> {
+        match v {
+            "uncompressed" => Ok(Compression::Uncompressed),
+            "gzip" => Ok(Compression::Gzip),
+            "zstd" => Ok(Compression::Zstd),
+            "estargz" => Err(
+                "compression estargz is not supported by berthd (use gzip, zstd or uncompressed)"
+                    .into(),
+            ),
+            other => Err(format!(
+                "unsupported compression type {other:?} (want gzip, zstd or uncompressed)"
+            )),
+        }
+    }
+
+    /// The name used in attributes and progress.
+    pub fn name(self) -> &'static str {
+        match self {
+            Compression::Uncompressed => "uncompressed",
+            Compression::Gzip => "gzip",
+            Compression::Zstd => "zstd",
+        }
+    }
+
+    /// Whether only OCI media types can describe it (buildkitd turns `oci-mediatypes` on).
+    pub fn needs_oci_types(self) -> bool {
+        self == Compression::Zstd
+    }
+
+    /// Valid `compression-level` values.
+    pub fn levels(self) -> std::ops::RangeInclusive<i32> {
+        match self {
+            Compression::Uncompressed => 0..=0,
+            Compression::Gzip => 0..=9,
+            Compression::Zstd => 1..=22,
+        }
+    }
+
+    fn layer_media_type(self, oci: bool) -> &'static str {
+        match (self, oci) {
+            (Compression::Uncompressed, true) => "application/vnd.oci.image.layer.v1.tar",
+            (Compression::Gzip, true) => "application/vnd.oci.image.layer.v1.tar+gzip",
+            (Compression::Zstd, _) => "application/vnd.oci.image.layer.v1.tar+zstd",
+            (Compression::Uncompressed, false) => "application/vnd.docker.image.rootfs.diff.tar",
+            (Compression::Gzip, false) => "application/vnd.docker.image.rootfs.diff.tar.gzip",
+        }
+    }
+}
+
+/// How to write the layout.
+#[derive(Debug, Clone)]
+pub struct OciOptions {
+    /// Layer compression.
+    pub compression: Compression,
+    /// Compression level; `None` for the compressor's default (gzip 6, zstd 3).
+    pub level: Option<i32>,
+    /// OCI media types (`oci-mediatypes`); Docker schema 2 types otherwise.
+    pub oci_types: bool,
+    /// Normalized names (see [`normalize_name`]); one index entry each.
+    pub names: Vec<String>,
+    /// Value of the `org.opencontainers.image.created` annotation of the manifest descriptor.
+    pub created: DateTime<Utc>,
+    /// Directory for the unnamed temporary files compressed layers pass through.
+    pub temp_dir: PathBuf,
+}
+
+/// Progress of an OCI export, reported from the writing thread.
+#[derive(Debug, Clone)]
+pub enum OciProgress {
+    /// A layer is being read (and compressed): `done` of `size` uncompressed bytes.
+    Layer {
+        /// The layer's diffID.
+        diff_id: String,
+        /// Uncompressed bytes read so far.
+        done: u64,
+        /// Uncompressed size.
+        size: u64,
+    },
+    /// A layer blob is complete and in the tar.
+    LayerDone {
+        /// The layer's diffID.
+        diff_id: String,
+        /// Uncompressed size.
+        size: u64,
+        /// The blob's digest.
+        blob_digest: String,
+        /// The blob's size.
+        blob_size: u64,
+    },
+    /// The config blob was written.
+    Config {
+        /// Its digest.
+        digest: String,
+    },
+    /// The manifest blob was written.
+    Manifest {
+        /// Its digest.
+        digest: String,
+    },
+}
+
+#[derive(Serialize)]
+struct Desc<'a> {
+    #[serde(rename = "mediaType")]
+    media_type: &'a str,
+    digest: &'a str,
+    size: u64,
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    annotations: std::collections::BTreeMap<&'a str, &'a str>,
+}
+
+impl<'a> Desc<'a> {
+    fn new(media_type: &'a str, digest: &'a str, size: u64) -> Self {
+        Desc {
+            media_type,
+            digest,
+            size,
+            annotations: Default::default(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Manifest<'a> {
+    #[serde(rename = "mediaType")]
+    media_type: &'a str,
+    #[serde(rename = "schemaVersion")]
+    schema_version: u32,
+    config: Desc<'a>,
+    layers: Vec<Desc<'a>>,
+}
+
+#[derive(Serialize)]
+struct Index<'a> {
+    #[serde(rename = "schemaVersion")]
+    schema_version: u32,
+    manifests: Vec<Desc<'a>>,
+}
+
+/// The blob of one layer as it went into the tar.
+struct Blob {
+    media_type: &'static str,
+    digest: String,
+    size: u64,
+}
+
+fn sha256_digest(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+fn blob_path(digest: &str) -> String {
+    format!(
+        "blobs/sha256/{}",
+        digest.strip_prefix("sha256:").unwrap_or(digest)
+    )
+}
+
+/// Writes the result as an OCI image layout tar to `out`. Blocking; streams each layer from the
+/// layer store (and Docker's store, via tar-split), never holding one in memory.
+pub fn write_oci_image_archive(
+    store: &SnapshotStore,
+    req: &ImageExportRequest<'_>,
+    opts: &OciOptions,
+    out: &mut dyn Write,
+    progress: &mut dyn FnMut(OciProgress),
+) -> Result<ImageExportResult> {
+    let (layers, _) = export_layers(store, req.chain)?;
+    let config = image_config(store, req, &layers)?;
+    let oci = opts.oci_types || opts.compression.needs_oci_types();
+    let mut out = CountingWriter::new(out);
+    archive::write_dir(&mut out, "blobs/")?;
+    archive::write_dir(&mut out, "blobs/sha256/")?;
+
+    let mut blobs: Vec<Blob> = Vec::with_capacity(layers.len());
+    let mut result = ImageExportResult::default();
+    for layer in &layers {
+        if let Some(b) = layers
+            .iter()
+            .zip(&blobs)
+            .find(|(l, _)| l.diff_id == layer.diff_id)
+            .map(|(_, b)| b)
+        {
+            // The same layer twice in the chain: one blob serves both.
+            let again = Blob {
+                media_type: b.media_type,
+                digest: b.digest.clone(),
+                size: b.size,
+            };
+            blobs.push(again);
+            continue;
+        }
+        let source = layer
+            .source
+            .as_ref()
+            .ok_or_else(|| Error::LayerUnavailable {
+                diff_id: layer.diff_id.clone(),
+            })?;
+        let stream_err = |source: io::Error| Error::LayerStream {
+            diff_id: layer.diff_id.clone(),
+            source,
+        };
+        let mut report = |done: u64| {
+            progress(OciProgress::Layer {
+                diff_id: layer.diff_id.clone(),
+                done,
+                size: layer.size,
+            })
+        };
+        report(0);
+        let media_type = opts.compression.layer_media_type(oci);
+        let blob = if opts.compression == Compression::Uncompressed {
+            archive::write_header(&mut out, &blob_path(&layer.diff_id), layer.size, 0o444)?;
+            let mut w = CheckedTar::new(&mut out, &mut report);
+            source.write_tar(&mut w).map_err(stream_err)?;
+            w.verify(&layer.diff_id, layer.size).map_err(stream_err)?;
+            archive::pad(&mut out, layer.size)?;
+            Blob {
+                media_type,
+                digest: layer.diff_id.clone(),
+                size: layer.size,
+            }
+        } else {
+            let tmp = tempfile::tempfile_in(&opts.temp_dir).map_err(|source| Error::Io {
+                what: "create temporary file for a compressed layer in",
+                path: opts.temp_dir.clone(),
+                source,
+            })?;
+            let (mut tmp, digest, size) = compress_layer(
+                tmp,
+                source.as_ref(),
+                opts.compression,
+                opts.level,
+                &layer.diff_id,
+                layer.size,
+                &mut report,
+            )
+            .map_err(stream_err)?;
+            tmp.rewind().map_err(stream_err)?;
+            archive::write_header(&mut out, &blob_path(&digest), size, 0o444)?;
+            let copied = io::copy(&mut io::Read::take(&mut tmp, size), &mut out)
+                .map_err(|source| Error::ArchiveWrite { source })?;
+            if copied != size {
+                return Err(stream_err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("compressed blob shrank from {size} to {copied} bytes"),
+                )));
+            }
+            archive::pad(&mut out, size)?;
+            Blob {
+                media_type,
+                digest,
+                size,
+            }
+        };
+        progress(OciProgress::LayerDone {
+            diff_id: layer.diff_id.clone(),
+            size: layer.size,
+            blob_digest: blob.digest.clone(),
+            blob_size: blob.size,
+        });
+        result.layers_sent += 1;
+        result.bytes_sent += blob.size;
+        blobs.push(blob);
+    }
+
+    let (manifest_type, config_type) = if oci {
+        (
+            "application/vnd.oci.image.manifest.v1+json",
+            "application/vnd.oci.image.config.v1+json",
+        )
+    } else {
+        (
+            crate::DOCKER_MANIFEST_MEDIA_TYPE,
+            "application/vnd.docker.container.image.v1+json",
+        )
+    };
+    archive::write_file(&mut out, &blob_path(&config.digest), &config.bytes, 0o444)?;
+    progress(OciProgress::Config {
+        digest: config.digest.clone(),
+    });
+    let manifest = Manifest {
+        media_type: manifest_type,
+        schema_version: 2,
+        config: Desc::new(config_type, &config.digest, config.bytes.len() as u64),
+        layers: blobs
+            .iter()
+            .map(|b| Desc::new(b.media_type, &b.digest, b.size))
+            .collect(),
+    };
+    // Indented like buildkitd's (Go's json.MarshalIndent with two spaces).
+    let manifest = serde_json::to_vec_pretty(&manifest).map_err(|source| Error::ImageConfig {
+        what: "encode image manifest",
+        source,
+    })?;
+    let manifest_digest = sha256_digest(&manifest);
+    archive::write_file(&mut out, &blob_path(&manifest_digest), &manifest, 0o444)?;
+    progress(OciProgress::Manifest {
+        digest: manifest_digest.clone(),
+    });
+
+    let created = opts.created.to_rfc3339_opts(SecondsFormat::Secs, true);
+    let mut desc = Desc::new(manifest_type, &manifest_digest, manifest.len() as u64);
+    desc.annotations.insert(ANNOTATION_CREATED, &created);
+    let descriptor = serde_json::to_vec(&desc).map_err(|source| Error::ImageConfig {
+        what: "encode manifest descriptor",
+        source,
+    })?;
+    let ref_names: Vec<String> = opts.names.iter().map(|n| oci_ref_name(n)).collect();
+    let manifests = if opts.names.is_empty() {
+        vec![desc]
+    } else {
+        opts.names
+            .iter()
+            .zip(&ref_names)
+            .map(|(name, tag)| {
+                let mut d = Desc::new(manifest_type, &manifest_digest, manifest.len() as u64);
+                d.annotations.insert(ANNOTATION_CREATED, &created);
+                d.annotations.insert(ANNOTATION_IMAGE_NAME, name);
+                d.annotations.insert(ANNOTATION_REF_NAME, tag);
+                d
+            })
+            .collect()
+    };
+    let index = serde_json::to_vec(&Index {
+        schema_version: 2,
+        manifests,
+    })
+    .map_err(|source| Error::ImageConfig {
+        what: "encode index.json",
+        source,
+    })?;
+    archive::write_file(&mut out, "index.json", &index, 0o644)?;
+    archive::write_file(
+        &mut out,
+        "oci-layout",
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+        0o444,
+    )?;
+    archive::finish(&mut out)?;
+
+    result.config_digest = config.digest.clone();
+    result.manifest_digest = manifest_digest;
+    result.descriptor = base64::engine::general_purpose::STANDARD.encode(descriptor);
+    result.names = opts.names.clone();
+    Ok(result)
+}
+
+/// Compresses `source` into `tmp`, checking the uncompressed bytes against `diff_id`/`size`;
+/// returns the file with the compressed blob's digest and size.
+fn compress_layer(
+    tmp: File,
+    source: &dyn crate::LayerSource,
+    compression: Compression,
+    level: Option<i32>,
+    diff_id: &str,
+    size: u64,
+    report: &mut dyn FnMut(u64),
+) -> io::Result<(File, String, u64)> {
+    let blob = HashingWriter::new(io::BufWriter::with_capacity(1 << 20, tmp));
+    let blob = match compression {
+        Compression::Gzip => {
+            let level = flate2::Compression::new(level.unwrap_or(6).clamp(0, 9) as u32);
+            let mut enc = flate2::write::GzEncoder::new(blob, level);
+            let mut w = CheckedTar::new(&mut enc, report);
+            source.write_tar(&mut w)?;
+            w.verify(diff_id, size)?;
+            enc.finish()?
+        }
+        Compression::Zstd => {
+            let mut enc = zstd::stream::write::Encoder::new(blob, level.unwrap_or(3))?;
+            let mut w = CheckedTar::new(&mut enc, report);
+            source.write_tar(&mut w)?;
+            w.verify(diff_id, size)?;
+            enc.finish()?
+        }
+        Compression::Uncompressed => unreachable!("uncompressed layers are not staged"),
+    };
+    let HashingWriter { inner, hash, count } = blob;
+    let digest = format!("sha256:{}", hex::encode(hash.finalize()));
+    let file = inner
+        .into_inner()
+        .map_err(|e| io::Error::other(format!("flush compressed layer: {}", e.error())))?;
+    Ok((file, digest, count))
+}
+
+/// Counts and hashes what passes through.
+struct HashingWriter<W> {
+    inner: W,
+    hash: Sha256,
+    count: u64,
+}
+
+impl<W: Write> HashingWriter<W> {
+    fn new(inner: W) -> Self {
+        HashingWriter {
+            inner,
+            hash: Sha256::new(),
+            count: 0,
+        }
+    }
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        self.count += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// The uncompressed side of a layer: hashes and counts it, reports progress every 8 MiB, and
+/// finally checks it against the diffID and size the config and manifest promise.
+struct CheckedTar<'a, W: Write> {
+    inner: HashingWriter<&'a mut W>,
+    report: &'a mut dyn FnMut(u64),
+    reported: u64,
+}
+
+impl<'a, W: Write> CheckedTar<'a, W> {
+    fn new(inner: &'a mut W, report: &'a mut dyn FnMut(u64)) -> Self {
+        CheckedTar {
+            inner: HashingWriter::new(inner),
+            report,
+            reported: 0,
+        }
+    }
+
+    fn verify(mut self, diff_id: &str, size: u64) -> io::Result<()> {
+        (self.report)(self.inner.count);
+        if self.inner.count != size {
+            return Err(io::Error::other(format!(
+                "layer tar has {} bytes, expected {size}",
+                self.inner.count
+            )));
+        }
+        let got = format!("sha256:{}", hex::encode(self.inner.hash.finalize_reset()));
+        if got != diff_id {
+            return Err(io::Error::other(format!(
+                "layer tar hashes to {got}, not its diffID"
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl<W: Write> Write for CheckedTar<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        if self.inner.count - self.reported >= 8 << 20 {
+            self.reported = self.inner.count;
+            (self.report)(self.reported);
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Normalizes an image name the way buildkitd does before writing it (`docker.io/library/`
+/// added to short names, `:latest` to names without tag or digest): `app` →
+/// `docker.io/library/app:latest`, `localhost:5000/a/b` → `localhost:5000/a/b:latest`.
+pub fn normalize_name(name: &str) -> Result<String> {
+    let bad = |reason: &'static str| Error::InvalidName {
+        name: name.to_string(),
+        reason,
+    };
+    let (rest, digest) = match name.split_once('@') {
+        Some((r, d)) => (r, Some(d)),
+        None => (name, None),
+    };
+    if let Some(d) = digest {
+        let ok = d.split_once(':').is_some_and(|(alg, hex)| {
+            !alg.is_empty() && hex.len() >= 32 && hex.bytes().all(|c| c.is_ascii_hexdigit())
+        });
+        if !ok {
+            return Err(bad("invalid digest after '@'"));
+        }
+    }
+    let last_slash = rest.rfind('/').map_or(0, |i| i + 1);
+    let (repo, tag) = match rest[last_slash..].rfind(':') {
+        Some(i) => (&rest[..last_slash + i], Some(&rest[last_slash + i + 1..])),
+        None => (rest, None),
+    };
+    if let Some(t) = tag {
+        let ok = !t.is_empty()
+            && t.len() <= 128
+            && t.bytes()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphanumeric() || c == b'_')
+            && t.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || b"_.-".contains(&c));
+        if !ok {
+            return Err(bad("invalid tag"));
+        }
+    }
+    let (domain, path) = match repo.split_once('/') {
+        Some((first, p)) if first.contains(['.', ':']) || first == "localhost" => {
+            (first.to_string(), p.to_string())
+        }
+        _ => {
+            let path = if repo.contains('/') {
+                repo.to_string()
+            } else {
+                format!("library/{repo}")
+            };
+            ("docker.io".to_string(), path)
+        }
+    };
+    if domain.is_empty() || domain.starts_with(['-', '.', ':']) {
+        return Err(bad("invalid registry host"));
+    }
+    for component in path.split('/') {
+        if component.is_empty() {
+            return Err(bad("empty path component"));
+        }
+        if component.bytes().any(|c| c.is_ascii_uppercase()) {
+            return Err(bad("repository name must be lowercase"));
+        }
+        let b = component.as_bytes();
+        let ok = b
+            .iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"._-".contains(c))
+            && b[0].is_ascii_alphanumeric()
+            && b[b.len() - 1].is_ascii_alphanumeric();
+        if !ok {
+            return Err(bad("invalid repository path component"));
+        }
+    }
+    let mut out = format!("{domain}/{path}");
+    match (tag, digest) {
+        (None, None) => out.push_str(":latest"),
+        (Some(t), _) => {
+            out.push(':');
+            out.push_str(t);
+        }
+        (None, Some(_)) => {}
+    }
+    if let Some(d) = digest {
+        out.push('@');
+        out.push_str(d);
+    }
+    Ok(out)
+}
+
+/// The OCI reference name of a normalized name: what follows the repository (the tag, or
+/// `@digest`), as containerd's archive writer computes it.
+fn oci_ref_name(name: &str) -> String {
+    let path_start = name.find('/').unwrap_or(0);
+    match name[path_start..].find([':', '@']) {
+        Some(i) => {
+            let obj = &name[path_start + i..];
+            obj.strip_prefix(':').unwrap_or(obj).to_string()
+        }
+        None => name.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_normalize_like_docker_references() {
+        let cases = [
+            ("app", "docker.io/library/app:latest"),
+            ("app:v1", "docker.io/library/app:v1"),
+            ("user/app", "docker.io/user/app:latest"),
+            ("localhost/app", "localhost/app:latest"),
+            ("localhost:5000/a/b:t", "localhost:5000/a/b:t"),
+            ("127.0.0.1:5000/x/app", "127.0.0.1:5000/x/app:latest"),
+            ("quay.io/a/b:1.0-x", "quay.io/a/b:1.0-x"),
+        ];
+        for (i, want) in cases {
+            assert_eq!(normalize_name(i).unwrap(), want, "{i}");
+        }
+        let d = format!("sha256:{}", "a".repeat(64));
+        assert_eq!(
+            normalize_name(&format!("app@{d}")).unwrap(),
+            format!("docker.io/library/app@{d}")
+        );
+        for bad in [
+            "App",
+            "app:",
+            "app:-x",
+            "a//b",
+            "app@sha256:zz",
+            "-a",
+            "a/b_",
+        ] {
+            assert!(normalize_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ref_name_is_the_tag_or_digest() {
+        assert_eq!(oci_ref_name("docker.io/library/app:v1"), "v1");
+        assert_eq!(oci_ref_name("localhost:5000/a/b:t"), "t");
+        let d = format!("sha256:{}", "a".repeat(64));
+        assert_eq!(
+            oci_ref_name(&format!("docker.io/library/app@{d}")),
+            format!("@{d}")
+        );
+    }
+
+    #[test]
+    fn compression_attribute_values() {
+        assert_eq!(Compression::parse("gzip").unwrap(), Compression::Gzip);
+        assert_eq!(Compression::parse("zstd").unwrap(), Compression::Zstd);
+        assert_eq!(
+            Compression::parse("uncompressed").unwrap(),
+            Compression::Uncompressed
+        );
+        assert!(Compression::parse("estargz")
+            .unwrap_err()
+            .contains("estargz"));
+        assert!(Compression::parse("lz4").unwrap_err().contains("lz4"));
+        assert_eq!(
+            Compression::Gzip.layer_media_type(false),
+            "application/vnd.docker.image.rootfs.diff.tar.gzip"
+        );
+        assert_eq!(
+            Compression::Zstd.layer_media_type(false),
+            "application/vnd.oci.image.layer.v1.tar+zstd"
+        );
+    }
+
+    struct Bytes(Vec<u8>);
+    impl crate::LayerSource for Bytes {
+        fn write_tar(&self, out: &mut dyn Write) -> io::Result<()> {
+            for c in self.0.chunks(1000) {
+                out.write_all(c)?;
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn compressed_layer_round_trips_and_is_checked() {
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 97) as u8).collect();
+        let diff_id = sha256_digest(&data);
+        for c in [Compression::Gzip, Compression::Zstd] {
+            let tmp = tempfile::tempfile().unwrap();
+            let mut seen = 0;
+            let (mut f, digest, size) = compress_layer(
+                tmp,
+                &Bytes(data.clone()),
+                c,
+                None,
+                &diff_id,
+                data.len() as u64,
+                &mut |n| seen = n,
+            )
+            .unwrap();
+            assert_eq!(seen, data.len() as u64);
+            f.rewind().unwrap();
+            let mut blob = Vec::new();
+            io::Read::read_to_end(&mut f, &mut blob).unwrap();
+            assert_eq!(blob.len() as u64, size);
+            assert_eq!(sha256_digest(&blob), digest);
+            assert!(size < data.len() as u64 / 4, "{c:?} did not compress");
+            let mut plain = Vec::new();
+            match c {
+                Compression::Gzip => {
+                    io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&blob[..]), &mut plain)
+                        .unwrap();
+                }
+                _ => plain = zstd::stream::decode_all(&blob[..]).unwrap(),
+            }
+            assert_eq!(plain, data);
+        }
+        // A source that does not hash to its diffID is refused.
+        let err = compress_layer(
+            tempfile::tempfile().unwrap(),
+            &Bytes(data.clone()),
+            Compression::Gzip,
+            Some(1),
+            &sha256_digest(b"other"),
+            data.len() as u64,
+            &mut |_| {},
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("not its diffID"), "{err}");
+    }
+}
