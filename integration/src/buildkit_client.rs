@@ -364,6 +364,7 @@ impl BuildkitClient {
             locals: opts.locals.clone(),
             output: opts.output.clone(),
             secrets: opts.secrets.clone(),
+            ssh_agents: opts.ssh_agents.clone(),
             shared_key: String::new(),
             ..Default::default()
         };
@@ -539,6 +540,8 @@ pub struct BuildOptions {
     pub output: Output,
     /// `--secret id=...`.
     pub secrets: BTreeMap<String, Vec<u8>>,
+    /// `--ssh id=SOCKET`: agent id → path of a running ssh-agent's socket.
+    pub ssh_agents: BTreeMap<String, PathBuf>,
     /// `--opt` values.
     pub frontend_attrs: BTreeMap<String, String>,
 }
@@ -602,6 +605,8 @@ pub struct Attachables {
     pub output: Output,
     /// Secrets.
     pub secrets: BTreeMap<String, Vec<u8>>,
+    /// SSH agents (id → agent socket), served through `SSH/CheckAgent` and `SSH/ForwardAgent`.
+    pub ssh_agents: BTreeMap<String, PathBuf>,
     /// `x-docker-expose-session-sharedkey`.
     pub shared_key: String,
     /// Content bytes FileSync sent (filled in while the session runs).
@@ -631,6 +636,10 @@ impl Attachables {
         }
         if !self.secrets.is_empty() {
             m.push("/moby.buildkit.secrets.v1.Secrets/GetSecret");
+        }
+        if !self.ssh_agents.is_empty() {
+            m.push("/moby.sshforward.v1.SSH/CheckAgent");
+            m.push("/moby.sshforward.v1.SSH/ForwardAgent");
         }
         m
     }
@@ -728,6 +737,13 @@ streaming_svc!(
     WirePacket,
     WirePacket,
     file_receive
+);
+streaming_svc!(
+    SshForwardSvc,
+    Arc<Attachables>,
+    protos::moby::sshforward::v1::BytesMessage,
+    protos::moby::sshforward::v1::BytesMessage,
+    ssh_forward
 );
 streaming_svc!(
     FileWriteSvc,
@@ -839,6 +855,43 @@ impl tower::Service<http::Request<hyper::body::Incoming>> for SessionServer {
                         },
                     );
                     tonic::server::Grpc::new(codec).unary(svc, req).await
+                }
+                "/moby.sshforward.v1.SSH/CheckAgent" => {
+                    let codec: tonic_prost::ProstCodec<
+                        protos::moby::sshforward::v1::CheckAgentResponse,
+                        protos::moby::sshforward::v1::CheckAgentRequest,
+                    > = Default::default();
+                    let st = state.clone();
+                    let svc = Unary(
+                        move |r: tonic::Request<
+                            protos::moby::sshforward::v1::CheckAgentRequest,
+                        >| {
+                            let st = st.clone();
+                            async move {
+                                let id = ssh_id(&r.get_ref().id);
+                                if st.ssh_agents.contains_key(&id) {
+                                    Ok(tonic::Response::new(
+                                        protos::moby::sshforward::v1::CheckAgentResponse {},
+                                    ))
+                                } else {
+                                    // buildctl's agent provider answers with a plain error.
+                                    Err(tonic::Status::unknown(format!(
+                                        "unset ssh forward key {id}"
+                                    )))
+                                }
+                            }
+                        },
+                    );
+                    tonic::server::Grpc::new(codec).unary(svc, req).await
+                }
+                "/moby.sshforward.v1.SSH/ForwardAgent" => {
+                    let codec: tonic_prost::ProstCodec<
+                        protos::moby::sshforward::v1::BytesMessage,
+                        protos::moby::sshforward::v1::BytesMessage,
+                    > = Default::default();
+                    tonic::server::Grpc::new(codec)
+                        .streaming(SshForwardSvc(state.clone()), req)
+                        .await
                 }
                 "/moby.filesync.v1.FileSync/DiffCopy" => {
                     let codec: tonic_prost::ProstCodec<WirePacket, WirePacket> = Default::default();
@@ -978,6 +1031,49 @@ async fn file_receive(
         }
     });
     Ok(tonic::Response::new(Box::pin(ReceiverStream::new(out_rx))))
+}
+
+/// An SSH agent id as buildctl's provider reads it (empty: `default`).
+fn ssh_id(id: &str) -> String {
+    if id.is_empty() { "default" } else { id }.to_string()
+}
+
+/// `SSH/ForwardAgent`: one connection to the agent named by the `buildkit.ssh.id` metadata,
+/// bytes copied both ways.
+async fn ssh_forward(
+    st: Arc<Attachables>,
+    r: tonic::Request<tonic::Streaming<protos::moby::sshforward::v1::BytesMessage>>,
+) -> Result<tonic::Response<BoxBodyStream<protos::moby::sshforward::v1::BytesMessage>>, tonic::Status>
+{
+    let id = ssh_id(
+        &md_values(r.metadata(), "buildkit.ssh.id")
+            .into_iter()
+            .next()
+            .unwrap_or_default(),
+    );
+    let Some(sock) = st.ssh_agents.get(&id).cloned() else {
+        return Err(tonic::Status::unknown(format!(
+            "unset ssh forward key {id}"
+        )));
+    };
+    let conn = tokio::net::UnixStream::connect(&sock)
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("connect {}: {e}", sock.display())))?;
+    let (rd, mut wr) = conn.into_split();
+    let mut incoming = r.into_inner();
+    tokio::spawn(async move {
+        while let Some(Ok(m)) = incoming.next().await {
+            if wr.write_all(&m.data).await.is_err() {
+                return;
+            }
+        }
+        let _ = wr.shutdown().await;
+    });
+    let out = tokio_util::io::ReaderStream::new(rd).map(|r| {
+        r.map(|data| protos::moby::sshforward::v1::BytesMessage { data })
+            .map_err(|e| tonic::Status::internal(e.to_string()))
+    });
+    Ok(tonic::Response::new(Box::pin(out)))
 }
 
 async fn file_write(

@@ -149,6 +149,19 @@ impl Mount {
         }
     }
 
+    /// Owner and permission bits of a secret file or SSH socket mount (Go `SecretFileOpt`,
+    /// `SSHSocketOpt`); ignored for other mounts.
+    pub fn file_opt(mut self, owner_uid: u32, owner_gid: u32, file_mode: u32) -> Self {
+        if let MountKind::Secret { uid, gid, mode, .. } | MountKind::Ssh { uid, gid, mode, .. } =
+            &mut self.kind
+        {
+            *uid = owner_uid;
+            *gid = owner_gid;
+            *mode = file_mode;
+        }
+        self
+    }
+
     /// An SSH agent socket (`dest` empty: `/run/buildkit/ssh_agent.<n>`).
     pub fn ssh(dest: impl Into<String>, id: impl Into<String>, optional: bool) -> Self {
         Mount {
@@ -174,6 +187,9 @@ pub struct RunOpts {
     readonly_root: bool,
     hostname: String,
     secret_env: Vec<(String, String, bool)>,
+    valid_exit_codes: Vec<i32>,
+    extra_hosts: Vec<(String, String)>,
+    ulimits: Vec<(String, i64, i64)>,
 }
 
 impl RunOpts {
@@ -217,6 +233,24 @@ impl RunOpts {
     /// Hostname.
     pub fn hostname(mut self, h: impl Into<String>) -> Self {
         self.hostname = h.into();
+        self
+    }
+
+    /// Exit codes that count as success (Go `ValidExitCodes`; default: only 0).
+    pub fn valid_exit_codes(mut self, codes: impl IntoIterator<Item = i32>) -> Self {
+        self.valid_exit_codes = codes.into_iter().collect();
+        self
+    }
+
+    /// An extra `/etc/hosts` entry (Go `AddExtraHost`).
+    pub fn extra_host(mut self, host: impl Into<String>, ip: impl Into<String>) -> Self {
+        self.extra_hosts.push((host.into(), ip.into()));
+        self
+    }
+
+    /// A resource limit such as `nofile` (Go `AddUlimit`).
+    pub fn ulimit(mut self, name: impl Into<String>, soft: i64, hard: i64) -> Self {
+        self.ulimits.push((name.into(), soft, hard));
         self
     }
 
@@ -426,6 +460,12 @@ pub(crate) fn build(base: &State, opts: RunOpts) -> ExecState {
     if opts.security != SecurityMode::Sandbox {
         caps.push("exec.meta.security");
     }
+    if !opts.ulimits.is_empty() {
+        caps.push("exec.meta.ulimit");
+    }
+    if !opts.valid_exit_codes.is_empty() {
+        caps.push("exec.validexitcode");
+    }
     let exec = pb::ExecOp {
         meta: Some(pb::Meta {
             args: opts.args,
@@ -433,6 +473,17 @@ pub(crate) fn build(base: &State, opts: RunOpts) -> ExecState {
             cwd: base.cwd.clone(),
             user: base.user.clone(),
             hostname: opts.hostname,
+            valid_exit_codes: opts.valid_exit_codes,
+            extra_hosts: opts
+                .extra_hosts
+                .into_iter()
+                .map(|(host, ip)| pb::HostIp { host, ip })
+                .collect(),
+            ulimit: opts
+                .ulimits
+                .into_iter()
+                .map(|(name, soft, hard)| pb::Ulimit { name, soft, hard })
+                .collect(),
             ..Default::default()
         }),
         mounts,

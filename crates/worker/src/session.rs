@@ -3,6 +3,11 @@
 //! The worker never speaks the session protocol itself: the daemon owns the gRPC tunnel and the
 //! fsutil receiver and implements [`SessionProvider`] on top of them. Tests implement it over a
 //! real local directory.
+//!
+//! SSH agent forwarding (`SSH` exec mounts) is two calls: [`SessionProvider::check_ssh_agent`]
+//! before the process starts, and [`SessionProvider::forward_ssh_agent`] once per connection a
+//! process makes to the socket; the returned [`SshAgentConn`] carries the agent protocol bytes
+//! both ways (upstream: `session/sshforward`).
 
 use std::path::Path;
 
@@ -102,6 +107,23 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
+/// One connection to a client's SSH agent: bytes written go to the agent, bytes read come from
+/// it; shutting down the write half half-closes the connection.
+pub trait SshAgentStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> SshAgentStream for T {}
+
+/// A boxed [`SshAgentStream`], as returned by [`SessionProvider::forward_ssh_agent`].
+pub type SshAgentConn = Box<dyn SshAgentStream>;
+
+fn no_ssh(id: &str) -> crate::Error {
+    crate::Error::session(
+        crate::ErrorKind::Unimplemented,
+        format!("ssh agent {id:?}: the session forwards no SSH agent"),
+        None,
+    )
+}
+
 /// Access to the client's session attachables for one build. Implemented by the daemon.
 ///
 /// Errors should be built with [`crate::Error::session`], choosing the kind
@@ -130,6 +152,18 @@ pub trait SessionProvider: Send + Sync {
     async fn registry_credentials(&self, host: &str) -> Result<Option<Credentials>> {
         let _ = host;
         Ok(None)
+    }
+
+    /// Checks that the client forwards SSH agent `id` (`""` means `default`), as buildkitd's
+    /// `SSH/CheckAgent` call does. An error of kind `Unimplemented` means the session has no
+    /// SSH forwarding at all; any other error (e.g. an unknown id) is shown as the cause.
+    async fn check_ssh_agent(&self, id: &str) -> Result<()> {
+        Err(no_ssh(id))
+    }
+
+    /// Opens one connection to the client's SSH agent `id` (`SSH/ForwardAgent`).
+    async fn forward_ssh_agent(&self, id: &str) -> Result<SshAgentConn> {
+        Err(no_ssh(id))
     }
 }
 

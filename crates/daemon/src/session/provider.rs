@@ -1,7 +1,9 @@
 //! The worker's [`worker::SessionProvider`] for one job, on top of this daemon's sessions.
 //!
 //! Local sources go to the session named by `local.session` (or the job's session) through
-//! `FileSync/DiffCopy`; secrets and registry credentials go to the job's session. Errors carry
+//! `FileSync/DiffCopy`; secrets, registry credentials and SSH agents go to the job's session.
+//! Each SSH agent connection is one `SSH/ForwardAgent` stream, bridged to an in-memory duplex
+//! pipe that the worker copies to and from the exec's socket. Errors carry
 //! the worker's [`worker::ErrorKind`] so the gRPC code comes out right.
 
 use super::calls::{self, LocalSyncRequest};
@@ -10,7 +12,10 @@ use crate::errors::Error as DaemonError;
 use async_trait::async_trait;
 use std::path::Path;
 use std::sync::Arc;
-use worker::{Credentials, ErrorKind, LocalDiffer, LocalSync, TransferProgress};
+use worker::{Credentials, ErrorKind, LocalDiffer, LocalSync, SshAgentConn, TransferProgress};
+
+/// Buffer of the in-memory pipe between the worker and one `ForwardAgent` stream.
+const SSH_PIPE_BUFFER: usize = 64 * 1024;
 
 /// Session access for one job.
 pub struct JobSession {
@@ -115,5 +120,73 @@ impl worker::SessionProvider for JobSession {
             .await
             .map(|o| o.map(|(username, secret)| Credentials { username, secret }))
             .map_err(|e| to_worker(&what, e))
+    }
+
+    async fn check_ssh_agent(&self, id: &str) -> worker::Result<()> {
+        let what = format!("ssh agent {id:?}");
+        let session = self.session(None, &what).await?;
+        if !session.supports(calls::SSH_CHECK) {
+            // What buildkitd sees when the client has no SSH attachable (gRPC Unimplemented).
+            return Err(worker::Error::session(
+                ErrorKind::Unimplemented,
+                format!("{what}: the session forwards no SSH agent"),
+                None,
+            ));
+        }
+        calls::ssh_check_agent(&session, id)
+            .await
+            .map_err(|e| to_worker(&what, e))
+    }
+
+    async fn forward_ssh_agent(&self, id: &str) -> worker::Result<SshAgentConn> {
+        use futures::StreamExt as _;
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let what = format!("ssh agent {id:?}");
+        let session = self.session(None, &what).await?;
+        let (tx, mut from_agent) = calls::ssh_forward_agent(&session, id)
+            .await
+            .map_err(|e| to_worker(&what, e))?;
+        let (ours, theirs) = tokio::io::duplex(SSH_PIPE_BUFFER);
+        let (mut rd, mut wr) = tokio::io::split(ours);
+        // Worker → agent; EOF from the worker half-closes the stream (tx dropped).
+        let up = async move {
+            let mut buf = vec![0u8; 32 * 1024];
+            loop {
+                match rd.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if tx
+                            .send(bytes::Bytes::copy_from_slice(&buf[..n]))
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                }
+            }
+        };
+        // Agent → worker; the end of the stream shuts the worker's read side.
+        let id_owned = id.to_string();
+        let down = async move {
+            while let Some(chunk) = from_agent.next().await {
+                match chunk {
+                    Ok(b) => {
+                        if wr.write_all(&b).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(ssh_id = %id_owned, error = %e, "ssh agent stream failed");
+                        break;
+                    }
+                }
+            }
+            let _ = wr.shutdown().await;
+        };
+        tokio::spawn(async move {
+            tokio::join!(up, down);
+        });
+        Ok(Box::new(theirs))
     }
 }

@@ -47,6 +47,7 @@ pub(crate) const SUPPORTED: &[&str] = &[
     "exec.mount.tmpfs.size",
     "exec.mount.secret",
     "exec.mount.ssh",
+    "exec.validexitcode",
     "exec.cgroup",
     "exec.secretenv",
     // file

@@ -11,7 +11,7 @@
 //! | `CACHE` | a persistent directory `<root>/worker/cache/<sha256(key)>/<instance>` (see below) |
 //! | `TMPFS` | a fresh tmpfs of `size` bytes |
 //! | `SECRET` | the bytes from [`SessionProvider::get_secret`](crate::SessionProvider::get_secret), on a private tmpfs (never in a layer or log); a missing optional secret skips the mount |
-//! | `SSH` | not supported by the session provider: an error unless `optional` (then skipped) |
+//! | `SSH` | a unix socket forwarding each connection to the client's SSH agent through the session (see [`ssh`]); a missing agent is an error unless `optional` (then skipped) |
 //!
 //! A `selector` mounts a sub-path of the input; it is resolved inside the mounted input with
 //! `RESOLVE_IN_ROOT` semantics (pathrs), so symlinks cannot leave the input.
@@ -38,6 +38,8 @@
 //! op's future (cancellation, failure of a sibling) the container is still killed (the build's
 //! cancel token fires) and every mount released before the task ends. Output is streamed as
 //! [`ProgressEvent::VertexLog`]; the last lines are kept for the error of a failed process.
+//! The process succeeds when its exit code is in `Meta.validExitCodes` (field 12, BuildKit cap
+//! `exec.validexitcode`), or is 0 when that list is empty; outputs are committed only then.
 //!
 //! # Cache key
 //!
@@ -70,6 +72,8 @@ use crate::progress::{LogStream, ProgressEvent, ProgressSink};
 use crate::result::Snap;
 use crate::solver::{Op, OpContext, Solved};
 use crate::worker::ENTITLEMENT_SECURITY_INSECURE;
+
+mod ssh;
 
 /// How many bytes of combined output are kept for the error message of a failed process.
 const TAIL_BYTES: usize = 4096;
@@ -260,6 +264,7 @@ async fn executor_for(env: &BuildEnv) -> Result<Arc<RuncExecutor>> {
         .iter()
         .any(|e| e == ENTITLEMENT_SECURITY_INSECURE);
     let state = env.opts.root.join("executor");
+    let root = env.opts.root.clone();
     cell.get_or_try_init(|| async move {
         let mut opts = RuncOptions::new("runc", state);
         opts.allow_insecure = allow_insecure;
@@ -268,6 +273,7 @@ async fn executor_for(env: &BuildEnv) -> Result<Arc<RuncExecutor>> {
         if let Err(e) = exec.cleanup_stale().await {
             tracing::warn!(error = %e, "cleaning up stale runc state failed");
         }
+        ssh::cleanup_stale(&root);
         Ok::<_, Error>(Arc::new(exec))
     })
     .await
@@ -377,6 +383,16 @@ impl Inner {
                 }
             }
         }
+        // SSH agents: checked with the client before anything is mounted.
+        let mut ssh_ids: HashMap<usize, String> = HashMap::new();
+        for (i, m) in self.exec.mounts.iter().enumerate() {
+            if m.mount_type == pb::MountType::Ssh as i32 {
+                let opt = m.ssh_opt.clone().unwrap_or_default();
+                if ssh::check(env.session.as_ref(), &m.dest, &opt.id, opt.optional).await? {
+                    ssh_ids.insert(i, opt.id);
+                }
+            }
+        }
         let mut env_list = meta.env.clone();
         if let Some(p) = &meta.proxy_env {
             for (upper, v) in [
@@ -459,6 +475,16 @@ impl Inner {
                 ))
             }
         };
+        // Agent sockets, held (listening) until the process has ended.
+        let mut ssh_socks: HashMap<usize, ssh::SshSocket> = HashMap::new();
+        for (i, id) in &ssh_ids {
+            let sock = ssh::SshSocket::listen(&env.opts.root, id, env.session.clone())?;
+            ssh_socks.insert(*i, sock);
+        }
+        let ssh_paths: HashMap<usize, PathBuf> = ssh_socks
+            .iter()
+            .map(|(i, s)| (*i, s.path().to_path_buf()))
+            .collect();
         // Cache mount directories (may wait for LOCKED users).
         let mut held = Held::default();
         let mut cache_dirs: HashMap<usize, PathBuf> = HashMap::new();
@@ -542,17 +568,24 @@ impl Inner {
                         });
                     }
                     pb::MountType::Ssh => {
-                        if m.ssh_opt.as_ref().is_some_and(|o| o.optional) {
-                            continue;
-                        }
-                        return Err(Error::not_implemented(format!(
-                            "SSH agent forwarding (mount {}): the session provider offers no SSH agent",
-                            m.dest
-                        )));
+                        let Some(source) = ssh_paths.get(&i).cloned() else {
+                            continue; // optional and missing
+                        };
+                        let opt = m.ssh_opt.clone().unwrap_or_default();
+                        spec_mounts.push(ExecMount {
+                            dest: m.dest.clone().into(),
+                            kind: MountKind::SshSocket {
+                                source,
+                                uid: opt.uid,
+                                gid: opt.gid,
+                                mode: opt.mode,
+                            },
+                        });
                     }
                 }
             }
-            let rootfs = rootfs.ok_or_else(|| Error::Internal("exec op without root mount".into()))?;
+            let rootfs =
+                rootfs.ok_or_else(|| Error::Internal("exec op without root mount".into()))?;
             Ok((held, spec_mounts, rootfs, readonly_rootfs))
         })
         .await?;
@@ -607,14 +640,22 @@ impl Inner {
             stderr: Some(err_tx),
         };
         let res = executor.run(spec, io, ctx.cancel.clone()).await;
+        drop(ssh_socks);
         for p in pumps {
             let _ = p.await;
         }
         // Unmount and commit (or discard) whatever the outcome.
-        let ok = matches!(&res, Ok(r) if r.exit.success());
+        let valid = |code: i32| {
+            if meta.valid_exit_codes.is_empty() {
+                code == 0
+            } else {
+                meta.valid_exit_codes.contains(&code)
+            }
+        };
+        let ok = matches!(&res, Ok(r) if valid(r.exit.code()));
         let outputs = blocking(move || finish(held, ok)).await;
         let res = res.map_err(executor_err)?;
-        if !res.exit.success() {
+        if !valid(res.exit.code()) {
             let lines = tail_lines(&tail.lock().unwrap());
             let mut message = format!(
                 "process \"{}\" did not complete successfully: {}",
