@@ -81,11 +81,18 @@ pub struct Berthd {
     root: PathBuf,
     log: PathBuf,
     extra_args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl Berthd {
     /// Starts berthd and waits until its socket answers (≤ 15 s).
     pub fn start(extra_args: &[&str]) -> anyhow::Result<Self> {
+        Self::start_with_env(extra_args, &[])
+    }
+
+    /// Like [`Berthd::start`], with extra environment variables for the daemon (also on
+    /// [`Berthd::restart`] unless changed with [`Berthd::set_env`]).
+    pub fn start_with_env(extra_args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("berthd-test-").tempdir()?;
         let socket = dir.path().join("run").join("buildkitd.sock");
         let root = dir.path().join("root");
@@ -97,6 +104,10 @@ impl Berthd {
             root,
             log,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         d.spawn()?;
         Ok(d)
@@ -115,6 +126,7 @@ impl Berthd {
             .arg(format!("unix://{}", self.socket.display()))
             .arg("--debug")
             .args(&self.extra_args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(logf.try_clone()?)
             .stderr(logf);
@@ -188,6 +200,37 @@ impl Berthd {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Replaces the extra environment used by the next [`Berthd::restart`].
+    pub fn set_env(&mut self, env: &[(&str, &str)]) {
+        self.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+    }
+
+    /// Waits (≤ `timeout`) for the daemon to exit by itself; returns its status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let child = self.child.as_mut().context("berthd not running")?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = child.try_wait()? {
+                self.child = None;
+                return Ok(st);
+            }
+            if Instant::now() > deadline {
+                bail!("berthd still runs after {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends SIGKILL (a real `kill -9`) and reaps the process.
+    pub fn kill(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let mut child = self.child.take().context("berthd not running")?;
+        let _ = child.kill();
+        Ok(child.wait()?)
     }
 
     /// Restarts the daemon on the same root and socket.

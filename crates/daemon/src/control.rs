@@ -188,6 +188,7 @@ impl Control {
                 r = crate::export_image::export(
                     &self.backend.image_export,
                     &self.backend.store,
+                    &self.sessions,
                     &req.session,
                     &job.progress,
                     &exp_attrs,

@@ -4,24 +4,42 @@
 //! the exporter response the way buildkitd does (`control-api.md` §6.2, §8.3):
 //!
 //! - attrs: `name` (comma-separated; `*` takes `image.name` from the result metadata),
-//!   `source-date-epoch`, `push` (refused: pushing is not available yet), `store`/`unpack`
-//!   (accepted, the image is always stored);
+//!   `source-date-epoch`, `push` (push every name through the Docker Engine, with the session's
+//!   registry credentials), `store`/`unpack` (accepted, the image is always stored);
 //! - progress: a vertex `exporting to image` with the statuses `exporting layers` (bytes of the
-//!   layers Docker lacked), `writing image sha256:…` and one `naming to <name>` per name;
+//!   layers Docker lacked), one per layer (`layer sha256:… registered` with its size, or
+//!   `layer sha256:… already in Docker` with the bytes not sent), `writing image sha256:…`, one
+//!   `naming to <name>` per name, and with `push=true` `pushing <name>` and
+//!   `pushing manifest for <name>@<digest>`;
 //! - response: `containerimage.digest`, `containerimage.config.digest`,
-//!   `containerimage.descriptor` and `image.name`.
+//!   `containerimage.descriptor` and `image.name`. After a push, `containerimage.digest` and the
+//!   descriptor are those of the manifest the registry holds (Docker compresses layers on push, so
+//!   it differs from the uncompressed manifest of the local image).
+//!
+//! Crash safety: [`recover_at_start`] removes what a killed berthd left in the image store (a
+//! stopped data root's temp dirs and unfinished layer dirs, its containerd leases and prepared
+//! snapshots, its base-image pins); every store write is a `BERTH_FAULT_KILL` fault point
+//! (`layerstore::dockerstore::fault`).
+//!
+//! Test/expert knob: `BERTH_CONTAINERD_ADDRESS=<socket>` sends `type=image` to that containerd
+//! (namespace `BERTH_CONTAINERD_NAMESPACE`, default `moby`; snapshotter `overlayfs`) whatever the
+//! Docker Engine reports, for engines whose `/info` does not show their containerd store and for
+//! testing against containerd itself. Tags still go through the Docker Engine.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use exporter::{ImageExportRequest, ImageTarget, TargetOptions};
+use exporter::{ContainerdStore, ImageExportRequest, ImageTarget, TargetOptions};
+use futures::StreamExt;
 use layerstore::snapshot::SnapshotStore;
+use sha2::Digest as _;
 
 use crate::errors::{Error, Result};
 use crate::progress::{synthetic_digest, Progress};
+use crate::session::SessionManager;
 use crate::solver::FsRef;
 
 /// Where the image exporter sends images.
@@ -31,6 +49,136 @@ pub struct ImageExportOptions {
     pub docker_host: String,
     /// `--docker-data-root`, if given.
     pub data_root: Option<PathBuf>,
+}
+
+/// Environment variable: a containerd socket `type=image` writes to instead of detecting.
+pub const CONTAINERD_ADDRESS_ENV: &str = "BERTH_CONTAINERD_ADDRESS";
+/// Environment variable: the containerd namespace with [`CONTAINERD_ADDRESS_ENV`].
+pub const CONTAINERD_NAMESPACE_ENV: &str = "BERTH_CONTAINERD_NAMESPACE";
+
+/// The name under which this berthd's containerd leases and prepared snapshots are labelled:
+/// stable across restarts of one `--root`, different for two berthds.
+fn owner(store: &SnapshotStore) -> String {
+    let root = std::fs::canonicalize(store.dir()).unwrap_or_else(|_| store.dir().to_path_buf());
+    let h = sha2::Sha256::digest(root.as_os_str().as_encoded_bytes());
+    format!("berthd-{}", hex::encode(&h[..8]))
+}
+
+/// The export target: `BERTH_CONTAINERD_ADDRESS` if set, else detected from `GET /info`.
+async fn target(opts: &ImageExportOptions, store: &SnapshotStore) -> Result<ImageTarget> {
+    let docker = match crate::docker::connect(&opts.docker_host) {
+        Ok(d) => d,
+        // A stopped dockerd usually removed its socket, and the client refuses a missing one:
+        // with a data root that is the offline mode, as when the daemon does not answer.
+        Err(e) => match &opts.data_root {
+            Some(root) => return Ok(offline_target(root)),
+            None => return Err(e),
+        },
+    };
+    let unavailable = |e: exporter::Error| Error::unavailable(format!("exporter image: {e}"));
+    if let Some(addr) = std::env::var_os(CONTAINERD_ADDRESS_ENV).filter(|a| !a.is_empty()) {
+        let ns = std::env::var(CONTAINERD_NAMESPACE_ENV).unwrap_or_else(|_| "moby".into());
+        let cstore = ContainerdStore::connect(Path::new(&addr), &ns, "overlayfs")
+            .await
+            .map_err(unavailable)?
+            .with_owner(owner(store));
+        return Ok(ImageTarget::Containerd {
+            docker,
+            store: cstore,
+        });
+    }
+    let target = ImageTarget::detect(
+        docker,
+        &TargetOptions {
+            data_root: opts.data_root.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+    .map_err(unavailable)?;
+    Ok(match target {
+        ImageTarget::Containerd { docker, store: s } => ImageTarget::Containerd {
+            docker,
+            store: s.with_owner(owner(store)),
+        },
+        t => t,
+    })
+}
+
+/// The offline target for a data root whose daemon cannot be reached: the storage driver is the
+/// one whose `image/<driver>/layerdb` exists (`overlay2` for an empty data root).
+fn offline_target(root: &Path) -> ImageTarget {
+    use layerstore::dockerstore::StorageDriver;
+    let driver = if root.join("image/fuse-overlayfs/layerdb").is_dir()
+        && !root.join("image/overlay2/layerdb").is_dir()
+    {
+        StorageDriver::FuseOverlayfs
+    } else {
+        StorageDriver::Overlay2
+    };
+    ImageTarget::ClassicOffline {
+        data_root: root.to_path_buf(),
+        driver,
+        check: Default::default(),
+    }
+}
+
+/// Removes what a previous berthd on this root left behind when it was killed mid-export: in a
+/// stopped daemon's data root the unfinished layer dirs, write-sets and temp files
+/// (`OfflineWriter` recovery); in a containerd store this berthd's leases and prepared
+/// snapshots; in a live Docker Engine the base-image pins of `worker_root`. Runs before berthd
+/// serves; failures are logged, never fatal (the next export recovers again).
+pub async fn recover_at_start(
+    opts: &ImageExportOptions,
+    store: &SnapshotStore,
+    worker_root: &Path,
+) {
+    let work = async {
+        match target(opts, store).await? {
+            ImageTarget::ClassicOffline {
+                data_root,
+                driver,
+                check,
+            } => {
+                tokio::task::spawn_blocking(move || {
+                    let ds = layerstore::dockerstore::DockerStore::new(data_root, driver);
+                    // Opening runs the recovery (and refuses a data root a daemon uses).
+                    layerstore::dockerstore::OfflineWriter::open(ds, &check).map(drop)
+                })
+                .await
+                .map_err(|e| Error::internal(format!("recovery task: {e}")))?
+                .map_err(|e| Error::unavailable(format!("recover Docker data root: {e}")))?;
+            }
+            ImageTarget::Containerd { store: s, .. } => {
+                let r = s
+                    .remove_leftovers()
+                    .await
+                    .map_err(|e| Error::unavailable(format!("containerd leftovers: {e}")))?;
+                if r.leases + r.snapshots > 0 {
+                    tracing::info!(
+                        leases = r.leases,
+                        snapshots = r.snapshots,
+                        "removed containerd leftovers of an interrupted export"
+                    );
+                }
+            }
+            ImageTarget::ClassicLive { engine } => {
+                let instance = format!("worker:{}", worker_root.display());
+                let n = layerstore::dockerstore::remove_stale_pins(engine.client(), &instance)
+                    .await
+                    .map_err(|e| Error::unavailable(format!("remove stale pins: {e}")))?;
+                if n > 0 {
+                    tracing::info!(removed = n, "removed base-image pins of a previous berthd");
+                }
+            }
+        }
+        Ok::<_, Error>(())
+    };
+    match tokio::time::timeout(Duration::from_secs(20), work).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "image store recovery at start failed"),
+        Err(_) => tracing::warn!("image store recovery at start timed out"),
+    }
 }
 
 /// Names to apply: the `name` attr split on commas; `*` stands for the result's `image.name`.
@@ -73,20 +221,18 @@ fn truthy(attrs: &BTreeMap<String, String>, key: &str) -> Result<bool> {
 }
 
 /// Exports `fs` as an image; returns the exporter response.
+#[allow(clippy::too_many_arguments)]
 pub async fn export(
     opts: &ImageExportOptions,
     store: &SnapshotStore,
+    sessions: &Arc<SessionManager>,
     session_id: &str,
     progress: &Arc<Progress>,
     attrs: &BTreeMap<String, String>,
     metadata: &BTreeMap<String, Bytes>,
     fs: &FsRef,
 ) -> Result<BTreeMap<String, String>> {
-    if truthy(attrs, "push")? {
-        return Err(Error::unimplemented(
-            "exporter image: push=true is not supported by berthd yet",
-        ));
-    }
+    let push = truthy(attrs, "push")?;
     let epoch =
         match attrs.get("source-date-epoch").map(String::as_str) {
             None | Some("") => None,
@@ -102,6 +248,11 @@ pub async fn export(
             }
         };
     let names = names(attrs, metadata);
+    if push && names.is_empty() {
+        return Err(Error::invalid(
+            "exporter image: push=true needs a name (attribute name=…)",
+        ));
+    }
     let chain = match fs {
         FsRef::Scratch => Vec::new(),
         FsRef::Solved(r) => r.chain().layers().to_vec(),
@@ -111,16 +262,7 @@ pub async fn export(
     let vertex = synthetic_digest(&format!("{session_id}-export"));
     progress.vertex_started(&vertex, "exporting to image", &[], None, SystemTime::now());
     let res = async {
-        let docker = crate::docker::connect(&opts.docker_host)?;
-        let target = ImageTarget::detect(
-            docker,
-            &TargetOptions {
-                data_root: opts.data_root.clone(),
-                ..Default::default()
-            },
-        )
-        .await
-        .map_err(|e| Error::unavailable(format!("exporter image: {e}")))?;
+        let target = target(opts, store).await?;
         tracing::debug!(mode = target.mode(), ?chain, "exporting image");
         let started = SystemTime::now();
         progress.status(&vertex, "exporting layers", "", 0, 0, Some(started), None);
@@ -146,6 +288,18 @@ pub async fn export(
             Some(started),
             Some(done),
         );
+        for l in &result.layers {
+            let id = if l.sent {
+                format!("layer {} registered ({} bytes)", l.diff_id, l.size)
+            } else {
+                format!(
+                    "layer {} already in Docker ({} bytes not sent)",
+                    l.diff_id, l.size
+                )
+            };
+            let n = l.size as i64;
+            progress.status(&vertex, &id, "", n, n, Some(started), Some(done));
+        }
         if result.layers_skipped > 0 {
             let id = format!(
                 "{} layers already in Docker ({} bytes not sent)",
@@ -189,6 +343,19 @@ pub async fn export(
         if !result.names.is_empty() {
             response.insert("image.name".to_string(), result.names.join(","));
         }
+        if push {
+            let docker = crate::docker::connect(&opts.docker_host)?;
+            let mut pushed = None;
+            for name in &result.names {
+                let creds = credentials(sessions, session_id, name).await?;
+                let p = push_one(&docker, name, creds, progress, &vertex).await?;
+                pushed.get_or_insert(p);
+            }
+            if let Some(p) = pushed {
+                response.insert("containerimage.digest".to_string(), p.digest.clone());
+                response.insert("containerimage.descriptor".to_string(), p.descriptor());
+            }
+        }
         Ok::<_, Error>(response)
     }
     .await;
@@ -197,6 +364,171 @@ pub async fn export(
         Err(e) => progress.vertex_completed(&vertex, false, Some(e.to_string()), SystemTime::now()),
     }
     res
+}
+
+/// The registry host of an image name, as BuildKit asks the session's Auth service.
+fn registry_host(name: &str) -> String {
+    match name.split_once('/') {
+        Some((first, _)) if first.contains('.') || first.contains(':') || first == "localhost" => {
+            if first == "docker.io" || first == "index.docker.io" {
+                "registry-1.docker.io".into()
+            } else {
+                first.to_string()
+            }
+        }
+        _ => "registry-1.docker.io".into(),
+    }
+}
+
+/// Credentials for pushing `name` from the client's session (`None`: anonymous, or no session).
+async fn credentials(
+    sessions: &Arc<SessionManager>,
+    session_id: &str,
+    name: &str,
+) -> Result<Option<bollard::auth::DockerCredentials>> {
+    if session_id.is_empty() {
+        return Ok(None);
+    }
+    let host = registry_host(name);
+    let Ok(session) = sessions.get(session_id).await else {
+        return Ok(None);
+    };
+    let creds = crate::session::calls::credentials(&session, &host).await?;
+    Ok(creds.map(|(user, secret)| {
+        // An empty user name with a secret is an identity token (docker login's refresh token).
+        let server = if host == "registry-1.docker.io" {
+            "https://index.docker.io/v1/".to_string()
+        } else {
+            host.clone()
+        };
+        if user.is_empty() {
+            bollard::auth::DockerCredentials {
+                identitytoken: Some(secret),
+                serveraddress: Some(server),
+                ..Default::default()
+            }
+        } else {
+            bollard::auth::DockerCredentials {
+                username: Some(user),
+                password: Some(secret),
+                serveraddress: Some(server),
+                ..Default::default()
+            }
+        }
+    }))
+}
+
+/// The manifest a push left in the registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Pushed {
+    digest: String,
+    size: u64,
+}
+
+impl Pushed {
+    /// `containerimage.descriptor`: base64 of the pushed manifest's descriptor.
+    fn descriptor(&self) -> String {
+        use base64::Engine as _;
+        let d = serde_json::json!({
+            "mediaType": exporter::DOCKER_MANIFEST_MEDIA_TYPE,
+            "digest": self.digest,
+            "size": self.size,
+        });
+        base64::engine::general_purpose::STANDARD.encode(d.to_string())
+    }
+}
+
+/// The `<tag>: digest: sha256:… size: N` line that ends a Docker push.
+fn parse_push_digest(status: &str) -> Option<Pushed> {
+    let rest = &status[status.find("digest: ")? + "digest: ".len()..];
+    let mut words = rest.split_whitespace();
+    let digest = words.next()?;
+    if !digest.starts_with("sha256:") || digest.len() != 71 {
+        return None;
+    }
+    let size = match (words.next(), words.next()) {
+        (Some("size:"), Some(n)) => n.parse().ok()?,
+        _ => return None,
+    };
+    Some(Pushed {
+        digest: digest.to_string(),
+        size,
+    })
+}
+
+/// Pushes `name` through `POST /images/{name}/push`, reporting progress on `vertex`.
+async fn push_one(
+    docker: &bollard::Docker,
+    name: &str,
+    credentials: Option<bollard::auth::DockerCredentials>,
+    progress: &Arc<Progress>,
+    vertex: &str,
+) -> Result<Pushed> {
+    let (repo, tag) = exporter::split_tag(name)
+        .map_err(|e| Error::invalid(format!("exporter image: push {name}: {e}")))?;
+    let started = SystemTime::now();
+    let id = format!("pushing {name}");
+    progress.status(vertex, &id, "", 0, 0, Some(started), None);
+    let mut stream = docker.push_image(
+        &repo,
+        Some(bollard::query_parameters::PushImageOptions {
+            tag: Some(tag),
+            ..Default::default()
+        }),
+        credentials,
+    );
+    // Docker's stream carries no layer ids through bollard: sum the current/total of the
+    // "Pushing" lines per total (one total per layer) to show the bytes moving.
+    let mut per_layer: BTreeMap<i64, i64> = BTreeMap::new();
+    let mut pushed = None;
+    let mut failure = None;
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(info) => {
+                if let Some(msg) = info.error_detail.and_then(|d| d.message).or(info.error) {
+                    failure = Some(msg);
+                    continue;
+                }
+                if let (Some("Pushing"), Some(d)) = (info.status.as_deref(), &info.progress_detail)
+                {
+                    if let (Some(cur), Some(total)) = (d.current, d.total) {
+                        per_layer.insert(total, cur);
+                        let sent: i64 = per_layer.values().sum();
+                        let all: i64 = per_layer.keys().sum();
+                        progress.status(vertex, &id, "", sent, all, Some(started), None);
+                    }
+                }
+                if let Some(p) = info.status.as_deref().and_then(parse_push_digest) {
+                    pushed = Some(p);
+                }
+            }
+            Err(e) => failure = Some(e.to_string()),
+        }
+    }
+    let done = SystemTime::now();
+    if let Some(msg) = failure {
+        progress.status(vertex, &id, "", 0, 0, Some(started), Some(done));
+        return Err(Error::unavailable(format!(
+            "exporter image: push {name}: {msg}"
+        )));
+    }
+    let pushed = pushed.ok_or_else(|| {
+        Error::unavailable(format!(
+            "exporter image: push {name}: Docker did not report the pushed digest"
+        ))
+    })?;
+    let all: i64 = per_layer.keys().sum();
+    progress.status(vertex, &id, "", all, all, Some(started), Some(done));
+    progress.status(
+        vertex,
+        &format!("pushing manifest for {name}@{}", pushed.digest),
+        "",
+        0,
+        0,
+        Some(done),
+        Some(SystemTime::now()),
+    );
+    Ok(pushed)
 }
 
 #[cfg(test)]
@@ -211,6 +543,22 @@ mod tests {
         md.insert("image.name".to_string(), Bytes::from_static(b"c:2,d"));
         assert_eq!(names(&attrs, &md), ["a:1", "b", "c:2", "d"]);
         assert!(names(&BTreeMap::new(), &md).is_empty());
+    }
+
+    #[test]
+    fn push_digest_line() {
+        let d = format!("sha256:{}", "ab".repeat(32));
+        assert_eq!(
+            parse_push_digest(&format!("v1: digest: {d} size: 527")),
+            Some(Pushed {
+                digest: d.clone(),
+                size: 527
+            })
+        );
+        assert_eq!(parse_push_digest("Pushed"), None);
+        assert_eq!(parse_push_digest("latest: digest: sha256:00 size: 1"), None);
+        assert_eq!(registry_host("127.0.0.1:5000/a/b:t"), "127.0.0.1:5000");
+        assert_eq!(registry_host("app:1"), "registry-1.docker.io");
     }
 
     #[test]

@@ -88,6 +88,12 @@ async fn run(cfg: config::Config) -> anyhow::Result<()> {
             },
         },
     )?;
+    daemon::export_image::recover_at_start(
+        &backend.image_export,
+        &backend.store,
+        &cfg.root.join("worker"),
+    )
+    .await;
     let jobs = jobs::Jobs::new();
     let docker = Arc::new(docker::Docker::new(
         cfg.docker_host.clone(),

@@ -20,14 +20,17 @@ use std::sync::Arc;
 
 use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
 use containerd_client::services::v1::snapshots::{
-    CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
+    CommitSnapshotRequest, ListSnapshotsRequest, PrepareSnapshotRequest, RemoveSnapshotRequest,
+    StatSnapshotRequest,
 };
 use containerd_client::services::v1::{
     content_client::ContentClient, images_client::ImagesClient, leases_client::LeasesClient,
     CreateImageRequest, GetImageRequest, Image, InfoRequest, UpdateImageRequest, WriteAction,
     WriteContentRequest,
 };
-use containerd_client::services::v1::{CreateRequest as LeaseCreate, DeleteRequest as LeaseDelete};
+use containerd_client::services::v1::{
+    CreateRequest as LeaseCreate, DeleteRequest as LeaseDelete, ListRequest as LeaseList,
+};
 use containerd_client::types::Descriptor;
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
@@ -37,6 +40,7 @@ use tonic::{Code, Request};
 use crate::docker_load::chain_ids;
 use crate::image::ImageConfig;
 use crate::{Error, Result};
+use layerstore::dockerstore::fault_point;
 
 /// Media type of the manifest berth writes.
 pub const MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -81,6 +85,22 @@ pub struct ContainerdStore {
     channel: Channel,
     namespace: String,
     snapshotter: String,
+    owner: String,
+}
+
+/// Label on berth's export leases and prepared snapshots naming the berthd instance that made
+/// them, so that instance removes its own leftovers ([`ContainerdStore::remove_leftovers`]).
+pub const OWNER_LABEL: &str = "berth.dev/export-owner";
+/// Prefix of the keys of snapshots berth prepares to write a layer into.
+const EXTRACT_PREFIX: &str = "berth-extract-";
+
+/// What [`ContainerdStore::remove_leftovers`] removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ContainerdLeftovers {
+    /// Export leases deleted.
+    pub leases: usize,
+    /// Prepared (never committed) snapshots removed.
+    pub snapshots: usize,
 }
 
 #[derive(Serialize)]
@@ -123,6 +143,18 @@ pub fn oci_manifest(config: &ImageConfig, layers: &[(String, u64)]) -> Vec<u8> {
     serde_json::to_vec(&m).expect("manifest serialises")
 }
 
+/// 16 hex digits unique to this call (process id, time and a counter, hashed).
+fn unique_token() -> String {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let seed = format!(
+        "{}-{:?}-{n}",
+        std::process::id(),
+        std::time::SystemTime::now()
+    );
+    sha256(seed.as_bytes())[7..23].to_string()
+}
+
 fn sha256(data: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(data)))
 }
@@ -150,7 +182,90 @@ impl ContainerdStore {
             channel,
             namespace: namespace.into(),
             snapshotter: snapshotter.into(),
+            owner: format!("pid-{}", std::process::id()),
         })
+    }
+
+    /// Names the berthd instance whose leases and prepared snapshots this store makes (default:
+    /// this process). A restarted instance passes the same owner to
+    /// [`ContainerdStore::remove_leftovers`].
+    pub fn with_owner(mut self, owner: impl Into<String>) -> Self {
+        self.owner = owner.into();
+        self
+    }
+
+    /// Removes what an export of this owner left when its process died: its leases (whose
+    /// content and committed-but-unreferenced snapshots containerd's GC then collects) and the
+    /// snapshots it had prepared but not committed. Call when berthd starts, before any export.
+    pub async fn remove_leftovers(&self) -> Result<ContainerdLeftovers> {
+        let mut out = ContainerdLeftovers::default();
+        let mut leases = LeasesClient::new(self.channel.clone());
+        let filter = format!("labels.\"{OWNER_LABEL}\"=={}", self.owner);
+        let list = leases
+            .list(self.req(
+                LeaseList {
+                    filters: vec![filter.clone()],
+                },
+                None,
+            ))
+            .await
+            .map_err(cd_err("list leases"))?
+            .into_inner();
+        let mut snaps = SnapshotsClient::new(self.channel.clone());
+        let listed = snaps
+            .list(self.req(
+                ListSnapshotsRequest {
+                    snapshotter: self.snapshotter.clone(),
+                    filters: vec![filter],
+                },
+                None,
+            ))
+            .await
+            .map_err(cd_err("list snapshots"))?;
+        let mut stream = listed.into_inner();
+        let mut prepared = Vec::new();
+        while let Some(batch) = stream.message().await.map_err(cd_err("list snapshots"))? {
+            prepared.extend(
+                batch
+                    .info
+                    .into_iter()
+                    .filter(|i| i.name.starts_with(EXTRACT_PREFIX))
+                    .map(|i| i.name),
+            );
+        }
+        for key in prepared {
+            match snaps
+                .remove(self.req(
+                    RemoveSnapshotRequest {
+                        snapshotter: self.snapshotter.clone(),
+                        key: key.clone(),
+                    },
+                    None,
+                ))
+                .await
+            {
+                Ok(_) => out.snapshots += 1,
+                Err(s) if s.code() == Code::NotFound => {}
+                Err(s) => return Err(cd_err(format!("remove snapshot {key}"))(s)),
+            }
+        }
+        for lease in list.leases {
+            match leases
+                .delete(self.req(
+                    LeaseDelete {
+                        id: lease.id.clone(),
+                        sync: true,
+                    },
+                    None,
+                ))
+                .await
+            {
+                Ok(_) => out.leases += 1,
+                Err(s) if s.code() == Code::NotFound => {}
+                Err(s) => return Err(cd_err(format!("delete lease {}", lease.id))(s)),
+            }
+        }
+        Ok(out)
     }
 
     fn req<T>(&self, msg: T, lease: Option<&str>) -> Request<T> {
@@ -174,10 +289,7 @@ impl ContainerdStore {
         layers: &[ContainerdLayer],
         record_name: &str,
     ) -> Result<ContainerdReport> {
-        let lease_id = format!(
-            "berth-export-{}",
-            &sha256(format!("{record_name}{:?}", std::time::SystemTime::now()).as_bytes())[7..27]
-        );
+        let lease_id = format!("berth-export-{}", unique_token());
         let mut leases = LeasesClient::new(self.channel.clone());
         let mut labels = HashMap::new();
         // Expire on its own if berthd dies before deleting it.
@@ -186,6 +298,7 @@ impl ContainerdStore {
             "containerd.io/gc.expire".to_string(),
             expire.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         );
+        labels.insert(OWNER_LABEL.to_string(), self.owner.clone());
         leases
             .create(self.req(
                 LeaseCreate {
@@ -196,6 +309,7 @@ impl ContainerdStore {
             ))
             .await
             .map_err(cd_err("create lease"))?;
+        fault_point("containerd:lease");
         let result = self
             .export_leased(config, layers, record_name, &lease_id)
             .await;
@@ -256,14 +370,16 @@ impl ContainerdStore {
             } else {
                 chains[i - 1].clone()
             };
-            let key = format!("berth-extract-{}-{}", std::process::id(), &chain[7..]);
+            // Unique per export: concurrent exports of the same layer each write their own
+            // snapshot, and the first commit wins.
+            let key = format!("{EXTRACT_PREFIX}{}-{}", &chain[7..19], unique_token());
             let prepared = snaps
                 .prepare(self.req(
                     PrepareSnapshotRequest {
                         snapshotter: self.snapshotter.clone(),
                         key: key.clone(),
                         parent,
-                        labels: HashMap::new(),
+                        labels: HashMap::from([(OWNER_LABEL.to_string(), self.owner.clone())]),
                     },
                     Some(lease),
                 ))
@@ -278,6 +394,7 @@ impl ContainerdStore {
                     self.snapshotter
                 ),
             })?;
+            fault_point("containerd:snapshot-prepared");
             let files = files.clone();
             let written = tokio::task::spawn_blocking(move || files.write_into(&upper))
                 .await
@@ -300,6 +417,7 @@ impl ContainerdStore {
                     source,
                 });
             }
+            fault_point("containerd:snapshot-written");
             let committed = snaps
                 .commit(self.req(
                     CommitSnapshotRequest {
@@ -312,7 +430,10 @@ impl ContainerdStore {
                 ))
                 .await;
             match committed {
-                Ok(_) => report.snapshots_written.push(chain.clone()),
+                Ok(_) => {
+                    fault_point("containerd:snapshot-committed");
+                    report.snapshots_written.push(chain.clone())
+                }
                 Err(s) if s.code() == Code::AlreadyExists => {
                     // Another export committed the same chainID meanwhile: drop ours.
                     let _ = snaps
@@ -340,6 +461,7 @@ impl ContainerdStore {
         }
         self.write_blob(&config.bytes, &config.digest, config_labels, lease)
             .await?;
+        fault_point("containerd:config");
 
         let layer_descs: Vec<(String, u64)> =
             layers.iter().map(|l| (l.diff_id.clone(), l.size)).collect();
@@ -355,6 +477,7 @@ impl ContainerdStore {
         }
         self.write_blob(&manifest, &manifest_digest, manifest_labels, lease)
             .await?;
+        fault_point("containerd:manifest");
 
         let image = Image {
             name: record_name.to_string(),
@@ -405,6 +528,7 @@ impl ContainerdStore {
             }
             Err(s) => return Err(cd_err(format!("get image {record_name}"))(s)),
         }
+        fault_point("containerd:image");
         report.manifest_digest = manifest_digest;
         Ok(report)
     }

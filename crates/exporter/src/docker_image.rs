@@ -91,6 +91,19 @@ pub struct ImageExportResult {
     pub layers_skipped: usize,
     /// Bytes of layer tar not sent because the store had them.
     pub bytes_skipped: u64,
+    /// Each layer, bottom first: sent/written, or skipped because the store had it.
+    pub layers: Vec<LayerOutcome>,
+}
+
+/// What an export did with one layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerOutcome {
+    /// `sha256:<hex>` of the layer tar.
+    pub diff_id: String,
+    /// Size of the layer tar.
+    pub size: u64,
+    /// True if the layer was sent or written; false if the store had it already.
+    pub sent: bool,
 }
 
 #[derive(Serialize)]
@@ -208,6 +221,14 @@ impl ImageTarget {
                 result.bytes_sent = report.sent.layer_bytes_sent;
                 result.layers_skipped = report.layers_skipped;
                 result.bytes_skipped = report.bytes_skipped;
+                result.layers = layers
+                    .iter()
+                    .map(|l| LayerOutcome {
+                        diff_id: l.diff_id.clone(),
+                        size: l.size,
+                        sent: report.sent.layers_sent.contains(&l.diff_id),
+                    })
+                    .collect();
                 engine.tag(&config.digest, &req.names).await?;
             }
             ImageTarget::ClassicOffline {
@@ -223,7 +244,7 @@ impl ImageTarget {
                 let store = store.clone();
                 let names = req.names.clone();
                 let cfg = config.clone();
-                let counts = tokio::task::spawn_blocking(move || {
+                let outcomes = tokio::task::spawn_blocking(move || {
                     write_offline(
                         &store, &chain, &layers, &cfg, &names, data_root, driver, &check,
                     )
@@ -232,12 +253,16 @@ impl ImageTarget {
                 .map_err(|e| Error::DockerLoad {
                     message: format!("offline writer task: {e}"),
                 })??;
-                (
-                    result.layers_sent,
-                    result.bytes_sent,
-                    result.layers_skipped,
-                    result.bytes_skipped,
-                ) = counts;
+                for o in &outcomes {
+                    if o.sent {
+                        result.layers_sent += 1;
+                        result.bytes_sent += o.size;
+                    } else {
+                        result.layers_skipped += 1;
+                        result.bytes_skipped += o.size;
+                    }
+                }
+                result.layers = outcomes;
             }
             ImageTarget::Containerd {
                 docker,
@@ -272,11 +297,17 @@ impl ImageTarget {
                     .iter()
                     .zip(chain_ids(layers.iter().map(|l| l.diff_id.as_str()))?)
                 {
-                    if report.snapshots_written.contains(&c) {
+                    let sent = report.snapshots_written.contains(&c);
+                    if sent {
                         result.bytes_sent += l.size;
                     } else {
                         result.bytes_skipped += l.size;
                     }
+                    result.layers.push(LayerOutcome {
+                        diff_id: l.diff_id.clone(),
+                        size: l.size,
+                        sent,
+                    });
                 }
                 let engine = DockerEngine::new(docker.clone(), None);
                 engine.tag(&result.manifest_digest, &req.names).await?;
@@ -347,13 +378,13 @@ fn write_offline(
     data_root: PathBuf,
     driver: StorageDriver,
     check: &DaemonCheck,
-) -> Result<(usize, u64, usize, u64)> {
+) -> Result<Vec<LayerOutcome>> {
     let dstore = DockerStore::new(data_root, driver);
     let writer = OfflineWriter::open(dstore, check).map_err(|source| Error::Store {
         what: "open Docker data root".into(),
         source,
     })?;
-    let (mut sent, mut sent_bytes, mut skipped, mut skipped_bytes) = (0, 0, 0, 0);
+    let mut outcomes = Vec::with_capacity(layers.len());
     let mut parent: Option<layerstore::Digest> = None;
     for (r, l) in chain.iter().zip(layers) {
         let diff_id: layerstore::Digest = l.diff_id.parse().map_err(|source| Error::Store {
@@ -403,13 +434,11 @@ fn write_offline(
             what: format!("write layer {}", l.diff_id),
             source,
         })?;
-        if written.existed {
-            skipped += 1;
-            skipped_bytes += l.size;
-        } else {
-            sent += 1;
-            sent_bytes += l.size;
-        }
+        outcomes.push(LayerOutcome {
+            diff_id: l.diff_id.clone(),
+            size: l.size,
+            sent: !written.existed,
+        });
         parent = Some(written.chain_id);
     }
     let id = writer
@@ -424,7 +453,7 @@ fn write_offline(
             source,
         })?;
     }
-    Ok((sent, sent_bytes, skipped, skipped_bytes))
+    Ok(outcomes)
 }
 
 /// How [`ImageTarget::detect`] finds the store.

@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 use crate::archive::{write_docker_archive, ArchiveStats, ExportLayer};
 use crate::image::ImageConfig;
 use crate::{Error, Result};
+use layerstore::dockerstore::fault_point;
 
 /// What a thin load did.
 #[derive(Debug, Clone, Default)]
@@ -100,6 +101,7 @@ impl DockerEngine {
             missing_below |= !present;
             include.push(!present);
         }
+        fault_point("live:before-load");
         let mut attempts = 0;
         loop {
             attempts += 1;
@@ -112,6 +114,7 @@ impl DockerEngine {
                             bytes_skipped += l.size;
                         }
                     }
+                    fault_point("live:loaded");
                     return Ok(LoadReport {
                         image_id: config.digest.clone(),
                         sent,
@@ -152,7 +155,7 @@ impl DockerEngine {
         let layers_w = layers.to_vec();
         let include_w = include.to_vec();
         let writer = tokio::task::spawn_blocking(move || {
-            let mut w = std::io::BufWriter::with_capacity(1 << 20, ChannelWriter { tx });
+            let mut w = std::io::BufWriter::with_capacity(1 << 20, ChannelWriter { tx, sent: 0 });
             let stats = write_docker_archive(&mut w, &config_w, &layers_w, &include_w, &[])?;
             w.flush().map_err(|source| Error::ArchiveWrite { source })?;
             Ok::<_, Error>(stats)
@@ -200,9 +203,14 @@ impl DockerEngine {
         Ok(stats)
     }
 
-    /// Points each name at the image through `POST /images/{id}/tag`.
+    /// Points each name at the image through `POST /images/{id}/tag`. Fault points
+    /// `live:tagged-first` and `live:tagged` (also in the containerd mode, whose tags go through
+    /// the Engine too).
     pub async fn tag(&self, image_id: &str, names: &[String]) -> Result<()> {
-        for name in names {
+        for (i, name) in names.iter().enumerate() {
+            if i == 1 {
+                fault_point("live:tagged-first");
+            }
             let (repo, tag) = split_tag(name)?;
             self.docker
                 .tag_image(
@@ -217,6 +225,9 @@ impl DockerEngine {
                     name: name.clone(),
                     message: e.to_string(),
                 })?;
+        }
+        if !names.is_empty() {
+            fault_point("live:tagged");
         }
         Ok(())
     }
@@ -253,7 +264,11 @@ pub fn split_tag(name: &str) -> Result<(String, String)> {
 
 struct ChannelWriter {
     tx: mpsc::Sender<Bytes>,
+    sent: u64,
 }
+
+/// Bytes of the load request after which the `live:mid-load` fault point fires.
+const MID_LOAD_BYTES: u64 = 2 << 20;
 
 impl Write for ChannelWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
@@ -262,6 +277,11 @@ impl Write for ChannelWriter {
             .map_err(|_| {
                 io::Error::new(io::ErrorKind::BrokenPipe, "docker closed the load request")
             })?;
+        let before = self.sent;
+        self.sent += buf.len() as u64;
+        if before < MID_LOAD_BYTES && self.sent >= MID_LOAD_BYTES {
+            fault_point("live:mid-load");
+        }
         Ok(buf.len())
     }
     fn flush(&mut self) -> io::Result<()> {

@@ -67,6 +67,22 @@ pub fn berth_layer_dir(store: &SnapshotStore, id: &LayerId) -> PathBuf {
     store.layer_path(id).join("diff")
 }
 
+/// Removes tar-split temp files that a killed berthd left in a layer dir (those of other pids;
+/// this process's are in use by concurrent exports).
+fn remove_dead_split_temps(layer_dir: &Path) {
+    let own = format!(".tar-split.{}.", std::process::id());
+    let Ok(rd) = std::fs::read_dir(layer_dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(".tar-split.") && name.ends_with(".tmp") && !name.starts_with(&own) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 fn berth_layer(store: &SnapshotStore, id: &LayerId) -> Result<ExportLayer> {
     let dir = berth_layer_dir(store, id);
     let meta = store.layer_meta(id).map_err(|source| Error::Store {
@@ -77,11 +93,16 @@ fn berth_layer(store: &SnapshotStore, id: &LayerId) -> Result<ExportLayer> {
         (Some(d), Some(s)) if meta.has_tar_split => (d.clone(), s),
         _ => {
             // One hashing pass; the tar-split goes next to the layer (temp + rename, so a
-            // concurrent export of the same layer never sees half a file).
+            // concurrent export of the same layer never sees half a file). Each call has its own
+            // temp name: concurrent exports of one layer in this process each write theirs and
+            // the last rename wins (the contents are identical).
             let split_path = store.layer_path(id).join("tar-split.json.gz");
+            remove_dead_split_temps(&store.layer_path(id));
+            static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let tmp = store
                 .layer_path(id)
-                .join(format!(".tar-split.{}.tmp", std::process::id()));
+                .join(format!(".tar-split.{}.{n}.tmp", std::process::id()));
             let mut split = File::create(&tmp).map_err(|source| Error::Io {
                 what: "create",
                 path: tmp.clone(),

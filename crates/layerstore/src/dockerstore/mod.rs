@@ -6,6 +6,7 @@
 //!   writes, so it is safe while dockerd runs.
 //! - [`resolve_base_image`] turns an image reference into the layer dirs berth mounts in place (through the live
 //!   Engine API plus the reader), and [`pin_image`] keeps `docker rmi` from deleting them while a build uses them.
+//! - [`fault`]: the `BERTH_FAULT_KILL` fault-injection points of every export mode (crash tests).
 //! - [`OfflineWriter`] writes layers, image configs and tags into the data root of a **stopped** dockerd (never a
 //!   running one: a running dockerd does not pick such entries up and they block later loads of the same layers).
 //!
@@ -28,10 +29,12 @@
 //! fuse-overlayfs layer dir used as a kernel-overlay lowerdir would show the markers and not hide what they delete.
 //! [`StorageDriver::whiteout_format`] reports this, and the snapshot store stacks generated adapter layers around such
 //! layers ([`crate::snapshot::WhiteoutFormat::Aufs`]). The offline writer writes each driver's own format.
+pub mod fault;
 mod live;
 mod reader;
 mod writer;
 
+pub use fault::fault_point;
 pub use live::{
     pin_image, remove_stale_pins, resolve_base_image, BaseImage, Pin, PIN_BUILD_LABEL, PIN_LABEL,
 };

@@ -10,7 +10,8 @@
 //!
 //! Image configs go to `imagedb/content/sha256/<id>` and tags to `repositories.json`, each via a temp file and
 //! rename. [`recover`] deletes what a killed writer left: marked layer dirs no layerdb entry points to (with their
-//! `l/` links) and `write-set-berth-*` dirs; a marked dir that *is* referenced only loses its marker.
+//! `l/` links), `write-set-berth-*` dirs and `.berth-tmp-*` files; a marked dir that *is* referenced only loses its
+//! marker. Every step is a fault point ([`super::fault`]), and the crash tests kill the writer at each one.
 
 use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -18,6 +19,7 @@ use std::path::{Path, PathBuf};
 
 use rand::Rng;
 
+use super::fault::fault_point;
 use super::reader::{read_small, valid_cache_id};
 use super::{DockerStore, StorageDriver};
 use crate::snapshot::{copy_meta, dir_size, fsync_path, make_whiteout};
@@ -28,6 +30,8 @@ const INCOMPLETE: &str = "berth-incomplete";
 const WRITE_SET_PREFIX: &str = "write-set-berth-";
 /// Name of a layer dir before its marker is in place.
 const STAGING_PREFIX: &str = "berth-staging-";
+/// Temp files of [`replace_file`] (image configs, `repositories.json`).
+const TMP_PREFIX: &str = ".berth-tmp-";
 /// Docker's layer store refuses chains deeper than this (`layer_store.go` `maxLayerDepth`).
 const MAX_DEPTH: usize = 125;
 
@@ -92,6 +96,8 @@ pub struct RecoverReport {
     pub removed_write_sets: usize,
     /// Committed layer dirs whose marker was left behind (marker removed).
     pub completed: usize,
+    /// Temp files of interrupted image config or `repositories.json` writes deleted.
+    pub removed_temp_files: usize,
 }
 
 /// Writes into a stopped daemon's data root. Holds an exclusive `flock` on the data root dir while alive.
@@ -207,11 +213,13 @@ fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     f.sync_all().map_err(io_err("fsync", path))
 }
 
-/// Writes `data` to `path` through a temp file in the same dir and a rename.
-fn replace_file(path: &Path, data: &[u8], mode: u32) -> Result<()> {
+/// Writes `data` to `path` through a temp file in the same dir and a rename; `step` is the fault
+/// point between the two.
+fn replace_file(path: &Path, data: &[u8], mode: u32, step: &str) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("/"));
-    let tmp = dir.join(format!(".berth-tmp-{}", crate::snapshot::random_token(12)));
+    let tmp = dir.join(format!("{TMP_PREFIX}{}", crate::snapshot::random_token(12)));
     write_file(&tmp, data, mode)?;
+    fault_point(step);
     std::fs::rename(&tmp, path).map_err(io_err("rename", path))?;
     fsync_path(dir)
 }
@@ -228,23 +236,38 @@ fn mkdir(path: &Path, mode: u32) -> Result<()> {
 
 impl OfflineWriter {
     /// Opens `store` for writing. Refuses if a dockerd uses the data root (pidfile, socket, or a `dockerd` process
-    /// whose data root is this one), takes an exclusive lock, and runs [`recover`].
+    /// whose data root is this one), takes an exclusive lock (waiting for another writer, in this process or
+    /// another, to finish), and runs [`recover`].
     pub fn open(store: DockerStore, check: &DaemonCheck) -> Result<OfflineWriter> {
-        if let Some(evidence) = daemon_evidence(store.data_root(), check) {
-            return Err(Error::DockerDaemonRunning {
-                data_root: store.data_root().to_path_buf(),
-                evidence,
-            });
-        }
+        let refuse_if_running =
+            |store: &DockerStore| match daemon_evidence(store.data_root(), check) {
+                Some(evidence) => Err(Error::DockerDaemonRunning {
+                    data_root: store.data_root().to_path_buf(),
+                    evidence,
+                }),
+                None => Ok(()),
+            };
+        refuse_if_running(&store)?;
         let root = store.data_root();
         let lock = std::fs::File::open(root).map_err(io_err("open", root))?;
-        rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
-            |e| Error::Io {
-                op: "lock (another writer?)",
-                path: root.to_path_buf(),
-                source: e.into(),
-            },
-        )?;
+        let lock_err = |e: rustix::io::Errno| Error::Io {
+            op: "lock data root",
+            path: root.to_path_buf(),
+            source: e.into(),
+        };
+        // Concurrent exports serialise here: flock is per open file, so threads of one process wait for each
+        // other too. Writers hold the lock for one export only.
+        match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                tracing::debug!(data_root = %root.display(), "waiting for another writer of the data root");
+                rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
+                    .map_err(lock_err)?;
+                // A daemon may have been started while we waited.
+                refuse_if_running(&store)?;
+            }
+            Err(e) => return Err(lock_err(e)),
+        }
         let drv = store.driver_dir();
         for (d, mode) in [(drv.clone(), 0o710), (drv.join("l"), 0o700)] {
             if !d.exists() {
@@ -336,6 +359,7 @@ impl OfflineWriter {
         let staging = drv.join(format!("{STAGING_PREFIX}{cache_id}"));
         mkdir(&staging, 0o710)?;
         write_file(&staging.join(INCOMPLETE), b"", 0o600)?;
+        fault_point("offline:layer-staged");
         std::fs::rename(&staging, &dir).map_err(io_err("rename", &dir))?;
         fsync_path(&drv)?;
         let res = self.fill_layer_dir(&dir, lower.as_ref(), src, parent, &cache_id);
@@ -379,6 +403,7 @@ impl OfflineWriter {
             write_file(&dir.join("lower"), lower.as_bytes(), 0o644)?;
             write_file(&pdir.join("committed"), b"", 0o600)?;
         }
+        fault_point("offline:layer-dir");
         // The write-set is prepared next to the tree so the tar-split can be written straight into it.
         let ws = self.store.layerdb_dir().join("tmp").join(format!(
             "{WRITE_SET_PREFIX}{}",
@@ -435,6 +460,7 @@ impl OfflineWriter {
             source: e.into(),
         })?;
 
+        fault_point("offline:layer-tree");
         // 2. The layerdb entry; the rename is the commit point.
         let cid = chain_id(parent, &diff_id);
         write_file(&ws.join("diff"), diff_id.to_string().as_bytes(), 0o644)?;
@@ -444,9 +470,11 @@ impl OfflineWriter {
             write_file(&ws.join("parent"), p.to_string().as_bytes(), 0o644)?;
         }
         fsync_path(&ws)?;
+        fault_point("offline:write-set");
         let dst = self.store.layerdb_dir().join("sha256").join(cid.hex());
         std::fs::rename(&ws, &dst).map_err(io_err("rename write-set", &dst))?;
         fsync_path(&self.store.layerdb_dir().join("sha256"))?;
+        fault_point("offline:layer-committed");
         // 3. Committed: drop the marker.
         std::fs::remove_file(dir.join(INCOMPLETE))
             .map_err(io_err("remove", &dir.join(INCOMPLETE)))?;
@@ -462,6 +490,7 @@ impl OfflineWriter {
 
     /// Stores an image config (its layers must be in the layerdb); returns the image ID.
     pub fn write_image(&self, config: &[u8]) -> Result<Digest> {
+        fault_point("offline:layers-done");
         let diff_ids = DockerStore::config_diff_ids(config)?;
         self.store.layers_for_diff_ids(&diff_ids)?;
         #[derive(serde::Deserialize)]
@@ -492,7 +521,8 @@ impl OfflineWriter {
             .image_dir()
             .join("imagedb/content/sha256")
             .join(id.hex());
-        replace_file(&path, config, 0o600)?;
+        replace_file(&path, config, 0o600, "offline:image-tmp")?;
+        fault_point("offline:image");
         Ok(id)
     }
 
@@ -527,7 +557,9 @@ impl OfflineWriter {
             path: path.clone(),
             reason: e.to_string(),
         })?;
-        replace_file(&path, &bytes, 0o600)
+        replace_file(&path, &bytes, 0o600, "offline:tags-tmp")?;
+        fault_point("offline:tagged");
+        Ok(())
     }
 }
 
@@ -725,6 +757,20 @@ fn overlay_to_aufs(diff: &Path) -> Result<()> {
 /// Cleans up after a killed [`OfflineWriter`] (it runs this itself on open). Only touches what berth marked.
 pub fn recover(store: &DockerStore) -> Result<RecoverReport> {
     let mut report = RecoverReport::default();
+    for dir in [
+        store.image_dir(),
+        store.image_dir().join("imagedb/content/sha256"),
+    ] {
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+                std::fs::remove_file(e.path()).map_err(io_err("remove", &e.path()))?;
+                report.removed_temp_files += 1;
+            }
+        }
+    }
     let tmp = store.layerdb_dir().join("tmp");
     if let Ok(rd) = std::fs::read_dir(&tmp) {
         for e in rd.flatten() {

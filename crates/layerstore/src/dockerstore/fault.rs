@@ -1,0 +1,126 @@
+//! Fault injection for crash-safety tests of every write berth makes into a Docker store.
+//!
+//! Each export mode marks its steps with [`fault_point`]. When the process was started with
+//! `BERTH_FAULT_KILL=<step>` in its environment (a test-only knob), reaching that step makes the
+//! process send itself `SIGKILL` — a real `kill -9`: no destructors, no flush, exactly what an OOM
+//! kill or a power cut does to the writer. Without the variable a fault point costs one load of an
+//! already initialised `OnceLock`.
+//!
+//! Step names are `<mode>:<step>`; [`STEPS`] lists them per mode in the order they are reached.
+
+use std::sync::OnceLock;
+
+/// The environment variable naming the step at which the process kills itself.
+pub const FAULT_ENV: &str = "BERTH_FAULT_KILL";
+
+/// Steps of the classic-store thin load into a live dockerd (`crates/exporter/src/docker_load.rs`).
+pub const LIVE_STEPS: &[&str] = &[
+    // Layer digests known, nothing sent yet.
+    "live:before-load",
+    // The load request is streaming: the manifest and part of the layer tars are with dockerd.
+    "live:mid-load",
+    // dockerd registered the image; no tag applied yet.
+    "live:loaded",
+    // The first name is tagged, the others not yet.
+    "live:tagged-first",
+    // Every name tagged; the exporter response not yet sent.
+    "live:tagged",
+];
+
+/// Steps of the direct write into a stopped dockerd's data root (`writer.rs`).
+pub const OFFLINE_STEPS: &[&str] = &[
+    // `overlay2/berth-staging-<id>/` exists, marker inside, not renamed yet.
+    "offline:layer-staged",
+    // The marked layer dir exists with `diff/`, `link`, `l/<link>`; the tree is not copied yet.
+    "offline:layer-dir",
+    // The tree and the tar-split are written; the layerdb write-set is not complete.
+    "offline:layer-tree",
+    // The write-set is complete and fsynced in `layerdb/tmp`, not renamed yet.
+    "offline:write-set",
+    // Renamed into `layerdb/sha256/<chainID>` (committed); the marker is still there.
+    "offline:layer-committed",
+    // Every layer committed; the image config not written.
+    "offline:layers-done",
+    // The image config's temp file is written, not renamed into `imagedb/content` yet.
+    "offline:image-tmp",
+    // The image config is in imagedb; no tag written.
+    "offline:image",
+    // `repositories.json`'s temp file is written, not renamed yet.
+    "offline:tags-tmp",
+    // Tags written.
+    "offline:tagged",
+];
+
+/// Steps of the export into a containerd image store (`crates/exporter/src/containerd.rs`).
+pub const CONTAINERD_STEPS: &[&str] = &[
+    // The export lease exists; nothing else.
+    "containerd:lease",
+    // A snapshot is prepared for a new layer; nothing written into it.
+    "containerd:snapshot-prepared",
+    // The layer's files are in the prepared snapshot; not committed.
+    "containerd:snapshot-written",
+    // The snapshot is committed under its chainID.
+    "containerd:snapshot-committed",
+    // The config blob is in the content store; no manifest.
+    "containerd:config",
+    // The manifest blob is in the content store; no image record.
+    "containerd:manifest",
+    // The image record exists; the lease not yet deleted.
+    "containerd:image",
+];
+
+/// Every step of every mode.
+pub const STEPS: &[&[&str]] = &[LIVE_STEPS, OFFLINE_STEPS, CONTAINERD_STEPS];
+
+fn armed() -> Option<&'static str> {
+    static STEP: OnceLock<Option<String>> = OnceLock::new();
+    STEP.get_or_init(|| std::env::var(FAULT_ENV).ok().filter(|s| !s.is_empty()))
+        .as_deref()
+}
+
+/// Marks `step`; kills the process with `SIGKILL` if `BERTH_FAULT_KILL` names it.
+#[inline]
+pub fn fault_point(step: &str) {
+    if let Some(armed) = armed() {
+        if armed == step {
+            kill_self(step);
+        }
+    }
+}
+
+#[cold]
+fn kill_self(step: &str) -> ! {
+    use std::io::Write as _;
+    let _ = writeln!(
+        std::io::stderr(),
+        "{FAULT_ENV}: killing process {} with SIGKILL at {step}",
+        std::process::id()
+    );
+    let _ = rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);
+    // SIGKILL cannot be caught; the process is gone before this line.
+    loop {
+        std::thread::park();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_names_are_unique_and_prefixed_by_mode() {
+        let mut seen = std::collections::BTreeSet::new();
+        for (mode, steps) in ["live:", "offline:", "containerd:"].iter().zip(STEPS) {
+            for s in *steps {
+                assert!(s.starts_with(mode), "{s}");
+                assert!(seen.insert(*s), "duplicate {s}");
+            }
+        }
+    }
+
+    #[test]
+    fn unarmed_fault_point_returns() {
+        // The test process never sets the variable to a real step.
+        fault_point("live:not-a-step");
+    }
+}

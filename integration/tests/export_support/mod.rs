@@ -1,0 +1,345 @@
+//! Shared pieces of the `export_*` tests: the images they build (from scratch, so the same LLB
+//! works for every store: the system dockerd, a stopped private dockerd's data root, a private
+//! containerd), a private containerd, and checks of what berth may leave in each store.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use integration::buildkit_client::{BuildOptions, BuildReport, BuildkitClient, Output};
+
+/// The static busybox every test image carries as its first layer.
+pub fn busybox() -> Vec<u8> {
+    std::fs::read("/bin/busybox").expect("/bin/busybox (Debian busybox-static) is needed")
+}
+
+/// `len` bytes that depend only on `seed` (xorshift), so two builds with different seeds have
+/// different layers and a rerun has the same ones.
+pub fn noise(seed: &str, len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    for b in seed.bytes() {
+        x = (x ^ u64::from(b)).wrapping_mul(0x100_0000_01B3);
+    }
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// LLB of a test image: layer 1 `/bin/busybox` (shared by all; or the Docker image `base`),
+/// then optionally a shared `/shared` layer, then `/big` (`big` bytes of noise from `data`) and
+/// `/data` = `data`.
+pub fn image_def(
+    base: Option<&str>,
+    shared: Option<&str>,
+    data: &str,
+    big: usize,
+) -> protos::pb::Definition {
+    let mut st = match base {
+        Some(b) => llb::State::from(llb::image(b)),
+        None => llb::scratch().file(llb::mkdir("/bin", 0o755, Default::default()).mkfile(
+            "/bin/busybox",
+            0o755,
+            busybox(),
+            Default::default(),
+        )),
+    };
+    if let Some(s) = shared {
+        st = st.file(llb::mkfile("/shared", 0o644, s, Default::default()));
+    }
+    if big > 0 {
+        st = st.file(llb::mkfile(
+            "/big",
+            0o644,
+            noise(data, big),
+            Default::default(),
+        ));
+    }
+    st.file(llb::mkfile("/data", 0o644, data, Default::default()))
+        .marshal()
+        .unwrap()
+}
+
+/// Builds `def` with `--output type=image` and these names (may be empty).
+pub async fn export_image(
+    client: &BuildkitClient,
+    def: &protos::pb::Definition,
+    names: &[String],
+    extra: &[(&str, &str)],
+) -> anyhow::Result<BuildReport> {
+    let mut attrs = BTreeMap::new();
+    if !names.is_empty() {
+        attrs.insert("name".to_string(), names.join(","));
+    }
+    for (k, v) in extra {
+        attrs.insert(k.to_string(), v.to_string());
+    }
+    client
+        .build(BuildOptions {
+            definition: Some(def.clone()),
+            output: Output::Raw("image".into(), attrs),
+            ..Default::default()
+        })
+        .await
+}
+
+/// The same build without an exporter (warms berth's cache).
+pub async fn solve_only(client: &BuildkitClient, def: &protos::pb::Definition) {
+    let r = client
+        .build(BuildOptions {
+            definition: Some(def.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    r.solve.as_ref().expect("solve");
+}
+
+/// The exporter response of a successful build (panics with the daemon log otherwise).
+pub fn response(report: &BuildReport, log: &str) -> BTreeMap<String, String> {
+    match &report.solve {
+        Ok(r) => r.exporter_response.clone(),
+        Err(e) => panic!("build failed: {e}\nberthd log:\n{log}"),
+    }
+}
+
+/// Runs `docker` (optionally against `host`) and returns stdout; panics on failure.
+pub fn docker(host: Option<&str>, args: &[&str]) -> String {
+    let mut cmd = Command::new("docker");
+    if let Some(h) = host {
+        cmd.args(["-H", h]);
+    }
+    let out = cmd.args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "docker {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// What a tag resolves to (`None`: no such image).
+pub fn tag_target(host: Option<&str>, name: &str) -> Option<String> {
+    let mut cmd = Command::new("docker");
+    if let Some(h) = host {
+        cmd.args(["-H", h]);
+    }
+    let out = cmd
+        .args(["image", "inspect", "--format", "{{.Id}}", name])
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Some(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("No such image") || err.contains("no such image"),
+            "docker image inspect {name} failed otherwise: {err}"
+        );
+        None
+    }
+}
+
+/// Runs `cat /data` in `image` (`--network none`) and returns its output.
+pub fn run_cat(host: Option<&str>, image: &str, path: &str) -> String {
+    docker(
+        host,
+        &[
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            image,
+            "/bin/busybox",
+            "cat",
+            path,
+        ],
+    )
+}
+
+/// Removes images by ID at the end of a test (also on panic).
+pub struct RemoveImages(pub Option<String>, pub Vec<String>);
+impl Drop for RemoveImages {
+    fn drop(&mut self) {
+        for id in &self.1 {
+            let mut cmd = Command::new("docker");
+            if let Some(h) = &self.0 {
+                cmd.args(["-H", h]);
+            }
+            let _ = cmd.args(["rmi", "-f", id]).output();
+        }
+    }
+}
+
+/// berth's leftovers in a classic data root: names of anything `OfflineWriter` makes only
+/// transiently, plus overlay2 dirs no layerdb entry points to and dangling `l/` links.
+pub fn offline_leftovers(data_root: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let drv = data_root.join("overlay2");
+    let layerdb = data_root.join("image/overlay2/layerdb");
+    let mut referenced = std::collections::BTreeSet::new();
+    if let Ok(rd) = std::fs::read_dir(layerdb.join("sha256")) {
+        for e in rd.flatten() {
+            if let Ok(c) = std::fs::read_to_string(e.path().join("cache-id")) {
+                referenced.insert(c.trim().to_string());
+            }
+        }
+    }
+    // Container layers (dockerd's own: <id>-init and mounts) are referenced from layerdb/mounts.
+    if let Ok(rd) = std::fs::read_dir(layerdb.join("mounts")) {
+        for e in rd.flatten() {
+            for f in ["mount-id", "init-id"] {
+                if let Ok(c) = std::fs::read_to_string(e.path().join(f)) {
+                    referenced.insert(c.trim().to_string());
+                }
+            }
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir(&drv) {
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n == "l" {
+                continue;
+            }
+            if n.starts_with("berth-") || e.path().join("berth-incomplete").exists() {
+                found.push(format!("overlay2/{n} (berth marker)"));
+            } else if !referenced.contains(&n) {
+                found.push(format!("overlay2/{n} (no layerdb entry)"));
+            }
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir(drv.join("l")) {
+        for e in rd.flatten() {
+            if !e.path().exists() {
+                found.push(format!(
+                    "overlay2/l/{} (dangling)",
+                    e.file_name().to_string_lossy()
+                ));
+            }
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir(layerdb.join("tmp")) {
+        for e in rd.flatten() {
+            found.push(format!("layerdb/tmp/{}", e.file_name().to_string_lossy()));
+        }
+    }
+    for d in ["image/overlay2", "image/overlay2/imagedb/content/sha256"] {
+        if let Ok(rd) = std::fs::read_dir(data_root.join(d)) {
+            for e in rd.flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                if n.starts_with(".berth-tmp-") {
+                    found.push(format!("{d}/{n}"));
+                }
+            }
+        }
+    }
+    found
+}
+
+/// A private containerd (the machine's binary, its own root, state and socket).
+pub struct Containerd {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Containerd {
+    /// Starts it and waits until `ctr version` answers.
+    pub fn start() -> Containerd {
+        let dir = tempfile::Builder::new()
+            .prefix("berth-ctrd-")
+            .tempdir_in("/var/tmp")
+            .unwrap();
+        let d = dir.path();
+        let cfg = format!(
+            "version = 2\nroot = \"{r}/root\"\nstate = \"{r}/state\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+             [grpc]\n  address = \"{r}/c.sock\"\n[ttrpc]\n  address = \"{r}/c.sock.ttrpc\"\n",
+            r = d.display()
+        );
+        std::fs::write(d.join("config.toml"), cfg).unwrap();
+        let log = std::fs::File::create(d.join("containerd.log")).unwrap();
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(d.join("config.toml"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("containerd must be installed");
+        let c = Containerd { child, dir };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !c.ctr(&["version"]).0 {
+            assert!(
+                Instant::now() < deadline,
+                "containerd did not start: {}",
+                c.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        c
+    }
+
+    /// Its socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("c.sock")
+    }
+
+    /// Its log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
+    }
+
+    /// `ctr --namespace moby ARGS`: (success, stdout+stderr).
+    pub fn ctr(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new("ctr")
+            .arg("--address")
+            .arg(self.socket())
+            .args(["--namespace", "moby"])
+            .args(args)
+            .output()
+            .expect("ctr must be installed");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    }
+
+    /// `ctr ARGS` that must succeed; its output.
+    pub fn ctr_ok(&self, args: &[&str]) -> String {
+        let (ok, out) = self.ctr(args);
+        assert!(ok, "ctr {args:?}: {out}\n{}", self.log());
+        out
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // Snapshot mounts of ctr run are gone with the tasks; unmount anything left under root.
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "grep -o ' {}[^ ]*' /proc/self/mounts | sort -r | xargs -r -n1 umount -l",
+                self.dir.path().display()
+            ))
+            .status();
+    }
+}
