@@ -32,14 +32,14 @@
 //! | TestDiffUnmatchedDelete | a delete with no target still creates its parent dir | SLICES |
 //! | TestDiffDeleteFilesAfterMerge | delete of a file from the base and one from another merge input | SLICES |
 //! | TestDiffOpaqueDirs | rm -rf + mkdir of a dir: new contents only | SLICES |
-//! | TestDiffOpaqueDirsMerge | opaque dir = explicit whiteouts: files other inputs add to the dir survive | SLICES_GAPS (fails, see `upstream_known_gaps`) |
-//! | TestDiffShuffleFiles | mv a b; mv b a is no change (not in the diff, nor its dir) | SLICES_GAPS (fails) |
+//! | TestDiffOpaqueDirsMerge | opaque dir = explicit whiteouts: files other inputs add to the dir survive | SLICES |
+//! | TestDiffShuffleFiles | mv a b; mv b a is no change (not in the diff, nor its dir) | SLICES |
 //! | TestDiffShuffleFilesMerge | Merge(base, Diff) of shuffled files == base + chmod | SLICES |
 //! | TestDiffFifos | fifos | SLICES |
 //! | TestDiffChardevs | char devices (1:3) | SLICES |
-//! | TestDiffCombinedSingleLayer | all the above commands in one exec | SLICES_GAPS (fails: shuffled files) |
-//! | TestDiffCombinedMultiLayer | all the above as a chain of execs (ancestor diff over many layers) | SLICES_GAPS (fails: shuffled files) |
-//! | TestDiffOpaqueDirs (2nd, /parentdir) | Merge(busybox+dir, Diff(rm -rf dir, mkdir dir)) keeps busybox's other files in dir | SLICES_GAPS (fails) |
+//! | TestDiffCombinedSingleLayer | all the above commands in one exec | SLICES |
+//! | TestDiffCombinedMultiLayer | all the above as a chain of execs (ancestor diff over many layers) | SLICES |
+//! | TestDiffOpaqueDirs (2nd, /parentdir) | Merge(busybox+dir, Diff(rm -rf dir, mkdir dir)) keeps busybox's other files in dir | SLICES |
 //! | TestDiffDirOverridesSymlink | a later dir replaces a symlink | SYMLINKS |
 //! | TestDiffSymlinkOverridesDir | a later symlink replaces a dir | SYMLINKS |
 //! | TestDiffSymlinkOverridesSymlink | a later symlink replaces one; files made through the old one stay | SYMLINKS |
@@ -73,7 +73,7 @@
 //! | TestDiffSingleLayerOnMergeBlobReuse | same over a merge | `upstream_layer_reuse` |
 //! | testMissingMaterializedLowerSnapshot | containerd lost a materialized snapshot; diff re-creates it | not ported: containerd snapshotter specific (berth's store drops records whose dirs are gone at open, `snapshot_crash`) |
 //! | testMergeOp mergeA / mergeB / mergeC | later input wins, dir metadata from the later dir, deletes inside an input apply | MERGE_OP |
-//! | testMergeOp mergeD | exec over Merge(alpine, mergeC), merged under stateE: /foo gone, /bar/E kept | MERGE_OP_GAPS (fails: /bar re-created as an opaque dir hides /bar/E) |
+//! | testMergeOp mergeD | exec over Merge(alpine, mergeC), merged under stateE: /foo gone, /bar/E kept | MERGE_OP |
 //! | testMergeOp export | merge exports the inputs' layers | `upstream_layer_reuse` (chain = concatenation) |
 //! | testMergeOpCacheInline/Min/Max | remote cache import/export keeps merge inputs lazy, only the changed input rebuilds | not ported (needs registry cache export/import through the solver) |
 //!
@@ -1605,10 +1605,8 @@ const SLICES: &[(&str, Build)] = &[
             ],
         )
     }),
-];
-
-/// Cases of SLICES that berth does not meet yet (run with `--ignored`); see the table at the top.
-const SLICES_GAPS: &[(&str, Build)] = &[
+    // An exec layer's opaque dirs are explicit whiteouts and its unchanged copy-ups are dropped at commit
+    // (snapshot/normalize.rs), as upstream's overlay differ does when it writes the layer blob.
     ("TestDiffOpaqueDirsMerge", |w| {
         let base = slice_base(w)?;
         let mut rebased = base.clone();
@@ -2042,40 +2040,38 @@ const MERGE_OP: &[(&str, Build)] = &[
         e.push(Dir("/qaz", 0o755));
         Ok((merge_c(w)?, Want::Apply(e)))
     }),
+    ("testMergeOp mergeD", |w| {
+        let on = w.merge(&[&w.alpine, &merge_c(w)?])?;
+        let run_a = w.sh(
+            &on,
+            &[
+                "rm /a",
+                "mkdir /a",
+                "mv /b /c /a/",
+                "rm -rf /bar",
+                "mkdir -m 0755 /bar",
+                "echo -n D > /bar/D",
+                "rm -rf /qaz",
+                "touch /qaz",
+            ],
+        )?;
+        let e = w.mkfile(&None, "/foo", 0o755, "E")?;
+        let e = w.mkdir(&e, "/bar", 0o755)?;
+        let e = w.mkfile(&e, "/bar/A", 0o755, "A")?;
+        let e = w.mkfile(&e, "/bar/E", 0o755, "")?;
+        let merge_d = w.merge(&[&e, &run_a])?;
+        // /foo of stateE is gone: stateB, inside mergeC, deletes it. /bar/E survives the
+        // rm -rf + mkdir of /bar in runA (explicit whiteouts of what runA's base had).
+        let want = w.mkdir(&w.alpine, "/a", 0o755)?;
+        let want = w.mkfile(&want, "/a/b", 0o755, "B")?;
+        let want = w.mkfile(&want, "/a/c", 0o755, "C")?;
+        let want = w.mkdir(&want, "/bar", 0o755)?;
+        let want = w.mkfile(&want, "/bar/D", 0o644, "D")?;
+        let want = w.mkfile(&want, "/bar/E", 0o755, "")?;
+        let want = w.mkfile(&want, "/qaz", 0o644, "")?;
+        Ok((merge_d, Want::Of(want)))
+    }),
 ];
-
-/// Cases of MERGE_OP that berth does not meet yet (run with `--ignored`); see the table at the top.
-const MERGE_OP_GAPS: &[(&str, Build)] = &[("testMergeOp mergeD", |w| {
-    let on = w.merge(&[&w.alpine, &merge_c(w)?])?;
-    let run_a = w.sh(
-        &on,
-        &[
-            "rm /a",
-            "mkdir /a",
-            "mv /b /c /a/",
-            "rm -rf /bar",
-            "mkdir -m 0755 /bar",
-            "echo -n D > /bar/D",
-            "rm -rf /qaz",
-            "touch /qaz",
-        ],
-    )?;
-    let e = w.mkfile(&None, "/foo", 0o755, "E")?;
-    let e = w.mkdir(&e, "/bar", 0o755)?;
-    let e = w.mkfile(&e, "/bar/A", 0o755, "A")?;
-    let e = w.mkfile(&e, "/bar/E", 0o755, "")?;
-    let merge_d = w.merge(&[&e, &run_a])?;
-    // /foo of stateE is gone: stateB, inside mergeC, deletes it. /bar/E survives the
-    // rm -rf + mkdir of /bar in runA (explicit whiteouts of what runA's base had).
-    let want = w.mkdir(&w.alpine, "/a", 0o755)?;
-    let want = w.mkfile(&want, "/a/b", 0o755, "B")?;
-    let want = w.mkfile(&want, "/a/c", 0o755, "C")?;
-    let want = w.mkdir(&want, "/bar", 0o755)?;
-    let want = w.mkfile(&want, "/bar/D", 0o644, "D")?;
-    let want = w.mkfile(&want, "/bar/E", 0o755, "")?;
-    let want = w.mkfile(&want, "/qaz", 0o644, "")?;
-    Ok((merge_d, Want::Of(want)))
-})];
 
 #[test]
 fn upstream_basics() -> Result<()> {
@@ -2100,20 +2096,6 @@ fn upstream_diff_merge_combinations() -> Result<()> {
 #[test]
 fn upstream_merge_op() -> Result<()> {
     run_cases("mergeop", MERGE_OP)
-}
-
-/// Upstream cases berth fails today, kept runnable so the gap stays visible: an exec/FileOp layer
-/// is the raw overlay upper dir, so (1) a dir removed and re-created stays an overlay *opaque* dir
-/// instead of explicit whiteouts of what the layer's parent had (hides other merge inputs' files
-/// in that dir), and (2) files copied up without a change (`mv a b; mv b a`) stay in the layer.
-/// Upstream's overlay differ drops both when it makes the layer blob.
-#[test]
-#[ignore = "known gaps: opaque dirs not converted to explicit whiteouts; unchanged copy-ups kept in exec layers"]
-fn upstream_known_gaps() -> Result<()> {
-    let a = run_cases("slices gaps", SLICES_GAPS);
-    let b = run_cases("mergeop gaps", MERGE_OP_GAPS);
-    ensure!(a.is_ok() && b.is_ok(), "{a:?}\n{b:?}");
-    Ok(())
 }
 
 /// verifyBlobReuse (TestDiffSingleLayerBlobReuse, TestDiffSingleLayerOnMergeBlobReuse) and the
@@ -2152,6 +2134,151 @@ fn upstream_layer_reuse() -> Result<()> {
     ensure!(
         w.chain(&d)? == w.chain(&one_file(&w, "/C")?)?,
         "TestDiffOfMerges reuses C's layer"
+    );
+    Ok(())
+}
+
+/// What a committed layer dir holds: relative path → kind (`dir`, `file`, `whiteout`, `other`), plus whether any dir
+/// still carries an overlay opaque marker.
+fn layer_entries(dir: &Path) -> Result<(BTreeMap<String, &'static str>, bool)> {
+    let mut out = BTreeMap::new();
+    let mut opaque = false;
+    for e in walkdir::WalkDir::new(dir).min_depth(1) {
+        let e = e?;
+        let md = fs::symlink_metadata(e.path())?;
+        let ft = md.file_type();
+        let kind = if ft.is_dir() {
+            let mut v = [0u8; 4];
+            opaque |= rustix::fs::lgetxattr(e.path(), "trusted.overlay.opaque", &mut v).is_ok();
+            "dir"
+        } else if ft.is_file() {
+            "file"
+        } else if std::os::unix::fs::FileTypeExt::is_char_device(&ft) && md.rdev() == 0 {
+            "whiteout"
+        } else {
+            "other"
+        };
+        out.insert(e.path().strip_prefix(dir)?.display().to_string(), kind);
+    }
+    Ok((out, opaque))
+}
+
+/// Commit normalises an exec layer against its parent's view (upstream's overlay differ): an opaque dir becomes
+/// explicit whiteouts of what the parent had there (also inside a re-created subdir), unchanged copy-ups (rename
+/// there and back, chown/chmod to the same values, a rewrite with the same content and a whole-second mtime) and
+/// dirs left empty by that are dropped, real changes stay (same size and mtime but other content). The snapshot's
+/// view is the same before and after commit (mtimes included), and so is the view of its tar re-imported.
+#[test]
+fn commit_normalises_exec_layers() -> Result<()> {
+    let w = World::new()?;
+    // Two Docker layers as unpacked from tars (whole-second mtimes); the second deletes /d/gone.
+    let parent = w.image(&[
+        &|r: &Path| {
+            for d in ["d/sub", "keep", "same_mode"] {
+                fs::create_dir_all(r.join(d))?;
+            }
+            for f in [
+                "d/a",
+                "d/gone",
+                "d/sub/x",
+                "d/sub/y",
+                "f",
+                "g",
+                "h",
+                "own",
+                "keep/file",
+                "same_mode/in",
+            ] {
+                fs::write(r.join(f), f.rsplit('/').next().unwrap())?;
+            }
+            std::os::unix::fs::symlink("f", r.join("ln"))?;
+            for e in walkdir::WalkDir::new(r).contents_first(true) {
+                set_mtime(e?.path(), 1_000_000)?;
+            }
+            Ok(())
+        },
+        &|r: &Path| {
+            fs::create_dir(r.join("d"))?;
+            make_wh(&r.join("d/gone"))?;
+            set_mtime(&r.join("d"), 1_000_000)
+        },
+    ])?;
+    let id = w
+        .store
+        .prepare(parent.as_ref(), &SnapshotOptions::new("exec"))?;
+    let before = {
+        let m = w.store.mount(&id, None)?;
+        let r = m.path();
+        fs::remove_dir_all(r.join("d"))?;
+        fs::create_dir_all(r.join("d/sub"))?;
+        fs::write(r.join("d/sub/x"), "new x")?;
+        fs::write(r.join("d/new"), "n")?;
+        fs::rename(r.join("f"), r.join("f.tmp"))?;
+        fs::rename(r.join("f.tmp"), r.join("f"))?;
+        std::os::unix::fs::lchown(r.join("own"), Some(0), Some(0))?;
+        std::os::unix::fs::lchown(r.join("ln"), Some(0), Some(0))?;
+        chmod(&r.join("same_mode"), 0o755)?;
+        // Same size, same whole-second mtime, other content: a change only the content shows.
+        fs::write(r.join("g"), "G")?;
+        set_mtime(&r.join("g"), 1_000_000)?;
+        // Same content rewritten, mtime put back: no change.
+        fs::write(r.join("h"), "h")?;
+        set_mtime(&r.join("h"), 1_000_000)?;
+        fs::write(r.join("keep/new"), "k")?;
+        fs::write(r.join("added"), "+")?;
+        tree(r)?
+    };
+    let lid = w.store.commit(&id)?;
+    let (entries, opaque) = layer_entries(&w.store.layer_path(&lid).join("diff"))?;
+    let want: BTreeMap<String, &str> = [
+        ("added", "file"),
+        ("d", "dir"),
+        ("d/a", "whiteout"),
+        ("d/new", "file"),
+        ("d/sub", "dir"),
+        ("d/sub/x", "file"),
+        ("d/sub/y", "whiteout"),
+        ("g", "file"),
+        ("keep", "dir"),
+        ("keep/new", "file"),
+    ]
+    .into_iter()
+    .map(|(p, k)| (p.to_string(), k))
+    .collect();
+    ensure!(entries == want, "layer holds {entries:#?}\nwant {want:#?}");
+    ensure!(!opaque, "an opaque marker is left in the layer");
+    let after = mounted_tree(&w.store, &id)?;
+    ensure!(
+        before == after,
+        "view changed by commit:\nbefore {before:#?}\nafter {after:#?}"
+    );
+    // The layer's tar carries the whiteouts, no opaque marker.
+    let mut tar = vec![];
+    layerstore::tar::write_layer(
+        &w.store.layer_path(&lid).join("diff"),
+        &mut tar,
+        None,
+        &Default::default(),
+    )?;
+    let mut names = vec![];
+    for e in tar::Archive::new(&tar[..]).entries()? {
+        names.push(e?.path()?.display().to_string());
+    }
+    for n in ["d/.wh.a", "d/sub/.wh.y"] {
+        ensure!(
+            names.iter().any(|x| x == n),
+            "{n} missing from tar {names:?}"
+        );
+    }
+    ensure!(
+        !names
+            .iter()
+            .any(|x| x.contains(".wh..wh..opq") || x.contains("gone")),
+        "tar {names:?}"
+    );
+    ensure!(
+        w.contents(&w.reimport(&Some(id.clone()))?)? == w.contents(&Some(id))?,
+        "re-imported view differs"
     );
     Ok(())
 }

@@ -13,6 +13,9 @@
 //! - A **snapshot** is a named chain recorded in the metadata DB. A *committed* snapshot is read-only. A *mutable*
 //!   snapshot additionally owns an `upper/` and `work/` dir and mounts read-write; [`SnapshotStore::commit`] turns its
 //!   upper dir into a new layer by `rename(2)` (no copy) and records a committed snapshot with that layer on top.
+//!   Before that the upper dir is normalised against its parent's view as BuildKit's overlay differ does (opaque dirs
+//!   become explicit whiteouts, unchanged copy-ups are dropped; see `normalize.rs`), so the layer holds only changes
+//!   and stays right as a MergeOp input.
 //!
 //! Merge is lazy: a merged snapshot is only the concatenation of its inputs' chains; it is materialised (as stacked
 //! lowerdirs) only when mounted.
@@ -77,6 +80,7 @@
 mod db;
 mod diff;
 mod mount;
+mod normalize;
 mod store;
 
 pub(crate) use diff::{copy_meta, make_whiteout};

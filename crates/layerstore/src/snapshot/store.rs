@@ -10,6 +10,7 @@ use rand::Rng;
 use super::db::{AdapterRec, Batch, Db, LayerRec, LeaseRec, SnapRec, State};
 use super::diff;
 use super::mount::{self, Mount, MountMethod, OverlaySpec};
+use super::normalize;
 use super::{
     Chain, DockerLayer, LayerId, LayerMeta, LayerRef, PruneOptions, RecordType, SnapshotId,
     SnapshotInfo, SnapshotKind, SnapshotOptions, StoreOptions, UsageRecord, WhiteoutFormat,
@@ -50,6 +51,9 @@ struct Inner {
     lock: Mutex<()>,
     /// Number of live [`Mount`] guards per snapshot.
     mounted: Mutex<HashMap<SnapshotId, usize>>,
+    /// Mutable snapshots whose upper dir [`SnapshotStore::commit`] is normalising (outside `lock`): not mountable,
+    /// committable or removable meanwhile.
+    committing: Mutex<BTreeSet<SnapshotId>>,
 }
 
 /// berth's snapshot store. Cheap to clone; all methods block.
@@ -103,6 +107,7 @@ impl SnapshotStore {
                 method,
                 lock: Mutex::new(()),
                 mounted: Mutex::new(HashMap::new()),
+                committing: Mutex::new(BTreeSet::new()),
             }),
         };
         store.recover()?;
@@ -415,6 +420,13 @@ impl SnapshotStore {
         Ok(self.mutable_dir(id).join("upper"))
     }
 
+    fn committing(&self) -> MutexGuard<'_, BTreeSet<SnapshotId>> {
+        self.inner
+            .committing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
     fn is_mounted(&self, id: &SnapshotId) -> bool {
         self.inner
             .mounted
@@ -428,28 +440,77 @@ impl SnapshotStore {
 
     /// Commits a mutable snapshot: its upper dir becomes a new immutable layer (by rename, no copy) and the snapshot
     /// becomes committed with that layer on top of its chain. Keeps the snapshot id. Fails if it is mounted.
+    ///
+    /// The upper dir is first normalised against the parent's view (see `normalize.rs`): opaque dirs become explicit
+    /// whiteouts and unchanged copy-ups are removed, so the layer carries only changes.
     pub fn commit(&self, id: &SnapshotId) -> Result<LayerId> {
-        let _g = self.locked();
-        let st = self.inner.db.load()?;
-        let rec = st
+        // The parent's layer dirs, resolved before taking the lock (AUFS adapters are made under it). A mutable
+        // snapshot's chain never changes.
+        let chain = self
+            .inner
+            .db
+            .load()?
             .snapshots
             .get(id)
-            .cloned()
-            .ok_or_else(|| Error::SnapshotNotFound { id: id.to_string() })?;
-        if rec.kind != SnapshotKind::Mutable {
-            return Err(Error::SnapshotNotMutable { id: id.to_string() });
-        }
-        if self.is_mounted(id) {
-            return Err(Error::SnapshotInUse {
-                id: id.to_string(),
-                by: "a mount",
-            });
-        }
+            .map(|r| r.chain.clone());
+        let lowers: Vec<PathBuf> = match &chain {
+            Some(c) => self
+                .resolve_lowers(c)?
+                .into_iter()
+                .rev()
+                .map(|(p, _)| p)
+                .collect(),
+            None => Vec::new(),
+        };
+        let check = |st: &State| -> Result<SnapRec> {
+            let rec = st
+                .snapshots
+                .get(id)
+                .cloned()
+                .ok_or_else(|| Error::SnapshotNotFound { id: id.to_string() })?;
+            if rec.kind != SnapshotKind::Mutable {
+                return Err(Error::SnapshotNotMutable { id: id.to_string() });
+            }
+            if self.is_mounted(id) {
+                return Err(Error::SnapshotInUse {
+                    id: id.to_string(),
+                    by: "a mount",
+                });
+            }
+            Ok(rec)
+        };
+        // Normalising walks the whole upper dir; it runs outside the store lock, with the snapshot marked as being
+        // committed (mount, commit and remove of it fail meanwhile).
+        let _committing = {
+            let _g = self.locked();
+            check(&self.inner.db.load()?)?;
+            let mut c = self.committing();
+            if !c.insert(id.clone()) {
+                return Err(Error::SnapshotInUse {
+                    id: id.to_string(),
+                    by: "a commit",
+                });
+            }
+            CommitGuard { store: self, id }
+        };
         let mdir = self.mutable_dir(id);
+        let upper = mdir.join("upper");
+        let t = std::time::Instant::now();
+        let stats = normalize::normalize_upper(&upper, &lowers)?;
+        tracing::debug!(
+            snapshot = %id,
+            visited = stats.visited,
+            dropped = stats.dropped,
+            opaque_cleared = stats.opaque_cleared,
+            whiteouts_added = stats.whiteouts_added,
+            elapsed_us = t.elapsed().as_micros() as u64,
+            "upper dir normalised for commit"
+        );
+        let _g = self.locked();
+        let rec = check(&self.inner.db.load()?)?;
         let lid = LayerId(random_id(12));
         let staged = self.inner.dir.join("tmp").join(format!("l-{lid}"));
         std::fs::create_dir(&staged).map_err(io_err("create dir", &staged))?;
-        let upper = mdir.join("upper");
         std::fs::rename(&upper, staged.join("diff")).map_err(io_err("rename", &upper))?;
         let lrec = self.finish_layer(&lid, &staged, LayerMeta::default(), None)?;
         let mut new = rec.clone();
@@ -644,6 +705,12 @@ impl SnapshotStore {
     pub fn mount(&self, id: &SnapshotId, target: Option<&Path>) -> Result<Mount> {
         let rec = {
             let _g = self.locked();
+            if self.committing().contains(id) {
+                return Err(Error::SnapshotInUse {
+                    id: id.to_string(),
+                    by: "a commit",
+                });
+            }
             let st = self.inner.db.load()?;
             let mut rec = st
                 .snapshots
@@ -889,6 +956,7 @@ impl SnapshotStore {
             .keys()
             .cloned()
             .collect();
+        set.extend(self.committing().iter().cloned());
         for l in st.leases.values() {
             if l.expires_at.is_none_or(|t| t > now) {
                 set.extend(l.snapshots.iter().cloned());
@@ -1075,6 +1143,18 @@ impl SnapshotStore {
             self.remove_locked(&st, &ids)?;
         }
         Ok(victims)
+    }
+}
+
+/// Unmarks a snapshot as being committed when [`SnapshotStore::commit`] returns.
+struct CommitGuard<'a> {
+    store: &'a SnapshotStore,
+    id: &'a SnapshotId,
+}
+
+impl Drop for CommitGuard<'_> {
+    fn drop(&mut self) {
+        self.store.committing().remove(self.id);
     }
 }
 
