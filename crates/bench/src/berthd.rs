@@ -1,0 +1,142 @@
+//! A real berthd for the bench: the built binary as a child process (own `--root` and socket,
+//! bound to one Docker Engine), driven through its gRPC API by the integration crate's BuildKit
+//! client (the protocol path of `buildctl build`: Session with FileSync, Control.Solve, Status,
+//! LLBBridge). Also reads and resets the daemon's peak RSS.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{bail, ensure, Context as _, Result};
+use integration::buildkit_client::{BuildOptions, BuildkitClient, Output};
+
+/// A running berthd, killed (by its PID, through the child handle) when dropped.
+pub struct Berthd {
+    child: tokio::process::Child,
+    pid: String,
+    socket: PathBuf,
+}
+
+/// What one build through berthd showed.
+pub struct GrpcBuild {
+    /// When the solve's last vertex completed (the daemon's timestamp in the Status stream;
+    /// vertices of the exporter excluded).
+    pub last_vertex: SystemTime,
+    /// Layer bytes the exporter reported sending to Docker (`exporting layers` status total).
+    pub bytes_sent: Option<u64>,
+    /// Whether the exporter reported layers skipped because Docker had them.
+    pub skipped_layers: bool,
+}
+
+impl Berthd {
+    /// Starts `bin` on `dir/root` with its socket in `dir`, bound to the Docker Engine at
+    /// `docker_host`; returns once the socket accepts connections (≤ 30 s).
+    pub async fn start(bin: &Path, dir: &Path, docker_host: &str) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let socket = dir.join("buildkitd.sock");
+        let log = std::fs::File::create(dir.join("berthd.log"))?;
+        let mut child = tokio::process::Command::new(bin)
+            .arg("--addr")
+            .arg(format!("unix://{}", socket.display()))
+            .arg("--root")
+            .arg(dir.join("root"))
+            .arg("--docker-host")
+            .arg(docker_host)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("start {}", bin.display()))?;
+        let pid = child.id().context("berthd pid")?.to_string();
+        let t = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            if let Some(st) = child.try_wait()? {
+                bail!(
+                    "berthd exited early ({st}); log:\n{}",
+                    std::fs::read_to_string(dir.join("berthd.log")).unwrap_or_default()
+                );
+            }
+            if t.elapsed() > Duration::from_secs(30) {
+                bail!("berthd did not answer on {} within 30 s", socket.display());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(Berthd { child, pid, socket })
+    }
+
+    /// The daemon's PID.
+    pub fn pid(&self) -> &str {
+        &self.pid
+    }
+
+    /// Resets the daemon's peak RSS (`VmHWM`) to its current RSS.
+    pub fn reset_peak_rss(&self) -> Result<()> {
+        std::fs::write(format!("/proc/{}/clear_refs", self.pid), "5")
+            .context("reset berthd's VmHWM via /proc/PID/clear_refs")
+    }
+
+    /// Kills the daemon and waits for it.
+    pub async fn stop(mut self) -> Result<()> {
+        self.child.kill().await.context("stop berthd")
+    }
+
+    /// Builds `def` with `--local ctx=<ctx>` and `--output type=image,name=<name>` the way
+    /// buildctl does, and checks that the solve succeeded.
+    pub async fn build_image(
+        &self,
+        def: protos::pb::Definition,
+        ctx: &Path,
+        name: &str,
+    ) -> Result<GrpcBuild> {
+        let client = BuildkitClient::connect_unix(&self.socket).await?;
+        let report = client
+            .build(BuildOptions {
+                definition: Some(def),
+                locals: BTreeMap::from([("ctx".to_string(), ctx.to_path_buf())]),
+                output: Output::Raw(
+                    "image".into(),
+                    BTreeMap::from([("name".to_string(), name.to_string())]),
+                ),
+                ..Default::default()
+            })
+            .await
+            .context("build through berthd's gRPC API")?;
+        if let Err(e) = &report.solve {
+            bail!("berthd: Control.Solve failed: {e}");
+        }
+        let vertices = report.vertices();
+        let mut last = None;
+        for v in vertices.values() {
+            if v.name.starts_with("exporting to") {
+                continue;
+            }
+            ensure!(
+                v.error.is_empty(),
+                "vertex {:?} failed: {}",
+                v.name,
+                v.error
+            );
+            let c = v
+                .completed
+                .as_ref()
+                .with_context(|| format!("vertex {:?} never completed", v.name))?;
+            let t = SystemTime::UNIX_EPOCH
+                + Duration::new(c.seconds.max(0) as u64, c.nanos.max(0) as u32);
+            last = last.max(Some(t));
+        }
+        let last_vertex = last.context("the Status stream showed no solve vertex")?;
+        let statuses = report.vertex_statuses();
+        let bytes_sent = statuses
+            .iter()
+            .filter(|s| s.id == "exporting layers" && s.completed.is_some())
+            .map(|s| s.total.max(0) as u64)
+            .next_back();
+        let skipped_layers = statuses.iter().any(|s| s.id.contains("already in Docker"));
+        Ok(GrpcBuild {
+            last_vertex,
+            bytes_sent,
+            skipped_layers,
+        })
+    }
+}

@@ -1,0 +1,198 @@
+//! The stock path with stock binaries: buildkitd (OCI worker, runc, its own `--root`) and buildctl
+//! from `BERTH_BENCH_BUILDKITD` / `BERTH_BENCH_BUILDCTL`. Stock buildkitd cannot use Docker's
+//! images in place, so the base image is pushed to a local registry (integration's `Registry`,
+//! plain HTTP on 127.0.0.1, declared `http`/`insecure` in buildkitd.toml) and pulled once by the
+//! warm-up build. Each build pipes `buildctl build --output type=docker,name=…` into
+//! `docker load`, as users do today.
+//!
+//! buildctl v0.11.6 has no `rawjson` progress, so the solve's last vertex is taken from the
+//! `--progress=plain` stream: the arrival of the last `#N DONE`/`#N CACHED` line of a vertex that
+//! is not the exporter's (`exporting to …`). Arrival is later than the vertex's real completion,
+//! which shortens the measured stock time (it favours stock).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{bail, ensure, Context as _, Result};
+use prost::Message as _;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+
+/// Stock binaries from the environment, if both are set.
+pub fn from_env() -> Option<(PathBuf, PathBuf)> {
+    let d = std::env::var_os("BERTH_BENCH_BUILDKITD")?;
+    let c = std::env::var_os("BERTH_BENCH_BUILDCTL")?;
+    Some((d.into(), c.into()))
+}
+
+/// A running stock buildkitd and the registry holding its base images; both stopped on drop
+/// (buildkitd through its child handle, the registry by integration's `Registry`).
+pub struct Stock {
+    buildctl: PathBuf,
+    addr: String,
+    daemon: tokio::process::Child,
+    registry: integration::Registry,
+}
+
+impl Stock {
+    /// Starts a registry and buildkitd (root and socket under `dir`).
+    pub async fn start(buildkitd: &Path, buildctl: &Path, dir: &Path) -> Result<Self> {
+        let registry = tokio::task::block_in_place(integration::Registry::start)
+            .context("start a local registry")?;
+        std::fs::create_dir_all(dir)?;
+        let config = dir.join("buildkitd.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[worker.oci]\n  enabled = true\n[worker.containerd]\n  enabled = false\n\
+                 [registry.\"{}\"]\n  http = true\n  insecure = true\n",
+                registry.addr()
+            ),
+        )?;
+        let socket = dir.join("buildkitd.sock");
+        let addr = format!("unix://{}", socket.display());
+        let log = std::fs::File::create(dir.join("buildkitd.log"))?;
+        let mut daemon = tokio::process::Command::new(buildkitd)
+            .arg("--root")
+            .arg(dir.join("root"))
+            .arg("--addr")
+            .arg(&addr)
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("start {}", buildkitd.display()))?;
+        let t = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            if let Some(st) = daemon.try_wait()? {
+                bail!(
+                    "buildkitd exited early ({st}); log:\n{}",
+                    std::fs::read_to_string(dir.join("buildkitd.log")).unwrap_or_default()
+                );
+            }
+            ensure!(
+                t.elapsed() < Duration::from_secs(60),
+                "buildkitd did not answer on {addr} within 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(Stock {
+            buildctl: buildctl.to_path_buf(),
+            addr,
+            daemon,
+            registry,
+        })
+    }
+
+    /// Pushes the Docker image `image` to the registry; returns its reference there.
+    pub async fn push(&self, image: &str) -> Result<String> {
+        let path = image.replace([':', '/'], "-");
+        let remote = format!("{}/{path}:bench", self.registry.addr());
+        crate::docker_cmd(&["tag", image, &remote]).await?;
+        let pushed = crate::docker_cmd(&["push", &remote]).await;
+        crate::rmi(&remote).await;
+        pushed?;
+        Ok(remote)
+    }
+
+    /// `buildctl build --local ctx=<ctx> --output type=docker,name=<name> | docker load`.
+    /// Returns when both have exited, with the arrival time of the solve's last vertex.
+    pub async fn build_docker_load(
+        &self,
+        def: &protos::pb::Definition,
+        ctx: &Path,
+        name: &str,
+    ) -> Result<SystemTime> {
+        let mut build = tokio::process::Command::new(&self.buildctl)
+            .arg("--addr")
+            .arg(&self.addr)
+            .arg("build")
+            .arg("--progress=plain")
+            .arg("--local")
+            .arg(format!("ctx={}", ctx.display()))
+            .arg("--output")
+            .arg(format!("type=docker,name={name}"))
+            // The plain printer's refresh interval (150 ms by default): as fine as it goes.
+            .env("TTY_DISPLAY_RATE", "10")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("run buildctl build")?;
+        let archive: Stdio = build
+            .stdout
+            .take()
+            .context("buildctl stdout")?
+            .try_into()
+            .context("pipe buildctl into docker load")?;
+        let load = tokio::process::Command::new("docker")
+            .arg("load")
+            .stdin(archive)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("run docker load")?;
+        let mut stdin = build.stdin.take().context("buildctl stdin")?;
+        stdin.write_all(&def.encode_to_vec()).await?;
+        drop(stdin);
+        let stderr = build.stderr.take().context("buildctl stderr")?;
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        let (mut names, mut done) = (HashMap::new(), HashMap::new());
+        let mut log = String::new();
+        while let Some(l) = lines.next_line().await? {
+            let at = SystemTime::now();
+            if let Some((n, rest)) = l.strip_prefix('#').and_then(|r| r.split_once(' ')) {
+                if rest == "CACHED" || rest.starts_with("DONE") {
+                    done.insert(n.to_string(), at);
+                } else {
+                    names
+                        .entry(n.to_string())
+                        .or_insert_with(|| rest.to_string());
+                }
+            }
+            log.push_str(&l);
+            log.push('\n');
+        }
+        let st = build.wait().await?;
+        let out = load.wait_with_output().await?;
+        ensure!(st.success(), "buildctl build failed ({st}):\n{log}");
+        ensure!(
+            out.status.success(),
+            "docker load failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        done.iter()
+            .filter(|(n, _)| {
+                !names
+                    .get(*n)
+                    .is_some_and(|name: &String| name.starts_with("exporting to"))
+            })
+            .map(|(_, t)| *t)
+            .max()
+            .with_context(|| format!("no solve vertex finished in buildctl's progress:\n{log}"))
+    }
+
+    /// Stops buildkitd (SIGTERM to its PID, so it unmounts its snapshots; SIGKILL after 30 s)
+    /// and the registry.
+    pub async fn stop(mut self) -> Result<()> {
+        if let Some(pid) = self.daemon.id() {
+            let _ = tokio::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .await;
+            if tokio::time::timeout(Duration::from_secs(30), self.daemon.wait())
+                .await
+                .is_err()
+            {
+                let _ = self.daemon.kill().await;
+            }
+        }
+        tokio::task::block_in_place(|| self.registry.stop())
+    }
+}
