@@ -10,6 +10,7 @@
 //! - [`busybox_image`] and [`multi_layer_image`]: base images built from Debian's `busybox-static`
 //!   and imported with `POST /images/create?fromSrc=-`; no registry is ever contacted. Each is a
 //!   [`TestImage`] that removes its own tag when dropped.
+//! - [`PrivateContainerd`]: a throwaway containerd on its own socket, with `ctr` helpers.
 //! - [`Registry`]: Debian's `docker-registry` on a free 127.0.0.1 port with temporary storage.
 //! - [`require_root`] and [`require_tool`]: precondition checks that panic with a clear message.
 //!   Nothing here skips silently: a test that cannot run fails.
@@ -50,6 +51,7 @@
 //! ```
 
 pub mod buildkit_client;
+mod containerd;
 mod engine;
 mod http;
 mod images;
@@ -59,6 +61,7 @@ mod process;
 mod registry;
 
 pub use bollard;
+pub use containerd::PrivateContainerd;
 pub use engine::{DockerEngine, Output, RunOptions, MIN_API_VERSION};
 pub use http::{http_get, HttpResponse};
 pub use images::{

@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 use export_support::*;
 use integration::buildkit_client::Berthd;
 use integration::{
-    busybox_image, require_root, unique_name, DockerEngine, PrivateDockerd, TestImage,
+    busybox_image, require_root, unique_name, DockerEngine, PrivateContainerd, PrivateDockerd,
+    TestImage,
 };
 use layerstore::dockerstore::fault::{CONTAINERD_STEPS, FAULT_ENV, LIVE_STEPS, OFFLINE_STEPS};
 
@@ -35,7 +36,7 @@ enum Store {
     /// A stopped private dockerd's data root.
     Offline { dockerd: PrivateDockerd },
     /// A private containerd.
-    Containerd { ctrd: Containerd },
+    Containerd { ctrd: PrivateContainerd },
 }
 
 struct Harness {
@@ -74,7 +75,7 @@ impl Harness {
                 (Store::Offline { dockerd }, args, vec![], Some(host))
             }
             "containerd" => {
-                let ctrd = Containerd::start();
+                let ctrd = PrivateContainerd::start();
                 let env = vec![(
                     "BERTH_CONTAINERD_ADDRESS".to_string(),
                     ctrd.socket().display().to_string(),

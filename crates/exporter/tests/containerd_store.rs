@@ -5,101 +5,12 @@
 //! Needs root, `containerd`, `ctr`, `containerd-shim-runc-v2` and runc.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use exporter::image::{build_config, ConfigInput, LayerInfo, Platform};
 use exporter::{ContainerdLayer, ContainerdStore, LayerFiles};
-
-struct Containerd {
-    child: Child,
-    dir: tempfile::TempDir,
-}
-
-impl Containerd {
-    fn start() -> Containerd {
-        let dir = tempfile::Builder::new()
-            .prefix("berth-ctrd-")
-            .tempdir_in("/var/tmp")
-            .unwrap();
-        let d = dir.path();
-        let cfg = format!(
-            "version = 2\nroot = \"{r}/root\"\nstate = \"{r}/state\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
-             [grpc]\n  address = \"{r}/c.sock\"\n[ttrpc]\n  address = \"{r}/c.sock.ttrpc\"\n",
-            r = d.display()
-        );
-        std::fs::write(d.join("config.toml"), cfg).unwrap();
-        let log = std::fs::File::create(d.join("containerd.log")).unwrap();
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(d.join("config.toml"))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("containerd must be installed");
-        let c = Containerd { child, dir };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !c.ctr(&["version"]).0 {
-            assert!(
-                Instant::now() < deadline,
-                "containerd did not start: {}",
-                c.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        c
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("c.sock")
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
-    }
-
-    fn ctr(&self, args: &[&str]) -> (bool, String) {
-        let out = Command::new("ctr")
-            .arg("--address")
-            .arg(self.socket())
-            .args(["--namespace", "moby"])
-            .args(args)
-            .output()
-            .expect("ctr must be installed");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned()
-                + &String::from_utf8_lossy(&out.stderr),
-        )
-    }
-}
-
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        let _ = nix_kill(self.child.id());
-        let _ = self.child.wait();
-        // Unmount anything a task left behind under our root before the temp dir goes.
-        if let Ok(m) = std::fs::read_to_string("/proc/self/mountinfo") {
-            let root = self.dir.path().to_string_lossy().into_owned();
-            for line in m.lines().rev() {
-                if let Some(target) = line.split(' ').nth(4) {
-                    if target.starts_with(&root) {
-                        let _ = Command::new("umount").arg("-l").arg(target).status();
-                    }
-                }
-            }
-        }
-    }
-}
-
-fn nix_kill(pid: u32) -> std::io::Result<()> {
-    Command::new("kill")
-        .arg("-TERM")
-        .arg(pid.to_string())
-        .status()
-        .map(|_| ())
-}
+use integration::PrivateContainerd;
 
 /// Copies a prepared test tree with `cp -a` (keeps devices, xattrs, hardlinks).
 struct DirFiles(PathBuf);
@@ -166,7 +77,7 @@ fn config(layers: &[ContainerdLayer]) -> exporter::image::ImageConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn export_into_containerd_runs_and_shares_base_snapshot() {
-    let ctrd = Containerd::start();
+    let ctrd = PrivateContainerd::start();
     let work = tempfile::Builder::new()
         .prefix("berth-ctrd-layers-")
         .tempdir_in("/var/tmp")

@@ -4,9 +4,8 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::Command;
 
 use integration::buildkit_client::{BuildOptions, BuildReport, BuildkitClient, Output};
 
@@ -241,105 +240,4 @@ pub fn offline_leftovers(data_root: &Path) -> Vec<String> {
         }
     }
     found
-}
-
-/// A private containerd (the machine's binary, its own root, state and socket).
-pub struct Containerd {
-    child: Child,
-    dir: tempfile::TempDir,
-}
-
-impl Containerd {
-    /// Starts it and waits until `ctr version` answers.
-    pub fn start() -> Containerd {
-        let dir = tempfile::Builder::new()
-            .prefix("berth-ctrd-")
-            .tempdir_in("/var/tmp")
-            .unwrap();
-        let d = dir.path();
-        let cfg = format!(
-            "version = 2\nroot = \"{r}/root\"\nstate = \"{r}/state\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
-             [grpc]\n  address = \"{r}/c.sock\"\n[ttrpc]\n  address = \"{r}/c.sock.ttrpc\"\n",
-            r = d.display()
-        );
-        std::fs::write(d.join("config.toml"), cfg).unwrap();
-        let log = std::fs::File::create(d.join("containerd.log")).unwrap();
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(d.join("config.toml"))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("containerd must be installed");
-        let c = Containerd { child, dir };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !c.ctr(&["version"]).0 {
-            assert!(
-                Instant::now() < deadline,
-                "containerd did not start: {}",
-                c.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        c
-    }
-
-    /// Its socket.
-    pub fn socket(&self) -> PathBuf {
-        self.dir.path().join("c.sock")
-    }
-
-    /// Its log.
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
-    }
-
-    /// `ctr --namespace moby ARGS`: (success, stdout+stderr).
-    pub fn ctr(&self, args: &[&str]) -> (bool, String) {
-        let out = Command::new("ctr")
-            .arg("--address")
-            .arg(self.socket())
-            .args(["--namespace", "moby"])
-            .args(args)
-            .output()
-            .expect("ctr must be installed");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned()
-                + &String::from_utf8_lossy(&out.stderr),
-        )
-    }
-
-    /// `ctr ARGS` that must succeed; its output.
-    pub fn ctr_ok(&self, args: &[&str]) -> String {
-        let (ok, out) = self.ctr(args);
-        assert!(ok, "ctr {args:?}: {out}\n{}", self.log());
-        out
-    }
-}
-
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        // Snapshot mounts of ctr run are gone with the tasks; unmount anything left under root.
-        let _ = Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "grep -o ' {}[^ ]*' /proc/self/mounts | sort -r | xargs -r -n1 umount -l",
-                self.dir.path().display()
-            ))
-            .status();
-    }
 }
