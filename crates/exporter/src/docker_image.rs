@@ -343,31 +343,6 @@ pub(crate) fn image_config(
     })
 }
 
-/// Writes the result as a complete docker-archive (`docker save` format, every layer included,
-/// `RepoTags` = the names) to `out`: the `docker` exporter's stream to the client, which
-/// `docker load` accepts. Blocking; streams each layer, never holding one in memory.
-pub fn write_docker_image_archive(
-    store: &SnapshotStore,
-    req: &ImageExportRequest<'_>,
-    out: &mut dyn std::io::Write,
-) -> Result<ImageExportResult> {
-    let (layers, _) = export_layers(store, req.chain)?;
-    let config = image_config(store, req, &layers)?;
-    let manifest = docker_manifest(&config, &layers);
-    let (manifest_digest, descriptor_b64) = descriptor(DOCKER_MANIFEST_MEDIA_TYPE, &manifest);
-    let include = vec![true; layers.len()];
-    let stats = crate::archive::write_docker_archive(out, &config, &layers, &include, &req.names)?;
-    Ok(ImageExportResult {
-        config_digest: config.digest.clone(),
-        manifest_digest,
-        descriptor: descriptor_b64,
-        names: req.names.clone(),
-        layers_sent: stats.layers_sent.len(),
-        bytes_sent: stats.layer_bytes_sent,
-        ..Default::default()
-    })
-}
-
 #[allow(clippy::too_many_arguments)]
 fn write_offline(
     store: &SnapshotStore,

@@ -28,8 +28,7 @@ pub use containerd::{
 };
 pub use docker_archive::{write_docker_client_archive, DockerPresence};
 pub use docker_image::{
-    write_docker_image_archive, ImageExportRequest, ImageExportResult, ImageTarget, TargetOptions,
-    DOCKER_MANIFEST_MEDIA_TYPE,
+    ImageExportRequest, ImageExportResult, ImageTarget, TargetOptions, DOCKER_MANIFEST_MEDIA_TYPE,
 };
 pub use docker_load::{split_tag, DockerEngine, LoadReport};
 pub use error::{Error, Result};
