@@ -1,5 +1,9 @@
 //! The Docker Engine berthd is bound to: image config lookups for `ResolveImageConfig` and the
 //! data root (`--docker-data-root`, else `GET /info`).
+//!
+//! With `--docker-data-root` and an Engine that does not answer (dockerd stopped), image configs
+//! come from that data root alone, resolved as dockerd would
+//! ([`layerstore::dockerstore::resolve_offline_image`]); reading only.
 
 use crate::errors::{Error, Result};
 use std::path::PathBuf;
@@ -44,9 +48,23 @@ impl Docker {
             .cloned()
     }
 
+    /// Whether the Engine answers `/_ping` (within 3 s).
+    async fn answers(&self) -> bool {
+        let Ok(c) = self.client() else { return false };
+        matches!(
+            tokio::time::timeout(std::time::Duration::from_secs(3), c.ping()).await,
+            Ok(Ok(_))
+        )
+    }
+
     /// The raw config JSON of an image in Docker's store and the digest to report (the manifest
     /// digest when Docker knows one, else the image id).
     pub async fn image_config(&self, reference: &str) -> Result<(String, Vec<u8>)> {
+        if let Some(root) = &self.configured_root {
+            if !self.answers().await {
+                return offline_image_config(root.clone(), reference.to_string()).await;
+            }
+        }
         let name = reference.split('@').next().unwrap_or(reference);
         let c = self.client()?;
         let img = match c.inspect_image(reference).await {
@@ -81,6 +99,37 @@ impl Docker {
             .unwrap_or(id);
         Ok((digest, config))
     }
+}
+
+/// [`Docker::image_config`] from a stopped daemon's data root: the reference (or, failing that,
+/// its name without the digest, as the live lookup does) resolved as dockerd would.
+async fn offline_image_config(root: PathBuf, reference: String) -> Result<(String, Vec<u8>)> {
+    use layerstore::dockerstore::{offline_driver, resolve_offline_image, DockerStore};
+    tokio::task::spawn_blocking(move || {
+        let store = DockerStore::new(&root, offline_driver(&root));
+        let name = reference.split('@').next().unwrap_or(&reference);
+        let image = match resolve_offline_image(&store, &reference) {
+            Err(layerstore::Error::DockerImageNotFound { .. }) if name != reference => {
+                resolve_offline_image(&store, name)
+            }
+            r => r,
+        }
+        .map_err(|e| match e {
+            layerstore::Error::DockerImageNotFound { .. } => Error::not_found(e.to_string()),
+            layerstore::Error::InvalidImageReference { .. }
+            | layerstore::Error::AmbiguousImageId { .. } => Error::invalid(e.to_string()),
+            e => Error::layerstore(format!("read image {reference} from {}", root.display()), e),
+        })?;
+        let digest = store
+            .repo_digests(&image.id)
+            .map_err(|e| Error::layerstore("read repositories.json", e))?
+            .into_iter()
+            .find_map(|d| d.split_once('@').map(|(_, dg)| dg.to_string()))
+            .unwrap_or_else(|| image.id.to_string());
+        Ok((digest, image.config))
+    })
+    .await
+    .map_err(|e| Error::internal(format!("image config task: {e}")))?
 }
 
 /// A Docker Engine client for `host` (`unix:///path`, `tcp://h:p`, or a bare socket path). The

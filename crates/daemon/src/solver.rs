@@ -56,7 +56,8 @@ pub struct BackendOptions {
     pub allowed_entitlements: Vec<String>,
     /// Worker parallelism (default: CPUs).
     pub max_parallelism: Option<usize>,
-    /// `--docker-data-root`, if given (the image exporter's offline mode and presence hints).
+    /// `--docker-data-root`, if given (base images and the image exporter's offline mode when
+    /// the daemon does not answer; presence hints).
     pub docker_data_root: Option<PathBuf>,
     /// Defaults of the exporters that stream to the client.
     pub client_export: crate::export_client::ClientExportOptions,
@@ -107,6 +108,7 @@ impl Backend {
             .map_err(|e| anyhow::anyhow!("open layer store under {}: {e}", root.display()))?;
         let mut wopts = worker::WorkerOptions::new(root.join("worker"));
         wopts.docker_host = Some(opts.docker_host.clone());
+        wopts.docker_data_root = opts.docker_data_root.clone();
         wopts.allowed_entitlements = opts.allowed_entitlements.clone();
         if let Some(n) = opts.max_parallelism.filter(|n| *n > 0) {
             wopts.max_parallelism = n;

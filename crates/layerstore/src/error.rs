@@ -170,6 +170,25 @@ pub enum Error {
         /// The reference.
         reference: String,
     },
+    /// A stopped daemon's data root has no image for a reference (and nothing can pull it).
+    #[error(
+        "image {reference} not found in the stopped Docker data root {}; start dockerd to pull it",
+        data_root.display()
+    )]
+    DockerImageNotFound {
+        /// The reference as given.
+        reference: String,
+        /// The data root.
+        data_root: PathBuf,
+    },
+    /// A short image ID matches more than one image.
+    #[error("image ID prefix {prefix:?} matches several images in {}", data_root.display())]
+    AmbiguousImageId {
+        /// The prefix as given.
+        prefix: String,
+        /// The data root.
+        data_root: PathBuf,
+    },
     // -- snapshot module variants below --
     /// A snapshot or layer id has the wrong form.
     #[error("invalid snapshot or layer id {id:?}")]

@@ -69,6 +69,10 @@ pub struct WorkerOptions {
     pub max_parallelism: usize,
     /// Docker Engine API address (`unix:///var/run/docker.sock`), for image sources.
     pub docker_host: Option<String>,
+    /// The data root of the dockerd at `docker_host` (`--docker-data-root`): when that daemon
+    /// does not answer, image sources resolve base images from this data root in place
+    /// (see `ops::source_image`).
+    pub docker_data_root: Option<PathBuf>,
     /// Entitlements the daemon allows at all (`network.host`, `security.insecure`); a build
     /// gets an entitlement only if it asks for it and it is listed here.
     pub allowed_entitlements: Vec<String>,
@@ -86,6 +90,7 @@ impl WorkerOptions {
                 .map(|n| n.get())
                 .unwrap_or(2),
             docker_host: None,
+            docker_data_root: None,
             allowed_entitlements: vec![],
             default_platform: Platform::host(),
         }

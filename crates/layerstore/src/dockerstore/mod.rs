@@ -6,6 +6,8 @@
 //!   writes, so it is safe while dockerd runs.
 //! - [`resolve_base_image`] turns an image reference into the layer dirs berth mounts in place (through the live
 //!   Engine API plus the reader), and [`pin_image`] keeps `docker rmi` from deleting them while a build uses them.
+//! - [`resolve_offline_image`] does the same for a **stopped** dockerd from its data root alone (`repositories.json`,
+//!   image IDs and ID prefixes as dockerd resolves them), reading only.
 //! - [`fault`]: the `BERTH_FAULT_KILL` fault-injection points of every export mode (crash tests).
 //! - [`OfflineWriter`] writes layers, image configs and tags into the data root of a **stopped** dockerd (never a
 //!   running one: a running dockerd does not pick such entries up and they block later loads of the same layers).
@@ -31,6 +33,7 @@
 //! layers ([`crate::snapshot::WhiteoutFormat::Aufs`]). The offline writer writes each driver's own format.
 pub mod fault;
 mod live;
+mod offline;
 mod reader;
 mod writer;
 
@@ -38,6 +41,7 @@ pub use fault::fault_point;
 pub use live::{
     pin_image, remove_stale_pins, resolve_base_image, BaseImage, Pin, PIN_BUILD_LABEL, PIN_LABEL,
 };
+pub use offline::{offline_driver, resolve_offline_image};
 pub use reader::{DockerStore, LayerEntry};
 pub use writer::{recover, DaemonCheck, LayerSource, OfflineWriter, RecoverReport, WrittenLayer};
 

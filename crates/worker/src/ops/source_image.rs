@@ -22,8 +22,22 @@
 //! ID, new cache-ids) a miss instead of a cached snapshot whose lower dirs no longer exist.
 //! Progress: a `resolve <ref>` status on the vertex.
 //!
+//! Stopped daemon (`WorkerOptions::docker_data_root` set and the Engine at `docker_host` not
+//! answering): the image is resolved from that data root alone, as dockerd would resolve it
+//! ([`layerstore::dockerstore::resolve_offline_image`]: `repositories.json`, full IDs, unique ID
+//! prefixes), into the same chain of Docker's own layer dirs. Nothing can be pulled (`default`
+//! and `local` resolve the same; a missing image is `NotFound` telling to start dockerd;
+//! `pull` is refused as `Unavailable`), and nothing is written to the data root. What keeps the
+//! layers alive: with no daemon nothing deletes layer dirs (berth's offline writer only ever
+//! adds committed layers, its recovery removes only its own unfinished dirs), so no pin is
+//! needed; if dockerd is started while the build runs, a watcher notices the Engine answering
+//! (polled every [`OFFLINE_WATCH`]) and pins the image by ID through the API at once, like a
+//! live resolution, until the build ends. Until it answers, a daemon cannot take `docker rmi`
+//! requests. (Writes behind a running daemon are prevented where they happen: the offline
+//! exporter refuses a data root a dockerd uses.)
+//!
 //! Not carried yet: the image config (the result type has no place for it; the exporter and
-//! frontend read it from the Engine by image ID).
+//! frontend read it from the Engine, or the stopped data root, by image ID).
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -50,6 +64,10 @@ const API_VERSION: bollard::ClientVersion = bollard::ClientVersion {
 };
 /// Timeout of Engine API requests in seconds (pulls of large images take long).
 const API_TIMEOUT_SECS: u64 = 3600;
+/// How long a `/_ping` may take before the Engine counts as not answering.
+const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+/// How often an offline-resolved build checks whether dockerd has been started (to pin).
+const OFFLINE_WATCH: std::time::Duration = std::time::Duration::from_millis(250);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ResolveMode {
@@ -125,7 +143,69 @@ struct ImageSource {
 struct Resolved {
     image: BaseImage,
     chain: Chain,
-    _pin: Pin,
+    _hold: Hold,
+}
+
+/// What keeps the base image's layers from being deleted while the build runs.
+enum Hold {
+    /// A pin container in the live Engine.
+    Live { _pin: Pin },
+    /// Resolved from a stopped daemon's data root: pins through the API if dockerd starts.
+    Offline { _watch: OfflineWatch },
+}
+
+/// Watches a stopped daemon's Engine address; once it answers, pins the image there. Dropping it
+/// stops the watch and releases the pin.
+struct OfflineWatch {
+    task: tokio::task::JoinHandle<()>,
+    pin: Arc<std::sync::Mutex<Option<Pin>>>,
+}
+
+impl OfflineWatch {
+    fn start(
+        docker_host: Option<String>,
+        image_id: String,
+        instance: String,
+        build: String,
+    ) -> Self {
+        let pin: Arc<std::sync::Mutex<Option<Pin>>> = Default::default();
+        let slot = pin.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(OFFLINE_WATCH).await;
+                let Some(docker) = answering_engine(docker_host.as_deref()).await else {
+                    continue;
+                };
+                tracing::warn!(image = %image_id, "dockerd started while a build uses its stopped data root: pinning the base image");
+                remove_stale_pins_once(&docker, &instance).await;
+                match dockerstore::pin_image(&docker, &image_id, &instance, &build).await {
+                    Ok(p) => *slot.lock().unwrap() = Some(p),
+                    Err(e) => {
+                        tracing::warn!(image = %image_id, error = %e, "pinning the base image in the started dockerd failed")
+                    }
+                }
+                return;
+            }
+        });
+        OfflineWatch { task, pin }
+    }
+}
+
+impl Drop for OfflineWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+        let pin = self.pin.lock().unwrap().take();
+        drop(pin);
+    }
+}
+
+/// A client for `docker_host` if its Engine answers `/_ping` (within [`PING_TIMEOUT`]).
+async fn answering_engine(docker_host: Option<&str>) -> Option<Docker> {
+    let docker = connect(docker_host).ok()?;
+    match tokio::time::timeout(PING_TIMEOUT, docker.ping()).await {
+        Ok(Ok(_)) => Some(docker),
+        _ => None,
+    }
 }
 
 fn engine_err(what: String, e: bollard::errors::Error) -> Error {
@@ -248,7 +328,14 @@ impl ImageSource {
     }
 
     async fn resolve_now(&self) -> Result<Resolved> {
-        let docker = connect(self.env.opts.docker_host.as_deref())?;
+        let docker = match &self.env.opts.docker_data_root {
+            // With a data root configured, a daemon that does not answer means "stopped".
+            Some(root) => match answering_engine(self.env.opts.docker_host.as_deref()).await {
+                Some(d) => d,
+                None => return self.resolve_offline(root).await,
+            },
+            None => connect(self.env.opts.docker_host.as_deref())?,
+        };
         if self.mode == ResolveMode::Pull {
             self.pull(&docker).await?;
         }
@@ -298,7 +385,71 @@ impl ImageSource {
         let image = dockerstore::resolve_base_image(&docker, &store, &id)
             .await
             .map_err(|e| store_err(format!("resolve image {}", self.reference), e))?;
-        let mut chain = image.chain();
+        let chain = self.limit(image.chain())?;
+        tracing::debug!(reference = %self.reference, id = %image.id, layers = chain.0.len(), "image resolved in place");
+        Ok(Resolved {
+            image,
+            chain,
+            _hold: Hold::Live { _pin: pin },
+        })
+    }
+
+    /// Resolution from a stopped daemon's data root (module docs).
+    async fn resolve_offline(&self, root: &std::path::Path) -> Result<Resolved> {
+        let host = self
+            .env
+            .opts
+            .docker_host
+            .clone()
+            .unwrap_or_else(|| "unix:///var/run/docker.sock".into());
+        if self.mode == ResolveMode::Pull {
+            return Err(Error::Op {
+                message: format!(
+                    "image {}: image.resolvemode=pull needs a running dockerd, but the Docker Engine at {host} does not answer (berthd uses its stopped data root {})",
+                    self.reference,
+                    root.display()
+                ),
+                kind: ErrorKind::Unavailable,
+                source: None,
+            });
+        }
+        let store = DockerStore::new(root, dockerstore::offline_driver(root));
+        let reference = self.reference.clone();
+        let image = blocking(move || {
+            dockerstore::resolve_offline_image(&store, &reference).map_err(|e| {
+                let kind = match &e {
+                    layerstore::Error::DockerImageNotFound { .. } => ErrorKind::NotFound,
+                    layerstore::Error::InvalidImageReference { .. }
+                    | layerstore::Error::AmbiguousImageId { .. } => ErrorKind::InvalidArgument,
+                    _ => ErrorKind::Internal,
+                };
+                Error::Op {
+                    message: format!("resolve image {reference} offline: {e}"),
+                    kind,
+                    source: Some(Box::new(e)),
+                }
+            })
+        })
+        .await?;
+        let chain = self.limit(image.chain())?;
+        tracing::debug!(reference = %self.reference, id = %image.id, layers = chain.0.len(), data_root = %root.display(), "image resolved in place from a stopped daemon's data root");
+        let hold = Hold::Offline {
+            _watch: OfflineWatch::start(
+                self.env.opts.docker_host.clone(),
+                image.id.to_string(),
+                format!("worker:{}", self.env.opts.root.display()),
+                self.reference.clone(),
+            ),
+        };
+        Ok(Resolved {
+            image,
+            chain,
+            _hold: hold,
+        })
+    }
+
+    /// Applies `image.layerlimit`.
+    fn limit(&self, mut chain: Chain) -> Result<Chain> {
         if let Some(n) = self.layer_limit {
             if n > chain.0.len() {
                 return Err(Error::Op {
@@ -313,12 +464,7 @@ impl ImageSource {
             }
             chain.0.truncate(n);
         }
-        tracing::debug!(reference = %self.reference, id = %image.id, layers = chain.0.len(), "image resolved in place");
-        Ok(Resolved {
-            image,
-            chain,
-            _pin: pin,
-        })
+        Ok(chain)
     }
 
     async fn pull(&self, docker: &Docker) -> Result<()> {
