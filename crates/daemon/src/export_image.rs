@@ -366,20 +366,6 @@ pub async fn export(
     res
 }
 
-/// The registry host of an image name, as BuildKit asks the session's Auth service.
-fn registry_host(name: &str) -> String {
-    match name.split_once('/') {
-        Some((first, _)) if first.contains('.') || first.contains(':') || first == "localhost" => {
-            if first == "docker.io" || first == "index.docker.io" {
-                "registry-1.docker.io".into()
-            } else {
-                first.to_string()
-            }
-        }
-        _ => "registry-1.docker.io".into(),
-    }
-}
-
 /// Credentials for pushing `name` from the client's session (`None`: anonymous, or no session).
 async fn credentials(
     sessions: &Arc<SessionManager>,
@@ -389,33 +375,12 @@ async fn credentials(
     if session_id.is_empty() {
         return Ok(None);
     }
-    let host = registry_host(name);
+    let host = worker::registry_host(name);
     let Ok(session) = sessions.get(session_id).await else {
         return Ok(None);
     };
     let creds = crate::session::calls::credentials(&session, &host).await?;
-    Ok(creds.map(|(user, secret)| {
-        // An empty user name with a secret is an identity token (docker login's refresh token).
-        let server = if host == "registry-1.docker.io" {
-            "https://index.docker.io/v1/".to_string()
-        } else {
-            host.clone()
-        };
-        if user.is_empty() {
-            bollard::auth::DockerCredentials {
-                identitytoken: Some(secret),
-                serveraddress: Some(server),
-                ..Default::default()
-            }
-        } else {
-            bollard::auth::DockerCredentials {
-                username: Some(user),
-                password: Some(secret),
-                serveraddress: Some(server),
-                ..Default::default()
-            }
-        }
-    }))
+    Ok(creds.map(|(username, secret)| worker::Credentials { username, secret }.to_docker(&host)))
 }
 
 /// The manifest a push left in the registry.
@@ -557,8 +522,6 @@ mod tests {
         );
         assert_eq!(parse_push_digest("Pushed"), None);
         assert_eq!(parse_push_digest("latest: digest: sha256:00 size: 1"), None);
-        assert_eq!(registry_host("127.0.0.1:5000/a/b:t"), "127.0.0.1:5000");
-        assert_eq!(registry_host("app:1"), "registry-1.docker.io");
     }
 
     #[test]

@@ -34,8 +34,8 @@ pub use layerstore::snapshot::{Chain, LayerRef, SnapshotId, SnapshotStore};
 pub use progress::{LogStream, ProgressEvent, ProgressGroup, ProgressSink};
 pub use result::{ReadOnlyMount, SolvedRef};
 pub use session::{
-    Credentials, LocalDiffer, LocalSync, NoSession, SessionProvider, SshAgentConn, SshAgentStream,
-    TransferProgress,
+    registry_host, Credentials, LocalDiffer, LocalSync, NoSession, SessionProvider, SshAgentConn,
+    SshAgentStream, TransferProgress,
 };
 pub use worker::{
     Platform, SolveContext, Worker, WorkerOptions, ENTITLEMENT_NETWORK_HOST,

@@ -107,6 +107,52 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
+impl Credentials {
+    /// These credentials as the Docker Engine API takes them (`X-Registry-Auth`) for `host` (see
+    /// [`registry_host`]): an empty user name with a secret is an identity token (a refresh token
+    /// from `docker login`); Docker Hub is addressed as `https://index.docker.io/v1/`.
+    pub fn to_docker(&self, host: &str) -> bollard::auth::DockerCredentials {
+        let server = if host == DOCKER_HUB_HOST {
+            "https://index.docker.io/v1/".to_string()
+        } else {
+            host.to_string()
+        };
+        if self.username.is_empty() {
+            bollard::auth::DockerCredentials {
+                identitytoken: Some(self.secret.clone()),
+                serveraddress: Some(server),
+                ..Default::default()
+            }
+        } else {
+            bollard::auth::DockerCredentials {
+                username: Some(self.username.clone()),
+                password: Some(self.secret.clone()),
+                serveraddress: Some(server),
+                ..Default::default()
+            }
+        }
+    }
+}
+
+/// Docker Hub as BuildKit names it to the session's Auth service.
+const DOCKER_HUB_HOST: &str = "registry-1.docker.io";
+
+/// The registry host of an image reference, as BuildKit asks the session's Auth service for
+/// credentials: the first path component when it looks like a host (has `.` or `:`, or is
+/// `localhost`), else Docker Hub (`registry-1.docker.io`, also for `docker.io` itself).
+pub fn registry_host(reference: &str) -> String {
+    match reference.split_once('/') {
+        Some((first, _)) if first.contains('.') || first.contains(':') || first == "localhost" => {
+            if first == "docker.io" || first == "index.docker.io" {
+                DOCKER_HUB_HOST.into()
+            } else {
+                first.to_string()
+            }
+        }
+        _ => DOCKER_HUB_HOST.into(),
+    }
+}
+
 /// One connection to a client's SSH agent: bytes written go to the agent, bytes read come from
 /// it; shutting down the write half half-closes the connection.
 pub trait SshAgentStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}

@@ -55,6 +55,7 @@ use crate::llbsolver::definition::LoadedOp;
 use crate::ops::BuildEnv;
 use crate::progress::ProgressEvent;
 use crate::result::Snap;
+use crate::session::registry_host;
 use crate::solver::{Op, OpContext, Solved};
 
 /// Docker API version berth speaks (Docker 20.10's; newer engines accept it).
@@ -283,20 +284,6 @@ async fn remove_stale_pins_once(docker: &Docker, instance: &str) {
     .await;
 }
 
-/// The registry host of a reference, as BuildKit asks the session for credentials.
-fn registry_host(reference: &str) -> String {
-    match reference.split_once('/') {
-        Some((first, _)) if first.contains('.') || first.contains(':') || first == "localhost" => {
-            if first == "docker.io" || first == "index.docker.io" {
-                "registry-1.docker.io".into()
-            } else {
-                first.to_string()
-            }
-        }
-        _ => "registry-1.docker.io".into(),
-    }
-}
-
 impl ImageSource {
     fn status(&self, ctx: &OpContext, started: SystemTime, completed: Option<SystemTime>) {
         let id = format!("resolve {}", self.reference);
@@ -470,16 +457,7 @@ impl ImageSource {
     async fn pull(&self, docker: &Docker) -> Result<()> {
         let host = registry_host(&self.reference);
         let creds = self.env.session.registry_credentials(&host).await?;
-        let credentials = creds.map(|c| bollard::auth::DockerCredentials {
-            username: Some(c.username),
-            password: Some(c.secret),
-            serveraddress: Some(if host == "registry-1.docker.io" {
-                "https://index.docker.io/v1/".into()
-            } else {
-                host.clone()
-            }),
-            ..Default::default()
-        });
+        let credentials = creds.map(|c| c.to_docker(&host));
         let opts = bollard::query_parameters::CreateImageOptions {
             from_image: Some(self.reference.clone()),
             platform: self.platform.clone().unwrap_or_default(),
@@ -534,7 +512,7 @@ impl Op<Snap> for ImageSource {
 
 #[cfg(test)]
 mod tests {
-    use super::registry_host;
+    use crate::session::registry_host;
 
     #[test]
     fn registry_hosts() {
