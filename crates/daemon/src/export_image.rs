@@ -108,14 +108,7 @@ async fn target(opts: &ImageExportOptions, store: &SnapshotStore) -> Result<Imag
 /// The offline target for a data root whose daemon cannot be reached: the storage driver is the
 /// one whose `image/<driver>/layerdb` exists (`overlay2` for an empty data root).
 fn offline_target(root: &Path) -> ImageTarget {
-    use layerstore::dockerstore::StorageDriver;
-    let driver = if root.join("image/fuse-overlayfs/layerdb").is_dir()
-        && !root.join("image/overlay2/layerdb").is_dir()
-    {
-        StorageDriver::FuseOverlayfs
-    } else {
-        StorageDriver::Overlay2
-    };
+    let driver = layerstore::dockerstore::offline_driver(root);
     ImageTarget::ClassicOffline {
         data_root: root.to_path_buf(),
         driver,

@@ -456,7 +456,7 @@ impl ImageTarget {
                         message: format!("the Docker Engine does not answer ({e}) and no --docker-data-root was given"),
                     });
                 };
-                let driver = detect_offline_driver(root)?;
+                let driver = layerstore::dockerstore::offline_driver(root);
                 return Ok(ImageTarget::ClassicOffline {
                     data_root: root.clone(),
                     driver,
@@ -508,21 +508,4 @@ impl ImageTarget {
             ImageTarget::Containerd { .. } => "docker (containerd store)",
         }
     }
-}
-
-/// The storage driver of a stopped daemon's data root: the one whose `image/<driver>/layerdb`
-/// exists (an empty data root gets `overlay2`).
-fn detect_offline_driver(root: &std::path::Path) -> Result<StorageDriver> {
-    for name in ["overlay2", "fuse-overlayfs"] {
-        if root.join("image").join(name).join("layerdb").is_dir() {
-            return StorageDriver::from_name(name).map_err(|source| Error::Store {
-                what: "storage driver".into(),
-                source,
-            });
-        }
-    }
-    StorageDriver::from_name("overlay2").map_err(|source| Error::Store {
-        what: "storage driver".into(),
-        source,
-    })
 }
