@@ -580,7 +580,11 @@ pub(crate) fn familiar_reference(reference: &str) -> Result<(String, String)> {
         None => (reference, "latest"),
     };
     let name = name.strip_prefix("docker.io/").unwrap_or(name);
-    let name = name.strip_prefix("library/").unwrap_or(name);
+    // Docker's familiar form drops `library/` only for official images (one path component).
+    let name = match name.strip_prefix("library/") {
+        Some(rest) if !rest.contains('/') => rest,
+        _ => name,
+    };
     let ok_name = !name.is_empty()
         && name
             .bytes()
@@ -845,6 +849,11 @@ mod tests {
             ("app", ("app", "app:latest")),
             ("app:1.0", ("app", "app:1.0")),
             ("docker.io/library/busybox:x", ("busybox", "busybox:x")),
+            ("library/busybox", ("busybox", "busybox:latest")),
+            (
+                "library/team/app:1",
+                ("library/team/app", "library/team/app:1"),
+            ),
             (
                 "localhost:5000/team/app",
                 ("localhost:5000/team/app", "localhost:5000/team/app:latest"),
