@@ -124,7 +124,9 @@ async fn merge_and_diff() -> Result<()> {
     let base = llb::image(img.reference()).state();
     let a = base.run(RunOpts::shell("echo a > /a.txt")).root();
     let b = base
-        .run(RunOpts::shell("echo b > /b.txt; rm -r /home"))
+        .run(RunOpts::shell(
+            "echo b > /b.txt; rm -r /home; rm /etc/group",
+        ))
         .root();
     let base_len = solve(&w.worker, &base).await.ok().chain().layers().len();
 
@@ -154,12 +156,16 @@ async fn merge_and_diff() -> Result<()> {
     assert_eq!(read(r, "/b.txt").await?.as_deref(), Some("b\n"));
     let mnt = r.mount().await?;
     assert!(!mnt.path().join("home").exists(), "whiteout not applied");
+    assert!(
+        !mnt.path().join("etc/group").exists(),
+        "nested whiteout not applied"
+    );
+    assert!(mnt.path().join("etc/passwd").exists());
     assert!(mnt.path().join("bin/sh").exists());
     drop(mnt);
 
-    // Not an ancestor: computed layer; merge(a, diff(a, b)) == b. (Deletions are top-level here:
-    // a deletion nested in a directory present on both sides currently fails in layerstore's
-    // computed diff, which does not create the parent directory of the whiteout.)
+    // Not an ancestor: computed layer; merge(a, diff(a, b)) == b, with a top-level deletion
+    // (/home) and one nested in a directory both sides have (/etc/group).
     let dab = solve(&w.worker, &llb::diff(&a, &b)).await;
     assert_eq!(dab.ok().chain().layers().len(), 1);
     let ab = llb::merge(&[a.clone(), llb::diff(&a, &b)]);
@@ -169,6 +175,8 @@ async fn merge_and_diff() -> Result<()> {
     assert_eq!(read(r, "/a.txt").await?, None);
     let mnt = r.mount().await?;
     assert!(!mnt.path().join("home").exists());
+    assert!(!mnt.path().join("etc/group").exists());
+    assert!(mnt.path().join("etc/passwd").exists());
     drop(mnt);
     // Rebuild: every vertex cached.
     let again = solve(&w.worker, &ab).await;
