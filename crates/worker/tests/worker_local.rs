@@ -95,3 +95,118 @@ async fn unknown_local_name_is_not_found() -> Result<()> {
     );
     Ok(())
 }
+
+/// The worker's persistent sync directory of the only local source synced so far.
+fn sync_dir(w: &TestWorker) -> Result<std::path::PathBuf> {
+    let local = w.root.path().join("worker/local");
+    let dirs: Vec<_> = std::fs::read_dir(&local)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<Vec<_>>>()?
+        .into_iter()
+        .filter(|p| p.is_dir())
+        .collect();
+    anyhow::ensure!(dirs.len() == 1, "one sync directory in {local:?}: {dirs:?}");
+    Ok(dirs[0].clone())
+}
+
+#[tokio::test]
+async fn same_size_content_change_invalidates_and_keeps_metadata() -> Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let w = TestWorker::new()?;
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    std::fs::create_dir(d.join("sub"))?;
+    std::fs::set_permissions(d.join("sub"), std::fs::Permissions::from_mode(0o750))?;
+    std::fs::write(d.join("sub/a.txt"), "aaaa")?;
+    std::fs::set_permissions(d.join("sub/a.txt"), std::fs::Permissions::from_mode(0o640))?;
+    std::os::unix::fs::chown(d.join("sub/a.txt"), Some(1234), Some(5678))?;
+    std::fs::write(d.join("b.txt"), "bbbb")?;
+    std::os::unix::fs::symlink("sub/a.txt", d.join("link"))?;
+    let session = DirSession::with("ctx", d);
+    let st: llb::State = llb::local("ctx").into();
+
+    let s1 = solve(&w.worker, &st, session.clone()).await;
+    let r1 = s1.ok();
+    assert_eq!(read(r1, "/sub/a.txt").await?.as_deref(), Some("aaaa"));
+    let m = meta(r1, "/sub/a.txt").await?.expect("a.txt");
+    assert_eq!((m.mode() & 0o7777, m.uid(), m.gid()), (0o640, 1234, 5678));
+    let m = meta(r1, "/sub").await?.expect("sub");
+    assert_eq!(m.mode() & 0o7777, 0o750);
+    let m = meta(r1, "/link").await?.expect("link");
+    assert!(m.file_type().is_symlink());
+
+    // Same size, new content, new mtime: fsutil's receiver (upstream's `sameFile` too) compares
+    // size and mtime, so the mtime is what makes the sync notice; the key must follow.
+    let f = d.join("sub/a.txt");
+    let old_mtime = std::fs::metadata(&f)?.modified()?;
+    std::fs::write(&f, "AAAA")?;
+    std::fs::File::options()
+        .write(true)
+        .open(&f)?
+        .set_modified(old_mtime + std::time::Duration::from_secs(7))?;
+    let s2 = solve(&w.worker, &st, session.clone()).await;
+    assert_eq!(
+        s2.executed(),
+        vec!["local://ctx"],
+        "a changed file re-runs the source"
+    );
+    let r2 = s2.ok();
+    assert_eq!(read(r2, "/sub/a.txt").await?.as_deref(), Some("AAAA"));
+    assert_eq!(read(r2, "/b.txt").await?.as_deref(), Some("bbbb"));
+    let m = meta(r2, "/sub/a.txt").await?.expect("a.txt");
+    assert_eq!((m.mode() & 0o7777, m.uid(), m.gid()), (0o640, 1234, 5678));
+    // The first result still has the old content: results share no file a sync rewrites.
+    assert_eq!(read(r1, "/sub/a.txt").await?.as_deref(), Some("aaaa"));
+
+    // Changing it back gives the first key again: a cache hit on the first result.
+    std::fs::write(&f, "aaaa")?;
+    let s3 = solve(&w.worker, &st, session.clone()).await;
+    assert!(
+        s3.executed().is_empty(),
+        "same content as the first build: cached"
+    );
+    assert_eq!(read(s3.ok(), "/sub/a.txt").await?.as_deref(), Some("aaaa"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn unchanged_resync_reads_no_file_contents() -> Result<()> {
+    let w = TestWorker::new()?;
+    let dir = tempfile::tempdir()?;
+    for i in 0..20 {
+        std::fs::write(
+            dir.path().join(format!("f{i:02}")),
+            format!("content {i:02}"),
+        )?;
+    }
+    let session = DirSession::with("ctx", dir.path());
+    let st: llb::State = llb::local("ctx").into();
+    let s1 = solve(&w.worker, &st, session.clone()).await;
+    assert_eq!(s1.executed(), vec!["local://ctx"]);
+
+    // Rewrite a synced file in place behind the worker's back, keeping its size, mtime and
+    // inode: only a checksum that re-reads unchanged files' contents can notice. The re-sync
+    // sends nothing (the client's tree did not change) and the key must come from the digests
+    // kept for unchanged stat data, so the source stays cached.
+    let synced = sync_dir(&w)?.join("f07");
+    let before = std::fs::metadata(&synced)?;
+    std::fs::write(&synced, "CONTENT 07")?;
+    std::fs::File::options()
+        .write(true)
+        .open(&synced)?
+        .set_modified(before.modified()?)?;
+    let s2 = solve(&w.worker, &st, session.clone()).await;
+    assert_eq!(transferred(&s2), Some(0), "nothing re-sent");
+    assert!(
+        s2.executed().is_empty(),
+        "an unchanged re-sync must not re-read file contents: {:?}",
+        s2.executed()
+    );
+
+    // A real change from the client still gets through (new inode, new stat).
+    std::fs::write(dir.path().join("f03"), "changed 03")?;
+    let s3 = solve(&w.worker, &st, session.clone()).await;
+    assert_eq!(s3.executed(), vec!["local://ctx"]);
+    assert_eq!(read(s3.ok(), "/f03").await?.as_deref(), Some("changed 03"));
+    Ok(())
+}

@@ -5,9 +5,20 @@
 //! and the sha256 of regular file contents. Timestamps are not included (as upstream), so an
 //! unchanged tree re-synced with new mtimes keeps its key. Symlinks below the top are not
 //! followed.
+//!
+//! [`DigestCache`] lets a caller that checksums the same directory again (the persistent sync
+//! directory of a `local://` source) skip re-reading files: a regular file's content digest is
+//! reused when its path and stat (device, inode, size, mtime in ns, mode, uid, gid) are what they
+//! were at the last checksum. BuildKit's contenthash keeps per-path digests the same way and only
+//! rehashes what the fsutil receiver reports as changed; the receiver decides "unchanged" from
+//! size, mtime, mode, owner and link target, so a content change that keeps size and mtime is
+//! missed upstream too. Here it is caught whenever the file was rewritten, since berth's receiver
+//! always writes a new inode and renames it into place.
 
-use std::io::{self, Read};
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
 use std::os::fd::OwnedFd;
+use std::path::Path;
 
 use rustix::fs::{openat, readlinkat, statat, AtFlags, Dir, FileType, Mode, OFlags};
 use sha2::{Digest, Sha256};
@@ -15,9 +26,110 @@ use sha2::{Digest, Sha256};
 use super::root::{file_type, split, Root};
 use crate::digest::KeyHasher;
 
+/// The stat fields a cached content digest is valid for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct StatKey([u64; 7]);
+
+impl StatKey {
+    fn of(st: &rustix::fs::Stat) -> Self {
+        StatKey([
+            st.st_dev,
+            st.st_ino,
+            st.st_size as u64,
+            st.st_mtime as u64,
+            st.st_mtime_nsec,
+            st.st_mode as u64,
+            ((st.st_uid as u64) << 32) | st.st_gid as u64,
+        ])
+    }
+}
+
+/// Relative path → (stat it was computed for, content sha256).
+type Digests = HashMap<Vec<u8>, (StatKey, [u8; 32])>;
+
+/// Content digests of regular files by relative path, valid while the file's stat is unchanged.
+#[derive(Debug, Default)]
+pub(crate) struct DigestCache {
+    /// Digests from the previous checksum (looked up).
+    old: Digests,
+    /// Digests of this checksum (what [`DigestCache::save`] writes).
+    new: Digests,
+    /// Regular files whose content was read by checksums with this cache.
+    pub(crate) files_read: u64,
+    /// Content bytes read by checksums with this cache.
+    pub(crate) bytes_read: u64,
+}
+
+const CACHE_MAGIC: &[u8] = b"berth.digestcache.v1\n";
+
+impl DigestCache {
+    /// Loads the cache written by [`DigestCache::save`]; a missing or unreadable file gives an
+    /// empty cache (every file is read again).
+    pub(crate) fn load(path: &Path) -> Self {
+        let mut c = DigestCache::default();
+        if let Ok(data) = std::fs::read(path) {
+            if let Some(old) = Self::parse(&data) {
+                c.old = old;
+            }
+        }
+        c
+    }
+
+    fn parse(data: &[u8]) -> Option<Digests> {
+        let mut rest = data.strip_prefix(CACHE_MAGIC)?;
+        let mut take = |n: usize| -> Option<&[u8]> {
+            let (a, b) = rest.split_at_checked(n)?;
+            rest = b;
+            Some(a)
+        };
+        let count = u64::from_le_bytes(take(8)?.try_into().ok()?);
+        let mut m = HashMap::new();
+        for _ in 0..count {
+            let len = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
+            let path = take(len)?.to_vec();
+            let mut key = [0u64; 7];
+            for k in &mut key {
+                *k = u64::from_le_bytes(take(8)?.try_into().ok()?);
+            }
+            let digest: [u8; 32] = take(32)?.try_into().ok()?;
+            m.insert(path, (StatKey(key), digest));
+        }
+        take(0)?;
+        Some(m)
+    }
+
+    /// Writes the digests of the last checksum to `path` (atomically: temporary file + rename).
+    pub(crate) fn save(&self, path: &Path) -> io::Result<()> {
+        let tmp = path.with_extension("tmp");
+        let mut w = io::BufWriter::new(std::fs::File::create(&tmp)?);
+        w.write_all(CACHE_MAGIC)?;
+        w.write_all(&(self.new.len() as u64).to_le_bytes())?;
+        for (p, (key, digest)) in &self.new {
+            w.write_all(&(p.len() as u32).to_le_bytes())?;
+            w.write_all(p)?;
+            for k in key.0 {
+                w.write_all(&k.to_le_bytes())?;
+            }
+            w.write_all(digest)?;
+        }
+        w.into_inner().map_err(|e| e.into_error())?;
+        std::fs::rename(&tmp, path)
+    }
+}
+
 /// Checksum of `p` in `root` (`follow`: resolve a symlink at `p` inside the root). A missing
 /// path has a checksum too (so that creating it changes the key).
 pub(crate) fn checksum(root: &Root, p: &str, follow: bool) -> io::Result<String> {
+    checksum_cached(root, p, follow, &mut None)
+}
+
+/// [`checksum`] reusing (and refilling) `cache` for regular files whose stat is unchanged.
+pub(crate) fn checksum_cached(
+    root: &Root,
+    p: &str,
+    follow: bool,
+    cache: &mut Option<&mut DigestCache>,
+) -> io::Result<String> {
     let mut h = KeyHasher::new("berth.contenthash.v1");
     let resolved = if follow {
         match root.resolve_existing(p) {
@@ -51,11 +163,17 @@ pub(crate) fn checksum(root: &Root, p: &str, follow: bool) -> io::Result<String>
         Err(e) => return Err(e.into()),
         Ok(_) => {}
     }
-    entry(&mut h, &dir, &name, b"")?;
+    entry(&mut h, &dir, &name, b"", cache)?;
     Ok(h.finish())
 }
 
-fn entry(h: &mut KeyHasher, dir: &OwnedFd, name: &[u8], rel: &[u8]) -> io::Result<()> {
+fn entry(
+    h: &mut KeyHasher,
+    dir: &OwnedFd,
+    name: &[u8],
+    rel: &[u8],
+    cache: &mut Option<&mut DigestCache>,
+) -> io::Result<()> {
     let st = statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
     let ft = file_type(&st);
     h.field(rel);
@@ -65,6 +183,16 @@ fn entry(h: &mut KeyHasher, dir: &OwnedFd, name: &[u8], rel: &[u8]) -> io::Resul
     h.field(&st.st_gid.to_le_bytes());
     match ft {
         FileType::RegularFile => {
+            let key = StatKey::of(&st);
+            if let Some(c) = cache.as_deref_mut() {
+                if let Some((k, d)) = c.old.get(rel) {
+                    if *k == key {
+                        h.field(d);
+                        c.new.insert(rel.to_vec(), (key, *d));
+                        return Ok(());
+                    }
+                }
+            }
             let fd = openat(
                 dir,
                 name,
@@ -74,14 +202,25 @@ fn entry(h: &mut KeyHasher, dir: &OwnedFd, name: &[u8], rel: &[u8]) -> io::Resul
             let mut f = std::fs::File::from(fd);
             let mut sha = Sha256::new();
             let mut buf = vec![0u8; 64 * 1024];
+            let mut total = 0u64;
             loop {
                 let n = f.read(&mut buf)?;
                 if n == 0 {
                     break;
                 }
+                total += n as u64;
                 sha.update(&buf[..n]);
             }
-            h.field(&sha.finalize());
+            let d: [u8; 32] = sha.finalize().into();
+            h.field(&d);
+            if let Some(c) = cache.as_deref_mut() {
+                c.files_read += 1;
+                c.bytes_read += total;
+                // The digest is only reusable if the file did not change while it was read.
+                if StatKey::of(&rustix::fs::fstat(&f)?) == key {
+                    c.new.insert(rel.to_vec(), (key, d));
+                }
+            }
         }
         FileType::Symlink => {
             let t = readlinkat(dir, name, vec![])?;
@@ -113,7 +252,7 @@ fn entry(h: &mut KeyHasher, dir: &OwnedFd, name: &[u8], rel: &[u8]) -> io::Resul
                     r.push(b'/');
                 }
                 r.extend_from_slice(&n);
-                entry(h, &sub, &n, &r)?;
+                entry(h, &sub, &n, &r, cache)?;
             }
             h.field(b"dir-end");
         }
@@ -154,5 +293,52 @@ mod tests {
         let m1 = checksum(&root, "/missing", false).unwrap();
         std::fs::write(r.join("missing"), "").unwrap();
         assert_ne!(checksum(&root, "/missing", false).unwrap(), m1);
+    }
+
+    #[test]
+    fn digest_cache_reuses_unchanged_files_and_rereads_changed_ones() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path().join("tree");
+        std::fs::create_dir_all(r.join("a")).unwrap();
+        std::fs::write(r.join("a/f"), "one").unwrap();
+        std::fs::write(r.join("g"), "two").unwrap();
+        let root = Root::open(&r).unwrap();
+        let plain = checksum(&root, "/", false).unwrap();
+        let file = d.path().join("digests");
+
+        let mut c = DigestCache::load(&file);
+        assert_eq!(
+            checksum_cached(&root, "/", false, &mut Some(&mut c)).unwrap(),
+            plain
+        );
+        assert_eq!((c.files_read, c.bytes_read), (2, 6));
+        c.save(&file).unwrap();
+
+        // Reloaded: nothing is read and the checksum is the same.
+        let mut c = DigestCache::load(&file);
+        assert_eq!(
+            checksum_cached(&root, "/", false, &mut Some(&mut c)).unwrap(),
+            plain
+        );
+        assert_eq!(c.files_read, 0);
+        c.save(&file).unwrap();
+
+        // Same size, new content, new inode (as the receiver writes): re-read, new checksum.
+        std::fs::write(r.join("a/f.new"), "ONE").unwrap();
+        std::fs::rename(r.join("a/f.new"), r.join("a/f")).unwrap();
+        let mut c = DigestCache::load(&file);
+        let changed = checksum_cached(&root, "/", false, &mut Some(&mut c)).unwrap();
+        assert_ne!(changed, plain);
+        assert_eq!(changed, checksum(&root, "/", false).unwrap());
+        assert_eq!(c.files_read, 1);
+
+        // A corrupt cache file is ignored (everything is read again).
+        std::fs::write(&file, b"berth.digestcache.v1\n\x05").unwrap();
+        let mut c = DigestCache::load(&file);
+        assert_eq!(
+            checksum_cached(&root, "/", false, &mut Some(&mut c)).unwrap(),
+            changed
+        );
+        assert_eq!(c.files_read, 2);
     }
 }

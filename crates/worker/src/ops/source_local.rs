@@ -5,22 +5,35 @@
 //! persistent per-(name, shared key hint) directory under `<root>/worker/local/` (so a re-sync
 //! only transfers changes), and its content checksum (paths, modes, owners, contents; no
 //! times) becomes the key together with the name and filters — not the session id or
-//! `local.unique`, which change between invocations. Exec phase (cache miss only): the synced
-//! tree is copied into a new committed snapshot (record type `source.local`).
+//! `local.unique`, which change between invocations. The checksum keeps a digest cache next to
+//! the directory (`<dir>.digests`, see [`DigestCache`]), so a re-sync reads only the files the
+//! receiver rewrote; the cache file is removed before a sync and written after the checksum, so
+//! a sync that fails half-way leaves no stale digests. Exec phase (cache miss only): the synced
+//! tree becomes a new committed snapshot (record type `source.local`) whose regular files are
+//! hard links to the synced ones: the receiver never writes into an existing file (it writes a
+//! new file and renames it over the old one), so later syncs cannot change the snapshot, and a
+//! re-sync with one changed file costs one file, not a copy of the whole context.
 //!
 //! The sync directory is locked from the sync until the copy is done (or the build no longer
 //! needs it), so concurrent builds of the same name cannot interleave.
 
-use std::path::PathBuf;
+use std::ffi::CStr;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use async_trait::async_trait;
 use layerstore::snapshot::{LayerMeta, RecordType, SnapshotOptions, SnapshotStore};
 use protos::pb;
+use rustix::fs::{
+    chmodat, chownat, linkat, mkdirat, mknodat, readlinkat, statat, symlinkat, utimensat, AtFlags,
+    Dir, FileType, Gid, Mode, OFlags, Timespec, Timestamps, Uid,
+};
 
 use crate::error::{Error, Result};
-use crate::file::checksum::checksum;
+use crate::file::checksum::{checksum_cached, DigestCache};
 use crate::file::root::Root;
 use crate::llbsolver::cache::blocking;
 use crate::llbsolver::definition::{json_list_attr, LoadedOp};
@@ -93,6 +106,15 @@ impl Op<Snap> for LocalSource {
         let guard = self.shared.local_lock(&self.lock_key).lock_owned().await;
         std::fs::create_dir_all(&self.dir)
             .map_err(|e| Error::io("create directory", &self.dir, e))?;
+        // Digests are only trusted for a tree the last checksum saw: drop them until the sync
+        // below and the checksum after it have both succeeded.
+        let cache_path = digest_cache_path(&self.dir);
+        let cache = DigestCache::load(&cache_path);
+        match std::fs::remove_file(&cache_path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io("remove", &cache_path, e)),
+        }
         let id = format!("transferring {}:", self.req.name);
         let started = SystemTime::now();
         let (progress, vertex, id2) = (ctx.progress.clone(), ctx.vertex.clone(), id.clone());
@@ -126,8 +148,21 @@ impl Op<Snap> for LocalSource {
         res?;
         let dir = self.dir.clone();
         let sum = blocking(move || {
+            let mut cache = cache;
             let root = Root::open(&dir).map_err(|e| Error::io("open", &dir, e))?;
-            checksum(&root, "/", false).map_err(|e| Error::io("checksum", &dir, e))
+            let sum = checksum_cached(&root, "/", false, &mut Some(&mut cache))
+                .map_err(|e| Error::io("checksum", &dir, e))?;
+            tracing::debug!(
+                dir = %dir.display(),
+                files_read = cache.files_read,
+                bytes_read = cache.bytes_read,
+                "local source checksum"
+            );
+            // Without the cache file the next checksum reads everything again: still correct.
+            if let Err(e) = cache.save(&cache_path) {
+                tracing::warn!(path = %cache_path.display(), error = %e, "cannot save digest cache");
+            }
+            Ok::<_, Error>(sum)
         })
         .await?;
         *self.guard.lock().unwrap() = Some(guard);
@@ -150,34 +185,32 @@ impl Op<Snap> for LocalSource {
         let desc = format!("local source for {}", self.req.name);
         let cancel = ctx.cancel.clone();
         let res = blocking(move || {
-            let src = Root::open(&dir).map_err(|e| Error::io("open", &dir, e))?;
+            let src = open_dir_fd(&dir).map_err(|e| Error::io("open", &dir, e))?;
             let opts = SnapshotOptions {
                 description: desc,
                 record_type: RecordType::LocalSource,
             };
             let mut failure = None;
             let added = store.add_layer(None, &opts, |diff| {
-                let run = || -> Result<()> {
-                    let dst = Root::open(diff).map_err(|e| Error::io("open", diff, e))?;
-                    let action = pb::FileActionCopy {
-                        src: "/".into(),
-                        dest: "/".into(),
-                        mode: -1,
-                        timestamp: -1,
-                        create_dest_path: true,
-                        dir_copy_contents: true,
-                        ..Default::default()
-                    };
-                    crate::file::copy(&src, &dst, &action, None, &|| cancel.is_cancelled())
+                let run = || -> io::Result<()> {
+                    let dst = open_dir_fd(diff)?;
+                    link_tree(&src, &dst, &|| cancel.is_cancelled())?;
+                    let st = rustix::fs::fstat(&src)?;
+                    copy_meta(&src, c".", &dst, c".", &st)
                 };
                 match run() {
                     Ok(()) => Ok(LayerMeta::default()),
                     Err(e) => {
-                        failure = Some(e);
+                        let err = if cancel.is_cancelled() {
+                            Error::Canceled
+                        } else {
+                            Error::io("link local source into", diff, e)
+                        };
+                        failure = Some(err);
                         Err(layerstore::Error::Io {
-                            op: "copy local source",
+                            op: "link local source",
                             path: diff.to_path_buf(),
-                            source: std::io::Error::other("copy failed"),
+                            source: std::io::Error::other("link failed"),
                         })
                     }
                 }
@@ -193,4 +226,179 @@ impl Op<Snap> for LocalSource {
         self.guard.lock().unwrap().take();
         Ok(vec![res?])
     }
+}
+
+/// Where the digest cache of sync directory `dir` lives (next to it, outside the synced tree).
+fn digest_cache_path(dir: &Path) -> PathBuf {
+    dir.with_extension("digests")
+}
+
+fn open_dir_fd(path: &Path) -> io::Result<OwnedFd> {
+    Ok(rustix::fs::open(
+        path,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?)
+}
+
+fn open_sub_dir(dir: &OwnedFd, name: &CStr) -> io::Result<OwnedFd> {
+    Ok(rustix::fs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?)
+}
+
+/// Recreates the tree below `src` in the empty directory `dst`: directories, symlinks, devices
+/// and fifos with their owner, mode, times and xattrs; regular files as hard links to the source
+/// (copied when a link is impossible: another filesystem, the link limit). Never follows a
+/// symlink: every step is an `*at` call on an opened directory with `O_NOFOLLOW`.
+fn link_tree(src: &OwnedFd, dst: &OwnedFd, cancelled: &dyn Fn() -> bool) -> io::Result<()> {
+    if cancelled() {
+        return Err(io::Error::other("canceled"));
+    }
+    let mut names = vec![];
+    for ent in Dir::read_from(src)? {
+        let ent = ent?;
+        let n = ent.file_name();
+        if n != c"." && n != c".." {
+            names.push(n.to_owned());
+        }
+    }
+    for name in &names {
+        let name = name.as_c_str();
+        let st = statat(src, name, AtFlags::SYMLINK_NOFOLLOW)?;
+        match FileType::from_raw_mode(st.st_mode) {
+            FileType::Directory => {
+                mkdirat(dst, name, Mode::from_raw_mode(0o700))?;
+                let (s, d) = (open_sub_dir(src, name)?, open_sub_dir(dst, name)?);
+                link_tree(&s, &d, cancelled)?;
+                copy_meta(src, name, dst, name, &st)?;
+            }
+            FileType::RegularFile if linkat(src, name, dst, name, AtFlags::empty()).is_err() => {
+                copy_file(src, name, dst, name)?;
+                copy_meta(src, name, dst, name, &st)?;
+            }
+            FileType::RegularFile => {}
+            FileType::Symlink => {
+                let target = readlinkat(src, name, vec![])?;
+                symlinkat(target.as_c_str(), dst, name)?;
+                copy_meta(src, name, dst, name, &st)?;
+            }
+            ft @ (FileType::CharacterDevice | FileType::BlockDevice | FileType::Fifo) => {
+                mknodat(
+                    dst,
+                    name,
+                    ft,
+                    Mode::from_raw_mode(st.st_mode & 0o7777),
+                    st.st_rdev,
+                )?;
+                copy_meta(src, name, dst, name, &st)?;
+            }
+            // The receiver never creates sockets.
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn copy_file(src: &OwnedFd, sname: &CStr, dst: &OwnedFd, dname: &CStr) -> io::Result<()> {
+    let from = rustix::fs::openat(
+        src,
+        sname,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let to = rustix::fs::openat(
+        dst,
+        dname,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    )?;
+    io::copy(&mut std::fs::File::from(from), &mut std::fs::File::from(to))?;
+    Ok(())
+}
+
+/// Owner, xattrs, permission bits (not for symlinks) and times of `sname` onto `dname`.
+fn copy_meta(
+    src: &OwnedFd,
+    sname: &CStr,
+    dst: &OwnedFd,
+    dname: &CStr,
+    st: &rustix::fs::Stat,
+) -> io::Result<()> {
+    let is_link = FileType::from_raw_mode(st.st_mode) == FileType::Symlink;
+    chownat(
+        dst,
+        dname,
+        Some(Uid::from_raw(st.st_uid)),
+        Some(Gid::from_raw(st.st_gid)),
+        AtFlags::SYMLINK_NOFOLLOW,
+    )?;
+    copy_xattrs(src, sname, dst, dname)?;
+    if !is_link {
+        chmodat(
+            dst,
+            dname,
+            Mode::from_raw_mode(st.st_mode & 0o7777),
+            AtFlags::empty(),
+        )?;
+    }
+    let ts = |s, ns| Timespec {
+        tv_sec: s,
+        tv_nsec: ns as _,
+    };
+    utimensat(
+        dst,
+        dname,
+        &Timestamps {
+            last_access: ts(st.st_atime, st.st_atime_nsec),
+            last_modification: ts(st.st_mtime, st.st_mtime_nsec),
+        },
+        AtFlags::SYMLINK_NOFOLLOW,
+    )?;
+    Ok(())
+}
+
+fn proc_path(dir: &OwnedFd, name: &CStr) -> PathBuf {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    // `…/fd/N/.` for the directory itself: the l*xattr calls must not act on the magic link.
+    PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()))
+        .join(std::ffi::OsStr::from_bytes(name.to_bytes()))
+}
+
+fn copy_xattrs(src: &OwnedFd, sname: &CStr, dst: &OwnedFd, dname: &CStr) -> io::Result<()> {
+    let (sp, dp) = (proc_path(src, sname), proc_path(dst, dname));
+    let mut list = vec![0u8; 4096];
+    let n = loop {
+        match rustix::fs::llistxattr(&sp, &mut list) {
+            Ok(n) => break n,
+            Err(rustix::io::Errno::RANGE) => list.resize(list.len() * 4, 0),
+            Err(rustix::io::Errno::NOTSUP) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+    };
+    for key in list[..n].split(|b| *b == 0).filter(|k| !k.is_empty()) {
+        let key = std::ffi::CString::new(key).map_err(io::Error::other)?;
+        let mut val = vec![0u8; 4096];
+        let len = loop {
+            match rustix::fs::lgetxattr(&sp, key.as_c_str(), &mut val) {
+                Ok(n) => break n,
+                Err(rustix::io::Errno::RANGE) => val.resize(val.len() * 4, 0),
+                Err(e) => return Err(e.into()),
+            }
+        };
+        match rustix::fs::lsetxattr(
+            &dp,
+            key.as_c_str(),
+            &val[..len],
+            rustix::fs::XattrFlags::empty(),
+        ) {
+            Ok(()) | Err(rustix::io::Errno::NOTSUP) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
