@@ -1444,7 +1444,7 @@ async fn run() -> Result<()> {
     if buildkitd::from_env().is_none() {
         md.push_str("- Stock buildkitd with `--output type=docker | docker load`: set `BERTH_BENCH_BUILDKITD` and `BERTH_BENCH_BUILDCTL` to stock binaries (not set for this run).\n");
     }
-    md.push_str("- The offline mode through berthd: berthd's worker resolves and pins `docker-image` sources through the Engine API, so a build cannot run while the target daemon is stopped; the offline rows run the worker and exporter in this process.\n");
+    md.push_str("- The offline mode through berthd: the offline rows run the worker and exporter (the code berthd runs) in this process; berthd itself can build from a stopped daemon's data root since c06460d (tested in `integration/tests/daemon_offline_base.rs`), but the bench does not drive it that way yet.\n");
     md.push_str("- The containerd-store mode: Docker 20.10 has no containerd image store, so no Docker here can use it.\n");
     md.push_str(
         "- Scenarios 3 and 4 through berthd's gRPC API (they drive the worker in this process).\n",
