@@ -970,23 +970,6 @@ fn describe(root: &Path) -> Result<BTreeMap<String, String>> {
     Ok(out)
 }
 
-/// One piece of an expected tree (upstream's fstest appliers).
-#[derive(Clone)]
-enum E {
-    /// `fstest.CreateDir`
-    Dir(&'static str, u32),
-    /// `fstest.CreateFile`
-    File(&'static str, &'static str, u32),
-    /// `fstest.Link(old, new)`: a hardlink `new` of the earlier file `old`.
-    Link(&'static str, &'static str),
-    /// `mkfifo`
-    Fifo(&'static str, u32),
-    /// `mkchardev`
-    Chardev(&'static str, u32, u32, u32),
-    /// `fstest.Remove` / `fstest.RemoveAll`
-    RemoveAll(&'static str),
-}
-
 /// Upstream's `contents`: `contentsOf(state)` and appliers, applied in order (`mergeContents`).
 enum Want {
     Empty,
@@ -1096,7 +1079,8 @@ thread_local! {
     static MEMO: std::cell::RefCell<BTreeMap<(PathBuf, &'static str), St>> = Default::default();
 }
 
-use E::*;
+mod mergediff_fixtures;
+use mergediff_fixtures::*;
 
 // ----- Diffs of identical states, scratch sides, lazy image blobs, exec mounts, hardlinks -----
 
@@ -1368,102 +1352,6 @@ const CHARDEVS: &[&str] = &[
     "mknod /modifyDir/null2 c 1 3",
 ];
 
-fn base_diff_contents() -> Vec<E> {
-    vec![Dir("/unmodifiedDir", 0o755), Dir("/modifyDir", 0o700)]
-}
-
-fn new_file_contents() -> Vec<E> {
-    vec![
-        Dir("/newdir1", 0o755),
-        File("/newdir1/newfile1", "", 0o644),
-        File("/unmodifiedDir/newfile2", "", 0o644),
-        File("/modifyDir/newfile3", "", 0o644),
-    ]
-}
-
-fn modify_file_contents() -> Vec<E> {
-    vec![
-        File("/unmodifiedDir/chmodFile1", "chmodFile1", 0o444),
-        File(
-            "/unmodifiedDir/modifyContentFile1",
-            "modifyContentFile0",
-            0o644,
-        ),
-        File("/modifyDir/chmodFile2", "chmodFile2", 0o440),
-        File("/modifyDir/modifyContentFile2", "modifyContentFile0", 0o644),
-    ]
-}
-
-fn new_dir_contents() -> Vec<E> {
-    vec![
-        Dir("/newdir2", 0o755),
-        Dir("/newdir2/newsubdir1", 0o755),
-        Dir("/unmodifiedDir/newsubdir2", 0o755),
-        Dir("/modifyDir/newsubdir3", 0o755),
-    ]
-}
-
-fn modify_dir_contents() -> Vec<E> {
-    vec![
-        Dir("/unmodifiedDir/chmodSubdir1", 0o700),
-        Dir("/modifyDir/chmodSubdir2", 0o770),
-    ]
-}
-
-fn override_dir_contents() -> Vec<E> {
-    vec![
-        File("/unmodifiedDir/overrideSubdir1", "overrideSubdir1", 0o644),
-        File("/modifyDir/overrideSubdir2", "overrideSubdir2", 0o644),
-    ]
-}
-
-fn override_file_contents() -> Vec<E> {
-    vec![
-        Dir("/unmodifiedDir/overrideFile1", 0o700),
-        Dir("/unmodifiedDir/overrideFile2", 0o750),
-        Dir("/unmodifiedDir/overrideFile2/newsubdir4", 0o770),
-        File("/unmodifiedDir/overrideFile2/newfile4", "", 0o644),
-        File(
-            "/unmodifiedDir/overrideFile2/newsubdir4/newfile5",
-            "",
-            0o644,
-        ),
-        Dir("/modifyDir/overrideFile3", 0o700),
-        Dir("/modifyDir/overrideFile4", 0o750),
-        Dir("/modifyDir/overrideFile4/newsubdir5", 0o770),
-        File("/modifyDir/overrideFile4/newfile6", "", 0o644),
-        File("/modifyDir/overrideFile4/newsubdir5/newfile7", "", 0o644),
-    ]
-}
-
-fn opaque_dir_contents() -> Vec<E> {
-    vec![
-        Dir("/unmodifiedDir/opaqueDir1", 0o755),
-        Dir("/unmodifiedDir/opaqueDir1/newOpaqueSubdir1", 0o755),
-        File("/unmodifiedDir/opaqueDir1/newOpaqueFile1", "", 0o644),
-        File(
-            "/unmodifiedDir/opaqueDir1/newOpaqueSubdir1/newOpaqueFile2",
-            "",
-            0o644,
-        ),
-        Dir("/modifyDir/opaqueDir2", 0o755),
-        Dir("/modifyDir/opaqueDir2/newOpaqueSubdir2", 0o755),
-        File("/modifyDir/opaqueDir2/newOpaqueFile3", "", 0o644),
-        File(
-            "/modifyDir/opaqueDir2/newOpaqueSubdir2/newOpaqueFile4",
-            "",
-            0o644,
-        ),
-    ]
-}
-
-fn fifo_contents() -> Vec<E> {
-    vec![
-        Fifo("/unmodifiedDir/fifo1", 0o644),
-        Fifo("/modifyDir/fifo2", 0o644),
-    ]
-}
-
 /// `Diff(base(), runShell(base(), baseDiffCmds ++ cmds))` and its expected contents.
 fn slice(w: &World, cmds: &[&str], extra: Vec<E>) -> Result<(St, Want)> {
     let base = slice_base(w)?;
@@ -1497,21 +1385,6 @@ const ALL_CMDS: &[&[&str]] = &[
     SHUFFLE_FILES,
     FIFOS,
 ];
-
-fn all_contents() -> Vec<E> {
-    [
-        base_diff_contents(),
-        new_file_contents(),
-        modify_file_contents(),
-        new_dir_contents(),
-        modify_dir_contents(),
-        override_dir_contents(),
-        override_file_contents(),
-        opaque_dir_contents(),
-        fifo_contents(),
-    ]
-    .concat()
-}
 
 const SLICES: &[(&str, Build)] = &[
     ("TestDiffNewFiles", |w| {
