@@ -1,5 +1,5 @@
-//! Upstream BuildKit's merge/diff test fixtures (`client/mergediff_test.go`: the `fstest` appliers
-//! and the `*Contents` trees of `diffOpTestCases`), shared by the layer-store port
+//! Upstream BuildKit's merge/diff test fixtures (`client/mergediff_test.go`: the `fstest` appliers,
+//! the `runShell` scripts and the `*Contents` trees of `diffOpTestCases`), shared by the layer-store port
 //! (`crates/layerstore/tests/snapshot_mergediff.rs`) and the LLB-level port through the worker
 //! (`integration/tests/worker_mergediff.rs`, which includes this file by path).
 
@@ -132,3 +132,89 @@ pub fn all_contents() -> Vec<E> {
     ]
     .concat()
 }
+
+/// Upstream's `runShell` scripts of `diffOpTestCases` (one layer each).
+pub const BASE_DIFF: &[&str] = &["chmod 0700 /modifyDir"];
+
+pub const NEW_FILES: &[&str] = &[
+    "mkdir /newdir1",
+    "touch /newdir1/newfile1",
+    "touch /unmodifiedDir/newfile2",
+    "touch /modifyDir/newfile3",
+];
+
+pub const MODIFY_FILES: &[&str] = &[
+    "chmod 0444 /unmodifiedDir/chmodFile1",
+    "echo -n modifyContentFile0 > /unmodifiedDir/modifyContentFile1",
+    "chmod 0440 /modifyDir/chmodFile2",
+    "echo -n modifyContentFile0 > /modifyDir/modifyContentFile2",
+];
+
+pub const NEW_DIRS: &[&str] = &[
+    "mkdir -p /newdir2/newsubdir1",
+    "mkdir /unmodifiedDir/newsubdir2",
+    "mkdir /modifyDir/newsubdir3",
+];
+
+pub const MODIFY_DIRS: &[&str] = &[
+    "chmod 0700 /unmodifiedDir/chmodSubdir1",
+    "chmod 0770 /modifyDir/chmodSubdir2",
+];
+
+pub const OVERRIDE_DIRS: &[&str] = &[
+    "rm -rf /unmodifiedDir/overrideSubdir1",
+    "echo -n overrideSubdir1 > /unmodifiedDir/overrideSubdir1",
+    "rm -rf /modifyDir/overrideSubdir2",
+    "echo -n overrideSubdir2 > /modifyDir/overrideSubdir2",
+];
+
+pub const OVERRIDE_FILES: &[&str] = &[
+    "rm /unmodifiedDir/overrideFile1",
+    "mkdir -m 0700 /unmodifiedDir/overrideFile1",
+    "rm /unmodifiedDir/overrideFile2",
+    "mkdir -m 0750 /unmodifiedDir/overrideFile2",
+    "mkdir -m 0770 /unmodifiedDir/overrideFile2/newsubdir4",
+    "touch /unmodifiedDir/overrideFile2/newfile4",
+    "touch /unmodifiedDir/overrideFile2/newsubdir4/newfile5",
+    "rm /modifyDir/overrideFile3",
+    "mkdir -m 0700 /modifyDir/overrideFile3",
+    "rm /modifyDir/overrideFile4",
+    "mkdir -m 0750 /modifyDir/overrideFile4",
+    "mkdir -m 0770 /modifyDir/overrideFile4/newsubdir5",
+    "touch /modifyDir/overrideFile4/newfile6",
+    "touch /modifyDir/overrideFile4/newsubdir5/newfile7",
+];
+
+pub const DELETE_FILES: &[&str] = &["rm /unmodifiedDir/deleteFile1", "rm /modifyDir/deleteFile2"];
+
+pub const DELETE_DIRS: &[&str] = &[
+    "rm -rf /unmodifiedDir/deleteSubdir1",
+    "rm -rf /modifyDir/deleteSubdir2",
+];
+
+pub const OPAQUE_DIRS: &[&str] = &[
+    "rm -rf /unmodifiedDir/opaqueDir1",
+    "mkdir -p /unmodifiedDir/opaqueDir1/newOpaqueSubdir1",
+    "touch /unmodifiedDir/opaqueDir1/newOpaqueFile1",
+    "touch /unmodifiedDir/opaqueDir1/newOpaqueSubdir1/newOpaqueFile2",
+    "rm -rf /modifyDir/opaqueDir2",
+    "mkdir -p /modifyDir/opaqueDir2/newOpaqueSubdir2",
+    "touch /modifyDir/opaqueDir2/newOpaqueFile3",
+    "touch /modifyDir/opaqueDir2/newOpaqueSubdir2/newOpaqueFile4",
+];
+
+pub const SHUFFLE_FILES: &[&str] = &[
+    "mv /shuffleFile1 /shuffleFile1tmp",
+    "mv /shuffleFile1tmp /shuffleFile1",
+    "mv /unmodifiedDir/shuffleFile2 /unmodifiedDir/shuffleFile2tmp",
+    "mv /unmodifiedDir/shuffleFile2tmp /unmodifiedDir/shuffleFile2",
+    "mv /modifyDir/shuffleFile3 /modifyDir/shuffleFile3tmp",
+    "mv /modifyDir/shuffleFile3tmp /modifyDir/shuffleFile3",
+];
+
+pub const FIFOS: &[&str] = &["mknod /unmodifiedDir/fifo1 p", "mknod /modifyDir/fifo2 p"];
+
+pub const CHARDEVS: &[&str] = &[
+    "mknod /unmodifiedDir/null1 c 1 3",
+    "mknod /modifyDir/null2 c 1 3",
+];
