@@ -878,22 +878,6 @@ fn slice_base(c: &Ctx) -> State {
     s
 }
 
-/// Upstream's `allCmds` (every slice but the chardevs, in order).
-const ALL_CMDS: &[&[&str]] = &[
-    BASE_DIFF,
-    NEW_FILES,
-    MODIFY_FILES,
-    NEW_DIRS,
-    MODIFY_DIRS,
-    OVERRIDE_DIRS,
-    OVERRIDE_FILES,
-    DELETE_FILES,
-    DELETE_DIRS,
-    OPAQUE_DIRS,
-    SHUFFLE_FILES,
-    FIFOS,
-];
-
 /// `runShell(base(), baseDiffCmds ++ cmds)`.
 fn slice_run(c: &Ctx, cmds: &[&str]) -> State {
     let all: Vec<&str> = BASE_DIFF.iter().chain(cmds).copied().collect();

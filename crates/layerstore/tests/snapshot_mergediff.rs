@@ -1298,21 +1298,6 @@ fn slice_merge(w: &World, cmds: &[&str]) -> Result<St> {
     w.merge(&[&base, &d])
 }
 
-const ALL_CMDS: &[&[&str]] = &[
-    BASE_DIFF,
-    NEW_FILES,
-    MODIFY_FILES,
-    NEW_DIRS,
-    MODIFY_DIRS,
-    OVERRIDE_DIRS,
-    OVERRIDE_FILES,
-    DELETE_FILES,
-    DELETE_DIRS,
-    OPAQUE_DIRS,
-    SHUFFLE_FILES,
-    FIFOS,
-];
-
 const SLICES: &[(&str, Build)] = &[
     ("TestDiffNewFiles", |w| {
         slice(w, NEW_FILES, new_file_contents())

@@ -218,3 +218,19 @@ pub const CHARDEVS: &[&str] = &[
     "mknod /unmodifiedDir/null1 c 1 3",
     "mknod /modifyDir/null2 c 1 3",
 ];
+
+/// Upstream's `allCmds` (every slice but the chardevs, in order).
+pub const ALL_CMDS: &[&[&str]] = &[
+    BASE_DIFF,
+    NEW_FILES,
+    MODIFY_FILES,
+    NEW_DIRS,
+    MODIFY_DIRS,
+    OVERRIDE_DIRS,
+    OVERRIDE_FILES,
+    DELETE_FILES,
+    DELETE_DIRS,
+    OPAQUE_DIRS,
+    SHUFFLE_FILES,
+    FIFOS,
+];
