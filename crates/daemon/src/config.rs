@@ -47,6 +47,20 @@ pub struct FileConfig {
     pub insecure_entitlements: Vec<String>,
     /// `[exporter]` (berth's).
     pub exporter: ExporterSection,
+    /// `[history]`.
+    pub history: HistorySection,
+}
+
+/// `[history]`: when old build records are dropped (buildkitd's keys).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(default)]
+pub struct HistorySection {
+    /// `maxAge`, seconds.
+    #[serde(rename = "maxAge")]
+    pub max_age: Option<i64>,
+    /// `maxEntries`.
+    #[serde(rename = "maxEntries")]
+    pub max_entries: Option<i64>,
 }
 
 /// `[exporter]`: defaults of exporter attributes (berth's section).
@@ -189,6 +203,8 @@ pub struct Config {
     pub max_parallelism: Option<usize>,
     /// Default of `type=docker`'s `thin` attribute.
     pub docker_thin: bool,
+    /// Build history limits.
+    pub history: crate::history::HistoryConfig,
 }
 
 /// Parses a `buildkitd.toml` text.
@@ -274,6 +290,23 @@ fn merge(file: FileConfig, args: &DaemonArgs) -> anyhow::Result<Config> {
         insecure_entitlements: ents,
         max_parallelism: file.worker.oci.max_parallelism,
         docker_thin: file.exporter.docker.thin.unwrap_or(false),
+        history: {
+            let d = crate::history::HistoryConfig::default();
+            crate::history::HistoryConfig {
+                max_age: file
+                    .history
+                    .max_age
+                    .filter(|s| *s > 0)
+                    .map(|s| std::time::Duration::from_secs(s as u64))
+                    .unwrap_or(d.max_age),
+                max_entries: file
+                    .history
+                    .max_entries
+                    .filter(|n| *n > 0)
+                    .map(|n| n as usize)
+                    .unwrap_or(d.max_entries),
+            }
+        },
     })
 }
 
@@ -415,6 +448,7 @@ pub mod tests_support {
             insecure_entitlements: vec![],
             max_parallelism: None,
             docker_thin: false,
+            history: Default::default(),
         }
     }
 }

@@ -1,21 +1,24 @@
 //! `moby.buildkit.v1.Control`: the daemon's main service.
 //!
 //! `Solve` registers the job first (Status and LLBBridge calls may already be waiting for it),
-//! then either solves a definition given directly or waits for the client's `LLBBridge.Return`
-//! (buildctl's forwarder flow), exports, and ends the job so the `Status` stream closes at once.
+//! announces it to the build history, then either solves a definition given directly or waits
+//! for the client's `LLBBridge.Return` (buildctl's forwarder flow), exports, ends the job so the
+//! `Status` stream closes at once, and writes the build's history record before answering.
 
 use crate::errors::{Error, Result};
 use crate::export_client::{self, ExporterKind};
 use crate::filters::{Adaptor, Filters};
+use crate::history::History;
 use crate::jobs::{BuildResult, Job, Jobs};
 use crate::session::{tunnel, SessionManager};
 use crate::solver::{Backend, SolveCtx};
+use bytes::Bytes;
 use futures::StreamExt;
 use protos::moby::buildkit::v1 as pb;
 use protos::moby::buildkit::v1::types::WorkerRecord;
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status};
 
@@ -34,21 +37,135 @@ pub struct Control {
     pub backend: Arc<Backend>,
     /// The worker record.
     pub worker: WorkerRecord,
+    /// Build history.
+    pub history: Arc<History>,
+}
+
+/// What a successful solve produced besides the response.
+struct Outcome {
+    response: pb::SolveResponse,
+    /// The result's metadata (recorded in the history as buildkitd does).
+    metadata: BTreeMap<String, Bytes>,
+}
+
+/// The history record of a running build, completed exactly once.
+struct PendingRecord {
+    history: Arc<History>,
+    record: pb::BuildHistoryRecord,
+}
+
+impl PendingRecord {
+    /// Completes the record (blocking file writes happen on the blocking pool).
+    fn complete(
+        self,
+        job: &Job,
+        outcome: std::result::Result<&Outcome, &Error>,
+    ) -> tokio::task::JoinHandle<()> {
+        let mut rec = self.record;
+        rec.completed_at = Some(SystemTime::now().into());
+        match outcome {
+            Ok(o) => {
+                if !o.metadata.is_empty() {
+                    rec.exporter_response = o
+                        .metadata
+                        .iter()
+                        .map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned()))
+                        .collect();
+                }
+                if let Some(d) = o
+                    .response
+                    .exporter_response
+                    .get("containerimage.descriptor")
+                    .and_then(|d| image_descriptor(d))
+                {
+                    rec.result = Some(pb::BuildResultInfo {
+                        result_deprecated: Some(d),
+                        ..Default::default()
+                    });
+                }
+            }
+            Err(e) => rec.error = Some(e.rpc_status()),
+        }
+        job.progress.finish();
+        let log = job.progress.events();
+        let history = self.history;
+        tokio::task::spawn_blocking(move || {
+            let r#ref = rec.r#ref.clone();
+            if let Err(e) = history.completed(rec, &log) {
+                tracing::warn!(build = %r#ref, error = %e, "build history record not written");
+                history.abandon(&r#ref);
+            }
+        })
+    }
+}
+
+/// The OCI descriptor of `containerimage.descriptor` (base64 of its JSON).
+fn image_descriptor(b64: &str) -> Option<pb::Descriptor> {
+    use base64::Engine as _;
+    let json = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct D {
+        media_type: String,
+        digest: String,
+        size: i64,
+        #[serde(default)]
+        annotations: BTreeMap<String, String>,
+    }
+    let d: D = serde_json::from_slice(&json).ok()?;
+    Some(pb::Descriptor {
+        media_type: d.media_type,
+        digest: d.digest,
+        size: d.size,
+        annotations: d.annotations,
+    })
 }
 
 /// Ends the job however `Solve` exits (including when the client drops the call).
 struct JobGuard {
     jobs: Arc<Jobs>,
     job: Arc<Job>,
+    record: Option<PendingRecord>,
 }
 
 impl Drop for JobGuard {
     fn drop(&mut self) {
+        if let Some(rec) = self.record.take() {
+            if tokio::runtime::Handle::try_current().is_ok() {
+                rec.complete(&self.job, Err(&Error::Canceled));
+            }
+        }
         if !self.job.ended.is_cancelled() {
             self.job.cancel.cancel();
             self.jobs.end(&self.job);
         }
     }
+}
+
+/// The exporter of a solve request: newer clients fill `Exporters`, older ones the deprecated
+/// pair. `build-arg:SOURCE_DATE_EPOCH` becomes the `source-date-epoch` attribute unless set.
+fn exporter_of(req: &pb::SolveRequest) -> Result<(String, BTreeMap<String, String>)> {
+    let (exp_type, mut exp_attrs) = match req.exporters.len() {
+        0 => (
+            req.exporter_deprecated.clone(),
+            req.exporter_attrs_deprecated.clone(),
+        ),
+        1 => (
+            req.exporters[0].r#type.clone(),
+            req.exporters[0].attrs.clone(),
+        ),
+        _ => {
+            return Err(Error::unimplemented(
+                "multiple exporters are not supported by berthd yet",
+            ))
+        }
+    };
+    if let Some(v) = req.frontend_attrs.get("build-arg:SOURCE_DATE_EPOCH") {
+        exp_attrs
+            .entry("source-date-epoch".into())
+            .or_insert_with(|| v.clone());
+    }
+    Ok((exp_type, exp_attrs))
 }
 
 impl Control {
@@ -63,12 +180,39 @@ impl Control {
             req.frontend_attrs.clone(),
         );
         self.jobs.register(job.clone())?;
-        let _guard = JobGuard {
+        let mut guard = JobGuard {
             jobs: self.jobs.clone(),
             job: job.clone(),
+            record: None,
         };
         tracing::info!(build = %job.id, session = %job.session_id, "solve");
-        let res = self.run(&job, req, returned).await;
+        let exporter = exporter_of(&req);
+        if !req.internal {
+            let mut record = pb::BuildHistoryRecord {
+                r#ref: req.r#ref.clone(),
+                frontend: req.frontend.clone(),
+                frontend_attrs: req.frontend_attrs.clone(),
+                created_at: Some(SystemTime::now().into()),
+                ..Default::default()
+            };
+            if let Ok((t, attrs)) = &exporter {
+                if !t.is_empty() {
+                    record.exporters = vec![pb::Exporter {
+                        r#type: t.clone(),
+                        attrs: attrs.clone(),
+                    }];
+                }
+            }
+            self.history.started(record.clone());
+            guard.record = Some(PendingRecord {
+                history: self.history.clone(),
+                record,
+            });
+        }
+        let res = match exporter {
+            Ok(exporter) => self.run(&job, req, exporter, returned).await,
+            Err(e) => Err(e),
+        };
         let res = match res {
             Err(_) if job.cancel.is_cancelled() => Err(job.cancel_error()),
             r => r,
@@ -77,38 +221,22 @@ impl Control {
             tracing::info!(build = %job.id, error = %e, "solve failed");
         }
         job.cancel.cancel();
+        if let Some(rec) = guard.record.take() {
+            // the record is written before Solve answers, as buildkitd does
+            let _ = rec.complete(&job, res.as_ref()).await;
+        }
         self.jobs.end(&job);
-        res
+        res.map(|o| o.response)
     }
 
     async fn run(
         &self,
         job: &Arc<Job>,
         mut req: pb::SolveRequest,
+        (exp_type, exp_attrs): (String, BTreeMap<String, String>),
         returned: tokio::sync::oneshot::Receiver<Result<BuildResult>>,
-    ) -> Result<pb::SolveResponse> {
-        // exporter: newer clients fill `Exporters`; older ones the deprecated pair
-        let (exp_type, mut exp_attrs) = match req.exporters.len() {
-            0 => (
-                req.exporter_deprecated.clone(),
-                req.exporter_attrs_deprecated.clone(),
-            ),
-            1 => (
-                req.exporters[0].r#type.clone(),
-                req.exporters[0].attrs.clone(),
-            ),
-            _ => {
-                return Err(Error::unimplemented(
-                    "multiple exporters are not supported by berthd yet",
-                ))
-            }
-        };
+    ) -> Result<Outcome> {
         let kind = export_client::parse_exporter(&exp_type)?;
-        if let Some(v) = req.frontend_attrs.get("build-arg:SOURCE_DATE_EPOCH") {
-            exp_attrs
-                .entry("source-date-epoch".into())
-                .or_insert_with(|| v.clone());
-        }
         if req
             .source_policy
             .as_ref()
@@ -128,8 +256,10 @@ impl Control {
         }
         self.watch_session(job);
 
-        let direct =
-            req.definition.as_ref().is_some_and(|d| !d.def.is_empty()) || !req.frontend.is_empty();
+        // A definition that is present but empty (`llb.Scratch()` marshalled) is solved directly
+        // to the empty result, as buildkitd does; only a request with neither a definition nor
+        // a frontend waits for the client's LLBBridge calls.
+        let direct = req.definition.is_some() || !req.frontend.is_empty();
         let result = if direct {
             if req.definition.as_ref().is_some_and(|d| !d.def.is_empty())
                 && !req.frontend.is_empty()
@@ -199,8 +329,11 @@ impl Control {
             };
             response.extend(r);
         }
-        Ok(pb::SolveResponse {
-            exporter_response: response,
+        Ok(Outcome {
+            response: pb::SolveResponse {
+                exporter_response: response,
+            },
+            metadata: result.metadata,
         })
     }
 
@@ -404,9 +537,20 @@ impl pb::control_server::Control for Control {
         if req.r#ref.is_empty() {
             return Err(Error::invalid("status request without a build ref").into());
         }
-        let job = self.jobs.get(&req.r#ref, STATUS_WAIT).await?;
-        let stream = job.progress.subscribe().map(Ok);
-        let mut resp = Response::new(stream.boxed());
+        // a finished build replays its stored log (buildkitd checks the history first)
+        let history = self.history.clone();
+        let r = req.r#ref.clone();
+        let stored = tokio::task::spawn_blocking(move || history.logs(&r))
+            .await
+            .map_err(|e| Error::internal(format!("history task: {e}")))??;
+        let stream = match stored {
+            Some(events) => futures::stream::iter(events.into_iter().map(Ok)).boxed(),
+            None => {
+                let job = self.jobs.get(&req.r#ref, STATUS_WAIT).await?;
+                job.progress.subscribe().map(Ok).boxed()
+            }
+        };
+        let mut resp = Response::new(stream);
         if let Ok(v) = chrono::Utc::now()
             .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
             .parse()
@@ -444,19 +588,32 @@ impl pb::control_server::Control for Control {
 
     async fn listen_build_history(
         &self,
-        _: Request<pb::BuildHistoryRequest>,
+        request: Request<pb::BuildHistoryRequest>,
     ) -> std::result::Result<Response<BoxStream<pb::BuildHistoryEvent>>, Status> {
-        Err(Status::unimplemented(
-            "Control.ListenBuildHistory is not implemented by berthd",
-        ))
+        let req = request.into_inner();
+        let history = self.history.clone();
+        let stream = tokio::task::spawn_blocking(move || history.listen(req))
+            .await
+            .map_err(|e| Error::internal(format!("history task: {e}")))??;
+        let mut resp = Response::new(stream);
+        if let Ok(v) = chrono::Utc::now()
+            .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+            .parse()
+        {
+            resp.metadata_mut().insert("buildkit-current-timestamp", v);
+        }
+        Ok(resp)
     }
 
     async fn update_build_history(
         &self,
-        _: Request<pb::UpdateBuildHistoryRequest>,
+        request: Request<pb::UpdateBuildHistoryRequest>,
     ) -> std::result::Result<Response<pb::UpdateBuildHistoryResponse>, Status> {
-        Err(Status::unimplemented(
-            "Control.UpdateBuildHistory is not implemented by berthd",
-        ))
+        let req = request.into_inner();
+        let history = self.history.clone();
+        tokio::task::spawn_blocking(move || history.update(&req))
+            .await
+            .map_err(|e| Error::internal(format!("history task: {e}")))??;
+        Ok(Response::new(pb::UpdateBuildHistoryResponse {}))
     }
 }

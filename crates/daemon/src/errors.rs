@@ -187,11 +187,11 @@ impl Error {
     }
 }
 
-impl From<Error> for tonic::Status {
-    fn from(e: Error) -> Self {
-        let code = e.code();
-        let mut message = e.to_string();
-        let mut src = std::error::Error::source(&e);
+impl Error {
+    /// The full message: this error's text followed by each cause not already contained in it.
+    pub fn full_message(&self) -> String {
+        let mut message = self.to_string();
+        let mut src = std::error::Error::source(self);
         while let Some(s) = src {
             let part = s.to_string();
             if !message.contains(&part) {
@@ -200,7 +200,22 @@ impl From<Error> for tonic::Status {
             }
             src = s.source();
         }
-        tonic::Status::new(code, message)
+        message
+    }
+
+    /// The error as the `google.rpc.Status` buildkitd stores in build history records.
+    pub fn rpc_status(&self) -> protos::google::rpc::Status {
+        protos::google::rpc::Status {
+            code: self.code() as i32,
+            message: self.full_message(),
+            details: Vec::new(),
+        }
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        tonic::Status::new(e.code(), e.full_message())
     }
 }
 

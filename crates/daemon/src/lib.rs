@@ -12,6 +12,7 @@
 //! | [`filters`] | containerd-style filters. |
 //! | [`fsread`] | Gateway file reads. |
 //! | [`gateway`] | The LLBBridge service. |
+//! | [`history`] | Build history records. |
 //! | [`jobs`] | Jobs by build ref. |
 //! | [`listener`] | Listening sockets. |
 //! | [`progress`] | Progress and the Status stream. |
@@ -32,6 +33,7 @@ pub mod export_image;
 pub mod filters;
 pub mod fsread;
 pub mod gateway;
+pub mod history;
 pub mod jobs;
 pub mod listener;
 pub mod progress;

@@ -95,6 +95,8 @@ async fn run(cfg: config::Config) -> anyhow::Result<()> {
     )
     .await;
     let jobs = jobs::Jobs::new();
+    let history = daemon::history::History::open(&cfg.root, cfg.history)?;
+    history.spawn_gc();
     let docker = Arc::new(docker::Docker::new(
         cfg.docker_host.clone(),
         cfg.docker_data_root.clone(),
@@ -104,6 +106,7 @@ async fn run(cfg: config::Config) -> anyhow::Result<()> {
         sessions: sessions.clone(),
         backend: backend.clone(),
         worker: record.clone(),
+        history: history.clone(),
     });
     let gateway = Arc::new(gateway::Gateway {
         jobs: jobs.clone(),
@@ -185,6 +188,7 @@ async fn run(cfg: config::Config) -> anyhow::Result<()> {
         r = servers.join_next() => Some(r),
     };
     jobs.cancel_all("berthd is shutting down");
+    history.close_listeners();
     sessions.close_all();
     shutdown.cancel();
     // Give builds a moment to report cancellation, then stop waiting for open streams.

@@ -283,6 +283,11 @@ impl Progress {
         self.version.send_replace(n + 1);
     }
 
+    /// Every update sent so far, in order (the build's log for its history record).
+    pub fn events(&self) -> Vec<StatusResponse> {
+        self.state.lock().unwrap().events.clone()
+    }
+
     /// Whether [`Progress::finish`] was called.
     pub fn is_done(&self) -> bool {
         self.state.lock().unwrap().done
