@@ -355,12 +355,16 @@ async fn control_api_workers_info_du_prune() {
         .unwrap()
         .into_inner();
     assert!(du.record.is_empty(), "{du:?}");
-    // history RPCs are unimplemented
+    // deleting a build record that does not exist (daemon_history tests the rest)
     let e = ctl
-        .update_build_history(control::UpdateBuildHistoryRequest::default())
+        .update_build_history(control::UpdateBuildHistoryRequest {
+            r#ref: "no-such-build".into(),
+            delete: true,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
-    assert_eq!(e.code(), tonic::Code::Unimplemented);
+    assert_eq!(e.code(), tonic::Code::NotFound);
 
     // the worker id persists across restarts
     drop(c);
