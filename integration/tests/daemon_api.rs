@@ -28,3 +28,163 @@ async fn solve_of_an_empty_definition_returns() {
     let r = r.unwrap().into_inner();
     assert!(r.exporter_response.is_empty(), "{r:?}");
 }
+
+/// A forwarder build driven by hand: Control.Solve and Status run while the caller talks to the
+/// gateway; returns the Solve answer and every status message after the caller's `Return`.
+struct GatewayBuild {
+    build_ref: String,
+    session: integration::buildkit_client::SessionHandle,
+    solve: tokio::task::JoinHandle<Result<control::SolveResponse, tonic::Status>>,
+    status: tokio::task::JoinHandle<Vec<control::StatusResponse>>,
+}
+
+impl GatewayBuild {
+    async fn start(c: &integration::buildkit_client::BuildkitClient) -> Self {
+        let session = c
+            .open_session(integration::buildkit_client::Attachables::default())
+            .await
+            .unwrap();
+        let build_ref = new_id();
+        let mut ctl = c.control();
+        let (br, sid) = (build_ref.clone(), session.id.clone());
+        let solve = tokio::spawn(async move {
+            ctl.solve(control::SolveRequest {
+                r#ref: br,
+                session: sid,
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.into_inner())
+        });
+        let mut ctl = c.control();
+        let br = build_ref.clone();
+        let status = tokio::spawn(async move {
+            let mut s = ctl
+                .status(control::StatusRequest { r#ref: br })
+                .await
+                .unwrap()
+                .into_inner();
+            let mut out = Vec::new();
+            while let Some(m) = s.message().await.unwrap() {
+                out.push(m);
+            }
+            out
+        });
+        GatewayBuild {
+            build_ref,
+            session,
+            solve,
+            status,
+        }
+    }
+
+    fn req<T>(&self, m: T) -> tonic::Request<T> {
+        integration::buildkit_client::with_build_id(m, &self.build_ref)
+    }
+
+    async fn finish(
+        mut self,
+        c: &integration::buildkit_client::BuildkitClient,
+        ret: protos::moby::buildkit::v1::frontend::ReturnRequest,
+    ) -> (
+        Result<control::SolveResponse, tonic::Status>,
+        Vec<control::StatusResponse>,
+    ) {
+        c.gateway().r#return(self.req(ret)).await.unwrap();
+        let solve = tokio::time::timeout(Duration::from_secs(30), self.solve)
+            .await
+            .expect("Solve answers after Return")
+            .unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(10), self.status)
+            .await
+            .expect("Status ends")
+            .unwrap();
+        assert!(self.session.close(Duration::from_secs(5)).await);
+        (solve, status)
+    }
+}
+
+/// `LLBBridge.Warn` with a source location reaches Status with that location (upstream's
+/// testWarnings dereferences `SourceInfo` and `Range`).
+#[tokio::test(flavor = "multi_thread")]
+async fn warnings_keep_source_info_and_ranges() {
+    use protos::moby::buildkit::v1::frontend as gw;
+    require_root();
+    let d = Berthd::start(&[]).unwrap();
+    let c = d.client().await.unwrap();
+    let b = GatewayBuild::start(&c).await;
+    let def = llb::scratch()
+        .file(llb::mkfile("/dummy", 0o600, "foo", Default::default()))
+        .marshal()
+        .unwrap();
+    // the file op is the definition's first op; its digest is what Go's client computes
+    let dgst = format!(
+        "sha256:{}",
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&def.def[0]))
+    );
+    let res = c
+        .gateway()
+        .solve(b.req(gw::SolveRequest {
+            definition: Some(def),
+            allow_result_return: true,
+            allow_result_array_ref: true,
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let range = protos::pb::Range {
+        start: Some(protos::pb::Position {
+            line: 2,
+            character: 0,
+        }),
+        end: Some(protos::pb::Position {
+            line: 4,
+            character: 0,
+        }),
+    };
+    c.gateway()
+        .warn(b.req(gw::WarnRequest {
+            digest: dgst.clone(),
+            level: 3,
+            short: "this is warning".into(),
+            detail: vec!["this is detail".into(), "and more detail".into()],
+            url: "https://example.com".into(),
+            info: Some(protos::pb::SourceInfo {
+                filename: "mydockerfile".into(),
+                data: "filedata".into(),
+                ..Default::default()
+            }),
+            ranges: vec![range.clone()],
+        }))
+        .await
+        .unwrap();
+    let (solve, status) = b
+        .finish(
+            &c,
+            gw::ReturnRequest {
+                result: res.result,
+                error: None,
+            },
+        )
+        .await;
+    solve.unwrap();
+    let warnings: Vec<_> = status.iter().flat_map(|s| s.warnings.clone()).collect();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    let w = &warnings[0];
+    assert_eq!(w.vertex, dgst);
+    assert_eq!(&w.short[..], b"this is warning");
+    assert_eq!(w.detail.len(), 2);
+    assert_eq!(w.url, "https://example.com");
+    assert_eq!(w.level, 3);
+    let info = w.info.as_ref().expect("source info kept");
+    assert_eq!(info.filename, "mydockerfile");
+    assert_eq!(&info.data[..], b"filedata");
+    assert_eq!(w.ranges, vec![range]);
+    let vertices: std::collections::BTreeSet<String> = status
+        .iter()
+        .flat_map(|s| s.vertexes.iter().map(|v| v.digest.clone()))
+        .collect();
+    assert_eq!(vertices.len(), 1, "{vertices:?}");
+    assert!(vertices.contains(&dgst));
+}

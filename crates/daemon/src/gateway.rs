@@ -335,7 +335,15 @@ impl gw::llb_bridge_server::LlbBridge for Gateway {
         let job = self.job(&request).await?;
         let r = request.into_inner();
         job.progress
-            .warning(&r.digest, r.level, &r.short, &r.detail, &r.url);
+            .warning(protos::moby::buildkit::v1::VertexWarning {
+                vertex: r.digest,
+                level: r.level,
+                short: r.short,
+                detail: r.detail,
+                url: r.url,
+                info: r.info,
+                ranges: r.ranges,
+            });
         Ok(Response::new(gw::WarnResponse {}))
     }
 }

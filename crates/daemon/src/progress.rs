@@ -207,27 +207,13 @@ impl Progress {
         }
     }
 
-    /// A warning attached to a vertex (from the gateway's `Warn`).
-    pub fn warning(
-        &self,
-        vertex: &str,
-        level: i64,
-        short: &[u8],
-        detail: &[bytes::Bytes],
-        url: &str,
-    ) {
+    /// A warning attached to a vertex (from the gateway's `Warn`), with its source location
+    /// when the frontend gave one. Dropped when the vertex was never announced.
+    pub fn warning(&self, w: protos::moby::buildkit::v1::VertexWarning) {
         let mut st = self.state.lock().unwrap();
-        if st.done || !st.vertices.contains_key(vertex) {
+        if st.done || !st.vertices.contains_key(&w.vertex) {
             return;
         }
-        let w = protos::moby::buildkit::v1::VertexWarning {
-            vertex: vertex.to_string(),
-            level,
-            short: bytes::Bytes::copy_from_slice(short),
-            detail: detail.to_vec(),
-            url: url.to_string(),
-            ..Default::default()
-        };
         self.push(
             &mut st,
             StatusResponse {
