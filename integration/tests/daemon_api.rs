@@ -155,7 +155,7 @@ async fn warnings_keep_source_info_and_ranges() {
                 data: "filedata".into(),
                 ..Default::default()
             }),
-            ranges: vec![range.clone()],
+            ranges: vec![range],
         }))
         .await
         .unwrap();

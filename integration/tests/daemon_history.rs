@@ -60,7 +60,7 @@ async fn history_records_of_builds_persist_pin_delete_and_replay() {
     // a build that fails
     let bad = llb::scratch()
         .file(llb::copy(
-            &llb::scratch(),
+            llb::scratch(),
             "/does-not-exist",
             "/x",
             Default::default(),
