@@ -44,8 +44,39 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ".pb.SourceInfo.data",
             "#[serde(with = \"crate::details::base64\")]",
         )
-        // The LLB of the source file is not carried in JSON details by berth.
-        .field_attribute(".pb.SourceInfo.definition", "#[serde(skip)]");
+        // Go's encoding/json of the gogo structs: `omitempty` pointers are left out, `[]byte`
+        // lists are base64 strings, and three fields keep names that are not snake_case.
+        .field_attribute(
+            ".pb.SourceInfo.definition",
+            "#[serde(skip_serializing_if = \"Option::is_none\")]",
+        )
+        .field_attribute(
+            ".pb.SourceInfo.language",
+            "#[serde(skip_serializing_if = \"String::is_empty\")]",
+        )
+        .field_attribute(
+            ".pb.Definition.def",
+            "#[serde(with = \"crate::details::base64_list\")]",
+        )
+        .field_attribute(
+            ".pb.Definition.Source",
+            "#[serde(rename = \"Source\", skip_serializing_if = \"Option::is_none\")]",
+        )
+        .field_attribute(
+            ".pb.Location.sourceIndex",
+            "#[serde(rename = \"sourceIndex\")]",
+        )
+        .field_attribute(".pb.ExportCache.Value", "#[serde(rename = \"Value\")]")
+        .field_attribute(
+            ".pb.OpMetadata.export_cache",
+            "#[serde(skip_serializing_if = \"Option::is_none\")]",
+        )
+        .field_attribute(
+            ".pb.OpMetadata.progress_group",
+            "#[serde(skip_serializing_if = \"Option::is_none\")]",
+        )
+        // newer than v0.11.6 and not needed to read a source back
+        .field_attribute(".pb.OpMetadata.linux_resources", "#[serde(skip)]");
 
     builder
         .build_client(true)
@@ -71,6 +102,13 @@ const JSON_DETAIL_TYPES: &[(&str, &str)] = &[
     (".errdefs.Subrequest", "camelCase"),
     (".errdefs.CompatibilityFeature", "camelCase"),
     (".pb.SourceInfo", "camelCase"),
+    (".pb.Definition", "snake_case"),
+    (".pb.OpMetadata", "snake_case"),
+    (".pb.ExportCache", "snake_case"),
+    (".pb.ProgressGroup", "snake_case"),
+    (".pb.Source", "snake_case"),
+    (".pb.Locations", "snake_case"),
+    (".pb.Location", "snake_case"),
     (".pb.Range", "camelCase"),
     (".pb.Position", "camelCase"),
     (".stack.Stack", "camelCase"),

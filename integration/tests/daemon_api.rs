@@ -188,3 +188,162 @@ async fn warnings_keep_source_info_and_ranges() {
     assert_eq!(vertices.len(), 1, "{vertices:?}");
     assert!(vertices.contains(&dgst));
 }
+
+fn details_of(st: &tonic::Status) -> Vec<prost_types::Any> {
+    use prost::Message as _;
+    protos::google::rpc::Status::decode(st.details())
+        .map(|s| s.details)
+        .unwrap_or_default()
+}
+
+/// A failing vertex's error carries `errdefs.Vertex` and one `errdefs.Source` per source
+/// location of that vertex (last location first, as buildkitd serializes its wrappers), with
+/// the source's own definition when the frontend gave one; a client's `Return` with such an
+/// error hands its details on to `Control.Solve`.
+#[tokio::test(flavor = "multi_thread")]
+async fn failing_vertex_errors_carry_vertex_and_source_details() {
+    use protos::details::JsonDetail;
+    use protos::moby::buildkit::v1::frontend as gw;
+    use protos::pb;
+    require_root();
+    let d = Berthd::start(&[]).unwrap();
+    let c = d.client().await.unwrap();
+    // mkdir foo/bar fails: /foo does not exist
+    let mut def = llb::scratch()
+        .file(llb::mkdir("foo/bar", 0o600, Default::default()))
+        .marshal()
+        .unwrap();
+    let dgst = format!(
+        "sha256:{}",
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&def.def[0]))
+    );
+    let src_def = llb::scratch()
+        .file(llb::mkfile("foo", 0o600, "data", Default::default()))
+        .marshal()
+        .unwrap();
+    let range = |line: i32, ch: i32| pb::Range {
+        start: Some(pb::Position {
+            line,
+            character: ch,
+        }),
+        end: Some(pb::Position {
+            line,
+            character: ch,
+        }),
+    };
+    def.source = Some(pb::Source {
+        locations: [(
+            dgst.clone(),
+            pb::Locations {
+                locations: vec![
+                    pb::Location {
+                        source_index: 0,
+                        ranges: vec![range(7, 0)],
+                    },
+                    pb::Location {
+                        source_index: 1,
+                        ranges: vec![range(8, 1)],
+                    },
+                ],
+            },
+        )]
+        .into(),
+        infos: vec![
+            pb::SourceInfo {
+                filename: "foo".into(),
+                data: "data1".into(),
+                ..Default::default()
+            },
+            pb::SourceInfo {
+                filename: "bar".into(),
+                data: "bardata".into(),
+                definition: Some(src_def.clone()),
+                ..Default::default()
+            },
+        ],
+    });
+
+    let check = |details: &[prost_types::Any]| {
+        let sources: Vec<protos::errdefs::Source> = details
+            .iter()
+            .filter_map(|a| protos::errdefs::Source::from_any(a).ok())
+            .collect();
+        assert_eq!(sources.len(), 2, "{details:?}");
+        // last location first on the wire
+        let s0 = sources[0].info.as_ref().unwrap();
+        assert_eq!(s0.filename, "bar");
+        assert_eq!(s0.definition.as_ref().unwrap().def, src_def.def);
+        assert_eq!(sources[0].ranges, vec![range(8, 1)]);
+        let s1 = sources[1].info.as_ref().unwrap();
+        assert_eq!(s1.filename, "foo");
+        assert_eq!(&s1.data[..], b"data1");
+        assert!(s1.definition.is_none());
+        let vertex: Vec<_> = details
+            .iter()
+            .filter_map(|a| protos::errdefs::Vertex::from_any(a).ok())
+            .collect();
+        assert_eq!(vertex.len(), 1, "{details:?}");
+        assert_eq!(vertex[0].digest, dgst);
+    };
+
+    // direct Control.Solve
+    let e = c
+        .control()
+        .solve(control::SolveRequest {
+            r#ref: new_id(),
+            definition: Some(def.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    check(&details_of(&e));
+    assert!(
+        !e.message().contains("mkdir foo/bar:"),
+        "no vertex-name prefix: {e:?}"
+    );
+
+    // LLBBridge.Solve, then the client returns that error (as Go's gateway client does)
+    let b = GatewayBuild::start(&c).await;
+    let ge = c
+        .gateway()
+        .solve(b.req(gw::SolveRequest {
+            definition: Some(def),
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    let gd = details_of(&ge);
+    check(&gd);
+    let (solve, _) = b
+        .finish(
+            &c,
+            gw::ReturnRequest {
+                result: None,
+                error: Some(protos::google::rpc::Status {
+                    code: ge.code() as i32,
+                    message: ge.message().to_string(),
+                    details: gd,
+                }),
+            },
+        )
+        .await;
+    let se = solve.unwrap_err();
+    check(&details_of(&se));
+
+    // the history record keeps the details too
+    let recs = c
+        .control()
+        .listen_build_history(control::BuildHistoryRequest {
+            early_exit: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    use futures::StreamExt;
+    let recs: Vec<_> = recs.map(|r| r.unwrap()).collect().await;
+    assert_eq!(recs.len(), 2);
+    for r in recs {
+        check(&r.record.unwrap().error.unwrap().details);
+    }
+}

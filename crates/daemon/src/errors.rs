@@ -78,6 +78,15 @@ pub enum Error {
     /// The worker (LLB solver) failed.
     #[error(transparent)]
     Worker(#[from] worker::Error),
+    /// An error carrying typed details for the client (`google.rpc.Status.details`: BuildKit's
+    /// `errdefs.Vertex`, `errdefs.Source`, `errdefs.Solve`, exit codes...).
+    #[error("{error}")]
+    Detailed {
+        /// The error.
+        error: Box<Error>,
+        /// The details, in the order BuildKit sends them (outermost wrapper first).
+        details: Vec<prost_types::Any>,
+    },
     /// The layer store failed.
     #[error("{context}: {source}")]
     Layerstore {
@@ -129,14 +138,62 @@ impl Error {
         }
     }
 
-    /// Prefixes the message with context, keeping the classification.
+    /// Prefixes the message with context, keeping the classification and details.
     pub fn context(self, ctx: impl std::fmt::Display) -> Self {
         let code = self.code();
-        let message = format!("{ctx}: {self}");
+        let message = format!("{ctx}: {}", self.full_message());
+        let details = self.details();
         match self {
             Error::Canceled => Error::Canceled,
-            _ => Error::Remote { code, message },
+            _ => Error::Remote { code, message }.with_details(details),
         }
+    }
+
+    /// Adds typed details (appended after the ones already there).
+    pub fn with_details(self, details: Vec<prost_types::Any>) -> Self {
+        if details.is_empty() {
+            return self;
+        }
+        match self {
+            Error::Detailed {
+                error,
+                details: mut d,
+            } => {
+                d.extend(details);
+                Error::Detailed { error, details: d }
+            }
+            e => Error::Detailed {
+                error: Box::new(e),
+                details,
+            },
+        }
+    }
+
+    /// The typed details of this error.
+    pub fn details(&self) -> Vec<prost_types::Any> {
+        match self {
+            Error::Detailed { error, details } => {
+                let mut d = details.clone();
+                d.extend(error.details());
+                d
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// The error a peer reported as a `google.rpc.Status` (e.g. in `LLBBridge.Return`), with
+    /// its details.
+    pub fn from_rpc_status(st: &protos::google::rpc::Status) -> Self {
+        let code = Code::from_i32(st.code);
+        // Go clients format non-Unknown errors as "<Code>: <message>" before returning them;
+        // strip that once so the client does not print the code twice.
+        let prefix = format!("{code:?}: ");
+        let message = st
+            .message
+            .strip_prefix(&prefix)
+            .map(str::to_string)
+            .unwrap_or_else(|| st.message.clone());
+        Error::Remote { code, message }.with_details(st.details.clone())
     }
 
     /// The gRPC code for this error.
@@ -150,6 +207,7 @@ impl Error {
             Error::PermissionDenied { .. } => Code::PermissionDenied,
             Error::Failed { .. } => Code::Unknown,
             Error::Remote { code, .. } => *code,
+            Error::Detailed { error, .. } => error.code(),
             Error::Internal { .. } => Code::Internal,
             Error::Fsutil { source, .. } => match source {
                 fsutil::Error::Transport { .. } => Code::Unavailable,
@@ -174,8 +232,12 @@ impl Error {
         }
     }
 
-    /// Builds an error from a status received from a peer.
+    /// Builds an error from a status received from a peer, keeping its typed details.
     pub fn from_status(context: &str, st: &tonic::Status) -> Self {
+        use prost::Message as _;
+        let details = protos::google::rpc::Status::decode(st.details())
+            .map(|s| s.details)
+            .unwrap_or_default();
         Error::Remote {
             code: st.code(),
             message: if context.is_empty() {
@@ -184,12 +246,16 @@ impl Error {
                 format!("{context}: {}", st.message())
             },
         }
+        .with_details(details)
     }
 }
 
 impl Error {
     /// The full message: this error's text followed by each cause not already contained in it.
     pub fn full_message(&self) -> String {
+        if let Error::Detailed { error, .. } = self {
+            return error.full_message();
+        }
         let mut message = self.to_string();
         let mut src = std::error::Error::source(self);
         while let Some(s) = src {
@@ -203,19 +269,26 @@ impl Error {
         message
     }
 
-    /// The error as the `google.rpc.Status` buildkitd stores in build history records.
+    /// The error as a `google.rpc.Status` with its details (what buildkitd stores in build
+    /// history records and sends in `grpc-status-details-bin`).
     pub fn rpc_status(&self) -> protos::google::rpc::Status {
         protos::google::rpc::Status {
             code: self.code() as i32,
             message: self.full_message(),
-            details: Vec::new(),
+            details: self.details(),
         }
     }
 }
 
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
-        tonic::Status::new(e.code(), e.full_message())
+        use prost::Message as _;
+        let st = e.rpc_status();
+        if st.details.is_empty() {
+            return tonic::Status::new(e.code(), st.message);
+        }
+        let details = st.encode_to_vec();
+        tonic::Status::with_details(e.code(), st.message, details.into())
     }
 }
 

@@ -106,16 +106,7 @@ impl Gateway {
         let r = req.into_inner();
         if let Some(err) = r.error {
             if err.code != 0 {
-                let code = tonic::Code::from_i32(err.code);
-                // Go clients format non-Unknown errors as "<Code>: <message>" before returning
-                // them; strip that once so the client does not print the code twice.
-                let prefix = format!("{code:?}: ");
-                let message = err
-                    .message
-                    .strip_prefix(&prefix)
-                    .map(str::to_string)
-                    .unwrap_or(err.message);
-                job.deliver(Err(Error::Remote { code, message }))?;
+                job.deliver(Err(Error::from_rpc_status(&err)))?;
                 return Ok(gw::ReturnResponse {});
             }
         }

@@ -101,7 +101,8 @@ impl Job {
             Some(e) => Error::Remote {
                 code: e.code(),
                 message: e.to_string(),
-            },
+            }
+            .with_details(e.details()),
             None => Error::Canceled,
         }
     }

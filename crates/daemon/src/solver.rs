@@ -153,7 +153,11 @@ impl Backend {
         let wctx =
             worker::SolveContext::new(ctx.job_id.clone(), provider, sink, ctx.cancel.clone())
                 .with_entitlements(ctx.entitlements.clone());
-        let r = self.worker.solve(def, wctx).await.map_err(Error::from)?;
+        let source = def.source.clone();
+        let r = self.worker.solve(def, wctx).await.map_err(|e| {
+            let details = vertex_details(source.as_ref(), &e);
+            Error::from(e).with_details(details)
+        })?;
         Ok(FsRef::Solved(r))
     }
 
@@ -187,6 +191,46 @@ impl Backend {
             .map_err(|e| Error::internal(format!("create {}: {e}", p.display())))?;
         Ok(p)
     }
+}
+
+/// The typed details buildkitd attaches to the error of a failed vertex: one `errdefs.Source`
+/// per source location the definition gives for that vertex (last location first, the order in
+/// which upstream's wrappers are serialized, so that clients list them first-to-last), then
+/// `errdefs.Vertex` with its digest.
+pub fn vertex_details(
+    source: Option<&protos::pb::Source>,
+    e: &worker::Error,
+) -> Vec<prost_types::Any> {
+    use protos::details::JsonDetail;
+    let Some(digest) = e.vertex_digest() else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    if let Some(locs) = source.and_then(|s| s.locations.get(digest).map(|l| (s, l))) {
+        let (src, locs) = locs;
+        for loc in locs.locations.iter().rev() {
+            let Some(info) = usize::try_from(loc.source_index)
+                .ok()
+                .and_then(|i| src.infos.get(i))
+            else {
+                continue;
+            };
+            out.push(
+                protos::errdefs::Source {
+                    info: Some(info.clone()),
+                    ranges: loc.ranges.clone(),
+                }
+                .to_any(),
+            );
+        }
+    }
+    out.push(
+        protos::errdefs::Vertex {
+            digest: digest.to_string(),
+        }
+        .to_any(),
+    );
+    out
 }
 
 /// Converts the worker's progress events into the job's Status log.

@@ -8,8 +8,14 @@
 //! as defaults here. buildctl uses `errdefs.Source` to print the failing
 //! Dockerfile lines and `errdefs.Vertex` to name the failing step.
 //!
-//! `pb.SourceInfo.definition` is neither written nor read (BuildKit fills it
-//! with the LLB of the source file; clients print without it).
+//! `pb.SourceInfo.definition` (the LLB of the source file, when the frontend
+//! gave one) is carried in Go's JSON form of `pb.Definition`.
+//!
+//! `errdefs.Solve` is the exception: BuildKit marshals it with `jsonpb`
+//! (proto3 JSON: lowerCamelCase names, 64-bit integers as strings, enum
+//! names), because it holds a whole `pb.Op`. [`solve_to_any`] and
+//! [`solve_from_any`] do that through the descriptors of
+//! [`crate::FILE_DESCRIPTOR_SET`].
 
 use crate::{errdefs, stack, type_urls};
 use prost_types::Any;
@@ -85,6 +91,84 @@ json_detail! {
     stack::Stack => type_urls::STACK,
 }
 
+/// `errdefs.Solve` as BuildKit puts it into `Status.details` (jsonpb JSON).
+pub fn solve_to_any(s: &errdefs::Solve) -> Any {
+    use prost::Message as _;
+    let desc = pool()
+        .get_message_by_name("errdefs.Solve")
+        .expect("errdefs.Solve in the descriptor set");
+    let dynamic = prost_reflect::DynamicMessage::decode(desc, s.encode_to_vec().as_slice())
+        .expect("a message decodes under its own descriptor");
+    let mut out = Vec::new();
+    let mut ser = serde_json::Serializer::new(&mut out);
+    dynamic
+        .serialize_with_options(&mut ser, &prost_reflect::SerializeOptions::new())
+        .expect("proto JSON serializes");
+    Any {
+        type_url: type_urls::ERRDEFS_SOLVE.to_string(),
+        value: out,
+    }
+}
+
+/// Reads an `errdefs.Solve` detail back (jsonpb JSON).
+pub fn solve_from_any(any: &Any) -> Result<errdefs::Solve, DetailError> {
+    use prost::Message as _;
+    if any.type_url != type_urls::ERRDEFS_SOLVE {
+        return Err(DetailError::WrongType {
+            expected: type_urls::ERRDEFS_SOLVE,
+            found: any.type_url.clone(),
+        });
+    }
+    let desc = pool()
+        .get_message_by_name("errdefs.Solve")
+        .expect("errdefs.Solve in the descriptor set");
+    let mut de = serde_json::Deserializer::from_slice(&any.value);
+    let dynamic = prost_reflect::DynamicMessage::deserialize(desc, &mut de).map_err(|source| {
+        DetailError::Json {
+            type_url: type_urls::ERRDEFS_SOLVE,
+            source,
+        }
+    })?;
+    errdefs::Solve::decode(dynamic.encode_to_vec().as_slice()).map_err(|e| DetailError::Json {
+        type_url: type_urls::ERRDEFS_SOLVE,
+        source: serde::de::Error::custom(e),
+    })
+}
+
+fn pool() -> &'static prost_reflect::DescriptorPool {
+    static POOL: std::sync::OnceLock<prost_reflect::DescriptorPool> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        prost_reflect::DescriptorPool::decode(crate::FILE_DESCRIPTOR_SET)
+            .expect("the generated descriptor set decodes")
+    })
+}
+
+/// serde adapter: a list of `bytes::Bytes` as base64 strings (Go's `[][]byte` JSON).
+pub(crate) mod base64_list {
+    use base64::Engine as _;
+    use bytes::Bytes;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(crate) fn serialize<S: Serializer>(data: &[Bytes], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(
+            data.iter()
+                .map(|d| base64::engine::general_purpose::STANDARD.encode(d)),
+        )
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Bytes>, D::Error> {
+        let list = Option::<Vec<Option<String>>>::deserialize(d)?.unwrap_or_default();
+        list.into_iter()
+            .map(|t| {
+                base64::engine::general_purpose::STANDARD
+                    .decode(t.unwrap_or_default())
+                    .map(Bytes::from)
+                    .map_err(serde::de::Error::custom)
+            })
+            .collect()
+    }
+}
+
 /// serde adapter: `bytes::Bytes` as a standard base64 string (Go's `[]byte` JSON).
 pub(crate) mod base64 {
     use base64::Engine as _;
@@ -126,7 +210,8 @@ mod tests {
         let info = src.info.as_ref().unwrap();
         assert_eq!(info.filename, "Dockerfile");
         assert_eq!(info.data, Bytes::from_static(b"FROM scratch\nRUN false\n"));
-        assert_eq!(info.definition, None);
+        let def = info.definition.as_ref().expect("definition carried");
+        assert_eq!(def.def, [Bytes::from_static(&[0, 1])]);
         assert_eq!(
             src.ranges,
             [pb::Range {
@@ -179,6 +264,105 @@ mod tests {
         let json: serde_json::Value = serde_json::from_slice(&src.to_any().value).unwrap();
         assert_eq!(json["info"]["data"], "RlJPTSBzY3JhdGNoCg==");
         assert!(json["info"].get("definition").is_none());
+    }
+
+    #[test]
+    fn source_definition_is_go_json() {
+        let mut metadata = std::collections::BTreeMap::new();
+        metadata.insert(
+            "sha256:aa".to_string(),
+            pb::OpMetadata {
+                caps: [("file.base".to_string(), true)].into(),
+                export_cache: Some(pb::ExportCache { value: true }),
+                ..Default::default()
+            },
+        );
+        let src = errdefs::Source {
+            info: Some(pb::SourceInfo {
+                filename: "bar".into(),
+                data: Bytes::from_static(b"bardata"),
+                definition: Some(pb::Definition {
+                    def: vec![Bytes::from_static(b"\x01\x02")],
+                    metadata,
+                    source: Some(pb::Source {
+                        locations: [(
+                            "sha256:aa".to_string(),
+                            pb::Locations {
+                                locations: vec![pb::Location {
+                                    source_index: 1,
+                                    ranges: vec![],
+                                }],
+                            },
+                        )]
+                        .into(),
+                        infos: vec![],
+                    }),
+                }),
+                language: String::new(),
+            }),
+            ranges: vec![],
+        };
+        let json: serde_json::Value = serde_json::from_slice(&src.to_any().value).unwrap();
+        let d = &json["info"]["definition"];
+        assert_eq!(d["def"], serde_json::json!(["AQI="]));
+        assert_eq!(d["metadata"]["sha256:aa"]["caps"]["file.base"], true);
+        assert_eq!(d["metadata"]["sha256:aa"]["export_cache"]["Value"], true);
+        assert_eq!(
+            d["Source"]["locations"]["sha256:aa"]["locations"][0]["sourceIndex"],
+            1
+        );
+        assert!(json["info"].get("language").is_none());
+        let back = errdefs::Source::from_any(&src.to_any()).unwrap();
+        assert_eq!(back, src);
+    }
+
+    #[test]
+    fn solve_detail_is_jsonpb() {
+        let op = pb::Op {
+            inputs: vec![pb::Input {
+                digest: "sha256:bb".into(),
+                index: 0,
+            }],
+            op: Some(pb::op::Op::Exec(pb::ExecOp {
+                meta: Some(pb::Meta {
+                    args: vec!["sh".into()],
+                    proxy_env: Some(Default::default()),
+                    ..Default::default()
+                }),
+                mounts: vec![pb::Mount {
+                    input: 0,
+                    dest: "/".into(),
+                    output: 0,
+                    mount_type: pb::MountType::Bind as i32,
+                    ..Default::default()
+                }],
+                network: pb::NetMode::None as i32,
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let solve = errdefs::Solve {
+            input_i_ds: vec!["in1".into()],
+            mount_i_ds: vec!["m1".into(), "m2".into()],
+            op: Some(op),
+            subject: Some(errdefs::solve::Subject::File(errdefs::FileAction {
+                index: 2,
+            })),
+            description: Default::default(),
+        };
+        let any = solve_to_any(&solve);
+        assert_eq!(any.type_url, "github.com/moby/buildkit/errdefs.Solve+json");
+        let json: serde_json::Value = serde_json::from_slice(&any.value).unwrap();
+        assert_eq!(json["inputIDs"], serde_json::json!(["in1"]));
+        assert_eq!(json["mountIDs"], serde_json::json!(["m1", "m2"]));
+        assert_eq!(json["file"]["index"], "2", "int64 as a string: {json}");
+        assert_eq!(json["op"]["exec"]["network"], "NONE", "{json}");
+        assert_eq!(
+            json["op"]["exec"]["meta"]["proxyEnv"],
+            serde_json::json!({})
+        );
+        assert_eq!(json["op"]["inputs"][0]["digest"], "sha256:bb");
+        assert_eq!(solve_from_any(&any).unwrap(), solve);
     }
 
     #[test]

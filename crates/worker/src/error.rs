@@ -120,13 +120,16 @@ pub enum Error {
         #[source]
         source: layerstore::Error,
     },
-    /// A vertex failed; wraps the op's error with the vertex name shown in progress. The message
-    /// includes the op's error (it is not exposed as a separate `source()` so that chains are not
-    /// printed twice).
-    #[error("{name}: {error}")]
+    /// A vertex failed; wraps the op's error with the vertex it happened in. The message is the
+    /// op's error alone, as buildkitd's (the failing step is named by the progress stream and by
+    /// the `errdefs.Vertex` detail the daemon attaches from [`Error::vertex_digest`]); the op's
+    /// error is not exposed as a separate `source()` so that chains are not printed twice.
+    #[error("{error}")]
     Vertex {
         /// The vertex display name.
         name: String,
+        /// The op digest of the vertex (`sha256:…`).
+        digest: String,
         /// The op's error.
         error: Box<Error>,
     },
@@ -183,6 +186,15 @@ impl Error {
         }
     }
 
+    /// The op digest of the vertex that failed, if the error comes from one.
+    pub fn vertex_digest(&self) -> Option<&str> {
+        match self {
+            Error::Vertex { digest, .. } => Some(digest),
+            Error::Shared(e) => e.vertex_digest(),
+            _ => None,
+        }
+    }
+
     /// Builds a [`Error::Session`]; for [`crate::SessionProvider`] implementations.
     pub fn session(kind: ErrorKind, what: impl Into<String>, source: Option<BoxError>) -> Self {
         Error::Session {
@@ -226,10 +238,13 @@ mod tests {
         let inner = Error::PathNotFound { path: "/a".into() };
         let e = Error::Vertex {
             name: "copy /a /b".into(),
+            digest: "sha256:ab".into(),
             error: Box::new(inner),
         };
         assert_eq!(e.kind(), ErrorKind::NotFound);
-        assert_eq!(e.to_string(), "copy /a /b: \"/a\" not found");
+        assert_eq!(e.to_string(), "\"/a\" not found");
+        let shared = Error::Shared(std::sync::Arc::new(e));
+        assert_eq!(shared.vertex_digest(), Some("sha256:ab"));
     }
 
     #[test]

@@ -292,6 +292,7 @@ impl<R: Clone + Send + Sync + 'static> Solver<R> {
             Error::Canceled | Error::Vertex { .. } => e,
             e => Error::Vertex {
                 name: v.name.clone(),
+                digest: v.digest.clone(),
                 error: Box::new(e),
             },
         })?;
