@@ -400,7 +400,9 @@ async fn failure_names_the_vertex_and_cancels_siblings() {
     .await
     .expect("failure must not wait for the blocked sibling")
     .unwrap_err();
-    assert_eq!(err.to_string(), "bad: test \"bad\": boom");
+    // the message is the op's error alone; the vertex travels as its digest
+    assert_eq!(err.to_string(), "test \"bad\": boom");
+    assert_eq!(err.vertex_digest(), Some("sha256:bad"));
     let evs = evs.lock().unwrap();
     let n_started = evs
         .iter()
