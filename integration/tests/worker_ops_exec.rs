@@ -6,7 +6,7 @@ mod worker_ops_support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use integration::{busybox_image, DockerEngine};
 use llb::{CacheSharing, Mount, NetMode, RunOpts};
 use worker::ErrorKind;
@@ -457,5 +457,32 @@ async fn exec_selector_content_key() -> Result<()> {
     assert_eq!(read(s3.ok(), "/res").await?.as_deref(), Some("y\n"));
     let done = s3.completed();
     assert!(!done.iter().find(|(n, _)| n.contains("cat /m/f")).unwrap().1);
+    Ok(())
+}
+
+/// One exec mounting the same cache twice (same ID, LOCKED, also PRIVATE) gets one directory at
+/// both mount points, as buildkitd's per-exec mount manager gives; a LOCKED cache does not wait
+/// for itself (upstream TestDuplicateCacheMount deadlocked berthd).
+#[tokio::test]
+async fn exec_same_cache_mounted_twice() -> Result<()> {
+    let _timing = shared().await;
+    let w = TestWorker::new()?;
+    let (_img, base) = base().await?;
+    for (sharing, id) in [
+        (CacheSharing::Locked, "dup-locked"),
+        (CacheSharing::Private, "dup-private"),
+    ] {
+        let run = base
+            .run(
+                RunOpts::shell("[ ! -f /m2/foo ]; touch /m1/foo; [ -f /m2/foo ]")
+                    .mount(Mount::cache("/m1", id, sharing))
+                    .mount(Mount::cache("/m2", id, sharing)),
+            )
+            .root();
+        let s = tokio::time::timeout(Duration::from_secs(60), solve(&w.worker, &run))
+            .await
+            .context("a cache mounted twice in one exec must not wait for itself")?;
+        s.ok();
+    }
     Ok(())
 }

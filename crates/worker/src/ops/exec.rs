@@ -23,6 +23,8 @@
 //! Directories persist across builds and restarts. `sharing`: `SHARED` — every user gets
 //! instance `0` concurrently; `LOCKED` — users of instance `0` wait for each other; `PRIVATE` —
 //! a user gets the lowest-numbered instance nobody is using, a new one when all are busy.
+//! Within one exec, mounts of the same cache share one instance whatever their sharing mode
+//! (buildkitd's per-exec mount manager), so a LOCKED cache mounted twice never waits for itself.
 //! These directories are not snapshots: `buildctl du`/prune do not see them yet.
 //!
 //! # Network and security
@@ -486,15 +488,25 @@ impl Inner {
             .map(|(i, s)| (*i, s.path().to_path_buf()))
             .collect();
         // Cache mount directories (may wait for LOCKED users).
+        // Mounts of one cache (same ID and seed) within this exec share one directory, whatever
+        // their sharing mode, as buildkitd's per-exec mount manager does; so a LOCKED cache
+        // mounted twice does not wait for itself.
         let mut held = Held::default();
         let mut cache_dirs: HashMap<usize, PathBuf> = HashMap::new();
+        let mut by_key: HashMap<String, PathBuf> = HashMap::new();
         for (i, m) in self.exec.mounts.iter().enumerate() {
             if m.mount_type != pb::MountType::Cache as i32 {
                 continue;
             }
             let input = input_of(m, inputs)?;
-            let u = CacheUse::acquire(env, m, input, ctx).await?;
+            let key = CacheUse::key(m, input)?;
+            if let Some(dir) = by_key.get(&key) {
+                cache_dirs.insert(i, dir.clone());
+                continue;
+            }
+            let u = CacheUse::acquire(env, m, &key, input, ctx).await?;
             cache_dirs.insert(i, u.dir.clone());
+            by_key.insert(key, u.dir.clone());
             held.caches.push(u);
         }
 
@@ -882,12 +894,9 @@ impl Drop for CacheUse {
 }
 
 impl CacheUse {
-    async fn acquire(
-        env: &BuildEnv,
-        m: &pb::Mount,
-        input: Option<&Snap>,
-        ctx: &OpContext,
-    ) -> Result<CacheUse> {
+    /// The cache's identity: its ID, plus the seed input and selector when it has an input
+    /// (seeded caches are distinct per seed content).
+    fn key(m: &pb::Mount, input: Option<&Snap>) -> Result<String> {
         let opt = m.cache_opt.clone().unwrap_or_default();
         if opt.id.is_empty() {
             return Err(op_err(
@@ -899,11 +908,22 @@ impl CacheUse {
         let mut h = crate::digest::KeyHasher::new("cache-mount");
         h.field(opt.id.as_bytes());
         if let Some(i) = input {
-            // Seeded caches are distinct per seed content.
             h.field(i.id().as_str().as_bytes())
                 .field(m.selector.as_bytes());
         }
-        let key = h.finish();
+        Ok(h.finish())
+    }
+
+    /// Takes an instance directory of the cache `key` (from [`CacheUse::key`]) for mount `m`,
+    /// waiting for other users of a `LOCKED` cache.
+    async fn acquire(
+        env: &BuildEnv,
+        m: &pb::Mount,
+        key: &str,
+        input: Option<&Snap>,
+        ctx: &OpContext,
+    ) -> Result<CacheUse> {
+        let opt = m.cache_opt.clone().unwrap_or_default();
         let base = env
             .opts
             .root
