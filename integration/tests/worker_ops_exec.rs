@@ -3,6 +3,7 @@
 
 mod worker_ops_support;
 
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -483,6 +484,81 @@ async fn exec_same_cache_mounted_twice() -> Result<()> {
             .await
             .context("a cache mounted twice in one exec must not wait for itself")?;
         s.ok();
+    }
+    Ok(())
+}
+
+/// A rootfs without `/dev`, `/proc` and `/sys`: runc creates them as mount points and, as in
+/// stock BuildKit (v0.11.6 and master), they stay in the result as empty root-owned 0755 dirs;
+/// the `/etc/hosts` and `/etc/resolv.conf` stubs do not.
+#[tokio::test]
+async fn exec_keeps_runc_mount_points() -> Result<()> {
+    let _timing = shared().await;
+    let w = TestWorker::new()?;
+    let (_img, base) = base().await?;
+    let stripped = base.file(
+        llb::rm("/dev", llb::RmOpts::default())
+            .rm("/proc", llb::RmOpts::default())
+            .rm("/sys", llb::RmOpts::default())
+            .rm("/etc/hosts", llb::RmOpts::default().allow_not_found(true))
+            .rm(
+                "/etc/resolv.conf",
+                llb::RmOpts::default().allow_not_found(true),
+            ),
+    );
+    let run = stripped.run(RunOpts::shell("true")).root();
+    let s = solve(&w.worker, &run).await;
+    let m = s.ok().mount().await?;
+    for d in ["dev", "proc", "sys"] {
+        let md = std::fs::symlink_metadata(m.path().join(d))?;
+        assert!(md.is_dir(), "{d}");
+        assert_eq!(md.permissions().mode() & 0o7777, 0o755, "{d}");
+        assert_eq!((md.uid(), md.gid()), (0, 0), "{d}");
+        assert_eq!(
+            std::fs::read_dir(m.path().join(d))?.count(),
+            0,
+            "{d} is empty"
+        );
+    }
+    for f in ["etc/hosts", "etc/resolv.conf"] {
+        assert!(
+            std::fs::symlink_metadata(m.path().join(f)).is_err(),
+            "{f} stub left behind"
+        );
+    }
+    Ok(())
+}
+
+/// upstream TestMountStubsTimestamp: dirs a step only touched keep their new mtime in its result,
+/// also the parents of file mount stubs (`/etc` for hosts/resolv.conf) and of tmpfs mount points
+/// (`/var`, `/tmp`), whose stubs are removed with the parent's times put back.
+#[tokio::test]
+async fn exec_touched_dirs_keep_their_mtime() -> Result<()> {
+    let _timing = shared().await;
+    let w = TestWorker::new()?;
+    let (_img, base) = base().await?;
+    let run = base
+        .run(
+            RunOpts::args([
+                "/bin/touch",
+                "--date=@1234567890",
+                "/bin",
+                "/etc",
+                "/var",
+                "/var/foo",
+                "/tmp",
+                "/tmp/foo2",
+                "/tmp/foo2/bar",
+            ])
+            .mount(Mount::tmpfs("/var/foo", 0))
+            .mount(Mount::tmpfs("/tmp/foo2/bar", 0)),
+        )
+        .root();
+    let s = solve(&w.worker, &run).await;
+    let m = s.ok().mount().await?;
+    for d in ["bin", "etc", "var", "tmp"] {
+        let md = std::fs::symlink_metadata(m.path().join(d))?;
+        assert_eq!(md.mtime(), 1_234_567_890, "{d}");
     }
     Ok(())
 }

@@ -162,23 +162,15 @@ pub(crate) fn descriptor(media_type: &str, manifest: &[u8]) -> (String, String) 
 /// Copies a berth layer's tree into a containerd snapshot's upper directory by piping the layer
 /// writer into the applier: both keep overlay whiteouts, opaque dirs, hardlinks and xattrs exactly,
 /// and both are the code that defines berth's layer format.
-struct BerthFiles(PathBuf);
+struct BerthFiles(PathBuf, layerstore::tar::WriteOptions);
 impl LayerFiles for BerthFiles {
     fn write_into(&self, dest: &std::path::Path) -> std::io::Result<()> {
-        use layerstore::tar::{
-            apply_layer, write_layer, ApplyOptions, WhiteoutFormat, WriteOptions,
-        };
+        use layerstore::tar::{apply_layer, write_layer, ApplyOptions};
         let (rd, mut wr) = std::io::pipe()?;
         let src = self.0.clone();
+        let opts = self.1.clone();
         let producer = std::thread::spawn(move || {
-            let r = write_layer(
-                &src,
-                &mut wr,
-                None,
-                &WriteOptions {
-                    whiteouts: WhiteoutFormat::Overlay,
-                },
-            );
+            let r = write_layer(&src, &mut wr, None, &opts);
             drop(wr);
             r
         });
@@ -272,18 +264,29 @@ impl ImageTarget {
                     .chain
                     .iter()
                     .zip(&layers)
-                    .map(|(r, l)| ContainerdLayer {
-                        diff_id: l.diff_id.clone(),
-                        size: l.size,
-                        files: match r {
-                            LayerRef::Berth(id) => {
-                                Some(std::sync::Arc::new(BerthFiles(berth_layer_dir(store, id)))
-                                    as std::sync::Arc<dyn LayerFiles>)
-                            }
-                            LayerRef::Docker(_) => None,
-                        },
+                    .map(|(r, l)| {
+                        Ok(ContainerdLayer {
+                            diff_id: l.diff_id.clone(),
+                            size: l.size,
+                            files: match r {
+                                LayerRef::Berth(id) => {
+                                    let opts = store.layer_write_options(id).map_err(|source| {
+                                        Error::Store {
+                                            what: format!("layer {id} tar options"),
+                                            source,
+                                        }
+                                    })?;
+                                    Some(std::sync::Arc::new(BerthFiles(
+                                        berth_layer_dir(store, id),
+                                        opts,
+                                    ))
+                                        as std::sync::Arc<dyn LayerFiles>)
+                                }
+                                LayerRef::Docker(_) => None,
+                            },
+                        })
                     })
-                    .collect();
+                    .collect::<Result<_>>()?;
                 let layer_descs: Vec<(String, u64)> =
                     layers.iter().map(|l| (l.diff_id.clone(), l.size)).collect();
                 let manifest = crate::containerd::oci_manifest(&config, &layer_descs);

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use base64::Engine as _;
 use layerstore::snapshot::{DockerLayer, LayerId, LayerMeta, LayerRef, SnapshotStore};
-use layerstore::tar::{write_layer, WhiteoutFormat, WriteOptions};
+use layerstore::tar::{write_layer, WriteOptions};
 use serde::Deserialize;
 
 use crate::archive::{ExportLayer, LayerSource};
@@ -85,6 +85,12 @@ fn remove_dead_split_temps(layer_dir: &Path) {
 
 fn berth_layer(store: &SnapshotStore, id: &LayerId) -> Result<ExportLayer> {
     let dir = berth_layer_dir(store, id);
+    let opts = store
+        .layer_write_options(id)
+        .map_err(|source| Error::Store {
+            what: format!("layer {id} tar options"),
+            source,
+        })?;
     let meta = store.layer_meta(id).map_err(|source| Error::Store {
         what: format!("layer {id} metadata"),
         source,
@@ -108,18 +114,13 @@ fn berth_layer(store: &SnapshotStore, id: &LayerId) -> Result<ExportLayer> {
                 path: tmp.clone(),
                 source,
             })?;
-            let digest = write_layer(
-                &dir,
-                io::sink(),
-                Some(&mut split),
-                &WriteOptions {
-                    whiteouts: WhiteoutFormat::Overlay,
-                },
-            )
-            .map_err(|source| Error::Store {
-                what: format!("tar of layer {id}"),
-                source,
-            })?;
+            let digest =
+                write_layer(&dir, io::sink(), Some(&mut split), &opts).map_err(|source| {
+                    Error::Store {
+                        what: format!("tar of layer {id}"),
+                        source,
+                    }
+                })?;
             split.sync_all().map_err(|source| Error::Io {
                 what: "fsync",
                 path: tmp.clone(),
@@ -150,26 +151,23 @@ fn berth_layer(store: &SnapshotStore, id: &LayerId) -> Result<ExportLayer> {
     Ok(ExportLayer {
         diff_id,
         size,
-        source: Some(Arc::new(BerthLayerTar { dir, expect: size })),
+        source: Some(Arc::new(BerthLayerTar {
+            dir,
+            opts,
+            expect: size,
+        })),
     })
 }
 
 struct BerthLayerTar {
     dir: PathBuf,
+    opts: WriteOptions,
     expect: u64,
 }
 
 impl LayerSource for BerthLayerTar {
     fn write_tar(&self, out: &mut dyn Write) -> io::Result<()> {
-        let d = write_layer(
-            &self.dir,
-            out,
-            None,
-            &WriteOptions {
-                whiteouts: WhiteoutFormat::Overlay,
-            },
-        )
-        .map_err(io::Error::other)?;
+        let d = write_layer(&self.dir, out, None, &self.opts).map_err(io::Error::other)?;
         if d.size != self.expect {
             return Err(io::Error::other(format!(
                 "layer {} changed since it was hashed ({} bytes, now {})",

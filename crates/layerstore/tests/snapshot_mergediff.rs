@@ -2067,3 +2067,91 @@ fn commit_normalises_exec_layers() -> Result<()> {
     );
     Ok(())
 }
+
+/// A dir whose only change is its mtime (`touch /bin`, a file made and removed again, mount stubs of a step) stays in
+/// the snapshot's view at commit, mtime included (upstream `TestMountStubsTimestamp` exports such a step as a tar),
+/// and its layer's tar leaves it out, as upstream's differ records nothing for it; a dir holding only such dirs is
+/// left out with them, a dir with a real change below it is written. Untouched copy-ups are still dropped.
+#[test]
+fn commit_keeps_mtime_only_dirs_out_of_the_tar() -> Result<()> {
+    let w = World::new()?;
+    let parent = w.image(&[&|r: &Path| {
+        for d in ["bin", "etc", "var/foo", "tmp/foo2/bar", "keep", "chowned"] {
+            fs::create_dir_all(r.join(d))?;
+        }
+        fs::write(r.join("bin/sh"), "sh")?;
+        fs::write(r.join("keep/old"), "old")?;
+        for e in walkdir::WalkDir::new(r).contents_first(true) {
+            set_mtime(e?.path(), 1_000_000)?;
+        }
+        Ok(())
+    }])?;
+    let id = w
+        .store
+        .prepare(parent.as_ref(), &SnapshotOptions::new("exec"))?;
+    let before = {
+        let m = w.store.mount(&id, None)?;
+        let r = m.path();
+        for d in ["bin", "var", "var/foo", "tmp", "tmp/foo2", "tmp/foo2/bar"] {
+            set_mtime(&r.join(d), 1_234_567_890)?;
+        }
+        fs::write(r.join("etc/scratch"), "x")?;
+        fs::remove_file(r.join("etc/scratch"))?;
+        fs::write(r.join("keep/new"), "new")?;
+        std::os::unix::fs::lchown(r.join("chowned"), Some(0), Some(0))?;
+        tree(r)?
+    };
+    let lid = w.store.commit(&id)?;
+    let after = mounted_tree(&w.store, &id)?;
+    ensure!(
+        before == after,
+        "view changed by commit:\nbefore {before:#?}\nafter {after:#?}"
+    );
+    for d in ["bin", "var", "tmp/foo2/bar"] {
+        let m = fs::metadata(w.store.layer_path(&lid).join("diff").join(d))?;
+        ensure!(
+            m.mtime() == 1_234_567_890,
+            "{d} in the layer: {}",
+            m.mtime()
+        );
+    }
+    let (entries, _) = layer_entries(&w.store.layer_path(&lid).join("diff"))?;
+    ensure!(
+        !entries.contains_key("chowned"),
+        "an untouched copy-up is dropped: {entries:?}"
+    );
+    let mut tar = vec![];
+    layerstore::tar::write_layer(
+        &w.store.layer_path(&lid).join("diff"),
+        &mut tar,
+        None,
+        &w.store.layer_write_options(&lid)?,
+    )?;
+    let mut names = vec![];
+    for e in tar::Archive::new(&tar[..]).entries()? {
+        names.push(e?.path()?.display().to_string());
+    }
+    ensure!(
+        names == ["keep/", "keep/new"],
+        "the tar holds only the real change: {names:?}"
+    );
+    // A DiffOp over that step holds only the real change too (upstream TestDiffShuffleFiles), and its layer's tar is
+    // the same bytes.
+    let d = w.diff(&parent, &Some(id.clone()))?;
+    let seen: Vec<String> = w.contents(&d)?.into_keys().collect();
+    ensure!(seen == ["/keep", "/keep/new"], "diff shows {seen:?}");
+    let dchain = w.chain(&d)?;
+    let [LayerRef::Berth(dl)] = dchain.as_slice() else {
+        anyhow::bail!("diff chain {dchain:?}");
+    };
+    ensure!(*dl != lid, "the diff has its own copy of the layer");
+    let mut dtar = vec![];
+    layerstore::tar::write_layer(
+        &w.store.layer_path(dl).join("diff"),
+        &mut dtar,
+        None,
+        &w.store.layer_write_options(dl)?,
+    )?;
+    ensure!(dtar == tar, "the diff's layer tar differs from the step's");
+    Ok(())
+}

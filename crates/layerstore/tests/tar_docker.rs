@@ -78,6 +78,7 @@ fn docker_load_then_save_reproduces_our_layer_and_tar_split() {
         Some(&mut split),
         &WriteOptions {
             whiteouts: WhiteoutFormat::Overlay,
+            ..Default::default()
         },
     )
     .unwrap();

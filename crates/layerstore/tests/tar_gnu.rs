@@ -46,6 +46,7 @@ fn gnu_tar_lists_and_extracts_our_layer() {
         None,
         &WriteOptions {
             whiteouts: WhiteoutFormat::Plain,
+            ..Default::default()
         },
     )
     .unwrap();

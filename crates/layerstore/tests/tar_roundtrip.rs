@@ -25,7 +25,16 @@ struct Outcome {
 fn tar_of(dir: &Path, whiteouts: WhiteoutFormat) -> Outcome {
     let mut tar = Vec::new();
     let mut split = Vec::new();
-    let d = write_layer(dir, &mut tar, Some(&mut split), &WriteOptions { whiteouts }).unwrap();
+    let d = write_layer(
+        dir,
+        &mut tar,
+        Some(&mut split),
+        &WriteOptions {
+            whiteouts,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert_eq!(d.size, tar.len() as u64);
     assert_eq!(
         d.diff_id.to_string(),

@@ -111,6 +111,23 @@ async fn rm_flags() -> Result<()> {
     // The lower layer's files are hidden by whiteouts in the new layer.
     assert_eq!(r.chain().layers().len(), 2);
 
+    // allowNotFound in one action: a missing file, a missing parent directory and a wildcard
+    // that matches nothing all succeed, on a base and on scratch.
+    let nf = || RmOpts::default().allow_not_found(true);
+    let chain = || {
+        llb::rm("/src/nope", nf())
+            .rm("/x/nope", nf())
+            .rm("/src/*.nope", nf().allow_wildcard(true))
+            .rm("/x/y/*", nf().allow_wildcard(true))
+    };
+    let s = solve(&w.worker, &base().file(chain()), no_session()).await;
+    assert_eq!(
+        list(s.ok(), "/src").await?,
+        vec!["a.txt", "b.txt", "c.md", "sub"]
+    );
+    let s = solve(&w.worker, &llb::scratch().file(chain()), no_session()).await;
+    assert_eq!(list(s.ok(), "/").await?, Vec::<String>::new());
+
     let st = base().file(llb::rm("/nope", RmOpts::default()));
     let s = solve(&w.worker, &st, no_session()).await;
     let e = s.err();

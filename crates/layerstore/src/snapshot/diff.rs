@@ -4,7 +4,7 @@
 //! atime and ctime are ignored. Deletions become overlay whiteouts (char device 0:0). Hardlinks among copied files
 //! are kept as hardlinks.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
@@ -575,4 +575,66 @@ fn flatten_dir(c: &mut Copier, srcs: &[PathBuf], out: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Copies the overlay-format layer tree `src` into `out` (an empty dir), leaving out the dirs in `omit` (paths
+/// relative to `src`) with everything below them. Regular files are hardlinked (layers are immutable), or copied
+/// across filesystems; everything else is recreated with its metadata, opaque markers included.
+pub(crate) fn copy_layer_omitting(src: &Path, out: &Path, omit: &HashSet<Vec<u8>>) -> Result<()> {
+    let mut c = Copier {
+        links: HashMap::new(),
+    };
+    let mut rel = Vec::new();
+    copy_omitting_dir(&mut c, src, out, omit, &mut rel)?;
+    copy_meta(src, &lstat_existing(src)?, out)
+}
+
+fn copy_omitting_dir(
+    c: &mut Copier,
+    src: &Path,
+    out: &Path,
+    omit: &HashSet<Vec<u8>>,
+    rel: &mut Vec<u8>,
+) -> Result<()> {
+    for name in sorted_names(src)? {
+        let plen = rel.len();
+        if !rel.is_empty() {
+            rel.push(b'/');
+        }
+        rel.extend_from_slice(name.as_bytes());
+        let (s, o) = (src.join(&name), out.join(&name));
+        let md = lstat_existing(&s)?;
+        if md.is_dir() {
+            if !omit.contains(rel.as_slice()) {
+                std::fs::create_dir(&o).map_err(io_err("create dir", &o))?;
+                copy_omitting_dir(c, &s, &o, omit, rel)?;
+                if is_opaque(&s) {
+                    rustix::fs::lsetxattr(
+                        &o,
+                        "trusted.overlay.opaque",
+                        b"y",
+                        rustix::fs::XattrFlags::empty(),
+                    )
+                    .map_err(|e| Error::Io {
+                        op: "setxattr",
+                        path: o.clone(),
+                        source: e.into(),
+                    })?;
+                }
+                copy_meta(&s, &md, &o)?;
+            }
+        } else if md.file_type().is_file() {
+            if std::fs::hard_link(&s, &o).is_err() {
+                c.copy_entry(&s, &md, &o)?;
+            }
+        } else {
+            c.copy_entry(&s, &md, &o)?;
+        }
+        rel.truncate(plen);
+    }
+    Ok(())
+}
+
+fn lstat_existing(p: &Path) -> Result<std::fs::Metadata> {
+    std::fs::symlink_metadata(p).map_err(io_err("lstat", p))
 }

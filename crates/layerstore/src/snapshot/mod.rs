@@ -26,6 +26,8 @@
 //! metadata.redb            redb database: snapshots, layers, cache keys, leases (the commit point of every change)
 //! layers/<layer-id>/diff/  immutable layer tree, overlay format (also the generated AUFS adapter layers)
 //! layers/<layer-id>/tar-split.json.gz   optional, written by the exporter
+//! layers/<layer-id>/tar-omit            optional, written at commit: the layer's quiet dirs (mtime-only changes,
+//!                                       kept for the view, left out of its tar and of DiffOp results; normalize.rs)
 //! l/<layer-id>             symlink ../layers/<layer-id>/diff (short lowerdir name for the legacy mount path)
 //! l/<dk-xxxxxxxxxx>        symlink to a Docker layer diff dir (absolute), legacy mount path only
 //! mutable/<snapshot-id>/{upper,work}/   rw dirs of mutable snapshots

@@ -13,11 +13,17 @@
 //!
 //! What counts as unchanged follows upstream's `sameDirent`: same file type and permission bits, owner and device
 //! number, and for non-directories the same size and mtime second, then the same mtime nanoseconds unless both are 0
-//! (a time truncated by a tar), in which case the content (or symlink target) is compared. Directory mtimes are not
-//! compared (a dir touched only by adding and removing entries is unchanged). berth is stricter than upstream in three
-//! places: all xattrs count (upstream: only `security.capability`; overlay's own `trusted.overlay.*` never count),
-//! a symlink's target is always compared, and a file with several names in the upper is always kept (hardlinks made in
-//! the layer stay whole).
+//! (a time truncated by a tar), in which case the content (or symlink target) is compared. berth is stricter than
+//! upstream in three places: all xattrs count (upstream: only `security.capability`; overlay's own `trusted.overlay.*`
+//! never count), a symlink's target is always compared, and a file with several names in the upper is always kept
+//! (hardlinks made in the layer stay whole).
+//!
+//! Directory mtimes are not part of `sameDirent`, but they are part of the snapshot's view, which must not change at
+//! commit (buildkitd keeps its upper dirs as they are; `touch /bin` in a step shows in a `type=tar` export of it,
+//! upstream `TestMountStubsTimestamp`). So an upper dir that is the same as its lower one except for its mtime, and
+//! holds nothing but such dirs, stays in the layer as a *quiet* dir: [`normalize_upper`] returns the topmost ones,
+//! and the layer's tar leaves them (and so their subtrees) out, as upstream's differ records nothing for them. A dir
+//! whose mtime did not change either is dropped as before.
 //!
 //! Every step leaves the snapshot's own view unchanged, so a crash part way leaves a usable mutable snapshot: the
 //! whiteouts of an opaque dir are all written before its marker is removed (while the marker is set they hide nothing
@@ -60,8 +66,12 @@ pub(crate) struct NormalizeStats {
 }
 
 /// Normalises the upper dir `upper` (not mounted) against the view of the overlay-format layer dirs `lowers`
-/// (topmost first): see the module doc.
-pub(crate) fn normalize_upper(upper: &Path, lowers: &[PathBuf]) -> Result<NormalizeStats> {
+/// (topmost first): see the module doc. Returns what it did and the topmost quiet dirs (relative paths, sorted), which
+/// the layer's tar leaves out.
+pub(crate) fn normalize_upper(
+    upper: &Path,
+    lowers: &[PathBuf],
+) -> Result<(NormalizeStats, Vec<Vec<u8>>)> {
     let open_root = |p: &Path| {
         rustix::fs::open(
             p,
@@ -80,16 +90,52 @@ pub(crate) fn normalize_upper(upper: &Path, lowers: &[PathBuf]) -> Result<Normal
         root: upper,
         stats: NormalizeStats::default(),
         bufs: (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]),
+        quiet: Vec::new(),
     };
     let mut rel = Vec::new();
     n.walk(ufd.as_fd(), &lower, &mut rel, &ust)?;
-    Ok(n.stats)
+    Ok((n.stats, topmost(n.quiet)))
+}
+
+/// The paths of `quiet` that have no ancestor in it, sorted.
+fn topmost(mut quiet: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+    quiet.sort();
+    let mut out: Vec<Vec<u8>> = Vec::new();
+    for q in quiet {
+        let covered = out
+            .last()
+            .is_some_and(|top| q.len() > top.len() && q.starts_with(top) && q[top.len()] == b'/');
+        if !covered {
+            out.push(q);
+        }
+    }
+    out
+}
+
+/// What the normal pass decided for one upper entry.
+enum Verdict {
+    /// It changes nothing: removed (with these `unlinkat` flags).
+    Drop(AtFlags),
+    /// A change: kept and written to the layer's tar.
+    Keep,
+    /// A quiet dir: kept for the view, left out of the layer's tar.
+    Quiet,
+}
+
+/// What [`Normalizer::walk`] found in one upper dir.
+struct DirOutcome {
+    /// Nothing is left in it.
+    empty: bool,
+    /// Everything left in it is a quiet dir.
+    all_quiet: bool,
 }
 
 struct Normalizer<'a> {
     root: &'a Path,
     stats: NormalizeStats,
     bufs: (Vec<u8>, Vec<u8>),
+    /// Quiet dirs found so far (relative paths), nested ones included.
+    quiet: Vec<Vec<u8>>,
 }
 
 /// A syscall's result.
@@ -108,16 +154,17 @@ impl Normalizer<'_> {
     }
 
     /// The normal pass over one upper dir (whose view merges with `lower`, its dir in the layers below, topmost
-    /// first). Returns whether the dir holds nothing any more.
+    /// first).
     fn walk(
         &mut self,
         ufd: BorrowedFd<'_>,
         lower: &[OwnedFd],
         rel: &mut Vec<u8>,
         dir_st: &Stat,
-    ) -> Result<bool> {
+    ) -> Result<DirOutcome> {
         let names = list(ufd).map_err(|e| self.err("read dir", rel, e))?;
         let mut remaining = names.len();
+        let mut all_quiet = true;
         let mut modified = false;
         for name in &names {
             let plen = rel.len();
@@ -125,30 +172,43 @@ impl Normalizer<'_> {
                 rel.push(b'/');
             }
             rel.extend_from_slice(name.to_bytes());
-            if let Some(flags) = self.entry(ufd, lower, name, rel)? {
-                rustix::fs::unlinkat(ufd, name.as_c_str(), flags)
-                    .map_err(|e| self.err("remove unchanged entry", rel, e))?;
-                self.stats.dropped += 1;
-                remaining -= 1;
-                modified = true;
+            match self.entry(ufd, lower, name, rel)? {
+                Verdict::Drop(flags) => {
+                    rustix::fs::unlinkat(ufd, name.as_c_str(), flags)
+                        .map_err(|e| self.err("remove unchanged entry", rel, e))?;
+                    self.stats.dropped += 1;
+                    remaining -= 1;
+                    modified = true;
+                }
+                Verdict::Keep => all_quiet = false,
+                Verdict::Quiet => {}
             }
             rel.truncate(plen);
         }
         if modified {
             restore_times(ufd, dir_st).map_err(|e| self.err("restore dir times", rel, e))?;
         }
-        Ok(remaining == 0)
+        Ok(DirOutcome {
+            empty: remaining == 0,
+            all_quiet,
+        })
     }
 
-    /// One upper entry of the normal pass. `Some(flags for unlinkat)` if it is to be removed (it changes nothing).
+    /// One upper entry of the normal pass.
     fn entry(
         &mut self,
         ufd: BorrowedFd<'_>,
         lower: &[OwnedFd],
         name: &CStr,
         rel: &mut Vec<u8>,
-    ) -> Result<Option<AtFlags>> {
-        let keep_or = |drop: bool, flags: AtFlags| drop.then_some(flags);
+    ) -> Result<Verdict> {
+        let keep_or = |drop: bool, flags: AtFlags| {
+            if drop {
+                Verdict::Drop(flags)
+            } else {
+                Verdict::Keep
+            }
+        };
         self.stats.visited += 1;
         let st = rustix::fs::statat(ufd, name, AtFlags::SYMLINK_NOFOLLOW)
             .map_err(|e| self.err("lstat", rel, e))?;
@@ -160,7 +220,7 @@ impl Normalizer<'_> {
         }
         if ft != FileType::Directory {
             let Some((i, lst)) = &found else {
-                return Ok(None);
+                return Ok(Verdict::Keep);
             };
             let same = st.st_nlink == 1
                 && same_meta(&st, lst, false)
@@ -184,18 +244,29 @@ impl Normalizer<'_> {
                 .map_err(|e| self.err("remove opaque xattr", rel, e))?;
             self.stats.opaque_cleared += 1;
         }
-        let empty = self.walk(cfd.as_fd(), &child_lower, rel, &st)?;
-        if !empty {
-            return Ok(None);
+        let sub = self.walk(cfd.as_fd(), &child_lower, rel, &st)?;
+        if !sub.all_quiet {
+            return Ok(Verdict::Keep);
         }
-        // An empty upper dir over a lower dir: unchanged unless its own metadata changed.
+        // An upper dir over a lower dir holding nothing but quiet dirs: unchanged unless its own metadata changed;
+        // quiet if only its mtime did.
         let same = match &found {
             Some((i, lst)) if !child_lower.is_empty() && same_meta(&st, lst, true) => {
                 same_xattrs(ufd, lower[*i].as_fd(), name).map_err(|e| self.err("xattrs", rel, e))?
             }
             _ => false,
         };
-        Ok(keep_or(same, AtFlags::REMOVEDIR))
+        if !same {
+            return Ok(Verdict::Keep);
+        }
+        let same_mtime = found.as_ref().is_some_and(|(_, lst)| {
+            st.st_mtime == lst.st_mtime && st.st_mtime_nsec == lst.st_mtime_nsec
+        });
+        if sub.empty && same_mtime {
+            return Ok(Verdict::Drop(AtFlags::REMOVEDIR));
+        }
+        self.quiet.push(rel.clone());
+        Ok(Verdict::Quiet)
     }
 
     /// Under an opaque upper dir (`ufd`, whose lower view `lower` is a dir): whites out every name of the lower view

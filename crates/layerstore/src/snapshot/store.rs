@@ -15,7 +15,12 @@ use super::{
     Chain, DockerLayer, LayerId, LayerMeta, LayerRef, PruneOptions, RecordType, SnapshotId,
     SnapshotInfo, SnapshotKind, SnapshotOptions, StoreOptions, UsageRecord, WhiteoutFormat,
 };
+use crate::tar::WriteOptions;
 use crate::{Error, Result};
+
+/// In a layer dir next to `diff/`: the quiet dirs its commit found (NUL-terminated relative paths), which its tar
+/// leaves out (see `normalize.rs`). Absent when there are none.
+const TAR_OMIT: &str = "tar-omit";
 
 const ID_CHARS: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
 
@@ -261,6 +266,29 @@ impl SnapshotStore {
         self.layer_dir(id)
     }
 
+    /// How to write a berth layer's tar: overlay whiteouts, and the quiet dirs its commit found left out (see
+    /// `normalize.rs`), so the tar records what upstream's differ would.
+    pub fn layer_write_options(&self, id: &LayerId) -> Result<WriteOptions> {
+        Ok(WriteOptions {
+            whiteouts: crate::tar::WhiteoutFormat::Overlay,
+            omit_dirs: self.quiet_dirs(id)?,
+        })
+    }
+
+    /// The quiet dirs of a berth layer (relative paths; empty for most layers).
+    fn quiet_dirs(&self, id: &LayerId) -> Result<Vec<Vec<u8>>> {
+        let p = self.layer_dir(id).join(TAR_OMIT);
+        match std::fs::read(&p) {
+            Ok(b) => Ok(b
+                .split(|c| *c == 0)
+                .filter(|q| !q.is_empty())
+                .map(<[u8]>::to_vec)
+                .collect()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(io_err("read", &p)(e)),
+        }
+    }
+
     /// Metadata of a berth layer.
     pub fn layer_meta(&self, id: &LayerId) -> Result<LayerMeta> {
         let st = self.inner.db.load()?;
@@ -496,13 +524,14 @@ impl SnapshotStore {
         let mdir = self.mutable_dir(id);
         let upper = mdir.join("upper");
         let t = std::time::Instant::now();
-        let stats = normalize::normalize_upper(&upper, &lowers)?;
+        let (stats, quiet) = normalize::normalize_upper(&upper, &lowers)?;
         tracing::debug!(
             snapshot = %id,
             visited = stats.visited,
             dropped = stats.dropped,
             opaque_cleared = stats.opaque_cleared,
             whiteouts_added = stats.whiteouts_added,
+            quiet_dirs = quiet.len(),
             elapsed_us = t.elapsed().as_micros() as u64,
             "upper dir normalised for commit"
         );
@@ -512,6 +541,15 @@ impl SnapshotStore {
         let staged = self.inner.dir.join("tmp").join(format!("l-{lid}"));
         std::fs::create_dir(&staged).map_err(io_err("create dir", &staged))?;
         std::fs::rename(&upper, staged.join("diff")).map_err(io_err("rename", &upper))?;
+        if !quiet.is_empty() {
+            let p = staged.join(TAR_OMIT);
+            let mut bytes = Vec::new();
+            for q in &quiet {
+                bytes.extend_from_slice(q);
+                bytes.push(0);
+            }
+            std::fs::write(&p, bytes).map_err(io_err("write", &p))?;
+        }
         let lrec = self.finish_layer(&lid, &staged, LayerMeta::default(), None)?;
         let mut new = rec.clone();
         new.kind = SnapshotKind::Committed;
@@ -873,7 +911,10 @@ impl SnapshotStore {
         };
         let parents: Vec<SnapshotId> = lower.into_iter().chain(upper).cloned().collect();
         if let Some(range) = uc.strip_prefix(&lc) {
-            return self.create_from_chain(range, &parents, opts);
+            if lc.0.is_empty() {
+                return self.create_from_chain(range, &parents, opts);
+            }
+            return self.diff_range(range, &parents, opts);
         }
         let lm = self.mount_chain(&lc, None)?;
         let um = self.mount_chain(&uc, None)?;
@@ -894,6 +935,106 @@ impl SnapshotStore {
                 ..Default::default()
             })?;
         }
+        Ok(id)
+    }
+
+    /// A DiffOp result reusing the layers `range` of its upper chain. A layer with quiet dirs (see `normalize.rs`) is
+    /// replaced by a copy without them (files hardlinked): upstream's diff holds only what its differ records, and a
+    /// quiet dir is not a change (mounted alone it would show up as an empty dir).
+    fn diff_range(
+        &self,
+        range: Chain,
+        parents: &[SnapshotId],
+        opts: &SnapshotOptions,
+    ) -> Result<SnapshotId> {
+        let mut chain = Vec::with_capacity(range.0.len());
+        let mut staged: Vec<(LayerId, PathBuf)> = Vec::new();
+        let cleanup = |staged: &[(LayerId, PathBuf)]| {
+            for (_, p) in staged {
+                let _ = remove_tree(p);
+            }
+        };
+        for l in range.0 {
+            let LayerRef::Berth(lid) = &l else {
+                chain.push(l);
+                continue;
+            };
+            let quiet = self.quiet_dirs(lid).inspect_err(|_| cleanup(&staged))?;
+            if quiet.is_empty() {
+                chain.push(l);
+                continue;
+            }
+            let new = LayerId(random_id(12));
+            let dir = self.inner.dir.join("tmp").join(format!("l-{new}"));
+            let res = std::fs::create_dir_all(dir.join("diff"))
+                .map_err(io_err("create dir", &dir))
+                .and_then(|()| {
+                    diff::copy_layer_omitting(
+                        &self.layer_dir(lid).join("diff"),
+                        &dir.join("diff"),
+                        &quiet.into_iter().collect(),
+                    )
+                });
+            staged.push((new.clone(), dir));
+            if let Err(e) = res {
+                cleanup(&staged);
+                return Err(e);
+            }
+            chain.push(LayerRef::Berth(new));
+        }
+        if staged.is_empty() {
+            return self.create_from_chain(Chain(chain), parents, opts);
+        }
+        // The new layers and the snapshot referencing them are recorded under one lock, so a concurrent removal
+        // never sees them unreferenced.
+        let _g = self.locked();
+        let st = self.inner.db.load()?;
+        let missing = chain.iter().find_map(|l| match l {
+            LayerRef::Berth(lid)
+                if !st.layers.contains_key(lid) && !staged.iter().any(|(n, _)| n == lid) =>
+            {
+                Some(Error::LayerNotFound {
+                    id: lid.to_string(),
+                })
+            }
+            _ => None,
+        });
+        let missing = missing.or_else(|| {
+            parents
+                .iter()
+                .find(|p| !st.snapshots.contains_key(*p))
+                .map(|p| Error::SnapshotNotFound { id: p.to_string() })
+        });
+        if let Some(e) = missing {
+            cleanup(&staged);
+            return Err(e);
+        }
+        let mut put_layers = Vec::with_capacity(staged.len());
+        for (i, (lid, dir)) in staged.iter().enumerate() {
+            match self.finish_layer(lid, dir, LayerMeta::default(), None) {
+                Ok(rec) => put_layers.push((lid.clone(), rec)),
+                Err(e) => {
+                    cleanup(&staged[i..]);
+                    for (done, _) in &put_layers {
+                        let _ = remove_tree(&self.layer_dir(done));
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let id = SnapshotId(random_id(26));
+        let rec = Self::new_snap_rec(
+            SnapshotKind::Committed,
+            parents.to_vec(),
+            Chain(chain),
+            None,
+            opts,
+        );
+        self.inner.db.apply(Batch {
+            put_layers,
+            put_snapshots: vec![(id.clone(), rec)],
+            ..Default::default()
+        })?;
         Ok(id)
     }
 

@@ -6,7 +6,7 @@
 //! and a fixed copy buffer are held in memory; file contents are streamed.
 
 use super::Xattrs;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, CString, OsStr};
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -27,6 +27,9 @@ use crate::{Error, Result};
 pub struct WriteOptions {
     /// How deletions are recorded in the source tree.
     pub whiteouts: WhiteoutFormat,
+    /// Directories (paths relative to the tree's root, no leading or trailing `/`) left out of
+    /// the tar together with everything below them.
+    pub omit_dirs: Vec<Vec<u8>>,
 }
 
 /// What [`write_layer`] (and [`apply_layer`](super::apply_layer)) measured.
@@ -73,6 +76,7 @@ pub fn write_layer(
         xlist: vec![0u8; XATTR_BUF],
         xval: vec![0u8; XATTR_BUF],
         overlay: matches!(opts.whiteouts, WhiteoutFormat::Overlay),
+        omit: opts.omit_dirs.iter().cloned().collect(),
         entries: 0,
         src: dir,
     };
@@ -92,6 +96,7 @@ struct LayerWriter<'s, 'a, W> {
     xlist: Vec<u8>,
     xval: Vec<u8>,
     overlay: bool,
+    omit: HashSet<Vec<u8>>,
     entries: u64,
     src: &'s Path,
 }
@@ -148,6 +153,7 @@ impl<W: Write> LayerWriter<'_, '_, W> {
             xattrs: &[],
         };
         match ft {
+            FileType::Directory if self.omit.contains(path.as_slice()) => Ok(()),
             FileType::Directory => {
                 let fd = rustix::fs::openat(
                     dirfd,

@@ -133,6 +133,12 @@ fn rm_semantics() {
     assert!(!d.path().join("a.log").exists() && !d.path().join("b.log").exists());
     assert!(d.path().join("keep").exists());
     assert!(rm(&r, &rm_pb("/", false, false)).is_err());
+    // allowNotFound: a missing file, a missing parent directory and a wildcard matching nothing.
+    rm(&r, &rm_pb("/x/nope", true, false)).unwrap();
+    rm(&r, &rm_pb("/x/nope", true, true)).unwrap();
+    rm(&r, &rm_pb("/nope*", true, true)).unwrap();
+    rm(&r, &rm_pb("/x/nope*", true, true)).unwrap();
+    rm(&r, &rm_pb("/keep/nope", true, false)).unwrap();
 }
 
 #[test]
