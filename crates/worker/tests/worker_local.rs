@@ -208,3 +208,52 @@ async fn unchanged_resync_reads_no_file_contents() -> Result<()> {
     assert_eq!(read(s3.ok(), "/f03").await?.as_deref(), Some("changed 03"));
     Ok(())
 }
+
+/// upstream TestFileOpCopyIncludeExclude: a copy with include/exclude patterns copies only what
+/// they select, and a file they leave out, added to the local source later, does not invalidate
+/// the copy (its cache key checksums only the selected content) nor what is built on it; a
+/// change to a selected file does.
+#[tokio::test]
+async fn copy_patterns_decide_the_cache_key() -> Result<()> {
+    use llb::CopyOpts;
+    let w = TestWorker::new()?;
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    std::fs::write(d.join("myfile"), "data0")?;
+    std::fs::create_dir(d.join("sub"))?;
+    std::fs::write(d.join("sub/foo"), "foo0")?;
+    std::fs::write(d.join("sub/bar"), "bar0")?;
+    let session = DirSession::with("mylocal", d);
+    let st = llb::scratch()
+        .file(llb::copy(
+            llb::State::from(llb::local("mylocal")),
+            "/",
+            "/",
+            CopyOpts::default().include(["sub/*"]).exclude(["sub/bar"]),
+        ))
+        .file(llb::mkfile("/after", 0o644, "x", Default::default()));
+
+    let s1 = solve(&w.worker, &st, session.clone()).await;
+    assert_eq!(list(s1.ok(), "/").await?, vec!["after", "sub"]);
+    assert_eq!(list(s1.ok(), "/sub").await?, vec!["foo"]);
+    assert_eq!(s1.executed().len(), 3, "{:?}", s1.executed());
+
+    // Files the patterns leave out: nothing after the source runs again.
+    std::fs::write(d.join("unmatchedfile"), "data1")?;
+    std::fs::write(d.join("sub/bar"), "bar1")?;
+    let s2 = solve(&w.worker, &st, session.clone()).await;
+    s2.ok();
+    assert_eq!(
+        s2.executed(),
+        vec!["local://mylocal"],
+        "{:?}",
+        s2.completed()
+    );
+
+    // A selected file changed: the copy and the step after it run again.
+    std::fs::write(d.join("sub/foo"), "foo1")?;
+    let s3 = solve(&w.worker, &st, session.clone()).await;
+    assert_eq!(read(s3.ok(), "/sub/foo").await?.as_deref(), Some("foo1"));
+    assert_eq!(s3.executed().len(), 3, "{:?}", s3.completed());
+    Ok(())
+}

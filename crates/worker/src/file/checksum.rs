@@ -20,6 +20,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::OwnedFd;
 use std::path::Path;
 
+use fsutil::patterns::{MatchInfo, PatternMatcher};
 use rustix::fs::{openat, readlinkat, statat, AtFlags, Dir, FileType, Mode, OFlags};
 use sha2::{Digest, Sha256};
 
@@ -123,12 +124,53 @@ pub(crate) fn checksum(root: &Root, p: &str, follow: bool) -> io::Result<String>
     checksum_cached(root, p, follow, &mut None)
 }
 
+/// Include/exclude patterns of a copy (dockerignore syntax, on paths relative to the copied
+/// source), applied as the copy applies them: an entry below the top counts only if it matches
+/// the include patterns (when there are any) and not the exclude patterns; a directory that
+/// does not count itself is still looked into, unless it is excluded with no exception
+/// pattern that could bring something below it back.
+#[derive(Debug, Default)]
+pub(crate) struct Filter {
+    pub(crate) include: Option<PatternMatcher>,
+    pub(crate) exclude: Option<PatternMatcher>,
+}
+
+impl Filter {
+    fn is_empty(&self) -> bool {
+        self.include.is_none() && self.exclude.is_none()
+    }
+}
+
+/// [`checksum`] of only what a copy with `filter` reads from `p`: a file the patterns leave out
+/// does not change it (BuildKit's contenthash with `IncludePatterns`/`ExcludePatterns`).
+pub(crate) fn checksum_filtered(
+    root: &Root,
+    p: &str,
+    follow: bool,
+    filter: &Filter,
+) -> io::Result<String> {
+    if filter.is_empty() {
+        return checksum(root, p, follow);
+    }
+    checksum_impl(root, p, follow, &mut None, Some(filter))
+}
+
 /// [`checksum`] reusing (and refilling) `cache` for regular files whose stat is unchanged.
 pub(crate) fn checksum_cached(
     root: &Root,
     p: &str,
     follow: bool,
     cache: &mut Option<&mut DigestCache>,
+) -> io::Result<String> {
+    checksum_impl(root, p, follow, cache, None)
+}
+
+fn checksum_impl(
+    root: &Root,
+    p: &str,
+    follow: bool,
+    cache: &mut Option<&mut DigestCache>,
+    filter: Option<&Filter>,
 ) -> io::Result<String> {
     let mut h = KeyHasher::new("berth.contenthash.v1");
     let resolved = if follow {
@@ -163,8 +205,61 @@ pub(crate) fn checksum_cached(
         Err(e) => return Err(e.into()),
         Ok(_) => {}
     }
-    entry(&mut h, &dir, &name, b"", cache)?;
+    let top = Matched {
+        filter,
+        inc: MatchInfo::default(),
+        exc: MatchInfo::default(),
+    };
+    entry(&mut h, &dir, &name, b"", cache, &top)?;
     Ok(h.finish())
+}
+
+/// The filter and the pattern results of an entry's parent.
+struct Matched<'f> {
+    filter: Option<&'f Filter>,
+    inc: MatchInfo,
+    exc: MatchInfo,
+}
+
+impl<'f> Matched<'f> {
+    /// Whether `rel` counts, and the pattern results its children start from.
+    fn child(&self, rel: &[u8]) -> io::Result<(bool, Matched<'f>)> {
+        let mut out = Matched {
+            filter: self.filter,
+            inc: MatchInfo::default(),
+            exc: MatchInfo::default(),
+        };
+        let Some(f) = self.filter.filter(|_| !rel.is_empty()) else {
+            return Ok((true, out));
+        };
+        let rel = String::from_utf8_lossy(rel);
+        let pat_err = |e: fsutil::Error| io::Error::other(format!("copy patterns: {e}"));
+        let mut counts = true;
+        if let Some(m) = &f.include {
+            let (ok, info) = m
+                .matches_using_parent_results(&rel, &self.inc)
+                .map_err(pat_err)?;
+            counts = ok;
+            out.inc = info;
+        }
+        if let Some(m) = &f.exclude {
+            let (ex, info) = m
+                .matches_using_parent_results(&rel, &self.exc)
+                .map_err(pat_err)?;
+            counts &= !ex;
+            out.exc = info;
+        }
+        Ok((counts, out))
+    }
+
+    /// A directory that does not count and under which nothing can count again.
+    fn skips_dir(&self, counts: bool) -> bool {
+        self.filter.is_some_and(|f| {
+            !counts
+                && f.include.is_none()
+                && f.exclude.as_ref().is_some_and(|m| !m.has_exclusions())
+        })
+    }
 }
 
 fn entry(
@@ -173,9 +268,23 @@ fn entry(
     name: &[u8],
     rel: &[u8],
     cache: &mut Option<&mut DigestCache>,
+    parent: &Matched<'_>,
 ) -> io::Result<()> {
     let st = statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
     let ft = file_type(&st);
+    let (counts, here) = parent.child(rel)?;
+    if !counts {
+        if ft == FileType::Directory && !here.skips_dir(false) {
+            let sub = openat(
+                dir,
+                name,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+            children(h, &sub, rel, cache, &here)?;
+        }
+        return Ok(());
+    }
     h.field(rel);
     h.field(&[ft as u8]);
     h.field(&(st.st_mode & 0o7777).to_le_bytes());
@@ -236,27 +345,39 @@ fn entry(
                 OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                 Mode::empty(),
             )?;
-            let mut names = vec![];
-            for ent in Dir::read_from(&sub)? {
-                let ent = ent?;
-                let n = ent.file_name().to_bytes();
-                if n != b"." && n != b".." {
-                    names.push(n.to_vec());
-                }
-            }
-            names.sort();
             h.field(b"dir-begin");
-            for n in names {
-                let mut r = rel.to_vec();
-                if !r.is_empty() {
-                    r.push(b'/');
-                }
-                r.extend_from_slice(&n);
-                entry(h, &sub, &n, &r, cache)?;
-            }
+            children(h, &sub, rel, cache, &here)?;
             h.field(b"dir-end");
         }
         _ => {}
+    }
+    Ok(())
+}
+
+/// The entries of the open directory `sub` (at `rel`), sorted by name.
+fn children(
+    h: &mut KeyHasher,
+    sub: &OwnedFd,
+    rel: &[u8],
+    cache: &mut Option<&mut DigestCache>,
+    here: &Matched<'_>,
+) -> io::Result<()> {
+    let mut names = vec![];
+    for ent in Dir::read_from(sub)? {
+        let ent = ent?;
+        let n = ent.file_name().to_bytes();
+        if n != b"." && n != b".." {
+            names.push(n.to_vec());
+        }
+    }
+    names.sort();
+    for n in names {
+        let mut r = rel.to_vec();
+        if !r.is_empty() {
+            r.push(b'/');
+        }
+        r.extend_from_slice(&n);
+        entry(h, sub, &n, &r, cache, here)?;
     }
     Ok(())
 }
@@ -293,6 +414,40 @@ mod tests {
         let m1 = checksum(&root, "/missing", false).unwrap();
         std::fs::write(r.join("missing"), "").unwrap();
         assert_ne!(checksum(&root, "/missing", false).unwrap(), m1);
+    }
+
+    /// Per (include, exclude, file changed): whether the filtered checksum of `/` changes.
+    #[test]
+    fn filtered_checksum_follows_the_copy_patterns() {
+        let pm = |p: &[&str]| (!p.is_empty()).then(|| PatternMatcher::new(p).unwrap());
+        let cases: &[(&[&str], &[&str], &str, bool)] = &[
+            (&["sub/*"], &["sub/bar"], "myfile", false),
+            (&["sub/*"], &["sub/bar"], "sub/bar", false),
+            (&["sub/*"], &["sub/bar"], "sub/foo", true),
+            (&[], &["sub"], "sub/foo", false),
+            (&[], &["sub", "!sub/foo"], "sub/foo", true),
+            (&[], &["sub", "!sub/foo"], "sub/bar", false),
+            (&["*.txt"], &[], "sub/foo", false),
+            (&["*.txt"], &[], "a.txt", true),
+            (&[], &[], "myfile", true),
+        ];
+        for (inc, exc, change, changes) in cases {
+            let d = tempfile::tempdir().unwrap();
+            let r = d.path();
+            std::fs::create_dir(r.join("sub")).unwrap();
+            for f in ["myfile", "a.txt", "sub/foo", "sub/bar"] {
+                std::fs::write(r.join(f), f).unwrap();
+            }
+            let root = Root::open(r).unwrap();
+            let filter = Filter {
+                include: pm(inc),
+                exclude: pm(exc),
+            };
+            let before = checksum_filtered(&root, "/", false, &filter).unwrap();
+            std::fs::write(r.join(change), "changed").unwrap();
+            let after = checksum_filtered(&root, "/", false, &filter).unwrap();
+            assert_eq!(before != after, *changes, "{inc:?} {exc:?} {change}");
+        }
     }
 
     #[test]

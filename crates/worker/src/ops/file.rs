@@ -11,6 +11,8 @@
 //! Cache key: the op without input digests, plus per input either its cache key or — for an
 //! input used only as a copy source — the content checksums of the copied paths (BuildKit's
 //! content-based selectors), so unrelated changes elsewhere in the source do not invalidate.
+//! A copy's include/exclude patterns apply to its checksum as to the copy: a file they leave
+//! out does not change the key.
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -122,6 +124,22 @@ impl Op<Snap> for FileOpImpl {
                             Root::open(m.path()).map_err(|e| Error::io("open", m.path(), e))?;
                         let mut sums = vec![];
                         for c in copies {
+                            let matcher = |pats: &[String]| {
+                                if pats.is_empty() {
+                                    return Ok(None);
+                                }
+                                fsutil::patterns::PatternMatcher::new(pats)
+                                    .map(Some)
+                                    .map_err(|e| Error::FileAction {
+                                        action: "copy",
+                                        path: c.src.clone(),
+                                        reason: format!("invalid patterns: {e}"),
+                                    })
+                            };
+                            let filter = checksum::Filter {
+                                include: matcher(&c.include_patterns)?,
+                                exclude: matcher(&c.exclude_patterns)?,
+                            };
                             let paths = if c.allow_wildcard {
                                 glob::resolve_wildcards(&root, &c.src, c.follow_symlink)
                                     .map_err(|e| Error::io("resolve wildcards", m.path(), e))?
@@ -129,8 +147,13 @@ impl Op<Snap> for FileOpImpl {
                                 vec![c.src.clone()]
                             };
                             for p in paths {
-                                let sum = checksum::checksum(&root, &p, c.follow_symlink)
-                                    .map_err(|e| Error::io("checksum", m.path(), e))?;
+                                let sum = checksum::checksum_filtered(
+                                    &root,
+                                    &p,
+                                    c.follow_symlink,
+                                    &filter,
+                                )
+                                .map_err(|e| Error::io("checksum", m.path(), e))?;
                                 sums.push(format!("{p}\0{sum}"));
                             }
                         }
