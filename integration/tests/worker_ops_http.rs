@@ -172,6 +172,36 @@ async fn http_download_and_conditional_rebuild() -> Result<()> {
         Some("changed\n")
     );
     assert!(s3.completed().iter().all(|(_, c)| !*c));
+    // No Last-Modified: the Unix epoch, as buildkitd.
+    let m = s3.ok().mount().await?;
+    let md = std::fs::metadata(m.path().join("hello.txt"))?;
+    assert_eq!(md.modified()?, UNIX_EPOCH);
+    drop(m);
+
+    // A Go server's RFC 850 date with `UTC` (upstream's test server writes these); the date is
+    // part of the cache key, so the same content with a new date is a new result.
+    for (date, secs) in [
+        ("Saturday, 05-Dec-26 22:15:29 UTC", 1_796_508_929),
+        ("Sunday, 06-Dec-26 22:15:29 UTC", 1_796_595_329),
+    ] {
+        srv.put(
+            "/files/hello.txt",
+            Resource {
+                body: b"changed\n".to_vec(),
+                etag: None,
+                last_modified: Some(date.into()),
+                disposition: None,
+            },
+        );
+        let s4 = solve_http(&w, &url, &[]).await;
+        let m = s4.ok().mount().await?;
+        let md = std::fs::metadata(m.path().join("hello.txt"))?;
+        assert_eq!(
+            md.modified()?.duration_since(UNIX_EPOCH)?,
+            Duration::from_secs(secs),
+            "{date}"
+        );
+    }
     Ok(())
 }
 

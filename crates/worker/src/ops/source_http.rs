@@ -5,12 +5,13 @@
 //! * `http.filename`, else the `Content-Disposition` filename, else the last URL path segment,
 //!   else `download` (a name is one path component: no `/`, not `.` or `..`);
 //! * mode `http.perm` (octal, default `0600`), owner `http.uid`/`http.gid` (default 0);
-//! * mtime from `Last-Modified` when the server sends one;
+//! * mtime from `Last-Modified` (in any of the three forms Go's `http.ParseTime` reads: RFC 1123,
+//!   RFC 850 and ANSI C, with `GMT` or `UTC`), else the Unix epoch, as buildkitd;
 //! * `http.checksum` (`sha256:<hex>`) is verified; a mismatch fails the step.
 //!
 //! Cache: with `http.checksum` the cache key is known without any request (the checksum plus the
 //! file options). Without it the download happens while computing the key, which is the content
-//! digest plus the file options, as in buildkitd. The last download of each (URL, file options)
+//! digest plus the file options and the `Last-Modified` value, as in buildkitd. The last download of each (URL, file options)
 //! is recorded in `<root>/worker/http/<key>.json` (ETag, Last-Modified, content digest,
 //! snapshot): the next build sends `If-None-Match`/`If-Modified-Since`, and a `304 Not Modified`
 //! reuses the recorded snapshot without transferring the body.
@@ -149,8 +150,8 @@ struct HttpSource {
     opts: FileOpts,
     checksum: Option<String>,
     env: Arc<BuildEnv>,
-    /// Content digest and the result, once fetched in this build.
-    fetched: tokio::sync::OnceCell<(String, Snap)>,
+    /// Content digest, `Last-Modified` and the result, once fetched in this build.
+    fetched: tokio::sync::OnceCell<(String, Option<String>, Snap)>,
 }
 
 fn http_err(kind: ErrorKind, message: String, source: Option<crate::error::BoxError>) -> Error {
@@ -162,10 +163,13 @@ fn http_err(kind: ErrorKind, message: String, source: Option<crate::error::BoxEr
 }
 
 impl HttpSource {
-    fn key_for(&self, digest: &str) -> String {
+    fn key_for(&self, digest: &str, last_modified: Option<&str>) -> String {
         let mut h = crate::digest::KeyHasher::new("http");
         h.field(digest.as_bytes())
             .field(&serde_json::to_vec(&self.opts).unwrap_or_default());
+        if let Some(m) = last_modified {
+            h.field(b"last-modified").field(m.as_bytes());
+        }
         h.finish()
     }
 
@@ -196,7 +200,7 @@ impl HttpSource {
         });
     }
 
-    async fn fetch(&self, ctx: &OpContext) -> Result<&(String, Snap)> {
+    async fn fetch(&self, ctx: &OpContext) -> Result<&(String, Option<String>, Snap)> {
         self.fetched
             .get_or_try_init(|| async {
                 tokio::select! {
@@ -207,7 +211,7 @@ impl HttpSource {
             .await
     }
 
-    async fn fetch_now(&self, ctx: &OpContext) -> Result<(String, Snap)> {
+    async fn fetch_now(&self, ctx: &OpContext) -> Result<(String, Option<String>, Snap)> {
         let store = self.env.store.clone();
         let record_path = self.record_path();
         let previous: Option<Record> = std::fs::read(&record_path)
@@ -243,7 +247,7 @@ impl HttpSource {
                     Ok(snap) => {
                         self.status(ctx, started, 0, true);
                         tracing::debug!(url = %self.url, "not modified; reusing the last download");
-                        return Ok((p.digest, snap));
+                        return Ok((p.digest, p.last_modified, snap));
                     }
                     Err(e) => {
                         tracing::debug!(url = %self.url, error = %e, "recorded download gone; fetching again")
@@ -261,7 +265,7 @@ impl HttpSource {
         ctx: &OpContext,
         req: reqwest::RequestBuilder,
         started: SystemTime,
-    ) -> Result<(String, Snap)> {
+    ) -> Result<(String, Option<String>, Snap)> {
         let resp = req.send().await.map_err(|e| {
             http_err(
                 ErrorKind::Unavailable,
@@ -277,7 +281,7 @@ impl HttpSource {
         ctx: &OpContext,
         resp: reqwest::Response,
         started: SystemTime,
-    ) -> Result<(String, Snap)> {
+    ) -> Result<(String, Option<String>, Snap)> {
         if !resp.status().is_success() {
             let kind = if resp.status() == reqwest::StatusCode::NOT_FOUND {
                 ErrorKind::NotFound
@@ -309,7 +313,8 @@ impl HttpSource {
             .unwrap_or_else(|| "download".into());
         let mtime = last_modified
             .as_deref()
-            .and_then(|m| httpdate::parse_http_date(m).ok());
+            .and_then(parse_http_time)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
 
         // Stream into a temporary file next to the store (same filesystem: renamed into the
         // layer, never copied).
@@ -389,7 +394,7 @@ impl HttpSource {
         .await?;
         let record = Record {
             etag,
-            last_modified,
+            last_modified: last_modified.clone(),
             digest: digest.clone(),
             snapshot: snap.id().clone(),
         };
@@ -397,7 +402,7 @@ impl HttpSource {
         if let Err(e) = write_record(&path, &record) {
             tracing::warn!(path = %path.display(), error = %e, "recording download failed");
         }
-        Ok((digest, snap))
+        Ok((digest, last_modified, snap))
     }
 }
 
@@ -407,18 +412,31 @@ fn place_file(
     dir: &Path,
     name: &str,
     opts: &FileOpts,
-    mtime: Option<SystemTime>,
+    mtime: SystemTime,
 ) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
     let dst = dir.join(name);
     std::fs::rename(src, &dst)?;
     std::os::unix::fs::lchown(&dst, Some(opts.uid), Some(opts.gid))?;
     std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(opts.perm))?;
-    if let Some(t) = mtime {
-        let f = std::fs::File::options().write(true).open(&dst)?;
-        f.set_times(std::fs::FileTimes::new().set_modified(t).set_accessed(t))?;
-    }
+    let f = std::fs::File::options().write(true).open(&dst)?;
+    f.set_times(
+        std::fs::FileTimes::new()
+            .set_modified(mtime)
+            .set_accessed(mtime),
+    )?;
     Ok(())
+}
+
+/// An HTTP date as Go's `http.ParseTime` reads it: RFC 1123, RFC 850 or ANSI C. Go's parser
+/// takes any zone name there, and Go servers write RFC 850 dates with `UTC` (upstream's test
+/// server does); `httpdate` wants `GMT`, so `UTC` is read as the same zone.
+fn parse_http_time(s: &str) -> Option<SystemTime> {
+    let s = s.trim();
+    httpdate::parse_http_date(s).ok().or_else(|| {
+        let gmt = s.strip_suffix(" UTC")?;
+        httpdate::parse_http_date(&format!("{gmt} GMT")).ok()
+    })
 }
 
 fn write_record(path: &Path, r: &Record) -> std::io::Result<()> {
@@ -440,14 +458,14 @@ impl Drop for TempFile {
 impl Op<Snap> for HttpSource {
     async fn cache_key(&self, ctx: &OpContext, _inputs: &[Solved<Snap>]) -> Result<String> {
         if let Some(c) = &self.checksum {
-            return Ok(self.key_for(c));
+            return Ok(self.key_for(c, None));
         }
-        let (digest, _) = self.fetch(ctx).await?;
-        Ok(self.key_for(digest))
+        let (digest, last_modified, _) = self.fetch(ctx).await?;
+        Ok(self.key_for(digest, last_modified.as_deref()))
     }
 
     async fn exec(&self, ctx: &OpContext, _inputs: &[Solved<Snap>]) -> Result<Vec<Snap>> {
-        let (_, snap) = self.fetch(ctx).await?;
+        let (_, _, snap) = self.fetch(ctx).await?;
         Ok(vec![snap.clone()])
     }
 }
@@ -506,5 +524,22 @@ mod tests {
         assert!(parse_checksum("sha256:abc").is_err());
         assert!(parse_checksum(&format!("sha256:{}", "A".repeat(64))).is_ok());
         assert!(parse_checksum(&format!("md5:{}", "a".repeat(64))).is_err());
+    }
+
+    #[test]
+    fn http_times() {
+        let t = |s: &str| {
+            parse_http_time(s).map(|t| t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs())
+        };
+        let want = Some(1_445_412_480);
+        for s in [
+            "Wed, 21 Oct 2015 07:28:00 GMT",
+            "Wednesday, 21-Oct-15 07:28:00 GMT",
+            "Wednesday, 21-Oct-15 07:28:00 UTC",
+            "Wed Oct 21 07:28:00 2015",
+        ] {
+            assert_eq!(t(s), want, "{s}");
+        }
+        assert_eq!(t("yesterday"), None);
     }
 }
