@@ -432,16 +432,24 @@ impl BuildkitClient {
         };
         let started = Instant::now();
         let mut control = self.control();
+        let md = opts.metadata.clone();
         let solve = tokio::spawn(async move {
-            let r = control.solve(solve_req).await.map(|r| r.into_inner());
+            let r = control
+                .solve(with_metadata(tonic::Request::new(solve_req), &md))
+                .await
+                .map(|r| r.into_inner());
             (r, Instant::now())
         });
         let mut status_client = self.control();
         let status_ref = build_ref.clone();
+        let md = opts.metadata.clone();
         let status = tokio::spawn(async move {
             let mut out = Vec::new();
             let stream = status_client
-                .status(control::StatusRequest { r#ref: status_ref })
+                .status(with_metadata(
+                    tonic::Request::new(control::StatusRequest { r#ref: status_ref }),
+                    &md,
+                ))
                 .await;
             let mut stream = match stream {
                 Ok(s) => s.into_inner(),
@@ -457,8 +465,12 @@ impl BuildkitClient {
         });
         // gateway: Ping, Solve, Return
         let mut g = self.gateway();
+        let md = &opts.metadata;
         let pong = g
-            .ping(with_build_id(gw::PingRequest {}, &build_ref))
+            .ping(with_metadata(
+                with_build_id(gw::PingRequest {}, &build_ref),
+                md,
+            ))
             .await
             .map(|r| r.into_inner());
         let gw_solve = match &pong {
@@ -471,7 +483,7 @@ impl BuildkitClient {
                     ..Default::default()
                 };
                 Some(
-                    g.solve(with_build_id(req, &build_ref))
+                    g.solve(with_metadata(with_build_id(req, &build_ref), md))
                         .await
                         .map(|r| r.into_inner()),
                 )
@@ -499,7 +511,7 @@ impl BuildkitClient {
         };
         let gw_return = if pong.is_ok() {
             Some(
-                g.r#return(with_build_id(return_req, &build_ref))
+                g.r#return(with_metadata(with_build_id(return_req, &build_ref), md))
                     .await
                     .map(|r| r.into_inner()),
             )
@@ -547,6 +559,16 @@ pub fn with_build_id<T>(m: T, build_ref: &str) -> tonic::Request<T> {
     r
 }
 
+/// `r` with `md` added to its metadata (keys must be lowercase ASCII, values ASCII).
+pub fn with_metadata<T>(mut r: tonic::Request<T>, md: &[(String, String)]) -> tonic::Request<T> {
+    for (k, v) in md {
+        let key = tonic::metadata::MetadataKey::from_bytes(k.as_bytes()).expect("metadata key");
+        r.metadata_mut()
+            .insert(key, v.parse().expect("ascii metadata value"));
+    }
+    r
+}
+
 enum ReturnRequest {
     Result(gw::Result),
     Error(tonic::Status),
@@ -587,6 +609,9 @@ pub struct BuildOptions {
     pub ssh_agents: BTreeMap<String, PathBuf>,
     /// `--opt` values.
     pub frontend_attrs: BTreeMap<String, String>,
+    /// gRPC metadata sent with every call of the build (e.g. W3C `traceparent`, as buildctl
+    /// sends it under a traced context).
+    pub metadata: Vec<(String, String)>,
 }
 
 /// Everything observed during one build.

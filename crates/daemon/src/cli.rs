@@ -58,6 +58,13 @@ pub struct DaemonArgs {
     /// Enable trace logging.
     #[arg(long)]
     pub trace: bool,
+    /// Log formatter: `json` or `text` (buildkitd's `--log-format`).
+    #[arg(long = "log-format")]
+    pub log_format: Option<String>,
+    /// Debugging address (e.g. `0.0.0.0:6060`): Prometheus metrics at `/metrics`, `/healthz`
+    /// and `/debug/state` (buildkitd's `--debugaddr`).
+    #[arg(long = "debugaddr")]
+    pub debugaddr: Option<String>,
     /// Group (name or gid) owning the unix sockets.
     #[arg(long)]
     pub group: Option<String>,
@@ -129,9 +136,14 @@ mod tests {
             "--addr",
             "unix:///tmp/x/buildkitd.sock",
             "--debug",
+            "--debugaddr",
+            "127.0.0.1:6060",
+            "--log-format=json",
         ])
         .unwrap();
         let d = cli.daemon;
+        assert_eq!(d.debugaddr.as_deref(), Some("127.0.0.1:6060"));
+        assert_eq!(d.log_format.as_deref(), Some("json"));
         assert_eq!(d.oci_worker, Some(true));
         assert_eq!(d.containerd_worker, Some(false));
         assert_eq!(d.oci_worker_gc, Some(false));

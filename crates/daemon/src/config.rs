@@ -1,6 +1,7 @@
 //! The subset of `buildkitd.toml` berth understands, merged with command-line flags.
 //!
-//! Keys keep buildkitd's spelling (`root`, `debug`, `[grpc] address`, `[grpc.tls]`,
+//! Keys keep buildkitd's spelling (`root`, `debug`, `[grpc] address/debugAddress`, `[grpc.tls]`,
+//! `[log] format` (buildkitd ≥ v0.13),
 //! `[worker.oci] labels/platforms/gc/gckeepstorage/[[gcpolicy]]`, `[registry."host"] mirrors/http/insecure`,
 //! `insecure-entitlements`). Unknown keys are ignored, like buildkitd does for keys of other workers.
 //!
@@ -49,6 +50,16 @@ pub struct FileConfig {
     pub exporter: ExporterSection,
     /// `[history]`.
     pub history: HistorySection,
+    /// `[log]`.
+    pub log: LogSection,
+}
+
+/// `[log]`.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(default)]
+pub struct LogSection {
+    /// `format`: `text` or `json`.
+    pub format: Option<String>,
 }
 
 /// `[history]`: when old build records are dropped (buildkitd's keys).
@@ -85,6 +96,9 @@ pub struct DockerExporterConfig {
 pub struct GrpcConfig {
     /// `address`.
     pub address: Vec<String>,
+    /// `debugAddress`.
+    #[serde(rename = "debugAddress")]
+    pub debug_address: Option<String>,
     /// `gid`.
     pub gid: Option<u32>,
     /// `[grpc.tls]`.
@@ -205,6 +219,10 @@ pub struct Config {
     pub docker_thin: bool,
     /// Build history limits.
     pub history: crate::history::HistoryConfig,
+    /// `--debugaddr` / `[grpc] debugAddress`: where the debug HTTP server listens, if anywhere.
+    pub debug_address: Option<String>,
+    /// `--log-format` / `[log] format`.
+    pub log_format: telemetry::LogFormat,
 }
 
 /// Parses a `buildkitd.toml` text.
@@ -307,6 +325,17 @@ fn merge(file: FileConfig, args: &DaemonArgs) -> anyhow::Result<Config> {
                     .unwrap_or(d.max_entries),
             }
         },
+        debug_address: args
+            .debugaddr
+            .clone()
+            .or(file.grpc.debug_address.clone())
+            .filter(|a| !a.is_empty()),
+        log_format: args
+            .log_format
+            .as_deref()
+            .or(file.log.format.as_deref())
+            .unwrap_or("text")
+            .parse()?,
     })
 }
 
@@ -380,6 +409,8 @@ http = true
 snapshotter = "overlayfs"
 [exporter.docker]
 thin = true
+[log]
+format = "json"
 "#,
         )
         .unwrap();
@@ -398,6 +429,20 @@ thin = true
         assert_eq!(c.gc_policy.len(), 1);
         assert_eq!(c.gc_policy[0].keep_bytes, 1024);
         assert!(c.docker_thin);
+        assert_eq!(c.log_format, telemetry::LogFormat::Json);
+        assert_eq!(c.debug_address, None);
+        let f = parse_file("[grpc]\ndebugAddress = \"127.0.0.1:6060\"\n").unwrap();
+        let c = merge(f.clone(), &args(&[])).unwrap();
+        assert_eq!(c.debug_address.as_deref(), Some("127.0.0.1:6060"));
+        assert_eq!(c.log_format, telemetry::LogFormat::Text);
+        let c = merge(
+            f,
+            &args(&["--debugaddr", "0.0.0.0:7070", "--log-format", "text"]),
+        )
+        .unwrap();
+        assert_eq!(c.debug_address.as_deref(), Some("0.0.0.0:7070"));
+        let e = merge(FileConfig::default(), &args(&["--log-format", "xml"])).unwrap_err();
+        assert_eq!(e.to_string(), "unsupported log type \"xml\"");
         assert!(
             !merge(FileConfig::default(), &args(&[]))
                 .unwrap()
@@ -449,6 +494,8 @@ pub mod tests_support {
             max_parallelism: None,
             docker_thin: false,
             history: Default::default(),
+            debug_address: None,
+            log_format: telemetry::LogFormat::Text,
         }
     }
 }

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status};
+use tracing::Instrument as _;
 
 /// How long `Status` waits for its job to be registered (buildkitd: 6 s).
 pub const STATUS_WAIT: Duration = Duration::from_secs(6);
@@ -209,15 +210,34 @@ impl Control {
                 record,
             });
         }
+        let labels = crate::observe::BuildLabels::of(
+            req.definition.is_some(),
+            &req.frontend,
+            exporter.as_ref().map(|e| e.0.as_str()).unwrap_or(""),
+        );
+        labels.started();
+        let span = tracing::info_span!(
+            "solve",
+            build = %job.id,
+            frontend = labels.frontend,
+            exporter = labels.exporter,
+            otel.status_code = tracing::field::Empty,
+        );
         let res = match exporter {
-            Ok(exporter) => self.run(&job, req, exporter, returned).await,
+            Ok(exporter) => {
+                self.run(&job, req, exporter, returned, labels)
+                    .instrument(span.clone())
+                    .await
+            }
             Err(e) => Err(e),
         };
         let res = match res {
             Err(_) if job.cancel.is_cancelled() => Err(job.cancel_error()),
             r => r,
         };
+        labels.ended(res.as_ref().err().map(Error::code));
         if let Err(e) = &res {
+            span.record("otel.status_code", "ERROR");
             tracing::info!(build = %job.id, error = %e, "solve failed");
         }
         job.cancel.cancel();
@@ -235,7 +255,9 @@ impl Control {
         mut req: pb::SolveRequest,
         (exp_type, exp_attrs): (String, BTreeMap<String, String>),
         returned: tokio::sync::oneshot::Receiver<Result<BuildResult>>,
+        labels: crate::observe::BuildLabels,
     ) -> Result<Outcome> {
+        let solve_started = std::time::Instant::now();
         let kind = export_client::parse_exporter(&exp_type)?;
         if req
             .source_policy
@@ -297,6 +319,10 @@ impl Control {
             }
         };
 
+        labels.solved(solve_started.elapsed());
+        let export_started = std::time::Instant::now();
+        let export_span = tracing::info_span!("export", exporter = labels.exporter);
+
         let mut response = BTreeMap::new();
         for (k, v) in &result.metadata {
             if k.starts_with("frontend.") {
@@ -307,7 +333,7 @@ impl Control {
             let fs = result.fs.clone().unwrap_or(crate::solver::FsRef::Scratch);
             let session = self.sessions.get(&req.session).await?;
             let r = tokio::select! {
-                r = export_client::export(&self.backend, &session, &job.progress, exp, &exp_attrs, &result.metadata, &fs) => r?,
+                r = export_client::export(&self.backend, &session, &job.progress, exp, &exp_attrs, &result.metadata, &fs).instrument(export_span.clone()) => r?,
                 _ = job.cancel.cancelled() => return Err(job.cancel_error()),
             };
             response.extend(r);
@@ -324,10 +350,13 @@ impl Control {
                     &exp_attrs,
                     &result.metadata,
                     &fs,
-                ) => r?,
+                ).instrument(export_span.clone()) => r?,
                 _ = job.cancel.cancelled() => return Err(job.cancel_error()),
             };
             response.extend(r);
+        }
+        if kind != ExporterKind::None {
+            labels.exported(export_started.elapsed());
         }
         Ok(Outcome {
             response: pb::SolveResponse {
@@ -564,7 +593,17 @@ impl pb::control_server::Control for Control {
         &self,
         request: Request<tonic::Streaming<pb::BytesMessage>>,
     ) -> std::result::Result<Response<BoxStream<pb::BytesMessage>>, Status> {
-        let s = tunnel::serve(self.sessions.clone(), request).await?;
+        let span = tracing::info_span!(
+            "session.attach",
+            session = request
+                .metadata()
+                .get(tunnel::HDR_UUID)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+        );
+        let s = tunnel::serve(self.sessions.clone(), request)
+            .instrument(span)
+            .await?;
         Ok(Response::new(s))
     }
 

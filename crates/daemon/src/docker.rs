@@ -135,18 +135,9 @@ async fn offline_image_config(root: PathBuf, reference: String) -> Result<(Strin
 /// A Docker Engine client for `host` (`unix:///path`, `tcp://h:p`, or a bare socket path). The
 /// request timeout is long enough for an image load of many GiB.
 pub(crate) fn connect(host: &str) -> Result<bollard::Docker> {
-    let res = if let Some(p) = host.strip_prefix("unix://") {
-        bollard::Docker::connect_with_unix(p, 600, bollard::API_DEFAULT_VERSION)
-    } else if let Some(a) = host.strip_prefix("tcp://") {
-        bollard::Docker::connect_with_http(
-            &format!("http://{a}"),
-            600,
-            bollard::API_DEFAULT_VERSION,
-        )
-    } else {
-        bollard::Docker::connect_with_unix(host, 600, bollard::API_DEFAULT_VERSION)
-    };
-    res.map_err(|e| Error::unavailable(format!("docker at {host}: {e}")))
+    // Counted and traced when telemetry is on; bollard's own client otherwise.
+    telemetry::docker::connect(host, 600, bollard::API_DEFAULT_VERSION)
+        .map_err(|e| Error::unavailable(format!("docker at {host}: {e}")))
 }
 
 fn map_err(reference: &str, e: bollard::errors::Error) -> Error {

@@ -425,6 +425,13 @@ async fn send_docker(
         })
         .await?;
     cx.done("exporting layers", r.bytes_sent, r.bytes_sent, started);
+    crate::observe::export_layers(
+        if thin { "docker-thin" } else { "docker" },
+        r.layers_sent,
+        r.bytes_sent,
+        r.layers_skipped,
+        r.bytes_skipped,
+    );
     if r.layers_skipped > 0 {
         let id = format!(
             "{} layers already in Docker ({} bytes not sent)",

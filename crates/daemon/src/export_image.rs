@@ -271,6 +271,13 @@ pub async fn export(
             )
             .await
             .map_err(|e| Error::unavailable(format!("exporter image ({}): {e}", target.mode())))?;
+        crate::observe::export_layers(
+            crate::observe::image_mode(&target),
+            result.layers_sent,
+            result.bytes_sent,
+            result.layers_skipped,
+            result.bytes_skipped,
+        );
         let done = SystemTime::now();
         progress.status(
             &vertex,

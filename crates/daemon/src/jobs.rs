@@ -49,6 +49,21 @@ pub struct Job {
     returned: Mutex<Option<oneshot::Sender<Result<BuildResult>>>>,
     /// Set when the job ended.
     pub ended: CancellationToken,
+    /// When the job was registered.
+    pub started: std::time::Instant,
+}
+
+/// A job as `/debug/state` shows it.
+#[derive(Debug, Clone)]
+pub struct JobInfo {
+    /// Build ref.
+    pub id: String,
+    /// Session id.
+    pub session_id: String,
+    /// Not ended yet.
+    pub running: bool,
+    /// Time since registration.
+    pub age: Duration,
 }
 
 impl std::fmt::Debug for Job {
@@ -80,6 +95,7 @@ impl Job {
                 refs: Mutex::new(HashMap::new()),
                 returned: Mutex::new(Some(tx)),
                 ended: CancellationToken::new(),
+                started: std::time::Instant::now(),
             }),
             rx,
         )
@@ -206,6 +222,24 @@ impl Jobs {
         for j in self.map.lock().unwrap().values() {
             j.cancel_with(Error::unavailable(reason.to_string()));
         }
+    }
+
+    /// Every known job (running, or ended less than [`KEEP_AFTER_END`] ago).
+    pub fn list(&self) -> Vec<JobInfo> {
+        let mut v: Vec<JobInfo> = self
+            .map
+            .lock()
+            .unwrap()
+            .values()
+            .map(|j| JobInfo {
+                id: j.id.clone(),
+                session_id: j.session_id.clone(),
+                running: !j.ended.is_cancelled(),
+                age: j.started.elapsed(),
+            })
+            .collect();
+        v.sort_by_key(|j| std::cmp::Reverse(j.age));
+        v
     }
 
     /// Number of running jobs.

@@ -15,6 +15,7 @@
 //! | [`history`] | Build history records. |
 //! | [`jobs`] | Jobs by build ref. |
 //! | [`listener`] | Listening sockets. |
+//! | [`observe`] | Build metrics and the debug state (`telemetry`'s daemon side). |
 //! | [`progress`] | Progress and the Status stream. |
 //! | [`session`] | Client sessions. |
 //! | [`solver`] | The solve backend. |
@@ -36,6 +37,7 @@ pub mod gateway;
 pub mod history;
 pub mod jobs;
 pub mod listener;
+pub mod observe;
 pub mod progress;
 pub mod session;
 pub mod solver;

@@ -46,21 +46,27 @@ fn main() -> anyhow::Result<()> {
     } else {
         "info"
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("BERTHD_LOG")
-                .unwrap_or_else(|_| filter.into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    tokio::runtime::Builder::new_multi_thread()
+    let log_filter = std::env::var("BERTHD_LOG").unwrap_or_else(|_| filter.to_string());
+    let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .context("start tokio runtime")?
-        .block_on(run(cfg))
+        .context("start tokio runtime")?;
+    rt.block_on(async {
+        // Inside the runtime: the OTLP exporters run on it.
+        let telemetry = telemetry::init(&telemetry::Options {
+            log_format: cfg.log_format,
+            log_filter,
+            metrics: cfg.debug_address.is_some(),
+            service_name: "berthd".into(),
+            service_version: cli::VERSION.into(),
+        })?;
+        let r = run(cfg, &telemetry).await;
+        telemetry.shutdown();
+        r
+    })
 }
 
-async fn run(cfg: config::Config) -> anyhow::Result<()> {
+async fn run(cfg: config::Config, telemetry: &telemetry::Telemetry) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.root)
         .with_context(|| format!("create root {}", cfg.root.display()))?;
     let worker_id = workers::load_or_create_id(&cfg.root)?;
@@ -74,6 +80,7 @@ async fn run(cfg: config::Config) -> anyhow::Result<()> {
         cli::VERSION,
         cli::REVISION
     );
+    metrics::gauge!(telemetry::metrics::BUILD_INFO, "version" => cli::VERSION, "revision" => cli::REVISION).set(1.0);
     let sessions = session::SessionManager::new();
     let backend = solver::Backend::open(
         &cfg.root,
@@ -133,6 +140,18 @@ async fn run(cfg: config::Config) -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     let mut servers = tokio::task::JoinSet::new();
+    if let Some(addr) = &cfg.debug_address {
+        let state = Arc::new(daemon::observe::State {
+            jobs: jobs.clone(),
+            sessions: sessions.clone(),
+            store: backend.store.clone(),
+        });
+        let server =
+            telemetry::debug::DebugServer::bind(addr, telemetry.metrics().cloned(), state).await?;
+        tracing::info!(address = %server.local_addr()?, "debug handlers listening");
+        let stop = shutdown.clone();
+        tokio::spawn(server.serve(stop.cancelled_owned()));
+    }
     let mut sockets = Vec::new();
     for addr in &cfg.addrs {
         let l = listener::bind(addr, cfg.group.as_deref()).await?;
@@ -151,6 +170,9 @@ async fn run(cfg: config::Config) -> anyhow::Result<()> {
             .initial_stream_window_size(4 << 20)
             .initial_connection_window_size(8 << 20)
             .max_frame_size(1 << 20);
+        if let Some(f) = telemetry.grpc_trace_fn() {
+            builder = builder.trace_fn(f);
+        }
         let stop = shutdown.clone();
         match l {
             listener::Listener::Unix(u, path) => {

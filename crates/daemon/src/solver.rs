@@ -108,6 +108,9 @@ impl Backend {
             .map_err(|e| anyhow::anyhow!("open layer store under {}: {e}", root.display()))?;
         let mut wopts = worker::WorkerOptions::new(root.join("worker"));
         wopts.docker_host = Some(opts.docker_host.clone());
+        // The daemon's client (counted and traced with telemetry on); a missing socket is left
+        // to the worker, which then reports it when an image source needs Docker.
+        wopts.docker = crate::docker::connect(&opts.docker_host).ok();
         wopts.docker_data_root = opts.docker_data_root.clone();
         wopts.allowed_entitlements = opts.allowed_entitlements.clone();
         if let Some(n) = opts.max_parallelism.filter(|n| *n > 0) {

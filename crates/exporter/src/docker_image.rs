@@ -22,6 +22,7 @@ use layerstore::dockerstore::{DaemonCheck, DockerStore, OfflineWriter, StorageDr
 use layerstore::snapshot::{LayerRef, SnapshotStore};
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
+use tracing::Instrument as _;
 
 use crate::archive::ExportLayer;
 use crate::containerd::{ContainerdLayer, ContainerdStore, LayerFiles};
@@ -194,10 +195,15 @@ impl ImageTarget {
         let chain = req.chain.to_vec();
         let st = store.clone();
         let (layers, in_docker) = tokio::task::spawn_blocking(move || export_layers(&st, &chain))
+            .instrument(tracing::debug_span!(
+                "export.layers",
+                layers = req.chain.len()
+            ))
             .await
             .map_err(|e| Error::DockerLoad {
                 message: format!("layer digest task: {e}"),
             })??;
+        let span = tracing::debug_span!("export.register", mode = self.mode());
         let config = image_config(store, &req, &layers)?;
         let mut result = ImageExportResult {
             config_digest: config.digest.clone(),
@@ -208,7 +214,10 @@ impl ImageTarget {
                 let manifest = docker_manifest(&config, &layers);
                 (result.manifest_digest, result.descriptor) =
                     descriptor(DOCKER_MANIFEST_MEDIA_TYPE, &manifest);
-                let report = engine.load_thin(&config, &layers, &in_docker).await?;
+                let report = engine
+                    .load_thin(&config, &layers, &in_docker)
+                    .instrument(span.clone())
+                    .await?;
                 result.layers_sent = report.sent.layers_sent.len();
                 result.bytes_sent = report.sent.layer_bytes_sent;
                 result.layers_skipped = report.layers_skipped;
@@ -221,7 +230,10 @@ impl ImageTarget {
                         sent: report.sent.layers_sent.contains(&l.diff_id),
                     })
                     .collect();
-                engine.tag(&config.digest, &req.names).await?;
+                engine
+                    .tag(&config.digest, &req.names)
+                    .instrument(tracing::debug_span!("export.tag"))
+                    .await?;
             }
             ImageTarget::ClassicOffline {
                 data_root,
@@ -241,6 +253,7 @@ impl ImageTarget {
                         &store, &chain, &layers, &cfg, &names, data_root, driver, &check,
                     )
                 })
+                .instrument(span.clone())
                 .await
                 .map_err(|e| Error::DockerLoad {
                     message: format!("offline writer task: {e}"),
@@ -293,7 +306,10 @@ impl ImageTarget {
                 (result.manifest_digest, result.descriptor) =
                     descriptor(crate::containerd::MANIFEST_MEDIA_TYPE, &manifest);
                 let record = format!("moby-dangling@{}", result.manifest_digest);
-                let report = cstore.export(&config, &clayers, &record).await?;
+                let report = cstore
+                    .export(&config, &clayers, &record)
+                    .instrument(span.clone())
+                    .await?;
                 result.layers_sent = report.snapshots_written.len();
                 result.layers_skipped = report.snapshots_skipped.len();
                 for (l, c) in layers
@@ -313,7 +329,10 @@ impl ImageTarget {
                     });
                 }
                 let engine = DockerEngine::new(docker.clone(), None);
-                engine.tag(&result.manifest_digest, &req.names).await?;
+                engine
+                    .tag(&result.manifest_digest, &req.names)
+                    .instrument(tracing::debug_span!("export.tag"))
+                    .await?;
             }
         }
         result.names = req.names;

@@ -128,6 +128,9 @@ impl DockerEngine {
                 {
                     // The hint was wrong: send every layer berth holds.
                     tracing::warn!(%message, "docker lacked a layer berth thought present; retrying with all layers");
+                    // `telemetry::metrics::DOCKER_RETRIES` (a no-op without berthd's recorder)
+                    metrics::counter!("berth_docker_api_retries_total", "op" => "images_load")
+                        .increment(1);
                     let mut changed = false;
                     for (l, inc) in layers.iter().zip(include.iter_mut()) {
                         if !*inc && l.source.is_some() {
@@ -188,6 +191,14 @@ impl DockerEngine {
             message: format!("archive writer: {e}"),
         })?;
         if let Some(message) = failure {
+            // An error inside the 200 progress stream (`telemetry::metrics::DOCKER_ERRORS`).
+            metrics::counter!(
+                "berth_docker_api_errors_total",
+                "method" => "POST",
+                "endpoint" => "images",
+                "kind" => "stream"
+            )
+            .increment(1);
             return Err(Error::DockerLoad { message });
         }
         let stats = stats?;

@@ -69,6 +69,9 @@ pub struct WorkerOptions {
     pub max_parallelism: usize,
     /// Docker Engine API address (`unix:///var/run/docker.sock`), for image sources.
     pub docker_host: Option<String>,
+    /// A ready client for that Engine (e.g. the daemon's instrumented one); when `None` the
+    /// worker connects to `docker_host` itself.
+    pub docker: Option<bollard::Docker>,
     /// The data root of the dockerd at `docker_host` (`--docker-data-root`): when that daemon
     /// does not answer, image sources resolve base images from this data root in place
     /// (see `ops::source_image`).
@@ -90,6 +93,7 @@ impl WorkerOptions {
                 .map(|n| n.get())
                 .unwrap_or(2),
             docker_host: None,
+            docker: None,
             docker_data_root: None,
             allowed_entitlements: vec![],
             default_platform: Platform::host(),

@@ -111,6 +111,20 @@ impl SessionManager {
         }
     }
 
+    /// Connected sessions: (id, name), sorted by id.
+    pub fn list(&self) -> Vec<(String, String)> {
+        let mut v: Vec<_> = self
+            .sessions
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|s| !s.closed.is_cancelled())
+            .map(|s| (s.id.clone(), s.name.clone()))
+            .collect();
+        v.sort();
+        v
+    }
+
     /// Whether a session is connected now.
     pub fn is_connected(&self, id: &str) -> bool {
         self.sessions

@@ -12,6 +12,7 @@ use crate::errors::Error as DaemonError;
 use async_trait::async_trait;
 use std::path::Path;
 use std::sync::Arc;
+use tracing::Instrument as _;
 use worker::{Credentials, ErrorKind, LocalDiffer, LocalSync, SshAgentConn, TransferProgress};
 
 /// Buffer of the in-memory pipe between the worker and one `ForwardAgent` stream.
@@ -87,7 +88,13 @@ impl worker::SessionProvider for JobSession {
         let cb: fsutil::receive::ProgressFn = Arc::new(move |n: u64, _last: bool| {
             let _ = tx.send(n);
         });
-        let fut = calls::sync_local(&session, &sync, dest.to_path_buf(), Some(cb));
+        let span = tracing::debug_span!(
+            "local.sync",
+            name = %req.name,
+            bytes = tracing::field::Empty
+        );
+        let fut = calls::sync_local(&session, &sync, dest.to_path_buf(), Some(cb))
+            .instrument(span.clone());
         tokio::pin!(fut);
         let stats = loop {
             tokio::select! {
@@ -101,6 +108,8 @@ impl worker::SessionProvider for JobSession {
         }
         .map_err(|e| to_worker(&what, e))?;
         progress.report(*rx.borrow());
+        span.record("bytes", stats.bytes_written);
+        crate::observe::local_bytes(stats.bytes_written);
         Ok(stats.bytes_written)
     }
 

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bollard::Docker;
 
@@ -14,6 +15,14 @@ use crate::{Error, Result};
 pub const PIN_LABEL: &str = "dev.berth.pin";
 /// Label on pin containers: the build that needed the image.
 pub const PIN_BUILD_LABEL: &str = "dev.berth.pin.build";
+
+/// [`Pin`]s alive in this process.
+static PINS_HELD: AtomicUsize = AtomicUsize::new(0);
+
+/// How many [`Pin`]s this process holds now (for metrics and debugging).
+pub fn pins_held() -> usize {
+    PINS_HELD.load(Ordering::Relaxed)
+}
 
 fn api_err(op: &'static str) -> impl FnOnce(bollard::errors::Error) -> Error {
     move |source| Error::DockerApi {
@@ -184,6 +193,7 @@ pub async fn pin_image(
         .await
         .map_err(api_err("create pin container"))?;
     tracing::debug!(container = %resp.id, image, build_id, "image pinned");
+    PINS_HELD.fetch_add(1, Ordering::Relaxed);
     Ok(Pin {
         docker: docker.clone(),
         container_id: resp.id,
@@ -228,6 +238,7 @@ impl Pin {
     /// Removes the pin container.
     pub async fn release(mut self) -> Result<()> {
         self.held = false;
+        PINS_HELD.fetch_sub(1, Ordering::Relaxed);
         remove_container(&self.docker, &self.container_id).await
     }
 }
@@ -237,6 +248,7 @@ impl Drop for Pin {
         if !self.held {
             return;
         }
+        PINS_HELD.fetch_sub(1, Ordering::Relaxed);
         let (docker, id) = (self.docker.clone(), self.container_id.clone());
         let log = |r: Result<()>| {
             if let Err(e) = r {

@@ -39,7 +39,8 @@ mod writer;
 
 pub use fault::fault_point;
 pub use live::{
-    pin_image, remove_stale_pins, resolve_base_image, BaseImage, Pin, PIN_BUILD_LABEL, PIN_LABEL,
+    pin_image, pins_held, remove_stale_pins, resolve_base_image, BaseImage, Pin, PIN_BUILD_LABEL,
+    PIN_LABEL,
 };
 pub use offline::{offline_driver, resolve_offline_image};
 pub use reader::{DockerStore, LayerEntry};

@@ -154,6 +154,12 @@ impl Db {
         Ok(db)
     }
 
+    /// Numbers of snapshots, layers and leases, without copying the state.
+    pub fn counts(&self) -> (usize, usize, usize) {
+        let st = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        (st.snapshots.len(), st.layers.len(), st.leases.len())
+    }
+
     /// The current state (a copy of the in-memory state).
     pub fn load(&self) -> Result<State> {
         Ok(self.cache.lock().unwrap_or_else(|p| p.into_inner()).clone())

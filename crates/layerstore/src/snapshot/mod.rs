@@ -87,8 +87,8 @@ mod store;
 
 pub(crate) use diff::{copy_meta, make_whiteout};
 pub use mount::{Mount, MountMethod};
-pub use store::SnapshotStore;
 pub(crate) use store::{dir_size, fsync_path};
+pub use store::{SnapshotStore, StoreCounts};
 
 /// A random `[a-z0-9]` string of `len` characters (ids, temp names).
 pub(crate) fn random_token(len: usize) -> String {

@@ -61,6 +61,20 @@ struct Inner {
     committing: Mutex<BTreeSet<SnapshotId>>,
 }
 
+/// How much a [`SnapshotStore`] holds now (see [`SnapshotStore::counts`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StoreCounts {
+    /// Snapshot records.
+    pub snapshots: usize,
+    /// Layer records.
+    pub layers: usize,
+    /// Live leases.
+    pub leases: usize,
+    /// Live [`Mount`] guards.
+    pub mounts: usize,
+}
+
 /// berth's snapshot store. Cheap to clone; all methods block.
 #[derive(Clone)]
 pub struct SnapshotStore {
@@ -645,6 +659,18 @@ impl SnapshotStore {
             .get(id)
             .ok_or_else(|| Error::SnapshotNotFound { id: id.to_string() })?;
         Ok(to_info(id, rec))
+    }
+
+    /// Counts of records, leases and mounts, from memory (cheap; for metrics and debugging).
+    pub fn counts(&self) -> StoreCounts {
+        let (snapshots, layers, leases) = self.inner.db.counts();
+        let mounts = self.inner.mounted.lock().unwrap().values().sum();
+        StoreCounts {
+            snapshots,
+            layers,
+            leases,
+            mounts,
+        }
     }
 
     /// All snapshots.

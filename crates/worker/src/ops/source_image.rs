@@ -164,6 +164,7 @@ struct OfflineWatch {
 
 impl OfflineWatch {
     fn start(
+        docker: Option<Docker>,
         docker_host: Option<String>,
         image_id: String,
         instance: String,
@@ -174,7 +175,8 @@ impl OfflineWatch {
         let task = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(OFFLINE_WATCH).await;
-                let Some(docker) = answering_engine(docker_host.as_deref()).await else {
+                let Some(docker) = answering_engine(docker.as_ref(), docker_host.as_deref()).await
+                else {
                     continue;
                 };
                 tracing::warn!(image = %image_id, "dockerd started while a build uses its stopped data root: pinning the base image");
@@ -201,8 +203,8 @@ impl Drop for OfflineWatch {
 }
 
 /// A client for `docker_host` if its Engine answers `/_ping` (within [`PING_TIMEOUT`]).
-async fn answering_engine(docker_host: Option<&str>) -> Option<Docker> {
-    let docker = connect(docker_host).ok()?;
+async fn answering_engine(client: Option<&Docker>, docker_host: Option<&str>) -> Option<Docker> {
+    let docker = connect(client, docker_host).ok()?;
     match tokio::time::timeout(PING_TIMEOUT, docker.ping()).await {
         Ok(Ok(_)) => Some(docker),
         _ => None,
@@ -236,8 +238,12 @@ fn store_err(what: String, e: layerstore::Error) -> Error {
     }
 }
 
-/// Connects to the worker's Docker Engine (no I/O yet).
-pub(crate) fn connect(docker_host: Option<&str>) -> Result<Docker> {
+/// Connects to the worker's Docker Engine (no I/O yet): the client the daemon gave
+/// (`WorkerOptions::docker`), else one for `docker_host`.
+pub(crate) fn connect(client: Option<&Docker>, docker_host: Option<&str>) -> Result<Docker> {
+    if let Some(c) = client {
+        return Ok(c.clone());
+    }
     let r = match docker_host {
         Some(h) if h.starts_with("unix://") || h.starts_with('/') => {
             Docker::connect_with_unix(h, API_TIMEOUT_SECS, &API_VERSION)
@@ -317,11 +323,19 @@ impl ImageSource {
     async fn resolve_now(&self) -> Result<Resolved> {
         let docker = match &self.env.opts.docker_data_root {
             // With a data root configured, a daemon that does not answer means "stopped".
-            Some(root) => match answering_engine(self.env.opts.docker_host.as_deref()).await {
+            Some(root) => match answering_engine(
+                self.env.opts.docker.as_ref(),
+                self.env.opts.docker_host.as_deref(),
+            )
+            .await
+            {
                 Some(d) => d,
                 None => return self.resolve_offline(root).await,
             },
-            None => connect(self.env.opts.docker_host.as_deref())?,
+            None => connect(
+                self.env.opts.docker.as_ref(),
+                self.env.opts.docker_host.as_deref(),
+            )?,
         };
         if self.mode == ResolveMode::Pull {
             self.pull(&docker).await?;
@@ -422,6 +436,7 @@ impl ImageSource {
         tracing::debug!(reference = %self.reference, id = %image.id, layers = chain.0.len(), data_root = %root.display(), "image resolved in place from a stopped daemon's data root");
         let hold = Hold::Offline {
             _watch: OfflineWatch::start(
+                self.env.opts.docker.clone(),
                 self.env.opts.docker_host.clone(),
                 image.id.to_string(),
                 format!("worker:{}", self.env.opts.root.display()),

@@ -17,6 +17,12 @@
 //!
 //! Ported concept: `moby/buildkit` `solver/jobs.go` + `solver/scheduler.go` (much simplified:
 //! one cache-key phase per vertex, no cache-key "slow" phases).
+//!
+//! Observability: each announced vertex runs in a `vertex` span (debug level, child of the span
+//! current when [`Solver::solve`] was called, `cached` recorded at the end), and the solver
+//! counts `berth_vertex_executions_total` (once per execution, however many builds waited for
+//! it) and `berth_vertex_cache_hits_total` through the `metrics` facade (no-ops unless the
+//! daemon installed a recorder; names documented in `telemetry::metrics`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -26,6 +32,7 @@ use async_trait::async_trait;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use tokio::sync::{OnceCell, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::error::{Error, Result};
 use crate::progress::{ProgressEvent, ProgressGroup, ProgressSink};
@@ -118,7 +125,14 @@ struct Job {
     /// Vertices announced but not yet completed: digest → (name, inputs, started).
     running: Mutex<HashMap<String, Running>>,
     stats: Mutex<SolveStats>,
+    /// Parent of the vertex spans.
+    span: tracing::Span,
 }
+
+/// Counter of vertex executions (`telemetry::metrics::VERTEX_EXECUTIONS`).
+const EXECUTIONS: &str = "berth_vertex_executions_total";
+/// Counter of vertex cache hits (`telemetry::metrics::VERTEX_CACHE_HITS`).
+const CACHE_HITS: &str = "berth_vertex_cache_hits_total";
 
 impl Job {
     fn start(
@@ -205,6 +219,7 @@ impl<R: Clone + Send + Sync + 'static> Solver<R> {
             cancel: job_cancel.clone(),
             running: Mutex::new(HashMap::new()),
             stats: Mutex::new(SolveStats::default()),
+            span: tracing::Span::current(),
         });
         let graph: Vec<Arc<Vertex<R>>> = graph.into_iter().map(Arc::new).collect();
         let mut futs: Vec<Option<VertexFuture<R>>> = vec![None; graph.len()];
@@ -283,7 +298,22 @@ impl<R: Clone + Send + Sync + 'static> Solver<R> {
             progress: job.progress.clone(),
             cancel: job.cancel.clone(),
         };
-        let res = self.run_started(job, v, &ctx, &solved_inputs).await;
+        let span = tracing::debug_span!(
+            parent: &job.span,
+            "vertex",
+            otel.name = %v.name,
+            vertex = %v.digest,
+            cached = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        let res = self
+            .run_started(job, v, &ctx, &solved_inputs)
+            .instrument(span.clone())
+            .await;
+        match &res {
+            Ok((_, cached)) => span.record("cached", *cached),
+            Err(_) => span.record("otel.status_code", "ERROR"),
+        };
         match &res {
             Ok((_, cached)) => job.complete(&v.digest, *cached, None),
             Err(e) => job.complete(&v.digest, false, Some(e.to_string())),
@@ -323,6 +353,7 @@ impl<R: Clone + Send + Sync + 'static> Solver<R> {
         if !v.ignore_cache {
             if let Some(results) = self.cache.load(&key, v.outputs).await? {
                 job.stats.lock().unwrap().cached += 1;
+                metrics::counter!(CACHE_HITS).increment(1);
                 tracing::debug!(vertex = %v.digest, key = %key, "cache hit");
                 return Ok((wrap(Arc::new(results)), true));
             }
@@ -335,6 +366,7 @@ impl<R: Clone + Send + Sync + 'static> Solver<R> {
             if !v.ignore_cache {
                 // Another build may have finished the same work while we waited.
                 if let Some(results) = self.cache.load(&key, v.outputs).await? {
+                    metrics::counter!(CACHE_HITS).increment(1);
                     return Ok(Arc::new(results));
                 }
             }
@@ -344,6 +376,7 @@ impl<R: Clone + Send + Sync + 'static> Solver<R> {
                 _ = ctx.cancel.cancelled() => return Err(Error::Canceled),
             };
             job.stats.lock().unwrap().executed += 1;
+            metrics::counter!(EXECUTIONS).increment(1);
             if results.len() != v.outputs {
                 return Err(Error::Internal(format!(
                     "op returned {} results, expected {}",
