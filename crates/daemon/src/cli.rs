@@ -115,6 +115,77 @@ pub struct DaemonArgs {
     /// Allowed insecure entitlements (`network.host`, `security.insecure`); repeatable.
     #[arg(long = "allow-insecure-entitlement")]
     pub allow_insecure_entitlement: Vec<String>,
+
+    // ---- other buildkitd v0.11.6 flags: accepted so deploy tooling that passes them starts
+    // berthd; each one set is named in a warning at start (see `ignored_flags`) ----
+    /// Rootless mode (berthd needs root: `true` is refused).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    pub rootless: Option<bool>,
+    /// OCI runtime binary (berthd runs `runc` from PATH).
+    #[arg(long = "oci-worker-binary")]
+    pub oci_worker_binary: Option<String>,
+    /// Disable the process sandbox (berthd always sandboxes).
+    #[arg(long = "oci-worker-no-process-sandbox")]
+    pub oci_worker_no_process_sandbox: bool,
+    /// AppArmor profile for execs (not applied by berthd).
+    #[arg(long = "oci-worker-apparmor-profile")]
+    pub oci_worker_apparmor_profile: Option<String>,
+    /// SELinux labelling for execs (not applied by berthd).
+    #[arg(long = "oci-worker-selinux")]
+    pub oci_worker_selinux: bool,
+    /// CNI config path (berthd has no CNI networking).
+    #[arg(long = "oci-cni-config-path")]
+    pub oci_cni_config_path: Option<String>,
+    /// CNI binary dir (berthd has no CNI networking).
+    #[arg(long = "oci-cni-binary-dir")]
+    pub oci_cni_binary_dir: Option<String>,
+    /// CNI pool size (berthd has no CNI networking).
+    #[arg(long = "oci-cni-pool-size")]
+    pub oci_cni_pool_size: Option<String>,
+}
+
+impl DaemonArgs {
+    /// buildkitd flags given on the command line that berthd accepts but does not act on.
+    pub fn ignored_flags(&self) -> Vec<&'static str> {
+        let set = [
+            ("--oci-worker-binary", self.oci_worker_binary.is_some()),
+            (
+                "--oci-worker-no-process-sandbox",
+                self.oci_worker_no_process_sandbox,
+            ),
+            (
+                "--oci-worker-apparmor-profile",
+                self.oci_worker_apparmor_profile.is_some(),
+            ),
+            ("--oci-worker-selinux", self.oci_worker_selinux),
+            (
+                "--oci-worker-snapshotter",
+                self.oci_worker_snapshotter.is_some(),
+            ),
+            ("--oci-cni-config-path", self.oci_cni_config_path.is_some()),
+            ("--oci-cni-binary-dir", self.oci_cni_binary_dir.is_some()),
+            ("--oci-cni-pool-size", self.oci_cni_pool_size.is_some()),
+        ];
+        set.into_iter()
+            .filter(|(_, on)| *on)
+            .map(|(n, _)| n)
+            .collect()
+    }
+}
+
+/// The program name for `--version`: `buildkitd` when run under that name (the berth image
+/// installs berthd as `buildkitd`; buildx's docker-container driver reads the third field of
+/// `buildkitd --version`), else `berthd`.
+pub fn program_name(argv0: Option<&std::ffi::OsStr>) -> &'static str {
+    let base = argv0
+        .map(std::path::Path::new)
+        .and_then(|p| p.file_name())
+        .and_then(|n| n.to_str());
+    if base == Some("buildkitd") {
+        "buildkitd"
+    } else {
+        "berthd"
+    }
 }
 
 #[cfg(test)]
@@ -167,6 +238,35 @@ mod tests {
         assert_eq!(cli.daemon.addr, vec!["tcp://0.0.0.0:1234", "unix:///a"]);
         assert_eq!(cli.daemon.oci_worker, Some(true));
         assert!(Cli::try_parse_from(["berthd", "--no-such-flag"]).is_err());
+
+        // Flags deploy tooling passes to stock buildkitd are accepted and reported.
+        let cli = Cli::try_parse_from([
+            "buildkitd",
+            "--allow-insecure-entitlement=network.host",
+            "--oci-worker-no-process-sandbox",
+            "--debugaddr=0.0.0.0:6060",
+            "--rootless=false",
+            "--oci-worker-snapshotter=overlayfs",
+        ])
+        .unwrap();
+        assert_eq!(
+            cli.daemon.ignored_flags(),
+            vec![
+                "--oci-worker-no-process-sandbox",
+                "--oci-worker-snapshotter"
+            ]
+        );
+        assert_eq!(cli.daemon.debugaddr.as_deref(), Some("0.0.0.0:6060"));
+        assert_eq!(cli.daemon.rootless, Some(false));
+        assert_eq!(
+            program_name(Some("/usr/bin/buildkitd".as_ref())),
+            "buildkitd"
+        );
+        assert_eq!(
+            program_name(Some("./target/release/berthd".as_ref())),
+            "berthd"
+        );
+        assert_eq!(program_name(None), "berthd");
         assert!(
             Cli::try_parse_from(["berthd", "--version"])
                 .unwrap()

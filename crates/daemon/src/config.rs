@@ -230,9 +230,17 @@ pub fn parse_file(text: &str) -> anyhow::Result<FileConfig> {
     toml::from_str(text).context("parse buildkitd.toml")
 }
 
-/// Loads the config file (if any) and applies flags over it.
+/// buildkitd's default config file, read when `--config` is not given and the file exists.
+pub const DEFAULT_CONFIG: &str = "/etc/buildkit/buildkitd.toml";
+
+/// Loads the config file (`--config`, else [`DEFAULT_CONFIG`] if present) and applies flags over
+/// it.
 pub fn load(args: &DaemonArgs) -> anyhow::Result<Config> {
-    let file = match &args.config {
+    let path = args.config.clone().or_else(|| {
+        let p = PathBuf::from(DEFAULT_CONFIG);
+        p.is_file().then_some(p)
+    });
+    let file = match &path {
         Some(p) => {
             let text = std::fs::read_to_string(p)
                 .with_context(|| format!("read config {}", p.display()))?;

@@ -17,8 +17,14 @@ const MAX_MESSAGE: usize = 64 << 20;
 fn main() -> anyhow::Result<()> {
     let cli = cli::Cli::parse();
     if cli.version {
-        println!("berthd {} {} {}", cli::PACKAGE, cli::VERSION, cli::REVISION);
+        let name = cli::program_name(std::env::args_os().next().as_deref());
+        println!("{name} {} {} {}", cli::PACKAGE, cli::VERSION, cli::REVISION);
         return Ok(());
+    }
+    if cli.daemon.rootless == Some(true) {
+        anyhow::bail!(
+            "--rootless is not supported: berthd runs as root (it mounts overlayfs and runs runc)"
+        );
     }
     if let Some(cmd) = &cli.command {
         let addr = cli
@@ -47,6 +53,7 @@ fn main() -> anyhow::Result<()> {
         "info"
     };
     let log_filter = std::env::var("BERTHD_LOG").unwrap_or_else(|_| filter.to_string());
+    let ignored = cli.daemon.ignored_flags();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -60,6 +67,11 @@ fn main() -> anyhow::Result<()> {
             service_name: "berthd".into(),
             service_version: cli::VERSION.into(),
         })?;
+        for flag in ignored {
+            tracing::warn!(
+                "{flag} is accepted for compatibility with buildkitd and has no effect in berthd"
+            );
+        }
         let r = run(cfg, &telemetry).await;
         telemetry.shutdown();
         r
