@@ -2,7 +2,7 @@
 //!
 //! Keys keep buildkitd's spelling (`root`, `debug`, `[grpc] address/debugAddress`, `[grpc.tls]`,
 //! `[log] format` (buildkitd ≥ v0.13),
-//! `[worker.oci] labels/platforms/gc/gckeepstorage/[[gcpolicy]]`, `[registry."host"] mirrors/http/insecure`,
+//! `[worker.oci] labels/platforms/gc/gckeepstorage/[[gcpolicy]]`, `[registry."host"] mirrors/http/insecure/ca/keypair`,
 //! `insecure-entitlements`). Unknown keys are ignored, like buildkitd does for keys of other workers.
 //!
 //! berth's own keys (buildkitd has no exporter section; it ignores these):
@@ -172,17 +172,8 @@ pub struct GcPolicyConfig {
     pub filters: Vec<String>,
 }
 
-/// `[registry."host"]`.
-#[derive(Debug, Default, Clone, Deserialize, PartialEq)]
-#[serde(default)]
-pub struct RegistryConfig {
-    /// `mirrors`.
-    pub mirrors: Vec<String>,
-    /// `http`.
-    pub http: Option<bool>,
-    /// `insecure`.
-    pub insecure: Option<bool>,
-}
+/// `[registry."host"]`: `mirrors`, `http`, `insecure`, `ca`, `[[keypair]]` (see the `registry` crate).
+pub type RegistryConfig = registry::HostConfig;
 
 /// Effective configuration after merging file and flags.
 #[derive(Debug, Clone)]
@@ -413,6 +404,10 @@ filters = ["type==source.local"]
 mirrors = ["127.0.0.1:5000"]
 [registry."127.0.0.1:5000"]
 http = true
+ca = ["/etc/ca.pem"]
+[[registry."127.0.0.1:5000".keypair]]
+key = "/etc/k.pem"
+cert = "/etc/c.pem"
 [worker.containerd]
 snapshotter = "overlayfs"
 [exporter.docker]
@@ -424,6 +419,14 @@ format = "json"
         .unwrap();
         assert_eq!(f.registry["docker.io"].mirrors, vec!["127.0.0.1:5000"]);
         assert_eq!(f.registry["127.0.0.1:5000"].http, Some(true));
+        assert_eq!(
+            f.registry["127.0.0.1:5000"].ca,
+            [PathBuf::from("/etc/ca.pem")]
+        );
+        assert_eq!(
+            f.registry["127.0.0.1:5000"].keypair[0].cert,
+            PathBuf::from("/etc/c.pem")
+        );
         assert_eq!(
             f.insecure_entitlements,
             vec!["network.host", "security.insecure"]

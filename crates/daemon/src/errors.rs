@@ -138,6 +138,17 @@ impl Error {
         }
     }
 
+    /// A registry client error, with its class kept.
+    pub fn registry(e: registry::Error) -> Self {
+        let what = e.to_string();
+        match e.kind() {
+            registry::ErrorKind::NotFound => Error::NotFound { what },
+            registry::ErrorKind::InvalidArgument => Error::InvalidArgument { what },
+            registry::ErrorKind::Unauthenticated => Error::PermissionDenied { what },
+            _ => Error::Unavailable { what },
+        }
+    }
+
     /// Prefixes the message with context, keeping the classification and details.
     pub fn context(self, ctx: impl std::fmt::Display) -> Self {
         let code = self.code();

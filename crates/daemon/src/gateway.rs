@@ -153,6 +153,56 @@ fn frontend_error(name: &str) -> Error {
     }
 }
 
+impl Gateway {
+    /// `ResolveImageConfig`: the image in the bound Docker Engine (`ResolveMode` default or
+    /// `local`), else — or always with `pull` — from its registry through berth's client, with
+    /// the job's session credentials. Returns the digest the reference resolved to and the
+    /// config bytes.
+    async fn resolve_config(
+        &self,
+        job: &Arc<Job>,
+        r: &gw::ResolveImageConfigRequest,
+    ) -> Result<(String, Vec<u8>)> {
+        let mode = r.resolve_mode.as_str();
+        if mode != "pull" {
+            match self.docker.image_config(&r.r#ref).await {
+                Ok(v) => return Ok(v),
+                Err(e @ Error::NotFound { .. }) if mode != "local" => {
+                    tracing::debug!(reference = %r.r#ref, error = %e, "image config not in Docker, resolving in the registry");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let reference = registry::Reference::parse(&r.r#ref).map_err(Error::registry)?;
+        let platform = r
+            .platform
+            .as_ref()
+            .map(|p| registry::Platform {
+                os: p.os.clone(),
+                architecture: p.architecture.clone(),
+                variant: p.variant.clone(),
+            })
+            .unwrap_or_else(registry::Platform::native);
+        let session_id = if r.session_id.is_empty() {
+            job.session_id.clone()
+        } else {
+            r.session_id.clone()
+        };
+        let auth = worker::RegistryAuth(Arc::new(crate::session::provider::JobSession::new(
+            self.backend.sessions.clone(),
+            session_id,
+        )));
+        let img = self
+            .backend
+            .registry
+            .session(Arc::new(auth))
+            .resolve_image(&reference, &platform)
+            .await
+            .map_err(Error::registry)?;
+        Ok((img.digest, img.config.to_vec()))
+    }
+}
+
 fn unimplemented<T>(call: &str) -> std::result::Result<T, Status> {
     Err(Status::unimplemented(format!(
         "LLBBridge.{call} is not implemented by berthd"
@@ -178,7 +228,7 @@ impl gw::llb_bridge_server::LlbBridge for Gateway {
                 .vertex_started(&d, &r.log_name, &[], None, std::time::SystemTime::now());
             Some(d)
         };
-        let res = self.docker.image_config(&r.r#ref).await;
+        let res = self.resolve_config(&job, &r).await;
         if let Some(d) = &vertex {
             job.progress.vertex_completed(
                 d,

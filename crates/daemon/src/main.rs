@@ -102,6 +102,7 @@ async fn run(cfg: config::Config, telemetry: &telemetry::Telemetry) -> anyhow::R
             allowed_entitlements: cfg.insecure_entitlements.clone(),
             max_parallelism: cfg.max_parallelism,
             docker_data_root: cfg.docker_data_root.clone(),
+            registry: registry::Registry::new(registry::Hosts::new(cfg.registries.clone())),
             client_export: daemon::export_client::ClientExportOptions {
                 docker_thin: cfg.docker_thin,
             },

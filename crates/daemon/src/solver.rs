@@ -59,6 +59,8 @@ pub struct BackendOptions {
     /// `--docker-data-root`, if given (base images and the image exporter's offline mode when
     /// the daemon does not answer; presence hints).
     pub docker_data_root: Option<PathBuf>,
+    /// Registry client (`[registry."host"]`) for pulls and pushes.
+    pub registry: registry::Registry,
     /// Defaults of the exporters that stream to the client.
     pub client_export: crate::export_client::ClientExportOptions,
 }
@@ -76,6 +78,8 @@ pub struct Backend {
     /// Defaults of the exporters that stream to the client.
     pub client_export: crate::export_client::ClientExportOptions,
     worker: worker::Worker,
+    /// Registry client (`[registry."host"]`) for pulls, `ResolveImageConfig` and pushes.
+    pub registry: registry::Registry,
 }
 
 /// A readable view of a result; unmounted/removed on drop.
@@ -113,6 +117,7 @@ impl Backend {
         wopts.docker = crate::docker::connect(&opts.docker_host).ok();
         wopts.docker_data_root = opts.docker_data_root.clone();
         wopts.allowed_entitlements = opts.allowed_entitlements.clone();
+        wopts.registry = opts.registry.clone();
         if let Some(n) = opts.max_parallelism.filter(|n| *n > 0) {
             wopts.max_parallelism = n;
         }
@@ -127,6 +132,7 @@ impl Backend {
                 data_root: opts.docker_data_root.clone(),
             },
             client_export: opts.client_export.clone(),
+            registry: opts.registry.clone(),
             worker,
         }))
     }

@@ -78,7 +78,10 @@ pub trait AuthProvider: Send + Sync {
 
     /// A token fetched by the client itself; `Ok(None)` when the client does not offer this
     /// (then the token is fetched here with [`AuthProvider::credentials`]).
-    async fn fetch_token(&self, req: &TokenRequest) -> std::result::Result<Option<Token>, BoxError> {
+    async fn fetch_token(
+        &self,
+        req: &TokenRequest,
+    ) -> std::result::Result<Option<Token>, BoxError> {
         let _ = req;
         Ok(None)
     }
@@ -285,7 +288,11 @@ pub(crate) async fn fetch_token(
         message: format!("token server {}: invalid response: {e}", req.realm),
         network: None,
     })?;
-    let token = if t.token.is_empty() { t.access_token } else { t.token };
+    let token = if t.token.is_empty() {
+        t.access_token
+    } else {
+        t.token
+    };
     if token.is_empty() {
         return Err(TokenFailure {
             status: status.as_u16(),
@@ -316,13 +323,18 @@ mod tests {
     #[test]
     fn challenges() {
         assert_eq!(
-            parse_challenge(r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/busybox:pull""#),
+            parse_challenge(
+                r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/busybox:pull""#
+            ),
             Some(Challenge::Bearer {
                 realm: "https://auth.docker.io/token".into(),
                 service: "registry.docker.io".into()
             })
         );
-        assert_eq!(parse_challenge(r#"Basic realm="Registry Realm""#), Some(Challenge::Basic));
+        assert_eq!(
+            parse_challenge(r#"Basic realm="Registry Realm""#),
+            Some(Challenge::Basic)
+        );
         assert_eq!(
             parse_challenge(r#"bearer realm="http://127.0.0.1:1/t""#),
             Some(Challenge::Bearer {
@@ -330,7 +342,11 @@ mod tests {
                 service: String::new()
             })
         );
-        assert_eq!(parse_challenge("Bearer service=x"), None, "bearer needs a realm");
+        assert_eq!(
+            parse_challenge("Bearer service=x"),
+            None,
+            "bearer needs a realm"
+        );
         assert_eq!(parse_challenge("Negotiate abc"), None);
         let p = parse_params(r#"realm="a\"b", x=y ,z="""#);
         assert_eq!(p["realm"], "a\"b");

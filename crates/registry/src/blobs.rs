@@ -48,7 +48,11 @@ pub enum Compression {
 impl Compression {
     /// From a layer media type (Docker's or OCI's; foreign layers included).
     pub fn from_media_type(mt: &str) -> Option<Self> {
-        if mt.ends_with("+gzip") || mt.ends_with(".tar.gzip") || mt == "application/vnd.docker.image.rootfs.diff.tar.gzip" || mt == "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" {
+        if mt.ends_with("+gzip")
+            || mt.ends_with(".tar.gzip")
+            || mt == "application/vnd.docker.image.rootfs.diff.tar.gzip"
+            || mt == "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
+        {
             Some(Compression::Gzip)
         } else if mt.ends_with("+zstd") || mt.ends_with(".tar.zstd") {
             Some(Compression::Zstd)
@@ -219,7 +223,12 @@ pub struct LayerVerifier<R> {
 impl<R: Read> LayerVerifier<R> {
     /// Verifies `inner` (compressed as `compression`) against `diff_id`; `what` names the layer
     /// in errors (`layer sha256:… of docker.io/library/busybox:latest`).
-    pub fn new(inner: R, compression: Compression, diff_id: &str, what: String) -> io::Result<Self> {
+    pub fn new(
+        inner: R,
+        compression: Compression,
+        diff_id: &str,
+        what: String,
+    ) -> io::Result<Self> {
         Ok(LayerVerifier {
             inner,
             decoder: Some(Decoder::new(compression)?),
@@ -236,7 +245,12 @@ impl<R: Read> LayerVerifier<R> {
 
     /// The uncompressed tar of a compressed layer, checked against `diff_id` (the end is an
     /// error when it does not match).
-    pub fn decompressed(inner: R, compression: Compression, diff_id: &str, what: String) -> io::Result<Box<dyn Read + Send>>
+    pub fn decompressed(
+        inner: R,
+        compression: Compression,
+        diff_id: &str,
+        what: String,
+    ) -> io::Result<Box<dyn Read + Send>>
     where
         R: Send + 'static,
     {
@@ -245,7 +259,12 @@ impl<R: Read> LayerVerifier<R> {
             Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(inner)),
             Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(inner)?),
         };
-        Ok(Box::new(LayerVerifier::new(dec, Compression::Uncompressed, diff_id, what)?))
+        Ok(Box::new(LayerVerifier::new(
+            dec,
+            Compression::Uncompressed,
+            diff_id,
+            what,
+        )?))
     }
 }
 
@@ -257,19 +276,28 @@ impl<R: Read> Read for LayerVerifier<R> {
         };
         if n > 0 {
             dec.write_all(&out[..n]).map_err(|e| {
-                io::Error::new(io::ErrorKind::InvalidData, format!("{}: does not decompress: {e}", self.what))
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{}: does not decompress: {e}", self.what),
+                )
             })?;
             return Ok(n);
         }
         let dec = self.decoder.take().expect("decoder present");
         let (found, size) = dec.finish().map_err(|e| {
-            io::Error::new(io::ErrorKind::InvalidData, format!("{}: does not decompress: {e}", self.what))
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: does not decompress: {e}", self.what),
+            )
         })?;
         self.uncompressed = size;
         if found != self.diff_id {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!("{}: content is {found}, the image config says {}", self.what, self.diff_id),
+                format!(
+                    "{}: content is {found}, the image config says {}",
+                    self.what, self.diff_id
+                ),
             ));
         }
         Ok(0)
@@ -352,7 +380,10 @@ impl BlobCache {
     fn tmp_file(&self) -> Result<(PathBuf, File)> {
         static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let p = self.dir.join("tmp").join(format!("{}.{n}", std::process::id()));
+        let p = self
+            .dir
+            .join("tmp")
+            .join(format!("{}.{n}", std::process::id()));
         let f = File::create(&p).map_err(io_err("create", &p))?;
         Ok((p, f))
     }
@@ -383,7 +414,9 @@ impl BlobCache {
             match c {
                 Compression::Uncompressed => write_tar(&mut hw)?,
                 Compression::Gzip => {
-                    let lvl = level.map_or(flate2::Compression::default(), |l| flate2::Compression::new(l.clamp(0, 9) as u32));
+                    let lvl = level.map_or(flate2::Compression::default(), |l| {
+                        flate2::Compression::new(l.clamp(0, 9) as u32)
+                    });
                     let mut enc = flate2::write::GzEncoder::new(&mut hw, lvl);
                     write_tar(&mut enc)?;
                     enc.finish()?;
@@ -397,7 +430,10 @@ impl BlobCache {
             }
             hw.file.flush()?;
             hw.file.get_ref().sync_all()?;
-            Ok((format!("sha256:{}", hex::encode(hw.hasher.finalize())), hw.n))
+            Ok((
+                format!("sha256:{}", hex::encode(hw.hasher.finalize())),
+                hw.n,
+            ))
         })();
         let (digest, size) = match res {
             Ok(v) => v,
@@ -476,10 +512,15 @@ mod tests {
             assert_eq!(out, blob, "{c:?} passes through unchanged");
             assert_eq!(v.uncompressed_size(), tar.len() as u64);
             let mut out = Vec::new();
-            LayerVerifier::decompressed(std::io::Cursor::new(blob.clone()), c, &diff, "layer".into())
-                .unwrap()
-                .read_to_end(&mut out)
-                .unwrap();
+            LayerVerifier::decompressed(
+                std::io::Cursor::new(blob.clone()),
+                c,
+                &diff,
+                "layer".into(),
+            )
+            .unwrap()
+            .read_to_end(&mut out)
+            .unwrap();
             assert_eq!(out, tar, "{c:?} decompresses");
             // Wrong diffID: the end is an error.
             let mut out = Vec::new();
@@ -513,27 +554,42 @@ mod tests {
             calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             w.write_all(&tar)
         };
-        let (a, hit) = cache.get_or_compress(&diff, Compression::Gzip, None, false, &write).unwrap();
+        let (a, hit) = cache
+            .get_or_compress(&diff, Compression::Gzip, None, false, &write)
+            .unwrap();
         assert!(!hit);
         let bytes = std::fs::read(&a.path).unwrap();
         assert_eq!(sha(&bytes), a.digest);
         assert_eq!(bytes.len() as u64, a.size);
-        let (b, hit) = cache.get_or_compress(&diff, Compression::Gzip, None, false, &write).unwrap();
+        let (b, hit) = cache
+            .get_or_compress(&diff, Compression::Gzip, None, false, &write)
+            .unwrap();
         assert!(hit);
         assert_eq!(a, b);
-        let (z, hit) = cache.get_or_compress(&diff, Compression::Zstd, None, false, &write).unwrap();
+        let (z, hit) = cache
+            .get_or_compress(&diff, Compression::Zstd, None, false, &write)
+            .unwrap();
         assert!(!hit);
         assert_ne!(z.digest, a.digest);
-        let (_, hit) = cache.get_or_compress(&diff, Compression::Gzip, Some(9), true, &write).unwrap();
+        let (_, hit) = cache
+            .get_or_compress(&diff, Compression::Gzip, Some(9), true, &write)
+            .unwrap();
         assert!(!hit, "another level with exact_level compresses again");
         assert_eq!(calls.load(std::sync::atomic::Ordering::Relaxed), 3);
-        let (u, _) = cache.get_or_compress(&diff, Compression::Uncompressed, None, false, &write).unwrap();
+        let (u, _) = cache
+            .get_or_compress(&diff, Compression::Uncompressed, None, false, &write)
+            .unwrap();
         assert_eq!(u.digest, diff);
         // A failing writer leaves nothing behind.
         let fail = |_: &mut dyn Write| Err(io::Error::other("boom"));
         let other = sha(b"other");
-        assert!(cache.get_or_compress(&other, Compression::Gzip, None, false, &fail).is_err());
+        assert!(cache
+            .get_or_compress(&other, Compression::Gzip, None, false, &fail)
+            .is_err());
         assert!(cache.get(&other, Compression::Gzip).is_none());
-        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
     }
 }

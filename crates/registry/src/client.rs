@@ -20,7 +20,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt as _;
-use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION, RANGE, WWW_AUTHENTICATE};
+use reqwest::header::{
+    HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION, RANGE,
+    WWW_AUTHENTICATE,
+};
 use reqwest::StatusCode;
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
@@ -43,7 +46,8 @@ pub const MAX_CONFIG_SIZE: u64 = 64 << 20;
 /// Docker's schema 2 manifest.
 pub const MEDIA_TYPE_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 /// Docker's manifest list.
-pub const MEDIA_TYPE_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub const MEDIA_TYPE_DOCKER_LIST: &str =
+    "application/vnd.docker.distribution.manifest.list.v2+json";
 /// OCI image manifest.
 pub const MEDIA_TYPE_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 /// OCI image index.
@@ -323,7 +327,8 @@ impl Session {
             let mut rb = build(&client);
             let cached = {
                 let t = self.inner.tokens.lock().unwrap();
-                t.get(&ep.host, &scope_key).or_else(|| t.get(&ep.host, "*basic*"))
+                t.get(&ep.host, &scope_key)
+                    .or_else(|| t.get(&ep.host, "*basic*"))
             };
             if let Some(h) = cached {
                 rb = rb.header(AUTHORIZATION, h);
@@ -331,7 +336,9 @@ impl Session {
             let res = rb.send().await;
             let retry = match &res {
                 Err(e) => !e.is_builder(),
-                Ok(r) => r.status().is_server_error() || r.status() == StatusCode::TOO_MANY_REQUESTS,
+                Ok(r) => {
+                    r.status().is_server_error() || r.status() == StatusCode::TOO_MANY_REQUESTS
+                }
             };
             if retry && attempt + 1 < ATTEMPTS {
                 tracing::debug!(host = %ep.host, step = st.step, attempt, "transient registry failure, retrying");
@@ -385,11 +392,12 @@ impl Session {
                         message: "the registry asks for a user name and password and the client sent none (docker login?)".into(),
                     });
                 };
-                self.inner
-                    .tokens
-                    .lock()
-                    .unwrap()
-                    .put(host, "*basic*", auth::basic_header(&c), None);
+                self.inner.tokens.lock().unwrap().put(
+                    host,
+                    "*basic*",
+                    auth::basic_header(&c),
+                    None,
+                );
             }
             Challenge::Bearer { realm, service } => {
                 let req = TokenRequest {
@@ -477,12 +485,20 @@ impl Session {
     }
 
     /// Fetches the manifest or index `object` (tag or digest) of `r` from `ep`.
-    async fn get_manifest(&self, ep: &Endpoint, r: &Reference, object: &str, step: &str) -> Result<Fetched> {
+    async fn get_manifest(
+        &self,
+        ep: &Endpoint,
+        r: &Reference,
+        object: &str,
+        step: &str,
+    ) -> Result<Fetched> {
         let st = Step { reference: r, step };
         let url = format!("{}/{}/manifests/{}", ep.base_url(), r.repository(), object);
         let scopes = [pull_scope(r.repository())];
         let resp = self
-            .send(ep, &st, &scopes, &|c| c.get(&url).header(ACCEPT, MANIFEST_ACCEPT))
+            .send(ep, &st, &scopes, &|c| {
+                c.get(&url).header(ACCEPT, MANIFEST_ACCEPT)
+            })
             .await?;
         if !resp.status().is_success() {
             return Err(st.status_error(ep, resp).await);
@@ -537,7 +553,9 @@ impl Session {
         }
         let media_type = if !probe.media_type.is_empty() {
             probe.media_type
-        } else if let Some(ct) = content_type.filter(|c| c.contains("manifest") || c.contains("index")) {
+        } else if let Some(ct) =
+            content_type.filter(|c| c.contains("manifest") || c.contains("index"))
+        {
             ct
         } else if probe.manifests.is_some() {
             MEDIA_TYPE_OCI_INDEX.to_string()
@@ -554,7 +572,13 @@ impl Session {
 
     /// Tries `f` on each endpoint in order; returns the first success, else the first error that
     /// is not "not found" (or not found).
-    async fn on_endpoints<T, F, Fut>(&self, eps: &[Endpoint], r: &Reference, step: &str, f: F) -> Result<T>
+    async fn on_endpoints<T, F, Fut>(
+        &self,
+        eps: &[Endpoint],
+        r: &Reference,
+        step: &str,
+        f: F,
+    ) -> Result<T>
     where
         F: Fn(Endpoint) -> Fut,
         Fut: std::future::Future<Output = Result<T>>,
@@ -595,7 +619,8 @@ impl Session {
                 .into_iter()
                 .filter(|e| *e != top.endpoint),
         );
-        let is_index = top.media_type == MEDIA_TYPE_OCI_INDEX || top.media_type == MEDIA_TYPE_DOCKER_LIST;
+        let is_index =
+            top.media_type == MEDIA_TYPE_OCI_INDEX || top.media_type == MEDIA_TYPE_DOCKER_LIST;
         let manifest = if is_index {
             let index: Index = serde_json::from_slice(&top.bytes).map_err(|e| Error::Manifest {
                 reference: r.to_string(),
@@ -623,11 +648,22 @@ impl Session {
                     .manifests
                     .iter()
                     .filter_map(|d| d.platform.as_ref())
-                    .map(|p| format!("{}/{}{}{}", p.os, p.architecture, if p.variant.is_empty() { "" } else { "/" }, p.variant))
+                    .map(|p| {
+                        format!(
+                            "{}/{}{}{}",
+                            p.os,
+                            p.architecture,
+                            if p.variant.is_empty() { "" } else { "/" },
+                            p.variant
+                        )
+                    })
                     .collect();
                 return Err(Error::NotFound {
                     reference: r.to_string(),
-                    step: format!("pick platform {platform} (the index has {})", have.join(", ")),
+                    step: format!(
+                        "pick platform {platform} (the index has {})",
+                        have.join(", ")
+                    ),
                 });
             };
             let digest = d.digest.clone();
@@ -647,11 +683,12 @@ impl Session {
         } else {
             top.clone()
         };
-        let parsed: Manifest = serde_json::from_slice(&manifest.bytes).map_err(|e| Error::Manifest {
-            reference: r.to_string(),
-            step: format!("parse manifest {}", manifest.digest),
-            reason: e.to_string(),
-        })?;
+        let parsed: Manifest =
+            serde_json::from_slice(&manifest.bytes).map_err(|e| Error::Manifest {
+                reference: r.to_string(),
+                step: format!("parse manifest {}", manifest.digest),
+                reason: e.to_string(),
+            })?;
         if parsed.schema_version != 2 {
             return Err(Error::Manifest {
                 reference: r.to_string(),
@@ -672,15 +709,19 @@ impl Session {
             return Err(Error::Manifest {
                 reference: r.to_string(),
                 step: "fetch config".into(),
-                reason: format!("config of {} bytes is larger than allowed", parsed.config.size),
+                reason: format!(
+                    "config of {} bytes is larger than allowed",
+                    parsed.config.size
+                ),
             });
         }
         let config = self.fetch_blob_bytes(&eps, r, &parsed.config).await?;
-        let rootfs: ConfigRootfs = serde_json::from_slice(&config).map_err(|e| Error::Manifest {
-            reference: r.to_string(),
-            step: format!("parse config {}", parsed.config.digest),
-            reason: e.to_string(),
-        })?;
+        let rootfs: ConfigRootfs =
+            serde_json::from_slice(&config).map_err(|e| Error::Manifest {
+                reference: r.to_string(),
+                step: format!("parse config {}", parsed.config.digest),
+                reason: e.to_string(),
+            })?;
         let diff_ids = rootfs.rootfs.map(|r| r.diff_ids).unwrap_or_default();
         if diff_ids.len() != parsed.layers.len() {
             return Err(Error::Manifest {
@@ -713,7 +754,12 @@ impl Session {
         })
     }
 
-    async fn fetch_blob_bytes(&self, eps: &[Endpoint], r: &Reference, d: &Descriptor) -> Result<Bytes> {
+    async fn fetch_blob_bytes(
+        &self,
+        eps: &[Endpoint],
+        r: &Reference,
+        d: &Descriptor,
+    ) -> Result<Bytes> {
         let mut s = self.open_blob(eps, r, d, None).await?;
         let mut out = Vec::with_capacity(d.size as usize);
         while let Some(c) = s.next_chunk().await? {
@@ -737,7 +783,14 @@ impl Session {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 continue;
             }
-            let mut s = BlobStream::new(self.clone(), None, r.clone(), d.clone(), url.clone(), progress.clone());
+            let mut s = BlobStream::new(
+                self.clone(),
+                None,
+                r.clone(),
+                d.clone(),
+                url.clone(),
+                progress.clone(),
+            );
             match s.start(0).await {
                 Ok(()) => return Ok(s),
                 Err(e) => {
@@ -753,7 +806,14 @@ impl Session {
         };
         for ep in eps {
             let url = format!("{}/{}/blobs/{}", ep.base_url(), r.repository(), d.digest);
-            let mut s = BlobStream::new(self.clone(), Some(ep.clone()), r.clone(), d.clone(), url, progress.clone());
+            let mut s = BlobStream::new(
+                self.clone(),
+                Some(ep.clone()),
+                r.clone(),
+                d.clone(),
+                url,
+                progress.clone(),
+            );
             match s.start(0).await {
                 Ok(()) => return Ok(s),
                 Err(e) => {
@@ -771,7 +831,12 @@ impl Session {
     }
 
     /// Opens the blobs of a resolved image (served by its endpoint first).
-    pub async fn open_image_blob(&self, img: &Image, d: &Descriptor, progress: Option<ProgressFn>) -> Result<BlobStream> {
+    pub async fn open_image_blob(
+        &self,
+        img: &Image,
+        d: &Descriptor,
+        progress: Option<ProgressFn>,
+    ) -> Result<BlobStream> {
         let mut eps = vec![img.endpoint.clone()];
         eps.extend(
             self.endpoints(img.reference.domain(), false)
@@ -803,7 +868,10 @@ impl Session {
         self.on_endpoints(&eps, r, &step, |ep| {
             let step = step.clone();
             async move {
-                let st = Step { reference: r, step: &step };
+                let st = Step {
+                    reference: r,
+                    step: &step,
+                };
                 let url = format!("{}/{}/blobs/{}", ep.base_url(), r.repository(), digest);
                 let scopes = [push_scope(r.repository())];
                 let resp = self.send(&ep, &st, &scopes, &|c| c.head(&url)).await?;
@@ -817,12 +885,20 @@ impl Session {
         .await
     }
 
-    async fn start_upload(&self, ep: &Endpoint, r: &Reference, mount: Option<(&str, &str)>) -> Result<UploadStart> {
+    async fn start_upload(
+        &self,
+        ep: &Endpoint,
+        r: &Reference,
+        mount: Option<(&str, &str)>,
+    ) -> Result<UploadStart> {
         let step = match mount {
             Some((d, from)) => format!("mount blob {d} from {from}"),
             None => "start upload".to_string(),
         };
-        let st = Step { reference: r, step: &step };
+        let st = Step {
+            reference: r,
+            step: &step,
+        };
         let mut url = format!("{}/{}/blobs/uploads/", ep.base_url(), r.repository());
         let mut scopes = vec![push_scope(r.repository())];
         if let Some((d, from)) = mount {
@@ -832,7 +908,9 @@ impl Session {
             }
         }
         let resp = self
-            .send(ep, &st, &scopes, &|c| c.post(&url).header(CONTENT_LENGTH, "0"))
+            .send(ep, &st, &scopes, &|c| {
+                c.post(&url).header(CONTENT_LENGTH, "0")
+            })
             .await?;
         match resp.status() {
             StatusCode::CREATED if mount.is_some() => Ok(UploadStart::Mounted),
@@ -876,7 +954,18 @@ impl Session {
         let step = format!("push blob {digest}");
         let mut attempt = 0;
         loop {
-            let r = self.upload_once(&ep, r, digest, size, path, mount_from, progress.clone(), &step).await;
+            let r = self
+                .upload_once(
+                    &ep,
+                    r,
+                    digest,
+                    size,
+                    path,
+                    mount_from,
+                    progress.clone(),
+                    &step,
+                )
+                .await;
             match r {
                 Err(e) if e.transient() && attempt + 1 < ATTEMPTS => {
                     tokio::time::sleep(backoff(attempt)).await;
@@ -899,7 +988,9 @@ impl Session {
         progress: Option<ProgressFn>,
         step: &str,
     ) -> Result<PushedBlob> {
-        let mount = mount_from.filter(|f| *f != r.repository()).map(|f| (digest, f));
+        let mount = mount_from
+            .filter(|f| *f != r.repository())
+            .map(|f| (digest, f));
         let location = match self.start_upload(ep, r, mount).await? {
             UploadStart::Mounted => return Ok(PushedBlob::Mounted),
             UploadStart::Location(l) => l,
@@ -910,16 +1001,19 @@ impl Session {
         let path = path.to_path_buf();
         let scopes = [push_scope(r.repository())];
         let client = self.inner.hosts.client(ep)?;
-        let file = tokio::fs::File::open(&path).await.map_err(|source| Error::Io {
-            what: "open blob",
-            path: path.display().to_string(),
-            source,
-        })?;
+        let file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|source| Error::Io {
+                what: "open blob",
+                path: path.display().to_string(),
+                source,
+            })?;
         let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let counter = sent.clone();
         let stream = tokio_util_reader_stream(file).map(move |chunk| {
             if let Ok(c) = &chunk {
-                let n = counter.fetch_add(c.len() as u64, std::sync::atomic::Ordering::Relaxed) + c.len() as u64;
+                let n = counter.fetch_add(c.len() as u64, std::sync::atomic::Ordering::Relaxed)
+                    + c.len() as u64;
                 if let Some(p) = &progress {
                     p(n);
                 }
@@ -933,7 +1027,8 @@ impl Session {
             .body(reqwest::Body::wrap_stream(stream));
         let cached = {
             let t = self.inner.tokens.lock().unwrap();
-            t.get(&ep.host, &scopes.join(" ")).or_else(|| t.get(&ep.host, "*basic*"))
+            t.get(&ep.host, &scopes.join(" "))
+                .or_else(|| t.get(&ep.host, "*basic*"))
         };
         if let Some(h) = cached {
             rb = rb.header(AUTHORIZATION, h);
@@ -946,25 +1041,52 @@ impl Session {
     }
 
     /// Pushes a manifest or index under `tag_or_digest` of `r`'s repository; returns its digest.
-    pub async fn push_manifest(&self, r: &Reference, tag_or_digest: &str, media_type: &str, bytes: Bytes) -> Result<String> {
+    pub async fn push_manifest(
+        &self,
+        r: &Reference,
+        tag_or_digest: &str,
+        media_type: &str,
+        bytes: Bytes,
+    ) -> Result<String> {
         let digest = sha256(&bytes);
         let step = format!("push manifest {digest}");
         let eps = self.push_endpoints(r);
-        let ep = eps.iter().find(|e| e.plain_http).cloned().or_else(|| eps.first().cloned()).ok_or_else(|| Error::InvalidReference {
-            reference: r.to_string(),
-            reason: "no endpoint can push".into(),
-        })?;
-        let st = Step { reference: r, step: &step };
-        let url = format!("{}/{}/manifests/{}", ep.base_url(), r.repository(), tag_or_digest);
+        let ep = eps
+            .iter()
+            .find(|e| e.plain_http)
+            .cloned()
+            .or_else(|| eps.first().cloned())
+            .ok_or_else(|| Error::InvalidReference {
+                reference: r.to_string(),
+                reason: "no endpoint can push".into(),
+            })?;
+        let st = Step {
+            reference: r,
+            step: &step,
+        };
+        let url = format!(
+            "{}/{}/manifests/{}",
+            ep.base_url(),
+            r.repository(),
+            tag_or_digest
+        );
         let scopes = [push_scope(r.repository())];
         let mt = media_type.to_string();
         let resp = self
-            .send(&ep, &st, &scopes, &|c| c.put(&url).header(CONTENT_TYPE, mt.as_str()).body(bytes.clone()))
+            .send(&ep, &st, &scopes, &|c| {
+                c.put(&url)
+                    .header(CONTENT_TYPE, mt.as_str())
+                    .body(bytes.clone())
+            })
             .await?;
         if !resp.status().is_success() {
             return Err(st.status_error(&ep, resp).await);
         }
-        if let Some(h) = resp.headers().get("docker-content-digest").and_then(|v| v.to_str().ok()) {
+        if let Some(h) = resp
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+        {
             if h != digest {
                 return Err(Error::DigestMismatch {
                     reference: r.to_string(),
@@ -1081,7 +1203,10 @@ impl BlobStream {
 
     async fn start(&mut self, offset: u64) -> Result<()> {
         let step = self.step();
-        let st = Step { reference: &self.reference, step: &step };
+        let st = Step {
+            reference: &self.reference,
+            step: &step,
+        };
         let url = self.url.clone();
         let range = (offset > 0).then(|| format!("bytes={offset}-"));
         let build = move |c: &reqwest::Client| {
@@ -1100,15 +1225,22 @@ impl BlobStream {
                 // A foreign layer URL: a plain GET, no registry auth.
                 let ep = foreign_endpoint(&self.url);
                 let client = self.session.inner.hosts.client(&ep)?;
-                build(&client).send().await.map_err(|e| st.unreachable(&ep, e))?
+                build(&client)
+                    .send()
+                    .await
+                    .map_err(|e| st.unreachable(&ep, e))?
             }
         };
-        let ep = self.endpoint.clone().unwrap_or_else(|| foreign_endpoint(&self.url));
+        let ep = self
+            .endpoint
+            .clone()
+            .unwrap_or_else(|| foreign_endpoint(&self.url));
         let status = resp.status();
         if !status.is_success() {
             return Err(st.status_error(&ep, resp).await);
         }
-        let mut stream: futures::stream::BoxStream<'static, reqwest::Result<Bytes>> = resp.bytes_stream().boxed();
+        let mut stream: futures::stream::BoxStream<'static, reqwest::Result<Bytes>> =
+            resp.bytes_stream().boxed();
         if offset > 0 && status != StatusCode::PARTIAL_CONTENT {
             // The server ignored Range: skip what was already received.
             let mut skip = offset;
@@ -1120,7 +1252,9 @@ impl BlobStream {
                         } else {
                             let rest = c.split_off(skip as usize);
                             skip = 0;
-                            stream = futures::stream::once(async move { Ok(rest) }).chain(stream).boxed();
+                            stream = futures::stream::once(async move { Ok(rest) })
+                                .chain(stream)
+                                .boxed();
                         }
                     }
                     Some(Err(e)) => return Err(st.unreachable(&ep, e)),
@@ -1157,7 +1291,10 @@ impl BlobStream {
                         return Err(Error::Manifest {
                             reference: self.reference.to_string(),
                             step: self.step(),
-                            reason: format!("the blob is larger than the {} bytes its descriptor declares", self.desc.size),
+                            reason: format!(
+                                "the blob is larger than the {} bytes its descriptor declares",
+                                self.desc.size
+                            ),
                         });
                     }
                     self.hasher.update(&chunk);
@@ -1171,9 +1308,16 @@ impl BlobStream {
                     self.resume().await?;
                 }
                 Some(Err(e)) => {
-                    let ep = self.endpoint.clone().unwrap_or_else(|| foreign_endpoint(&self.url));
+                    let ep = self
+                        .endpoint
+                        .clone()
+                        .unwrap_or_else(|| foreign_endpoint(&self.url));
                     let step = self.step();
-                    return Err(Step { reference: &self.reference, step: &step }.unreachable(&ep, e));
+                    return Err(Step {
+                        reference: &self.reference,
+                        step: &step,
+                    }
+                    .unreachable(&ep, e));
                 }
                 None if self.got < self.desc.size => {
                     if self.resumes < RESUMES {
@@ -1213,7 +1357,16 @@ impl BlobStream {
         match self.start(offset).await {
             Ok(()) => Ok(()),
             Err(e) if self.resumes < RESUMES && e.transient() => Box::pin(self.resume()).await,
-            Err(e) => Err(e),
+            Err(e) => {
+                // The stream had ended early and cannot be continued: that is what to report.
+                tracing::debug!(digest = %self.desc.digest, error = %e, "resuming a blob failed");
+                Err(Error::Truncated {
+                    reference: self.reference.to_string(),
+                    step: self.step(),
+                    expected: self.desc.size,
+                    got: self.got,
+                })
+            }
         }
     }
 }

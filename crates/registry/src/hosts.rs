@@ -104,7 +104,9 @@ pub struct Hosts {
 
 impl std::fmt::Debug for Hosts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Hosts").field("configs", &self.configs).finish()
+        f.debug_struct("Hosts")
+            .field("configs", &self.configs)
+            .finish()
     }
 }
 
@@ -201,7 +203,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest silence while reading a response before the request fails (and may be retried).
 const READ_TIMEOUT: Duration = Duration::from_secs(120);
 
-fn build_client(host: &str, cfg: Option<&HostConfig>, skip_verify: bool) -> Result<reqwest::Client> {
+fn build_client(
+    host: &str,
+    cfg: Option<&HostConfig>,
+    skip_verify: bool,
+) -> Result<reqwest::Client> {
     let config_err = |what: String, e: Option<crate::error::BoxError>| Error::Config {
         host: host.to_string(),
         what,
@@ -223,25 +229,40 @@ fn build_client(host: &str, cfg: Option<&HostConfig>, skip_verify: bool) -> Resu
             let certs = reqwest::Certificate::from_pem_bundle(&pem)
                 .map_err(|e| config_err(format!("parse ca {}", ca.display()), Some(e.into())))?;
             if certs.is_empty() {
-                return Err(config_err(format!("ca {} holds no certificate", ca.display()), None));
+                return Err(config_err(
+                    format!("ca {} holds no certificate", ca.display()),
+                    None,
+                ));
             }
             for cert in certs {
                 b = b.add_root_certificate(cert);
             }
         }
         if c.keypair.len() > 1 {
-            tracing::warn!(host, "several keypairs configured; berth presents the first");
+            tracing::warn!(
+                host,
+                "several keypairs configured; berth presents the first"
+            );
         }
         if let Some(kp) = c.keypair.first() {
             let mut pem = std::fs::read(&kp.cert).map_err(|e| {
-                config_err(format!("read keypair cert {}", kp.cert.display()), Some(e.into()))
+                config_err(
+                    format!("read keypair cert {}", kp.cert.display()),
+                    Some(e.into()),
+                )
             })?;
             pem.push(b'\n');
             pem.extend(std::fs::read(&kp.key).map_err(|e| {
-                config_err(format!("read keypair key {}", kp.key.display()), Some(e.into()))
+                config_err(
+                    format!("read keypair key {}", kp.key.display()),
+                    Some(e.into()),
+                )
             })?);
             let id = reqwest::Identity::from_pem(&pem).map_err(|e| {
-                config_err(format!("load keypair {}", kp.cert.display()), Some(e.into()))
+                config_err(
+                    format!("load keypair {}", kp.cert.display()),
+                    Some(e.into()),
+                )
             })?;
             b = b.identity(id);
         }
@@ -266,7 +287,13 @@ mod tests {
     fn urls(h: &Hosts, domain: &str) -> Vec<(String, bool, bool)> {
         h.endpoints(domain)
             .into_iter()
-            .map(|e| (e.base_url(), e.skip_verify, e.capability == Capability::PullPush))
+            .map(|e| {
+                (
+                    e.base_url(),
+                    e.skip_verify,
+                    e.capability == Capability::PullPush,
+                )
+            })
             .collect()
     }
 
@@ -289,7 +316,10 @@ mod tests {
             urls(&h, "[::1]:5000"),
             [("http://[::1]:5000/v2".into(), false, true)]
         );
-        assert_eq!(urls(&h, "ghcr.io"), [("https://ghcr.io/v2".into(), false, true)]);
+        assert_eq!(
+            urls(&h, "ghcr.io"),
+            [("https://ghcr.io/v2".into(), false, true)]
+        );
     }
 
     #[test]

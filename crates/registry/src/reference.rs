@@ -31,8 +31,11 @@ fn invalid(reference: &str, reason: impl Into<String>) -> Error {
 
 /// Checks a `sha256:<64 hex>` digest (the only algorithm berth accepts).
 pub fn check_digest(d: &str) -> bool {
-    d.strip_prefix("sha256:")
-        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+    d.strip_prefix("sha256:").is_some_and(|h| {
+        h.len() == 64
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
 }
 
 impl Reference {
@@ -62,7 +65,8 @@ impl Reference {
         if let Some(t) = &tag {
             let ok = !t.is_empty()
                 && t.len() <= 128
-                && t.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
                 && !t.starts_with(['.', '-']);
             if !ok {
                 return Err(invalid(s, format!("invalid tag {t:?}")));
@@ -224,14 +228,38 @@ mod tests {
     fn normalises_like_docker() {
         let d = format!("sha256:{}", "a".repeat(64));
         let cases = [
-            ("busybox", "docker.io/library/busybox:latest", "busybox:latest"),
+            (
+                "busybox",
+                "docker.io/library/busybox:latest",
+                "busybox:latest",
+            ),
             ("busybox:1", "docker.io/library/busybox:1", "busybox:1"),
-            ("docker.io/library/busybox:latest", "docker.io/library/busybox:latest", "busybox:latest"),
-            ("index.docker.io/user/app", "docker.io/user/app:latest", "user/app:latest"),
+            (
+                "docker.io/library/busybox:latest",
+                "docker.io/library/busybox:latest",
+                "busybox:latest",
+            ),
+            (
+                "index.docker.io/user/app",
+                "docker.io/user/app:latest",
+                "user/app:latest",
+            ),
             ("user/app:v1", "docker.io/user/app:v1", "user/app:v1"),
-            ("localhost/app", "localhost/app:latest", "localhost/app:latest"),
-            ("localhost:5000/a/b:c", "localhost:5000/a/b:c", "localhost:5000/a/b:c"),
-            ("127.0.0.1:5000/x", "127.0.0.1:5000/x:latest", "127.0.0.1:5000/x:latest"),
+            (
+                "localhost/app",
+                "localhost/app:latest",
+                "localhost/app:latest",
+            ),
+            (
+                "localhost:5000/a/b:c",
+                "localhost:5000/a/b:c",
+                "localhost:5000/a/b:c",
+            ),
+            (
+                "127.0.0.1:5000/x",
+                "127.0.0.1:5000/x:latest",
+                "127.0.0.1:5000/x:latest",
+            ),
             ("ghcr.io/o/r", "ghcr.io/o/r:latest", "ghcr.io/o/r:latest"),
         ];
         for (input, full, familiar) in cases {

@@ -31,6 +31,7 @@ mod worker;
 
 pub use error::{BoxError, Error, ErrorKind, Result};
 pub use layerstore::snapshot::{Chain, LayerRef, SnapshotId, SnapshotStore};
+pub use ops::image_pull::SessionAuth as RegistryAuth;
 pub use progress::{LogStream, ProgressEvent, ProgressGroup, ProgressSink};
 pub use result::{ReadOnlyMount, SolvedRef};
 pub use session::{

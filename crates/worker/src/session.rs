@@ -200,6 +200,17 @@ pub trait SessionProvider: Send + Sync {
         Ok(None)
     }
 
+    /// A registry token fetched by the client itself for a bearer challenge (the session's
+    /// `Auth.FetchToken`); `Ok(None)` when the client does not offer it, and then the worker
+    /// fetches the token with [`SessionProvider::registry_credentials`].
+    async fn registry_token(
+        &self,
+        req: &registry::TokenRequest,
+    ) -> Result<Option<registry::Token>> {
+        let _ = req;
+        Ok(None)
+    }
+
     /// Checks that the client forwards SSH agent `id` (`""` means `default`), as buildkitd's
     /// `SSH/CheckAgent` call does. An error of kind `Unimplemented` means the session has no
     /// SSH forwarding at all; any other error (e.g. an unknown id) is shown as the cause.

@@ -76,6 +76,8 @@ pub struct WorkerOptions {
     /// does not answer, image sources resolve base images from this data root in place
     /// (see `ops::source_image`).
     pub docker_data_root: Option<PathBuf>,
+    /// Registry client (buildkitd.toml's `[registry."host"]`) for images Docker lacks.
+    pub registry: registry::Registry,
     /// Entitlements the daemon allows at all (`network.host`, `security.insecure`); a build
     /// gets an entitlement only if it asks for it and it is listed here.
     pub allowed_entitlements: Vec<String>,
@@ -95,6 +97,7 @@ impl WorkerOptions {
             docker_host: None,
             docker: None,
             docker_data_root: None,
+            registry: registry::Registry::new(registry::Hosts::new(Default::default())),
             allowed_entitlements: vec![],
             default_platform: Platform::host(),
         }

@@ -24,6 +24,8 @@ pub const FILESYNC_DIFFCOPY: &str = "/moby.filesync.v1.FileSync/DiffCopy";
 pub const FILESEND_DIFFCOPY: &str = "/moby.filesync.v1.FileSend/DiffCopy";
 /// `Auth/Credentials`.
 pub const AUTH_CREDENTIALS: &str = "/moby.filesync.v1.Auth/Credentials";
+/// `Auth/FetchToken` method path.
+pub const AUTH_FETCH_TOKEN: &str = "/moby.filesync.v1.Auth/FetchToken";
 /// `Secrets/GetSecret`.
 pub const SECRETS_GET: &str = "/moby.buildkit.secrets.v1.Secrets/GetSecret";
 /// `SSH/CheckAgent`.
@@ -310,6 +312,51 @@ pub async fn credentials(session: &Session, host: &str) -> Result<Option<(String
         }
         Err(st) if st.code() == tonic::Code::Unimplemented => Ok(None),
         Err(st) => Err(Error::from_status(&format!("credentials for {host}"), &st)),
+    }
+}
+
+/// A registry token fetched by the client (`Auth/FetchToken`); `None` when the client does not
+/// offer the call (then berthd fetches the token with [`credentials`]).
+pub async fn fetch_token(
+    session: &Session,
+    req: &registry::TokenRequest,
+) -> Result<Option<registry::Token>> {
+    if !session.supports(AUTH_FETCH_TOKEN) {
+        return Ok(None);
+    }
+    let mut g = grpc(session);
+    ready(&mut g, session).await?;
+    let codec: ProstCodec<
+        protos::moby::filesync::v1::FetchTokenRequest,
+        protos::moby::filesync::v1::FetchTokenResponse,
+    > = ProstCodec::default();
+    let msg = protos::moby::filesync::v1::FetchTokenRequest {
+        client_id: "buildkit-client".into(),
+        host: req.host.clone(),
+        realm: req.realm.clone(),
+        service: req.service.clone(),
+        scopes: req.scopes.clone(),
+    };
+    match g
+        .unary(
+            tonic::Request::new(msg),
+            PathAndQuery::from_static(AUTH_FETCH_TOKEN),
+            codec,
+        )
+        .await
+    {
+        Ok(r) => {
+            let r = r.into_inner();
+            if r.token.is_empty() {
+                return Ok(None);
+            }
+            Ok(Some(registry::Token {
+                token: r.token,
+                expires_in: u64::try_from(r.expires_in).ok().filter(|s| *s > 0),
+            }))
+        }
+        Err(st) if st.code() == tonic::Code::Unimplemented => Ok(None),
+        Err(st) => Err(Error::from_status(&format!("token for {}", req.host), &st)),
     }
 }
 

@@ -131,6 +131,17 @@ impl worker::SessionProvider for JobSession {
             .map_err(|e| to_worker(&what, e))
     }
 
+    async fn registry_token(
+        &self,
+        req: &registry::TokenRequest,
+    ) -> worker::Result<Option<registry::Token>> {
+        let what = format!("token for {}", req.host);
+        let session = self.session(None, &what).await?;
+        calls::fetch_token(&session, req)
+            .await
+            .map_err(|e| to_worker(&what, e))
+    }
+
     async fn check_ssh_agent(&self, id: &str) -> worker::Result<()> {
         let what = format!("ssh agent {id:?}");
         let session = self.session(None, &what).await?;

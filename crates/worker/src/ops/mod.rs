@@ -17,6 +17,7 @@
 pub(crate) mod diff;
 pub(crate) mod exec;
 pub(crate) mod file;
+pub(crate) mod image_pull;
 pub(crate) mod merge;
 pub(crate) mod source_git;
 pub(crate) mod source_http;

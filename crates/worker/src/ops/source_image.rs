@@ -44,7 +44,6 @@ use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bollard::Docker;
-use futures::StreamExt as _;
 use layerstore::dockerstore::{self, BaseImage, DockerStore, Pin, StorageDriver};
 use layerstore::snapshot::{Chain, SnapshotOptions};
 use protos::pb::op::Op as OpPayload;
@@ -52,10 +51,9 @@ use protos::pb::op::Op as OpPayload;
 use crate::error::{Error, ErrorKind, Result};
 use crate::llbsolver::cache::blocking;
 use crate::llbsolver::definition::LoadedOp;
-use crate::ops::BuildEnv;
+use crate::ops::{image_pull, BuildEnv};
 use crate::progress::ProgressEvent;
 use crate::result::Snap;
-use crate::session::registry_host;
 use crate::solver::{Op, OpContext, Solved};
 
 /// Docker API version berth speaks (Docker 20.10's; newer engines accept it).
@@ -311,7 +309,7 @@ impl ImageSource {
                 let started = SystemTime::now();
                 self.status(ctx, started, None);
                 let r = tokio::select! {
-                    r = self.resolve_now() => r,
+                    r = self.resolve_now(ctx) => r,
                     _ = ctx.cancel.cancelled() => Err(Error::Canceled),
                 };
                 self.status(ctx, started, Some(SystemTime::now()));
@@ -320,7 +318,7 @@ impl ImageSource {
             .await
     }
 
-    async fn resolve_now(&self) -> Result<Resolved> {
+    async fn resolve_now(&self, ctx: &OpContext) -> Result<Resolved> {
         let docker = match &self.env.opts.docker_data_root {
             // With a data root configured, a daemon that does not answer means "stopped".
             Some(root) => match answering_engine(
@@ -330,32 +328,28 @@ impl ImageSource {
             .await
             {
                 Some(d) => d,
-                None => return self.resolve_offline(root).await,
+                None => return self.resolve_offline(root, ctx).await,
             },
             None => connect(
                 self.env.opts.docker.as_ref(),
                 self.env.opts.docker_host.as_deref(),
             )?,
         };
-        if self.mode == ResolveMode::Pull {
-            self.pull(&docker).await?;
-        }
-        let id = match docker.inspect_image(&self.reference).await {
-            Ok(i) => i.id.unwrap_or_default(),
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404, ..
-            }) if self.mode == ResolveMode::Default => {
-                self.pull(&docker).await?;
-                docker
-                    .inspect_image(&self.reference)
-                    .await
-                    .map_err(|e| engine_err(format!("inspect image {}", self.reference), e))?
-                    .id
-                    .unwrap_or_default()
-            }
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404, ..
-            }) => {
+        let id = match (self.mode, docker.inspect_image(&self.reference).await) {
+            (ResolveMode::Pull, _) => self.pull(&docker, ctx).await?,
+            (_, Ok(i)) => i.id.unwrap_or_default(),
+            (
+                ResolveMode::Default,
+                Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404, ..
+                }),
+            ) => self.pull(&docker, ctx).await?,
+            (
+                _,
+                Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404, ..
+                }),
+            ) => {
                 return Err(Error::Op {
                     message: format!(
                         "image {} not found in the Docker Engine (image.resolvemode=local)",
@@ -365,7 +359,7 @@ impl ImageSource {
                     source: None,
                 })
             }
-            Err(e) => return Err(engine_err(format!("inspect image {}", self.reference), e)),
+            (_, Err(e)) => return Err(engine_err(format!("inspect image {}", self.reference), e)),
         };
         // From here on the image ID, so a concurrent re-tag cannot mix two images.
         let instance = format!("worker:{}", self.env.opts.root.display());
@@ -396,26 +390,25 @@ impl ImageSource {
     }
 
     /// Resolution from a stopped daemon's data root (module docs).
-    async fn resolve_offline(&self, root: &std::path::Path) -> Result<Resolved> {
-        let host = self
-            .env
-            .opts
-            .docker_host
-            .clone()
-            .unwrap_or_else(|| "unix:///var/run/docker.sock".into());
+    async fn resolve_offline(&self, root: &std::path::Path, ctx: &OpContext) -> Result<Resolved> {
         if self.mode == ResolveMode::Pull {
-            return Err(Error::Op {
-                message: format!(
-                    "image {}: image.resolvemode=pull needs a running dockerd, but the Docker Engine at {host} does not answer (berthd uses its stopped data root {})",
-                    self.reference,
-                    root.display()
-                ),
-                kind: ErrorKind::Unavailable,
-                source: None,
-            });
+            self.pull_offline(root, ctx).await?;
         }
         let store = DockerStore::new(root, dockerstore::offline_driver(root));
         let reference = self.reference.clone();
+        let lookup = {
+            let (store, reference) = (store.clone(), reference.clone());
+            blocking(
+                move || match dockerstore::resolve_offline_image(&store, &reference) {
+                    Ok(_) => Ok(true),
+                    Err(layerstore::Error::DockerImageNotFound { .. }) => Ok(false),
+                    Err(_) => Ok(true),
+                },
+            )
+        };
+        if self.mode == ResolveMode::Default && !lookup.await? {
+            self.pull_offline(root, ctx).await?;
+        }
         let image = blocking(move || {
             dockerstore::resolve_offline_image(&store, &reference).map_err(|e| {
                 let kind = match &e {
@@ -469,28 +462,92 @@ impl ImageSource {
         Ok(chain)
     }
 
-    async fn pull(&self, docker: &Docker) -> Result<()> {
-        let host = registry_host(&self.reference);
-        let creds = self.env.session.registry_credentials(&host).await?;
-        let credentials = creds.map(|c| c.to_docker(&host));
-        let opts = bollard::query_parameters::CreateImageOptions {
-            from_image: Some(self.reference.clone()),
-            platform: self.platform.clone().unwrap_or_default(),
-            ..Default::default()
+    /// Resolves the reference with berth's registry client for the op's platform.
+    async fn resolve_remote(&self) -> Result<(registry::Session, registry::Image)> {
+        let r = registry::Reference::parse(&self.reference).map_err(image_pull::registry_err)?;
+        let platform = self
+            .platform
+            .as_deref()
+            .and_then(registry::Platform::parse)
+            .unwrap_or_else(registry::Platform::native);
+        let session = self
+            .env
+            .opts
+            .registry
+            .session(Arc::new(image_pull::SessionAuth(self.env.session.clone())));
+        tracing::info!(reference = %r, %platform, "resolving image in its registry");
+        let img = session
+            .resolve_image(&r, &platform)
+            .await
+            .map_err(image_pull::registry_err)?;
+        Ok((session, img))
+    }
+
+    /// Pulls the image into the live Engine unless it has it (module `image_pull`); returns
+    /// the image ID.
+    async fn pull(&self, docker: &Docker, ctx: &OpContext) -> Result<String> {
+        let (session, img) = self.resolve_remote().await?;
+        let id = img.config_digest().to_string();
+        let host = self
+            .env
+            .opts
+            .docker_host
+            .clone()
+            .unwrap_or_else(|| "unix:///var/run/docker.sock".into());
+        let lock = image_pull::pull_lock(&host, &id);
+        let _held = lock.lock().await;
+        let progress = image_pull::PullProgress {
+            sink: ctx.progress.clone(),
+            vertex: ctx.vertex.clone(),
         };
-        tracing::info!(reference = %self.reference, "pulling image through the Docker Engine");
-        let mut s = docker.create_image(Some(opts), None, credentials);
-        while let Some(item) = s.next().await {
-            let info = item.map_err(|e| engine_err(format!("pull {}", self.reference), e))?;
-            if let Some(msg) = info.error_detail.and_then(|d| d.message) {
-                return Err(Error::Op {
-                    message: format!("pull {}: {msg}", self.reference),
-                    kind: ErrorKind::Unavailable,
-                    source: None,
-                });
-            }
+        if docker.inspect_image(&id).await.is_err() {
+            let info = docker
+                .info()
+                .await
+                .map_err(|e| engine_err("docker info".into(), e))?;
+            let layerdb = match (info.docker_root_dir, info.driver) {
+                (Some(root), Some(driver)) => Some(
+                    std::path::PathBuf::from(root)
+                        .join("image")
+                        .join(driver)
+                        .join("layerdb"),
+                )
+                .filter(|p| p.is_dir()),
+                _ => None,
+            };
+            let tmp = self.env.opts.root.join("tmp");
+            std::fs::create_dir_all(&tmp).map_err(|e| Error::Op {
+                message: format!("create {}: {e}", tmp.display()),
+                kind: ErrorKind::Internal,
+                source: None,
+            })?;
+            tracing::info!(reference = %img.reference, %id, "pulling image into the Docker Engine");
+            image_pull::pull_into_engine(docker, &session, &img, layerdb, &tmp, &progress).await?;
         }
-        Ok(())
+        image_pull::tag_in_engine(docker, &img).await?;
+        Ok(id)
+    }
+
+    /// Pulls the image into a stopped daemon's data root unless it has it.
+    async fn pull_offline(&self, root: &std::path::Path, ctx: &OpContext) -> Result<()> {
+        let (session, img) = self.resolve_remote().await?;
+        let id = img.config_digest().to_string();
+        let lock = image_pull::pull_lock(&root.display().to_string(), &id);
+        let _held = lock.lock().await;
+        let progress = image_pull::PullProgress {
+            sink: ctx.progress.clone(),
+            vertex: ctx.vertex.clone(),
+        };
+        let root = root.to_path_buf();
+        let handle = tokio::runtime::Handle::current();
+        blocking(move || {
+            let store = DockerStore::new(&root, dockerstore::offline_driver(&root));
+            let writer = dockerstore::OfflineWriter::open(store, &Default::default())
+                .map_err(|e| store_err(format!("open Docker data root {}", root.display()), e))?;
+            image_pull::pull_into_data_root(&writer, &session, &img, &progress, handle)?;
+            Ok(())
+        })
+        .await
     }
 }
 
