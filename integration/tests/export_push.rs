@@ -1,8 +1,8 @@
 //! `--output type=image,name=…,push=true`: berthd tags the image in the system dockerd, then
-//! pushes it through the Docker Engine (`POST /images/{name}/push`, credentials from the
-//! session's Auth service) to a real registry on 127.0.0.1. The response's `containerimage.digest`
-//! is the manifest the registry holds (checked by pulling the image back after `docker rmi`), the
-//! config digest stays the image ID, and progress shows the export and push steps.
+//! pushes it with its own registry client (credentials from the session's Auth service) to a real
+//! registry on 127.0.0.1. The response's `containerimage.digest` is the manifest the registry
+//! holds (checked by pulling the image back with `docker pull` after `docker rmi`: same image
+//! ID), and progress shows the export and push steps.
 //! Needs root, runc, overlayfs, the system dockerd and Debian's docker-registry.
 
 mod export_support;
@@ -12,7 +12,7 @@ use integration::buildkit_client::Berthd;
 use integration::{busybox_image, require_root, unique_name, DockerEngine, Registry};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn push_true_pushes_through_docker_and_reports_the_registry_digest() {
+async fn push_true_pushes_and_reports_the_registry_digest() {
     require_root();
     let engine = DockerEngine::system().unwrap();
     let base = busybox_image(&engine).await.unwrap();

@@ -253,7 +253,7 @@ async fn pull_lands_in_docker_once_and_runs() {
     // Progress: one status per layer, ending at its size.
     let statuses = [a.vertex_statuses(), b.vertex_statuses()].concat();
     for d in &img.layer_digests {
-        let last = statuses.iter().filter(|s| &s.id == d).last();
+        let last = statuses.iter().rfind(|s| &s.id == d);
         let last = last.unwrap_or_else(|| panic!("no progress for layer {d}: {statuses:?}"));
         assert!(last.total > 0 && last.current == last.total, "{last:?}");
         assert!(last.completed.is_some(), "{last:?}");

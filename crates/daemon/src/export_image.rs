@@ -4,17 +4,20 @@
 //! the exporter response the way buildkitd does (`control-api.md` §6.2, §8.3):
 //!
 //! - attrs: `name` (comma-separated; `*` takes `image.name` from the result metadata),
-//!   `source-date-epoch`, `push` (push every name through the Docker Engine, with the session's
-//!   registry credentials), `store`/`unpack` (accepted, the image is always stored);
+//!   `source-date-epoch`, `push` (push every name with berth's registry client and the session's
+//!   registry credentials: [`exporter::push_image`], with `compression`, `compression-level`,
+//!   `force-compression`, `oci-mediatypes`, `push-by-digest`, `registry.insecure`),
+//!   `store`/`unpack` (accepted, the image is always stored);
 //! - progress: a vertex `exporting to image` with the statuses `exporting layers` (bytes of the
 //!   layers Docker lacked), one per layer (`layer sha256:… registered` with its size, or
 //!   `layer sha256:… already in Docker` with the bytes not sent), `writing image sha256:…`, one
-//!   `naming to <name>` per name, and with `push=true` `pushing <name>` and
-//!   `pushing manifest for <name>@<digest>`;
+//!   `naming to <name>` per name, and with `push=true` `pushing <name>` (bytes uploaded, all
+//!   blobs), one status per blob (its digest, bytes sent) and `pushing manifest for
+//!   <name>@<digest>`;
 //! - response: `containerimage.digest`, `containerimage.config.digest`,
 //!   `containerimage.descriptor` and `image.name`. After a push, `containerimage.digest` and the
-//!   descriptor are those of the manifest the registry holds (Docker compresses layers on push, so
-//!   it differs from the uncompressed manifest of the local image).
+//!   descriptor are those of the manifest the registry holds (compressed layers, so it differs
+//!   from the uncompressed manifest of the local image).
 //!
 //! Crash safety: [`recover_at_start`] removes what a killed berthd left in the image store (a
 //! stopped data root's temp dirs and unfinished layer dirs, its containerd leases and prepared
@@ -33,7 +36,6 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use exporter::{ContainerdStore, ImageExportRequest, ImageTarget, TargetOptions};
-use futures::StreamExt;
 use layerstore::snapshot::SnapshotStore;
 use sha2::Digest as _;
 
@@ -49,6 +51,10 @@ pub struct ImageExportOptions {
     pub docker_host: String,
     /// `--docker-data-root`, if given.
     pub data_root: Option<PathBuf>,
+    /// Registry client for `push=true`.
+    pub registry: registry::Registry,
+    /// Compressed layer blobs, shared by pushes (`<root>/blobs`).
+    pub blobs: registry::BlobCache,
 }
 
 /// Environment variable: a containerd socket `type=image` writes to instead of detecting.
@@ -344,17 +350,20 @@ pub async fn export(
             response.insert("image.name".to_string(), result.names.join(","));
         }
         if push {
-            let docker = crate::docker::connect(&opts.docker_host)?;
-            let mut pushed = None;
-            for name in &result.names {
-                let creds = credentials(sessions, session_id, name).await?;
-                let p = push_one(&docker, name, creds, progress, &vertex).await?;
-                pushed.get_or_insert(p);
-            }
-            if let Some(p) = pushed {
-                response.insert("containerimage.digest".to_string(), p.digest.clone());
-                response.insert("containerimage.descriptor".to_string(), p.descriptor());
-            }
+            let pushed = push_names(
+                opts, store, sessions, session_id, progress, &vertex, attrs, &chain, &result,
+            )
+            .await?;
+            response.insert("containerimage.digest".to_string(), pushed.digest.clone());
+            response.insert(
+                "containerimage.descriptor".to_string(),
+                Pushed {
+                    digest: pushed.digest,
+                    size: pushed.size,
+                    media_type: pushed.media_type,
+                }
+                .descriptor(),
+            );
         }
         Ok::<_, Error>(response)
     }
@@ -366,21 +375,122 @@ pub async fn export(
     res
 }
 
-/// Credentials for pushing `name` from the client's session (`None`: anonymous, or no session).
-async fn credentials(
+/// The push attributes of the image exporter.
+fn push_options(attrs: &BTreeMap<String, String>) -> Result<exporter::PushOptions> {
+    let compression = match attrs.get("compression").map(String::as_str) {
+        None | Some("") => registry::Compression::Gzip,
+        Some(v) => registry::Compression::from_attr(v).ok_or_else(|| {
+            Error::invalid(format!(
+                "exporter image: unsupported compression {v:?} (gzip, zstd or uncompressed)"
+            ))
+        })?,
+    };
+    let level = match attrs.get("compression-level").map(String::as_str) {
+        None | Some("") => None,
+        Some(v) => Some(v.parse::<i32>().map_err(|_| {
+            Error::invalid(format!(
+                "exporter image: invalid compression-level {v:?}: want an integer"
+            ))
+        })?),
+    };
+    Ok(exporter::PushOptions {
+        compression,
+        level,
+        force: truthy(attrs, "force-compression")?,
+        oci: truthy(attrs, "oci-mediatypes")?,
+        by_digest: truthy(attrs, "push-by-digest")?,
+    })
+}
+
+/// Pushes every name of the export with berth's registry client (module docs).
+#[allow(clippy::too_many_arguments)]
+async fn push_names(
+    opts: &ImageExportOptions,
+    store: &SnapshotStore,
     sessions: &Arc<SessionManager>,
     session_id: &str,
-    name: &str,
-) -> Result<Option<bollard::auth::DockerCredentials>> {
-    if session_id.is_empty() {
-        return Ok(None);
+    progress: &Arc<Progress>,
+    vertex: &str,
+    attrs: &BTreeMap<String, String>,
+    chain: &[layerstore::snapshot::LayerRef],
+    result: &exporter::ImageExportResult,
+) -> Result<exporter::PushedImage> {
+    let popts = push_options(attrs)?;
+    let insecure = truthy(attrs, "registry.insecure")?;
+    let auth = worker::RegistryAuth(Arc::new(crate::session::provider::JobSession::new(
+        sessions.clone(),
+        session_id.to_string(),
+    )));
+    let auth: Arc<dyn registry::AuthProvider> = Arc::new(auth);
+    let started = SystemTime::now();
+    let mut pushed = None;
+    for name in &result.names {
+        let r = registry::Reference::parse(name)
+            .map_err(|e| Error::invalid(format!("exporter image: push {name}: {e}")))?;
+        let client = if insecure {
+            registry::Registry::insecure_for(r.domain())
+        } else {
+            opts.registry.clone()
+        };
+        let session = client.session(auth.clone());
+        let id = format!("pushing {name}");
+        progress.status(vertex, &id, "", 0, 0, Some(started), None);
+        let (p, v, idc) = (progress.clone(), vertex.to_string(), id.clone());
+        let sent = Arc::new(std::sync::Mutex::new(BTreeMap::<String, (u64, u64)>::new()));
+        let report: exporter::PushProgress = Arc::new(move |ev| match ev {
+            exporter::PushEvent::Blob {
+                digest,
+                current,
+                total,
+                done,
+                ..
+            } => {
+                let now = SystemTime::now();
+                p.status(
+                    &v,
+                    &digest,
+                    "",
+                    current as i64,
+                    total as i64,
+                    Some(started),
+                    done.then_some(now),
+                );
+                let mut m = sent.lock().unwrap();
+                m.insert(digest, (current, total));
+                let cur: u64 = m.values().map(|x| x.0).sum();
+                let all: u64 = m.values().map(|x| x.1).sum();
+                p.status(&v, &idc, "", cur as i64, all as i64, Some(started), None);
+            }
+            exporter::PushEvent::Manifest { .. } => {}
+        });
+        let res = exporter::push_image(
+            store,
+            chain,
+            &result.config,
+            std::slice::from_ref(name),
+            &session,
+            &opts.blobs,
+            &popts,
+            report,
+        )
+        .await;
+        let done = SystemTime::now();
+        progress.status(vertex, &id, "", 0, 0, Some(started), Some(done));
+        let p = res.map_err(|e| Error::unavailable(format!("exporter image: {e}")))?;
+        progress.status(
+            vertex,
+            &format!("pushing manifest for {name}@{}", p.digest),
+            "",
+            0,
+            0,
+            Some(done),
+            Some(SystemTime::now()),
+        );
+        tracing::info!(name, digest = %p.digest, uploaded = p.bytes_uploaded, compressed = p.layers_compressed, "pushed");
+        pushed.get_or_insert(p);
     }
-    let host = worker::registry_host(name);
-    let Ok(session) = sessions.get(session_id).await else {
-        return Ok(None);
-    };
-    let creds = crate::session::calls::credentials(&session, &host).await?;
-    Ok(creds.map(|(username, secret)| worker::Credentials { username, secret }.to_docker(&host)))
+    pushed
+        .ok_or_else(|| Error::invalid("exporter image: push=true needs a name (attribute name=…)"))
 }
 
 /// The manifest a push left in the registry.
@@ -388,6 +498,7 @@ async fn credentials(
 struct Pushed {
     digest: String,
     size: u64,
+    media_type: String,
 }
 
 impl Pushed {
@@ -395,105 +506,12 @@ impl Pushed {
     fn descriptor(&self) -> String {
         use base64::Engine as _;
         let d = serde_json::json!({
-            "mediaType": exporter::DOCKER_MANIFEST_MEDIA_TYPE,
+            "mediaType": self.media_type,
             "digest": self.digest,
             "size": self.size,
         });
         base64::engine::general_purpose::STANDARD.encode(d.to_string())
     }
-}
-
-/// The `<tag>: digest: sha256:… size: N` line that ends a Docker push.
-fn parse_push_digest(status: &str) -> Option<Pushed> {
-    let rest = &status[status.find("digest: ")? + "digest: ".len()..];
-    let mut words = rest.split_whitespace();
-    let digest = words.next()?;
-    if !digest.starts_with("sha256:") || digest.len() != 71 {
-        return None;
-    }
-    let size = match (words.next(), words.next()) {
-        (Some("size:"), Some(n)) => n.parse().ok()?,
-        _ => return None,
-    };
-    Some(Pushed {
-        digest: digest.to_string(),
-        size,
-    })
-}
-
-/// Pushes `name` through `POST /images/{name}/push`, reporting progress on `vertex`.
-async fn push_one(
-    docker: &bollard::Docker,
-    name: &str,
-    credentials: Option<bollard::auth::DockerCredentials>,
-    progress: &Arc<Progress>,
-    vertex: &str,
-) -> Result<Pushed> {
-    let (repo, tag) = exporter::split_tag(name)
-        .map_err(|e| Error::invalid(format!("exporter image: push {name}: {e}")))?;
-    let started = SystemTime::now();
-    let id = format!("pushing {name}");
-    progress.status(vertex, &id, "", 0, 0, Some(started), None);
-    let mut stream = docker.push_image(
-        &repo,
-        Some(bollard::query_parameters::PushImageOptions {
-            tag: Some(tag),
-            ..Default::default()
-        }),
-        credentials,
-    );
-    // Docker's stream carries no layer ids through bollard: sum the current/total of the
-    // "Pushing" lines per total (one total per layer) to show the bytes moving.
-    let mut per_layer: BTreeMap<i64, i64> = BTreeMap::new();
-    let mut pushed = None;
-    let mut failure = None;
-    while let Some(item) = stream.next().await {
-        match item {
-            Ok(info) => {
-                if let Some(msg) = info.error_detail.and_then(|d| d.message).or(info.error) {
-                    failure = Some(msg);
-                    continue;
-                }
-                if let (Some("Pushing"), Some(d)) = (info.status.as_deref(), &info.progress_detail)
-                {
-                    if let (Some(cur), Some(total)) = (d.current, d.total) {
-                        per_layer.insert(total, cur);
-                        let sent: i64 = per_layer.values().sum();
-                        let all: i64 = per_layer.keys().sum();
-                        progress.status(vertex, &id, "", sent, all, Some(started), None);
-                    }
-                }
-                if let Some(p) = info.status.as_deref().and_then(parse_push_digest) {
-                    pushed = Some(p);
-                }
-            }
-            Err(e) => failure = Some(e.to_string()),
-        }
-    }
-    let done = SystemTime::now();
-    if let Some(msg) = failure {
-        progress.status(vertex, &id, "", 0, 0, Some(started), Some(done));
-        return Err(Error::unavailable(format!(
-            "exporter image: push {name}: {msg}"
-        )));
-    }
-    let pushed = pushed.ok_or_else(|| {
-        Error::unavailable(format!(
-            "exporter image: push {name}: Docker did not report the pushed digest"
-        ))
-    })?;
-    let all: i64 = per_layer.keys().sum();
-    progress.status(vertex, &id, "", all, all, Some(started), Some(done));
-    progress.status(
-        vertex,
-        &format!("pushing manifest for {name}@{}", pushed.digest),
-        "",
-        0,
-        0,
-        Some(done),
-        Some(SystemTime::now()),
-    );
-    Ok(pushed)
 }
 
 #[cfg(test)]
@@ -511,17 +529,23 @@ mod tests {
     }
 
     #[test]
-    fn push_digest_line() {
-        let d = format!("sha256:{}", "ab".repeat(32));
-        assert_eq!(
-            parse_push_digest(&format!("v1: digest: {d} size: 527")),
-            Some(Pushed {
-                digest: d.clone(),
-                size: 527
-            })
-        );
-        assert_eq!(parse_push_digest("Pushed"), None);
-        assert_eq!(parse_push_digest("latest: digest: sha256:00 size: 1"), None);
+    fn push_attributes() {
+        let mut attrs = BTreeMap::new();
+        let o = push_options(&attrs).unwrap();
+        assert_eq!(o.compression, registry::Compression::Gzip);
+        assert!(!o.oci && !o.by_digest && !o.force && o.level.is_none());
+        attrs.insert("compression".to_string(), "zstd".to_string());
+        attrs.insert("compression-level".to_string(), "9".to_string());
+        attrs.insert("push-by-digest".to_string(), "true".to_string());
+        let o = push_options(&attrs).unwrap();
+        assert_eq!(o.compression, registry::Compression::Zstd);
+        assert_eq!(o.level, Some(9));
+        assert!(o.by_digest);
+        attrs.insert("compression".to_string(), "lz4".to_string());
+        assert!(push_options(&attrs).is_err());
+        attrs.insert("compression".to_string(), "gzip".to_string());
+        attrs.insert("compression-level".to_string(), "high".to_string());
+        assert!(push_options(&attrs).is_err());
     }
 
     #[test]

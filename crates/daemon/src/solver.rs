@@ -121,6 +121,8 @@ impl Backend {
         if let Some(n) = opts.max_parallelism.filter(|n| *n > 0) {
             wopts.max_parallelism = n;
         }
+        let blobs = registry::BlobCache::open(root.join("blobs"))
+            .map_err(|e| anyhow::anyhow!("open blob cache under {}: {e}", root.display()))?;
         let worker = worker::Worker::with_store(wopts, store.clone())
             .map_err(|e| anyhow::anyhow!("open worker under {}: {e}", root.display()))?;
         Ok(Arc::new(Backend {
@@ -130,6 +132,8 @@ impl Backend {
             image_export: crate::export_image::ImageExportOptions {
                 docker_host: opts.docker_host.clone(),
                 data_root: opts.docker_data_root.clone(),
+                registry: opts.registry.clone(),
+                blobs,
             },
             client_export: opts.client_export.clone(),
             registry: opts.registry.clone(),

@@ -78,6 +78,8 @@ pub struct ImageExportRequest<'a> {
 pub struct ImageExportResult {
     /// `containerimage.config.digest`: the config digest (the Docker image ID in the classic store).
     pub config_digest: String,
+    /// The config's bytes (what a push sends).
+    pub config: Vec<u8>,
     /// `containerimage.digest`: the manifest digest.
     pub manifest_digest: String,
     /// `containerimage.descriptor`: base64 of the manifest's JSON descriptor.
@@ -207,6 +209,7 @@ impl ImageTarget {
         let config = image_config(store, &req, &layers)?;
         let mut result = ImageExportResult {
             config_digest: config.digest.clone(),
+            config: config.bytes.clone(),
             ..Default::default()
         };
         match self {

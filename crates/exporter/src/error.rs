@@ -16,6 +16,15 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
+    /// A registry operation (push) failed.
+    #[error("{what}: {source}")]
+    Registry {
+        /// What was being done.
+        what: String,
+        /// The registry client's error (names the reference and step).
+        #[source]
+        source: Box<registry::Error>,
+    },
     /// A layer had to be sent but berth holds no copy of it.
     #[error("layer {diff_id} is needed but neither Docker nor berth has it")]
     LayerUnavailable {

@@ -10,6 +10,7 @@
 //! - `docker_load`: export into a live classic-store Docker Engine by a thin `POST /images/load`.
 //! - `docker_archive`: the docker-archive streamed to the client (`type=docker`), thin or whole.
 //! - `oci`: the OCI image layout tar streamed to the client (`type=oci`), compressed layers.
+//! - `push`: an exported image pushed to registries with berth's registry client.
 #![forbid(unsafe_code)]
 
 mod archive;
@@ -21,6 +22,7 @@ mod error;
 pub mod image;
 mod layers;
 mod oci;
+mod push;
 
 pub use archive::{write_docker_archive, ArchiveStats, ExportLayer, LayerSource};
 pub use containerd::{
@@ -34,3 +36,4 @@ pub use docker_load::{split_tag, DockerEngine, LoadReport};
 pub use error::{Error, Result};
 pub use layers::{berth_layer_dir, docker_layerdb_dir, export_layers};
 pub use oci::{normalize_name, write_oci_image_archive, Compression, OciOptions, OciProgress};
+pub use push::{push_image, PushEvent, PushOptions, PushProgress, PushedImage};

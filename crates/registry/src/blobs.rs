@@ -388,6 +388,25 @@ impl BlobCache {
         Ok((p, f))
     }
 
+    /// Stores `bytes` (a config or manifest) as a blob; returns it.
+    pub fn put_bytes(&self, bytes: &[u8]) -> Result<CachedBlob> {
+        let digest = format!("sha256:{}", hex::encode(Sha256::digest(bytes)));
+        let path = self.blob_path(&digest);
+        if std::fs::metadata(&path).map(|m| m.len()).ok() != Some(bytes.len() as u64) {
+            let (tmp, mut f) = self.tmp_file()?;
+            f.write_all(bytes)
+                .and_then(|_| f.sync_all())
+                .map_err(io_err("write", &tmp))?;
+            std::fs::rename(&tmp, &path).map_err(io_err("rename", &tmp))?;
+        }
+        Ok(CachedBlob {
+            digest,
+            size: bytes.len() as u64,
+            level: None,
+            path,
+        })
+    }
+
     /// The blob of layer `diff_id` compressed as `c` (at `level`, `None` = default): from the
     /// cache, or made now by compressing what `write_tar` writes (blocking). With `exact_level`,
     /// a cached blob made at another level is made again.

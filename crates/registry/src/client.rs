@@ -77,6 +77,21 @@ impl Registry {
         &self.hosts
     }
 
+    /// A client for pushing to `domain` with `registry.insecure=true`: that domain alone,
+    /// plain HTTP first, then HTTPS without verification (BuildKit's `util/push` does the same).
+    pub fn insecure_for(domain: &str) -> Registry {
+        let mut m = std::collections::BTreeMap::new();
+        m.insert(
+            domain.to_string(),
+            crate::hosts::HostConfig {
+                http: Some(true),
+                insecure: Some(true),
+                ..Default::default()
+            },
+        );
+        Registry::new(Hosts::new(m))
+    }
+
     /// A session that authenticates with `auth` (one per build or client session).
     pub fn session(&self, auth: Arc<dyn AuthProvider>) -> Session {
         Session {
@@ -846,6 +861,7 @@ impl Session {
         self.open_blob(&eps, &img.reference, d, progress).await
     }
 
+    /// The endpoint pushes go to: the first push-capable one (as containerd's pusher).
     fn push_endpoint(&self, r: &Reference) -> Result<Endpoint> {
         self.endpoints(r.domain(), true)
             .into_iter()
@@ -856,15 +872,10 @@ impl Session {
             })
     }
 
-    /// The push endpoints of `r`'s domain in order (plain HTTP, then insecure, then verified).
-    fn push_endpoints(&self, r: &Reference) -> Vec<Endpoint> {
-        self.endpoints(r.domain(), true)
-    }
-
     /// Whether the registry of `r` has blob `digest` in `r`'s repository (HEAD).
     pub async fn blob_exists(&self, r: &Reference, digest: &str) -> Result<bool> {
         let step = format!("check blob {digest}");
-        let eps = self.push_endpoints(r);
+        let eps = vec![self.push_endpoint(r)?];
         self.on_endpoints(&eps, r, &step, |ep| {
             let step = step.clone();
             async move {
@@ -949,8 +960,6 @@ impl Session {
             return Ok(PushedBlob::Existed);
         }
         let ep = self.push_endpoint(r)?;
-        let eps = self.push_endpoints(r);
-        let ep = eps.iter().find(|e| e.plain_http).cloned().unwrap_or(ep);
         let step = format!("push blob {digest}");
         let mut attempt = 0;
         loop {
@@ -1050,16 +1059,7 @@ impl Session {
     ) -> Result<String> {
         let digest = sha256(&bytes);
         let step = format!("push manifest {digest}");
-        let eps = self.push_endpoints(r);
-        let ep = eps
-            .iter()
-            .find(|e| e.plain_http)
-            .cloned()
-            .or_else(|| eps.first().cloned())
-            .ok_or_else(|| Error::InvalidReference {
-                reference: r.to_string(),
-                reason: "no endpoint can push".into(),
-            })?;
+        let ep = self.push_endpoint(r)?;
         let st = Step {
             reference: r,
             step: &step,

@@ -4,11 +4,14 @@
 //!
 //! Resolution (`image.resolvemode`):
 //! * `default`: use the image if the Engine has it (`GET /images/{ref}/json`), else pull it;
-//! * `pull`: always `POST /images/create` first (gets a newer image behind a moved tag);
+//! * `pull`: always resolve the reference in its registry first (gets a newer image behind a
+//!   moved tag; downloads nothing when the Engine already has that image ID);
 //! * `local`: only what the Engine has; missing is a `NotFound` error.
 //!
-//! Pulls send the credentials of [`SessionProvider::registry_credentials`](crate::SessionProvider::registry_credentials)
-//! for the reference's registry (`registry-1.docker.io` for Docker Hub, as BuildKit asks).
+//! Pulls go through berth's registry client (`registry` crate: buildkitd.toml's mirrors, TLS and
+//! auth, the session's credentials and tokens) and register the image in the Engine once
+//! ([`super::image_pull`]: thin load of verified blobs, one download for concurrent builds,
+//! per-layer progress), then tag it as the reference, as `docker pull` would.
 //!
 //! The image is then pinned by ID for the rest of the build (a never-started container, see
 //! [`layerstore::dockerstore::pin_image`], labelled with instance `worker:<root>`; the pin is
@@ -25,9 +28,10 @@
 //! Stopped daemon (`WorkerOptions::docker_data_root` set and the Engine at `docker_host` not
 //! answering): the image is resolved from that data root alone, as dockerd would resolve it
 //! ([`layerstore::dockerstore::resolve_offline_image`]: `repositories.json`, full IDs, unique ID
-//! prefixes), into the same chain of Docker's own layer dirs. Nothing can be pulled (`default`
-//! and `local` resolve the same; a missing image is `NotFound` telling to start dockerd;
-//! `pull` is refused as `Unavailable`), and nothing is written to the data root. What keeps the
+//! prefixes), into the same chain of Docker's own layer dirs. A missing image (`default`) or
+//! any image with `pull` is pulled by berth straight into that data root
+//! ([`super::image_pull::pull_into_data_root`] through `OfflineWriter`); `local` never pulls.
+//! Resolution alone writes nothing to the data root. What keeps the
 //! layers alive: with no daemon nothing deletes layer dirs (berth's offline writer only ever
 //! adds committed layers, its recovery removes only its own unfinished dirs), so no pin is
 //! needed; if dockerd is started while the build runs, a watcher notices the Engine answering
@@ -391,8 +395,27 @@ impl ImageSource {
 
     /// Resolution from a stopped daemon's data root (module docs).
     async fn resolve_offline(&self, root: &std::path::Path, ctx: &OpContext) -> Result<Resolved> {
+        let in_root = |e: Error, why: &str| {
+            match e {
+            Error::Op {
+                message,
+                kind,
+                source,
+            } => Error::Op {
+                message: format!(
+                    "{message} ({why}; the Docker Engine does not answer, berthd writes into its stopped Docker data root {})",
+                    root.display()
+                ),
+                kind,
+                source,
+            },
+            e => e,
+        }
+        };
         if self.mode == ResolveMode::Pull {
-            self.pull_offline(root, ctx).await?;
+            self.pull_offline(root, ctx)
+                .await
+                .map_err(|e| in_root(e, "image.resolvemode=pull"))?;
         }
         let store = DockerStore::new(root, dockerstore::offline_driver(root));
         let reference = self.reference.clone();
@@ -407,7 +430,9 @@ impl ImageSource {
             )
         };
         if self.mode == ResolveMode::Default && !lookup.await? {
-            self.pull_offline(root, ctx).await?;
+            self.pull_offline(root, ctx)
+                .await
+                .map_err(|e| in_root(e, "image not in the Docker data root"))?;
         }
         let image = blocking(move || {
             dockerstore::resolve_offline_image(&store, &reference).map_err(|e| {
