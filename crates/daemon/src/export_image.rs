@@ -6,7 +6,8 @@
 //! - attrs: `name` (comma-separated; `*` takes `image.name` from the result metadata),
 //!   `source-date-epoch`, `push` (push every name with berth's registry client and the session's
 //!   registry credentials: [`exporter::push_image`], with `compression`, `compression-level`,
-//!   `force-compression`, `oci-mediatypes`, `push-by-digest`, `registry.insecure`),
+//!   `force-compression`, `oci-mediatypes`, `push-by-digest`, `registry.insecure`,
+//!   `prefer-nondist-layers`),
 //!   `store`/`unpack` (accepted, the image is always stored);
 //! - progress: a vertex `exporting to image` with the statuses `exporting layers` (bytes of the
 //!   layers Docker lacked), one per layer (`layer sha256:… registered` with its size, or
@@ -399,6 +400,7 @@ fn push_options(attrs: &BTreeMap<String, String>) -> Result<exporter::PushOption
         force: truthy(attrs, "force-compression")?,
         oci: truthy(attrs, "oci-mediatypes")?,
         by_digest: truthy(attrs, "push-by-digest")?,
+        prefer_nondist: truthy(attrs, "prefer-nondist-layers")?,
     })
 }
 

@@ -123,6 +123,7 @@ impl Backend {
         }
         let blobs = registry::BlobCache::open(root.join("blobs"))
             .map_err(|e| anyhow::anyhow!("open blob cache under {}: {e}", root.display()))?;
+        wopts.blobs = Some(blobs.clone());
         let worker = worker::Worker::with_store(wopts, store.clone())
             .map_err(|e| anyhow::anyhow!("open worker under {}: {e}", root.display()))?;
         Ok(Arc::new(Backend {

@@ -39,6 +39,9 @@ pub struct PushOptions {
     pub oci: bool,
     /// `push-by-digest`.
     pub by_digest: bool,
+    /// `prefer-nondist-layers`: foreign layers of a pulled base keep their descriptor (and URLs)
+    /// and are not uploaded.
+    pub prefer_nondist: bool,
 }
 
 impl Default for PushOptions {
@@ -49,6 +52,7 @@ impl Default for PushOptions {
             force: false,
             oci: false,
             by_digest: false,
+            prefer_nondist: false,
         }
     }
 }
@@ -104,6 +108,17 @@ struct Desc<'a> {
     media_type: &'a str,
     digest: &'a str,
     size: u64,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    urls: &'a [String],
+}
+
+/// One layer as the manifest will list it.
+struct PushLayer {
+    media_type: String,
+    blob: CachedBlob,
+    urls: Vec<String>,
+    /// Sent to the registry (false for a foreign layer kept by reference).
+    upload: bool,
 }
 
 #[derive(Serialize)]
@@ -146,16 +161,48 @@ pub async fn push_image(
         .map_err(|e| Error::DockerLoad {
             message: format!("layer digest task: {e}"),
         })??;
-    // Compress (or find) every layer's blob once.
-    let mut blobs: Vec<CachedBlob> = Vec::with_capacity(layers.len());
+    let oci = opts.oci || opts.compression == Compression::Zstd;
+    // Compress (or find) every layer's blob once. Layers berth pulled keep what they were
+    // (BuildKit reuses existing blobs unless force-compression): a foreign layer stays a
+    // reference with prefer-nondist-layers, an uncompressed one stays uncompressed.
+    let mut push_layers: Vec<PushLayer> = Vec::with_capacity(layers.len());
     let mut compressed = 0;
     for l in &layers {
+        let src = if opts.force {
+            None
+        } else {
+            cache.source(&l.diff_id)
+        };
+        if let Some(src) = src
+            .as_ref()
+            .filter(|s| s.is_foreign() && opts.prefer_nondist)
+        {
+            push_layers.push(PushLayer {
+                media_type: src.media_type.clone(),
+                blob: CachedBlob {
+                    digest: src.digest.clone(),
+                    size: src.size,
+                    level: None,
+                    path: Default::default(),
+                },
+                urls: src.urls.clone(),
+                upload: false,
+            });
+            continue;
+        }
+        let compression = match src
+            .as_ref()
+            .and_then(|s| Compression::from_media_type(&s.media_type))
+        {
+            Some(Compression::Uncompressed) => Compression::Uncompressed,
+            _ => opts.compression,
+        };
         let source = l.source.clone().ok_or_else(|| Error::LayerUnavailable {
             diff_id: l.diff_id.clone(),
         })?;
         let (cache2, diff_id, o) = (cache.clone(), l.diff_id.clone(), opts.clone());
         let (blob, hit) = tokio::task::spawn_blocking(move || {
-            cache2.get_or_compress(&diff_id, o.compression, o.level, o.force, &|w| {
+            cache2.get_or_compress(&diff_id, compression, o.level, o.force, &|w| {
                 source.write_tar(w)
             })
         })
@@ -167,12 +214,16 @@ pub async fn push_image(
         if !hit {
             compressed += 1;
         }
-        blobs.push(blob);
+        push_layers.push(PushLayer {
+            media_type: compression.layer_media_type(oci).to_string(),
+            blob,
+            urls: vec![],
+            upload: true,
+        });
     }
     let config_blob = cache
         .put_bytes(config)
         .map_err(reg_err("store image config".into()))?;
-    let oci = opts.oci || opts.compression == Compression::Zstd;
     let manifest_type = if oci {
         registry::MEDIA_TYPE_OCI_MANIFEST
     } else {
@@ -183,7 +234,6 @@ pub async fn push_image(
     } else {
         "application/vnd.docker.container.image.v1+json"
     };
-    let layer_type = opts.compression.layer_media_type(oci);
     let manifest = serde_json::to_vec(&Manifest {
         schema_version: 2,
         media_type: manifest_type,
@@ -191,13 +241,15 @@ pub async fn push_image(
             media_type: config_type,
             digest: &config_blob.digest,
             size: config_blob.size,
+            urls: &[],
         },
-        layers: blobs
+        layers: push_layers
             .iter()
-            .map(|b| Desc {
-                media_type: layer_type,
-                digest: &b.digest,
-                size: b.size,
+            .map(|l| Desc {
+                media_type: &l.media_type,
+                digest: &l.blob.digest,
+                size: l.blob.size,
+                urls: &l.urls,
             })
             .collect(),
     })
@@ -209,7 +261,8 @@ pub async fn push_image(
     let mut digest = String::new();
     for (name, r) in names.iter().zip(&refs) {
         let mount_from = first_repo.get(r.domain()).cloned();
-        for b in blobs.iter().chain(std::iter::once(&config_blob)) {
+        let uploads = push_layers.iter().filter(|l| l.upload).map(|l| &l.blob);
+        for b in uploads.chain(std::iter::once(&config_blob)) {
             let p = progress.clone();
             let (n, d, total) = (name.clone(), b.digest.clone(), b.size);
             let report: registry::ProgressFn = Arc::new(move |cur| {

@@ -15,6 +15,7 @@
 //! ```text
 //! sha256/<hex>                         a compressed blob, named by its digest
 //! by-diffid/<diffid-hex>.<compression> JSON {"digest","size","level"}: the blob of that layer
+//! by-diffid/<diffid-hex>.source        JSON: the registry descriptor the layer was pulled with
 //! tmp/                                 blobs being written (removed at open)
 //! ```
 //!
@@ -319,6 +320,30 @@ pub struct CachedBlob {
     pub path: PathBuf,
 }
 
+/// Where a layer came from: its descriptor in the registry it was pulled from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerSourceRecord {
+    /// The reference it was pulled with.
+    pub reference: String,
+    /// Layer media type there (compression, foreign or not).
+    #[serde(rename = "mediaType")]
+    pub media_type: String,
+    /// Blob digest there.
+    pub digest: String,
+    /// Blob size.
+    pub size: u64,
+    /// URLs of a non-distributable (foreign) layer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub urls: Vec<String>,
+}
+
+impl LayerSourceRecord {
+    /// True for a non-distributable (foreign) layer.
+    pub fn is_foreign(&self) -> bool {
+        self.media_type.contains(".foreign.") || self.media_type.contains("nondistributable")
+    }
+}
+
 /// Compressed layer blobs by (diffID, compression); see the module docs.
 #[derive(Debug, Clone)]
 pub struct BlobCache {
@@ -386,6 +411,28 @@ impl BlobCache {
             .join(format!("{}.{n}", std::process::id()));
         let f = File::create(&p).map_err(io_err("create", &p))?;
         Ok((p, f))
+    }
+
+    /// Remembers where layer `diff_id` was pulled from (`by-diffid/<hex>.source`).
+    pub fn record_source(&self, diff_id: &str, rec: &LayerSourceRecord) -> Result<()> {
+        let (tmp, mut f) = self.tmp_file()?;
+        f.write_all(&serde_json::to_vec(rec).expect("record serialises"))
+            .and_then(|_| f.sync_all())
+            .map_err(io_err("write", &tmp))?;
+        let path = self
+            .dir
+            .join("by-diffid")
+            .join(format!("{}.source", hex_of(diff_id)));
+        std::fs::rename(&tmp, &path).map_err(io_err("rename", &tmp))
+    }
+
+    /// Where layer `diff_id` was pulled from, if berth pulled it.
+    pub fn source(&self, diff_id: &str) -> Option<LayerSourceRecord> {
+        let path = self
+            .dir
+            .join("by-diffid")
+            .join(format!("{}.source", hex_of(diff_id)));
+        serde_json::from_slice(&std::fs::read(path).ok()?).ok()
     }
 
     /// Stores `bytes` (a config or manifest) as a blob; returns it.

@@ -22,7 +22,9 @@ mod platform;
 pub mod reference;
 
 pub use auth::{Anonymous, AuthProvider, Credentials, StaticCredentials, Token, TokenRequest};
-pub use blobs::{BlobCache, BlockingBlob, CachedBlob, Compression, LayerVerifier};
+pub use blobs::{
+    BlobCache, BlockingBlob, CachedBlob, Compression, LayerSourceRecord, LayerVerifier,
+};
 pub use client::{
     BlobStream, Descriptor, Fetched, Image, IndexPlatform, Manifest, ProgressFn, PushedBlob,
     Registry, Session, ATTEMPTS, MAX_MANIFEST_SIZE, MEDIA_TYPE_DOCKER_LIST,

@@ -78,6 +78,9 @@ pub struct WorkerOptions {
     pub docker_data_root: Option<PathBuf>,
     /// Registry client (buildkitd.toml's `[registry."host"]`) for images Docker lacks.
     pub registry: registry::Registry,
+    /// Where pulls record each layer's registry descriptor (pushes reuse foreign and
+    /// uncompressed layers as they were); `None`: not recorded.
+    pub blobs: Option<registry::BlobCache>,
     /// Entitlements the daemon allows at all (`network.host`, `security.insecure`); a build
     /// gets an entitlement only if it asks for it and it is listed here.
     pub allowed_entitlements: Vec<String>,
@@ -98,6 +101,7 @@ impl WorkerOptions {
             docker: None,
             docker_data_root: None,
             registry: registry::Registry::new(registry::Hosts::new(Default::default())),
+            blobs: None,
             allowed_entitlements: vec![],
             default_platform: Platform::host(),
         }

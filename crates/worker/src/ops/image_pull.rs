@@ -192,6 +192,24 @@ pub(crate) async fn pull_into_engine(
     Ok(())
 }
 
+/// Records where each layer of `img` came from in the blob cache (see
+/// [`registry::LayerSourceRecord`]); failures are logged, never fatal.
+pub(crate) fn record_sources(cache: Option<&registry::BlobCache>, img: &Image) {
+    let Some(cache) = cache else { return };
+    for (d, diff_id) in img.manifest.layers.iter().zip(&img.diff_ids) {
+        let rec = registry::LayerSourceRecord {
+            reference: img.reference.to_string(),
+            media_type: d.media_type.clone(),
+            digest: d.digest.clone(),
+            size: d.size,
+            urls: d.urls.clone(),
+        };
+        if let Err(e) = cache.record_source(diff_id, &rec) {
+            tracing::warn!(%diff_id, error = %e, "recording a pulled layer's source failed");
+        }
+    }
+}
+
 /// Tags `img` in the Engine as its reference, when that has a tag (as `docker pull` does).
 pub(crate) async fn tag_in_engine(docker: &Docker, img: &Image) -> Result<()> {
     let r = &img.reference;

@@ -109,7 +109,7 @@ pub(crate) fn new(op: &LoadedOp, env: &Arc<BuildEnv>) -> Result<Arc<dyn Op<Snap>
             _ => {
                 return Err(Error::invalid_op(
                     &op.digest,
-                    format!("invalid image.layerlimit {v:?}: expected an integer > 0"),
+                    format!("invalid layer limit {v}: image.layerlimit must be an integer > 0"),
                 ))
             }
         },
@@ -548,6 +548,7 @@ impl ImageSource {
             })?;
             tracing::info!(reference = %img.reference, %id, "pulling image into the Docker Engine");
             image_pull::pull_into_engine(docker, &session, &img, layerdb, &tmp, &progress).await?;
+            image_pull::record_sources(self.env.opts.blobs.as_ref(), &img);
         }
         image_pull::tag_in_engine(docker, &img).await?;
         Ok(id)
@@ -564,12 +565,14 @@ impl ImageSource {
             vertex: ctx.vertex.clone(),
         };
         let root = root.to_path_buf();
+        let blobs = self.env.opts.blobs.clone();
         let handle = tokio::runtime::Handle::current();
         blocking(move || {
             let store = DockerStore::new(&root, dockerstore::offline_driver(&root));
             let writer = dockerstore::OfflineWriter::open(store, &Default::default())
                 .map_err(|e| store_err(format!("open Docker data root {}", root.display()), e))?;
             image_pull::pull_into_data_root(&writer, &session, &img, &progress, handle)?;
+            image_pull::record_sources(blobs.as_ref(), &img);
             Ok(())
         })
         .await
