@@ -11,7 +11,10 @@
 //! Pulls go through berth's registry client (`registry` crate: buildkitd.toml's mirrors, TLS and
 //! auth, the session's credentials and tokens) and register the image in the Engine once
 //! ([`super::image_pull`]: thin load of verified blobs, one download for concurrent builds,
-//! per-layer progress), then tag it as the reference, as `docker pull` would.
+//! per-layer progress), then tag it as the reference, as `docker pull` would. Each pulled
+//! layer's registry descriptor is recorded in the blob cache (pushes keep foreign and
+//! uncompressed layers as they were); for an image Docker already had, the descriptors are
+//! looked up once, bounded by [`LEARN_TIMEOUT`], when berth has none (failures ignored).
 //!
 //! The image is then pinned by ID for the rest of the build (a never-started container, see
 //! [`layerstore::dockerstore::pin_image`], labelled with instance `worker:<root>`; the pin is
@@ -69,6 +72,8 @@ const API_VERSION: bollard::ClientVersion = bollard::ClientVersion {
 const API_TIMEOUT_SECS: u64 = 3600;
 /// How long a `/_ping` may take before the Engine counts as not answering.
 const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+/// Longest look at the registry for the layer descriptors of an image Docker already has.
+const LEARN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 /// How often an offline-resolved build checks whether dockerd has been started (to pin).
 const OFFLINE_WATCH: std::time::Duration = std::time::Duration::from_millis(250);
 
@@ -341,7 +346,14 @@ impl ImageSource {
         };
         let id = match (self.mode, docker.inspect_image(&self.reference).await) {
             (ResolveMode::Pull, _) => self.pull(&docker, ctx).await?,
-            (_, Ok(i)) => i.id.unwrap_or_default(),
+            (mode, Ok(i)) => {
+                let id = i.id.unwrap_or_default();
+                if mode == ResolveMode::Default {
+                    self.learn_sources(&id, i.root_fs.and_then(|r| r.layers).unwrap_or_default())
+                        .await;
+                }
+                id
+            }
             (
                 ResolveMode::Default,
                 Err(bollard::errors::Error::DockerResponseServerError {
@@ -506,6 +518,42 @@ impl ImageSource {
             .await
             .map_err(image_pull::registry_err)?;
         Ok((session, img))
+    }
+
+    /// For an image found in Docker whose layers berth has no registry descriptors for (it was
+    /// not pulled by this berth root): one quick, bounded look at the registry, so a later push
+    /// can keep foreign and uncompressed layers as they were. Recorded only when the registry's
+    /// image is this image ID; failures (offline, no such registry) are ignored, and each image
+    /// ID is tried once per process.
+    async fn learn_sources(&self, id: &str, diff_ids: Vec<String>) {
+        let Some(cache) = self.env.opts.blobs.as_ref() else {
+            return;
+        };
+        if diff_ids.iter().all(|d| cache.source(d).is_some()) {
+            return;
+        }
+        static TRIED: std::sync::OnceLock<std::sync::Mutex<std::collections::HashSet<String>>> =
+            std::sync::OnceLock::new();
+        if !TRIED
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap()
+            .insert(format!("{}|{id}", self.reference))
+        {
+            return;
+        }
+        match tokio::time::timeout(LEARN_TIMEOUT, self.resolve_remote()).await {
+            Ok(Ok((_, img))) if img.config_digest() == id => {
+                image_pull::record_sources(Some(cache), &img);
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(reference = %self.reference, error = %e, "no registry descriptors for a local image")
+            }
+            Err(_) => {
+                tracing::debug!(reference = %self.reference, "registry lookup for a local image timed out")
+            }
+        }
     }
 
     /// Pulls the image into the live Engine unless it has it (module `image_pull`); returns
