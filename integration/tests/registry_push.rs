@@ -16,6 +16,8 @@ fn count_files(dir: &std::path::Path) -> usize {
     std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
 }
 
+/// Access-log lines of the registry containing every needle (the access log quotes the request
+/// line: `"PUT /v2/… HTTP/1.1" 201 …`).
 fn log_lines(reg: &Registry, needle: &[&str]) -> usize {
     reg.log_tail()
         .lines()
@@ -75,19 +77,22 @@ async fn push_names_compression_by_digest_and_blob_cache() {
     // Blobs were uploaded to the first repository only; the second mounted them.
     let n_blobs = layers.len() + 1;
     assert_eq!(
-        log_lines(&reg, &["PUT", &format!("/v2/{repo_a}/blobs/uploads/")]),
+        log_lines(&reg, &[&format!("\"PUT /v2/{repo_a}/blobs/uploads/")]),
         n_blobs,
         "{}",
         reg.log_tail()
     );
     assert_eq!(
-        log_lines(&reg, &["PUT", &format!("/v2/{repo_b}/blobs/uploads/")]),
+        log_lines(&reg, &[&format!("\"PUT /v2/{repo_b}/blobs/uploads/")]),
         0
     );
     assert_eq!(
         log_lines(
             &reg,
-            &["POST", &format!("/v2/{repo_b}/blobs/uploads/?mount=")]
+            &[
+                &format!("\"POST /v2/{repo_b}/blobs/uploads/?mount="),
+                "\" 201 "
+            ]
         ),
         n_blobs
     );

@@ -404,7 +404,9 @@ fn push_options(attrs: &BTreeMap<String, String>) -> Result<exporter::PushOption
     })
 }
 
-/// Pushes every name of the export with berth's registry client (module docs).
+/// Pushes every name of the export with berth's registry client (module docs). Names go in one
+/// push (so later repositories on a registry mount the blobs of the first); with
+/// `registry.insecure` each name gets a client of its own for its domain.
 #[allow(clippy::too_many_arguments)]
 async fn push_names(
     opts: &ImageExportOptions,
@@ -425,29 +427,47 @@ async fn push_names(
     )));
     let auth: Arc<dyn registry::AuthProvider> = Arc::new(auth);
     let started = SystemTime::now();
-    let mut pushed = None;
+    let mut groups: Vec<(registry::Registry, Vec<String>)> = Vec::new();
     for name in &result.names {
         let r = registry::Reference::parse(name)
             .map_err(|e| Error::invalid(format!("exporter image: push {name}: {e}")))?;
-        let client = if insecure {
-            registry::Registry::insecure_for(r.domain())
+        if insecure {
+            groups.push((
+                registry::Registry::insecure_for(r.domain()),
+                vec![name.clone()],
+            ));
+        } else if let Some(g) = groups.first_mut() {
+            g.1.push(name.clone());
         } else {
-            opts.registry.clone()
-        };
-        let session = client.session(auth.clone());
-        let id = format!("pushing {name}");
-        progress.status(vertex, &id, "", 0, 0, Some(started), None);
-        let (p, v, idc) = (progress.clone(), vertex.to_string(), id.clone());
-        let sent = Arc::new(std::sync::Mutex::new(BTreeMap::<String, (u64, u64)>::new()));
-        let report: exporter::PushProgress = Arc::new(move |ev| match ev {
+            groups.push((opts.registry.clone(), vec![name.clone()]));
+        }
+    }
+    for name in &result.names {
+        progress.status(
+            vertex,
+            &format!("pushing {name}"),
+            "",
+            0,
+            0,
+            Some(started),
+            None,
+        );
+    }
+    // Per name: bytes of each blob (current, total), for the `pushing <name>` status.
+    type Sent = BTreeMap<String, BTreeMap<String, (u64, u64)>>;
+    let sent: Arc<std::sync::Mutex<Sent>> = Default::default();
+    let (p, v) = (progress.clone(), vertex.to_string());
+    let report: exporter::PushProgress = Arc::new(move |ev| {
+        let now = SystemTime::now();
+        match ev {
             exporter::PushEvent::Blob {
+                name,
                 digest,
                 current,
                 total,
                 done,
                 ..
             } => {
-                let now = SystemTime::now();
                 p.status(
                     &v,
                     &digest,
@@ -458,37 +478,58 @@ async fn push_names(
                     done.then_some(now),
                 );
                 let mut m = sent.lock().unwrap();
-                m.insert(digest, (current, total));
-                let cur: u64 = m.values().map(|x| x.0).sum();
-                let all: u64 = m.values().map(|x| x.1).sum();
-                p.status(&v, &idc, "", cur as i64, all as i64, Some(started), None);
+                let per = m.entry(name.clone()).or_default();
+                per.insert(digest, (current, total));
+                let cur: u64 = per.values().map(|x| x.0).sum();
+                let all: u64 = per.values().map(|x| x.1).sum();
+                let id = format!("pushing {name}");
+                p.status(&v, &id, "", cur as i64, all as i64, Some(started), None);
             }
-            exporter::PushEvent::Manifest { .. } => {}
-        });
-        let res = exporter::push_image(
+            exporter::PushEvent::Manifest { name, digest } => {
+                let all: u64 = sent
+                    .lock()
+                    .unwrap()
+                    .get(&name)
+                    .map(|per| per.values().map(|x| x.1).sum())
+                    .unwrap_or(0);
+                let id = format!("pushing {name}");
+                p.status(
+                    &v,
+                    &id,
+                    "",
+                    all as i64,
+                    all as i64,
+                    Some(started),
+                    Some(now),
+                );
+                p.status(
+                    &v,
+                    &format!("pushing manifest for {name}@{digest}"),
+                    "",
+                    0,
+                    0,
+                    Some(now),
+                    Some(SystemTime::now()),
+                );
+            }
+        }
+    });
+    let mut pushed = None;
+    for (client, names) in groups {
+        let session = client.session(auth.clone());
+        let p = exporter::push_image(
             store,
             chain,
             &result.config,
-            std::slice::from_ref(name),
+            &names,
             &session,
             &opts.blobs,
             &popts,
-            report,
+            report.clone(),
         )
-        .await;
-        let done = SystemTime::now();
-        progress.status(vertex, &id, "", 0, 0, Some(started), Some(done));
-        let p = res.map_err(|e| Error::unavailable(format!("exporter image: {e}")))?;
-        progress.status(
-            vertex,
-            &format!("pushing manifest for {name}@{}", p.digest),
-            "",
-            0,
-            0,
-            Some(done),
-            Some(SystemTime::now()),
-        );
-        tracing::info!(name, digest = %p.digest, uploaded = p.bytes_uploaded, compressed = p.layers_compressed, "pushed");
+        .await
+        .map_err(|e| Error::unavailable(format!("exporter image: {e}")))?;
+        tracing::info!(names = ?names, digest = %p.digest, uploaded = p.bytes_uploaded, compressed = p.layers_compressed, "pushed");
         pushed.get_or_insert(p);
     }
     pushed

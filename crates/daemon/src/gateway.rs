@@ -164,15 +164,35 @@ impl Gateway {
         r: &gw::ResolveImageConfigRequest,
     ) -> Result<(String, Vec<u8>)> {
         let mode = r.resolve_mode.as_str();
+        let mut local_miss = None;
         if mode != "pull" {
             match self.docker.image_config(&r.r#ref).await {
                 Ok(v) => return Ok(v),
                 Err(e @ Error::NotFound { .. }) if mode != "local" => {
                     tracing::debug!(reference = %r.r#ref, error = %e, "image config not in Docker, resolving in the registry");
+                    local_miss = Some(e);
                 }
                 Err(e) => return Err(e),
             }
         }
+        match self.resolve_config_remote(job, r).await {
+            Ok(v) => Ok(v),
+            // Not in Docker and not reachable in a registry: say both, as "not found".
+            Err(e) => match local_miss {
+                Some(Error::NotFound { what }) => Err(Error::NotFound {
+                    what: format!("{what}; and from its registry: {e}"),
+                }),
+                _ => Err(e),
+            },
+        }
+    }
+
+    /// `ResolveImageConfig` from the reference's registry.
+    async fn resolve_config_remote(
+        &self,
+        job: &Arc<Job>,
+        r: &gw::ResolveImageConfigRequest,
+    ) -> Result<(String, Vec<u8>)> {
         let reference = registry::Reference::parse(&r.r#ref).map_err(Error::registry)?;
         let platform = r
             .platform
