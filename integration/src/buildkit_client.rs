@@ -419,7 +419,7 @@ impl BuildkitClient {
             Output::Tar(_) => ("tar".to_string(), BTreeMap::new()),
             Output::Docker(_, a) => ("docker".to_string(), a.clone()),
             Output::Oci(_, a) => ("oci".to_string(), a.clone()),
-            Output::Raw(t, a) => (t.clone(), a.clone()),
+            Output::Raw(t, a) | Output::Declined(t, a) => (t.clone(), a.clone()),
         };
         #[allow(deprecated)]
         let solve_req = control::SolveRequest {
@@ -532,6 +532,7 @@ impl BuildkitClient {
             ),
         };
         let session_closed_ok = session.close(Duration::from_secs(5)).await;
+        let exporter_md = session.state.exporter_md.lock().unwrap().clone();
         Ok(BuildReport {
             build_ref,
             pong,
@@ -545,6 +546,7 @@ impl BuildkitClient {
             session_closed_ok,
             file_sync_bytes: session.state.file_sync_bytes.load(Ordering::Relaxed),
             file_sync_requests: session.state.file_sync_requests.load(Ordering::Relaxed),
+            exporter_md,
         })
     }
 }
@@ -590,6 +592,9 @@ pub enum Output {
     Oci(PathBuf, BTreeMap<String, String>),
     /// Any exporter type and attributes (no client-side target).
     Raw(String, BTreeMap<String, String>),
+    /// An exporter type and attributes whose client-side file target declines the stream with
+    /// `AlreadyExists`, as BuildKit's client does when its output callback returns no writer.
+    Declined(String, BTreeMap<String, String>),
 }
 
 /// What to build.
@@ -641,6 +646,8 @@ pub struct BuildReport {
     pub file_sync_bytes: u64,
     /// Files the daemon requested from FileSync.
     pub file_sync_requests: u64,
+    /// The `exporter-md-*` headers of the daemon's FileSend stream (prefix stripped).
+    pub exporter_md: BTreeMap<String, String>,
 }
 
 impl BuildReport {
@@ -681,9 +688,20 @@ pub struct Attachables {
     pub file_sync_bytes: Arc<AtomicU64>,
     /// Files the daemon requested through FileSync (filled in while the session runs).
     pub file_sync_requests: Arc<AtomicU64>,
+    /// The `exporter-md-*` headers of the daemon's FileSend stream, prefix stripped.
+    pub exporter_md: Arc<std::sync::Mutex<BTreeMap<String, String>>>,
 }
 
 impl Attachables {
+    fn record_exporter_md(&self, headers: &http::HeaderMap) {
+        let mut md = self.exporter_md.lock().unwrap();
+        for (k, v) in headers {
+            if let Some(k) = k.as_str().strip_prefix("exporter-md-") {
+                md.insert(k.to_string(), v.to_str().unwrap_or_default().to_string());
+            }
+        }
+    }
+
     fn methods(&self) -> Vec<&'static str> {
         let mut m = vec![
             "/grpc.health.v1.Health/Check",
@@ -698,7 +716,11 @@ impl Attachables {
         }
         if matches!(
             self.output,
-            Output::Local(_) | Output::Tar(_) | Output::Docker(..) | Output::Oci(..)
+            Output::Local(_)
+                | Output::Tar(_)
+                | Output::Docker(..)
+                | Output::Oci(..)
+                | Output::Declined(..)
         ) {
             m.push("/moby.filesync.v1.FileSend/DiffCopy");
         }
@@ -967,25 +989,31 @@ impl tower::Service<http::Request<hyper::body::Incoming>> for SessionServer {
                         .streaming(FileSyncSvc(state.clone()), req)
                         .await
                 }
-                "/moby.filesync.v1.FileSend/DiffCopy" => match &state.output {
-                    Output::Local(dir) => {
-                        let codec: tonic_prost::ProstCodec<WirePacket, WirePacket> =
-                            Default::default();
-                        tonic::server::Grpc::new(codec)
-                            .streaming(FileReceiveSvc(dir.clone()), req)
-                            .await
+                "/moby.filesync.v1.FileSend/DiffCopy" => {
+                    state.record_exporter_md(req.headers());
+                    match &state.output {
+                        Output::Declined(..) => {
+                            tonic::Status::already_exists("target already exists").into_http()
+                        }
+                        Output::Local(dir) => {
+                            let codec: tonic_prost::ProstCodec<WirePacket, WirePacket> =
+                                Default::default();
+                            tonic::server::Grpc::new(codec)
+                                .streaming(FileReceiveSvc(dir.clone()), req)
+                                .await
+                        }
+                        Output::Tar(file) | Output::Docker(file, _) | Output::Oci(file, _) => {
+                            let codec: tonic_prost::ProstCodec<
+                                protos::moby::filesync::v1::BytesMessage,
+                                protos::moby::filesync::v1::BytesMessage,
+                            > = Default::default();
+                            tonic::server::Grpc::new(codec)
+                                .streaming(FileWriteSvc(file.clone()), req)
+                                .await
+                        }
+                        _ => tonic::Status::unimplemented("no output target").into_http(),
                     }
-                    Output::Tar(file) | Output::Docker(file, _) | Output::Oci(file, _) => {
-                        let codec: tonic_prost::ProstCodec<
-                            protos::moby::filesync::v1::BytesMessage,
-                            protos::moby::filesync::v1::BytesMessage,
-                        > = Default::default();
-                        tonic::server::Grpc::new(codec)
-                            .streaming(FileWriteSvc(file.clone()), req)
-                            .await
-                    }
-                    _ => tonic::Status::unimplemented("no output target").into_http(),
-                },
+                }
                 other => {
                     tonic::Status::unimplemented(format!("{other} is not served by this session"))
                         .into_http()

@@ -6,7 +6,10 @@
 //!   (containerd re-checks diffIDs while unpacking), for gzip, zstd and uncompressed layers;
 //! - `--output type=docker,thin=true` (and the `[exporter.docker] thin` config default): the
 //!   archive carries only the layers the system dockerd lacks, and `docker load` of it into that
-//!   dockerd gives a runnable image with the build's image ID.
+//!   dockerd gives a runnable image with the build's image ID;
+//! - `type=docker` archives are OCI image layouts too (as buildkitd's), and both formats tell the
+//!   client the digests in the stream's `exporter-md-*` headers before any byte; a client that
+//!   declines the target (`AlreadyExists`) still gets the exporter response.
 //!
 //! Needs root, runc, overlayfs, containerd/ctr and the system Docker Engine.
 
@@ -420,20 +423,179 @@ async fn oci_output_attributes_follow_buildkitd() {
     }
 }
 
-/// Size of every `*/layer.tar` in a docker-archive, and the manifest's layer count.
+/// Size of every layer tar a docker-archive carries (the `manifest.json` layers present as
+/// files), their count, and the manifest's layer count.
 fn docker_archive_layers(path: &Path) -> (u64, usize, usize) {
     let files = tar_files(path);
-    let tars: Vec<&Vec<u8>> = files
-        .iter()
-        .filter(|(p, _)| p.ends_with("/layer.tar"))
-        .map(|(_, v)| v)
-        .collect();
     let manifest = json(&files["manifest.json"]);
+    let listed: Vec<&str> = manifest[0]["Layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap())
+        .collect();
+    let mut carried: Vec<&str> = listed
+        .iter()
+        .copied()
+        .filter(|l| files.contains_key(*l))
+        .collect();
+    carried.dedup();
     (
-        tars.iter().map(|v| v.len() as u64).sum(),
-        tars.len(),
-        manifest[0]["Layers"].as_array().unwrap().len(),
+        carried.iter().map(|l| files[*l].len() as u64).sum(),
+        carried.len(),
+        listed.len(),
     )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_output_is_an_oci_layout_too_and_headers_carry_the_digests() {
+    require_root();
+    let engine = DockerEngine::system().unwrap();
+    let base = busybox_image(&engine).await.unwrap();
+    let base_diff_ids = engine.image_layers(base.reference()).await.unwrap();
+    let berthd = Berthd::start(&[]).unwrap();
+    let client = berthd.client().await.unwrap();
+    let def = llb::State::from(llb::image(base.reference()))
+        .run(RunOpts::shell("echo layout > /made"))
+        .root()
+        .marshal()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let name = format!("{}:1", unique_name("berth-test/docker-layout"));
+    let build = |output: Output| {
+        let client = &client;
+        let def = def.clone();
+        let berthd = &berthd;
+        async move {
+            let report = client
+                .build(BuildOptions {
+                    definition: Some(def),
+                    output,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            let resp = report
+                .solve
+                .as_ref()
+                .unwrap_or_else(|e| panic!("solve failed: {e}\n{}", berthd.log_text()))
+                .exporter_response
+                .clone();
+            (resp, report.exporter_md)
+        }
+    };
+    let named = BTreeMap::from([("name".to_string(), name.clone())]);
+
+    // The docker archive: manifest.json for docker load, and an OCI layout of the same image.
+    let path = dir.path().join("docker.tar");
+    let (resp, md) = build(Output::Docker(path.clone(), named.clone())).await;
+    assert_eq!(resp["image.name"], format!("docker.io/{name}"));
+    for k in [
+        "containerimage.digest",
+        "containerimage.config.digest",
+        "containerimage.descriptor",
+        "image.name",
+    ] {
+        assert_eq!(md.get(k), resp.get(k), "header {k}: {md:?} vs {resp:?}");
+    }
+    let files = tar_files(&path);
+    assert_eq!(
+        json(&files["oci-layout"]),
+        serde_json::json!({"imageLayoutVersion": "1.0.0"})
+    );
+    for (p, data) in &files {
+        if let Some(hex) = p.strip_prefix("blobs/sha256/") {
+            assert_eq!(sha256(data), format!("sha256:{hex}"), "blob {p}");
+        }
+    }
+    let index = json(&files["index.json"]);
+    let m = &index["manifests"][0];
+    assert_eq!(index["manifests"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        m["mediaType"],
+        "application/vnd.docker.distribution.manifest.v2+json"
+    );
+    assert_eq!(
+        m["digest"].as_str(),
+        Some(resp["containerimage.digest"].as_str())
+    );
+    assert_eq!(
+        m["annotations"]["io.containerd.image.name"],
+        format!("docker.io/{name}")
+    );
+    assert_eq!(m["annotations"]["org.opencontainers.image.ref.name"], "1");
+    let blob = |d: &str| &files[&format!("blobs/sha256/{}", d.strip_prefix("sha256:").unwrap())];
+    let manifest = json(blob(m["digest"].as_str().unwrap()));
+    assert_eq!(
+        manifest["config"]["digest"].as_str(),
+        Some(resp["containerimage.config.digest"].as_str())
+    );
+    let config = json(blob(&resp["containerimage.config.digest"]));
+    let diff_ids: Vec<&str> = config["rootfs"]["diff_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_str().unwrap())
+        .collect();
+    assert_eq!(&diff_ids[..base_diff_ids.len()], &base_diff_ids[..]);
+    let layers: Vec<&str> = manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        layers, diff_ids,
+        "uncompressed layers: blob digest = diffID"
+    );
+    let dm = json(&files["manifest.json"]);
+    assert_eq!(dm.as_array().unwrap().len(), 1);
+    assert_eq!(dm[0]["RepoTags"], serde_json::json!([name]));
+    assert_eq!(
+        dm[0]["Config"],
+        format!(
+            "blobs/sha256/{}",
+            resp["containerimage.config.digest"]
+                .strip_prefix("sha256:")
+                .unwrap()
+        )
+    );
+    let dm_layers: Vec<String> = diff_ids
+        .iter()
+        .map(|d| format!("blobs/sha256/{}", d.strip_prefix("sha256:").unwrap()))
+        .collect();
+    assert_eq!(dm[0]["Layers"], serde_json::json!(dm_layers));
+
+    // Declined targets (BuildKit's client returns no writer when the target exists): the export
+    // succeeds with the same digests it would have sent, for both formats.
+    let (declined, md) = build(Output::Declined("docker".into(), named.clone())).await;
+    assert_eq!(
+        declined["containerimage.digest"],
+        resp["containerimage.digest"]
+    );
+    assert_eq!(
+        md.get("containerimage.digest"),
+        resp.get("containerimage.digest")
+    );
+    let oci_path = dir.path().join("oci.tar");
+    let (oci_resp, oci_md) = build(Output::Oci(oci_path, BTreeMap::new())).await;
+    assert_eq!(
+        oci_md.get("containerimage.digest"),
+        oci_resp.get("containerimage.digest")
+    );
+    let (declined, md) = build(Output::Declined("oci".into(), BTreeMap::new())).await;
+    assert_eq!(
+        declined["containerimage.digest"],
+        oci_resp["containerimage.digest"]
+    );
+    assert_eq!(
+        declined["containerimage.config.digest"],
+        resp["containerimage.config.digest"]
+    );
+    assert_eq!(
+        md.get("containerimage.digest"),
+        oci_resp.get("containerimage.digest")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,6 +12,13 @@
 //! compressed, then `exporting config …`/`exporting manifest …`; for a thin `docker` archive: the
 //! layers left out because Docker has them, with the bytes saved).
 //!
+//! The image formats answer as buildkitd's: `containerimage.digest`, `containerimage.config.digest`,
+//! `containerimage.descriptor` and `image.name` (normalized names), also sent to the client as the
+//! stream's `exporter-md-*` headers before any byte (so they are known before the tar is
+//! written); a client that declines the target (`AlreadyExists`) gets the same response. A
+//! `docker` archive is an OCI image layout too (`oci-layout`, `index.json`, `blobs/sha256/…`
+//! beside `manifest.json`, whose `RepoTags` are the familiar names), with uncompressed layers.
+//!
 //! Attributes: `docker` takes `name`, `source-date-epoch` and `thin` (berth's: leave out the
 //! layers the bound Docker Engine has; default from `[exporter.docker] thin` in the config).
 //! `oci` takes `name`, `source-date-epoch`, `compression` (`gzip` default, `zstd`,
@@ -227,28 +234,63 @@ impl ImageCtx<'_> {
     }
 
     /// Runs `write` on the blocking pool with a writer whose chunks go to the client through
-    /// FileSend, counted into the `sending tarball` status.
-    async fn stream<T: Send + 'static>(
+    /// FileSend, counted into the `sending tarball` status. `write` calls its `ready` argument
+    /// with the image's digests before it writes anything: the stream opens only then, with the
+    /// exporter response as `exporter-md-*` headers, as buildkitd sends them (the client's
+    /// output callback sees them). When the client declines the target (`AlreadyExists`), the
+    /// export succeeds with that response, as in buildkitd.
+    async fn stream_image(
         &self,
         what: &'static str,
-        write: impl FnOnce(&mut dyn Write) -> exporter::Result<T> + Send + 'static,
-    ) -> Result<T> {
+        write: impl FnOnce(
+                &mut dyn Write,
+                &mut dyn FnMut(&exporter::ImageExportResult) -> exporter::Result<()>,
+            ) -> exporter::Result<exporter::ImageExportResult>
+            + Send
+            + 'static,
+    ) -> Result<BTreeMap<String, String>> {
         let (tx, rx) = mpsc::channel::<Bytes>(8);
-        let counted = counted(rx, self.report.clone());
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<exporter::ImageExportResult>();
         let producer = tokio::task::spawn_blocking(move || {
             let mut w = ChunkWriter::new(tx);
-            let r =
-                write(&mut w).map_err(|e| Error::unavailable(format!("{what}: {}", chain(&e))))?;
+            let mut ready_tx = Some(ready_tx);
+            let mut ready = |r: &exporter::ImageExportResult| {
+                if let Some(t) = ready_tx.take() {
+                    // The receiver is gone only when the export was abandoned; the next write
+                    // then fails with the reason.
+                    let _ = t.send(r.clone());
+                }
+                Ok(())
+            };
+            let r = write(&mut w, &mut ready)
+                .map_err(|e| Error::unavailable(format!("{what}: {}", chain(&e))))?;
             w.flush()
                 .map_err(|e| Error::unavailable(format!("{what}: {e}")))?;
             Ok::<_, Error>(r)
         });
-        let send = calls::send_bytes(self.session, counted, &[]);
+        let first = match ready_rx.await {
+            Ok(r) => r,
+            // The writer failed before it knew the digests: nothing was sent.
+            Err(_) => {
+                return match producer.await {
+                    Ok(Err(e)) => Err(e),
+                    Ok(Ok(_)) => Err(Error::internal(format!(
+                        "{what}: the writer finished without announcing the image"
+                    ))),
+                    Err(e) => Err(Error::internal(format!("{what} task: {e}"))),
+                }
+            }
+        };
+        let md: Vec<(String, String)> = image_response(&first).into_iter().collect();
+        let counted = counted(rx, self.report.clone());
+        let send = calls::send_bytes(self.session, counted, &md);
         let (sent, produced) = tokio::join!(send, producer);
         let produced = produced.map_err(|e| Error::internal(format!("{what} task: {e}")))?;
         // The client's error (it stopped reading) explains a failed write better than the write.
-        sent?;
-        produced
+        if !sent? {
+            return Ok(image_response(&first));
+        }
+        produced.map(|r| image_response(&r))
     }
 }
 
@@ -374,9 +416,10 @@ async fn send_docker(
     thin: bool,
 ) -> Result<BTreeMap<String, String>> {
     let chain = cx.chain();
-    let names = crate::export_image::names(attrs, cx.metadata);
+    let names = normalized_names(attrs, cx.metadata)?;
     let config = cx.metadata.get("containerimage.config").map(|b| b.to_vec());
     let epoch = cx.epoch()?;
+    let created = epoch.unwrap_or_else(chrono::Utc::now);
     let started = SystemTime::now();
     let presence = if thin {
         let opts = &cx.backend.image_export;
@@ -397,8 +440,9 @@ async fn send_docker(
     let store = cx.backend.store.clone();
     let progress = cx.progress.clone();
     let vertex = cx.vertex.to_string();
-    let r = cx
-        .stream("exporter docker", move |w| {
+    let (sent_tx, sent_rx) = std::sync::mpsc::channel::<(usize, u64, usize, u64)>();
+    let response = cx
+        .stream_image("exporter docker", move |w, ready| {
             let req = exporter::ImageExportRequest {
                 chain: &chain,
                 config: config.as_deref(),
@@ -421,25 +465,42 @@ async fn send_docker(
                     Some(SystemTime::now()),
                 );
             };
-            exporter::write_docker_client_archive(&store, &req, presence.as_ref(), &mut on_layer, w)
+            let r = exporter::write_docker_client_archive(
+                &store,
+                &req,
+                presence.as_ref(),
+                &created,
+                &mut on_layer,
+                ready,
+                w,
+            )?;
+            let _ = sent_tx.send((
+                r.layers_sent,
+                r.bytes_sent,
+                r.layers_skipped,
+                r.bytes_skipped,
+            ));
+            Ok(r)
         })
         .await?;
-    cx.done("exporting layers", r.bytes_sent, r.bytes_sent, started);
-    crate::observe::export_layers(
-        if thin { "docker-thin" } else { "docker" },
-        r.layers_sent,
-        r.bytes_sent,
-        r.layers_skipped,
-        r.bytes_skipped,
-    );
-    if r.layers_skipped > 0 {
-        let id = format!(
-            "{} layers already in Docker ({} bytes not sent)",
-            r.layers_skipped, r.bytes_skipped
+    // Counts only when the archive was written (not when the client declined it).
+    if let Ok((layers_sent, bytes_sent, layers_skipped, bytes_skipped)) = sent_rx.try_recv() {
+        cx.done("exporting layers", bytes_sent, bytes_sent, started);
+        crate::observe::export_layers(
+            if thin { "docker-thin" } else { "docker" },
+            layers_sent,
+            bytes_sent,
+            layers_skipped,
+            bytes_skipped,
         );
-        cx.done(&id, r.bytes_skipped, r.bytes_skipped, started);
+        if layers_skipped > 0 {
+            let id = format!(
+                "{layers_skipped} layers already in Docker ({bytes_skipped} bytes not sent)"
+            );
+            cx.done(&id, bytes_skipped, bytes_skipped, started);
+        }
     }
-    Ok(image_response(&r))
+    Ok(response)
 }
 
 /// `type=oci`: the image as an OCI image layout tar streamed to the client.
@@ -468,105 +529,103 @@ async fn send_oci(
     let progress = cx.progress.clone();
     let vertex = cx.vertex.to_string();
     let started = SystemTime::now();
-    let r = cx
-        .stream("exporter oci", move |w| {
-            let req = exporter::ImageExportRequest {
-                chain: &chain,
-                config: config.as_deref(),
-                names: opts.names.clone(),
-                epoch,
-            };
-            let mut layer_started = SystemTime::now();
-            let mut done_bytes = 0u64;
-            let st = |id: &str, action: &str, cur: u64, tot: u64, from: SystemTime, end: bool| {
-                progress.status(
-                    &vertex,
-                    id,
+    cx.stream_image("exporter oci", move |w, ready| {
+        let req = exporter::ImageExportRequest {
+            chain: &chain,
+            config: config.as_deref(),
+            names: opts.names.clone(),
+            epoch,
+        };
+        let mut layer_started = SystemTime::now();
+        let mut done_bytes = 0u64;
+        let st = |id: &str, action: &str, cur: u64, tot: u64, from: SystemTime, end: bool| {
+            progress.status(
+                &vertex,
+                id,
+                action,
+                cur as i64,
+                tot as i64,
+                Some(from),
+                end.then(SystemTime::now),
+            );
+        };
+        let mut on = |p: exporter::OciProgress| match p {
+            exporter::OciProgress::Layer {
+                diff_id,
+                done,
+                size,
+            } => {
+                if done == 0 {
+                    layer_started = SystemTime::now();
+                }
+                let action = if opts.compression == exporter::Compression::Uncompressed {
+                    "sending"
+                } else {
+                    "compressing"
+                };
+                st(
+                    &format!("exporting layer {diff_id}"),
                     action,
-                    cur as i64,
-                    tot as i64,
-                    Some(from),
-                    end.then(SystemTime::now),
-                );
-            };
-            let mut on = |p: exporter::OciProgress| match p {
-                exporter::OciProgress::Layer {
-                    diff_id,
                     done,
                     size,
-                } => {
-                    if done == 0 {
-                        layer_started = SystemTime::now();
-                    }
-                    let action = if opts.compression == exporter::Compression::Uncompressed {
-                        "sending"
-                    } else {
-                        "compressing"
-                    };
-                    st(
-                        &format!("exporting layer {diff_id}"),
-                        action,
-                        done,
-                        size,
-                        layer_started,
-                        false,
-                    );
-                    st("exporting layers", "", done_bytes + done, 0, started, false);
-                }
-                exporter::OciProgress::LayerDone {
-                    diff_id,
+                    layer_started,
+                    false,
+                );
+                st("exporting layers", "", done_bytes + done, 0, started, false);
+            }
+            exporter::OciProgress::LayerDone {
+                diff_id,
+                size,
+                blob_digest,
+                blob_size,
+            } => {
+                done_bytes += size;
+                st(
+                    &format!("exporting layer {diff_id}"),
+                    "done",
                     size,
-                    blob_digest,
-                    blob_size,
-                } => {
-                    done_bytes += size;
-                    st(
-                        &format!("exporting layer {diff_id}"),
-                        "done",
-                        size,
-                        size,
-                        layer_started,
-                        true,
-                    );
-                    let id = format!(
-                        "layer {diff_id}: {size} bytes, {} blob {blob_digest}: {blob_size} bytes",
-                        opts.compression.name()
-                    );
-                    st(&id, "", blob_size, blob_size, layer_started, true);
-                }
-                exporter::OciProgress::Config { digest } => {
-                    st(
-                        "exporting layers",
-                        "",
-                        done_bytes,
-                        done_bytes,
-                        started,
-                        true,
-                    );
-                    st(
-                        &format!("exporting config {digest}"),
-                        "",
-                        0,
-                        0,
-                        SystemTime::now(),
-                        true,
-                    );
-                }
-                exporter::OciProgress::Manifest { digest } => {
-                    st(
-                        &format!("exporting manifest {digest}"),
-                        "",
-                        0,
-                        0,
-                        SystemTime::now(),
-                        true,
-                    );
-                }
-            };
-            exporter::write_oci_image_archive(&store, &req, &opts, w, &mut on)
-        })
-        .await?;
-    Ok(image_response(&r))
+                    size,
+                    layer_started,
+                    true,
+                );
+                let id = format!(
+                    "layer {diff_id}: {size} bytes, {} blob {blob_digest}: {blob_size} bytes",
+                    opts.compression.name()
+                );
+                st(&id, "", blob_size, blob_size, layer_started, true);
+            }
+            exporter::OciProgress::Config { digest } => {
+                st(
+                    "exporting layers",
+                    "",
+                    done_bytes,
+                    done_bytes,
+                    started,
+                    true,
+                );
+                st(
+                    &format!("exporting config {digest}"),
+                    "",
+                    0,
+                    0,
+                    SystemTime::now(),
+                    true,
+                );
+            }
+            exporter::OciProgress::Manifest { digest } => {
+                st(
+                    &format!("exporting manifest {digest}"),
+                    "",
+                    0,
+                    0,
+                    SystemTime::now(),
+                    true,
+                );
+            }
+        };
+        exporter::write_oci_image_archive(&store, &req, &opts, w, &mut on, ready)
+    })
+    .await
 }
 
 /// Forwards chunks from `rx`, reporting the running byte count (and a final report at the end).
@@ -602,7 +661,9 @@ async fn send_tar(
     let send = calls::send_bytes(session, counted, &[]);
     let (sent, produced) = tokio::join!(send, producer);
     let produced = produced.map_err(|e| Error::internal(format!("tar task: {e}")))?;
-    sent?;
+    if !sent? {
+        return Ok(()); // the client declined the target
+    }
     produced
 }
 

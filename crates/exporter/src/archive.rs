@@ -8,6 +8,19 @@
 //! manifest.json            [{"Config":…,"RepoTags":[…],"Layers":[every layer's path, bottom→top]}]
 //! ```
 //!
+//! With an [`OciLayout`] (the `type=docker` client output) the archive is at the same time an OCI
+//! image layout, as buildkitd's `docker` exporter writes it: every blob lives under its digest,
+//!
+//! ```text
+//! blobs/ blobs/sha256/           directories
+//! blobs/sha256/<diffID-hex>      one uncompressed layer tar per layer that must travel
+//! blobs/sha256/<configID-hex>    the image config
+//! blobs/sha256/<manifest-hex>    the Docker schema 2 manifest (uncompressed layers)
+//! index.json                     the manifest's descriptor, one per name
+//! manifest.json                  as above, with `blobs/sha256/…` paths
+//! oci-layout                     {"imageLayoutVersion":"1.0.0"}
+//! ```
+//!
 //! The manifest always lists every layer; a layer whose tar is left out must already be present in
 //! the receiving Docker Engine, which looks it up by chainID and never opens the file (see
 //! `shared/spec/docker-store.md` §2). Layer tars are streamed from their [`LayerSource`] straight
@@ -71,31 +84,48 @@ struct ManifestEntry<'a> {
     layers: Vec<String>,
 }
 
-fn layer_path(diff_id: &str) -> String {
+fn layer_path(diff_id: &str, oci: bool) -> String {
+    if oci {
+        return crate::oci::blob_path(diff_id);
+    }
     format!(
         "{}/layer.tar",
         diff_id.strip_prefix("sha256:").unwrap_or(diff_id)
     )
 }
 
+/// The OCI image layout documents a docker-archive carries too (see the module docs).
+#[derive(Debug, Clone, Copy)]
+pub struct OciLayout<'a> {
+    /// The image manifest's bytes (its blob).
+    pub manifest: &'a [u8],
+    /// `index.json`.
+    pub index: &'a [u8],
+}
+
 /// Writes a docker-archive to `out`. `include[i]` says whether layer `i`'s tar travels; a layer
-/// that must travel needs a source.
+/// that must travel needs a source. With `oci`, the archive is an OCI image layout too.
 pub fn write_docker_archive(
     out: &mut dyn Write,
     config: &ImageConfig,
     layers: &[ExportLayer],
     include: &[bool],
     repo_tags: &[String],
+    oci: Option<OciLayout<'_>>,
 ) -> Result<ArchiveStats> {
     assert_eq!(layers.len(), include.len(), "one include flag per layer");
     let mut out = CountingWriter::new(out);
     let mut stats = ArchiveStats::default();
     let mut written = std::collections::HashSet::new();
+    if oci.is_some() {
+        write_dir(&mut out, "blobs/")?;
+        write_dir(&mut out, "blobs/sha256/")?;
+    }
     for (layer, &inc) in layers.iter().zip(include) {
         if !inc {
             continue;
         }
-        let path = layer_path(&layer.diff_id);
+        let path = layer_path(&layer.diff_id, oci.is_some());
         if !written.insert(path.clone()) {
             continue;
         }
@@ -105,7 +135,9 @@ pub fn write_docker_archive(
             .ok_or_else(|| Error::LayerUnavailable {
                 diff_id: layer.diff_id.clone(),
             })?;
-        write_dir(&mut out, path.trim_end_matches("layer.tar"))?;
+        if oci.is_none() {
+            write_dir(&mut out, path.trim_end_matches("layer.tar"))?;
+        }
         write_header(&mut out, &path, layer.size, 0o644)?;
         let start = out.count;
         source
@@ -127,24 +159,38 @@ pub fn write_docker_archive(
         stats.layer_bytes_sent += layer.size;
     }
 
-    let config_name = format!(
-        "{}.json",
-        config
-            .digest
-            .strip_prefix("sha256:")
-            .unwrap_or(&config.digest)
-    );
+    let config_name = match oci {
+        Some(_) => crate::oci::blob_path(&config.digest),
+        None => format!(
+            "{}.json",
+            config
+                .digest
+                .strip_prefix("sha256:")
+                .unwrap_or(&config.digest)
+        ),
+    };
     write_file(&mut out, &config_name, &config.bytes, 0o644)?;
+    if let Some(l) = oci {
+        let path = crate::oci::blob_path(&crate::oci::sha256_digest(l.manifest));
+        write_file(&mut out, &path, l.manifest, 0o644)?;
+        write_file(&mut out, "index.json", l.index, 0o644)?;
+    }
     let manifest = [ManifestEntry {
         config: config_name,
         repo_tags,
-        layers: layers.iter().map(|l| layer_path(&l.diff_id)).collect(),
+        layers: layers
+            .iter()
+            .map(|l| layer_path(&l.diff_id, oci.is_some()))
+            .collect(),
     }];
     let manifest = serde_json::to_vec(&manifest).map_err(|source| Error::ImageConfig {
         what: "encode manifest.json",
         source,
     })?;
     write_file(&mut out, "manifest.json", &manifest, 0o644)?;
+    if oci.is_some() {
+        write_file(&mut out, "oci-layout", crate::oci::OCI_LAYOUT, 0o644)?;
+    }
     finish(&mut out)?;
     stats.archive_bytes = out.count;
     Ok(stats)
@@ -261,6 +307,7 @@ mod tests {
             &layers,
             &[false, true, true],
             &["a:b".into()],
+            None,
         )
         .unwrap();
         assert_eq!(
@@ -298,7 +345,8 @@ mod tests {
     fn wrong_source_size_is_an_error_naming_the_layer() {
         let mut l = layer(1, 10);
         l.size = 11;
-        let err = write_docker_archive(&mut Vec::new(), &cfg(), &[l], &[true], &[]).unwrap_err();
+        let err =
+            write_docker_archive(&mut Vec::new(), &cfg(), &[l], &[true], &[], None).unwrap_err();
         assert!(err.to_string().contains(&hex::encode([1u8; 32])), "{err}");
     }
 
@@ -306,7 +354,8 @@ mod tests {
     fn included_layer_without_source_is_an_error() {
         let mut l = layer(1, 10);
         l.source = None;
-        let err = write_docker_archive(&mut Vec::new(), &cfg(), &[l], &[true], &[]).unwrap_err();
+        let err =
+            write_docker_archive(&mut Vec::new(), &cfg(), &[l], &[true], &[], None).unwrap_err();
         assert!(matches!(err, Error::LayerUnavailable { .. }), "{err}");
     }
 }

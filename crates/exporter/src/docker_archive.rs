@@ -9,18 +9,25 @@ use std::path::PathBuf;
 use bollard::Docker;
 use layerstore::snapshot::SnapshotStore;
 
-use crate::archive::ExportLayer;
+use base64::Engine as _;
+
+use crate::archive::{ExportLayer, OciLayout};
 use crate::docker_image::{
-    descriptor, docker_manifest, image_config, ImageExportRequest, ImageExportResult,
+    docker_manifest, image_config, ImageExportRequest, ImageExportResult,
     DOCKER_MANIFEST_MEDIA_TYPE,
 };
 use crate::docker_load::chain_ids;
 use crate::layers::export_layers;
+use crate::oci::{familiar_name, index_and_descriptor, sha256_digest};
 use crate::Result;
 
-/// Writes the result as a docker-archive (`docker save` format, `RepoTags` = the names) to
-/// `out`: the `docker` exporter's stream to the client, which `docker load` accepts. Blocking;
-/// streams each layer, never holding one in memory.
+/// Writes the result as a docker-archive (`docker save` format) that is an OCI image layout too,
+/// as buildkitd's `docker` exporter writes it, to `out`: the `docker` exporter's stream to the
+/// client, which `docker load` accepts. `req.names` are normalized names: `index.json` carries
+/// them, `RepoTags` their familiar form (names pinned only by digest get no tag). Blocking;
+/// streams each layer, never holding one in memory. Layers travel uncompressed (their digests
+/// are their diffIDs, known before anything is written, and `docker load` takes them as they
+/// are). `ready` is called with the result before the first byte is written.
 ///
 /// With `thin`, the layers that Docker Engine has (see [`DockerPresence`]) are listed in the
 /// manifest but their tars are left out, so `docker load` of the archive into that engine moves
@@ -29,13 +36,16 @@ pub fn write_docker_client_archive(
     store: &SnapshotStore,
     req: &ImageExportRequest<'_>,
     thin: Option<&DockerPresence>,
+    created: &chrono::DateTime<chrono::Utc>,
     on_layer: &mut dyn FnMut(&str, u64, bool),
+    ready: &mut dyn FnMut(&ImageExportResult) -> Result<()>,
     out: &mut dyn std::io::Write,
 ) -> Result<ImageExportResult> {
     let (layers, in_docker) = export_layers(store, req.chain)?;
     let config = image_config(store, req, &layers)?;
     let manifest = docker_manifest(&config, &layers);
-    let (manifest_digest, descriptor_b64) = descriptor(DOCKER_MANIFEST_MEDIA_TYPE, &manifest);
+    let (index, descriptor) =
+        index_and_descriptor(DOCKER_MANIFEST_MEDIA_TYPE, &manifest, &req.names, created)?;
     let include = match thin {
         Some(p) => p.include(&layers, &in_docker)?,
         None => vec![true; layers.len()],
@@ -48,18 +58,37 @@ pub fn write_docker_client_archive(
             bytes_skipped += l.size;
         }
     }
-    let stats = crate::archive::write_docker_archive(out, &config, &layers, &include, &req.names)?;
-    Ok(ImageExportResult {
+    let mut result = ImageExportResult {
         config_digest: config.digest.clone(),
-        manifest_digest,
-        descriptor: descriptor_b64,
+        manifest_digest: sha256_digest(&manifest),
+        descriptor: base64::engine::general_purpose::STANDARD.encode(descriptor),
         names: req.names.clone(),
-        layers_sent: stats.layers_sent.len(),
-        bytes_sent: stats.layer_bytes_sent,
         layers_skipped,
         bytes_skipped,
         ..Default::default()
-    })
+    };
+    ready(&result)?;
+    let repo_tags: Vec<String> = req
+        .names
+        .iter()
+        .filter(|n| !n.contains('@'))
+        .map(|n| familiar_name(n))
+        .collect();
+    let layout = OciLayout {
+        manifest: &manifest,
+        index: &index,
+    };
+    let stats = crate::archive::write_docker_archive(
+        out,
+        &config,
+        &layers,
+        &include,
+        &repo_tags,
+        Some(layout),
+    )?;
+    result.layers_sent = stats.layers_sent.len();
+    result.bytes_sent = stats.layer_bytes_sent;
+    Ok(result)
 }
 
 /// What a Docker Engine is known to hold, for thin docker-archives (`type=docker,thin=true`).

@@ -159,7 +159,7 @@ impl DockerEngine {
         let include_w = include.to_vec();
         let writer = tokio::task::spawn_blocking(move || {
             let mut w = std::io::BufWriter::with_capacity(1 << 20, ChannelWriter { tx, sent: 0 });
-            let stats = write_docker_archive(&mut w, &config_w, &layers_w, &include_w, &[])?;
+            let stats = write_docker_archive(&mut w, &config_w, &layers_w, &include_w, &[], None)?;
             w.flush().map_err(|source| Error::ArchiveWrite { source })?;
             Ok::<_, Error>(stats)
         });

@@ -24,7 +24,7 @@ mod layers;
 mod oci;
 mod push;
 
-pub use archive::{write_docker_archive, ArchiveStats, ExportLayer, LayerSource};
+pub use archive::{write_docker_archive, ArchiveStats, ExportLayer, LayerSource, OciLayout};
 pub use containerd::{
     oci_manifest, ContainerdLayer, ContainerdReport, ContainerdStore, LayerFiles,
 };
@@ -35,5 +35,7 @@ pub use docker_image::{
 pub use docker_load::{split_tag, DockerEngine, LoadReport};
 pub use error::{Error, Result};
 pub use layers::{berth_layer_dir, docker_layerdb_dir, export_layers};
-pub use oci::{normalize_name, write_oci_image_archive, Compression, OciOptions, OciProgress};
+pub use oci::{
+    familiar_name, normalize_name, write_oci_image_archive, Compression, OciOptions, OciProgress,
+};
 pub use push::{push_image, PushEvent, PushOptions, PushProgress, PushedImage};

@@ -14,15 +14,18 @@
 //! ```
 //!
 //! buildkitd (containerd's archive writer) sorts entries by name; layout readers look blobs up
-//! by digest, so the order here is chosen for streaming instead: each layer blob is written as
-//! soon as it exists, and the documents that name every blob come last.
+//! by digest, so the order here is chosen for streaming instead: the layer blobs first, and the
+//! documents that name every blob last.
 //!
-//! **Compressed blobs and the tar header.** A tar entry announces its size before its bytes, and
-//! the manifest needs every compressed digest. A layer is therefore compressed once, hashed on the
-//! way (both the uncompressed stream, checked against the diffID, and the compressed stream),
-//! into an unnamed temporary file (`O_TMPFILE` in berth's state directory: nothing is left behind
-//! if berthd dies) that is then copied into the tar and dropped, before the next layer starts.
-//! Disk use is bounded by one compressed layer; memory by the copy buffers. The alternative, two
+//! **Compressed blobs and the tar header.** A tar entry announces its size before its bytes, the
+//! manifest needs every compressed digest, and buildkitd tells the client the manifest digest
+//! (`containerimage.digest`) in the headers of the stream, before any byte of it. Each layer is
+//! therefore compressed once, hashed on the way (both the uncompressed stream, checked against
+//! the diffID, and the compressed stream), into an unnamed temporary file (`O_TMPFILE` in
+//! berth's state directory: nothing is left behind if berthd dies); once all are staged the
+//! digests are known, the stream opens and the files are copied into the tar. Disk use is the
+//! sum of the compressed layers for the duration of the export (buildkitd keeps the same blobs in
+//! its content store for good); memory is bounded by the copy buffers. The alternative, two
 //! compression passes (one to learn size and digest, one to send), needs no disk but doubles the
 //! CPU time of the slowest step of the export (gzip runs at ~50–150 MB/s per core against
 //! several hundred MB/s of sequential disk), so it loses on the large images berth is for.
@@ -211,172 +214,41 @@ struct Blob {
     size: u64,
 }
 
-fn sha256_digest(bytes: &[u8]) -> String {
+pub(crate) fn sha256_digest(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
 
-fn blob_path(digest: &str) -> String {
+pub(crate) fn blob_path(digest: &str) -> String {
     format!(
         "blobs/sha256/{}",
         digest.strip_prefix("sha256:").unwrap_or(digest)
     )
 }
 
-/// Writes the result as an OCI image layout tar to `out`. Blocking; streams each layer from the
-/// layer store (and Docker's store, via tar-split), never holding one in memory.
-pub fn write_oci_image_archive(
-    store: &SnapshotStore,
-    req: &ImageExportRequest<'_>,
-    opts: &OciOptions,
-    out: &mut dyn Write,
-    progress: &mut dyn FnMut(OciProgress),
-) -> Result<ImageExportResult> {
-    let (layers, _) = export_layers(store, req.chain)?;
-    let config = image_config(store, req, &layers)?;
-    let oci = opts.oci_types || opts.compression.needs_oci_types();
-    let mut out = CountingWriter::new(out);
-    archive::write_dir(&mut out, "blobs/")?;
-    archive::write_dir(&mut out, "blobs/sha256/")?;
-
-    let mut blobs: Vec<Blob> = Vec::with_capacity(layers.len());
-    let mut result = ImageExportResult::default();
-    for layer in &layers {
-        if let Some(b) = layers
-            .iter()
-            .zip(&blobs)
-            .find(|(l, _)| l.diff_id == layer.diff_id)
-            .map(|(_, b)| b)
-        {
-            // The same layer twice in the chain: one blob serves both.
-            let again = Blob {
-                media_type: b.media_type,
-                digest: b.digest.clone(),
-                size: b.size,
-            };
-            blobs.push(again);
-            continue;
-        }
-        let source = layer
-            .source
-            .as_ref()
-            .ok_or_else(|| Error::LayerUnavailable {
-                diff_id: layer.diff_id.clone(),
-            })?;
-        let stream_err = |source: io::Error| Error::LayerStream {
-            diff_id: layer.diff_id.clone(),
-            source,
-        };
-        let mut report = |done: u64| {
-            progress(OciProgress::Layer {
-                diff_id: layer.diff_id.clone(),
-                done,
-                size: layer.size,
-            })
-        };
-        report(0);
-        let media_type = opts.compression.layer_media_type(oci);
-        let blob = if opts.compression == Compression::Uncompressed {
-            archive::write_header(&mut out, &blob_path(&layer.diff_id), layer.size, 0o444)?;
-            let mut w = CheckedTar::new(&mut out, &mut report);
-            source.write_tar(&mut w).map_err(stream_err)?;
-            w.verify(&layer.diff_id, layer.size).map_err(stream_err)?;
-            archive::pad(&mut out, layer.size)?;
-            Blob {
-                media_type,
-                digest: layer.diff_id.clone(),
-                size: layer.size,
-            }
-        } else {
-            let tmp = tempfile::tempfile_in(&opts.temp_dir).map_err(|source| Error::Io {
-                what: "create temporary file for a compressed layer in",
-                path: opts.temp_dir.clone(),
-                source,
-            })?;
-            let (mut tmp, digest, size) = compress_layer(
-                tmp,
-                source.as_ref(),
-                opts.compression,
-                opts.level,
-                &layer.diff_id,
-                layer.size,
-                &mut report,
-            )
-            .map_err(stream_err)?;
-            tmp.rewind().map_err(stream_err)?;
-            archive::write_header(&mut out, &blob_path(&digest), size, 0o444)?;
-            let copied = io::copy(&mut io::Read::take(&mut tmp, size), &mut out)
-                .map_err(|source| Error::ArchiveWrite { source })?;
-            if copied != size {
-                return Err(stream_err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("compressed blob shrank from {size} to {copied} bytes"),
-                )));
-            }
-            archive::pad(&mut out, size)?;
-            Blob {
-                media_type,
-                digest,
-                size,
-            }
-        };
-        progress(OciProgress::LayerDone {
-            diff_id: layer.diff_id.clone(),
-            size: layer.size,
-            blob_digest: blob.digest.clone(),
-            blob_size: blob.size,
-        });
-        result.layers_sent += 1;
-        result.bytes_sent += blob.size;
-        blobs.push(blob);
-    }
-
-    let (manifest_type, config_type) = if oci {
-        (
-            "application/vnd.oci.image.manifest.v1+json",
-            "application/vnd.oci.image.config.v1+json",
-        )
-    } else {
-        (
-            crate::DOCKER_MANIFEST_MEDIA_TYPE,
-            "application/vnd.docker.container.image.v1+json",
-        )
-    };
-    archive::write_file(&mut out, &blob_path(&config.digest), &config.bytes, 0o444)?;
-    progress(OciProgress::Config {
-        digest: config.digest.clone(),
-    });
-    let manifest = Manifest {
-        media_type: manifest_type,
-        schema_version: 2,
-        config: Desc::new(config_type, &config.digest, config.bytes.len() as u64),
-        layers: blobs
-            .iter()
-            .map(|b| Desc::new(b.media_type, &b.digest, b.size))
-            .collect(),
-    };
-    // Indented like buildkitd's (Go's json.MarshalIndent with two spaces).
-    let manifest = serde_json::to_vec_pretty(&manifest).map_err(|source| Error::ImageConfig {
-        what: "encode image manifest",
-        source,
-    })?;
-    let manifest_digest = sha256_digest(&manifest);
-    archive::write_file(&mut out, &blob_path(&manifest_digest), &manifest, 0o444)?;
-    progress(OciProgress::Manifest {
-        digest: manifest_digest.clone(),
-    });
-
-    let created = opts.created.to_rfc3339_opts(SecondsFormat::Secs, true);
+/// The `index.json` of a layout holding one manifest, and the manifest's descriptor (what
+/// `containerimage.descriptor` carries): one index entry per normalized name (with
+/// `io.containerd.image.name` and `org.opencontainers.image.ref.name`), or one unnamed entry;
+/// every descriptor has `org.opencontainers.image.created`, as buildkitd's `oci` and `docker`
+/// exporters write them.
+pub(crate) fn index_and_descriptor(
+    manifest_type: &str,
+    manifest: &[u8],
+    names: &[String],
+    created: &DateTime<Utc>,
+) -> Result<(Vec<u8>, Vec<u8>)> {
+    let manifest_digest = sha256_digest(manifest);
+    let created = created.to_rfc3339_opts(SecondsFormat::Secs, true);
     let mut desc = Desc::new(manifest_type, &manifest_digest, manifest.len() as u64);
     desc.annotations.insert(ANNOTATION_CREATED, &created);
     let descriptor = serde_json::to_vec(&desc).map_err(|source| Error::ImageConfig {
         what: "encode manifest descriptor",
         source,
     })?;
-    let ref_names: Vec<String> = opts.names.iter().map(|n| oci_ref_name(n)).collect();
-    let manifests = if opts.names.is_empty() {
+    let ref_names: Vec<String> = names.iter().map(|n| oci_ref_name(n)).collect();
+    let manifests = if names.is_empty() {
         vec![desc]
     } else {
-        opts.names
+        names
             .iter()
             .zip(&ref_names)
             .map(|(name, tag)| {
@@ -396,19 +268,214 @@ pub fn write_oci_image_archive(
         what: "encode index.json",
         source,
     })?;
-    archive::write_file(&mut out, "index.json", &index, 0o644)?;
-    archive::write_file(
-        &mut out,
-        "oci-layout",
-        br#"{"imageLayoutVersion":"1.0.0"}"#,
-        0o444,
-    )?;
-    archive::finish(&mut out)?;
+    Ok((index, descriptor))
+}
 
+/// `oci-layout` of an OCI image layout.
+pub(crate) const OCI_LAYOUT: &[u8] = br#"{"imageLayoutVersion":"1.0.0"}"#;
+
+/// A layer blob ready to go into the tar.
+enum Staged {
+    /// Uncompressed: streamed from the layer store while the tar is written.
+    Plain,
+    /// Compressed into an unnamed temporary file.
+    File(File),
+    /// The same layer as an earlier one in the chain: one blob serves both.
+    Again,
+}
+
+/// Writes the result as an OCI image layout tar to `out`. Blocking; reads each layer from the
+/// layer store (and Docker's store, via tar-split), never holding one in memory.
+///
+/// The digests are known before the first byte is written, as buildkitd's exporter knows them
+/// (its blobs are in its content store): compressed layers are staged first, then `ready` is
+/// called with the result (the exporter sends the manifest digest to the client with the stream's
+/// headers), then the tar is written. Disk use is the sum of the compressed layers while the
+/// export runs (unnamed temporary files, gone when it ends); uncompressed layers are streamed
+/// straight from the layer store and need none.
+pub fn write_oci_image_archive(
+    store: &SnapshotStore,
+    req: &ImageExportRequest<'_>,
+    opts: &OciOptions,
+    out: &mut dyn Write,
+    progress: &mut dyn FnMut(OciProgress),
+    ready: &mut dyn FnMut(&ImageExportResult) -> Result<()>,
+) -> Result<ImageExportResult> {
+    let (layers, _) = export_layers(store, req.chain)?;
+    let config = image_config(store, req, &layers)?;
+    let oci = opts.oci_types || opts.compression.needs_oci_types();
+    let media_type = opts.compression.layer_media_type(oci);
+
+    // 1. Stage the blobs.
+    let mut staged: Vec<Staged> = Vec::with_capacity(layers.len());
+    let mut blobs: Vec<Blob> = Vec::with_capacity(layers.len());
+    let mut result = ImageExportResult::default();
+    for (i, layer) in layers.iter().enumerate() {
+        if let Some(j) = layers[..i].iter().position(|l| l.diff_id == layer.diff_id) {
+            let b = &blobs[j];
+            blobs.push(Blob {
+                media_type: b.media_type,
+                digest: b.digest.clone(),
+                size: b.size,
+            });
+            staged.push(Staged::Again);
+            continue;
+        }
+        let source = layer
+            .source
+            .as_ref()
+            .ok_or_else(|| Error::LayerUnavailable {
+                diff_id: layer.diff_id.clone(),
+            })?;
+        if opts.compression == Compression::Uncompressed {
+            blobs.push(Blob {
+                media_type,
+                digest: layer.diff_id.clone(),
+                size: layer.size,
+            });
+            staged.push(Staged::Plain);
+            continue;
+        }
+        let stream_err = |source: io::Error| Error::LayerStream {
+            diff_id: layer.diff_id.clone(),
+            source,
+        };
+        let mut report = |done: u64| {
+            progress(OciProgress::Layer {
+                diff_id: layer.diff_id.clone(),
+                done,
+                size: layer.size,
+            })
+        };
+        report(0);
+        let tmp = tempfile::tempfile_in(&opts.temp_dir).map_err(|source| Error::Io {
+            what: "create temporary file for a compressed layer in",
+            path: opts.temp_dir.clone(),
+            source,
+        })?;
+        let (tmp, digest, size) = compress_layer(
+            tmp,
+            source.as_ref(),
+            opts.compression,
+            opts.level,
+            &layer.diff_id,
+            layer.size,
+            &mut report,
+        )
+        .map_err(stream_err)?;
+        progress(OciProgress::LayerDone {
+            diff_id: layer.diff_id.clone(),
+            size: layer.size,
+            blob_digest: digest.clone(),
+            blob_size: size,
+        });
+        blobs.push(Blob {
+            media_type,
+            digest,
+            size,
+        });
+        staged.push(Staged::File(tmp));
+    }
+
+    // 2. The documents naming every blob.
+    let (manifest_type, config_type) = if oci {
+        (
+            "application/vnd.oci.image.manifest.v1+json",
+            "application/vnd.oci.image.config.v1+json",
+        )
+    } else {
+        (
+            crate::DOCKER_MANIFEST_MEDIA_TYPE,
+            "application/vnd.docker.container.image.v1+json",
+        )
+    };
+    let manifest = Manifest {
+        media_type: manifest_type,
+        schema_version: 2,
+        config: Desc::new(config_type, &config.digest, config.bytes.len() as u64),
+        layers: blobs
+            .iter()
+            .map(|b| Desc::new(b.media_type, &b.digest, b.size))
+            .collect(),
+    };
+    // Indented like buildkitd's (Go's json.MarshalIndent with two spaces).
+    let manifest = serde_json::to_vec_pretty(&manifest).map_err(|source| Error::ImageConfig {
+        what: "encode image manifest",
+        source,
+    })?;
+    let manifest_digest = sha256_digest(&manifest);
+    let (index, descriptor) =
+        index_and_descriptor(manifest_type, &manifest, &opts.names, &opts.created)?;
     result.config_digest = config.digest.clone();
-    result.manifest_digest = manifest_digest;
+    result.manifest_digest = manifest_digest.clone();
     result.descriptor = base64::engine::general_purpose::STANDARD.encode(descriptor);
     result.names = opts.names.clone();
+    ready(&result)?;
+
+    // 3. The tar.
+    let mut out = CountingWriter::new(out);
+    archive::write_dir(&mut out, "blobs/")?;
+    archive::write_dir(&mut out, "blobs/sha256/")?;
+    for ((layer, blob), stage) in layers.iter().zip(&blobs).zip(staged) {
+        let stream_err = |source: io::Error| Error::LayerStream {
+            diff_id: layer.diff_id.clone(),
+            source,
+        };
+        match stage {
+            Staged::Again => continue,
+            Staged::Plain => {
+                let source = layer.source.as_ref().expect("staged layers have a source");
+                let mut report = |done: u64| {
+                    progress(OciProgress::Layer {
+                        diff_id: layer.diff_id.clone(),
+                        done,
+                        size: layer.size,
+                    })
+                };
+                report(0);
+                archive::write_header(&mut out, &blob_path(&layer.diff_id), layer.size, 0o444)?;
+                let mut w = CheckedTar::new(&mut out, &mut report);
+                source.write_tar(&mut w).map_err(stream_err)?;
+                w.verify(&layer.diff_id, layer.size).map_err(stream_err)?;
+                archive::pad(&mut out, layer.size)?;
+                progress(OciProgress::LayerDone {
+                    diff_id: layer.diff_id.clone(),
+                    size: layer.size,
+                    blob_digest: blob.digest.clone(),
+                    blob_size: blob.size,
+                });
+            }
+            Staged::File(mut tmp) => {
+                tmp.rewind().map_err(stream_err)?;
+                archive::write_header(&mut out, &blob_path(&blob.digest), blob.size, 0o444)?;
+                let copied = io::copy(&mut io::Read::take(&mut tmp, blob.size), &mut out)
+                    .map_err(|source| Error::ArchiveWrite { source })?;
+                if copied != blob.size {
+                    return Err(stream_err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!(
+                            "compressed blob shrank from {} to {copied} bytes",
+                            blob.size
+                        ),
+                    )));
+                }
+                archive::pad(&mut out, blob.size)?;
+            }
+        }
+        result.layers_sent += 1;
+        result.bytes_sent += blob.size;
+    }
+    archive::write_file(&mut out, &blob_path(&config.digest), &config.bytes, 0o444)?;
+    progress(OciProgress::Config {
+        digest: config.digest.clone(),
+    });
+    archive::write_file(&mut out, &blob_path(&manifest_digest), &manifest, 0o444)?;
+    progress(OciProgress::Manifest {
+        digest: manifest_digest,
+    });
+    archive::write_file(&mut out, "index.json", &index, 0o644)?;
+    archive::write_file(&mut out, "oci-layout", OCI_LAYOUT, 0o444)?;
+    archive::finish(&mut out)?;
     Ok(result)
 }
 
@@ -614,6 +681,19 @@ pub fn normalize_name(name: &str) -> Result<String> {
     Ok(out)
 }
 
+/// The familiar form of a normalized name, as Docker shows it and as `RepoTags` of a
+/// docker-archive carry it: `docker.io/library/app:1` → `app:1`, `docker.io/u/app:1` → `u/app:1`,
+/// other registries unchanged.
+pub fn familiar_name(name: &str) -> String {
+    match name.strip_prefix("docker.io/") {
+        Some(rest) => match rest.strip_prefix("library/") {
+            Some(official) if !official.contains('/') => official.to_string(),
+            _ => rest.to_string(),
+        },
+        None => name.to_string(),
+    }
+}
+
 /// The OCI reference name of a normalized name: what follows the repository (the tag, or
 /// `@digest`), as containerd's archive writer computes it.
 fn oci_ref_name(name: &str) -> String {
@@ -660,6 +740,22 @@ mod tests {
             "a/b_",
         ] {
             assert!(normalize_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn familiar_names_drop_docker_io_and_library() {
+        for (n, f) in [
+            ("docker.io/library/app:1", "app:1"),
+            ("docker.io/user/app:latest", "user/app:latest"),
+            ("docker.io/library/a/b:1", "library/a/b:1"),
+            (
+                "example.com/buildkit/testoci:latest",
+                "example.com/buildkit/testoci:latest",
+            ),
+            ("localhost:5000/app:t", "localhost:5000/app:t"),
+        ] {
+            assert_eq!(familiar_name(n), f, "{n}");
         }
     }
 

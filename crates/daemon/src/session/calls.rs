@@ -236,12 +236,14 @@ pub async fn send_local(
 /// Streams raw bytes (a tarball) to the client's output file (`type=tar|docker|oci`).
 ///
 /// `chunks` yields the file content in order (each chunk should be ≤ 1 MiB); `md` becomes
-/// `exporter-md-<k>: <v>` headers.
+/// `exporter-md-<k>: <v>` headers. Returns false when the client declined the target
+/// (`AlreadyExists`, e.g. its output callback returned no writer), which buildkitd treats as
+/// success.
 pub async fn send_bytes(
     session: &Session,
     chunks: mpsc::Receiver<Bytes>,
     md: &[(String, String)],
-) -> Result<()> {
+) -> Result<bool> {
     require(session, FILESEND_DIFFCOPY, "export to client file")?;
     let what = "send output to client file";
     let mut g = grpc(session);
@@ -267,15 +269,15 @@ pub async fn send_bytes(
             while let Some(m) = s.next().await {
                 if let Err(st) = m {
                     if st.code() == tonic::Code::AlreadyExists {
-                        return Ok(());
+                        return Ok(false);
                     }
                     return Err(Error::from_status(what, &st));
                 }
             }
-            Ok(())
+            Ok(true)
         }
         // The client declined the target: buildkitd treats it as success.
-        Err(st) if st.code() == tonic::Code::AlreadyExists => Ok(()),
+        Err(st) if st.code() == tonic::Code::AlreadyExists => Ok(false),
         Err(st) => Err(Error::from_status(what, &st)),
     }
 }
