@@ -478,6 +478,12 @@ impl BuildkitClient {
                 let req = gw::SolveRequest {
                     definition: opts.definition.clone(),
                     frontend: opts.frontend.clone().unwrap_or_default(),
+                    // a gateway client (buildx) sends the frontend's options with the call
+                    frontend_opt: if opts.frontend.is_some() {
+                        opts.frontend_attrs.clone()
+                    } else {
+                        Default::default()
+                    },
                     allow_result_return: true,
                     allow_result_array_ref: true,
                     ..Default::default()
@@ -505,7 +511,10 @@ impl BuildkitClient {
                 error: Some(protos::google::rpc::Status {
                     code: st.code() as i32,
                     message: st.message().to_string(),
-                    details: vec![],
+                    // a Go client returns the error with its typed details (grpcerrors)
+                    details: <protos::google::rpc::Status as prost::Message>::decode(st.details())
+                        .map(|s| s.details)
+                        .unwrap_or_default(),
                 }),
             },
         };

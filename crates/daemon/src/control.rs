@@ -40,6 +40,8 @@ pub struct Control {
     pub worker: WorkerRecord,
     /// Build history.
     pub history: Arc<History>,
+    /// Docker access for the built-in frontends' image config lookups.
+    pub docker: Arc<crate::docker::Docker>,
 }
 
 /// What a successful solve produced besides the response.
@@ -291,23 +293,35 @@ impl Control {
                 ));
             }
             if !req.frontend.is_empty() {
-                return Err(if req.frontend == "dockerfile.v0" {
-                    Error::unimplemented("frontend dockerfile.v0 not supported yet")
-                } else {
-                    Error::invalid(format!("unsupported frontend {}", req.frontend))
-                });
-            }
-            let ctx = SolveCtx {
-                job_id: job.id.clone(),
-                session_id: job.session_id.clone(),
-                progress: job.progress.clone(),
-                cancel: job.cancel.clone(),
-                entitlements: job.entitlements.clone(),
-            };
-            let fs = self.backend.solve(req.definition.take(), &ctx).await?;
-            BuildResult {
-                fs: Some(fs),
-                metadata: Default::default(),
+                let fe = crate::frontends::Frontends {
+                    backend: self.backend.clone(),
+                    docker: self.docker.clone(),
+                    worker: self.worker.clone(),
+                };
+                let r = crate::frontends::solve(
+                    &fe,
+                    job,
+                    &req.frontend,
+                    req.frontend_attrs.clone(),
+                    std::mem::take(&mut req.frontend_inputs),
+                );
+                tokio::select! {
+                    r = r => r?,
+                    _ = job.cancel.cancelled() => return Err(job.cancel_error()),
+                }
+            } else {
+                let ctx = SolveCtx {
+                    job_id: job.id.clone(),
+                    session_id: job.session_id.clone(),
+                    progress: job.progress.clone(),
+                    cancel: job.cancel.clone(),
+                    entitlements: job.entitlements.clone(),
+                };
+                let fs = self.backend.solve(req.definition.take(), &ctx).await?;
+                BuildResult {
+                    fs: Some(fs),
+                    metadata: Default::default(),
+                }
             }
         } else {
             tokio::select! {

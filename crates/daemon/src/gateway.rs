@@ -64,7 +64,33 @@ impl Gateway {
             ));
         }
         if !r.frontend.is_empty() {
-            return Err(frontend_error(&r.frontend));
+            let fe = crate::frontends::Frontends {
+                backend: self.backend.clone(),
+                docker: self.docker.clone(),
+                worker: self.worker.clone(),
+            };
+            let res = crate::frontends::solve(
+                &fe,
+                &job,
+                &r.frontend,
+                r.frontend_opt.clone(),
+                r.frontend_inputs.clone(),
+            )
+            .await?;
+            let id = job.add_ref(res.fs.unwrap_or(crate::solver::FsRef::Scratch));
+            #[allow(deprecated)]
+            return Ok(gw::SolveResponse {
+                r#ref: id.clone(),
+                result: Some(gw::Result {
+                    result: Some(if r.allow_result_return || r.allow_result_array_ref {
+                        gw::result::Result::Ref(gw::Ref { id, def: None })
+                    } else {
+                        gw::result::Result::RefDeprecated(id)
+                    }),
+                    metadata: res.metadata,
+                    ..Default::default()
+                }),
+            });
         }
         let ctx = SolveCtx {
             job_id: job.id.clone(),
@@ -143,84 +169,82 @@ impl Gateway {
     }
 }
 
-fn frontend_error(name: &str) -> Error {
-    if name == "dockerfile.v0" {
-        Error::unimplemented("frontend dockerfile.v0 not supported yet")
-    } else if name == "gateway.v0" {
-        Error::unimplemented("frontend gateway.v0 not supported yet")
-    } else {
-        Error::invalid(format!("unsupported frontend {name}"))
-    }
-}
-
 impl Gateway {
-    /// `ResolveImageConfig`: the image in the bound Docker Engine (`ResolveMode` default or
-    /// `local`), else — or always with `pull` — from its registry through berth's client, with
-    /// the job's session credentials. Returns the digest the reference resolved to and the
-    /// config bytes.
     async fn resolve_config(
         &self,
         job: &Arc<Job>,
         r: &gw::ResolveImageConfigRequest,
     ) -> Result<(String, Vec<u8>)> {
-        let mode = r.resolve_mode.as_str();
-        let mut local_miss = None;
-        if mode != "pull" {
-            match self.docker.image_config(&r.r#ref).await {
-                Ok(v) => return Ok(v),
-                Err(e @ Error::NotFound { .. }) if mode != "local" => {
-                    tracing::debug!(reference = %r.r#ref, error = %e, "image config not in Docker, resolving in the registry");
-                    local_miss = Some(e);
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        match self.resolve_config_remote(job, r).await {
-            Ok(v) => Ok(v),
-            // Not in Docker and not reachable in a registry: say both, as "not found".
-            Err(e) => match local_miss {
-                Some(Error::NotFound { what }) => Err(Error::NotFound {
-                    what: format!("{what}; and from its registry: {e}"),
-                }),
-                _ => Err(e),
-            },
-        }
+        resolve_config(&self.backend, &self.docker, job, r).await
     }
+}
 
-    /// `ResolveImageConfig` from the reference's registry.
-    async fn resolve_config_remote(
-        &self,
-        job: &Arc<Job>,
-        r: &gw::ResolveImageConfigRequest,
-    ) -> Result<(String, Vec<u8>)> {
-        let reference = registry::Reference::parse(&r.r#ref).map_err(Error::registry)?;
-        let platform = r
-            .platform
-            .as_ref()
-            .map(|p| registry::Platform {
-                os: p.os.clone(),
-                architecture: p.architecture.clone(),
-                variant: p.variant.clone(),
-            })
-            .unwrap_or_else(registry::Platform::native);
-        let session_id = if r.session_id.is_empty() {
-            job.session_id.clone()
-        } else {
-            r.session_id.clone()
-        };
-        let auth = worker::RegistryAuth(Arc::new(crate::session::provider::JobSession::new(
-            self.backend.sessions.clone(),
-            session_id,
-        )));
-        let img = self
-            .backend
-            .registry
-            .session(Arc::new(auth))
-            .resolve_image(&reference, &platform)
-            .await
-            .map_err(Error::registry)?;
-        Ok((img.digest, img.config.to_vec()))
+/// `ResolveImageConfig`: the image in the bound Docker Engine (`ResolveMode` default or
+/// `local`), else — or always with `pull` — from its registry through berth's client, with
+/// the job's session credentials. Returns the digest the reference resolved to and the
+/// config bytes. Also used by the built-in frontends.
+pub(crate) async fn resolve_config(
+    backend: &Arc<Backend>,
+    docker: &crate::docker::Docker,
+    job: &Arc<Job>,
+    r: &gw::ResolveImageConfigRequest,
+) -> Result<(String, Vec<u8>)> {
+    let mode = r.resolve_mode.as_str();
+    let mut local_miss = None;
+    if mode != "pull" {
+        match docker.image_config(&r.r#ref).await {
+            Ok(v) => return Ok(v),
+            Err(e @ Error::NotFound { .. }) if mode != "local" => {
+                tracing::debug!(reference = %r.r#ref, error = %e, "image config not in Docker, resolving in the registry");
+                local_miss = Some(e);
+            }
+            Err(e) => return Err(e),
+        }
     }
+    match resolve_config_remote(backend, job, r).await {
+        Ok(v) => Ok(v),
+        // Not in Docker and not reachable in a registry: say both, as "not found".
+        Err(e) => match local_miss {
+            Some(Error::NotFound { what }) => Err(Error::NotFound {
+                what: format!("{what}; and from its registry: {e}"),
+            }),
+            _ => Err(e),
+        },
+    }
+}
+
+/// `ResolveImageConfig` from the reference's registry.
+async fn resolve_config_remote(
+    backend: &Arc<Backend>,
+    job: &Arc<Job>,
+    r: &gw::ResolveImageConfigRequest,
+) -> Result<(String, Vec<u8>)> {
+    let reference = registry::Reference::parse(&r.r#ref).map_err(Error::registry)?;
+    let platform = r
+        .platform
+        .as_ref()
+        .map(|p| registry::Platform {
+            os: p.os.clone(),
+            architecture: p.architecture.clone(),
+            variant: p.variant.clone(),
+        })
+        .unwrap_or_else(registry::Platform::native);
+    let session_id = if r.session_id.is_empty() {
+        job.session_id.clone()
+    } else {
+        r.session_id.clone()
+    };
+    let auth = worker::RegistryAuth(Arc::new(crate::session::provider::JobSession::new(
+        backend.sessions.clone(),
+        session_id,
+    )));
+    let img = backend
+        .registry
+        .session(Arc::new(auth))
+        .resolve_image(&reference, &platform)
+        .await
+        .map_err(Error::registry)?;
+    Ok((img.digest, img.config.to_vec()))
 }
 
 fn unimplemented<T>(call: &str) -> std::result::Result<T, Status> {

@@ -10,6 +10,7 @@
 //! | [`errors`] | Errors and their gRPC codes. |
 //! | [`export_client`] | Exporters streaming to the client. |
 //! | [`filters`] | containerd-style filters. |
+//! | [`frontends`] | Frontends run in berthd (`dockerfile.v0`) and the dispatch by name. |
 //! | [`fsread`] | Gateway file reads. |
 //! | [`gateway`] | The LLBBridge service. |
 //! | [`history`] | Build history records. |
@@ -32,6 +33,7 @@ pub mod errors;
 pub mod export_client;
 pub mod export_image;
 pub mod filters;
+pub mod frontends;
 pub mod fsread;
 pub mod gateway;
 pub mod history;

@@ -127,6 +127,7 @@ async fn run(cfg: config::Config, telemetry: &telemetry::Telemetry) -> anyhow::R
         backend: backend.clone(),
         worker: record.clone(),
         history: history.clone(),
+        docker: docker.clone(),
     });
     let gateway = Arc::new(gateway::Gateway {
         jobs: jobs.clone(),

@@ -277,10 +277,33 @@ fn normalize_history(
 }
 
 fn to_raw<T: Serialize>(value: &T) -> Result<Box<RawValue>> {
-    serde_json::value::to_raw_value(value).map_err(|source| Error::ImageConfig {
+    let err = |source| Error::ImageConfig {
         what: "encode image config field",
         source,
-    })
+    };
+    let text = serde_json::to_string(value).map_err(err)?;
+    RawValue::from_string(go_html_escape(text)).map_err(err)
+}
+
+/// Go's `json.Marshal` escapes `<`, `>`, `&`, U+2028 and U+2029 in strings (so that the same
+/// history gives the same config bytes, and image ID, as upstream). Outside strings these
+/// characters cannot occur in JSON, so replacing them in the whole text is exact.
+fn go_html_escape(text: String) -> String {
+    if !text.contains(['<', '>', '&', '\u{2028}', '\u{2029}']) {
+        return text;
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        match c {
+            '<' => out.push_str("\\u003c"),
+            '>' => out.push_str("\\u003e"),
+            '&' => out.push_str("\\u0026"),
+            '\u{2028}' => out.push_str("\\u2028"),
+            '\u{2029}' => out.push_str("\\u2029"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// Formats a time as Go's `time.RFC3339Nano` does (fraction without trailing zeros).

@@ -2,6 +2,7 @@
 //! frontend does it.
 #![forbid(unsafe_code)]
 
+pub mod dockerfile;
 pub mod instructions;
 pub mod parser;
 pub mod shell;

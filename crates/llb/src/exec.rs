@@ -50,6 +50,8 @@ enum MountKind {
         id: String,
         sharing: CacheSharing,
         source: Option<State>,
+        selector: String,
+        readonly: bool,
     },
     Tmpfs {
         size: i64,
@@ -93,7 +95,8 @@ impl Mount {
 
     /// Mount only `selector` (a path inside the source).
     pub fn selector(mut self, sel: impl Into<String>) -> Self {
-        if let MountKind::Bind { selector, .. } = &mut self.kind {
+        if let MountKind::Bind { selector, .. } | MountKind::Cache { selector, .. } = &mut self.kind
+        {
             *selector = sel.into();
         }
         self
@@ -101,8 +104,18 @@ impl Mount {
 
     /// Read-only (no output).
     pub fn readonly(mut self) -> Self {
-        if let MountKind::Bind { readonly, .. } = &mut self.kind {
+        if let MountKind::Bind { readonly, .. } | MountKind::Cache { readonly, .. } = &mut self.kind
+        {
             *readonly = true;
+        }
+        self
+    }
+
+    /// Seeds a cache mount from `source` when the cache is first created (Go: `AddMount`
+    /// with a source state and `AsPersistentCacheDir`).
+    pub fn cache_source(mut self, st: &State) -> Self {
+        if let MountKind::Cache { source, .. } = &mut self.kind {
+            *source = (!st.is_scratch()).then(|| st.clone());
         }
         self
     }
@@ -123,6 +136,8 @@ impl Mount {
                 id: id.into(),
                 sharing,
                 source: None,
+                selector: String::new(),
+                readonly: false,
             },
         }
     }
@@ -190,6 +205,7 @@ pub struct RunOpts {
     valid_exit_codes: Vec<i32>,
     extra_hosts: Vec<(String, String)>,
     ulimits: Vec<(String, i64, i64)>,
+    proxy_env: Option<pb::ProxyEnv>,
 }
 
 impl RunOpts {
@@ -251,6 +267,22 @@ impl RunOpts {
     /// A resource limit such as `nofile` (Go `AddUlimit`).
     pub fn ulimit(mut self, name: impl Into<String>, soft: i64, hard: i64) -> Self {
         self.ulimits.push((name.into(), soft, hard));
+        self
+    }
+
+    /// A proxy variable (`HTTP_PROXY`, `HTTPS_PROXY`, `FTP_PROXY`, `NO_PROXY`, `ALL_PROXY`)
+    /// given to the process without being part of the cache key (Go `WithProxy`).
+    pub fn proxy_env(mut self, key: &str, value: impl Into<String>) -> Self {
+        let p = self.proxy_env.get_or_insert_with(Default::default);
+        let v = value.into();
+        match key {
+            "HTTP_PROXY" => p.http_proxy = v,
+            "HTTPS_PROXY" => p.https_proxy = v,
+            "FTP_PROXY" => p.ftp_proxy = v,
+            "NO_PROXY" => p.no_proxy = v,
+            "ALL_PROXY" => p.all_proxy = v,
+            _ => {}
+        }
         self
     }
 
@@ -361,12 +393,19 @@ pub(crate) fn build(base: &State, opts: RunOpts) -> ExecState {
                 id,
                 sharing,
                 source,
+                selector,
+                readonly,
             } => {
                 let input = source.as_ref().map(&mut add_input).unwrap_or(-1);
                 caps.push("exec.mount.cache");
                 caps.push("exec.mount.cache.sharing");
+                if !selector.is_empty() {
+                    caps.push("exec.mount.selector");
+                }
                 mounts.push(pb::Mount {
                     input,
+                    selector,
+                    readonly,
                     dest: m.dest,
                     output: -1,
                     mount_type: pb::MountType::Cache as i32,
@@ -466,6 +505,9 @@ pub(crate) fn build(base: &State, opts: RunOpts) -> ExecState {
     if !opts.valid_exit_codes.is_empty() {
         caps.push("exec.validexitcode");
     }
+    if opts.proxy_env.is_some() {
+        caps.push("exec.meta.proxyenv");
+    }
     let exec = pb::ExecOp {
         meta: Some(pb::Meta {
             args: opts.args,
@@ -473,6 +515,7 @@ pub(crate) fn build(base: &State, opts: RunOpts) -> ExecState {
             cwd: base.cwd.clone(),
             user: base.user.clone(),
             hostname: opts.hostname,
+            proxy_env: opts.proxy_env,
             valid_exit_codes: opts.valid_exit_codes,
             extra_hosts: opts
                 .extra_hosts

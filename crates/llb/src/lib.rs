@@ -32,7 +32,7 @@ pub use file::{
     RmOpts, UserOpt,
 };
 pub use protos::pb;
-pub use source::{git, http, image, local, Git, Http, Image, Local};
+pub use source::{git, http, image, local, normalize_ref, Git, Http, Image, Local};
 
 /// Errors while building or marshalling a graph.
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +94,8 @@ impl Platform {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub(crate) struct Meta {
     pub ignore_cache: bool,
+    /// Source locations of the op (Go `SourceMap.Location`).
+    pub locations: Vec<(Arc<SourceMap>, Vec<pb::Range>)>,
     pub description: BTreeMap<String, String>,
     pub caps: BTreeSet<String>,
     pub progress_group: Option<pb::ProgressGroup>,
@@ -119,6 +121,20 @@ impl PartialEq for Output {
     fn eq(&self, other: &Self) -> bool {
         Arc::ptr_eq(&self.node, &other.node) && self.index == other.index
     }
+}
+
+/// A source file that ops can point into (Go `llb.SourceMap`): a Dockerfile, with the
+/// definition that loaded it. Errors of an op with a location carry the file and the ranges.
+#[derive(Debug, PartialEq)]
+pub struct SourceMap {
+    /// File name as the client named it.
+    pub filename: String,
+    /// Its content.
+    pub data: Vec<u8>,
+    /// Language (`Dockerfile`), may be empty.
+    pub language: String,
+    /// The definition that produced the file, if any.
+    pub definition: Option<pb::Definition>,
 }
 
 /// A filesystem state plus the process defaults (env, cwd, user) that [`State::run`] uses.
@@ -211,6 +227,34 @@ impl State {
         self.map_meta(|m| {
             m.description.insert(k, v);
         })
+    }
+
+    /// Records that the op producing this state comes from `ranges` of `source`.
+    pub fn location(self, source: &Arc<SourceMap>, ranges: Vec<pb::Range>) -> State {
+        let source = source.clone();
+        self.map_meta(|m| m.locations.push((source, ranges)))
+    }
+
+    /// The process environment [`State::run`] uses.
+    pub fn get_env(&self) -> &[(String, String)] {
+        &self.env
+    }
+
+    /// The user [`State::run`] uses.
+    pub fn get_user(&self) -> &str {
+        &self.user
+    }
+
+    /// The platform of ops built on this state.
+    pub fn get_platform(&self) -> &Platform {
+        &self.platform
+    }
+
+    /// This state's filesystem with `other`'s process defaults and platform (Go
+    /// `State.WithOutput`).
+    pub fn with_output_of(mut self, other: &State) -> State {
+        self.output = other.output.clone();
+        self
     }
 
     /// Marks the op producing this state as never cached.

@@ -21,6 +21,8 @@ struct Marshaller {
     def: pb::Definition,
     /// Node pointer → digest.
     done: HashMap<*const Node, String>,
+    /// Source maps already in `def.source.infos`, by pointer.
+    infos: Vec<*const crate::SourceMap>,
 }
 
 impl Marshaller {
@@ -56,6 +58,32 @@ impl Marshaller {
         if m.progress_group.is_some() {
             entry.progress_group = m.progress_group.clone();
         }
+        for (sm, ranges) in &m.locations {
+            let ptr = Arc::as_ptr(sm);
+            let index = match self.infos.iter().position(|p| *p == ptr) {
+                Some(i) => i,
+                None => {
+                    self.infos.push(ptr);
+                    let src = self.def.source.get_or_insert_with(Default::default);
+                    src.infos.push(pb::SourceInfo {
+                        filename: sm.filename.clone(),
+                        data: sm.data.clone().into(),
+                        definition: sm.definition.clone(),
+                        language: sm.language.clone(),
+                    });
+                    self.infos.len() - 1
+                }
+            };
+            let src = self.def.source.get_or_insert_with(Default::default);
+            let locs = src.locations.entry(dgst.clone()).or_default();
+            let loc = pb::Location {
+                source_index: index as i32,
+                ranges: ranges.clone(),
+            };
+            if !locs.locations.contains(&loc) {
+                locs.locations.push(loc);
+            }
+        }
         self.done.insert(key, dgst.clone());
         Ok(dgst)
     }
@@ -68,6 +96,7 @@ pub(crate) fn marshal(state: &State) -> Result<pb::Definition> {
     let mut m = Marshaller {
         def: pb::Definition::default(),
         done: HashMap::new(),
+        infos: Vec::new(),
     };
     let head = m.visit(&out.node)?;
     let terminal = pb::Op {

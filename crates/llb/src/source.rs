@@ -235,9 +235,9 @@ impl From<Image> for State {
     }
 }
 
-/// Docker reference normalization: default domain `docker.io`, `library/` for official images,
+/// Docker reference normalization (`reference.ParseNormalizedNamed` + `TagNameOnly`): default domain `docker.io`, `library/` for official images,
 /// `:latest` when there is neither tag nor digest.
-pub(crate) fn normalize_ref(r: &str) -> String {
+pub fn normalize_ref(r: &str) -> String {
     let (name_part, digest) = match r.split_once('@') {
         Some((n, d)) => (n, Some(d)),
         None => (r, None),

@@ -12,6 +12,10 @@ pub mod runmount;
 
 pub use runmount::{parse_mount, Mount};
 
+pub(crate) use gofmt::parse_bool as parse_bool_go;
+pub(crate) use runmount::csv_record as csv_fields;
+pub(crate) use runmount::ram_in_bytes as ram_in_bytes_go;
+
 use crate::parser::{self, go_quote, Heredoc, Node, ParseError, Range};
 use bflag::BFlags;
 

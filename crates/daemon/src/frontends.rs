@@ -1,0 +1,268 @@
+//! Frontends run inside berthd: the one place that maps a frontend name to its
+//! implementation ([`solve`], used by `Control.Solve` and `LLBBridge.Solve`), and the
+//! in-process bridge the built-in `dockerfile.v0` talks to (the `frontend` crate's
+//! [`Bridge`]: solves on the job's backend and session, file reads from results,
+//! `ResolveImageConfig` as the gateway answers it, warnings into the job's progress).
+//!
+//! `gateway.v0` (frontend images) is its own arm; a `# syntax=` line naming an image re-enters
+//! here as `gateway.v0` with `source=<image>`, as buildkitd's built-in frontend forwards it.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use frontend::dockerfile::{self as dockerfile, Bridge, BridgeError};
+use protos::moby::buildkit::v1::frontend as gw;
+use protos::moby::buildkit::v1::types::WorkerRecord;
+use protos::pb;
+
+use crate::errors::{Error, Result};
+use crate::jobs::{BuildResult, Job};
+use crate::solver::{Backend, FsRef, SolveCtx};
+
+/// What frontends need from the daemon.
+pub struct Frontends {
+    /// Solve backend.
+    pub backend: Arc<Backend>,
+    /// Docker access for image configs.
+    pub docker: Arc<crate::docker::Docker>,
+    /// The worker record (platforms).
+    pub worker: WorkerRecord,
+}
+
+/// Runs frontend `name` for `job` with `opts` and `inputs`.
+pub fn solve<'a>(
+    fe: &'a Frontends,
+    job: &'a Arc<Job>,
+    name: &'a str,
+    opts: BTreeMap<String, String>,
+    inputs: BTreeMap<String, pb::Definition>,
+) -> Pin<Box<dyn Future<Output = Result<BuildResult>> + Send + 'a>> {
+    Box::pin(async move {
+        match name {
+            "dockerfile.v0" => dockerfile_v0(fe, job, opts, inputs).await,
+            "gateway.v0" => Err(Error::unimplemented(
+                "frontend gateway.v0 not supported yet",
+            )),
+            _ => Err(Error::invalid(format!("unsupported frontend {name}"))),
+        }
+    })
+}
+
+async fn dockerfile_v0(
+    fe: &Frontends,
+    job: &Arc<Job>,
+    opts: BTreeMap<String, String>,
+    inputs: BTreeMap<String, pb::Definition>,
+) -> Result<BuildResult> {
+    let bridge = InProcess {
+        fe,
+        job,
+        opts: dockerfile::BuildOpts {
+            opts,
+            session_id: job.session_id.clone(),
+            inputs,
+            worker_platforms: fe
+                .worker
+                .platforms
+                .iter()
+                .map(|p| dockerfile::Platform {
+                    os: p.os.clone(),
+                    architecture: p.architecture.clone(),
+                    variant: p.variant.clone(),
+                })
+                .collect(),
+        },
+    };
+    let res = dockerfile::build(&bridge).await.map_err(|e| {
+        if job.cancel.is_cancelled() {
+            return job.cancel_error();
+        }
+        to_error(e)
+    })?;
+    Ok(BuildResult {
+        fs: res.r#ref,
+        metadata: res
+            .metadata
+            .into_iter()
+            .map(|(k, v)| (k, Bytes::from(v)))
+            .collect(),
+    })
+}
+
+/// The daemon error of a frontend error: a daemon error passed through keeps its code and
+/// details; Dockerfile lines become an `errdefs.Source` detail.
+fn to_error(e: dockerfile::Error) -> Error {
+    use protos::details::JsonDetail as _;
+    let source = e.location().and_then(|l| {
+        l.source.as_ref().map(|sm| {
+            protos::errdefs::Source {
+                info: Some(pb::SourceInfo {
+                    filename: sm.filename.clone(),
+                    data: sm.data.clone().into(),
+                    definition: sm.definition.clone(),
+                    language: sm.language.clone(),
+                }),
+                ranges: l.pb_ranges(),
+            }
+            .to_any()
+        })
+    });
+    let message = e.to_string();
+    let base = match e {
+        dockerfile::Error::Bridge { source, .. } => match source.downcast::<Error>() {
+            Ok(inner) if inner.to_string() == message => *inner,
+            Ok(inner) => Error::Remote {
+                code: inner.code(),
+                message,
+            }
+            .with_details(inner.details()),
+            Err(_) => Error::failed(message),
+        },
+        _ => Error::failed(message),
+    };
+    match source {
+        Some(s) => base.with_details(vec![s]),
+        None => base,
+    }
+}
+
+struct InProcess<'a> {
+    fe: &'a Frontends,
+    job: &'a Arc<Job>,
+    opts: dockerfile::BuildOpts,
+}
+
+fn boxed(e: Error) -> BridgeError {
+    Box::new(e)
+}
+
+impl InProcess<'_> {
+    fn ctx(&self) -> SolveCtx {
+        SolveCtx {
+            job_id: self.job.id.clone(),
+            session_id: self.job.session_id.clone(),
+            progress: self.job.progress.clone(),
+            cancel: self.job.cancel.clone(),
+            entitlements: self.job.entitlements.clone(),
+        }
+    }
+}
+
+impl Bridge for InProcess<'_> {
+    type Ref = FsRef;
+
+    fn build_opts(&self) -> &dockerfile::BuildOpts {
+        &self.opts
+    }
+
+    async fn solve(
+        &self,
+        req: dockerfile::SolveRequest,
+    ) -> std::result::Result<dockerfile::BuildResult<FsRef>, BridgeError> {
+        if !req.frontend.is_empty() {
+            let r = solve(
+                self.fe,
+                self.job,
+                &req.frontend,
+                req.frontend_opt,
+                req.frontend_inputs,
+            )
+            .await
+            .map_err(boxed)?;
+            return Ok(dockerfile::BuildResult {
+                r#ref: r.fs,
+                metadata: r
+                    .metadata
+                    .into_iter()
+                    .map(|(k, v)| (k, v.to_vec()))
+                    .collect(),
+            });
+        }
+        if !req.cache_imports.is_empty() {
+            // Cache import is not implemented yet; a build without it is still correct.
+            tracing::debug!(build = %self.job.id, imports = req.cache_imports.len(), "cache imports ignored");
+        }
+        let fs = match self.fe.backend.solve(req.definition, &self.ctx()).await {
+            Err(_) if self.job.cancel.is_cancelled() => return Err(boxed(self.job.cancel_error())),
+            r => r.map_err(boxed)?,
+        };
+        Ok(dockerfile::BuildResult {
+            r#ref: Some(fs),
+            metadata: BTreeMap::new(),
+        })
+    }
+
+    async fn read_file(&self, r: &FsRef, path: &str) -> std::result::Result<Vec<u8>, BridgeError> {
+        let view = self.fe.backend.view(r).await.map_err(boxed)?;
+        crate::fsread::read_file(view.path(), path, 0, 0)
+            .await
+            .map_err(boxed)
+    }
+
+    async fn resolve_image_config(
+        &self,
+        reference: &str,
+        platform: &dockerfile::Platform,
+        resolve_mode: &str,
+        log_name: &str,
+    ) -> std::result::Result<(String, Vec<u8>), BridgeError> {
+        let job = self.job;
+        let req = gw::ResolveImageConfigRequest {
+            r#ref: reference.to_string(),
+            platform: Some(pb::Platform {
+                architecture: platform.architecture.clone(),
+                os: platform.os.clone(),
+                variant: platform.variant.clone(),
+                ..Default::default()
+            }),
+            resolve_mode: resolve_mode.to_string(),
+            log_name: log_name.to_string(),
+            session_id: job.session_id.clone(),
+            ..Default::default()
+        };
+        let d = crate::progress::synthetic_digest(&format!(
+            "resolve-image-config-{}-{}",
+            job.id, reference
+        ));
+        job.progress
+            .vertex_started(&d, log_name, &[], None, std::time::SystemTime::now());
+        let res =
+            crate::gateway::resolve_config(&self.fe.backend, &self.fe.docker, job, &req).await;
+        job.progress.vertex_completed(
+            &d,
+            false,
+            res.as_ref().err().map(|e| e.to_string()),
+            std::time::SystemTime::now(),
+        );
+        let (digest, config) = res.map_err(boxed)?;
+        // An image Docker knows only by ID (built or loaded locally, no registry digest)
+        // cannot be pinned as `name@digest`: Docker would not find it by that reference.
+        let id = format!(
+            "sha256:{}",
+            hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&config))
+        );
+        let digest = if digest == id { String::new() } else { digest };
+        Ok((digest, config))
+    }
+
+    async fn warn(&self, w: dockerfile::Warning) {
+        let (info, ranges) = match w.location {
+            Some((i, r)) => (Some(i), r),
+            None => (None, vec![]),
+        };
+        self.job
+            .progress
+            .warning(protos::moby::buildkit::v1::VertexWarning {
+                vertex: w.vertex,
+                level: 1,
+                short: w.short.into_bytes().into(),
+                detail: w.detail.into_iter().map(Bytes::from).collect(),
+                url: w.url,
+                info,
+                ranges,
+            });
+    }
+}

@@ -1,0 +1,426 @@
+//! `dockerfile.v0` built into berthd, driven as buildx drives it (LLBBridge.Solve with the
+//! frontend and its options, result handed back through Return): realistic Dockerfiles
+//! (multi-stage with pruning, `.dockerignore` and `<Dockerfile>.dockerignore`, heredocs,
+//! `COPY --link`, `RUN --mount` cache/bind/secret/tmpfs, ONBUILD, USER/WORKDIR, ADD of a local
+//! archive, build args and labels) land in the system Docker Engine with `--output
+//! type=image`; the tests run the images and check their files, config and history. Errors name
+//! the Dockerfile line (`errdefs.Source`). Needs root, runc, overlayfs and the system Docker
+//! Engine.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use integration::buildkit_client::{Berthd, BuildOptions, BuildReport, Output};
+use integration::{busybox_image, require_root, unique_name, DockerEngine, TestImage};
+
+fn write(dir: &Path, rel: &str, content: &str) {
+    let p = dir.join(rel);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    std::fs::write(p, content).unwrap();
+}
+
+/// A `.tar.gz` with `app/one.txt` and `app/sub/two.txt`.
+fn archive(path: &Path) {
+    let f = std::fs::File::create(path).unwrap();
+    let gz = flate2_writer(f);
+    let mut b = tar::Builder::new(gz);
+    for (name, data) in [("app/one.txt", "one\n"), ("app/sub/two.txt", "two\n")] {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        h.set_cksum();
+        b.append_data(&mut h, name, data.as_bytes()).unwrap();
+    }
+    b.into_inner().unwrap().finish().unwrap();
+}
+
+/// A gzip writer through the system `gzip` (no compression crate in the test deps).
+fn flate2_writer(f: std::fs::File) -> GzipPipe {
+    let child = std::process::Command::new("gzip")
+        .arg("-c")
+        .stdin(std::process::Stdio::piped())
+        .stdout(f)
+        .spawn()
+        .expect("run gzip");
+    GzipPipe { child }
+}
+
+struct GzipPipe {
+    child: std::process::Child,
+}
+
+impl std::io::Write for GzipPipe {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.child.stdin.as_mut().unwrap().write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.child.stdin.as_mut().unwrap().flush()
+    }
+}
+
+impl GzipPipe {
+    fn finish(mut self) -> std::io::Result<()> {
+        drop(self.child.stdin.take());
+        let st = self.child.wait()?;
+        assert!(st.success(), "gzip failed");
+        Ok(())
+    }
+}
+
+async fn build_dockerfile(
+    berthd: &Berthd,
+    dir: &Path,
+    attrs: &[(&str, &str)],
+    image: &str,
+    secrets: BTreeMap<String, Vec<u8>>,
+) -> BuildReport {
+    let client = berthd.client().await.unwrap();
+    let mut locals = BTreeMap::new();
+    locals.insert("context".to_string(), dir.to_path_buf());
+    locals.insert("dockerfile".to_string(), dir.to_path_buf());
+    let mut out = BTreeMap::new();
+    out.insert("name".to_string(), image.to_string());
+    client
+        .build(BuildOptions {
+            frontend: Some("dockerfile.v0".into()),
+            frontend_attrs: attrs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            locals,
+            secrets,
+            output: Output::Raw("image".into(), out),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+}
+
+fn ok(report: &BuildReport, berthd: &Berthd) {
+    if let Err(e) = &report.solve {
+        panic!("solve failed: {e:?}\n{}", berthd.log_text());
+    }
+}
+
+async fn config(engine: &DockerEngine, image: &str) -> serde_json::Value {
+    let i = engine.inspect_image(image).await.unwrap();
+    serde_json::to_value(i.config.unwrap()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn realistic_dockerfiles_build_into_docker() {
+    require_root();
+    let engine = DockerEngine::system().unwrap();
+    let base = busybox_image(&engine).await.unwrap();
+    let berthd = Berthd::start(&[]).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+
+    // 1. a base with ONBUILD triggers, a WORKDIR and a USER
+    let onb_dir = tmp.path().join("onbuild");
+    write(
+        &onb_dir,
+        "Dockerfile",
+        &format!(
+            "FROM {}\nWORKDIR /srv\nONBUILD COPY trigger.txt ./\nONBUILD RUN cat trigger.txt > /srv/ran\n",
+            base.reference()
+        ),
+    );
+    let onb_image = format!("{}:1", unique_name("berth-test/df-onbuild"));
+    let r = build_dockerfile(&berthd, &onb_dir, &[], &onb_image, BTreeMap::new()).await;
+    ok(&r, &berthd);
+    let _onb = TestImage::adopt(&engine, &onb_image).await.unwrap();
+    let c = config(&engine, &onb_image).await;
+    assert_eq!(
+        c["OnBuild"],
+        serde_json::json!(["COPY trigger.txt ./", "RUN cat trigger.txt > /srv/ran"])
+    );
+    assert_eq!(c["WorkingDir"], "/srv");
+
+    // 2. the realistic one
+    let dir = tmp.path().join("app");
+    write(&dir, "trigger.txt", "triggered\n");
+    write(&dir, "src/main.txt", "main\n");
+    write(&dir, "src/secret.key", "must not be sent\n");
+    write(&dir, "ignored-by-default/x", "x\n");
+    write(&dir, ".dockerignore", "ignored-by-default\n");
+    write(&dir, "Dockerfile.dockerignore", "src/*.key\n");
+    archive(&dir.join("bundle.tar.gz"));
+    let dockerfile = format!(
+        r#"# syntax=docker/dockerfile:1.5
+ARG GREETING=hello
+FROM {base} AS build
+ARG GREETING
+WORKDIR /work
+COPY src/ ./src/
+RUN --mount=type=cache,target=/cache,id=df-test \
+    echo "$GREETING" > /work/greeting && ls /cache > /dev/null && date > /cache/stamp
+RUN --mount=type=secret,id=token,required=true cat /run/secrets/token > /work/token-copy
+RUN --mount=type=tmpfs,target=/scratch touch /scratch/x && ! test -e /work/x
+RUN <<EOF
+set -e
+echo heredoc-one > /work/heredoc
+echo heredoc-two >> /work/heredoc
+EOF
+
+FROM {base} AS unused
+RUN exit 1
+
+FROM {onb} AS final
+ARG GREETING
+USER 1000:1000
+WORKDIR /home/user/app
+COPY --link --from=build /work/greeting /work/heredoc ./
+COPY --from=build /work/src /home/user/app/src
+COPY --chown=1000:1000 --chmod=640 <<conf.txt /etc/conf.txt
+value=${{GREETING:-none}}
+conf.txt
+ADD bundle.tar.gz /opt/
+RUN --mount=type=bind,from=build,source=/work,target=/b cat /b/greeting > /tmp/via-bind
+ENV MODE=prod
+LABEL org.example.name="berth test" stage=final
+EXPOSE 8080/tcp 53/udp
+VOLUME /data
+STOPSIGNAL SIGINT
+HEALTHCHECK --interval=30s CMD test -e /srv/ran
+ENTRYPOINT ["/bin/sh", "-c"]
+CMD ["cat /home/user/app/greeting"]
+"#,
+        base = base.reference(),
+        onb = onb_image,
+    );
+    write(&dir, "Dockerfile", &dockerfile);
+    let image = format!("{}:1", unique_name("berth-test/df-realistic"));
+    let mut secrets = BTreeMap::new();
+    secrets.insert("token".to_string(), b"s3cret".to_vec());
+    let r = build_dockerfile(
+        &berthd,
+        &dir,
+        &[("build-arg:GREETING", "bonjour"), ("label:extra", "yes")],
+        &image,
+        secrets,
+    )
+    .await;
+    ok(&r, &berthd);
+    let _img = TestImage::adopt(&engine, &image).await.unwrap();
+
+    // the unused stage never ran
+    let names: Vec<String> = r.vertices().values().map(|v| v.name.clone()).collect();
+    assert!(!names.iter().any(|n| n.contains("exit 1")), "{names:?}");
+    assert!(
+        names.iter().any(|n| n == "[build 2/7] WORKDIR /work"),
+        "{names:?}"
+    );
+
+    let out = engine
+        .run(
+            &image,
+            &["cat /home/user/app/greeting /home/user/app/heredoc /tmp/via-bind /etc/conf.txt /opt/app/one.txt /opt/app/sub/two.txt /srv/ran /srv/trigger.txt; ls /home/user/app/src; stat -c '%u:%g %a' /etc/conf.txt; id -u; pwd; test -e /home/user/app/src/secret.key || echo no-key"],
+        )
+        .await
+        .unwrap();
+    out.assert_success();
+    assert_eq!(
+        out.stdout.trim_end(),
+        "bonjour\nheredoc-one\nheredoc-two\nbonjour\nvalue=bonjour\none\ntwo\ntriggered\ntriggered\nmain.txt\n1000:1000 640\n1000\n/home/user/app\nno-key"
+    );
+    let c = config(&engine, &image).await;
+    assert_eq!(c["User"], "1000:1000");
+    assert_eq!(c["WorkingDir"], "/home/user/app");
+    assert_eq!(c["Entrypoint"], serde_json::json!(["/bin/sh", "-c"]));
+    assert_eq!(c["Cmd"], serde_json::json!(["cat /home/user/app/greeting"]));
+    assert_eq!(c["StopSignal"], "SIGINT");
+    assert_eq!(c["OnBuild"], serde_json::Value::Null);
+    assert!(c["Env"]
+        .as_array()
+        .unwrap()
+        .contains(&serde_json::json!("MODE=prod")));
+    assert_eq!(c["Labels"]["org.example.name"], "berth test");
+    assert_eq!(c["Labels"]["extra"], "yes");
+    assert_eq!(
+        c["ExposedPorts"],
+        serde_json::json!({"53/udp": {}, "8080/tcp": {}})
+    );
+    assert_eq!(
+        c["Healthcheck"]["Test"],
+        serde_json::json!(["CMD-SHELL", "test -e /srv/ran"])
+    );
+    let hist = engine.client().image_history(&image).await.unwrap();
+    let created_by: Vec<String> = hist.iter().rev().map(|h| h.created_by.clone()).collect();
+    for want in [
+        "WORKDIR /srv",
+        "COPY trigger.txt ./ # buildkit",
+        "RUN /bin/sh -c cat trigger.txt > /srv/ran # buildkit",
+        "USER 1000:1000",
+        "COPY /work/greeting /work/heredoc ./ # buildkit",
+        "ADD bundle.tar.gz /opt/ # buildkit",
+        "ENV MODE=prod",
+        r#"ENTRYPOINT ["/bin/sh" "-c"]"#,
+    ] {
+        assert!(
+            created_by.iter().any(|c| c == want),
+            "{want:?} not in {created_by:#?}"
+        );
+    }
+
+    // a rebuild is fully cached
+    let mut secrets = BTreeMap::new();
+    secrets.insert("token".to_string(), b"s3cret".to_vec());
+    let r2 = build_dockerfile(
+        &berthd,
+        &dir,
+        &[("build-arg:GREETING", "bonjour"), ("label:extra", "yes")],
+        &image,
+        secrets,
+    )
+    .await;
+    ok(&r2, &berthd);
+    let uncached: Vec<String> = r2
+        .vertices()
+        .values()
+        .filter(|v| !v.cached && v.name.contains("RUN"))
+        .map(|v| v.name.clone())
+        .collect();
+    assert!(uncached.is_empty(), "re-ran {uncached:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_name_the_dockerfile_line() {
+    require_root();
+    let engine = DockerEngine::system().unwrap();
+    let base = busybox_image(&engine).await.unwrap();
+    let berthd = Berthd::start(&[]).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            format!("FROM {}\nRUN true\nRUN exit 3\n", base.reference()),
+            3,
+            "did not complete successfully: exit code: 3",
+        ),
+        (
+            format!("FROM {}\nNOPE x\n", base.reference()),
+            2,
+            "unknown instruction: NOPE",
+        ),
+        (
+            "FROM berth-test/does-not-exist:nope\n".to_string(),
+            1,
+            "berth-test/does-not-exist:nope",
+        ),
+        (
+            format!("FROM {}\nCOPY missing.txt /\n", base.reference()),
+            2,
+            "missing.txt",
+        ),
+    ];
+    for (df, line, text) in cases {
+        write(tmp.path(), "Dockerfile", &df);
+        let image = format!("{}:1", unique_name("berth-test/df-error"));
+        let r = build_dockerfile(&berthd, tmp.path(), &[], &image, BTreeMap::new()).await;
+        let err = r.solve.as_ref().expect_err("build must fail");
+        assert!(err.message().contains(text), "{df}: {}", err.message());
+        let details = <protos::google::rpc::Status as prost::Message>::decode(err.details())
+            .unwrap_or_else(|e| panic!("{df}: no details ({e}): {err:?}"));
+        use protos::details::JsonDetail as _;
+        let s = details
+            .details
+            .iter()
+            .find_map(|d| protos::errdefs::Source::from_any(d).ok())
+            .unwrap_or_else(|| panic!("{df}: no errdefs.Source in {:?}", details.details));
+        assert_eq!(s.info.as_ref().unwrap().filename, "Dockerfile");
+        assert_eq!(
+            s.ranges[0].start.as_ref().unwrap().line,
+            line,
+            "{df}: {:?}",
+            s.ranges
+        );
+        assert!(!engine.image_exists(&image).await.unwrap());
+    }
+}
+
+/// `docker buildx build` (0.13.1, remote driver on berthd's unix socket): `--load` (type=docker
+/// streamed to the client, loaded by the CLI) and `--output type=image` (straight into the
+/// Engine berthd is bound to), with a build arg and a target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buildx_load_and_image_output() {
+    use std::process::Command;
+    require_root();
+    let engine = DockerEngine::system().unwrap();
+    let base = busybox_image(&engine).await.unwrap();
+    let berthd = Berthd::start(&[]).unwrap();
+    let version = Command::new("docker")
+        .args(["buildx", "version"])
+        .output()
+        .expect("run docker buildx version");
+    assert!(
+        String::from_utf8_lossy(&version.stdout).contains(" 0.13.1"),
+        "docker buildx 0.13.1 is required (bash .ci/trixie-packages.sh installs it)"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ctx");
+    write(
+        &dir,
+        "Dockerfile",
+        &format!(
+            "FROM {} AS base\nARG WHO=nobody\nRUN echo \"hi $WHO\" > /hi\n\nFROM base AS other\nRUN exit 1\n\nFROM base AS final\nCMD [\"cat\", \"/hi\"]\n",
+            base.reference()
+        ),
+    );
+    let builder = unique_name("berth-df");
+    let created = Command::new("docker")
+        .args(["buildx", "create", "--name", &builder, "--driver", "remote"])
+        .arg(format!("unix://{}", berthd.socket().display()))
+        .output()
+        .unwrap();
+    assert!(
+        created.status.success(),
+        "buildx create: {}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    struct RmBuilder(String);
+    impl Drop for RmBuilder {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("docker")
+                .args(["buildx", "rm", &self.0])
+                .output();
+        }
+    }
+    let _rm = RmBuilder(builder.clone());
+    for (i, output) in ["--load", "--output=type=image,name={NAME}"]
+        .iter()
+        .enumerate()
+    {
+        let name = format!("{}:{i}", unique_name("berth-test/df-buildx"));
+        let out = Command::new("docker")
+            .args([
+                "buildx",
+                "build",
+                "--builder",
+                &builder,
+                "--progress",
+                "plain",
+            ])
+            .args(["--build-arg", "WHO=buildx", "--target", "final"])
+            .arg(output.replace("{NAME}", &name))
+            .args(if i == 0 {
+                vec!["-t", name.as_str()]
+            } else {
+                vec![]
+            })
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "buildx build {output}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            berthd.log_text()
+        );
+        let _img = TestImage::adopt(&engine, &name).await.unwrap();
+        let run = engine.run(&name, &[]).await.unwrap();
+        run.assert_success();
+        assert_eq!(run.stdout.trim_end(), "hi buildx");
+    }
+}
