@@ -750,7 +750,8 @@ async fn malformed_requests_get_typed_errors() {
     let e = r.solve.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
     assert!(e.message().contains("bogus"), "{e:?}");
-    // the dockerfile frontend is not there yet
+    // the dockerfile frontend without the client's `dockerfile` directory says it could not
+    // load the Dockerfile; an unknown frontend is InvalidArgument
     let r = c
         .build(BuildOptions {
             frontend: Some("dockerfile.v0".into()),
@@ -759,8 +760,23 @@ async fn malformed_requests_get_typed_errors() {
         .await
         .unwrap();
     let e = r.gateway_solve.unwrap().unwrap_err();
-    assert_eq!(e.code(), tonic::Code::Unimplemented);
-    assert!(e.message().contains("dockerfile.v0"));
+    assert!(
+        e.message().contains("failed to resolve dockerfile"),
+        "{e:?}"
+    );
+    let r = c
+        .build(BuildOptions {
+            frontend: Some("nosuch.v0".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let e = r.gateway_solve.unwrap().unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(
+        e.message().contains("unsupported frontend nosuch.v0"),
+        "{e:?}"
+    );
     // gateway calls need the build id header; unknown builds are NotFound; unknown calls name themselves
     let mut g = c.gateway();
     let e = g.ping(gw::PingRequest {}).await.unwrap_err();
