@@ -20,6 +20,9 @@ pub const FRONTEND_CAPS: &[&str] = &[
     "frontend.inputs",
     "gateway.solve.metadata",
     "gateway.warnings",
+    "gateway.exec",
+    "gateway.exec.extrahosts",
+    "gateway.exec.signals",
 ];
 
 /// Caps of the exporters that are not worker ops, advertised with the worker's LLB caps.

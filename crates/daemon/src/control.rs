@@ -243,6 +243,8 @@ impl Control {
             tracing::info!(build = %job.id, error = %e, "solve failed");
         }
         job.cancel.cancel();
+        // gateway containers go with the build, before it answers (their mounts are released)
+        job.containers.release_all().await;
         if let Some(rec) = guard.record.take() {
             // the record is written before Solve answers, as buildkitd does
             let _ = rec.complete(&job, res.as_ref()).await;

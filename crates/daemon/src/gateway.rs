@@ -3,7 +3,8 @@
 //!
 //! `buildctl build` drives every build through here: `Ping` (caps), `Solve` (definition or
 //! frontend), `Return` (hands the result to the waiting `Control.Solve`). File access calls
-//! (`ReadFile`, `ReadDir`, `StatFile`) read gateway refs inside their root. Calls berth does not
+//! (`ReadFile`, `ReadDir`, `StatFile`) read gateway refs inside their root. Containers
+//! (`NewContainer`, `ReleaseContainer`, `ExecProcess`) are adapted in [`crate::containers`]. Calls berth does not
 //! implement answer `UNIMPLEMENTED` naming the call.
 
 use crate::caps;
@@ -373,23 +374,37 @@ impl gw::llb_bridge_server::LlbBridge for Gateway {
 
     async fn new_container(
         &self,
-        _: Request<gw::NewContainerRequest>,
+        request: Request<gw::NewContainerRequest>,
     ) -> std::result::Result<Response<gw::NewContainerResponse>, Status> {
-        unimplemented("NewContainer")
+        let job = self.active_job(&request).await?;
+        crate::containers::new_container(&self.backend, &job, request.into_inner()).await?;
+        Ok(Response::new(gw::NewContainerResponse {}))
     }
 
     async fn release_container(
         &self,
-        _: Request<gw::ReleaseContainerRequest>,
+        request: Request<gw::ReleaseContainerRequest>,
     ) -> std::result::Result<Response<gw::ReleaseContainerResponse>, Status> {
-        unimplemented("ReleaseContainer")
+        let job = self.job(&request).await?;
+        let id = request.into_inner().container_id;
+        crate::containers::release_container(&job, &id).await?;
+        Ok(Response::new(gw::ReleaseContainerResponse {}))
     }
 
     async fn exec_process(
         &self,
-        _: Request<tonic::Streaming<gw::ExecMessage>>,
+        request: Request<tonic::Streaming<gw::ExecMessage>>,
     ) -> std::result::Result<Response<tonic::codegen::BoxStream<gw::ExecMessage>>, Status> {
-        unimplemented("ExecProcess")
+        let job = self.active_job(&request).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(crate::containers::exec_session(
+            job,
+            request.into_inner(),
+            tx,
+        ));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn read_file_container(

@@ -51,6 +51,8 @@ pub struct Job {
     pub ended: CancellationToken,
     /// When the job was registered.
     pub started: std::time::Instant,
+    /// Gateway containers of this build (released when it ends).
+    pub containers: gateway::ContainerSet,
 }
 
 /// A job as `/debug/state` shows it.
@@ -96,6 +98,7 @@ impl Job {
                 returned: Mutex::new(Some(tx)),
                 ended: CancellationToken::new(),
                 started: std::time::Instant::now(),
+                containers: gateway::ContainerSet::new(),
             }),
             rx,
         )
@@ -209,6 +212,8 @@ impl Jobs {
         let jobs = self.clone();
         let job = job.clone();
         tokio::spawn(async move {
+            // normally already done by Control.Solve before it answered
+            job.containers.release_all().await;
             tokio::time::sleep(KEEP_AFTER_END).await;
             let mut m = jobs.map.lock().unwrap();
             if m.get(&job.id).is_some_and(|j| Arc::ptr_eq(j, &job)) {

@@ -27,6 +27,7 @@
 pub mod caps;
 pub mod cli;
 pub mod config;
+pub mod containers;
 pub mod control;
 pub mod docker;
 pub mod errors;

@@ -142,6 +142,11 @@ impl Backend {
         }))
     }
 
+    /// The worker (gateway containers prepare their mounts and run through it).
+    pub fn worker(&self) -> &worker::Worker {
+        &self.worker
+    }
+
     /// LLB caps the worker supports.
     pub fn llb_caps() -> &'static [&'static str] {
         worker::Worker::supported_caps()

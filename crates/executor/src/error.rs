@@ -143,6 +143,25 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// `exec` into a container that is not running.
+    #[error("container {id} is not running: {reason}")]
+    NotRunning {
+        /// Container id.
+        id: String,
+        /// Why.
+        reason: String,
+    },
+
+    /// Setting up the pseudo-terminal of a process failed.
+    #[error("terminal setup failed: {op}")]
+    Terminal {
+        /// What was being done.
+        op: &'static str,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+
     /// The run was cancelled; the container was killed and deleted.
     #[error("execution of container {id} was cancelled")]
     Cancelled {
@@ -161,6 +180,8 @@ pub enum ErrorKind {
     PermissionDenied,
     /// The run was cancelled.
     Cancelled,
+    /// The target is not in the state the call needs (a container that is not running).
+    FailedPrecondition,
     /// Anything else: a fault of the host, runc or the daemon.
     Internal,
 }
@@ -173,6 +194,7 @@ impl Error {
                 ErrorKind::InvalidArgument
             }
             Self::RuncRun { .. } => ErrorKind::InvalidArgument,
+            Self::NotRunning { .. } => ErrorKind::FailedPrecondition,
             Self::InsecureNotAllowed => ErrorKind::PermissionDenied,
             Self::Cancelled { .. } => ErrorKind::Cancelled,
             _ => ErrorKind::Internal,

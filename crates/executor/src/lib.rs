@@ -15,7 +15,7 @@
 //!     args: vec!["/bin/sh".into(), "-c".into(), "echo hi".into()],
 //!     ..Default::default()
 //! };
-//! let io = ProcessIo { stdout: Some(tx.clone()), stderr: Some(tx) };
+//! let io = ProcessIo { stdout: Some(tx.clone()), stderr: Some(tx), ..Default::default() };
 //! let res = exec.run(spec, io, CancellationToken::new()).await?;
 //! assert!(res.exit.success());
 //! # Ok(()) }
@@ -43,7 +43,8 @@
 //!
 //! Modules: `types` (inputs and outputs), `runcexecutor` (the run itself, bundle layout),
 //! `oci` (runtime spec, user lookup, hosts file), `stubs` (safe paths inside the rootfs),
-//! `runc` (typed runc client), `secrets` (secret tmpfs). No `unsafe` anywhere.
+//! `runc` (typed runc client), `secrets` (secret tmpfs), `stdio` (pipes, pseudo-terminal,
+//! resize and signal forwarding). No `unsafe` anywhere.
 
 #![forbid(unsafe_code)]
 
@@ -52,6 +53,7 @@ mod oci;
 mod runc;
 mod runcexecutor;
 mod secrets;
+mod stdio;
 mod stubs;
 mod types;
 
@@ -60,6 +62,6 @@ pub use error::{Error, ErrorKind};
 pub use runcexecutor::{RuncExecutor, RuncOptions};
 pub use tokio_util::sync::CancellationToken;
 pub use types::{
-    ExecResult, ExitStatus, HostIp, Mount, MountKind, NetMode, ProcessIo, ProcessSpec,
-    SecurityMode, Ulimit, DEFAULT_HOSTNAME, DEFAULT_PATH,
+    ExecResult, ExecSpec, ExitStatus, HostIp, Mount, MountKind, NetMode, ProcessIo, ProcessSpec,
+    SecurityMode, Ulimit, WinSize, DEFAULT_HOSTNAME, DEFAULT_PATH,
 };

@@ -5,7 +5,7 @@
 //! thread). Management commands (`kill`, `delete`, `list`) are bounded by a timeout and fail
 //! with [`Error::Runc`] carrying the exit status and standard error.
 //! Modelled on `containerd/rust-extensions` `crates/runc` (argument building, error carrying
-//! status and stderr), reduced to the four subcommands the executor uses.
+//! status and stderr), reduced to the subcommands the executor uses.
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -26,6 +26,13 @@ pub(crate) struct ContainerEntry {
     pub id: String,
     #[serde(default)]
     pub pid: i64,
+    #[serde(default)]
+    pub status: String,
+}
+
+/// The part of `runc state <id>` the executor reads.
+#[derive(Clone, Debug, Deserialize)]
+pub(crate) struct ContainerState {
     #[serde(default)]
     pub status: String,
 }
@@ -51,8 +58,8 @@ impl Runc {
         c
     }
 
-    /// `runc --log <log> --log-format json run --bundle <bundle> <id>`, stdout and stderr piped,
-    /// in its own process group, killed if dropped.
+    /// `runc --log <log> --log-format json run --bundle <bundle> <id>`, in its own process
+    /// group, killed if dropped. The caller sets the standard streams.
     pub(crate) fn run_command(&self, bundle: &Path, log: &Path, id: &str) -> Command {
         let mut c = self.base();
         c.arg("--log")
@@ -60,11 +67,46 @@ impl Runc {
             .args(["--log-format", "json", "run", "--bundle"])
             .arg(bundle)
             .arg(id)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
         c
+    }
+
+    /// `runc --log <log> --log-format json exec --process <process> --pid-file <pid_file>
+    /// <id>`, in its own process group, killed if dropped. The caller sets the streams.
+    pub(crate) fn exec_command(
+        &self,
+        process: &Path,
+        pid_file: &Path,
+        log: &Path,
+        id: &str,
+    ) -> Command {
+        let mut c = self.base();
+        c.arg("--log")
+            .arg(log)
+            .args(["--log-format", "json", "exec", "--process"])
+            .arg(process)
+            .arg("--pid-file")
+            .arg(pid_file)
+            .arg(id)
+            .process_group(0)
+            .kill_on_drop(true);
+        c
+    }
+
+    /// `runc state <id>`: `None` when runc knows no such container.
+    pub(crate) async fn state(&self, id: &str) -> Result<Option<ContainerState>, Error> {
+        match self.output(&["state", id]).await {
+            Ok(out) => serde_json::from_slice(&out)
+                .map(Some)
+                .map_err(|e| Error::Runc {
+                    command: format!("state {id}"),
+                    status: "unparsable output".into(),
+                    stderr: e.to_string(),
+                }),
+            Err(Error::Runc { stderr, .. }) if stderr.contains("does not exist") => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     async fn output<S: AsRef<OsStr>>(&self, args: &[S]) -> Result<Vec<u8>, Error> {

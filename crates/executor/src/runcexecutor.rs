@@ -2,7 +2,9 @@
 //!
 //! Port of the `Run` path of BuildKit's `executor/runcexecutor/executor.go`
 //! (<https://github.com/moby/buildkit/blob/v0.11.6/executor/runcexecutor/executor.go>), without
-//! interactive exec, TTYs, rootless mode or user namespaces.
+//! rootless mode or user namespaces. [`RuncExecutor::run_with_id`] and [`RuncExecutor::exec`] add
+//! BuildKit's `Exec` (further processes in a running container, for gateway containers) and
+//! [`ProcessIo`] its stdin, TTY, resize and signal plumbing (module `stdio`).
 //!
 //! On-disk layout under `state_root` (this executor is its only writer):
 //!
@@ -12,6 +14,7 @@
 //!     config.json                    the OCI runtime spec
 //!     hosts, resolv.conf             bind-mounted read-only at /etc/hosts, /etc/resolv.conf
 //!     runc.log                       runc's JSON log (start-up errors)
+//!     exec-<n>.json, .pid, .log      process spec, pid file and log of one `runc exec`
 //!     secrets/                       tmpfs with secret files (only when there are secrets)
 //! ```
 //!
@@ -30,10 +33,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use oci_spec::runtime::{Capability, LinuxDevice};
-use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -41,18 +41,19 @@ use crate::error::{invalid, Error};
 use crate::oci::{hosts, spec, user};
 use crate::runc::{log_errors, Runc};
 use crate::secrets::SecretStore;
+use crate::stdio::Streams;
 use crate::stubs::{clean_abs, ensure_path, pathrs_io, Leaf, MountStubs};
 use crate::types::{
-    ExecResult, ExitStatus, MountKind, ProcessIo, ProcessSpec, SecurityMode, DEFAULT_HOSTNAME,
-    DEFAULT_PATH,
+    ExecResult, ExecSpec, ExitStatus, MountKind, ProcessIo, ProcessSpec, SecurityMode,
+    DEFAULT_HOSTNAME, DEFAULT_PATH,
 };
 
 /// How long `runc kill` is retried before the runc process group is killed.
 const KILL_GRACE: Duration = Duration::from_secs(7);
 /// How long output pipes may stay open after runc exited.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-/// Chunk size of output reads.
-const CHUNK: usize = 32 * 1024;
+/// How long `exec` waits for a container that is still starting.
+const EXEC_START_WAIT: Duration = Duration::from_secs(30);
 
 /// Options of a [`RuncExecutor`].
 #[derive(Clone, Debug)]
@@ -94,6 +95,8 @@ pub struct RuncExecutor {
     next_id: AtomicU64,
     insecure_caps: Vec<Capability>,
     insecure_devices: Vec<LinuxDevice>,
+    /// Containers whose `run` is in progress (targets of [`RuncExecutor::exec`]).
+    running: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 fn state_err(path: &Path, op: &'static str) -> impl FnOnce(std::io::Error) -> Error + use<> {
@@ -165,6 +168,7 @@ impl RuncExecutor {
             next_id: AtomicU64::new(1),
             insecure_caps,
             insecure_devices,
+            running: Default::default(),
         })
     }
 
@@ -219,13 +223,129 @@ impl RuncExecutor {
         io: ProcessIo,
         cancel: CancellationToken,
     ) -> Result<ExecResult, Error> {
-        let id = format!(
+        self.run_with_id(self.new_container_id(), spec, io, cancel)
+            .await
+    }
+
+    /// A fresh container id for [`RuncExecutor::run_with_id`].
+    pub fn new_container_id(&self) -> String {
+        format!(
             "{}-{}",
             self.id_prefix,
             self.next_id.fetch_add(1, Ordering::Relaxed)
-        );
+        )
+    }
+
+    /// [`RuncExecutor::run`] as container `id` (from [`RuncExecutor::new_container_id`]), so
+    /// that [`RuncExecutor::exec`] can start further processes in it while it runs.
+    pub async fn run_with_id(
+        &self,
+        id: String,
+        spec: ProcessSpec,
+        io: ProcessIo,
+        cancel: CancellationToken,
+    ) -> Result<ExecResult, Error> {
+        if !id.starts_with(&self.id_prefix) {
+            return Err(invalid(format!(
+                "container id {id:?} was not made by this executor"
+            )));
+        }
+        if !self.running.lock().unwrap().insert(id.clone()) {
+            return Err(invalid(format!("container {id} is already running")));
+        }
+        let _running = RunningGuard {
+            set: &self.running,
+            id: id.clone(),
+        };
         let span = tracing::info_span!("exec", id = %id, args = ?spec.args);
         self.run_inner(id, spec, io, cancel).instrument(span).await
+    }
+
+    /// Starts a further process in the running container `id` (BuildKit's `Executor.Exec`)
+    /// and waits for it: `runc exec` with the container's process spec, changed by `spec`.
+    ///
+    /// Waits (polling every 100 ms) for a container whose run is still starting. Errors when
+    /// no run of `id` is in progress or it ends first ([`Error::NotRunning`]), and as
+    /// [`RuncExecutor::run`] does. On cancellation the process is killed (`SIGKILL` to its pid
+    /// from runc's pid file) and [`Error::Cancelled`] returned once runc has exited. The
+    /// process also dies with the container's first process (exit code 137).
+    pub async fn exec(
+        &self,
+        id: &str,
+        spec: ExecSpec,
+        io: ProcessIo,
+        cancel: CancellationToken,
+    ) -> Result<ExitStatus, Error> {
+        if spec.args.is_empty() {
+            return Err(invalid("args must not be empty"));
+        }
+        let span = tracing::info_span!("exec", id = %id, args = ?spec.args);
+        self.exec_inner(id, spec, io, cancel).instrument(span).await
+    }
+
+    async fn exec_inner(
+        &self,
+        id: &str,
+        spec: ExecSpec,
+        io: ProcessIo,
+        cancel: CancellationToken,
+    ) -> Result<ExitStatus, Error> {
+        let not_running = |reason: &str| Error::NotRunning {
+            id: id.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let deadline = Instant::now() + EXEC_START_WAIT;
+        loop {
+            if !self.running.lock().unwrap().contains(id) {
+                return Err(not_running("its first process is not running"));
+            }
+            if let Ok(Some(st)) = self.runc.state(id).await {
+                if st.status == "running" {
+                    break;
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(not_running("it did not start in time"));
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                () = cancel.cancelled() => return Err(Error::Cancelled { id: id.to_owned() }),
+            }
+        }
+        let bundle = self.bundles.join(id);
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let files = ExecFiles {
+            process: bundle.join(format!("exec-{n}.json")),
+            pid: bundle.join(format!("exec-{n}.pid")),
+            log: bundle.join(format!("exec-{n}.log")),
+        };
+        let tty = io.tty;
+        let config = bundle.join("config.json");
+        let process = files.process.clone();
+        tokio::task::spawn_blocking(move || write_exec_process(&config, &process, spec, tty))
+            .await
+            .map_err(|e| Error::State {
+                path: bundle.clone(),
+                op: "prepare exec process",
+                source: std::io::Error::other(e),
+            })??;
+        let cmd = self
+            .runc
+            .exec_command(&files.process, &files.pid, &files.log, id);
+        let res = self
+            .wait_runc(
+                cmd,
+                id,
+                &files.log,
+                io,
+                &cancel,
+                Kill::ExecProcess(&files.pid),
+            )
+            .await;
+        for f in [&files.process, &files.pid, &files.log] {
+            let _ = std::fs::remove_file(f);
+        }
+        res
     }
 
     async fn run_inner(
@@ -242,6 +362,7 @@ impl RuncExecutor {
         let started = Instant::now();
         let bundle = Bundle::create(self.bundles.join(&id))?;
         let ctx = PrepareCtx {
+            terminal: io.tty,
             id: id.clone(),
             cgroup_parent: if spec.cgroup_parent.is_empty() {
                 self.opts.default_cgroup_parent.clone()
@@ -292,17 +413,42 @@ impl RuncExecutor {
             id: id.to_owned(),
             armed: true,
         };
-        let mut child = self
-            .runc
-            .run_command(bundle, &log, id)
-            .spawn()
-            .map_err(|e| Error::Spawn {
-                program: self.runc.program().to_owned(),
-                source: e,
-            })?;
-        tracing::debug!(pid = ?child.id(), "runc run started");
-        let out = tokio::spawn(pump(child.stdout.take(), io.stdout));
-        let err = tokio::spawn(pump(child.stderr.take(), io.stderr));
+        let cmd = self.runc.run_command(bundle, &log, id);
+        let res = self
+            .wait_runc(cmd, id, &log, io, cancel, Kill::Container)
+            .await;
+        if matches!(
+            res,
+            Ok(_) | Err(Error::Cancelled { .. }) | Err(Error::RuncRun { .. })
+        ) {
+            guard.armed = false;
+        }
+        res
+    }
+
+    /// Spawns a runc `run` or `exec` command with the streams of `io`, waits for it (killing
+    /// on cancellation), drains the output and turns runc's exit into the process' status.
+    async fn wait_runc(
+        &self,
+        mut cmd: tokio::process::Command,
+        id: &str,
+        log: &Path,
+        mut io: ProcessIo,
+        cancel: &CancellationToken,
+        kill: Kill<'_>,
+    ) -> Result<ExitStatus, Error> {
+        let streams = Streams::attach(&mut cmd, &io)?;
+        let mut child = cmd.spawn().map_err(|e| Error::Spawn {
+            program: self.runc.program().to_owned(),
+            source: e,
+        })?;
+        // closes the daemon's copies of a terminal's slave
+        drop(cmd);
+        tracing::debug!(pid = ?child.id(), "runc started");
+        let running = streams.start(&mut child, &mut io);
+        if let Some(tx) = io.started.take() {
+            let _ = tx.send(());
+        }
         let wait_err = |source| Error::Wait {
             id: id.to_owned(),
             source,
@@ -316,24 +462,31 @@ impl RuncExecutor {
         let status = match waited {
             Some(s) => s.map_err(wait_err)?,
             None => {
-                tracing::debug!("cancelled, killing container");
-                self.kill_until_exit(&mut child, id)
-                    .await
-                    .map_err(wait_err)?
+                tracing::debug!("cancelled, killing the process");
+                match kill {
+                    Kill::Container => self.kill_until_exit(&mut child, id).await,
+                    Kill::ExecProcess(pid_file) => kill_exec(&mut child, pid_file).await,
+                }
+                .map_err(wait_err)?
             }
         };
+        for t in &running.background {
+            t.abort();
+        }
 
-        let (out_abort, err_abort) = (out.abort_handle(), err.abort_handle());
+        let aborts: Vec<_> = running.outputs.iter().map(|t| t.abort_handle()).collect();
         let drain = async {
-            let _ = out.await;
-            let _ = err.await;
+            for t in running.outputs {
+                let _ = t.await;
+            }
         };
         if tokio::time::timeout(DRAIN_TIMEOUT, drain).await.is_err() {
             tracing::warn!(
                 "output pipes still open {DRAIN_TIMEOUT:?} after runc exited; dropping them"
             );
-            out_abort.abort();
-            err_abort.abort();
+            for a in aborts {
+                a.abort();
+            }
         }
 
         use std::os::unix::process::ExitStatusExt;
@@ -342,19 +495,18 @@ impl RuncExecutor {
             (None, Some(sig)) => 128 + sig,
             (None, None) => 255,
         };
-        if cancelled || status.code().is_none() {
+        if matches!(kill, Kill::Container) && (cancelled || status.code().is_none()) {
             // runc itself may have died without deleting the container: make sure nothing is
             // left. "does not exist" is the normal answer.
             if let Err(e) = self.runc.delete_force(id).await {
                 tracing::debug!(error = %e, "runc delete after kill");
             }
         }
-        guard.armed = false;
         if cancelled {
             return Err(Error::Cancelled { id: id.to_owned() });
         }
         if code != 0 {
-            let errors = log_errors(&tokio::fs::read(&log).await.unwrap_or_default());
+            let errors = log_errors(&tokio::fs::read(log).await.unwrap_or_default());
             if !errors.is_empty() {
                 return Err(Error::RuncRun {
                     id: id.to_owned(),
@@ -505,30 +657,121 @@ impl Drop for ContainerGuard {
     }
 }
 
-/// Copies `r` to `tx` in chunks; keeps draining (discarding) if the receiver is gone.
-async fn pump(r: Option<impl AsyncRead + Unpin>, mut tx: Option<mpsc::Sender<Bytes>>) {
-    let Some(mut r) = r else { return };
-    let mut buf = vec![0u8; CHUNK];
+/// How a cancelled runc command is stopped.
+#[derive(Clone, Copy)]
+enum Kill<'a> {
+    /// `runc kill <id> KILL` until `runc run` exits (the whole container goes).
+    Container,
+    /// `SIGKILL` to the exec'd process (its pid from runc's pid file); runc then exits.
+    ExecProcess(&'a Path),
+}
+
+/// Files of one `runc exec`, inside the container's bundle.
+struct ExecFiles {
+    process: PathBuf,
+    pid: PathBuf,
+    log: PathBuf,
+}
+
+/// Removes a container id from the running set when its run ends.
+struct RunningGuard<'a> {
+    set: &'a std::sync::Mutex<std::collections::HashSet<String>>,
+    id: String,
+}
+
+impl Drop for RunningGuard<'_> {
+    fn drop(&mut self) {
+        self.set.lock().unwrap().remove(&self.id);
+    }
+}
+
+/// Kills a cancelled `runc exec`'s process; past [`KILL_GRACE`] kills runc itself.
+async fn kill_exec(
+    child: &mut tokio::process::Child,
+    pid_file: &Path,
+) -> std::io::Result<std::process::ExitStatus> {
+    let deadline = Instant::now() + KILL_GRACE;
     loop {
-        match r.read(&mut buf).await {
-            Ok(0) => return,
-            Ok(n) => {
-                if let Some(t) = &tx {
-                    if t.send(Bytes::copy_from_slice(&buf[..n])).await.is_err() {
-                        tx = None;
-                    }
-                }
+        match std::fs::read_to_string(pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+        {
+            Some(pid) if pid > 0 => {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "reading process output failed");
-                return;
+            // not started yet: runc itself is stopped, nothing ran
+            _ => {
+                let _ = child.start_kill();
             }
+        }
+        tokio::select! {
+            s = child.wait() => return s,
+            () = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+        if Instant::now() >= deadline {
+            let _ = child.start_kill();
+            return child.wait().await;
         }
     }
 }
 
+/// Writes the process spec of a `runc exec`: the container's own process, with `spec`'s
+/// non-empty fields (the user resolved inside the container's rootfs) and `terminal`.
+fn write_exec_process(
+    config: &Path,
+    out: &Path,
+    spec: ExecSpec,
+    terminal: bool,
+) -> Result<(), Error> {
+    let data = std::fs::read(config).map_err(state_err(config, "read"))?;
+    let oci: oci_spec::runtime::Spec = serde_json::from_slice(&data).map_err(|e| Error::Spec {
+        reason: format!("container config {}: {e}", config.display()),
+    })?;
+    let mut process = oci.process().clone().ok_or_else(|| Error::Spec {
+        reason: format!("container config {} has no process", config.display()),
+    })?;
+    process.set_args(Some(spec.args));
+    process.set_terminal(Some(terminal));
+    if !spec.env.is_empty() {
+        if spec.env.iter().any(|e| e.contains('\0')) {
+            return Err(invalid("environment entries must not contain NUL"));
+        }
+        process.set_env(Some(spec.env));
+    }
+    if !spec.cwd.is_empty() {
+        process.set_cwd(clean_abs(Path::new(&spec.cwd)));
+    }
+    if !spec.user.is_empty() {
+        let rootfs = oci
+            .root()
+            .as_ref()
+            .map(|r| r.path().clone())
+            .ok_or_else(|| Error::Spec {
+                reason: format!("container config {} has no root", config.display()),
+            })?;
+        let root = pathrs::Root::open(&rootfs).map_err(|source| Error::Rootfs {
+            path: rootfs.clone(),
+            source,
+        })?;
+        let u = user::resolve(&root, &spec.user)?;
+        let mut ou = process.user().clone();
+        ou.set_uid(u.uid);
+        ou.set_gid(u.gid);
+        ou.set_additional_gids(Some(u.additional_gids));
+        process.set_user(ou);
+    }
+    let json = serde_json::to_vec(&process).map_err(|e| Error::Spec {
+        reason: e.to_string(),
+    })?;
+    std::fs::write(out, json).map_err(state_err(out, "write"))
+}
+
 /// What `prepare` needs besides the spec.
 struct PrepareCtx {
+    terminal: bool,
     id: String,
     cgroup_parent: String,
     host_resolv_conf: PathBuf,
@@ -711,6 +954,7 @@ fn prepare(
         rootfs: spec.rootfs.clone(),
         readonly_rootfs: spec.readonly_rootfs,
         args: spec.args.clone(),
+        terminal: ctx.terminal,
         env,
         cwd,
         user: exec_user,

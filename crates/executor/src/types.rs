@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 /// `PATH` added to the environment when the caller sets none (BuildKit cap
 /// `exec.meta.setsdefaultpath`).
@@ -206,18 +206,65 @@ pub struct Ulimit {
     pub hard: u64,
 }
 
-/// Where the process' output goes.
+/// Where the process' input comes from and its output goes, and how it is steered while it
+/// runs.
 ///
 /// Output is read in chunks of at most 32 KiB and sent as it arrives; a full channel makes the
 /// executor wait (and so the process block on its write), which bounds memory. A dropped
 /// receiver is not an error: further output is read and discarded. `None` discards output.
-/// Standard input is always `/dev/null`.
+///
+/// Build it with struct syntax and `..Default::default()`: a plain build step sets only
+/// `stdout`/`stderr`; a gateway container process (BuildKit's `ProcessInfo` with its
+/// `Stdin`, `Tty`, `Resize` and `Signal`) may set every field.
 #[derive(Debug, Default)]
 pub struct ProcessIo {
-    /// Receives standard output.
+    /// Standard input, chunk by chunk; the sender closing the channel is end of file. `None`
+    /// gives the process `/dev/null`.
+    pub stdin: Option<mpsc::Receiver<Bytes>>,
+    /// Receives standard output (with `tty`, everything the terminal prints).
     pub stdout: Option<mpsc::Sender<Bytes>>,
-    /// Receives standard error (runc's own start-up errors arrive here too).
+    /// Receives standard error (runc's own start-up errors arrive here too; nothing with
+    /// `tty`, where the process' standard error is the terminal).
     pub stderr: Option<mpsc::Sender<Bytes>>,
+    /// Run the process on a terminal (OCI `process.terminal`): the executor opens a
+    /// pseudo-terminal pair, gives runc the slave as its standard streams (runc, in the
+    /// foreground, makes the container's own terminal and copies between the two) and
+    /// connects `stdin`/`stdout` to the master. Default 80x24 until the first resize.
+    pub tty: bool,
+    /// Terminal size changes (only with `tty`): the master is resized and runc is sent
+    /// `SIGWINCH`, which makes it resize the container's terminal to match.
+    pub resize: Option<mpsc::Receiver<WinSize>>,
+    /// Signals (numbers, e.g. `libc::SIGINT`) for the process: they are sent to the runc
+    /// process, which forwards them to the process in the container, as buildkitd does.
+    pub signal: Option<mpsc::Receiver<i32>>,
+    /// Told once runc has been started (BuildKit's `started` channel).
+    pub started: Option<oneshot::Sender<()>>,
+}
+
+/// A terminal size.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WinSize {
+    /// Rows.
+    pub rows: u32,
+    /// Columns.
+    pub cols: u32,
+}
+
+/// A further process in a running container ([`RuncExecutor::exec`]): what differs from the
+/// container's first process. Empty fields keep that process' values, as BuildKit's `Exec`
+/// does (its environment, working directory and user).
+///
+/// [`RuncExecutor::exec`]: crate::RuncExecutor::exec
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ExecSpec {
+    /// argv of the process; must not be empty.
+    pub args: Vec<String>,
+    /// `KEY=VALUE` entries; empty keeps the first process' environment.
+    pub env: Vec<String>,
+    /// Working directory; empty keeps the first process'.
+    pub cwd: String,
+    /// User as in [`ProcessSpec::user`]; empty keeps the first process' user.
+    pub user: String,
 }
 
 /// How the process ended.

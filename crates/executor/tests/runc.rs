@@ -128,6 +128,7 @@ impl Env {
         let io = ProcessIo {
             stdout: Some(otx),
             stderr: Some(etx),
+            ..Default::default()
         };
         let r = self.exec.run(spec, io, cancel).await;
         (r, o.await.unwrap(), e.await.unwrap())

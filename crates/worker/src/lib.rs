@@ -2,6 +2,8 @@
 //!
 //! * [`Worker`] — entry point: [`Worker::solve`] takes a `pb.Definition` and a [`SolveContext`]
 //!   and returns a [`SolvedRef`].
+//! * [`ContainerMounts`] — a gateway container's mounts, prepared as an exec's
+//!   ([`Worker::prepare_container`]); [`Worker::executor`] runs its processes.
 //! * [`SessionProvider`] — what the worker needs from the client session (implemented by the
 //!   daemon).
 //! * [`ProgressEvent`] / [`ProgressSink`] — progress in plain Rust types.
@@ -18,6 +20,7 @@
 //! under that source's lock).
 #![deny(unsafe_code)]
 
+mod container;
 mod digest;
 mod error;
 mod file;
@@ -29,6 +32,7 @@ mod session;
 mod solver;
 mod worker;
 
+pub use container::ContainerMounts;
 pub use error::{BoxError, Error, ErrorKind, Result};
 pub use layerstore::snapshot::{Chain, LayerRef, SnapshotId, SnapshotStore};
 pub use ops::image_pull::SessionAuth as RegistryAuth;

@@ -115,6 +115,8 @@ pub(crate) struct SpecInput {
     pub rootfs: PathBuf,
     pub readonly_rootfs: bool,
     pub args: Vec<String>,
+    /// Run on a terminal (`process.terminal`).
+    pub terminal: bool,
     /// Final environment (default PATH already added).
     pub env: Vec<String>,
     pub cwd: PathBuf,
@@ -373,7 +375,7 @@ pub(crate) fn generate(input: &SpecInput) -> Result<Spec, Error> {
         .map_err(spec_err)?;
 
     let mut process = ProcessBuilder::default()
-        .terminal(false)
+        .terminal(input.terminal)
         .user(user)
         .args(input.args.clone())
         .env(input.env.clone())
@@ -479,6 +481,7 @@ mod tests {
 
     fn input() -> SpecInput {
         SpecInput {
+            terminal: false,
             rootfs: "/r".into(),
             readonly_rootfs: false,
             args: vec!["sh".into()],

@@ -250,7 +250,7 @@ fn executor_err(e: executor::Error) -> Error {
 }
 
 /// One executor per worker root, shared by all builds of that worker.
-async fn executor_for(env: &BuildEnv) -> Result<Arc<RuncExecutor>> {
+pub(crate) async fn executor_for(env: &BuildEnv) -> Result<Arc<RuncExecutor>> {
     type Cell = Arc<tokio::sync::OnceCell<Arc<RuncExecutor>>>;
     static EXECUTORS: OnceLock<Mutex<HashMap<PathBuf, Cell>>> = OnceLock::new();
     let cell = EXECUTORS
@@ -365,36 +365,6 @@ impl Inner {
             .ok_or_else(|| Error::Internal("exec op without meta".into()))?;
         let executor = executor_for(env).await?;
 
-        // Session-provided data first (no mounts held while waiting on the client).
-        let mut secrets: HashMap<usize, Vec<u8>> = HashMap::new();
-        for (i, m) in self.exec.mounts.iter().enumerate() {
-            if m.mount_type == pb::MountType::Secret as i32 {
-                let opt = m.secret_opt.clone().unwrap_or_default();
-                match env.session.get_secret(&opt.id).await? {
-                    Some(data) => {
-                        secrets.insert(i, data);
-                    }
-                    None if opt.optional => {}
-                    None => {
-                        return Err(op_err(
-                            ErrorKind::NotFound,
-                            format!("secret {} not found", opt.id),
-                            None,
-                        ))
-                    }
-                }
-            }
-        }
-        // SSH agents: checked with the client before anything is mounted.
-        let mut ssh_ids: HashMap<usize, String> = HashMap::new();
-        for (i, m) in self.exec.mounts.iter().enumerate() {
-            if m.mount_type == pb::MountType::Ssh as i32 {
-                let opt = m.ssh_opt.clone().unwrap_or_default();
-                if ssh::check(env.session.as_ref(), &m.dest, &opt.id, opt.optional).await? {
-                    ssh_ids.insert(i, opt.id);
-                }
-            }
-        }
         let mut env_list = meta.env.clone();
         if let Some(p) = &meta.proxy_env {
             for (upper, v) in [
@@ -477,130 +447,13 @@ impl Inner {
                 ))
             }
         };
-        // Agent sockets, held (listening) until the process has ended.
-        let mut ssh_socks: HashMap<usize, ssh::SshSocket> = HashMap::new();
-        for (i, id) in &ssh_ids {
-            let sock = ssh::SshSocket::listen(&env.opts.root, id, env.session.clone())?;
-            ssh_socks.insert(*i, sock);
-        }
-        let ssh_paths: HashMap<usize, PathBuf> = ssh_socks
-            .iter()
-            .map(|(i, s)| (*i, s.path().to_path_buf()))
-            .collect();
-        // Cache mount directories (may wait for LOCKED users).
-        // Mounts of one cache (same ID and seed) within this exec share one directory, whatever
-        // their sharing mode, as buildkitd's per-exec mount manager does; so a LOCKED cache
-        // mounted twice does not wait for itself.
-        let mut held = Held::default();
-        let mut cache_dirs: HashMap<usize, PathBuf> = HashMap::new();
-        let mut by_key: HashMap<String, PathBuf> = HashMap::new();
-        for (i, m) in self.exec.mounts.iter().enumerate() {
-            if m.mount_type != pb::MountType::Cache as i32 {
-                continue;
-            }
-            let input = input_of(m, inputs)?;
-            let key = CacheUse::key(m, input)?;
-            if let Some(dir) = by_key.get(&key) {
-                cache_dirs.insert(i, dir.clone());
-                continue;
-            }
-            let u = CacheUse::acquire(env, m, &key, input, ctx).await?;
-            cache_dirs.insert(i, u.dir.clone());
-            by_key.insert(key, u.dir.clone());
-            held.caches.push(u);
-        }
-
-        // Snapshot mounts (blocking store work).
-        let store = env.store.clone();
-        let mounts_pb = self.exec.mounts.clone();
-        let inputs_v = inputs.to_vec();
-        let name = self.name.clone();
-        let (held, spec_mounts, rootfs, readonly_rootfs) = blocking(move || {
-            let mut held = held;
-            let mut spec_mounts = Vec::new();
-            let mut rootfs = None;
-            let mut readonly_rootfs = false;
-            for (i, m) in mounts_pb.iter().enumerate() {
-                let mt = pb::MountType::try_from(m.mount_type).map_err(|_| {
-                    op_err(
-                        ErrorKind::InvalidArgument,
-                        format!("mount {}: unknown mount type {}", m.dest, m.mount_type),
-                        None,
-                    )
-                })?;
-                match mt {
-                    pb::MountType::Bind => {
-                        let input = input_of(m, &inputs_v)?;
-                        let p = prepare_bind(&store, m, input, &name)?;
-                        let path = p.mount.as_ref().expect("bind mounts").path().to_path_buf();
-                        let source = select(&path, &m.selector)?;
-                        held.binds.push(p);
-                        if m.dest == "/" {
-                            readonly_rootfs = m.readonly;
-                            rootfs = Some(source);
-                        } else {
-                            spec_mounts.push(ExecMount {
-                                dest: m.dest.clone().into(),
-                                kind: MountKind::Bind {
-                                    source,
-                                    readonly: m.readonly,
-                                },
-                            });
-                        }
-                    }
-                    pb::MountType::Cache => {
-                        let dir = cache_dirs[&i].clone();
-                        spec_mounts.push(ExecMount {
-                            dest: m.dest.clone().into(),
-                            kind: MountKind::Bind {
-                                source: dir,
-                                readonly: m.readonly,
-                            },
-                        });
-                    }
-                    pb::MountType::Tmpfs => spec_mounts.push(ExecMount {
-                        dest: m.dest.clone().into(),
-                        kind: MountKind::Tmpfs {
-                            size: m.tmpfs_opt.map(|t| t.size.max(0) as u64).unwrap_or(0),
-                        },
-                    }),
-                    pb::MountType::Secret => {
-                        let Some(data) = secrets.remove(&i) else {
-                            continue; // optional and missing
-                        };
-                        let opt = m.secret_opt.clone().unwrap_or_default();
-                        spec_mounts.push(ExecMount {
-                            dest: m.dest.clone().into(),
-                            kind: MountKind::SecretFile {
-                                data,
-                                uid: opt.uid,
-                                gid: opt.gid,
-                                mode: opt.mode,
-                            },
-                        });
-                    }
-                    pb::MountType::Ssh => {
-                        let Some(source) = ssh_paths.get(&i).cloned() else {
-                            continue; // optional and missing
-                        };
-                        let opt = m.ssh_opt.clone().unwrap_or_default();
-                        spec_mounts.push(ExecMount {
-                            dest: m.dest.clone().into(),
-                            kind: MountKind::SshSocket {
-                                source,
-                                uid: opt.uid,
-                                gid: opt.gid,
-                                mode: opt.mode,
-                            },
-                        });
-                    }
-                }
-            }
-            let rootfs =
-                rootfs.ok_or_else(|| Error::Internal("exec op without root mount".into()))?;
-            Ok((held, spec_mounts, rootfs, readonly_rootfs))
-        })
-        .await?;
+        let PreparedMounts {
+            held,
+            ssh_socks,
+            rootfs,
+            readonly_rootfs,
+            mounts: spec_mounts,
+        } = prepare_mounts(env, &self.name, &self.exec.mounts, inputs, &ctx.cancel).await?;
 
         let spec = ProcessSpec {
             rootfs,
@@ -650,6 +503,7 @@ impl Inner {
         let io = ProcessIo {
             stdout: Some(out_tx),
             stderr: Some(err_tx),
+            ..Default::default()
         };
         let res = executor.run(spec, io, ctx.cancel.clone()).await;
         drop(ssh_socks);
@@ -682,6 +536,199 @@ impl Inner {
         }
         outputs
     }
+}
+
+/// The mounts of an exec (or a gateway container), prepared and held: secrets fetched, SSH
+/// agent sockets listening, cache directories taken, snapshots mounted (BuildKit's
+/// `PrepareMounts`). `inputs[m.input]` is each bind or cache mount's input.
+pub(crate) struct PreparedMounts {
+    held: Held,
+    ssh_socks: HashMap<usize, ssh::SshSocket>,
+    pub(crate) rootfs: PathBuf,
+    pub(crate) readonly_rootfs: bool,
+    pub(crate) mounts: Vec<ExecMount>,
+}
+
+impl PreparedMounts {
+    /// Releases everything without committing any output (blocking: unmounts and removes the
+    /// mutable snapshots).
+    pub(crate) fn discard(self) {
+        drop(self.ssh_socks);
+        if let Err(e) = finish(self.held, false) {
+            tracing::warn!(error = %e, "releasing mounts failed");
+        }
+    }
+}
+
+/// Prepares `mounts` (see [`PreparedMounts`]); `name` names the mutable snapshots.
+pub(crate) async fn prepare_mounts(
+    env: &BuildEnv,
+    name: &str,
+    mounts: &[pb::Mount],
+    inputs: &[Snap],
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Result<PreparedMounts> {
+    // Session-provided data first (no mounts held while waiting on the client).
+    let mut secrets: HashMap<usize, Vec<u8>> = HashMap::new();
+    for (i, m) in mounts.iter().enumerate() {
+        if m.mount_type == pb::MountType::Secret as i32 {
+            let opt = m.secret_opt.clone().unwrap_or_default();
+            match env.session.get_secret(&opt.id).await? {
+                Some(data) => {
+                    secrets.insert(i, data);
+                }
+                None if opt.optional => {}
+                None => {
+                    return Err(op_err(
+                        ErrorKind::NotFound,
+                        format!("secret {} not found", opt.id),
+                        None,
+                    ))
+                }
+            }
+        }
+    }
+    // SSH agents: checked with the client before anything is mounted.
+    let mut ssh_ids: HashMap<usize, String> = HashMap::new();
+    for (i, m) in mounts.iter().enumerate() {
+        if m.mount_type == pb::MountType::Ssh as i32 {
+            let opt = m.ssh_opt.clone().unwrap_or_default();
+            if ssh::check(env.session.as_ref(), &m.dest, &opt.id, opt.optional).await? {
+                ssh_ids.insert(i, opt.id);
+            }
+        }
+    }
+    // Agent sockets, held (listening) until the process has ended.
+    let mut ssh_socks: HashMap<usize, ssh::SshSocket> = HashMap::new();
+    for (i, id) in &ssh_ids {
+        let sock = ssh::SshSocket::listen(&env.opts.root, id, env.session.clone())?;
+        ssh_socks.insert(*i, sock);
+    }
+    let ssh_paths: HashMap<usize, PathBuf> = ssh_socks
+        .iter()
+        .map(|(i, s)| (*i, s.path().to_path_buf()))
+        .collect();
+    // Cache mount directories (may wait for LOCKED users).
+    // Mounts of one cache (same ID and seed) within this exec share one directory, whatever
+    // their sharing mode, as buildkitd's per-exec mount manager does; so a LOCKED cache
+    // mounted twice does not wait for itself.
+    let mut held = Held::default();
+    let mut cache_dirs: HashMap<usize, PathBuf> = HashMap::new();
+    let mut by_key: HashMap<String, PathBuf> = HashMap::new();
+    for (i, m) in mounts.iter().enumerate() {
+        if m.mount_type != pb::MountType::Cache as i32 {
+            continue;
+        }
+        let input = input_of(m, inputs)?;
+        let key = CacheUse::key(m, input)?;
+        if let Some(dir) = by_key.get(&key) {
+            cache_dirs.insert(i, dir.clone());
+            continue;
+        }
+        let u = CacheUse::acquire(env, m, &key, input, cancel).await?;
+        cache_dirs.insert(i, u.dir.clone());
+        by_key.insert(key, u.dir.clone());
+        held.caches.push(u);
+    }
+
+    // Snapshot mounts (blocking store work).
+    let store = env.store.clone();
+    let mounts_pb = mounts.to_vec();
+    let inputs_v = inputs.to_vec();
+    let name = name.to_string();
+    let (held, spec_mounts, rootfs, readonly_rootfs) = blocking(move || {
+        let mut held = held;
+        let mut spec_mounts = Vec::new();
+        let mut rootfs = None;
+        let mut readonly_rootfs = false;
+        for (i, m) in mounts_pb.iter().enumerate() {
+            let mt = pb::MountType::try_from(m.mount_type).map_err(|_| {
+                op_err(
+                    ErrorKind::InvalidArgument,
+                    format!("mount {}: unknown mount type {}", m.dest, m.mount_type),
+                    None,
+                )
+            })?;
+            match mt {
+                pb::MountType::Bind => {
+                    let input = input_of(m, &inputs_v)?;
+                    let p = prepare_bind(&store, m, input, &name)?;
+                    let path = p.mount.as_ref().expect("bind mounts").path().to_path_buf();
+                    let source = select(&path, &m.selector)?;
+                    held.binds.push(p);
+                    if m.dest == "/" {
+                        readonly_rootfs = m.readonly;
+                        rootfs = Some(source);
+                    } else {
+                        spec_mounts.push(ExecMount {
+                            dest: m.dest.clone().into(),
+                            kind: MountKind::Bind {
+                                source,
+                                readonly: m.readonly,
+                            },
+                        });
+                    }
+                }
+                pb::MountType::Cache => {
+                    let dir = cache_dirs[&i].clone();
+                    spec_mounts.push(ExecMount {
+                        dest: m.dest.clone().into(),
+                        kind: MountKind::Bind {
+                            source: dir,
+                            readonly: m.readonly,
+                        },
+                    });
+                }
+                pb::MountType::Tmpfs => spec_mounts.push(ExecMount {
+                    dest: m.dest.clone().into(),
+                    kind: MountKind::Tmpfs {
+                        size: m.tmpfs_opt.map(|t| t.size.max(0) as u64).unwrap_or(0),
+                    },
+                }),
+                pb::MountType::Secret => {
+                    let Some(data) = secrets.remove(&i) else {
+                        continue; // optional and missing
+                    };
+                    let opt = m.secret_opt.clone().unwrap_or_default();
+                    spec_mounts.push(ExecMount {
+                        dest: m.dest.clone().into(),
+                        kind: MountKind::SecretFile {
+                            data,
+                            uid: opt.uid,
+                            gid: opt.gid,
+                            mode: opt.mode,
+                        },
+                    });
+                }
+                pb::MountType::Ssh => {
+                    let Some(source) = ssh_paths.get(&i).cloned() else {
+                        continue; // optional and missing
+                    };
+                    let opt = m.ssh_opt.clone().unwrap_or_default();
+                    spec_mounts.push(ExecMount {
+                        dest: m.dest.clone().into(),
+                        kind: MountKind::SshSocket {
+                            source,
+                            uid: opt.uid,
+                            gid: opt.gid,
+                            mode: opt.mode,
+                        },
+                    });
+                }
+            }
+        }
+        let rootfs = rootfs.ok_or_else(|| Error::Internal("exec op without root mount".into()))?;
+        Ok((held, spec_mounts, rootfs, readonly_rootfs))
+    })
+    .await?;
+
+    Ok(PreparedMounts {
+        held,
+        ssh_socks,
+        rootfs,
+        readonly_rootfs,
+        mounts: spec_mounts,
+    })
 }
 
 /// The input snapshot of a bind or cache mount (`None` for `-1`, scratch).
@@ -921,7 +968,7 @@ impl CacheUse {
         m: &pb::Mount,
         key: &str,
         input: Option<&Snap>,
-        ctx: &OpContext,
+        cancel: &tokio_util::sync::CancellationToken,
     ) -> Result<CacheUse> {
         let opt = m.cache_opt.clone().unwrap_or_default();
         let base = env
@@ -938,7 +985,7 @@ impl CacheUse {
                 let lock = lock_for(&dir);
                 let g = tokio::select! {
                     g = lock.lock_owned() => g,
-                    _ = ctx.cancel.cancelled() => return Err(Error::Canceled),
+                    _ = cancel.cancelled() => return Err(Error::Canceled),
                 };
                 (dir, Some(g))
             }
