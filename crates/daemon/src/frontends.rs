@@ -238,13 +238,19 @@ impl Bridge for InProcess<'_> {
             std::time::SystemTime::now(),
         );
         let (digest, config) = res.map_err(boxed)?;
-        // An image Docker knows only by ID (built or loaded locally, no registry digest)
-        // cannot be pinned as `name@digest`: Docker would not find it by that reference.
+        // An image the bound Docker Engine has is not pinned as `name@digest`: Docker indexes
+        // repository digests only for what it pulled itself (an image built, loaded or
+        // imported there has none, or one of another repository), so the worker would not
+        // find it by that reference and would go to the registry. The worker pins images by
+        // ID for the whole build instead.
         let id = format!(
             "sha256:{}",
             hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&config))
         );
-        let digest = if digest == id { String::new() } else { digest };
+        let local = digest == id
+            || (resolve_mode != "pull"
+                && matches!(self.fe.docker.image_config(reference).await, Ok((_, c)) if c == config));
+        let digest = if local { String::new() } else { digest };
         Ok((digest, config))
     }
 
