@@ -566,6 +566,50 @@ async fn docker_output_is_an_oci_layout_too_and_headers_carry_the_digests() {
         .collect();
     assert_eq!(dm[0]["Layers"], serde_json::json!(dm_layers));
 
+    // containerimage.buildinfo: the sources of the result, images named as BuildKit does.
+    use base64_decode::decode;
+    let bi = json(&decode(&resp["containerimage.buildinfo"]));
+    assert_eq!(
+        bi["sources"],
+        serde_json::json!([{
+            "type": "docker-image",
+            "ref": format!("docker.io/{}", base.reference()),
+        }]),
+        "{bi}"
+    );
+
+    // Attributes the exporter does not know are result metadata, as in buildkitd: a config
+    // given as `containerimage.config`, with SOURCE_DATE_EPOCH clamping its times.
+    let cfg = r#"{"architecture":"amd64","os":"linux","config":{"Env":["FROM_ATTR=1"]},"history":[{"created":"2001-01-01T00:00:00Z","created_by":"base"}]}"#;
+    let mut attrs = named.clone();
+    attrs.insert("containerimage.config".into(), cfg.into());
+    attrs.insert("source-date-epoch".into(), "1262304000".into());
+    let epoch_path = dir.path().join("epoch.tar");
+    let (epoch_resp, _) = build(Output::Docker(epoch_path.clone(), attrs)).await;
+    let files = tar_files(&epoch_path);
+    let config = json(
+        &files[&format!(
+            "blobs/sha256/{}",
+            epoch_resp["containerimage.config.digest"]
+                .strip_prefix("sha256:")
+                .unwrap()
+        )],
+    );
+    assert_eq!(config["config"]["Env"], serde_json::json!(["FROM_ATTR=1"]));
+    assert_eq!(config["created"], "2010-01-01T00:00:00Z", "{config}");
+    let history = config["history"].as_array().unwrap();
+    assert_eq!(history[0]["created"], "2001-01-01T00:00:00Z", "{config}");
+    assert_eq!(
+        history.last().unwrap()["created"],
+        "2010-01-01T00:00:00Z",
+        "{config}"
+    );
+    let index = json(&files["index.json"]);
+    assert_eq!(
+        index["manifests"][0]["annotations"]["org.opencontainers.image.created"],
+        "2010-01-01T00:00:00Z"
+    );
+
     // Declined targets (BuildKit's client returns no writer when the target exists): the export
     // succeeds with the same digests it would have sent, for both formats.
     let (declined, md) = build(Output::Declined("docker".into(), named.clone())).await;

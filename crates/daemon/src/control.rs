@@ -345,11 +345,30 @@ impl Control {
                 response.insert(k.clone(), String::from_utf8_lossy(v).into_owned());
             }
         }
+        if let Some(crate::solver::FsRef::Solved(r)) = &result.fs {
+            response.insert(
+                crate::buildinfo::KEY.to_string(),
+                crate::buildinfo::encode(r.sources()),
+            );
+        }
+        // buildkitd's image exporters take the attributes they do not know as result metadata
+        // (e.g. `containerimage.config`), over the frontend's.
+        let mut export_md = result.metadata.clone();
+        if matches!(
+            kind,
+            ExporterKind::Image
+                | ExporterKind::Client(export_client::ClientExporter::Docker)
+                | ExporterKind::Client(export_client::ClientExporter::Oci)
+        ) {
+            for (k, v) in &exp_attrs {
+                export_md.insert(k.clone(), Bytes::from(v.clone()));
+            }
+        }
         if let ExporterKind::Client(exp) = kind {
             let fs = result.fs.clone().unwrap_or(crate::solver::FsRef::Scratch);
             let session = self.sessions.get(&req.session).await?;
             let r = tokio::select! {
-                r = export_client::export(&self.backend, &session, &job.progress, exp, &exp_attrs, &result.metadata, &fs).instrument(export_span.clone()) => r?,
+                r = export_client::export(&self.backend, &session, &job.progress, exp, &exp_attrs, &export_md, &fs).instrument(export_span.clone()) => r?,
                 _ = job.cancel.cancelled() => return Err(job.cancel_error()),
             };
             response.extend(r);
@@ -364,7 +383,7 @@ impl Control {
                     &req.session,
                     &job.progress,
                     &exp_attrs,
-                    &result.metadata,
+                    &export_md,
                     &fs,
                 ).instrument(export_span.clone()) => r?,
                 _ = job.cancel.cancelled() => return Err(job.cancel_error()),

@@ -2,6 +2,7 @@
 //!
 //! | module | owns |
 //! |---|---|
+//! | [`buildinfo`] | `containerimage.buildinfo` in the Solve response. |
 //! | [`caps`] | Capabilities advertised by `LLBBridge.Ping`. |
 //! | [`cli`] | Command line. |
 //! | [`config`] | `buildkitd.toml` and flags. |
@@ -24,6 +25,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod buildinfo;
 pub mod caps;
 pub mod cli;
 pub mod config;

@@ -37,7 +37,7 @@ pub use error::{BoxError, Error, ErrorKind, Result};
 pub use layerstore::snapshot::{Chain, LayerRef, SnapshotId, SnapshotStore};
 pub use ops::image_pull::SessionAuth as RegistryAuth;
 pub use progress::{LogStream, ProgressEvent, ProgressGroup, ProgressSink};
-pub use result::{ReadOnlyMount, SolvedRef};
+pub use result::{ReadOnlyMount, ResultSource, SolvedRef};
 pub use session::{
     registry_host, Credentials, LocalDiffer, LocalSync, NoSession, SessionProvider, SshAgentConn,
     SshAgentStream, TransferProgress,

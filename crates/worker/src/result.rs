@@ -57,6 +57,17 @@ impl Snap {
 pub struct SolvedRef {
     pub(crate) snap: Option<Snap>,
     pub(crate) store: SnapshotStore,
+    pub(crate) sources: Arc<Vec<ResultSource>>,
+}
+
+/// A source op of the definition a result was solved from (build information: BuildKit's
+/// `containerimage.buildinfo` lists them).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ResultSource {
+    /// The source identifier (`docker-image://…`, `git://…`, `https://…`, `local://…`).
+    pub identifier: String,
+    /// Its attributes (`git.fullurl`, `http.checksum`, …).
+    pub attrs: std::collections::BTreeMap<String, String>,
 }
 
 impl std::fmt::Debug for SolvedRef {
@@ -70,6 +81,12 @@ impl std::fmt::Debug for SolvedRef {
 static EMPTY_CHAIN: std::sync::OnceLock<Chain> = std::sync::OnceLock::new();
 
 impl SolvedRef {
+    /// The source ops of the definition this result was solved from (those its target depends
+    /// on), sorted and without duplicates; empty for scratch.
+    pub fn sources(&self) -> &[ResultSource] {
+        &self.sources
+    }
+
     /// True for the empty filesystem (no layers).
     pub fn is_empty(&self) -> bool {
         self.chain().is_empty()

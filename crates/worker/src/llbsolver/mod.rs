@@ -52,6 +52,7 @@ impl Inner {
         SolvedRef {
             snap: None,
             store: self.store.clone(),
+            sources: Default::default(),
         }
     }
 }
@@ -109,8 +110,22 @@ pub(crate) async fn solve(
         .instrument(span)
         .await?;
     tracing::info!(build_id = %ctx.build_id, cached = stats.cached, executed = stats.executed, "solved");
+    let mut sources: Vec<crate::result::ResultSource> = loaded
+        .ops
+        .iter()
+        .filter_map(|op| match op.payload() {
+            pb::op::Op::Source(s) => Some(crate::result::ResultSource {
+                identifier: s.identifier.clone(),
+                attrs: s.attrs.clone().into_iter().collect(),
+            }),
+            _ => None,
+        })
+        .collect();
+    sources.sort();
+    sources.dedup();
     Ok(SolvedRef {
         snap: Some(solved.result),
         store: inner.store.clone(),
+        sources: Arc::new(sources),
     })
 }
