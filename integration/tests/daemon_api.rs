@@ -29,6 +29,50 @@ async fn solve_of_an_empty_definition_returns() {
     assert!(r.exporter_response.is_empty(), "{r:?}");
 }
 
+/// A build asking for an entitlement the daemon does not grant (`insecure-entitlements`) fails
+/// before anything runs, with buildkitd's wording (TestSecurityModeErrors); unknown ones too.
+/// Granted by the daemon, the same request runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn solve_refuses_entitlements_the_daemon_does_not_grant() {
+    require_root();
+    let def = llb::scratch()
+        .file(llb::mkfile("/f", 0o600, "x", Default::default()))
+        .marshal()
+        .unwrap();
+    let solve = |c: &integration::buildkit_client::BuildkitClient, ent: &str| {
+        let mut control = c.control();
+        let req = control::SolveRequest {
+            r#ref: new_id(),
+            definition: Some(def.clone()),
+            entitlements: vec![ent.to_string()],
+            ..Default::default()
+        };
+        async move { control.solve(req).await }
+    };
+    let d = Berthd::start(&[]).unwrap();
+    let c = d.client().await.unwrap();
+    for (ent, want) in [
+        (
+            "security.insecure",
+            "granting entitlement security.insecure is not allowed by build daemon configuration",
+        ),
+        (
+            "network.host",
+            "granting entitlement network.host is not allowed by build daemon configuration",
+        ),
+        ("bogus", "unknown entitlement bogus"),
+    ] {
+        let err = solve(&c, ent).await.expect_err(ent);
+        assert!(err.message().contains(want), "{ent}: {err}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("buildkitd.toml");
+    std::fs::write(&cfg, "insecure-entitlements = [\"security.insecure\"]\n").unwrap();
+    let d = Berthd::start(&["--config", cfg.to_str().unwrap()]).unwrap();
+    let c = d.client().await.unwrap();
+    solve(&c, "security.insecure").await.unwrap();
+}
+
 /// A forwarder build driven by hand: Control.Solve and Status run while the caller talks to the
 /// gateway; returns the Solve answer and every status message after the caller's `Return`.
 struct GatewayBuild {

@@ -96,6 +96,23 @@ async fn exec_exit_code_error() -> Result<()> {
     assert!(s.logs().contains("first-line"), "{}", s.logs());
     // Nothing left mounted.
     assert_eq!(mounts_under(&w.root()), Vec::<String>::new());
+
+    // A process that cannot start at all is named the same way, with runc's reason
+    // (TestClientGatewayEmptyImageExec).
+    let run = base.run(RunOpts::args(["no-such-binary-berth", "x"]));
+    let s = solve(&w.worker, &run.root()).await;
+    let err = s
+        .result
+        .as_ref()
+        .expect_err("a missing executable must fail");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("process \"no-such-binary-berth x\" did not complete successfully: "),
+        "{msg}"
+    );
+    assert!(msg.contains("no-such-binary-berth"), "{msg}");
+    assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
+    assert_eq!(mounts_under(&w.root()), Vec::<String>::new());
     Ok(())
 }
 
@@ -317,9 +334,51 @@ async fn exec_cache_sharing_modes() -> Result<()> {
     assert_eq!(read(s.ok(), "/seen").await?.as_deref(), Some(""));
     let dirs = std::fs::read_dir(w.root().join("worker/cache"))?
         .flatten()
-        .map(|e| std::fs::read_dir(e.path()).unwrap().count())
+        .map(|e| {
+            std::fs::read_dir(e.path())
+                .unwrap()
+                .flatten()
+                .filter(|i| i.path().is_dir())
+                .count()
+        })
         .max();
     assert_eq!(dirs, Some(2), "private users should get two instances");
+    Ok(())
+}
+
+/// An exec with no-cache (`ignore_cache`) starts from empty cache mounts of its IDs, which
+/// buildkitd prunes before such a build; other caches keep their content (TestCacheMountNoCache).
+#[tokio::test]
+async fn exec_no_cache_empties_its_cache_mounts() -> Result<()> {
+    let _timing = shared().await;
+    let w = TestWorker::new()?;
+    let (_img, base) = base().await?;
+    let m1 = || Mount::cache("/m1", "berth-test-nocache-1", CacheSharing::Locked);
+    let m2 = || Mount::cache("/m2", "berth-test-nocache-2", CacheSharing::Locked);
+    let first = base.run(
+        RunOpts::shell("touch /m1/foo /m2/bar")
+            .mount(m1())
+            .mount(m2()),
+    );
+    solve(&w.worker, &first.root()).await.ok();
+    let check = "test -f /m1/foo && test -f /m2/bar && echo kept > /seen";
+    let kept = base.run(RunOpts::shell(check).mount(m1()).mount(m2()));
+    let s = solve(&w.worker, &kept.root()).await;
+    assert_eq!(read(s.ok(), "/seen").await?.as_deref(), Some("kept\n"));
+    let no_cache = base
+        .run(RunOpts::shell("test ! -e /m1/foo && touch /m1/foo2").mount(m1()))
+        .root()
+        .ignore_cache();
+    solve(&w.worker, &no_cache).await.ok();
+    let after = base.run(
+        RunOpts::shell(
+            "test ! -e /m1/foo && test -f /m1/foo2 && test -f /m2/bar && echo ok > /seen",
+        )
+        .mount(m1())
+        .mount(m2()),
+    );
+    let s = solve(&w.worker, &after.root()).await;
+    assert_eq!(read(s.ok(), "/seen").await?.as_deref(), Some("ok\n"));
     Ok(())
 }
 

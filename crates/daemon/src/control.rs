@@ -171,6 +171,22 @@ fn exporter_of(req: &pb::SolveRequest) -> Result<(String, BTreeMap<String, Strin
     Ok((exp_type, exp_attrs))
 }
 
+/// The entitlements a build asks for must be known and allowed by the daemon's
+/// `insecure-entitlements`, checked before anything runs, with buildkitd's wording.
+fn check_entitlements(requested: &[String], allowed: &[String]) -> Result<()> {
+    for e in requested {
+        if e != "security.insecure" && e != "network.host" {
+            return Err(Error::invalid(format!("unknown entitlement {e}")));
+        }
+        if !allowed.contains(e) {
+            return Err(Error::invalid(format!(
+                "granting entitlement {e} is not allowed by build daemon configuration"
+            )));
+        }
+    }
+    Ok(())
+}
+
 impl Control {
     async fn solve_inner(&self, req: pb::SolveRequest) -> Result<pb::SolveResponse> {
         if req.r#ref.is_empty() {
@@ -262,6 +278,7 @@ impl Control {
         labels: crate::observe::BuildLabels,
     ) -> Result<Outcome> {
         let solve_started = std::time::Instant::now();
+        check_entitlements(&job.entitlements, &self.backend.allowed_entitlements)?;
         let kind = export_client::parse_exporter(&exp_type)?;
         if req
             .source_policy

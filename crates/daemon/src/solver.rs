@@ -80,6 +80,8 @@ pub struct Backend {
     worker: worker::Worker,
     /// Registry client (`[registry."host"]`) for pulls, `ResolveImageConfig` and pushes.
     pub registry: registry::Registry,
+    /// Entitlements the daemon allows (`insecure-entitlements`).
+    pub allowed_entitlements: Vec<String>,
 }
 
 /// A readable view of a result; unmounted/removed on drop.
@@ -137,6 +139,7 @@ impl Backend {
                 blobs,
             },
             client_export: opts.client_export.clone(),
+            allowed_entitlements: opts.allowed_entitlements.clone(),
             registry: opts.registry.clone(),
             worker,
         }))

@@ -72,8 +72,9 @@ pub enum Error {
         /// Why it is refused.
         reason: String,
     },
-    /// A path that the build needs does not exist in its state.
-    #[error("{path:?} not found")]
+    /// A path that the build needs does not exist in its state (worded like the `lstat` error
+    /// buildkitd reports, which clients match on).
+    #[error("{path}: no such file or directory")]
     PathNotFound {
         /// The path as given by the build.
         path: String,
@@ -242,7 +243,7 @@ mod tests {
             error: Box::new(inner),
         };
         assert_eq!(e.kind(), ErrorKind::NotFound);
-        assert_eq!(e.to_string(), "\"/a\" not found");
+        assert_eq!(e.to_string(), "/a: no such file or directory");
         let shared = Error::Shared(std::sync::Arc::new(e));
         assert_eq!(shared.vertex_digest(), Some("sha256:ab"));
     }

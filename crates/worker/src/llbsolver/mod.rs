@@ -77,6 +77,33 @@ pub(crate) async fn solve(
     let Some(target) = loaded.target else {
         return Ok(inner.scratch());
     };
+    // An exec with no-cache starts from empty cache mounts (buildkitd prunes them first).
+    let no_cache_ids: Vec<String> = loaded
+        .ops
+        .iter()
+        .filter(|op| op.meta.ignore_cache)
+        .flat_map(|op| match op.payload() {
+            pb::op::Op::Exec(e) => e
+                .mounts
+                .iter()
+                .filter(|m| m.mount_type == pb::MountType::Cache as i32)
+                .filter_map(|m| {
+                    m.cache_opt.as_ref().map(|c| {
+                        if c.id.is_empty() {
+                            m.dest.clone()
+                        } else {
+                            c.id.clone()
+                        }
+                    })
+                })
+                .collect::<Vec<_>>(),
+            _ => Vec::new(),
+        })
+        .collect();
+    if !no_cache_ids.is_empty() {
+        let root = inner.opts.root.clone();
+        cache::blocking(move || ops::exec::prune_cache_mounts(&root, &no_cache_ids)).await?;
+    }
     let env = Arc::new(BuildEnv {
         store: inner.store.clone(),
         shared: inner.shared.clone(),

@@ -520,7 +520,21 @@ impl Inner {
         };
         let ok = matches!(&res, Ok(r) if valid(r.exit.code()));
         let outputs = blocking(move || finish(held, ok)).await;
-        let res = res.map_err(executor_err)?;
+        let res = match res {
+            // The process never started (no such executable, …): buildkitd says which process,
+            // as for a failing one.
+            Err(executor::Error::RuncRun { message, .. }) => {
+                return Err(op_err(
+                    ErrorKind::FailedPrecondition,
+                    format!(
+                        "process \"{}\" did not complete successfully: {message}",
+                        meta.args.join(" ")
+                    ),
+                    None,
+                ));
+            }
+            r => r.map_err(executor_err)?,
+        };
         if !valid(res.exit.code()) {
             let lines = tail_lines(&tail.lock().unwrap());
             let mut message = format!(
@@ -910,6 +924,58 @@ fn busy() -> &'static Mutex<HashMap<PathBuf, usize>> {
     BUSY.get_or_init(Default::default)
 }
 
+/// The file in a cache's base directory that names its cache ID (caches of one ID with
+/// different seeds have different base directories).
+const CACHE_ID_FILE: &str = ".cache-id";
+
+/// Empties the cache mounts with these IDs (all seeds and instances), as buildkitd does before a
+/// build in which an exec with `ignore_cache` (no-cache) mounts them: such a build starts from
+/// empty caches. Instances in use by a running build are left alone. Blocking.
+pub(crate) fn prune_cache_mounts(root: &Path, ids: &[String]) -> Result<()> {
+    let caches = root.join("worker").join("cache");
+    let rd = match std::fs::read_dir(&caches) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io("read cache mounts", &caches, e)),
+    };
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    for entry in rd.flatten() {
+        let base = entry.path();
+        let Ok(id) = std::fs::read_to_string(base.join(CACHE_ID_FILE)) else {
+            continue;
+        };
+        if !ids.contains(&id) {
+            continue;
+        }
+        let instances: Vec<PathBuf> = std::fs::read_dir(&base)
+            .map_err(|e| Error::io("read cache mount", &base, e))?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_dir())
+            .collect();
+        for dir in instances {
+            let gone = caches.join(format!(
+                ".pruned-{}-{}",
+                std::process::id(),
+                SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ));
+            {
+                // Under the busy map's lock: an acquire marks its instance busy before it looks
+                // at the directory, so it either keeps this one or creates a fresh one.
+                let b = busy().lock().unwrap();
+                if b.contains_key(&dir) {
+                    continue;
+                }
+                std::fs::rename(&dir, &gone)
+                    .map_err(|e| Error::io("prune cache mount", &dir, e))?;
+            }
+            std::fs::remove_dir_all(&gone)
+                .map_err(|e| Error::io("remove cache mount", &gone, e))?;
+        }
+    }
+    Ok(())
+}
+
 /// Locks for `LOCKED` sharing, per instance directory.
 fn lock_for(dir: &Path) -> Arc<tokio::sync::Mutex<()>> {
     static LOCKS: OnceLock<Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>> = OnceLock::new();
@@ -1000,6 +1066,16 @@ impl CacheUse {
         };
         *busy().lock().unwrap().entry(dir.clone()).or_insert(0) += 1;
         let use_ = CacheUse { dir, _lock: lock };
+        let id_file = base.join(CACHE_ID_FILE);
+        if !id_file.exists() {
+            let id = opt.id.clone();
+            blocking(move || {
+                std::fs::create_dir_all(id_file.parent().expect("has a parent"))
+                    .and_then(|_| std::fs::write(&id_file, id))
+                    .map_err(|e| Error::io("write cache mount id", &id_file, e))
+            })
+            .await?;
+        }
         if !use_.dir.exists() {
             let dir = use_.dir.clone();
             let store = env.store.clone();

@@ -225,11 +225,16 @@ impl<R: Clone + Send + Sync + 'static> Solver<R> {
         let mut futs: Vec<Option<VertexFuture<R>>> = vec![None; graph.len()];
         for &i in &order {
             let v = graph[i].clone();
-            let inputs: Vec<(VertexFuture<R>, usize)> = v
-                .inputs
-                .iter()
-                .map(|&(vi, out)| (futs[vi].clone().expect("topological order"), out))
-                .collect();
+            // Each input vertex once, however many of its outputs are used: a vertex whose
+            // inputs are several outputs of one vertex (an exec with many mounts) would
+            // otherwise poll that shared future once per edge, and a chain of such vertices
+            // multiplies the polls at every wake-up (TestLLBMountPerformance never started).
+            let mut inputs: Vec<(usize, VertexFuture<R>)> = Vec::new();
+            for &(vi, _) in &v.inputs {
+                if !inputs.iter().any(|(seen, _)| *seen == vi) {
+                    inputs.push((vi, futs[vi].clone().expect("topological order")));
+                }
+            }
             let input_digests: Vec<String> = v
                 .inputs
                 .iter()
@@ -270,19 +275,24 @@ impl<R: Clone + Send + Sync + 'static> Solver<R> {
         self: &Arc<Self>,
         job: &Arc<Job>,
         v: &Vertex<R>,
-        inputs: Vec<(VertexFuture<R>, usize)>,
+        inputs: Vec<(usize, VertexFuture<R>)>,
         input_digests: Vec<String>,
     ) -> Result<Outputs<R>> {
         // Inputs first; the first failure cancels the rest (dropping their futures).
         let input_outputs = futures::future::try_join_all(
             inputs
                 .into_iter()
-                .map(|(f, out)| f.map(move |r| r.map(|o| (o, out)))),
+                .map(|(vi, f)| f.map(move |r| r.map(|o| (vi, o)))),
         )
         .await
         .map_err(unshare)?;
-        let mut solved_inputs = Vec::with_capacity(input_outputs.len());
-        for (outs, idx) in input_outputs {
+        let mut solved_inputs = Vec::with_capacity(v.inputs.len());
+        for &(vi, idx) in &v.inputs {
+            let outs = input_outputs
+                .iter()
+                .find(|(i, _)| *i == vi)
+                .map(|(_, o)| o)
+                .ok_or_else(|| Error::Internal(format!("input vertex {vi} missing")))?;
             let s = outs
                 .get(idx)
                 .cloned()

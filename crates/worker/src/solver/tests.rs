@@ -414,3 +414,70 @@ async fn failure_names_the_vertex_and_cancels_siblings() {
         .count();
     assert_eq!(n_started, n_completed, "every started vertex completes");
 }
+
+/// Returns its label; its key hashes the label and the inputs' keys.
+struct Label(String, Duration);
+
+#[async_trait]
+impl Op<String> for Label {
+    async fn cache_key(&self, _ctx: &OpContext, inputs: &[Solved<String>]) -> Result<String> {
+        let mut h = crate::digest::KeyHasher::new("label");
+        h.field(self.0.as_bytes());
+        for i in inputs {
+            h.field(i.key.as_bytes());
+        }
+        Ok(h.finish())
+    }
+
+    async fn exec(&self, _ctx: &OpContext, _inputs: &[Solved<String>]) -> Result<Vec<String>> {
+        tokio::time::sleep(self.1).await;
+        Ok(vec![self.0.clone()])
+    }
+}
+
+/// A chain of vertices each using its predecessor through many edges (an exec mounting many
+/// outputs of the previous one, as TestLLBMountPerformance builds) is solved at once: each
+/// input vertex is awaited once, not once per edge, which multiplied the polls along the chain
+/// at every wake-up (20 links never finished).
+#[test]
+fn many_edges_to_one_vertex_do_not_multiply_polls() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Its own thread and runtime: without the fix the solve spins in one poll and could not be
+    // interrupted by a timeout on the same runtime.
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let r = rt.block_on(async {
+            let solver = Arc::new(Solver::new(Arc::new(MemCache::default()), 4));
+            let mut graph = vec![Vertex {
+                digest: "sha256:v0".into(),
+                name: "v0".into(),
+                inputs: vec![],
+                outputs: 1,
+                ignore_cache: false,
+                progress_group: None,
+                op: Arc::new(Label("v0".into(), Duration::from_millis(200))) as Arc<dyn Op<String>>,
+            }];
+            for i in 1..20 {
+                graph.push(Vertex {
+                    digest: format!("sha256:v{i}"),
+                    name: format!("v{i}"),
+                    inputs: vec![(i - 1, 0); i + 1],
+                    outputs: 1,
+                    ignore_cache: false,
+                    progress_group: None,
+                    op: Arc::new(Label(format!("v{i}"), Duration::from_millis(10))),
+                });
+            }
+            let (sink, _) = events();
+            solver
+                .solve(graph, (19, 0), sink, CancellationToken::new())
+                .await
+                .map(|(r, _)| r.result)
+        });
+        let _ = tx.send(r);
+    });
+    let r = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("a chain of 20 many-edged vertices must solve quickly");
+    assert_eq!(r.unwrap(), "v19");
+}
