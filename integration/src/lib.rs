@@ -68,7 +68,7 @@ pub use images::{
     busybox_image, multi_layer_image, TestImage, MULTI_LAYER_ABSENT, MULTI_LAYER_FILES,
 };
 pub use precheck::{require_root, require_tool};
-pub use private_dockerd::{PrivateDockerd, PrivateDockerdOptions};
+pub use private_dockerd::{PrivateDockerd, PrivateDockerdOptions, TRIXIE_ROOT};
 pub use registry::Registry;
 
 /// A name unique to this process and call: `<prefix>-<pid>-<8 random hex digits>`.

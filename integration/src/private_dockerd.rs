@@ -25,6 +25,11 @@
 //! `docker0` interface, which in the host namespace would be the system daemon's bridge.
 //! Containers must use network `none` (what [`crate::RunOptions`] does by default).
 //!
+//! The containerd image store: [`PrivateDockerdOptions::containerd_store`] runs Debian 13's
+//! Docker Engine 26.1.5 and containerd 1.7.24 (unpacked by `.ci/trixie-packages.sh`, never
+//! installed) with `"features": {"containerd-snapshotter": true}`; its images live in the private
+//! containerd (namespace `moby`, snapshotter `overlayfs`), which [`PrivateDockerd::ctr`] inspects.
+//!
 //! Only the processes this type spawned are signalled, by PID; only mounts under its temp dir are
 //! unmounted. Dropping it stops both daemons (also after a panic), unmounts leftovers and deletes
 //! the temp dir.
@@ -45,8 +50,13 @@ use crate::process::{log_tail, terminate, unmount_under};
 /// How a [`PrivateDockerd`] is started.
 #[derive(Debug, Clone)]
 pub struct PrivateDockerdOptions {
-    /// `--storage-driver`; `overlay2` by default.
+    /// `--storage-driver`; `overlay2` by default; empty: not passed (dockerd's default, or the
+    /// snapshotter's with the containerd image store).
     pub storage_driver: String,
+    /// A root the Docker and containerd packages were unpacked into (`usr/sbin/dockerd`,
+    /// `usr/bin/containerd`, `usr/bin/ctr`, the shims): the daemons, `ctr` and the shims come
+    /// from there instead of `PATH` (see [`PrivateDockerdOptions::containerd_store`]).
+    pub binaries: Option<PathBuf>,
     /// Extra keys for its `daemon.json` (e.g. `{"features": {...}}`). Must not repeat an option
     /// this module passes as a flag (dockerd refuses duplicates).
     pub daemon_json: serde_json::Map<String, serde_json::Value>,
@@ -62,11 +72,70 @@ impl Default for PrivateDockerdOptions {
     fn default() -> Self {
         Self {
             storage_driver: "overlay2".to_string(),
+            binaries: None,
             daemon_json: serde_json::Map::new(),
             extra_args: Vec::new(),
             start_timeout: Duration::from_secs(60),
             stop_timeout: Duration::from_secs(30),
         }
+    }
+}
+
+/// Where `.ci/trixie-packages.sh` unpacks Debian 13's docker.io 26.1.5 and containerd 1.7.24.
+pub const TRIXIE_ROOT: &str = "/var/cache/berth/trixie/root";
+
+impl PrivateDockerdOptions {
+    /// Docker Engine 26.1.5 on the **containerd image store** (`"features":
+    /// {"containerd-snapshotter": true}`, snapshotter `overlayfs`, namespace `moby`) with its
+    /// own containerd 1.7.24, both from Debian 13's packages unpacked under [`TRIXIE_ROOT`]
+    /// (`BERTH_TRIXIE_DIR/root` if set). Panics naming the script to run when they are missing:
+    /// a test that needs this Engine never passes without it.
+    pub fn containerd_store() -> Self {
+        let root = std::env::var_os("BERTH_TRIXIE_DIR")
+            .map(|d| PathBuf::from(d).join("root"))
+            .unwrap_or_else(|| PathBuf::from(TRIXIE_ROOT));
+        let complete = std::fs::read_to_string(root.join(".complete")).unwrap_or_default();
+        assert!(
+            complete.contains("docker.io 26.1.5") && complete.contains("containerd 1.7.24"),
+            "this test needs Debian 13's docker.io 26.1.5 and containerd 1.7.24 unpacked in {} \
+             (found: {complete:?}); run .ci/trixie-packages.sh (.ci/run does)",
+            root.display()
+        );
+        let mut daemon_json = serde_json::Map::new();
+        daemon_json.insert(
+            "features".into(),
+            serde_json::json!({ "containerd-snapshotter": true }),
+        );
+        Self {
+            storage_driver: String::new(),
+            binaries: Some(root),
+            daemon_json,
+            ..Self::default()
+        }
+    }
+
+    /// The path of a binary of the unpacked packages (`usr/sbin`, then `usr/bin`), or the bare
+    /// name (looked up in `PATH`) without [`PrivateDockerdOptions::binaries`].
+    pub fn binary(&self, name: &str) -> PathBuf {
+        match &self.binaries {
+            Some(root) => ["usr/sbin", "usr/bin"]
+                .iter()
+                .map(|d| root.join(d).join(name))
+                .find(|p| p.is_file())
+                .unwrap_or_else(|| root.join("usr/bin").join(name)),
+            None => PathBuf::from(name),
+        }
+    }
+
+    /// `PATH` for the daemons: the packages' `usr/bin` and `usr/sbin` first (so containerd runs
+    /// its own shim), then the inherited one.
+    fn path_env(&self) -> Option<std::ffi::OsString> {
+        let root = self.binaries.as_ref()?;
+        let mut dirs = vec![root.join("usr/bin"), root.join("usr/sbin")];
+        if let Some(p) = std::env::var_os("PATH") {
+            dirs.extend(std::env::split_paths(&p));
+        }
+        std::env::join_paths(dirs).ok()
     }
 }
 
@@ -87,8 +156,10 @@ impl PrivateDockerd {
     /// missing; errors carry the daemon's log.
     pub fn new(options: PrivateDockerdOptions) -> Result<Self> {
         crate::require_root();
-        crate::require_tool("dockerd", "docker.io");
-        crate::require_tool("containerd", "containerd");
+        if options.binaries.is_none() {
+            crate::require_tool("dockerd", "docker.io");
+            crate::require_tool("containerd", "containerd");
+        }
         crate::require_tool("runc", "runc");
         crate::require_tool("unshare", "util-linux");
         let dir = tempfile::Builder::new()
@@ -146,10 +217,12 @@ impl PrivateDockerd {
         std::fs::write(&config_path, config)
             .with_context(|| format!("writing {}", config_path.display()))?;
         let log = base.join("containerd.log");
-        let child = spawn_logged(
-            Command::new("containerd").arg("--config").arg(&config_path),
-            &log,
-        )?;
+        let mut cmd = Command::new(self.options.binary("containerd"));
+        cmd.arg("--config").arg(&config_path);
+        if let Some(path) = self.options.path_env() {
+            cmd.env("PATH", path);
+        }
+        let child = spawn_logged(&mut cmd, &log)?;
         let child = self.containerd.insert(child);
         let deadline = Instant::now() + self.options.start_timeout;
         loop {
@@ -185,7 +258,8 @@ impl PrivateDockerd {
         // interface named `docker0` at start, and in the host's namespace that is the system
         // daemon's bridge. `unshare` execs dockerd in place, so the child's PID is dockerd's.
         let mut cmd = Command::new("unshare");
-        cmd.args(["--net", "--", "dockerd"])
+        cmd.args(["--net", "--"])
+            .arg(self.options.binary("dockerd"))
             .arg("--config-file")
             .arg(&config_path)
             .arg("--data-root")
@@ -197,17 +271,22 @@ impl PrivateDockerd {
             .arg("--host")
             .arg(format!("unix://{}", socket.display()))
             .arg("--containerd")
-            .arg(self.containerd_socket())
-            .arg("--storage-driver")
-            .arg(&self.options.storage_driver)
-            .args([
-                "--bridge=none",
-                "--iptables=false",
-                "--ip-masq=false",
-                "--ip-forward=false",
-                "--userland-proxy=false",
-            ])
-            .args(&self.options.extra_args);
+            .arg(self.containerd_socket());
+        if !self.options.storage_driver.is_empty() {
+            cmd.arg("--storage-driver")
+                .arg(&self.options.storage_driver);
+        }
+        if let Some(path) = self.options.path_env() {
+            cmd.env("PATH", path);
+        }
+        cmd.args([
+            "--bridge=none",
+            "--iptables=false",
+            "--ip-masq=false",
+            "--ip-forward=false",
+            "--userland-proxy=false",
+        ])
+        .args(&self.options.extra_args);
         let log = self.log_path();
         let child = self.dockerd.insert(spawn_logged(&mut cmd, &log)?);
         let deadline = Instant::now() + self.options.start_timeout;
@@ -298,6 +377,13 @@ impl PrivateDockerd {
         self.dockerd.as_ref().map(Child::id)
     }
 
+    /// dockerd's network namespace (`/proc/<pid>/ns/net`) while it runs, e.g. for
+    /// [`crate::Registry::start_in_netns`].
+    pub fn netns(&self) -> Option<PathBuf> {
+        self.pid()
+            .map(|p| PathBuf::from(format!("/proc/{p}/ns/net")))
+    }
+
     /// The PID of this daemon's own containerd.
     pub fn containerd_pid(&self) -> Option<u32> {
         self.containerd.as_ref().map(Child::id)
@@ -333,7 +419,38 @@ impl PrivateDockerd {
         self.root().join("containerd/containerd.sock")
     }
 
-    /// The storage driver it runs with.
+    /// `ctr --address <its containerd> --namespace moby ARGS` (the packages' `ctr` with
+    /// [`PrivateDockerdOptions::binaries`]): (success, stdout + stderr).
+    pub fn ctr(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new(self.options.binary("ctr"))
+            .arg("--address")
+            .arg(self.containerd_socket())
+            .args(["--namespace", "moby"])
+            .args(args)
+            .output();
+        match out {
+            Ok(out) => (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stdout).into_owned()
+                    + &String::from_utf8_lossy(&out.stderr),
+            ),
+            Err(e) => (false, format!("running ctr: {e}")),
+        }
+    }
+
+    /// [`PrivateDockerd::ctr`] that must succeed: its output. Panics with the output and the
+    /// containerd log.
+    pub fn ctr_ok(&self, args: &[&str]) -> String {
+        let (ok, out) = self.ctr(args);
+        assert!(
+            ok,
+            "ctr {args:?}: {out}\ncontainerd log:\n{}",
+            log_tail(&self.root().join("containerd/containerd.log"), 8192)
+        );
+        out
+    }
+
+    /// The storage driver it runs with (empty: dockerd's default).
     pub fn storage_driver(&self) -> &str {
         &self.options.storage_driver
     }

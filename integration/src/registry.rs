@@ -4,7 +4,7 @@
 //! `registry.log`. It listens on `127.0.0.1` only, which Docker treats as an insecure (plain
 //! HTTP) registry by default, so `docker push 127.0.0.1:PORT/...` works without configuration.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -23,6 +23,29 @@ pub struct Registry {
     dir: TempDir,
     child: Option<Child>,
     addr: String,
+    /// The network namespace it listens in (`None`: the test's own).
+    netns: Option<PathBuf>,
+}
+
+/// Runs `f` on a thread that joined the network namespace `netns` (a `/proc/<pid>/ns/net`
+/// path): sockets it opens live there. Without `netns`, runs `f` here.
+pub(crate) fn in_netns<T: Send>(
+    netns: Option<&Path>,
+    f: impl FnOnce() -> Result<T> + Send,
+) -> Result<T> {
+    let Some(netns) = netns else { return f() };
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let file = std::fs::File::open(netns)
+                    .with_context(|| format!("opening {}", netns.display()))?;
+                nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .with_context(|| format!("joining network namespace {}", netns.display()))?;
+                f()
+            })
+            .join()
+            .map_err(|_| anyhow!("network namespace thread panicked"))?
+    })
 }
 
 impl Registry {
@@ -30,6 +53,30 @@ impl Registry {
     ///
     /// Panics when `/usr/bin/docker-registry` (package `docker-registry`) is missing.
     pub fn start() -> Result<Self> {
+        Self::start_in(None)
+    }
+
+    /// Like [`Registry::start`], listening on `127.0.0.1` of another network namespace (e.g.
+    /// a [`crate::PrivateDockerd`]'s, [`crate::PrivateDockerd::netns`], whose loopback is
+    /// brought up first), so that daemon can push to it. [`Registry::get`] and friends query
+    /// it from that namespace.
+    pub fn start_in_netns(netns: &Path) -> Result<Self> {
+        let up = Command::new("nsenter")
+            .arg(format!("--net={}", netns.display()))
+            .args(["--", "ip", "link", "set", "lo", "up"])
+            .output()
+            .context("running nsenter ip link set lo up")?;
+        if !up.status.success() {
+            bail!(
+                "bringing up lo in {}: {}",
+                netns.display(),
+                String::from_utf8_lossy(&up.stderr)
+            );
+        }
+        Self::start_in(Some(netns.to_path_buf()))
+    }
+
+    fn start_in(netns: Option<PathBuf>) -> Result<Self> {
         let binary = crate::require_tool(REGISTRY_BIN, "docker-registry");
         let dir = tempfile::Builder::new()
             .prefix(&format!("berth-registry-{}-", std::process::id()))
@@ -40,13 +87,14 @@ impl Registry {
         // The port is picked by binding :0 and released before the registry binds it; another
         // process could take it in between, so a start that fails early is retried on a new port.
         for _ in 0..5 {
-            let port = free_port()?;
-            match Self::launch(&binary, dir.path(), port) {
+            let port = in_netns(netns.as_deref(), free_port)?;
+            match Self::launch(&binary, dir.path(), port, netns.as_deref()) {
                 Ok(child) => {
                     return Ok(Self {
                         dir,
                         child: Some(child),
                         addr: format!("127.0.0.1:{port}"),
+                        netns,
                     })
                 }
                 Err(err) => last_error = Some(err),
@@ -55,7 +103,12 @@ impl Registry {
         Err(last_error.unwrap_or_else(|| anyhow!("registry did not start")))
     }
 
-    fn launch(binary: &std::path::Path, dir: &std::path::Path, port: u16) -> Result<Child> {
+    fn launch(
+        binary: &std::path::Path,
+        dir: &std::path::Path,
+        port: u16,
+        netns: Option<&Path>,
+    ) -> Result<Child> {
         let config = format!(
             "version: 0.1\n\
              log:\n  level: info\n  formatter: text\n\
@@ -71,7 +124,17 @@ impl Registry {
             .create(true)
             .append(true)
             .open(&log)?;
-        let mut cmd = Command::new(binary);
+        // nsenter execs the registry in place: the child's PID is the registry's.
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", ns.display()))
+                    .arg("--")
+                    .arg(binary);
+                c
+            }
+            None => Command::new(binary),
+        };
         cmd.arg("serve")
             .arg(&config_path)
             .stdin(Stdio::null())
@@ -87,7 +150,7 @@ impl Registry {
         let addr = format!("127.0.0.1:{port}");
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            match http_get(&addr, "/v2/") {
+            match in_netns(netns, || http_get(&addr, "/v2/")) {
                 Ok(r) if r.status == 200 => return Ok(child),
                 _ if Instant::now() >= deadline => {
                     let _ = terminate(&mut child, "docker-registry", Duration::from_secs(5));
@@ -126,7 +189,7 @@ impl Registry {
 
     /// `GET <path>` on the registry (e.g. `/v2/_catalog`).
     pub fn get(&self, path: &str) -> Result<HttpResponse> {
-        http_get(&self.addr, path)
+        in_netns(self.netns.as_deref(), || http_get(&self.addr, path))
     }
 
     /// The repositories listed by `GET /v2/_catalog`.

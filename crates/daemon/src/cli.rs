@@ -91,6 +91,16 @@ pub struct DaemonArgs {
     /// Enable the containerd worker (not supported; must be false if given).
     #[arg(long = "containerd-worker", num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
     pub containerd_worker: Option<bool>,
+    /// The containerd socket of the Docker Engine berthd is bound to, when that Engine keeps
+    /// its images in containerd (containerd image store) and its `GET /info` does not report it
+    /// (Engine < 27); the socket dockerd was given with `--containerd` (default:
+    /// `/run/containerd/containerd.sock`). buildkitd's flag name.
+    #[arg(long = "containerd-worker-addr")]
+    pub containerd_worker_addr: Option<PathBuf>,
+    /// The containerd namespace of that Engine's images (default: what `GET /info` reports,
+    /// else `moby`). buildkitd's flag name.
+    #[arg(long = "containerd-worker-namespace")]
+    pub containerd_worker_namespace: Option<String>,
     /// Enable garbage collection of the worker's cache.
     #[arg(long = "oci-worker-gc", num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
     pub oci_worker_gc: Option<bool>,

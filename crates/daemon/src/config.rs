@@ -154,6 +154,11 @@ pub struct OciWorkerConfig {
 pub struct ContainerdWorkerConfig {
     /// `enabled`.
     pub enabled: Option<bool>,
+    /// `address`: the containerd of the bound Docker Engine when it uses the containerd image
+    /// store (`--containerd-worker-addr`).
+    pub address: Option<PathBuf>,
+    /// `namespace` of that Engine's images (`--containerd-worker-namespace`; default `moby`).
+    pub namespace: Option<String>,
 }
 
 /// One `[[worker.oci.gcpolicy]]`.
@@ -192,6 +197,8 @@ pub struct Config {
     pub docker_host: String,
     /// Docker data root, if given.
     pub docker_data_root: Option<PathBuf>,
+    /// The bound Engine's containerd, if configured (containerd image store).
+    pub containerd: containerdstore::EndpointOptions,
     /// Worker labels from config and `--oci-worker-labels`.
     pub worker_labels: BTreeMap<String, String>,
     /// Extra platforms (after the native one).
@@ -299,6 +306,18 @@ fn merge(file: FileConfig, args: &DaemonArgs) -> anyhow::Result<Config> {
             .clone()
             .unwrap_or_else(|| DEFAULT_DOCKER_HOST.to_string()),
         docker_data_root: args.docker_data_root.clone(),
+        containerd: containerdstore::EndpointOptions {
+            address: args
+                .containerd_worker_addr
+                .clone()
+                .or(file.worker.containerd.address.clone())
+                .filter(|a| !a.as_os_str().is_empty()),
+            namespace: args
+                .containerd_worker_namespace
+                .clone()
+                .or(file.worker.containerd.namespace.clone())
+                .filter(|n| !n.is_empty()),
+        },
         worker_labels: labels,
         platforms,
         gc,
@@ -477,6 +496,33 @@ format = "json"
         .is_err());
         assert!(parse_file("root = [").is_err());
     }
+
+    #[test]
+    fn containerd_address_from_toml_and_flags() {
+        let c = merge(FileConfig::default(), &args(&[])).unwrap();
+        assert_eq!(c.containerd, containerdstore::EndpointOptions::default());
+        let f = parse_file(
+            "[worker.containerd]\naddress = \"/run/docker/containerd/containerd.sock\"\nnamespace = \"moby\"\n",
+        )
+        .unwrap();
+        let c = merge(f.clone(), &args(&[])).unwrap();
+        assert_eq!(
+            c.containerd.address,
+            Some(PathBuf::from("/run/docker/containerd/containerd.sock"))
+        );
+        assert_eq!(c.containerd.namespace.as_deref(), Some("moby"));
+        let c = merge(
+            f,
+            &args(&[
+                "--containerd-worker-addr=/x.sock",
+                "--containerd-worker-namespace",
+                "other",
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.containerd.address, Some(PathBuf::from("/x.sock")));
+        assert_eq!(c.containerd.namespace.as_deref(), Some("other"));
+    }
 }
 
 /// Configurations for unit tests of other modules.
@@ -496,6 +542,7 @@ pub mod tests_support {
             tls: TlsConfig::default(),
             docker_host: DEFAULT_DOCKER_HOST.into(),
             docker_data_root: None,
+            containerd: Default::default(),
             worker_labels: labels,
             platforms: vec!["linux/arm64".into()],
             gc: false,

@@ -14,15 +14,21 @@ pub struct Docker {
     host: String,
     data_root: OnceCell<(PathBuf, String)>,
     configured_root: Option<PathBuf>,
+    containerd: containerdstore::EndpointOptions,
 }
 
 impl Docker {
     /// A client for `host` (`unix:///path` or `tcp://h:p`).
-    pub fn new(host: String, data_root: Option<PathBuf>) -> Self {
+    pub fn new(
+        host: String,
+        data_root: Option<PathBuf>,
+        containerd: containerdstore::EndpointOptions,
+    ) -> Self {
         Docker {
             host,
             data_root: OnceCell::new(),
             configured_root: data_root,
+            containerd,
         }
     }
 
@@ -59,7 +65,14 @@ impl Docker {
 
     /// The raw config JSON of an image in Docker's store and the digest to report (the manifest
     /// digest when Docker knows one, else the image id).
-    pub async fn image_config(&self, reference: &str) -> Result<(String, Vec<u8>)> {
+    ///
+    /// `platform` (`os`, `architecture`, `variant`; default: the host's) picks the manifest of a
+    /// multi-platform image on the containerd image store.
+    pub async fn image_config(
+        &self,
+        reference: &str,
+        platform: Option<(String, String, String)>,
+    ) -> Result<(String, Vec<u8>)> {
         if let Some(root) = &self.configured_root {
             if !self.answers().await {
                 return offline_image_config(root.clone(), reference.to_string()).await;
@@ -78,6 +91,38 @@ impl Docker {
         let id = img
             .id
             .ok_or_else(|| Error::internal(format!("docker returned no id for {reference}")))?;
+        let info = c
+            .info()
+            .await
+            .map_err(|e| Error::unavailable(format!("docker at {}: GET /info: {e}", self.host)))?;
+        if let Some(ep) = containerdstore::Endpoint::detect(&info, &self.containerd) {
+            // containerd image store: the image ID is the manifest (or index) digest; the
+            // config comes from containerd's content store.
+            let ctrd = containerdstore::Client::connect(&ep)
+                .await
+                .map_err(|e| Error::unavailable(e.to_string()))?;
+            let p = platform.unwrap_or_else(|| {
+                let h = worker::Platform::host();
+                (h.os, h.architecture, h.variant)
+            });
+            let (_, config) =
+                ctrd.image_config(&id, (&p.0, &p.1, &p.2))
+                    .await
+                    .map_err(|e| match e {
+                        e if e.is_not_found() => Error::not_found(e.to_string()),
+                        containerdstore::Error::NoPlatform { .. } => {
+                            Error::not_found(e.to_string())
+                        }
+                        e => Error::unavailable(e.to_string()),
+                    })?;
+            let digest = img
+                .repo_digests
+                .unwrap_or_default()
+                .iter()
+                .find_map(|d| d.split_once('@').map(|(_, dg)| dg.to_string()))
+                .unwrap_or(id);
+            return Ok((digest, config));
+        }
         let hex = id.strip_prefix("sha256:").unwrap_or(&id).to_string();
         let (root, driver) = self.data_root().await?;
         let path = root

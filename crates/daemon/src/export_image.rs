@@ -52,6 +52,8 @@ pub struct ImageExportOptions {
     pub docker_host: String,
     /// `--docker-data-root`, if given.
     pub data_root: Option<PathBuf>,
+    /// The Engine's containerd (containerd image store), if configured.
+    pub containerd: containerdstore::EndpointOptions,
     /// Registry client for `push=true`.
     pub registry: registry::Registry,
     /// Compressed layer blobs, shared by pushes (`<root>/blobs`).
@@ -98,6 +100,7 @@ async fn target(opts: &ImageExportOptions, store: &SnapshotStore) -> Result<Imag
         docker,
         &TargetOptions {
             data_root: opts.data_root.clone(),
+            containerd: opts.containerd.clone(),
             ..Default::default()
         },
     )

@@ -193,7 +193,11 @@ pub(crate) async fn resolve_config(
     let mode = r.resolve_mode.as_str();
     let mut local_miss = None;
     if mode != "pull" {
-        match docker.image_config(&r.r#ref).await {
+        let platform = r
+            .platform
+            .as_ref()
+            .map(|p| (p.os.clone(), p.architecture.clone(), p.variant.clone()));
+        match docker.image_config(&r.r#ref, platform).await {
             Ok(v) => return Ok(v),
             Err(e @ Error::NotFound { .. }) if mode != "local" => {
                 tracing::debug!(reference = %r.r#ref, error = %e, "image config not in Docker, resolving in the registry");

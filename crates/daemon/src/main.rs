@@ -103,6 +103,7 @@ async fn run(cfg: config::Config, telemetry: &telemetry::Telemetry) -> anyhow::R
             max_parallelism: cfg.max_parallelism,
             docker_data_root: cfg.docker_data_root.clone(),
             registry: registry::Registry::new(registry::Hosts::new(cfg.registries.clone())),
+            containerd: cfg.containerd.clone(),
             client_export: daemon::export_client::ClientExportOptions {
                 docker_thin: cfg.docker_thin,
             },
@@ -120,6 +121,7 @@ async fn run(cfg: config::Config, telemetry: &telemetry::Telemetry) -> anyhow::R
     let docker = Arc::new(docker::Docker::new(
         cfg.docker_host.clone(),
         cfg.docker_data_root.clone(),
+        cfg.containerd.clone(),
     ));
     let control = Arc::new(control::Control {
         jobs: jobs.clone(),

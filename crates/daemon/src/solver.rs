@@ -61,6 +61,8 @@ pub struct BackendOptions {
     pub docker_data_root: Option<PathBuf>,
     /// Registry client (`[registry."host"]`) for pulls and pushes.
     pub registry: registry::Registry,
+    /// The Engine's containerd (containerd image store): `--containerd-worker-addr`/`-namespace`.
+    pub containerd: containerdstore::EndpointOptions,
     /// Defaults of the exporters that stream to the client.
     pub client_export: crate::export_client::ClientExportOptions,
 }
@@ -118,6 +120,7 @@ impl Backend {
         // to the worker, which then reports it when an image source needs Docker.
         wopts.docker = crate::docker::connect(&opts.docker_host).ok();
         wopts.docker_data_root = opts.docker_data_root.clone();
+        wopts.containerd = opts.containerd.clone();
         wopts.allowed_entitlements = opts.allowed_entitlements.clone();
         wopts.registry = opts.registry.clone();
         if let Some(n) = opts.max_parallelism.filter(|n| *n > 0) {
@@ -135,6 +138,7 @@ impl Backend {
             image_export: crate::export_image::ImageExportOptions {
                 docker_host: opts.docker_host.clone(),
                 data_root: opts.docker_data_root.clone(),
+                containerd: opts.containerd.clone(),
                 registry: opts.registry.clone(),
                 blobs,
             },

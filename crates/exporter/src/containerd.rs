@@ -64,6 +64,42 @@ pub struct ContainerdLayer {
     pub size: u64,
     /// Its files, when berth holds them; `None` for layers containerd must already have.
     pub files: Option<Arc<dyn LayerFiles>>,
+    /// Its tar, when berth holds it: stored as an uncompressed blob (digest = diffID) in the
+    /// content store when that blob is missing, so `docker save` and `docker push` find it.
+    pub tar: Option<Arc<dyn crate::LayerSource>>,
+    /// The blob a layer of the Engine's store already has in the content store (a base image's
+    /// layer): the manifest references it as it is.
+    pub blob: Option<layerstore::snapshot::BlobDescriptor>,
+}
+
+/// Size of the chunks a layer tar is streamed to containerd's content store in.
+const CHUNK: usize = 1 << 20;
+
+/// An `io::Write` that hands full chunks to an async receiver.
+struct ChunkWriter {
+    tx: tokio::sync::mpsc::Sender<Vec<u8>>,
+    buf: Vec<u8>,
+}
+
+impl std::io::Write for ChunkWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let n = data.len().min(CHUNK - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == CHUNK {
+            self.flush()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+        self.tx
+            .blocking_send(chunk)
+            .map_err(|_| std::io::Error::other("content write ended"))
+    }
 }
 
 /// What an export into containerd did.
@@ -123,6 +159,27 @@ struct OciManifest<'a> {
 
 /// The OCI manifest berth writes for an image: uncompressed layers, digests = diffIDs.
 pub fn oci_manifest(config: &ImageConfig, layers: &[(String, u64)]) -> Vec<u8> {
+    let descs: Vec<(String, String, u64)> = layers
+        .iter()
+        .map(|(d, n)| (LAYER_MEDIA_TYPE.to_string(), d.clone(), *n))
+        .collect();
+    oci_manifest_with(config, &descs)
+}
+
+/// The layer descriptors (media type, digest, size) of an export into containerd: a base
+/// layer's existing blob, else the uncompressed tar (digest = diffID).
+pub fn layer_descriptors(layers: &[ContainerdLayer]) -> Vec<(String, String, u64)> {
+    layers
+        .iter()
+        .map(|l| match &l.blob {
+            Some(b) => (b.media_type.clone(), b.digest.clone(), b.size),
+            None => (LAYER_MEDIA_TYPE.to_string(), l.diff_id.clone(), l.size),
+        })
+        .collect()
+}
+
+/// The OCI manifest with the given layer descriptors (media type, digest, size).
+pub fn oci_manifest_with(config: &ImageConfig, layers: &[(String, String, u64)]) -> Vec<u8> {
     let m = OciManifest {
         schema_version: 2,
         media_type: MANIFEST_MEDIA_TYPE,
@@ -133,8 +190,8 @@ pub fn oci_manifest(config: &ImageConfig, layers: &[(String, u64)]) -> Vec<u8> {
         },
         layers: layers
             .iter()
-            .map(|(d, s)| OciDescriptor {
-                media_type: LAYER_MEDIA_TYPE,
+            .map(|(m, d, s)| OciDescriptor {
+                media_type: m,
                 digest: d,
                 size: *s,
             })
@@ -463,16 +520,23 @@ impl ContainerdStore {
             .await?;
         fault_point("containerd:config");
 
-        let layer_descs: Vec<(String, u64)> =
-            layers.iter().map(|l| (l.diff_id.clone(), l.size)).collect();
-        let manifest = oci_manifest(config, &layer_descs);
+        // Layer blobs berth holds and the content store lacks (docker save/push read them).
+        for l in layers.iter().filter(|l| l.blob.is_none()) {
+            if let Some(tar) = &l.tar {
+                self.write_tar_blob(&l.diff_id, l.size, tar.clone(), lease)
+                    .await?;
+            }
+        }
+        fault_point("containerd:layer-blobs");
+        let layer_descs = layer_descriptors(layers);
+        let manifest = oci_manifest_with(config, &layer_descs);
         let manifest_digest = sha256(&manifest);
         let mut manifest_labels = HashMap::new();
         manifest_labels.insert(
             "containerd.io/gc.ref.content.config".to_string(),
             config.digest.clone(),
         );
-        for (i, (d, _)) in layer_descs.iter().enumerate() {
+        for (i, (_, d, _)) in layer_descs.iter().enumerate() {
             manifest_labels.insert(format!("containerd.io/gc.ref.content.l.{i}"), d.clone());
         }
         self.write_blob(&manifest, &manifest_digest, manifest_labels, lease)
@@ -531,6 +595,107 @@ impl ContainerdStore {
         fault_point("containerd:image");
         report.manifest_digest = manifest_digest;
         Ok(report)
+    }
+
+    /// Whether the content store has `digest`.
+    async fn has_blob(&self, digest: &str, lease: &str) -> Result<bool> {
+        let mut content = ContentClient::new(self.channel.clone());
+        match content
+            .info(self.req(
+                InfoRequest {
+                    digest: digest.to_string(),
+                },
+                Some(lease),
+            ))
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(s) if s.code() == Code::NotFound => Ok(false),
+            Err(s) => Err(cd_err(format!("content info {digest}"))(s)),
+        }
+    }
+
+    /// Streams a layer's tar into the content store as an uncompressed blob (digest = diffID),
+    /// unless it is there already; containerd verifies the digest and size at commit.
+    async fn write_tar_blob(
+        &self,
+        diff_id: &str,
+        size: u64,
+        tar: Arc<dyn crate::LayerSource>,
+        lease: &str,
+    ) -> Result<()> {
+        if self.has_blob(diff_id, lease).await? {
+            return Ok(());
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+        let producer = tokio::task::spawn_blocking(move || {
+            let mut w = ChunkWriter {
+                tx,
+                buf: Vec::with_capacity(CHUNK),
+            };
+            tar.write_tar(&mut w)?;
+            std::io::Write::flush(&mut w)
+        });
+        let r#ref = format!("berth-{}-{}", &diff_id[7..19], unique_token());
+        let expected = diff_id.to_string();
+        // WRITEs carry the running offset; the COMMIT after the last one states the total.
+        let msgs = futures::stream::unfold(
+            (rx, 0i64, false, r#ref, expected),
+            |(mut rx, offset, done, r#ref, expected)| async move {
+                if done {
+                    return None;
+                }
+                match rx.recv().await {
+                    Some(data) => {
+                        let n = data.len() as i64;
+                        let m = WriteContentRequest {
+                            action: WriteAction::Write as i32,
+                            r#ref: r#ref.clone(),
+                            offset,
+                            data,
+                            ..Default::default()
+                        };
+                        Some((m, (rx, offset + n, false, r#ref, expected)))
+                    }
+                    None => {
+                        let m = WriteContentRequest {
+                            action: WriteAction::Commit as i32,
+                            r#ref: r#ref.clone(),
+                            total: offset,
+                            expected: expected.clone(),
+                            offset,
+                            ..Default::default()
+                        };
+                        Some((m, (rx, offset, true, r#ref, expected)))
+                    }
+                }
+            },
+        );
+        let mut content = ContentClient::new(self.channel.clone());
+        let sent = async {
+            let mut stream = content
+                .write(self.req(msgs, Some(lease)))
+                .await?
+                .into_inner();
+            while stream.message().await?.is_some() {}
+            Ok::<_, tonic::Status>(())
+        }
+        .await;
+        let produced = producer.await.map_err(|e| Error::LayerStream {
+            diff_id: diff_id.to_string(),
+            source: std::io::Error::other(e),
+        })?;
+        // The producer's error explains a failed write best (the stream just ended early).
+        produced.map_err(|source| Error::LayerStream {
+            diff_id: diff_id.to_string(),
+            source,
+        })?;
+        match sent {
+            Err(s) if s.code() != Code::AlreadyExists => {
+                Err(cd_err(format!("write layer blob {diff_id} ({size} bytes)"))(s))
+            }
+            _ => Ok(()),
+        }
     }
 
     async fn write_blob(

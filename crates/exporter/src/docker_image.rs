@@ -300,12 +300,19 @@ impl ImageTarget {
                                 }
                                 LayerRef::Docker(_) => None,
                             },
+                            tar: match r {
+                                LayerRef::Berth(_) => l.source.clone(),
+                                LayerRef::Docker(_) => None,
+                            },
+                            blob: match r {
+                                LayerRef::Docker(d) => d.blob.clone(),
+                                LayerRef::Berth(_) => None,
+                            },
                         })
                     })
                     .collect::<Result<_>>()?;
-                let layer_descs: Vec<(String, u64)> =
-                    layers.iter().map(|l| (l.diff_id.clone(), l.size)).collect();
-                let manifest = crate::containerd::oci_manifest(&config, &layer_descs);
+                let layer_descs = crate::containerd::layer_descriptors(&clayers);
+                let manifest = crate::containerd::oci_manifest_with(&config, &layer_descs);
                 (result.manifest_digest, result.descriptor) =
                     descriptor(crate::containerd::MANIFEST_MEDIA_TYPE, &manifest);
                 let record = format!("moby-dangling@{}", result.manifest_digest);
@@ -462,8 +469,9 @@ pub struct TargetOptions {
     /// Docker's data root when berthd was told it (`--docker-data-root`); needed for the offline
     /// mode, and used as a read-only presence hint in the live classic mode.
     pub data_root: Option<PathBuf>,
-    /// containerd's socket for Docker's containerd store, when `/info` does not report it.
-    pub containerd_address: Option<PathBuf>,
+    /// The Engine's containerd when it uses the containerd image store (configured address and
+    /// namespace; see [`containerdstore::Endpoint::detect`]).
+    pub containerd: containerdstore::EndpointOptions,
     /// Evidence checks that a daemon is really stopped (offline mode).
     pub offline_check: DaemonCheck,
 }
@@ -490,27 +498,11 @@ impl ImageTarget {
             }
         };
         let driver = info.driver.clone().unwrap_or_default();
-        let containerd_store = info.driver_status.iter().flatten().any(|kv| {
-            kv.len() == 2 && kv[0] == "driver-type" && kv[1] == "io.containerd.snapshotter.v1"
-        });
-        if containerd_store {
-            let address = opts
-                .containerd_address
-                .clone()
-                .or_else(|| {
-                    info.containerd
-                        .as_ref()
-                        .and_then(|c| c.address.clone())
-                        .map(PathBuf::from)
-                })
-                .unwrap_or_else(|| PathBuf::from("/run/containerd/containerd.sock"));
-            let namespace = info
-                .containerd
-                .as_ref()
-                .and_then(|c| c.namespaces.as_ref())
-                .and_then(|n| n.containers.clone())
-                .unwrap_or_else(|| "moby".to_string());
-            let store = ContainerdStore::connect(&address, &namespace, &driver).await?;
+        if let Some(ep) = containerdstore::Endpoint::detect(&info, &opts.containerd) {
+            // The same reachability check (and error naming what to set) as base images.
+            containerdstore::Client::connect(&ep).await?;
+            let store =
+                ContainerdStore::connect(&ep.address, &ep.namespace, &ep.snapshotter).await?;
             return Ok(ImageTarget::Containerd { docker, store });
         }
         let data_root = opts

@@ -79,6 +79,9 @@ pub enum Error {
         /// Why.
         reason: &'static str,
     },
+    /// The Engine's containerd image store cannot be used (unreachable socket, bad image).
+    #[error(transparent)]
+    ContainerdStore(#[from] containerdstore::Error),
     /// A containerd call failed.
     #[error("containerd: {what}: {code:?}: {message}")]
     Containerd {

@@ -198,6 +198,15 @@ pub fn docker_layerdb_dir(d: &DockerLayer) -> Option<PathBuf> {
 }
 
 fn docker_layer(d: &DockerLayer) -> Result<ExportLayer> {
+    if let Some(blob) = &d.blob {
+        // A layer of the Engine's containerd store: it stays there (its blob and snapshot);
+        // its size here is the blob's.
+        return Ok(ExportLayer {
+            diff_id: d.diff_id.clone(),
+            size: blob.size,
+            source: None,
+        });
+    }
     let db = docker_layerdb_dir(d).ok_or_else(|| Error::Io {
         what: "locate layerdb of",
         path: d.diff_dir.clone(),
@@ -347,6 +356,7 @@ mod tests {
             diff_id: String::new(),
             diff_dir: PathBuf::from("/var/lib/docker/fuse-overlayfs/abc/diff"),
             whiteouts: layerstore::snapshot::WhiteoutFormat::Aufs,
+            blob: None,
         };
         assert_eq!(
             docker_layerdb_dir(&d).unwrap(),

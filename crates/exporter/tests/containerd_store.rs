@@ -53,6 +53,9 @@ fn layer(dir: &Path) -> ContainerdLayer {
         diff_id,
         size,
         files: Some(Arc::new(DirFiles(dir.to_path_buf()))),
+        // ctr run needs the snapshots only; the tar blob is the daemon tests' concern.
+        tar: None,
+        blob: None,
     }
 }
 

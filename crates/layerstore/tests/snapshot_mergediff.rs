@@ -787,6 +787,7 @@ impl World {
                 diff_id: format!("sha256:{:064x}", n),
                 diff_dir: d,
                 whiteouts: WhiteoutFormat::Overlay,
+                blob: None,
             }));
         }
         Ok(Some(self.store.create_from_chain(

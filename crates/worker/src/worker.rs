@@ -76,6 +76,10 @@ pub struct WorkerOptions {
     /// does not answer, image sources resolve base images from this data root in place
     /// (see `ops::source_image`).
     pub docker_data_root: Option<PathBuf>,
+    /// Where the Engine's containerd listens when that Engine keeps its images in containerd
+    /// (`--containerd-worker-addr`/`-namespace`; unset: what `GET /info` reports, else
+    /// containerd's default socket). Base images are then used in place from its snapshots.
+    pub containerd: containerdstore::EndpointOptions,
     /// Registry client (buildkitd.toml's `[registry."host"]`) for images Docker lacks.
     pub registry: registry::Registry,
     /// Where pulls record each layer's registry descriptor (pushes reuse foreign and
@@ -100,6 +104,7 @@ impl WorkerOptions {
             docker_host: None,
             docker: None,
             docker_data_root: None,
+            containerd: Default::default(),
             registry: registry::Registry::new(registry::Hosts::new(Default::default())),
             blobs: None,
             allowed_entitlements: vec![],

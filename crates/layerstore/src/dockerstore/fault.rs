@@ -63,6 +63,8 @@ pub const CONTAINERD_STEPS: &[&str] = &[
     "containerd:snapshot-committed",
     // The config blob is in the content store; no manifest.
     "containerd:config",
+    // The new layers' tar blobs are in the content store; no manifest.
+    "containerd:layer-blobs",
     // The manifest blob is in the content store; no image record.
     "containerd:manifest",
     // The image record exists; the lease not yet deleted.

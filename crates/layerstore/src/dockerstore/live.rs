@@ -63,6 +63,7 @@ impl BaseImage {
                         diff_id: d.to_string(),
                         diff_dir: dir.clone(),
                         whiteouts: wf,
+                        blob: None,
                     })
                 })
                 .collect(),

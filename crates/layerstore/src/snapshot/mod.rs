@@ -173,17 +173,36 @@ pub enum WhiteoutFormat {
     Aufs,
 }
 
-/// A layer directory owned by dockerd, used read-only as a lowerdir.
+/// A layer directory owned by dockerd (or, on the containerd image store, by the Engine's
+/// containerd snapshotter), used read-only as a lowerdir.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DockerLayer {
-    /// `sha256:<hex>` chainID of the layer in Docker's layerdb.
+    /// `sha256:<hex>` chainID of the layer in Docker's layerdb (or the snapshot's name in the
+    /// containerd snapshotter, which is the same chainID).
     pub chain_id: String,
     /// `sha256:<hex>` diffID of the layer.
     pub diff_id: String,
-    /// `<data-root>/<driver>/<cache-id>/diff`.
+    /// `<data-root>/<driver>/<cache-id>/diff`, or a containerd `overlayfs` snapshot's
+    /// `snapshots/<n>/fs`.
     pub diff_dir: PathBuf,
     /// How the driver stores whiteouts in `diff_dir`.
     pub whiteouts: WhiteoutFormat,
+    /// On the containerd image store: the layer's blob in containerd's content store, as the
+    /// base image's manifest lists it (exports reference it instead of writing the layer again).
+    /// `None` for the classic store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blob: Option<BlobDescriptor>,
+}
+
+/// An OCI descriptor of a layer blob in a content store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobDescriptor {
+    /// `mediaType` (e.g. `application/vnd.oci.image.layer.v1.tar+gzip`).
+    pub media_type: String,
+    /// `sha256:<hex>` of the blob (compressed as stored).
+    pub digest: String,
+    /// Size of the blob in bytes.
+    pub size: u64,
 }
 
 /// One entry of a [`Chain`].

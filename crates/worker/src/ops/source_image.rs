@@ -43,6 +43,15 @@
 //! requests. (Writes behind a running daemon are prevented where they happen: the offline
 //! exporter refuses a data root a dockerd uses.)
 //!
+//! Containerd image store (the Engine's `GET /info` reports `driver-type`
+//! `io.containerd.snapshotter.v1`, see [`containerdstore::Endpoint::detect`]): the image ID
+//! from the Engine (pulls as above) is the manifest or index digest; [`containerdstore::Client::
+//! base_image`] narrows it to the op's platform, reads the config from containerd's content
+//! store and returns the layers' `overlayfs` snapshot dirs (chainIDs) as the chain, with a lease
+//! that holds the image's content and snapshots until the build's graph is dropped (instead of a
+//! pin container). Leases a killed berthd left are deleted on the first resolution of the next
+//! one (and expire after a day).
+//!
 //! Not carried yet: the image config (the result type has no place for it; the exporter and
 //! frontend read it from the Engine, or the stopped data root, by image ID).
 
@@ -51,7 +60,7 @@ use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bollard::Docker;
-use layerstore::dockerstore::{self, BaseImage, DockerStore, Pin, StorageDriver};
+use layerstore::dockerstore::{self, DockerStore, Pin, StorageDriver};
 use layerstore::snapshot::{Chain, SnapshotOptions};
 use protos::pb::op::Op as OpPayload;
 
@@ -149,7 +158,9 @@ struct ImageSource {
 }
 
 struct Resolved {
-    image: BaseImage,
+    /// Docker's image ID (config digest on the classic store, manifest or index digest on the
+    /// containerd store).
+    id: String,
     chain: Chain,
     _hold: Hold,
 }
@@ -160,6 +171,8 @@ enum Hold {
     Live { _pin: Pin },
     /// Resolved from a stopped daemon's data root: pins through the API if dockerd starts.
     Offline { _watch: OfflineWatch },
+    /// A containerd lease on the Engine's containerd image store.
+    Containerd { _lease: containerdstore::BaseLease },
 }
 
 /// Watches a stopped daemon's Engine address; once it answers, pins the image there. Dropping it
@@ -235,6 +248,45 @@ fn engine_err(what: String, e: bollard::errors::Error) -> Error {
         kind,
         source: Some(Box::new(e)),
     }
+}
+
+fn containerd_err(e: containerdstore::Error) -> Error {
+    let kind = match &e {
+        containerdstore::Error::Unreachable { .. } => ErrorKind::Unavailable,
+        e if e.is_not_found() => ErrorKind::NotFound,
+        containerdstore::Error::NoPlatform { .. } => ErrorKind::NotFound,
+        containerdstore::Error::UnsupportedSnapshotter { .. } => ErrorKind::Unimplemented,
+        _ => ErrorKind::Internal,
+    };
+    Error::Op {
+        message: e.to_string(),
+        kind,
+        source: Some(Box::new(e)),
+    }
+}
+
+/// On the first containerd-store resolution of a worker root in this process, removes the
+/// leases and views a previous process left for it; every build waits for this first.
+async fn remove_containerd_leftovers_once(client: &containerdstore::Client, instance: &str) {
+    type Cell = Arc<tokio::sync::OnceCell<()>>;
+    static DONE: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<String, Cell>>> =
+        std::sync::OnceLock::new();
+    let key = format!("{}|{instance}", client.endpoint().address.display());
+    let cell = DONE
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap()
+        .entry(key)
+        .or_default()
+        .clone();
+    cell.get_or_init(|| async {
+        match client.remove_leftovers(instance).await {
+            Ok(l) if l.leases + l.views == 0 => {}
+            Ok(l) => tracing::info!(instance, leases = l.leases, views = l.views, "base-image leases of a previous berthd removed"),
+            Err(e) => tracing::warn!(instance, error = %e, "removing base-image leases of a previous berthd failed"),
+        }
+    })
+    .await;
 }
 
 fn store_err(what: String, e: layerstore::Error) -> Error {
@@ -379,14 +431,18 @@ impl ImageSource {
         };
         // From here on the image ID, so a concurrent re-tag cannot mix two images.
         let instance = format!("worker:{}", self.env.opts.root.display());
-        remove_stale_pins_once(&docker, &instance).await;
-        let pin = dockerstore::pin_image(&docker, &id, &instance, &self.reference)
-            .await
-            .map_err(|e| store_err(format!("pin image {}", self.reference), e))?;
         let info = docker
             .info()
             .await
             .map_err(|e| engine_err("docker info".into(), e))?;
+        if let Some(endpoint) = containerdstore::Endpoint::detect(&info, &self.env.opts.containerd)
+        {
+            return self.resolve_containerd(&endpoint, &id, &instance).await;
+        }
+        remove_stale_pins_once(&docker, &instance).await;
+        let pin = dockerstore::pin_image(&docker, &id, &instance, &self.reference)
+            .await
+            .map_err(|e| store_err(format!("pin image {}", self.reference), e))?;
         let driver = StorageDriver::from_name(info.driver.as_deref().unwrap_or_default())
             .map_err(|e| store_err("docker storage driver".into(), e))?;
         let data_root = info
@@ -399,9 +455,48 @@ impl ImageSource {
         let chain = self.limit(image.chain())?;
         tracing::debug!(reference = %self.reference, id = %image.id, layers = chain.0.len(), "image resolved in place");
         Ok(Resolved {
-            image,
+            id: image.id.to_string(),
             chain,
             _hold: Hold::Live { _pin: pin },
+        })
+    }
+
+    /// Resolution on the Engine's containerd image store (`containerdstore`): the layers'
+    /// snapshots are the lower dirs, a lease holds them and the image's content for the build.
+    async fn resolve_containerd(
+        &self,
+        endpoint: &containerdstore::Endpoint,
+        id: &str,
+        instance: &str,
+    ) -> Result<Resolved> {
+        let client = containerdstore::Client::connect(endpoint)
+            .await
+            .map_err(containerd_err)?;
+        remove_containerd_leftovers_once(&client, instance).await;
+        let p = match self.platform.as_deref() {
+            Some(p) => {
+                let mut it = p.splitn(3, '/');
+                (
+                    it.next().unwrap_or_default().to_string(),
+                    it.next().unwrap_or_default().to_string(),
+                    it.next().unwrap_or_default().to_string(),
+                )
+            }
+            None => {
+                let d = &self.env.opts.default_platform;
+                (d.os.clone(), d.architecture.clone(), d.variant.clone())
+            }
+        };
+        let (image, lease) = client
+            .base_image(id, (&p.0, &p.1, &p.2), instance)
+            .await
+            .map_err(containerd_err)?;
+        let chain = self.limit(image.chain())?;
+        tracing::debug!(reference = %self.reference, id = %image.id, layers = chain.0.len(), lease = lease.id(), "image resolved in place from the containerd image store");
+        Ok(Resolved {
+            id: image.id,
+            chain,
+            _hold: Hold::Containerd { _lease: lease },
         })
     }
 
@@ -464,6 +559,7 @@ impl ImageSource {
         .await?;
         let chain = self.limit(image.chain())?;
         tracing::debug!(reference = %self.reference, id = %image.id, layers = chain.0.len(), data_root = %root.display(), "image resolved in place from a stopped daemon's data root");
+        let id = image.id.to_string();
         let hold = Hold::Offline {
             _watch: OfflineWatch::start(
                 self.env.opts.docker.clone(),
@@ -474,7 +570,7 @@ impl ImageSource {
             ),
         };
         Ok(Resolved {
-            image,
+            id,
             chain,
             _hold: hold,
         })
@@ -632,7 +728,7 @@ impl Op<Snap> for ImageSource {
     async fn cache_key(&self, ctx: &OpContext, _inputs: &[Solved<Snap>]) -> Result<String> {
         let r = self.resolve(ctx).await?;
         let mut h = crate::digest::KeyHasher::new("docker-image");
-        h.field(r.image.id.to_string().as_bytes());
+        h.field(r.id.as_bytes());
         h.field(&(r.chain.0.len() as u64).to_le_bytes());
         for l in r.chain.layers() {
             if let layerstore::snapshot::LayerRef::Docker(d) = l {
@@ -646,7 +742,7 @@ impl Op<Snap> for ImageSource {
         let r = self.resolve(ctx).await?;
         let store = self.env.store.clone();
         let chain = r.chain.clone();
-        let desc = format!("docker-image://{} ({})", self.reference, r.image.id);
+        let desc = format!("docker-image://{} ({})", self.reference, r.id);
         let snap = blocking(move || {
             let id = store
                 .create_from_chain(chain, &[], &SnapshotOptions::new(desc))
