@@ -382,3 +382,156 @@ async fn containerd_address_missing_names_the_setting() {
         "{err:?}"
     );
 }
+
+/// SIGKILL at every step of the export into this Engine (`BERTH_FAULT_KILL`), with the base
+/// image's lease held: the Engine stays usable and every name it shows runs; the restarted
+/// berthd removes its leases and prepared snapshots before serving; the same build then
+/// succeeds; and once the images are removed, containerd's GC frees everything the killed and
+/// finished exports added (only the base image's snapshots and blobs remain).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_each_export_step_leaves_nothing_unusable_or_unfreeable() {
+    use layerstore::dockerstore::fault::{CONTAINERD_STEPS, FAULT_ENV};
+    use std::os::unix::process::ExitStatusExt;
+
+    let mut env = Env::start(true);
+    let engine = env.dockerd.engine().clone();
+    let ml = multi_layer_image(&engine).await.unwrap();
+    let snaps_base = env.snapshots();
+    let content_base = env.content();
+    let no_env = ("BERTH_CONTAINERD_ADDRESS", "");
+    let mut names = Vec::new();
+    for step in CONTAINERD_STEPS {
+        let data = unique_name("k");
+        let name = format!("berth-test/ctrd-kill:{data}");
+        names.push(name.clone());
+        let st = llb::image(ml.reference()).state().file(llb::mkfile(
+            "/killdata",
+            0o644,
+            data.clone(),
+            Default::default(),
+        ));
+        env.berthd.set_env(&[no_env, (FAULT_ENV, step)]);
+        let _ = env.berthd.kill();
+        env.berthd.restart().unwrap();
+        let client = env.client().await;
+        let def = st.marshal().unwrap();
+        let r = tokio::time::timeout(
+            Duration::from_secs(120),
+            export_image(&client, &def, std::slice::from_ref(&name), &[]),
+        )
+        .await
+        .expect("the client noticed berthd's death");
+        let status = env
+            .berthd
+            .wait_exit(Duration::from_secs(20))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{e}: berthd did not die at {step} ({:?})\n{}",
+                    r.map(|r| r.solve.map(|s| s.exporter_response)),
+                    env.berthd.log_text()
+                )
+            });
+        assert_eq!(status.signal(), Some(9), "{step}: {status:?}");
+        assert!(
+            env.berthd
+                .log_text()
+                .contains(&format!("SIGKILL at {step}")),
+            "berthd died elsewhere than {step}:\n{}",
+            env.berthd.log_text()
+        );
+        // (a) The Engine answers and a name it shows runs.
+        let tags = engine.image_tags().await.unwrap();
+        if tags.iter().any(|t| t.ends_with(&data)) {
+            let out = engine.run(&name, &["cat", "/killdata"]).await.unwrap();
+            assert_eq!(out.assert_success().stdout, data, "{step}");
+        }
+        // (b) The restarted berthd removed its leases and prepared snapshots before serving.
+        env.berthd.set_env(&[no_env]);
+        env.berthd.restart().unwrap();
+        let leases = env.leases();
+        assert!(
+            leases.iter().all(|l| !l.starts_with("berth-")),
+            "{step}: leases left: {leases:?}"
+        );
+        let all = env.ctr(&["snapshots", "--snapshotter", "overlayfs", "ls"]);
+        assert!(
+            !all.contains("berth-extract-") && !all.contains("berth-view-"),
+            "{step}: {all}"
+        );
+        // (c) The same build succeeds and runs.
+        let client = env.client().await;
+        let r = export_image(&client, &def, std::slice::from_ref(&name), &[])
+            .await
+            .unwrap();
+        response(&r, &env.berthd.log_text());
+        let out = engine.run(&name, &["cat", "/killdata"]).await.unwrap();
+        assert_eq!(out.assert_success().stdout, data, "{step} rerun");
+    }
+    for n in &names {
+        engine.remove_image(n).await.unwrap();
+    }
+    env.wait_for("containerd's GC to free every export", || {
+        let mut s = env.snapshots();
+        s.sort();
+        let mut b = snaps_base.clone();
+        b.sort();
+        s == b && env.content().iter().all(|c| content_base.contains(c))
+    });
+    drop(ml);
+}
+
+/// 8 exports at once into this Engine, sharing the base image and a common layer: all succeed
+/// and run, the common layer's snapshot exists once, no prepared snapshot or lease is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn eight_concurrent_exports_share_layers() {
+    let env = Env::start(true);
+    let engine = env.dockerd.engine().clone();
+    let bb = busybox_image(&engine).await.unwrap();
+    let snaps_before = env.snapshots();
+    let shared = unique_name("shared");
+    let mut builds = Vec::new();
+    let mut names = Vec::new();
+    for i in 0..8 {
+        let data = format!("{shared}-{i}");
+        let name = format!("berth-test/ctrd-conc:{data}");
+        names.push((name.clone(), data.clone()));
+        let st = llb::image(bb.reference())
+            .state()
+            .file(llb::mkfile(
+                "/shared",
+                0o644,
+                shared.clone(),
+                Default::default(),
+            ))
+            .file(llb::mkfile("/data", 0o644, data, Default::default()));
+        let def = st.marshal().unwrap();
+        let client = env.client().await;
+        builds.push(tokio::spawn(async move {
+            export_image(&client, &def, &[name], &[]).await
+        }));
+    }
+    let log = env.berthd.log_text();
+    for b in builds {
+        let r = b.await.unwrap().unwrap();
+        response(&r, &log);
+    }
+    for (name, data) in &names {
+        let out = engine.run(name, &["cat", "/data"]).await.unwrap();
+        assert_eq!(&out.assert_success().stdout, data);
+    }
+    // busybox + /shared + 8 × /data: the shared layer's snapshot once.
+    let added: Vec<String> = env
+        .snapshots()
+        .into_iter()
+        .filter(|s| !snaps_before.contains(s))
+        .collect();
+    assert_eq!(added.len(), 1 + 8, "{added:?}");
+    let all = env.ctr(&["snapshots", "--snapshotter", "overlayfs", "ls"]);
+    assert!(!all.contains("berth-extract-"), "{all}");
+    env.wait_for("berth's leases to be deleted", || {
+        env.leases().iter().all(|l| !l.starts_with("berth-"))
+    });
+    for (name, _) in &names {
+        engine.remove_image(name).await.unwrap();
+    }
+}

@@ -152,7 +152,8 @@ pub async fn recover_at_start(
                 .map_err(|e| Error::internal(format!("recovery task: {e}")))?
                 .map_err(|e| Error::unavailable(format!("recover Docker data root: {e}")))?;
             }
-            ImageTarget::Containerd { store: s, .. } => {
+            ImageTarget::Containerd { store: s, docker } => {
+                remove_base_leases(&docker, &opts.containerd, worker_root).await?;
                 let r = s
                     .remove_leftovers()
                     .await
@@ -182,6 +183,38 @@ pub async fn recover_at_start(
         Ok(Err(e)) => tracing::warn!(error = %e, "image store recovery at start failed"),
         Err(_) => tracing::warn!("image store recovery at start timed out"),
     }
+}
+
+/// Deletes the base-image leases and views a killed berthd on this worker root left in the
+/// Engine's containerd (the worker does it again before its first lease, see
+/// `worker::ops::source_image`).
+async fn remove_base_leases(
+    docker: &bollard::Docker,
+    configured: &containerdstore::EndpointOptions,
+    worker_root: &Path,
+) -> Result<()> {
+    let info = docker
+        .info()
+        .await
+        .map_err(|e| Error::unavailable(format!("docker info: {e}")))?;
+    let Some(ep) = containerdstore::Endpoint::detect(&info, configured) else {
+        return Ok(());
+    };
+    let client = containerdstore::Client::connect(&ep)
+        .await
+        .map_err(|e| Error::unavailable(e.to_string()))?;
+    let r = client
+        .remove_leftovers(&format!("worker:{}", worker_root.display()))
+        .await
+        .map_err(|e| Error::unavailable(format!("containerd base-image leases: {e}")))?;
+    if r.leases + r.views > 0 {
+        tracing::info!(
+            leases = r.leases,
+            views = r.views,
+            "removed base-image leases of a previous berthd"
+        );
+    }
+    Ok(())
 }
 
 /// Names to apply: the `name` attr split on commas; `*` stands for the result's `image.name`.
