@@ -44,33 +44,43 @@ pub fn berthd_binary() -> anyhow::Result<PathBuf> {
     }
     static BUILT: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
     BUILT
-        .get_or_init(|| build_berthd().map_err(|e| format!("{e:#}")))
+        .get_or_init(|| build_binary("daemon", "berthd").map_err(|e| format!("{e:#}")))
         .clone()
         .map_err(anyhow::Error::msg)
 }
 
-fn build_berthd() -> anyhow::Result<PathBuf> {
+/// Path of berth's `buildctl` (crates/buildctl), built (once per test process) with the cargo
+/// that runs the tests.
+pub fn buildctl_binary() -> anyhow::Result<PathBuf> {
+    static BUILT: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| build_binary("buildctl", "buildctl").map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+fn build_binary(package: &str, bin: &str) -> anyhow::Result<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .context("workspace root")?
         .to_path_buf();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
-        .args(["build", "-q", "-p", "daemon", "--bin", "berthd"])
+        .args(["build", "-q", "-p", package, "--bin", bin])
         .current_dir(&root)
         .status()
-        .context("run cargo build for berthd")?;
+        .with_context(|| format!("run cargo build for {bin}"))?;
     if !status.success() {
-        bail!("building berthd failed: {status}");
+        bail!("building {bin} failed: {status}");
     }
     let target = std::env::var("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|_| root.join("target"));
-    let bin = target.join("debug").join("berthd");
-    if !bin.exists() {
-        bail!("berthd binary not found at {}", bin.display());
+    let path = target.join("debug").join(bin);
+    if !path.exists() {
+        bail!("{bin} binary not found at {}", path.display());
     }
-    Ok(bin)
+    Ok(path)
 }
 
 /// A berthd child process with its own root and socket.

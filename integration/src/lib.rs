@@ -51,6 +51,7 @@
 //! ```
 
 pub mod buildkit_client;
+mod certs;
 mod containerd;
 mod engine;
 mod http;
@@ -61,6 +62,7 @@ mod process;
 mod registry;
 
 pub use bollard;
+pub use certs::make_certs;
 pub use containerd::PrivateContainerd;
 pub use engine::{DockerEngine, Output, RunOptions, MIN_API_VERSION};
 pub use http::{http_get, HttpResponse};

@@ -461,6 +461,31 @@ async fn otlp_grpc_receiver() -> (String, Received, tokio::task::JoinHandle<()>)
     (addr, got, task)
 }
 
+/// An OTLP/gRPC receiver on 127.0.0.1 over TLS with client certificates required, from
+/// `certs` (`deploy/tls/make-certs.sh`: a server certificate for localhost).
+async fn otlp_grpc_tls_receiver(
+    certs: &std::path::Path,
+) -> (String, Received, tokio::task::JoinHandle<()>) {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let got = Received::default();
+    let svc = otlp::trace_service_server::TraceServiceServer::new(GrpcCollector(got.clone()));
+    let read = |f: &str| std::fs::read(certs.join("server").join(f)).unwrap();
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(read("cert.pem"), read("key.pem")))
+        .client_ca_root(Certificate::from_pem(read("ca.pem")));
+    let task = tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .tls_config(tls)
+            .unwrap()
+            .add_service(svc)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await;
+    });
+    (addr, got, task)
+}
+
 /// Runs a traced build on `base` (the client sends `traceparent`), stops berthd so it flushes
 /// its spans, and checks the spans `got` received: the server's spans are in the client's trace,
 /// the request spans are children of the client's span, and every other span of the trace hangs
@@ -584,6 +609,187 @@ async fn traces_continue_the_clients_trace_over_otlp_grpc() {
         Berthd::start_with_env(&[], &[("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)]).unwrap();
     traced_build(&mut berthd, base.reference(), false, &got).await;
     task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traces_over_otlp_grpc_with_mutual_tls() {
+    require_root();
+    let engine = DockerEngine::system().unwrap();
+    let base = busybox_image(&engine).await.unwrap();
+    let certs = tempfile::tempdir().unwrap();
+    integration::make_certs(certs.path(), &["localhost", "127.0.0.1"]).unwrap();
+    let (addr, got, task) = otlp_grpc_tls_receiver(certs.path()).await;
+    let port = addr.rsplit_once(':').unwrap().1;
+    let endpoint = format!("https://localhost:{port}");
+    let client = certs.path().join("client");
+    let file = |f: &str| client.join(f).to_str().unwrap().to_string();
+    let (ca, cert, key) = (file("ca.pem"), file("cert.pem"), file("key.pem"));
+    let mut berthd = Berthd::start_with_env(
+        &[],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", &ca),
+            ("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", &cert),
+            ("OTEL_EXPORTER_OTLP_CLIENT_KEY", &key),
+        ],
+    )
+    .unwrap();
+    traced_build(&mut berthd, base.reference(), false, &got).await;
+    task.abort();
+
+    // Without the client certificate the collector refuses berthd's spans; over http/protobuf
+    // berthd refuses https settings at start instead of dropping spans later.
+    let (addr, got, task) = otlp_grpc_tls_receiver(certs.path()).await;
+    let port = addr.rsplit_once(':').unwrap().1;
+    let endpoint = format!("https://localhost:{port}");
+    let mut berthd = Berthd::start_with_env(
+        &[],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", &ca),
+        ],
+    )
+    .unwrap();
+    let client = berthd.client().await.unwrap();
+    let def = llb::State::from(llb::image(base.reference()))
+        .run(RunOpts::shell("echo untraced > /t"))
+        .root()
+        .marshal()
+        .unwrap();
+    let report = client
+        .build(BuildOptions {
+            definition: Some(def),
+            metadata: vec![(
+                "traceparent".into(),
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
+            )],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(report.solve.is_ok(), "{}", berthd.log_text());
+    drop(client);
+    let st = berthd.terminate(Duration::from_secs(20)).unwrap();
+    assert!(st.success(), "{st}\n{}", berthd.log_text());
+    task.abort();
+    assert!(
+        got.spans().is_empty(),
+        "the collector took spans from a client without a certificate"
+    );
+    let e = match Berthd::start_with_env(
+        &[],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+        ],
+    ) {
+        Ok(_) => panic!("berthd started with an https http/protobuf endpoint"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(e.contains("otlp tls: https"), "{e}");
+}
+
+/// buildctl's own way of joining a trace: `TRACEPARENT` in its environment (OpenTelemetry's
+/// environment carrier, which stock buildctl v0.11.6 reads at start and whose span context its
+/// gRPC interceptors send as `traceparent`). berth's buildctl does the same; berthd's spans for
+/// the build land under the caller's span. With `BERTH_STOCK_BUILDCTL` naming a stock buildctl
+/// binary, that one is checked too (the test says which clients it ran).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buildctl_traceparent_env_is_continued() {
+    require_root();
+    let engine = DockerEngine::system().unwrap();
+    let base = busybox_image(&engine).await.unwrap();
+    let mut clients = vec![(
+        "berth's buildctl",
+        integration::buildkit_client::buildctl_binary().unwrap(),
+    )];
+    if let Some(stock) = std::env::var_os("BERTH_STOCK_BUILDCTL") {
+        clients.push(("stock buildctl", std::path::PathBuf::from(stock)));
+    }
+    for (what, bin) in &clients {
+        let (addr, got, task) = otlp_http_receiver().await;
+        let endpoint = format!("http://{addr}/v1/traces");
+        let mut berthd = Berthd::start_with_env(
+            &[],
+            &[
+                ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", &endpoint),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            ],
+        )
+        .unwrap();
+        let trace_id: [u8; 16] = rand::random();
+        let caller_span: [u8; 8] = rand::random();
+        let def = llb::State::from(llb::image(base.reference()))
+            .run(RunOpts::shell("echo traced by env > /t"))
+            .root()
+            .marshal()
+            .unwrap()
+            .encode_to_vec();
+        let mut child = std::process::Command::new(bin)
+            .arg("--addr")
+            .arg(format!("unix://{}", berthd.socket().display()))
+            .args(["build", "--progress", "plain"])
+            .env(
+                "TRACEPARENT",
+                format!(
+                    "00-{}-{}-01",
+                    hex::encode(trace_id),
+                    hex::encode(caller_span)
+                ),
+            )
+            // No exporter of its own: the client only propagates the context.
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .env_remove("OTEL_TRACES_EXPORTER")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        {
+            use std::io::Write as _;
+            child.stdin.take().unwrap().write_all(&def).unwrap();
+        }
+        let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{what} build failed: {}{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            berthd.log_text()
+        );
+        let st = berthd.terminate(Duration::from_secs(20)).unwrap();
+        assert!(st.success(), "{st}\n{}", berthd.log_text());
+        task.abort();
+        let spans = got.spans();
+        let ours: Vec<_> = spans.iter().filter(|s| s.trace_id == trace_id).collect();
+        let names: BTreeSet<&str> = ours.iter().map(|s| s.name.as_str()).collect();
+        for want in [
+            "moby.buildkit.v1.Control/Solve",
+            "solve",
+            "/bin/sh -c echo traced by env > /t",
+        ] {
+            assert!(
+                names.contains(want),
+                "{what}: no span {want:?} in the TRACEPARENT's trace: {names:?}"
+            );
+        }
+        let solve = ours
+            .iter()
+            .find(|s| s.name == "moby.buildkit.v1.Control/Solve")
+            .unwrap();
+        assert_eq!(
+            solve.parent_span_id, caller_span,
+            "{what}: the Solve request span is not a child of TRACEPARENT's span"
+        );
+        eprintln!("{what}: {} spans under the TRACEPARENT trace", ours.len());
+    }
+    eprintln!(
+        "checked: {}",
+        clients.iter().map(|c| c.0).collect::<Vec<_>>().join(", ")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

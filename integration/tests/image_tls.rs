@@ -8,47 +8,19 @@
 //! certificate, with one from another CA, or expecting another server name is refused; SIGTERM
 //! stops berthd with exit 0 and removes its unix socket.
 
-use integration::buildkit_client::{berthd_binary, Berthd};
+use integration::buildkit_client::{berthd_binary, buildctl_binary, Berthd};
 use integration::{require_root, unique_name};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("integration/ has a parent")
-        .to_path_buf()
-}
-
 /// berth's buildctl (built with the cargo that runs the tests).
 fn buildctl() -> PathBuf {
-    let root = workspace_root();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let st = Command::new(cargo)
-        .args(["build", "-q", "-p", "buildctl", "--bin", "buildctl"])
-        .current_dir(&root)
-        .status()
-        .expect("run cargo build for buildctl");
-    assert!(st.success(), "building buildctl failed");
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"))
-        .join("debug/buildctl")
+    buildctl_binary().expect("build berth's buildctl")
 }
 
 fn make_certs(dir: &Path) {
-    let out = Command::new("sh")
-        .arg(workspace_root().join("deploy/tls/make-certs.sh"))
-        .arg(dir)
-        .args(["localhost", "127.0.0.1"])
-        .output()
-        .expect("run deploy/tls/make-certs.sh");
-    assert!(
-        out.status.success(),
-        "make-certs.sh failed (needs the openssl CLI): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    integration::make_certs(dir, &["localhost", "127.0.0.1"]).expect("make certificates");
 }
 
 fn free_port() -> u16 {

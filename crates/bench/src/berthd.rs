@@ -32,6 +32,17 @@ impl Berthd {
     /// Starts `bin` on `dir/root` with its socket in `dir`, bound to the Docker Engine at
     /// `docker_host`; returns once the socket accepts connections (≤ 30 s).
     pub async fn start(bin: &Path, dir: &Path, docker_host: &str) -> Result<Self> {
+        Self::start_with(bin, dir, docker_host, &[], &[]).await
+    }
+
+    /// [`Berthd::start`] with extra flags and environment variables.
+    pub async fn start_with(
+        bin: &Path,
+        dir: &Path,
+        docker_host: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         let socket = dir.join("buildkitd.sock");
         let log = std::fs::File::create(dir.join("berthd.log"))?;
@@ -42,6 +53,8 @@ impl Berthd {
             .arg(dir.join("root"))
             .arg("--docker-host")
             .arg(docker_host)
+            .args(args)
+            .envs(env.iter().copied())
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -74,6 +87,55 @@ impl Berthd {
     pub fn reset_peak_rss(&self) -> Result<()> {
         std::fs::write(format!("/proc/{}/clear_refs", self.pid), "5")
             .context("reset berthd's VmHWM via /proc/PID/clear_refs")
+    }
+
+    /// Stops the daemon with SIGTERM (it flushes its trace exporter) and waits up to 30 s.
+    pub async fn terminate(mut self) -> Result<()> {
+        let st = tokio::process::Command::new("kill")
+            .args(["-TERM", &self.pid])
+            .status()
+            .await
+            .context("run kill -TERM")?;
+        ensure!(st.success(), "kill -TERM {} failed", self.pid);
+        match tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await {
+            Ok(st) => {
+                let st = st?;
+                ensure!(st.success(), "berthd exited with {st} on SIGTERM");
+                Ok(())
+            }
+            Err(_) => bail!("berthd did not exit within 30 s of SIGTERM"),
+        }
+    }
+
+    /// One `--output type=image,name=<name>` build of `def` with `--local ctx=<ctx>`, the
+    /// client sending `metadata` with every call; the client's wall time of the whole build.
+    pub async fn timed_build(
+        &self,
+        def: protos::pb::Definition,
+        ctx: &Path,
+        name: &str,
+        metadata: &[(String, String)],
+    ) -> Result<Duration> {
+        let t = Instant::now();
+        let client = BuildkitClient::connect_unix(&self.socket).await?;
+        let report = client
+            .build(BuildOptions {
+                definition: Some(def),
+                locals: BTreeMap::from([("ctx".to_string(), ctx.to_path_buf())]),
+                output: Output::Raw(
+                    "image".into(),
+                    BTreeMap::from([("name".to_string(), name.to_string())]),
+                ),
+                metadata: metadata.to_vec(),
+                ..Default::default()
+            })
+            .await
+            .context("build through berthd's gRPC API")?;
+        let took = t.elapsed();
+        if let Err(e) = &report.solve {
+            bail!("berthd: Control.Solve failed: {e}");
+        }
+        Ok(took)
     }
 
     /// Kills the daemon and waits for it.

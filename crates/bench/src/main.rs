@@ -17,6 +17,7 @@
 
 mod berthd;
 mod buildkitd;
+mod collector;
 mod fixtures;
 mod report;
 mod session;
@@ -1203,6 +1204,148 @@ async fn scenario_idle_rss(b: &mut Bench) -> Result<()> {
     Ok(())
 }
 
+/// Scenario 7: what telemetry costs on a cached rebuild through berthd: one daemon with it off,
+/// one with `--debugaddr` and OTLP/gRPC traces to a local collector stand-in, builds alternating
+/// between them (order swapped every round) so machine load hits both alike.
+async fn scenario_telemetry(b: &mut Bench) -> Result<()> {
+    const ROUNDS: usize = 9;
+    let bin = Bench::berthd_bin()?;
+    eprintln!("scenario 7: telemetry off vs on, cached rebuild through berthd");
+    let base = b.base_image("telemetry-base", sz(b.scale, MIB), 7).await?;
+    let ctx = b.scratch.join("telemetry-ctx");
+    std::fs::create_dir_all(&ctx)?;
+    for i in 0..20 {
+        std::fs::write(ctx.join(format!("f{i}")), format!("context file {i}\n"))?;
+    }
+    let local: llb::State = llb::local("ctx").into();
+    let def = llb::State::from(llb::image(&base))
+        .run(llb::RunOpts::shell("echo telemetry > /t"))
+        .root()
+        .file(llb::copy(
+            &local,
+            "/",
+            "/ctx",
+            CopyOpts::default().create_dest_path(true),
+        ))
+        .file(llb::mkfile(
+            "/done",
+            0o644,
+            b"done".to_vec(),
+            MkfileOpts::default(),
+        ))
+        .marshal()?;
+    let collector = collector::Collector::start().await?;
+    let debug_port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let debug_addr = format!("127.0.0.1:{debug_port}");
+    let endpoint = format!("http://{}", collector.addr);
+    let off = berthd::Berthd::start(&bin, &b.scratch.join("berthd-tel-off"), SYSTEM_DOCKER).await?;
+    let on = berthd::Berthd::start_with(
+        &bin,
+        &b.scratch.join("berthd-tel-on"),
+        SYSTEM_DOCKER,
+        &["--debugaddr", &debug_addr],
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)],
+    )
+    .await?;
+    let name_off = format!("{}telemetry-off:bench", b.tag_prefix);
+    let name_on = format!("{}telemetry-on:bench", b.tag_prefix);
+    b.images.push(name_off.clone());
+    b.images.push(name_on.clone());
+    let (mut t_off, mut t_on) = (vec![], vec![]);
+    // Round 0 executes everything and round 1 is the cached warm-up; rounds 2.. are measured.
+    for round in 0..ROUNDS + 2 {
+        // Every build is traced by the client, as buildctl/buildx under a traced context: the
+        // daemon with telemetry on records and exports every span of it.
+        let md = vec![(
+            "traceparent".to_string(),
+            format!(
+                "00-{}-{}-01",
+                hex::encode(rand_bytes::<16>()),
+                hex::encode(rand_bytes::<8>())
+            ),
+        )];
+        let order = if round % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        for telemetry in order {
+            let (d, name) = if telemetry {
+                (&on, &name_on)
+            } else {
+                (&off, &name_off)
+            };
+            let took = d.timed_build(def.clone(), &ctx, name, &md).await?;
+            if round >= 2 {
+                if telemetry { &mut t_on } else { &mut t_off }.push(secs(took));
+            }
+        }
+    }
+    let metrics = {
+        let a = debug_addr.clone();
+        tokio::task::spawn_blocking(move || integration::http_get(&a, "/metrics")).await??
+    };
+    let body = String::from_utf8_lossy(&metrics.body).into_owned();
+    let finished: f64 = body
+        .lines()
+        .filter(|l| l.starts_with("berth_builds_finished_total"))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum();
+    ensure!(
+        finished >= (ROUNDS + 2) as f64,
+        "telemetry-on berthd's /metrics counted {finished} finished builds, expected {}",
+        ROUNDS + 2
+    );
+    off.stop().await?;
+    on.terminate().await?;
+    let spans = collector.spans();
+    ensure!(
+        spans > 0,
+        "the collector stand-in received no spans: tracing was not on"
+    );
+    let (m_off, m_on) = (median(&t_off), median(&t_on));
+    b.row(
+        7,
+        "cached rebuild through berthd (`--output type=image`, client-traced), telemetry off"
+            .into(),
+        t_off,
+        Unit::Secs,
+        String::new(),
+        "no `--debugaddr`, no `OTEL_*`".into(),
+    );
+    b.row(
+        7,
+        "same, telemetry on: `--debugaddr` + OTLP/gRPC to a local collector stand-in".into(),
+        t_on,
+        Unit::Secs,
+        if m_off > 0.0 { format!("on / off = {:.2}×", m_on / m_off) } else { "n/a".into() },
+        format!(
+            "{spans} spans received by the collector ({:.0} per build), {finished} builds on /metrics",
+            spans as f64 / (ROUNDS + 2) as f64
+        ),
+    );
+    Ok(())
+}
+
+fn rand_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    let t = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let mut x = (t as u64) ^ (u64::from(std::process::id()) << 32) | 1;
+    for v in b.iter_mut() {
+        // xorshift: ids only need to differ between builds
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *v = x as u8;
+    }
+    b
+}
+
 fn first_line(cmd: &str, args: &[&str]) -> String {
     std::process::Command::new(cmd)
         .args(args)
@@ -1311,6 +1454,7 @@ const SCENARIOS: &[&str] = &[
     "4. **Local context** (worker in this process, fsutil DiffCopy sender → receiver over in-memory channels, no gRPC): first sync of a 1 GiB context of 20 000 files, then again with one file changed.",
     "5. **Layer tars**: berth's `write_layer` (tar + diffID + tar-split in one pass) of the 1 GiB tree, as a ratio to `tar c | sha256sum`.",
     "6. **Memory**: berthd's idle RSS, and berthd's peak RSS (VmHWM, reset before each build) during the builds of scenario 2 with a 50 MiB and a 2 GiB change: it must stay flat in the layer size.",
+    "7. **Telemetry cost** (issue #18): a cached rebuild (docker-image base + RUN + a 20-file local context copy + a file, `--output type=image`) through two real berthds at once, one with telemetry off and one with `--debugaddr` and `OTEL_EXPORTER_OTLP_ENDPOINT` pointing at an OTLP/gRPC collector stand-in in the bench process (it decodes and counts spans); every build carries a client `traceparent`, so the traced daemon records and exports all its spans. Builds alternate between the daemons, order swapped each round; one executing and one cached warm-up each. Wall time of the client's whole build.",
 ];
 
 async fn cleanup(b: &Bench) {
@@ -1387,6 +1531,9 @@ async fn run() -> Result<()> {
     let res = async {
         if wants(&[6]) {
             scenario_idle_rss(&mut b).await?;
+        }
+        if wants(&[7]) {
+            scenario_telemetry(&mut b).await?;
         }
         if wants(&[3]) {
             scenario_cache(&mut b).await?;

@@ -16,6 +16,84 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 /// gRPC message size limit (stock buildctl: 16 MiB each way).
 pub const MAX_MESSAGE: usize = 16 << 20;
 
+/// W3C trace context from the environment (`TRACEPARENT`, `TRACESTATE`), read once.
+///
+/// Stock buildctl v0.11.6 starts from a context carrying the span of `TRACEPARENT` (OpenTelemetry's
+/// environment carrier; its gRPC interceptors then send `traceparent`/`tracestate` on every call,
+/// so buildkitd's spans continue the caller's trace); berth's buildctl sends the same values as
+/// gRPC metadata. A malformed `TRACEPARENT` is ignored, as OpenTelemetry's propagator ignores it.
+fn env_trace_context() -> &'static [(
+    &'static str,
+    tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+)] {
+    static CTX: std::sync::OnceLock<
+        Vec<(
+            &'static str,
+            tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+        )>,
+    > = std::sync::OnceLock::new();
+    CTX.get_or_init(|| {
+        let Some(parent) = std::env::var("TRACEPARENT")
+            .ok()
+            .filter(|p| valid_traceparent(p))
+        else {
+            return vec![];
+        };
+        let mut v = vec![];
+        if let Ok(p) = parent.parse() {
+            v.push(("traceparent", p));
+            if let Some(Ok(st)) = std::env::var("TRACESTATE")
+                .ok()
+                .filter(|s| !s.is_empty())
+                .map(|s| s.parse())
+            {
+                v.push(("tracestate", st));
+            }
+        }
+        v
+    })
+}
+
+/// `version-traceid-spanid-flags` with lowercase hex fields of 2, 32, 16 and 2 digits, version
+/// not `ff`, ids not all zero (W3C Trace Context).
+fn valid_traceparent(s: &str) -> bool {
+    let parts: Vec<&str> = s.trim().split('-').collect();
+    let hex = |p: &str, n: usize| {
+        p.len() == n
+            && p.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    parts.len() >= 4
+        && hex(parts[0], 2)
+        && parts[0] != "ff"
+        && hex(parts[1], 32)
+        && parts[1].bytes().any(|b| b != b'0')
+        && hex(parts[2], 16)
+        && parts[2].bytes().any(|b| b != b'0')
+        && hex(parts[3], 2)
+        && (parts[0] != "00" || parts.len() == 4)
+}
+
+/// A tonic interceptor adding the environment's trace context ([`env_trace_context`]) to a
+/// request: every client of this crate is made with it.
+pub fn trace_context(mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    for (k, v) in env_trace_context() {
+        req.metadata_mut().insert(*k, v.clone());
+    }
+    Ok(req)
+}
+
+/// A channel whose requests carry [`trace_context`].
+pub type TracedChannel = tonic::service::interceptor::InterceptedService<
+    Channel,
+    fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>,
+>;
+
+/// Wraps `channel` so its requests carry the environment's trace context.
+pub fn traced(channel: Channel) -> TracedChannel {
+    tonic::service::interceptor::InterceptedService::new(channel, trace_context as fn(_) -> _)
+}
+
 /// A byte stream to the daemon.
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
@@ -295,6 +373,26 @@ impl AsyncWrite for CommandConn {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn traceparent_validation() {
+        assert!(valid_traceparent(
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        ));
+        assert!(!valid_traceparent(
+            "00-00000000000000000000000000000000-b7ad6b7169203331-01"
+        ));
+        assert!(!valid_traceparent(
+            "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01"
+        ));
+        assert!(!valid_traceparent(
+            "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01"
+        ));
+        assert!(!valid_traceparent("garbage"));
+        assert!(!valid_traceparent(
+            "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        ));
+    }
 
     #[test]
     fn parses_stock_addresses() {

@@ -37,7 +37,7 @@ pub enum DebugCommand {
 
 /// Runs one debug command.
 pub async fn run(target: &Target, cmd: DebugCommand) -> anyhow::Result<()> {
-    let mut c = ControlClient::new(target.channel().await?)
+    let mut c = ControlClient::new(crate::connect::traced(target.channel().await?))
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
     let out = match cmd {

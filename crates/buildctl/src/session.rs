@@ -65,7 +65,7 @@ impl Session {
         for m in methods {
             md.append("x-docker-expose-session-grpc-method", m.parse()?);
         }
-        let inbound = control::control_client::ControlClient::new(channel)
+        let inbound = control::control_client::ControlClient::new(crate::connect::traced(channel))
             .session(req)
             .await
             .map_err(|s| anyhow::anyhow!("{}", s.message()))

@@ -122,9 +122,10 @@ pub async fn solve(
     let channel = target.channel().await?;
     let session = Session::open(channel.clone(), locals).await?;
     let build_ref = new_id();
-    let client = control::control_client::ControlClient::new(channel.clone())
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE);
+    let client =
+        control::control_client::ControlClient::new(crate::connect::traced(channel.clone()))
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE);
 
     let mut status_client = client.clone();
     let status_ref = build_ref.clone();
@@ -168,7 +169,7 @@ pub async fn solve(
     let solved = tokio::spawn(async move { solve_client.solve(req).await });
     if let (Some(config), Some(definition)) = (opts.image_config, opts.definition) {
         // The gateway's answer is awaited through Control.Solve: a failure here ends the build.
-        let mut g = gw::llb_bridge_client::LlbBridgeClient::new(channel)
+        let mut g = gw::llb_bridge_client::LlbBridgeClient::new(crate::connect::traced(channel))
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);
         let result = async {

@@ -60,6 +60,9 @@ pub enum Error {
     /// The OTLP exporter could not be built from the environment.
     #[error("build the OTLP span exporter")]
     OtlpExporter(#[source] opentelemetry_otlp::ExporterBuildError),
+    /// The OTLP exporter's TLS settings are incomplete or unreadable.
+    #[error("otlp tls: {0}")]
+    OtlpTls(String),
     /// The metrics recorder could not be built or installed.
     #[error("install the Prometheus recorder: {0}")]
     Recorder(String),

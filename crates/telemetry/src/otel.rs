@@ -24,6 +24,7 @@
 use opentelemetry::propagation::{Extractor, TextMapCompositePropagator, TextMapPropagator};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_otlp::WithTonicConfig as _;
 use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
@@ -78,6 +79,60 @@ pub fn detect(var: impl Fn(&str) -> Option<String>) -> Result<Option<Protocol>> 
     }
 }
 
+/// TLS of the OTLP/gRPC exporter, from the OpenTelemetry exporter variables (the traces-specific
+/// one first): `OTEL_EXPORTER_OTLP_(TRACES_)CERTIFICATE` (PEM CA certificates that verify the
+/// collector), `OTEL_EXPORTER_OTLP_(TRACES_)CLIENT_CERTIFICATE` and `…CLIENT_KEY` (PEM, mutual
+/// TLS). Used when the endpoint is `https://` or one of them is set; without a CA file the
+/// system's roots verify the collector. `None`: plaintext (an `http://` endpoint).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct GrpcTls {
+    ca: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
+}
+
+pub(crate) fn grpc_tls(var: impl Fn(&str) -> Option<String>) -> Result<Option<GrpcTls>> {
+    let get = |k: &str| {
+        var(&format!("OTEL_EXPORTER_OTLP_TRACES_{k}"))
+            .filter(|v| !v.is_empty())
+            .or_else(|| var(&format!("OTEL_EXPORTER_OTLP_{k}")).filter(|v| !v.is_empty()))
+    };
+    let tls = GrpcTls {
+        ca: get("CERTIFICATE"),
+        cert: get("CLIENT_CERTIFICATE"),
+        key: get("CLIENT_KEY"),
+    };
+    if tls.cert.is_some() != tls.key.is_some() {
+        return Err(Error::OtlpTls(
+            "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE and OTEL_EXPORTER_OTLP_CLIENT_KEY go together"
+                .into(),
+        ));
+    }
+    let https = get("ENDPOINT")
+        .is_some_and(|e| e.trim_start().to_ascii_lowercase().starts_with("https://"));
+    if https || tls != GrpcTls::default() {
+        Ok(Some(tls))
+    } else {
+        Ok(None)
+    }
+}
+
+impl GrpcTls {
+    fn config(&self) -> Result<opentelemetry_otlp::tonic_types::transport::ClientTlsConfig> {
+        use opentelemetry_otlp::tonic_types::transport::{Certificate, ClientTlsConfig, Identity};
+        let read = |p: &str| std::fs::read(p).map_err(|e| Error::OtlpTls(format!("read {p}: {e}")));
+        let mut c = ClientTlsConfig::new();
+        c = match &self.ca {
+            Some(ca) => c.ca_certificate(Certificate::from_pem(read(ca)?)),
+            None => c.with_native_roots(),
+        };
+        if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
+            c = c.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        Ok(c)
+    }
+}
+
 /// The tracer provider the environment asks for, or `None`.
 pub(crate) fn provider_from_env(
     service_name: &str,
@@ -87,9 +142,20 @@ pub(crate) fn provider_from_env(
         return Ok(None);
     };
     let exporter = match proto {
-        Protocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .build(),
+        Protocol::Grpc => {
+            let mut b = opentelemetry_otlp::SpanExporter::builder().with_tonic();
+            if let Some(tls) = grpc_tls(|k| std::env::var(k).ok())? {
+                b = b.with_tls_config(tls.config()?);
+            }
+            b.build()
+        }
+        Protocol::HttpProtobuf if grpc_tls(|k| std::env::var(k).ok())?.is_some() => {
+            return Err(Error::OtlpTls(
+                "https and certificates need OTEL_EXPORTER_OTLP_PROTOCOL=grpc: berthd sends \
+                 http/protobuf over plain HTTP only"
+                    .into(),
+            ))
+        }
         Protocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
             .with_http()
             .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
@@ -265,6 +331,43 @@ mod tests {
             .to_string(),
             "unsupported otlp protocol http/json"
         );
+    }
+
+    #[test]
+    fn grpc_tls_from_otel_variables() {
+        assert_eq!(
+            grpc_tls(env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317")])).unwrap(),
+            None
+        );
+        assert_eq!(
+            grpc_tls(env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "https://c:4317")])).unwrap(),
+            Some(GrpcTls::default())
+        );
+        let t = grpc_tls(env(&[
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "HTTPS://c:4317"),
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", "/ca.pem"),
+            ("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", "/traces-ca.pem"),
+            ("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", "/c.pem"),
+            ("OTEL_EXPORTER_OTLP_CLIENT_KEY", "/k.pem"),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(t.ca.as_deref(), Some("/traces-ca.pem"));
+        assert_eq!(t.cert.as_deref(), Some("/c.pem"));
+        let e = grpc_tls(env(&[("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", "/c.pem")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("go together"), "{e}");
+        let e = grpc_tls(env(&[(
+            "OTEL_EXPORTER_OTLP_CERTIFICATE",
+            "/nonexistent/ca.pem",
+        )]))
+        .unwrap()
+        .unwrap()
+        .config()
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("/nonexistent/ca.pem"), "{e}");
     }
 
     #[test]
