@@ -247,9 +247,14 @@ impl Bridge for InProcess<'_> {
             "sha256:{}",
             hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&config))
         );
+        let wanted = Some((
+            platform.os.clone(),
+            platform.architecture.clone(),
+            platform.variant.clone(),
+        ));
         let local = digest == id
             || (resolve_mode != "pull"
-                && matches!(self.fe.docker.image_config(reference).await, Ok((_, c)) if c == config));
+                && matches!(self.fe.docker.image_config(reference, wanted).await, Ok((_, c)) if c == config));
         let digest = if local { String::new() } else { digest };
         Ok((digest, config))
     }
