@@ -137,6 +137,24 @@ fn layers_of(env: &Env, id: &str) -> (Vec<String>, Vec<String>) {
     (diff_ids, blobs)
 }
 
+/// Every blob an image (by ID) references: its index (if any), manifest, config and layers.
+/// Only these belong to the image; the content store can also hold transient blobs (left by
+/// `docker load`) that containerd's GC frees on its own schedule.
+fn image_content(env: &Env, id: &str) -> Vec<String> {
+    let mut out = vec![id.to_string()];
+    let mut m = env.blob(id);
+    if let Some(list) = m.get("manifests").and_then(|l| l.as_array()) {
+        let d = list[0]["digest"].as_str().unwrap().to_string();
+        out.push(d.clone());
+        m = env.blob(&d);
+    }
+    out.push(m["config"]["digest"].as_str().unwrap().to_string());
+    for l in m["layers"].as_array().unwrap() {
+        out.push(l["digest"].as_str().unwrap().to_string());
+    }
+    out
+}
+
 fn chain_ids(diff_ids: &[String]) -> Vec<String> {
     let parsed: Vec<layerstore::Digest> = diff_ids.iter().map(|d| d.parse().unwrap()).collect();
     layerstore::tar::chain_ids(&parsed)
@@ -179,7 +197,11 @@ async fn base_in_place_exec_export_run_save_rm() {
     for c in &ml_chains {
         assert!(snaps_before.contains(c), "{c} not in {snaps_before:?}");
     }
-    let content_before = env.content();
+    let content_before = image_content(&env, ml.id());
+    let all_content = env.content();
+    for c in &content_before {
+        assert!(all_content.contains(c), "{c} not in {all_content:?}");
+    }
 
     // Exec over the 3 in-place layers: whiteouts and the opaque dir are honoured.
     let mut checks = String::from("set -e; ");
