@@ -75,7 +75,10 @@ async fn exec_secret_mount() -> Result<()> {
     .await;
     let err = s.result.expect_err("missing secret");
     assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
-    assert!(err.to_string().contains("secret absent not found"), "{err}");
+    assert!(
+        err.to_string().contains("secret absent: not found"),
+        "{err}"
+    );
     Ok(())
 }
 

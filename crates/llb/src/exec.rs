@@ -201,6 +201,7 @@ pub struct RunOpts {
     security: SecurityMode,
     readonly_root: bool,
     hostname: String,
+    cgroup_parent: String,
     secret_env: Vec<(String, String, bool)>,
     valid_exit_codes: Vec<i32>,
     extra_hosts: Vec<(String, String)>,
@@ -249,6 +250,12 @@ impl RunOpts {
     /// Hostname.
     pub fn hostname(mut self, h: impl Into<String>) -> Self {
         self.hostname = h.into();
+        self
+    }
+
+    /// The cgroup the process's cgroup is created under (Go `WithCgroupParent`).
+    pub fn cgroup_parent(mut self, p: impl Into<String>) -> Self {
+        self.cgroup_parent = p.into();
         self
     }
 
@@ -515,6 +522,7 @@ pub(crate) fn build(base: &State, opts: RunOpts) -> ExecState {
             cwd: base.cwd.clone(),
             user: base.user.clone(),
             hostname: opts.hostname,
+            cgroup_parent: opts.cgroup_parent,
             proxy_env: opts.proxy_env,
             valid_exit_codes: opts.valid_exit_codes,
             extra_hosts: opts

@@ -80,6 +80,8 @@ pub struct ConvertOpt {
     pub source_map: Option<Arc<llb::SourceMap>>,
     /// `hostname`.
     pub hostname: String,
+    /// `cgroup-parent`: the cgroup RUN processes get theirs under.
+    pub cgroup_parent: String,
     /// `SOURCE_DATE_EPOCH` as RFC 3339.
     pub source_date_epoch: Option<String>,
 }
@@ -1663,6 +1665,9 @@ fn dispatch_run(
     }
     if !dopt.opt.hostname.is_empty() {
         run = run.hostname(dopt.opt.hostname.clone());
+    }
+    if !dopt.opt.cgroup_parent.is_empty() {
+        run = run.cgroup_parent(dopt.opt.cgroup_parent.clone());
     }
     let d = &mut states[i];
     let mut shlex = dopt.shlex;

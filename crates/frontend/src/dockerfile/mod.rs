@@ -412,6 +412,7 @@ fn parse_opts(b: &BuildOpts) -> Result<ConvertOpt, Error> {
         .or(opts.get("hostname"))
         .cloned()
         .unwrap_or_default();
+    c.cgroup_parent = opts.get("cgroup-parent").cloned().unwrap_or_default();
     if let Some(v) = opts
         .get("build-arg:SOURCE_DATE_EPOCH")
         .filter(|v| !v.is_empty())

@@ -361,3 +361,27 @@ fn epoch_times() {
     assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
     assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
 }
+
+#[test]
+fn frontend_options_reach_run() {
+    let bo = BuildOpts {
+        opts: [
+            ("cgroup-parent", "foocgroup"),
+            ("shm-size", "134217728"),
+            ("ulimit", "nofile=1062:1062"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect(),
+        ..Default::default()
+    };
+    let opt = parse_opts(&bo).unwrap();
+    let (c, _) = convert("FROM busybox\nRUN true\n", opt).unwrap();
+    let ex = execs(&c);
+    let meta = ex[0].meta.as_ref().unwrap();
+    assert_eq!(meta.cgroup_parent, "foocgroup");
+    assert_eq!(meta.ulimit[0].name, "nofile");
+    assert_eq!((meta.ulimit[0].soft, meta.ulimit[0].hard), (1062, 1062));
+    let shm = ex[0].mounts.iter().find(|m| m.dest == "/dev/shm").unwrap();
+    assert_eq!(shm.tmpfs_opt.as_ref().unwrap().size, 134_217_728);
+}

@@ -209,6 +209,11 @@ impl Copier<'_> {
             }
             _ => dest.to_string(),
         };
+        // Symlinks on the way are followed even when dangling, so `COPY f /link/` with `link`
+        // pointing at a missing directory creates that directory (as fsutil does).
+        let ensure = dst
+            .resolve_through_links(&ensure)
+            .map_err(|e| io_to_action("copy", dest, e))?;
         mkdir_all(dst, &ensure, Mode::from_raw_mode(0o755), attrs)?;
         let dst_resolved =
             resolve_lenient(dst, &clean_abs(dest)).map_err(|e| io_to_action("copy", dest, e))?;

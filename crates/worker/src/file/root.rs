@@ -123,6 +123,66 @@ impl Root {
         let fd = self.open_at(p, OFlags::PATH, Mode::empty())?;
         in_root_path(&self.fd, &fd)
     }
+
+    /// Resolves `p` lexically inside the root, following every symlink on the way, dangling ones
+    /// included (continuity's `fs.RootPath`): a link to a missing target yields the target's
+    /// in-root path, so that creating it creates what the link points at. Components that do
+    /// not exist are kept as they are.
+    pub(crate) fn resolve_through_links(&self, p: &str) -> io::Result<String> {
+        const MAX_LINKS: usize = 255;
+        let mut todo: Vec<String> = clean_abs(p)
+            .split('/')
+            .filter(|c| !c.is_empty())
+            .rev()
+            .map(str::to_string)
+            .collect();
+        let mut cur = String::from("/");
+        let mut links = 0;
+        while let Some(comp) = todo.pop() {
+            let next = if cur == "/" {
+                format!("/{comp}")
+            } else {
+                format!("{cur}/{comp}")
+            };
+            let st = match self.stat(&next, false) {
+                Ok(st) => st,
+                Err(e)
+                    if e.kind() == io::ErrorKind::NotFound
+                        || e.raw_os_error() == Some(libc::ENOTDIR) =>
+                {
+                    // Nothing further exists: the rest is taken as written.
+                    let mut out = next;
+                    while let Some(c) = todo.pop() {
+                        out = format!("{out}/{c}");
+                    }
+                    return Ok(clean_abs(&out));
+                }
+                Err(e) => return Err(e),
+            };
+            if file_type(&st) != FileType::Symlink {
+                cur = next;
+                continue;
+            }
+            links += 1;
+            if links > MAX_LINKS {
+                return Err(io::Error::from_raw_os_error(libc::ELOOP));
+            }
+            let (dir, name) = self.parent(&next)?.expect("not the root");
+            let target = rustix::fs::readlinkat(&dir, name.as_str(), vec![])?;
+            let target = target.to_string_lossy().into_owned();
+            let base = if target.starts_with('/') {
+                target
+            } else {
+                format!("{cur}/{target}")
+            };
+            // `..` in the link stops at the root (clean_abs), as it does for openat2.
+            for c in clean_abs(&base).split('/').filter(|c| !c.is_empty()).rev() {
+                todo.push(c.to_string());
+            }
+            cur = String::from("/");
+        }
+        Ok(cur)
+    }
 }
 
 /// The in-root path of `fd`, computed from `/proc/self/fd` and checked to lie inside the root.

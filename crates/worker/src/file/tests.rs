@@ -203,6 +203,33 @@ fn copy_file_dir_and_destination_rules() {
 }
 
 #[test]
+fn copy_into_dangling_symlink_dir_creates_its_target() {
+    let s = tempfile::tempdir().unwrap();
+    let t = tempfile::tempdir().unwrap();
+    std::fs::write(s.path().join("foo"), "content0").unwrap();
+    // `/symlink -> ../tmp/symlink-target` (missing): `COPY foo /symlink/` lands in the target,
+    // and `..` past the root stays inside it.
+    std::os::unix::fs::symlink("../tmp/symlink-target", t.path().join("symlink")).unwrap();
+    std::os::unix::fs::symlink("/../../nested/dir", t.path().join("abs")).unwrap();
+    let (sr, tr) = (root_of(s.path()), root_of(t.path()));
+    copy(&sr, &tr, &copy_pb("/foo", "/symlink/"), None, &never).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(t.path().join("tmp/symlink-target/foo")).unwrap(),
+        "content0"
+    );
+    assert!(std::fs::symlink_metadata(t.path().join("symlink"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    copy(&sr, &tr, &copy_pb("/foo", "/abs/sub/"), None, &never).unwrap();
+    assert!(t.path().join("nested/dir/sub/foo").is_file());
+    assert_eq!(
+        tr.resolve_through_links("/abs/sub/x").unwrap(),
+        "/nested/dir/sub/x"
+    );
+}
+
+#[test]
 fn copy_owner_mode_timestamp_follow_and_create_dest_path() {
     let s = tempfile::tempdir().unwrap();
     let t = tempfile::tempdir().unwrap();
@@ -316,12 +343,10 @@ fn copy_never_writes_outside_destination_root() {
         e.is_err(),
         "copying a dir onto a symlink must fail, not follow it"
     );
-    // A symlinked parent pointing to a host path is resolved inside the root: its target does
-    // not exist there, so the copy fails instead of writing through it.
+    // A symlinked parent pointing to a host path is resolved inside the root: its (missing)
+    // target is created there, as fsutil does, and the write lands in it.
     let abs_outside = outside.path().to_string_lossy().into_owned();
-    assert!(copy(&sr, &tr, &copy_pb("/f", "/dst/escape/f2"), None, &never).is_err());
-    // Once the in-root target exists, the write lands there.
-    std::fs::create_dir_all(t.path().join(&abs_outside[1..])).unwrap();
+    assert!(!t.path().join(&abs_outside[1..]).exists());
     copy(&sr, &tr, &copy_pb("/f", "/dst/escape/f2"), None, &never).unwrap();
     // `..` and relative symlinks climbing up stop at the root.
     copy(&sr, &tr, &copy_pb("/f", "/up/f3"), None, &never).unwrap();

@@ -402,7 +402,7 @@ impl Inner {
                 None => {
                     return Err(op_err(
                         ErrorKind::NotFound,
-                        format!("secret {} not found", se.id),
+                        format!("secret {}: not found", se.id),
                         None,
                     ))
                 }
@@ -595,7 +595,7 @@ pub(crate) async fn prepare_mounts(
                 None => {
                     return Err(op_err(
                         ErrorKind::NotFound,
-                        format!("secret {} not found", opt.id),
+                        format!("secret {}: not found", opt.id),
                         None,
                     ))
                 }
