@@ -18,41 +18,44 @@ async fn image_in_place_from_docker() -> Result<()> {
     let img = multi_layer_image(&engine).await?;
     let info = engine.client().info().await?;
     let data_root = info.docker_root_dir.unwrap();
-    let s = solve(&w.worker, &llb::image(img.reference()).state()).await;
-    let r = s.ok();
-    let layers = r.chain().layers();
-    assert_eq!(layers.len(), 3);
-    for l in layers {
-        match l {
-            LayerRef::Docker(d) => assert!(
-                d.diff_dir.starts_with(&data_root),
-                "{} not under {data_root}",
-                d.diff_dir.display()
-            ),
-            other => panic!("layer copied into berth: {other:?}"),
+    // The results hold the base image's pin; they are dropped at the end of this block.
+    {
+        let s = solve(&w.worker, &llb::image(img.reference()).state()).await;
+        let r = s.ok();
+        let layers = r.chain().layers();
+        assert_eq!(layers.len(), 3);
+        for l in layers {
+            match l {
+                LayerRef::Docker(d) => assert!(
+                    d.diff_dir.starts_with(&data_root),
+                    "{} not under {data_root}",
+                    d.diff_dir.display()
+                ),
+                other => panic!("layer copied into berth: {other:?}"),
+            }
         }
-    }
-    // No berth layer was written for the image.
-    let berth_layers = std::fs::read_dir(w.root().join("snapshots/layers"))?.count();
-    assert_eq!(berth_layers, 0);
-    for (path, content) in integration::MULTI_LAYER_FILES {
-        assert_eq!(read(r, path).await?.as_deref(), Some(*content), "{path}");
-    }
-    for path in integration::MULTI_LAYER_ABSENT {
-        assert_eq!(read(r, path).await?, None, "{path}");
-    }
-    // The vertex reported its resolve status.
-    assert!(s.events.iter().any(|e| matches!(e,
+        // No berth layer was written for the image.
+        let berth_layers = std::fs::read_dir(w.root().join("snapshots/layers"))?.count();
+        assert_eq!(berth_layers, 0);
+        for (path, content) in integration::MULTI_LAYER_FILES {
+            assert_eq!(read(r, path).await?.as_deref(), Some(*content), "{path}");
+        }
+        for path in integration::MULTI_LAYER_ABSENT {
+            assert_eq!(read(r, path).await?, None, "{path}");
+        }
+        // The vertex reported its resolve status.
+        assert!(s.events.iter().any(|e| matches!(e,
         worker::ProgressEvent::VertexStatus { name, .. } if name.starts_with("resolve "))));
-    // layerlimit keeps the bottom layers only.
-    let s = solve(
-        &w.worker,
-        &llb::image(img.reference()).layer_limit(1).state(),
-    )
-    .await;
-    assert_eq!(s.ok().chain().layers().len(), 1);
-    assert_eq!(read(s.ok(), "/data/keep/a.txt").await?, None);
-    // The pins taken during the builds are released once they end.
+        // layerlimit keeps the bottom layers only.
+        let s = solve(
+            &w.worker,
+            &llb::image(img.reference()).layer_limit(1).state(),
+        )
+        .await;
+        assert_eq!(s.ok().chain().layers().len(), 1);
+        assert_eq!(read(s.ok(), "/data/keep/a.txt").await?, None);
+    }
+    // The pins taken during the builds are released once their results are dropped.
     let label = format!("dev.berth.pin=worker:{}", w.root().display());
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {

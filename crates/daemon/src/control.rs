@@ -385,7 +385,10 @@ impl Control {
             let fs = result.fs.clone().unwrap_or(crate::solver::FsRef::Scratch);
             let session = self.sessions.get(&req.session).await?;
             let r = tokio::select! {
-                r = export_client::export(&self.backend, &session, &job.progress, exp, &exp_attrs, &export_md, &fs).instrument(export_span.clone()) => r?,
+                r = export_client::export(&self.backend, &session, &job.progress, exp, &exp_attrs, &export_md, &fs).instrument(export_span.clone()) => match r {
+                    Ok(r) => r,
+                    Err(e) => return Err(crate::solver::base_image_lost(&fs).await.unwrap_or(e)),
+                },
                 _ = job.cancel.cancelled() => return Err(job.cancel_error()),
             };
             response.extend(r);
@@ -402,7 +405,11 @@ impl Control {
                     &exp_attrs,
                     &export_md,
                     &fs,
-                ).instrument(export_span.clone()) => r?,
+                ).instrument(export_span.clone()) => match r {
+                    Ok(r) => r,
+                    // A base image removed under the export explains its failure.
+                    Err(e) => return Err(crate::solver::base_image_lost(&fs).await.unwrap_or(e)),
+                },
                 _ = job.cancel.cancelled() => return Err(job.cancel_error()),
             };
             response.extend(r);

@@ -217,6 +217,32 @@ async fn remove_base_leases(
     Ok(())
 }
 
+/// At berthd's stop: no new base-image pins, and removes this root's pins from the live Docker
+/// Engine (builds canceled by the stop may still hold some). Bounded; failures are logged (the
+/// next start removes what is left).
+pub async fn remove_pins_at_stop(
+    opts: &ImageExportOptions,
+    store: &SnapshotStore,
+    worker_root: &Path,
+) {
+    layerstore::dockerstore::stop_pinning();
+    let work = async {
+        if let ImageTarget::ClassicLive { engine } = target(opts, store).await? {
+            let instance = format!("worker:{}", worker_root.display());
+            let n = layerstore::dockerstore::remove_stale_pins(engine.client(), &instance)
+                .await
+                .map_err(|e| Error::unavailable(format!("remove pins: {e}")))?;
+            tracing::info!(removed = n, "base-image pins removed at stop");
+        }
+        Ok::<_, Error>(())
+    };
+    match tokio::time::timeout(Duration::from_secs(10), work).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "removing base-image pins at stop failed"),
+        Err(_) => tracing::warn!("removing base-image pins at stop timed out"),
+    }
+}
+
 /// Names to apply: the `name` attr split on commas; `*` stands for the result's `image.name`.
 pub(crate) fn names(
     attrs: &BTreeMap<String, String>,

@@ -234,6 +234,12 @@ async fn run(cfg: config::Config, telemetry: &telemetry::Telemetry) -> anyhow::R
         while servers.join_next().await.is_some() {}
     })
     .await;
+    daemon::export_image::remove_pins_at_stop(
+        &backend.image_export,
+        &backend.store,
+        &cfg.root.join("worker"),
+    )
+    .await;
     for s in &sockets {
         let _ = std::fs::remove_file(s);
     }

@@ -32,6 +32,15 @@ impl FsRef {
     }
 }
 
+/// The error of a base image of `fs` that lost its layers (see
+/// [`worker::SolvedRef::check_base_images`]), if one did.
+pub async fn base_image_lost(fs: &FsRef) -> Option<Error> {
+    match fs {
+        FsRef::Solved(r) => r.check_base_images().await.err().map(Error::from),
+        FsRef::Scratch => None,
+    }
+}
+
 /// Per-solve context.
 #[derive(Clone)]
 pub struct SolveCtx {

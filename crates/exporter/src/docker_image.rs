@@ -217,10 +217,28 @@ impl ImageTarget {
                 let manifest = docker_manifest(&config, &layers);
                 (result.manifest_digest, result.descriptor) =
                     descriptor(DOCKER_MANIFEST_MEDIA_TYPE, &manifest);
-                let report = engine
-                    .load_thin(&config, &layers, &in_docker)
-                    .instrument(span.clone())
-                    .await?;
+                // Until it is tagged the loaded image is dangling, and a prune running at that
+                // moment deletes it (the tag then finds no image): load it again, a few times.
+                let mut attempt = 0;
+                let report = loop {
+                    attempt += 1;
+                    let report = engine
+                        .load_thin(&config, &layers, &in_docker)
+                        .instrument(span.clone())
+                        .await?;
+                    match engine
+                        .tag(&config.digest, &req.names)
+                        .instrument(tracing::debug_span!("export.tag"))
+                        .await
+                    {
+                        Err(Error::DockerTag { message, .. })
+                            if attempt < 3 && message.contains("No such image") =>
+                        {
+                            tracing::warn!(%message, "image removed between load and tag (a prune?); loading it again");
+                        }
+                        r => break r.map(|()| report)?,
+                    }
+                };
                 result.layers_sent = report.sent.layers_sent.len();
                 result.bytes_sent = report.sent.layer_bytes_sent;
                 result.layers_skipped = report.layers_skipped;
@@ -233,10 +251,6 @@ impl ImageTarget {
                         sent: report.sent.layers_sent.contains(&l.diff_id),
                     })
                     .collect();
-                engine
-                    .tag(&config.digest, &req.names)
-                    .instrument(tracing::debug_span!("export.tag"))
-                    .await?;
             }
             ImageTarget::ClassicOffline {
                 data_root,

@@ -114,6 +114,19 @@ pub enum Error {
         #[source]
         source: Box<bollard::errors::Error>,
     },
+    /// A base image a build used in place lost its layers while the build ran (its pin container
+    /// was removed by force, stopped, or dockerd restarted, and the image was then deleted).
+    #[error(
+        "base image {reference} ({image}) was removed from Docker while the build used it: {cause}"
+    )]
+    BaseImageLost {
+        /// The reference the build named.
+        reference: String,
+        /// The image ID.
+        image: String,
+        /// What removed it, as far as berth saw.
+        cause: String,
+    },
     /// What dockerd reports does not match the store on disk.
     #[error("docker store mismatch: {what}")]
     DockerStoreMismatch {

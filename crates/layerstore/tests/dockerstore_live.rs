@@ -345,7 +345,8 @@ async fn base_image_in_place_through_overlay_and_pins() -> Result<()> {
     );
     drop(snaps);
 
-    // Pinning: rmi of the only tag fails while pinned, works after release.
+    // Pinning: rmi of the only tag fails while pinned, works after release (pins_live.rs tests
+    // the pin container itself).
     let instance = format!("berth-test-{}", std::process::id());
     let pin = pin_image(&docker, &img.id.to_string(), &instance, "build-1").await?;
     let rmi = Command::new("docker").args(["rmi", &top]).output()?;
@@ -353,7 +354,7 @@ async fn base_image_in_place_through_overlay_and_pins() -> Result<()> {
     ensure!(img.layer_dirs[1].is_dir());
     let insp = docker
         .inspect_container(
-            pin.container_id(),
+            &pin.container_id(),
             None::<bollard::query_parameters::InspectContainerOptions>,
         )
         .await?;
@@ -363,32 +364,35 @@ async fn base_image_in_place_through_overlay_and_pins() -> Result<()> {
             .and_then(|l| l.get(PIN_LABEL).cloned())
             == Some(instance.clone())
     );
-    ensure!(insp.state.and_then(|s| s.running) == Some(false));
+    pin.check(&top, &img.layer_dirs).await?;
     pin.release().await?;
 
-    // Stale pins: two pins left behind (one dropped inside the runtime, one leaked), removed by instance label.
-    let p1 = pin_image(&docker, &img.id.to_string(), &instance, "build-2").await?;
-    let p2 = pin_image(&docker, &img.id.to_string(), &instance, "build-3").await?;
-    std::mem::forget(p2);
-    let p1_id = p1.container_id().to_string();
-    drop(p1); // removed synchronously on this multi-thread runtime
+    // Stale pins (a crashed process's, made by hand here with the same label) are removed by
+    // instance label; another instance's pin is kept.
+    let stale = sh(Command::new("docker").args([
+        "create",
+        "--label",
+        &format!("{PIN_LABEL}={instance}"),
+        &top,
+        "/bin/true",
+    ]))?;
+    let other = pin_image(&docker, &img.id.to_string(), "another-instance", "b").await?;
+    let n = remove_stale_pins(&docker, &instance).await?;
+    ensure!(n == 1, "expected the stale pin only, removed {n}");
     ensure!(
         docker
             .inspect_container(
-                &p1_id,
+                &stale,
                 None::<bollard::query_parameters::InspectContainerOptions>
             )
             .await
             .is_err(),
-        "dropped pin still exists"
+        "stale pin kept"
     );
-    let other = pin_image(&docker, &img.id.to_string(), "another-instance", "b").await?;
-    let n = remove_stale_pins(&docker, &instance).await?;
-    ensure!(n == 1, "expected the leaked pin only, removed {n}");
     ensure!(
         docker
             .inspect_container(
-                other.container_id(),
+                &other.container_id(),
                 None::<bollard::query_parameters::InspectContainerOptions>
             )
             .await

@@ -121,6 +121,8 @@ impl Worker {
             shared: self.inner.shared.clone(),
             session,
             opts: self.inner.opts.clone(),
+            // The refs mounted hold their own base images' pins.
+            bases: Default::default(),
         };
         // Scratch refs have no snapshot: their mounts become input-less.
         let mut inputs: Vec<Snap> = Vec::new();
@@ -158,6 +160,7 @@ impl Worker {
             shared: self.inner.shared.clone(),
             session: Arc::new(crate::session::NoSession),
             opts: self.inner.opts.clone(),
+            bases: Default::default(),
         };
         crate::ops::exec::executor_for(&env).await
     }

@@ -214,6 +214,20 @@ impl Error {
     }
 
     /// Maps a layerstore error, naming what was being done.
+    /// This error, attributed to the vertex `other` failed in (if it did), so that the daemon
+    /// reports it on that step.
+    pub(crate) fn in_vertex_of(self, other: &Error) -> Error {
+        match other {
+            Error::Vertex { name, digest, .. } => Error::Vertex {
+                name: name.clone(),
+                digest: digest.clone(),
+                error: Box::new(self),
+            },
+            Error::Shared(e) => self.in_vertex_of(e),
+            _ => self,
+        }
+    }
+
     pub(crate) fn store(what: &'static str) -> impl FnOnce(layerstore::Error) -> Error {
         move |source| Error::Store { what, source }
     }

@@ -58,6 +58,8 @@ pub struct SolvedRef {
     pub(crate) snap: Option<Snap>,
     pub(crate) store: SnapshotStore,
     pub(crate) sources: Arc<Vec<ResultSource>>,
+    /// The Docker base images the result was built on, pinned while a clone lives.
+    pub(crate) bases: Option<Arc<crate::ops::source_image::BaseImages>>,
 }
 
 /// A source op of the definition a result was solved from (build information: BuildKit's
@@ -103,6 +105,17 @@ impl SolvedRef {
         match &self.snap {
             Some(s) => s.chain(),
             None => EMPTY_CHAIN.get_or_init(Chain::default),
+        }
+    }
+
+    /// Checks that the Docker base images the result was built on in place still have all their
+    /// layers. An exporter that failed calls it: if a base was removed (its pin removed by force,
+    /// dockerd restarted), this error names the image and what removed it, which is what the
+    /// user needs instead of the exporter's own (a missing file deep in Docker's store).
+    pub async fn check_base_images(&self) -> Result<()> {
+        match &self.bases {
+            Some(b) => b.check().await,
+            None => Ok(()),
         }
     }
 

@@ -5,7 +5,8 @@
 //! - [`DockerStore`] reads `image/<driver>/layerdb` and `imagedb` and maps layers to their `diff/` dirs. Reading never
 //!   writes, so it is safe while dockerd runs.
 //! - [`resolve_base_image`] turns an image reference into the layer dirs berth mounts in place (through the live
-//!   Engine API plus the reader), and [`pin_image`] keeps `docker rmi` from deleting them while a build uses them.
+//!   Engine API plus the reader), and [`pin_image`] keeps Docker (`docker rmi`, prunes) from deleting them while a build uses them: a
+//!   running pin container per image (module `pin`).
 //! - [`resolve_offline_image`] does the same for a **stopped** dockerd from its data root alone (`repositories.json`,
 //!   image IDs and ID prefixes as dockerd resolves them), reading only.
 //! - [`fault`]: the `BERTH_FAULT_KILL` fault-injection points of every export mode (crash tests).
@@ -34,15 +35,17 @@
 pub mod fault;
 mod live;
 mod offline;
+mod pin;
 mod reader;
 mod writer;
 
 pub use fault::fault_point;
-pub use live::{
-    pin_image, pins_held, remove_stale_pins, resolve_base_image, BaseImage, Pin, PIN_BUILD_LABEL,
-    PIN_LABEL,
-};
+pub use live::{resolve_base_image, BaseImage};
 pub use offline::{offline_driver, resolve_offline_image};
+pub use pin::{
+    pin_image, pins_held, remove_stale_pins, stop_pinning, Pin, PIN_ABOUT_LABEL, PIN_BUILD_LABEL,
+    PIN_IMAGE_LABEL, PIN_LABEL, PIN_PID_LABEL,
+};
 pub use reader::{DockerStore, LayerEntry};
 pub use writer::{recover, DaemonCheck, LayerSource, OfflineWriter, RecoverReport, WrittenLayer};
 

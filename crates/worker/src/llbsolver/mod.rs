@@ -53,6 +53,7 @@ impl Inner {
             snap: None,
             store: self.store.clone(),
             sources: Default::default(),
+            bases: None,
         }
     }
 }
@@ -109,7 +110,9 @@ pub(crate) async fn solve(
         shared: inner.shared.clone(),
         session: ctx.session.clone(),
         opts: inner.opts.clone(),
+        bases: Default::default(),
     });
+    let bases = env.bases.clone();
     let mut graph: Vec<Vertex<Snap>> = Vec::with_capacity(loaded.ops.len());
     for op in &loaded.ops {
         let imp = ops::make_op(op, &env)?;
@@ -131,11 +134,29 @@ pub(crate) async fn solve(
             op: imp,
         });
     }
-    let (solved, stats) = inner
+    let r = inner
         .solver
         .solve(graph, target, ctx.progress.clone(), ctx.cancel.clone())
         .instrument(span)
-        .await?;
+        .await;
+    // A base image used in place that lost its layers during the build explains any failure
+    // (and makes a success suspect: a step may have read a vanishing lower dir).
+    let (solved, stats) = match r {
+        Err(Error::Canceled) => return Err(Error::Canceled),
+        Err(e) => {
+            if let Err(lost) = bases.check().await {
+                tracing::warn!(build_id = %ctx.build_id, error = %e, "build failed after a base image was removed");
+                return Err(lost.in_vertex_of(&e));
+            }
+            return Err(e);
+        }
+        Ok(r) => {
+            // Export comes next: the pins must run by then (a cached build read no layer yet).
+            bases.wait_running().await;
+            bases.check().await?;
+            r
+        }
+    };
     tracing::info!(build_id = %ctx.build_id, cached = stats.cached, executed = stats.executed, "solved");
     let mut sources: Vec<crate::result::ResultSource> = loaded
         .ops
@@ -154,5 +175,6 @@ pub(crate) async fn solve(
         snap: Some(solved.result),
         store: inner.store.clone(),
         sources: Arc::new(sources),
+        bases: Some(bases),
     })
 }

@@ -79,6 +79,9 @@ pub(crate) struct BuildEnv {
     /// Worker options (docker host, platform...) for the exec and image ops.
     #[allow(dead_code)]
     pub(crate) opts: WorkerOptions,
+    /// The base images this build uses in place from Docker, with their pins; the build's
+    /// result keeps them (so they stay pinned until it is exported).
+    pub(crate) bases: Arc<source_image::BaseImages>,
 }
 
 /// The solver op for a validated LLB op.

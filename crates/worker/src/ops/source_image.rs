@@ -16,11 +16,15 @@
 //! uncompressed layers as they were); for an image Docker already had, the descriptors are
 //! looked up once, bounded by [`LEARN_TIMEOUT`], when berth has none (failures ignored).
 //!
-//! The image is then pinned by ID for the rest of the build (a never-started container, see
-//! [`layerstore::dockerstore::pin_image`], labelled with instance `worker:<root>`; the pin is
-//! released when the build's graph is dropped, and pins left by a crashed process are removed
-//! on the first image resolution of the next one) and its layer directories are read from Docker's layerdb. The result is a committed
-//! snapshot whose chain *is* those directories: nothing is pulled into berth, nothing copied.
+//! The image is then pinned by ID for the rest of the build (a running pin container shared by
+//! the builds that use the image, see [`layerstore::dockerstore::pin_image`], labelled with
+//! instance `worker:<root>`; the build's result holds the pin until it is dropped, i.e. after
+//! the export, and pins left by a crashed process are removed on the first image resolution of
+//! the next one) and its layer directories are read from Docker's layerdb. The result is a
+//! committed snapshot whose chain *is* those directories: nothing is pulled into berth, nothing
+//! copied. When the build ends (either way) [`BaseImages::check`] makes sure those directories
+//! are all still there; if the pin could not hold (removed by force, dockerd restarted, then
+//! the image deleted) the build fails with an error naming the image and what removed it.
 //! `image.layerlimit` keeps only the first N layers.
 //!
 //! Cache key: the image ID plus the layer directories. The image ID makes a re-tag to a different
@@ -83,6 +87,10 @@ const API_TIMEOUT_SECS: u64 = 3600;
 const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 /// Longest look at the registry for the layer descriptors of an image Docker already has.
 const LEARN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+/// Longest wait for a new pin container to run before the image's layers are first read (the
+/// start takes 0.3-0.5 s on an idle host, seconds on a loaded one); after it, the build goes on
+/// with the created container's weaker protection and the end-of-build check.
+const PIN_START_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 /// How often an offline-resolved build checks whether dockerd has been started (to pin).
 const OFFLINE_WATCH: std::time::Duration = std::time::Duration::from_millis(250);
 
@@ -146,6 +154,68 @@ pub(crate) fn new(op: &LoadedOp, env: &Arc<BuildEnv>) -> Result<Arc<dyn Op<Snap>
     }))
 }
 
+/// The base images a build uses in place from the live Docker Engine, each with its pin (see
+/// [`layerstore::dockerstore::Pin`]); shared by the build's ops and its result.
+#[derive(Default)]
+pub(crate) struct BaseImages(std::sync::Mutex<Vec<HeldBase>>);
+
+struct HeldBase {
+    reference: String,
+    layer_dirs: Vec<std::path::PathBuf>,
+    pin: Pin,
+}
+
+impl BaseImages {
+    fn add(&self, reference: &str, image: &dockerstore::BaseImage, pin: Pin) {
+        self.0.lock().unwrap().push(HeldBase {
+            reference: reference.to_string(),
+            layer_dirs: image.layer_dirs.clone(),
+            pin,
+        });
+    }
+
+    /// Waits until each base's pin runs (bounded by [`PIN_START_WAIT`]).
+    pub(crate) async fn wait_running(&self) {
+        let pins: Vec<Pin> = self
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|h| h.pin.clone())
+            .collect();
+        for p in pins {
+            if !p.wait_running(PIN_START_WAIT).await {
+                tracing::warn!(
+                    image = p.image(),
+                    "pin container not running; the image is protected by a created container only"
+                );
+            }
+        }
+    }
+
+    /// Checks that every base still has all its layers; the first that does not gives the error
+    /// (naming the image and what removed it).
+    pub(crate) async fn check(&self) -> Result<()> {
+        let held: Vec<(String, Vec<std::path::PathBuf>, Pin)> = self
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|h| (h.reference.clone(), h.layer_dirs.clone(), h.pin.clone()))
+            .collect();
+        for (reference, dirs, pin) in held {
+            if let Err(e) = pin.check(&reference, &dirs).await {
+                return Err(Error::Op {
+                    message: e.to_string(),
+                    kind: ErrorKind::FailedPrecondition,
+                    source: None,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
 struct ImageSource {
     reference: String,
     mode: ResolveMode,
@@ -162,13 +232,13 @@ struct Resolved {
     /// containerd store).
     id: String,
     chain: Chain,
-    _hold: Hold,
+    hold: Hold,
 }
 
 /// What keeps the base image's layers from being deleted while the build runs.
 enum Hold {
     /// A pin container in the live Engine.
-    Live { _pin: Pin },
+    Live { pin: Pin },
     /// Resolved from a stopped daemon's data root: pins through the API if dockerd starts.
     Offline { _watch: OfflineWatch },
     /// A containerd lease on the Engine's containerd image store.
@@ -453,11 +523,12 @@ impl ImageSource {
             .await
             .map_err(|e| store_err(format!("resolve image {}", self.reference), e))?;
         let chain = self.limit(image.chain())?;
+        self.env.bases.add(&self.reference, &image, pin.clone());
         tracing::debug!(reference = %self.reference, id = %image.id, layers = chain.0.len(), "image resolved in place");
         Ok(Resolved {
             id: image.id.to_string(),
             chain,
-            _hold: Hold::Live { _pin: pin },
+            hold: Hold::Live { pin },
         })
     }
 
@@ -496,7 +567,7 @@ impl ImageSource {
         Ok(Resolved {
             id: image.id,
             chain,
-            _hold: Hold::Containerd { _lease: lease },
+            hold: Hold::Containerd { _lease: lease },
         })
     }
 
@@ -569,11 +640,7 @@ impl ImageSource {
                 self.reference.clone(),
             ),
         };
-        Ok(Resolved {
-            id,
-            chain,
-            _hold: hold,
-        })
+        Ok(Resolved { id, chain, hold })
     }
 
     /// Applies `image.layerlimit`.
@@ -740,6 +807,16 @@ impl Op<Snap> for ImageSource {
 
     async fn exec(&self, ctx: &OpContext, _inputs: &[Solved<Snap>]) -> Result<Vec<Snap>> {
         let r = self.resolve(ctx).await?;
+        // The layers are read from here on: the pin must run (its start overlapped the
+        // resolution and whatever else the build did meanwhile).
+        if let Hold::Live { pin } = &r.hold {
+            tokio::select! {
+                running = pin.wait_running(PIN_START_WAIT) => if !running {
+                    tracing::warn!(reference = %self.reference, "pin container not running; the image is protected by a created container only");
+                },
+                _ = ctx.cancel.cancelled() => return Err(Error::Canceled),
+            }
+        }
         let store = self.env.store.clone();
         let chain = r.chain.clone();
         let desc = format!("docker-image://{} ({})", self.reference, r.id);

@@ -1,0 +1,817 @@
+//! Pins: what keeps a base image, used in place from Docker's classic store, from being deleted
+//! while berth builds use it.
+//!
+//! # Mechanism
+//!
+//! A pin is a **running** container of the image: Docker never removes an image a running
+//! container uses, not even with `docker rmi -f` ("image is being used by running container",
+//! which cannot be forced), and its routine cleanups (`docker system prune -af`, `docker
+//! container prune`, `docker image prune -a`) remove only stopped containers and then unused
+//! images. (A created, never-started container, berth's earlier pin, is exactly what `container
+//! prune` removes first.)
+//!
+//! The container runs berth's own pin process (`pause/berth-pause.rs`, built by `build.rs` and
+//! embedded here): a static ELF of about a kilobyte that sleeps in `rt_sigtimedwait` until
+//! SIGTERM/SIGINT, so it needs nothing from the image (works on `scratch`-like images), costs no
+//! CPU and ~8 KiB of memory, and `docker stop` ends it at once. It is uploaded into the created
+//! container with `PUT /containers/{id}/archive` (to `/.berth-pin`, in the container's own
+//! writable layer, removed with the container), not bind-mounted: a bind mount needs a path on
+//! the host of dockerd, which berthd cannot know when it runs in a container or talks to a
+//! remote Engine. The price is that the root filesystem cannot be read-only (Docker refuses
+//! archive uploads into a read-only rootfs); nothing in the container writes to it.
+//!
+//! Everything else is switched off: network `none`, all capabilities dropped,
+//! `no-new-privileges`, user `65534:65534` (numeric: no `/etc/passwd` needed), log driver
+//! `none`, the image's health check disabled, no restart policy, no init, stop signal SIGTERM.
+//! (An image's `VOLUME`s still get anonymous volumes, as for any container of it; they are
+//! removed with the pin.)
+//!
+//! # Recognising pins
+//!
+//! Name `berth-pin-<image id prefix>-<random>`, command `/.berth-pin --berthd-root <root>
+//! --berthd-pid <pid>`, and labels [`PIN_LABEL`] (the berth instance, `worker:<root>`),
+//! [`PIN_IMAGE_LABEL`], [`PIN_PID_LABEL`], [`PIN_BUILD_LABEL`] (the build that created it) and
+//! [`PIN_ABOUT_LABEL`] (a sentence for people).
+//!
+//! # Lifetime and sharing
+//!
+//! One pin container per (berth instance, image ID), shared by every build of this process that
+//! uses the image and counted by [`Pin`] handles: the first [`pin_image`] creates it, the last
+//! handle dropped removes it (in the background, so releasing is not on a build's critical
+//! path). [`pin_image`] returns once the container is created: from then on `docker rmi` and
+//! `docker image prune` already refuse the image. The upload and the start (0.3-0.5 s on an idle
+//! host, seconds on a loaded one) run in a supervisor task; a created container is what `docker
+//! container prune` removes, so callers wait for [`Pin::wait_running`] just before the image's
+//! layers are first read, which lets the start overlap the rest of the build's resolution and
+//! its other steps. Pins left by a crashed process are removed by [`remove_stale_pins`] (berthd
+//! calls it at start and, after [`stop_pinning`], at stop).
+//!
+//! # When a pin does not hold
+//!
+//! The supervisor waits on the running pin (`POST /containers/{id}/wait`, a long poll, no
+//! polling) and records what ended it: a stop (exit code 143, SIGTERM: `docker stop` or a
+//! dockerd shutdown), a kill (137: `docker kill`, `docker rm -f`), a removal, a broken connection
+//! to dockerd (dockerd stopped or restarted). As long as builds still hold it and the image is
+//! still there it pins the image again with a new container, so a container prune that hits
+//! the short window before the start, or a dockerd restart, costs nothing.
+//!
+//! Whether the build's layers survived is checked with [`Pin::check`] (the worker calls it when
+//! a build ends, successfully or not, and the daemon when an export fails): the image must
+//! still exist with the same ID and every layer directory the build mounted must still be there
+//! (a deleted and re-loaded image has new directories). If not, the error is
+//! [`Error::BaseImageLost`], naming the image and what the supervisor saw remove its pin,
+//! instead of whatever `ENOENT` the layer store ran into.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use bollard::errors::Error as DockerError;
+use bollard::Docker;
+use futures::StreamExt as _;
+
+use crate::{Error, Result};
+
+/// Label on pin containers: the berth instance that made them (`worker:<root>`).
+pub const PIN_LABEL: &str = "dev.berth.pin";
+/// Label on pin containers: the build that created the pin (later builds may share it).
+pub const PIN_BUILD_LABEL: &str = "dev.berth.pin.build";
+/// Label on pin containers: the image ID they keep.
+pub const PIN_IMAGE_LABEL: &str = "dev.berth.pin.image";
+/// Label on pin containers: the process ID of the berthd that made them.
+pub const PIN_PID_LABEL: &str = "dev.berth.pin.pid";
+/// Label on pin containers: what they are, for people reading `docker inspect`.
+pub const PIN_ABOUT_LABEL: &str = "dev.berth.pin.about";
+
+/// The pin process, built by `build.rs` from `pause/berth-pause.rs`.
+const PAUSE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/berth-pause"));
+/// Where the pin process is uploaded in the container.
+const PAUSE_PATH: &str = "/.berth-pin";
+/// How long to wait before asking a dockerd that dropped the connection again.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(500);
+/// How many pins in a row may be lost before the supervisor gives up re-pinning (a loop of
+/// someone removing them as fast as berth makes them).
+const MAX_REPINS: usize = 20;
+
+/// Pin containers alive in this process.
+static PINS_HELD: AtomicUsize = AtomicUsize::new(0);
+/// Set by [`stop_pinning`]: no new pin containers (berthd is stopping).
+static STOPPING: AtomicBool = AtomicBool::new(false);
+
+/// How many pin containers this process holds now (for metrics and debugging).
+pub fn pins_held() -> usize {
+    PINS_HELD.load(Ordering::Relaxed)
+}
+
+/// Stops making pin containers in this process (new [`pin_image`] calls fail, supervisors stop
+/// re-pinning); call when berthd stops, before [`remove_stale_pins`].
+pub fn stop_pinning() {
+    STOPPING.store(true, Ordering::SeqCst);
+}
+
+fn api_err(op: &'static str) -> impl FnOnce(DockerError) -> Error {
+    move |source| Error::DockerApi {
+        op,
+        source: Box::new(source),
+    }
+}
+
+fn is_404(e: &DockerError) -> bool {
+    matches!(
+        e,
+        DockerError::DockerResponseServerError {
+            status_code: 404,
+            ..
+        }
+    )
+}
+
+/// An error that means dockerd did not answer at all (stopped, restarting), as opposed to an
+/// answer.
+fn is_unreachable(e: &DockerError) -> bool {
+    !matches!(
+        e,
+        DockerError::DockerResponseServerError { .. }
+            | DockerError::DockerContainerWaitError { .. }
+    )
+}
+
+/// Keeps an image from being deleted while a build uses it: a handle on the shared pin container
+/// of that image (module docs). Cheap to clone; the container is removed when the last handle
+/// of the process for that image goes.
+#[derive(Debug, Clone)]
+#[must_use = "the pin is released when dropped"]
+pub struct Pin {
+    shared: Arc<Shared>,
+}
+
+/// What identifies a pin container in this process.
+type Key = (String, String);
+
+fn registry() -> &'static Mutex<HashMap<Key, Weak<Shared>>> {
+    static R: std::sync::OnceLock<Mutex<HashMap<Key, Weak<Shared>>>> = std::sync::OnceLock::new();
+    R.get_or_init(Default::default)
+}
+
+/// The one pin of an image in this process.
+#[derive(Debug)]
+struct Shared {
+    cfg: Arc<Config>,
+    state: Arc<Mutex<State>>,
+    /// Set once the first container exists.
+    ready: tokio::sync::OnceCell<()>,
+    /// `false` while a pin container is being started; `true` once it runs or the supervisor
+    /// stopped trying.
+    settled: Arc<tokio::sync::watch::Sender<bool>>,
+    supervisor: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+/// How to make (another) pin container of the image.
+#[derive(Debug)]
+struct Config {
+    docker: Docker,
+    key: Key,
+    image: String,
+    build_id: String,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// The current pin container: (ID, name).
+    container: Option<(String, String)>,
+    /// Whether it is known to run.
+    running: bool,
+    /// What happened to earlier pin containers of this image, oldest first.
+    events: Vec<String>,
+    /// Set when the pin cannot be kept any more (image gone, too many losses).
+    given_up: bool,
+}
+
+/// Pins `image` (an image ID; a reference works but is resolved by dockerd at creation) for
+/// `build_id` of berth instance `instance`: reuses this process's pin of the image or creates
+/// one. Returns once the container exists; it is started in the background (module docs).
+pub async fn pin_image(
+    docker: &Docker,
+    image: &str,
+    instance: &str,
+    build_id: &str,
+) -> Result<Pin> {
+    if STOPPING.load(Ordering::SeqCst) {
+        return Err(Error::DockerStoreMismatch {
+            what: format!("not pinning image {image}: berthd is stopping"),
+        });
+    }
+    let key = (instance.to_string(), image.to_string());
+    let shared = {
+        let mut reg = registry().lock().unwrap();
+        let live = reg
+            .get(&key)
+            .and_then(Weak::upgrade)
+            .filter(|s| !s.state.lock().unwrap().given_up);
+        match live {
+            Some(s) => s,
+            None => {
+                let s = Arc::new(Shared {
+                    cfg: Arc::new(Config {
+                        docker: docker.clone(),
+                        key: key.clone(),
+                        image: image.to_string(),
+                        build_id: build_id.to_string(),
+                    }),
+                    state: Default::default(),
+                    ready: tokio::sync::OnceCell::new(),
+                    settled: Arc::new(tokio::sync::watch::Sender::new(false)),
+                    supervisor: Mutex::new(None),
+                });
+                reg.insert(key, Arc::downgrade(&s));
+                s
+            }
+        }
+    };
+    shared
+        .ready
+        .get_or_try_init(|| async {
+            let (id, name) = create(&shared.cfg).await?;
+            PINS_HELD.fetch_add(1, Ordering::Relaxed);
+            shared.state.lock().unwrap().container = Some((id.clone(), name));
+            let task = tokio::spawn(supervise(
+                shared.cfg.clone(),
+                shared.state.clone(),
+                SettledOnExit(shared.settled.clone()),
+                Arc::downgrade(&shared),
+                id,
+            ));
+            *shared.supervisor.lock().unwrap() = Some(task);
+            Ok::<_, Error>(())
+        })
+        .await?;
+    Ok(Pin { shared })
+}
+
+/// Creates a pin container of `cfg.image` (not started).
+async fn create(cfg: &Config) -> Result<(String, String)> {
+    let (instance, image) = (&cfg.key.0, &cfg.image);
+    let short = image
+        .trim_start_matches("sha256:")
+        .chars()
+        .take(12)
+        .collect::<String>();
+    let name = format!(
+        "berth-pin-{}-{}",
+        sanitize(&short),
+        crate::snapshot::random_token(8)
+    );
+    let pid = std::process::id().to_string();
+    let root = instance.strip_prefix("worker:").unwrap_or(instance);
+    let labels = HashMap::from([
+        (PIN_LABEL.to_string(), instance.to_string()),
+        (PIN_BUILD_LABEL.to_string(), cfg.build_id.clone()),
+        (PIN_IMAGE_LABEL.to_string(), image.to_string()),
+        (PIN_PID_LABEL.to_string(), pid.clone()),
+        (
+            PIN_ABOUT_LABEL.to_string(),
+            "berth keeps this image from being deleted while its builds use it in place; \
+             berthd removes this container when they end (safe to prune around)"
+                .to_string(),
+        ),
+    ]);
+    let body = bollard::models::ContainerCreateBody {
+        image: Some(image.to_string()),
+        entrypoint: Some(vec![PAUSE_PATH.to_string()]),
+        cmd: Some(vec![
+            "--berthd-root".to_string(),
+            root.to_string(),
+            "--berthd-pid".to_string(),
+            pid,
+        ]),
+        labels: Some(labels),
+        working_dir: Some("/".to_string()),
+        user: Some("65534:65534".to_string()),
+        network_disabled: Some(true),
+        stop_signal: Some("SIGTERM".to_string()),
+        healthcheck: Some(bollard::models::HealthConfig {
+            test: Some(vec!["NONE".to_string()]),
+            ..Default::default()
+        }),
+        host_config: Some(bollard::models::HostConfig {
+            network_mode: Some("none".to_string()),
+            cap_drop: Some(vec!["ALL".to_string()]),
+            security_opt: Some(vec!["no-new-privileges".to_string()]),
+            log_config: Some(bollard::models::HostConfigLogConfig {
+                typ: Some("none".to_string()),
+                config: None,
+            }),
+            init: Some(false),
+            cpu_shares: Some(2),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let opts = bollard::query_parameters::CreateContainerOptions {
+        name: Some(name.clone()),
+        platform: String::new(),
+    };
+    let resp = cfg
+        .docker
+        .create_container(Some(opts), body)
+        .await
+        .map_err(api_err("create pin container"))?;
+    tracing::debug!(container = %resp.id, %name, image, build_id = %cfg.build_id, "image pinned");
+    Ok((resp.id, name))
+}
+
+/// The tar uploaded into a pin container: the pin process at [`PAUSE_PATH`].
+fn pause_tar() -> Vec<u8> {
+    let mut h = tar::Header::new_gnu();
+    h.set_size(PAUSE.len() as u64);
+    h.set_mode(0o555);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h.set_entry_type(tar::EntryType::Regular);
+    let mut b = tar::Builder::new(Vec::new());
+    let name = PAUSE_PATH.trim_start_matches('/');
+    b.append_data(&mut h, name, PAUSE)
+        .expect("in-memory tar cannot fail");
+    b.into_inner().expect("in-memory tar cannot fail")
+}
+
+/// Uploads the pin process and starts the container.
+async fn start(docker: &Docker, id: &str) -> std::result::Result<(), DockerError> {
+    let opts = bollard::query_parameters::UploadToContainerOptions {
+        path: "/".to_string(),
+        ..Default::default()
+    };
+    docker
+        .upload_to_container(
+            id,
+            Some(opts),
+            bollard::body_full(bytes::Bytes::from(pause_tar())),
+        )
+        .await?;
+    docker
+        .start_container(id, None::<bollard::query_parameters::StartContainerOptions>)
+        .await
+}
+
+/// How a pin container ended, in words for the build error.
+fn describe_exit(name: &str, code: i64) -> String {
+    match code {
+        137 => format!("pin container {name} was killed (SIGKILL: docker kill or docker rm -f)"),
+        143 => format!(
+            "pin container {name} was stopped (SIGTERM: docker stop, or dockerd shutting down)"
+        ),
+        130 => format!("pin container {name} was interrupted (SIGINT)"),
+        c => format!("pin container {name} exited with code {c}"),
+    }
+}
+
+/// Marks the pin settled when the supervisor ends (returns or is aborted): nobody waits for a
+/// start that will not come.
+struct SettledOnExit(Arc<tokio::sync::watch::Sender<bool>>);
+
+impl Drop for SettledOnExit {
+    fn drop(&mut self) {
+        self.0.send_replace(true);
+    }
+}
+
+/// Starts the pin container `id`, waits for it to stop, records why, and pins again while
+/// builds hold the pin and the image exists (module docs). Ends when the [`Shared`] is dropped
+/// (it aborts this task), when the image is gone, or after [`MAX_REPINS`] losses.
+async fn supervise(
+    cfg: Arc<Config>,
+    state: Arc<Mutex<State>>,
+    settled: SettledOnExit,
+    owner: Weak<Shared>,
+    mut id: String,
+) {
+    let docker = &cfg.docker;
+    let name_of = |state: &Mutex<State>| {
+        state
+            .lock()
+            .unwrap()
+            .container
+            .as_ref()
+            .map(|c| c.1.clone())
+            .unwrap_or_default()
+    };
+    for attempt in 0..MAX_REPINS {
+        if attempt > 1 {
+            // Lost again and again: do not race whoever removes them in a tight loop.
+            tokio::time::sleep(Duration::from_millis(100 * attempt as u64)).await;
+        }
+        let name = name_of(&state);
+        let started = std::time::Instant::now();
+        let event = match start(docker, &id).await {
+            Ok(()) => {
+                state.lock().unwrap().running = true;
+                settled.0.send_replace(true);
+                tracing::debug!(container = %id, took_ms = started.elapsed().as_millis() as u64, "pin container started");
+                wait_stopped(docker, &id, &name).await
+            }
+            Err(e) if is_404(&e) => {
+                format!("pin container {name} was removed before it started (docker container prune or docker rm)")
+            }
+            Err(e) if is_unreachable(&e) => format!(
+                "dockerd did not answer while starting pin container {name} ({e}); it stopped or restarted"
+            ),
+            Err(e) => {
+                // Not going to change by trying again; the created container still keeps the
+                // image from `docker rmi` and image prunes, and is removed with the pin.
+                tracing::warn!(image = %cfg.image, container = %id, error = %e, "starting the pin container failed; the image is pinned by a created container only");
+                let mut st = state.lock().unwrap();
+                st.events
+                    .push(format!("pin container {name} could not be started: {e}"));
+                return;
+            }
+        };
+        tracing::warn!(image = %cfg.image, container = %id, what = %event, "image pin lost");
+        {
+            let mut st = state.lock().unwrap();
+            st.running = false;
+            st.events.push(event);
+        }
+        // The lost container is removed by whoever removed it, or now (stopped, still there).
+        let _ = remove_container(docker, &id).await;
+        // Pin again if builds still hold the pin and the image is still there.
+        if owner.strong_count() == 0 || STOPPING.load(Ordering::SeqCst) {
+            return;
+        }
+        let image_there = loop {
+            match docker.inspect_image(&cfg.image).await {
+                Ok(_) => break true,
+                Err(e) if is_404(&e) => break false,
+                Err(e) if is_unreachable(&e) => tokio::time::sleep(RECONNECT_PAUSE).await,
+                Err(_) => break false,
+            }
+            if owner.strong_count() == 0 || STOPPING.load(Ordering::SeqCst) {
+                return;
+            }
+        };
+        if !image_there {
+            let mut st = state.lock().unwrap();
+            st.events
+                .push(format!("image {} was then deleted from Docker", cfg.image));
+            st.given_up = true;
+            st.container = None;
+            PINS_HELD.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+        match create(&cfg).await {
+            Ok((new_id, new_name)) => {
+                tracing::info!(image = %cfg.image, container = %new_id, "image pinned again");
+                settled.0.send_replace(false);
+                state.lock().unwrap().container = Some((new_id.clone(), new_name));
+                id = new_id;
+            }
+            Err(e) => {
+                let mut st = state.lock().unwrap();
+                st.events
+                    .push(format!("pinning image {} again failed: {e}", cfg.image));
+                st.given_up = true;
+                st.container = None;
+                PINS_HELD.fetch_sub(1, Ordering::Relaxed);
+                return;
+            }
+        }
+    }
+    let mut st = state.lock().unwrap();
+    st.events.push(format!(
+        "gave up after {MAX_REPINS} pin containers were lost"
+    ));
+    st.given_up = true;
+    if st.container.take().is_some() {
+        PINS_HELD.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Waits until the running pin container `id` stops (long poll; reconnects when the client
+/// times out); returns what ended it.
+async fn wait_stopped(docker: &Docker, id: &str, name: &str) -> String {
+    loop {
+        let opts = bollard::query_parameters::WaitContainerOptions {
+            condition: "not-running".to_string(),
+        };
+        let mut s = docker.wait_container(id, Some(opts));
+        let r = s.next().await;
+        drop(s);
+        let removed = |what: String| async move {
+            match docker
+                .inspect_container(
+                    id,
+                    None::<bollard::query_parameters::InspectContainerOptions>,
+                )
+                .await
+            {
+                Err(e) if is_404(&e) => format!("{what}, and removed"),
+                _ => what,
+            }
+        };
+        match r {
+            Some(Ok(resp)) => return removed(describe_exit(name, resp.status_code)).await,
+            Some(Err(DockerError::DockerContainerWaitError { code, .. })) => {
+                return removed(describe_exit(name, code)).await
+            }
+            Some(Err(e)) if is_404(&e) => {
+                return format!("pin container {name} was removed (docker rm -f)")
+            }
+            Some(Err(DockerError::RequestTimeoutError)) => continue,
+            Some(Err(e)) if is_unreachable(&e) => {
+                return format!(
+                    "the connection to dockerd broke while it ran pin container {name} ({e}): dockerd stopped or restarted"
+                )
+            }
+            Some(Err(e)) => return format!("waiting on pin container {name} failed: {e}"),
+            None => {
+                return format!(
+                    "the connection to dockerd ended while it ran pin container {name}: dockerd stopped or restarted"
+                )
+            }
+        }
+    }
+}
+
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(40)
+        .collect()
+}
+
+async fn remove_container(docker: &Docker, id: &str) -> Result<()> {
+    let opts = bollard::query_parameters::RemoveContainerOptions {
+        v: true,
+        force: true,
+        link: false,
+    };
+    match docker.remove_container(id, Some(opts)).await {
+        Ok(()) => Ok(()),
+        Err(e) if is_404(&e) => Ok(()),
+        Err(e) => Err(api_err("remove pin container")(e)),
+    }
+}
+
+impl Pin {
+    /// The current pin container's ID (empty if the pin was given up).
+    pub fn container_id(&self) -> String {
+        self.shared
+            .state
+            .lock()
+            .unwrap()
+            .container
+            .as_ref()
+            .map(|c| c.0.clone())
+            .unwrap_or_default()
+    }
+
+    /// The image ID (or reference) pinned.
+    pub fn image(&self) -> &str {
+        &self.shared.cfg.image
+    }
+
+    /// Whether the current pin container is known to run (its start may still be under way).
+    pub fn is_running(&self) -> bool {
+        self.shared.state.lock().unwrap().running
+    }
+
+    /// Waits (at most `timeout`) until the pin container runs, or the pin stopped trying; returns
+    /// whether it runs. Until then only a created container keeps the image, which `docker
+    /// container prune` removes: callers wait before the image's layers are first read.
+    pub async fn wait_running(&self, timeout: Duration) -> bool {
+        let mut rx = self.shared.settled.subscribe();
+        let _ = tokio::time::timeout(timeout, rx.wait_for(|s| *s)).await;
+        self.is_running()
+    }
+
+    /// Releases this handle; if it was the last one, removes the pin container before returning.
+    pub async fn release(self) -> Result<()> {
+        let Ok(shared) = Arc::try_unwrap(self.shared) else {
+            return Ok(());
+        };
+        let (docker, id) = shared.take_for_removal();
+        match id {
+            Some(id) => remove_container(&docker, &id).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Checks that the layers a build mounted from the pinned image are all still there: the
+    /// image exists with this ID and every dir of `layer_dirs` exists. Otherwise returns
+    /// [`Error::BaseImageLost`] naming `reference` and what removed the pin.
+    pub async fn check(&self, reference: &str, layer_dirs: &[PathBuf]) -> Result<()> {
+        let cfg = &self.shared.cfg;
+        let dirs_ok = layer_dirs.iter().all(|d| d.is_dir());
+        let image = cfg.docker.inspect_image(&cfg.image).await;
+        let why_image = match (&image, dirs_ok) {
+            (Ok(i), true) if i.id.as_deref() == Some(cfg.image.as_str()) => return Ok(()),
+            // A reference pinned (not an ID): the dirs decide.
+            (Ok(_), true) if !cfg.image.starts_with("sha256:") => return Ok(()),
+            // dockerd does not answer (restarting?): the layers are there, that is what counts.
+            (Err(e), true) if is_unreachable(e) => return Ok(()),
+            (Err(e), _) if is_404(e) => "the image was deleted from Docker".to_string(),
+            (Err(e), _) if is_unreachable(e) => {
+                format!("its layer directories are gone and dockerd does not answer ({e})")
+            }
+            (Err(e), _) => format!("inspecting the image failed ({e})"),
+            (Ok(_), _) => "its layer directories are gone (the image was deleted and loaded again)"
+                .to_string(),
+        };
+        let (pin_events, current) = {
+            let st = self.shared.state.lock().unwrap();
+            (st.events.clone(), st.container.clone())
+        };
+        let cause = if pin_events.is_empty() {
+            // The supervisor has not seen it yet: ask dockerd about the pin container itself.
+            let pin = match &current {
+                Some((id, name)) => match cfg
+                    .docker
+                    .inspect_container(
+                        id,
+                        None::<bollard::query_parameters::InspectContainerOptions>,
+                    )
+                    .await
+                {
+                    Err(e) if is_404(&e) => {
+                        format!("pin container {name} was removed (docker rm -f)")
+                    }
+                    Ok(c) if c.state.as_ref().and_then(|s| s.running) != Some(true) => {
+                        describe_exit(name, c.state.and_then(|s| s.exit_code).unwrap_or(-1))
+                    }
+                    Ok(_) => format!("pin container {name} is running"),
+                    Err(e) => format!("pin container {name} could not be inspected ({e})"),
+                },
+                None => "the image had no pin container".to_string(),
+            };
+            format!("{pin}; {why_image}")
+        } else {
+            format!("{}; {why_image}", pin_events.join("; "))
+        };
+        // Later builds must not reuse this pin.
+        self.shared.state.lock().unwrap().given_up = true;
+        Err(Error::BaseImageLost {
+            reference: reference.to_string(),
+            image: cfg.image.clone(),
+            cause,
+        })
+    }
+}
+
+impl Shared {
+    /// Stops the supervisor and takes the current container for removal.
+    fn take_for_removal(&self) -> (Docker, Option<String>) {
+        if let Some(t) = self.supervisor.lock().unwrap().take() {
+            t.abort();
+        }
+        let id = self.state.lock().unwrap().container.take().map(|c| c.0);
+        if id.is_some() {
+            PINS_HELD.fetch_sub(1, Ordering::Relaxed);
+        }
+        let mut reg = registry().lock().unwrap();
+        if reg
+            .get(&self.cfg.key)
+            .is_some_and(|w| w.strong_count() == 0)
+        {
+            reg.remove(&self.cfg.key);
+        }
+        (self.cfg.docker.clone(), id)
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        let (docker, id) = self.take_for_removal();
+        let Some(id) = id else {
+            return;
+        };
+        match tokio::runtime::Handle::try_current() {
+            // In the background: releasing is not on the build's critical path. If the runtime
+            // shuts down first, berthd's sweep at stop (or at the next start) removes it.
+            Ok(rt) => {
+                rt.spawn(async move {
+                    if let Err(e) = remove_container(&docker, &id).await {
+                        tracing::warn!(container = %id, error = %e, "removing a released pin failed (remove_stale_pins retries)");
+                    }
+                });
+            }
+            Err(_) => {
+                let r = std::thread::scope(|s| {
+                    s.spawn(|| {
+                        let rt = tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                            .map_err(|e| Error::Io {
+                                op: "start runtime for pin removal",
+                                path: Default::default(),
+                                source: e,
+                            })?;
+                        rt.block_on(remove_container(&docker, &id))
+                    })
+                    .join()
+                    .unwrap_or_else(|_| {
+                        Err(Error::DockerStoreMismatch {
+                            what: "pin removal thread panicked".into(),
+                        })
+                    })
+                });
+                if let Err(e) = r {
+                    tracing::warn!(container = %id, error = %e, "removing a dropped pin failed (remove_stale_pins retries)");
+                }
+            }
+        }
+    }
+}
+
+/// Removes every pin container of berth instance `instance` (berthd calls it at start and at
+/// stop); returns how many.
+pub async fn remove_stale_pins(docker: &Docker, instance: &str) -> Result<usize> {
+    let filters = HashMap::from([("label".to_string(), vec![format!("{PIN_LABEL}={instance}")])]);
+    let opts = bollard::query_parameters::ListContainersOptions {
+        all: true,
+        filters: Some(filters),
+        ..Default::default()
+    };
+    let list = docker
+        .list_containers(Some(opts))
+        .await
+        .map_err(api_err("list pin containers"))?;
+    let mut n = 0;
+    for c in list {
+        // The filter is applied by dockerd; check the label again so nothing else is ever removed.
+        let ours = c
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(PIN_LABEL))
+            .is_some_and(|v| v == instance);
+        if let (true, Some(id)) = (ours, c.id) {
+            remove_container(docker, &id).await?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pause_is_a_static_elf_for_this_arch() {
+        assert!(
+            PAUSE.len() > 64 && PAUSE.len() < 64 * 1024,
+            "{}",
+            PAUSE.len()
+        );
+        assert_eq!(&PAUSE[..4], b"\x7fELF");
+        // ET_EXEC (static, not PIE) and no PT_INTERP: runs without a loader in any image.
+        assert_eq!(u16::from_le_bytes([PAUSE[16], PAUSE[17]]), 2);
+        let machine = u16::from_le_bytes([PAUSE[18], PAUSE[19]]);
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(machine, 62);
+        #[cfg(target_arch = "aarch64")]
+        assert_eq!(machine, 183);
+        let phoff = u64::from_le_bytes(PAUSE[32..40].try_into().unwrap()) as usize;
+        let phentsize = u16::from_le_bytes([PAUSE[54], PAUSE[55]]) as usize;
+        let phnum = u16::from_le_bytes([PAUSE[56], PAUSE[57]]) as usize;
+        for i in 0..phnum {
+            let off = phoff + i * phentsize;
+            let p_type = u32::from_le_bytes(PAUSE[off..off + 4].try_into().unwrap());
+            assert_ne!(p_type, 3, "PT_INTERP present: not static");
+        }
+    }
+
+    #[test]
+    fn pause_tar_holds_the_program_executable() {
+        let tar = pause_tar();
+        let mut a = tar::Archive::new(&tar[..]);
+        let mut entries = a.entries().unwrap();
+        let mut e = entries.next().unwrap().unwrap();
+        assert_eq!(e.path().unwrap().to_str(), Some(".berth-pin"));
+        assert_eq!(e.header().mode().unwrap(), 0o555);
+        let mut body = Vec::new();
+        std::io::Read::read_to_end(&mut e, &mut body).unwrap();
+        assert_eq!(body, PAUSE);
+        assert!(entries.next().is_none());
+    }
+
+    #[test]
+    fn exit_codes_name_their_cause() {
+        for (code, want) in [
+            (137, "docker rm -f"),
+            (143, "docker stop"),
+            (130, "SIGINT"),
+            (3, "code 3"),
+        ] {
+            let d = describe_exit("berth-pin-x", code);
+            assert!(d.contains(want) && d.contains("berth-pin-x"), "{d}");
+        }
+    }
+}

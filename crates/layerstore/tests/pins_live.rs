@@ -1,0 +1,255 @@
+//! Pins against the real system dockerd: a running container of berth's pin process in an image
+//! with no binaries at all, shared by builds, refused removal by Docker itself, costing no CPU;
+//! `docker stop` ends it at once and it comes back; a forced removal is reported by
+//! `Pin::check` with the image and what removed it. The test touches only its own image and
+//! pin containers (no prunes on the system daemon). Needs root and `/var/run/docker.sock`.
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use bollard::query_parameters::{InspectContainerOptions, ListContainersOptions};
+use bollard::Docker;
+use futures::StreamExt as _;
+use layerstore::dockerstore::{
+    pin_image, resolve_base_image, DockerStore, StorageDriver, PIN_IMAGE_LABEL, PIN_LABEL,
+    PIN_PID_LABEL,
+};
+
+fn docker() -> Docker {
+    Docker::connect_with_unix(
+        "/var/run/docker.sock",
+        120,
+        &bollard::ClientVersion {
+            major_version: 1,
+            minor_version: 41,
+        },
+    )
+    .expect("docker socket")
+}
+
+/// Removes the test's image at the end, whatever happens.
+struct Image(String);
+impl Drop for Image {
+    fn drop(&mut self) {
+        let _ = Command::new("docker").args(["rmi", "-f", &self.0]).output();
+    }
+}
+
+/// Pin containers of `instance`, running or not.
+async fn pins(docker: &Docker, instance: &str) -> Result<Vec<bollard::models::ContainerSummary>> {
+    let filters = HashMap::from([("label".to_string(), vec![format!("{PIN_LABEL}={instance}")])]);
+    Ok(docker
+        .list_containers(Some(ListContainersOptions {
+            all: true,
+            filters: Some(filters),
+            ..Default::default()
+        }))
+        .await?)
+}
+
+/// Waits (≤ 20 s) for a running pin container of `instance` other than `not`; returns its ID.
+async fn running_pin(docker: &Docker, instance: &str, not: Option<&str>) -> Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        for c in pins(docker, instance).await? {
+            if c.state.as_ref().map(|s| s.to_string()).as_deref() == Some("running")
+                && c.id.as_deref() != not
+            {
+                return Ok(c.id.unwrap_or_default());
+            }
+        }
+        ensure!(Instant::now() < deadline, "no running pin of {instance}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The container's cgroup CPU usage (ns), as dockerd reads it from the cgroup.
+async fn cpu_ns(docker: &Docker, id: &str) -> Result<u64> {
+    let opts = bollard::query_parameters::StatsOptions {
+        stream: false,
+        one_shot: true,
+    };
+    let s = docker
+        .stats(id, Some(opts))
+        .next()
+        .await
+        .context("no stats")??;
+    s.cpu_stats
+        .and_then(|c| c.cpu_usage)
+        .and_then(|u| u.total_usage)
+        .context("no cpu usage in stats")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pin_runs_in_an_empty_image_is_shared_costs_nothing_and_reports_loss() -> Result<()> {
+    let docker = docker();
+    // An image with one data file and no binaries.
+    let tag = format!("berth-test-pins:{}", std::process::id());
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("data"), "pinned")?;
+    let tar = Command::new("tar")
+        .arg("-C")
+        .arg(dir.path())
+        .args(["-cf", "-", "."])
+        .output()?;
+    ensure!(tar.status.success(), "tar failed");
+    let mut import = Command::new("docker")
+        .args(["import", "-", &tag])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(import.stdin.as_mut().unwrap(), &tar.stdout)?;
+    drop(import.stdin.take());
+    ensure!(
+        import.wait_with_output()?.status.success(),
+        "docker import failed"
+    );
+    let _image = Image(tag.clone());
+    let info = docker.info().await?;
+    let store = DockerStore::new(
+        info.docker_root_dir.clone().unwrap_or_default(),
+        StorageDriver::from_name(info.driver.as_deref().unwrap_or_default())?,
+    );
+    let img = resolve_base_image(&docker, &store, &tag).await?;
+    let id = img.id.to_string();
+    let instance = format!("berth-test-pins-{}", std::process::id());
+
+    // Created on the caller's path, started in the background.
+    let t = Instant::now();
+    let p1 = pin_image(&docker, &id, &instance, "build-1").await?;
+    let created = t.elapsed();
+    let cid = running_pin(&docker, &instance, None).await?;
+    let started = t.elapsed();
+    ensure!(cid == p1.container_id());
+    // A second build shares it.
+    let p2 = pin_image(&docker, &id, &instance, "build-2").await?;
+    ensure!(p2.container_id() == cid, "second build got another pin");
+    ensure!(pins(&docker, &instance).await?.len() == 1);
+
+    // Recognisable and locked down.
+    let c = docker
+        .inspect_container(&cid, None::<InspectContainerOptions>)
+        .await?;
+    let name = c.name.clone().unwrap_or_default();
+    let short = id
+        .trim_start_matches("sha256:")
+        .get(..12)
+        .unwrap_or_default();
+    ensure!(name.starts_with(&format!("/berth-pin-{short}-")), "{name}");
+    let labels = c
+        .config
+        .as_ref()
+        .and_then(|c| c.labels.clone())
+        .unwrap_or_default();
+    ensure!(labels.get(PIN_IMAGE_LABEL) == Some(&id), "{labels:?}");
+    ensure!(labels.get(PIN_PID_LABEL) == Some(&std::process::id().to_string()));
+    let hc = c.host_config.clone().unwrap_or_default();
+    ensure!(hc.network_mode.as_deref() == Some("none"), "{hc:?}");
+    ensure!(hc.cap_drop == Some(vec!["ALL".to_string()]));
+    ensure!(c.config.as_ref().and_then(|c| c.user.clone()).as_deref() == Some("65534:65534"));
+    let pid = c.state.as_ref().and_then(|s| s.pid).context("pid")?;
+
+    // Docker itself refuses to remove the image, even with -f; prunes are not tried here (system
+    // daemon; the integration tests prune a private one).
+    let rmi = Command::new("docker").args(["rmi", &tag]).output()?;
+    let err = String::from_utf8_lossy(&rmi.stderr);
+    ensure!(
+        !rmi.status.success() && err.contains("conflict"),
+        "rmi tag: {err}"
+    );
+    let rmi = Command::new("docker").args(["rmi", "-f", &id]).output()?;
+    let err = String::from_utf8_lossy(&rmi.stderr);
+    ensure!(
+        !rmi.status.success()
+            && err.contains("cannot be forced")
+            && err.contains("running container"),
+        "rmi -f id: {err}"
+    );
+
+    // No CPU (the cgroup's counter does not move in 2 s) and a few KiB of memory.
+    let u0 = cpu_ns(&docker, &cid).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let u1 = cpu_ns(&docker, &cid).await?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("VmRSS")?;
+    println!(
+        "pin: create {created:?}, running after {started:?}, VmRSS {rss_kb} kB, cgroup cpu {u0} ns, +{} ns in 2 s",
+        u1 - u0
+    );
+    ensure!(u1 - u0 < 1_000_000, "pin used {} ns of CPU in 2 s", u1 - u0);
+    ensure!(rss_kb < 1024, "pin RSS {rss_kb} kB");
+
+    // docker stop: the pin ends at once (SIGTERM, exit 143) and berth pins the image again.
+    let t = Instant::now();
+    let out = Command::new("docker")
+        .args(["stop", "-t", "10", &cid])
+        .output()?;
+    ensure!(out.status.success(), "docker stop failed");
+    let stop = t.elapsed();
+    ensure!(stop < Duration::from_secs(5), "docker stop took {stop:?}");
+    let again = running_pin(&docker, &instance, Some(&cid)).await?;
+    println!("pin: docker stop {stop:?}; pinned again as {again}");
+    p1.check(&tag, &img.layer_dirs).await?;
+
+    // Forced: remove the pin and the image (until the image is gone: berth re-pins quickly).
+    let mut gone = false;
+    for _ in 0..10 {
+        for c in pins(&docker, &instance).await? {
+            let _ = docker
+                .remove_container(
+                    c.id.as_deref().unwrap_or_default(),
+                    Some(bollard::query_parameters::RemoveContainerOptions {
+                        force: true,
+                        ..Default::default()
+                    }),
+                )
+                .await;
+        }
+        let r = docker
+            .remove_image(
+                &id,
+                Some(bollard::query_parameters::RemoveImageOptions {
+                    force: true,
+                    ..Default::default()
+                }),
+                None,
+            )
+            .await;
+        if r.is_ok() {
+            gone = true;
+            break;
+        }
+    }
+    ensure!(gone, "could not remove the image by force");
+    let err = match p1.check(&tag, &img.layer_dirs).await {
+        Ok(()) => bail!("check passed after the image was removed"),
+        Err(e) => e.to_string(),
+    };
+    println!("pin: after rm -f + rmi -f: {err}");
+    for want in [
+        tag.as_str(),
+        id.as_str(),
+        "was removed from Docker while the build used it",
+        "pin container berth-pin-",
+        "deleted",
+    ] {
+        ensure!(err.contains(want), "{want:?} not in {err}");
+    }
+    ensure!(!err.contains("No such file"), "{err}");
+
+    // Released: no pin container left (removal runs in the background).
+    drop(p1);
+    p2.release().await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !pins(&docker, &instance).await?.is_empty() {
+        ensure!(Instant::now() < deadline, "pins left");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
