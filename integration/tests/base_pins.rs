@@ -189,10 +189,8 @@ async fn prunes_and_rmi_during_a_build_leave_the_base_and_the_build_alone() {
         ..Default::default()
     });
     let prune = async {
-        seen_running
-            .lock()
-            .unwrap()
-            .insert(wait_running_pin(&s.host, 30).await);
+        let first = wait_running_pin(&s.host, 30).await;
+        seen_running.lock().unwrap().insert(first);
         while !done.load(Ordering::SeqCst) {
             for args in [
                 vec!["system", "prune", "-af"],
