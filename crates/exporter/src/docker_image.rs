@@ -231,8 +231,12 @@ impl ImageTarget {
                         .instrument(tracing::debug_span!("export.tag"))
                         .await
                     {
+                        // "No such image", or the image vanishing under the tag request
+                        // ("failed to get digest …: no such file or directory").
                         Err(Error::DockerTag { message, .. })
-                            if attempt < 3 && message.contains("No such image") =>
+                            if attempt < 3
+                                && (message.contains("No such image")
+                                    || message.contains("no such file or directory")) =>
                         {
                             tracing::warn!(%message, "image removed between load and tag (a prune?); loading it again");
                         }
