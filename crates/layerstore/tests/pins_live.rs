@@ -247,8 +247,12 @@ async fn pin_runs_in_an_empty_image_is_shared_costs_nothing_and_reports_loss() -
     drop(p1);
     p2.release().await?;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !pins(&docker, &instance).await?.is_empty() {
-        ensure!(Instant::now() < deadline, "pins left");
+    loop {
+        let left = pins(&docker, &instance).await?;
+        if left.is_empty() {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "pins left: {left:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok(())

@@ -187,6 +187,9 @@ struct State {
     events: Vec<String>,
     /// Set when the pin cannot be kept any more (image gone, too many losses).
     given_up: bool,
+    /// Set when the last handle went: the releaser removes `container`, the supervisor must
+    /// not make another one (and removes one it made meanwhile).
+    released: bool,
 }
 
 /// Pins `image` (an image ID; a reference works but is resolved by dockerd at creation) for
@@ -380,7 +383,7 @@ impl Drop for SettledOnExit {
 
 /// Starts the pin container `id`, waits for it to stop, records why, and pins again while
 /// builds hold the pin and the image exists (module docs). Ends when the [`Shared`] is dropped
-/// (it aborts this task), when the image is gone, or after [`MAX_REPINS`] losses.
+/// (the last handle went: `released`), when the image is gone, or after [`MAX_REPINS`] losses.
 async fn supervise(
     cfg: Arc<Config>,
     state: Arc<Mutex<State>>,
@@ -405,12 +408,20 @@ async fn supervise(
         }
         let name = name_of(&state);
         let started = std::time::Instant::now();
-        let event = match start(docker, &id).await {
+        let r = start(docker, &id).await;
+        if released(&state) {
+            return;
+        }
+        let event = match r {
             Ok(()) => {
                 state.lock().unwrap().running = true;
                 settled.0.send_replace(true);
                 tracing::debug!(container = %id, took_ms = started.elapsed().as_millis() as u64, "pin container started");
-                wait_stopped(docker, &id, &name).await
+                let event = wait_stopped(docker, &id, &name).await;
+                if released(&state) {
+                    return;
+                }
+                event
             }
             Err(e) if is_404(&e) => {
                 format!("pin container {name} was removed before it started (docker container prune or docker rm)")
@@ -437,7 +448,7 @@ async fn supervise(
         // The lost container is removed by whoever removed it, or now (stopped, still there).
         let _ = remove_container(docker, &id).await;
         // Pin again if builds still hold the pin and the image is still there.
-        if owner.strong_count() == 0 || STOPPING.load(Ordering::SeqCst) {
+        if owner.strong_count() == 0 || STOPPING.load(Ordering::SeqCst) || released(&state) {
             return;
         }
         let image_there = loop {
@@ -455,25 +466,34 @@ async fn supervise(
             let mut st = state.lock().unwrap();
             st.events
                 .push(format!("image {} was then deleted from Docker", cfg.image));
-            st.given_up = true;
-            st.container = None;
-            PINS_HELD.fetch_sub(1, Ordering::Relaxed);
+            give_up(&mut st);
+            return;
+        }
+        if released(&state) {
             return;
         }
         match create(&cfg).await {
             Ok((new_id, new_name)) => {
+                let released = {
+                    let mut st = state.lock().unwrap();
+                    if !st.released {
+                        st.container = Some((new_id.clone(), new_name));
+                    }
+                    st.released
+                };
+                if released {
+                    let _ = remove_container(docker, &new_id).await;
+                    return;
+                }
                 tracing::info!(image = %cfg.image, container = %new_id, "image pinned again");
                 settled.0.send_replace(false);
-                state.lock().unwrap().container = Some((new_id.clone(), new_name));
                 id = new_id;
             }
             Err(e) => {
                 let mut st = state.lock().unwrap();
                 st.events
                     .push(format!("pinning image {} again failed: {e}", cfg.image));
-                st.given_up = true;
-                st.container = None;
-                PINS_HELD.fetch_sub(1, Ordering::Relaxed);
+                give_up(&mut st);
                 return;
             }
         }
@@ -482,6 +502,16 @@ async fn supervise(
     st.events.push(format!(
         "gave up after {MAX_REPINS} pin containers were lost"
     ));
+    give_up(&mut st);
+}
+
+/// Whether the last handle went (see [`State::released`]).
+fn released(state: &Mutex<State>) -> bool {
+    state.lock().unwrap().released
+}
+
+/// No more pin containers for this image (the current one is gone).
+fn give_up(st: &mut State) {
     st.given_up = true;
     if st.container.take().is_some() {
         PINS_HELD.fetch_sub(1, Ordering::Relaxed);
@@ -668,10 +698,15 @@ impl Pin {
 impl Shared {
     /// Stops the supervisor and takes the current container for removal.
     fn take_for_removal(&self) -> (Docker, Option<String>) {
-        if let Some(t) = self.supervisor.lock().unwrap().take() {
-            t.abort();
-        }
-        let id = self.state.lock().unwrap().container.take().map(|c| c.0);
+        // Not aborted: it may be between creating a container and recording it. It sees
+        // `released` at its next step and ends (a long poll on the container ends with the
+        // container's removal).
+        drop(self.supervisor.lock().unwrap().take());
+        let id = {
+            let mut st = self.state.lock().unwrap();
+            st.released = true;
+            st.container.take().map(|c| c.0)
+        };
         if id.is_some() {
             PINS_HELD.fetch_sub(1, Ordering::Relaxed);
         }
