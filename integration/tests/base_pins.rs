@@ -11,7 +11,16 @@
 //!   Docker (no image, no container, no orphan layer dir) or in berth's store (no mutable
 //!   snapshot);
 //! - berthd stopped mid-build removes its pins; berthd killed (SIGKILL) leaves a running pin,
-//!   which the next start removes.
+//!   which the next start removes;
+//! - at each phase of a build, reached exactly (berthd's hold points `BERTH_FAULT_HOLD` at the
+//!   base's resolution once its pin runs, before the exec's commit, before the export's load and
+//!   between load and tag; a RUN waiting for a file the test writes into its root for the
+//!   running exec): every routine cleanup and `docker rmi` of the base's tag and ID with and
+//!   without `-f` leave the build alone (one build, checked at each phase: the base is intact,
+//!   `docker ps` shows its one running pin with the owner's labels); the pin and the base
+//!   removed by force fail the build with the clear error and leave nothing, at every phase
+//!   before the load (after it, the loaded image holds the layers and the build succeeds);
+//! - `soak_builds_under_prunes` (ignored): 200 builds with a prune every few seconds.
 //!
 //! Needs root, runc, overlayfs, dockerd and containerd, busybox-static.
 
@@ -454,4 +463,632 @@ async fn pins_go_when_berthd_stops_and_after_a_crash() {
         log.contains("removed base-image pins of a previous berthd"),
         "no stale-pin removal in the log:\n{log}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Each phase of a build, reached exactly through berthd's hold points (`BERTH_FAULT_HOLD`, see
+// `layerstore::dockerstore::fault::hold_point`) and, for the running exec, a RUN that waits for
+// a file the test writes into its root (found through /proc): no sleeps decide what is tested.
+// ---------------------------------------------------------------------------------------------
+
+/// The phases of a build on a base image used in place: (name, hold point; `None` for the
+/// running exec, which the test holds itself).
+const PHASES: &[(&str, Option<&str>)] = &[
+    (
+        "base resolution (pinned, no layer read yet)",
+        Some("base:pinned"),
+    ),
+    ("a running exec", None),
+    ("commit of the exec's output", Some("exec:before-commit")),
+    ("export, before the load", Some("live:before-load")),
+    ("export, loaded but not tagged", Some("live:loaded")),
+];
+
+/// berthd's hold points, armed through files in a directory of the test's.
+struct Holds {
+    dir: tempfile::TempDir,
+}
+
+impl Holds {
+    fn new() -> Holds {
+        Holds {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn env(&self) -> (&'static str, String) {
+        (
+            layerstore::dockerstore::fault::HOLD_ENV,
+            self.dir.path().display().to_string(),
+        )
+    }
+
+    fn arm(&self, step: &str) {
+        std::fs::write(self.dir.path().join(step), b"").unwrap();
+    }
+
+    /// Waits (≤ 60 s) until berthd holds at `step`.
+    async fn reached(&self, step: &str, berthd: &Berthd) {
+        let held = self.dir.path().join(format!("{step}.held"));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !held.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "berthd did not reach {step} within 60 s\nberthd log:\n{}",
+                berthd.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn release(&self, step: &str) {
+        std::fs::remove_file(self.dir.path().join(format!("{step}.held"))).unwrap();
+    }
+}
+
+/// A RUN that waits (≤ 60 s) for `/.berth-go`, then reads the base (checksum of /bin/busybox)
+/// and writes 4 MB; `marker` makes its command line findable in /proc.
+fn phased_build(base: &str, marker: &str, name: &str) -> BuildOptions {
+    let script = format!(
+        ": {marker}; i=0; until [ -e /.berth-go ] || [ $i -ge 1200 ]; do sleep 0.05; i=$((i+1)); done; \
+         rm -f /.berth-go; md5sum /bin/busybox > /sum; cat /etc/passwd > /passwd; \
+         dd if=/dev/urandom of=/big bs=1M count=4 2>/dev/null"
+    );
+    let def = llb::State::from(llb::image(base))
+        .run(RunOpts::shell(&script))
+        .root()
+        .marshal()
+        .unwrap();
+    let mut attrs = BTreeMap::new();
+    attrs.insert("name".to_string(), name.to_string());
+    BuildOptions {
+        definition: Some(def),
+        output: Output::Raw("image".into(), attrs),
+        ..Default::default()
+    }
+}
+
+/// The host PID of the process whose command line contains `marker` (≤ 60 s).
+async fn wait_process(marker: &str, berthd: &Berthd) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+                continue;
+            };
+            // The shell itself (its script is one argument), not a `sleep` it started.
+            if String::from_utf8_lossy(&cmd).contains(marker) {
+                return pid;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the RUN with {marker} did not start within 60 s\nberthd log:\n{}",
+            berthd.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Lets the RUN of process `pid` go on (it waits for `/.berth-go` in its root).
+fn release_process(pid: u32) {
+    std::fs::write(format!("/proc/{pid}/root/.berth-go"), b"").unwrap();
+}
+
+/// Whether process `pid` still runs.
+fn running(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// What `docker ps` shows of the running pins: one, named after the base, labelled with the
+/// berthd that owns it.
+fn assert_one_running_pin(s: &Setup, phase: &str) {
+    let (ok, out, err) = docker(
+        &s.host,
+        &[
+            "ps",
+            "--filter",
+            "label=dev.berth.pin",
+            "--format",
+            "{{.Names}}|{{.Label \"dev.berth.pin\"}}|{{.Label \"dev.berth.pin.image\"}}|{{.Status}}",
+        ],
+    );
+    assert!(ok, "docker ps: {err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 1, "{phase}: docker ps shows {lines:?}");
+    let f: Vec<&str> = lines[0].split('|').collect();
+    let short = s.base_id.trim_start_matches("sha256:").get(..12).unwrap();
+    assert!(
+        f[0].starts_with(&format!("berth-pin-{short}-")),
+        "{phase}: pin named {}",
+        f[0]
+    );
+    assert_eq!(
+        f[1],
+        format!("worker:{}", s.berthd.root().join("worker").display()),
+        "{phase}: owner label"
+    );
+    assert_eq!(f[2], s.base_id, "{phase}: image label");
+    assert!(f[3].starts_with("Up"), "{phase}: pin status {}", f[3]);
+}
+
+/// Every routine cleanup and every `docker rmi` of the base at one phase of a running build.
+async fn routine_cleanups(s: &Setup, phase: &str) {
+    for args in [
+        vec!["system", "prune", "-af"],
+        vec!["container", "prune", "-f"],
+        vec!["image", "prune", "-af"],
+    ] {
+        let (ok, _, err) = docker_async(&s.host, &args).await;
+        assert!(ok, "{phase}: docker {args:?}: {err}");
+    }
+    // The tag (must force), the ID, and the ID with -f (a running container: cannot be forced).
+    for (args, want) in [
+        (vec!["rmi", s.base_ref.as_str()], "must force"),
+        (vec!["rmi", s.base_id.as_str()], "conflict"),
+        (vec!["rmi", "-f", s.base_id.as_str()], "running container"),
+    ] {
+        let (ok, _, err) = docker_async(&s.host, &args).await;
+        assert!(!ok, "{phase}: docker {args:?} removed the pinned base");
+        assert!(err.contains(want), "{phase}: docker {args:?}: {err}");
+    }
+    assert!(
+        docker_async(&s.host, &["image", "inspect", &s.base_id])
+            .await
+            .0,
+        "{phase}: base gone"
+    );
+    assert_one_running_pin(s, phase);
+    // `docker rmi -f <tag>` removes the tag only (Docker keeps an image a running container
+    // uses): the build, which uses the image by ID, goes on. The test tags it again.
+    let (ok, out, err) = docker_async(&s.host, &["rmi", "-f", &s.base_ref]).await;
+    assert!(
+        ok && out.contains("Untagged"),
+        "{phase}: rmi -f of the tag: {out}{err}"
+    );
+    assert!(
+        docker_async(&s.host, &["image", "inspect", &s.base_id])
+            .await
+            .0,
+        "{phase}: base gone after rmi -f of its tag"
+    );
+    let (ok, _, err) = docker_async(&s.host, &["tag", &s.base_id, &s.base_ref]).await;
+    assert!(ok, "tag the base again: {err}");
+}
+
+async fn setup_held(holds: &Holds) -> (Setup, integration::TestImage) {
+    require_root();
+    let dockerd = PrivateDockerd::new(PrivateDockerdOptions::default()).unwrap();
+    let host = dockerd.engine().host();
+    let base = busybox_image(dockerd.engine()).await.unwrap();
+    let (k, v) = holds.env();
+    let berthd = Berthd::start_with_env(&["--docker-host", &host], &[(k, &v)]).unwrap();
+    (
+        Setup {
+            host,
+            base_ref: base.reference().to_string(),
+            base_id: base.id().to_string(),
+            berthd,
+            dockerd,
+        },
+        base,
+    )
+}
+
+/// `docker system prune -af`, `docker container prune -f`, `docker image prune -af`, and `docker
+/// rmi` of the base's tag and ID with and without `-f`, at each phase of one build (held there):
+/// the build succeeds with a correct, runnable image, `docker ps` shows the one running pin at
+/// every phase and no pin after the build.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_cleanup_at_each_phase_leaves_the_build_alone() {
+    let holds = Holds::new();
+    let (s, _base) = setup_held(&holds).await;
+    for (_, step) in PHASES {
+        if let Some(step) = step {
+            holds.arm(step);
+        }
+    }
+    let client = s.berthd.client().await.unwrap();
+    let name = format!("{}:1", unique_name("berth-test/phases"));
+    let marker = unique_name("berth-phase-run");
+    let build = client.build(phased_build(&s.base_ref, &marker, &name));
+    let drive = async {
+        let t0 = Instant::now();
+        for (phase, step) in PHASES {
+            let t = Instant::now();
+            match step {
+                Some(step) => {
+                    holds.reached(step, &s.berthd).await;
+                    routine_cleanups(&s, phase).await;
+                    holds.release(step);
+                }
+                None => {
+                    let pid = wait_process(&marker, &s.berthd).await;
+                    routine_cleanups(&s, phase).await;
+                    assert!(
+                        running(pid),
+                        "{phase}: the RUN ended before the cleanups did"
+                    );
+                    release_process(pid);
+                }
+            }
+            println!("{phase}: cleanups took {:?}", t.elapsed());
+        }
+        println!("all phases: {:?}", t0.elapsed());
+    };
+    let (report, ()) = tokio::join!(build, drive);
+    let report = report.unwrap();
+    let resp = report
+        .solve
+        .as_ref()
+        .unwrap_or_else(|e| panic!("build failed: {e}\nberthd log:\n{}", s.berthd.log_text()));
+    assert!(resp.exporter_response.contains_key("containerimage.digest"));
+    // The prune at "loaded but not tagged" removed the untagged new image: berth loaded it again.
+    let log = s.berthd.log_text();
+    assert!(
+        log.contains("image removed between load and tag"),
+        "the image prune after the load did not hit the loaded image:\n{log}"
+    );
+    // The image is right: the RUN read the intact base (/bin/busybox is the host's).
+    let want = Command::new("md5sum").arg("/bin/busybox").output().unwrap();
+    let want = String::from_utf8_lossy(&want.stdout).into_owned();
+    let (ok, got, err) = docker(
+        &s.host,
+        &[
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            &name,
+            "sh",
+            "-c",
+            "cat /sum; md5sum /bin/busybox; wc -c < /big; test ! -e /.berth-go",
+        ],
+    );
+    assert!(ok, "built image does not run: {err}");
+    assert_eq!(got, format!("{want}{want}4194304\n"));
+    wait_no_pins(&s.host, "after the build").await;
+    assert!(docker(&s.host, &["image", "inspect", &s.base_id]).0);
+}
+
+/// The pin removed by force and the base deleted with `docker rmi -f` at each phase, each in a
+/// build of its own: the build fails with the clear error and leaves nothing, or (later phases:
+/// a pin container berth made again before the image went, or the loaded image, still holds
+/// the layers) succeeds with the right image. Before the exec read the base it always fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forced_removal_at_each_phase_fails_clearly_or_succeeds() {
+    let holds = Holds::new();
+    let (mut s, base) = setup_held(&holds).await;
+    std::mem::forget(base); // removed by force below
+    let client = s.berthd.client().await.unwrap();
+    let api = s.dockerd.engine().client().clone();
+    let mut outcomes = Vec::new();
+    for (i, (phase, step)) in PHASES.iter().enumerate() {
+        if i > 0 {
+            // A fresh base (the last one was deleted).
+            let b = busybox_image(s.dockerd.engine()).await.unwrap();
+            s.base_ref = b.reference().to_string();
+            s.base_id = b.id().to_string();
+            std::mem::forget(b);
+        }
+        let (_, images_before, _) = docker(&s.host, &["images", "-aq", "--no-trunc"]);
+        if let Some(step) = step {
+            holds.arm(step);
+        }
+        let name = format!("{}:1", unique_name("berth-test/forced-phase"));
+        let marker = unique_name("berth-forced-run");
+        let build = client.build(phased_build(&s.base_ref, &marker, &name));
+        let force = async {
+            let pid = match step {
+                Some(step) => {
+                    if i > 1 {
+                        // Past the exec: let its RUN finish first.
+                        release_process(wait_process(&marker, &s.berthd).await);
+                    }
+                    holds.reached(step, &s.berthd).await;
+                    None
+                }
+                None => Some(wait_process(&marker, &s.berthd).await),
+            };
+            remove_base_by_force(&api, &s.base_id).await;
+            match (step, pid) {
+                (Some(step), _) => holds.release(step),
+                (None, Some(pid)) => release_process(pid),
+                _ => unreachable!(),
+            }
+        };
+        let (report, ()) = tokio::join!(build, force);
+        let report = report.unwrap();
+        if let Ok(resp) = &report.solve {
+            // The layers outlived the image record (a pin container berth made again before
+            // the image went still references them, or the loaded image does): the result must
+            // be the right image.
+            assert!(resp.exporter_response.contains_key("containerimage.digest"));
+            let want = Command::new("md5sum").arg("/bin/busybox").output().unwrap();
+            let want = String::from_utf8_lossy(&want.stdout).into_owned();
+            let (ok, got, err) = docker(
+                &s.host,
+                &[
+                    "run",
+                    "--rm",
+                    "--network",
+                    "none",
+                    &name,
+                    "sh",
+                    "-c",
+                    "cat /sum; md5sum /bin/busybox; wc -c < /big",
+                ],
+            );
+            assert!(ok, "{phase}: built image does not run: {err}");
+            assert_eq!(got, format!("{want}{want}4194304\n"), "{phase}");
+            println!("{phase}: build succeeded with a correct image");
+            outcomes.push((*phase, "succeeded, image correct"));
+            let _ = docker(&s.host, &["rmi", &name]);
+        } else {
+            let err = report.solve.as_ref().unwrap_err().message().to_string();
+            println!("{phase}: {err}");
+            outcomes.push((*phase, "failed with the clear error"));
+            for want in [
+                "base image ".to_string(),
+                s.base_ref.clone(),
+                s.base_id.clone(),
+                "was removed from Docker while the build used it".to_string(),
+                "pin container berth-pin-".to_string(),
+            ] {
+                assert!(err.contains(&want), "{phase}: {want:?} not in: {err}");
+            }
+            assert!(!err.contains("No such file or directory"), "{phase}: {err}");
+            // Nothing in Docker: no new image, no container, no orphan layer dir.
+            let (_, images_after, _) = docker(&s.host, &["images", "-aq", "--no-trunc"]);
+            let before: BTreeSet<&str> = images_before.lines().collect();
+            let new: Vec<&str> = images_after
+                .lines()
+                .filter(|i| !before.contains(i))
+                .collect();
+            assert!(new.is_empty(), "{phase}: images left in Docker: {new:?}");
+            let left = offline_leftovers(&s.dockerd.data_root());
+            assert!(
+                left.is_empty(),
+                "{phase}: left in Docker's data root: {left:?}"
+            );
+            // Nothing half-written in berth's store: no mutable (unfinished) snapshot.
+            let mutable: Vec<_> = du(&client)
+                .await
+                .into_iter()
+                .filter(|r| r.mutable)
+                .collect();
+            assert!(
+                mutable.is_empty(),
+                "{phase}: unfinished snapshots: {mutable:?}"
+            );
+        }
+        wait_no_pins(&s.host, phase).await;
+        let (_, containers, _) = docker(&s.host, &["ps", "-aq"]);
+        assert!(
+            containers.trim().is_empty(),
+            "{phase}: containers left: {containers}"
+        );
+    }
+    println!("forced removal outcomes: {outcomes:?}");
+    // Up to the exec's read of the base the layers are gone for good: those builds fail.
+    for (phase, outcome) in &outcomes[..2] {
+        assert_eq!(*outcome, "failed with the clear error", "{phase}");
+    }
+}
+
+/// Removes the pins and the image `id` through the API until the image is gone (berth pins again
+/// while the image is there, and a running pin makes even `docker rmi -f` fail).
+async fn remove_base_by_force(api: &integration::bollard::Docker, id: &str) {
+    use integration::bollard::query_parameters::{
+        ListContainersOptions, RemoveContainerOptions, RemoveImageOptions,
+    };
+    for _ in 0..50 {
+        let filters = std::collections::HashMap::from([(
+            "label".to_string(),
+            vec!["dev.berth.pin".to_string()],
+        )]);
+        let list = api
+            .list_containers(Some(ListContainersOptions {
+                all: true,
+                filters: Some(filters),
+                ..Default::default()
+            }))
+            .await
+            .unwrap();
+        for c in list {
+            let _ = api
+                .remove_container(
+                    c.id.as_deref().unwrap_or_default(),
+                    Some(RemoveContainerOptions {
+                        force: true,
+                        ..Default::default()
+                    }),
+                )
+                .await;
+        }
+        let r = api
+            .remove_image(
+                id,
+                Some(RemoveImageOptions {
+                    force: true,
+                    ..Default::default()
+                }),
+                None,
+            )
+            .await;
+        if r.is_ok() {
+            return;
+        }
+    }
+    panic!("the base could not be removed by force");
+}
+
+/// Soak (ignored; run for the record): 200 builds, three at a time, of a base that lives in a
+/// registry (so berth pulls it again whenever a prune deleted it between builds), while
+/// `docker system prune -af`, `docker container prune -f`, `docker image prune -af`, `docker rmi`
+/// of its tag and `docker rmi -f` of its ID take turns every 2 s. No build may fail; each image
+/// that is still there when its build ends runs with its own content; no pin is left.
+/// `BERTH_SOAK_BUILDS` overrides the count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "soak: 200 builds under prunes (minutes)"]
+async fn soak_builds_under_prunes() {
+    let total: usize = std::env::var("BERTH_SOAK_BUILDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let (s, base) = setup().await;
+    let registry = integration::Registry::start().unwrap();
+    let client = s.berthd.client().await.unwrap();
+    // The base, pushed to the registry by berthd (the private dockerd cannot reach the host's
+    // loopback from its network namespace; berthd pulls with its own client).
+    let remote = format!(
+        "{}/{}:1",
+        registry.addr(),
+        unique_name("berth-test/soak-base")
+    );
+    let def = llb::State::from(llb::image(base.reference()))
+        .file(llb::mkfile(
+            "/soak-base",
+            0o644,
+            b"soak".to_vec(),
+            Default::default(),
+        ))
+        .marshal()
+        .unwrap();
+    let mut attrs = BTreeMap::new();
+    attrs.insert("name".to_string(), remote.clone());
+    attrs.insert("push".to_string(), "true".to_string());
+    let r = client
+        .build(BuildOptions {
+            definition: Some(def),
+            output: Output::Raw("image".into(), attrs),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    r.solve.as_ref().expect("push the soak base");
+    drop(base);
+    let done = AtomicBool::new(false);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failures: Mutex<Vec<String>> = Default::default();
+    let (verified, gone) = (
+        std::sync::atomic::AtomicUsize::new(0),
+        std::sync::atomic::AtomicUsize::new(0),
+    );
+    let prunes = std::sync::atomic::AtomicUsize::new(0);
+    let t0 = Instant::now();
+    let (next, failures_r, verified_r, gone_r, client_r, s_r, remote_r) =
+        (&next, &failures, &verified, &gone, &client, &s, &remote);
+    let worker = move || async move {
+        let (failures, verified, gone, client, s, remote) =
+            (failures_r, verified_r, gone_r, client_r, s_r, remote_r);
+        loop {
+            let i = next.fetch_add(1, Ordering::SeqCst);
+            if i >= total {
+                return;
+            }
+            let name = format!("{}:{i}", unique_name("berth-test/soak"));
+            let def = llb::State::from(llb::image(remote))
+                .run(RunOpts::shell(&format!(
+                    "test -e /soak-base && md5sum /bin/busybox > /sum && echo {i} > /i"
+                )))
+                .root()
+                .marshal()
+                .unwrap();
+            let mut attrs = BTreeMap::new();
+            attrs.insert("name".to_string(), name.clone());
+            let r = client
+                .build(BuildOptions {
+                    definition: Some(def),
+                    output: Output::Raw("image".into(), attrs),
+                    ..Default::default()
+                })
+                .await;
+            match r.map_err(|e| e.to_string()).and_then(|r| {
+                r.solve
+                    .as_ref()
+                    .map(|_| ())
+                    .map_err(|e| e.message().to_string())
+            }) {
+                Err(e) => failures.lock().unwrap().push(format!("build {i}: {e}")),
+                Ok(()) => {
+                    let (ok, out, err) = docker_async(
+                        &s.host,
+                        &["run", "--rm", "--network", "none", &name, "cat", "/i"],
+                    )
+                    .await;
+                    if ok && out == format!("{i}\n") {
+                        verified.fetch_add(1, Ordering::SeqCst);
+                    } else if err.contains("No such image")
+                        || err.contains("Unable to find")
+                        || err.contains("pull access denied")
+                    {
+                        // A prune took the finished image before it ran: not a lost build.
+                        gone.fetch_add(1, Ordering::SeqCst);
+                    } else {
+                        failures
+                            .lock()
+                            .unwrap()
+                            .push(format!("build {i}: image does not run: {out}{err}"));
+                    }
+                    let _ = docker_async(&s.host, &["rmi", &name]).await;
+                }
+            }
+            if (i + 1) % 20 == 0 {
+                println!("{} builds in {:?}", i + 1, t0.elapsed());
+            }
+        }
+    };
+    let pruner = async {
+        let cleanups: [&[&str]; 6] = [
+            &["system", "prune", "-af"],
+            &["container", "prune", "-f"],
+            &["image", "prune", "-af"],
+            &["rmi", &remote],
+            &["system", "prune", "-af"],
+            &["rmi", "-f", &remote],
+        ];
+        let mut k = 0;
+        while !done.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let _ = docker_async(&s.host, cleanups[k % cleanups.len()]).await;
+            k += 1;
+            prunes.fetch_add(1, Ordering::SeqCst);
+        }
+    };
+    let builds = async {
+        tokio::join!(worker(), worker(), worker());
+        done.store(true, Ordering::SeqCst);
+    };
+    tokio::join!(builds, pruner);
+    let failures = failures.into_inner().unwrap();
+    println!(
+        "soak: {total} builds in {:?}, {} cleanups; {} images verified by docker run, {} pruned before \
+         they ran, {} failures",
+        t0.elapsed(),
+        prunes.load(Ordering::SeqCst),
+        verified.load(Ordering::SeqCst),
+        gone.load(Ordering::SeqCst),
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {total} builds lost:\n{}\nberthd log tail:\n{}",
+        failures.len(),
+        failures.join("\n"),
+        s.berthd
+            .log_text()
+            .lines()
+            .rev()
+            .take(200)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    wait_no_pins(&s.host, "after the soak").await;
 }

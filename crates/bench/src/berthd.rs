@@ -15,6 +15,7 @@ pub struct Berthd {
     child: tokio::process::Child,
     pid: String,
     socket: PathBuf,
+    root: PathBuf,
 }
 
 /// What one build through berthd showed.
@@ -75,12 +76,59 @@ impl Berthd {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Ok(Berthd { child, pid, socket })
+        Ok(Berthd {
+            child,
+            pid,
+            socket,
+            root: dir.join("root"),
+        })
     }
 
     /// The daemon's PID.
     pub fn pid(&self) -> &str {
         &self.pid
+    }
+
+    /// The daemon's `--root` (its pins are labelled `dev.berth.pin=worker:<root>`).
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// One build of `def` without exports (solve only); the client's wall time of the build.
+    pub async fn timed_solve(&self, def: protos::pb::Definition) -> Result<Duration> {
+        let t = Instant::now();
+        let client = BuildkitClient::connect_unix(&self.socket).await?;
+        let report = client
+            .build(BuildOptions {
+                definition: Some(def),
+                ..Default::default()
+            })
+            .await
+            .context("build through berthd's gRPC API")?;
+        let took = t.elapsed();
+        if let Err(e) = &report.solve {
+            bail!("berthd: Control.Solve failed: {e}");
+        }
+        Ok(took)
+    }
+
+    /// Starts a build of `def` (no exports) in a task of its own; aborting the task drops the
+    /// client's calls, which cancels the build.
+    pub fn spawn_solve(&self, def: protos::pb::Definition) -> tokio::task::JoinHandle<()> {
+        let socket = self.socket.clone();
+        tokio::spawn(async move {
+            match BuildkitClient::connect_unix(&socket).await {
+                Ok(client) => {
+                    let _ = client
+                        .build(BuildOptions {
+                            definition: Some(def),
+                            ..Default::default()
+                        })
+                        .await;
+                }
+                Err(e) => eprintln!("holder build: {e}"),
+            }
+        })
     }
 
     /// Resets the daemon's peak RSS (`VmHWM`) to its current RSS.

@@ -13,7 +13,8 @@
 //! `--output type=docker | docker load`. The offline mode (dockerd stopped) runs the worker and
 //! exporter in this process: berthd's worker resolves `docker-image` sources through the Engine
 //! API, so a build cannot run while the daemon is stopped. Scenarios 3 to 5 drive the worker in
-//! this process. The scenario lines in the report say which path each row took.
+//! this process. Scenario 8 calls the pin API directly and builds through two berthds. The
+//! scenario lines in the report say which path each row took.
 
 mod berthd;
 mod buildkitd;
@@ -1329,6 +1330,164 @@ async fn scenario_telemetry(b: &mut Bench) -> Result<()> {
     Ok(())
 }
 
+/// Scenario 8: what pinning a base image costs a build (issue #17). Directly through
+/// `layerstore::dockerstore` on the system dockerd: the pin container's create (the build waits
+/// for it while resolving the base), create → running (upload of the pin program and start: the
+/// build waits for it before the base's layers are first read, overlapped with whatever the build
+/// does meanwhile) and the release (stop and remove, in the background after the export). Then
+/// through two real berthds, builds alternating between them: one whose base pin is already held
+/// by a long build of its own (shared, so no pin work) and one that pins afresh every build; the
+/// difference of the medians is the pin's cost on a build's critical path.
+async fn scenario_pins(b: &mut Bench) -> Result<()> {
+    const ROUNDS: usize = 9;
+    eprintln!("scenario 8: base-image pins");
+    let base = b.base_image("pin-base", sz(b.scale, MIB), 8).await?;
+    let id = b
+        .docker
+        .inspect_image(&base)
+        .await?
+        .id
+        .context("base image without ID")?;
+    let instance = format!("bench:{}", std::process::id());
+    let (mut create, mut start, mut release) = (vec![], vec![], vec![]);
+    for round in 0..ROUNDS + 1 {
+        let t = Instant::now();
+        let pin = layerstore::dockerstore::pin_image(&b.docker, &id, &instance, "bench").await?;
+        let created = t.elapsed();
+        ensure!(
+            pin.wait_running(Duration::from_secs(60)).await,
+            "pin container of {base} did not run within 60 s"
+        );
+        let running = t.elapsed();
+        let t = Instant::now();
+        pin.release().await?;
+        let released = t.elapsed();
+        if round > 0 {
+            create.push(secs(created));
+            start.push(secs(running - created));
+            release.push(secs(released));
+        }
+    }
+    layerstore::dockerstore::remove_stale_pins(&b.docker, &instance).await?;
+    let on_path = median(&create) + median(&start);
+    b.row(
+        8,
+        "pin: create the pin container (`pin_image`; the base's resolution waits for it)".into(),
+        create,
+        Unit::Secs,
+        String::new(),
+        "system dockerd, `POST /containers/create` of the base with the pin's config".into(),
+    );
+    b.row(
+        8,
+        "pin: created → running (upload of the 1 KB pin program, start)".into(),
+        start,
+        Unit::Secs,
+        format!(
+            "create + start = {:.0} ms (target < 50 ms)",
+            on_path * 1000.0
+        ),
+        "waited for before the base's layers are first read; overlaps the rest of the resolution"
+            .into(),
+    );
+    b.row(
+        8,
+        "pin: release (stop + remove the running container)".into(),
+        release,
+        Unit::Secs,
+        String::new(),
+        "off the critical path: berthd does it in the background after the export".into(),
+    );
+
+    // Through berthd: the same solve (base + a RUN that differs per build, no export) on a berthd
+    // whose pin of the base is held by a long build (warm) and on one that pins afresh (cold).
+    let bin = Bench::berthd_bin()?;
+    let warm =
+        berthd::Berthd::start(&bin, &b.scratch.join("berthd-pin-warm"), SYSTEM_DOCKER).await?;
+    let cold =
+        berthd::Berthd::start(&bin, &b.scratch.join("berthd-pin-cold"), SYSTEM_DOCKER).await?;
+    let holder_def = llb::State::from(llb::image(&base))
+        .run(llb::RunOpts::shell("sleep 3600"))
+        .root()
+        .marshal()?;
+    let holder = warm.spawn_solve(holder_def);
+    // The holder's pin runs before the first measured build.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let out = docker_cmd(&[
+            "ps",
+            "-q",
+            "--filter",
+            &format!("label=dev.berth.pin=worker:{}", warm.root().display()),
+        ])
+        .await?;
+        if !out.trim().is_empty() {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the holder build's pin did not run within 120 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (mut t_warm, mut t_cold) = (vec![], vec![]);
+    for round in 0..ROUNDS + 1 {
+        let order = if round % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        for is_cold in order {
+            let def = llb::State::from(llb::image(&base))
+                .run(llb::RunOpts::shell(&format!(
+                    "echo {} > /r",
+                    hex::encode(rand_bytes::<8>())
+                )))
+                .root()
+                .marshal()?;
+            let d = if is_cold { &cold } else { &warm };
+            let took = d.timed_solve(def).await?;
+            if round > 0 {
+                if is_cold { &mut t_cold } else { &mut t_warm }.push(secs(took));
+            }
+        }
+    }
+    holder.abort();
+    let roots = [warm.root().to_path_buf(), cold.root().to_path_buf()];
+    warm.stop().await?;
+    cold.stop().await?;
+    // Killed berthds leave their pins (a restart would remove them): remove them here.
+    for root in roots {
+        layerstore::dockerstore::remove_stale_pins(
+            &b.docker,
+            &format!("worker:{}", root.display()),
+        )
+        .await?;
+    }
+    let (m_warm, m_cold) = (median(&t_warm), median(&t_cold));
+    b.row(
+        8,
+        "build through berthd (docker-image base + RUN, no export), base pin already held".into(),
+        t_warm,
+        Unit::Secs,
+        String::new(),
+        "a long build of the same base on this berthd holds the (shared) pin".into(),
+    );
+    b.row(
+        8,
+        "same, pinning the base afresh in every build".into(),
+        t_cold,
+        Unit::Secs,
+        format!(
+            "cold − warm = {:.0} ms (pin on the critical path), cold / warm = {:.2}×",
+            (m_cold - m_warm) * 1000.0,
+            if m_warm > 0.0 { m_cold / m_warm } else { 0.0 }
+        ),
+        "builds alternate between the two berthds (order swapped each round)".into(),
+    );
+    Ok(())
+}
+
 fn rand_bytes<const N: usize>() -> [u8; N] {
     let mut b = [0u8; N];
     let t = SystemTime::now()
@@ -1455,6 +1614,7 @@ const SCENARIOS: &[&str] = &[
     "5. **Layer tars**: berth's `write_layer` (tar + diffID + tar-split in one pass) of the 1 GiB tree, as a ratio to `tar c | sha256sum`.",
     "6. **Memory**: berthd's idle RSS, and berthd's peak RSS (VmHWM, reset before each build) during the builds of scenario 2 with a 50 MiB and a 2 GiB change: it must stay flat in the layer size.",
     "7. **Telemetry cost** (issue #18): a cached rebuild (docker-image base + RUN + a 20-file local context copy + a file, `--output type=image`) through two real berthds at once, one with telemetry off and one with `--debugaddr` and `OTEL_EXPORTER_OTLP_ENDPOINT` pointing at an OTLP/gRPC collector stand-in in the bench process (it decodes and counts spans); every build carries a client `traceparent`, so the traced daemon records and exports all its spans. Builds alternate between the daemons, order swapped each round; one executing and one cached warm-up each. Wall time of the client's whole build.",
+    "8. **Base-image pins** (issue #17): the pin container that keeps a base image used in place from Docker's prunes, directly through `layerstore::dockerstore` on the system dockerd (create; created → running, i.e. upload of the pin program and start; release = stop + remove, which berthd does in the background), then the same solve (docker-image base + a RUN differing per build, no export) through two real berthds, builds alternating: one whose pin of the base is held by a long build (shared pin: no pin work), one that pins afresh every build; cold − warm is the pin's cost on a build's critical path (target < 50 ms).",
 ];
 
 async fn cleanup(b: &Bench) {
@@ -1534,6 +1694,9 @@ async fn run() -> Result<()> {
         }
         if wants(&[7]) {
             scenario_telemetry(&mut b).await?;
+        }
+        if wants(&[8]) {
+            scenario_pins(&mut b).await?;
         }
         if wants(&[3]) {
             scenario_cache(&mut b).await?;

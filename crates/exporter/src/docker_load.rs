@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 use crate::archive::{write_docker_archive, ArchiveStats, ExportLayer};
 use crate::image::ImageConfig;
 use crate::{Error, Result};
+use layerstore::dockerstore::fault::hold_point;
 use layerstore::dockerstore::fault_point;
 
 /// What a thin load did.
@@ -102,6 +103,7 @@ impl DockerEngine {
             include.push(!present);
         }
         fault_point("live:before-load");
+        hold_point("live:before-load").await;
         let mut attempts = 0;
         loop {
             attempts += 1;
@@ -115,6 +117,7 @@ impl DockerEngine {
                         }
                     }
                     fault_point("live:loaded");
+                    hold_point("live:loaded").await;
                     return Ok(LoadReport {
                         image_id: config.digest.clone(),
                         sent,

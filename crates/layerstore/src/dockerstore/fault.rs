@@ -7,6 +7,10 @@
 //! already initialised `OnceLock`.
 //!
 //! Step names are `<mode>:<step>`; [`STEPS`] lists them per mode in the order they are reached.
+//!
+//! Hold points ([`hold_point`], [`HOLD_STEPS`]) are the gentle sibling: with
+//! `BERTH_FAULT_HOLD=<dir>` a build waits at an armed step until the test releases it, so an
+//! integration test can act on Docker (prune, remove the base) at an exact phase of a build.
 
 use std::sync::OnceLock;
 
@@ -105,6 +109,69 @@ fn kill_self(step: &str) -> ! {
     }
 }
 
+/// The environment variable naming a directory of armed hold points (a test-only knob, like
+/// [`FAULT_ENV`]): see [`hold_point`].
+pub const HOLD_ENV: &str = "BERTH_FAULT_HOLD";
+
+/// Longest a hold point holds: a test that armed it and died must not hang the process.
+pub const HOLD_MAX: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Hold points in the order a build with an exec on a base image used in place reaches them
+/// (`crates/worker/src/ops/source_image.rs`, `ops/exec.rs`, `crates/exporter/src/docker_load.rs`).
+pub const HOLD_STEPS: &[&str] = &[
+    // The base image is resolved and its pin runs; none of its layers read yet.
+    "base:pinned",
+    // An exec's process ended; its mounts (base layers as lower dirs) are still in place and
+    // its output is not committed yet.
+    "exec:before-commit",
+    // The live export is about to send the image to dockerd.
+    "live:before-load",
+    // dockerd registered the exported image; it is not tagged yet.
+    "live:loaded",
+];
+
+fn hold_dir() -> Option<&'static std::path::Path> {
+    static DIR: OnceLock<Option<std::path::PathBuf>> = OnceLock::new();
+    DIR.get_or_init(|| {
+        std::env::var_os(HOLD_ENV)
+            .filter(|s| !s.is_empty())
+            .map(Into::into)
+    })
+    .as_deref()
+}
+
+/// Marks hold point `step`. When the process was started with `BERTH_FAULT_HOLD=<dir>` and the
+/// file `<dir>/<step>` exists (the test armed the step), renames it to `<dir>/<step>.held` (so
+/// one arrival holds, the next ones pass) and waits until that file is removed (the test
+/// released it) or [`HOLD_MAX`] passed. Lets a test act on Docker at an exact phase of a build
+/// without sleeps. Without the variable it costs one load of an initialised `OnceLock`.
+pub async fn hold_point(step: &str) {
+    let Some(dir) = hold_dir() else {
+        return;
+    };
+    let held = dir.join(format!("{step}.held"));
+    if std::fs::rename(dir.join(step), &held).is_err() {
+        return;
+    }
+    tracing::warn!(
+        step,
+        "{HOLD_ENV}: holding until {} is removed",
+        held.display()
+    );
+    let deadline = std::time::Instant::now() + HOLD_MAX;
+    while held.exists() {
+        if std::time::Instant::now() >= deadline {
+            tracing::warn!(
+                step,
+                "{HOLD_ENV}: not released within {HOLD_MAX:?}; going on"
+            );
+            let _ = std::fs::remove_file(&held);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,6 +185,12 @@ mod tests {
                 assert!(seen.insert(*s), "duplicate {s}");
             }
         }
+    }
+
+    #[tokio::test]
+    async fn unarmed_hold_point_returns() {
+        // The test process never sets the variable.
+        hold_point("base:pinned").await;
     }
 
     #[test]

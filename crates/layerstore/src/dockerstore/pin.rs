@@ -55,6 +55,13 @@
 //! still there it pins the image again with a new container, so a container prune that hits
 //! the short window before the start, or a dockerd restart, costs nothing.
 //!
+//! Until its first container runs, an image's pin is a created container, which `docker
+//! container prune` removes; the `image prune` of the same `docker system prune` may then delete
+//! the image before the supervisor pins it again (it gives up: [`Pin::given_up`]). No layer has
+//! been read at that point (callers wait for [`Pin::wait_running`] first), so the worker
+//! resolves the image again (pulling it if it can); likewise when the image vanishes between
+//! the caller's lookup and the pin's creation ([`is_image_missing`]).
+//!
 //! Whether the build's layers survived is checked with [`Pin::check`] (the worker calls it when
 //! a build ends, successfully or not, and the daemon when an export fails): the image must
 //! still exist with the same ID and every layer directory the build mounted must still be there
@@ -136,6 +143,13 @@ fn is_unreachable(e: &DockerError) -> bool {
         DockerError::DockerResponseServerError { .. }
             | DockerError::DockerContainerWaitError { .. }
     )
+}
+
+/// Whether `e`, from [`pin_image`], means the image is not in Docker (any more): deleted, e.g.
+/// by a prune, between the caller's lookup and the pin's creation. The caller may resolve the
+/// reference again.
+pub fn is_image_missing(e: &Error) -> bool {
+    matches!(e, Error::DockerApi { op: "create pin container", source } if is_404(source))
 }
 
 /// Keeps an image from being deleted while a build uses it: a handle on the shared pin container
@@ -606,6 +620,18 @@ impl Pin {
     /// The image ID (or reference) pinned.
     pub fn image(&self) -> &str {
         &self.shared.cfg.image
+    }
+
+    /// Whether the pin stopped trying: its container is gone and the image was deleted (or too
+    /// many containers were lost). Callers that have not read the image's layers yet may
+    /// resolve the image again.
+    pub fn given_up(&self) -> bool {
+        self.shared.state.lock().unwrap().given_up
+    }
+
+    /// Whether `self` and `other` are handles on the same pin.
+    pub fn same_pin(&self, other: &Pin) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
     }
 
     /// Whether the current pin container is known to run (its start may still be under way).

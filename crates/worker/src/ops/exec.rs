@@ -519,6 +519,7 @@ impl Inner {
             }
         };
         let ok = matches!(&res, Ok(r) if valid(r.exit.code()));
+        layerstore::dockerstore::fault::hold_point("exec:before-commit").await;
         let outputs = blocking(move || finish(held, ok)).await;
         let res = match res {
             // The process never started (no such executable, …): buildkitd says which process,

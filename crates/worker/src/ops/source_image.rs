@@ -25,6 +25,10 @@
 //! copied. When the build ends (either way) [`BaseImages::check`] makes sure those directories
 //! are all still there; if the pin could not hold (removed by force, dockerd restarted, then
 //! the image deleted) the build fails with an error naming the image and what removed it.
+//! A prune may also take the image before its pin runs (between the lookup and the pin's
+//! creation, or the created pin container and then the image in one `docker system prune`):
+//! no layer has been read then, and the image is resolved again (pulled, if it can be); a pull
+//! whose untagged image a prune deletes before the tag is loaded again.
 //! `image.layerlimit` keeps only the first N layers.
 //!
 //! Cache key: the image ID plus the layer directories. The image ID makes a re-tag to a different
@@ -174,6 +178,11 @@ impl BaseImages {
         });
     }
 
+    /// Forgets the base held by `pin` (it was resolved again, see `ImageSource::exec`).
+    fn remove(&self, pin: &Pin) {
+        self.0.lock().unwrap().retain(|h| !h.pin.same_pin(pin));
+    }
+
     /// Waits until each base's pin runs (bounded by [`PIN_START_WAIT`]).
     pub(crate) async fn wait_running(&self) {
         let pins: Vec<Pin> = self
@@ -196,11 +205,21 @@ impl BaseImages {
     /// Checks that every base still has all its layers; the first that does not gives the error
     /// (naming the image and what removed it).
     pub(crate) async fn check(&self) -> Result<()> {
+        self.check_held(|_| true).await
+    }
+
+    /// [`BaseImages::check`] of the base held by `pin` only.
+    async fn check_pin(&self, pin: &Pin) -> Result<()> {
+        self.check_held(|p| p.same_pin(pin)).await
+    }
+
+    async fn check_held(&self, which: impl Fn(&Pin) -> bool) -> Result<()> {
         let held: Vec<(String, Vec<std::path::PathBuf>, Pin)> = self
             .0
             .lock()
             .unwrap()
             .iter()
+            .filter(|h| which(&h.pin))
             .map(|h| (h.reference.clone(), h.layer_dirs.clone(), h.pin.clone()))
             .collect();
         for (reference, dirs, pin) in held {
@@ -466,53 +485,69 @@ impl ImageSource {
                 self.env.opts.docker_host.as_deref(),
             )?,
         };
-        let id = match (self.mode, docker.inspect_image(&self.reference).await) {
-            (ResolveMode::Pull, _) => self.pull(&docker, ctx).await?,
-            (mode, Ok(i)) => {
-                let id = i.id.unwrap_or_default();
-                if mode == ResolveMode::Default {
-                    self.learn_sources(&id, i.root_fs.and_then(|r| r.layers).unwrap_or_default())
+        // A prune may delete the image (unused until pinned) between the lookup and the pin's
+        // creation: then resolve again (pulling it again if it can be pulled).
+        let mut attempt = 0;
+        let (id, info, pin) = loop {
+            attempt += 1;
+            let id = match (self.mode, docker.inspect_image(&self.reference).await) {
+                (ResolveMode::Pull, _) => self.pull(&docker, ctx).await?,
+                (mode, Ok(i)) => {
+                    let id = i.id.unwrap_or_default();
+                    if mode == ResolveMode::Default {
+                        self.learn_sources(
+                            &id,
+                            i.root_fs.and_then(|r| r.layers).unwrap_or_default(),
+                        )
                         .await;
+                    }
+                    id
                 }
-                id
+                (
+                    ResolveMode::Default,
+                    Err(bollard::errors::Error::DockerResponseServerError {
+                        status_code: 404, ..
+                    }),
+                ) => self.pull(&docker, ctx).await?,
+                (
+                    _,
+                    Err(bollard::errors::Error::DockerResponseServerError {
+                        status_code: 404, ..
+                    }),
+                ) => {
+                    return Err(Error::Op {
+                        message: format!(
+                            "image {} not found in the Docker Engine (image.resolvemode=local)",
+                            self.reference
+                        ),
+                        kind: ErrorKind::NotFound,
+                        source: None,
+                    })
+                }
+                (_, Err(e)) => {
+                    return Err(engine_err(format!("inspect image {}", self.reference), e))
+                }
+            };
+            // From here on the image ID, so a concurrent re-tag cannot mix two images.
+            let instance = format!("worker:{}", self.env.opts.root.display());
+            let info = docker
+                .info()
+                .await
+                .map_err(|e| engine_err("docker info".into(), e))?;
+            if let Some(endpoint) =
+                containerdstore::Endpoint::detect(&info, &self.env.opts.containerd)
+            {
+                return self.resolve_containerd(&endpoint, &id, &instance).await;
             }
-            (
-                ResolveMode::Default,
-                Err(bollard::errors::Error::DockerResponseServerError {
-                    status_code: 404, ..
-                }),
-            ) => self.pull(&docker, ctx).await?,
-            (
-                _,
-                Err(bollard::errors::Error::DockerResponseServerError {
-                    status_code: 404, ..
-                }),
-            ) => {
-                return Err(Error::Op {
-                    message: format!(
-                        "image {} not found in the Docker Engine (image.resolvemode=local)",
-                        self.reference
-                    ),
-                    kind: ErrorKind::NotFound,
-                    source: None,
-                })
+            remove_stale_pins_once(&docker, &instance).await;
+            match dockerstore::pin_image(&docker, &id, &instance, &self.reference).await {
+                Ok(pin) => break (id, info, pin),
+                Err(e) if attempt < 3 && dockerstore::is_image_missing(&e) => {
+                    tracing::warn!(reference = %self.reference, %id, "image deleted before it could be pinned (a prune?); resolving it again");
+                }
+                Err(e) => return Err(store_err(format!("pin image {}", self.reference), e)),
             }
-            (_, Err(e)) => return Err(engine_err(format!("inspect image {}", self.reference), e)),
         };
-        // From here on the image ID, so a concurrent re-tag cannot mix two images.
-        let instance = format!("worker:{}", self.env.opts.root.display());
-        let info = docker
-            .info()
-            .await
-            .map_err(|e| engine_err("docker info".into(), e))?;
-        if let Some(endpoint) = containerdstore::Endpoint::detect(&info, &self.env.opts.containerd)
-        {
-            return self.resolve_containerd(&endpoint, &id, &instance).await;
-        }
-        remove_stale_pins_once(&docker, &instance).await;
-        let pin = dockerstore::pin_image(&docker, &id, &instance, &self.reference)
-            .await
-            .map_err(|e| store_err(format!("pin image {}", self.reference), e))?;
         let driver = StorageDriver::from_name(info.driver.as_deref().unwrap_or_default())
             .map_err(|e| store_err("docker storage driver".into(), e))?;
         let data_root = info
@@ -736,33 +771,54 @@ impl ImageSource {
             sink: ctx.progress.clone(),
             vertex: ctx.vertex.clone(),
         };
-        if docker.inspect_image(&id).await.is_err() {
-            let info = docker
-                .info()
-                .await
-                .map_err(|e| engine_err("docker info".into(), e))?;
-            let layerdb = match (info.docker_root_dir, info.driver) {
-                (Some(root), Some(driver)) => Some(
-                    std::path::PathBuf::from(root)
-                        .join("image")
-                        .join(driver)
-                        .join("layerdb"),
-                )
-                .filter(|p| p.is_dir()),
-                _ => None,
-            };
-            let tmp = self.env.opts.root.join("tmp");
-            std::fs::create_dir_all(&tmp).map_err(|e| Error::Op {
-                message: format!("create {}: {e}", tmp.display()),
-                kind: ErrorKind::Internal,
-                source: None,
-            })?;
-            tracing::info!(reference = %img.reference, %id, "pulling image into the Docker Engine");
-            image_pull::pull_into_engine(docker, &session, &img, layerdb, &tmp, &progress).await?;
-            image_pull::record_sources(self.env.opts.blobs.as_ref(), &img);
+        // Loaded untagged, the image is unused until tagged (and pinned): a prune in between
+        // deletes it. Then load it again, a few times.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            if docker.inspect_image(&id).await.is_err() {
+                let info = docker
+                    .info()
+                    .await
+                    .map_err(|e| engine_err("docker info".into(), e))?;
+                let layerdb = match (info.docker_root_dir, info.driver) {
+                    (Some(root), Some(driver)) => Some(
+                        std::path::PathBuf::from(root)
+                            .join("image")
+                            .join(driver)
+                            .join("layerdb"),
+                    )
+                    .filter(|p| p.is_dir()),
+                    _ => None,
+                };
+                let tmp = self.env.opts.root.join("tmp");
+                std::fs::create_dir_all(&tmp).map_err(|e| Error::Op {
+                    message: format!("create {}: {e}", tmp.display()),
+                    kind: ErrorKind::Internal,
+                    source: None,
+                })?;
+                tracing::info!(reference = %img.reference, %id, "pulling image into the Docker Engine");
+                image_pull::pull_into_engine(docker, &session, &img, layerdb, &tmp, &progress)
+                    .await?;
+                image_pull::record_sources(self.env.opts.blobs.as_ref(), &img);
+            }
+            match image_pull::tag_in_engine(docker, &img).await {
+                Ok(()) => return Ok(id),
+                Err(e)
+                    if attempt < 3
+                        && matches!(
+                            docker.inspect_image(&id).await,
+                            Err(bollard::errors::Error::DockerResponseServerError {
+                                status_code: 404,
+                                ..
+                            })
+                        ) =>
+                {
+                    tracing::warn!(reference = %img.reference, error = %e, "pulled image deleted before it was tagged (a prune?); loading it again");
+                }
+                Err(e) => return Err(e),
+            }
         }
-        image_pull::tag_in_engine(docker, &img).await?;
-        Ok(id)
     }
 
     /// Pulls the image into a stopped daemon's data root unless it has it.
@@ -807,19 +863,46 @@ impl Op<Snap> for ImageSource {
 
     async fn exec(&self, ctx: &OpContext, _inputs: &[Solved<Snap>]) -> Result<Vec<Snap>> {
         let r = self.resolve(ctx).await?;
+        let (mut chain, mut id) = (r.chain.clone(), r.id.clone());
         // The layers are read from here on: the pin must run (its start overlapped the
         // resolution and whatever else the build did meanwhile).
         if let Hold::Live { pin } = &r.hold {
-            tokio::select! {
-                running = pin.wait_running(PIN_START_WAIT) => if !running {
-                    tracing::warn!(reference = %self.reference, "pin container not running; the image is protected by a created container only");
-                },
+            let running = tokio::select! {
+                running = pin.wait_running(PIN_START_WAIT) => running,
                 _ = ctx.cancel.cancelled() => return Err(Error::Canceled),
+            };
+            if !running && pin.given_up() {
+                // The pin was lost before it ran (`docker container prune` takes a created
+                // container) and the image deleted (the same `docker system prune`): no layer
+                // was read yet, so resolve it again (a pull, if it can be pulled).
+                tracing::warn!(reference = %self.reference, %id, "base image deleted before its pin ran (a prune?); resolving it again");
+                let lost = self
+                    .env
+                    .bases
+                    .check_pin(pin)
+                    .await
+                    .err()
+                    .unwrap_or_else(|| Error::Op {
+                        message: format!("base image {} ({id}) lost its pin", self.reference),
+                        kind: ErrorKind::FailedPrecondition,
+                        source: None,
+                    });
+                let again = self.resolve_now(ctx).await.map_err(|e| {
+                    tracing::warn!(reference = %self.reference, error = %e, "resolving the base image again failed");
+                    lost
+                })?;
+                self.env.bases.remove(pin);
+                if let Hold::Live { pin } = &again.hold {
+                    pin.wait_running(PIN_START_WAIT).await;
+                }
+                (chain, id) = (again.chain.clone(), again.id.clone());
+            } else if !running {
+                tracing::warn!(reference = %self.reference, "pin container not running; the image is protected by a created container only");
             }
         }
+        dockerstore::fault::hold_point("base:pinned").await;
         let store = self.env.store.clone();
-        let chain = r.chain.clone();
-        let desc = format!("docker-image://{} ({})", self.reference, r.id);
+        let desc = format!("docker-image://{} ({id})", self.reference);
         let snap = blocking(move || {
             let id = store
                 .create_from_chain(chain, &[], &SnapshotOptions::new(desc))
