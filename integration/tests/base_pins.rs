@@ -992,7 +992,7 @@ async fn soak_builds_under_prunes() {
             }
             let name = format!("{}:{i}", unique_name("berth-test/soak"));
             let def = llb::State::from(llb::image(remote))
-                .run(RunOpts::shell(&format!(
+                .run(RunOpts::shell(format!(
                     "test -e /soak-base && md5sum /bin/busybox > /sum && echo {i} > /i"
                 )))
                 .root()

@@ -1439,7 +1439,7 @@ async fn scenario_pins(b: &mut Bench) -> Result<()> {
         };
         for is_cold in order {
             let def = llb::State::from(llb::image(&base))
-                .run(llb::RunOpts::shell(&format!(
+                .run(llb::RunOpts::shell(format!(
                     "echo {} > /r",
                     hex::encode(rand_bytes::<8>())
                 )))
