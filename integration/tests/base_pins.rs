@@ -942,34 +942,7 @@ async fn soak_builds_under_prunes() {
     let (s, base) = setup().await;
     let registry = integration::Registry::start().unwrap();
     let client = s.berthd.client().await.unwrap();
-    // The base, pushed to the registry by berthd (the private dockerd cannot reach the host's
-    // loopback from its network namespace; berthd pulls with its own client).
-    let remote = format!(
-        "{}/{}:1",
-        registry.addr(),
-        unique_name("berth-test/soak-base")
-    );
-    let def = llb::State::from(llb::image(base.reference()))
-        .file(llb::mkfile(
-            "/soak-base",
-            0o644,
-            b"soak".to_vec(),
-            Default::default(),
-        ))
-        .marshal()
-        .unwrap();
-    let mut attrs = BTreeMap::new();
-    attrs.insert("name".to_string(), remote.clone());
-    attrs.insert("push".to_string(), "true".to_string());
-    let r = client
-        .build(BuildOptions {
-            definition: Some(def),
-            output: Output::Raw("image".into(), attrs),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    r.solve.as_ref().expect("push the soak base");
+    let remote = push_base(&client, base.reference(), &registry).await;
     drop(base);
     let done = AtomicBool::new(false);
     let next = std::sync::atomic::AtomicUsize::new(0);
@@ -1091,4 +1064,116 @@ async fn soak_builds_under_prunes() {
             .join("\n")
     );
     wait_no_pins(&s.host, "after the soak").await;
+}
+
+/// Pushes `base` plus a file `/soak-base` to `registry` through berthd (the private dockerd
+/// cannot reach the host's loopback from its network namespace; berthd pulls and pushes with its
+/// own client); returns the pushed reference (also tagged in the dockerd).
+async fn push_base(
+    client: &BuildkitClient,
+    base: &str,
+    registry: &integration::Registry,
+) -> String {
+    let remote = format!(
+        "{}/{}:1",
+        registry.addr(),
+        unique_name("berth-test/registry-base")
+    );
+    let def = llb::State::from(llb::image(base))
+        .file(llb::mkfile(
+            "/soak-base",
+            0o644,
+            b"soak".to_vec(),
+            Default::default(),
+        ))
+        .marshal()
+        .unwrap();
+    let mut attrs = BTreeMap::new();
+    attrs.insert("name".to_string(), remote.clone());
+    attrs.insert("push".to_string(), "true".to_string());
+    let r = client
+        .build(BuildOptions {
+            definition: Some(def),
+            output: Output::Raw("image".into(), attrs),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    r.solve.as_ref().expect("push the base");
+    remote
+}
+
+/// `docker system prune -af` while the base's first pin is only created (held there): the prune
+/// removes the created container and then the image. No layer was read yet: berth resolves the
+/// image again (pulls it from its registry) and the build succeeds with the right image.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prune_before_the_first_pin_runs_resolves_the_base_again() {
+    let holds = Holds::new();
+    let (s, base) = setup_held(&holds).await;
+    let registry = integration::Registry::start().unwrap();
+    let client = s.berthd.client().await.unwrap();
+    let remote = push_base(&client, base.reference(), &registry).await;
+    // The push build's pin is gone: the next pin of the base is a first one.
+    wait_no_pins(&s.host, "after the push").await;
+    holds.arm("pin:created");
+    let name = format!("{}:1", unique_name("berth-test/repinned"));
+    let def = llb::State::from(llb::image(&remote))
+        .run(RunOpts::shell(
+            "test -e /soak-base && md5sum /bin/busybox > /sum",
+        ))
+        .root()
+        .marshal()
+        .unwrap();
+    let mut attrs = BTreeMap::new();
+    attrs.insert("name".to_string(), name.clone());
+    let build = client.build(BuildOptions {
+        definition: Some(def),
+        output: Output::Raw("image".into(), attrs),
+        ..Default::default()
+    });
+    let prune = async {
+        holds.reached("pin:created", &s.berthd).await;
+        let (_, created, _) = docker_async(
+            &s.host,
+            &[
+                "ps",
+                "-a",
+                "--filter",
+                "label=dev.berth.pin",
+                "--format",
+                "{{.State}}",
+            ],
+        )
+        .await;
+        assert_eq!(created.trim(), "created", "the pin is not just created");
+        let (ok, out, err) = docker_async(&s.host, &["system", "prune", "-af"]).await;
+        assert!(ok, "docker system prune: {err}");
+        assert!(
+            !docker_async(&s.host, &["image", "inspect", &remote])
+                .await
+                .0,
+            "the prune left the base: {out}"
+        );
+        holds.release("pin:created");
+    };
+    let (report, ()) = tokio::join!(build, prune);
+    let report = report.unwrap();
+    report
+        .solve
+        .as_ref()
+        .unwrap_or_else(|e| panic!("build failed: {e}\nberthd log:\n{}", s.berthd.log_text()));
+    let log = s.berthd.log_text();
+    assert!(
+        log.contains("base image deleted before its pin ran"),
+        "berth did not resolve the base again:\n{log}"
+    );
+    let want = Command::new("md5sum").arg("/bin/busybox").output().unwrap();
+    let want = String::from_utf8_lossy(&want.stdout).into_owned();
+    let (ok, got, err) = docker(
+        &s.host,
+        &["run", "--rm", "--network", "none", &name, "cat", "/sum"],
+    );
+    assert!(ok, "built image does not run: {err}");
+    assert_eq!(got, want);
+    wait_no_pins(&s.host, "after the build").await;
 }

@@ -117,8 +117,11 @@ pub const HOLD_ENV: &str = "BERTH_FAULT_HOLD";
 pub const HOLD_MAX: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// Hold points in the order a build with an exec on a base image used in place reaches them
-/// (`crates/worker/src/ops/source_image.rs`, `ops/exec.rs`, `crates/exporter/src/docker_load.rs`).
+/// (`pin.rs`, `crates/worker/src/ops/source_image.rs`, `ops/exec.rs`,
+/// `crates/exporter/src/docker_load.rs`).
 pub const HOLD_STEPS: &[&str] = &[
+    // A pin container is created, not started yet (`docker container prune` removes it).
+    "pin:created",
     // The base image is resolved and its pin runs; none of its layers read yet.
     "base:pinned",
     // An exec's process ended; its mounts (base layers as lower dirs) are still in place and

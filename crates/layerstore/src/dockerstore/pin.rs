@@ -421,6 +421,7 @@ async fn supervise(
             tokio::time::sleep(Duration::from_millis(100 * attempt as u64)).await;
         }
         let name = name_of(&state);
+        super::fault::hold_point("pin:created").await;
         let started = std::time::Instant::now();
         let r = start(docker, &id).await;
         if released(&state) {
