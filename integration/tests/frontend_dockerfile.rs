@@ -424,3 +424,94 @@ async fn buildx_load_and_image_output() {
         assert_eq!(run.stdout.trim_end(), "hi buildx");
     }
 }
+
+/// Named contexts (`context:NAME=…`): an image name that exists nowhere is mapped to an image
+/// of the Engine (`docker-image://`), a stage is replaced by a client directory (`local:`, its
+/// `.dockerignore` applied) and none of that stage's instructions run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn named_contexts_replace_images_and_stages() {
+    require_root();
+    let engine = DockerEngine::system().unwrap();
+    let base = busybox_image(&engine).await.unwrap();
+    let berthd = Berthd::start(&[]).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+
+    // an image with a marker, to be used under a name nothing else knows
+    let src_dir = tmp.path().join("src");
+    write(
+        &src_dir,
+        "Dockerfile",
+        &format!(
+            "FROM {}\nRUN echo named-image > /marker\n",
+            base.reference()
+        ),
+    );
+    let src_image = format!("{}:1", unique_name("berth-test/df-named-src"));
+    let r = build_dockerfile(&berthd, &src_dir, &[], &src_image, BTreeMap::new()).await;
+    ok(&r, &berthd);
+    let _src = TestImage::adopt(&engine, &src_image).await.unwrap();
+
+    let dir = tmp.path().join("app");
+    write(
+        &dir,
+        "Dockerfile",
+        "FROM berth-named-nowhere AS img\nRUN cat /marker > /from-img\n\nFROM berth-named-nowhere AS files\nRUN exit 1\n\nFROM berth-named-nowhere\nCOPY --from=img /from-img /\nCOPY --from=files /o* /extra/\n",
+    );
+    let extra = tmp.path().join("extra");
+    write(&extra, "out", "dummy-result\n");
+    write(&extra, "out2", "ignored\n");
+    write(&extra, ".dockerignore", "out2\n");
+    let image = format!("{}:1", unique_name("berth-test/df-named"));
+    let client = berthd.client().await.unwrap();
+    let mut locals = BTreeMap::new();
+    locals.insert("context".to_string(), dir.clone());
+    locals.insert("dockerfile".to_string(), dir.clone());
+    locals.insert("extradir".to_string(), extra.clone());
+    let mut out = BTreeMap::new();
+    out.insert("name".to_string(), image.clone());
+    let attrs: BTreeMap<String, String> = [
+        (
+            "context:berth-named-nowhere".to_string(),
+            format!("docker-image://{src_image}"),
+        ),
+        ("context:files".to_string(), "local:extradir".to_string()),
+    ]
+    .into_iter()
+    .collect();
+    let r = client
+        .build(BuildOptions {
+            frontend: Some("dockerfile.v0".into()),
+            frontend_attrs: attrs,
+            locals,
+            output: Output::Raw("image".into(), out),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    ok(&r, &berthd);
+    let _img = TestImage::adopt(&engine, &image).await.unwrap();
+    let names: Vec<String> = r.vertices().values().map(|v| v.name.clone()).collect();
+    assert!(!names.iter().any(|n| n.contains("exit 1")), "{names:?}");
+    assert!(
+        names
+            .iter()
+            .any(|n| n == "[context files] load from client"),
+        "{names:?}"
+    );
+    let run = engine
+        .run(
+            &image,
+            &[
+                "sh",
+                "-c",
+                "cat /marker /from-img /extra/out; test -e /extra/out2 || echo no-out2",
+            ],
+        )
+        .await
+        .unwrap();
+    run.assert_success();
+    assert_eq!(
+        run.stdout.trim_end(),
+        "named-image\nnamed-image\ndummy-result\nno-out2"
+    );
+}

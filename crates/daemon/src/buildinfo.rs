@@ -4,9 +4,15 @@
 //! `util/buildinfo/types.BuildInfo`). Images are named as BuildKit normalizes them
 //! (`docker.io/library/busybox:latest`); local sources are not listed, as in BuildKit.
 //!
+//! A build through a frontend also names it (`frontend`) and carries the frontend options that
+//! can change the result (`attrs`: BuildKit's provenance `FilterArgs`: host-specific options,
+//! `attest:*` and `cache-imports` left out, credentials in context URLs redacted).
+//!
 //! Limits: `pin` is given only when the definition itself pins the source (an image digest,
 //! `http.checksum`); buildkitd also reports the pins it resolved (manifest digest, git commit,
-//! content digest). `frontend` and `attrs` are left out.
+//! content digest).
+
+use std::collections::BTreeMap;
 
 use base64::Engine as _;
 use serde::Serialize;
@@ -26,9 +32,58 @@ struct Source {
 }
 
 #[derive(Debug, Serialize)]
-struct BuildInfo {
+struct BuildInfo<'a> {
+    #[serde(skip_serializing_if = "str::is_empty")]
+    frontend: &'a str,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    attrs: BTreeMap<String, String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     sources: Vec<Source>,
+}
+
+/// `user:password@` of a URL replaced by `xxxxx:xxxxx@` (Go `urlutil.RedactCredentials`).
+fn redact_credentials(s: &str) -> String {
+    let Some((scheme, rest)) = s.split_once("://") else {
+        return s.to_string();
+    };
+    let host_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..host_end].rfind('@') {
+        Some(at) => {
+            let user = &rest[..at];
+            let masked = if user.contains(':') {
+                "xxxxx:xxxxx"
+            } else {
+                "xxxxx"
+            };
+            format!("{scheme}://{masked}@{}", &rest[at + 1..])
+        }
+        None => s.to_string(),
+    }
+}
+
+/// The frontend options kept in build information (provenance `FilterArgs`).
+fn filter_args(opts: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    const HOST_SPECIFIC: &[&str] = &[
+        "cgroup-parent",
+        "image-resolve-mode",
+        "platform",
+        "cache-imports",
+    ];
+    let context_key = opts
+        .get("contextkey")
+        .filter(|v| !v.is_empty())
+        .map(String::as_str)
+        .unwrap_or("context");
+    opts.iter()
+        .filter(|(k, _)| !HOST_SPECIFIC.contains(&k.as_str()) && !k.starts_with("attest:"))
+        .map(|(k, v)| {
+            if k == context_key || k.starts_with("context:") {
+                (k.clone(), redact_credentials(v))
+            } else {
+                (k.clone(), v.clone())
+            }
+        })
+        .collect()
 }
 
 fn source(s: &ResultSource) -> Option<Source> {
@@ -67,12 +122,25 @@ fn source(s: &ResultSource) -> Option<Source> {
     }
 }
 
-/// The `containerimage.buildinfo` value for a result built from `sources`.
-pub fn encode(sources: &[ResultSource]) -> String {
+/// The `containerimage.buildinfo` value for a result built from `sources`, by `frontend` (name
+/// and options) if one made it.
+pub fn encode(
+    sources: &[ResultSource],
+    frontend: Option<(&str, &BTreeMap<String, String>)>,
+) -> String {
     let mut sources: Vec<Source> = sources.iter().filter_map(source).collect();
     sources.sort_by(|a, b| a.reference.cmp(&b.reference));
     sources.dedup();
-    let json = serde_json::to_vec(&BuildInfo { sources }).expect("build info serialises");
+    let (frontend, attrs) = match frontend {
+        Some((name, opts)) => (name, filter_args(opts)),
+        None => ("", BTreeMap::new()),
+    };
+    let json = serde_json::to_vec(&BuildInfo {
+        frontend,
+        attrs,
+        sources,
+    })
+    .expect("build info serialises");
     base64::engine::general_purpose::STANDARD.encode(json)
 }
 
@@ -98,16 +166,19 @@ mod tests {
     #[test]
     fn sources_are_normalized_sorted_and_local_ones_left_out() {
         let d = format!("sha256:{}", "a".repeat(64));
-        let v = decode(&encode(&[
-            src("local://context", &[]),
-            src("docker-image://busybox:latest", &[]),
-            src(&format!("docker-image://alpine@{d}"), &[]),
-            src("https://example.com/f", &[("http.checksum", "sha256:abc")]),
-            src(
-                "git://github.com/moby/buildkit#v1",
-                &[("git.fullurl", "https://github.com/moby/buildkit#v1")],
-            ),
-        ]));
+        let v = decode(&encode(
+            &[
+                src("local://context", &[]),
+                src("docker-image://busybox:latest", &[]),
+                src(&format!("docker-image://alpine@{d}"), &[]),
+                src("https://example.com/f", &[("http.checksum", "sha256:abc")]),
+                src(
+                    "git://github.com/moby/buildkit#v1",
+                    &[("git.fullurl", "https://github.com/moby/buildkit#v1")],
+                ),
+            ],
+            None,
+        ));
         assert_eq!(
             v,
             serde_json::json!({"sources": [
@@ -117,6 +188,34 @@ mod tests {
                 {"type": "git", "ref": "https://github.com/moby/buildkit#v1"},
             ]})
         );
-        assert_eq!(decode(&encode(&[])), serde_json::json!({}));
+        assert_eq!(decode(&encode(&[], None)), serde_json::json!({}));
+    }
+
+    #[test]
+    fn frontend_and_filtered_attrs() {
+        let opts: BTreeMap<String, String> = [
+            ("build-arg:foo", "bar"),
+            ("platform", "linux/amd64"),
+            ("attest:provenance", "mode=max"),
+            ("context", "https://user:secret@example.com/repo.git"),
+            ("context:base", "docker-image://alpine"),
+            ("filename", "Dockerfile"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let v = decode(&encode(&[], Some(("dockerfile.v0", &opts))));
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "frontend": "dockerfile.v0",
+                "attrs": {
+                    "build-arg:foo": "bar",
+                    "context": "https://xxxxx:xxxxx@example.com/repo.git",
+                    "context:base": "docker-image://alpine",
+                    "filename": "Dockerfile",
+                },
+            })
+        );
     }
 }

@@ -365,7 +365,11 @@ impl Control {
         if let Some(crate::solver::FsRef::Solved(r)) = &result.fs {
             response.insert(
                 crate::buildinfo::KEY.to_string(),
-                crate::buildinfo::encode(r.sources()),
+                crate::buildinfo::encode(
+                    r.sources(),
+                    (!req.frontend.is_empty())
+                        .then_some((req.frontend.as_str(), &req.frontend_attrs)),
+                ),
             );
         }
         // buildkitd's image exporters take the attributes they do not know as result metadata

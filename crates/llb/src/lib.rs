@@ -18,6 +18,7 @@
 //! Encoding: prost encodes fields in tag order and `protos` uses sorted maps, which is exactly
 //! what Go's gogo marshaller produces, so identical graphs get identical digests in both.
 
+mod definition;
 mod exec;
 mod file;
 mod marshal;

@@ -373,3 +373,32 @@ fn http_sources() {
         ]
     );
 }
+
+#[test]
+fn definitions_read_back_into_states() {
+    let base = image("busybox").state().custom_name("base");
+    let run = base.run(RunOpts::shell("echo hi > /out/x").mount(Mount::bind("/out", &scratch())));
+    let out = run.get_mount("/out").unwrap();
+    let def = out.marshal().unwrap();
+    let st = State::from_definition(&def).unwrap();
+    // Same ops, digests and metadata once marshalled again.
+    let again = st.marshal().unwrap();
+    assert_eq!(again.def, def.def);
+    assert_eq!(again.metadata, def.metadata);
+    // New ops build on it.
+    let copied = scratch().file(copy(&st, "/x", "/y", CopyOpts::default()));
+    let ops = decode(&copied.marshal().unwrap());
+    let head = &def.def[def.def.len() - 2];
+    let head_dgst = format!("sha256:{}", hex::encode(sha2::Sha256::digest(head)));
+    assert!(ops.iter().any(|(_, op)| op
+        .inputs
+        .iter()
+        .any(|i| i.digest == head_dgst && i.index == 1)));
+    // What a client sends for a nil definition is refused.
+    let e = State::from_definition(&pb::Definition::default()).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("invalid nil input definition to definition op"),
+        "{e}"
+    );
+}

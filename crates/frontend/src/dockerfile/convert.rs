@@ -37,6 +37,15 @@ pub trait MetaResolver: Sync {
         resolve_mode: &str,
         log_name: &str,
     ) -> impl std::future::Future<Output = Result<(String, Vec<u8>), Error>> + Send;
+
+    /// What the client mapped `name` (a stage name or a normalized image name) to with a
+    /// `context:NAME` option, for `platform`; `None` when it did not.
+    fn context_by_name(
+        &self,
+        name: &str,
+        resolve_mode: &str,
+        platform: &Platform,
+    ) -> impl std::future::Future<Output = Result<Option<super::named::NamedContext>, Error>> + Send;
 }
 
 /// What the converter needs besides the Dockerfile.
@@ -119,6 +128,8 @@ struct DispatchState {
     ignore_cache: bool,
     cmd_set: bool,
     unregistered: bool,
+    /// A stage the client replaced with a named context: nothing of it is dispatched.
+    noinit: bool,
     cmd_index: usize,
     cmd_total: usize,
     /// `SOURCE_DATE_EPOCH` for history entries.
@@ -141,6 +152,7 @@ impl DispatchState {
             ignore_cache: false,
             cmd_set: false,
             unregistered: false,
+            noinit: false,
             cmd_index: 0,
             cmd_total: 0,
             epoch: None,
@@ -374,6 +386,33 @@ pub async fn dockerfile_to_llb<R: MetaResolver>(
                 .map_err(|e| located(format!("failed to parse platform {v}: {e}"), &st.location))?;
             ds.platform = Some(p);
         }
+        if !st.name.is_empty() {
+            let p = ds
+                .platform
+                .clone()
+                .unwrap_or_else(|| target_platform.clone());
+            if let Some(nc) = resolver
+                .context_by_name(&st.name, &opt.image_resolve_mode, &p)
+                .await
+                .map_err(|e| e.with_lines(&st.location))?
+            {
+                ds.noinit = true;
+                ds.state = nc.state;
+                if let Some(mut img) = nc.image {
+                    clamp_times(&mut img, opt.source_date_epoch.as_deref());
+                    if !img.architecture.is_empty() && !img.os.is_empty() {
+                        ds.platform = Some(Platform {
+                            os: img.os.clone(),
+                            architecture: img.architecture.clone(),
+                            variant: img.variant.clone(),
+                        });
+                    }
+                    ds.image = img;
+                }
+                all.add(ds);
+                continue;
+            }
+        }
         if st.name.is_empty() {
             ds.stage_name = format!("stage-{i}");
         }
@@ -445,7 +484,7 @@ pub async fn dockerfile_to_llb<R: MetaResolver>(
     for i in 0..all.states.len() {
         let reachable = all.reachable(target, i);
         let d = &mut all.states[i];
-        if d.base.is_some() {
+        if d.base.is_some() || d.noinit {
             continue;
         }
         if d.stage.base_name == EMPTY_IMAGE_NAME {
@@ -475,6 +514,23 @@ pub async fn dockerfile_to_llb<R: MetaResolver>(
             .clone()
             .unwrap_or_else(|| target_platform.clone());
         d.stage.base_name = named.clone();
+        if let Some(nc) = resolver
+            .context_by_name(&named, &opt.image_resolve_mode, &platform)
+            .await
+            .map_err(|e| e.with_lines(&loc))?
+        {
+            let d = &mut all.states[i];
+            d.image = nc.image.unwrap_or_else(|| {
+                Image::empty(
+                    &target_platform.os,
+                    &target_platform.architecture,
+                    &target_platform.variant,
+                )
+            });
+            d.state = nc.state.with_platform(platform.to_llb());
+            d.platform = Some(platform);
+            continue;
+        }
         if !reachable {
             continue;
         }
@@ -601,6 +657,65 @@ pub async fn dockerfile_to_llb<R: MetaResolver>(
     })
 }
 
+/// Nanoseconds since the epoch of an RFC 3339 time (`Z` or `±hh:mm`, optional fraction).
+fn rfc3339_nanos(s: &str) -> Option<i128> {
+    let b = s.as_bytes();
+    let num = |r: std::ops::Range<usize>| -> Option<i64> { s.get(r)?.parse().ok() };
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' {
+        return None;
+    }
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    let mut i = 19;
+    let mut frac: i128 = 0;
+    if b.get(i) == Some(&b'.') {
+        i += 1;
+        let start = i;
+        while i < b.len() && b[i].is_ascii_digit() {
+            i += 1;
+        }
+        let digits = s.get(start..i)?;
+        let padded = format!("{:0<9}", &digits[..digits.len().min(9)]);
+        frac = padded.parse().ok()?;
+    }
+    let offset = match s.get(i..)? {
+        "Z" | "z" => 0,
+        tz if tz.len() == 6 => {
+            let sign = if tz.starts_with('-') { -1 } else { 1 };
+            sign * (tz.get(1..3)?.parse::<i64>().ok()? * 3600
+                + tz.get(4..6)?.parse::<i64>().ok()? * 60)
+        }
+        _ => return None,
+    };
+    // days from civil (Howard Hinnant's algorithm)
+    let y = if mo <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + h * 3600 + mi * 60 + sec - offset;
+    Some(secs as i128 * 1_000_000_000 + frac)
+}
+
+/// `clampTimes`: image and history times after `SOURCE_DATE_EPOCH` become it.
+pub(crate) fn clamp_times(img: &mut Image, epoch: Option<&str>) {
+    let Some(epoch) = epoch else { return };
+    let Some(limit) = rfc3339_nanos(epoch) else {
+        return;
+    };
+    let after = |t: &str| rfc3339_nanos(t).is_some_and(|n| n > limit);
+    for h in &mut img.history {
+        if h.created.as_deref().is_none_or(after) {
+            h.created = Some(epoch.to_string());
+        }
+    }
+    if img.created.as_deref().is_some_and(after) {
+        img.created = Some(epoch.to_string());
+    }
+}
+
 fn ctx_name(opt: &ConvertOpt) -> String {
     if opt.context_local_name.is_empty() {
         "context".into()
@@ -632,7 +747,7 @@ fn dispatch_all(
         proxy_env: proxy_env.to_vec(),
     };
     for i in 0..states.len() {
-        if !all.reachable(target, i) {
+        if !all.reachable(target, i) || states[i].noinit {
             continue;
         }
         if let Some(b) = states[i].base {

@@ -13,6 +13,7 @@
 
 pub mod convert;
 pub mod image;
+pub mod named;
 pub mod support;
 
 use std::collections::BTreeMap;
@@ -280,6 +281,15 @@ impl<B: Bridge> MetaResolver for Resolver<'_, B> {
             .await
             .map_err(|e| Error::bridge("", e))
     }
+
+    async fn context_by_name(
+        &self,
+        name: &str,
+        resolve_mode: &str,
+        platform: &Platform,
+    ) -> Result<Option<named::NamedContext>, Error> {
+        named::context_by_name(self.0, name, resolve_mode, platform).await
+    }
 }
 
 /// Whether a `# syntax=` image is the frontend built in here (dockerfile 1.5): then the
@@ -520,6 +530,14 @@ pub async fn build<B: Bridge>(bridge: &B) -> Result<BuildResult<B::Ref>, Error> 
             ));
         }
     }
+    // Every input must be a definition (`c.Inputs()` turns them all into states first).
+    for def in bo.inputs.values() {
+        if def.def.is_empty() {
+            return Err(invalid(
+                "failed to get frontend inputs: invalid nil input definition to definition op",
+            ));
+        }
+    }
     let local_ctx = opts
         .get("contextkey")
         .cloned()
@@ -675,10 +693,11 @@ pub async fn build<B: Bridge>(bridge: &B) -> Result<BuildResult<B::Ref>, Error> 
     let mut copt = parse_opts(&bo)?;
     copt.excludes = excludes;
     copt.source_map = Some(source_map.clone());
-    if ctx_input.is_some() {
-        return Err(invalid(
-            "frontend inputs as the build context are not supported by berthd yet",
-        ));
+    if let Some(def) = &ctx_input {
+        copt.build_context = Some(
+            llb::State::from_definition(def)
+                .map_err(|e| invalid(format!("failed to get frontend inputs: {e}")))?,
+        );
     }
     let converted = dockerfile_to_llb(&dt, &copt, &Resolver(bridge))
         .await

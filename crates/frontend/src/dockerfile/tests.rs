@@ -12,6 +12,8 @@ use super::*;
 #[derive(Debug)]
 struct Fixed {
     configs: BTreeMap<String, String>,
+    /// Named contexts by familiar name: `docker-image://REF`, `scratch` or `local:NAME`.
+    contexts: BTreeMap<String, String>,
     asked: Mutex<Vec<String>>,
 }
 
@@ -26,8 +28,13 @@ impl Fixed {
             "docker.io/library/onb:latest".into(),
             r#"{"architecture":"amd64","os":"linux","config":{"WorkingDir":"/w","User":"nobody","OnBuild":["RUN echo triggered"]},"rootfs":{"type":"layers","diff_ids":["sha256:bbbb"]}}"#.into(),
         );
+        configs.insert(
+            "docker.io/library/alpine:latest".into(),
+            r#"{"architecture":"amd64","os":"linux","created":"2021-01-01T00:00:00Z","config":{"Env":["PATH=/bin","ALPINE=1"],"WorkingDir":"/a"},"rootfs":{"type":"layers","diff_ids":["sha256:cccc"]},"history":[{"created":"2021-01-01T00:00:00Z","created_by":"ADD alpine"}]}"#.into(),
+        );
         Fixed {
             configs,
+            contexts: BTreeMap::new(),
             asked: Mutex::new(vec![]),
         }
     }
@@ -49,6 +56,37 @@ impl MetaResolver for Fixed {
                 format!("docker.io/library/{reference}: not found").into(),
             )),
         }
+    }
+
+    async fn context_by_name(
+        &self,
+        name: &str,
+        _mode: &str,
+        platform: &Platform,
+    ) -> Result<Option<named::NamedContext>, Error> {
+        let Some(spec) = self.contexts.get(&named::familiar(name)?) else {
+            return Ok(None);
+        };
+        self.asked.lock().unwrap().push(format!("context:{name}"));
+        if spec == "scratch" {
+            return Ok(Some(named::NamedContext {
+                state: llb::scratch(),
+                image: None,
+            }));
+        }
+        if let Some(l) = spec.strip_prefix("local:") {
+            return Ok(Some(named::NamedContext {
+                state: llb::local(l).state(),
+                image: None,
+            }));
+        }
+        let r = spec.strip_prefix("docker-image://").unwrap();
+        let img: Image = serde_json::from_str(&self.configs[&llb::normalize_ref(r)]).unwrap();
+        let st = llb::image(r).platform(platform.to_llb()).state();
+        Ok(Some(named::NamedContext {
+            state: named::with_image_config(st, &img),
+            image: Some(img),
+        }))
     }
 }
 
@@ -384,4 +422,73 @@ fn frontend_options_reach_run() {
     assert_eq!((meta.ulimit[0].soft, meta.ulimit[0].hard), (1062, 1062));
     let shm = ex[0].mounts.iter().find(|m| m.dest == "/dev/shm").unwrap();
     assert_eq!(shm.tmpfs_opt.as_ref().unwrap().size, 134_217_728);
+}
+
+fn sources(c: &Converted) -> Vec<String> {
+    ops(c)
+        .into_iter()
+        .filter_map(|o| match o.op {
+            Some(llb::pb::op::Op::Source(s)) => Some(s.identifier),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn named_contexts_replace_stages_images_and_copy_sources() {
+    let mut r = Fixed::new();
+    r.contexts
+        .insert("busybox".into(), "docker-image://alpine".into());
+    r.contexts.insert("base".into(), "local:basedir".into());
+    r.contexts.insert("extra".into(), "scratch".into());
+    // `busybox` (an image) comes from alpine; the `base` stage is replaced by a client
+    // directory and none of its instructions run; `--from=extra` is nothing.
+    let df = "FROM busybox AS base\nRUN exit 1\nFROM busybox\nCOPY --from=base /o* /\nCOPY --from=extra / /e\nRUN cat /etc/alpine-release\n";
+    let c = block_on(dockerfile_to_llb(df.as_bytes(), &ConvertOpt::default(), &r)).unwrap();
+    let src = sources(&c);
+    assert!(
+        src.contains(&"docker-image://docker.io/library/alpine:latest".to_string()),
+        "{src:?}"
+    );
+    assert!(src.contains(&"local://basedir".to_string()), "{src:?}");
+    assert!(!src.iter().any(|s| s.contains("busybox")), "{src:?}");
+    let ex = execs(&c);
+    assert_eq!(ex.len(), 1, "the replaced stage's RUN is gone");
+    assert_eq!(
+        ex[0].meta.as_ref().unwrap().args,
+        vec!["/bin/sh", "-c", "cat /etc/alpine-release"]
+    );
+    // the image config is alpine's (env, workdir), and no registry lookup of busybox happened
+    let cfg = config_json(&c);
+    assert_eq!(
+        cfg["config"]["Env"],
+        serde_json::json!(["PATH=/bin", "ALPINE=1"])
+    );
+    assert_eq!(cfg["config"]["WorkingDir"], "/a");
+    let asked = r.asked.lock().unwrap().clone();
+    assert!(
+        !asked
+            .iter()
+            .any(|a| a == "docker.io/library/busybox:latest"),
+        "{asked:?}"
+    );
+}
+
+#[test]
+fn epoch_clamps_times_of_named_stage_images() {
+    let mut img: Image = serde_json::from_str(
+        r#"{"created":"2030-01-01T00:00:00.5+01:00","history":[{"created":"2001-01-01T00:00:00Z"},{"created":"2031-01-01T00:00:00Z"},{}]}"#,
+    )
+    .unwrap();
+    convert::clamp_times(&mut img, Some("2020-01-01T00:00:00Z"));
+    assert_eq!(img.created.as_deref(), Some("2020-01-01T00:00:00Z"));
+    let h: Vec<Option<&str>> = img.history.iter().map(|h| h.created.as_deref()).collect();
+    assert_eq!(
+        h,
+        vec![
+            Some("2001-01-01T00:00:00Z"),
+            Some("2020-01-01T00:00:00Z"),
+            Some("2020-01-01T00:00:00Z")
+        ]
+    );
 }
