@@ -135,6 +135,15 @@ fn is_404(e: &DockerError) -> bool {
     )
 }
 
+/// "container is marked for removal and cannot be started" (409): a prune is removing it.
+fn is_being_removed(e: &DockerError) -> bool {
+    matches!(
+        e,
+        DockerError::DockerResponseServerError { status_code: 409, message }
+            if message.contains("marked for removal")
+    )
+}
+
 /// An error that means dockerd did not answer at all (stopped, restarting), as opposed to an
 /// answer.
 fn is_unreachable(e: &DockerError) -> bool {
@@ -145,11 +154,14 @@ fn is_unreachable(e: &DockerError) -> bool {
     )
 }
 
-/// Whether `e`, from [`pin_image`], means the image is not in Docker (any more): deleted, e.g.
-/// by a prune, between the caller's lookup and the pin's creation. The caller may resolve the
-/// reference again.
+/// Whether `e`, from [`pin_image`] or [`super::resolve_base_image`], means the image is not in
+/// Docker (any more): deleted, e.g. by a prune, between the caller's lookup and the pin's
+/// creation, or with the created pin. The caller may resolve the reference again.
 pub fn is_image_missing(e: &Error) -> bool {
-    matches!(e, Error::DockerApi { op: "create pin container", source } if is_404(source))
+    matches!(
+        e,
+        Error::DockerApi { op: "create pin container" | "inspect image", source } if is_404(source)
+    )
 }
 
 /// Keeps an image from being deleted while a build uses it: a handle on the shared pin container
@@ -438,7 +450,7 @@ async fn supervise(
                 }
                 event
             }
-            Err(e) if is_404(&e) => {
+            Err(e) if is_404(&e) || is_being_removed(&e) => {
                 format!("pin container {name} was removed before it started (docker container prune or docker rm)")
             }
             Err(e) if is_unreachable(&e) => format!(

@@ -488,7 +488,7 @@ impl ImageSource {
         // A prune may delete the image (unused until pinned) between the lookup and the pin's
         // creation: then resolve again (pulling it again if it can be pulled).
         let mut attempt = 0;
-        let (id, info, pin) = loop {
+        let (image, pin) = loop {
             attempt += 1;
             let id = match (self.mode, docker.inspect_image(&self.reference).await) {
                 (ResolveMode::Pull, _) => self.pull(&docker, ctx).await?,
@@ -540,23 +540,32 @@ impl ImageSource {
                 return self.resolve_containerd(&endpoint, &id, &instance).await;
             }
             remove_stale_pins_once(&docker, &instance).await;
-            match dockerstore::pin_image(&docker, &id, &instance, &self.reference).await {
-                Ok(pin) => break (id, info, pin),
-                Err(e) if attempt < 3 && dockerstore::is_image_missing(&e) => {
+            let pinned =
+                match dockerstore::pin_image(&docker, &id, &instance, &self.reference).await {
+                    Ok(pin) => {
+                        let driver =
+                            StorageDriver::from_name(info.driver.as_deref().unwrap_or_default())
+                                .map_err(|e| store_err("docker storage driver".into(), e))?;
+                        let data_root = info
+                            .docker_root_dir
+                            .clone()
+                            .unwrap_or_else(|| "/var/lib/docker".into());
+                        let store = DockerStore::new(data_root, driver);
+                        dockerstore::resolve_base_image(&docker, &store, &id)
+                            .await
+                            .map(|image| (image, pin))
+                            .map_err(|e| (e, "resolve image"))
+                    }
+                    Err(e) => Err((e, "pin image")),
+                };
+            match pinned {
+                Ok((image, pin)) => break (image, pin),
+                Err((e, _)) if attempt < 3 && dockerstore::is_image_missing(&e) => {
                     tracing::warn!(reference = %self.reference, %id, "image deleted before it could be pinned (a prune?); resolving it again");
                 }
-                Err(e) => return Err(store_err(format!("pin image {}", self.reference), e)),
+                Err((e, what)) => return Err(store_err(format!("{what} {}", self.reference), e)),
             }
         };
-        let driver = StorageDriver::from_name(info.driver.as_deref().unwrap_or_default())
-            .map_err(|e| store_err("docker storage driver".into(), e))?;
-        let data_root = info
-            .docker_root_dir
-            .unwrap_or_else(|| "/var/lib/docker".into());
-        let store = DockerStore::new(data_root, driver);
-        let image = dockerstore::resolve_base_image(&docker, &store, &id)
-            .await
-            .map_err(|e| store_err(format!("resolve image {}", self.reference), e))?;
         let chain = self.limit(image.chain())?;
         self.env.bases.add(&self.reference, &image, pin.clone());
         tracing::debug!(reference = %self.reference, id = %image.id, layers = chain.0.len(), "image resolved in place");
@@ -871,22 +880,16 @@ impl Op<Snap> for ImageSource {
                 running = pin.wait_running(PIN_START_WAIT) => running,
                 _ = ctx.cancel.cancelled() => return Err(Error::Canceled),
             };
-            if !running && pin.given_up() {
+            let lost = if running {
+                None
+            } else {
+                self.env.bases.check_pin(pin).await.err()
+            };
+            if let Some(lost) = lost {
                 // The pin was lost before it ran (`docker container prune` takes a created
                 // container) and the image deleted (the same `docker system prune`): no layer
                 // was read yet, so resolve it again (a pull, if it can be pulled).
                 tracing::warn!(reference = %self.reference, %id, "base image deleted before its pin ran (a prune?); resolving it again");
-                let lost = self
-                    .env
-                    .bases
-                    .check_pin(pin)
-                    .await
-                    .err()
-                    .unwrap_or_else(|| Error::Op {
-                        message: format!("base image {} ({id}) lost its pin", self.reference),
-                        kind: ErrorKind::FailedPrecondition,
-                        source: None,
-                    });
                 let again = self.resolve_now(ctx).await.map_err(|e| {
                     tracing::warn!(reference = %self.reference, error = %e, "resolving the base image again failed");
                     lost
