@@ -438,6 +438,10 @@ impl BuildkitClient {
             exporter_deprecated: exporter,
             exporter_attrs_deprecated: exporter_attrs,
             frontend_attrs: opts.frontend_attrs.clone(),
+            cache: (!opts.cache_exports.is_empty()).then(|| control::CacheOptions {
+                exports: opts.cache_exports.clone(),
+                ..Default::default()
+            }),
             ..Default::default()
         };
         let started = Instant::now();
@@ -496,6 +500,14 @@ impl BuildkitClient {
                     },
                     allow_result_return: true,
                     allow_result_array_ref: true,
+                    cache_imports: opts
+                        .cache_imports
+                        .iter()
+                        .map(|e| gw::CacheOptionsEntry {
+                            r#type: e.r#type.clone(),
+                            attrs: e.attrs.clone(),
+                        })
+                        .collect(),
                     ..Default::default()
                 };
                 Some(
@@ -636,6 +648,11 @@ pub struct BuildOptions {
     /// gRPC metadata sent with every call of the build (e.g. W3C `traceparent`, as buildctl
     /// sends it under a traced context).
     pub metadata: Vec<(String, String)>,
+    /// `--export-cache` entries (`Control.Solve`'s `Cache.Exports`).
+    pub cache_exports: Vec<control::CacheOptionsEntry>,
+    /// `--import-cache` entries, sent with the `LLBBridge.Solve` of the definition (as BuildKit's
+    /// Go client and frontends pass them).
+    pub cache_imports: Vec<control::CacheOptionsEntry>,
 }
 
 /// Everything observed during one build.

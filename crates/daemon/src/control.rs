@@ -289,15 +289,22 @@ impl Control {
                 "source policies are not supported by berthd yet",
             ));
         }
-        if let Some(c) = &req.cache {
-            if !c.exports.is_empty() {
-                return Err(Error::unimplemented(format!(
-                    "cache exporter {:?} is not supported by berthd yet",
-                    c.exports[0].r#type
-                )));
-            }
-        }
+        let cache_exports = match &req.cache {
+            Some(c) => crate::cache::parse_exports(&c.exports)?,
+            None => vec![],
+        };
         self.watch_session(job);
+        if let Some(c) = req.cache.as_ref().filter(|c| !c.imports.is_empty()) {
+            let entries = crate::cache::request_imports(&c.imports);
+            let imports = crate::cache::resolve_imports(
+                &self.backend,
+                &self.sessions,
+                &req.session,
+                &entries,
+            )
+            .await;
+            *job.cache_imports.lock().unwrap() = imports;
+        }
 
         // A definition that is present but empty (`llb.Scratch()` marshalled) is solved directly
         // to the empty result, as buildkitd does; only a request with neither a definition nor
@@ -335,6 +342,7 @@ impl Control {
                     progress: job.progress.clone(),
                     cancel: job.cancel.clone(),
                     entitlements: job.entitlements.clone(),
+                    cache_imports: job.cache_imports.lock().unwrap().clone(),
                 };
                 let fs = self.backend.solve(req.definition.take(), &ctx).await?;
                 BuildResult {
@@ -420,6 +428,14 @@ impl Control {
         }
         if kind != ExporterKind::None {
             labels.exported(export_started.elapsed());
+        }
+        if !cache_exports.is_empty() {
+            let trace = result.fs.as_ref().and_then(|f| f.trace());
+            let r = tokio::select! {
+                r = crate::cache::export(&self.backend, &self.sessions, &req.session, &job.progress, &cache_exports, trace) => r?,
+                _ = job.cancel.cancelled() => return Err(job.cancel_error()),
+            };
+            response.extend(r);
         }
         Ok(Outcome {
             response: pb::SolveResponse {

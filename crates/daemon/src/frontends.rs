@@ -147,6 +147,9 @@ impl InProcess<'_> {
             progress: self.job.progress.clone(),
             cancel: self.job.cancel.clone(),
             entitlements: self.job.entitlements.clone(),
+            // The build's --import-cache (Control.Solve's Cache.Imports, which buildctl and
+            // buildx send along with the cache-imports attribute).
+            cache_imports: self.job.cache_imports.lock().unwrap().clone(),
         }
     }
 }

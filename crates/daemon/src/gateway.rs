@@ -93,12 +93,37 @@ impl Gateway {
                 }),
             });
         }
+        let mut cache_imports = job.cache_imports.lock().unwrap().clone();
+        if !r.cache_imports.is_empty() {
+            let entries: Vec<_> = r
+                .cache_imports
+                .iter()
+                .map(|e| {
+                    let attrs = e
+                        .attrs
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect();
+                    (e.r#type.clone(), attrs)
+                })
+                .collect();
+            cache_imports.extend(
+                crate::cache::resolve_imports(
+                    &self.backend,
+                    &self.backend.sessions,
+                    &job.session_id,
+                    &entries,
+                )
+                .await,
+            );
+        }
         let ctx = SolveCtx {
             job_id: job.id.clone(),
             session_id: job.session_id.clone(),
             progress: job.progress.clone(),
             cancel: job.cancel.clone(),
             entitlements: job.entitlements.clone(),
+            cache_imports,
         };
         let def = r.definition.clone();
         let fs = match self.backend.solve(def, &ctx).await {

@@ -53,6 +53,8 @@ pub struct Job {
     pub started: std::time::Instant,
     /// Gateway containers of this build (released when it ends).
     pub containers: gateway::ContainerSet,
+    /// Caches imported for the job's solves (`SolveRequest.cache.imports`, see `crate::cache`).
+    pub cache_imports: Mutex<Vec<worker::CacheSourceRef>>,
 }
 
 /// A job as `/debug/state` shows it.
@@ -99,6 +101,7 @@ impl Job {
                 ended: CancellationToken::new(),
                 started: std::time::Instant::now(),
                 containers: gateway::ContainerSet::new(),
+                cache_imports: Mutex::new(Vec::new()),
             }),
             rx,
         )

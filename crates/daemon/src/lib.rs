@@ -26,6 +26,7 @@
 #![forbid(unsafe_code)]
 
 pub mod buildinfo;
+pub mod cache;
 pub mod caps;
 pub mod cli;
 pub mod config;

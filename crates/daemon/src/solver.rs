@@ -23,6 +23,14 @@ pub enum FsRef {
 }
 
 impl FsRef {
+    /// What the solve of this result evaluated (for cache exports).
+    pub fn trace(&self) -> Option<&worker::SolveTrace> {
+        match self {
+            FsRef::Scratch => None,
+            FsRef::Solved(r) => r.trace(),
+        }
+    }
+
     /// Whether this is the empty filesystem.
     pub fn is_scratch(&self) -> bool {
         match self {
@@ -54,6 +62,8 @@ pub struct SolveCtx {
     pub cancel: CancellationToken,
     /// Entitlements the client asked for.
     pub entitlements: Vec<String>,
+    /// Caches imported for this solve (`crate::cache`).
+    pub cache_imports: Vec<worker::CacheSourceRef>,
 }
 
 /// Options the backend takes from the daemon config.
@@ -187,7 +197,8 @@ impl Backend {
         let sink = progress_sink(ctx.progress.clone());
         let wctx =
             worker::SolveContext::new(ctx.job_id.clone(), provider, sink, ctx.cancel.clone())
-                .with_entitlements(ctx.entitlements.clone());
+                .with_entitlements(ctx.entitlements.clone())
+                .with_cache_imports(ctx.cache_imports.clone());
         let source = def.source.clone();
         let r = self.worker.solve(def, wctx).await.map_err(|e| {
             let details = vertex_details(source.as_ref(), &e);

@@ -27,6 +27,7 @@ mod file;
 mod llbsolver;
 mod ops;
 mod progress;
+mod remote;
 mod result;
 mod session;
 mod solver;
@@ -37,6 +38,9 @@ pub use error::{BoxError, Error, ErrorKind, Result};
 pub use layerstore::snapshot::{Chain, LayerRef, SnapshotId, SnapshotStore};
 pub use ops::image_pull::SessionAuth as RegistryAuth;
 pub use progress::{LogStream, ProgressEvent, ProgressGroup, ProgressSink};
+pub use remote::{
+    CacheSource, CacheSourceRef, RemoteLayer, SolveTrace, TracedOutput, TracedVertex,
+};
 pub use result::{ReadOnlyMount, ResultSource, SolvedRef};
 pub use session::{
     registry_host, Credentials, LocalDiffer, LocalSync, NoSession, SessionProvider, SshAgentConn,

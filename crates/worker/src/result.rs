@@ -60,6 +60,8 @@ pub struct SolvedRef {
     pub(crate) sources: Arc<Vec<ResultSource>>,
     /// The Docker base images the result was built on, pinned while a clone lives.
     pub(crate) bases: Option<Arc<crate::ops::source_image::BaseImages>>,
+    /// What the solve that made this result evaluated (set on results of [`crate::Worker::solve`]).
+    pub(crate) trace: Option<Arc<crate::remote::SolveTrace>>,
 }
 
 /// A source op of the definition a result was solved from (build information: BuildKit's
@@ -117,6 +119,12 @@ impl SolvedRef {
             Some(b) => b.check().await,
             None => Ok(()),
         }
+    }
+
+    /// What the solve that produced this result evaluated (for cache exports); `None` for
+    /// results inside a trace and for scratch.
+    pub fn trace(&self) -> Option<&crate::remote::SolveTrace> {
+        self.trace.as_deref()
     }
 
     /// The snapshot store the result lives in.

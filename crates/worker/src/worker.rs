@@ -127,6 +127,8 @@ pub struct SolveContext {
     pub cancel: CancellationToken,
     /// Entitlements the client asked for (`SolveRequest.Entitlements`).
     pub entitlements: Vec<String>,
+    /// Caches imported for this build (`--import-cache`), asked after the local cache.
+    pub cache_imports: Vec<crate::remote::CacheSourceRef>,
 }
 
 impl std::fmt::Debug for SolveContext {
@@ -152,7 +154,14 @@ impl SolveContext {
             progress,
             cancel,
             entitlements: vec![],
+            cache_imports: vec![],
         }
+    }
+
+    /// Sets the caches imported for this build.
+    pub fn with_cache_imports(mut self, imports: Vec<crate::remote::CacheSourceRef>) -> Self {
+        self.cache_imports = imports;
+        self
     }
 
     /// Sets the requested entitlements.
@@ -225,6 +234,16 @@ impl Worker {
     /// failing step → an [`Error::Vertex`] naming the step; cancellation → `Canceled`.
     pub async fn solve(&self, def: protos::pb::Definition, ctx: SolveContext) -> Result<SolvedRef> {
         crate::llbsolver::solve(&self.inner, def, ctx).await
+    }
+
+    /// [`Worker::solve`], also returning every evaluated vertex's output keys and results (for
+    /// cache exports).
+    pub async fn solve_traced(
+        &self,
+        def: protos::pb::Definition,
+        ctx: SolveContext,
+    ) -> Result<(SolvedRef, crate::remote::SolveTrace)> {
+        crate::llbsolver::solve_traced(&self.inner, def, ctx).await
     }
 
     /// The empty result (scratch).

@@ -12,6 +12,7 @@
 
 pub mod calls;
 pub mod channel;
+pub mod content;
 pub mod provider;
 pub mod tunnel;
 

@@ -1,7 +1,7 @@
 //! The solver's cache store over layerstore's snapshot DB: cache key → committed snapshot, one
 //! mapping per output (`solver::output_key(key, i)`), recorded with
 //! [`SnapshotStore::set_cache_key`]. Loading leases the snapshots; a mapping whose snapshot was
-//! pruned is a miss.
+//! pruned, or whose chain uses Docker layers that are gone, is a miss.
 
 use async_trait::async_trait;
 use layerstore::snapshot::SnapshotStore;
@@ -28,7 +28,11 @@ impl CacheStore<Snap> for SnapshotCache {
                     return Ok(None);
                 };
                 match Snap::acquire(&store, id) {
-                    Ok(s) => out.push(s),
+                    Ok(s) if docker_layers_present(s.chain()) => out.push(s),
+                    Ok(_) => {
+                        tracing::debug!(key = %k, "cached snapshot uses Docker layers that are gone; cache miss");
+                        return Ok(None);
+                    }
                     Err(e) => {
                         tracing::debug!(key = %k, error = %e, "cached snapshot unusable; cache miss");
                         return Ok(None);
@@ -54,6 +58,15 @@ impl CacheStore<Snap> for SnapshotCache {
         })
         .await
     }
+}
+
+/// Whether every Docker layer of `chain` still exists where the chain says (Docker removes a
+/// layer's directory with the last image using it; a re-pull puts it elsewhere).
+fn docker_layers_present(chain: &layerstore::snapshot::Chain) -> bool {
+    chain.0.iter().all(|l| match l {
+        layerstore::snapshot::LayerRef::Docker(d) => d.diff_dir.is_dir(),
+        layerstore::snapshot::LayerRef::Berth(_) => true,
+    })
 }
 
 /// Runs blocking store work off the async threads.

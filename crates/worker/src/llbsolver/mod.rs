@@ -4,6 +4,7 @@
 pub(crate) mod cache;
 pub(crate) mod caps;
 pub(crate) mod definition;
+pub(crate) mod import;
 
 use std::sync::Arc;
 
@@ -13,6 +14,7 @@ use tracing::Instrument;
 
 use crate::error::{Error, Result};
 use crate::ops::{self, BuildEnv, Shared};
+use crate::remote::{SolveTrace, TracedOutput, TracedVertex};
 use crate::result::{Snap, SolvedRef};
 use crate::solver::{Solver, Vertex};
 use crate::worker::{SolveContext, WorkerOptions};
@@ -54,6 +56,7 @@ impl Inner {
             store: self.store.clone(),
             sources: Default::default(),
             bases: None,
+            trace: None,
         }
     }
 }
@@ -64,6 +67,16 @@ pub(crate) async fn solve(
     def: pb::Definition,
     ctx: SolveContext,
 ) -> Result<SolvedRef> {
+    solve_traced(inner, def, ctx).await.map(|(r, _)| r)
+}
+
+/// Solves `def`, consulting the context's imported caches, and returns what was evaluated (see
+/// [`crate::Worker::solve_traced`]).
+pub(crate) async fn solve_traced(
+    inner: &Inner,
+    def: pb::Definition,
+    ctx: SolveContext,
+) -> Result<(SolvedRef, SolveTrace)> {
     let span = tracing::info_span!("solve", build_id = %ctx.build_id);
     let loaded = span.in_scope(|| {
         definition::load(
@@ -76,7 +89,11 @@ pub(crate) async fn solve(
         )
     })?;
     let Some(target) = loaded.target else {
-        return Ok(inner.scratch());
+        let trace = SolveTrace {
+            vertices: vec![],
+            target: None,
+        };
+        return Ok((inner.scratch(), trace));
     };
     // An exec with no-cache starts from empty cache mounts (buildkitd prunes them first).
     let no_cache_ids: Vec<String> = loaded
@@ -134,14 +151,41 @@ pub(crate) async fn solve(
             op: imp,
         });
     }
+    let shape: Vec<(String, Vec<(usize, usize)>, bool, usize)> = graph
+        .iter()
+        .map(|v| {
+            (
+                v.digest.clone(),
+                v.inputs.clone(),
+                v.ignore_cache,
+                v.outputs,
+            )
+        })
+        .collect();
+    let import: Option<Arc<dyn crate::solver::ImportStore<Snap>>> = if ctx.cache_imports.is_empty()
+    {
+        None
+    } else {
+        Some(Arc::new(import::Imported::new(
+            ctx.cache_imports.clone(),
+            inner.store.clone(),
+            inner.opts.clone(),
+        )))
+    };
     let r = inner
         .solver
-        .solve(graph, target, ctx.progress.clone(), ctx.cancel.clone())
+        .solve_with(
+            graph,
+            target,
+            ctx.progress.clone(),
+            ctx.cancel.clone(),
+            import,
+        )
         .instrument(span)
         .await;
     // A base image used in place that lost its layers during the build explains any failure
     // (and makes a success suspect: a step may have read a vanishing lower dir).
-    let (solved, stats) = match r {
+    let (solved, stats, evaluated) = match r {
         Err(Error::Canceled) => return Err(Error::Canceled),
         Err(e) => {
             if let Err(lost) = bases.check().await {
@@ -157,7 +201,7 @@ pub(crate) async fn solve(
             r
         }
     };
-    tracing::info!(build_id = %ctx.build_id, cached = stats.cached, executed = stats.executed, "solved");
+    tracing::info!(build_id = %ctx.build_id, cached = stats.cached, imported = stats.imported, executed = stats.executed, "solved");
     let mut sources: Vec<crate::result::ResultSource> = loaded
         .ops
         .iter()
@@ -171,10 +215,46 @@ pub(crate) async fn solve(
         .collect();
     sources.sort();
     sources.dedup();
-    Ok(SolvedRef {
-        snap: Some(solved.result),
-        store: inner.store.clone(),
-        sources: Arc::new(sources),
-        bases: Some(bases),
-    })
+    let sources = Arc::new(sources);
+    let vertices = evaluated
+        .into_iter()
+        .zip(shape)
+        .map(|(ev, (digest, inputs, ignore_cache, n))| {
+            ev.map(|ev| TracedVertex {
+                digest,
+                inputs,
+                ignore_cache,
+                outputs: (0..n)
+                    .map(|i| TracedOutput {
+                        key: crate::solver::output_key(&ev.key, i),
+                        result: ev
+                            .outputs
+                            .as_ref()
+                            .and_then(|o| o.get(i))
+                            .map(|o| SolvedRef {
+                                snap: Some(o.result.clone()),
+                                store: inner.store.clone(),
+                                sources: sources.clone(),
+                                bases: Some(bases.clone()),
+                                trace: None,
+                            }),
+                    })
+                    .collect(),
+            })
+        })
+        .collect();
+    let trace = SolveTrace {
+        vertices,
+        target: Some(target),
+    };
+    Ok((
+        SolvedRef {
+            snap: Some(solved.result),
+            store: inner.store.clone(),
+            sources,
+            bases: Some(bases),
+            trace: Some(Arc::new(trace.clone())),
+        },
+        trace,
+    ))
 }

@@ -70,6 +70,10 @@ impl Op<Snap> for DiffOp {
         Ok(crate::ops::standard_key("diff", &self.op, inputs))
     }
 
+    fn key_from_input_keys(&self, input_keys: &[&str]) -> Option<String> {
+        Some(crate::ops::standard_key_from("diff", &self.op, input_keys))
+    }
+
     async fn exec(&self, _ctx: &OpContext, inputs: &[Solved<Snap>]) -> Result<Vec<Snap>> {
         let lower = side(inputs, self.lower)?;
         let upper = side(inputs, self.upper)?;

@@ -108,12 +108,27 @@ struct Inner {
 impl Op<Snap> for ExecOp {
     async fn cache_key(&self, _ctx: &OpContext, inputs: &[Solved<Snap>]) -> Result<String> {
         let content = selector_checksums(&self.0.env.store, &self.0.exec, inputs).await?;
+        let keys: Vec<&str> = inputs.iter().map(|i| i.key.as_str()).collect();
         Ok(cache_key(
             &self.0.op,
             &self.0.exec,
             &self.0.env.opts.default_platform,
-            inputs,
+            &keys,
             &content,
+        ))
+    }
+
+    fn key_from_input_keys(&self, input_keys: &[&str]) -> Option<String> {
+        // Inputs mounted by selector are keyed by their content: that needs their results.
+        if (0..input_keys.len()).any(|i| content_keyed(&self.0.exec, i)) {
+            return None;
+        }
+        Some(cache_key(
+            &self.0.op,
+            &self.0.exec,
+            &self.0.env.opts.default_platform,
+            input_keys,
+            &vec![None; input_keys.len()],
         ))
     }
 
@@ -128,6 +143,19 @@ impl Op<Snap> for ExecOp {
     }
 }
 
+/// Whether input `i` is keyed by content: every mount of it is a read-only, non-root bind mount
+/// with a selector.
+fn content_keyed(exec: &pb::ExecOp, i: usize) -> bool {
+    let uses: Vec<&pb::Mount> = exec.mounts.iter().filter(|m| m.input == i as i64).collect();
+    !uses.is_empty()
+        && uses.iter().all(|m| {
+            m.mount_type == pb::MountType::Bind as i32
+                && m.readonly
+                && m.dest != "/"
+                && !m.selector.trim_matches('/').is_empty()
+        })
+}
+
 /// For each input, a checksum of the selected content when every mount of that input is a
 /// read-only, non-root bind mount with a selector (buildkitd's content-based dependency keys);
 /// `None` otherwise (the input's cache key is used).
@@ -138,17 +166,10 @@ async fn selector_checksums(
 ) -> Result<Vec<Option<String>>> {
     let mut out = vec![None; inputs.len()];
     for (i, input) in inputs.iter().enumerate() {
-        let uses: Vec<&pb::Mount> = exec.mounts.iter().filter(|m| m.input == i as i64).collect();
-        let qualifies = !uses.is_empty()
-            && uses.iter().all(|m| {
-                m.mount_type == pb::MountType::Bind as i32
-                    && m.readonly
-                    && m.dest != "/"
-                    && !m.selector.trim_matches('/').is_empty()
-            });
-        if !qualifies {
+        if !content_keyed(exec, i) {
             continue;
         }
+        let uses: Vec<&pb::Mount> = exec.mounts.iter().filter(|m| m.input == i as i64).collect();
         let mut selectors: Vec<String> = uses.iter().map(|m| m.selector.clone()).collect();
         selectors.sort();
         selectors.dedup();
@@ -182,7 +203,7 @@ fn cache_key(
     op: &pb::Op,
     exec: &pb::ExecOp,
     default_platform: &crate::worker::Platform,
-    inputs: &[Solved<Snap>],
+    input_keys: &[&str],
     content: &[Option<String>],
 ) -> String {
     let mut exec = exec.clone();
@@ -204,10 +225,10 @@ fn cache_key(
     }
     let mut h = crate::digest::KeyHasher::new("exec");
     h.field(&crate::ops::base_key(&op));
-    for (i, input) in inputs.iter().enumerate() {
+    for (i, key) in input_keys.iter().enumerate() {
         match content.get(i).and_then(|c| c.as_deref()) {
             Some(c) => h.field(b"content").field(c.as_bytes()),
-            None => h.field(b"key").field(input.key.as_bytes()),
+            None => h.field(b"key").field(key.as_bytes()),
         };
     }
     h.finish()

@@ -170,6 +170,22 @@ impl Op<Snap> for FileOpImpl {
         Ok(h.finish())
     }
 
+    fn key_from_input_keys(&self, input_keys: &[&str]) -> Option<String> {
+        // Copy-only inputs are keyed by the content copied: that needs their results.
+        if copy_only_inputs(&self.file, input_keys.len())
+            .iter()
+            .any(Option::is_some)
+        {
+            return None;
+        }
+        let mut h = crate::digest::KeyHasher::new("berth.fileop.v1");
+        h.field(&base_key(&self.op));
+        for k in input_keys {
+            h.field(b"key").field(k.as_bytes());
+        }
+        Some(h.finish())
+    }
+
     async fn exec(&self, ctx: &OpContext, inputs: &[Solved<Snap>]) -> Result<Vec<Snap>> {
         let store = self.store.clone();
         let file = self.file.clone();

@@ -49,6 +49,10 @@ impl Op<Snap> for MergeOp {
         Ok(crate::ops::standard_key("merge", &self.op, inputs))
     }
 
+    fn key_from_input_keys(&self, input_keys: &[&str]) -> Option<String> {
+        Some(crate::ops::standard_key_from("merge", &self.op, input_keys))
+    }
+
     async fn exec(&self, _ctx: &OpContext, inputs: &[Solved<Snap>]) -> Result<Vec<Snap>> {
         let mut parts = Vec::with_capacity(self.indices.len());
         for &i in &self.indices {

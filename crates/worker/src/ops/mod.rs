@@ -116,10 +116,16 @@ pub(crate) fn base_key(op: &pb::Op) -> Vec<u8> {
 
 /// Standard cache key: op kind, op without input digests, and each input's key.
 pub(crate) fn standard_key(kind: &str, op: &pb::Op, inputs: &[Solved<Snap>]) -> String {
+    let keys: Vec<&str> = inputs.iter().map(|i| i.key.as_str()).collect();
+    standard_key_from(kind, op, &keys)
+}
+
+/// [`standard_key`] from the inputs' keys.
+pub(crate) fn standard_key_from(kind: &str, op: &pb::Op, input_keys: &[&str]) -> String {
     let mut h = crate::digest::KeyHasher::new(kind);
     h.field(&base_key(op));
-    for i in inputs {
-        h.field(i.key.as_bytes());
+    for k in input_keys {
+        h.field(k.as_bytes());
     }
     h.finish()
 }

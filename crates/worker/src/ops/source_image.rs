@@ -312,7 +312,10 @@ impl Drop for OfflineWatch {
 }
 
 /// A client for `docker_host` if its Engine answers `/_ping` (within [`PING_TIMEOUT`]).
-async fn answering_engine(client: Option<&Docker>, docker_host: Option<&str>) -> Option<Docker> {
+pub(crate) async fn answering_engine(
+    client: Option<&Docker>,
+    docker_host: Option<&str>,
+) -> Option<Docker> {
     let docker = connect(client, docker_host).ok()?;
     match tokio::time::timeout(PING_TIMEOUT, docker.ping()).await {
         Ok(Ok(_)) => Some(docker),
@@ -859,14 +862,13 @@ impl ImageSource {
 impl Op<Snap> for ImageSource {
     async fn cache_key(&self, ctx: &OpContext, _inputs: &[Solved<Snap>]) -> Result<String> {
         let r = self.resolve(ctx).await?;
+        // The image ID and the layers used (a layer limit may cut the chain): the same on every
+        // node, so caches exported by one berthd match on another. Where Docker keeps the layers
+        // is not part of it: a cached result whose Docker layers are gone is a miss when loaded
+        // (`llbsolver::cache`).
         let mut h = crate::digest::KeyHasher::new("docker-image");
         h.field(r.id.as_bytes());
         h.field(&(r.chain.0.len() as u64).to_le_bytes());
-        for l in r.chain.layers() {
-            if let layerstore::snapshot::LayerRef::Docker(d) = l {
-                h.field(d.diff_dir.as_os_str().as_encoded_bytes());
-            }
-        }
         Ok(h.finish())
     }
 

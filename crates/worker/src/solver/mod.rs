@@ -1,22 +1,29 @@
 //! The solver core: schedules a DAG of vertices with cache keys, free of LLB specifics.
 //!
 //! A vertex is an [`Op`] plus edges to outputs of other vertices. For each build the solver
-//! evaluates the vertices reachable from the target:
-//! 1. wait for the inputs (independent branches run concurrently);
-//! 2. announce the vertex ([`ProgressEvent::VertexStarted`]) and ask the op for its cache key,
-//!    given the inputs' keys and results ([`Op::cache_key`]) — the op may look at input content;
-//! 3. unless the vertex ignores the cache, load the result for that key from the [`CacheStore`]:
-//!    a hit completes the vertex as `cached`;
-//! 4. otherwise execute it ([`Op::exec`]), at most `max_parallelism` executions at once across all
-//!    builds, and store the result. Identical vertices (same cache key) of concurrent builds
-//!    execute once: the first build runs it, the others wait for its result.
+//! evaluates what the target needs, in two phases per vertex:
+//! 1. **key**: wait for the inputs' keys; when the op can key itself from them
+//!    ([`Op::key_from_input_keys`]: its key reads no input content) no input result is needed,
+//!    otherwise wait for the inputs' results and ask [`Op::cache_key`] (which may look at input
+//!    content). The vertex is announced ([`ProgressEvent::VertexStarted`]) here.
+//! 2. **result**, only when a user of the vertex (or the build) needs it: unless the vertex
+//!    ignores the cache, load the result for the key from the [`CacheStore`], else from the
+//!    build's [`ImportStore`] (`--import-cache`): a hit completes the vertex as `cached`;
+//!    otherwise wait for the inputs' results and execute it ([`Op::exec`]), at most
+//!    `max_parallelism` executions at once across all builds, and store the result. Identical
+//!    vertices (same cache key) of concurrent builds execute once: the first build runs it, the
+//!    others wait for its result.
+//!
+//! So a cached step never builds its inputs: a vertex whose result nothing needed is completed
+//! as `cached` when the build succeeds (buildkitd reports them so too). An input that ignores
+//! the cache is always built before its users.
 //!
 //! Invariants: every announced vertex gets exactly one completion event; when a build fails or is
 //! canceled, all its in-progress work is dropped (which releases mounts held by ops) and the
 //! still-running vertices are completed with `context canceled`.
 //!
 //! Ported concept: `moby/buildkit` `solver/jobs.go` + `solver/scheduler.go` (much simplified:
-//! one cache-key phase per vertex, no cache-key "slow" phases).
+//! one cache-key computation per vertex, content keys instead of separate "slow" key phases).
 //!
 //! Observability: each announced vertex runs in a `vertex` span (debug level, child of the span
 //! current when [`Solver::solve`] was called, `cached` recorded at the end), and the solver
@@ -63,8 +70,24 @@ pub(crate) trait Op<R>: Send + Sync {
     /// Cache key of the vertex, from its inputs. Must depend on everything that affects the
     /// result.
     async fn cache_key(&self, ctx: &OpContext, inputs: &[Solved<R>]) -> Result<String>;
+    /// The cache key from the inputs' output keys alone, for ops whose key reads no input
+    /// content: the solver then finds a cached result without building the inputs. `None` (the
+    /// default): the key needs the inputs' results ([`Op::cache_key`]). When `Some`, it must
+    /// equal what `cache_key` returns for inputs with these keys.
+    fn key_from_input_keys(&self, _input_keys: &[&str]) -> Option<String> {
+        None
+    }
     /// Executes the vertex; returns one result per output.
     async fn exec(&self, ctx: &OpContext, inputs: &[Solved<R>]) -> Result<Vec<R>>;
+}
+
+/// A cache imported for one build (`--import-cache`), asked when the local store misses. A hit
+/// is recorded in the local store too.
+#[async_trait]
+pub(crate) trait ImportStore<R>: Send + Sync {
+    /// The `outputs` results for `key`, if the imported cache has them (may download layers;
+    /// statuses go to `ctx`). Failures are misses: the vertex then runs.
+    async fn load(&self, ctx: &OpContext, key: &str, outputs: usize) -> Option<Vec<R>>;
 }
 
 /// Persistent map from cache keys to results.
@@ -94,7 +117,13 @@ pub(crate) struct Vertex<R> {
     pub op: Arc<dyn Op<R>>,
 }
 
-type Outputs<R> = Arc<Vec<Solved<R>>>;
+pub(crate) type Outputs<R> = Arc<Vec<Solved<R>>>;
+/// A vertex's cache key, and the span its work runs in.
+struct Keyed {
+    key: String,
+    span: tracing::Span,
+}
+type KeyFuture = Shared<BoxFuture<'static, std::result::Result<Arc<Keyed>, Arc<Error>>>>;
 type SharedResult<R> = std::result::Result<Outputs<R>, Arc<Error>>;
 type VertexFuture<R> = Shared<BoxFuture<'static, SharedResult<R>>>;
 
@@ -105,7 +134,23 @@ pub(crate) struct SolveStats {
     pub cached: usize,
     /// Vertices executed by this build.
     pub executed: usize,
+    /// Of `cached`, the vertices whose result came from an imported cache.
+    pub imported: usize,
 }
+
+/// What a build found for one vertex: its cache key, and its outputs when the build needed them
+/// (a vertex whose users were cached has a key only).
+#[derive(Clone)]
+pub(crate) struct Evaluation<R> {
+    /// The vertex's cache key (outputs: [`output_key`]).
+    pub key: String,
+    /// The outputs, when built or loaded.
+    pub outputs: Option<Outputs<R>>,
+}
+
+/// Every vertex a build evaluated, by graph index (`None`: the target did not depend on it, or
+/// the build failed before its key), for cache exports.
+pub(crate) type Evaluated<R> = Vec<Option<Evaluation<R>>>;
 
 /// The scheduler shared by all builds of a worker.
 pub(crate) struct Solver<R> {
@@ -119,12 +164,18 @@ pub(crate) struct Solver<R> {
 type Running = (String, Vec<String>, SystemTime);
 
 /// Per-build state shared by the vertex futures.
-struct Job {
+struct Job<R> {
     progress: ProgressSink,
     cancel: CancellationToken,
     /// Vertices announced but not yet completed: digest → (name, inputs, started).
     running: Mutex<HashMap<String, Running>>,
     stats: Mutex<SolveStats>,
+    /// Outputs of the vertices evaluated so far, by graph index.
+    evaluated: Mutex<HashMap<usize, Outputs<R>>>,
+    /// Cache keys of the vertices keyed so far, by graph index.
+    keys: Mutex<HashMap<usize, String>>,
+    /// The build's imported cache, if any.
+    import: Option<Arc<dyn ImportStore<R>>>,
     /// Parent of the vertex spans.
     span: tracing::Span,
 }
@@ -134,7 +185,7 @@ const EXECUTIONS: &str = "berth_vertex_executions_total";
 /// Counter of vertex cache hits (`telemetry::metrics::VERTEX_CACHE_HITS`).
 const CACHE_HITS: &str = "berth_vertex_cache_hits_total";
 
-impl Job {
+impl<R> Job<R> {
     fn start(
         &self,
         digest: &str,
@@ -172,6 +223,25 @@ impl Job {
         });
     }
 
+    /// Completes every still-running vertex as cached (after a successful build: their key was
+    /// found and nothing needed their result).
+    fn complete_unneeded(&self) {
+        let running: Vec<_> = self.running.lock().unwrap().drain().collect();
+        for (digest, (name, inputs, started)) in running {
+            self.stats.lock().unwrap().cached += 1;
+            metrics::counter!(CACHE_HITS).increment(1);
+            self.progress.send(ProgressEvent::VertexCompleted {
+                digest,
+                name,
+                inputs,
+                started,
+                completed: SystemTime::now(),
+                cached: true,
+                error: None,
+            });
+        }
+    }
+
     /// Completes every still-running vertex as canceled.
     fn cancel_running(&self) {
         let running: Vec<_> = self.running.lock().unwrap().drain().collect();
@@ -200,6 +270,7 @@ impl<R: Clone + Send + Sync + 'static> Solver<R> {
 
     /// Solves output `target.1` of vertex `target.0` of `graph`. `graph` must be acyclic with
     /// every input index in range (see [`topo_order`]).
+    #[cfg(test)]
     pub(crate) async fn solve(
         self: &Arc<Self>,
         graph: Vec<Vertex<R>>,
@@ -207,6 +278,21 @@ impl<R: Clone + Send + Sync + 'static> Solver<R> {
         progress: ProgressSink,
         cancel: CancellationToken,
     ) -> Result<(Solved<R>, SolveStats)> {
+        self.solve_with(graph, target, progress, cancel, None)
+            .await
+            .map(|(s, st, _)| (s, st))
+    }
+
+    /// [`Solver::solve`] consulting `import` after the local cache, and returning what every
+    /// evaluated vertex produced.
+    pub(crate) async fn solve_with(
+        self: &Arc<Self>,
+        graph: Vec<Vertex<R>>,
+        target: (usize, usize),
+        progress: ProgressSink,
+        cancel: CancellationToken,
+        import: Option<Arc<dyn ImportStore<R>>>,
+    ) -> Result<(Solved<R>, SolveStats, Evaluated<R>)> {
         let order = topo_order(graph.len(), |i| {
             graph[i].inputs.iter().map(|e| e.0).collect()
         })
@@ -219,9 +305,13 @@ impl<R: Clone + Send + Sync + 'static> Solver<R> {
             cancel: job_cancel.clone(),
             running: Mutex::new(HashMap::new()),
             stats: Mutex::new(SolveStats::default()),
+            evaluated: Mutex::new(HashMap::new()),
+            keys: Mutex::new(HashMap::new()),
+            import,
             span: tracing::Span::current(),
         });
         let graph: Vec<Arc<Vertex<R>>> = graph.into_iter().map(Arc::new).collect();
+        let mut keys: Vec<Option<KeyFuture>> = vec![None; graph.len()];
         let mut futs: Vec<Option<VertexFuture<R>>> = vec![None; graph.len()];
         for &i in &order {
             let v = graph[i].clone();
@@ -229,38 +319,61 @@ impl<R: Clone + Send + Sync + 'static> Solver<R> {
             // inputs are several outputs of one vertex (an exec with many mounts) would
             // otherwise poll that shared future once per edge, and a chain of such vertices
             // multiplies the polls at every wake-up (TestLLBMountPerformance never started).
-            let mut inputs: Vec<(usize, VertexFuture<R>)> = Vec::new();
-            for &(vi, _) in &v.inputs {
-                if !inputs.iter().any(|(seen, _)| *seen == vi) {
-                    inputs.push((vi, futs[vi].clone().expect("topological order")));
-                }
-            }
+            let in_keys = unique_inputs(&v.inputs, &keys);
+            let in_res = unique_inputs(&v.inputs, &futs);
+            // An input that ignores the cache always runs, so its users wait for it.
+            let eager = v.inputs.iter().any(|&(vi, _)| graph[vi].ignore_cache);
             let input_digests: Vec<String> = v
                 .inputs
                 .iter()
                 .map(|&(vi, _)| graph[vi].digest.clone())
                 .collect();
-            let solver = self.clone();
-            let job = job.clone();
-            let fut = async move {
-                solver
-                    .run_vertex(&job, &v, inputs, input_digests)
-                    .await
-                    .map_err(Arc::new)
-            }
-            .boxed()
-            .shared();
-            futs[i] = Some(fut);
+            let keyf: KeyFuture = {
+                let (solver, job, v, in_res) =
+                    (self.clone(), job.clone(), v.clone(), in_res.clone());
+                async move {
+                    let k = solver
+                        .vertex_key(&job, &v, in_keys, in_res, input_digests, eager)
+                        .await
+                        .map_err(Arc::new)?;
+                    job.keys.lock().unwrap().insert(i, k.key.clone());
+                    Ok(Arc::new(k))
+                }
+                .boxed()
+                .shared()
+            };
+            let resf: VertexFuture<R> = {
+                let (solver, job, keyf) = (self.clone(), job.clone(), keyf.clone());
+                async move {
+                    let k = keyf.await?;
+                    let outs = solver
+                        .vertex_result(&job, &v, &k, in_res)
+                        .await
+                        .map_err(Arc::new)?;
+                    job.evaluated.lock().unwrap().insert(i, outs.clone());
+                    Ok(outs)
+                }
+                .boxed()
+                .shared()
+            };
+            keys[i] = Some(keyf);
+            futs[i] = Some(resf);
         }
         let target_fut = futs[target.0].clone().expect("target in graph");
-        // Only the futures reachable from the target are ever polled.
+        // Only the futures the target needs are ever polled.
         drop(futs);
+        drop(keys);
         let res = tokio::select! {
             r = target_fut => r.map_err(unshare),
             _ = cancel.cancelled() => Err(Error::Canceled),
         };
         // Stop whatever is still running (siblings of a failed vertex, or everything on cancel).
         job_cancel.cancel();
+        if res.is_ok() {
+            // Vertices whose key was found but whose result nothing needed (a user of theirs
+            // was cached): cached, as buildkitd reports them.
+            job.complete_unneeded();
+        }
         job.cancel_running();
         let outputs = res?;
         let solved = outputs
@@ -268,37 +381,85 @@ impl<R: Clone + Send + Sync + 'static> Solver<R> {
             .cloned()
             .ok_or_else(|| Error::Internal(format!("target output {} missing", target.1)))?;
         let stats = *job.stats.lock().unwrap();
-        Ok((solved, stats))
+        let mut evaluated: Evaluated<R> = vec![None; graph.len()];
+        let mut outs = std::mem::take(&mut *job.evaluated.lock().unwrap());
+        for (i, key) in job.keys.lock().unwrap().drain() {
+            evaluated[i] = Some(Evaluation {
+                key,
+                outputs: outs.remove(&i),
+            });
+        }
+        Ok((solved, stats, evaluated))
     }
 
-    async fn run_vertex(
-        self: &Arc<Self>,
-        job: &Arc<Job>,
-        v: &Vertex<R>,
-        inputs: Vec<(usize, VertexFuture<R>)>,
-        input_digests: Vec<String>,
-    ) -> Result<Outputs<R>> {
-        // Inputs first; the first failure cancels the rest (dropping their futures).
+    /// The outputs of the inputs `edges` (`(vertex, output)` in op order) from the input
+    /// vertices' futures `in_res` (built or loaded as needed); the first failure drops the rest.
+    async fn input_results(
+        edges: &[(usize, usize)],
+        in_res: Vec<(usize, VertexFuture<R>)>,
+    ) -> Result<Vec<Solved<R>>> {
         let input_outputs = futures::future::try_join_all(
-            inputs
+            in_res
                 .into_iter()
                 .map(|(vi, f)| f.map(move |r| r.map(|o| (vi, o)))),
         )
         .await
         .map_err(unshare)?;
-        let mut solved_inputs = Vec::with_capacity(v.inputs.len());
-        for &(vi, idx) in &v.inputs {
+        let mut solved = Vec::with_capacity(edges.len());
+        for &(vi, idx) in edges {
             let outs = input_outputs
                 .iter()
                 .find(|(i, _)| *i == vi)
                 .map(|(_, o)| o)
                 .ok_or_else(|| Error::Internal(format!("input vertex {vi} missing")))?;
-            let s = outs
-                .get(idx)
-                .cloned()
-                .ok_or_else(|| Error::Internal(format!("input output index {idx} missing")))?;
-            solved_inputs.push(s);
+            solved.push(
+                outs.get(idx)
+                    .cloned()
+                    .ok_or_else(|| Error::Internal(format!("input output index {idx} missing")))?,
+            );
         }
+        Ok(solved)
+    }
+
+    /// The vertex's cache key: from its inputs' keys when the op allows it, else from their
+    /// results. Announces the vertex.
+    async fn vertex_key(
+        self: &Arc<Self>,
+        job: &Arc<Job<R>>,
+        v: &Vertex<R>,
+        in_keys: Vec<(usize, KeyFuture)>,
+        in_res: Vec<(usize, VertexFuture<R>)>,
+        input_digests: Vec<String>,
+        eager: bool,
+    ) -> Result<Keyed> {
+        // Inputs' keys first; the first failure cancels the rest (dropping their futures).
+        let vertex_keys = futures::future::try_join_all(
+            in_keys
+                .into_iter()
+                .map(|(vi, f)| f.map(move |r| r.map(|k| (vi, k)))),
+        )
+        .await
+        .map_err(unshare)?;
+        let mut input_keys = Vec::with_capacity(v.inputs.len());
+        for &(vi, out) in &v.inputs {
+            let k = vertex_keys
+                .iter()
+                .find(|(i, _)| *i == vi)
+                .map(|(_, k)| k)
+                .ok_or_else(|| Error::Internal(format!("input vertex {vi} missing")))?;
+            input_keys.push(output_key(&k.key, out));
+        }
+        let from_keys = if v.inputs.is_empty() || eager {
+            None
+        } else {
+            let refs: Vec<&str> = input_keys.iter().map(String::as_str).collect();
+            v.op.key_from_input_keys(&refs)
+        };
+        let solved = if v.inputs.is_empty() || from_keys.is_some() {
+            Vec::new()
+        } else {
+            Self::input_results(&v.inputs, in_res).await?
+        };
         if job.cancel.is_cancelled() {
             return Err(Error::Canceled);
         }
@@ -316,58 +477,117 @@ impl<R: Clone + Send + Sync + 'static> Solver<R> {
             cached = tracing::field::Empty,
             otel.status_code = tracing::field::Empty,
         );
-        let res = self
-            .run_started(job, v, &ctx, &solved_inputs)
-            .instrument(span.clone())
-            .await;
-        match &res {
-            Ok((_, cached)) => span.record("cached", *cached),
-            Err(_) => span.record("otel.status_code", "ERROR"),
+        let key = match from_keys {
+            Some(k) => Ok(k),
+            None => v.op.cache_key(&ctx, &solved).instrument(span.clone()).await,
         };
-        match &res {
-            Ok((_, cached)) => job.complete(&v.digest, *cached, None),
-            Err(e) => job.complete(&v.digest, false, Some(e.to_string())),
+        match key {
+            Ok(key) => Ok(Keyed { key, span }),
+            Err(e) => {
+                span.record("otel.status_code", "ERROR");
+                job.complete(&v.digest, false, Some(e.to_string()));
+                Err(vertex_error(v, e))
+            }
         }
-        let (outs, _) = res.map_err(|e| match e {
-            Error::Canceled | Error::Vertex { .. } => e,
-            e => Error::Vertex {
-                name: v.name.clone(),
-                digest: v.digest.clone(),
-                error: Box::new(e),
-            },
-        })?;
-        Ok(outs)
     }
 
-    /// Key, cache lookup, execution. Returns the outputs and whether they came from the cache.
-    async fn run_started(
-        &self,
-        job: &Job,
+    /// The vertex's outputs: from the cache, the imported cache, or by executing it (after its
+    /// inputs' results).
+    async fn vertex_result(
+        self: &Arc<Self>,
+        job: &Arc<Job<R>>,
         v: &Vertex<R>,
-        ctx: &OpContext,
-        inputs: &[Solved<R>],
-    ) -> Result<(Outputs<R>, bool)> {
-        let key = v.op.cache_key(ctx, inputs).await?;
+        k: &Keyed,
+        in_res: Vec<(usize, VertexFuture<R>)>,
+    ) -> Result<Outputs<R>> {
+        let ctx = OpContext {
+            vertex: v.digest.clone(),
+            progress: job.progress.clone(),
+            cancel: job.cancel.clone(),
+        };
+        let key = &k.key;
         let wrap = |results: Arc<Vec<R>>| -> Outputs<R> {
             Arc::new(
                 results
                     .iter()
                     .enumerate()
                     .map(|(i, r)| Solved {
-                        key: output_key(&key, i),
+                        key: output_key(key, i),
                         result: r.clone(),
                     })
                     .collect(),
             )
         };
-        if !v.ignore_cache {
-            if let Some(results) = self.cache.load(&key, v.outputs).await? {
-                job.stats.lock().unwrap().cached += 1;
-                metrics::counter!(CACHE_HITS).increment(1);
-                tracing::debug!(vertex = %v.digest, key = %key, "cache hit");
-                return Ok((wrap(Arc::new(results)), true));
+        let res = self
+            .cached_result(job, v, &ctx, key)
+            .instrument(k.span.clone())
+            .await;
+        let res = match res {
+            Ok(Some(results)) => Ok((wrap(results), true)),
+            Ok(None) => {
+                // A failed input is reported by its own vertex; this one stays running until
+                // the build ends (then it is completed as canceled).
+                let inputs = Self::input_results(&v.inputs, in_res).await?;
+                self.execute(job, v, &ctx, key, &inputs)
+                    .instrument(k.span.clone())
+                    .await
+                    .map(|r| (wrap(r), false))
+            }
+            Err(e) => Err(e),
+        };
+        match &res {
+            Ok((_, cached)) => k.span.record("cached", *cached),
+            Err(_) => k.span.record("otel.status_code", "ERROR"),
+        };
+        match &res {
+            Ok((_, cached)) => job.complete(&v.digest, *cached, None),
+            Err(e) => job.complete(&v.digest, false, Some(e.to_string())),
+        }
+        res.map(|(o, _)| o).map_err(|e| vertex_error(v, e))
+    }
+
+    /// The results for `key` from the local cache, else from the build's imported cache.
+    async fn cached_result(
+        &self,
+        job: &Job<R>,
+        v: &Vertex<R>,
+        ctx: &OpContext,
+        key: &str,
+    ) -> Result<Option<Arc<Vec<R>>>> {
+        if v.ignore_cache {
+            return Ok(None);
+        }
+        if let Some(results) = self.cache.load(key, v.outputs).await? {
+            job.stats.lock().unwrap().cached += 1;
+            metrics::counter!(CACHE_HITS).increment(1);
+            tracing::debug!(vertex = %v.digest, key = %key, "cache hit");
+            return Ok(Some(Arc::new(results)));
+        }
+        if let Some(import) = &job.import {
+            if let Some(results) = import.load(ctx, key, v.outputs).await {
+                if results.len() == v.outputs {
+                    self.cache.save(key, &results).await?;
+                    let mut st = job.stats.lock().unwrap();
+                    st.cached += 1;
+                    st.imported += 1;
+                    metrics::counter!(CACHE_HITS).increment(1);
+                    tracing::debug!(vertex = %v.digest, key = %key, "imported cache hit");
+                    return Ok(Some(Arc::new(results)));
+                }
             }
         }
+        Ok(None)
+    }
+
+    /// Executes the vertex (identical keys of concurrent builds execute once).
+    async fn execute(
+        &self,
+        job: &Job<R>,
+        v: &Vertex<R>,
+        ctx: &OpContext,
+        key: &str,
+        inputs: &[Solved<R>],
+    ) -> Result<Arc<Vec<R>>> {
         let exec = || async {
             let _permit = tokio::select! {
                 p = self.limit.clone().acquire_owned() => p.map_err(|_| Error::Internal("semaphore closed".into()))?,
@@ -375,7 +595,7 @@ impl<R: Clone + Send + Sync + 'static> Solver<R> {
             };
             if !v.ignore_cache {
                 // Another build may have finished the same work while we waited.
-                if let Some(results) = self.cache.load(&key, v.outputs).await? {
+                if let Some(results) = self.cache.load(key, v.outputs).await? {
                     metrics::counter!(CACHE_HITS).increment(1);
                     return Ok(Arc::new(results));
                 }
@@ -394,29 +614,50 @@ impl<R: Clone + Send + Sync + 'static> Solver<R> {
                     v.outputs
                 )));
             }
-            self.cache.save(&key, &results).await?;
+            self.cache.save(key, &results).await?;
             Ok(Arc::new(results))
         };
-        let results = if v.ignore_cache {
-            exec().await?
-        } else {
-            let cell = self
-                .inflight
-                .lock()
-                .unwrap()
-                .entry(key.clone())
-                .or_insert_with(|| Arc::new(OnceCell::new()))
-                .clone();
-            let r = cell.get_or_try_init(exec).await.cloned();
-            let mut map = self.inflight.lock().unwrap();
-            // Last user of this entry: forget it (the result is in the cache store now).
-            if map.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) && Arc::strong_count(&cell) <= 2
-            {
-                map.remove(&key);
-            }
-            r?
-        };
-        Ok((wrap(results), false))
+        if v.ignore_cache {
+            return exec().await;
+        }
+        let cell = self
+            .inflight
+            .lock()
+            .unwrap()
+            .entry(key.to_string())
+            .or_insert_with(|| Arc::new(OnceCell::new()))
+            .clone();
+        let r = cell.get_or_try_init(exec).await.cloned();
+        let mut map = self.inflight.lock().unwrap();
+        // Last user of this entry: forget it (the result is in the cache store now).
+        if map.get(key).is_some_and(|c| Arc::ptr_eq(c, &cell)) && Arc::strong_count(&cell) <= 2 {
+            map.remove(key);
+        }
+        r
+    }
+}
+
+/// The future of each distinct input vertex of `edges` (`(vertex, output)`), in first-use
+/// order. `futs` holds the futures of the vertices already scheduled.
+fn unique_inputs<F: Clone>(edges: &[(usize, usize)], futs: &[Option<F>]) -> Vec<(usize, F)> {
+    let mut unique: Vec<(usize, F)> = Vec::new();
+    for &(vi, _) in edges {
+        if !unique.iter().any(|(seen, _)| *seen == vi) {
+            unique.push((vi, futs[vi].clone().expect("topological order")));
+        }
+    }
+    unique
+}
+
+/// `e` as the error of vertex `v` (errors that already name a vertex, and cancellation, stay).
+fn vertex_error<R>(v: &Vertex<R>, e: Error) -> Error {
+    match e {
+        Error::Canceled | Error::Vertex { .. } => e,
+        e => Error::Vertex {
+            name: v.name.clone(),
+            digest: v.digest.clone(),
+            error: Box::new(e),
+        },
     }
 }
 

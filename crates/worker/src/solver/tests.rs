@@ -36,6 +36,8 @@ struct Concat {
     block: bool,
     fail: bool,
     delay: Duration,
+    /// Key from the inputs' keys alone ([`Op::key_from_input_keys`]).
+    keys_only: bool,
 }
 
 impl Concat {
@@ -49,6 +51,7 @@ impl Concat {
             block: false,
             fail: false,
             delay: Duration::ZERO,
+            keys_only: false,
         }
     }
 }
@@ -62,6 +65,18 @@ impl Op<String> for Concat {
             h.field(i.key.as_bytes());
         }
         Ok(h.finish())
+    }
+
+    fn key_from_input_keys(&self, input_keys: &[&str]) -> Option<String> {
+        if !self.keys_only {
+            return None;
+        }
+        let mut h = crate::digest::KeyHasher::new("concat");
+        h.field(self.label.as_bytes());
+        for k in input_keys {
+            h.field(k.as_bytes());
+        }
+        Some(h.finish())
     }
 
     async fn exec(&self, _ctx: &OpContext, inputs: &[Solved<String>]) -> Result<Vec<String>> {
@@ -169,7 +184,8 @@ async fn rebuild_is_fully_cached_and_change_reruns_dependents_only() {
         stats,
         SolveStats {
             cached: 0,
-            executed: 4
+            executed: 4,
+            imported: 0,
         }
     );
     assert_eq!(execs.load(Ordering::SeqCst), 4);
@@ -190,7 +206,8 @@ async fn rebuild_is_fully_cached_and_change_reruns_dependents_only() {
         stats,
         SolveStats {
             cached: 4,
-            executed: 0
+            executed: 0,
+            imported: 0,
         }
     );
     assert_eq!(
@@ -222,7 +239,8 @@ async fn rebuild_is_fully_cached_and_change_reruns_dependents_only() {
         stats,
         SolveStats {
             cached: 1,
-            executed: 3
+            executed: 3,
+            imported: 0,
         }
     );
 }
@@ -480,4 +498,187 @@ fn many_edges_to_one_vertex_do_not_multiply_polls() {
         .recv_timeout(Duration::from_secs(30))
         .expect("a chain of 20 many-edged vertices must solve quickly");
     assert_eq!(r.unwrap(), "v19");
+}
+
+/// A chain a → b → c whose keys need no input results.
+fn keyed_chain(execs: &Arc<AtomicUsize>) -> Vec<Vertex<String>> {
+    let op = |l: &str| {
+        let mut c = Concat::new(l, execs);
+        c.keys_only = true;
+        c
+    };
+    vec![
+        vertex("a", vec![], op("a")),
+        vertex("b", vec![0], op("b")),
+        vertex("c", vec![1], op("c")),
+    ]
+}
+
+/// Counts loads per key.
+#[derive(Default)]
+struct CountingCache {
+    inner: MemCache,
+    loads: Mutex<Vec<String>>,
+}
+
+#[async_trait]
+impl CacheStore<String> for CountingCache {
+    async fn load(&self, key: &str, outputs: usize) -> Result<Option<Vec<String>>> {
+        self.loads.lock().unwrap().push(key.to_string());
+        self.inner.load(key, outputs).await
+    }
+    async fn save(&self, key: &str, results: &[String]) -> Result<()> {
+        self.inner.save(key, results).await
+    }
+}
+
+#[tokio::test]
+async fn cached_target_needs_no_input_results() {
+    let execs = Arc::new(AtomicUsize::new(0));
+    let cache = Arc::new(CountingCache::default());
+    let solver = Arc::new(Solver::new(cache.clone(), 4));
+    let (r, _) = solver
+        .solve(
+            keyed_chain(&execs),
+            (2, 0),
+            ProgressSink::discard(),
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.result, "a+b+c");
+    assert_eq!(execs.load(Ordering::SeqCst), 3);
+    cache.loads.lock().unwrap().clear();
+    let (sink, evs) = events();
+    let (r2, stats, evaluated) = solver
+        .solve_with(
+            keyed_chain(&execs),
+            (2, 0),
+            sink,
+            CancellationToken::new(),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(r2.result, "a+b+c");
+    assert_eq!(execs.load(Ordering::SeqCst), 3, "nothing ran");
+    assert_eq!(
+        cache.loads.lock().unwrap().len(),
+        1,
+        "only the target's result is loaded"
+    );
+    assert_eq!(stats.cached, 3, "{stats:?}");
+    // Every vertex announced once and completed as cached.
+    let evs = evs.lock().unwrap();
+    let completed: Vec<(String, bool)> = evs
+        .iter()
+        .filter_map(|e| match e {
+            ProgressEvent::VertexCompleted {
+                digest,
+                cached,
+                error,
+                ..
+            } => {
+                assert!(error.is_none());
+                Some((digest.clone(), *cached))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(completed.len(), 3, "{completed:?}");
+    assert!(completed.iter().all(|c| c.1), "{completed:?}");
+    // The trace has every key; only the target's outputs.
+    assert!(evaluated.iter().all(|e| e.is_some()));
+    assert!(evaluated[2].as_ref().unwrap().outputs.is_some());
+    assert!(evaluated[0].as_ref().unwrap().outputs.is_none());
+}
+
+#[tokio::test]
+async fn missing_result_builds_inputs_then_runs() {
+    let execs = Arc::new(AtomicUsize::new(0));
+    let solver = Arc::new(Solver::new(Arc::new(MemCache::default()), 4));
+    let (r, stats) = solver
+        .solve(
+            keyed_chain(&execs),
+            (2, 0),
+            ProgressSink::discard(),
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.result, "a+b+c");
+    assert_eq!(stats.executed, 3);
+    // Only c changes: a and b come from the cache, c runs on b's result.
+    let mut g = keyed_chain(&execs);
+    let mut c = Concat::new("C", &execs);
+    c.keys_only = true;
+    g[2].op = Arc::new(c);
+    let (r, stats) = solver
+        .solve(g, (2, 0), ProgressSink::discard(), CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(r.result, "a+b+C");
+    assert_eq!(stats.executed, 1, "{stats:?}");
+    assert_eq!(stats.cached, 2, "{stats:?}");
+}
+
+struct MemImport(HashMap<String, Vec<String>>, Arc<AtomicUsize>);
+
+#[async_trait]
+impl ImportStore<String> for MemImport {
+    async fn load(&self, _ctx: &OpContext, key: &str, _outputs: usize) -> Option<Vec<String>> {
+        self.1.fetch_add(1, Ordering::SeqCst);
+        // Records are by output key, as exports write them.
+        self.0.get(&output_key(key, 0)).cloned()
+    }
+}
+
+#[tokio::test]
+async fn imported_target_is_cached_without_running_its_inputs() {
+    // Node A builds and records what it evaluated.
+    let execs_a = Arc::new(AtomicUsize::new(0));
+    let a = Arc::new(Solver::new(Arc::new(MemCache::default()), 4));
+    let (_, _, ev) = a
+        .solve_with(
+            keyed_chain(&execs_a),
+            (2, 0),
+            ProgressSink::discard(),
+            CancellationToken::new(),
+            None,
+        )
+        .await
+        .unwrap();
+    let exported: HashMap<String, Vec<String>> = ev
+        .iter()
+        .flatten()
+        .filter_map(|e| {
+            let o = e.outputs.as_ref()?;
+            Some((output_key(&e.key, 0), vec![o[0].result.clone()]))
+        })
+        .collect();
+    assert_eq!(exported.len(), 3);
+    // Node B: empty local cache, imports.
+    let execs_b = Arc::new(AtomicUsize::new(0));
+    let lookups = Arc::new(AtomicUsize::new(0));
+    let b = Arc::new(Solver::new(Arc::new(MemCache::default()), 4));
+    let import: Arc<dyn ImportStore<String>> = Arc::new(MemImport(exported, lookups.clone()));
+    let (r, stats, _) = b
+        .solve_with(
+            keyed_chain(&execs_b),
+            (2, 0),
+            ProgressSink::discard(),
+            CancellationToken::new(),
+            Some(import),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.result, "a+b+c");
+    assert_eq!(execs_b.load(Ordering::SeqCst), 0, "nothing ran on B");
+    assert_eq!(
+        lookups.load(Ordering::SeqCst),
+        1,
+        "only the target was fetched"
+    );
+    assert_eq!(stats.imported, 1);
+    assert_eq!(stats.cached, 3);
 }

@@ -1,0 +1,441 @@
+//! From what a solve evaluated to BuildKit's cache layout (see the crate docs).
+//!
+//! Records: one per output of every evaluated step (steps that ignore the cache are left out),
+//! keyed by the output's cache key, with one link per input to the record of the output it
+//! consumed. Results: `mode=max` gives every record with a non-empty result its layer chain,
+//! `mode=min` only the build result's. Layers are compressed once per (diffID, compression) into
+//! berth's blob cache (shared with pushes) and listed as BuildKit lists them: one config layer
+//! per (blob, parent) chain position.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use layerstore::snapshot::LayerRef;
+use registry::{BlobCache, Reference, Session};
+use serde_json::json;
+use worker::SolveTrace;
+
+use crate::attrs::{CompressionOpts, Mode};
+use crate::config::{
+    go_time, CacheConfig, CacheInput, CacheLayer, CacheRecord, CacheResult, ChainedResult,
+    ANNOTATION_CREATED_AT, ANNOTATION_UNCOMPRESSED, CACHE_CONFIG_MEDIA_TYPE,
+};
+use crate::store::ContentStore;
+use crate::{Error, Result};
+
+/// One status line of an export: `(id, done)` (e.g. `writing layer sha256:…`).
+pub type ExportProgress = Arc<dyn Fn(&str, bool) + Send + Sync>;
+
+/// A layer blob of a built cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerBlob {
+    /// Blob digest.
+    pub digest: String,
+    /// Blob size.
+    pub size: u64,
+    /// Layer media type.
+    pub media_type: String,
+    /// diffID.
+    pub diff_id: String,
+    /// When the layer was made.
+    pub created_at: Option<DateTime<Utc>>,
+    /// The compressed blob in berth's blob cache.
+    pub path: PathBuf,
+}
+
+/// A cache ready to be written: the config and the blob of each of its layers.
+#[derive(Debug, Clone)]
+pub struct Built {
+    /// The config (layers and records).
+    pub config: CacheConfig,
+    /// Blob of each `config.layers[i]`.
+    pub blobs: Vec<LayerBlob>,
+    /// `oci-mediatypes`.
+    pub oci: bool,
+}
+
+/// What a written cache left: the index's descriptor (`cache.manifest` in the response).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exported {
+    /// Index media type.
+    pub media_type: String,
+    /// Index digest.
+    pub digest: String,
+    /// Index size.
+    pub size: u64,
+    /// Layer bytes sent (blobs the target had are not counted).
+    pub bytes_sent: u64,
+}
+
+impl Exported {
+    /// The descriptor as JSON (buildkitd's `cache.manifest` response value).
+    pub fn descriptor_json(&self) -> String {
+        json!({"mediaType": self.media_type, "digest": self.digest, "size": self.size}).to_string()
+    }
+}
+
+fn sha256(b: &[u8]) -> String {
+    format!(
+        "sha256:{}",
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b))
+    )
+}
+
+/// Builds the cache of `trace` (blocking work on the blocking pool).
+pub async fn build(
+    trace: &SolveTrace,
+    mode: Mode,
+    comp: CompressionOpts,
+    oci: bool,
+    blobs: &BlobCache,
+    progress: &ExportProgress,
+) -> Result<Built> {
+    // Record index of every exported output, one per key.
+    let mut index: HashMap<(usize, usize), usize> = HashMap::new();
+    let mut by_key: HashMap<String, usize> = HashMap::new();
+    let mut records: Vec<CacheRecord> = vec![];
+    let mut results: Vec<Option<worker::SolvedRef>> = vec![];
+    for (vi, v) in trace.vertices.iter().enumerate() {
+        let Some(v) = v else { continue };
+        if v.ignore_cache {
+            continue;
+        }
+        for (oi, o) in v.outputs.iter().enumerate() {
+            let idx = *by_key.entry(o.key.clone()).or_insert_with(|| {
+                records.push(CacheRecord {
+                    digest: o.key.clone(),
+                    ..Default::default()
+                });
+                results.push(None);
+                records.len() - 1
+            });
+            index.insert((vi, oi), idx);
+            let wanted = match mode {
+                Mode::Max => true,
+                Mode::Min => trace.target == Some((vi, oi)),
+            };
+            if let Some(r) = o
+                .result
+                .as_ref()
+                .filter(|r| wanted && !r.chain().is_empty())
+            {
+                results[idx] = Some(r.clone());
+            }
+        }
+    }
+    for (vi, v) in trace.vertices.iter().enumerate() {
+        let Some(v) = v else { continue };
+        for oi in 0..v.outputs.len() {
+            let Some(&idx) = index.get(&(vi, oi)) else {
+                continue;
+            };
+            if !records[idx].inputs.is_empty() {
+                continue;
+            }
+            records[idx].inputs = v
+                .inputs
+                .iter()
+                .map(|inp| {
+                    index
+                        .get(inp)
+                        .map(|&l| {
+                            vec![CacheInput {
+                                selector: String::new(),
+                                link_index: l as i64,
+                            }]
+                        })
+                        .unwrap_or_default()
+                })
+                .collect();
+        }
+    }
+    let prepare = "preparing build cache for export";
+    progress(prepare, false);
+    // Layer blobs, once per diffID.
+    let mut by_diff: HashMap<String, LayerBlob> = HashMap::new();
+    // Config layer per (blob, parent) chain id.
+    let mut chains: HashMap<String, usize> = HashMap::new();
+    let mut layers: Vec<CacheLayer> = vec![];
+    let mut layer_blobs: Vec<LayerBlob> = vec![];
+    for (idx, res) in results.iter().enumerate() {
+        let Some(res) = res else { continue };
+        let store = res.store().clone();
+        let chain: Vec<LayerRef> = res.chain().0.clone();
+        let st = store.clone();
+        let ch = chain.clone();
+        let (exported, _) = tokio::task::spawn_blocking(move || exporter::export_layers(&st, &ch))
+            .await
+            .map_err(|e| Error::Other(format!("layer task: {e}")))?
+            .map_err(|source| Error::Export {
+                what: "export cache layers".into(),
+                source,
+            })?;
+        let mut parent = String::new();
+        let mut top = -1i64;
+        let mut created = None;
+        for (l, lref) in exported.iter().zip(&chain) {
+            let blob = match by_diff.get(&l.diff_id) {
+                Some(b) => b.clone(),
+                None => {
+                    let source = l.source.clone().ok_or_else(|| {
+                        Error::Other(format!("layer {} has no content to export", l.diff_id))
+                    })?;
+                    let (c2, diff_id) = (blobs.clone(), l.diff_id.clone());
+                    let (cached, _) = tokio::task::spawn_blocking(move || {
+                        c2.get_or_compress(
+                            &diff_id,
+                            comp.compression,
+                            comp.level,
+                            comp.force,
+                            &|w| source.write_tar(w),
+                        )
+                    })
+                    .await
+                    .map_err(|e| Error::Other(format!("compress task: {e}")))?
+                    .map_err(|source| Error::Registry {
+                        what: format!("compress layer {}", l.diff_id),
+                        source,
+                    })?;
+                    let st = store.clone();
+                    let lr = lref.clone();
+                    let created_at =
+                        tokio::task::spawn_blocking(move || exporter::layer_created(&st, &lr))
+                            .await
+                            .ok()
+                            .flatten();
+                    let b = LayerBlob {
+                        digest: cached.digest.clone(),
+                        size: cached.size,
+                        media_type: comp.compression.layer_media_type(oci).to_string(),
+                        diff_id: l.diff_id.clone(),
+                        created_at,
+                        path: cached.path.clone(),
+                    };
+                    by_diff.insert(l.diff_id.clone(), b.clone());
+                    b
+                }
+            };
+            created = blob.created_at;
+            let id = format!("{}{}", blob.digest, parent);
+            let li = match chains.get(&id) {
+                Some(&i) => i,
+                None => {
+                    layers.push(CacheLayer {
+                        blob: blob.digest.clone(),
+                        parent_index: top,
+                        annotations: None,
+                    });
+                    layer_blobs.push(blob.clone());
+                    chains.insert(id.clone(), layers.len() - 1);
+                    layers.len() - 1
+                }
+            };
+            parent = id;
+            top = li as i64;
+        }
+        records[idx].results.push(CacheResult {
+            layer_index: top,
+            created_at: created,
+        });
+    }
+    progress(prepare, true);
+    Ok(Built {
+        config: CacheConfig { layers, records },
+        blobs: layer_blobs,
+        oci,
+    })
+}
+
+impl Built {
+    /// The config blob.
+    pub fn config_bytes(&self) -> Bytes {
+        Bytes::from(serde_json::to_vec(&self.config).expect("config serialises"))
+    }
+
+    /// The index listing every layer blob and the config blob `config` (`digest`, `size`).
+    pub fn index_bytes(&self, config_digest: &str, config_size: u64) -> (String, Bytes) {
+        let media_type = if self.oci {
+            registry::MEDIA_TYPE_OCI_INDEX
+        } else {
+            registry::MEDIA_TYPE_DOCKER_LIST
+        };
+        let mut manifests: Vec<serde_json::Value> = self
+            .blobs
+            .iter()
+            .map(|b| {
+                let mut ann = BTreeMap::new();
+                if let Some(t) = &b.created_at {
+                    ann.insert(ANNOTATION_CREATED_AT, go_time(t));
+                }
+                ann.insert(ANNOTATION_UNCOMPRESSED, b.diff_id.clone());
+                json!({
+                    "mediaType": b.media_type,
+                    "digest": b.digest,
+                    "size": b.size,
+                    "annotations": ann,
+                })
+            })
+            .collect();
+        manifests.push(json!({
+            "mediaType": CACHE_CONFIG_MEDIA_TYPE,
+            "digest": config_digest,
+            "size": config_size,
+        }));
+        let index = json!({
+            "schemaVersion": 2,
+            "mediaType": media_type,
+            "manifests": manifests,
+        });
+        (
+            media_type.to_string(),
+            Bytes::from(serde_json::to_vec(&index).expect("index serialises")),
+        )
+    }
+
+    /// Pushes the cache to `reference` (tag `latest` when it names none): every blob the
+    /// registry lacks (HEAD first), the config, then the index under the tag.
+    pub async fn push(
+        &self,
+        session: &Session,
+        reference: &str,
+        blobs: &BlobCache,
+        progress: &ExportProgress,
+    ) -> Result<Exported> {
+        let r = Reference::parse(reference).map_err(|source| Error::Registry {
+            what: format!("export cache to {reference}"),
+            source,
+        })?;
+        let reg = |what: String| move |source| Error::Registry { what, source };
+        let mut sent = 0;
+        let mut seen = std::collections::HashSet::new();
+        for b in &self.blobs {
+            if !seen.insert(b.digest.clone()) {
+                continue;
+            }
+            let id = format!("writing layer {}", b.digest);
+            progress(&id, false);
+            let how = session
+                .push_blob(&r, &b.digest, b.size, &b.path, None, None)
+                .await
+                .map_err(reg(format!(
+                    "export cache to {reference}: layer {}",
+                    b.digest
+                )))?;
+            if how == registry::PushedBlob::Uploaded {
+                sent += b.size;
+            }
+            progress(&id, true);
+        }
+        let config = self.config_bytes();
+        let cblob = blobs
+            .put_bytes(&config)
+            .map_err(reg("store cache config".into()))?;
+        let id = format!("writing config {}", cblob.digest);
+        progress(&id, false);
+        session
+            .push_blob(&r, &cblob.digest, cblob.size, &cblob.path, None, None)
+            .await
+            .map_err(reg(format!("export cache to {reference}: config")))?;
+        progress(&id, true);
+        let (media_type, index) = self.index_bytes(&cblob.digest, cblob.size);
+        let digest = sha256(&index);
+        let id = format!("writing manifest {digest}");
+        progress(&id, false);
+        let tag = r.tag().unwrap_or("latest").to_string();
+        session
+            .push_manifest(&r, &tag, &media_type, index.clone())
+            .await
+            .map_err(reg(format!("export cache to {reference}: manifest")))?;
+        progress(&id, true);
+        Ok(Exported {
+            media_type,
+            digest,
+            size: index.len() as u64,
+            bytes_sent: sent,
+        })
+    }
+
+    /// Writes the cache into `store` (blobs it lacks, the config, the index).
+    pub async fn write_to(
+        &self,
+        store: &dyn ContentStore,
+        progress: &ExportProgress,
+    ) -> Result<Exported> {
+        let mut sent = 0;
+        for b in &self.blobs {
+            if store.info(&b.digest).await?.is_some() {
+                continue;
+            }
+            let id = format!("writing layer {}", b.digest);
+            progress(&id, false);
+            store.write_file(&b.digest, b.size, &b.path).await?;
+            sent += b.size;
+            progress(&id, true);
+        }
+        let config = self.config_bytes();
+        let cdigest = sha256(&config);
+        let id = format!("writing config {cdigest}");
+        progress(&id, false);
+        store.write_bytes(&cdigest, config.clone()).await?;
+        progress(&id, true);
+        let (media_type, index) = self.index_bytes(&cdigest, config.len() as u64);
+        let digest = sha256(&index);
+        let id = format!("writing manifest {digest}");
+        progress(&id, false);
+        store.write_bytes(&digest, index.clone()).await?;
+        progress(&id, true);
+        Ok(Exported {
+            media_type,
+            digest,
+            size: index.len() as u64,
+            bytes_sent: sent,
+        })
+    }
+
+    /// The inline cache of an image whose layers have `diff_ids` (bottom first): the records,
+    /// with results given as indexes into the image's layers (a prefix of the image as its top
+    /// layer, otherwise the list of layers; results with a layer the image lacks are dropped).
+    /// `None` when no result is in the image.
+    pub fn inline_records(&self, diff_ids: &[String]) -> Option<Vec<u8>> {
+        let pos: HashMap<&str, usize> = diff_ids
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (d.as_str(), i))
+            .collect();
+        let mut records = self.config.records.clone();
+        let mut any = false;
+        for r in &mut records {
+            let results = std::mem::take(&mut r.results);
+            for res in results {
+                let Ok(chain) = self.config.chain(res.layer_index) else {
+                    continue;
+                };
+                let ids: Vec<&str> = chain
+                    .iter()
+                    .map(|&i| self.blobs[i].diff_id.as_str())
+                    .collect();
+                if ids.len() <= diff_ids.len() && ids.iter().zip(diff_ids).all(|(a, b)| *a == b) {
+                    r.results.push(CacheResult {
+                        layer_index: ids.len() as i64 - 1,
+                        created_at: res.created_at,
+                    });
+                    any = true;
+                } else if let Some(idx) = ids
+                    .iter()
+                    .map(|d| pos.get(d).map(|&i| i as i64))
+                    .collect::<Option<Vec<i64>>>()
+                {
+                    r.chained_results.push(ChainedResult {
+                        layer_indexes: idx,
+                        created_at: res.created_at,
+                    });
+                    any = true;
+                }
+            }
+        }
+        any.then(|| serde_json::to_vec(&records).expect("records serialise"))
+    }
+}

@@ -1,0 +1,428 @@
+//! Reading a cache back (see the crate docs): the index names the config blob
+//! (`application/vnd.buildkit.cacheconfig.v0`) and every layer blob with its diffID annotation;
+//! an index without a config, or an image manifest, is read as an image whose config may carry
+//! inline cache (`moby.buildkit.cache.v0`), its layers in image order. Only the index and the
+//! config are read here; layer blobs are opened when the worker builds a matching result.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use registry::{BlockingBlob, Reference, Session};
+use serde::Deserialize;
+use worker::{CacheSource, RemoteLayer};
+
+use crate::config::{CacheConfig, CacheLayer, ANNOTATION_UNCOMPRESSED, CACHE_CONFIG_MEDIA_TYPE};
+use crate::store::{read_all, ContentStore};
+use crate::{Error, Result};
+
+/// Largest index or config accepted (buildkitd refuses blobs over 1 MiB here).
+const MAX_SMALL_BLOB: u64 = 1 << 20;
+
+#[derive(Debug, Clone, Deserialize)]
+struct Desc {
+    #[serde(rename = "mediaType", default)]
+    media_type: String,
+    digest: String,
+    #[serde(default)]
+    size: u64,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct IndexOrManifest {
+    #[serde(default)]
+    manifests: Option<Vec<Desc>>,
+    #[serde(default)]
+    config: Option<Desc>,
+    #[serde(default)]
+    layers: Option<Vec<Desc>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ImageConfig {
+    #[serde(default)]
+    rootfs: Option<RootFs>,
+    #[serde(rename = "moby.buildkit.cache.v0", default)]
+    cache: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RootFs {
+    #[serde(default)]
+    diff_ids: Vec<String>,
+}
+
+enum Fetch {
+    Registry {
+        session: Session,
+        reference: Reference,
+    },
+    Store(Arc<dyn ContentStore>),
+}
+
+/// An imported cache: cache key → layer chain, and where its blobs are.
+pub struct RemoteCache {
+    describe: String,
+    keys: HashMap<String, Vec<RemoteLayer>>,
+    fetch: Fetch,
+}
+
+impl std::fmt::Debug for RemoteCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteCache")
+            .field("describe", &self.describe)
+            .field("keys", &self.keys.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Cache keys with results in `config`, each with its layer chain (results whose layers `descs`
+/// does not describe with a diffID are left out).
+pub fn results_by_key(
+    config: &CacheConfig,
+    descs: &HashMap<String, RemoteLayer>,
+) -> HashMap<String, Vec<RemoteLayer>> {
+    let mut out = HashMap::new();
+    let layer = |i: usize| {
+        config
+            .layers
+            .get(i)
+            .and_then(|l| descs.get(&l.blob))
+            .cloned()
+    };
+    for r in &config.records {
+        if r.digest.is_empty() || out.contains_key(&r.digest) {
+            continue;
+        }
+        let mut chains: Vec<Vec<usize>> = r
+            .results
+            .iter()
+            .filter_map(|res| config.chain(res.layer_index).ok())
+            .collect();
+        chains.extend(r.chained_results.iter().filter_map(|c| {
+            c.layer_indexes
+                .iter()
+                .map(|&i| usize::try_from(i).ok())
+                .collect::<Option<Vec<usize>>>()
+        }));
+        for ch in chains {
+            if let Some(ls) = ch.into_iter().map(layer).collect::<Option<Vec<_>>>() {
+                out.insert(r.digest.clone(), ls);
+                break;
+            }
+        }
+    }
+    out
+}
+
+fn remote_layer(d: &Desc, diff_id: Option<&str>) -> Option<RemoteLayer> {
+    let diff_id = diff_id
+        .map(str::to_string)
+        .or_else(|| d.annotations.get(ANNOTATION_UNCOMPRESSED).cloned())?;
+    Some(RemoteLayer {
+        digest: d.digest.clone(),
+        media_type: d.media_type.clone(),
+        size: d.size,
+        diff_id,
+    })
+}
+
+/// Reads the blobs of one place (registry reference or content store).
+#[async_trait]
+trait Reader: Send + Sync {
+    async fn small(&self, d: &Desc) -> Result<Vec<u8>>;
+}
+
+struct RegistryReader<'a>(&'a Session, &'a Reference);
+
+#[async_trait]
+impl Reader for RegistryReader<'_> {
+    async fn small(&self, d: &Desc) -> Result<Vec<u8>> {
+        if d.size > MAX_SMALL_BLOB {
+            return Err(Error::invalid(format!(
+                "blob {} is too large ({} > {MAX_SMALL_BLOB})",
+                d.digest, d.size
+            )));
+        }
+        let desc = registry_desc(&d.digest, &d.media_type, d.size);
+        let reg = |source| Error::Registry {
+            what: format!("import cache {}: blob {}", self.1, d.digest),
+            source,
+        };
+        let mut s = self
+            .0
+            .open_blob(&[], self.1, &desc, None)
+            .await
+            .map_err(reg)?;
+        let mut out = vec![];
+        while let Some(c) = s.next_chunk().await.map_err(reg)? {
+            out.extend_from_slice(&c);
+        }
+        Ok(out)
+    }
+}
+
+struct StoreReader<'a>(&'a dyn ContentStore);
+
+#[async_trait]
+impl Reader for StoreReader<'_> {
+    async fn small(&self, d: &Desc) -> Result<Vec<u8>> {
+        read_all(self.0, &d.digest, MAX_SMALL_BLOB).await
+    }
+}
+
+fn registry_desc(digest: &str, media_type: &str, size: u64) -> registry::Descriptor {
+    registry::Descriptor {
+        media_type: media_type.to_string(),
+        digest: digest.to_string(),
+        size,
+        urls: vec![],
+        platform: None,
+    }
+}
+
+/// Keys from an index or manifest `top` (see the module docs).
+async fn parse(
+    describe: &str,
+    top: &[u8],
+    reader: &dyn Reader,
+) -> Result<HashMap<String, Vec<RemoteLayer>>> {
+    let bad = |m: String| Error::invalid(format!("import cache {describe}: {m}"));
+    let top: IndexOrManifest =
+        serde_json::from_slice(top).map_err(|e| bad(format!("invalid index: {e}")))?;
+    if let Some(ms) = &top.manifests {
+        if let Some(cfg) = ms.iter().find(|m| m.media_type == CACHE_CONFIG_MEDIA_TYPE) {
+            let dt = reader.small(cfg).await?;
+            let config: CacheConfig = serde_json::from_slice(&dt)
+                .map_err(|e| bad(format!("invalid cache config {}: {e}", cfg.digest)))?;
+            let descs: HashMap<String, RemoteLayer> = ms
+                .iter()
+                .filter(|m| m.media_type != CACHE_CONFIG_MEDIA_TYPE)
+                .filter_map(|m| remote_layer(m, None).map(|l| (m.digest.clone(), l)))
+                .collect();
+            return Ok(results_by_key(&config, &descs));
+        }
+        // An image index: inline cache of each image.
+        let mut out = HashMap::new();
+        for m in ms.iter().take(16) {
+            let dt = reader.small(m).await?;
+            let sub: IndexOrManifest = serde_json::from_slice(&dt)
+                .map_err(|e| bad(format!("invalid manifest {}: {e}", m.digest)))?;
+            for (k, v) in inline(describe, &sub, reader).await? {
+                out.entry(k).or_insert(v);
+            }
+        }
+        return Ok(out);
+    }
+    inline(describe, &top, reader).await
+}
+
+/// Keys of the inline cache in an image manifest's config.
+async fn inline(
+    describe: &str,
+    m: &IndexOrManifest,
+    reader: &dyn Reader,
+) -> Result<HashMap<String, Vec<RemoteLayer>>> {
+    let (Some(cfg), Some(layers)) = (&m.config, &m.layers) else {
+        return Ok(HashMap::new());
+    };
+    if layers.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let dt = reader.small(cfg).await?;
+    let img: ImageConfig = serde_json::from_slice(&dt).map_err(|e| {
+        Error::invalid(format!(
+            "import cache {describe}: invalid image config: {e}"
+        ))
+    })?;
+    let Some(cache) = img.cache else {
+        return Ok(HashMap::new());
+    };
+    let diff_ids = img.rootfs.map(|r| r.diff_ids).unwrap_or_default();
+    if diff_ids.len() != layers.len() {
+        tracing::warn!(
+            cache = describe,
+            "invalid image with mismatching manifest and config"
+        );
+        return Ok(HashMap::new());
+    }
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(cache.as_bytes())
+        .map_err(|e| Error::invalid(format!("import cache {describe}: inline cache: {e}")))?;
+    let records = serde_json::from_slice(&raw)
+        .map_err(|e| Error::invalid(format!("import cache {describe}: inline cache: {e}")))?;
+    let mut config = CacheConfig {
+        layers: vec![],
+        records,
+    };
+    let mut descs = HashMap::new();
+    for (i, (l, d)) in layers.iter().zip(&diff_ids).enumerate() {
+        config.layers.push(CacheLayer {
+            blob: l.digest.clone(),
+            parent_index: i as i64 - 1,
+            annotations: None,
+        });
+        if let Some(rl) = remote_layer(l, Some(d)) {
+            descs.insert(l.digest.clone(), rl);
+        }
+    }
+    Ok(results_by_key(&config, &descs))
+}
+
+impl RemoteCache {
+    /// The cache (or image with inline cache) at `reference`.
+    pub async fn from_registry(session: Session, reference: &str) -> Result<RemoteCache> {
+        let r = Reference::parse(reference).map_err(|source| Error::Registry {
+            what: format!("import cache {reference}"),
+            source,
+        })?;
+        let top = session
+            .resolve(&r)
+            .await
+            .map_err(|source| Error::Registry {
+                what: format!("import cache {reference}"),
+                source,
+            })?;
+        let describe = format!("registry {r}");
+        let keys = parse(&describe, &top.bytes, &RegistryReader(&session, &r)).await?;
+        tracing::info!(cache = %describe, results = keys.len(), "cache imported");
+        Ok(RemoteCache {
+            describe,
+            keys,
+            fetch: Fetch::Registry {
+                session,
+                reference: r,
+            },
+        })
+    }
+
+    /// The cache whose index is `digest` in `store`.
+    pub async fn from_store(store: Arc<dyn ContentStore>, digest: &str) -> Result<RemoteCache> {
+        let describe = format!("local {}", store.describe());
+        let top = read_all(store.as_ref(), digest, MAX_SMALL_BLOB).await?;
+        let keys = parse(&describe, &top, &StoreReader(store.as_ref())).await?;
+        tracing::info!(cache = %describe, results = keys.len(), "cache imported");
+        Ok(RemoteCache {
+            describe,
+            keys,
+            fetch: Fetch::Store(store),
+        })
+    }
+
+    /// Number of cache keys with results.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Whether no key has a result.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
+#[async_trait]
+impl CacheSource for RemoteCache {
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+
+    fn lookup(&self, key: &str) -> Option<Vec<RemoteLayer>> {
+        self.keys.get(key).cloned()
+    }
+
+    async fn open(
+        &self,
+        layer: &RemoteLayer,
+    ) -> std::result::Result<Box<dyn Read + Send>, worker::BoxError> {
+        match &self.fetch {
+            Fetch::Registry { session, reference } => {
+                let d = registry_desc(&layer.digest, &layer.media_type, layer.size);
+                let s = session.open_blob(&[], reference, &d, None).await?;
+                Ok(Box::new(BlockingBlob::new(
+                    s,
+                    tokio::runtime::Handle::current(),
+                )))
+            }
+            Fetch::Store(s) => Ok(s.open(&layer.digest).await?),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{CacheRecord, CacheResult, ChainedResult};
+
+    fn rl(d: &str) -> RemoteLayer {
+        RemoteLayer {
+            digest: d.into(),
+            media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+            size: 1,
+            diff_id: format!("diff-{d}"),
+        }
+    }
+
+    #[test]
+    fn keys_follow_parents_and_chains() {
+        let config = CacheConfig {
+            layers: vec![
+                CacheLayer {
+                    blob: "a".into(),
+                    parent_index: -1,
+                    annotations: None,
+                },
+                CacheLayer {
+                    blob: "b".into(),
+                    parent_index: 0,
+                    annotations: None,
+                },
+                CacheLayer {
+                    blob: "missing".into(),
+                    parent_index: 1,
+                    annotations: None,
+                },
+            ],
+            records: vec![
+                CacheRecord {
+                    digest: "k1".into(),
+                    results: vec![CacheResult {
+                        layer_index: 1,
+                        created_at: None,
+                    }],
+                    ..Default::default()
+                },
+                CacheRecord {
+                    digest: "k2".into(),
+                    chained_results: vec![ChainedResult {
+                        layer_indexes: vec![1, 0],
+                        created_at: None,
+                    }],
+                    ..Default::default()
+                },
+                CacheRecord {
+                    digest: "k3".into(),
+                    results: vec![CacheResult {
+                        layer_index: 2,
+                        created_at: None,
+                    }],
+                    ..Default::default()
+                },
+            ],
+        };
+        let descs: HashMap<String, RemoteLayer> = [("a", rl("a")), ("b", rl("b"))]
+            .into_iter()
+            .map(|(k, v)| (k.into(), v))
+            .collect();
+        let keys = results_by_key(&config, &descs);
+        assert_eq!(keys["k1"], vec![rl("a"), rl("b")]);
+        assert_eq!(keys["k2"], vec![rl("b"), rl("a")]);
+        assert!(
+            !keys.contains_key("k3"),
+            "a layer without descriptor drops the result"
+        );
+    }
+}

@@ -1,0 +1,89 @@
+//! Build cache shared between nodes: what a solve evaluated ([`SolveTrace`], for
+//! `--export-cache`) and caches imported from elsewhere ([`CacheSource`], `--import-cache`).
+//!
+//! The worker knows no cache format or transport: the `remotecache` crate turns a trace into
+//! BuildKit's cache config and reads one back into a [`CacheSource`]. Keys are the worker's own
+//! cache keys (see `solver::output_key`); they do not depend on the node (a base image's key is
+//! its image ID, not where Docker keeps its layers), so two berthd on different Docker hosts
+//! derive the same keys for the same definition and inputs.
+//!
+//! An imported result is a chain of compressed layer blobs. When a vertex's key matches one, the
+//! worker builds the result's snapshot from what the node already has and downloads only the
+//! rest: a layer whose diffID berth already holds is reused, a prefix of the chain that the bound
+//! Docker Engine has (same chainIDs) is used in place, and every other blob is fetched from the
+//! source, checked against its digest and diffID while it is applied. The result is then recorded
+//! in the local cache.
+//!
+//! Fetching is lazy: the solver computes a step's key from its inputs' keys whenever the key
+//! reads no input content (`Op::key_from_input_keys`), and builds (or loads, or fetches) an
+//! input's result only when a step using it must run or must checksum it. So when the final step
+//! of an imported build matches, only its layers are fetched, and steps whose records carry no
+//! result (`mode=min`) are CACHED without running.
+
+use std::io::Read;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::error::BoxError;
+use crate::result::SolvedRef;
+
+/// One compressed layer of an imported result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteLayer {
+    /// `sha256:…` of the blob.
+    pub digest: String,
+    /// Its media type (gzip, zstd or uncompressed layer types).
+    pub media_type: String,
+    /// Blob size.
+    pub size: u64,
+    /// `sha256:…` of the uncompressed tar (`containerd.io/uncompressed`).
+    pub diff_id: String,
+}
+
+/// A cache imported for one build.
+#[async_trait]
+pub trait CacheSource: Send + Sync {
+    /// Names the cache in logs and errors (e.g. `registry localhost:5000/cache:latest`).
+    fn describe(&self) -> String;
+    /// The layer chain (bottom first) recorded for cache key `key` (one output's key), if any.
+    fn lookup(&self, key: &str) -> Option<Vec<RemoteLayer>>;
+    /// Opens a layer blob for reading (compressed bytes; read on a blocking thread).
+    async fn open(&self, layer: &RemoteLayer) -> Result<Box<dyn Read + Send>, BoxError>;
+}
+
+/// Shared handle to a [`CacheSource`].
+pub type CacheSourceRef = Arc<dyn CacheSource>;
+
+/// What a solve evaluated: every vertex whose outputs the target needed, with each output's cache
+/// key and result, and its inputs (indices into `vertices`). Vertices the build did not evaluate
+/// are `None`.
+#[derive(Debug, Clone)]
+pub struct SolveTrace {
+    /// By vertex index.
+    pub vertices: Vec<Option<TracedVertex>>,
+    /// `(vertex, output)` of the build's result.
+    pub target: Option<(usize, usize)>,
+}
+
+/// One evaluated vertex of a [`SolveTrace`].
+#[derive(Debug, Clone)]
+pub struct TracedVertex {
+    /// LLB op digest.
+    pub digest: String,
+    /// `(vertex, output)` per input, in op order.
+    pub inputs: Vec<(usize, usize)>,
+    /// Per output: its cache key and result.
+    pub outputs: Vec<TracedOutput>,
+    /// The vertex's results must not be reused (`ignore_cache`): left out of exports.
+    pub ignore_cache: bool,
+}
+
+/// One output of a [`TracedVertex`].
+#[derive(Debug, Clone)]
+pub struct TracedOutput {
+    /// Cache key of the output.
+    pub key: String,
+    /// Its result; `None` when the build did not need it (a step using it was cached).
+    pub result: Option<SolvedRef>,
+}
