@@ -171,7 +171,7 @@ pub async fn build(
             .map_err(|e| Error::Other(format!("layer task: {e}")))?
             .map_err(|source| Error::Export {
                 what: "export cache layers".into(),
-                source,
+                source: Box::new(source),
             })?;
         let mut parent = String::new();
         let mut top = -1i64;
@@ -197,7 +197,7 @@ pub async fn build(
                     .map_err(|e| Error::Other(format!("compress task: {e}")))?
                     .map_err(|source| Error::Registry {
                         what: format!("compress layer {}", l.diff_id),
-                        source,
+                        source: Box::new(source),
                     })?;
                     let st = store.clone();
                     let lr = lref.clone();
@@ -306,9 +306,14 @@ impl Built {
     ) -> Result<Exported> {
         let r = Reference::parse(reference).map_err(|source| Error::Registry {
             what: format!("export cache to {reference}"),
-            source,
+            source: Box::new(source),
         })?;
-        let reg = |what: String| move |source| Error::Registry { what, source };
+        let reg = |what: String| {
+            move |source| Error::Registry {
+                what,
+                source: Box::new(source),
+            }
+        };
         let mut sent = 0;
         let mut seen = std::collections::HashSet::new();
         for b in &self.blobs {

@@ -151,7 +151,7 @@ impl Reader for RegistryReader<'_> {
         let desc = registry_desc(&d.digest, &d.media_type, d.size);
         let reg = |source| Error::Registry {
             what: format!("import cache {}: blob {}", self.1, d.digest),
-            source,
+            source: Box::new(source),
         };
         let mut s = self
             .0
@@ -278,14 +278,14 @@ impl RemoteCache {
     pub async fn from_registry(session: Session, reference: &str) -> Result<RemoteCache> {
         let r = Reference::parse(reference).map_err(|source| Error::Registry {
             what: format!("import cache {reference}"),
-            source,
+            source: Box::new(source),
         })?;
         let top = session
             .resolve(&r)
             .await
             .map_err(|source| Error::Registry {
                 what: format!("import cache {reference}"),
-                source,
+                source: Box::new(source),
             })?;
         let describe = format!("registry {r}");
         let keys = parse(&describe, &top.bytes, &RegistryReader(&session, &r)).await?;

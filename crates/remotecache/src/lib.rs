@@ -47,7 +47,7 @@ pub enum Error {
         what: String,
         /// The registry error.
         #[source]
-        source: registry::Error,
+        source: Box<registry::Error>,
     },
     /// Reading layers from berth's store failed.
     #[error("{what}: {source}")]
@@ -56,7 +56,7 @@ pub enum Error {
         what: String,
         /// The exporter error.
         #[source]
-        source: exporter::Error,
+        source: Box<exporter::Error>,
     },
     /// Anything else (content store, I/O, tasks).
     #[error("{0}")]

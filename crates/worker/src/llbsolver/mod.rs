@@ -151,7 +151,9 @@ pub(crate) async fn solve_traced(
             op: imp,
         });
     }
-    let shape: Vec<(String, Vec<(usize, usize)>, bool, usize)> = graph
+    // Per vertex: digest, inputs, ignore_cache, number of outputs.
+    type Shape = (String, Vec<(usize, usize)>, bool, usize);
+    let shape: Vec<Shape> = graph
         .iter()
         .map(|v| {
             (
