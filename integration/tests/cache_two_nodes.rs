@@ -174,38 +174,101 @@ fn report_ok(r: &BuildReport, log: &str) {
     }
 }
 
+/// Two nodes (a private dockerd and a berthd each), one registry, a base image in it and a
+/// two-RUN definition on it whose first RUN writes `marker` and random bytes.
+struct Nodes {
+    reg: Registry,
+    base: Base,
+    marker: String,
+    def: protos::pb::Definition,
+    // Fields drop in order: the berthds before their dockerds.
+    berthd_a: Berthd,
+    berthd_b: Berthd,
+    dockerd_a: PrivateDockerd,
+    dockerd_b: PrivateDockerd,
+}
+
+impl Nodes {
+    async fn start(prefix: &str) -> Nodes {
+        let reg = Registry::start().unwrap();
+        let addr = reg.addr().to_string();
+        let marker = unique_name(prefix);
+        let base = push_base(&addr, "berth-cache/base", &marker).await;
+        let dockerd_a = PrivateDockerd::new(Default::default()).unwrap();
+        let dockerd_b = PrivateDockerd::new(Default::default()).unwrap();
+        let berthd_a = Berthd::start(&["--docker-host", &dockerd_a.engine().host()]).unwrap();
+        let berthd_b = Berthd::start(&["--docker-host", &dockerd_b.engine().host()]).unwrap();
+        let def = llb::State::from(llb::image(&base.reference))
+            .run(llb::RunOpts::args([
+                "/bin/busybox",
+                "sh",
+                "-c",
+                &format!("echo {marker} > /a && /bin/busybox head -c 200000 /dev/urandom > /rand"),
+            ]))
+            .root()
+            .run(llb::RunOpts::args([
+                "/bin/busybox",
+                "sh",
+                "-c",
+                "echo two > /b",
+            ]))
+            .root()
+            .marshal()
+            .unwrap();
+        Nodes {
+            reg,
+            base,
+            marker,
+            def,
+            berthd_a,
+            berthd_b,
+            dockerd_a,
+            dockerd_b,
+        }
+    }
+
+    fn host_a(&self) -> String {
+        self.dockerd_a.engine().host()
+    }
+
+    fn host_b(&self) -> String {
+        self.dockerd_b.engine().host()
+    }
+
+    /// Asserts that every step of node B's build was CACHED and that its image has node A's
+    /// RUN output.
+    fn assert_b_reused_a(&self, rb: &BuildReport, image_a: &str, image_b: &str) {
+        for v in rb.vertices().values() {
+            if v.name.starts_with("exporting") {
+                continue;
+            }
+            assert!(
+                v.cached,
+                "{} ran on node B: {:#?}\n{}",
+                v.name,
+                rb.vertices(),
+                self.berthd_b.log_text()
+            );
+        }
+        let (ha, hb) = (self.host_a(), self.host_b());
+        assert_eq!(run_cat(Some(&hb), image_b, "/a").trim(), self.marker);
+        assert_eq!(run_cat(Some(&hb), image_b, "/b").trim(), "two");
+        assert_eq!(
+            run_cat(Some(&ha), image_a, "/rand"),
+            run_cat(Some(&hb), image_b, "/rand"),
+            "node B has node A's RUN output, not a rerun"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_b_builds_from_node_a_cache_without_running_anything() {
     require_root();
-    let reg = Registry::start().unwrap();
+    let n = Nodes::start("twonodes").await;
+    let (reg, base, marker, def) = (&n.reg, &n.base, &n.marker, &n.def);
+    let (berthd_a, berthd_b) = (&n.berthd_a, &n.berthd_b);
+    let host_a = n.host_a();
     let addr = reg.addr().to_string();
-    let marker = unique_name("twonodes");
-    let base = push_base(&addr, "berth-cache/base", &marker).await;
-
-    let dockerd_a = PrivateDockerd::new(Default::default()).unwrap();
-    let dockerd_b = PrivateDockerd::new(Default::default()).unwrap();
-    let host_a = dockerd_a.engine().host();
-    let host_b = dockerd_b.engine().host();
-    let berthd_a = Berthd::start(&["--docker-host", &host_a]).unwrap();
-    let berthd_b = Berthd::start(&["--docker-host", &host_b]).unwrap();
-
-    let def = llb::State::from(llb::image(&base.reference))
-        .run(llb::RunOpts::args([
-            "/bin/busybox",
-            "sh",
-            "-c",
-            &format!("echo {marker} > /a && /bin/busybox head -c 200000 /dev/urandom > /rand"),
-        ]))
-        .root()
-        .run(llb::RunOpts::args([
-            "/bin/busybox",
-            "sh",
-            "-c",
-            "echo two > /b",
-        ]))
-        .root()
-        .marshal()
-        .unwrap();
     let cache_ref = format!("{addr}/berth-cache/cache:{marker}");
     let name =
         |n: &str| BTreeMap::from([("name".to_string(), format!("berth-test/two-nodes:{n}"))]);
@@ -231,9 +294,9 @@ async fn node_b_builds_from_node_a_cache_without_running_anything() {
     )
     .unwrap();
     assert_eq!(desc["mediaType"], registry::MEDIA_TYPE_OCI_INDEX, "{desc}");
-    assert!(reg.tags("berth-cache/cache").unwrap().contains(&marker));
+    assert!(reg.tags("berth-cache/cache").unwrap().contains(marker));
     let a_out = run_cat(Some(&host_a), "berth-test/two-nodes:a", "/a");
-    assert_eq!(a_out.trim(), marker);
+    assert_eq!(a_out.trim(), marker.as_str());
 
     // The cache as BuildKit lays it out: an index with every layer (diffID annotated) and the
     // config blob; the RUN layers are those whose diffID is not the base's.
@@ -277,7 +340,7 @@ async fn node_b_builds_from_node_a_cache_without_running_anything() {
     assert_eq!(run_layers.len(), 2, "two RUN layers in {index}");
 
     // Node B: same definition, importing; its Docker has nothing yet.
-    let offset = std::fs::read_to_string(registry_log(&reg)).unwrap().len();
+    let offset = std::fs::read_to_string(registry_log(reg)).unwrap().len();
     let client_b = berthd_b.client().await.unwrap();
     let rb = client_b
         .build(BuildOptions {
@@ -289,37 +352,11 @@ async fn node_b_builds_from_node_a_cache_without_running_anything() {
         .await
         .unwrap();
     report_ok(&rb, &berthd_b.log_text());
-    for v in rb.vertices().values() {
-        if v.name.starts_with("exporting") {
-            continue;
-        }
-        assert!(
-            v.cached,
-            "{} ran on node B: {:#?}\n{}",
-            v.name,
-            rb.vertices(),
-            berthd_b.log_text()
-        );
-    }
-    let b_out = run_cat(Some(&host_b), "berth-test/two-nodes:b", "/a");
-    assert_eq!(
-        b_out.trim(),
-        marker,
-        "node B's image runs in its own dockerd"
-    );
-    assert_eq!(
-        run_cat(Some(&host_b), "berth-test/two-nodes:b", "/b").trim(),
-        "two"
-    );
-    assert_eq!(
-        run_cat(Some(&host_a), "berth-test/two-nodes:a", "/rand"),
-        run_cat(Some(&host_b), "berth-test/two-nodes:b", "/rand"),
-        "node B has node A's RUN output, not a rerun"
-    );
+    n.assert_b_reused_a(&rb, "berth-test/two-nodes:a", "berth-test/two-nodes:b");
 
     // What B downloaded: the base's layers (its Docker lacked the image; the source pulled it)
     // and the RUN layers from the cache, each once; besides those only the two configs.
-    let gets = blob_gets(&reg, offset);
+    let gets = blob_gets(reg, offset);
     let mut layer_gets: BTreeMap<String, (u64, usize)> = BTreeMap::new();
     let mut other = vec![];
     for (repo, digest, n) in &gets {
@@ -356,8 +393,79 @@ async fn node_b_builds_from_node_a_cache_without_running_anything() {
         base.layers.iter().map(|l| l.1).sum::<u64>(),
         other.iter().map(|o| o.2).sum::<u64>()
     );
-    drop(berthd_a);
-    drop(berthd_b);
-    drop(dockerd_a);
-    drop(dockerd_b);
+}
+
+/// `--export-cache type=inline` (mode min, as buildkitd's): node A pushes its image with the
+/// cache records in its config; node B imports from that image reference and runs nothing —
+/// the intermediate step has no result in the records and is still CACHED (its user matched).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inline_cache_in_a_pushed_image_serves_node_b() {
+    require_root();
+    let n = Nodes::start("inline").await;
+    let image_ref = format!("{}/berth-cache/app:{}", n.reg.addr(), n.marker);
+    let client_a = n.berthd_a.client().await.unwrap();
+    let ra = client_a
+        .build(BuildOptions {
+            definition: Some(n.def.clone()),
+            output: Output::Raw(
+                "image".into(),
+                BTreeMap::from([
+                    ("name".to_string(), image_ref.clone()),
+                    ("push".to_string(), "true".to_string()),
+                ]),
+            ),
+            cache_exports: vec![entry("inline", &[])],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    report_ok(&ra, &n.berthd_a.log_text());
+    // The pushed config carries the records; results point into the image's layers.
+    let rclient = registry::Registry::new(registry::Hosts::new(Default::default()));
+    let rs = rclient.session(Arc::new(registry::Anonymous));
+    let img = rs
+        .resolve_image(
+            &registry::Reference::parse(&image_ref).unwrap(),
+            &registry::Platform::native(),
+        )
+        .await
+        .unwrap();
+    let config: serde_json::Value = serde_json::from_slice(&img.config).unwrap();
+    let inline = config["moby.buildkit.cache.v0"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no inline cache in {config}"));
+    use base64::Engine as _;
+    let records: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::STANDARD
+            .decode(inline)
+            .unwrap(),
+    )
+    .unwrap();
+    let with_results = records
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r.get("layers").is_some() || r.get("chains").is_some())
+        .count();
+    assert_eq!(
+        with_results, 1,
+        "mode min: only the result's record: {records}"
+    );
+    assert!(records.as_array().unwrap().len() >= 3, "{records}");
+
+    let client_b = n.berthd_b.client().await.unwrap();
+    let rb = client_b
+        .build(BuildOptions {
+            definition: Some(n.def.clone()),
+            output: Output::Raw(
+                "image".into(),
+                BTreeMap::from([("name".to_string(), "berth-test/inline:b".to_string())]),
+            ),
+            cache_imports: vec![entry("registry", &[("ref", &image_ref)])],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    report_ok(&rb, &n.berthd_b.log_text());
+    n.assert_b_reused_a(&rb, &image_ref, "berth-test/inline:b");
 }

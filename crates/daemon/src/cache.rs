@@ -244,3 +244,56 @@ async fn export_one(
     );
     Ok(Some(exported.descriptor_json()))
 }
+
+/// `containerimage.config` with the inline cache of the build (`--export-cache type=inline`)
+/// added as `moby.buildkit.cache.v0` (base64 of the records, as Go writes `[]byte`): the records
+/// of `trace` (mode min, as buildkitd's inline exporter), results given as indexes into the
+/// image's layers. `None` when no record has a result in the image.
+pub async fn inline_config(
+    backend: &Backend,
+    trace: &worker::SolveTrace,
+    chain: &[layerstore::snapshot::LayerRef],
+    base: Option<&[u8]>,
+) -> Result<Option<Vec<u8>>> {
+    use base64::Engine as _;
+    let quiet: remotecache::ExportProgress = Arc::new(|_: &str, _: bool| {});
+    let built = remotecache::build(
+        trace,
+        remotecache::Mode::Min,
+        remotecache::CompressionOpts {
+            compression: registry::Compression::Gzip,
+            level: None,
+            force: false,
+        },
+        true,
+        &backend.image_export.blobs,
+        &quiet,
+    )
+    .await
+    .map_err(|e| Error::unavailable(format!("export inline cache: {e}")))?;
+    let store = backend.store.clone();
+    let chain = chain.to_vec();
+    let (layers, _) = tokio::task::spawn_blocking(move || exporter::export_layers(&store, &chain))
+        .await
+        .map_err(|e| Error::internal(format!("layer task: {e}")))?
+        .map_err(|e| Error::unavailable(format!("export inline cache: {e}")))?;
+    let diff_ids: Vec<String> = layers.into_iter().map(|l| l.diff_id).collect();
+    let Some(records) = built.inline_records(&diff_ids) else {
+        tracing::warn!("failed to match any cache with layers");
+        return Ok(None);
+    };
+    let base = match base.filter(|b| !b.is_empty()) {
+        Some(b) => b.to_vec(),
+        None => exporter::image::default_config(&exporter::image::Platform::native())
+            .map_err(|e| Error::internal(format!("default image config: {e}")))?,
+    };
+    let mut doc: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&base)
+        .map_err(|e| Error::invalid(format!("parse containerimage.config: {e}")))?;
+    doc.insert(
+        remotecache::config::INLINE_CACHE_FIELD.to_string(),
+        serde_json::Value::String(base64::engine::general_purpose::STANDARD.encode(records)),
+    );
+    Ok(Some(serde_json::to_vec(&doc).map_err(|e| {
+        Error::internal(format!("encode config: {e}"))
+    })?))
+}

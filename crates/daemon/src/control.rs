@@ -360,6 +360,29 @@ impl Control {
             }
         };
 
+        let mut result = result;
+        if cache_exports
+            .iter()
+            .any(|c| c.target == remotecache::ExportTarget::Inline)
+        {
+            if let Some(fs @ crate::solver::FsRef::Solved(r)) = result.fs.as_ref() {
+                if let Some(trace) = fs.trace() {
+                    let base = result
+                        .metadata
+                        .get("containerimage.config")
+                        .map(|b| b.to_vec());
+                    let chain = r.chain().layers().to_vec();
+                    if let Some(cfg) =
+                        crate::cache::inline_config(&self.backend, trace, &chain, base.as_deref())
+                            .await?
+                    {
+                        result
+                            .metadata
+                            .insert("containerimage.config".into(), cfg.into());
+                    }
+                }
+            }
+        }
         labels.solved(solve_started.elapsed());
         let export_started = std::time::Instant::now();
         let export_span = tracing::info_span!("export", exporter = labels.exporter);

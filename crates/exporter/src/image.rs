@@ -193,7 +193,7 @@ pub fn build_config(input: &ConfigInput<'_>) -> Result<ImageConfig> {
 }
 
 /// The config BuildKit starts from when the frontend gave none.
-fn default_config(platform: &Platform) -> Result<Vec<u8>> {
+pub fn default_config(platform: &Platform) -> Result<Vec<u8>> {
     let mut img = serde_json::json!({
         "architecture": platform.architecture,
         "os": platform.os,
