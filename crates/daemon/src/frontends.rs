@@ -184,9 +184,20 @@ impl Bridge for InProcess<'_> {
                     .collect(),
             });
         }
-        if !req.cache_imports.is_empty() {
-            // Cache import is not implemented yet; a build without it is still correct.
-            tracing::debug!(build = %self.job.id, imports = req.cache_imports.len(), "cache imports ignored");
+        if !req.cache_imports.is_empty() && self.job.cache_imports.lock().unwrap().is_empty() {
+            // The frontend's `cache-imports` (a client that set the attribute without
+            // Control.Solve's Cache.Imports): read once, then used by every solve of the build.
+            let imports = crate::cache::resolve_imports(
+                &self.fe.backend,
+                &self.fe.backend.sessions,
+                &self.job.session_id,
+                &req.cache_imports,
+            )
+            .await;
+            let mut held = self.job.cache_imports.lock().unwrap();
+            if held.is_empty() {
+                *held = imports;
+            }
         }
         let fs = match self.fe.backend.solve(req.definition, &self.ctx()).await {
             Err(_) if self.job.cancel.is_cancelled() => return Err(boxed(self.job.cancel_error())),

@@ -322,6 +322,7 @@ fn docker_prefix(docker: Option<&DockerStore>, diff_ids: &[Digest]) -> Vec<Layer
                     diff_id: did.to_string(),
                     diff_dir: e.diff_dir,
                     whiteouts: wf,
+                    blob: None,
                 }))
             }
             _ => break,
