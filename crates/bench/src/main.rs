@@ -1418,7 +1418,10 @@ async fn scenario_pins(b: &mut Bench) -> Result<()> {
             "ps",
             "-q",
             "--filter",
-            &format!("label=dev.berth.pin=worker:{}", warm.root().display()),
+            &format!(
+                "label=dev.berth.pin=worker:{}",
+                warm.root().join("worker").display()
+            ),
         ])
         .await?;
         if !out.trim().is_empty() {
@@ -1460,7 +1463,7 @@ async fn scenario_pins(b: &mut Bench) -> Result<()> {
     for root in roots {
         layerstore::dockerstore::remove_stale_pins(
             &b.docker,
-            &format!("worker:{}", root.display()),
+            &format!("worker:{}", root.join("worker").display()),
         )
         .await?;
     }
