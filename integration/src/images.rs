@@ -153,6 +153,90 @@ pub async fn busybox_image(engine: &DockerEngine) -> Result<TestImage> {
     TestImage::adopt(engine, &reference).await
 }
 
+/// Imports an image holding one dynamically linked program into `engine` as
+/// `berth-test/<name>:<unique>`: the program at `/bin/<name>` (its `Entrypoint`) with the
+/// shared libraries `ldd` lists for it at their host paths, and `labels` in its config.
+/// Used for `gateway.v0` frontend images built from a test binary.
+pub async fn program_image(
+    engine: &DockerEngine,
+    program: &Path,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> Result<TestImage> {
+    let program = program.to_path_buf();
+    let target = format!("bin/{name}");
+    let tar = tokio::task::spawn_blocking(move || program_tar(&program, &target))
+        .await
+        .context("program image builder panicked")??;
+    let reference = format!("berth-test/{name}:{}", crate::unique_name("prog"));
+    let mut changes = vec![
+        format!(r#"ENTRYPOINT ["/bin/{name}"]"#),
+        format!("ENV {PATH_ENV}"),
+    ];
+    for (k, v) in labels {
+        changes.push(format!("LABEL {k}={v:?}"));
+    }
+    import_with(engine, tar, &reference, changes).await?;
+    TestImage::adopt(engine, &reference).await
+}
+
+/// The shared libraries (and the loader) `ldd` names for `program`, as absolute host paths.
+fn shared_libraries(program: &Path) -> Result<Vec<PathBuf>> {
+    let out = std::process::Command::new("ldd")
+        .arg(program)
+        .output()
+        .context("running ldd")?;
+    if !out.status.success() {
+        bail!(
+            "ldd {}: {}",
+            program.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text
+        .lines()
+        .filter_map(|l| {
+            // `libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x…)` or `/lib64/ld-linux… (0x…)`
+            let path = l.split("=>").last()?.split_whitespace().next()?;
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect())
+}
+
+/// The tar of [`program_image`]: `target` and the libraries, every parent directory first.
+fn program_tar(program: &Path, target: &str) -> Result<std::fs::File> {
+    let mut files: Vec<(PathBuf, PathBuf)> = vec![(program.to_path_buf(), PathBuf::from(target))];
+    for lib in shared_libraries(program)? {
+        let inside = lib.strip_prefix("/").unwrap_or(&lib).to_path_buf();
+        files.push((lib, inside));
+    }
+    let mut dirs = BTreeSet::new();
+    for (_, inside) in &files {
+        let mut parent = inside.parent();
+        while let Some(dir) = parent.filter(|d| !d.as_os_str().is_empty()) {
+            dirs.insert(dir.to_path_buf());
+            parent = dir.parent();
+        }
+    }
+    let file = tempfile::tempfile().context("creating temp file for program tar")?;
+    let mut builder = tar::Builder::new(file);
+    for dir in &dirs {
+        let mut h = header(tar::EntryType::Directory, 0o755, 0, 0);
+        builder.append_data(&mut h, dir, std::io::empty())?;
+    }
+    for (host, inside) in &files {
+        // libraries are often symlinks on the host: the image gets the file they name
+        let f = std::fs::File::open(host).with_context(|| format!("opening {}", host.display()))?;
+        let size = f.metadata()?.len();
+        let mut h = header(tar::EntryType::Regular, 0o755, 0, size);
+        builder.append_data(&mut h, inside, f)?;
+    }
+    let mut file = builder.into_inner().context("finishing program tar")?;
+    file.seek(SeekFrom::Start(0))?;
+    Ok(file)
+}
+
 /// Loads a 3-layer image into `engine` as `berth-test/multi-layer:<unique>`: the busybox rootfs
 /// (same diffID as [`busybox_image`]'s layer) plus two layers whose result is described by
 /// [`MULTI_LAYER_FILES`] and [`MULTI_LAYER_ABSENT`].
@@ -311,8 +395,21 @@ fn save_archive(layers: [std::fs::File; 3], reference: &str) -> Result<std::fs::
     Ok(file)
 }
 
-/// Streams the tar file `tar` into `POST /images/create?fromSrc=-` as `reference`.
+/// Streams the tar file `tar` into `POST /images/create?fromSrc=-` as `reference`, with the
+/// busybox image's `Cmd` and `PATH`.
 async fn import(engine: &DockerEngine, tar: std::fs::File, reference: &str) -> Result<()> {
+    let changes = vec![r#"CMD ["/bin/sh"]"#.to_string(), format!("ENV {PATH_ENV}")];
+    import_with(engine, tar, reference, changes).await
+}
+
+/// Streams the tar file `tar` into `POST /images/create?fromSrc=-` as `reference`, applying
+/// the Dockerfile instructions `changes` to its config.
+async fn import_with(
+    engine: &DockerEngine,
+    tar: std::fs::File,
+    reference: &str,
+    changes: Vec<String>,
+) -> Result<()> {
     let (repo, tag) = split_reference(reference)?;
     let file = tokio::fs::File::from_std(tar);
     let body = bollard::body_try_stream(tokio_util::io::ReaderStream::new(file));
@@ -320,7 +417,7 @@ async fn import(engine: &DockerEngine, tar: std::fs::File, reference: &str) -> R
         from_src: Some("-".to_string()),
         repo: Some(repo.to_string()),
         tag: Some(tag.to_string()),
-        changes: vec![r#"CMD ["/bin/sh"]"#.to_string(), format!("ENV {PATH_ENV}")],
+        changes,
         ..Default::default()
     };
     let mut progress = engine

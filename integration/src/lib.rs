@@ -67,7 +67,8 @@ pub use containerd::PrivateContainerd;
 pub use engine::{DockerEngine, Output, RunOptions, MIN_API_VERSION};
 pub use http::{http_get, HttpResponse};
 pub use images::{
-    busybox_image, multi_layer_image, TestImage, MULTI_LAYER_ABSENT, MULTI_LAYER_FILES,
+    busybox_image, multi_layer_image, program_image, TestImage, MULTI_LAYER_ABSENT,
+    MULTI_LAYER_FILES,
 };
 pub use precheck::{require_root, require_tool};
 pub use private_dockerd::{PrivateDockerd, PrivateDockerdOptions, TRIXIE_ROOT};

@@ -37,6 +37,7 @@ pub fn gateway_error(e: gateway::Error) -> Error {
             message,
         },
         K::Unknown => Error::failed(message),
+        K::Unimplemented => Error::unimplemented(message),
         _ => Error::internal(message),
     };
     match &e {

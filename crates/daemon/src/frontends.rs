@@ -6,6 +6,13 @@
 //!
 //! `gateway.v0` (frontend images) is its own arm; a `# syntax=` line naming an image re-enters
 //! here as `gateway.v0` with `source=<image>`, as buildkitd's built-in frontend forwards it.
+//! The image (from Docker's store in place, else its registry) runs as a container whose
+//! stdin/stdout carry the LLBBridge gRPC connection, served by [`crate::gateway::Gateway`]
+//! bound to the build ([`crate::gateway::FrontendScope`]); the `gateway` crate runs the
+//! container. As buildkitd (`frontend/gateway/gateway.go`, v0.11.6): an error the frontend
+//! returned wins over its exit status, which wins over a result it returned; a frontend that
+//! exits 0 without returning is an error. A failed frontend's error names the image, its exit
+//! code and the end of its standard error.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -43,12 +50,251 @@ pub fn solve<'a>(
     Box::pin(async move {
         match name {
             "dockerfile.v0" => dockerfile_v0(fe, job, opts, inputs).await,
-            "gateway.v0" => Err(Error::unimplemented(
-                "frontend gateway.v0 not supported yet",
-            )),
+            "gateway.v0" => gateway_v0(fe, job, opts, inputs).await,
             _ => Err(Error::invalid(format!("unsupported frontend {name}"))),
         }
     })
+}
+
+/// `BUILDKIT_EXPORTEDPRODUCT` (buildkitd's `apicaps.ExportedProduct`).
+const EXPORTED_PRODUCT: &str = "buildkit";
+
+/// Message size limit of a frontend's LLBBridge connection (the main listener's).
+const MAX_MESSAGE: usize = 64 << 20;
+
+/// `gateway.v0`: runs the frontend image named by option `source` (see the module docs).
+async fn gateway_v0(
+    fe: &Frontends,
+    job: &Arc<Job>,
+    opts: BTreeMap<String, String>,
+    inputs: BTreeMap<String, pb::Definition>,
+) -> Result<BuildResult> {
+    let source = opts
+        .get("source")
+        .ok_or_else(|| Error::invalid("no source specified for gateway"))?;
+    let reference = llb::normalize_ref(source);
+    let (digest, config) = resolve_with_progress(
+        fe,
+        job,
+        gw::ResolveImageConfigRequest {
+            r#ref: reference.clone(),
+            session_id: job.session_id.clone(),
+            log_name: format!("resolve image config for {reference}"),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let image = frontend_image(&config)
+        .map_err(|e| Error::invalid(format!("frontend image {reference}: config: {e}")))?;
+    // An image in the bound Docker Engine is used in place (the worker finds it by name);
+    // one from a registry is pinned to the digest it resolved to.
+    let in_docker =
+        matches!(fe.docker.image_config(&reference, None).await, Ok((_, c)) if c == config);
+    let pinned = if in_docker || digest.is_empty() || reference.contains('@') {
+        reference.clone()
+    } else {
+        format!("{reference}@{digest}")
+    };
+    let definition = llb::image(&pinned)
+        .record_type("frontend")
+        .state()
+        .marshal()
+        .map_err(|e| Error::internal(format!("frontend image {pinned}: definition: {e}")))?;
+    let ctx = SolveCtx {
+        job_id: job.id.clone(),
+        session_id: job.session_id.clone(),
+        progress: job.progress.clone(),
+        cancel: job.cancel.clone(),
+        entitlements: job.entitlements.clone(),
+        cache_imports: job.cache_imports.lock().unwrap().clone(),
+    };
+    let rootfs = match fe.backend.solve(Some(definition.clone()), &ctx).await {
+        Err(_) if job.cancel.is_cancelled() => return Err(job.cancel_error()),
+        Err(e) => return Err(e.context(format!("frontend image {pinned}"))),
+        Ok(FsRef::Solved(r)) => r,
+        Ok(FsRef::Scratch) => {
+            return Err(Error::invalid(format!(
+                "gateway source {pinned} didn't return default result"
+            )))
+        }
+    };
+    let spec = gateway::FrontendSpec {
+        rootfs,
+        definition,
+        image,
+        opts,
+        has_inputs: !inputs.is_empty(),
+        session_id: job.session_id.clone(),
+        workers_json: workers_json(&fe.worker),
+        product: EXPORTED_PRODUCT.to_string(),
+    };
+    let session = Arc::new(crate::session::provider::JobSession::new(
+        fe.backend.sessions.clone(),
+        job.session_id.clone(),
+    ));
+    let run = gateway::run_frontend(
+        fe.backend.worker(),
+        spec,
+        session,
+        fe.backend.root.clone(),
+        &job.cancel,
+    )
+    .await
+    .map_err(crate::containers::gateway_error)?;
+    let scope = Arc::new(crate::gateway::FrontendScope {
+        job: job.clone(),
+        inputs,
+        returned: std::sync::Mutex::new(None),
+    });
+    let bridge = crate::gateway::Gateway {
+        scope: Some(scope.clone()),
+        jobs: crate::jobs::Jobs::new(),
+        backend: fe.backend.clone(),
+        worker: fe.worker.clone(),
+        docker: fe.docker.clone(),
+    };
+    let svc = gw::llb_bridge_server::LlbBridgeServer::new(bridge)
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    let conn = tokio_stream::once(Ok::<_, std::io::Error>(FrontendIo(run.conn)));
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(conn),
+    );
+    // The process ending (or being killed when the build is canceled) ends the wait.
+    let outcome = run.done.await;
+    server.abort();
+    let outcome =
+        outcome.map_err(|e| Error::internal(format!("frontend {reference}: runner: {e}")))?;
+    let returned = scope.returned.lock().unwrap().take();
+    if job.cancel.is_cancelled() {
+        return Err(job.cancel_error());
+    }
+    match (returned, outcome.result) {
+        (Some(Err(e)), _) => Err(e),
+        (_, Err(p)) => {
+            let mut message = format!("frontend {reference} failed: {p}");
+            if !outcome.stderr.is_empty() {
+                message.push_str(": ");
+                message.push_str(&outcome.stderr);
+            }
+            let base = crate::containers::gateway_error(p.into());
+            Err(Error::Remote {
+                code: base.code(),
+                message,
+            }
+            .with_details(base.details()))
+        }
+        (Some(Ok(r)), Ok(())) => Ok(r),
+        (None, Ok(())) => Err(Error::failed(format!(
+            "frontend {reference} exited without returning a result"
+        ))),
+    }
+}
+
+/// The parts of an image config (JSON) a frontend container uses.
+fn frontend_image(config: &[u8]) -> std::result::Result<gateway::FrontendImage, serde_json::Error> {
+    #[derive(serde::Deserialize, Default)]
+    #[serde(rename_all = "PascalCase", default)]
+    struct Config {
+        env: Option<Vec<String>>,
+        entrypoint: Option<Vec<String>>,
+        working_dir: Option<String>,
+        labels: Option<BTreeMap<String, String>>,
+    }
+    #[derive(serde::Deserialize, Default)]
+    #[serde(default)]
+    struct Image {
+        config: Config,
+    }
+    let img: Image = serde_json::from_slice(config)?;
+    Ok(gateway::FrontendImage {
+        env: img.config.env.unwrap_or_default(),
+        entrypoint: img.config.entrypoint.unwrap_or_default(),
+        working_dir: img.config.working_dir.unwrap_or_default(),
+        labels: img.config.labels.unwrap_or_default(),
+    })
+}
+
+/// `BUILDKIT_WORKERS`: the worker as Go's `client.WorkerInfo` JSON array.
+fn workers_json(w: &WorkerRecord) -> String {
+    let platforms: Vec<_> = w
+        .platforms
+        .iter()
+        .map(|p| {
+            let mut v = serde_json::json!({ "architecture": p.architecture, "os": p.os });
+            if !p.variant.is_empty() {
+                v["variant"] = p.variant.clone().into();
+            }
+            v
+        })
+        .collect();
+    serde_json::json!([{ "id": w.id, "labels": w.labels, "platforms": platforms }]).to_string()
+}
+
+/// `ResolveImageConfig` for a frontend, shown as a vertex in the build's progress.
+async fn resolve_with_progress(
+    fe: &Frontends,
+    job: &Arc<Job>,
+    req: gw::ResolveImageConfigRequest,
+) -> Result<(String, Vec<u8>)> {
+    let d = crate::progress::synthetic_digest(&format!(
+        "resolve-image-config-{}-{}",
+        job.id, req.r#ref
+    ));
+    job.progress
+        .vertex_started(&d, &req.log_name, &[], None, std::time::SystemTime::now());
+    let res = crate::gateway::resolve_config(&fe.backend, &fe.docker, job, &req).await;
+    job.progress.vertex_completed(
+        &d,
+        false,
+        res.as_ref().err().map(|e| e.to_string()),
+        std::time::SystemTime::now(),
+    );
+    res
+}
+
+/// A frontend's stdio connection as tonic's server takes it.
+struct FrontendIo(gateway::StdioConn);
+
+impl tonic::transport::server::Connected for FrontendIo {
+    type ConnectInfo = ();
+    fn connect_info(&self) {}
+}
+
+impl tokio::io::AsyncRead for FrontendIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for FrontendIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, data)
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
 }
 
 async fn dockerfile_v0(

@@ -1,6 +1,11 @@
 //! `moby.buildkit.v1.frontend.LLBBridge` on the main listener, keyed by the
 //! `buildkit-controlapi-buildid` metadata (`control-api.md` §6–7).
 //!
+//! The same service, bound to one build with [`FrontendScope`], is what a `gateway.v0` frontend
+//! container talks to over its stdio ([`crate::frontends`]): there every call is for that build,
+//! `Return` hands the result to the frontend's runner instead of `Control.Solve`, and `Inputs`
+//! answers the frontend's inputs.
+//!
 //! `buildctl build` drives every build through here: `Ping` (caps), `Solve` (definition or
 //! frontend), `Return` (hands the result to the waiting `Control.Solve`). File access calls
 //! (`ReadFile`, `ReadDir`, `StatFile`) read gateway refs inside their root. Containers
@@ -13,7 +18,9 @@ use crate::jobs::{BuildResult, Job, Jobs};
 use crate::solver::{Backend, SolveCtx};
 use protos::moby::buildkit::v1::frontend as gw;
 use protos::moby::buildkit::v1::types::WorkerRecord;
-use std::sync::Arc;
+use protos::pb;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tonic::{Request, Response, Status};
 
@@ -22,8 +29,20 @@ pub const BUILDID_KEY: &str = "buildkit-controlapi-buildid";
 /// How long gateway calls wait for the build to be registered.
 pub const JOB_WAIT: Duration = Duration::from_secs(3);
 
+/// The build a frontend container's LLBBridge serves, and where its `Return` goes.
+pub struct FrontendScope {
+    /// The build.
+    pub job: Arc<Job>,
+    /// The frontend's inputs (`LLBBridge.Inputs`).
+    pub inputs: BTreeMap<String, pb::Definition>,
+    /// What the frontend returned (`None` until `Return`).
+    pub returned: Mutex<Option<Result<BuildResult>>>,
+}
+
 /// The LLBBridge service.
 pub struct Gateway {
+    /// `Some` for a frontend container's own connection (see the module docs).
+    pub scope: Option<Arc<FrontendScope>>,
     /// Jobs.
     pub jobs: Arc<Jobs>,
     /// Solve backend.
@@ -36,6 +55,9 @@ pub struct Gateway {
 
 impl Gateway {
     async fn job<T>(&self, req: &Request<T>) -> Result<Arc<Job>> {
+        if let Some(scope) = &self.scope {
+            return Ok(scope.job.clone());
+        }
         let id = req
             .metadata()
             .get(BUILDID_KEY)
@@ -156,36 +178,20 @@ impl Gateway {
     async fn return_inner(&self, req: Request<gw::ReturnRequest>) -> Result<gw::ReturnResponse> {
         let job = self.active_job(&req).await?;
         let r = req.into_inner();
-        if let Some(err) = r.error {
-            if err.code != 0 {
-                job.deliver(Err(Error::from_rpc_status(&err)))?;
-                return Ok(gw::ReturnResponse {});
-            }
-        }
-        let res = match r.result {
-            None => BuildResult {
-                fs: None,
-                metadata: Default::default(),
-            },
-            Some(res) => {
-                let fs = match res.result {
-                    None => None,
-                    Some(gw::result::Result::RefDeprecated(id)) => Some(job.get_ref(&id)?),
-                    Some(gw::result::Result::Ref(r)) => Some(job.get_ref(&r.id)?),
-                    Some(gw::result::Result::RefsDeprecated(_))
-                    | Some(gw::result::Result::Refs(_)) => {
-                        return Err(Error::unimplemented(
-                            "multi-platform results (ref maps) are not supported by berthd yet",
-                        ))
-                    }
-                };
-                BuildResult {
-                    fs,
-                    metadata: res.metadata,
-                }
-            }
+        let res = match r.error {
+            Some(err) if err.code != 0 => Err(Error::from_rpc_status(&err)),
+            _ => Ok(return_result(&job, r.result)?),
         };
-        job.deliver(Ok(res))?;
+        match &self.scope {
+            Some(scope) => {
+                let mut slot = scope.returned.lock().unwrap();
+                if slot.is_some() {
+                    return Err(Error::invalid("gateway return called twice"));
+                }
+                *slot = Some(res);
+            }
+            None => job.deliver(res)?,
+        }
         Ok(gw::ReturnResponse {})
     }
 
@@ -193,6 +199,30 @@ impl Gateway {
         let fs = job.get_ref(ref_id)?;
         self.backend.view(&fs).await
     }
+}
+
+/// The build result of a `Return`'s result (its refs looked up in the job).
+fn return_result(job: &Job, result: Option<gw::Result>) -> Result<BuildResult> {
+    let Some(res) = result else {
+        return Ok(BuildResult {
+            fs: None,
+            metadata: Default::default(),
+        });
+    };
+    let fs = match res.result {
+        None => None,
+        Some(gw::result::Result::RefDeprecated(id)) => Some(job.get_ref(&id)?),
+        Some(gw::result::Result::Ref(r)) => Some(job.get_ref(&r.id)?),
+        Some(gw::result::Result::RefsDeprecated(_)) | Some(gw::result::Result::Refs(_)) => {
+            return Err(Error::unimplemented(
+                "multi-platform results (ref maps) are not supported by berthd yet",
+            ))
+        }
+    };
+    Ok(BuildResult {
+        fs,
+        metadata: res.metadata,
+    })
 }
 
 impl Gateway {
@@ -398,7 +428,11 @@ impl gw::llb_bridge_server::LlbBridge for Gateway {
         request: Request<gw::InputsRequest>,
     ) -> std::result::Result<Response<gw::InputsResponse>, Status> {
         let _job = self.job(&request).await?;
-        Ok(Response::new(gw::InputsResponse::default()))
+        let definitions = match &self.scope {
+            Some(scope) => scope.inputs.clone(),
+            None => Default::default(),
+        };
+        Ok(Response::new(gw::InputsResponse { definitions }))
     }
 
     async fn new_container(

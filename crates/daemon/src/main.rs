@@ -132,6 +132,7 @@ async fn run(cfg: config::Config, telemetry: &telemetry::Telemetry) -> anyhow::R
         docker: docker.clone(),
     });
     let gateway = Arc::new(gateway::Gateway {
+        scope: None,
         jobs: jobs.clone(),
         backend: backend.clone(),
         worker: record,

@@ -35,6 +35,22 @@ pub enum Error {
         /// `network.host` or `security.insecure`.
         entitlement: &'static str,
     },
+    /// The frontend image lacks a capability the request needs (its
+    /// `moby.buildkit.frontend.caps` label does not list it).
+    #[error("unsupported frontend capability {cap}")]
+    UnsupportedFrontendCap {
+        /// The missing capability.
+        cap: String,
+    },
+    /// Writing the frontend's metadata directory failed.
+    #[error("frontend metadata {path}")]
+    Io {
+        /// The file or directory.
+        path: std::path::PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// Preparing the mounts failed.
     #[error(transparent)]
     Worker(#[from] worker::Error),
@@ -60,6 +76,8 @@ pub enum ErrorKind {
     PermissionDenied,
     /// `Canceled`.
     Canceled,
+    /// `Unimplemented` (a frontend capability the image lacks, as buildkitd).
+    Unimplemented,
     /// Anything else (`Unknown` for process failures, as buildkitd).
     Unknown,
     /// A fault inside the daemon.
@@ -74,6 +92,8 @@ impl Error {
             Error::NoContainer { .. } => ErrorKind::NotFound,
             Error::ReleaseUnknown { .. } => ErrorKind::Unknown,
             Error::Invalid { .. } => ErrorKind::InvalidArgument,
+            Error::UnsupportedFrontendCap { .. } => ErrorKind::Unimplemented,
+            Error::Io { .. } => ErrorKind::Internal,
             Error::Entitlement { .. } => ErrorKind::PermissionDenied,
             Error::Worker(e) => match e.kind() {
                 worker::ErrorKind::InvalidArgument => ErrorKind::InvalidArgument,

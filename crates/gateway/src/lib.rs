@@ -1,5 +1,7 @@
 //! BuildKit's gateway capabilities that are more than a call into the solver: containers a
-//! frontend (or `buildctl`'s client) starts from build results, and their processes.
+//! frontend (or `buildctl`'s client) starts from build results, and their processes; and the
+//! `gateway.v0` frontend container ([`run_frontend`]), whose stdio carries the LLBBridge
+//! connection the daemon serves.
 //!
 //! The counterpart of BuildKit's `frontend/gateway/container.go` (v0.11.6). The daemon serves
 //! the `LLBBridge` gRPC calls (`NewContainer`, `ReleaseContainer`, `ExecProcess`) and adapts
@@ -24,10 +26,15 @@
 
 mod container;
 mod error;
+mod frontend;
 
 pub use container::{Container, ContainerMount, ContainerSet, NewContainer, Process, StartRequest};
 pub use error::{Error, ErrorKind, ProcessError};
 pub use executor::{HostIp, NetMode, SecurityMode, WinSize};
+pub use frontend::{
+    run_frontend, FrontendImage, FrontendOutcome, FrontendRun, FrontendSpec, StdioConn, LABEL_CAPS,
+    LABEL_NETWORK_NONE, METADATA_DIR, STDERR_TAIL,
+};
 
 /// Entitlement a container with `NetMode::Host` needs.
 pub const ENTITLEMENT_NETWORK_HOST: &str = "network.host";
