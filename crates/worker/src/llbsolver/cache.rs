@@ -17,18 +17,25 @@ pub(crate) struct SnapshotCache {
 
 #[async_trait]
 impl CacheStore<Snap> for SnapshotCache {
-    async fn load(&self, key: &str, outputs: usize) -> Result<Option<Vec<Snap>>> {
+    async fn load(&self, key: &str, needed: &[bool]) -> Result<Option<Vec<Option<Snap>>>> {
         let store = self.store.clone();
         let key = key.to_string();
+        let needed = needed.to_vec();
         blocking(move || {
-            let mut out = Vec::with_capacity(outputs);
-            for i in 0..outputs {
+            let mut out = Vec::with_capacity(needed.len());
+            for (i, &need) in needed.iter().enumerate() {
                 let k = output_key(&key, i);
                 let Some(id) = store.cache_key(&k).map_err(Error::store("cache lookup"))? else {
-                    return Ok(None);
+                    if need {
+                        return Ok(None);
+                    }
+                    out.push(None);
+                    continue;
                 };
                 match Snap::acquire(&store, id) {
-                    Ok(s) if docker_layers_present(s.chain()) => out.push(s),
+                    Ok(s) if docker_layers_present(s.chain()) => out.push(Some(s)),
+                    Ok(_) if !need => out.push(None),
+                    Err(_) if !need => out.push(None),
                     Ok(_) => {
                         tracing::debug!(key = %k, "cached snapshot uses Docker layers that are gone; cache miss");
                         return Ok(None);
@@ -44,12 +51,17 @@ impl CacheStore<Snap> for SnapshotCache {
         .await
     }
 
-    async fn save(&self, key: &str, results: &[Snap]) -> Result<()> {
+    async fn save(&self, key: &str, results: &[Option<Snap>]) -> Result<()> {
         let store = self.store.clone();
         let key = key.to_string();
-        let ids: Vec<_> = results.iter().map(|r| r.id().clone()).collect();
+        let ids: Vec<_> = results
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| r.as_ref().map(|r| (i, r.id().clone())))
+            .collect();
         blocking(move || {
-            for (i, id) in ids.iter().enumerate() {
+            for (i, id) in &ids {
+                let i = *i;
                 store
                     .set_cache_key(&output_key(&key, i), id)
                     .map_err(Error::store("record cache key"))?;

@@ -333,17 +333,25 @@ fn docker_prefix(docker: Option<&DockerStore>, diff_ids: &[Digest]) -> Vec<Layer
 
 #[async_trait]
 impl ImportStore<Snap> for Imported {
-    async fn load(&self, ctx: &OpContext, key: &str, outputs: usize) -> Option<Vec<Snap>> {
-        let mut out = Vec::with_capacity(outputs);
-        for i in 0..outputs {
+    async fn load(&self, ctx: &OpContext, key: &str, needed: &[bool]) -> Option<Vec<Option<Snap>>> {
+        let mut out = Vec::with_capacity(needed.len());
+        for (i, &need) in needed.iter().enumerate() {
             let k = crate::solver::output_key(key, i);
             let found = self
                 .sources
                 .iter()
                 .find_map(|s| s.lookup(&k).map(|l| (s.clone(), l)));
-            let (source, layers) = found?;
+            // An output the build does not use is not fetched (a mode=min export records only
+            // the build result's output of a step with several).
+            let Some((source, layers)) = found.filter(|_| need) else {
+                if need {
+                    return None;
+                }
+                out.push(None);
+                continue;
+            };
             match self.materialize(ctx, &source, &layers).await {
-                Ok(s) => out.push(s),
+                Ok(s) => out.push(Some(s)),
                 Err(e) => {
                     tracing::warn!(key = %k, cache = %source.describe(), error = %e, "imported cache result unusable; the step runs");
                     return None;

@@ -233,6 +233,7 @@ pub(crate) async fn solve_traced(
                             .outputs
                             .as_ref()
                             .and_then(|o| o.get(i))
+                            .and_then(Option::as_ref)
                             .map(|o| SolvedRef {
                                 snap: Some(o.result.clone()),
                                 store: inner.store.clone(),

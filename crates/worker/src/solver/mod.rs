@@ -85,18 +85,22 @@ pub(crate) trait Op<R>: Send + Sync {
 /// is recorded in the local store too.
 #[async_trait]
 pub(crate) trait ImportStore<R>: Send + Sync {
-    /// The `outputs` results for `key`, if the imported cache has them (may download layers;
-    /// statuses go to `ctx`). Failures are misses: the vertex then runs.
-    async fn load(&self, ctx: &OpContext, key: &str, outputs: usize) -> Option<Vec<R>>;
+    /// The results for `key`, one per output (`needed.len()` of them), if the imported cache
+    /// has every output whose `needed` is true; the others are loaded only when the cache has
+    /// them and are `None` otherwise (a `mode=min` export records only the build result's
+    /// output of a step with several). May download layers (statuses go to `ctx`). Failures are
+    /// misses: the vertex then runs.
+    async fn load(&self, ctx: &OpContext, key: &str, needed: &[bool]) -> Option<Vec<Option<R>>>;
 }
 
 /// Persistent map from cache keys to results.
 #[async_trait]
 pub(crate) trait CacheStore<R>: Send + Sync {
-    /// The `outputs` results for `key`, if all are present and still usable.
-    async fn load(&self, key: &str, outputs: usize) -> Result<Option<Vec<R>>>;
-    /// Records the results for `key`.
-    async fn save(&self, key: &str, results: &[R]) -> Result<()>;
+    /// The results for `key`, one per output (`needed.len()` of them), if every output whose
+    /// `needed` is true is present and still usable; others are `None` when absent.
+    async fn load(&self, key: &str, needed: &[bool]) -> Result<Option<Vec<Option<R>>>>;
+    /// Records the present results for `key` (output `i` is `results[i]`).
+    async fn save(&self, key: &str, results: &[Option<R>]) -> Result<()>;
 }
 
 /// One vertex of a build graph.
@@ -117,7 +121,9 @@ pub(crate) struct Vertex<R> {
     pub op: Arc<dyn Op<R>>,
 }
 
-pub(crate) type Outputs<R> = Arc<Vec<Solved<R>>>;
+/// The outputs of a vertex, by output index. `None`: an output an imported (or earlier
+/// partially imported) cache did not have and that no vertex of the build uses.
+pub(crate) type Outputs<R> = Arc<Vec<Option<Solved<R>>>>;
 /// A vertex's cache key, and the span its work runs in.
 struct Keyed {
     key: String,
@@ -310,6 +316,7 @@ impl<R: Clone + Send + Sync + 'static> Solver<R> {
             import,
             span: tracing::Span::current(),
         });
+        let needed = needed_outputs(&graph, target);
         let graph: Vec<Arc<Vertex<R>>> = graph.into_iter().map(Arc::new).collect();
         let mut keys: Vec<Option<KeyFuture>> = vec![None; graph.len()];
         let mut futs: Vec<Option<VertexFuture<R>>> = vec![None; graph.len()];
@@ -344,10 +351,11 @@ impl<R: Clone + Send + Sync + 'static> Solver<R> {
             };
             let resf: VertexFuture<R> = {
                 let (solver, job, keyf) = (self.clone(), job.clone(), keyf.clone());
+                let needed = needed[i].clone();
                 async move {
                     let k = keyf.await?;
                     let outs = solver
-                        .vertex_result(&job, &v, &k, in_res)
+                        .vertex_result(&job, &v, &k, &needed, in_res)
                         .await
                         .map_err(Arc::new)?;
                     job.evaluated.lock().unwrap().insert(i, outs.clone());
@@ -379,6 +387,7 @@ impl<R: Clone + Send + Sync + 'static> Solver<R> {
         let solved = outputs
             .get(target.1)
             .cloned()
+            .flatten()
             .ok_or_else(|| Error::Internal(format!("target output {} missing", target.1)))?;
         let stats = *job.stats.lock().unwrap();
         let mut evaluated: Evaluated<R> = vec![None; graph.len()];
@@ -415,6 +424,7 @@ impl<R: Clone + Send + Sync + 'static> Solver<R> {
             solved.push(
                 outs.get(idx)
                     .cloned()
+                    .flatten()
                     .ok_or_else(|| Error::Internal(format!("input output index {idx} missing")))?,
             );
         }
@@ -498,6 +508,7 @@ impl<R: Clone + Send + Sync + 'static> Solver<R> {
         job: &Arc<Job<R>>,
         v: &Vertex<R>,
         k: &Keyed,
+        needed: &[bool],
         in_res: Vec<(usize, VertexFuture<R>)>,
     ) -> Result<Outputs<R>> {
         let ctx = OpContext {
@@ -506,20 +517,22 @@ impl<R: Clone + Send + Sync + 'static> Solver<R> {
             cancel: job.cancel.clone(),
         };
         let key = &k.key;
-        let wrap = |results: Arc<Vec<R>>| -> Outputs<R> {
+        let wrap = |results: Vec<Option<R>>| -> Outputs<R> {
             Arc::new(
                 results
-                    .iter()
+                    .into_iter()
                     .enumerate()
-                    .map(|(i, r)| Solved {
-                        key: output_key(key, i),
-                        result: r.clone(),
+                    .map(|(i, r)| {
+                        r.map(|result| Solved {
+                            key: output_key(key, i),
+                            result,
+                        })
                     })
                     .collect(),
             )
         };
         let res = self
-            .cached_result(job, v, &ctx, key)
+            .cached_result(job, v, &ctx, key, needed)
             .instrument(k.span.clone())
             .await;
         let res = match res {
@@ -531,7 +544,7 @@ impl<R: Clone + Send + Sync + 'static> Solver<R> {
                 self.execute(job, v, &ctx, key, &inputs)
                     .instrument(k.span.clone())
                     .await
-                    .map(|r| (wrap(r), false))
+                    .map(|r| (wrap(r.iter().cloned().map(Some).collect()), false))
             }
             Err(e) => Err(e),
         };
@@ -553,26 +566,29 @@ impl<R: Clone + Send + Sync + 'static> Solver<R> {
         v: &Vertex<R>,
         ctx: &OpContext,
         key: &str,
-    ) -> Result<Option<Arc<Vec<R>>>> {
+        needed: &[bool],
+    ) -> Result<Option<Vec<Option<R>>>> {
         if v.ignore_cache {
             return Ok(None);
         }
-        if let Some(results) = self.cache.load(key, v.outputs).await? {
+        if let Some(results) = self.cache.load(key, needed).await? {
             job.stats.lock().unwrap().cached += 1;
             metrics::counter!(CACHE_HITS).increment(1);
             tracing::debug!(vertex = %v.digest, key = %key, "cache hit");
-            return Ok(Some(Arc::new(results)));
+            return Ok(Some(results));
         }
         if let Some(import) = &job.import {
-            if let Some(results) = import.load(ctx, key, v.outputs).await {
-                if results.len() == v.outputs {
+            if let Some(results) = import.load(ctx, key, needed).await {
+                let complete = results.len() == v.outputs
+                    && results.iter().zip(needed).all(|(r, n)| r.is_some() || !n);
+                if complete {
                     self.cache.save(key, &results).await?;
                     let mut st = job.stats.lock().unwrap();
                     st.cached += 1;
                     st.imported += 1;
                     metrics::counter!(CACHE_HITS).increment(1);
                     tracing::debug!(vertex = %v.digest, key = %key, "imported cache hit");
-                    return Ok(Some(Arc::new(results)));
+                    return Ok(Some(results));
                 }
             }
         }
@@ -595,9 +611,12 @@ impl<R: Clone + Send + Sync + 'static> Solver<R> {
             };
             if !v.ignore_cache {
                 // Another build may have finished the same work while we waited.
-                if let Some(results) = self.cache.load(key, v.outputs).await? {
-                    metrics::counter!(CACHE_HITS).increment(1);
-                    return Ok(Arc::new(results));
+                let all = vec![true; v.outputs];
+                if let Some(results) = self.cache.load(key, &all).await? {
+                    if let Some(results) = results.into_iter().collect::<Option<Vec<R>>>() {
+                        metrics::counter!(CACHE_HITS).increment(1);
+                        return Ok(Arc::new(results));
+                    }
                 }
             }
             tracing::debug!(vertex = %v.digest, key = %key, name = %v.name, "executing");
@@ -614,7 +633,8 @@ impl<R: Clone + Send + Sync + 'static> Solver<R> {
                     v.outputs
                 )));
             }
-            self.cache.save(key, &results).await?;
+            let saved: Vec<Option<R>> = results.iter().cloned().map(Some).collect();
+            self.cache.save(key, &saved).await?;
             Ok(Arc::new(results))
         };
         if v.ignore_cache {
@@ -635,6 +655,29 @@ impl<R: Clone + Send + Sync + 'static> Solver<R> {
         }
         r
     }
+}
+
+/// Which outputs of each vertex the build can use: the target's output and every output that a
+/// vertex the target depends on takes as an input. A cache hit needs these outputs only.
+fn needed_outputs<R>(graph: &[Vertex<R>], target: (usize, usize)) -> Vec<Arc<Vec<bool>>> {
+    let mut needed: Vec<Vec<bool>> = graph.iter().map(|v| vec![false; v.outputs]).collect();
+    let mut seen = vec![false; graph.len()];
+    let mut stack = vec![target.0];
+    if let Some(n) = needed[target.0].get_mut(target.1) {
+        *n = true;
+    }
+    while let Some(i) = stack.pop() {
+        if std::mem::replace(&mut seen[i], true) {
+            continue;
+        }
+        for &(vi, out) in &graph[i].inputs {
+            if let Some(n) = needed[vi].get_mut(out) {
+                *n = true;
+            }
+            stack.push(vi);
+        }
+    }
+    needed.into_iter().map(Arc::new).collect()
 }
 
 /// The future of each distinct input vertex of `edges` (`(vertex, output)`), in first-use

@@ -4,23 +4,31 @@ use super::*;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+/// Results by output key, as the snapshot cache records them.
 #[derive(Default)]
-struct MemCache(Mutex<HashMap<String, Vec<String>>>);
+struct MemCache(Mutex<HashMap<String, String>>);
 
 #[async_trait]
 impl CacheStore<String> for MemCache {
-    async fn load(&self, key: &str, outputs: usize) -> Result<Option<Vec<String>>> {
-        let r = self.0.lock().unwrap().get(key).cloned();
-        if let Some(r) = &r {
-            assert_eq!(r.len(), outputs);
+    async fn load(&self, key: &str, needed: &[bool]) -> Result<Option<Vec<Option<String>>>> {
+        let map = self.0.lock().unwrap();
+        let mut out = vec![];
+        for (i, &need) in needed.iter().enumerate() {
+            match map.get(&output_key(key, i)) {
+                Some(r) => out.push(Some(r.clone())),
+                None if need => return Ok(None),
+                None => out.push(None),
+            }
         }
-        Ok(r)
+        Ok(Some(out))
     }
-    async fn save(&self, key: &str, results: &[String]) -> Result<()> {
-        self.0
-            .lock()
-            .unwrap()
-            .insert(key.to_string(), results.to_vec());
+    async fn save(&self, key: &str, results: &[Option<String>]) -> Result<()> {
+        let mut map = self.0.lock().unwrap();
+        for (i, r) in results.iter().enumerate() {
+            if let Some(r) = r {
+                map.insert(output_key(key, i), r.clone());
+            }
+        }
         Ok(())
     }
 }
@@ -523,11 +531,11 @@ struct CountingCache {
 
 #[async_trait]
 impl CacheStore<String> for CountingCache {
-    async fn load(&self, key: &str, outputs: usize) -> Result<Option<Vec<String>>> {
+    async fn load(&self, key: &str, needed: &[bool]) -> Result<Option<Vec<Option<String>>>> {
         self.loads.lock().unwrap().push(key.to_string());
-        self.inner.load(key, outputs).await
+        self.inner.load(key, needed).await
     }
-    async fn save(&self, key: &str, results: &[String]) -> Result<()> {
+    async fn save(&self, key: &str, results: &[Option<String>]) -> Result<()> {
         self.inner.save(key, results).await
     }
 }
@@ -622,14 +630,27 @@ async fn missing_result_builds_inputs_then_runs() {
     assert_eq!(stats.cached, 2, "{stats:?}");
 }
 
-struct MemImport(HashMap<String, Vec<String>>, Arc<AtomicUsize>);
+/// Imported results by output key, as exports write them; counts lookups.
+struct MemImport(HashMap<String, String>, Arc<AtomicUsize>);
 
 #[async_trait]
 impl ImportStore<String> for MemImport {
-    async fn load(&self, _ctx: &OpContext, key: &str, _outputs: usize) -> Option<Vec<String>> {
+    async fn load(
+        &self,
+        _ctx: &OpContext,
+        key: &str,
+        needed: &[bool],
+    ) -> Option<Vec<Option<String>>> {
         self.1.fetch_add(1, Ordering::SeqCst);
-        // Records are by output key, as exports write them.
-        self.0.get(&output_key(key, 0)).cloned()
+        let mut out = vec![];
+        for (i, &need) in needed.iter().enumerate() {
+            match self.0.get(&output_key(key, i)) {
+                Some(r) if need => out.push(Some(r.clone())),
+                None if need => return None,
+                _ => out.push(None),
+            }
+        }
+        Some(out)
     }
 }
 
@@ -648,12 +669,12 @@ async fn imported_target_is_cached_without_running_its_inputs() {
         )
         .await
         .unwrap();
-    let exported: HashMap<String, Vec<String>> = ev
+    let exported: HashMap<String, String> = ev
         .iter()
         .flatten()
         .filter_map(|e| {
             let o = e.outputs.as_ref()?;
-            Some((output_key(&e.key, 0), vec![o[0].result.clone()]))
+            Some((output_key(&e.key, 0), o[0].as_ref()?.result.clone()))
         })
         .collect();
     assert_eq!(exported.len(), 3);
@@ -681,4 +702,125 @@ async fn imported_target_is_cached_without_running_its_inputs() {
     );
     assert_eq!(stats.imported, 1);
     assert_eq!(stats.cached, 3);
+}
+
+/// Two outputs: `<label>:0` and `<label>:1`, keyed from the inputs' keys.
+struct TwoOut(String, Arc<AtomicUsize>);
+
+#[async_trait]
+impl Op<String> for TwoOut {
+    async fn cache_key(&self, _ctx: &OpContext, inputs: &[Solved<String>]) -> Result<String> {
+        let keys: Vec<&str> = inputs.iter().map(|i| i.key.as_str()).collect();
+        Ok(self.key_from_input_keys(&keys).expect("keyed from inputs"))
+    }
+
+    fn key_from_input_keys(&self, input_keys: &[&str]) -> Option<String> {
+        let mut h = crate::digest::KeyHasher::new("two");
+        h.field(self.0.as_bytes());
+        for k in input_keys {
+            h.field(k.as_bytes());
+        }
+        Some(h.finish())
+    }
+
+    async fn exec(&self, _ctx: &OpContext, inputs: &[Solved<String>]) -> Result<Vec<String>> {
+        self.1.fetch_add(1, Ordering::SeqCst);
+        let base: Vec<String> = inputs.iter().map(|i| i.result.clone()).collect();
+        let base = base.join("+");
+        Ok(vec![
+            format!("{base}>{}:0", self.0),
+            format!("{base}>{}:1", self.0),
+        ])
+    }
+}
+
+/// x (two outputs) → y (two outputs) using x's output 1; the build wants y's output 1, as
+/// an exec whose result is a mount (TestBasicRegistryCacheImportExport).
+fn two_output_chain(execs: &Arc<AtomicUsize>) -> Vec<Vertex<String>> {
+    let v = |name: &str, inputs: Vec<(usize, usize)>| Vertex {
+        digest: format!("sha256:{name}"),
+        name: name.into(),
+        inputs,
+        outputs: 2,
+        ignore_cache: false,
+        progress_group: None,
+        op: Arc::new(TwoOut(name.into(), execs.clone())) as Arc<dyn Op<String>>,
+    };
+    vec![v("x", vec![]), v("y", vec![(0, 1)])]
+}
+
+/// A mode=min export records only the build result's output of a step with several outputs;
+/// importing it is a hit all the same (the other output is used by nothing), nothing runs, and
+/// the local cache then serves the next build without the import.
+#[tokio::test]
+async fn import_with_only_the_used_output_of_a_multi_output_step_is_a_hit() {
+    let execs_a = Arc::new(AtomicUsize::new(0));
+    let a = Arc::new(Solver::new(Arc::new(MemCache::default()), 4));
+    let (ra, _, ev) = a
+        .solve_with(
+            two_output_chain(&execs_a),
+            (1, 1),
+            ProgressSink::discard(),
+            CancellationToken::new(),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(ra.result, ">x:1>y:1");
+    // mode=min: the target's output only.
+    let y = ev[1].as_ref().unwrap();
+    let exported: HashMap<String, String> = [(
+        output_key(&y.key, 1),
+        y.outputs.as_ref().unwrap()[1]
+            .as_ref()
+            .unwrap()
+            .result
+            .clone(),
+    )]
+    .into();
+    let execs_b = Arc::new(AtomicUsize::new(0));
+    let cache_b = Arc::new(MemCache::default());
+    let b = Arc::new(Solver::new(cache_b.clone(), 4));
+    let import: Arc<dyn ImportStore<String>> =
+        Arc::new(MemImport(exported, Arc::new(AtomicUsize::new(0))));
+    let (rb, stats, ev) = b
+        .solve_with(
+            two_output_chain(&execs_b),
+            (1, 1),
+            ProgressSink::discard(),
+            CancellationToken::new(),
+            Some(import),
+        )
+        .await
+        .unwrap();
+    assert_eq!(rb.result, ">x:1>y:1");
+    assert_eq!(execs_b.load(Ordering::SeqCst), 0, "nothing ran on B");
+    assert_eq!(stats.imported, 1, "{stats:?}");
+    let y = ev[1].as_ref().unwrap().outputs.as_ref().unwrap();
+    assert!(y[0].is_none(), "the unused output stays absent: {y:?}");
+    // B's own cache now has the used output: the next build needs no import.
+    let (rb2, stats) = b
+        .solve(
+            two_output_chain(&execs_b),
+            (1, 1),
+            ProgressSink::discard(),
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(rb2.result, ">x:1>y:1");
+    assert_eq!(execs_b.load(Ordering::SeqCst), 0, "{stats:?}");
+    // A build that uses y's other output cannot take the partial result: y runs (on x's
+    // output 1, which x must now build since nothing has it).
+    let (r0, _) = b
+        .solve(
+            two_output_chain(&execs_b),
+            (1, 0),
+            ProgressSink::discard(),
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r0.result, ">x:1>y:0");
+    assert_eq!(execs_b.load(Ordering::SeqCst), 2, "x and y ran");
 }
