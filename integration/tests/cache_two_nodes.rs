@@ -11,7 +11,6 @@
 mod export_support;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write as _;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -19,30 +18,6 @@ use export_support::*;
 use integration::buildkit_client::{Berthd, BuildOptions, BuildReport, Output};
 use integration::{require_root, unique_name, PrivateDockerd, Registry};
 use protos::moby::buildkit::v1 as control;
-use sha2::{Digest as _, Sha256};
-
-fn sha(b: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(b)))
-}
-
-fn layer_tar(files: &[(&str, &[u8], u32)]) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    for (path, data, mode) in files {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(*mode);
-        h.set_mtime(1_600_000_000);
-        h.set_entry_type(tar::EntryType::Regular);
-        b.append_data(&mut h, path, *data).unwrap();
-    }
-    b.into_inner().unwrap()
-}
-
-fn gzip(b: &[u8]) -> Vec<u8> {
-    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    e.write_all(b).unwrap();
-    e.finish().unwrap()
-}
 
 /// The base image in the registry: busybox plus a unique `/hello` (two layers).
 struct Base {
