@@ -1719,6 +1719,16 @@ async fn run() -> Result<()> {
 
     let mut rows = std::mem::take(&mut b.rows);
     rows.sort_by_key(|r| r.scenario);
+    // With `--only`, the scenarios not run keep their rows from the report already at `--out`,
+    // each group labelled with the run it came from.
+    let earlier = match &opts.only {
+        Some(only) => match std::fs::read_to_string(&opts.out) {
+            Ok(old) => report::earlier(&old, only),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => report::Earlier::default(),
+            Err(e) => return Err(e).with_context(|| format!("read {}", opts.out.display())),
+        },
+        None => report::Earlier::default(),
+    };
     let headline = if b.headline.is_empty() {
         "not measured".to_string()
     } else {
@@ -1726,7 +1736,10 @@ async fn run() -> Result<()> {
     };
     let mut md = String::new();
     md.push_str("# Benchmarks\n\nWritten by `make bench` (`crates/bench`, binary `berth-bench`) from a real run; do not edit by hand.\n\n");
-    md.push_str(&format!("**Headline (scenario 1, {} base + {} change, system dockerd):** {headline} — the median time from the solve's last vertex to a runnable image on each stock path divided by berthd's (`--output type=image`).\n\n", human(sz(b.scale, 2 * GIB)), human(sz(b.scale, 50 * MIB))));
+    match &earlier.headline {
+        Some(h) => md.push_str(&format!("{h}\n\n")),
+        None => md.push_str(&format!("**Headline (scenario 1, {} base + {} change, system dockerd):** {headline} — the median time from the solve's last vertex to a runnable image on each stock path divided by berthd's (`--output type=image`).\n\n", human(sz(b.scale, 2 * GIB)), human(sz(b.scale, 50 * MIB)))),
+    }
     md.push_str("## Machine\n\n");
     for (k, v) in &machine {
         md.push_str(&format!("- {k}: {v}\n"));
@@ -1740,19 +1753,41 @@ async fn run() -> Result<()> {
     ));
     if let Some(only) = &opts.only {
         md.push_str(&format!(
-            "- **only scenario groups {only:?} were run** (`--only`)\n"
+            "- **only scenario groups {only:?} were run** (`--only`); the other rows come from the earlier runs listed under Runs\n"
         ));
     }
     md.push_str(&format!(
         "- load average (1 min) at start {load_start}, at end {}: other work on the machine shares its 2 cores, so read ratios rather than absolute times\n\n",
         loadavg()
     ));
+    if let Some(only) = &opts.only {
+        md.push_str("## Runs\n\n");
+        let commit = machine
+            .iter()
+            .find(|(k, _)| k.starts_with("berth commit"))
+            .map_or("?", |(_, v)| v.as_str());
+        md.push_str(&format!(
+            "{}\n",
+            report::run_entry(
+                only,
+                &format!(
+                    "{} UTC, berth commit {commit}, load {load_start} → {}",
+                    chrono::Utc::now().format("%Y-%m-%d %H:%M"),
+                    loadavg()
+                )
+            )
+        ));
+        for r in &earlier.runs {
+            md.push_str(&format!("{r}\n"));
+        }
+        md.push('\n');
+    }
     md.push_str("## Scenarios\n\n");
     for s in SCENARIOS {
         md.push_str(&format!("{s}\n"));
     }
     md.push_str("\n## Results\n\n");
-    md.push_str(&report::table(&rows));
+    md.push_str(&report::merged_table(&rows, &earlier));
     md.push_str("\n## Not measured yet\n\n");
     if buildkitd::from_env().is_none() {
         md.push_str("- Stock buildkitd with `--output type=docker | docker load`: set `BERTH_BENCH_BUILDKITD` and `BERTH_BENCH_BUILDCTL` to stock binaries (not set for this run).\n");

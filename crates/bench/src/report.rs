@@ -102,6 +102,118 @@ pub fn table(rows: &[Row]) -> String {
     s
 }
 
+/// What an earlier report contributes when only some scenario groups ran (`--only`): its result
+/// rows for the scenarios this run did not measure, and where those rows came from, so one
+/// `docs/benchmarks.md` can hold every scenario without anyone editing it by hand.
+#[derive(Debug, Default, PartialEq)]
+pub struct Earlier {
+    /// `(scenario, table line)` for the scenarios not run now, in the earlier report's order.
+    pub rows: Vec<(u32, String)>,
+    /// The earlier report's provenance lines (its `## Runs` entries, or its machine section's
+    /// `run:`/commit/load lines for a report written before carrying over existed).
+    pub runs: Vec<String>,
+    /// The earlier headline line, when scenario 1 is among the carried-over rows.
+    pub headline: Option<String>,
+}
+
+/// The scenario number of a Results table line (`| 7 | …`), if it is one.
+fn row_scenario(line: &str) -> Option<u32> {
+    let rest = line.strip_prefix("| ")?;
+    let (n, _) = rest.split_once(" |")?;
+    n.trim().parse().ok()
+}
+
+/// A `## Runs` entry (`- scenarios [a, b]: what run`) with the scenarios in `ran` left out, or
+/// `None` when none of its scenarios is carried over.
+fn carried_run(line: &str, ran: &[u32]) -> Option<String> {
+    let rest = line.strip_prefix("- scenarios [")?;
+    let (list, what) = rest.split_once("]: ")?;
+    let kept: Vec<u32> = list
+        .split(',')
+        .filter_map(|n| n.trim().parse().ok())
+        .filter(|n| !ran.contains(n))
+        .collect();
+    (!kept.is_empty()).then(|| format!("- scenarios {kept:?}: {what}"))
+}
+
+/// One `## Runs` entry for scenarios measured in one run.
+pub fn run_entry(scenarios: &[u32], what: &str) -> String {
+    format!("- scenarios {scenarios:?}: {what}")
+}
+
+/// Reads the rows and provenance of `old` (an earlier report) for every scenario not in `ran`.
+pub fn earlier(old: &str, ran: &[u32]) -> Earlier {
+    let mut e = Earlier::default();
+    let mut section = "";
+    let mut machine_run = vec![];
+    for line in old.lines() {
+        if let Some(h) = line.strip_prefix("## ") {
+            section = match h {
+                "Machine" => "machine",
+                "Runs" => "runs",
+                "Results" => "results",
+                _ => "",
+            };
+            continue;
+        }
+        match section {
+            "results" => {
+                if let Some(n) = row_scenario(line) {
+                    if !ran.contains(&n) {
+                        e.rows.push((n, line.to_string()));
+                    }
+                }
+            }
+            "runs" => {
+                if let Some(r) = carried_run(line, ran) {
+                    e.runs.push(r)
+                }
+            }
+            "machine"
+                if line.starts_with("- run:")
+                    || line.starts_with("- berth commit")
+                    || line.starts_with("- load average") =>
+            {
+                machine_run.push(line.trim_start_matches("- ").to_string())
+            }
+            "" if line.starts_with("**Headline") => e.headline = Some(line.to_string()),
+            _ => {}
+        }
+    }
+    if e.runs.is_empty() && !machine_run.is_empty() {
+        let mut kept: Vec<u32> = e.rows.iter().map(|(n, _)| *n).collect();
+        kept.dedup();
+        e.runs
+            .push(format!("- scenarios {kept:?}: {}", machine_run.join("; ")));
+    }
+    if !e.rows.iter().any(|(n, _)| *n == 1) {
+        e.headline = None;
+    }
+    e
+}
+
+/// The table of this run's `rows` merged with `earlier` rows, ordered by scenario (this run's
+/// rows first within a scenario that both hold, which `earlier` never does).
+pub fn merged_table(rows: &[Row], earlier: &Earlier) -> String {
+    let fresh = table(rows);
+    let mut lines = fresh.lines();
+    let mut s = String::new();
+    for _ in 0..2 {
+        if let Some(h) = lines.next() {
+            let _ = writeln!(s, "{h}");
+        }
+    }
+    let mut all: Vec<(u32, String)> = lines
+        .filter_map(|l| Some((row_scenario(l)?, l.to_string())))
+        .collect();
+    all.extend(earlier.rows.iter().cloned());
+    all.sort_by_key(|(n, _)| *n);
+    for (_, l) in all {
+        let _ = writeln!(s, "{l}");
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,5 +238,51 @@ mod tests {
         assert_eq!(fmt((3u64 << 20) as f64, Unit::Bytes), "3.0 MiB");
         assert_eq!(ratio("x", 10.0, 4.0), "x = 2.5×");
         assert_eq!(ratio("x", 1.0, 0.0), "x: n/a");
+    }
+
+    #[test]
+    fn earlier_rows_are_carried_over_for_scenarios_not_run() {
+        let old = "# Benchmarks\n\n**Headline (scenario 1…):** x\n\n## Machine\n\n- cores: 2\n\
+                   - berth commit (x): abc\n- run: 2026-11-28 06:30 UTC, total 1 min\n\
+                   - load average (1 min) at start 1.9, at end 2.1: …\n\n## Results\n\n\
+                   | # | case | n | min | median | max | ratio (of medians) | notes |\n\
+                   |---|---|---|---|---|---|---|---|\n\
+                   | 1 | one | 3 | 1 ms | **1 ms** | 1 ms |  |  |\n\
+                   | 7 | old seven | 3 | 1 ms | **1 ms** | 1 ms |  |  |\n\
+                   | 8 | eight | 3 | 1 ms | **1 ms** | 1 ms |  |  |\n\n## Not measured yet\n";
+        let e = earlier(old, &[7]);
+        assert_eq!(
+            e.rows.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+            vec![1, 8],
+            "{e:?}"
+        );
+        assert_eq!(e.headline.as_deref(), Some("**Headline (scenario 1…):** x"));
+        assert_eq!(e.runs.len(), 1);
+        assert!(
+            e.runs[0].starts_with("- scenarios [1, 8]: berth commit (x): abc; run: 2026-11-28"),
+            "{:?}",
+            e.runs
+        );
+        let now = vec![Row {
+            scenario: 7,
+            case: "new seven".into(),
+            samples: vec![0.5],
+            unit: Unit::Secs,
+            ratio: String::new(),
+            note: String::new(),
+        }];
+        let t = merged_table(&now, &e);
+        let cases: Vec<&str> = t
+            .lines()
+            .skip(2)
+            .map(|l| l.split(" | ").nth(1).unwrap())
+            .collect();
+        assert_eq!(cases, vec!["one", "new seven", "eight"], "{t}");
+        // A report with its own `## Runs` section passes those entries on unchanged, and no
+        // headline survives when scenario 1 is re-run.
+        let with_runs = "## Runs\n\n- scenarios [7, 8]: r1\n- scenarios [1]: r0\n\n## Results\n\n| 8 | e | 1 | 1 ms | **1 ms** | 1 ms |  |  |\n| 1 | o | 1 | 1 ms | **1 ms** | 1 ms |  |  |\n";
+        let e = earlier(with_runs, &[1, 7]);
+        assert_eq!(e.runs, vec![run_entry(&[8], "r1")]);
+        assert_eq!(e.headline, None);
     }
 }
