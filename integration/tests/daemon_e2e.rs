@@ -787,11 +787,11 @@ async fn malformed_requests_get_typed_errors() {
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
     let e = g
-        .evaluate(gw::EvaluateRequest::default())
+        .resolve_source_meta(gw::ResolveSourceMetaRequest::default())
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unimplemented);
-    assert!(e.message().contains("Evaluate"), "{e:?}");
+    assert!(e.message().contains("ResolveSourceMeta"), "{e:?}");
     // missing image: NotFound from ResolveImageConfig (needs a job)
     let empty = c.build(BuildOptions::default()).await.unwrap();
     assert!(

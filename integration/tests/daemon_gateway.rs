@@ -347,3 +347,209 @@ fn version_and_debug_workers_subcommand() {
     assert!(text.starts_with("ID\tPLATFORMS\n"), "{text}");
     assert!(text.contains("linux/"), "{text}");
 }
+
+/// A digest of an encoded op, as LLB names it.
+fn op_digest(b: &[u8]) -> String {
+    format!(
+        "sha256:{}",
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b))
+    )
+}
+
+/// A definition whose last op is `op` (encoded), its terminal op pointing at it.
+fn definition_of(ops: Vec<Vec<u8>>) -> pb::Definition {
+    let last = op_digest(ops.last().unwrap());
+    let term = pb::Op {
+        inputs: vec![pb::Input {
+            digest: last,
+            index: 0,
+        }],
+        ..Default::default()
+    };
+    let mut def: Vec<bytes::Bytes> = ops.into_iter().map(Into::into).collect();
+    def.push(term.encode_to_vec().into());
+    pb::Definition {
+        def,
+        ..Default::default()
+    }
+}
+
+/// `reference.output`: a gateway `Solve` of a definition answers its ref with that definition,
+/// so a client (`Ref.ToState`) builds on it in a second `Solve`; `Evaluate` accepts the ref.
+/// Go's LLB client sends one source-map entry per op, empty ones included; berth leaves out the
+/// empty ones, which Go would decode as nil and dereference.
+#[tokio::test(flavor = "multi_thread")]
+async fn solve_returns_definitions_that_later_solves_build_on() {
+    require_root();
+    let d = Berthd::start(&[]).unwrap();
+    let c = d.client().await.unwrap();
+    let mut session = c.open_session(Attachables::default()).await.unwrap();
+    let build_ref = new_id();
+    let mut ctl = c.control();
+    let sid = session.id.clone();
+    let br = build_ref.clone();
+    let solve = tokio::spawn(async move {
+        ctl.solve(control::SolveRequest {
+            r#ref: br,
+            session: sid,
+            ..Default::default()
+        })
+        .await
+    });
+    let mut g = c.gateway();
+    let caps = g
+        .ping(with_build_id(gw::PingRequest {}, &build_ref))
+        .await
+        .unwrap()
+        .into_inner()
+        .frontend_api_caps;
+    for cap in ["reference.output", "gateway.evaluate"] {
+        assert!(caps.iter().any(|c| c.id == cap && c.enabled), "{cap}");
+    }
+
+    let mkfile = pb::Op {
+        op: Some(OpKind::File(pb::FileOp {
+            actions: vec![pb::FileAction {
+                input: -1,
+                secondary_input: -1,
+                output: 0,
+                action: Some(Action::Mkfile(pb::FileActionMkFile {
+                    path: "/foo".into(),
+                    mode: 0o600,
+                    data: "data".into(),
+                    timestamp: -1,
+                    ..Default::default()
+                })),
+            }],
+        })),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let mut def = definition_of(vec![mkfile.clone()]);
+    let located = pb::Locations {
+        locations: vec![pb::Location {
+            source_index: 0,
+            ranges: vec![pb::Range::default()],
+        }],
+    };
+    def.source = Some(pb::Source {
+        infos: vec![pb::SourceInfo {
+            filename: "Dockerfile".into(),
+            data: "FROM scratch".into(),
+            ..Default::default()
+        }],
+        locations: [
+            (op_digest(&mkfile), located.clone()),
+            (op_digest(&def.def[1]), pb::Locations::default()),
+        ]
+        .into_iter()
+        .collect(),
+    });
+    let res = g
+        .solve(with_build_id(
+            gw::SolveRequest {
+                definition: Some(def.clone()),
+                allow_result_return: true,
+                allow_result_array_ref: true,
+                ..Default::default()
+            },
+            &build_ref,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(gw::result::Result::Ref(rf)) = res.result.and_then(|r| r.result) else {
+        panic!("expected a ref result");
+    };
+    let out = rf.def.expect("Solve returns the ref's definition");
+    assert_eq!(out.def, def.def, "the same ops, in order");
+    let src = out.source.expect("source maps kept");
+    assert_eq!(src.infos, def.source.as_ref().unwrap().infos);
+    assert_eq!(
+        src.locations.into_iter().collect::<Vec<_>>(),
+        vec![(op_digest(&mkfile), located)],
+        "only the entries with locations"
+    );
+    g.evaluate(with_build_id(
+        gw::EvaluateRequest {
+            r#ref: rf.id.clone(),
+        },
+        &build_ref,
+    ))
+    .await
+    .unwrap();
+    let e = g
+        .evaluate(with_build_id(
+            gw::EvaluateRequest {
+                r#ref: "nosuchref".into(),
+            },
+            &build_ref,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+
+    // build on the returned definition: copy /foo of its output to /foo2 on scratch
+    let prev_last = out.def[out.def.len() - 2].to_vec();
+    let copy = pb::Op {
+        inputs: vec![pb::Input {
+            digest: op_digest(&prev_last),
+            index: 0,
+        }],
+        op: Some(OpKind::File(pb::FileOp {
+            actions: vec![pb::FileAction {
+                input: -1,
+                secondary_input: 0,
+                output: 0,
+                action: Some(Action::Copy(pb::FileActionCopy {
+                    src: "/foo".into(),
+                    dest: "/foo2".into(),
+                    mode: -1,
+                    timestamp: -1,
+                    ..Default::default()
+                })),
+            }],
+        })),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let def2 = definition_of(vec![prev_last, copy]);
+    let res = g
+        .solve(with_build_id(
+            gw::SolveRequest {
+                definition: Some(def2),
+                allow_result_return: true,
+                ..Default::default()
+            },
+            &build_ref,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(gw::result::Result::Ref(rf2)) = res.result.and_then(|r| r.result) else {
+        panic!("expected a ref result");
+    };
+    let data = g
+        .read_file(with_build_id(
+            gw::ReadFileRequest {
+                r#ref: rf2.id.clone(),
+                file_path: "/foo2".into(),
+                ..Default::default()
+            },
+            &build_ref,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(&data.data[..], b"data");
+
+    g.r#return(with_build_id(gw::ReturnRequest::default(), &build_ref))
+        .await
+        .unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(10), solve)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(r.is_ok(), "{r:?}");
+    assert!(session.close(Duration::from_secs(5)).await);
+}

@@ -17,12 +17,15 @@ pub const FRONTEND_CAPS: &[&str] = &[
     "statfile",
     "importcaches",
     "proto.refarray",
+    // `Solve` answers a definition's ref with that definition (`Ref.ToState`).
+    "reference.output",
     "frontend.inputs",
     "gateway.solve.metadata",
     "gateway.warnings",
     "gateway.exec",
     "gateway.exec.extrahosts",
     "gateway.exec.signals",
+    "gateway.evaluate",
 ];
 
 /// Caps of the exporters that are not worker ops, advertised with the worker's LLB caps.

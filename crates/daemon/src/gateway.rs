@@ -153,7 +153,7 @@ impl Gateway {
             r => r?,
         };
         let id = job.add_ref(fs);
-        let def = r.definition.clone();
+        let def = r.definition.map(output_definition);
         let result = if r.allow_result_return || r.allow_result_array_ref {
             gw::Result {
                 result: Some(gw::result::Result::Ref(gw::Ref {
@@ -199,6 +199,17 @@ impl Gateway {
         let fs = job.get_ref(ref_id)?;
         self.backend.view(&fs).await
     }
+}
+
+/// A solved definition as `Solve` returns it with its ref (`reference.output`), for the client's
+/// `Ref.ToState`. Source-map entries without locations are dropped: Go clients send one per op
+/// even when empty, prost leaves an empty map value out when encoding, and Go decodes an entry
+/// without value as a nil `*Locations` that `llb.NewDefinitionOp` dereferences.
+fn output_definition(mut def: pb::Definition) -> pb::Definition {
+    if let Some(src) = def.source.as_mut() {
+        src.locations.retain(|_, l| !l.locations.is_empty());
+    }
+    def
 }
 
 /// The build result of a `Return`'s result (its refs looked up in the job).
@@ -399,9 +410,14 @@ impl gw::llb_bridge_server::LlbBridge for Gateway {
 
     async fn evaluate(
         &self,
-        _: Request<gw::EvaluateRequest>,
+        request: Request<gw::EvaluateRequest>,
     ) -> std::result::Result<Response<gw::EvaluateResponse>, Status> {
-        unimplemented("Evaluate")
+        let job = self.active_job(&request).await?;
+        let r = request.into_inner();
+        // `Solve` runs the definition before it answers, so a ref the job knows is already
+        // evaluated; an unknown one is the client's error, named as buildkitd names it.
+        job.get_ref(&r.r#ref)?;
+        Ok(Response::new(gw::EvaluateResponse {}))
     }
 
     async fn ping(
