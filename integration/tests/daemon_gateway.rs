@@ -553,3 +553,259 @@ async fn solve_returns_definitions_that_later_solves_build_on() {
     assert!(r.is_ok(), "{r:?}");
     assert!(session.close(Duration::from_secs(5)).await);
 }
+
+/// A file op making `/platform` with `data` on scratch.
+fn mkfile_op(path: &str, data: &str) -> Vec<u8> {
+    pb::Op {
+        op: Some(OpKind::File(pb::FileOp {
+            actions: vec![pb::FileAction {
+                input: -1,
+                secondary_input: -1,
+                output: 0,
+                action: Some(Action::Mkfile(pb::FileActionMkFile {
+                    path: path.into(),
+                    mode: 0o600,
+                    data: data.as_bytes().to_vec().into(),
+                    timestamp: -1,
+                    ..Default::default()
+                })),
+            }],
+        })),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+const PLATFORMS: [&str; 2] = ["linux/amd64", "linux/arm64"];
+
+/// Runs a gateway build that returns a ref map (one `/platform` file per platform of
+/// [`PLATFORMS`], `refs.platforms` and `metadata` as the result's metadata) and exports it
+/// with the image exporter and `attrs`.
+async fn multi_platform_build(
+    c: &integration::buildkit_client::BuildkitClient,
+    attrs: &[(&str, &str)],
+    metadata: &[(&str, &str)],
+) -> std::result::Result<control::SolveResponse, tonic::Status> {
+    let mut session = c.open_session(Attachables::default()).await.unwrap();
+    let build_ref = new_id();
+    let mut ctl = c.control();
+    let sid = session.id.clone();
+    let br = build_ref.clone();
+    let attrs = attrs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let solve = tokio::spawn(async move {
+        ctl.solve(control::SolveRequest {
+            r#ref: br,
+            session: sid,
+            exporter_deprecated: "image".into(),
+            exporter_attrs_deprecated: attrs,
+            ..Default::default()
+        })
+        .await
+    });
+    let mut g = c.gateway();
+    let mut refs = std::collections::BTreeMap::new();
+    let mut platforms = vec![];
+    for p in PLATFORMS {
+        let res = g
+            .solve(with_build_id(
+                gw::SolveRequest {
+                    definition: Some(definition_of(vec![mkfile_op("/platform", p)])),
+                    allow_result_return: true,
+                    allow_result_array_ref: true,
+                    ..Default::default()
+                },
+                &build_ref,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        let Some(gw::result::Result::Ref(rf)) = res.result.and_then(|r| r.result) else {
+            panic!("expected a ref result");
+        };
+        refs.insert(p.to_string(), rf);
+        let (os, arch) = p.split_once('/').unwrap();
+        platforms.push(serde_json::json!({"ID": p, "Platform": {"os": os, "architecture": arch}}));
+    }
+    let mut md: std::collections::BTreeMap<String, bytes::Bytes> = metadata
+        .iter()
+        .map(|(k, v)| (k.to_string(), bytes::Bytes::from(v.to_string())))
+        .collect();
+    md.insert(
+        "refs.platforms".into(),
+        serde_json::json!({ "Platforms": platforms })
+            .to_string()
+            .into(),
+    );
+    g.r#return(with_build_id(
+        gw::ReturnRequest {
+            result: Some(gw::Result {
+                result: Some(gw::result::Result::Refs(gw::RefMap { refs })),
+                metadata: md,
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        &build_ref,
+    ))
+    .await
+    .unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(120), solve)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(session.close(Duration::from_secs(5)).await);
+    r.map(|r| r.into_inner())
+}
+
+async fn fetch(reference: &str) -> registry::Fetched {
+    let client = registry::Registry::new(registry::Hosts::new(Default::default()));
+    let s = client.session(std::sync::Arc::new(registry::Anonymous));
+    s.resolve(&registry::Reference::parse(reference).unwrap())
+        .await
+        .unwrap()
+}
+
+/// A multi-platform result (`Return` with a ref map and `refs.platforms`), exported with
+/// `type=image,push=true`: the registry holds an index over one manifest per platform, each
+/// with that platform's file, and the annotations of the result and of the attributes where
+/// BuildKit puts them. Index (or descriptor) annotations make it an OCI index; manifest
+/// annotations alone keep Docker's manifest list. Without push, the export is refused clearly.
+#[tokio::test(flavor = "multi_thread")]
+async fn multi_platform_result_pushes_an_index_with_annotations() {
+    require_root();
+    let reg = integration::Registry::start().unwrap();
+    let d = Berthd::start(&[]).unwrap();
+    let c = d.client().await.unwrap();
+
+    let name = format!("{}/berth-test/multi:v1", reg.addr());
+    let resp = multi_platform_build(
+        &c,
+        &[
+            ("name", &name),
+            ("push", "true"),
+            ("annotation-index.gio", "generic index opt"),
+            (
+                "annotation-manifest-descriptor[linux/arm64].mdo",
+                "arm64 descriptor opt",
+            ),
+        ],
+        &[
+            ("annotation-index.gi", "generic index"),
+            ("annotation.gd", "generic default"),
+            ("annotation-manifest[linux/amd64].m", "amd64 manifest"),
+        ],
+    )
+    .await
+    .unwrap();
+    let index = fetch(&name).await;
+    assert_eq!(
+        resp.exporter_response["containerimage.digest"],
+        index.digest
+    );
+    assert_eq!(index.media_type, registry::MEDIA_TYPE_OCI_INDEX);
+    let idx: serde_json::Value = serde_json::from_slice(&index.bytes).unwrap();
+    assert_eq!(idx["annotations"]["gi"], "generic index");
+    assert_eq!(idx["annotations"]["gio"], "generic index opt");
+    let manifests = idx["manifests"].as_array().unwrap();
+    assert_eq!(manifests.len(), 2);
+    for (desc, p) in manifests.iter().zip(PLATFORMS) {
+        let (os, arch) = p.split_once('/').unwrap();
+        assert_eq!(desc["platform"]["os"], os);
+        assert_eq!(desc["platform"]["architecture"], arch);
+        assert_eq!(desc["mediaType"], registry::MEDIA_TYPE_OCI_MANIFEST);
+        let descriptor_opt = desc["annotations"]["mdo"].as_str();
+        assert_eq!(
+            descriptor_opt,
+            (arch == "arm64").then_some("arm64 descriptor opt"),
+            "{desc}"
+        );
+        let dg = desc["digest"].as_str().unwrap();
+        let m = fetch(&format!("{}/berth-test/multi@{dg}", reg.addr())).await;
+        let mf: serde_json::Value = serde_json::from_slice(&m.bytes).unwrap();
+        assert_eq!(mf["annotations"]["gd"], "generic default");
+        assert_eq!(
+            mf["annotations"]["m"].as_str(),
+            (arch == "amd64").then_some("amd64 manifest"),
+            "{mf}"
+        );
+        let layers = mf["layers"].as_array().unwrap();
+        assert_eq!(layers.len(), 1);
+        // the layer holds this platform's file
+        let blob = reqwest_blob(
+            reg.addr(),
+            "berth-test/multi",
+            layers[0]["digest"].as_str().unwrap(),
+        )
+        .await;
+        let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(&blob[..]));
+        let mut found = None;
+        for e in ar.entries().unwrap() {
+            let mut e = e.unwrap();
+            if e.path().unwrap().to_str() == Some("platform") {
+                let mut s = String::new();
+                std::io::Read::read_to_string(&mut e, &mut s).unwrap();
+                found = Some(s);
+            }
+        }
+        assert_eq!(found.as_deref(), Some(p));
+        let cfg = reqwest_blob(
+            reg.addr(),
+            "berth-test/multi",
+            mf["config"]["digest"].as_str().unwrap(),
+        )
+        .await;
+        let cfg: serde_json::Value = serde_json::from_slice(&cfg).unwrap();
+        assert_eq!(cfg["architecture"], arch);
+    }
+
+    // manifest annotations alone: Docker's manifest list
+    let name2 = format!("{}/berth-test/multi:v2", reg.addr());
+    multi_platform_build(
+        &c,
+        &[
+            ("name", &name2),
+            ("push", "true"),
+            ("annotation-manifest.a", "b"),
+        ],
+        &[],
+    )
+    .await
+    .unwrap();
+    let index = fetch(&name2).await;
+    assert_eq!(index.media_type, registry::MEDIA_TYPE_DOCKER_LIST);
+
+    // an annotation for a platform the result lacks, and no push: clear errors
+    let e = multi_platform_build(
+        &c,
+        &[
+            ("name", &name2),
+            ("push", "true"),
+            ("annotation-manifest[linux/s390x].a", "b"),
+        ],
+        &[],
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        e.message()
+            .contains("invalid annotation: no platform linux/s390x found in source"),
+        "{e:?}"
+    );
+    let e = multi_platform_build(&c, &[("name", "berth-test/multi:local")], &[])
+        .await
+        .unwrap_err();
+    assert!(
+        e.message().contains("multi-platform result (2 platforms)"),
+        "{e:?}"
+    );
+}
+
+/// A blob's bytes from the local registry.
+async fn reqwest_blob(addr: &str, repo: &str, digest: &str) -> Vec<u8> {
+    let r = integration::http_get(addr, &format!("/v2/{repo}/blobs/{digest}")).unwrap();
+    assert_eq!(r.status, 200, "blob {digest}");
+    r.body
+}

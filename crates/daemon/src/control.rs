@@ -347,6 +347,7 @@ impl Control {
                 let fs = self.backend.solve(req.definition.take(), &ctx).await?;
                 BuildResult {
                     fs: Some(fs),
+                    refs: Default::default(),
                     metadata: Default::default(),
                 }
             }
@@ -416,7 +417,29 @@ impl Control {
                 export_md.insert(k.clone(), Bytes::from(v.clone()));
             }
         }
-        if let ExporterKind::Client(exp) = kind {
+        if !result.refs.is_empty() {
+            // A multi-platform result: only a pushed image can carry it (an index).
+            if kind != ExporterKind::Image {
+                return Err(Error::unimplemented(format!(
+                    "exporter {exp_type}: multi-platform results ({} platforms) are only exported by the image exporter with push=true in berthd yet",
+                    result.refs.len()
+                )));
+            }
+            let r = tokio::select! {
+                r = crate::export_image::export_multi(
+                    &self.backend.image_export,
+                    &self.backend.store,
+                    &self.sessions,
+                    &req.session,
+                    &job.progress,
+                    &exp_attrs,
+                    &export_md,
+                    &result.refs,
+                ).instrument(export_span.clone()) => r?,
+                _ = job.cancel.cancelled() => return Err(job.cancel_error()),
+            };
+            response.extend(r);
+        } else if let ExporterKind::Client(exp) = kind {
             let fs = result.fs.clone().unwrap_or(crate::solver::FsRef::Scratch);
             let session = self.sessions.get(&req.session).await?;
             let r = tokio::select! {
@@ -428,7 +451,7 @@ impl Control {
             };
             response.extend(r);
         }
-        if kind == ExporterKind::Image {
+        if kind == ExporterKind::Image && result.refs.is_empty() {
             let fs = result.fs.clone().unwrap_or(crate::solver::FsRef::Scratch);
             let r = tokio::select! {
                 r = crate::export_image::export(

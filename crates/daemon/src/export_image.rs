@@ -9,6 +9,12 @@
 //!   `force-compression`, `oci-mediatypes`, `push-by-digest`, `registry.insecure`,
 //!   `prefer-nondist-layers`),
 //!   `store`/`unpack` (accepted, the image is always stored);
+//! - annotations (`annotation[-index|-index-descriptor|-manifest|-manifest-descriptor][[platform]].key`,
+//!   from the result's metadata with the attributes over them) go into pushed manifests and
+//!   indexes where BuildKit puts them;
+//! - a multi-platform result (ref map + `refs.platforms`) is only pushed ([`export_multi`]): an
+//!   index over one manifest per platform; Docker's classic store holds one image per name, so
+//!   without `push=true` it is refused;
 //! - progress: a vertex `exporting to image` with the statuses `exporting layers` (bytes of the
 //!   layers Docker lacked), one per layer (`layer sha256:… registered` with its size, or
 //!   `layer sha256:… already in Docker` with the bytes not sent), `writing image sha256:…`, one
@@ -295,20 +301,13 @@ pub async fn export(
     fs: &FsRef,
 ) -> Result<BTreeMap<String, String>> {
     let push = truthy(attrs, "push")?;
-    let epoch =
-        match attrs.get("source-date-epoch").map(String::as_str) {
-            None | Some("") => None,
-            Some(v) => {
-                let secs: i64 = v.parse().map_err(|_| {
-                    Error::invalid(format!(
-                        "invalid source-date-epoch {v:?}: want seconds since the epoch"
-                    ))
-                })?;
-                Some(chrono::DateTime::from_timestamp(secs, 0).ok_or_else(|| {
-                    Error::invalid(format!("source-date-epoch {v} is out of range"))
-                })?)
-            }
-        };
+    let epoch = epoch_attr(attrs)?;
+    let annotations = Annotations::parse(metadata)?;
+    if !annotations.index.is_empty() || !annotations.index_descriptor.is_empty() {
+        return Err(Error::invalid(
+            "index annotations not supported for single platform export",
+        ));
+    }
     let names = names(attrs, metadata);
     if push && names.is_empty() {
         return Err(Error::invalid(
@@ -414,7 +413,24 @@ pub async fn export(
         }
         if push {
             let pushed = push_names(
-                opts, store, sessions, session_id, progress, &vertex, attrs, &chain, &result,
+                opts,
+                store,
+                sessions,
+                session_id,
+                progress,
+                &vertex,
+                attrs,
+                &result.names,
+                &{
+                    let mut p = push_options(attrs)?;
+                    p.annotations = annotations.for_platform("").0;
+                    p.oci |= annotations.needs_oci();
+                    p
+                },
+                PushWhat::Image {
+                    chain: &chain,
+                    config: &result.config,
+                },
             )
             .await?;
             response.insert("containerimage.digest".to_string(), pushed.digest.clone());
@@ -463,6 +479,7 @@ fn push_options(attrs: &BTreeMap<String, String>) -> Result<exporter::PushOption
         oci: truthy(attrs, "oci-mediatypes")?,
         by_digest: truthy(attrs, "push-by-digest")?,
         prefer_nondist: truthy(attrs, "prefer-nondist-layers")?,
+        annotations: BTreeMap::new(),
     })
 }
 
@@ -478,10 +495,10 @@ async fn push_names(
     progress: &Arc<Progress>,
     vertex: &str,
     attrs: &BTreeMap<String, String>,
-    chain: &[layerstore::snapshot::LayerRef],
-    result: &exporter::ImageExportResult,
+    names: &[String],
+    popts: &exporter::PushOptions,
+    what: PushWhat<'_>,
 ) -> Result<exporter::PushedImage> {
-    let popts = push_options(attrs)?;
     let insecure = truthy(attrs, "registry.insecure")?;
     let auth = worker::RegistryAuth(Arc::new(crate::session::provider::JobSession::new(
         sessions.clone(),
@@ -490,7 +507,7 @@ async fn push_names(
     let auth: Arc<dyn registry::AuthProvider> = Arc::new(auth);
     let started = SystemTime::now();
     let mut groups: Vec<(registry::Registry, Vec<String>)> = Vec::new();
-    for name in &result.names {
+    for name in names {
         let r = registry::Reference::parse(name)
             .map_err(|e| Error::invalid(format!("exporter image: push {name}: {e}")))?;
         if insecure {
@@ -504,7 +521,7 @@ async fn push_names(
             groups.push((opts.registry.clone(), vec![name.clone()]));
         }
     }
-    for name in &result.names {
+    for name in names {
         progress.status(
             vertex,
             &format!("pushing {name}"),
@@ -579,23 +596,356 @@ async fn push_names(
     let mut pushed = None;
     for (client, names) in groups {
         let session = client.session(auth.clone());
-        let p = exporter::push_image(
-            store,
-            chain,
-            &result.config,
-            &names,
-            &session,
-            &opts.blobs,
-            &popts,
-            report.clone(),
-        )
-        .await
+        let p = match &what {
+            PushWhat::Image { chain, config } => {
+                exporter::push_image(
+                    store,
+                    chain,
+                    config,
+                    &names,
+                    &session,
+                    &opts.blobs,
+                    popts,
+                    report.clone(),
+                )
+                .await
+            }
+            PushWhat::Index {
+                images,
+                annotations,
+                epoch,
+            } => {
+                exporter::push_index(
+                    store,
+                    images,
+                    annotations,
+                    *epoch,
+                    &names,
+                    &session,
+                    &opts.blobs,
+                    popts,
+                    report.clone(),
+                )
+                .await
+            }
+        }
         .map_err(|e| Error::unavailable(format!("exporter image: {e}")))?;
         tracing::info!(names = ?names, digest = %p.digest, uploaded = p.bytes_uploaded, compressed = p.layers_compressed, "pushed");
         pushed.get_or_insert(p);
     }
     pushed
         .ok_or_else(|| Error::invalid("exporter image: push=true needs a name (attribute name=…)"))
+}
+
+/// What [`push_names`] pushes.
+enum PushWhat<'a> {
+    /// One image: its layers and exported config.
+    Image {
+        chain: &'a [layerstore::snapshot::LayerRef],
+        config: &'a [u8],
+    },
+    /// A multi-platform image: an index over one manifest per platform.
+    Index {
+        images: &'a [exporter::PlatformImage],
+        annotations: &'a BTreeMap<String, String>,
+        epoch: Option<chrono::DateTime<chrono::Utc>>,
+    },
+}
+
+/// `source-date-epoch`.
+fn epoch_attr(attrs: &BTreeMap<String, String>) -> Result<Option<chrono::DateTime<chrono::Utc>>> {
+    match attrs.get("source-date-epoch").map(String::as_str) {
+        None | Some("") => Ok(None),
+        Some(v) => {
+            let secs: i64 = v.parse().map_err(|_| {
+                Error::invalid(format!(
+                    "invalid source-date-epoch {v:?}: want seconds since the epoch"
+                ))
+            })?;
+            Ok(Some(chrono::DateTime::from_timestamp(secs, 0).ok_or_else(
+                || Error::invalid(format!("source-date-epoch {v} is out of range")),
+            )?))
+        }
+    }
+}
+
+/// The `refs.platforms` metadata of a multi-platform result (`exptypes.Platforms`).
+#[derive(serde::Deserialize)]
+struct ExpPlatforms {
+    // Go writes the field names of untagged structs and reads them case-insensitively.
+    #[serde(rename = "Platforms", alias = "platforms")]
+    platforms: Vec<ExpPlatform>,
+}
+
+#[derive(serde::Deserialize)]
+struct ExpPlatform {
+    #[serde(rename = "ID", alias = "id")]
+    id: String,
+    #[serde(rename = "Platform", alias = "platform")]
+    platform: OciPlatform,
+}
+
+#[derive(serde::Deserialize)]
+struct OciPlatform {
+    architecture: String,
+    os: String,
+    #[serde(default)]
+    variant: String,
+}
+
+/// `os/arch[/variant]` as containerd's `platforms.Format` writes it.
+fn format_platform(p: &exporter::image::Platform) -> String {
+    if p.variant.is_empty() {
+        format!("{}/{}", p.os, p.architecture)
+    } else {
+        format!("{}/{}/{}", p.os, p.architecture, p.variant)
+    }
+}
+
+/// The platforms of a multi-platform result, in the frontend's order.
+fn parse_platforms(
+    metadata: &BTreeMap<String, Bytes>,
+) -> Result<Vec<(String, exporter::image::Platform)>> {
+    let raw = metadata.get(PLATFORMS_KEY).ok_or_else(|| {
+        Error::invalid("unable to export multiple refs, missing platforms mapping")
+    })?;
+    let ps: ExpPlatforms = serde_json::from_slice(raw).map_err(|e| {
+        Error::invalid(format!("failed to parse platforms passed to exporter: {e}"))
+    })?;
+    Ok(ps
+        .platforms
+        .into_iter()
+        .map(|p| {
+            let mut variant = p.platform.variant;
+            // containerd normalizes arm64's v8 away
+            if p.platform.architecture == "arm64" && matches!(variant.as_str(), "v8" | "8") {
+                variant.clear();
+            }
+            (
+                p.id,
+                exporter::image::Platform {
+                    os: p.platform.os,
+                    architecture: p.platform.architecture,
+                    variant,
+                },
+            )
+        })
+        .collect())
+}
+
+/// Metadata key of a multi-platform result's platforms (`exptypes.ExporterPlatformsKey`).
+const PLATFORMS_KEY: &str = "refs.platforms";
+
+/// Exporter annotations (`exptypes.ParseAnnotationKey`): `annotation[-TYPE][[PLATFORM]].KEY`
+/// with TYPE `index`, `index-descriptor`, `manifest` (the default) or `manifest-descriptor`.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Annotations {
+    index: BTreeMap<String, String>,
+    index_descriptor: BTreeMap<String, String>,
+    /// Manifest annotations by platform (`""` = every platform).
+    manifest: BTreeMap<String, BTreeMap<String, String>>,
+    /// Manifest descriptor annotations by platform (`""` = every platform).
+    manifest_descriptor: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+impl Annotations {
+    /// The annotations among `metadata` (the result's, the exporter attributes over them).
+    fn parse(metadata: &BTreeMap<String, Bytes>) -> Result<Self> {
+        let mut a = Annotations::default();
+        for (k, v) in metadata {
+            let Some(rest) = k.strip_prefix("annotation") else {
+                continue;
+            };
+            let (tp, rest) = match rest.strip_prefix('-') {
+                Some(r) => {
+                    let end = r.find(['[', '.']).unwrap_or(r.len());
+                    (&r[..end], &r[end..])
+                }
+                None => ("", rest),
+            };
+            let (platform, rest) = match rest.strip_prefix('[') {
+                Some(r) => match r.split_once(']') {
+                    Some((p, r)) => (p, r),
+                    None => continue,
+                },
+                None => ("", rest),
+            };
+            let Some(key) = rest
+                .strip_prefix('.')
+                .filter(|k| !k.is_empty() && !k.chars().any(char::is_whitespace))
+            else {
+                continue;
+            };
+            if !tp.chars().all(|c| c.is_ascii_lowercase() || c == '-')
+                || !platform
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '/' | '-'))
+            {
+                continue;
+            }
+            let v = String::from_utf8_lossy(v).into_owned();
+            let platform = normalize_platform(platform);
+            match tp {
+                "index" => {
+                    a.index.insert(key.to_string(), v);
+                }
+                "index-descriptor" => {
+                    a.index_descriptor.insert(key.to_string(), v);
+                }
+                "" | "manifest" => {
+                    a.manifest
+                        .entry(platform)
+                        .or_default()
+                        .insert(key.to_string(), v);
+                }
+                "manifest-descriptor" => {
+                    a.manifest_descriptor
+                        .entry(platform)
+                        .or_default()
+                        .insert(key.to_string(), v);
+                }
+                other => {
+                    return Err(Error::invalid(format!(
+                        "unrecognized annotation type {other}"
+                    )))
+                }
+            }
+        }
+        Ok(a)
+    }
+
+    /// Forces OCI media types (Docker's have no index or descriptor annotations).
+    fn needs_oci(&self) -> bool {
+        !self.index.is_empty()
+            || !self.index_descriptor.is_empty()
+            || self.manifest_descriptor.values().any(|m| !m.is_empty())
+    }
+
+    /// The annotations of one platform's manifest and its descriptor (generic ones, then the
+    /// platform's over them).
+    fn for_platform(&self, platform: &str) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
+        let pick = |m: &BTreeMap<String, BTreeMap<String, String>>| {
+            let mut out = m.get("").cloned().unwrap_or_default();
+            if !platform.is_empty() {
+                out.extend(m.get(platform).cloned().unwrap_or_default());
+            }
+            out
+        };
+        (pick(&self.manifest), pick(&self.manifest_descriptor))
+    }
+
+    /// Platforms named by annotation keys.
+    fn platforms(&self) -> impl Iterator<Item = &String> {
+        self.manifest
+            .keys()
+            .chain(self.manifest_descriptor.keys())
+            .filter(|p| !p.is_empty())
+    }
+}
+
+/// A platform in an annotation key, normalized as `platforms.Parse` + `Format` would for the
+/// forms clients write (`linux/arm64/v8` = `linux/arm64`).
+fn normalize_platform(p: &str) -> String {
+    match p.strip_suffix("/v8").or_else(|| p.strip_suffix("/8")) {
+        Some(base) if base.ends_with("/arm64") => base.to_string(),
+        _ => p.to_string(),
+    }
+}
+
+/// The `image` exporter for a multi-platform result: an index pushed to every name (Docker's
+/// classic store holds one image per name, so berth does not store it there). Annotations
+/// from the result and the attributes go where BuildKit puts them; index or descriptor
+/// annotations force OCI media types.
+#[allow(clippy::too_many_arguments)]
+pub async fn export_multi(
+    opts: &ImageExportOptions,
+    store: &SnapshotStore,
+    sessions: &Arc<SessionManager>,
+    session_id: &str,
+    progress: &Arc<Progress>,
+    attrs: &BTreeMap<String, String>,
+    metadata: &BTreeMap<String, Bytes>,
+    refs: &BTreeMap<String, FsRef>,
+) -> Result<BTreeMap<String, String>> {
+    let platforms = parse_platforms(metadata)?;
+    let annotations = Annotations::parse(metadata)?;
+    for p in annotations.platforms() {
+        if !platforms.iter().any(|(_, pl)| &format_platform(pl) == p) {
+            return Err(Error::invalid(format!(
+                "invalid annotation: no platform {p} found in source"
+            )));
+        }
+    }
+    let push = truthy(attrs, "push")?;
+    let names = names(attrs, metadata);
+    if !push || names.is_empty() {
+        return Err(Error::unimplemented(format!(
+            "exporter image: a multi-platform result ({} platforms) cannot be stored in Docker's image store; push it to a registry (push=true with name=…)",
+            platforms.len()
+        )));
+    }
+    let mut images = Vec::with_capacity(platforms.len());
+    for (id, platform) in &platforms {
+        let fs = refs
+            .get(id)
+            .ok_or_else(|| Error::invalid(format!("failed to find ref for ID {id}")))?;
+        let chain = match fs {
+            FsRef::Scratch => Vec::new(),
+            FsRef::Solved(r) => r.chain().layers().to_vec(),
+        };
+        let config = metadata
+            .get(&format!("containerimage.config/{id}"))
+            .or_else(|| metadata.get("containerimage.config"))
+            .map(|b| b.to_vec());
+        let (manifest_annotations, descriptor_annotations) =
+            annotations.for_platform(&format_platform(platform));
+        images.push(exporter::PlatformImage {
+            platform: platform.clone(),
+            chain,
+            config,
+            manifest_annotations,
+            descriptor_annotations,
+        });
+    }
+    let mut popts = push_options(attrs)?;
+    popts.oci |= annotations.needs_oci();
+    let epoch = epoch_attr(attrs)?;
+
+    let vertex = synthetic_digest(&format!("{session_id}-export"));
+    progress.vertex_started(&vertex, "exporting to image", &[], None, SystemTime::now());
+    let res = push_names(
+        opts,
+        store,
+        sessions,
+        session_id,
+        progress,
+        &vertex,
+        attrs,
+        &names,
+        &popts,
+        PushWhat::Index {
+            images: &images,
+            annotations: &annotations.index,
+            epoch,
+        },
+    )
+    .await;
+    let err = res.as_ref().err().map(|e| e.to_string());
+    progress.vertex_completed(&vertex, false, err, SystemTime::now());
+    let pushed = res?;
+    let mut response = BTreeMap::new();
+    response.insert("containerimage.digest".to_string(), pushed.digest.clone());
+    response.insert(
+        "containerimage.descriptor".to_string(),
+        Pushed {
+            digest: pushed.digest,
+            size: pushed.size,
+            media_type: pushed.media_type,
+        }
+        .descriptor_with(&annotations.index_descriptor),
+    );
+    response.insert("image.name".to_string(), names.join(","));
+    Ok(response)
 }
 
 /// The manifest a push left in the registry.
@@ -609,12 +959,20 @@ struct Pushed {
 impl Pushed {
     /// `containerimage.descriptor`: base64 of the pushed manifest's descriptor.
     fn descriptor(&self) -> String {
+        self.descriptor_with(&BTreeMap::new())
+    }
+
+    /// [`Self::descriptor`] with the descriptor's annotations.
+    fn descriptor_with(&self, annotations: &BTreeMap<String, String>) -> String {
         use base64::Engine as _;
-        let d = serde_json::json!({
+        let mut d = serde_json::json!({
             "mediaType": self.media_type,
             "digest": self.digest,
             "size": self.size,
         });
+        if !annotations.is_empty() {
+            d["annotations"] = serde_json::json!(annotations);
+        }
         base64::engine::general_purpose::STANDARD.encode(d.to_string())
     }
 }
@@ -651,6 +1009,77 @@ mod tests {
         attrs.insert("compression".to_string(), "gzip".to_string());
         attrs.insert("compression-level".to_string(), "high".to_string());
         assert!(push_options(&attrs).is_err());
+    }
+
+    #[test]
+    fn annotation_keys() {
+        let md: BTreeMap<String, Bytes> = [
+            ("annotation.gd", "generic default"),
+            ("annotation-index.gi", "index"),
+            ("annotation-index-descriptor.gid", "index descriptor"),
+            ("annotation-manifest.gm", "manifest"),
+            ("annotation-manifest[linux/amd64].m", "amd64"),
+            (
+                "annotation-manifest-descriptor[linux/arm64/v8].md",
+                "arm64 descriptor",
+            ),
+            ("annotation-manifest-descriptor.gmd", "generic descriptor"),
+            ("annotations", "not an annotation key"),
+            ("containerimage.config", "{}"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), Bytes::from(v)))
+        .collect();
+        let a = Annotations::parse(&md).unwrap();
+        assert_eq!(a.index.get("gi").unwrap(), "index");
+        assert_eq!(a.index_descriptor.get("gid").unwrap(), "index descriptor");
+        assert!(a.needs_oci());
+        let (m, d) = a.for_platform("linux/amd64");
+        assert_eq!(
+            m.into_iter().collect::<Vec<_>>(),
+            [
+                ("gd".to_string(), "generic default".to_string()),
+                ("gm".to_string(), "manifest".to_string()),
+                ("m".to_string(), "amd64".to_string()),
+            ]
+        );
+        assert_eq!(d.keys().collect::<Vec<_>>(), ["gmd"]);
+        let (m, d) = a.for_platform("linux/arm64");
+        assert!(!m.contains_key("m"));
+        assert_eq!(d.get("md").unwrap(), "arm64 descriptor");
+        assert_eq!(
+            a.platforms().collect::<Vec<_>>(),
+            ["linux/amd64", "linux/arm64"]
+        );
+
+        // manifest annotations alone keep Docker media types
+        let only: BTreeMap<String, Bytes> =
+            [("annotation-manifest.a".to_string(), Bytes::from("b"))].into();
+        assert!(!Annotations::parse(&only).unwrap().needs_oci());
+        let bad: BTreeMap<String, Bytes> =
+            [("annotation-bogus.a".to_string(), Bytes::from("b"))].into();
+        let e = Annotations::parse(&bad).unwrap_err();
+        assert!(
+            e.to_string().contains("unrecognized annotation type bogus"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn platforms_of_a_multi_platform_result() {
+        let md: BTreeMap<String, Bytes> = [(
+            PLATFORMS_KEY.to_string(),
+            Bytes::from(
+                r#"{"Platforms":[{"ID":"linux/amd64","Platform":{"architecture":"amd64","os":"linux"}},{"ID":"linux/arm64","Platform":{"architecture":"arm64","os":"linux","variant":"v8"}}]}"#,
+            ),
+        )]
+        .into();
+        let ps = parse_platforms(&md).unwrap();
+        assert_eq!(ps.len(), 2);
+        assert_eq!(ps[0].0, "linux/amd64");
+        assert_eq!(format_platform(&ps[1].1), "linux/arm64");
+        let e = parse_platforms(&BTreeMap::new()).unwrap_err();
+        assert!(e.to_string().contains("missing platforms mapping"), "{e}");
     }
 
     #[test]

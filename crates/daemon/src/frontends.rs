@@ -330,6 +330,7 @@ async fn dockerfile_v0(
     })?;
     Ok(BuildResult {
         fs: res.r#ref,
+        refs: Default::default(),
         metadata: res
             .metadata
             .into_iter()

@@ -217,21 +217,31 @@ fn return_result(job: &Job, result: Option<gw::Result>) -> Result<BuildResult> {
     let Some(res) = result else {
         return Ok(BuildResult {
             fs: None,
+            refs: Default::default(),
             metadata: Default::default(),
         });
     };
+    let mut refs = BTreeMap::new();
     let fs = match res.result {
         None => None,
         Some(gw::result::Result::RefDeprecated(id)) => Some(job.get_ref(&id)?),
         Some(gw::result::Result::Ref(r)) => Some(job.get_ref(&r.id)?),
-        Some(gw::result::Result::RefsDeprecated(_)) | Some(gw::result::Result::Refs(_)) => {
-            return Err(Error::unimplemented(
-                "multi-platform results (ref maps) are not supported by berthd yet",
-            ))
+        Some(gw::result::Result::RefsDeprecated(m)) => {
+            for (k, id) in m.refs {
+                refs.insert(k, job.get_ref(&id)?);
+            }
+            None
+        }
+        Some(gw::result::Result::Refs(m)) => {
+            for (k, r) in m.refs {
+                refs.insert(k, job.get_ref(&r.id)?);
+            }
+            None
         }
     };
     Ok(BuildResult {
         fs,
+        refs,
         metadata: res.metadata,
     })
 }

@@ -23,6 +23,9 @@ pub const KEEP_AFTER_END: Duration = Duration::from_secs(10);
 pub struct BuildResult {
     /// The filesystem result (`None` = no result, nothing to export).
     pub fs: Option<FsRef>,
+    /// A multi-platform result (a `Return` with a ref map): the refs by platform ID, their
+    /// platforms in the `refs.platforms` metadata. Empty for a single result.
+    pub refs: BTreeMap<String, FsRef>,
     /// Result metadata (`containerimage.config`...).
     pub metadata: BTreeMap<String, Bytes>,
 }

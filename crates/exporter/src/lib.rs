@@ -38,4 +38,6 @@ pub use layers::{berth_layer_dir, docker_layerdb_dir, export_layers, layer_creat
 pub use oci::{
     familiar_name, normalize_name, write_oci_image_archive, Compression, OciOptions, OciProgress,
 };
-pub use push::{push_image, PushEvent, PushOptions, PushProgress, PushedImage};
+pub use push::{
+    push_image, push_index, PlatformImage, PushEvent, PushOptions, PushProgress, PushedImage,
+};

@@ -23,7 +23,8 @@ use layerstore::snapshot::{LayerRef, SnapshotStore};
 use registry::{BlobCache, CachedBlob, Compression, Reference, Session};
 use serde::Serialize;
 
-use crate::layers::export_layers;
+use crate::image::{build_config, ConfigInput, LayerInfo, Platform};
+use crate::layers::{export_layers, layer_created};
 use crate::{Error, Result};
 
 /// How to push (the exporter's push attributes).
@@ -42,6 +43,8 @@ pub struct PushOptions {
     /// `prefer-nondist-layers`: foreign layers of a pulled base keep their descriptor (and URLs)
     /// and are not uploaded.
     pub prefer_nondist: bool,
+    /// Annotations of the image manifest (`annotation.*`, `annotation-manifest.*`).
+    pub annotations: BTreeMap<String, String>,
 }
 
 impl Default for PushOptions {
@@ -53,6 +56,7 @@ impl Default for PushOptions {
             oci: false,
             by_digest: false,
             prefer_nondist: false,
+            annotations: BTreeMap::new(),
         }
     }
 }
@@ -129,6 +133,8 @@ struct Manifest<'a> {
     media_type: &'a str,
     config: Desc<'a>,
     layers: Vec<Desc<'a>>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    annotations: &'a BTreeMap<String, String>,
 }
 
 fn reg_err(what: String) -> impl FnOnce(registry::Error) -> Error {
@@ -150,10 +156,81 @@ pub async fn push_image(
     opts: &PushOptions,
     progress: PushProgress,
 ) -> Result<PushedImage> {
-    let refs = names
+    let refs = parse_names(names)?;
+    let oci = opts.oci || opts.compression == Compression::Zstd;
+    let (push_layers, _, compressed) = prepare_layers(store, chain, cache, opts, oci).await?;
+    let m = manifest(&push_layers, config, cache, oci, &opts.annotations)?;
+    let mut uploaded = 0;
+    // First repository pushed on each registry domain: later names mount from it.
+    let mut first_repo: BTreeMap<String, String> = BTreeMap::new();
+    let mut digest = String::new();
+    for (name, r) in names.iter().zip(&refs) {
+        let mount_from = first_repo.get(r.domain()).cloned();
+        uploaded += upload_blobs(
+            session,
+            name,
+            r,
+            m.blobs(),
+            mount_from.as_deref(),
+            &progress,
+        )
+        .await?;
+        let target = match (opts.by_digest, r.tag()) {
+            (false, Some(t)) => t.to_string(),
+            _ => m.digest.clone(),
+        };
+        digest = session
+            .push_manifest(r, &target, m.media_type, m.bytes.clone())
+            .await
+            .map_err(reg_err(format!("push {name}")))?;
+        progress(PushEvent::Manifest {
+            name: name.clone(),
+            digest: digest.clone(),
+        });
+        first_repo
+            .entry(r.domain().to_string())
+            .or_insert_with(|| r.repository().to_string());
+    }
+    Ok(PushedImage {
+        digest,
+        size: m.bytes.len() as u64,
+        media_type: m.media_type.to_string(),
+        bytes_uploaded: uploaded,
+        layers_compressed: compressed,
+    })
+}
+
+fn parse_names(names: &[String]) -> Result<Vec<Reference>> {
+    names
         .iter()
         .map(|n| Reference::parse(n).map_err(reg_err(format!("push {n}"))))
-        .collect::<Result<Vec<_>>>()?;
+        .collect()
+}
+
+/// A manifest ready to push, with the blobs it needs.
+struct BuiltManifest {
+    bytes: Bytes,
+    digest: String,
+    media_type: &'static str,
+    config: CachedBlob,
+    layers: Vec<CachedBlob>,
+}
+
+impl BuiltManifest {
+    /// The blobs to upload: layers (not foreign ones kept by reference), then the config.
+    fn blobs(&self) -> impl Iterator<Item = &CachedBlob> {
+        self.layers.iter().chain(std::iter::once(&self.config))
+    }
+}
+
+/// Compresses (or finds) every layer's blob of `chain` once.
+async fn prepare_layers(
+    store: &SnapshotStore,
+    chain: &[LayerRef],
+    cache: &BlobCache,
+    opts: &PushOptions,
+    oci: bool,
+) -> Result<(Vec<PushLayer>, Vec<crate::archive::ExportLayer>, usize)> {
     let st = store.clone();
     let chain_v = chain.to_vec();
     let (layers, _) = tokio::task::spawn_blocking(move || export_layers(&st, &chain_v))
@@ -161,7 +238,6 @@ pub async fn push_image(
         .map_err(|e| Error::DockerLoad {
             message: format!("layer digest task: {e}"),
         })??;
-    let oci = opts.oci || opts.compression == Compression::Zstd;
     // Compress (or find) every layer's blob once. Layers berth pulled keep what they were
     // (BuildKit reuses existing blobs unless force-compression): a foreign layer stays a
     // reference with prefer-nondist-layers, an uncompressed one stays uncompressed.
@@ -221,10 +297,21 @@ pub async fn push_image(
             upload: true,
         });
     }
+    Ok((push_layers, layers, compressed))
+}
+
+/// The manifest over `layers` and `config`, its blobs stored in the cache.
+fn manifest(
+    layers: &[PushLayer],
+    config: &[u8],
+    cache: &BlobCache,
+    oci: bool,
+    annotations: &BTreeMap<String, String>,
+) -> Result<BuiltManifest> {
     let config_blob = cache
         .put_bytes(config)
         .map_err(reg_err("store image config".into()))?;
-    let manifest_type = if oci {
+    let media_type = if oci {
         registry::MEDIA_TYPE_OCI_MANIFEST
     } else {
         registry::MEDIA_TYPE_DOCKER_MANIFEST
@@ -234,16 +321,16 @@ pub async fn push_image(
     } else {
         "application/vnd.docker.container.image.v1+json"
     };
-    let manifest = serde_json::to_vec(&Manifest {
+    let bytes = serde_json::to_vec(&Manifest {
         schema_version: 2,
-        media_type: manifest_type,
+        media_type,
         config: Desc {
             media_type: config_type,
             digest: &config_blob.digest,
             size: config_blob.size,
             urls: &[],
         },
-        layers: push_layers
+        layers: layers
             .iter()
             .map(|l| Desc {
                 media_type: &l.media_type,
@@ -252,66 +339,224 @@ pub async fn push_image(
                 urls: &l.urls,
             })
             .collect(),
+        annotations,
     })
     .expect("manifest serialises");
-    let manifest = Bytes::from(manifest);
+    Ok(BuiltManifest {
+        digest: sha256_digest(&bytes),
+        bytes: Bytes::from(bytes),
+        media_type,
+        config: config_blob,
+        layers: layers
+            .iter()
+            .filter(|l| l.upload)
+            .map(|l| l.blob.clone())
+            .collect(),
+    })
+}
+
+fn sha256_digest(b: &[u8]) -> String {
+    format!(
+        "sha256:{}",
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b))
+    )
+}
+
+/// Uploads `blobs` to `r` (HEAD first; mounted from `mount_from` when the registry allows);
+/// returns the bytes uploaded.
+async fn upload_blobs(
+    session: &Session,
+    name: &str,
+    r: &Reference,
+    blobs: impl Iterator<Item = &CachedBlob>,
+    mount_from: Option<&str>,
+    progress: &PushProgress,
+) -> Result<u64> {
     let mut uploaded = 0;
-    // First repository pushed on each registry domain: later names mount from it.
+    for b in blobs {
+        let p = progress.clone();
+        let (n, d, total) = (name.to_string(), b.digest.clone(), b.size);
+        let report: registry::ProgressFn = Arc::new(move |cur| {
+            p(PushEvent::Blob {
+                name: n.clone(),
+                digest: d.clone(),
+                current: cur,
+                total,
+                done: false,
+                how: "",
+            })
+        });
+        let how = session
+            .push_blob(r, &b.digest, b.size, &b.path, mount_from, Some(report))
+            .await
+            .map_err(reg_err(format!("push {name}")))?;
+        let how = match how {
+            registry::PushedBlob::Existed => "exists",
+            registry::PushedBlob::Mounted => "mounted",
+            registry::PushedBlob::Uploaded => {
+                uploaded += b.size;
+                "uploaded"
+            }
+        };
+        progress(PushEvent::Blob {
+            name: name.to_string(),
+            digest: b.digest.clone(),
+            current: b.size,
+            total: b.size,
+            done: true,
+            how,
+        });
+    }
+    Ok(uploaded)
+}
+
+/// One platform's image of a multi-platform push ([`push_index`]).
+#[derive(Debug, Clone)]
+pub struct PlatformImage {
+    /// Its platform (the index descriptor's `platform`; also the default config's).
+    pub platform: Platform,
+    /// Its layers, bottom to top.
+    pub chain: Vec<LayerRef>,
+    /// The frontend's `containerimage.config` for this platform, if any.
+    pub config: Option<Vec<u8>>,
+    /// Annotations of its manifest.
+    pub manifest_annotations: BTreeMap<String, String>,
+    /// Annotations of its descriptor in the index.
+    pub descriptor_annotations: BTreeMap<String, String>,
+}
+
+#[derive(Serialize)]
+struct IndexPlatform<'a> {
+    architecture: &'a str,
+    os: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    variant: &'a str,
+}
+
+#[derive(Serialize)]
+struct IndexDesc<'a> {
+    #[serde(rename = "mediaType")]
+    media_type: &'a str,
+    digest: &'a str,
+    size: u64,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    annotations: &'a BTreeMap<String, String>,
+    platform: IndexPlatform<'a>,
+}
+
+#[derive(Serialize)]
+struct Index<'a> {
+    #[serde(rename = "mediaType")]
+    media_type: &'a str,
+    #[serde(rename = "schemaVersion")]
+    schema_version: u32,
+    manifests: Vec<IndexDesc<'a>>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    annotations: &'a BTreeMap<String, String>,
+}
+
+/// Pushes a multi-platform image (BuildKit's `ImageWriter.Commit` for a ref map): one manifest
+/// per platform, pushed by digest, then the index over them under each name's tag (by digest
+/// with `push-by-digest`). The index is an OCI index with OCI media types
+/// (`opts.oci`, which the caller forces for index and descriptor annotations), else a Docker
+/// manifest list. `epoch` clamps times as for a single image.
+#[allow(clippy::too_many_arguments)]
+pub async fn push_index(
+    store: &SnapshotStore,
+    images: &[PlatformImage],
+    index_annotations: &BTreeMap<String, String>,
+    epoch: Option<chrono::DateTime<chrono::Utc>>,
+    names: &[String],
+    session: &Session,
+    cache: &BlobCache,
+    opts: &PushOptions,
+    progress: PushProgress,
+) -> Result<PushedImage> {
+    let refs = parse_names(names)?;
+    let oci = opts.oci || opts.compression == Compression::Zstd;
+    let mut manifests = Vec::with_capacity(images.len());
+    let mut compressed = 0;
+    for img in images {
+        let (layers, exported, n) = prepare_layers(store, &img.chain, cache, opts, oci).await?;
+        compressed += n;
+        let infos: Vec<LayerInfo> = exported
+            .iter()
+            .zip(&img.chain)
+            .map(|(l, r)| LayerInfo {
+                diff_id: l.diff_id.clone(),
+                description: "created by berth".into(),
+                created: layer_created(store, r),
+            })
+            .collect();
+        let config = build_config(&ConfigInput {
+            base: img.config.as_deref(),
+            layers: &infos,
+            epoch,
+            platform: &img.platform,
+            now: chrono::Utc::now(),
+        })?;
+        manifests.push(manifest(
+            &layers,
+            &config.bytes,
+            cache,
+            oci,
+            &img.manifest_annotations,
+        )?);
+    }
+    let media_type = if oci {
+        registry::MEDIA_TYPE_OCI_INDEX
+    } else {
+        registry::MEDIA_TYPE_DOCKER_LIST
+    };
+    let index = serde_json::to_vec_pretty(&Index {
+        media_type,
+        schema_version: 2,
+        manifests: manifests
+            .iter()
+            .zip(images)
+            .map(|(m, img)| IndexDesc {
+                media_type: m.media_type,
+                digest: &m.digest,
+                size: m.bytes.len() as u64,
+                annotations: &img.descriptor_annotations,
+                platform: IndexPlatform {
+                    architecture: &img.platform.architecture,
+                    os: &img.platform.os,
+                    variant: &img.platform.variant,
+                },
+            })
+            .collect(),
+        annotations: index_annotations,
+    })
+    .expect("index serialises");
+    let index = Bytes::from(index);
+    let index_digest = sha256_digest(&index);
+    let mut uploaded = 0;
     let mut first_repo: BTreeMap<String, String> = BTreeMap::new();
     let mut digest = String::new();
     for (name, r) in names.iter().zip(&refs) {
         let mount_from = first_repo.get(r.domain()).cloned();
-        let uploads = push_layers.iter().filter(|l| l.upload).map(|l| &l.blob);
-        for b in uploads.chain(std::iter::once(&config_blob)) {
-            let p = progress.clone();
-            let (n, d, total) = (name.clone(), b.digest.clone(), b.size);
-            let report: registry::ProgressFn = Arc::new(move |cur| {
-                p(PushEvent::Blob {
-                    name: n.clone(),
-                    digest: d.clone(),
-                    current: cur,
-                    total,
-                    done: false,
-                    how: "",
-                })
-            });
-            let how = session
-                .push_blob(
-                    r,
-                    &b.digest,
-                    b.size,
-                    &b.path,
-                    mount_from.as_deref(),
-                    Some(report),
-                )
+        for m in &manifests {
+            uploaded += upload_blobs(
+                session,
+                name,
+                r,
+                m.blobs(),
+                mount_from.as_deref(),
+                &progress,
+            )
+            .await?;
+            session
+                .push_manifest(r, &m.digest, m.media_type, m.bytes.clone())
                 .await
                 .map_err(reg_err(format!("push {name}")))?;
-            let how = match how {
-                registry::PushedBlob::Existed => "exists",
-                registry::PushedBlob::Mounted => "mounted",
-                registry::PushedBlob::Uploaded => {
-                    uploaded += b.size;
-                    "uploaded"
-                }
-            };
-            progress(PushEvent::Blob {
-                name: name.clone(),
-                digest: b.digest.clone(),
-                current: b.size,
-                total: b.size,
-                done: true,
-                how,
-            });
         }
         let target = match (opts.by_digest, r.tag()) {
             (false, Some(t)) => t.to_string(),
-            _ => format!(
-                "sha256:{}",
-                hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&manifest))
-            ),
+            _ => index_digest.clone(),
         };
         digest = session
-            .push_manifest(r, &target, manifest_type, manifest.clone())
+            .push_manifest(r, &target, media_type, index.clone())
             .await
             .map_err(reg_err(format!("push {name}")))?;
         progress(PushEvent::Manifest {
@@ -324,8 +569,8 @@ pub async fn push_image(
     }
     Ok(PushedImage {
         digest,
-        size: manifest.len() as u64,
-        media_type: manifest_type.to_string(),
+        size: index.len() as u64,
+        media_type: media_type.to_string(),
         bytes_uploaded: uploaded,
         layers_compressed: compressed,
     })
