@@ -180,7 +180,8 @@ impl Gateway {
         let r = req.into_inner();
         let res = match r.error {
             Some(err) if err.code != 0 => Err(Error::from_rpc_status(&err)),
-            _ => Ok(return_result(&job, r.result)?),
+            // A result berth cannot take fails the build (the waiting Solve answers with it).
+            _ => return_result(&job, r.result),
         };
         match &self.scope {
             Some(scope) => {
@@ -221,6 +222,12 @@ fn return_result(job: &Job, result: Option<gw::Result>) -> Result<BuildResult> {
             metadata: Default::default(),
         });
     };
+    // Dropping them would export images without the attestations the frontend asked for.
+    if res.attestations.values().any(|a| !a.attestation.is_empty()) {
+        return Err(Error::unimplemented(
+            "attestations in build results (in-toto, bundles, SBOM) are not supported by berthd yet",
+        ));
+    }
     let mut refs = BTreeMap::new();
     let fs = match res.result {
         None => None,
