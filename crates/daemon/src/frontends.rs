@@ -463,6 +463,18 @@ impl Bridge for InProcess<'_> {
             .map_err(boxed)
     }
 
+    async fn read_file_head(
+        &self,
+        r: &FsRef,
+        path: &str,
+        len: usize,
+    ) -> std::result::Result<Vec<u8>, BridgeError> {
+        let view = self.fe.backend.view(r).await.map_err(boxed)?;
+        crate::fsread::read_file(view.path(), path, 0, len as i64)
+            .await
+            .map_err(boxed)
+    }
+
     async fn resolve_image_config(
         &self,
         reference: &str,

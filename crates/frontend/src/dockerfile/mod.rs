@@ -253,6 +253,20 @@ pub trait Bridge: Sync {
         path: &str,
     ) -> impl Future<Output = Result<Vec<u8>, BridgeError>> + Send;
 
+    /// The first `len` bytes of a file of a result (missing file: error).
+    fn read_file_head(
+        &self,
+        r: &Self::Ref,
+        path: &str,
+        len: usize,
+    ) -> impl Future<Output = Result<Vec<u8>, BridgeError>> + Send {
+        async move {
+            let mut v = self.read_file(r, path).await?;
+            v.truncate(len);
+            Ok(v)
+        }
+    }
+
     /// `ResolveImageConfig`: the digest to pin (empty: do not pin) and the config JSON.
     fn resolve_image_config(
         &self,
@@ -547,21 +561,16 @@ pub async fn build<B: Bridge>(bridge: &B) -> Result<BuildResult<B::Ref>, Error> 
         None => (false, "dockerfile".to_string()),
     };
     let ctx_opt = opts.get(&local_ctx).cloned().unwrap_or_default();
-    if ctx_opt.starts_with("http://")
-        || ctx_opt.starts_with("https://")
-        || ctx_opt.starts_with("git://")
-        || ctx_opt.starts_with("git@")
-    {
-        return Err(invalid(format!(
-            "remote build contexts ({ctx_opt}) are not supported by berthd yet"
-        )));
-    }
+    let keep_git = opts
+        .get("build-arg:BUILDKIT_CONTEXT_KEEP_GIT_DIR")
+        .and_then(|v| crate::instructions::parse_bool_go(v))
+        .unwrap_or(false);
     let mut filename = opts.get("filename").cloned().unwrap_or_default();
     if filename.is_empty() {
         filename = DEFAULT_DOCKERFILE.into();
     }
     let mut filenames = vec![filename.clone(), format!("{filename}.dockerignore")];
-    let base = filename.rsplit('/').next().unwrap_or(&filename);
+    let base = filename.rsplit('/').next().unwrap_or(&filename).to_string();
     let dir = support::clean(&match filename.rfind('/') {
         Some(i) => filename[..i].to_string(),
         None => ".".to_string(),
@@ -570,8 +579,85 @@ pub async fn build<B: Bridge>(bridge: &B) -> Result<BuildResult<B::Ref>, Error> 
     if base == DEFAULT_DOCKERFILE {
         filenames.push(lower.clone());
     }
-    let src_def = match (bo.inputs.get("dockerfile"), force_local_df) {
-        (Some(def), false) => def.clone(),
+    // A remote context (git repository, URL of an archive or of a Dockerfile) or the
+    // `context` frontend input is the build context; a remote one also holds the Dockerfile
+    // unless a local one is forced.
+    let mut src: Option<llb::State> = None;
+    let mut build_context: Option<llb::State> = None;
+    let mut not_local_ctx = false;
+    if let Some((remote, commit)) = support::git_ref(&ctx_opt) {
+        let mut g = llb::git(remote, commit);
+        if keep_git {
+            g = g.keep_git_dir();
+        }
+        let st = g
+            .state()
+            .custom_name(format!("[internal] load git source {ctx_opt}"));
+        if !force_local_df {
+            src = Some(st.clone());
+        }
+        build_context = Some(st);
+    } else if ctx_opt.starts_with("http://") || ctx_opt.starts_with("https://") {
+        let http_ctx = llb::http(ctx_opt.clone())
+            .filename("context")
+            .state()
+            .custom_name("[internal] load remote build context");
+        let def = http_ctx
+            .marshal()
+            .map_err(|e| invalid(format!("failed to marshal httpcontext: {e}")))?;
+        let r = bridge
+            .solve(SolveRequest {
+                definition: Some(def),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Error::bridge("failed to resolve httpcontext", e))?;
+        let r = r
+            .r#ref
+            .ok_or_else(|| invalid("failed to resolve httpcontext: no result"))?;
+        let head = bridge
+            .read_file_head(&r, "context", 1024)
+            .await
+            .map_err(|e| Error::bridge("failed to read downloaded context", e))?;
+        if support::is_archive(&head) {
+            let bc = llb::scratch().file(llb::copy(
+                &http_ctx,
+                "/context",
+                "/",
+                llb::CopyOpts::default().attempt_unpack(true),
+            ));
+            if !force_local_df {
+                src = Some(bc.clone());
+            }
+            build_context = Some(bc);
+        } else {
+            filename = "context".into();
+            if !force_local_df {
+                src = Some(http_ctx.clone());
+            }
+            build_context = Some(http_ctx);
+            not_local_ctx = true;
+        }
+    } else if let Some(def) = bo.inputs.get("context") {
+        build_context = Some(
+            llb::State::from_definition(def)
+                .map_err(|e| invalid(format!("failed to get frontend inputs: {e}")))?,
+        );
+        not_local_ctx = true;
+    }
+    if let (Some(bc), Some(sub)) = (&build_context, opts.get("contextsubdir")) {
+        build_context = Some(llb::scratch().file(llb::copy(
+            bc,
+            sub.clone(),
+            "/",
+            llb::CopyOpts::default().dir_contents_only(true),
+        )));
+    }
+    let src_def = match (src, bo.inputs.get("dockerfile"), force_local_df) {
+        (Some(st), _, _) => st
+            .marshal()
+            .map_err(|e| invalid(format!("failed to marshal local source: {e}")))?,
+        (None, Some(def), false) => def.clone(),
         _ => llb::local(local_df.clone())
             .follow_paths(filenames)
             .session_id(bo.session_id.clone())
@@ -582,7 +668,6 @@ pub async fn build<B: Bridge>(bridge: &B) -> Result<BuildResult<B::Ref>, Error> 
             .marshal()
             .map_err(|e| invalid(format!("failed to marshal local source: {e}")))?,
     };
-    let ctx_input = bo.inputs.get("context").cloned();
     let def_vertex = head_digest(&src_def);
 
     let solved = bridge
@@ -598,7 +683,7 @@ pub async fn build<B: Bridge>(bridge: &B) -> Result<BuildResult<B::Ref>, Error> 
     let dt = match bridge.read_file(&df_ref, &filename).await {
         Ok(d) => d,
         Err(e) => {
-            let fallback = if base == DEFAULT_DOCKERFILE {
+            let fallback = if filename.rsplit('/').next() == Some(DEFAULT_DOCKERFILE) {
                 bridge.read_file(&df_ref, &lower).await.ok()
             } else {
                 None
@@ -619,14 +704,16 @@ pub async fn build<B: Bridge>(bridge: &B) -> Result<BuildResult<B::Ref>, Error> 
         .read_file(&df_ref, &format!("{filename}.dockerignore"))
         .await
         .ok();
-    if dockerignore.is_none() && ctx_input.is_none() {
-        let st = llb::local(local_ctx.clone())
-            .session_id(bo.session_id.clone())
-            .follow_paths([".dockerignore"])
-            .shared_key_hint(format!("{local_ctx}-.dockerignore"))
-            .differ("none", false)
-            .state()
-            .custom_name("[internal] load .dockerignore");
+    if dockerignore.is_none() && !not_local_ctx {
+        let st = build_context.clone().unwrap_or_else(|| {
+            llb::local(local_ctx.clone())
+                .session_id(bo.session_id.clone())
+                .follow_paths([".dockerignore"])
+                .shared_key_hint(format!("{local_ctx}-.dockerignore"))
+                .differ("none", false)
+                .state()
+                .custom_name("[internal] load .dockerignore")
+        });
         let def = st
             .marshal()
             .map_err(|e| invalid(format!("failed to marshal local source: {e}")))?;
@@ -693,12 +780,7 @@ pub async fn build<B: Bridge>(bridge: &B) -> Result<BuildResult<B::Ref>, Error> 
     let mut copt = parse_opts(&bo)?;
     copt.excludes = excludes;
     copt.source_map = Some(source_map.clone());
-    if let Some(def) = &ctx_input {
-        copt.build_context = Some(
-            llb::State::from_definition(def)
-                .map_err(|e| invalid(format!("failed to get frontend inputs: {e}")))?,
-        );
-    }
+    copt.build_context = build_context;
     let converted = dockerfile_to_llb(&dt, &copt, &Resolver(bridge))
         .await
         .map_err(|e| e.with_source(&source_map))?;

@@ -38,6 +38,75 @@ pub fn read_dockerignore(data: &[u8]) -> Vec<String> {
     out
 }
 
+/// A build context that names a git repository (`gitutil.ParseGitRef`): the remote and the
+/// `commit[:subdir]` to check out. `http(s)://` URLs count only when the path ends in `.git`
+/// (before any `#fragment`); `git://`, `ssh://`, `user@host:path` and `github.com/…` always.
+pub fn git_ref(s: &str) -> Option<(String, String)> {
+    let scp_like = || {
+        let Some((user, rest)) = s.split_once('@') else {
+            return false;
+        };
+        !user.is_empty()
+            && !user.contains('/')
+            && rest
+                .split_once(':')
+                .is_some_and(|(host, _)| !host.is_empty() && !host.contains('/'))
+    };
+    let ok = if s.starts_with("github.com/") || s.starts_with("git://") || s.starts_with("ssh://") {
+        true
+    } else if s.starts_with("http://") || s.starts_with("https://") {
+        let path = s.split('#').next().unwrap_or("");
+        path.ends_with(".git") && !s.ends_with('#')
+    } else {
+        !s.contains("://") && scp_like()
+    };
+    if !ok {
+        return None;
+    }
+    let (remote, fragment) = s.split_once('#').unwrap_or((s, ""));
+    if remote.is_empty() {
+        return None;
+    }
+    Some((remote.to_string(), fragment.to_string()))
+}
+
+/// Whether the start of a downloaded context is an archive (bzip2, gzip, xz, or a tar header
+/// with a valid checksum), as the builtin frontend decides.
+pub fn is_archive(head: &[u8]) -> bool {
+    const MAGIC: [&[u8]; 3] = [
+        &[0x42, 0x5A, 0x68],
+        &[0x1F, 0x8B, 0x08],
+        &[0xFD, 0x37, 0x7A, 0x58, 0x5A, 0x00],
+    ];
+    if MAGIC.iter().any(|m| head.starts_with(m)) {
+        return true;
+    }
+    if head.len() < 512 || head[..512].iter().all(|&b| b == 0) {
+        return false;
+    }
+    let field = &head[148..156];
+    let text: String = field
+        .iter()
+        .take_while(|&&b| b != 0)
+        .map(|&b| b as char)
+        .collect();
+    let Ok(want) = u64::from_str_radix(text.trim(), 8) else {
+        return false;
+    };
+    let sum: u64 = head[..512]
+        .iter()
+        .enumerate()
+        .map(|(i, &b)| {
+            if (148..156).contains(&i) {
+                32
+            } else {
+                b as u64
+            }
+        })
+        .sum();
+    sum == want
+}
+
 /// Go's `path.Clean`.
 pub fn clean(p: &str) -> String {
     if p.is_empty() {
@@ -378,6 +447,42 @@ pub fn parse_signal(s: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn git_refs_and_archives() {
+        assert_eq!(
+            git_ref("http://127.0.0.1:1/.git#first"),
+            Some(("http://127.0.0.1:1/.git".into(), "first".into()))
+        );
+        assert_eq!(
+            git_ref("https://github.com/moby/buildkit.git#v1:sub"),
+            Some((
+                "https://github.com/moby/buildkit.git".into(),
+                "v1:sub".into()
+            ))
+        );
+        assert_eq!(
+            git_ref("git@github.com:moby/buildkit"),
+            Some(("git@github.com:moby/buildkit".into(), String::new()))
+        );
+        assert_eq!(git_ref("http://127.0.0.1:1/df"), None);
+        assert_eq!(git_ref("context"), None);
+        assert_eq!(git_ref(""), None);
+        assert!(is_archive(&[0x1F, 0x8B, 0x08, 0, 0]));
+        let mut tar = vec![0u8; 1024];
+        tar[..3].copy_from_slice(b"foo");
+        tar[100..107].copy_from_slice(b"000644\0");
+        tar[156] = b'0';
+        tar[257..263].copy_from_slice(b"ustar\0");
+        let sum: u32 = tar[..512].iter().map(|&b| b as u32).sum::<u32>() + 8 * 32;
+        let field = format!("{sum:06o}\0 ");
+        tar[148..156].copy_from_slice(field.as_bytes());
+        assert!(is_archive(&tar));
+        tar[0] = b'g';
+        assert!(!is_archive(&tar), "bad checksum");
+        assert!(!is_archive(b"FROM scratch\nCOPY foo bar\n"));
+        assert!(!is_archive(&[0u8; 1024]));
+    }
 
     #[test]
     fn dockerignore_lines() {

@@ -330,16 +330,29 @@ fn checkout(
     } else {
         spec.reference.clone()
     };
-    let fetched = git.run(&[
-        "fetch",
-        "--quiet",
-        "--depth",
-        "1",
-        "--no-tags",
-        "--",
-        &spec.url,
-        &want,
-    ]);
+    // A shallow fetch first; servers that cannot serve one (git's "dumb" HTTP transport) get a
+    // full fetch, as BuildKit retries.
+    let fetch = |what: &str| {
+        git.run(&[
+            "fetch",
+            "--quiet",
+            "--depth",
+            "1",
+            "--no-tags",
+            "--",
+            &spec.url,
+            what,
+        ])
+        .or_else(|e| {
+            let msg = e.to_string();
+            if msg.contains("shallow") || msg.contains("--depth") {
+                git.run(&["fetch", "--quiet", "--no-tags", "--", &spec.url, what])
+            } else {
+                Err(e)
+            }
+        })
+    };
+    let fetched = fetch(&want);
     if let Err(e) = fetched {
         // Some servers refuse fetching by name after a ref moved or by commit; try the other.
         let alt = if want == commit {
@@ -350,17 +363,7 @@ fn checkout(
         if alt.is_empty() {
             return Err(git_err(ErrorKind::Unavailable, e));
         }
-        git.run(&[
-            "fetch",
-            "--quiet",
-            "--depth",
-            "1",
-            "--no-tags",
-            "--",
-            &spec.url,
-            alt,
-        ])
-        .map_err(|_| git_err(ErrorKind::Unavailable, e))?;
+        fetch(alt).map_err(|_| git_err(ErrorKind::Unavailable, e))?;
     }
     let head = git
         .run(&["rev-parse", "FETCH_HEAD^{commit}"])
