@@ -515,3 +515,248 @@ async fn named_contexts_replace_images_and_stages() {
         "named-image\nnamed-image\ndummy-result\nno-out2"
     );
 }
+
+/// A static file server over `root` (what buildkitd's remote contexts meet in the field: a dumb
+/// git HTTP server, an archive or a Dockerfile behind a URL). Records every path asked for.
+struct StaticServer {
+    url: String,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl StaticServer {
+    async fn start(root: &Path) -> StaticServer {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (root, seen2) = (root.to_path_buf(), seen.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((mut c, _)) = l.accept().await {
+                let (root, seen) = (root.clone(), seen2.clone());
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match c.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&head).into_owned();
+                    let target = head.split(' ').nth(1).unwrap_or("/");
+                    let path = target.split('?').next().unwrap_or("/").to_string();
+                    seen.lock().unwrap().push(path.clone());
+                    // Test-only server: the served tree is the test's own, `..` is refused.
+                    let file = (!path.split('/').any(|c| c == ".."))
+                        .then(|| root.join(path.trim_start_matches('/')))
+                        .filter(|p| p.is_file());
+                    let resp = match file.and_then(|p| std::fs::read(p).ok()) {
+                        Some(body) => {
+                            let mut r = format!(
+                                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                                body.len()
+                            )
+                            .into_bytes();
+                            r.extend_from_slice(&body);
+                            r
+                        }
+                        None => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec(),
+                    };
+                    let _ = c.write_all(&resp).await;
+                    let _ = c.shutdown().await;
+                });
+            }
+        });
+        StaticServer { url, seen, task }
+    }
+}
+
+impl Drop for StaticServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn git(dir: &Path, args: &[&str]) {
+    let out = std::process::Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_AUTHOR_NAME", "t")
+        .env("GIT_AUTHOR_EMAIL", "t@example.com")
+        .env("GIT_COMMITTER_NAME", "t")
+        .env("GIT_COMMITTER_EMAIL", "t@example.com")
+        .output()
+        .expect("run git");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A build whose context (and Dockerfile) come from a URL, as `docker buildx build
+/// http://…` and `buildctl --opt context=…` send it: no local source at all.
+async fn build_remote(berthd: &Berthd, attrs: &[(&str, &str)], image: &str) -> BuildReport {
+    let client = berthd.client().await.unwrap();
+    let mut out = BTreeMap::new();
+    out.insert("name".to_string(), image.to_string());
+    client
+        .build(BuildOptions {
+            frontend: Some("dockerfile.v0".into()),
+            frontend_attrs: attrs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            output: Output::Raw("image".into(), out),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+}
+
+/// Remote build contexts: a git repository over git's dumb HTTP transport (branch, default
+/// branch, `#ref:subdir`), a `.tar.gz` archive URL (unpacked into the context) and a URL of a
+/// plain Dockerfile; the images run in Docker with the files of the right revision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_contexts_git_archive_and_dockerfile_urls() {
+    require_root();
+    integration::require_tool("git", "git");
+    let engine = DockerEngine::system().unwrap();
+    let base = busybox_image(&engine).await.unwrap();
+    let berthd = Berthd::start(&[]).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let served = tmp.path().join("served");
+    std::fs::create_dir_all(&served).unwrap();
+
+    // git: `first` holds rev one, `main` rev two; `sub/` has a Dockerfile of its own.
+    let work = tmp.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    git(&work, &["init", "--quiet", "-b", "main"]);
+    write(
+        &work,
+        "Dockerfile",
+        &format!(
+            "FROM {}\nCOPY rev.txt /rev.txt\nRUN echo fromgit > /foo\n",
+            base.reference()
+        ),
+    );
+    write(&work, "rev.txt", "one\n");
+    write(
+        &work,
+        "sub/Dockerfile",
+        &format!("FROM {}\nCOPY . /sub/\n", base.reference()),
+    );
+    write(&work, "sub/in-sub.txt", "in sub\n");
+    git(&work, &["add", "."]);
+    git(&work, &["commit", "--quiet", "-m", "one"]);
+    git(&work, &["branch", "first"]);
+    write(&work, "rev.txt", "two\n");
+    git(&work, &["commit", "--quiet", "-am", "two"]);
+    git(
+        tmp.path(),
+        &[
+            "clone",
+            "--quiet",
+            "--bare",
+            work.to_str().unwrap(),
+            served.join("repo.git").to_str().unwrap(),
+        ],
+    );
+    git(&served.join("repo.git"), &["update-server-info"]);
+
+    // an archive whose Dockerfile has another name (`filename` names it), and a bare Dockerfile
+    // (`filename` is then ignored: any name works, as with buildkitd)
+    let arch = tmp.path().join("arch");
+    write(
+        &arch,
+        "mydockerfile",
+        &format!("FROM {}\nCOPY c.txt /c.txt\n", base.reference()),
+    );
+    write(&arch, "c.txt", "from archive\n");
+    let st = std::process::Command::new("tar")
+        .arg("-czf")
+        .arg(served.join("ctx.tar.gz"))
+        .arg("-C")
+        .arg(&arch)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    write(
+        &served,
+        "df",
+        &format!("FROM {}\nRUN echo fromurl > /u\n", base.reference()),
+    );
+
+    let server = StaticServer::start(&served).await;
+    // (label, frontend attributes, command run in the image, its expected output)
+    type Case<'a> = (String, Vec<(&'a str, String)>, &'a str, &'a str);
+    let cases: Vec<Case<'_>> = vec![
+        (
+            "git-branch".into(),
+            vec![("context", format!("{}/repo.git#first", server.url))],
+            "cat /rev.txt /foo",
+            "one\nfromgit",
+        ),
+        (
+            "git-default".into(),
+            vec![("context", format!("{}/repo.git", server.url))],
+            "cat /rev.txt /foo",
+            "two\nfromgit",
+        ),
+        (
+            "git-subdir".into(),
+            vec![("context", format!("{}/repo.git#main:sub", server.url))],
+            "cat /sub/in-sub.txt; test -e /sub/rev.txt || echo scoped",
+            "in sub\nscoped",
+        ),
+        (
+            "archive".into(),
+            vec![
+                ("context", format!("{}/ctx.tar.gz", server.url)),
+                ("filename", "mydockerfile".into()),
+            ],
+            "cat /c.txt",
+            "from archive",
+        ),
+        (
+            "dockerfile-url".into(),
+            vec![
+                ("context", format!("{}/df", server.url)),
+                ("filename", "bogus-name".into()),
+            ],
+            "cat /u",
+            "fromurl",
+        ),
+    ];
+    for (label, attrs, cmd, want) in cases {
+        let image = format!(
+            "{}:1",
+            unique_name(&format!("berth-test/df-remote-{label}"))
+        );
+        let attrs: Vec<(&str, &str)> = attrs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let r = build_remote(&berthd, &attrs, &image).await;
+        ok(&r, &berthd);
+        let _img = TestImage::adopt(&engine, &image).await.unwrap();
+        let run = engine.run(&image, &["sh", "-c", cmd]).await.unwrap();
+        run.assert_success();
+        assert_eq!(run.stdout.trim_end(), want, "case {label}");
+    }
+    let seen = server.seen.lock().unwrap().clone();
+    assert!(
+        seen.iter().any(|p| p == "/repo.git/info/refs"),
+        "git did not use the HTTP server: {seen:?}"
+    );
+
+    // A URL that answers 404 fails the build with an error naming it; nothing is tagged.
+    let image = format!("{}:1", unique_name("berth-test/df-remote-missing"));
+    let missing = format!("{}/nothing-here.tar.gz", server.url);
+    let r = build_remote(&berthd, &[("context", &missing)], &image).await;
+    let err = format!("{:?}", r.solve.expect_err("a 404 context must fail"));
+    assert!(err.contains("404") || err.contains("nothing-here"), "{err}");
+    assert!(engine.inspect_image(&image).await.is_err());
+}
