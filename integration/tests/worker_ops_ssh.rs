@@ -38,7 +38,7 @@ impl SessionProvider for SshSession {
         req: &LocalSync,
         dest: &Path,
         _progress: &TransferProgress,
-    ) -> worker::Result<u64> {
+    ) -> worker::Result<worker::SyncStats> {
         let src = self.locals.get(&req.name).ok_or_else(|| {
             worker::Error::session(ErrorKind::NotFound, format!("no local {}", req.name), None)
         })?;
@@ -49,7 +49,7 @@ impl SessionProvider for SshSession {
             .status()
             .map_err(|e| worker::Error::session(ErrorKind::Internal, e.to_string(), None))?;
         assert!(st.success(), "cp -a failed");
-        Ok(0)
+        Ok(worker::SyncStats::changed(0))
     }
 
     async fn check_ssh_agent(&self, id: &str) -> worker::Result<()> {

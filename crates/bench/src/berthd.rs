@@ -84,6 +84,11 @@ impl Berthd {
         })
     }
 
+    /// The daemon's gRPC address (`unix://…`), as `buildctl --addr` takes it.
+    pub fn addr(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+
     /// The daemon's PID.
     pub fn pid(&self) -> &str {
         &self.pid

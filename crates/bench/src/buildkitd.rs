@@ -88,6 +88,11 @@ impl Stock {
         })
     }
 
+    /// buildkitd's gRPC address (`unix://…`).
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
     /// Pushes the Docker image `image` to the registry; returns its reference there.
     pub async fn push(&self, image: &str) -> Result<String> {
         let path = image.replace([':', '/'], "-");

@@ -20,6 +20,7 @@ mod berthd;
 mod buildkitd;
 mod collector;
 mod fixtures;
+mod rebuild;
 mod report;
 mod session;
 
@@ -99,6 +100,8 @@ struct Bench {
     /// The headline ratios of scenario 1, phrased.
     headline: Vec<String>,
     builds: u64,
+    /// Extra Markdown sections for the report (after the results table).
+    sections: Vec<String>,
 }
 
 fn sz(scale: f64, bytes: u64) -> u64 {
@@ -1590,6 +1593,11 @@ async fn machine(docker: &bollard::Docker) -> Result<Vec<(String, String)>> {
     ])
 }
 
+/// The 1-minute load average as a number (0 when unreadable).
+fn loadavg_value() -> f64 {
+    loadavg().parse().unwrap_or(0.0)
+}
+
 /// The 1-minute load average.
 fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
@@ -1618,6 +1626,7 @@ const SCENARIOS: &[&str] = &[
     "6. **Memory**: berthd's idle RSS, and berthd's peak RSS (VmHWM, reset before each build) during the builds of scenario 2 with a 50 MiB and a 2 GiB change: it must stay flat in the layer size.",
     "7. **Telemetry cost** (issue #18): a cached rebuild (docker-image base + RUN + a 20-file local context copy + a file, `--output type=image`) through two real berthds at once, one with telemetry off and one with `--debugaddr` and `OTEL_EXPORTER_OTLP_ENDPOINT` pointing at an OTLP/gRPC collector stand-in in the bench process (it decodes and counts spans); every build carries a client `traceparent`, so the traced daemon records and exports all its spans. Builds alternate between the daemons, order swapped each round; one executing and one cached warm-up each. Wall time of the client's whole build.",
     "8. **Base-image pins** (issue #17): the pin container that keeps a base image used in place from Docker's prunes, directly through `layerstore::dockerstore` on the system dockerd (create; created → running, i.e. upload of the pin program and start; release = stop + remove, which berthd does in the background), then the same solve (docker-image base + a RUN differing per build, no export) through two real berthds, builds alternating: one whose pin of the base is held by a long build (shared pin: no pin work), one that pins afresh every build; cold − warm is the pin's cost on a build's critical path (target < 50 ms).",
+    "9. **Rebuilds with a local context vs stock buildkitd** (issue #14): berthd and stock buildkitd v0.11.6 (OCI worker) side by side, both driven by the same stock `buildctl` (`BERTH_BENCH_BUILDCTL`) with `buildctl build --local ctx=… --progress=plain` and no `--output`; the graph copies the whole context onto scratch and adds a file (FileOps). Contexts: 20 files (80 KiB) and 20 000 files (1 GiB, 100 per directory). Cases: no-op rebuild, and one file rewritten (same size, new content) before each round. Paired rounds, order swapped each round, 1-min load sampled per round; wall time of `buildctl`. On fresh roots, then on roots aged by `BERTH_BENCH_AGE_BUILDS` earlier builds (default 40 in `make bench`; 300 for the issue's \"few hundred\"), each with its own local name and 8 MiB of fresh data. Then a per-phase breakdown from berthd's own OTLP spans (see below the table).",
 ];
 
 async fn cleanup(b: &Bench) {
@@ -1666,6 +1675,7 @@ async fn run() -> Result<()> {
         rows: vec![],
         headline: vec![],
         builds: 0,
+        sections: vec![],
     };
     let machine = machine(&docker).await?;
     let mut machine = machine;
@@ -1700,6 +1710,9 @@ async fn run() -> Result<()> {
         }
         if wants(&[8]) {
             scenario_pins(&mut b).await?;
+        }
+        if wants(&[9]) {
+            rebuild::scenario_rebuild(&mut b).await?;
         }
         if wants(&[3]) {
             scenario_cache(&mut b).await?;
@@ -1788,6 +1801,10 @@ async fn run() -> Result<()> {
     }
     md.push_str("\n## Results\n\n");
     md.push_str(&report::merged_table(&rows, &earlier));
+    for section in &b.sections {
+        md.push('\n');
+        md.push_str(section);
+    }
     md.push_str("\n## Not measured yet\n\n");
     if buildkitd::from_env().is_none() {
         md.push_str("- Stock buildkitd with `--output type=docker | docker load`: set `BERTH_BENCH_BUILDKITD` and `BERTH_BENCH_BUILDCTL` to stock binaries (not set for this run).\n");

@@ -34,7 +34,7 @@ impl SessionProvider for DirSession {
         req: &LocalSync,
         dest: &Path,
         progress: &TransferProgress,
-    ) -> worker::Result<u64> {
+    ) -> worker::Result<worker::SyncStats> {
         let Some(src) = self.0.get(&req.name).cloned() else {
             return Err(worker::Error::session(
                 ErrorKind::NotFound,
@@ -75,6 +75,9 @@ impl SessionProvider for DirSession {
             .map_err(|e| err(ErrorKind::Internal, "sender task", e))?
             .map_err(|e| err(ErrorKind::Unavailable, "send", e))?;
         progress.report(stats.bytes_written);
-        Ok(stats.bytes_written)
+        Ok(worker::SyncStats {
+            bytes: stats.bytes_written,
+            unchanged: stats.unchanged(),
+        })
     }
 }

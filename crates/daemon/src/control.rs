@@ -92,7 +92,9 @@ impl PendingRecord {
         job.progress.finish();
         let log = job.progress.events();
         let history = self.history;
+        let span = tracing::debug_span!("history.record");
         tokio::task::spawn_blocking(move || {
+            let _entered = span.enter();
             let r#ref = rec.r#ref.clone();
             if let Err(e) = history.completed(rec, &log) {
                 tracing::warn!(build = %r#ref, error = %e, "build history record not written");

@@ -30,6 +30,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::sync::mpsc;
+use tracing::Instrument as _;
 
 /// Progress callback: bytes of packets received so far, and whether this is the last call.
 pub type ProgressFn = Arc<dyn Fn(u64, bool) + Send + Sync>;
@@ -65,6 +66,17 @@ pub struct ReceiveStats {
     pub bytes_written: u64,
     /// Destination entries deleted because the listing no longer has them.
     pub deleted: u64,
+    /// Listing entries created or replaced in the destination (requested files, hardlinks,
+    /// directories, symlinks, devices and fifos whose metadata differed or that were missing).
+    pub changed: u64,
+}
+
+impl ReceiveStats {
+    /// Whether the receive left the destination's tree as it found it: nothing created,
+    /// replaced or deleted (directory times are restored either way; they are not content).
+    pub fn unchanged(&self) -> bool {
+        self.changed == 0 && self.deleted == 0
+    }
 }
 
 /// Runs the receiver into `dest` (created if missing).
@@ -103,38 +115,46 @@ where
     };
 
     // 1. listing
-    let mut listing: Vec<Stat> = Vec::new();
-    let mut validator = Validator::default();
-    loop {
-        let pkt = next_packet(incoming).await?;
-        received += packet_size(&pkt);
-        progress(received, false);
-        match pkt {
-            Packet::Stat(None) => break,
-            Packet::Stat(Some(st)) => {
-                validator.check(&st)?;
-                listing.push(st);
-            }
-            Packet::Err(message) => {
-                return Err(Error::Remote {
-                    peer: "sender",
-                    message,
-                })
-            }
-            other => {
-                return Err(Error::protocol(format!(
-                    "unexpected {} packet before the end of the listing",
-                    crate::send::packet_kind(&other)
-                )))
+    let listing_span = tracing::debug_span!("local.sync.listing", entries = tracing::field::Empty);
+    let listing: Vec<Stat> = async {
+        let mut listing = Vec::new();
+        let mut validator = Validator::default();
+        loop {
+            let pkt = next_packet(incoming).await?;
+            received += packet_size(&pkt);
+            progress(received, false);
+            match pkt {
+                Packet::Stat(None) => break,
+                Packet::Stat(Some(st)) => {
+                    validator.check(&st)?;
+                    listing.push(st);
+                }
+                Packet::Err(message) => {
+                    return Err(Error::Remote {
+                        peer: "sender",
+                        message,
+                    })
+                }
+                other => {
+                    return Err(Error::protocol(format!(
+                        "unexpected {} packet before the end of the listing",
+                        crate::send::packet_kind(&other)
+                    )))
+                }
             }
         }
+        Ok(listing)
     }
+    .instrument(listing_span.clone())
+    .await?;
+    listing_span.record("entries", listing.len());
 
     // 2 + 3a. diff and apply metadata changes on a blocking thread.
     let plan = {
         let dest = dest.to_path_buf();
         let opts = opts.clone();
-        tokio::task::spawn_blocking(move || apply_listing(&dest, listing, &opts))
+        let span = tracing::debug_span!("local.sync.diff");
+        tokio::task::spawn_blocking(move || span.in_scope(|| apply_listing(&dest, listing, &opts)))
             .await
             .map_err(|e| Error::Transport {
                 message: format!("apply task failed: {e}"),
@@ -146,11 +166,13 @@ where
         mut pending,
         hardlinks,
         deleted,
+        changed,
     } = plan;
     let mut stats = ReceiveStats {
         entries: listing.len() as u64,
         files_requested: pending.len() as u64,
         deleted,
+        changed,
         ..Default::default()
     };
 
@@ -198,6 +220,7 @@ where
             }
         })
     };
+    let data_span = tracing::debug_span!("local.sync.data", files = pending.len());
     let data_result: Result<(), Error> = async {
         while !pending.is_empty() {
             let pkt = next_packet(incoming).await?;
@@ -235,6 +258,7 @@ where
         }
         Ok(())
     }
+    .instrument(data_span)
     .await;
     drop(wtx);
     req_task.abort();
@@ -247,7 +271,9 @@ where
     // 3c + 4. hardlinks, directory mtimes.
     {
         let root = root.clone();
+        let span = tracing::debug_span!("local.sync.finish");
         tokio::task::spawn_blocking(move || -> Result<(), Error> {
+            let _entered = span.enter();
             for st in &hardlinks {
                 root.make_hardlink(st)?;
             }
@@ -327,6 +353,7 @@ struct Plan {
     pending: HashMap<u32, PendingFile>,
     hardlinks: Vec<Stat>,
     deleted: u64,
+    changed: u64,
 }
 
 fn apply_listing(dest: &Path, listing: Vec<Stat>, opts: &ReceiveOptions) -> Result<Plan, Error> {
@@ -366,6 +393,7 @@ fn apply_listing(dest: &Path, listing: Vec<Stat>, opts: &ReceiveOptions) -> Resu
 
     let mut pending = HashMap::new();
     let mut hardlinks = Vec::new();
+    let mut changed = 0u64;
     for (idx, st) in listing.iter().enumerate() {
         let id = idx as u32;
         let old = existing.get(&st.path);
@@ -374,6 +402,7 @@ fn apply_listing(dest: &Path, listing: Vec<Stat>, opts: &ReceiveOptions) -> Resu
                 continue;
             }
         }
+        changed += 1;
         if st.is_hardlink() {
             hardlinks.push(st.clone());
             continue;
@@ -400,6 +429,7 @@ fn apply_listing(dest: &Path, listing: Vec<Stat>, opts: &ReceiveOptions) -> Resu
         pending,
         hardlinks,
         deleted,
+        changed,
     })
 }
 

@@ -387,3 +387,44 @@ fn chain_model_helpers() {
     assert_eq!(a.strip_prefix(&b), None);
     assert!("BAD/id".parse::<SnapshotId>().is_err());
 }
+
+/// Process-bound leases do not wait for the disk, yet a thousand of them (as a thousand
+/// cached builds take and release) leave the metadata file small, and the durable records
+/// (snapshots, cache keys) and what the leases changed are there after a reopen, with no
+/// lease left.
+#[test]
+fn many_process_bound_leases_keep_the_metadata_file_small() -> Result<()> {
+    require_root();
+    let root = root_dir();
+    let db_file = root.path().join("snapshots/metadata.redb");
+    let (snap, _) = {
+        let store = open(root.path(), MountMethod::Auto);
+        let added = store.add_layer(None, &opts("leased"), |d| {
+            fs::write(d.join("f"), "f").unwrap();
+            Ok(Default::default())
+        })?;
+        store.set_cache_key("key", &added.0)?;
+        let before = fs::metadata(&db_file)?.len();
+        for _ in 0..1000 {
+            let lease = store.lease()?;
+            lease.add(&added.0)?;
+            ensure!(
+                store.disk_usage()?.iter().any(|r| r.in_use),
+                "a lease protects at once"
+            );
+            lease.release()?;
+        }
+        let after = fs::metadata(&db_file)?.len();
+        ensure!(
+            after < before + (4 << 20),
+            "metadata file grew from {before} to {after} bytes over 1000 leases"
+        );
+        added
+    };
+    let store = open(root.path(), MountMethod::Auto);
+    ensure!(store.cache_key("key")? == Some(snap.clone()));
+    let du = store.disk_usage()?;
+    ensure!(du.len() == 1 && !du[0].in_use, "{du:?}");
+    ensure!(du[0].usage_count >= 1, "use counts survive: {du:?}");
+    Ok(())
+}

@@ -44,7 +44,7 @@ pub use remote::{
 pub use result::{ReadOnlyMount, ResultSource, SolvedRef};
 pub use session::{
     registry_host, Credentials, LocalDiffer, LocalSync, NoSession, SessionProvider, SshAgentConn,
-    SshAgentStream, TransferProgress,
+    SshAgentStream, SyncStats, TransferProgress,
 };
 pub use worker::{
     Platform, SolveContext, Worker, WorkerOptions, ENTITLEMENT_NETWORK_HOST,

@@ -61,6 +61,27 @@ impl LocalSync {
     }
 }
 
+/// What a [`SessionProvider::sync_local`] did to its destination.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SyncStats {
+    /// File content bytes received.
+    pub bytes: u64,
+    /// The destination was left exactly as it was: no entry created, replaced, changed or
+    /// removed (directory times aside). `false` whenever that is not known for sure: the worker
+    /// then checksums the whole directory again.
+    pub unchanged: bool,
+}
+
+impl SyncStats {
+    /// A sync that received `bytes` and may have changed the destination.
+    pub fn changed(bytes: u64) -> Self {
+        SyncStats {
+            bytes,
+            unchanged: false,
+        }
+    }
+}
+
 /// Receives byte counts during a transfer; the worker turns them into a
 /// `transferring <name>:` status of the vertex.
 pub struct TransferProgress {
@@ -180,13 +201,13 @@ pub trait SessionProvider: Send + Sync {
     /// semantics, `session.md` §4.2): `dest` may already hold a previous sync of the same
     /// directory, and must afterwards mirror the client's (filtered) directory exactly, with
     /// unchanged files left in place. Everything written must stay inside `dest`.
-    /// Returns the number of bytes received.
+    /// Returns the bytes received and whether `dest` is unchanged.
     async fn sync_local(
         &self,
         req: &LocalSync,
         dest: &Path,
         progress: &TransferProgress,
-    ) -> Result<u64>;
+    ) -> Result<SyncStats>;
 
     /// Returns the secret `id`, or `None` when the client does not have it.
     async fn get_secret(&self, id: &str) -> Result<Option<Vec<u8>>> {
@@ -235,7 +256,7 @@ impl SessionProvider for NoSession {
         req: &LocalSync,
         _dest: &Path,
         _progress: &TransferProgress,
-    ) -> Result<u64> {
+    ) -> Result<SyncStats> {
         Err(crate::Error::session(
             crate::ErrorKind::NotFound,
             format!("no session to sync local {:?} from", req.name),

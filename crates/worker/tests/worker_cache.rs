@@ -224,7 +224,7 @@ async fn cancel_releases_everything() -> Result<()> {
             _req: &worker::LocalSync,
             _dest: &std::path::Path,
             _p: &worker::TransferProgress,
-        ) -> worker::Result<u64> {
+        ) -> worker::Result<worker::SyncStats> {
             futures::future::pending().await
         }
     }

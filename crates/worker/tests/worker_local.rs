@@ -257,3 +257,158 @@ async fn copy_patterns_decide_the_cache_key() -> Result<()> {
     assert_eq!(s3.executed().len(), 3, "{:?}", s3.completed());
     Ok(())
 }
+
+/// Sets `path`'s mtime to `secs` seconds and `nanos` nanoseconds after the epoch.
+fn set_mtime(path: &std::path::Path, secs: u64, nanos: u32) -> Result<()> {
+    std::fs::File::options()
+        .write(true)
+        .open(path)?
+        .set_modified(std::time::UNIX_EPOCH + std::time::Duration::new(secs, nanos))?;
+    Ok(())
+}
+
+/// A content change that keeps the size and the mtime's second (only the nanoseconds differ)
+/// is still caught: the receiver compares mtimes in nanoseconds, re-requests the file, and
+/// the key follows; an untouched re-sync right after stays cached on the new content.
+#[tokio::test]
+async fn same_size_same_mtime_second_change_is_caught() -> Result<()> {
+    let w = TestWorker::new()?;
+    let dir = tempfile::tempdir()?;
+    let f = dir.path().join("a.txt");
+    std::fs::write(&f, "aaaa")?;
+    std::fs::write(dir.path().join("b.txt"), "bbbb")?;
+    set_mtime(&f, 1_700_000_000, 100_000_000)?;
+    let session = DirSession::with("ctx", dir.path());
+    let st: llb::State = llb::local("ctx").into();
+    let s1 = solve(&w.worker, &st, session.clone()).await;
+    assert_eq!(s1.executed(), vec!["local://ctx"]);
+
+    std::fs::write(&f, "AAAA")?;
+    set_mtime(&f, 1_700_000_000, 200_000_000)?;
+    let s2 = solve(&w.worker, &st, session.clone()).await;
+    assert_eq!(
+        s2.executed(),
+        vec!["local://ctx"],
+        "same size, same mtime second: still a change"
+    );
+    assert_eq!(read(s2.ok(), "/a.txt").await?.as_deref(), Some("AAAA"));
+
+    let s3 = solve(&w.worker, &st, session.clone()).await;
+    assert!(s3.executed().is_empty(), "nothing changed since: cached");
+    assert_eq!(read(s3.ok(), "/a.txt").await?.as_deref(), Some("AAAA"));
+    Ok(())
+}
+
+/// A re-sync that changes nothing takes the key from the checksum stored beside the sync
+/// directory (`<dir>.sum`) instead of walking the tree again: a file replaced behind the
+/// worker's back (new inode, new content, same size and mtime) goes unseen while the sum file
+/// is there, and is seen by the full checksum once the sum file is gone.
+#[tokio::test]
+async fn unchanged_resync_reuses_the_stored_checksum() -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let w = TestWorker::new()?;
+    let dir = tempfile::tempdir()?;
+    for i in 0..5 {
+        std::fs::write(dir.path().join(format!("f{i}")), format!("file {i}"))?;
+    }
+    let session = DirSession::with("ctx", dir.path());
+    let st: llb::State = llb::local("ctx").into();
+    let s1 = solve(&w.worker, &st, session.clone()).await;
+    assert_eq!(s1.executed(), vec!["local://ctx"]);
+    let sync = sync_dir(&w)?;
+    let sum_file = sync.with_extension("sum");
+    assert!(
+        sum_file.is_file(),
+        "{sum_file:?} written after the checksum"
+    );
+
+    // Replace f2 in the sync directory: new inode, other content, same size, mode and mtime.
+    let synced = sync.join("f2");
+    let before = std::fs::metadata(&synced)?;
+    let tmp = sync.join(".f2.tmp");
+    std::fs::write(&tmp, "FILE 2")?;
+    std::fs::File::options()
+        .write(true)
+        .open(&tmp)?
+        .set_modified(before.modified()?)?;
+    std::fs::rename(&tmp, &synced)?;
+    assert_ne!(std::fs::metadata(&synced)?.ino(), before.ino());
+
+    let s2 = solve(&w.worker, &st, session.clone()).await;
+    assert_eq!(transferred(&s2), Some(0), "nothing re-sent");
+    assert!(
+        s2.executed().is_empty(),
+        "unchanged sync: the stored checksum is the key, no second walk: {:?}",
+        s2.executed()
+    );
+    assert!(sum_file.is_file(), "{sum_file:?} kept for the next build");
+
+    // Without the sum file the tree is checksummed again and the new inode is read.
+    std::fs::remove_file(&sum_file)?;
+    let s3 = solve(&w.worker, &st, session.clone()).await;
+    assert_eq!(s3.executed(), vec!["local://ctx"]);
+    assert_eq!(read(s3.ok(), "/f2").await?.as_deref(), Some("FILE 2"));
+    Ok(())
+}
+
+/// A copy from a new local-source snapshot takes the checksum the source computed for its
+/// own key; a worker restarted on the same root computes it from the snapshot instead, and
+/// must get the same copy keys (both copies stay cached), for a plain copy of `/` and for a
+/// Dockerfile-style one (wildcards allowed, symlinks followed).
+#[tokio::test]
+async fn copy_keys_from_the_sources_checksum_match_computed_ones() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    require_root();
+    let root = tempfile::Builder::new()
+        .prefix("berth-worker-local-memo-")
+        .tempdir_in("/var/tmp")?;
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    std::fs::create_dir(d.join("sub"))?;
+    std::fs::set_permissions(d.join("sub"), std::fs::Permissions::from_mode(0o750))?;
+    std::fs::write(d.join("sub/a"), "a")?;
+    std::os::unix::fs::chown(d.join("sub/a"), Some(1234), Some(5678))?;
+    std::fs::write(d.join("b"), "b")?;
+    std::os::unix::fs::symlink("sub/a", d.join("link"))?;
+    let session = DirSession::with("ctx", d);
+    let local: llb::State = llb::local("ctx").into();
+    let st = llb::scratch()
+        .file(
+            llb::copy(&local, "/", "/plain", llb::CopyOpts::default()).copy(
+                &local,
+                "/",
+                "/docker",
+                llb::CopyOpts::default()
+                    .allow_wildcard(true)
+                    .follow_symlinks(true)
+                    .create_dest_path(true),
+            ),
+        )
+        .custom_name("copy ctx");
+    let def = st.marshal()?;
+    for round in 0..2 {
+        {
+            let w = worker::Worker::new(worker::WorkerOptions::new(root.path()))?;
+            let s = solve_def(&w, def.clone(), session.clone()).await;
+            assert_eq!(
+                s.executed(),
+                vec!["copy ctx", "local://ctx"],
+                "round {round}"
+            );
+            // Restarted: nothing in memory, the checksum comes from the snapshot.
+            drop(s);
+            drop(w);
+            let w = worker::Worker::new(worker::WorkerOptions::new(root.path()))?;
+            let s = solve_def(&w, def.clone(), session.clone()).await;
+            assert!(
+                s.executed().is_empty(),
+                "round {round}: same keys after a restart: {:?}",
+                s.executed()
+            );
+            assert_eq!(read(s.ok(), "/plain/sub/a").await?.as_deref(), Some("a"));
+        }
+        // Round 1: one file changed.
+        std::fs::write(d.join("b"), "B2")?;
+    }
+    Ok(())
+}

@@ -28,7 +28,7 @@ impl SessionProvider for TestSession {
         req: &LocalSync,
         _dest: &Path,
         _progress: &TransferProgress,
-    ) -> worker::Result<u64> {
+    ) -> worker::Result<worker::SyncStats> {
         Err(worker::Error::session(
             worker::ErrorKind::NotFound,
             format!("test session has no local dir {:?}", req.name),

@@ -17,6 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::metadata::MetadataValue;
 use tonic_prost::ProstCodec;
+use tracing::Instrument as _;
 
 /// `FileSync/DiffCopy`.
 pub const FILESYNC_DIFFCOPY: &str = "/moby.filesync.v1.FileSync/DiffCopy";
@@ -109,8 +110,10 @@ pub async fn sync_local(
         )));
     }
     let what = format!("transfer local {:?}", req.name);
+    // Until the client answers the DiffCopy call (with its first STAT).
+    let negotiate = tracing::debug_span!("local.sync.negotiate");
     let mut g = grpc(session);
-    ready(&mut g, session).await?;
+    ready(&mut g, session).instrument(negotiate.clone()).await?;
     let (tx, rx) = mpsc::channel::<fsutil::Packet>(64);
     let mut request = tonic::Request::new(ReceiverStream::new(rx).map(WirePacket::from));
     {
@@ -131,7 +134,7 @@ pub async fn sync_local(
     let call = g.streaming(request, PathAndQuery::from_static(FILESYNC_DIFFCOPY), codec);
     // The call resolves when the client answers with headers, which it does with its first STAT.
     let resp = tokio::select! {
-        r = call => r.map_err(|st| Error::from_status(&what, &st))?,
+        r = call.instrument(negotiate) => r.map_err(|st| Error::from_status(&what, &st))?,
         _ = session.closed.cancelled() => return Err(Error::unavailable(format!("{what}: session {} closed", session.id))),
     };
     drop(tx);

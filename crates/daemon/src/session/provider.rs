@@ -73,7 +73,7 @@ impl worker::SessionProvider for JobSession {
         req: &LocalSync,
         dest: &Path,
         progress: &TransferProgress,
-    ) -> worker::Result<u64> {
+    ) -> worker::Result<worker::SyncStats> {
         let what = format!("sync local {:?}", req.name);
         let session = self.session(req.session_id.as_deref(), &what).await?;
         let sync = LocalSyncRequest {
@@ -91,7 +91,8 @@ impl worker::SessionProvider for JobSession {
         let span = tracing::debug_span!(
             "local.sync",
             name = %req.name,
-            bytes = tracing::field::Empty
+            bytes = tracing::field::Empty,
+            changed = tracing::field::Empty
         );
         let fut = calls::sync_local(&session, &sync, dest.to_path_buf(), Some(cb))
             .instrument(span.clone());
@@ -109,8 +110,12 @@ impl worker::SessionProvider for JobSession {
         .map_err(|e| to_worker(&what, e))?;
         progress.report(*rx.borrow());
         span.record("bytes", stats.bytes_written);
+        span.record("changed", stats.changed);
         crate::observe::local_bytes(stats.bytes_written);
-        Ok(stats.bytes_written)
+        Ok(worker::SyncStats {
+            bytes: stats.bytes_written,
+            unchanged: stats.unchanged(),
+        })
     }
 
     async fn get_secret(&self, id: &str) -> worker::Result<Option<Vec<u8>>> {

@@ -135,22 +135,33 @@ pub(crate) struct Batch {
 
 /// The database plus an in-memory copy of its state. The store holds the only handle (redb locks the file), so the
 /// copy is updated after each successful commit and reads never touch the disk.
+///
+/// The copy is shared (`Arc`): [`Db::load`] hands out a reference instead of cloning every table, so a lookup costs
+/// the same on a root with thousands of records as on a fresh one. A commit clones the tables only while an
+/// earlier [`Db::load`] result is still held (copy on write).
 pub(crate) struct Db {
     db: redb::Database,
-    cache: std::sync::Mutex<State>,
+    cache: std::sync::Mutex<std::sync::Arc<State>>,
+    /// Volatile commits since the last durable one (see [`Db::apply_volatile`]).
+    volatile: std::sync::atomic::AtomicU32,
 }
+
+/// At most this many volatile commits in a row: the next one is made durable, so the pages they
+/// leave behind are freed (redb frees pages only in durable commits) and the file stays small.
+const MAX_VOLATILE_RUN: u32 = 16;
 
 impl Db {
     pub fn open(path: &Path) -> Result<Db> {
         let db = redb::Database::create(path).map_err(|e| db_err("open")(e.into()))?;
         let db = Db {
             db,
-            cache: std::sync::Mutex::new(State::default()),
+            cache: std::sync::Mutex::new(std::sync::Arc::new(State::default())),
+            volatile: std::sync::atomic::AtomicU32::new(0),
         };
         // Create the tables so that readers never see "table does not exist".
         db.apply(Batch::default())?;
         let st = db.read_all()?;
-        *db.cache.lock().unwrap_or_else(|p| p.into_inner()) = st;
+        *db.cache.lock().unwrap_or_else(|p| p.into_inner()) = std::sync::Arc::new(st);
         Ok(db)
     }
 
@@ -160,8 +171,8 @@ impl Db {
         (st.snapshots.len(), st.layers.len(), st.leases.len())
     }
 
-    /// The current state (a copy of the in-memory state).
-    pub fn load(&self) -> Result<State> {
+    /// The current state: a shared, immutable view of the in-memory state (later commits do not change it).
+    pub fn load(&self) -> Result<std::sync::Arc<State>> {
         Ok(self.cache.lock().unwrap_or_else(|p| p.into_inner()).clone())
     }
 
@@ -213,10 +224,29 @@ impl Db {
 
     /// Applies a batch in one durable write transaction (the commit point).
     pub fn apply(&self, b: Batch) -> Result<()> {
-        let tx = self
+        self.commit(b, true)
+    }
+
+    /// Applies a batch without waiting for the disk: the change is visible at once and reaches
+    /// the disk with the next durable commit (or is lost in a crash before it). Only for records
+    /// a crash may lose: process-bound leases (dropped at the next open anyway) and use times.
+    /// Every [`MAX_VOLATILE_RUN`]th volatile commit in a row is made durable.
+    pub fn apply_volatile(&self, b: Batch) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        let durable = self.volatile.fetch_add(1, Ordering::Relaxed) + 1 >= MAX_VOLATILE_RUN;
+        self.commit(b, durable)
+    }
+
+    fn commit(&self, b: Batch, durable: bool) -> Result<()> {
+        let mut tx = self
             .db
             .begin_write()
             .map_err(|e| db_err("begin write")(e.into()))?;
+        if durable {
+            self.volatile.store(0, std::sync::atomic::Ordering::Relaxed);
+        } else {
+            tx.set_durability(redb::Durability::None);
+        }
         {
             let open = |e: redb::TableError| db_err("open table")(e.into());
             let w = |e: redb::StorageError| db_err("write")(e.into());
@@ -257,10 +287,8 @@ impl Db {
             }
         }
         tx.commit().map_err(|e| db_err("commit")(e.into()))?;
-        self.cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .apply(b);
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        std::sync::Arc::make_mut(&mut cache).apply(b);
         Ok(())
     }
 }

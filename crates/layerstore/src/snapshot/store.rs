@@ -525,7 +525,7 @@ impl SnapshotStore {
         // committed (mount, commit and remove of it fail meanwhile).
         let _committing = {
             let _g = self.locked();
-            check(&self.inner.db.load()?)?;
+            check(&*self.inner.db.load()?)?;
             let mut c = self.committing();
             if !c.insert(id.clone()) {
                 return Err(Error::SnapshotInUse {
@@ -550,7 +550,7 @@ impl SnapshotStore {
             "upper dir normalised for commit"
         );
         let _g = self.locked();
-        let rec = check(&self.inner.db.load()?)?;
+        let rec = check(&*self.inner.db.load()?)?;
         let lid = LayerId(random_id(12));
         let staged = self.inner.dir.join("tmp").join(format!("l-{lid}"));
         std::fs::create_dir(&staged).map_err(io_err("create dir", &staged))?;
@@ -633,6 +633,7 @@ impl SnapshotStore {
             })?,
             None => Chain::default(),
         };
+        drop(st);
         let lrec = self.finish_layer(&lid, &staged, meta, None)?;
         chain.0.push(LayerRef::Berth(lid.clone()));
         let id = SnapshotId(random_id(26));
@@ -783,7 +784,9 @@ impl SnapshotStore {
                 .ok_or_else(|| Error::SnapshotNotFound { id: id.to_string() })?;
             rec.last_used_at = Some(Utc::now());
             rec.usage_count += 1;
-            self.inner.db.apply(Batch {
+            drop(st);
+            // Only use statistics: a crash may lose them.
+            self.inner.db.apply_volatile(Batch {
                 put_snapshots: vec![(id.clone(), rec.clone())],
                 ..Default::default()
             })?;
@@ -1071,6 +1074,8 @@ impl SnapshotStore {
         if !st.snapshots.contains_key(id) {
             return Err(Error::SnapshotNotFound { id: id.to_string() });
         }
+        // A view held across a commit makes the commit copy the state.
+        drop(st);
         self.inner.db.apply(Batch {
             put_cache_keys: vec![(key.to_string(), id.clone())],
             ..Default::default()
@@ -1095,7 +1100,7 @@ impl SnapshotStore {
     fn make_lease(&self, expires_at: Option<DateTime<Utc>>) -> Result<Lease> {
         let id = random_id(20);
         let _g = self.locked();
-        self.inner.db.apply(Batch {
+        let b = Batch {
             put_leases: vec![(
                 id.clone(),
                 LeaseRec {
@@ -1104,7 +1109,14 @@ impl SnapshotStore {
                 },
             )],
             ..Default::default()
-        })?;
+        };
+        // A process-bound lease does not outlive the process (the next open drops it), so its
+        // records need not wait for the disk.
+        if expires_at.is_none() {
+            self.inner.db.apply_volatile(b)?;
+        } else {
+            self.inner.db.apply(b)?;
+        }
         Ok(Lease {
             store: self.clone(),
             id,
@@ -1378,11 +1390,18 @@ impl Lease {
         }
         snap.last_used_at = Some(Utc::now());
         snap.usage_count += 1;
-        store.inner.db.apply(Batch {
+        drop(st);
+        let volatile = rec.expires_at.is_none();
+        let b = Batch {
             put_leases: vec![(self.id.clone(), rec)],
             put_snapshots: vec![(snapshot.clone(), snap)],
             ..Default::default()
-        })
+        };
+        if volatile {
+            store.inner.db.apply_volatile(b)
+        } else {
+            store.inner.db.apply(b)
+        }
     }
 
     /// Releases the lease now.
@@ -1396,10 +1415,23 @@ impl Lease {
         }
         self.released = true;
         let _g = self.store.locked();
-        self.store.inner.db.apply(Batch {
+        let volatile = self
+            .store
+            .inner
+            .db
+            .load()?
+            .leases
+            .get(&self.id)
+            .is_none_or(|r| r.expires_at.is_none());
+        let b = Batch {
             del_leases: vec![self.id.clone()],
             ..Default::default()
-        })
+        };
+        if volatile {
+            self.store.inner.db.apply_volatile(b)
+        } else {
+            self.store.inner.db.apply(b)
+        }
     }
 }
 

@@ -154,6 +154,15 @@ fn split_wildcards(p: &str) -> (String, Option<String>) {
     }
 }
 
+/// `src` as [`resolve_wildcards`] returns it when it has no wildcard (without looking at the
+/// tree), or `None` when it has one.
+pub(crate) fn literal_path(src: &str) -> Option<String> {
+    match split_wildcards(src) {
+        (p, None) => Some(p),
+        _ => None,
+    }
+}
+
 /// Expands `src` (absolute inside `root`) into the in-root paths it matches, sorted like a Go
 /// `filepath.Walk` (lexical, parents before children). A path without wildcards is returned as
 /// is. `follow` resolves symlinks in the fixed prefix.

@@ -28,7 +28,7 @@ use crate::file::user::{self, Owner, Who};
 use crate::file::{self as fileops, checksum, glob, Attrs};
 use crate::llbsolver::cache::blocking;
 use crate::llbsolver::definition::LoadedOp;
-use crate::ops::{base_key, BuildEnv};
+use crate::ops::{base_key, BuildEnv, ChecksumKey, ChecksumMemo};
 use crate::result::Snap;
 use crate::solver::{Op, OpContext, Solved};
 
@@ -37,6 +37,7 @@ struct FileOpImpl {
     file: pb::FileOp,
     name: String,
     store: SnapshotStore,
+    shared: Arc<crate::ops::Shared>,
 }
 
 /// The solver op for `op`.
@@ -49,6 +50,7 @@ pub(crate) fn new(op: &LoadedOp, env: &Arc<BuildEnv>) -> Result<Arc<dyn Op<Snap>
         file: file.clone(),
         name: op.name.clone(),
         store: env.store.clone(),
+        shared: env.shared.clone(),
     }))
 }
 
@@ -116,50 +118,14 @@ impl Op<Snap> for FileOpImpl {
                             _ => None,
                         })
                         .collect();
-                    let sums = blocking(move || {
-                        let m = store
-                            .mount(snap.id(), None)
-                            .map_err(Error::store("mount copy source"))?;
-                        let root =
-                            Root::open(m.path()).map_err(|e| Error::io("open", m.path(), e))?;
-                        let mut sums = vec![];
-                        for c in copies {
-                            let matcher = |pats: &[String]| {
-                                if pats.is_empty() {
-                                    return Ok(None);
-                                }
-                                fsutil::patterns::PatternMatcher::new(pats)
-                                    .map(Some)
-                                    .map_err(|e| Error::FileAction {
-                                        action: "copy",
-                                        path: c.src.clone(),
-                                        reason: format!("invalid patterns: {e}"),
-                                    })
-                            };
-                            let filter = checksum::Filter {
-                                include: matcher(&c.include_patterns)?,
-                                exclude: matcher(&c.exclude_patterns)?,
-                            };
-                            let paths = if c.allow_wildcard {
-                                glob::resolve_wildcards(&root, &c.src, c.follow_symlink)
-                                    .map_err(|e| Error::io("resolve wildcards", m.path(), e))?
-                            } else {
-                                vec![c.src.clone()]
-                            };
-                            for p in paths {
-                                let sum = checksum::checksum_filtered(
-                                    &root,
-                                    &p,
-                                    c.follow_symlink,
-                                    &filter,
-                                )
-                                .map_err(|e| Error::io("checksum", m.path(), e))?;
-                                sums.push(format!("{p}\0{sum}"));
-                            }
+                    let sums = match memoized_sums(&self.shared.checksums, snap.id(), &copies) {
+                        Some(sums) => sums,
+                        None => {
+                            let shared = self.shared.clone();
+                            blocking(move || copy_sums(&store, &snap, &copies, &shared.checksums))
+                                .await?
                         }
-                        Ok(sums)
-                    })
-                    .await?;
+                    };
                     h.field(b"content");
                     for s in sums {
                         h.field(s.as_bytes());
@@ -194,6 +160,88 @@ impl Op<Snap> for FileOpImpl {
         let cancel = ctx.cancel.clone();
         blocking(move || run(&store, &file, &name, &snaps, &|| cancel.is_cancelled())).await
     }
+}
+
+/// The paths a copy checksums when they are known without looking into the source (no
+/// wildcard to expand).
+fn literal_paths(c: &pb::FileActionCopy) -> Option<Vec<String>> {
+    if !c.allow_wildcard {
+        return Some(vec![c.src.clone()]);
+    }
+    glob::literal_path(&c.src).map(|p| vec![p])
+}
+
+fn checksum_key(snap: &SnapshotId, c: &pb::FileActionCopy, path: &str) -> ChecksumKey {
+    ChecksumKey {
+        snapshot: snap.clone(),
+        path: crate::file::root::clean_abs(path),
+        follow: c.follow_symlink,
+        include: c.include_patterns.clone(),
+        exclude: c.exclude_patterns.clone(),
+    }
+}
+
+/// The copies' `path\0checksum` list from checksums already known, or `None` when one is not.
+fn memoized_sums(
+    memo: &ChecksumMemo,
+    snap: &SnapshotId,
+    copies: &[pb::FileActionCopy],
+) -> Option<Vec<String>> {
+    let mut sums = vec![];
+    for c in copies {
+        for p in literal_paths(c)? {
+            let sum = memo.get(&checksum_key(snap, c, &p))?;
+            sums.push(format!("{p}\0{sum}"));
+        }
+    }
+    Some(sums)
+}
+
+/// The copies' `path\0checksum` list, computed on a mount of `snap`; every checksum is
+/// recorded in `memo`.
+fn copy_sums(
+    store: &SnapshotStore,
+    snap: &Snap,
+    copies: &[pb::FileActionCopy],
+    memo: &ChecksumMemo,
+) -> Result<Vec<String>> {
+    let _span = tracing::debug_span!("file.checksum", copies = copies.len()).entered();
+    let m = store
+        .mount(snap.id(), None)
+        .map_err(Error::store("mount copy source"))?;
+    let root = Root::open(m.path()).map_err(|e| Error::io("open", m.path(), e))?;
+    let mut sums = vec![];
+    for c in copies {
+        let matcher = |pats: &[String]| {
+            if pats.is_empty() {
+                return Ok(None);
+            }
+            fsutil::patterns::PatternMatcher::new(pats)
+                .map(Some)
+                .map_err(|e| Error::FileAction {
+                    action: "copy",
+                    path: c.src.clone(),
+                    reason: format!("invalid patterns: {e}"),
+                })
+        };
+        let filter = checksum::Filter {
+            include: matcher(&c.include_patterns)?,
+            exclude: matcher(&c.exclude_patterns)?,
+        };
+        let paths = if c.allow_wildcard {
+            glob::resolve_wildcards(&root, &c.src, c.follow_symlink)
+                .map_err(|e| Error::io("resolve wildcards", m.path(), e))?
+        } else {
+            vec![c.src.clone()]
+        };
+        for p in paths {
+            let sum = checksum::checksum_filtered(&root, &p, c.follow_symlink, &filter)
+                .map_err(|e| Error::io("checksum", m.path(), e))?;
+            memo.insert(checksum_key(snap.id(), c, &p), sum.clone());
+            sums.push(format!("{p}\0{sum}"));
+        }
+    }
+    Ok(sums)
 }
 
 /// An uncommitted mutable snapshot; removed on drop unless committed.

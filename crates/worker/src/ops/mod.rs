@@ -38,7 +38,7 @@ use crate::result::Snap;
 use crate::session::SessionProvider;
 use crate::solver::{Op, Solved};
 use crate::worker::WorkerOptions;
-use layerstore::snapshot::SnapshotStore;
+use layerstore::snapshot::{SnapshotId, SnapshotStore};
 
 /// Worker-wide state that ops share across builds.
 pub(crate) struct Shared {
@@ -46,6 +46,67 @@ pub(crate) struct Shared {
     pub(crate) local_root: PathBuf,
     /// Locks serializing syncs into the same local directory.
     local_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Content checksums of paths in committed snapshots (see [`ChecksumMemo`]).
+    pub(crate) checksums: ChecksumMemo,
+}
+
+/// What a content checksum was taken of: a path in a committed snapshot, whether a symlink at
+/// the path was followed, and the copy's include and exclude patterns.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct ChecksumKey {
+    pub(crate) snapshot: SnapshotId,
+    /// The path, cleaned and absolute (`/a/b`).
+    pub(crate) path: String,
+    pub(crate) follow: bool,
+    pub(crate) include: Vec<String>,
+    pub(crate) exclude: Vec<String>,
+}
+
+/// Content checksums already computed, shared by the builds of this worker. A committed
+/// snapshot never changes, so a checksum taken of it stays true for as long as its id exists
+/// (ids are random and never reused): a cached rebuild looks its copy sources' checksums up
+/// here instead of mounting them and reading every file again. Local sources put the
+/// checksum of a new snapshot's root here when they create it (they computed it for their own
+/// cache key). Bounded: emptied when it reaches [`ChecksumMemo::MAX`] entries.
+#[derive(Debug, Default)]
+pub(crate) struct ChecksumMemo {
+    sums: Mutex<HashMap<ChecksumKey, String>>,
+}
+
+impl ChecksumMemo {
+    /// Entries kept at most.
+    const MAX: usize = 16 * 1024;
+
+    /// The checksum recorded for `key`, if any.
+    pub(crate) fn get(&self, key: &ChecksumKey) -> Option<String> {
+        self.sums.lock().unwrap().get(key).cloned()
+    }
+
+    /// Records the checksum of `key`.
+    pub(crate) fn insert(&self, key: ChecksumKey, sum: String) {
+        let mut m = self.sums.lock().unwrap();
+        if m.len() >= Self::MAX {
+            m.clear();
+        }
+        m.insert(key, sum);
+    }
+
+    /// Records `sum` as the unfiltered checksum of the root of `snapshot` (the same whether a
+    /// symlink at the path is followed or not: the root is no symlink).
+    pub(crate) fn insert_root(&self, snapshot: &SnapshotId, sum: &str) {
+        for follow in [false, true] {
+            self.insert(
+                ChecksumKey {
+                    snapshot: snapshot.clone(),
+                    path: "/".into(),
+                    follow,
+                    include: vec![],
+                    exclude: vec![],
+                },
+                sum.to_string(),
+            );
+        }
+    }
 }
 
 impl Shared {
@@ -57,6 +118,7 @@ impl Shared {
         Ok(Shared {
             local_root,
             local_locks: Mutex::new(HashMap::new()),
+            checksums: ChecksumMemo::default(),
         })
     }
 

@@ -7,8 +7,13 @@
 //! times) becomes the key together with the name and filters — not the session id or
 //! `local.unique`, which change between invocations. The checksum keeps a digest cache next to
 //! the directory (`<dir>.digests`, see [`DigestCache`]), so a re-sync reads only the files the
-//! receiver rewrote; the cache file is removed before a sync and written after the checksum, so
-//! a sync that fails half-way leaves no stale digests. Exec phase (cache miss only): the synced
+//! receiver rewrote, and the checksum itself (`<dir>.sum`): when the receiver reports that the
+//! sync changed nothing (every entry had the client's size, mtime in ns, mode, owner and link
+//! target, and nothing was deleted), the key reuses it and the receiver's walk is the only pass
+//! over the tree. The sum file is removed before a sync and written after the checksum, and the
+//! digest cache is trusted only when the sum file was there, so a sync that fails half-way
+//! leaves nothing stale. A new snapshot of the tree gets the checksum recorded for copies from
+//! it (`ChecksumMemo`). Exec phase (cache miss only): the synced
 //! tree becomes a new committed snapshot (record type `source.local`) whose regular files are
 //! hard links to the synced ones: the receiver never writes into an existing file (it writes a
 //! new file and renames it over the old one), so later syncs cannot change the snapshot, and a
@@ -51,6 +56,8 @@ struct LocalSource {
     session: Arc<dyn SessionProvider>,
     store: SnapshotStore,
     guard: Mutex<Option<tokio::sync::OwnedMutexGuard<()>>>,
+    /// The synced tree's checksum, set by the cache key (and given to the snapshot made of it).
+    sum: Mutex<Option<String>>,
 }
 
 /// The solver op for `op`.
@@ -97,6 +104,7 @@ pub(crate) fn new(op: &LoadedOp, env: &Arc<BuildEnv>) -> Result<Arc<dyn Op<Snap>
         session: env.session.clone(),
         store: env.store.clone(),
         guard: Mutex::new(None),
+        sum: Mutex::new(None),
     }))
 }
 
@@ -106,14 +114,15 @@ impl Op<Snap> for LocalSource {
         let guard = self.shared.local_lock(&self.lock_key).lock_owned().await;
         std::fs::create_dir_all(&self.dir)
             .map_err(|e| Error::io("create directory", &self.dir, e))?;
-        // Digests are only trusted for a tree the last checksum saw: drop them until the sync
-        // below and the checksum after it have both succeeded.
-        let cache_path = digest_cache_path(&self.dir);
-        let cache = DigestCache::load(&cache_path);
-        match std::fs::remove_file(&cache_path) {
+        // The checksum the last successful cache key left, true of the tree as it left it (and
+        // the digest cache beside it is trusted only then). Dropped until the sync below and
+        // the checksum after it have both succeeded.
+        let sum_path = sum_path(&self.dir);
+        let last_sum = read_sum(&sum_path);
+        match std::fs::remove_file(&sum_path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io("remove", &cache_path, e)),
+            Err(e) => return Err(Error::io("remove", &sum_path, e)),
         }
         let id = format!("transferring {}:", self.req.name);
         let started = SystemTime::now();
@@ -134,7 +143,7 @@ impl Op<Snap> for LocalSource {
             .session
             .sync_local(&self.req, &self.dir, &reporter)
             .await;
-        let bytes = res.as_ref().copied().unwrap_or(0);
+        let bytes = res.as_ref().map(|s| s.bytes).unwrap_or(0);
         ctx.progress.send(ProgressEvent::VertexStatus {
             vertex: ctx.vertex.clone(),
             id,
@@ -145,26 +154,52 @@ impl Op<Snap> for LocalSource {
             started: Some(started),
             completed: Some(SystemTime::now()),
         });
-        res?;
+        let synced = res?;
         let dir = self.dir.clone();
         let sum = blocking(move || {
-            let mut cache = cache;
-            let root = Root::open(&dir).map_err(|e| Error::io("open", &dir, e))?;
-            let sum = checksum_cached(&root, "/", false, &mut Some(&mut cache))
-                .map_err(|e| Error::io("checksum", &dir, e))?;
-            tracing::debug!(
-                dir = %dir.display(),
-                files_read = cache.files_read,
-                bytes_read = cache.bytes_read,
-                "local source checksum"
+            let span = tracing::debug_span!(
+                "local.checksum",
+                reused = tracing::field::Empty,
+                files_read = tracing::field::Empty,
+                bytes_read = tracing::field::Empty
             );
-            // Without the cache file the next checksum reads everything again: still correct.
-            if let Err(e) = cache.save(&cache_path) {
-                tracing::warn!(path = %cache_path.display(), error = %e, "cannot save digest cache");
+            let _entered = span.enter();
+            let sum = match last_sum {
+                // The sync changed nothing in a tree whose checksum is known: the receiver's
+                // walk was the only one this build needs.
+                Some(sum) if synced.unchanged => {
+                    span.record("reused", true);
+                    sum
+                }
+                last_sum => {
+                    span.record("reused", false);
+                    let cache_path = digest_cache_path(&dir);
+                    let mut cache = if last_sum.is_some() {
+                        DigestCache::load(&cache_path)
+                    } else {
+                        DigestCache::default()
+                    };
+                    let root = Root::open(&dir).map_err(|e| Error::io("open", &dir, e))?;
+                    let sum = checksum_cached(&root, "/", false, &mut Some(&mut cache))
+                        .map_err(|e| Error::io("checksum", &dir, e))?;
+                    span.record("files_read", cache.files_read);
+                    span.record("bytes_read", cache.bytes_read);
+                    // Without the cache file the next checksum reads everything again: still
+                    // correct.
+                    if let Err(e) = cache.save(&cache_path) {
+                        tracing::warn!(path = %cache_path.display(), error = %e, "cannot save digest cache");
+                    }
+                    sum
+                }
+            };
+            // Without the sum file the next build checksums the tree again: still correct.
+            if let Err(e) = write_sum(&sum_path, &sum) {
+                tracing::warn!(path = %sum_path.display(), error = %e, "cannot save checksum");
             }
             Ok::<_, Error>(sum)
         })
         .await?;
+        *self.sum.lock().unwrap() = Some(sum.clone());
         *self.guard.lock().unwrap() = Some(guard);
         let mut h = crate::digest::KeyHasher::new("berth.local.v1");
         h.field(self.req.name.as_bytes());
@@ -185,6 +220,7 @@ impl Op<Snap> for LocalSource {
         let desc = format!("local source for {}", self.req.name);
         let cancel = ctx.cancel.clone();
         let res = blocking(move || {
+            let _span = tracing::debug_span!("local.snapshot").entered();
             let src = open_dir_fd(&dir).map_err(|e| Error::io("open", &dir, e))?;
             let opts = SnapshotOptions {
                 description: desc,
@@ -224,13 +260,40 @@ impl Op<Snap> for LocalSource {
         .await;
         // The synced directory may change again now.
         self.guard.lock().unwrap().take();
-        Ok(vec![res?])
+        let snap = res?;
+        // The snapshot holds the synced tree: a copy from it has the checksum the cache key
+        // computed, without mounting it and reading it again.
+        if let Some(sum) = self.sum.lock().unwrap().as_deref() {
+            self.shared.checksums.insert_root(snap.id(), sum);
+        }
+        Ok(vec![snap])
     }
 }
 
 /// Where the digest cache of sync directory `dir` lives (next to it, outside the synced tree).
 fn digest_cache_path(dir: &Path) -> PathBuf {
     dir.with_extension("digests")
+}
+
+/// Where the checksum of sync directory `dir` lives while it is known to be true of the tree.
+fn sum_path(dir: &Path) -> PathBuf {
+    dir.with_extension("sum")
+}
+
+const SUM_MAGIC: &str = "berth.localsum.v1 ";
+
+/// The checksum in `path`, if the file is there and whole.
+fn read_sum(path: &Path) -> Option<String> {
+    let s = std::fs::read_to_string(path).ok()?;
+    let sum = s.strip_prefix(SUM_MAGIC)?.strip_suffix('\n')?;
+    (!sum.is_empty() && !sum.contains(char::is_whitespace)).then(|| sum.to_string())
+}
+
+/// Writes `sum` to `path` (temporary file + rename: a reader sees the old state or the new).
+fn write_sum(path: &Path, sum: &str) -> io::Result<()> {
+    let tmp = path.with_extension("sum.tmp");
+    std::fs::write(&tmp, format!("{SUM_MAGIC}{sum}\n"))?;
+    std::fs::rename(&tmp, path)
 }
 
 fn open_dir_fd(path: &Path) -> io::Result<OwnedFd> {

@@ -489,7 +489,11 @@ impl<R: Clone + Send + Sync + 'static> Solver<R> {
         );
         let key = match from_keys {
             Some(k) => Ok(k),
-            None => v.op.cache_key(&ctx, &solved).instrument(span.clone()).await,
+            None => {
+                v.op.cache_key(&ctx, &solved)
+                    .instrument(tracing::debug_span!(parent: &span, "cache_key"))
+                    .await
+            }
         };
         match key {
             Ok(key) => Ok(Keyed { key, span }),
@@ -571,7 +575,12 @@ impl<R: Clone + Send + Sync + 'static> Solver<R> {
         if v.ignore_cache {
             return Ok(None);
         }
-        if let Some(results) = self.cache.load(key, needed).await? {
+        let loaded = self
+            .cache
+            .load(key, needed)
+            .instrument(tracing::debug_span!("cache_load"))
+            .await?;
+        if let Some(results) = loaded {
             job.stats.lock().unwrap().cached += 1;
             metrics::counter!(CACHE_HITS).increment(1);
             tracing::debug!(vertex = %v.digest, key = %key, "cache hit");
@@ -621,7 +630,7 @@ impl<R: Clone + Send + Sync + 'static> Solver<R> {
             }
             tracing::debug!(vertex = %v.digest, key = %key, name = %v.name, "executing");
             let results = tokio::select! {
-                r = v.op.exec(ctx, inputs) => r?,
+                r = v.op.exec(ctx, inputs).instrument(tracing::debug_span!("exec")) => r?,
                 _ = ctx.cancel.cancelled() => return Err(Error::Canceled),
             };
             job.stats.lock().unwrap().executed += 1;

@@ -59,7 +59,7 @@ impl SessionProvider for DirSession {
         req: &LocalSync,
         dest: &Path,
         progress: &TransferProgress,
-    ) -> worker::Result<u64> {
+    ) -> worker::Result<worker::SyncStats> {
         self.syncs.fetch_add(1, Ordering::SeqCst);
         self.requests.lock().unwrap().push(req.clone());
         let Some(src) = self.dirs.get(&req.name).cloned() else {
@@ -112,7 +112,10 @@ impl SessionProvider for DirSession {
                 worker::Error::session(worker::ErrorKind::Unavailable, "send", Some(Box::new(e)))
             })?;
         progress.report(stats.bytes_written);
-        Ok(stats.bytes_written)
+        Ok(worker::SyncStats {
+            bytes: stats.bytes_written,
+            unchanged: stats.unchanged(),
+        })
     }
 }
 
