@@ -123,6 +123,19 @@ pub enum Error {
     },
 }
 
+/// `e` and its sources, `: `-joined (an [`Error::Io`]'s Display names the operation and the path,
+/// its source the errno): for a peer that sees only the text.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
 impl Error {
     pub(crate) fn protocol(message: impl Into<String>) -> Self {
         Error::Protocol {

@@ -92,7 +92,7 @@ where
     let res = receive_inner(&dest, &opts, &out, &mut incoming).await;
     if let Err(e) = &res {
         if !matches!(e, Error::Remote { .. } | Error::Transport { .. }) {
-            let _ = out.send(Packet::Err(e.to_string())).await;
+            let _ = out.send(Packet::Err(crate::error_chain(e))).await;
         }
     }
     res
@@ -265,8 +265,15 @@ where
     let written = writer.await.map_err(|e| Error::Transport {
         message: format!("writer task failed: {e}"),
     })?;
-    data_result?;
-    stats.bytes_written = written?;
+    // The writer stops early only on an error of its own (which file, which operation); the
+    // data loop then fails with just "file writer stopped", so the writer's error is the cause.
+    stats.bytes_written = match (data_result, written) {
+        (Ok(()), Ok(n)) => n,
+        (Err(e), Ok(_)) => return Err(e),
+        (Ok(()), Err(cause)) => return Err(cause),
+        (Err(e), Err(cause)) if is_writer_gone(&e) => return Err(cause),
+        (Err(e), Err(_)) => return Err(e),
+    };
 
     // 3c + 4. hardlinks, directory mtimes.
     {
@@ -308,10 +315,16 @@ where
     Ok(stats)
 }
 
+const WRITER_GONE: &str = "file writer stopped";
+
 fn writer_gone() -> Error {
     Error::Transport {
-        message: "file writer stopped".into(),
+        message: WRITER_GONE.into(),
     }
+}
+
+fn is_writer_gone(e: &Error) -> bool {
+    matches!(e, Error::Transport { message } if message == WRITER_GONE)
 }
 
 async fn next_packet<S>(incoming: &mut S) -> Result<Packet, Error>
@@ -705,7 +718,7 @@ impl Root {
             OFlags::WRONLY | OFlags::APPEND | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::empty(),
         )
-        .map_err(errno("open", self.display(&pf.rel)))?;
+        .map_err(errno("open the temporary file for", self.display(&pf.rel)))?;
         Ok(std::fs::File::from(fd))
     }
 

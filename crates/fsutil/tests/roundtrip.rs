@@ -297,3 +297,86 @@ async fn hostile_listings_are_rejected() {
     }
     assert!(!Path::new("/evil").exists());
 }
+
+/// When writing a file's data fails, the receiver returns (and sends the peer) that failure —
+/// the operation, the file and the errno — not the "file writer stopped" its data loop sees
+/// after the writer quit. Here the temporary files vanish between the listing and the data, as
+/// when a second receiver into the same directory deletes what its listing does not hold.
+#[tokio::test]
+async fn a_failed_file_write_is_reported_as_the_cause() {
+    let dst = tempfile::tempdir().unwrap();
+    let file = |p: &str| Stat {
+        path: p.into(),
+        mode: 0o644,
+        size: 1 << 20,
+        mod_time: 1_000_000_000,
+        ..Default::default()
+    };
+    let (to_recv, from_send) = mpsc::channel::<Packet>(256);
+    let (to_send, mut from_recv) = mpsc::channel::<Packet>(64);
+    let dest = dst.path().to_path_buf();
+    let recv = tokio::spawn(receive(
+        dest.clone(),
+        ReceiveOptions::default(),
+        to_send,
+        ReceiverStream::new(from_send).map(Ok::<_, Error>),
+    ));
+    for st in [file("a"), file("b")] {
+        to_recv.send(Packet::Stat(Some(st))).await.unwrap();
+    }
+    to_recv.send(Packet::Stat(None)).await.unwrap();
+    // REQs come after the receiver created its temporary files.
+    match from_recv.recv().await {
+        Some(Packet::Req { .. }) => {}
+        other => panic!("expected a REQ, got {other:?}"),
+    }
+    let tmps: Vec<_> = fs::read_dir(&dest)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(
+        tmps.len(),
+        2,
+        "one temporary file per requested file: {tmps:?}"
+    );
+    for t in &tmps {
+        fs::remove_file(t).unwrap();
+    }
+    // More chunks than the writer's queue holds: the data loop outlives the writer.
+    for id in [0u32, 1] {
+        for _ in 0..64 {
+            let chunk = bytes::Bytes::from(vec![b'x'; 16 << 10]);
+            if to_recv
+                .send(Packet::Data { id, data: chunk })
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    }
+    drop(to_recv);
+    let sent_err = tokio::spawn(async move {
+        let mut err = None;
+        while let Some(p) = from_recv.recv().await {
+            if let Packet::Err(m) = p {
+                err = Some(m);
+            }
+        }
+        err
+    });
+    let e = recv.await.unwrap().expect_err("the writes cannot succeed");
+    match &e {
+        Error::Io { op, path, source } => {
+            assert_eq!(*op, "open the temporary file for", "{e}");
+            assert_eq!(path, &dest.join("a"), "{e}");
+            assert_eq!(source.kind(), std::io::ErrorKind::NotFound, "{e}");
+        }
+        other => panic!("expected the writer's open error, got {other:?}"),
+    }
+    let msg = sent_err.await.unwrap().expect("the sender is told why");
+    assert!(
+        msg.contains("open the temporary file for") && msg.contains("No such file"),
+        "{msg}"
+    );
+}

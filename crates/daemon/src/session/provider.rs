@@ -63,7 +63,7 @@ fn kind_of(code: tonic::Code) -> ErrorKind {
 fn to_worker(what: &str, e: DaemonError) -> worker::Error {
     let kind = kind_of(e.code());
     // The worker shows `what` (vertex errors do not print sources), so the cause goes into it.
-    worker::Error::session(kind, format!("{what}: {e}"), None)
+    worker::Error::session(kind, format!("{what}: {}", e.full_message()), None)
 }
 
 #[async_trait]
