@@ -19,11 +19,30 @@ use anyhow::{bail, ensure, Context as _, Result};
 use prost::Message as _;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
-/// Stock binaries from the environment, if both are set.
+/// Where the stock v0.11.6 binaries are looked for when neither `BERTH_BENCH_BUILDKITD` /
+/// `BERTH_BENCH_BUILDCTL` nor `--stock-bin` says: the directory this project's machines build
+/// them into.
+pub const DEFAULT_STOCK_BIN: &str = "/work/anchors/bin";
+
+/// `--stock-bin DIR` (set once by argument parsing).
+pub static STOCK_BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// The stock `buildkitd` and `buildctl`: from `BERTH_BENCH_BUILDKITD` and `BERTH_BENCH_BUILDCTL`
+/// when both are set, else `buildkitd` and `buildctl` in `--stock-bin DIR` (default
+/// [`DEFAULT_STOCK_BIN`]) when both are there; `None` otherwise (the stock rows are not run).
 pub fn from_env() -> Option<(PathBuf, PathBuf)> {
-    let d = std::env::var_os("BERTH_BENCH_BUILDKITD")?;
-    let c = std::env::var_os("BERTH_BENCH_BUILDCTL")?;
-    Some((d.into(), c.into()))
+    if let (Some(d), Some(c)) = (
+        std::env::var_os("BERTH_BENCH_BUILDKITD"),
+        std::env::var_os("BERTH_BENCH_BUILDCTL"),
+    ) {
+        return Some((d.into(), c.into()));
+    }
+    let dir = STOCK_BIN
+        .get()
+        .cloned()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_STOCK_BIN));
+    let (d, c) = (dir.join("buildkitd"), dir.join("buildctl"));
+    (d.is_file() && c.is_file()).then_some((d, c))
 }
 
 /// A running stock buildkitd and the registry holding its base images; both stopped on drop

@@ -69,6 +69,15 @@ fn parse_args() -> Result<Opts> {
                 ensure!(o.scale > 0.0, "--scale must be positive");
             }
             "--out" => o.out = args.next().context("--out needs a path")?.into(),
+            "--stock-bin" => {
+                let dir: PathBuf = args.next().context("--stock-bin needs a directory")?.into();
+                ensure!(
+                    dir.join("buildkitd").is_file() && dir.join("buildctl").is_file(),
+                    "--stock-bin {}: no buildkitd and buildctl there",
+                    dir.display()
+                );
+                let _ = buildkitd::STOCK_BIN.set(dir);
+            }
             "--only" => {
                 let v = args.next().context("--only needs scenario numbers")?;
                 let nums = v
@@ -79,7 +88,19 @@ fn parse_args() -> Result<Opts> {
                 o.only = Some(nums);
             }
             "-h" | "--help" => {
-                println!("berth-bench [--scale F] [--only N,M] [--out docs/benchmarks.md]");
+                println!(
+                    "berth-bench [--scale F] [--only N,M] [--out docs/benchmarks.md] [--stock-bin DIR]\n\n\
+                     --scale F        multiply the data sizes by F (the report says so)\n\
+                     --only N,M       run only these scenario groups; rows of the others are kept\n                  \
+                     from the report at --out\n\
+                     --out PATH       where the report goes (default docs/benchmarks.md)\n\
+                     --stock-bin DIR  stock buildkitd and buildctl v0.11.6 for the stock rows (scenario\n                  \
+                     9 and the `docker load` path); default {}, overridden by\n                  \
+                     BERTH_BENCH_BUILDKITD and BERTH_BENCH_BUILDCTL\n\n\
+                     Environment: BERTH_BENCH_AGE_BUILDS (scenario 9's aging builds, default {})",
+                    buildkitd::DEFAULT_STOCK_BIN,
+                    rebuild::DEFAULT_AGE_BUILDS
+                );
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other:?} (try --help)"),
@@ -1801,13 +1822,13 @@ async fn run() -> Result<()> {
     }
     md.push_str("\n## Results\n\n");
     md.push_str(&report::merged_table(&rows, &earlier));
-    for section in &b.sections {
+    for section in report::merged_sections(&b.sections, &earlier) {
         md.push('\n');
-        md.push_str(section);
+        md.push_str(&section);
     }
     md.push_str("\n## Not measured yet\n\n");
     if buildkitd::from_env().is_none() {
-        md.push_str("- Stock buildkitd with `--output type=docker | docker load`: set `BERTH_BENCH_BUILDKITD` and `BERTH_BENCH_BUILDCTL` to stock binaries (not set for this run).\n");
+        md.push_str("- Stock buildkitd with `--output type=docker | docker load`: `--stock-bin DIR` or `BERTH_BENCH_BUILDKITD` and `BERTH_BENCH_BUILDCTL` name stock binaries (none found for this run).\n");
     }
     md.push_str("- The offline mode through berthd: the offline rows run the worker and exporter (the code berthd runs) in this process; berthd itself can build from a stopped daemon's data root since c06460d (tested in `integration/tests/daemon_offline_base.rs`), but the bench does not drive it that way yet.\n");
     md.push_str("- The containerd-store mode: Docker 20.10 has no containerd image store, so no Docker here can use it.\n");

@@ -172,14 +172,14 @@ fn rewrite(path: &Path, seed: u64) -> Result<()> {
 /// Scenario 9 (see the module docs).
 pub async fn scenario_rebuild(b: &mut Bench) -> Result<()> {
     let Some((buildkitd_bin, buildctl)) = buildkitd::from_env() else {
-        eprintln!("scenario 9: not run (BERTH_BENCH_BUILDKITD/BERTH_BENCH_BUILDCTL unset)");
+        eprintln!("scenario 9: not run (no stock buildkitd/buildctl: --stock-bin DIR or BERTH_BENCH_BUILDKITD/BERTH_BENCH_BUILDCTL)");
         b.row(
             9,
             "rebuilds with a local context vs stock buildkitd".into(),
             vec![],
             Unit::Secs,
             String::new(),
-            "not run: needs stock `buildctl` and `buildkitd` (`BERTH_BENCH_BUILDCTL`, `BERTH_BENCH_BUILDKITD`)".into(),
+            "not run: needs stock `buildctl` and `buildkitd` (`--stock-bin DIR`, or `BERTH_BENCH_BUILDCTL` and `BERTH_BENCH_BUILDKITD`)".into(),
         );
         return Ok(());
     };

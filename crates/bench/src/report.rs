@@ -114,6 +114,27 @@ pub struct Earlier {
     pub runs: Vec<String>,
     /// The earlier headline line, when scenario 1 is among the carried-over rows.
     pub headline: Option<String>,
+    /// `(scenario, text)` of the earlier `### Scenario N…` sections below the results table
+    /// (e.g. scenario 9's per-phase breakdown) for the scenarios not run now.
+    pub sections: Vec<(u32, String)>,
+}
+
+/// The scenario a report section is about, from its heading (`### Scenario 9: …`).
+pub fn section_scenario(text: &str) -> Option<u32> {
+    let rest = text.strip_prefix("### Scenario ")?;
+    let end = rest.find(|c: char| !c.is_ascii_digit())?;
+    rest[..end].parse().ok()
+}
+
+/// This run's `sections` and the `earlier` ones, ordered by scenario.
+pub fn merged_sections(sections: &[String], earlier: &Earlier) -> Vec<String> {
+    let mut all: Vec<(u32, String)> = sections
+        .iter()
+        .map(|s| (section_scenario(s).unwrap_or(u32::MAX), s.clone()))
+        .collect();
+    all.extend(earlier.sections.iter().cloned());
+    all.sort_by_key(|(n, _)| *n);
+    all.into_iter().map(|(_, s)| s).collect()
 }
 
 /// The scenario number of a Results table line (`| 7 | …`), if it is one.
@@ -146,7 +167,20 @@ pub fn earlier(old: &str, ran: &[u32]) -> Earlier {
     let mut e = Earlier::default();
     let mut section = "";
     let mut machine_run = vec![];
+    // The `### Scenario N` section being read (below the results table), if it is carried over.
+    let mut open: Option<(u32, String)> = None;
     for line in old.lines() {
+        if line.starts_with("## ") || line.starts_with("### ") {
+            e.sections.extend(open.take());
+            if let Some(n) = section_scenario(line).filter(|n| !ran.contains(n)) {
+                open = Some((n, String::new()));
+            }
+        }
+        if let Some((_, text)) = &mut open {
+            text.push_str(line);
+            text.push('\n');
+            continue;
+        }
         if let Some(h) = line.strip_prefix("## ") {
             section = match h {
                 "Machine" => "machine",
@@ -180,6 +214,7 @@ pub fn earlier(old: &str, ran: &[u32]) -> Earlier {
             _ => {}
         }
     }
+    e.sections.extend(open.take());
     if e.runs.is_empty() && !machine_run.is_empty() {
         let mut kept: Vec<u32> = e.rows.iter().map(|(n, _)| *n).collect();
         kept.dedup();
@@ -284,5 +319,36 @@ mod tests {
         let e = earlier(with_runs, &[1, 7]);
         assert_eq!(e.runs, vec![run_entry(&[8], "r1")]);
         assert_eq!(e.headline, None);
+    }
+
+    #[test]
+    fn earlier_sections_are_carried_over_for_scenarios_not_run() {
+        let old = "## Results\n\n| 9 | x | 1 | 1 ms | **1 ms** | 1 ms |  |  |\n\n\
+                   ### Scenario 9: phases\n\n| span | n |\n|---|---|\n| `solve` | 7 |\n\n\
+                   ### Scenario 10: other\n\ntext\n\n## Not measured yet\n\n- x\n";
+        let e = earlier(old, &[10]);
+        assert_eq!(
+            e.sections,
+            vec![(
+                9,
+                "### Scenario 9: phases\n\n| span | n |\n|---|---|\n| `solve` | 7 |\n\n"
+                    .to_string()
+            )]
+        );
+        assert_eq!(
+            e.rows.len(),
+            1,
+            "the table row before the section is kept: {e:?}"
+        );
+        let merged = merged_sections(&["### Scenario 10: new\n".to_string()], &e);
+        assert_eq!(
+            merged
+                .iter()
+                .map(|s| section_scenario(s))
+                .collect::<Vec<_>>(),
+            vec![Some(9), Some(10)]
+        );
+        // Re-running 9 drops its old section.
+        assert!(earlier(old, &[9, 10]).sections.is_empty());
     }
 }
