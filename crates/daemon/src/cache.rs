@@ -208,6 +208,20 @@ async fn export_one(
         target: None,
     };
     let trace = trace.unwrap_or(&empty);
+    if let ExportTarget::S3 {
+        bucket,
+        endpoint_url,
+    } = &spec.target
+    {
+        // Refused here, before any layer is compressed for it.
+        return Err(Error::unimplemented(format!(
+            "export cache: exporting cache to s3 bucket {bucket:?}{}: berthd has no s3 cache backend",
+            endpoint_url
+                .as_deref()
+                .map(|u| format!(" at {u}"))
+                .unwrap_or_default()
+        )));
+    }
     let built = remotecache::build(
         trace,
         spec.mode,
@@ -230,9 +244,12 @@ async fn export_one(
                 Error::invalid(format!("local cache exporter requires session: {e}"))
             })?;
             let store = SessionContentStore::new(session, format!("local:{dest}"));
-            built.write_to(&store, &report).await
+            match store.check_id() {
+                Ok(()) => built.write_to(&store, &report).await,
+                Err(e) => Err(e),
+            }
         }
-        ExportTarget::Inline => return Ok(None),
+        ExportTarget::S3 { .. } | ExportTarget::Inline => return Ok(None),
     }
     .map_err(|e| Error::unavailable(format!("export cache: {e}")))?;
     tracing::info!(

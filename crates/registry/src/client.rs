@@ -273,6 +273,37 @@ fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(200 * 3u64.pow(attempt.min(4)))
 }
 
+/// Describes a failed request to `host` (`name:port`) the way Go's `net` package does, because
+/// clients and tests of buildkitd match on those words (`dial tcp: lookup fake-url`, `no such
+/// host`, `connection refused`); anything else is the innermost cause's own text.
+fn network_reason(host: &str, e: &(dyn std::error::Error + 'static)) -> String {
+    let mut chain: Vec<&(dyn std::error::Error + 'static)> = vec![e];
+    while let Some(next) = chain.last().and_then(|c| c.source()) {
+        chain.push(next);
+    }
+    let name = match host.rsplit_once(':') {
+        Some((n, port)) if !port.contains(']') => n,
+        _ => host,
+    };
+    let name = name.trim_start_matches('[').trim_end_matches(']');
+    // hyper-util wraps resolver failures as "dns error"; the io error below says what failed.
+    if chain.iter().any(|c| c.to_string().starts_with("dns error")) {
+        return format!("dial tcp: lookup {name}: no such host");
+    }
+    for c in &chain {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => {
+                    return format!("dial tcp {host}: connect: connection refused")
+                }
+                std::io::ErrorKind::TimedOut => return format!("dial tcp {host}: i/o timeout"),
+                _ => {}
+            }
+        }
+    }
+    chain.last().map(|c| c.to_string()).unwrap_or_default()
+}
+
 /// Context naming a request in errors.
 struct Step<'a> {
     reference: &'a Reference,
@@ -281,11 +312,13 @@ struct Step<'a> {
 
 impl Step<'_> {
     fn unreachable(&self, ep: &Endpoint, e: impl Into<crate::error::BoxError>) -> Error {
+        let source = e.into();
         Error::Unreachable {
             reference: self.reference.to_string(),
             step: self.step.to_string(),
             host: ep.host.clone(),
-            source: e.into(),
+            reason: network_reason(&ep.host, source.as_ref()),
+            source,
         }
     }
 
@@ -1382,5 +1415,48 @@ fn foreign_endpoint(url: &str) -> Endpoint {
         skip_verify: false,
         capability: Capability::Pull,
         config_key: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::network_reason;
+
+    /// hyper-util's shape of a failed lookup: "dns error" over the resolver's io error.
+    #[derive(Debug)]
+    struct Dns(std::io::Error);
+
+    impl std::fmt::Display for Dns {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("dns error")
+        }
+    }
+
+    impl std::error::Error for Dns {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn network_errors_read_as_go_writes_them() {
+        let lookup = Dns(std::io::Error::other(
+            "failed to lookup address information: Name or service not known",
+        ));
+        assert_eq!(
+            network_reason("fake-url:5000", &lookup),
+            "dial tcp: lookup fake-url: no such host"
+        );
+        let refused = std::net::TcpStream::connect("127.0.0.1:1").unwrap_err();
+        assert_eq!(
+            network_reason("127.0.0.1:1", &refused),
+            "dial tcp 127.0.0.1:1: connect: connection refused"
+        );
+        assert_eq!(
+            network_reason("[::1]:5000", &Dns(std::io::Error::other("x"))),
+            "dial tcp: lookup ::1: no such host"
+        );
+        let other = std::io::Error::other("broken pipe");
+        assert_eq!(network_reason("h:1", &other), "broken pipe");
     }
 }

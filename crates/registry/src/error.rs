@@ -52,7 +52,7 @@ pub enum Error {
         source: Option<BoxError>,
     },
     /// No endpoint of the registry answered.
-    #[error("{step} {reference}: {host} unreachable")]
+    #[error("{step} {reference}: {host} unreachable: {reason}")]
     Unreachable {
         /// The reference.
         reference: String,
@@ -60,6 +60,9 @@ pub enum Error {
         step: String,
         /// The endpoint last tried.
         host: String,
+        /// Why, in the words Go's `net` package (so buildkitd) uses: `dial tcp: lookup HOST: no
+        /// such host`, `dial tcp HOST:PORT: connect: connection refused`, …
+        reason: String,
         /// The network error.
         #[source]
         source: BoxError,

@@ -33,6 +33,15 @@ pub enum ExportTarget {
     },
     /// `type=inline`: records in the exported image's config.
     Inline,
+    /// `type=s3`: accepted as buildkitd accepts it (its bucket and region checked), but berthd
+    /// has no S3 backend, so the export itself fails (a build with `ignore-error=true` still
+    /// succeeds, as with buildkitd when the bucket cannot be reached).
+    S3 {
+        /// `bucket` (or `$AWS_BUCKET`).
+        bucket: String,
+        /// `endpoint_url`, when given.
+        endpoint_url: Option<String>,
+    },
 }
 
 /// Layer compression of an export.
@@ -116,6 +125,25 @@ pub fn parse_export(kind: &str, attrs: &BTreeMap<String, String>) -> Result<Expo
             }
         }
         "inline" => ExportTarget::Inline,
+        "s3" => {
+            // buildkitd falls back to the daemon's environment for these two.
+            let from = |attr: &str, env: &str| {
+                attrs
+                    .get(attr)
+                    .cloned()
+                    .or_else(|| std::env::var(env).ok())
+                    .filter(|v| !v.is_empty())
+            };
+            let bucket = from("bucket", "AWS_BUCKET")
+                .ok_or_else(|| Error::invalid("bucket ($AWS_BUCKET) not set for s3 cache"))?;
+            if from("region", "AWS_REGION").is_none() {
+                return Err(Error::invalid("region ($AWS_REGION) not set for s3 cache"));
+            }
+            ExportTarget::S3 {
+                bucket,
+                endpoint_url: attrs.get("endpoint_url").cloned(),
+            }
+        }
         other => {
             return Err(Error::invalid(format!("unknown cache exporter: {other:?}")));
         }
@@ -257,6 +285,32 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("unknown cache exporter: \"s4\""));
+        // s3 is accepted as buildkitd accepts it; its bucket is required (the test process
+        // has no $AWS_BUCKET).
+        assert_eq!(
+            parse_export(
+                "s3",
+                &a(&[
+                    ("bucket", "b"),
+                    ("region", "us-east-1"),
+                    ("endpoint_url", "http://fake-url:9000")
+                ])
+            )
+            .unwrap()
+            .target,
+            ExportTarget::S3 {
+                bucket: "b".into(),
+                endpoint_url: Some("http://fake-url:9000".into())
+            }
+        );
+        if std::env::var_os("AWS_BUCKET").is_none() {
+            assert_eq!(
+                parse_export("s3", &a(&[("region", "r")]))
+                    .unwrap_err()
+                    .to_string(),
+                "bucket ($AWS_BUCKET) not set for s3 cache"
+            );
+        }
         assert_eq!(
             parse_export("inline", &a(&[("mode", "weird")]))
                 .unwrap()

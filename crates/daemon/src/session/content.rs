@@ -121,7 +121,20 @@ impl SessionContentStore {
             .max_encoding_message_size(64 << 20)
     }
 
+    /// Refuses a store id that cannot travel in the `buildkit-attachable-store-id` header, in the
+    /// words of grpc-go (which buildkitd's session client is): header values are printable ASCII
+    /// only, so `local:éèç` fails before anything is read or written.
+    pub fn check_id(&self) -> remotecache::Result<()> {
+        if self.id.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
+            return Ok(());
+        }
+        Err(remotecache::Error::Other(format!(
+            "rpc error: code = Internal desc = header key {STORE_ID_HEADER:?} contains value with non-printable ASCII characters"
+        )))
+    }
+
     fn request<T>(&self, msg: T) -> remotecache::Result<tonic::Request<T>> {
+        self.check_id()?;
         let mut req = tonic::Request::new(msg);
         let v = tonic::metadata::MetadataValue::try_from(self.id.as_str())
             .map_err(|_| remotecache::Error::Other(format!("invalid store id {:?}", self.id)))?;
