@@ -428,19 +428,52 @@ async fn inline_cache_in_a_pushed_image_serves_node_b() {
     );
     assert!(records.as_array().unwrap().len() >= 3, "{records}");
 
+    // Node B rebuilds from that image and pushes with the inline cache again (BuildKit's
+    // TestBasicInlineCacheImportExport): the image is byte for byte node A's — same layer
+    // blobs, same history times (the cache's, not the download's), same records.
+    let image_b = format!("{}/berth-cache/app:{}-b", n.reg.addr(), n.marker);
     let client_b = n.berthd_b.client().await.unwrap();
     let rb = client_b
         .build(BuildOptions {
             definition: Some(n.def.clone()),
             output: Output::Raw(
                 "image".into(),
-                BTreeMap::from([("name".to_string(), "berth-test/inline:b".to_string())]),
+                BTreeMap::from([
+                    ("name".to_string(), image_b.clone()),
+                    ("push".to_string(), "true".to_string()),
+                ]),
             ),
+            cache_exports: vec![entry("inline", &[])],
             cache_imports: vec![entry("registry", &[("ref", &image_ref)])],
             ..Default::default()
         })
         .await
         .unwrap();
     report_ok(&rb, &n.berthd_b.log_text());
-    n.assert_b_reused_a(&rb, &image_ref, "berth-test/inline:b");
+    n.assert_b_reused_a(&rb, &image_ref, &image_b);
+    // The layers that came from the cache are node A's: same blobs, same history entries (the
+    // exporter's creation times, not the download's), same records and `created`. The base
+    // image's history entries are each node's pull time, as with buildkitd (a pulled layer is
+    // created when it is pulled; an LLB build carries no base config with its history).
+    let img_b = rs
+        .resolve_image(
+            &registry::Reference::parse(&image_b).unwrap(),
+            &registry::Platform::native(),
+        )
+        .await
+        .unwrap();
+    let config_b: serde_json::Value = serde_json::from_slice(&img_b.config).unwrap();
+    let both = format!(
+        "A: {}\nB: {}",
+        String::from_utf8_lossy(&img.config),
+        String::from_utf8_lossy(&img_b.config)
+    );
+    assert_eq!(img.manifest.layers, img_b.manifest.layers, "{both}");
+    let base_n = n.base.layers.len();
+    let history = |c: &serde_json::Value| c["history"].as_array().unwrap()[base_n..].to_vec();
+    assert_eq!(history(&config), history(&config_b), "{both}");
+    assert_eq!(history(&config).len(), 2, "{both}");
+    for k in ["moby.buildkit.cache.v0", "created", "rootfs", "config"] {
+        assert_eq!(config[k], config_b[k], "{k}: {both}");
+    }
 }

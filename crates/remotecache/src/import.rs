@@ -7,14 +7,19 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use base64::Engine as _;
+use chrono::{DateTime, Utc};
 use registry::{BlockingBlob, Reference, Session};
 use serde::Deserialize;
 use worker::{CacheSource, RemoteLayer};
 
-use crate::config::{CacheConfig, CacheLayer, ANNOTATION_UNCOMPRESSED, CACHE_CONFIG_MEDIA_TYPE};
+use crate::config::{
+    CacheConfig, CacheLayer, ANNOTATION_CREATED_AT, ANNOTATION_UNCOMPRESSED,
+    CACHE_CONFIG_MEDIA_TYPE,
+};
 use crate::store::{read_all, ContentStore};
 use crate::{Error, Result};
 
@@ -48,6 +53,16 @@ struct ImageConfig {
     rootfs: Option<RootFs>,
     #[serde(rename = "moby.buildkit.cache.v0", default)]
     cache: Option<String>,
+    #[serde(default)]
+    history: Vec<History>,
+}
+
+#[derive(Debug, Deserialize)]
+struct History {
+    #[serde(default)]
+    created: Option<DateTime<Utc>>,
+    #[serde(default)]
+    empty_layer: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -119,15 +134,28 @@ pub fn results_by_key(
     out
 }
 
-fn remote_layer(d: &Desc, diff_id: Option<&str>) -> Option<RemoteLayer> {
+/// The layer `d` of a cache; `diff_id` and `created` (from an image config) override the
+/// descriptor's annotations.
+fn remote_layer(
+    d: &Desc,
+    diff_id: Option<&str>,
+    created: Option<DateTime<Utc>>,
+) -> Option<RemoteLayer> {
     let diff_id = diff_id
         .map(str::to_string)
         .or_else(|| d.annotations.get(ANNOTATION_UNCOMPRESSED).cloned())?;
+    let created = created.or_else(|| {
+        d.annotations
+            .get(ANNOTATION_CREATED_AT)
+            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.with_timezone(&Utc))
+    });
     Some(RemoteLayer {
         digest: d.digest.clone(),
         media_type: d.media_type.clone(),
         size: d.size,
         diff_id,
+        created_at: created.map(SystemTime::from),
     })
 }
 
@@ -202,7 +230,7 @@ async fn parse(
             let descs: HashMap<String, RemoteLayer> = ms
                 .iter()
                 .filter(|m| m.media_type != CACHE_CONFIG_MEDIA_TYPE)
-                .filter_map(|m| remote_layer(m, None).map(|l| (m.digest.clone(), l)))
+                .filter_map(|m| remote_layer(m, None, None).map(|l| (m.digest.clone(), l)))
                 .collect();
             return Ok(results_by_key(&config, &descs));
         }
@@ -259,14 +287,25 @@ async fn inline(
         layers: vec![],
         records,
     };
+    // The creation time of each layer is its history entry's (entries of empty layers skipped),
+    // as BuildKit reads an inline cache; a history that does not cover the layers gives none.
+    let mut created: Vec<Option<DateTime<Utc>>> = img
+        .history
+        .iter()
+        .filter(|h| !h.empty_layer)
+        .map(|h| h.created)
+        .collect();
+    if created.len() != layers.len() {
+        created = vec![None; layers.len()];
+    }
     let mut descs = HashMap::new();
-    for (i, (l, d)) in layers.iter().zip(&diff_ids).enumerate() {
+    for (i, ((l, d), c)) in layers.iter().zip(&diff_ids).zip(created).enumerate() {
         config.layers.push(CacheLayer {
             blob: l.digest.clone(),
             parent_index: i as i64 - 1,
             annotations: None,
         });
-        if let Some(rl) = remote_layer(l, Some(d)) {
+        if let Some(rl) = remote_layer(l, Some(d), c) {
             descs.insert(l.digest.clone(), rl);
         }
     }
@@ -363,6 +402,7 @@ mod tests {
             media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
             size: 1,
             diff_id: format!("diff-{d}"),
+            created_at: None,
         }
     }
 

@@ -39,6 +39,10 @@ pub struct RemoteLayer {
     pub size: u64,
     /// `sha256:…` of the uncompressed tar (`containerd.io/uncompressed`).
     pub diff_id: String,
+    /// When the exporting node created the layer (`buildkit/createdat`, or the image history
+    /// for an inline cache). The applied layer keeps it, so an image rebuilt from the cache has
+    /// the exporter's history times and so its digest, as with BuildKit.
+    pub created_at: Option<std::time::SystemTime>,
 }
 
 /// A cache imported for one build.

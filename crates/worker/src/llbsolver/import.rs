@@ -12,6 +12,7 @@ use layerstore::snapshot::{
     Chain, DockerLayer, LayerMeta, LayerRef, SnapshotId, SnapshotOptions, SnapshotStore,
 };
 use layerstore::tar::{apply_layer, chain_ids, write_layer, ApplyOptions, Digest, WriteOptions};
+use rustix::fs::AtFlags;
 use sha2::{Digest as _, Sha256};
 use tokio::sync::OnceCell;
 
@@ -280,6 +281,17 @@ fn apply_blob(
             stats.diff_id, l.diff_id
         )));
     }
+    if let Some(t) = l.created_at {
+        // The exporter's creation time (layer times are the tree root's mtime): an image
+        // rebuilt from this cache gets the history, so the digest, the exporter's image had.
+        let ts = rustix::fs::Timestamps {
+            last_access: timespec(SystemTime::now()),
+            last_modification: timespec(t),
+        };
+        if let Err(e) = rustix::fs::utimensat(rustix::fs::CWD, dir, &ts, AtFlags::empty()) {
+            tracing::debug!(layer = %l.digest, error = %e, "keeping the import time of a layer");
+        }
+    }
     let again = write_layer(dir, io::sink(), None, &WriteOptions::default())?;
     Ok(if again.diff_id == stats.diff_id {
         LayerMeta {
@@ -290,6 +302,14 @@ fn apply_blob(
     } else {
         LayerMeta::default()
     })
+}
+
+fn timespec(t: SystemTime) -> rustix::fs::Timespec {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    rustix::fs::Timespec {
+        tv_sec: d.as_secs() as i64,
+        tv_nsec: d.subsec_nanos() as _,
+    }
 }
 
 struct HashingReader {
