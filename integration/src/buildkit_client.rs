@@ -418,6 +418,7 @@ impl BuildkitClient {
             output: opts.output.clone(),
             secrets: opts.secrets.clone(),
             ssh_agents: opts.ssh_agents.clone(),
+            registry_auth: opts.registry_auth.clone(),
             shared_key: String::new(),
             ..Default::default()
         };
@@ -653,6 +654,9 @@ pub struct BuildOptions {
     /// `--import-cache` entries, sent with the `LLBBridge.Solve` of the definition (as BuildKit's
     /// Go client and frontends pass them).
     pub cache_imports: Vec<control::CacheOptionsEntry>,
+    /// Registry credentials the session's `Auth.Credentials` gives: host → (username, secret),
+    /// as buildctl answers from the Docker config's `auths`.
+    pub registry_auth: BTreeMap<String, (String, String)>,
 }
 
 /// Everything observed during one build.
@@ -718,6 +722,9 @@ pub struct Attachables {
     pub secrets: BTreeMap<String, Vec<u8>>,
     /// SSH agents (id → agent socket), served through `SSH/CheckAgent` and `SSH/ForwardAgent`.
     pub ssh_agents: BTreeMap<String, PathBuf>,
+    /// Registry credentials (host → (username, secret)) served through `Auth/Credentials`;
+    /// other hosts get empty credentials (anonymous).
+    pub registry_auth: BTreeMap<String, (String, String)>,
     /// `x-docker-expose-session-sharedkey`.
     pub shared_key: String,
     /// Content bytes FileSync sent (filled in while the session runs).
@@ -945,11 +952,19 @@ impl tower::Service<http::Request<hyper::body::Incoming>> for SessionServer {
                         protos::moby::filesync::v1::CredentialsResponse,
                         protos::moby::filesync::v1::CredentialsRequest,
                     > = Default::default();
+                    let st = state.clone();
                     let svc = Unary(
-                        |_r: tonic::Request<protos::moby::filesync::v1::CredentialsRequest>| async {
-                            Ok(tonic::Response::new(
-                                protos::moby::filesync::v1::CredentialsResponse::default(),
-                            ))
+                        move |r: tonic::Request<protos::moby::filesync::v1::CredentialsRequest>| {
+                            let found = st.registry_auth.get(&r.get_ref().host).cloned();
+                            async move {
+                                let (username, secret) = found.unwrap_or_default();
+                                Ok(tonic::Response::new(
+                                    protos::moby::filesync::v1::CredentialsResponse {
+                                        username,
+                                        secret,
+                                    },
+                                ))
+                            }
                         },
                     );
                     tonic::server::Grpc::new(codec).unary(svc, req).await

@@ -53,7 +53,14 @@ impl Registry {
     ///
     /// Panics when `/usr/bin/docker-registry` (package `docker-registry`) is missing.
     pub fn start() -> Result<Self> {
-        Self::start_in(None)
+        Self::start_in(None, None)
+    }
+
+    /// Like [`Registry::start`], with `auth: htpasswd` (Basic auth, realm `berth-registry`):
+    /// `htpasswd` is the file's content, `user:$2y$…` lines (bcrypt, which is all distribution
+    /// accepts). Requests without valid credentials get 401.
+    pub fn start_with_htpasswd(htpasswd: &str) -> Result<Self> {
+        Self::start_in(None, Some(htpasswd))
     }
 
     /// Like [`Registry::start`], listening on `127.0.0.1` of another network namespace (e.g.
@@ -73,22 +80,31 @@ impl Registry {
                 String::from_utf8_lossy(&up.stderr)
             );
         }
-        Self::start_in(Some(netns.to_path_buf()))
+        Self::start_in(Some(netns.to_path_buf()), None)
     }
 
-    fn start_in(netns: Option<PathBuf>) -> Result<Self> {
+    fn start_in(netns: Option<PathBuf>, htpasswd: Option<&str>) -> Result<Self> {
         let binary = crate::require_tool(REGISTRY_BIN, "docker-registry");
         let dir = tempfile::Builder::new()
             .prefix(&format!("berth-registry-{}-", std::process::id()))
             .tempdir()
             .context("creating registry temp dir")?;
         std::fs::create_dir(dir.path().join("storage"))?;
+        if let Some(h) = htpasswd {
+            std::fs::write(dir.path().join("htpasswd"), h)?;
+        }
         let mut last_error = None;
         // The port is picked by binding :0 and released before the registry binds it; another
         // process could take it in between, so a start that fails early is retried on a new port.
         for _ in 0..5 {
             let port = in_netns(netns.as_deref(), free_port)?;
-            match Self::launch(&binary, dir.path(), port, netns.as_deref()) {
+            match Self::launch(
+                &binary,
+                dir.path(),
+                port,
+                netns.as_deref(),
+                htpasswd.is_some(),
+            ) {
                 Ok(child) => {
                     return Ok(Self {
                         dir,
@@ -108,8 +124,9 @@ impl Registry {
         dir: &std::path::Path,
         port: u16,
         netns: Option<&Path>,
+        htpasswd: bool,
     ) -> Result<Child> {
-        let config = format!(
+        let mut config = format!(
             "version: 0.1\n\
              log:\n  level: info\n  formatter: text\n\
              storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n\
@@ -117,6 +134,12 @@ impl Registry {
              http:\n  addr: 127.0.0.1:{port}\n",
             storage = dir.join("storage").display(),
         );
+        if htpasswd {
+            config.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: berth-registry\n    path: {}\n",
+                dir.join("htpasswd").display()
+            ));
+        }
         let config_path = dir.join("config.yml");
         std::fs::write(&config_path, config)?;
         let log = dir.join("registry.log");
@@ -151,7 +174,8 @@ impl Registry {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             match in_netns(netns, || http_get(&addr, "/v2/")) {
-                Ok(r) if r.status == 200 => return Ok(child),
+                // With htpasswd, an anonymous GET /v2/ answers 401 once the registry is up.
+                Ok(r) if r.status == 200 || (htpasswd && r.status == 401) => return Ok(child),
                 _ if Instant::now() >= deadline => {
                     let _ = terminate(&mut child, "docker-registry", Duration::from_secs(5));
                     bail!(
