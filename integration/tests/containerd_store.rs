@@ -557,3 +557,184 @@ async fn eight_concurrent_exports_share_layers() {
         engine.remove_image(name).await.unwrap();
     }
 }
+
+/// Every file of a tar archive, by path.
+fn tar_files(path: &std::path::Path) -> BTreeMap<String, Vec<u8>> {
+    use std::io::Read;
+    let mut out = BTreeMap::new();
+    let mut a = tar::Archive::new(std::fs::File::open(path).expect("open archive"));
+    for e in a.entries().expect("tar entries") {
+        let mut e = e.expect("tar entry");
+        if e.header().entry_type().is_file() {
+            let p = e.path().unwrap().display().to_string();
+            let mut data = Vec::new();
+            e.read_to_end(&mut data).unwrap();
+            out.insert(p, data);
+        }
+    }
+    out
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest as _;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(data)))
+}
+
+/// Checks an OCI image layout archive as an independent reader would (every blob hashes to
+/// its name, the manifest's layers to its descriptors, each layer decompresses to the config's
+/// diffID) and returns each layer's uncompressed tar, bottom first.
+fn checked_layout(path: &std::path::Path) -> Vec<Vec<u8>> {
+    use std::io::Read;
+    let files = tar_files(path);
+    let blob = |digest: &str| -> &Vec<u8> {
+        let p = format!("blobs/sha256/{}", digest.strip_prefix("sha256:").unwrap());
+        files
+            .get(&p)
+            .unwrap_or_else(|| panic!("{p} missing from {}", path.display()))
+    };
+    for (p, data) in &files {
+        if let Some(hex) = p.strip_prefix("blobs/sha256/") {
+            assert_eq!(sha256_hex(data), format!("sha256:{hex}"), "blob {p}");
+        }
+    }
+    let index: serde_json::Value = serde_json::from_slice(&files["index.json"]).unwrap();
+    let mdesc = &index["manifests"][0];
+    let manifest: serde_json::Value =
+        serde_json::from_slice(blob(mdesc["digest"].as_str().unwrap())).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_slice(blob(manifest["config"]["digest"].as_str().unwrap())).unwrap();
+    let diff_ids = config["rootfs"]["diff_ids"].as_array().unwrap();
+    let layers = manifest["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), diff_ids.len(), "{manifest}");
+    layers
+        .iter()
+        .zip(diff_ids)
+        .map(|(l, diff_id)| {
+            let data = blob(l["digest"].as_str().unwrap());
+            assert_eq!(l["size"].as_u64(), Some(data.len() as u64), "{l}");
+            let mt = l["mediaType"].as_str().unwrap();
+            let tar = if mt.ends_with("gzip") {
+                let mut out = Vec::new();
+                flate2::read::GzDecoder::new(&data[..])
+                    .read_to_end(&mut out)
+                    .unwrap();
+                out
+            } else {
+                assert!(mt.ends_with(".tar"), "{mt}");
+                data.clone()
+            };
+            assert_eq!(sha256_hex(&tar), diff_id.as_str().unwrap(), "layer {l}");
+            tar
+        })
+        .collect()
+}
+
+/// The regular files of a layer tar: path → contents.
+fn layer_files(tar: &[u8]) -> BTreeMap<String, Vec<u8>> {
+    use std::io::Read;
+    let mut out = BTreeMap::new();
+    let mut a = tar::Archive::new(tar);
+    for e in a.entries().unwrap() {
+        let mut e = e.unwrap();
+        if e.header().entry_type().is_file() {
+            let p = e.path().unwrap().display().to_string();
+            let mut data = Vec::new();
+            e.read_to_end(&mut data).unwrap();
+            out.insert(p, data);
+        }
+    }
+    out
+}
+
+/// `type=docker`, `type=oci` and `type=tar` of a build on a base image of the Engine's store:
+/// the base layer's tar comes from containerd's content store (a gzip blob, as `docker import`
+/// stores it, decompressed and checked against its diffID); an independent reader finds every
+/// blob and diffID right, the docker archive loads into the Engine and runs, and the tarball
+/// holds the whole tree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_oci_and_tar_outputs_of_a_containerd_store_base() {
+    let env = Env::start(true);
+    let engine = env.dockerd.engine().clone();
+    let bb = busybox_image(&engine).await.unwrap();
+    let (bb_diff_ids, bb_blobs) = layers_of(&env, bb.id());
+    // The decompression is what is checked: `docker import` stores a gzip blob (`docker load`
+    // keeps an archive's uncompressed tars as they are).
+    assert_eq!(bb_diff_ids.len(), 1);
+    assert_ne!(
+        bb_diff_ids[0], bb_blobs[0],
+        "base layer blob is not compressed"
+    );
+    let st = sh(&llb::image(bb.reference()).state(), "echo built > /out");
+    let def = st.marshal().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let build = |output: Output| {
+        let def = def.clone();
+        let env = &env;
+        async move {
+            let r = env
+                .client()
+                .await
+                .build(BuildOptions {
+                    definition: Some(def),
+                    output,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            if let Err(e) = &r.solve {
+                panic!("solve failed: {e}\n{}", env.berthd.log_text());
+            }
+        }
+    };
+    let name = format!("berth-test/ctrd-out:{}", unique_name("o"));
+    let docker_path = dir.path().join("docker.tar");
+    build(Output::Docker(
+        docker_path.clone(),
+        BTreeMap::from([("name".to_string(), name.clone())]),
+    ))
+    .await;
+    let oci_path = dir.path().join("oci.tar");
+    build(Output::Oci(oci_path.clone(), BTreeMap::new())).await;
+    let tar_path = dir.path().join("fs.tar");
+    build(Output::Tar(tar_path.clone())).await;
+
+    for path in [&docker_path, &oci_path] {
+        let layers = checked_layout(path);
+        assert_eq!(layers.len(), 2, "{}", path.display());
+        // The base layer's exact bytes: the diffID of the Engine's image.
+        assert_eq!(sha256_hex(&layers[0]), bb_diff_ids[0]);
+        let base = layer_files(&layers[0]);
+        assert!(base.contains_key("bin/busybox"), "{}", path.display());
+        let top = layer_files(&layers[1]);
+        assert_eq!(top["out"], b"built\n", "{}", path.display());
+    }
+
+    // The docker archive loads into the Engine (as a new image record) and runs.
+    let file = tokio::fs::File::open(&docker_path).await.unwrap();
+    let body = bollard::body_try_stream(tokio_util::io::ReaderStream::new(file));
+    let mut progress = engine.client().import_image(
+        bollard::query_parameters::ImportImageOptions {
+            quiet: true,
+            platform: None,
+        },
+        body,
+        None,
+    );
+    while let Some(item) = progress.next().await {
+        let info = item.expect("docker load");
+        assert!(info.error_detail.is_none(), "docker load: {info:?}");
+    }
+    let out = engine
+        .run(&name, &["sh", "-c", "cat /out; wc -l < /etc/passwd"])
+        .await
+        .unwrap();
+    assert_eq!(out.assert_success().stdout, "built\n3\n");
+    engine.remove_image(&name).await.unwrap();
+
+    // The tarball is the whole tree: the base's files and the exec's.
+    let fs = tar_files(&tar_path);
+    assert_eq!(fs["out"], b"built\n");
+    assert!(fs.contains_key("bin/busybox"));
+    assert!(fs.contains_key("etc/passwd"));
+    drop(bb);
+}

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
 use containerd_client::services::v1::snapshots::{
-    ListSnapshotsRequest, RemoveSnapshotRequest, StatSnapshotRequest, ViewSnapshotRequest,
+    RemoveSnapshotRequest, StatSnapshotRequest, ViewSnapshotRequest,
 };
 use containerd_client::services::v1::{
     content_client::ContentClient, leases_client::LeasesClient, AddResourceRequest,
@@ -620,44 +620,14 @@ impl Client {
     pub async fn remove_leftovers(&self, owner: &str) -> Result<Leftovers> {
         let mut out = Leftovers::default();
         let filter = format!("labels.\"{OWNER_LABEL}\"=={owner}");
-        let mut snaps = SnapshotsClient::new(self.channel.clone());
-        let mut stream = snaps
-            .list(self.req(
-                ListSnapshotsRequest {
-                    snapshotter: self.endpoint.snapshotter.clone(),
-                    filters: vec![filter.clone()],
-                },
-                None,
-            ))
-            .await
-            .map_err(cd_err("list snapshots"))?
-            .into_inner();
-        let mut views = Vec::new();
-        while let Some(batch) = stream.message().await.map_err(cd_err("list snapshots"))? {
-            views.extend(
-                batch
-                    .info
-                    .into_iter()
-                    .filter(|i| i.name.starts_with(VIEW_PREFIX))
-                    .map(|i| i.name),
-            );
-        }
-        for key in views {
-            match snaps
-                .remove(self.req(
-                    RemoveSnapshotRequest {
-                        snapshotter: self.endpoint.snapshotter.clone(),
-                        key: key.clone(),
-                    },
-                    None,
-                ))
-                .await
-            {
-                Ok(_) => out.views += 1,
-                Err(s) if s.code() == Code::NotFound => {}
-                Err(s) => return Err(cd_err(format!("remove snapshot {key}"))(s)),
-            }
-        }
+        out.views = crate::remove_snapshots(
+            &self.channel,
+            &self.endpoint.namespace,
+            &self.endpoint.snapshotter,
+            (OWNER_LABEL, owner),
+            VIEW_PREFIX,
+        )
+        .await?;
         let leases = LeasesClient::new(self.channel.clone())
             .list(self.req(
                 LeaseList {

@@ -19,6 +19,8 @@
 //!   containerd's garbage collector, even when the image is removed from Docker meanwhile,
 //!   until the build drops it. Nothing is pulled, unpacked or copied.
 //! - [`Client::read_blob`]: a blob of the content store (`ResolveImageConfig`).
+//! - [`content_blob_path`]: where a base layer's blob is on disk, for outputs that need its tar.
+//! - [`remove_snapshots`]: removes a killed berthd's active snapshots (views, prepared keys).
 //! - [`Client::remove_leftovers`]: the leases and views a killed berthd left (they also expire
 //!   on their own: [`LEASE_EXPIRY`]).
 //!
@@ -30,11 +32,15 @@
 //! a view of a one-layer image is a read-only `bind` mount of `snapshots/<n>/fs`, a view of
 //! several layers an `overlay` mount with only `lowerdir=` (top first).
 
+mod content;
 mod endpoint;
 mod image;
+mod snapshots;
 
+pub use content::content_blob_path;
 pub use endpoint::{AddressSource, Endpoint, EndpointOptions, DEFAULT_ADDRESS, DEFAULT_NAMESPACE};
 pub use image::{BaseImage, BaseLease, Client, Leftovers, LEASE_EXPIRY, OWNER_LABEL};
+pub use snapshots::remove_snapshots;
 
 /// What went wrong talking to the Engine's containerd.
 #[derive(Debug, thiserror::Error)]

@@ -20,8 +20,7 @@ use std::sync::Arc;
 
 use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
 use containerd_client::services::v1::snapshots::{
-    CommitSnapshotRequest, ListSnapshotsRequest, PrepareSnapshotRequest, RemoveSnapshotRequest,
-    StatSnapshotRequest,
+    CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
 };
 use containerd_client::services::v1::{
     content_client::ContentClient, images_client::ImagesClient, leases_client::LeasesClient,
@@ -261,51 +260,21 @@ impl ContainerdStore {
         let list = leases
             .list(self.req(
                 LeaseList {
-                    filters: vec![filter.clone()],
+                    filters: vec![filter],
                 },
                 None,
             ))
             .await
             .map_err(cd_err("list leases"))?
             .into_inner();
-        let mut snaps = SnapshotsClient::new(self.channel.clone());
-        let listed = snaps
-            .list(self.req(
-                ListSnapshotsRequest {
-                    snapshotter: self.snapshotter.clone(),
-                    filters: vec![filter],
-                },
-                None,
-            ))
-            .await
-            .map_err(cd_err("list snapshots"))?;
-        let mut stream = listed.into_inner();
-        let mut prepared = Vec::new();
-        while let Some(batch) = stream.message().await.map_err(cd_err("list snapshots"))? {
-            prepared.extend(
-                batch
-                    .info
-                    .into_iter()
-                    .filter(|i| i.name.starts_with(EXTRACT_PREFIX))
-                    .map(|i| i.name),
-            );
-        }
-        for key in prepared {
-            match snaps
-                .remove(self.req(
-                    RemoveSnapshotRequest {
-                        snapshotter: self.snapshotter.clone(),
-                        key: key.clone(),
-                    },
-                    None,
-                ))
-                .await
-            {
-                Ok(_) => out.snapshots += 1,
-                Err(s) if s.code() == Code::NotFound => {}
-                Err(s) => return Err(cd_err(format!("remove snapshot {key}"))(s)),
-            }
-        }
+        out.snapshots = containerdstore::remove_snapshots(
+            &self.channel,
+            &self.namespace,
+            &self.snapshotter,
+            (OWNER_LABEL, &self.owner),
+            EXTRACT_PREFIX,
+        )
+        .await?;
         for lease in list.leases {
             match leases
                 .delete(self.req(

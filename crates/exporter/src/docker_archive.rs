@@ -17,7 +17,7 @@ use crate::docker_image::{
     DOCKER_MANIFEST_MEDIA_TYPE,
 };
 use crate::docker_load::chain_ids;
-use crate::layers::export_layers;
+use crate::layers::export_layer_tars;
 use crate::oci::{familiar_name, index_and_descriptor, sha256_digest};
 use crate::Result;
 
@@ -41,7 +41,7 @@ pub fn write_docker_client_archive(
     ready: &mut dyn FnMut(&ImageExportResult) -> Result<()>,
     out: &mut dyn std::io::Write,
 ) -> Result<ImageExportResult> {
-    let (layers, in_docker) = export_layers(store, req.chain)?;
+    let (layers, in_docker) = export_layer_tars(store, req.chain)?;
     let config = image_config(store, req, &layers)?;
     let manifest = docker_manifest(&config, &layers);
     let (index, descriptor) =

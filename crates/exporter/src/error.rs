@@ -31,6 +31,16 @@ pub enum Error {
         /// The layer's diffID.
         diff_id: String,
     },
+    /// A base layer of the Engine's containerd store cannot be read as a tar.
+    #[error("layer {diff_id} (blob {blob} in containerd's content store): {message}")]
+    ContainerdBlob {
+        /// The layer's diffID.
+        diff_id: String,
+        /// Its blob's digest.
+        blob: String,
+        /// What is wrong.
+        message: String,
+    },
     /// Producing a layer's tar failed.
     #[error("stream layer {diff_id}")]
     LayerStream {

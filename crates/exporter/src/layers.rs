@@ -9,6 +9,12 @@
 //! - A **Docker layer** is never re-tarred: its original bytes are reassembled from Docker's own
 //!   `tar-split.json.gz` and the files of its diff dir, as `docker save` does, so the result
 //!   hashes to the diffID Docker recorded. Live exports into the same Docker never open it.
+//! - A **layer of the Engine's containerd store** (a base image used in place) stays there for
+//!   `type=image`; outputs that carry its tar ([`export_layer_tars`]) stream its blob from
+//!   containerd's content store ([`containerdstore::content_blob_path`]), decompressing on the
+//!   fly and checking the result against the diffID. A compressed blob's uncompressed size (the
+//!   tar header and the manifest need it first) costs one decompression pass, remembered per
+//!   blob for the life of the process.
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -17,8 +23,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use base64::Engine as _;
-use layerstore::snapshot::{DockerLayer, LayerId, LayerMeta, LayerRef, SnapshotStore};
+use layerstore::snapshot::{
+    BlobDescriptor, DockerLayer, LayerId, LayerMeta, LayerRef, SnapshotStore,
+};
 use layerstore::tar::{write_layer, WriteOptions};
+use registry::{Compression, LayerVerifier};
 use serde::Deserialize;
 
 use crate::archive::{ExportLayer, LayerSource};
@@ -45,6 +54,109 @@ pub fn export_layers(
         }
     }
     Ok((layers, in_docker))
+}
+
+/// [`export_layers`] for outputs that carry every layer's tar (`type=docker`, `type=oci`,
+/// pushes, cache exports): layers of the Engine's containerd store get a source too, reading
+/// their blob from containerd's content store (module docs). Blocking.
+pub fn export_layer_tars(
+    store: &SnapshotStore,
+    chain: &[LayerRef],
+) -> Result<(Vec<ExportLayer>, Vec<bool>)> {
+    let (mut layers, in_docker) = export_layers(store, chain)?;
+    for (l, r) in layers.iter_mut().zip(chain) {
+        if let (LayerRef::Docker(d), None) = (r, &l.source) {
+            if let Some(blob) = &d.blob {
+                *l = containerd_layer(d, blob)?;
+            }
+        }
+    }
+    Ok((layers, in_docker))
+}
+
+/// Uncompressed sizes of compressed containerd blobs, by blob digest (module docs).
+static BLOB_TAR_SIZES: std::sync::Mutex<Option<std::collections::HashMap<String, u64>>> =
+    std::sync::Mutex::new(None);
+
+fn containerd_layer(d: &DockerLayer, blob: &BlobDescriptor) -> Result<ExportLayer> {
+    let fail = |message: String| Error::ContainerdBlob {
+        diff_id: d.diff_id.clone(),
+        blob: blob.digest.clone(),
+        message,
+    };
+    let path = containerdstore::content_blob_path(&d.diff_dir, &blob.digest).ok_or_else(|| {
+        fail(format!(
+            "its snapshot {} is not in an overlayfs snapshotter directory next to a content store",
+            d.diff_dir.display()
+        ))
+    })?;
+    let compression = Compression::from_media_type(&blob.media_type)
+        .ok_or_else(|| fail(format!("unsupported layer media type {}", blob.media_type)))?;
+    let source = ContainerdBlobTar {
+        path,
+        compression,
+        diff_id: d.diff_id.clone(),
+        blob: blob.digest.clone(),
+    };
+    let size = match compression {
+        Compression::Uncompressed => blob.size,
+        _ => {
+            let known = BLOB_TAR_SIZES
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .and_then(|m| m.get(&blob.digest).copied());
+            match known {
+                Some(n) => n,
+                None => {
+                    let n = source
+                        .write_tar(&mut io::sink())
+                        .map_err(|e| fail(e.to_string()))?;
+                    BLOB_TAR_SIZES
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get_or_insert_with(Default::default)
+                        .insert(blob.digest.clone(), n);
+                    n
+                }
+            }
+        }
+    };
+    Ok(ExportLayer {
+        diff_id: d.diff_id.clone(),
+        size,
+        source: Some(Arc::new(source)),
+    })
+}
+
+/// A base layer's tar, decompressed from its blob in containerd's content store.
+struct ContainerdBlobTar {
+    path: PathBuf,
+    compression: Compression,
+    diff_id: String,
+    blob: String,
+}
+
+impl ContainerdBlobTar {
+    /// Streams the tar into `out` and returns its length; fails when the blob does not
+    /// decompress to the diffID.
+    fn write_tar(&self, out: &mut dyn Write) -> io::Result<u64> {
+        let file = File::open(&self.path)
+            .map_err(|e| io::Error::new(e.kind(), format!("open {}: {e}", self.path.display())))?;
+        let mut tar = LayerVerifier::decompressed(
+            file,
+            self.compression,
+            &self.diff_id,
+            format!("blob {}", self.blob),
+        )?;
+        io::copy(&mut tar, out)
+    }
+}
+
+impl LayerSource for ContainerdBlobTar {
+    fn write_tar(&self, out: &mut dyn Write) -> io::Result<()> {
+        ContainerdBlobTar::write_tar(self, out).map(|_| ())
+    }
 }
 
 /// When a layer's content was last changed: the mtime of its tree's root directory. Layers are

@@ -34,7 +34,9 @@ pub use docker_image::{
 };
 pub use docker_load::{split_tag, DockerEngine, LoadReport};
 pub use error::{Error, Result};
-pub use layers::{berth_layer_dir, docker_layerdb_dir, export_layers, layer_created};
+pub use layers::{
+    berth_layer_dir, docker_layerdb_dir, export_layer_tars, export_layers, layer_created,
+};
 pub use oci::{
     familiar_name, normalize_name, write_oci_image_archive, Compression, OciOptions, OciProgress,
 };

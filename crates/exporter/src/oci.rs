@@ -44,7 +44,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::archive::{self, CountingWriter};
 use crate::docker_image::{image_config, ImageExportRequest, ImageExportResult};
-use crate::layers::export_layers;
+use crate::layers::export_layer_tars;
 use crate::{Error, Result};
 
 /// `org.opencontainers.image.ref.name`: the tag part of a name (OCI image layout).
@@ -301,7 +301,7 @@ pub fn write_oci_image_archive(
     progress: &mut dyn FnMut(OciProgress),
     ready: &mut dyn FnMut(&ImageExportResult) -> Result<()>,
 ) -> Result<ImageExportResult> {
-    let (layers, _) = export_layers(store, req.chain)?;
+    let (layers, _) = export_layer_tars(store, req.chain)?;
     let config = image_config(store, req, &layers)?;
     let oci = opts.oci_types || opts.compression.needs_oci_types();
     let media_type = opts.compression.layer_media_type(oci);

@@ -24,7 +24,7 @@ use registry::{BlobCache, CachedBlob, Compression, Reference, Session};
 use serde::Serialize;
 
 use crate::image::{build_config, ConfigInput, LayerInfo, Platform};
-use crate::layers::{export_layers, layer_created};
+use crate::layers::{export_layer_tars, layer_created};
 use crate::{Error, Result};
 
 /// How to push (the exporter's push attributes).
@@ -233,7 +233,7 @@ async fn prepare_layers(
 ) -> Result<(Vec<PushLayer>, Vec<crate::archive::ExportLayer>, usize)> {
     let st = store.clone();
     let chain_v = chain.to_vec();
-    let (layers, _) = tokio::task::spawn_blocking(move || export_layers(&st, &chain_v))
+    let (layers, _) = tokio::task::spawn_blocking(move || export_layer_tars(&st, &chain_v))
         .await
         .map_err(|e| Error::DockerLoad {
             message: format!("layer digest task: {e}"),
