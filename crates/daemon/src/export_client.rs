@@ -23,8 +23,8 @@
 //! layers the bound Docker Engine has; default from `[exporter.docker] thin` in the config).
 //! `oci` takes `name`, `source-date-epoch`, `compression` (`gzip` default, `zstd`,
 //! `uncompressed`), `compression-level`, `force-compression` (every layer is compressed afresh
-//! anyway: berth keeps layers as trees, not blobs), `oci-mediatypes` (default true; zstd forces it)
-//! and `tar` (only `true`: the `tar=false` layout directory goes through the session's content
+//! anyway: berth keeps layers as trees, not blobs), `oci-mediatypes` (default true; zstd does not
+//! force it, as in v0.11.6) and `tar` (only `true`: the `tar=false` layout directory goes through the session's content
 //! store, which berthd does not drive).
 
 use crate::errors::{Error, Result};
@@ -366,8 +366,7 @@ fn oci_attrs(attrs: &BTreeMap<String, String>) -> Result<OciAttrs> {
     };
     // Accepted for compatibility: berth compresses every layer afresh whatever it says.
     bool_attr(attrs, "force-compression", true)?;
-    let oci_types =
-        bool_attr(attrs, "oci-mediatypes", true)?.unwrap_or(true) || compression.needs_oci_types();
+    let oci_types = bool_attr(attrs, "oci-mediatypes", true)?.unwrap_or(true);
     Ok(OciAttrs {
         compression,
         level,

@@ -92,11 +92,6 @@ impl Compression {
         }
     }
 
-    /// Whether only OCI media types can describe it (buildkitd turns `oci-mediatypes` on).
-    pub fn needs_oci_types(self) -> bool {
-        self == Compression::Zstd
-    }
-
     /// Valid `compression-level` values.
     pub fn levels(self) -> std::ops::RangeInclusive<i32> {
         match self {
@@ -110,9 +105,11 @@ impl Compression {
         match (self, oci) {
             (Compression::Uncompressed, true) => "application/vnd.oci.image.layer.v1.tar",
             (Compression::Gzip, true) => "application/vnd.oci.image.layer.v1.tar+gzip",
-            (Compression::Zstd, _) => "application/vnd.oci.image.layer.v1.tar+zstd",
+            (Compression::Zstd, true) => "application/vnd.oci.image.layer.v1.tar+zstd",
             (Compression::Uncompressed, false) => "application/vnd.docker.image.rootfs.diff.tar",
             (Compression::Gzip, false) => "application/vnd.docker.image.rootfs.diff.tar.gzip",
+            // Not in the Docker image spec, but what BuildKit v0.11.6 writes (containerd reads it).
+            (Compression::Zstd, false) => "application/vnd.docker.image.rootfs.diff.tar.zstd",
         }
     }
 }
@@ -303,7 +300,7 @@ pub fn write_oci_image_archive(
 ) -> Result<ImageExportResult> {
     let (layers, _) = export_layer_tars(store, req.chain)?;
     let config = image_config(store, req, &layers)?;
-    let oci = opts.oci_types || opts.compression.needs_oci_types();
+    let oci = opts.oci_types;
     let media_type = opts.compression.layer_media_type(oci);
 
     // 1. Stage the blobs.
@@ -787,8 +784,13 @@ mod tests {
             "application/vnd.docker.image.rootfs.diff.tar.gzip"
         );
         assert_eq!(
-            Compression::Zstd.layer_media_type(false),
+            Compression::Zstd.layer_media_type(true),
             "application/vnd.oci.image.layer.v1.tar+zstd"
+        );
+        // zstd does not force OCI media types (BuildKit v0.11.6's zstd is not OCI-only).
+        assert_eq!(
+            Compression::Zstd.layer_media_type(false),
+            "application/vnd.docker.image.rootfs.diff.tar.zstd"
         );
     }
 

@@ -6,8 +6,8 @@
 //!   by later pushes (and other exports); `compression` = `gzip` (default), `zstd` or
 //!   `uncompressed`, `compression-level`, and `force-compression` (a cached blob made at another
 //!   level is made again);
-//! - the manifest is Docker schema 2 by default, OCI with `oci-mediatypes=true` (zstd always uses
-//!   OCI media types, as BuildKit forces for it);
+//! - the manifest is Docker schema 2 by default, OCI with `oci-mediatypes=true` (zstd layers in
+//!   a Docker manifest get `….diff.tar.zstd`: BuildKit v0.11.6 does not force OCI types for zstd);
 //! - for each name (comma-separated `name`), each blob is checked with `HEAD` first and only sent
 //!   when missing; from the second name on a registry's repository, blobs are mounted from the
 //!   first repository pushed there (cross-repository mount) when the registry allows it;
@@ -157,7 +157,7 @@ pub async fn push_image(
     progress: PushProgress,
 ) -> Result<PushedImage> {
     let refs = parse_names(names)?;
-    let oci = opts.oci || opts.compression == Compression::Zstd;
+    let oci = opts.oci;
     let (push_layers, _, compressed) = prepare_layers(store, chain, cache, opts, oci).await?;
     let m = manifest(&push_layers, config, cache, oci, &opts.annotations)?;
     let mut uploaded = 0;
@@ -473,7 +473,7 @@ pub async fn push_index(
     progress: PushProgress,
 ) -> Result<PushedImage> {
     let refs = parse_names(names)?;
-    let oci = opts.oci || opts.compression == Compression::Zstd;
+    let oci = opts.oci;
     let mut manifests = Vec::with_capacity(images.len());
     let mut compressed = 0;
     for img in images {

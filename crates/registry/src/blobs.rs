@@ -83,15 +83,16 @@ impl Compression {
         }
     }
 
-    /// The layer media type in an OCI (`oci = true`) or Docker manifest. zstd has no Docker
-    /// media type; BuildKit uses the OCI one in both.
+    /// The layer media type in an OCI (`oci = true`) or Docker manifest. zstd has no media type
+    /// in the Docker image spec; BuildKit v0.11.6 writes `….diff.tar.zstd` there.
     pub fn layer_media_type(self, oci: bool) -> &'static str {
         match (self, oci) {
             (Compression::Uncompressed, true) => "application/vnd.oci.image.layer.v1.tar",
             (Compression::Gzip, true) => "application/vnd.oci.image.layer.v1.tar+gzip",
-            (Compression::Zstd, _) => "application/vnd.oci.image.layer.v1.tar+zstd",
+            (Compression::Zstd, true) => "application/vnd.oci.image.layer.v1.tar+zstd",
             (Compression::Uncompressed, false) => "application/vnd.docker.image.rootfs.diff.tar",
             (Compression::Gzip, false) => "application/vnd.docker.image.rootfs.diff.tar.gzip",
+            (Compression::Zstd, false) => "application/vnd.docker.image.rootfs.diff.tar.zstd",
         }
     }
 
