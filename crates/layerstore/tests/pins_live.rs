@@ -115,6 +115,7 @@ async fn pin_runs_in_an_empty_image_is_shared_costs_nothing_and_reports_loss() -
     let img = resolve_base_image(&docker, &store, &tag).await?;
     let id = img.id.to_string();
     let instance = format!("berth-test-pins-{}", std::process::id());
+    let _cleanup = PinsOf(instance.clone());
 
     // Created on the caller's path, started in the background.
     let t = Instant::now();
@@ -243,17 +244,29 @@ async fn pin_runs_in_an_empty_image_is_shared_costs_nothing_and_reports_loss() -
     }
     ensure!(!err.contains("No such file"), "{err}");
 
-    // Released: no pin container left (removal runs in the background).
+    // Released by the last handle: no pin container of this test is left when `release`
+    // returns, not even one the supervisor was creating to pin the image again while the loop
+    // above removed them (release waits for it to end).
     drop(p1);
     p2.release().await?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let left = pins(&docker, &instance).await?;
-        if left.is_empty() {
-            break;
-        }
-        ensure!(Instant::now() < deadline, "pins left: {left:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let left = pins(&docker, &instance).await?;
+    ensure!(left.is_empty(), "pins left after release: {left:?}");
     Ok(())
+}
+
+/// Force-removes the test's pin containers at the end, whatever happens (they are named
+/// `berth-pin-*` and labelled with the test's own instance).
+struct PinsOf(String);
+impl Drop for PinsOf {
+    fn drop(&mut self) {
+        let filter = format!("label={PIN_LABEL}={}", self.0);
+        if let Ok(out) = Command::new("docker")
+            .args(["ps", "-aq", "--filter", &filter])
+            .output()
+        {
+            for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = Command::new("docker").args(["rm", "-f", id]).output();
+            }
+        }
+    }
 }

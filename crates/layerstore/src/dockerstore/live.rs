@@ -98,7 +98,26 @@ pub async fn resolve_base_image(
             });
         }
     }
-    let entries = store.layers_for_diff_ids(&diff_ids)?;
+    let read = || -> Result<_> {
+        let entries = store.layers_for_diff_ids(&diff_ids)?;
+        let config = store.image_config(&id)?;
+        Ok((entries, config))
+    };
+    let (entries, config) = match read() {
+        Ok(r) => r,
+        // The image may have been deleted (a prune) between the lookup and reading its layerdb
+        // and imagedb entries: then say so (the caller resolves it again), else read once more
+        // (dockerd replaces those files atomically; a second failure is real).
+        Err(e) => match docker.inspect_image(&id.to_string()).await {
+            Err(
+                gone @ bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404, ..
+                },
+            ) => return Err(api_err("inspect image")(gone)),
+            Ok(_) => read()?,
+            Err(_) => return Err(e),
+        },
+    };
     if let (Some(top), Some(upper)) = (
         entries.last(),
         inspect
@@ -115,7 +134,6 @@ pub async fn resolve_base_image(
             });
         }
     }
-    let config = store.image_config(&id)?;
     let from_config = DockerStore::config_diff_ids(&config)?;
     if from_config != diff_ids {
         return Err(Error::DockerStoreMismatch {

@@ -101,6 +101,14 @@ const RECONNECT_PAUSE: Duration = Duration::from_millis(500);
 /// How many pins in a row may be lost before the supervisor gives up re-pinning (a loop of
 /// someone removing them as fast as berth makes them).
 const MAX_REPINS: usize = 20;
+/// How long a pin stays after its last build dropped it, so that back-to-back builds of the same
+/// base (an edit-build loop, a CI job's steps) reuse the running container instead of each
+/// paying for a new one. [`Pin::release`] does not linger.
+const LINGER: Duration = Duration::from_secs(3);
+/// Longest wait in [`Pin::release`] for the supervisor to end: it ends at its next step once it
+/// sees the pin released, i.e. when its in-flight Docker request returns (a create, a start, the
+/// long poll that the container's removal ends).
+const SUPERVISOR_END: Duration = Duration::from_secs(30);
 
 /// Pin containers alive in this process.
 static PINS_HELD: AtomicUsize = AtomicUsize::new(0);
@@ -165,12 +173,45 @@ pub fn is_image_missing(e: &Error) -> bool {
 }
 
 /// Keeps an image from being deleted while a build uses it: a handle on the shared pin container
-/// of that image (module docs). Cheap to clone; the container is removed when the last handle
-/// of the process for that image goes.
+/// of that image (module docs). Cheap to clone; the container is removed [`LINGER`] after the
+/// last handle of the process for that image goes (at once with [`Pin::release`]).
 #[derive(Debug, Clone)]
 #[must_use = "the pin is released when dropped"]
 pub struct Pin {
-    shared: Arc<Shared>,
+    lease: Arc<Lease>,
+}
+
+/// One [`pin_image`] call's hold on the shared pin; when it goes, the pin lingers (see [`LINGER`]).
+#[derive(Debug)]
+struct Lease {
+    /// `None` only while being released.
+    shared: Option<Arc<Shared>>,
+}
+
+impl Lease {
+    fn new(shared: Arc<Shared>) -> Arc<Lease> {
+        Arc::new(Lease {
+            shared: Some(shared),
+        })
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let Some(shared) = self.shared.take() else {
+            return;
+        };
+        let keep = !STOPPING.load(Ordering::SeqCst) && !shared.state.lock().unwrap().given_up;
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) if keep => {
+                rt.spawn(async move {
+                    tokio::time::sleep(LINGER).await;
+                    drop(shared);
+                });
+            }
+            _ => drop(shared),
+        }
+    }
 }
 
 /// What identifies a pin container in this process.
@@ -192,6 +233,10 @@ struct Shared {
     /// stopped trying.
     settled: Arc<tokio::sync::watch::Sender<bool>>,
     supervisor: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Set when the image was resolved again because this pin was lost before any layer was
+    /// read: the pin and image every build that holds this pin uses instead (see
+    /// [`Pin::resolve_again`]).
+    replacement: tokio::sync::OnceCell<(Pin, super::BaseImage)>,
 }
 
 /// How to make (another) pin container of the image.
@@ -253,6 +298,7 @@ pub async fn pin_image(
                     ready: tokio::sync::OnceCell::new(),
                     settled: Arc::new(tokio::sync::watch::Sender::new(false)),
                     supervisor: Mutex::new(None),
+                    replacement: tokio::sync::OnceCell::new(),
                 });
                 reg.insert(key, Arc::downgrade(&s));
                 s
@@ -262,7 +308,10 @@ pub async fn pin_image(
     shared
         .ready
         .get_or_try_init(|| async {
-            let (id, name) = create(&shared.cfg).await?;
+            let (id, name) = match create(&shared.cfg).await {
+                Ok(c) => c,
+                Err(e) => return Err(missing_or(&shared.cfg, e).await),
+            };
             PINS_HELD.fetch_add(1, Ordering::Relaxed);
             shared.state.lock().unwrap().container = Some((id.clone(), name));
             let task = tokio::spawn(supervise(
@@ -276,7 +325,19 @@ pub async fn pin_image(
             Ok::<_, Error>(())
         })
         .await?;
-    Ok(Pin { shared })
+    Ok(Pin {
+        lease: Lease::new(shared),
+    })
+}
+
+/// `e`, a failed create, unless the image is gone: a prune deleted it just before (404) or
+/// while dockerd created the container (whatever dockerd answers then). Then the `inspect
+/// image` 404, which [`is_image_missing`] recognises: the caller resolves the image again.
+async fn missing_or(cfg: &Config, e: Error) -> Error {
+    match cfg.docker.inspect_image(&cfg.image).await {
+        Err(gone) if is_404(&gone) => api_err("inspect image")(gone),
+        _ => e,
+    }
 }
 
 /// Creates a pin container of `cfg.image` (not started).
@@ -620,7 +681,7 @@ async fn remove_container(docker: &Docker, id: &str) -> Result<()> {
 impl Pin {
     /// The current pin container's ID (empty if the pin was given up).
     pub fn container_id(&self) -> String {
-        self.shared
+        self.shared()
             .state
             .lock()
             .unwrap()
@@ -632,52 +693,106 @@ impl Pin {
 
     /// The image ID (or reference) pinned.
     pub fn image(&self) -> &str {
-        &self.shared.cfg.image
+        &self.shared().cfg.image
     }
 
     /// Whether the pin stopped trying: its container is gone and the image was deleted (or too
     /// many containers were lost). Callers that have not read the image's layers yet may
     /// resolve the image again.
     pub fn given_up(&self) -> bool {
-        self.shared.state.lock().unwrap().given_up
+        self.shared().state.lock().unwrap().given_up
     }
 
     /// Whether `self` and `other` are handles on the same pin.
     pub fn same_pin(&self, other: &Pin) -> bool {
-        Arc::ptr_eq(&self.shared, &other.shared)
+        Arc::ptr_eq(self.shared(), other.shared())
     }
 
     /// Whether the current pin container is known to run (its start may still be under way).
     pub fn is_running(&self) -> bool {
-        self.shared.state.lock().unwrap().running
+        self.shared().state.lock().unwrap().running
     }
 
     /// Waits (at most `timeout`) until the pin container runs, or the pin stopped trying; returns
     /// whether it runs. Until then only a created container keeps the image, which `docker
     /// container prune` removes: callers wait before the image's layers are first read.
     pub async fn wait_running(&self, timeout: Duration) -> bool {
-        let mut rx = self.shared.settled.subscribe();
+        let mut rx = self.shared().settled.subscribe();
         let _ = tokio::time::timeout(timeout, rx.wait_for(|s| *s)).await;
         self.is_running()
     }
 
-    /// Releases this handle; if it was the last one, removes the pin container before returning.
+    /// Releases this handle; if it was the last one, removes the pin container (no lingering)
+    /// and waits (at most [`SUPERVISOR_END`]) until its supervisor ended, having removed any
+    /// container it was making meanwhile, before returning.
     pub async fn release(self) -> Result<()> {
-        let Ok(shared) = Arc::try_unwrap(self.shared) else {
+        let Ok(mut lease) = Arc::try_unwrap(self.lease) else {
             return Ok(());
         };
-        let (docker, id) = shared.take_for_removal();
-        match id {
+        let Some(Ok(shared)) = lease.shared.take().map(Arc::try_unwrap) else {
+            return Ok(());
+        };
+        let (docker, id, supervisor) = shared.take_for_removal();
+        let removed = match id {
             Some(id) => remove_container(&docker, &id).await,
             None => Ok(()),
+        };
+        if let Some(task) = supervisor {
+            if tokio::time::timeout(SUPERVISOR_END, task).await.is_err() {
+                tracing::warn!(image = %shared.cfg.image, "the pin's supervisor did not end within {SUPERVISOR_END:?} of its release; a container it makes is removed by remove_stale_pins");
+            }
         }
+        removed
+    }
+
+    fn shared(&self) -> &Arc<Shared> {
+        self.lease
+            .shared
+            .as_ref()
+            .expect("a lease has its pin until dropped")
+    }
+
+    /// Resolves the image again with `resolve` (which pins the new image), once for every build
+    /// that holds this pin: a build that finds the pin lost before any layer was read calls it;
+    /// the builds that share its work (the same base vertex) find the result with
+    /// [`Pin::latest`]. The new pin is held as long as this one.
+    pub async fn resolve_again<E, F, Fut>(
+        &self,
+        resolve: F,
+    ) -> std::result::Result<(Pin, super::BaseImage), E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<(Pin, super::BaseImage), E>>,
+    {
+        self.shared()
+            .replacement
+            .get_or_try_init(resolve)
+            .await
+            .cloned()
+    }
+
+    /// The pin (and image) that stands for this one now: itself, or the end of the chain of
+    /// [`Pin::resolve_again`] results.
+    pub fn latest(&self) -> (Pin, Option<super::BaseImage>) {
+        let (mut pin, mut image) = (self.clone(), None);
+        while let Some((p, i)) = pin.shared().replacement.get().cloned() {
+            (pin, image) = (p, Some(i));
+        }
+        (pin, image)
+    }
+
+    /// Whether the pin was lost at least once and does not run now (a new container may be
+    /// under way, or it gave up): the image may be gone.
+    pub fn lost(&self) -> bool {
+        let st = self.shared().state.lock().unwrap();
+        st.given_up || (!st.running && !st.events.is_empty())
     }
 
     /// Checks that the layers a build mounted from the pinned image are all still there: the
     /// image exists with this ID and every dir of `layer_dirs` exists. Otherwise returns
     /// [`Error::BaseImageLost`] naming `reference` and what removed the pin.
     pub async fn check(&self, reference: &str, layer_dirs: &[PathBuf]) -> Result<()> {
-        let cfg = &self.shared.cfg;
+        let cfg = &self.shared().cfg;
         let dirs_ok = layer_dirs.iter().all(|d| d.is_dir());
         let image = cfg.docker.inspect_image(&cfg.image).await;
         let why_image = match (&image, dirs_ok) {
@@ -695,7 +810,7 @@ impl Pin {
                 .to_string(),
         };
         let (pin_events, current) = {
-            let st = self.shared.state.lock().unwrap();
+            let st = self.shared().state.lock().unwrap();
             (st.events.clone(), st.container.clone())
         };
         let cause = if pin_events.is_empty() {
@@ -725,7 +840,7 @@ impl Pin {
             format!("{}; {why_image}", pin_events.join("; "))
         };
         // Later builds must not reuse this pin.
-        self.shared.state.lock().unwrap().given_up = true;
+        self.shared().state.lock().unwrap().given_up = true;
         Err(Error::BaseImageLost {
             reference: reference.to_string(),
             image: cfg.image.clone(),
@@ -735,12 +850,14 @@ impl Pin {
 }
 
 impl Shared {
-    /// Stops the supervisor and takes the current container for removal.
-    fn take_for_removal(&self) -> (Docker, Option<String>) {
+    /// Marks the pin released and takes the current container for removal and the supervisor
+    /// (to wait for, or to leave running).
+    #[allow(clippy::type_complexity)]
+    fn take_for_removal(&self) -> (Docker, Option<String>, Option<tokio::task::JoinHandle<()>>) {
         // Not aborted: it may be between creating a container and recording it. It sees
-        // `released` at its next step and ends (a long poll on the container ends with the
-        // container's removal).
-        drop(self.supervisor.lock().unwrap().take());
+        // `released` at its next step, removes what it made and ends (a long poll on the
+        // container ends with the container's removal).
+        let supervisor = self.supervisor.lock().unwrap().take();
         let id = {
             let mut st = self.state.lock().unwrap();
             st.released = true;
@@ -756,13 +873,13 @@ impl Shared {
         {
             reg.remove(&self.cfg.key);
         }
-        (self.cfg.docker.clone(), id)
+        (self.cfg.docker.clone(), id, supervisor)
     }
 }
 
 impl Drop for Shared {
     fn drop(&mut self) {
-        let (docker, id) = self.take_for_removal();
+        let (docker, id, _supervisor) = self.take_for_removal();
         let Some(id) = id else {
             return;
         };

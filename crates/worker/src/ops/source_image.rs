@@ -178,20 +178,24 @@ impl BaseImages {
         });
     }
 
-    /// Forgets the base held by `pin` (it was resolved again, see `ImageSource::exec`).
-    fn remove(&self, pin: &Pin) {
-        self.0.lock().unwrap().retain(|h| !h.pin.same_pin(pin));
+    /// The bases held, each as it stands now: a base that was resolved again (by this build or
+    /// by another one whose work on the same base vertex this build shares, see
+    /// `ImageSource::live_layers`) as the image and pin resolved again.
+    fn current(&self) -> Vec<(String, Vec<std::path::PathBuf>, Pin)> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|h| match h.pin.latest() {
+                (pin, Some(image)) => (h.reference.clone(), image.layer_dirs, pin),
+                (pin, None) => (h.reference.clone(), h.layer_dirs.clone(), pin),
+            })
+            .collect()
     }
 
     /// Waits until each base's pin runs (bounded by [`PIN_START_WAIT`]).
     pub(crate) async fn wait_running(&self) {
-        let pins: Vec<Pin> = self
-            .0
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|h| h.pin.clone())
-            .collect();
+        let pins: Vec<Pin> = self.current().into_iter().map(|(_, _, p)| p).collect();
         for p in pins {
             if !p.wait_running(PIN_START_WAIT).await {
                 tracing::warn!(
@@ -205,31 +209,8 @@ impl BaseImages {
     /// Checks that every base still has all its layers; the first that does not gives the error
     /// (naming the image and what removed it).
     pub(crate) async fn check(&self) -> Result<()> {
-        self.check_held(|_| true).await
-    }
-
-    /// [`BaseImages::check`] of the base held by `pin` only.
-    async fn check_pin(&self, pin: &Pin) -> Result<()> {
-        self.check_held(|p| p.same_pin(pin)).await
-    }
-
-    async fn check_held(&self, which: impl Fn(&Pin) -> bool) -> Result<()> {
-        let held: Vec<(String, Vec<std::path::PathBuf>, Pin)> = self
-            .0
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|h| which(&h.pin))
-            .map(|h| (h.reference.clone(), h.layer_dirs.clone(), h.pin.clone()))
-            .collect();
-        for (reference, dirs, pin) in held {
-            if let Err(e) = pin.check(&reference, &dirs).await {
-                return Err(Error::Op {
-                    message: e.to_string(),
-                    kind: ErrorKind::FailedPrecondition,
-                    source: None,
-                });
-            }
+        for (reference, dirs, pin) in self.current() {
+            pin.check(&reference, &dirs).await.map_err(lost_err)?;
         }
         Ok(())
     }
@@ -256,12 +237,23 @@ struct Resolved {
 
 /// What keeps the base image's layers from being deleted while the build runs.
 enum Hold {
-    /// A pin container in the live Engine.
-    Live { pin: Pin },
+    /// A pin container in the live Engine, and the image it pins.
+    Live {
+        pin: Pin,
+        image: Box<dockerstore::BaseImage>,
+    },
     /// Resolved from a stopped daemon's data root: pins through the API if dockerd starts.
     Offline { _watch: OfflineWatch },
     /// A containerd lease on the Engine's containerd image store.
     Containerd { _lease: containerdstore::BaseLease },
+}
+
+/// What [`ImageSource::resolve_live`] found.
+enum Live {
+    /// The image in Docker's classic store, pinned.
+    Pinned(dockerstore::BaseImage, Pin),
+    /// The Engine uses the containerd image store: resolved there.
+    Containerd(Resolved),
 }
 
 /// Watches a stopped daemon's Engine address; once it answers, pins the image there. Dropping it
@@ -381,6 +373,15 @@ async fn remove_containerd_leftovers_once(client: &containerdstore::Client, inst
     .await;
 }
 
+/// A base image's layers gone ([`layerstore::Error::BaseImageLost`]).
+fn lost_err(e: layerstore::Error) -> Error {
+    Error::Op {
+        message: e.to_string(),
+        kind: ErrorKind::FailedPrecondition,
+        source: None,
+    }
+}
+
 fn store_err(what: String, e: layerstore::Error) -> Error {
     Error::Op {
         message: format!("{what}: {e}"),
@@ -488,86 +489,9 @@ impl ImageSource {
                 self.env.opts.docker_host.as_deref(),
             )?,
         };
-        // A prune may delete the image (unused until pinned) between the lookup and the pin's
-        // creation: then resolve again (pulling it again if it can be pulled).
-        let mut attempt = 0;
-        let (image, pin) = loop {
-            attempt += 1;
-            let id = match (self.mode, docker.inspect_image(&self.reference).await) {
-                (ResolveMode::Pull, _) => self.pull(&docker, ctx).await?,
-                (mode, Ok(i)) => {
-                    let id = i.id.unwrap_or_default();
-                    if mode == ResolveMode::Default {
-                        self.learn_sources(
-                            &id,
-                            i.root_fs.and_then(|r| r.layers).unwrap_or_default(),
-                        )
-                        .await;
-                    }
-                    id
-                }
-                (
-                    ResolveMode::Default,
-                    Err(bollard::errors::Error::DockerResponseServerError {
-                        status_code: 404, ..
-                    }),
-                ) => self.pull(&docker, ctx).await?,
-                (
-                    _,
-                    Err(bollard::errors::Error::DockerResponseServerError {
-                        status_code: 404, ..
-                    }),
-                ) => {
-                    return Err(Error::Op {
-                        message: format!(
-                            "image {} not found in the Docker Engine (image.resolvemode=local)",
-                            self.reference
-                        ),
-                        kind: ErrorKind::NotFound,
-                        source: None,
-                    })
-                }
-                (_, Err(e)) => {
-                    return Err(engine_err(format!("inspect image {}", self.reference), e))
-                }
-            };
-            // From here on the image ID, so a concurrent re-tag cannot mix two images.
-            let instance = format!("worker:{}", self.env.opts.root.display());
-            let info = docker
-                .info()
-                .await
-                .map_err(|e| engine_err("docker info".into(), e))?;
-            if let Some(endpoint) =
-                containerdstore::Endpoint::detect(&info, &self.env.opts.containerd)
-            {
-                return self.resolve_containerd(&endpoint, &id, &instance).await;
-            }
-            remove_stale_pins_once(&docker, &instance).await;
-            let pinned =
-                match dockerstore::pin_image(&docker, &id, &instance, &self.reference).await {
-                    Ok(pin) => {
-                        let driver =
-                            StorageDriver::from_name(info.driver.as_deref().unwrap_or_default())
-                                .map_err(|e| store_err("docker storage driver".into(), e))?;
-                        let data_root = info
-                            .docker_root_dir
-                            .clone()
-                            .unwrap_or_else(|| "/var/lib/docker".into());
-                        let store = DockerStore::new(data_root, driver);
-                        dockerstore::resolve_base_image(&docker, &store, &id)
-                            .await
-                            .map(|image| (image, pin))
-                            .map_err(|e| (e, "resolve image"))
-                    }
-                    Err(e) => Err((e, "pin image")),
-                };
-            match pinned {
-                Ok((image, pin)) => break (image, pin),
-                Err((e, _)) if attempt < 3 && dockerstore::is_image_missing(&e) => {
-                    tracing::warn!(reference = %self.reference, %id, "image deleted before it could be pinned (a prune?); resolving it again");
-                }
-                Err((e, what)) => return Err(store_err(format!("{what} {}", self.reference), e)),
-            }
+        let (image, pin) = match self.resolve_live(&docker, ctx).await? {
+            Live::Pinned(image, pin) => (image, pin),
+            Live::Containerd(r) => return Ok(r),
         };
         let chain = self.limit(image.chain())?;
         self.env.bases.add(&self.reference, &image, pin.clone());
@@ -575,8 +499,122 @@ impl ImageSource {
         Ok(Resolved {
             id: image.id.to_string(),
             chain,
-            hold: Hold::Live { pin },
+            hold: Hold::Live {
+                pin,
+                image: Box::new(image),
+            },
         })
+    }
+
+    /// Resolution through the live Engine: the image (pulled if need be) pinned by ID, or the
+    /// containerd store's resolution when the Engine uses that store.
+    async fn resolve_live(&self, docker: &Docker, ctx: &OpContext) -> Result<Live> {
+        // A prune may delete the image (unused until pinned) between the lookup and the pin's
+        // creation: then resolve again (pulling it again if it can be pulled).
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            // `docker info` (tens of ms on a busy Engine) runs alongside the lookup.
+            let lookup = async {
+                Ok(
+                    match (self.mode, docker.inspect_image(&self.reference).await) {
+                        (ResolveMode::Pull, _) => self.pull(docker, ctx).await?,
+                        (mode, Ok(i)) => {
+                            let id = i.id.unwrap_or_default();
+                            if mode == ResolveMode::Default {
+                                self.learn_sources(
+                                    &id,
+                                    i.root_fs.and_then(|r| r.layers).unwrap_or_default(),
+                                )
+                                .await;
+                            }
+                            id
+                        }
+                        (
+                            ResolveMode::Default,
+                            Err(bollard::errors::Error::DockerResponseServerError {
+                                status_code: 404,
+                                ..
+                            }),
+                        ) => self.pull(docker, ctx).await?,
+                        (
+                            _,
+                            Err(bollard::errors::Error::DockerResponseServerError {
+                                status_code: 404,
+                                ..
+                            }),
+                        ) => {
+                            return Err(Error::Op {
+                                message: format!(
+                                "image {} not found in the Docker Engine (image.resolvemode=local)",
+                                self.reference
+                            ),
+                                kind: ErrorKind::NotFound,
+                                source: None,
+                            })
+                        }
+                        (_, Err(e)) => {
+                            return Err(engine_err(format!("inspect image {}", self.reference), e))
+                        }
+                    },
+                )
+            };
+            let (id, info) = tokio::join!(lookup, docker.info());
+            // From here on the image ID, so a concurrent re-tag cannot mix two images.
+            let id: String = id?;
+            let info = info.map_err(|e| engine_err("docker info".into(), e))?;
+            let instance = format!("worker:{}", self.env.opts.root.display());
+            if let Some(endpoint) =
+                containerdstore::Endpoint::detect(&info, &self.env.opts.containerd)
+            {
+                return Ok(Live::Containerd(
+                    self.resolve_containerd(&endpoint, &id, &instance).await?,
+                ));
+            }
+            remove_stale_pins_once(docker, &instance).await;
+            let driver = StorageDriver::from_name(info.driver.as_deref().unwrap_or_default())
+                .map_err(|e| store_err("docker storage driver".into(), e))?;
+            let data_root = info
+                .docker_root_dir
+                .clone()
+                .unwrap_or_else(|| "/var/lib/docker".into());
+            let store = DockerStore::new(data_root, driver);
+            // The pin's creation and the reading of the image's layers overlap; the layers read
+            // are the pinned image's if their dirs are still there once the pin exists (a prune
+            // and a new pull in between would have given the image new dirs).
+            let (pin, image) = tokio::join!(
+                dockerstore::pin_image(docker, &id, &instance, &self.reference),
+                dockerstore::resolve_base_image(docker, &store, &id)
+            );
+            let pinned = match (pin, image) {
+                (Err(e), _) => Err((e, "pin image")),
+                (_, Err(e)) => Err((e, "resolve image")),
+                (Ok(pin), Ok(image)) if image.layer_dirs.iter().all(|d| d.is_dir()) => {
+                    Ok((image, pin))
+                }
+                (Ok(_), Ok(_)) if attempt < 3 => {
+                    tracing::warn!(reference = %self.reference, %id, "image deleted and stored again while it was pinned (a prune and a pull?); resolving it again");
+                    continue;
+                }
+                (Ok(_), Ok(image)) => {
+                    return Err(Error::Op {
+                        message: format!(
+                            "resolve image {}: the layer directories of {} vanished while it was pinned, three times",
+                            self.reference, image.id
+                        ),
+                        kind: ErrorKind::Unavailable,
+                        source: None,
+                    })
+                }
+            };
+            match pinned {
+                Ok((image, pin)) => return Ok(Live::Pinned(image, pin)),
+                Err((e, _)) if attempt < 3 && dockerstore::is_image_missing(&e) => {
+                    tracing::warn!(reference = %self.reference, %id, "image deleted before it could be pinned (a prune?); resolving it again");
+                }
+                Err((e, what)) => return Err(store_err(format!("{what} {}", self.reference), e)),
+            }
+        }
     }
 
     /// Resolution on the Engine's containerd image store (`containerdstore`): the layers'
@@ -858,6 +896,68 @@ impl ImageSource {
     }
 }
 
+impl ImageSource {
+    /// Before the layers of a base used in place are first read: waits until its pin runs (its
+    /// start overlapped the resolution and whatever else the build did meanwhile). If the pin
+    /// was lost before it ran (`docker container prune` takes a created container) and the
+    /// image deleted (the `image prune` of the same `docker system prune`), no layer was read
+    /// yet: returns the image resolved again (a pull, if it can be pulled), which replaces the
+    /// lost one for every build that holds the same pin. Concurrent builds of the same base
+    /// share one execution of this vertex; the others find the replacement through the pin
+    /// ([`BaseImages::current`]) and use it too. `None`: the resolved image stands.
+    async fn live_layers(
+        &self,
+        ctx: &OpContext,
+        pin: &Pin,
+        image: &dockerstore::BaseImage,
+    ) -> Result<Option<dockerstore::BaseImage>> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let (current, again) = pin.latest();
+            let dirs = again.as_ref().unwrap_or(image).layer_dirs.clone();
+            let running = tokio::select! {
+                running = current.wait_running(PIN_START_WAIT) => running,
+                _ = ctx.cancel.cancelled() => return Err(Error::Canceled),
+            };
+            if running {
+                return Ok(again);
+            }
+            let Err(lost) = current.check(&self.reference, &dirs).await else {
+                tracing::warn!(reference = %self.reference, "pin container not running; the image is protected by a created container only");
+                return Ok(again);
+            };
+            if attempt > 3 {
+                return Err(lost_err(lost));
+            }
+            // The replacement is kept by `current`; the next round uses it.
+            let _ = current
+                .resolve_again(|| async {
+                    tracing::warn!(reference = %self.reference, id = %image.id, "base image deleted before its pin ran (a prune?); resolving it again");
+                    let docker = connect(
+                        self.env.opts.docker.as_ref(),
+                        self.env.opts.docker_host.as_deref(),
+                    )?;
+                    match self.resolve_live(&docker, ctx).await {
+                        Ok(Live::Pinned(image, pin)) => Ok((pin, image)),
+                        Ok(Live::Containerd(_)) => Err(Error::Op {
+                            message: format!(
+                                "{lost} (the Docker Engine uses the containerd image store now)"
+                            ),
+                            kind: ErrorKind::FailedPrecondition,
+                            source: None,
+                        }),
+                        Err(e) => {
+                            tracing::warn!(reference = %self.reference, error = %e, "resolving the base image again failed");
+                            Err(lost_err(lost))
+                        }
+                    }
+                })
+                .await?;
+        }
+    }
+}
+
 #[async_trait]
 impl Op<Snap> for ImageSource {
     async fn cache_key(&self, ctx: &OpContext, _inputs: &[Solved<Snap>]) -> Result<String> {
@@ -875,34 +975,9 @@ impl Op<Snap> for ImageSource {
     async fn exec(&self, ctx: &OpContext, _inputs: &[Solved<Snap>]) -> Result<Vec<Snap>> {
         let r = self.resolve(ctx).await?;
         let (mut chain, mut id) = (r.chain.clone(), r.id.clone());
-        // The layers are read from here on: the pin must run (its start overlapped the
-        // resolution and whatever else the build did meanwhile).
-        if let Hold::Live { pin } = &r.hold {
-            let running = tokio::select! {
-                running = pin.wait_running(PIN_START_WAIT) => running,
-                _ = ctx.cancel.cancelled() => return Err(Error::Canceled),
-            };
-            let lost = if running {
-                None
-            } else {
-                self.env.bases.check_pin(pin).await.err()
-            };
-            if let Some(lost) = lost {
-                // The pin was lost before it ran (`docker container prune` takes a created
-                // container) and the image deleted (the same `docker system prune`): no layer
-                // was read yet, so resolve it again (a pull, if it can be pulled).
-                tracing::warn!(reference = %self.reference, %id, "base image deleted before its pin ran (a prune?); resolving it again");
-                let again = self.resolve_now(ctx).await.map_err(|e| {
-                    tracing::warn!(reference = %self.reference, error = %e, "resolving the base image again failed");
-                    lost
-                })?;
-                self.env.bases.remove(pin);
-                if let Hold::Live { pin } = &again.hold {
-                    pin.wait_running(PIN_START_WAIT).await;
-                }
-                (chain, id) = (again.chain.clone(), again.id.clone());
-            } else if !running {
-                tracing::warn!(reference = %self.reference, "pin container not running; the image is protected by a created container only");
+        if let Hold::Live { pin, image } = &r.hold {
+            if let Some(again) = self.live_layers(ctx, pin, image).await? {
+                (chain, id) = (self.limit(again.chain())?, again.id.to_string());
             }
         }
         dockerstore::fault::hold_point("base:pinned").await;
