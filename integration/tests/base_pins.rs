@@ -992,11 +992,22 @@ async fn soak_builds_under_prunes() {
             }) {
                 Err(e) => failures.lock().unwrap().push(format!("build {i}: {e}")),
                 Ok(()) => {
-                    let (ok, out, err) = docker_async(
-                        &s.host,
-                        &["run", "--rm", "--network", "none", &name, "cat", "/i"],
-                    )
-                    .await;
+                    // The pruner may remove the check's own container between its create and
+                    // start (`docker run` is both): run it again then.
+                    let mut tries = 0;
+                    let (ok, out, err) = loop {
+                        tries += 1;
+                        let r = docker_async(
+                            &s.host,
+                            &["run", "--rm", "--network", "none", &name, "cat", "/i"],
+                        )
+                        .await;
+                        let pruned =
+                            r.2.contains("marked for removal") || r.2.contains("No such container");
+                        if r.0 || !pruned || tries == 5 {
+                            break r;
+                        }
+                    };
                     if ok && out == format!("{i}\n") {
                         verified.fetch_add(1, Ordering::SeqCst);
                     } else if !docker_async(&s.host, &["image", "inspect", &name]).await.0 {
@@ -1040,6 +1051,16 @@ async fn soak_builds_under_prunes() {
     };
     tokio::join!(builds, pruner);
     let failures = failures.into_inner().unwrap();
+    let log = s.berthd.log_text();
+    for what in [
+        "base image deleted before its pin ran",
+        "image deleted before it could be pinned",
+        "deleted and stored again while it was pinned",
+        "pulled image deleted before it was tagged",
+        "image pin lost",
+    ] {
+        println!("berthd log: {} × {what:?}", log.matches(what).count());
+    }
     println!(
         "soak: {total} builds in {:?}, {} cleanups; {} images verified by docker run, {} pruned before \
          they ran, {} failures",

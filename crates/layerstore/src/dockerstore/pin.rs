@@ -36,9 +36,11 @@
 //! # Lifetime and sharing
 //!
 //! One pin container per (berth instance, image ID), shared by every build of this process that
-//! uses the image and counted by [`Pin`] handles: the first [`pin_image`] creates it, the last
-//! handle dropped removes it (in the background, so releasing is not on a build's critical
-//! path). [`pin_image`] returns once the container is created: from then on `docker rmi` and
+//! uses the image and counted by [`Pin`] handles: the first [`pin_image`] creates it; when the
+//! last handle is dropped it stays [`LINGER`] (back-to-back builds of the same base reuse the
+//! running container instead of each paying for a new one on their critical path) and is then
+//! removed in the background ([`Pin::release`] removes it at once and waits for its supervisor,
+//! so nothing it was making is left). [`pin_image`] returns once the container is created: from then on `docker rmi` and
 //! `docker image prune` already refuse the image. The upload and the start (0.3-0.5 s on an idle
 //! host, seconds on a loaded one) run in a supervisor task; a created container is what `docker
 //! container prune` removes, so callers wait for [`Pin::wait_running`] just before the image's
@@ -60,7 +62,10 @@
 //! the image before the supervisor pins it again (it gives up: [`Pin::given_up`]). No layer has
 //! been read at that point (callers wait for [`Pin::wait_running`] first), so the worker
 //! resolves the image again (pulling it if it can); likewise when the image vanishes between
-//! the caller's lookup and the pin's creation ([`is_image_missing`]).
+//! the caller's lookup and the pin's creation, or while dockerd creates the pin container
+//! ([`is_image_missing`]). That resolution runs once per lost pin ([`Pin::resolve_again`]): the
+//! builds that hold the same pin (they share the work of the base's vertex, so only one of them
+//! sees the loss) find the new image and pin with [`Pin::latest`].
 //!
 //! Whether the build's layers survived is checked with [`Pin::check`] (the worker calls it when
 //! a build ends, successfully or not, and the daemon when an export fails): the image must

@@ -27,8 +27,10 @@
 //! the image deleted) the build fails with an error naming the image and what removed it.
 //! A prune may also take the image before its pin runs (between the lookup and the pin's
 //! creation, or the created pin container and then the image in one `docker system prune`):
-//! no layer has been read then, and the image is resolved again (pulled, if it can be); a pull
-//! whose untagged image a prune deletes before the tag is loaded again.
+//! no layer has been read then, and the image is resolved again (pulled, if it can be), once
+//! for all the builds that share the base's vertex (they hold the same pin; see
+//! `ImageSource::live_layers`); a pull whose untagged image a prune deletes before the tag is
+//! loaded again.
 //! `image.layerlimit` keeps only the first N layers.
 //!
 //! Cache key: the image ID plus the layer directories. The image ID makes a re-tag to a different
