@@ -1126,9 +1126,11 @@ async fn push_base(
     remote
 }
 
-/// `docker system prune -af` while the base's first pin is only created (held there): the prune
-/// removes the created container and then the image. No layer was read yet: berth resolves the
-/// image again (pulls it from its registry) and the build succeeds with the right image.
+/// `docker system prune -af` while the base's first pin is only created (held there), shared by
+/// two concurrent builds of the base: the prune removes the created container and then the image.
+/// No layer was read yet: berth resolves the image again (pulls it from its registry) once, in the
+/// build that executes the base's vertex, and both builds (the other shares that execution) use
+/// the new image and pin and succeed with the right images.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prune_before_the_first_pin_runs_resolves_the_base_again() {
     let holds = Holds::new();
@@ -1139,23 +1141,43 @@ async fn a_prune_before_the_first_pin_runs_resolves_the_base_again() {
     // The push build's pin is gone: the next pin of the base is a first one.
     wait_no_pins(&s.host, "after the push").await;
     holds.arm("pin:created");
-    let name = format!("{}:1", unique_name("berth-test/repinned"));
-    let def = llb::State::from(llb::image(&remote))
-        .run(RunOpts::shell(
-            "test -e /soak-base && md5sum /bin/busybox > /sum",
-        ))
-        .root()
-        .marshal()
-        .unwrap();
-    let mut attrs = BTreeMap::new();
-    attrs.insert("name".to_string(), name.clone());
-    let build = client.build(BuildOptions {
-        definition: Some(def),
-        output: Output::Raw("image".into(), attrs),
-        ..Default::default()
-    });
+    let names: Vec<String> = (1..=2)
+        .map(|i| format!("{}:{i}", unique_name("berth-test/repinned")))
+        .collect();
+    let build = |i: usize| {
+        let def = llb::State::from(llb::image(&remote))
+            .run(RunOpts::shell(format!(
+                "test -e /soak-base && md5sum /bin/busybox > /sum && echo {i} > /i"
+            )))
+            .root()
+            .marshal()
+            .unwrap();
+        let mut attrs = BTreeMap::new();
+        attrs.insert("name".to_string(), names[i - 1].clone());
+        client.build(BuildOptions {
+            definition: Some(def),
+            output: Output::Raw("image".into(), attrs),
+            ..Default::default()
+        })
+    };
     let prune = async {
         holds.reached("pin:created", &s.berthd).await;
+        // Both builds hold the created pin (each resolved the base) before the prune.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while s
+            .berthd
+            .log_text()
+            .matches("image resolved in place")
+            .count()
+            < 3
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the two builds did not resolve the base:\n{}",
+                s.berthd.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let (_, created, _) = docker_async(
             &s.host,
             &[
@@ -1179,24 +1201,37 @@ async fn a_prune_before_the_first_pin_runs_resolves_the_base_again() {
         );
         holds.release("pin:created");
     };
-    let (report, ()) = tokio::join!(build, prune);
-    let report = report.unwrap();
-    report
-        .solve
-        .as_ref()
-        .unwrap_or_else(|e| panic!("build failed: {e}\nberthd log:\n{}", s.berthd.log_text()));
+    let (r1, r2, ()) = tokio::join!(build(1), build(2), prune);
     let log = s.berthd.log_text();
-    assert!(
-        log.contains("base image deleted before its pin ran"),
-        "berth did not resolve the base again:\n{log}"
+    for r in [r1, r2] {
+        r.unwrap()
+            .solve
+            .as_ref()
+            .unwrap_or_else(|e| panic!("build failed: {e}\nberthd log:\n{log}"));
+    }
+    assert_eq!(
+        log.matches("base image deleted before its pin ran").count(),
+        1,
+        "berth did not resolve the base again exactly once:\n{log}"
     );
     let want = Command::new("md5sum").arg("/bin/busybox").output().unwrap();
     let want = String::from_utf8_lossy(&want.stdout).into_owned();
-    let (ok, got, err) = docker(
-        &s.host,
-        &["run", "--rm", "--network", "none", &name, "cat", "/sum"],
-    );
-    assert!(ok, "built image does not run: {err}");
-    assert_eq!(got, want);
-    wait_no_pins(&s.host, "after the build").await;
+    for (i, name) in names.iter().enumerate() {
+        let (ok, got, err) = docker(
+            &s.host,
+            &[
+                "run",
+                "--rm",
+                "--network",
+                "none",
+                name,
+                "sh",
+                "-c",
+                "cat /sum /i",
+            ],
+        );
+        assert!(ok, "built image does not run: {err}");
+        assert_eq!(got, format!("{want}{}\n", i + 1));
+    }
+    wait_no_pins(&s.host, "after the builds").await;
 }
