@@ -95,10 +95,16 @@ async fn push_image(addr: &str, repo: &str, tag: &str, layers: &[(Vec<u8>, Vec<u
     }
 }
 
-/// A two-layer busybox image with a unique `/hello`.
+/// A two-layer busybox image with a unique `/hello`. The base layer is unique too (it carries
+/// `/etc/berth-test-image`): were it the same bytes for every image, Docker would already hold it
+/// whenever another test (this file's others run concurrently) pulled first, berth would rightly
+/// skip its download, and "each blob fetched once" would depend on test order.
 async fn push_busybox_image(addr: &str, repo: &str, hello: &str) -> Pushed {
     let bb = busybox();
-    let base = layer_tar(&[("bin/busybox", &bb, 0o755)]);
+    let base = layer_tar(&[
+        ("bin/busybox", &bb, 0o755),
+        ("etc/berth-test-image", hello.as_bytes(), 0o644),
+    ]);
     let top = layer_tar(&[("hello", hello.as_bytes(), 0o644)]);
     let layers = [(base.clone(), gzip(&base)), (top.clone(), gzip(&top))];
     push_image(addr, repo, "v1", &layers).await
