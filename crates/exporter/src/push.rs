@@ -175,18 +175,8 @@ pub async fn push_image(
             &progress,
         )
         .await?;
-        let target = match (opts.by_digest, r.tag()) {
-            (false, Some(t)) => t.to_string(),
-            _ => m.digest.clone(),
-        };
-        digest = session
-            .push_manifest(r, &target, m.media_type, m.bytes.clone())
-            .await
-            .map_err(reg_err(format!("push {name}")))?;
-        progress(PushEvent::Manifest {
-            name: name.clone(),
-            digest: digest.clone(),
-        });
+        let top = (m.media_type, &m.bytes, m.digest.as_str());
+        digest = push_top(session, name, r, opts.by_digest, top, &progress).await?;
         first_repo
             .entry(r.domain().to_string())
             .or_insert_with(|| r.repository().to_string());
@@ -360,6 +350,32 @@ fn sha256_digest(b: &[u8]) -> String {
         "sha256:{}",
         hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b))
     )
+}
+
+/// Puts the top manifest (`media_type`, `bytes`, `digest`: an image manifest or an index) under
+/// `r`'s tag, or under its digest with push-by-digest or a name without a tag, and reports it;
+/// returns the digest the registry answered with.
+async fn push_top(
+    session: &Session,
+    name: &str,
+    r: &Reference,
+    by_digest: bool,
+    (media_type, bytes, digest): (&str, &Bytes, &str),
+    progress: &PushProgress,
+) -> Result<String> {
+    let target = match (by_digest, r.tag()) {
+        (false, Some(t)) => t,
+        _ => digest,
+    };
+    let pushed = session
+        .push_manifest(r, target, media_type, bytes.clone())
+        .await
+        .map_err(reg_err(format!("push {name}")))?;
+    progress(PushEvent::Manifest {
+        name: name.to_string(),
+        digest: pushed.clone(),
+    });
+    Ok(pushed)
 }
 
 /// Uploads `blobs` to `r` (HEAD first; mounted from `mount_from` when the registry allows);
@@ -551,18 +567,8 @@ pub async fn push_index(
                 .await
                 .map_err(reg_err(format!("push {name}")))?;
         }
-        let target = match (opts.by_digest, r.tag()) {
-            (false, Some(t)) => t.to_string(),
-            _ => index_digest.clone(),
-        };
-        digest = session
-            .push_manifest(r, &target, media_type, index.clone())
-            .await
-            .map_err(reg_err(format!("push {name}")))?;
-        progress(PushEvent::Manifest {
-            name: name.clone(),
-            digest: digest.clone(),
-        });
+        let top = (media_type, &index, index_digest.as_str());
+        digest = push_top(session, name, r, opts.by_digest, top, &progress).await?;
         first_repo
             .entry(r.domain().to_string())
             .or_insert_with(|| r.repository().to_string());
