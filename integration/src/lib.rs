@@ -72,6 +72,7 @@ pub use images::{
 };
 pub use precheck::{require_root, require_tool};
 pub use private_dockerd::{PrivateDockerd, PrivateDockerdOptions, TRIXIE_ROOT};
+pub use process::git;
 pub use registry::Registry;
 
 /// A name unique to this process and call: `<prefix>-<pid>-<8 random hex digits>`.

@@ -137,6 +137,31 @@ pub(crate) fn log_tail(path: &Path, max: u64) -> String {
     read().unwrap_or_else(|err| format!("<cannot read {}: {err}>", path.display()))
 }
 
+/// Runs `git -C dir args…` with no system or user configuration and a fixed author, as the tests'
+/// local repositories need (the machine's git config must not change what a test sees); returns
+/// its trimmed stdout, or an error with git's stderr.
+pub fn git(dir: &Path, args: &[&str]) -> Result<String> {
+    let out = std::process::Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_AUTHOR_NAME", "t")
+        .env("GIT_AUTHOR_EMAIL", "t@example.com")
+        .env("GIT_COMMITTER_NAME", "t")
+        .env("GIT_COMMITTER_EMAIL", "t@example.com")
+        .output()
+        .context("run git")?;
+    if !out.status.success() {
+        bail!(
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use integration::buildkit_client::{Berthd, BuildOptions, BuildReport, Output};
-use integration::{busybox_image, require_root, unique_name, DockerEngine, TestImage};
+use integration::{busybox_image, git, require_root, unique_name, DockerEngine, TestImage};
 
 fn write(dir: &Path, rel: &str, content: &str) {
     let p = dir.join(rel);
@@ -578,26 +578,6 @@ impl Drop for StaticServer {
     }
 }
 
-fn git(dir: &Path, args: &[&str]) {
-    let out = std::process::Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args(args)
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .env("GIT_AUTHOR_NAME", "t")
-        .env("GIT_AUTHOR_EMAIL", "t@example.com")
-        .env("GIT_COMMITTER_NAME", "t")
-        .env("GIT_COMMITTER_EMAIL", "t@example.com")
-        .output()
-        .expect("run git");
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// A build whose context (and Dockerfile) come from a URL, as `docker buildx build
 /// http://…` and `buildctl --opt context=…` send it: no local source at all.
 async fn build_remote(berthd: &Berthd, attrs: &[(&str, &str)], image: &str) -> BuildReport {
@@ -635,7 +615,7 @@ async fn remote_contexts_git_archive_and_dockerfile_urls() {
     // git: `first` holds rev one, `main` rev two; `sub/` has a Dockerfile of its own.
     let work = tmp.path().join("work");
     std::fs::create_dir_all(&work).unwrap();
-    git(&work, &["init", "--quiet", "-b", "main"]);
+    git(&work, &["init", "--quiet", "-b", "main"]).unwrap();
     write(
         &work,
         "Dockerfile",
@@ -651,11 +631,11 @@ async fn remote_contexts_git_archive_and_dockerfile_urls() {
         &format!("FROM {}\nCOPY . /sub/\n", base.reference()),
     );
     write(&work, "sub/in-sub.txt", "in sub\n");
-    git(&work, &["add", "."]);
-    git(&work, &["commit", "--quiet", "-m", "one"]);
-    git(&work, &["branch", "first"]);
+    git(&work, &["add", "."]).unwrap();
+    git(&work, &["commit", "--quiet", "-m", "one"]).unwrap();
+    git(&work, &["branch", "first"]).unwrap();
     write(&work, "rev.txt", "two\n");
-    git(&work, &["commit", "--quiet", "-am", "two"]);
+    git(&work, &["commit", "--quiet", "-am", "two"]).unwrap();
     git(
         tmp.path(),
         &[
@@ -665,8 +645,9 @@ async fn remote_contexts_git_archive_and_dockerfile_urls() {
             work.to_str().unwrap(),
             served.join("repo.git").to_str().unwrap(),
         ],
-    );
-    git(&served.join("repo.git"), &["update-server-info"]);
+    )
+    .unwrap();
+    git(&served.join("repo.git"), &["update-server-info"]).unwrap();
 
     // an archive whose Dockerfile has another name (`filename` names it), and a bare Dockerfile
     // (`filename` is then ignored: any name works, as with buildkitd)

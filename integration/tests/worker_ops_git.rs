@@ -3,34 +3,12 @@
 
 mod worker_ops_support;
 
-use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
+use integration::git;
 use worker::ErrorKind;
 use worker_ops_support::*;
-
-fn git(dir: &Path, args: &[&str]) -> Result<String> {
-    let out = Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args(args)
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .env("GIT_AUTHOR_NAME", "t")
-        .env("GIT_AUTHOR_EMAIL", "t@example.com")
-        .env("GIT_COMMITTER_NAME", "t")
-        .env("GIT_COMMITTER_EMAIL", "t@example.com")
-        .output()?;
-    if !out.status.success() {
-        bail!(
-            "git {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
 
 /// A bare repo with `main` (2 commits), an annotated tag `v1` on the first commit.
 struct Repo {
