@@ -351,6 +351,7 @@ impl Control {
                     fs: Some(fs),
                     refs: Default::default(),
                     metadata: Default::default(),
+                    attestations: Default::default(),
                 }
             }
         } else {
@@ -419,6 +420,12 @@ impl Control {
                 export_md.insert(k.clone(), Bytes::from(v.clone()));
             }
         }
+        if result.refs.is_empty() && result.attestations.values().any(|a| !a.is_empty()) {
+            // Dropping them would export without the attestations the frontend asked for.
+            return Err(Error::unimplemented(
+                "attestations of a single-platform result (no ref map) are not exported by berthd yet",
+            ));
+        }
         if !result.refs.is_empty() {
             // A multi-platform result: only a pushed image can carry it (an index).
             if kind != ExporterKind::Image {
@@ -426,6 +433,13 @@ impl Control {
                     "exporter {exp_type}: multi-platform results ({} platforms) are only exported by the image exporter with push=true in berthd yet",
                     result.refs.len()
                 )));
+            }
+            let mut attestations = BTreeMap::new();
+            for (k, atts) in &result.attestations {
+                attestations.insert(
+                    k.clone(),
+                    crate::attestations::resolve(&self.backend, atts).await?,
+                );
             }
             let r = tokio::select! {
                 r = crate::export_image::export_multi(
@@ -437,6 +451,7 @@ impl Control {
                     &exp_attrs,
                     &export_md,
                     &result.refs,
+                    &attestations,
                 ).instrument(export_span.clone()) => r?,
                 _ = job.cancel.cancelled() => return Err(job.cancel_error()),
             };

@@ -13,8 +13,9 @@
 //!   from the result's metadata with the attributes over them) go into pushed manifests and
 //!   indexes where BuildKit puts them;
 //! - a multi-platform result (ref map + `refs.platforms`) is only pushed ([`export_multi`]): an
-//!   index over one manifest per platform; Docker's classic store holds one image per name, so
-//!   without `push=true` it is refused;
+//!   index over one manifest per platform, then one attestation manifest per platform that has
+//!   attestations ([`exporter::attestation`]; they force OCI media types); Docker's classic store
+//!   holds one image per name, so without `push=true` it is refused;
 //! - progress: a vertex `exporting to image` with the statuses `exporting layers` (bytes of the
 //!   layers Docker lacked), one per layer (`layer sha256:… registered` with its size, or
 //!   `layer sha256:… already in Docker` with the bytes not sent), `writing image sha256:…`, one
@@ -866,6 +867,7 @@ pub async fn export_multi(
     attrs: &BTreeMap<String, String>,
     metadata: &BTreeMap<String, Bytes>,
     refs: &BTreeMap<String, FsRef>,
+    attestations: &BTreeMap<String, Vec<exporter::attestation::Attestation>>,
 ) -> Result<BTreeMap<String, String>> {
     let platforms = parse_platforms(metadata)?;
     let annotations = Annotations::parse(metadata)?;
@@ -905,10 +907,12 @@ pub async fn export_multi(
             config,
             manifest_annotations,
             descriptor_annotations,
+            attestations: attestations.get(id).cloned().unwrap_or_default(),
         });
     }
     let mut popts = push_options(attrs)?;
-    popts.oci |= annotations.needs_oci();
+    // Attestation manifests (and index or descriptor annotations) need OCI media types.
+    popts.oci |= annotations.needs_oci() || images.iter().any(|i| !i.attestations.is_empty());
     let epoch = epoch_attr(attrs)?;
 
     let vertex = synthetic_digest(&format!("{session_id}-export"));

@@ -336,6 +336,7 @@ async fn dockerfile_v0(
             .into_iter()
             .map(|(k, v)| (k, Bytes::from(v)))
             .collect(),
+        attestations: Default::default(),
     })
 }
 

@@ -220,14 +220,10 @@ fn return_result(job: &Job, result: Option<gw::Result>) -> Result<BuildResult> {
             fs: None,
             refs: Default::default(),
             metadata: Default::default(),
+            attestations: Default::default(),
         });
     };
-    // Dropping them would export images without the attestations the frontend asked for.
-    if res.attestations.values().any(|a| !a.attestation.is_empty()) {
-        return Err(Error::unimplemented(
-            "attestations in build results (in-toto, bundles, SBOM) are not supported by berthd yet",
-        ));
-    }
+    let attestations = crate::attestations::from_wire(job, res.attestations)?;
     let mut refs = BTreeMap::new();
     let fs = match res.result {
         None => None,
@@ -250,6 +246,7 @@ fn return_result(job: &Job, result: Option<gw::Result>) -> Result<BuildResult> {
         fs,
         refs,
         metadata: res.metadata,
+        attestations,
     })
 }
 

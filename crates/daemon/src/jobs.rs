@@ -28,6 +28,8 @@ pub struct BuildResult {
     pub refs: BTreeMap<String, FsRef>,
     /// Result metadata (`containerimage.config`...).
     pub metadata: BTreeMap<String, Bytes>,
+    /// Attestations by platform key (from a gateway `Return`).
+    pub attestations: crate::attestations::Attestations,
 }
 
 /// One build.

@@ -2,6 +2,7 @@
 //!
 //! | module | owns |
 //! |---|---|
+//! | [`attestations`] | Attestations of a build result (gateway `Result.attestations`). |
 //! | [`buildinfo`] | `containerimage.buildinfo` in the Solve response. |
 //! | [`caps`] | Capabilities advertised by `LLBBridge.Ping`. |
 //! | [`cli`] | Command line. |
@@ -25,6 +26,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod attestations;
 pub mod buildinfo;
 pub mod cache;
 pub mod caps;

@@ -89,6 +89,14 @@ pub enum Error {
         /// Why.
         reason: &'static str,
     },
+    /// An attestation of the result cannot be exported.
+    #[error("attestation {path}: {reason}")]
+    InvalidAttestation {
+        /// The attestation's path in its result.
+        path: String,
+        /// Why.
+        reason: String,
+    },
     /// The Engine's containerd image store cannot be used (unreachable socket, bad image).
     #[error(transparent)]
     ContainerdStore(#[from] containerdstore::Error),

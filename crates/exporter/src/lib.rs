@@ -11,9 +11,11 @@
 //! - `docker_archive`: the docker-archive streamed to the client (`type=docker`), thin or whole.
 //! - `oci`: the OCI image layout tar streamed to the client (`type=oci`), compressed layers.
 //! - `push`: an exported image pushed to registries with berth's registry client.
+//! - [`attestation`]: in-toto statements and attestation manifests of a result's attestations.
 #![forbid(unsafe_code)]
 
 mod archive;
+pub mod attestation;
 mod containerd;
 mod docker_archive;
 mod docker_image;

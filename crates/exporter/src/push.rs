@@ -345,6 +345,55 @@ fn manifest(
     })
 }
 
+/// The attestation manifest of `img`'s attestations about its manifest `target` (its default
+/// subjects: each name's package URL with `target`), its blobs stored in the cache, and the
+/// annotations of its index descriptor.
+fn attestation_manifest(
+    img: &PlatformImage,
+    names: &[String],
+    target: &str,
+    cache: &BlobCache,
+    oci: bool,
+) -> Result<(BuiltManifest, BTreeMap<String, String>)> {
+    use crate::attestation as at;
+    let defaults = names
+        .iter()
+        .map(|n| {
+            Ok(at::DefaultSubject {
+                name: at::purl(n, Some(&img.platform))?,
+                digest: target.to_string(),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let statements = img
+        .attestations
+        .iter()
+        .map(|a| Ok((a.predicate_type.clone(), at::statement(a, &defaults)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let m = at::attestation_manifest(&statements, oci);
+    let put = |b: &[u8], what: &str| cache.put_bytes(b).map_err(reg_err(format!("store {what}")));
+    let layers = m
+        .layers
+        .iter()
+        .map(|l| put(l, "attestation"))
+        .collect::<Result<Vec<_>>>()?;
+    let built = BuiltManifest {
+        bytes: Bytes::from(m.manifest),
+        digest: m.digest,
+        media_type: m.media_type,
+        config: put(&m.config, "attestation config")?,
+        layers,
+    };
+    let annotations = BTreeMap::from([
+        (at::REFERENCE_DIGEST.to_string(), target.to_string()),
+        (
+            at::REFERENCE_TYPE.to_string(),
+            at::ATTESTATION_MANIFEST.to_string(),
+        ),
+    ]);
+    Ok((built, annotations))
+}
+
 fn sha256_digest(b: &[u8]) -> String {
     format!(
         "sha256:{}",
@@ -439,6 +488,9 @@ pub struct PlatformImage {
     pub manifest_annotations: BTreeMap<String, String>,
     /// Annotations of its descriptor in the index.
     pub descriptor_annotations: BTreeMap<String, String>,
+    /// Its attestations (un-bundled, predicates read): when any, an attestation manifest about
+    /// this platform's manifest follows the platform manifests in the index.
+    pub attestations: Vec<crate::attestation::Attestation>,
 }
 
 #[derive(Serialize)]
@@ -491,6 +543,8 @@ pub async fn push_index(
     let refs = parse_names(names)?;
     let oci = opts.oci;
     let mut manifests = Vec::with_capacity(images.len());
+    // Attestation manifests, each with the digest of the manifest it is about.
+    let mut attestations: Vec<(BuiltManifest, BTreeMap<String, String>)> = Vec::new();
     let mut compressed = 0;
     for img in images {
         let (layers, exported, n) = prepare_layers(store, &img.chain, cache, opts, oci).await?;
@@ -511,13 +565,17 @@ pub async fn push_index(
             platform: &img.platform,
             now: chrono::Utc::now(),
         })?;
-        manifests.push(manifest(
+        let m = manifest(
             &layers,
             &config.bytes,
             cache,
             oci,
             &img.manifest_annotations,
-        )?);
+        )?;
+        if !img.attestations.is_empty() {
+            attestations.push(attestation_manifest(img, names, &m.digest, cache, oci)?);
+        }
+        manifests.push(m);
     }
     let media_type = if oci {
         registry::MEDIA_TYPE_OCI_INDEX
@@ -541,6 +599,17 @@ pub async fn push_index(
                     variant: &img.platform.variant,
                 },
             })
+            .chain(attestations.iter().map(|(m, annotations)| IndexDesc {
+                media_type: m.media_type,
+                digest: &m.digest,
+                size: m.bytes.len() as u64,
+                annotations,
+                platform: IndexPlatform {
+                    architecture: "unknown",
+                    os: "unknown",
+                    variant: "",
+                },
+            }))
             .collect(),
         annotations: index_annotations,
     })
@@ -552,7 +621,7 @@ pub async fn push_index(
     let mut digest = String::new();
     for (name, r) in names.iter().zip(&refs) {
         let mount_from = first_repo.get(r.domain()).cloned();
-        for m in &manifests {
+        for m in manifests.iter().chain(attestations.iter().map(|(m, _)| m)) {
             uploaded += upload_blobs(
                 session,
                 name,
