@@ -5,7 +5,9 @@
 //! are the image names as package URLs with the platform manifest's digest). Checked against a
 //! real registry with berth's registry client and plain HTTP reads of the blobs.
 
-use integration::buildkit_client::{new_id, with_build_id, Attachables, Berthd, BuildkitClient};
+use integration::buildkit_client::{
+    new_id, with_build_id, Attachables, Berthd, BuildkitClient, Output,
+};
 use integration::require_root;
 use prost::Message;
 use protos::moby::buildkit::v1 as control;
@@ -114,7 +116,24 @@ async fn build(
     attrs: &[(&str, &str)],
     attach: Attach,
 ) -> std::result::Result<control::SolveResponse, tonic::Status> {
-    let mut session = c.open_session(Attachables::default()).await.unwrap();
+    build_to(c, "image", Output::None, attrs, attach).await
+}
+
+/// [`build`] exported with `exporter` into the session's `output`.
+async fn build_to(
+    c: &BuildkitClient,
+    exporter: &str,
+    output: Output,
+    attrs: &[(&str, &str)],
+    attach: Attach,
+) -> std::result::Result<control::SolveResponse, tonic::Status> {
+    let mut session = c
+        .open_session(Attachables {
+            output,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     let build_ref = new_id();
     let mut ctl = c.control();
     let (sid, br) = (session.id.clone(), build_ref.clone());
@@ -122,11 +141,12 @@ async fn build(
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
+    let exporter = exporter.to_string();
     let solve_task = tokio::spawn(async move {
         ctl.solve(control::SolveRequest {
             r#ref: br,
             session: sid,
-            exporter_deprecated: "image".into(),
+            exporter_deprecated: exporter,
             exporter_attrs_deprecated: attrs,
             ..Default::default()
         })
@@ -411,4 +431,97 @@ async fn bad_attestations_fail_the_build() {
     }
     let r = integration::http_get(reg.addr(), "/v2/berth-test/attbad/manifests/v1").unwrap();
     assert_eq!(r.status, 404);
+}
+
+/// TestExportAttestations' local and tar cases: a directory per platform with its files and
+/// the statements (`attestation-prefix` + base name, indented JSON, mode 0600) whose self
+/// subject is each regular file of the platform's result with its sha256.
+#[tokio::test(flavor = "multi_thread")]
+async fn local_and_tar_outputs_carry_statements_per_platform() {
+    require_root();
+    let d = Berthd::start(&[]).unwrap();
+    let c = d.client().await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let check = |p: &str, files: &BTreeMap<String, Vec<u8>>| {
+        let dir = p.replace('/', "_");
+        let greeting = format!("hello {p}!");
+        assert_eq!(files[&format!("{dir}/greeting")], greeting.as_bytes());
+        let raw = &files[&format!("{dir}/test.attestation.json")];
+        assert!(
+            raw.starts_with(b"{\n  \"_type\": "),
+            "{}",
+            String::from_utf8_lossy(raw)
+        );
+        let st: serde_json::Value = serde_json::from_slice(raw).unwrap();
+        assert_eq!(st["_type"], "https://in-toto.io/Statement/v0.1");
+        assert_eq!(st["predicate"], serde_json::json!({"success": true}));
+        assert_eq!(
+            st["subject"],
+            serde_json::json!([{"name": "greeting",
+                "digest": {"sha256": sha256(greeting.as_bytes())}}])
+        );
+        let st2: serde_json::Value =
+            serde_json::from_slice(&files[&format!("{dir}/test.attestation2.json")]).unwrap();
+        assert!(st2["predicate"].is_null());
+        assert_eq!(st2["subject"][0]["name"], "/attestation.json");
+        assert_eq!(files.len(), 3 * PLATFORMS.len(), "{:?}", files.keys());
+    };
+
+    let out = tmp.path().join("local");
+    build_to(
+        &c,
+        "local",
+        Output::Local(out.clone()),
+        &[("attestation-prefix", "test.")],
+        Attach::InToto,
+    )
+    .await
+    .unwrap();
+    let mut files = BTreeMap::new();
+    for p in PLATFORMS {
+        let dir = p.replace('/', "_");
+        for e in std::fs::read_dir(out.join(&dir)).unwrap() {
+            let e = e.unwrap();
+            let name = format!("{dir}/{}", e.file_name().to_string_lossy());
+            files.insert(name, std::fs::read(e.path()).unwrap());
+        }
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(out.join(&dir).join("test.attestation.json"))
+                .unwrap()
+                .permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    for p in PLATFORMS {
+        check(p, &files);
+    }
+
+    let tar_path = tmp.path().join("out.tar");
+    build_to(
+        &c,
+        "tar",
+        Output::Tar(tar_path.clone()),
+        &[("attestation-prefix", "test.")],
+        Attach::InToto,
+    )
+    .await
+    .unwrap();
+    let mut files = BTreeMap::new();
+    let mut dirs = vec![];
+    let mut ar = tar::Archive::new(std::fs::File::open(&tar_path).unwrap());
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        let path = e.path().unwrap().to_string_lossy().into_owned();
+        if e.header().entry_type().is_dir() {
+            dirs.push(path);
+            continue;
+        }
+        let mut b = vec![];
+        std::io::Read::read_to_end(&mut e, &mut b).unwrap();
+        files.insert(path, b);
+    }
+    assert_eq!(dirs, ["linux_amd64/", "linux_arm64/"]);
+    for p in PLATFORMS {
+        check(p, &files);
+    }
 }

@@ -426,14 +426,35 @@ impl Control {
                 "attestations of a single-platform result (no ref map) are not exported by berthd yet",
             ));
         }
-        if !result.refs.is_empty() {
-            // A multi-platform result: only a pushed image can carry it (an index).
-            if kind != ExporterKind::Image {
+        if !result.refs.is_empty() && kind != ExporterKind::Image {
+            // A multi-platform result: a directory per platform (local, tar), or an index.
+            let ExporterKind::Client(
+                exp @ (export_client::ClientExporter::Local | export_client::ClientExporter::Tar),
+            ) = kind
+            else {
                 return Err(Error::unimplemented(format!(
-                    "exporter {exp_type}: multi-platform results ({} platforms) are only exported by the image exporter with push=true in berthd yet",
+                    "exporter {exp_type}: multi-platform results ({} platforms) are only exported by the image (push=true), local and tar exporters in berthd yet",
                     result.refs.len()
                 )));
-            }
+            };
+            let platforms = crate::export_image::parse_platforms(&result.metadata)?;
+            let session = self.sessions.get(&req.session).await?;
+            let r = tokio::select! {
+                r = export_client::export_multi(
+                    &self.backend,
+                    &session,
+                    &job.progress,
+                    exp,
+                    &exp_attrs,
+                    &platforms,
+                    &result.refs,
+                    &result.attestations,
+                ).instrument(export_span.clone()) => r?,
+                _ = job.cancel.cancelled() => return Err(job.cancel_error()),
+            };
+            response.extend(r);
+        } else if !result.refs.is_empty() {
+            // A multi-platform result: only a pushed image can carry it (an index).
             let mut attestations = BTreeMap::new();
             for (k, atts) in &result.attestations {
                 attestations.insert(

@@ -191,6 +191,208 @@ pub async fn export(
     res
 }
 
+/// Exports a multi-platform result with `type=local` or `type=tar` as buildkitd does: one
+/// directory per platform (`linux/arm64` → `linux_arm64`, mode 0755) holding that platform's
+/// result and, for each of its attestations that is not inline-only, the in-toto statement
+/// (indented JSON, mode 0600) named `<attestation-prefix><base name of its path>`, whose default
+/// subjects are the platform's regular files with their sha256. Returns the (empty) response.
+#[allow(clippy::too_many_arguments)]
+pub async fn export_multi(
+    backend: &Arc<Backend>,
+    session: &Arc<Session>,
+    progress: &Arc<Progress>,
+    kind: ClientExporter,
+    attrs: &BTreeMap<String, String>,
+    platforms: &[(String, exporter::image::Platform)],
+    refs: &BTreeMap<String, FsRef>,
+    attestations: &crate::attestations::Attestations,
+) -> Result<BTreeMap<String, String>> {
+    let epoch = source_date_epoch(attrs)?;
+    let prefix = attrs.get("attestation-prefix").cloned().unwrap_or_default();
+    let vertex = synthetic_digest(&format!("{}-export", session.id));
+    let (name, status) =
+        match kind {
+            ClientExporter::Local => ("exporting to client directory", "copying files"),
+            ClientExporter::Tar => ("exporting to client tarball", "sending tarball"),
+            _ => {
+                return Err(Error::unimplemented(format!(
+                "exporter {}: multi-platform results ({} platforms) are not exported by berthd yet",
+                if kind == ClientExporter::Docker { "docker" } else { "oci" },
+                platforms.len()
+            )))
+            }
+        };
+    progress.vertex_started(&vertex, name, &[], None, SystemTime::now());
+    let started = SystemTime::now();
+    let report: Arc<dyn Fn(u64, bool) + Send + Sync> = {
+        let p = progress.clone();
+        let v = vertex.clone();
+        Arc::new(move |n: u64, last: bool| {
+            p.status(
+                &v,
+                status,
+                "transferring",
+                n as i64,
+                0,
+                Some(started),
+                last.then(SystemTime::now),
+            );
+        })
+    };
+    let res = async {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        let mut views = Vec::new();
+        let mut entries = Vec::new();
+        for (id, _) in platforms {
+            let fs = refs
+                .get(id)
+                .ok_or_else(|| Error::invalid(format!("failed to find ref for ID {id}")))?;
+            let atts: Vec<_> = attestations
+                .get(id)
+                .map(|a| {
+                    a.iter()
+                        .filter(|a| !crate::attestations::inline_only(a))
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default();
+            let atts = crate::attestations::resolve(backend, &atts).await?;
+            let view = backend.view(fs).await?;
+            let root = view.path().to_path_buf();
+            let dir = id.replace('/', "_");
+            let prefix = prefix.clone();
+            let part = tokio::task::spawn_blocking(move || {
+                platform_entries(&root, &dir, &atts, &prefix, epoch, now)
+            })
+            .await
+            .map_err(|e| Error::internal(format!("list result: {e}")))??;
+            entries.extend(part);
+            views.push(view);
+        }
+        entries.sort_by(|a, b| a.stat.path.split('/').cmp(b.stat.path.split('/')));
+        match kind {
+            ClientExporter::Local => {
+                calls::send_local_tree(
+                    session,
+                    calls::LocalTree::Entries(entries),
+                    Some(report.clone()),
+                )
+                .await?
+            }
+            _ => {
+                let (tx, rx) = mpsc::channel::<Bytes>(8);
+                let counted = counted(rx, report.clone());
+                let producer = tokio::task::spawn_blocking(move || {
+                    write_tar_entries(entries, epoch, ChunkWriter::new(tx))
+                });
+                let send = calls::send_bytes(session, counted, &[]);
+                let (sent, produced) = tokio::join!(send, producer);
+                let produced = produced.map_err(|e| Error::internal(format!("tar task: {e}")))?;
+                if sent? {
+                    produced?;
+                }
+            }
+        }
+        drop(views);
+        Ok::<_, Error>(BTreeMap::new())
+    }
+    .await;
+    match &res {
+        Ok(_) => progress.vertex_completed(&vertex, false, None, SystemTime::now()),
+        Err(e) => progress.vertex_completed(&vertex, false, Some(e.to_string()), SystemTime::now()),
+    }
+    res
+}
+
+/// One platform's part of a multi-platform local/tar export: its directory `dir`, the result at
+/// `root` under it, and the statements of `atts` (blocking: walks and hashes the result).
+fn platform_entries(
+    root: &std::path::Path,
+    dir: &str,
+    atts: &[exporter::attestation::Attestation],
+    prefix: &str,
+    epoch: Option<i64>,
+    now: i64,
+) -> Result<Vec<fsutil::send::Entry>> {
+    use fsutil::send::{Entry, Source};
+    let mut out = vec![Entry {
+        stat: fsutil::Stat {
+            path: dir.to_string(),
+            mode: fsutil::filemode::MODE_DIR | 0o755,
+            mod_time: epoch.map_or(0, |e| e * 1_000_000_000),
+            ..Default::default()
+        },
+        content: Source::None,
+    }];
+    let mut files = Vec::new();
+    walk(
+        root,
+        &WalkOptions::default(),
+        &mut |_| MapResult::Keep,
+        &mut |mut st| {
+            let full = root.join(&st.path);
+            if st.kind() == fsutil::filemode::FileKind::Regular {
+                files.push((st.path.clone(), full.clone()));
+            }
+            if st.is_hardlink() {
+                st.linkname = format!("{dir}/{}", st.linkname);
+            }
+            st.path = format!("{dir}/{}", st.path);
+            if let Some(e) = epoch {
+                st.mod_time = e * 1_000_000_000;
+            }
+            out.push(Entry {
+                stat: st,
+                content: Source::Path(full),
+            });
+            Ok(())
+        },
+    )
+    .map_err(|e| Error::fsutil("walk result for export", e))?;
+    if atts.is_empty() {
+        return Ok(out);
+    }
+    let mut subjects = Vec::with_capacity(files.len());
+    for (path, full) in files {
+        use sha2::Digest as _;
+        let mut f =
+            std::fs::File::open(&full).map_err(|e| Error::internal(format!("open {path}: {e}")))?;
+        let mut h = sha2::Sha256::new();
+        std::io::copy(&mut f, &mut h).map_err(|e| Error::internal(format!("read {path}: {e}")))?;
+        subjects.push(exporter::attestation::DefaultSubject {
+            name: path,
+            digest: format!("sha256:{}", hex::encode(h.finalize())),
+        });
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for a in atts {
+        let stmt = exporter::attestation::statement(a, &subjects)
+            .map_err(|e| Error::invalid(e.to_string()))?;
+        let data = Bytes::from(exporter::attestation::indent(&stmt));
+        let base = a.path.rsplit('/').next().unwrap_or(&a.path);
+        let name = format!("{prefix}{base}");
+        if !names.insert(name.clone()) {
+            return Err(Error::invalid(format!(
+                "duplicate attestation path name {name}"
+            )));
+        }
+        out.push(Entry {
+            stat: fsutil::Stat {
+                path: format!("{dir}/{name}"),
+                mode: 0o600,
+                size: data.len() as i64,
+                mod_time: epoch.unwrap_or(now) * 1_000_000_000,
+                ..Default::default()
+            },
+            content: Source::Data(data),
+        });
+    }
+    Ok(out)
+}
+
 /// What the image formats need to know about the export.
 struct ImageCtx<'a> {
     backend: &'a Arc<Backend>,
@@ -713,22 +915,32 @@ impl Write for ChunkWriter {
 /// Writes a tar of `root` (walk order, numeric ids, dirs with a trailing `/`, hardlinks as links,
 /// xattrs as PAX `SCHILY.xattr.*`).
 fn write_tar(root: &std::path::Path, epoch: Option<i64>, w: ChunkWriter) -> Result<()> {
-    use fsutil::filemode::FileKind;
-    let mut b = tar::Builder::new(w);
-    b.follow_symlinks(false);
-    let tar_err = |p: &str, e: std::io::Error| Error::internal(format!("write tar entry {p}: {e}"));
     let mut entries = Vec::new();
     walk(
         root,
         &WalkOptions::default(),
         &mut |_| MapResult::Keep,
         &mut |st| {
-            entries.push(st);
+            let content = fsutil::send::Source::Path(root.join(&st.path));
+            entries.push(fsutil::send::Entry { stat: st, content });
             Ok(())
         },
     )
     .map_err(|e| Error::fsutil("walk result for tar export", e))?;
-    for st in entries {
+    write_tar_entries(entries, epoch, w)
+}
+
+/// Writes a tar of `entries` (as [`write_tar`]; contents from their sources).
+fn write_tar_entries(
+    entries: Vec<fsutil::send::Entry>,
+    epoch: Option<i64>,
+    w: ChunkWriter,
+) -> Result<()> {
+    use fsutil::filemode::FileKind;
+    let mut b = tar::Builder::new(w);
+    b.follow_symlinks(false);
+    let tar_err = |p: &str, e: std::io::Error| Error::internal(format!("write tar entry {p}: {e}"));
+    for fsutil::send::Entry { stat: st, content } in entries {
         let mut h = tar::Header::new_gnu();
         h.set_mode(fsutil::filemode::posix_perm_from_go_mode(st.mode));
         h.set_uid(st.uid as u64);
@@ -769,12 +981,26 @@ fn write_tar(root: &std::path::Path, epoch: Option<i64>, w: ChunkWriter) -> Resu
                     .map_err(|e| tar_err(&path, e))?;
             }
             FileKind::Regular | FileKind::Irregular => {
-                let f = std::fs::File::open(root.join(&path)).map_err(|e| tar_err(&path, e))?;
-                let len = f.metadata().map_err(|e| tar_err(&path, e))?.len();
                 h.set_entry_type(tar::EntryType::Regular);
-                h.set_size(len);
-                b.append_data(&mut h, &path, std::io::Read::take(f, len))
-                    .map_err(|e| tar_err(&path, e))?;
+                match content {
+                    fsutil::send::Source::Data(data) => {
+                        h.set_size(data.len() as u64);
+                        b.append_data(&mut h, &path, &data[..])
+                            .map_err(|e| tar_err(&path, e))?;
+                    }
+                    fsutil::send::Source::Path(full) => {
+                        let f = std::fs::File::open(full).map_err(|e| tar_err(&path, e))?;
+                        let len = f.metadata().map_err(|e| tar_err(&path, e))?.len();
+                        h.set_size(len);
+                        b.append_data(&mut h, &path, std::io::Read::take(f, len))
+                            .map_err(|e| tar_err(&path, e))?;
+                    }
+                    fsutil::send::Source::None => {
+                        h.set_size(0);
+                        b.append_data(&mut h, &path, std::io::empty())
+                            .map_err(|e| tar_err(&path, e))?;
+                    }
+                }
             }
             FileKind::CharDevice | FileKind::BlockDevice | FileKind::NamedPipe => {
                 h.set_entry_type(match st.kind() {

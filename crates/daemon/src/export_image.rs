@@ -704,7 +704,7 @@ fn format_platform(p: &exporter::image::Platform) -> String {
 }
 
 /// The platforms of a multi-platform result, in the frontend's order.
-fn parse_platforms(
+pub(crate) fn parse_platforms(
     metadata: &BTreeMap<String, Bytes>,
 ) -> Result<Vec<(String, exporter::image::Platform)>> {
     let raw = metadata.get(PLATFORMS_KEY).ok_or_else(|| {

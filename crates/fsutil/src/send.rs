@@ -52,15 +52,12 @@ pub async fn send<S>(
     root: PathBuf,
     opts: SendOptions,
     out: mpsc::Sender<Packet>,
-    mut incoming: S,
+    incoming: S,
 ) -> Result<(), Error>
 where
     S: Stream<Item = Result<Packet, Error>> + Unpin + Send,
 {
-    let files: Arc<Mutex<HashMap<u32, String>>> = Arc::default();
-    let progress = opts.progress.clone();
-    let sent_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
-
+    let files: Files = Arc::default();
     let walker = {
         let files = files.clone();
         let out = out.clone();
@@ -74,7 +71,8 @@ where
             };
             let res = walk(&root, &opts.walk, &mut map, &mut |st: Stat| {
                 if st.can_request_data() {
-                    files.lock().unwrap().insert(next_id, st.path.clone());
+                    let full = root.join(&st.path);
+                    files.lock().unwrap().insert(next_id, Source::Path(full));
                 }
                 next_id += 1;
                 out.blocking_send(Packet::Stat(Some(st)))
@@ -91,6 +89,75 @@ where
             }
         })
     };
+    serve(files, walker, opts.progress, out, incoming).await
+}
+
+/// Where the content of a sent entry comes from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// No content (directories, symlinks, devices, hardlink entries).
+    None,
+    /// A file on disk, opened without following a final symlink.
+    Path(PathBuf),
+    /// Bytes held by the sender (small generated files).
+    Data(Bytes),
+}
+
+/// One entry of a tree given as a list ([`send_entries`]).
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// Its stat (path relative to the tree's root).
+    pub stat: Stat,
+    /// Its content.
+    pub content: Source,
+}
+
+/// Runs the sender for a tree given as `entries`, already in fsutil's walk order (parents
+/// before children, paths sorted component by component), e.g. several directories merged
+/// under prefixes with generated files. Only `opts.progress` is used.
+pub async fn send_entries<S>(
+    entries: Vec<Entry>,
+    opts: SendOptions,
+    out: mpsc::Sender<Packet>,
+    incoming: S,
+) -> Result<(), Error>
+where
+    S: Stream<Item = Result<Packet, Error>> + Unpin + Send,
+{
+    let files: Files = Arc::default();
+    let walker = {
+        let files = files.clone();
+        let out = out.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), Error> {
+            for (id, e) in entries.into_iter().enumerate() {
+                if e.stat.can_request_data() && !matches!(e.content, Source::None) {
+                    files.lock().unwrap().insert(id as u32, e.content);
+                }
+                out.blocking_send(Packet::Stat(Some(e.stat)))
+                    .map_err(|_| transport_closed())?;
+            }
+            out.blocking_send(Packet::Stat(None))
+                .map_err(|_| transport_closed())
+        })
+    };
+    serve(files, walker, opts.progress, out, incoming).await
+}
+
+/// Content sources of the listed files by entry number.
+type Files = Arc<Mutex<HashMap<u32, Source>>>;
+
+/// Serves the receiver's requests for `files` while `walker` lists the tree.
+async fn serve<S>(
+    files: Files,
+    walker: tokio::task::JoinHandle<Result<(), Error>>,
+    progress: Option<ProgressFn>,
+    out: mpsc::Sender<Packet>,
+    mut incoming: S,
+) -> Result<(), Error>
+where
+    S: Stream<Item = Result<Packet, Error>> + Unpin + Send,
+{
+    let sent_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
     tokio::pin!(walker);
     let mut walker_done = false;
     let semaphore = Arc::new(tokio::sync::Semaphore::new(PARALLEL_FILES));
@@ -119,19 +186,18 @@ where
                     Some(Err(e)) => break Err(e),
                     Some(Ok(Packet::Err(message))) => break Err(Error::Remote { peer: "receiver", message }),
                     Some(Ok(Packet::Req { id })) => {
-                        let path = files.lock().unwrap().remove(&id);
-                        let Some(path) = path else {
+                        let source = files.lock().unwrap().remove(&id);
+                        let Some(source) = source else {
                             break Err(Error::protocol(format!("invalid file id {id}")));
                         };
                         let permit = semaphore.clone().acquire_owned().await.map_err(|_| transport_closed());
                         let permit = match permit { Ok(p) => p, Err(e) => break Err(e) };
                         let out = out.clone();
-                        let full = root.join(&path);
                         let sent_bytes = sent_bytes.clone();
                         let progress = progress.clone();
                         tasks.spawn(async move {
                             let _permit = permit;
-                            send_file(id, full, out, sent_bytes, progress).await
+                            send_file(id, source, out, sent_bytes, progress).await
                         });
                     }
                     Some(Ok(Packet::Fin)) => {
@@ -171,14 +237,35 @@ where
 
 async fn send_file(
     id: u32,
-    full: PathBuf,
+    source: Source,
     out: mpsc::Sender<Packet>,
     sent: Arc<std::sync::atomic::AtomicU64>,
     progress: Option<ProgressFn>,
 ) -> Result<(), Error> {
     // Reading happens on a blocking thread; chunks are handed to the async transport.
     let (tx, mut rx) = mpsc::channel::<Result<Bytes, Error>>(4);
+    let full = match source {
+        Source::Path(p) => p,
+        Source::Data(b) => {
+            for start in (0..b.len()).step_by(CHUNK_SIZE) {
+                let data = b.slice(start..(start + CHUNK_SIZE).min(b.len()));
+                let n = data.len() as u64;
+                out.send(Packet::Data { id, data })
+                    .await
+                    .map_err(|_| transport_closed())?;
+                let total = sent.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
+                if let Some(p) = &progress {
+                    p(total, false);
+                }
+            }
+            PathBuf::new()
+        }
+        Source::None => PathBuf::new(),
+    };
     let reader = tokio::task::spawn_blocking(move || {
+        if full.as_os_str().is_empty() {
+            return;
+        }
         let mut f = match open_nofollow(&full) {
             Ok(f) => f,
             Err(e) => {

@@ -180,6 +180,28 @@ pub async fn send_local(
     map: Option<fsutil::send::MapFn>,
     progress: Option<fsutil::send::ProgressFn>,
 ) -> Result<()> {
+    send_local_tree(session, LocalTree::Dir { root, map }, progress).await
+}
+
+/// What [`send_local_tree`] sends.
+pub enum LocalTree {
+    /// The tree at `root`, each entry passed through `map`.
+    Dir {
+        /// The directory.
+        root: PathBuf,
+        /// Per-entry rewrite.
+        map: Option<fsutil::send::MapFn>,
+    },
+    /// A listing in fsutil's walk order ([`fsutil::send::send_entries`]).
+    Entries(Vec<fsutil::send::Entry>),
+}
+
+/// Sends `tree` to the client's output directory (`type=local`), as the fsutil sender.
+pub async fn send_local_tree(
+    session: &Session,
+    tree: LocalTree,
+    progress: Option<fsutil::send::ProgressFn>,
+) -> Result<()> {
     require(session, FILESEND_DIFFCOPY, "export to client directory")?;
     let what = "send output to client directory";
     let mut g = grpc(session);
@@ -191,17 +213,24 @@ pub async fn send_local(
     drop(tx);
     // Start the sender before awaiting response headers: the client answers only once it sees data.
     let (in_tx, in_rx) = mpsc::channel::<std::result::Result<fsutil::Packet, fsutil::Error>>(64);
-    let opts = fsutil::SendOptions {
-        progress,
-        map,
-        ..Default::default()
+    let incoming = ReceiverStream::new(in_rx);
+    let sender = match tree {
+        LocalTree::Dir { root, map } => {
+            let opts = fsutil::SendOptions {
+                progress,
+                map,
+                ..Default::default()
+            };
+            tokio::spawn(fsutil::send(root, opts, tx_send, incoming))
+        }
+        LocalTree::Entries(entries) => {
+            let opts = fsutil::SendOptions {
+                progress,
+                ..Default::default()
+            };
+            tokio::spawn(fsutil::send::send_entries(entries, opts, tx_send, incoming))
+        }
     };
-    let sender = tokio::spawn(fsutil::send(
-        root,
-        opts,
-        tx_send,
-        ReceiverStream::new(in_rx),
-    ));
     let resp = tokio::select! {
         r = g.streaming(request, PathAndQuery::from_static(FILESEND_DIFFCOPY), codec) => r,
         _ = session.closed.cancelled() => return Err(Error::unavailable(format!("{what}: session {} closed", session.id))),
