@@ -183,6 +183,258 @@ async fn resolve_image_config_and_result_file_access() {
     drop(image);
 }
 
+/// `Solve` without `Evaluate` only registers the definition: a step that would fail does not run
+/// (the call succeeds), the first use of the ref runs it (and fails), and a ref never used is
+/// never run. With `Evaluate` the same definition fails at `Solve`.
+#[tokio::test(flavor = "multi_thread")]
+async fn solve_without_evaluate_is_lazy() {
+    require_root();
+    let engine = DockerEngine::system().unwrap();
+    let image = busybox_image(&engine).await.unwrap();
+    let d = Berthd::start(&[]).unwrap();
+    let c = d.client().await.unwrap();
+    let mut session = c.open_session(Attachables::default()).await.unwrap();
+    let build_ref = new_id();
+    let mut ctl = c.control();
+    let sid = session.id.clone();
+    let br = build_ref.clone();
+    let solve = tokio::spawn(async move {
+        ctl.solve(control::SolveRequest {
+            r#ref: br,
+            session: sid,
+            ..Default::default()
+        })
+        .await
+    });
+    let failing = |marker: &str| {
+        llb::State::from(llb::image(image.reference()))
+            .run(llb::RunOpts::shell(format!("echo {marker}; exit 3")))
+            .root()
+            .marshal()
+            .unwrap()
+    };
+    let mut g = c.gateway();
+    let gw_solve = |def: pb::Definition, evaluate: bool| gw::SolveRequest {
+        definition: Some(def),
+        evaluate,
+        allow_result_return: true,
+        allow_result_array_ref: true,
+        ..Default::default()
+    };
+    let unused_marker = format!("never-run-{}", new_id());
+    let unused = g
+        .solve(with_build_id(
+            gw_solve(failing(&unused_marker), false),
+            &build_ref,
+        ))
+        .await;
+    assert!(unused.is_ok(), "lazy solve ran the step: {unused:?}");
+    let used_marker = format!("run-on-use-{}", new_id());
+    let res = g
+        .solve(with_build_id(
+            gw_solve(failing(&used_marker), false),
+            &build_ref,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(gw::result::Result::Ref(rf)) = res.result.and_then(|r| r.result) else {
+        panic!("expected a ref result");
+    };
+    let err = g
+        .stat_file(with_build_id(
+            gw::StatFileRequest {
+                r#ref: rf.id.clone(),
+                path: "/".into(),
+                ..Default::default()
+            },
+            &build_ref,
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("exit code: 3"),
+        "the first use runs the step: {err:?}"
+    );
+    let err = g
+        .solve(with_build_id(
+            gw_solve(failing(&format!("eager-{}", new_id())), true),
+            &build_ref,
+        ))
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("exit code: 3"), "{err:?}");
+
+    g.r#return(with_build_id(gw::ReturnRequest::default(), &build_ref))
+        .await
+        .unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(30), solve)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(r.is_ok(), "{r:?}");
+    // The build's progress (replayed by Status after the end) names every step that ran: the
+    // used ref's exec is there, the unused one's is not.
+    let mut status = c
+        .control()
+        .status(control::StatusRequest {
+            r#ref: build_ref.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut names = Vec::new();
+    while let Some(msg) = tokio::time::timeout(Duration::from_secs(10), status.message())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        names.extend(msg.vertexes.into_iter().map(|v| v.name));
+    }
+    assert!(names.iter().any(|n| n.contains(&used_marker)), "{names:?}");
+    assert!(
+        !names.iter().any(|n| n.contains(&unused_marker)),
+        "a ref that was never used ran: {names:?}"
+    );
+    assert!(session.close(Duration::from_secs(5)).await);
+    drop(image);
+}
+
+/// A frontend that solves without `Evaluate`, warns on the step and returns the ref (upstream
+/// TestWarnings' shape; `# syntax=` frontends work so): the step runs at `Return`, and the
+/// build's Status shows its vertex and the warning, the warning not before the vertex.
+#[tokio::test(flavor = "multi_thread")]
+async fn lazily_solved_step_shows_its_vertex_and_warning_in_status() {
+    require_root();
+    let d = Berthd::start(&[]).unwrap();
+    let c = d.client().await.unwrap();
+    let mut session = c.open_session(Attachables::default()).await.unwrap();
+    let build_ref = new_id();
+    let mut ctl = c.control();
+    let sid = session.id.clone();
+    let br = build_ref.clone();
+    let solve = tokio::spawn(async move {
+        ctl.solve(control::SolveRequest {
+            r#ref: br,
+            session: sid,
+            ..Default::default()
+        })
+        .await
+    });
+    let mut g = c.gateway();
+    // unique content, so the step is not one an earlier build left in the cache
+    let mkfile = mkfile_op("/dummy", &new_id());
+    let vertex = op_digest(&mkfile);
+    let res = g
+        .solve(with_build_id(
+            gw::SolveRequest {
+                definition: Some(definition_of(vec![mkfile])),
+                allow_result_return: true,
+                ..Default::default()
+            },
+            &build_ref,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(gw::result::Result::Ref(rf)) = res.result.and_then(|r| r.result) else {
+        panic!("expected a ref result");
+    };
+    g.warn(with_build_id(
+        gw::WarnRequest {
+            digest: vertex.clone(),
+            level: 3,
+            short: "this is warning".into(),
+            detail: vec!["this is detail".into()],
+            url: "https://example.com".into(),
+            info: Some(pb::SourceInfo {
+                filename: "mydockerfile".into(),
+                data: "filedata".into(),
+                ..Default::default()
+            }),
+            ranges: vec![pb::Range {
+                start: Some(pb::Position {
+                    line: 2,
+                    character: 0,
+                }),
+                end: Some(pb::Position {
+                    line: 4,
+                    character: 0,
+                }),
+            }],
+        },
+        &build_ref,
+    ))
+    .await
+    .unwrap();
+    g.r#return(with_build_id(
+        gw::ReturnRequest {
+            result: Some(gw::Result {
+                result: Some(gw::result::Result::Ref(rf)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        &build_ref,
+    ))
+    .await
+    .unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(30), solve)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(r.is_ok(), "{r:?}");
+    let mut status = c
+        .control()
+        .status(control::StatusRequest {
+            r#ref: build_ref.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut msgs = Vec::new();
+    while let Some(msg) = tokio::time::timeout(Duration::from_secs(10), status.message())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        msgs.push(msg);
+    }
+    let first_vertex = msgs
+        .iter()
+        .position(|m| m.vertexes.iter().any(|v| v.digest == vertex))
+        .unwrap_or_else(|| panic!("the step's vertex is not in Status: {msgs:?}"));
+    let ran = msgs
+        .iter()
+        .flat_map(|m| m.vertexes.iter())
+        .rfind(|v| v.digest == vertex)
+        .unwrap();
+    assert!(
+        ran.completed.is_some() && ran.error.is_empty() && !ran.cached,
+        "{ran:?}"
+    );
+    let warnings: Vec<_> = msgs
+        .iter()
+        .enumerate()
+        .flat_map(|(i, m)| m.warnings.iter().map(move |w| (i, w)))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{msgs:?}");
+    let (at, w) = warnings[0];
+    assert!(
+        at >= first_vertex,
+        "warning sent before its vertex: {msgs:?}"
+    );
+    assert_eq!(w.vertex, vertex);
+    assert_eq!(&w.short[..], b"this is warning");
+    assert_eq!(w.level, 3);
+    assert_eq!(w.url, "https://example.com");
+    assert_eq!(w.detail.len(), 1);
+    assert_eq!(w.info.as_ref().unwrap().filename, "mydockerfile");
+    assert_eq!(w.ranges.len(), 1);
+    assert_eq!(w.ranges[0].start.as_ref().unwrap().line, 2);
+    assert!(session.close(Duration::from_secs(5)).await);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn accepts_buildkitd_harness_command_line_and_config() {
     require_root();

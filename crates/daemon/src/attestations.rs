@@ -55,8 +55,13 @@ pub struct ResultAttestation {
 /// Attestations by platform key.
 pub type Attestations = BTreeMap<String, Vec<ResultAttestation>>;
 
-/// The attestations of a `Return`'s result, refs looked up in `job`.
-pub fn from_wire(job: &Job, wire: BTreeMap<String, gw::Attestations>) -> Result<Attestations> {
+/// The attestations of a `Return`'s result, refs looked up in `job` (and solved if they were
+/// lazy).
+pub async fn from_wire(
+    backend: &std::sync::Arc<Backend>,
+    job: &Job,
+    wire: BTreeMap<String, gw::Attestations>,
+) -> Result<Attestations> {
     let mut out = Attestations::new();
     for (key, atts) in wire {
         for a in atts.attestation {
@@ -73,7 +78,7 @@ pub fn from_wire(job: &Job, wire: BTreeMap<String, gw::Attestations>) -> Result<
             let fs = match &a.r#ref {
                 None => None,
                 Some(r) if r.id.is_empty() => Some(FsRef::Scratch),
-                Some(r) => Some(job.get_ref(&r.id)?),
+                Some(r) => Some(job.get_ref(backend, &r.id).await?),
             };
             let subjects = a
                 .in_toto_subjects

@@ -65,15 +65,17 @@ pub async fn new_container(
         let result = if m.result_id.is_empty() {
             None
         } else {
-            match job.get_ref(&m.result_id) {
+            match job.get_ref(backend, &m.result_id).await {
                 Ok(FsRef::Solved(s)) => Some(s),
                 Ok(FsRef::Scratch) => None,
-                Err(e) => {
+                Err(e @ Error::NotFound { .. }) => {
                     return Err(Error::not_found(format!(
                         "failed to find ref {} for {:?} mount: {e}",
                         m.result_id, m.dest
                     )))
                 }
+                // A lazy ref whose solve failed: that failure, with its details.
+                Err(e) => return Err(e),
             }
         };
         let mount = pb::Mount {

@@ -148,11 +148,17 @@ impl Gateway {
             cache_imports,
         };
         let def = r.definition.clone();
-        let fs = match self.backend.solve(def, &ctx).await {
-            Err(_) if job.cancel.is_cancelled() => return Err(job.cancel_error()),
-            r => r?,
+        // Without `Evaluate` nothing runs yet: the ref is solved when it is first used (a file
+        // call, a container mount, `Return`), so a ref that is never used never runs.
+        let id = if r.evaluate {
+            let fs = match self.backend.solve(def, &ctx).await {
+                Err(_) if job.cancel.is_cancelled() => return Err(job.cancel_error()),
+                r => r?,
+            };
+            job.add_ref(fs)
+        } else {
+            job.add_lazy_ref(def, ctx)
         };
-        let id = job.add_ref(fs);
         let def = r.definition.map(output_definition);
         let result = if r.allow_result_return || r.allow_result_array_ref {
             gw::Result {
@@ -181,7 +187,7 @@ impl Gateway {
         let res = match r.error {
             Some(err) if err.code != 0 => Err(Error::from_rpc_status(&err)),
             // A result berth cannot take fails the build (the waiting Solve answers with it).
-            _ => return_result(&job, r.result),
+            _ => return_result(&self.backend, &job, r.result).await,
         };
         match &self.scope {
             Some(scope) => {
@@ -197,7 +203,7 @@ impl Gateway {
     }
 
     async fn view_for(&self, job: &Job, ref_id: &str) -> Result<crate::solver::FsView> {
-        let fs = job.get_ref(ref_id)?;
+        let fs = job.get_ref(&self.backend, ref_id).await?;
         self.backend.view(&fs).await
     }
 }
@@ -213,8 +219,13 @@ fn output_definition(mut def: pb::Definition) -> pb::Definition {
     def
 }
 
-/// The build result of a `Return`'s result (its refs looked up in the job).
-fn return_result(job: &Job, result: Option<gw::Result>) -> Result<BuildResult> {
+/// The build result of a `Return`'s result (its refs looked up in the job, and solved if they
+/// were lazy).
+async fn return_result(
+    backend: &Arc<Backend>,
+    job: &Job,
+    result: Option<gw::Result>,
+) -> Result<BuildResult> {
     let Some(res) = result else {
         return Ok(BuildResult {
             fs: None,
@@ -223,21 +234,21 @@ fn return_result(job: &Job, result: Option<gw::Result>) -> Result<BuildResult> {
             attestations: Default::default(),
         });
     };
-    let attestations = crate::attestations::from_wire(job, res.attestations)?;
+    let attestations = crate::attestations::from_wire(backend, job, res.attestations).await?;
     let mut refs = BTreeMap::new();
     let fs = match res.result {
         None => None,
-        Some(gw::result::Result::RefDeprecated(id)) => Some(job.get_ref(&id)?),
-        Some(gw::result::Result::Ref(r)) => Some(job.get_ref(&r.id)?),
+        Some(gw::result::Result::RefDeprecated(id)) => Some(job.get_ref(backend, &id).await?),
+        Some(gw::result::Result::Ref(r)) => Some(job.get_ref(backend, &r.id).await?),
         Some(gw::result::Result::RefsDeprecated(m)) => {
             for (k, id) in m.refs {
-                refs.insert(k, job.get_ref(&id)?);
+                refs.insert(k, job.get_ref(backend, &id).await?);
             }
             None
         }
         Some(gw::result::Result::Refs(m)) => {
             for (k, r) in m.refs {
-                refs.insert(k, job.get_ref(&r.id)?);
+                refs.insert(k, job.get_ref(backend, &r.id).await?);
             }
             None
         }
@@ -428,9 +439,9 @@ impl gw::llb_bridge_server::LlbBridge for Gateway {
     ) -> std::result::Result<Response<gw::EvaluateResponse>, Status> {
         let job = self.active_job(&request).await?;
         let r = request.into_inner();
-        // `Solve` runs the definition before it answers, so a ref the job knows is already
-        // evaluated; an unknown one is the client's error, named as buildkitd names it.
-        job.get_ref(&r.r#ref)?;
+        // A lazy ref (a `Solve` without `Evaluate`) is solved now, failing as that solve fails;
+        // an unknown one is the client's error, named as buildkitd names it.
+        job.get_ref(&self.backend, &r.r#ref).await?;
         Ok(Response::new(gw::EvaluateResponse {}))
     }
 

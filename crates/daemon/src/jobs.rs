@@ -7,7 +7,7 @@
 
 use crate::errors::{Error, Result};
 use crate::progress::Progress;
-use crate::solver::FsRef;
+use crate::solver::{Backend, FsRef, SolveCtx};
 use bytes::Bytes;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -32,6 +32,24 @@ pub struct BuildResult {
     pub attestations: crate::attestations::Attestations,
 }
 
+/// A gateway ref: a solved result, or a definition that is solved the first time the ref is
+/// used. buildkitd's `LLBBridge.Solve` without `Evaluate` only loads the definition and hands
+/// out a lazy result: nothing runs (and nothing can fail) until a file call, a container mount
+/// or `Return` needs the filesystem.
+#[derive(Clone)]
+enum GatewayRef {
+    Ready(FsRef),
+    Lazy(Arc<LazyRef>),
+}
+
+struct LazyRef {
+    def: protos::pb::Definition,
+    ctx: SolveCtx,
+    /// The result once solved. A failed solve is not kept: the next use solves again (and,
+    /// with the same inputs, fails again from the solver's own state).
+    solved: tokio::sync::OnceCell<FsRef>,
+}
+
 /// One build.
 pub struct Job {
     /// Build ref.
@@ -49,7 +67,7 @@ pub struct Job {
     /// Frontend attributes of the solve request.
     pub frontend_attrs: BTreeMap<String, String>,
     /// Gateway results by ref id.
-    refs: Mutex<HashMap<String, FsRef>>,
+    refs: Mutex<HashMap<String, GatewayRef>>,
     /// Where `Return` delivers.
     returned: Mutex<Option<oneshot::Sender<Result<BuildResult>>>>,
     /// Set when the job ended.
@@ -140,21 +158,57 @@ impl Job {
             return String::new();
         }
         let id = crate::workers::new_id();
-        self.refs.lock().unwrap().insert(id.clone(), r);
+        self.refs
+            .lock()
+            .unwrap()
+            .insert(id.clone(), GatewayRef::Ready(r));
         id
     }
 
-    /// Looks up a gateway ref (`""` = scratch).
-    pub fn get_ref(&self, id: &str) -> Result<FsRef> {
+    /// Stores a definition that is solved (with `ctx`) when the ref is first used, and returns
+    /// its ref id; an empty definition is scratch (`""`), as [`Backend::solve`] makes it.
+    pub fn add_lazy_ref(&self, def: Option<protos::pb::Definition>, ctx: SolveCtx) -> String {
+        let Some(def) = def.filter(|d| !d.def.is_empty()) else {
+            return String::new();
+        };
+        let id = crate::workers::new_id();
+        let lazy = LazyRef {
+            def,
+            ctx,
+            solved: tokio::sync::OnceCell::new(),
+        };
+        self.refs
+            .lock()
+            .unwrap()
+            .insert(id.clone(), GatewayRef::Lazy(Arc::new(lazy)));
+        id
+    }
+
+    /// Looks up a gateway ref (`""` = scratch), solving it first if it is still lazy.
+    pub async fn get_ref(&self, backend: &Arc<Backend>, id: &str) -> Result<FsRef> {
         if id.is_empty() {
             return Ok(FsRef::Scratch);
         }
-        self.refs
+        let r = self
+            .refs
             .lock()
             .unwrap()
             .get(id)
             .cloned()
-            .ok_or_else(|| Error::not_found(format!("no such ref: {id}")))
+            .ok_or_else(|| Error::not_found(format!("no such ref: {id}")))?;
+        match r {
+            GatewayRef::Ready(fs) => Ok(fs),
+            GatewayRef::Lazy(lazy) => {
+                let fs = lazy
+                    .solved
+                    .get_or_try_init(|| backend.solve(Some(lazy.def.clone()), &lazy.ctx))
+                    .await;
+                match fs {
+                    Err(_) if self.cancel.is_cancelled() => Err(self.cancel_error()),
+                    r => r.cloned(),
+                }
+            }
+        }
     }
 
     /// Delivers the client's `Return`; a second `Return` is an error.

@@ -13,7 +13,7 @@
 use futures::Stream;
 use prost::Message;
 use prost_types::Timestamp;
-use protos::moby::buildkit::v1::{StatusResponse, Vertex, VertexLog, VertexStatus};
+use protos::moby::buildkit::v1::{StatusResponse, Vertex, VertexLog, VertexStatus, VertexWarning};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -35,6 +35,9 @@ struct State {
     events: Vec<StatusResponse>,
     vertices: HashMap<String, Vertex>,
     statuses: HashMap<(String, String), VertexStatus>,
+    /// Warnings for vertices not announced yet (a frontend warns on a step it solved lazily,
+    /// before the step runs): sent with the vertex's announcement, or at the end.
+    pending_warnings: Vec<VertexWarning>,
     done: bool,
 }
 
@@ -96,10 +99,17 @@ impl Progress {
         v.cached = false;
         v.error.clear();
         out.push(v.clone());
+        // Warnings given before the vertex was known follow its announcement (same message:
+        // renderers read a message's vertices before its warnings).
+        let (warnings, rest) = std::mem::take(&mut st.pending_warnings)
+            .into_iter()
+            .partition(|w| w.vertex == digest);
+        st.pending_warnings = rest;
         self.push(
             &mut st,
             StatusResponse {
                 vertexes: out,
+                warnings,
                 ..Default::default()
             },
         );
@@ -208,10 +218,16 @@ impl Progress {
     }
 
     /// A warning attached to a vertex (from the gateway's `Warn`), with its source location
-    /// when the frontend gave one. Dropped when the vertex was never announced.
-    pub fn warning(&self, w: protos::moby::buildkit::v1::VertexWarning) {
+    /// when the frontend gave one. A warning for a vertex not announced yet waits for the
+    /// announcement (renderers skip warnings of unknown vertices); one whose vertex never runs
+    /// is sent when the job ends, as buildkitd sends every warning.
+    pub fn warning(&self, w: VertexWarning) {
         let mut st = self.state.lock().unwrap();
-        if st.done || !st.vertices.contains_key(&w.vertex) {
+        if st.done {
+            return;
+        }
+        if !st.vertices.contains_key(&w.vertex) {
+            st.pending_warnings.push(w);
             return;
         }
         self.push(
@@ -257,10 +273,12 @@ impl Progress {
                 statuses.push(s.clone());
             }
         }
-        if !out.is_empty() || !statuses.is_empty() {
+        let warnings = std::mem::take(&mut st.pending_warnings);
+        if !out.is_empty() || !statuses.is_empty() || !warnings.is_empty() {
             st.events.push(StatusResponse {
                 vertexes: out,
                 statuses,
+                warnings,
                 ..Default::default()
             });
         }
@@ -446,6 +464,59 @@ mod tests {
         // nothing is accepted after finish
         p.vertex_started("d", "late", &[], None, t);
         assert!(!p.vertices().iter().any(|v| v.digest == "d"));
+    }
+
+    fn warning(vertex: &str, short: &str) -> VertexWarning {
+        VertexWarning {
+            vertex: vertex.into(),
+            short: short.as_bytes().to_vec().into(),
+            level: 1,
+            ..Default::default()
+        }
+    }
+
+    /// A warning for a vertex that is not announced yet (a lazily solved step) is sent with the
+    /// vertex's announcement; one whose vertex never runs is sent at the end; none is lost.
+    #[tokio::test]
+    async fn warnings_before_their_vertex_wait_for_it() {
+        let p = Progress::new();
+        let t = SystemTime::now();
+        p.vertex_started("known", "known", &[], None, t);
+        p.warning(warning("known", "now"));
+        p.warning(warning("lazy", "early"));
+        p.warning(warning("never", "orphan"));
+        p.vertex_started("lazy", "lazy step", &[], None, t);
+        p.vertex_completed("lazy", false, None, t);
+        p.finish();
+        // the updates as made (subscribers get them batched, in this order)
+        let all = p.events();
+        assert_eq!(
+            collect(&p)
+                .await
+                .iter()
+                .map(|r| r.warnings.len())
+                .sum::<usize>(),
+            3
+        );
+        let at = |short: &str| {
+            all.iter()
+                .position(|r| r.warnings.iter().any(|w| &w.short[..] == short.as_bytes()))
+                .unwrap_or_else(|| panic!("warning {short} not sent: {all:?}"))
+        };
+        assert!(all[at("now")].vertexes.is_empty());
+        // sent together with the lazy vertex's announcement, not before it
+        let early = &all[at("early")];
+        assert!(
+            early.vertexes.iter().any(|v| v.digest == "lazy"),
+            "{early:?}"
+        );
+        let first_lazy = all
+            .iter()
+            .position(|r| r.vertexes.iter().any(|v| v.digest == "lazy"))
+            .unwrap();
+        assert_eq!(first_lazy, at("early"));
+        assert_eq!(at("orphan"), all.len() - 1);
+        assert_eq!(all.iter().map(|r| r.warnings.len()).sum::<usize>(), 3);
     }
 
     #[tokio::test]
