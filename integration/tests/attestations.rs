@@ -525,3 +525,175 @@ async fn local_and_tar_outputs_carry_statements_per_platform() {
         check(p, &files);
     }
 }
+
+/// A gateway build returning one ref (of `def`) with `metadata`, exported with `type=image`,
+/// `attrs` and the frontend attributes `fe_attrs`.
+async fn build_single(
+    c: &BuildkitClient,
+    attrs: &[(&str, &str)],
+    fe_attrs: &[(&str, &str)],
+    def: pb::Definition,
+    metadata: &[(&str, String)],
+) -> std::result::Result<control::SolveResponse, tonic::Status> {
+    let mut session = c.open_session(Attachables::default()).await.unwrap();
+    let build_ref = new_id();
+    let mut ctl = c.control();
+    let (sid, br) = (session.id.clone(), build_ref.clone());
+    let map = |kv: &[(&str, &str)]| -> BTreeMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    let (attrs, fe_attrs) = (map(attrs), map(fe_attrs));
+    let solve_task = tokio::spawn(async move {
+        ctl.solve(control::SolveRequest {
+            r#ref: br,
+            session: sid,
+            exporter_deprecated: "image".into(),
+            exporter_attrs_deprecated: attrs,
+            frontend_attrs: fe_attrs,
+            ..Default::default()
+        })
+        .await
+    });
+    let res = c
+        .gateway()
+        .solve(with_build_id(
+            gw::SolveRequest {
+                definition: Some(def),
+                allow_result_return: true,
+                allow_result_array_ref: true,
+                ..Default::default()
+            },
+            &build_ref,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(gw::result::Result::Ref(r)) = res.result.and_then(|r| r.result) else {
+        panic!("expected a ref result");
+    };
+    c.gateway()
+        .r#return(with_build_id(
+            gw::ReturnRequest {
+                result: Some(gw::Result {
+                    result: Some(gw::result::Result::Ref(r)),
+                    metadata: metadata
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), bytes::Bytes::from(v.clone())))
+                        .collect(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            &build_ref,
+        ))
+        .await
+        .unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(180), solve_task)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(session.close(Duration::from_secs(5)).await);
+    r.map(|r| r.into_inner())
+}
+
+/// TestSBOMScanSingleRef: `attest:sbom=generator=IMAGE` on a single result runs the scanner
+/// image (built and pushed here from busybox, its Cmd writing a statement that lists
+/// `$BUILDKIT_SCAN_SOURCE`) over the result; the pushed image becomes an index of the platform
+/// image and an attestation manifest holding the scanner's SPDX statement, whose subject is
+/// the image. An empty generator is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn sbom_scan_runs_the_generator_over_a_single_result() {
+    require_root();
+    let engine = integration::DockerEngine::system().unwrap();
+    let busybox = integration::busybox_image(&engine).await.unwrap();
+    let reg = integration::Registry::start().unwrap();
+    let d = Berthd::start(&[]).unwrap();
+    let c = d.client().await.unwrap();
+    let addr = reg.addr();
+
+    let scanner = format!("{addr}/berth-test/scanner:v1");
+    let image_op = pb::Op {
+        op: Some(OpKind::Source(pb::SourceOp {
+            identifier: format!("docker-image://{}", busybox.reference()),
+            attrs: Default::default(),
+        })),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let cmd = r#"echo "{\"_type\":\"https://in-toto.io/Statement/v0.1\",\"predicateType\":\"https://spdx.dev/Document\",\"predicate\":{\"name\":\"fallback\",\"files\":\"$(ls $BUILDKIT_SCAN_SOURCE)\"}}" > $BUILDKIT_SCAN_DESTINATION/spdx.json"#;
+    let cfg = serde_json::json!({"architecture": "amd64", "os": "linux",
+        "config": {"Cmd": ["/bin/sh", "-c", cmd]}});
+    build_single(
+        &c,
+        &[("name", &scanner), ("push", "true")],
+        &[],
+        definition_of(image_op),
+        &[("containerimage.config", cfg.to_string())],
+    )
+    .await
+    .unwrap();
+
+    let target = format!("{addr}/berth-test/scanned:v1");
+    let platforms = serde_json::json!({"Platforms": [{"ID": "linux/amd64", "Platform": {"os": "linux", "architecture": "amd64"}}]});
+    let greeting = definition_of(files_op(&[("/greeting", "hello world!")]));
+    build_single(
+        &c,
+        &[("name", &target), ("push", "true")],
+        &[("attest:sbom", &format!("generator={scanner}"))],
+        greeting.clone(),
+        &[("refs.platforms", platforms.to_string())],
+    )
+    .await
+    .unwrap();
+    let index = fetch(&target).await;
+    assert_eq!(index.media_type, registry::MEDIA_TYPE_OCI_INDEX);
+    let idx: serde_json::Value = serde_json::from_slice(&index.bytes).unwrap();
+    let manifests = idx["manifests"].as_array().unwrap();
+    assert_eq!(manifests.len(), 2, "{idx}");
+    assert_eq!(manifests[0]["platform"]["architecture"], "amd64");
+    let img = manifests[0]["digest"].as_str().unwrap();
+    let att = &manifests[1];
+    assert_eq!(att["platform"]["os"], "unknown");
+    assert_eq!(att["annotations"]["vnd.docker.reference.digest"], img);
+    let m = fetch(&format!(
+        "{addr}/berth-test/scanned@{}",
+        att["digest"].as_str().unwrap()
+    ))
+    .await;
+    let mf: serde_json::Value = serde_json::from_slice(&m.bytes).unwrap();
+    let layers = mf["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 1, "{mf}");
+    let st = blob(
+        addr,
+        "berth-test/scanned",
+        layers[0]["digest"].as_str().unwrap(),
+    );
+    let st: serde_json::Value = serde_json::from_slice(&st).unwrap();
+    assert_eq!(st["predicateType"], "https://spdx.dev/Document");
+    assert_eq!(
+        st["predicate"],
+        serde_json::json!({"name": "fallback", "files": "greeting"})
+    );
+    assert_eq!(
+        st["subject"],
+        serde_json::json!([{"name": format!("pkg:docker/{}/berth-test/scanned@v1?platform=linux%2Famd64",
+            addr.replace(':', "%3A")),
+            "digest": {"sha256": img.strip_prefix("sha256:").unwrap()}}])
+    );
+
+    let e = build_single(
+        &c,
+        &[("name", &target), ("push", "true")],
+        &[("attest:sbom", "generator=")],
+        greeting,
+        &[],
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        e.message().contains("sbom generator cannot be empty"),
+        "{e:?}"
+    );
+}

@@ -352,6 +352,7 @@ impl Control {
                     refs: Default::default(),
                     metadata: Default::default(),
                     attestations: Default::default(),
+                    defs: Default::default(),
                 }
             }
         } else {
@@ -365,6 +366,51 @@ impl Control {
         };
 
         let mut result = result;
+        if let Some(generator) = crate::sbom::generator(&req.frontend_attrs)? {
+            let platforms = result_platforms(&result)?;
+            let ctx = SolveCtx {
+                job_id: job.id.clone(),
+                session_id: job.session_id.clone(),
+                progress: job.progress.clone(),
+                cancel: job.cancel.clone(),
+                entitlements: job.entitlements.clone(),
+                cache_imports: job.cache_imports.lock().unwrap().clone(),
+            };
+            let no_cache = req
+                .frontend_attrs
+                .get("no-cache")
+                .is_some_and(|v| v.is_empty());
+            crate::sbom::scan(
+                &self.backend,
+                &self.docker,
+                job,
+                &ctx,
+                &generator,
+                no_cache,
+                &platforms,
+                &mut result,
+            )
+            .await?;
+        }
+        // An image of a single result with attestations for its platform is an index of that
+        // one platform, as in buildkitd.
+        if kind == ExporterKind::Image && result.refs.is_empty() && !result.attestations.is_empty()
+        {
+            if let (Some(fs), [(id, p)]) = (result.fs.clone(), &result_platforms(&result)?[..]) {
+                if result.attestations.contains_key(id) {
+                    let ps = serde_json::json!({"Platforms": [{"ID": id, "Platform": {
+                        "os": p.os, "architecture": p.architecture, "variant": p.variant}}]});
+                    result
+                        .metadata
+                        .entry("refs.platforms".into())
+                        .or_insert_with(|| Bytes::from(ps.to_string()));
+                    if let Some(d) = result.defs.remove("") {
+                        result.defs.insert(id.clone(), d);
+                    }
+                    result.refs.insert(id.clone(), fs);
+                }
+            }
+        }
         if cache_exports
             .iter()
             .any(|c| c.target == remotecache::ExportTarget::Inline)
@@ -818,4 +864,36 @@ impl pb::control_server::Control for Control {
             .map_err(|e| Error::internal(format!("history task: {e}")))??;
         Ok(Response::new(pb::UpdateBuildHistoryResponse {}))
     }
+}
+
+/// The platforms of a result (`exptypes.ParsePlatforms`): its `refs.platforms`, else the one of
+/// its image config (or berthd's), keyed by its normalized `os/arch[/variant]`.
+fn result_platforms(
+    result: &crate::jobs::BuildResult,
+) -> Result<Vec<(String, exporter::image::Platform)>> {
+    if result.metadata.contains_key("refs.platforms") {
+        return crate::export_image::parse_platforms(&result.metadata);
+    }
+    #[derive(serde::Deserialize)]
+    struct Cfg {
+        #[serde(default)]
+        os: String,
+        #[serde(default)]
+        architecture: String,
+        #[serde(default)]
+        variant: String,
+    }
+    let mut p = exporter::image::Platform::native();
+    if let Some(c) = result.metadata.get("containerimage.config") {
+        let c: Cfg = serde_json::from_slice(c)
+            .map_err(|e| Error::invalid(format!("containerimage.config: {e}")))?;
+        if !c.os.is_empty() && !c.architecture.is_empty() {
+            p = exporter::image::Platform {
+                os: c.os,
+                architecture: c.architecture,
+                variant: c.variant,
+            };
+        }
+    }
+    Ok(vec![(exporter::attestation::format_platform(&p), p)])
 }

@@ -337,6 +337,7 @@ async fn dockerfile_v0(
             .map(|(k, v)| (k, Bytes::from(v)))
             .collect(),
         attestations: Default::default(),
+        defs: Default::default(),
     })
 }
 

@@ -232,14 +232,21 @@ async fn return_result(
             refs: Default::default(),
             metadata: Default::default(),
             attestations: Default::default(),
+            defs: Default::default(),
         });
     };
     let attestations = crate::attestations::from_wire(backend, job, res.attestations).await?;
     let mut refs = BTreeMap::new();
+    let mut defs = BTreeMap::new();
     let fs = match res.result {
         None => None,
         Some(gw::result::Result::RefDeprecated(id)) => Some(job.get_ref(backend, &id).await?),
-        Some(gw::result::Result::Ref(r)) => Some(job.get_ref(backend, &r.id).await?),
+        Some(gw::result::Result::Ref(r)) => {
+            if let Some(d) = r.def {
+                defs.insert(String::new(), d);
+            }
+            Some(job.get_ref(backend, &r.id).await?)
+        }
         Some(gw::result::Result::RefsDeprecated(m)) => {
             for (k, id) in m.refs {
                 refs.insert(k, job.get_ref(backend, &id).await?);
@@ -248,6 +255,9 @@ async fn return_result(
         }
         Some(gw::result::Result::Refs(m)) => {
             for (k, r) in m.refs {
+                if let Some(d) = r.def {
+                    defs.insert(k.clone(), d);
+                }
                 refs.insert(k, job.get_ref(backend, &r.id).await?);
             }
             None
@@ -258,6 +268,7 @@ async fn return_result(
         refs,
         metadata: res.metadata,
         attestations,
+        defs,
     })
 }
 

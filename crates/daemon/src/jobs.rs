@@ -30,6 +30,9 @@ pub struct BuildResult {
     pub metadata: BTreeMap<String, Bytes>,
     /// Attestations by platform key (from a gateway `Return`).
     pub attestations: crate::attestations::Attestations,
+    /// Definitions of the returned refs as the client sent them (`""` for a single ref, else
+    /// the platform key), for scanning the result ([`crate::sbom`]).
+    pub defs: BTreeMap<String, protos::pb::Definition>,
 }
 
 /// A gateway ref: a solved result, or a definition that is solved the first time the ref is

@@ -20,6 +20,7 @@
 //! | [`listener`] | Listening sockets. |
 //! | [`observe`] | Build metrics and the debug state (`telemetry`'s daemon side). |
 //! | [`progress`] | Progress and the Status stream. |
+//! | [`sbom`] | SBOM scanning of a result (`attest:sbom`). |
 //! | [`session`] | Client sessions. |
 //! | [`solver`] | The solve backend. |
 //! | [`workers`] | The worker record. |
@@ -47,6 +48,7 @@ pub mod jobs;
 pub mod listener;
 pub mod observe;
 pub mod progress;
+pub mod sbom;
 pub mod session;
 pub mod solver;
 pub mod workers;
