@@ -107,6 +107,8 @@ enum Attach {
     Provenance,
     /// A predicate file that is not JSON.
     NotJson,
+    /// The core SPDX SBOM (`sbom-core`), listing `/greeting` and a missing `/bar`.
+    Spdx,
 }
 
 /// A gateway build returning a ref map over [`PLATFORMS`] (`/greeting` = `hello <p>!`) with
@@ -217,6 +219,14 @@ async fn build_to(
                 }]
             }
             Attach::NoRef => vec![intoto(None, "/a.json", "https://example.com/a", vec![])],
+            Attach::Spdx => {
+                let doc = r#"{"SPDXID":"DOCUMENT","files":[{"SPDXID":"SPDXRef-File-g","fileName":"/greeting"},{"SPDXID":"SPDXRef-File-bar","fileName":"/bar"}]}"#;
+                let r = solve(c, &build_ref, &[("/result.spdx", doc)]).await;
+                let mut a = intoto(Some(r), "/result.spdx", "https://spdx.dev/Document", vec![]);
+                a.metadata
+                    .insert("sbom-core".into(), bytes::Bytes::from_static(b"result"));
+                vec![a]
+            }
             Attach::Provenance | Attach::NotJson => {
                 let r = solve(c, &build_ref, &[("/a.json", "{not json")]).await;
                 let pt = match attach {
@@ -696,4 +706,35 @@ async fn sbom_scan_runs_the_generator_over_a_single_result() {
         e.message().contains("sbom generator cannot be empty"),
         "{e:?}"
     );
+}
+
+/// TestSBOMSupplements: the core SPDX SBOM of a result gets, for each file it lists that the
+/// image has, `layerID: <digest of the pushed layer holding it>`; a file the image lacks keeps
+/// no comment.
+#[tokio::test(flavor = "multi_thread")]
+async fn core_sbom_files_get_the_layer_holding_them() {
+    require_root();
+    let reg = integration::Registry::start().unwrap();
+    let d = Berthd::start(&[]).unwrap();
+    let c = d.client().await.unwrap();
+    let addr = reg.addr();
+    let name = format!("{addr}/berth-test/attsbom:v1");
+    build(&c, &[("name", &name), ("push", "true")], Attach::Spdx)
+        .await
+        .unwrap();
+    let got = pushed(addr, "berth-test/attsbom", &name).await;
+    for (img, stmts) in got {
+        let m = fetch(&format!("{addr}/berth-test/attsbom@{img}")).await;
+        let mf: serde_json::Value = serde_json::from_slice(&m.bytes).unwrap();
+        let layer = mf["layers"][0]["digest"].as_str().unwrap();
+        assert_eq!(stmts.len(), 1);
+        let doc = &stmts[0]["predicate"];
+        assert_eq!(doc["SPDXID"], "DOCUMENT");
+        assert_eq!(doc["files"][0]["fileName"], "/greeting");
+        assert_eq!(
+            doc["files"][0]["comment"],
+            format!("layerID: {layer}").as_str()
+        );
+        assert!(doc["files"][1].get("comment").is_none(), "{doc}");
+    }
 }

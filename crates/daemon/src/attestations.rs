@@ -146,26 +146,29 @@ pub async fn resolve(backend: &Backend, atts: &[ResultAttestation]) -> Result<Ve
                 let predicate = crate::fsread::read_file(view.path(), &a.path, 0, 0)
                     .await
                     .map_err(|e| Error::invalid(format!("cannot read in-toto attestation: {e}")))?;
-                let att = Attestation {
+                let mut att = Attestation {
                     path: a.path.clone(),
                     predicate_type: a.predicate_type.clone(),
                     subjects: a.subjects.clone(),
                     predicate,
+                    sbom_core: false,
                 };
-                if is_core(a, &att.path) {
+                att.sbom_core = is_core(a, &att.path);
+                if att.sbom_core {
                     core.push(att);
                 } else {
                     rest.push(att);
                 }
             }
             Kind::Bundle => {
-                for att in unbundle(view.path(), a).await? {
+                for mut att in unbundle(view.path(), a).await? {
+                    att.sbom_core = is_core(a, &att.path);
                     if att.predicate_type.starts_with(PROVENANCE_PREFIX) {
                         return Err(Error::invalid(
                             "frontend may not bundle provenance attestations",
                         ));
                     }
-                    if is_core(a, &att.path) {
+                    if att.sbom_core {
                         core.push(att);
                     } else {
                         rest.push(att);
@@ -234,6 +237,7 @@ async fn unbundle(root: &std::path::Path, a: &ResultAttestation) -> Result<Vec<A
             predicate_type,
             subjects,
             predicate,
+            sbom_core: false,
         });
     }
     Ok(out)

@@ -69,6 +69,55 @@ pub struct Attestation {
     pub subjects: Vec<Subject>,
     /// The predicate file's bytes (JSON; empty = `null`).
     pub predicate: Vec<u8>,
+    /// The result's core SBOM (`sbom-core` metadata naming its file): an SPDX one gets, for
+    /// each file it lists, the layer of the image that holds the file ([`supplement_spdx`]).
+    pub sbom_core: bool,
+}
+
+/// `predicateType` of SPDX SBOMs.
+pub const PREDICATE_SPDX: &str = "https://spdx.dev/Document";
+
+/// An SPDX document whose `files` without `comment` get `layerID: <digest>` of the layer `find`
+/// names for their `fileName`, and a `Tool: berth-<version>` creator (BuildKit's
+/// `supplementSBOM`). `None` when it is not an SPDX JSON document (left as it is).
+pub fn supplement_spdx(
+    predicate: &[u8],
+    find: &mut dyn FnMut(&str) -> Result<Option<String>>,
+) -> Result<Option<Vec<u8>>> {
+    let Ok(serde_json::Value::Object(mut doc)) = serde_json::from_slice(predicate) else {
+        return Ok(None);
+    };
+    if let Some(serde_json::Value::Array(files)) = doc.get_mut("files") {
+        for f in files.iter_mut() {
+            let Some(f) = f.as_object_mut() else { continue };
+            if f.get("comment")
+                .and_then(|c| c.as_str())
+                .is_some_and(|c| !c.is_empty())
+            {
+                continue;
+            }
+            let Some(name) = f.get("fileName").and_then(|n| n.as_str()) else {
+                continue;
+            };
+            if let Some(layer) = find(name)? {
+                f.insert("comment".into(), format!("layerID: {layer}").into());
+            }
+        }
+    }
+    let info = doc
+        .entry("creationInfo")
+        .or_insert_with(|| serde_json::json!({}));
+    if let Some(info) = info.as_object_mut() {
+        let creators = info
+            .entry("creators")
+            .or_insert_with(|| serde_json::json!([]));
+        if let Some(c) = creators.as_array_mut() {
+            c.push(format!("Tool: berth-{}", env!("CARGO_PKG_VERSION")).into());
+        }
+    }
+    Ok(Some(
+        serde_json::to_vec(&doc).expect("JSON value serialises"),
+    ))
 }
 
 /// A subject the exported artefact stands for.
@@ -546,6 +595,7 @@ mod tests {
             predicate_type: "https://example.com/t".into(),
             subjects,
             predicate: predicate.to_vec(),
+            sbom_core: false,
         };
         let head = "{\"_type\":\"https://in-toto.io/Statement/v0.1\",\"predicateType\":\"https://example.com/t\",";
         let cases: Vec<(Attestation, String)> = vec![
@@ -584,6 +634,31 @@ mod tests {
         }
         let e = statement(&att(vec![], b"{nope"), &defaults).unwrap_err();
         assert!(e.to_string().contains("/p.json"), "{e}");
+    }
+
+    #[test]
+    fn spdx_files_get_their_layer() {
+        let doc = br#"{"SPDXID":"DOCUMENT","files":[{"fileName":"/foo"},{"fileName":"/bar"},{"fileName":"/c","comment":"kept"}]}"#;
+        let mut asked = vec![];
+        let out = supplement_spdx(doc, &mut |n| {
+            asked.push(n.to_string());
+            Ok((n == "/foo").then(|| "sha256:ab".to_string()))
+        })
+        .unwrap()
+        .unwrap();
+        assert_eq!(asked, ["/foo", "/bar"]);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["files"][0]["comment"], "layerID: sha256:ab");
+        assert!(v["files"][1].get("comment").is_none());
+        assert_eq!(v["files"][2]["comment"], "kept");
+        assert_eq!(v["SPDXID"], "DOCUMENT");
+        assert!(v["creationInfo"]["creators"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("Tool: berth-"));
+        assert!(supplement_spdx(b"[1]", &mut |_| Ok(None))
+            .unwrap()
+            .is_none());
     }
 
     #[test]

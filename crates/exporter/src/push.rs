@@ -345,6 +345,102 @@ fn manifest(
     })
 }
 
+/// Gives the core SPDX SBOMs among `atts` the layer (its pushed blob's digest) of each file they
+/// list: the topmost layer whose tar has the file (whiteouts skipped), as BuildKit's
+/// `supplementSBOM`. Layers are listed only when such an SBOM asks, each at most once.
+async fn supplement_sboms(
+    atts: &mut [crate::attestation::Attestation],
+    exported: &[crate::archive::ExportLayer],
+    layers: &[PushLayer],
+) -> Result<()> {
+    use crate::attestation as at;
+    if !atts
+        .iter()
+        .any(|a| a.sbom_core && a.predicate_type == at::PREDICATE_SPDX)
+    {
+        return Ok(());
+    }
+    let exported = exported.to_vec();
+    let digests: Vec<String> = layers.iter().map(|l| l.blob.digest.clone()).collect();
+    let mut list = atts.to_vec();
+    let list = tokio::task::spawn_blocking(move || -> Result<Vec<_>> {
+        // file -> layer digest, filled from the top layer down as files are asked for
+        let mut found: BTreeMap<String, String> = BTreeMap::new();
+        let mut next = exported.len();
+        for a in list
+            .iter_mut()
+            .filter(|a| a.sbom_core && a.predicate_type == at::PREDICATE_SPDX)
+        {
+            let mut find = |name: &str| -> Result<Option<String>> {
+                let name = format!("/{}", name.trim_start_matches('/'));
+                let name = name.trim_end_matches('/').to_string();
+                while !found.contains_key(&name) && next > 0 {
+                    next -= 1;
+                    for f in layer_files(&exported[next])? {
+                        found.entry(f).or_insert_with(|| digests[next].clone());
+                    }
+                }
+                Ok(found.get(&name).cloned())
+            };
+            if let Some(p) = at::supplement_spdx(&a.predicate, &mut find)? {
+                a.predicate = p;
+            }
+        }
+        Ok(list)
+    })
+    .await
+    .map_err(|e| Error::DockerLoad {
+        message: format!("sbom layer task: {e}"),
+    })??;
+    atts.clone_from_slice(&list);
+    Ok(())
+}
+
+/// The paths (`/`-rooted, no trailing `/`) of a layer's tar, whiteouts left out; the tar is
+/// streamed through a pipe, never held.
+fn layer_files(layer: &crate::archive::ExportLayer) -> Result<Vec<String>> {
+    let Some(source) = layer.source.clone() else {
+        return Err(Error::LayerUnavailable {
+            diff_id: layer.diff_id.clone(),
+        });
+    };
+    let io = |source: std::io::Error| Error::LayerStream {
+        diff_id: layer.diff_id.clone(),
+        source,
+    };
+    let (reader, mut writer) = std::io::pipe().map_err(io)?;
+    let producer = std::thread::spawn(move || source.write_tar(&mut writer));
+    let mut out = Vec::new();
+    let mut ar = tar::Archive::new(reader);
+    let listed = (|| -> std::io::Result<()> {
+        for e in ar.entries()? {
+            let e = e?;
+            let p = e.path()?.to_string_lossy().into_owned();
+            let p = format!("/{}", p.trim_start_matches("./").trim_matches('/'));
+            if p.rsplit('/').next().is_some_and(|b| b.starts_with(".wh.")) {
+                continue;
+            }
+            out.push(p);
+        }
+        Ok(())
+    })();
+    // Reading to the end (the tar's trailing blocks) lets the producer finish; after a read
+    // error, dropping the reader stops it.
+    if listed.is_ok() {
+        let mut rest = ar.into_inner();
+        std::io::copy(&mut rest, &mut std::io::sink()).map_err(io)?;
+    } else {
+        drop(ar);
+    }
+    let produced = producer
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("layer tar writer panicked")));
+    listed.map_err(io)?;
+    // A writer stopped by the closed pipe after a read error is reported by the read.
+    produced.map_err(io)?;
+    Ok(out)
+}
+
 /// The attestation manifest of `img`'s attestations about its manifest `target` (its default
 /// subjects: each name's package URL with `target`), its blobs stored in the cache, and the
 /// annotations of its index descriptor.
@@ -573,7 +669,9 @@ pub async fn push_index(
             &img.manifest_annotations,
         )?;
         if !img.attestations.is_empty() {
-            attestations.push(attestation_manifest(img, names, &m.digest, cache, oci)?);
+            let mut img = img.clone();
+            supplement_sboms(&mut img.attestations, &exported, &layers).await?;
+            attestations.push(attestation_manifest(&img, names, &m.digest, cache, oci)?);
         }
         manifests.push(m);
     }
