@@ -545,7 +545,40 @@ async fn build_single(
     def: pb::Definition,
     metadata: &[(&str, String)],
 ) -> std::result::Result<control::SolveResponse, tonic::Status> {
-    let mut session = c.open_session(Attachables::default()).await.unwrap();
+    build_single_to(
+        c,
+        "image",
+        Output::None,
+        attrs,
+        fe_attrs,
+        def,
+        metadata,
+        None,
+    )
+    .await
+}
+
+/// [`build_single`] exported with `exporter` into `output`; with `attest`, the result's file at
+/// that path is an in-toto attestation (self subject) of platform linux/amd64.
+#[allow(clippy::too_many_arguments)]
+async fn build_single_to(
+    c: &BuildkitClient,
+    exporter: &str,
+    output: Output,
+    attrs: &[(&str, &str)],
+    fe_attrs: &[(&str, &str)],
+    def: pb::Definition,
+    metadata: &[(&str, String)],
+    attest: Option<&str>,
+) -> std::result::Result<control::SolveResponse, tonic::Status> {
+    let mut session = c
+        .open_session(Attachables {
+            output,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let exporter = exporter.to_string();
     let build_ref = new_id();
     let mut ctl = c.control();
     let (sid, br) = (session.id.clone(), build_ref.clone());
@@ -559,7 +592,7 @@ async fn build_single(
         ctl.solve(control::SolveRequest {
             r#ref: br,
             session: sid,
-            exporter_deprecated: "image".into(),
+            exporter_deprecated: exporter,
             exporter_attrs_deprecated: attrs,
             frontend_attrs: fe_attrs,
             ..Default::default()
@@ -583,6 +616,22 @@ async fn build_single(
     let Some(gw::result::Result::Ref(r)) = res.result.and_then(|r| r.result) else {
         panic!("expected a ref result");
     };
+    let attestations = attest
+        .map(|path| {
+            let a = gw::Attestation {
+                r#ref: Some(r.clone()),
+                path: path.into(),
+                in_toto_predicate_type: "https://example.com/attestations/v1.0".into(),
+                ..Default::default()
+            };
+            BTreeMap::from([(
+                "linux/amd64".to_string(),
+                gw::Attestations {
+                    attestation: vec![a],
+                },
+            )])
+        })
+        .unwrap_or_default();
     c.gateway()
         .r#return(with_build_id(
             gw::ReturnRequest {
@@ -592,7 +641,7 @@ async fn build_single(
                         .iter()
                         .map(|(k, v)| (k.to_string(), bytes::Bytes::from(v.clone())))
                         .collect(),
-                    ..Default::default()
+                    attestations,
                 }),
                 ..Default::default()
             },
@@ -737,4 +786,49 @@ async fn core_sbom_files_get_the_layer_holding_them() {
         );
         assert!(doc["files"][1].get("comment").is_none(), "{doc}");
     }
+}
+
+/// A single result with an attestation of its platform, exported with `type=local`: the
+/// statement lies beside the result's files (no platform directory), its self subjects being
+/// those files, as buildkitd's local exporter writes a result that is not a ref map.
+#[tokio::test(flavor = "multi_thread")]
+async fn local_output_of_a_single_result_carries_its_statement() {
+    require_root();
+    let d = Berthd::start(&[]).unwrap();
+    let c = d.client().await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("local");
+    let platforms = serde_json::json!({"Platforms": [{"ID": "linux/amd64",
+        "Platform": {"os": "linux", "architecture": "amd64"}}]});
+    build_single_to(
+        &c,
+        "local",
+        Output::Local(out.clone()),
+        &[("attestation-prefix", "att.")],
+        &[],
+        definition_of(files_op(&[
+            ("/greeting", "hello world!"),
+            ("/att.json", SUCCESS),
+        ])),
+        &[("refs.platforms", platforms.to_string())],
+        Some("/att.json"),
+    )
+    .await
+    .unwrap();
+    let mut names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["att.att.json", "att.json", "greeting"]);
+    let st: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("att.att.json")).unwrap()).unwrap();
+    assert_eq!(st["predicate"], serde_json::json!({"success": true}));
+    assert_eq!(
+        st["subject"],
+        serde_json::json!([
+            {"name": "att.json", "digest": {"sha256": sha256(SUCCESS.as_bytes())}},
+            {"name": "greeting", "digest": {"sha256": sha256(b"hello world!")}},
+        ])
+    );
 }

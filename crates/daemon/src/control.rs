@@ -466,13 +466,44 @@ impl Control {
                 export_md.insert(k.clone(), Bytes::from(v.clone()));
             }
         }
-        if result.refs.is_empty() && result.attestations.values().any(|a| !a.is_empty()) {
+        let single_with_attestations =
+            result.refs.is_empty() && result.attestations.values().any(|a| !a.is_empty());
+        if let (
+            true,
+            ExporterKind::Client(
+                exp @ (export_client::ClientExporter::Local | export_client::ClientExporter::Tar),
+            ),
+        ) = (single_with_attestations, kind)
+        {
+            // The statements of the result's platform beside its files.
+            let platforms = result_platforms(&result)?;
+            let fs = result.fs.clone().unwrap_or(crate::solver::FsRef::Scratch);
+            let refs = platforms
+                .iter()
+                .map(|(id, _)| (id.clone(), fs.clone()))
+                .collect();
+            let session = self.sessions.get(&req.session).await?;
+            let r = tokio::select! {
+                r = export_client::export_multi(
+                    &self.backend,
+                    &session,
+                    &job.progress,
+                    exp,
+                    &exp_attrs,
+                    &platforms,
+                    &refs,
+                    &result.attestations,
+                    false,
+                ).instrument(export_span.clone()) => r?,
+                _ = job.cancel.cancelled() => return Err(job.cancel_error()),
+            };
+            response.extend(r);
+        } else if single_with_attestations && kind != ExporterKind::None {
             // Dropping them would export without the attestations the frontend asked for.
             return Err(Error::unimplemented(
-                "attestations of a single-platform result (no ref map) are not exported by berthd yet",
+                "attestations of a single-platform result (no ref map) are only exported by the image (push=true), local and tar exporters in berthd yet",
             ));
-        }
-        if !result.refs.is_empty() && kind != ExporterKind::Image {
+        } else if !result.refs.is_empty() && kind != ExporterKind::Image {
             // A multi-platform result: a directory per platform (local, tar), or an index.
             let ExporterKind::Client(
                 exp @ (export_client::ClientExporter::Local | export_client::ClientExporter::Tar),
@@ -495,6 +526,7 @@ impl Control {
                     &platforms,
                     &result.refs,
                     &result.attestations,
+                    true,
                 ).instrument(export_span.clone()) => r?,
                 _ = job.cancel.cancelled() => return Err(job.cancel_error()),
             };

@@ -192,7 +192,8 @@ pub async fn export(
 }
 
 /// Exports a multi-platform result with `type=local` or `type=tar` as buildkitd does: one
-/// directory per platform (`linux/arm64` → `linux_arm64`, mode 0755) holding that platform's
+/// directory per platform (`linux/arm64` → `linux_arm64`, mode 0755; without `subdirs`, for a
+/// single result with attestations, its one platform at the top) holding that platform's
 /// result and, for each of its attestations that is not inline-only, the in-toto statement
 /// (indented JSON, mode 0600) named `<attestation-prefix><base name of its path>`, whose default
 /// subjects are the platform's regular files with their sha256. Returns the (empty) response.
@@ -206,6 +207,7 @@ pub async fn export_multi(
     platforms: &[(String, exporter::image::Platform)],
     refs: &BTreeMap<String, FsRef>,
     attestations: &crate::attestations::Attestations,
+    subdirs: bool,
 ) -> Result<BTreeMap<String, String>> {
     let epoch = source_date_epoch(attrs)?;
     let prefix = attrs.get("attestation-prefix").cloned().unwrap_or_default();
@@ -262,7 +264,11 @@ pub async fn export_multi(
             let atts = crate::attestations::resolve(backend, &atts).await?;
             let view = backend.view(fs).await?;
             let root = view.path().to_path_buf();
-            let dir = id.replace('/', "_");
+            let dir = if subdirs {
+                id.replace('/', "_")
+            } else {
+                String::new()
+            };
             let prefix = prefix.clone();
             let part = tokio::task::spawn_blocking(move || {
                 platform_entries(&root, &dir, &atts, &prefix, epoch, now)
@@ -318,15 +324,26 @@ fn platform_entries(
     now: i64,
 ) -> Result<Vec<fsutil::send::Entry>> {
     use fsutil::send::{Entry, Source};
-    let mut out = vec![Entry {
-        stat: fsutil::Stat {
-            path: dir.to_string(),
-            mode: fsutil::filemode::MODE_DIR | 0o755,
-            mod_time: epoch.map_or(0, |e| e * 1_000_000_000),
-            ..Default::default()
-        },
-        content: Source::None,
-    }];
+    // `dir` empty: the result at the top of the output.
+    let under = |p: &str| {
+        if dir.is_empty() {
+            p.to_string()
+        } else {
+            format!("{dir}/{p}")
+        }
+    };
+    let mut out = Vec::new();
+    if !dir.is_empty() {
+        out.push(Entry {
+            stat: fsutil::Stat {
+                path: dir.to_string(),
+                mode: fsutil::filemode::MODE_DIR | 0o755,
+                mod_time: epoch.map_or(0, |e| e * 1_000_000_000),
+                ..Default::default()
+            },
+            content: Source::None,
+        });
+    }
     let mut files = Vec::new();
     walk(
         root,
@@ -338,9 +355,9 @@ fn platform_entries(
                 files.push((st.path.clone(), full.clone()));
             }
             if st.is_hardlink() {
-                st.linkname = format!("{dir}/{}", st.linkname);
+                st.linkname = under(&st.linkname);
             }
-            st.path = format!("{dir}/{}", st.path);
+            st.path = under(&st.path);
             if let Some(e) = epoch {
                 st.mod_time = e * 1_000_000_000;
             }
@@ -381,7 +398,7 @@ fn platform_entries(
         }
         out.push(Entry {
             stat: fsutil::Stat {
-                path: format!("{dir}/{name}"),
+                path: under(&name),
                 mode: 0o600,
                 size: data.len() as i64,
                 mod_time: epoch.unwrap_or(now) * 1_000_000_000,
