@@ -420,6 +420,8 @@ impl BuildkitClient {
             ssh_agents: opts.ssh_agents.clone(),
             registry_auth: opts.registry_auth.clone(),
             shared_key: String::new(),
+            content_stores: opts.content_stores.clone(),
+            content_writes: opts.content_writes.clone(),
             ..Default::default()
         };
         let mut session = self.open_session(attach).await?;
@@ -657,6 +659,10 @@ pub struct BuildOptions {
     /// Registry credentials the session's `Auth.Credentials` gives: host → (username, secret),
     /// as buildctl answers from the Docker config's `auths`.
     pub registry_auth: BTreeMap<String, (String, String)>,
+    /// Content stores the session serves (see [`Attachables::content_stores`]).
+    pub content_stores: BTreeMap<String, PathBuf>,
+    /// Filled with the blobs committed into those stores (see [`Attachables::content_writes`]).
+    pub content_writes: Arc<std::sync::Mutex<Vec<(String, String)>>>,
 }
 
 /// Everything observed during one build.
@@ -733,6 +739,13 @@ pub struct Attachables {
     pub file_sync_requests: Arc<AtomicU64>,
     /// The `exporter-md-*` headers of the daemon's FileSend stream, prefix stripped.
     pub exporter_md: Arc<std::sync::Mutex<BTreeMap<String, String>>>,
+    /// Content stores served through `containerd.services.content.v1.Content` (`Info`, `Read`,
+    /// `Write`), by store id (`export` for an `oci`/`docker` output directory, `oci:NAME` for
+    /// `oci-layout://` sources, `local:DIR` for `type=local` caches): each an OCI layout
+    /// directory whose blobs are `blobs/sha256/<hex>`, as BuildKit's client keeps them.
+    pub content_stores: BTreeMap<String, PathBuf>,
+    /// The blobs committed into [`Attachables::content_stores`], in order: (store id, digest).
+    pub content_writes: Arc<std::sync::Mutex<Vec<(String, String)>>>,
 }
 
 impl Attachables {
@@ -773,6 +786,11 @@ impl Attachables {
         if !self.ssh_agents.is_empty() {
             m.push("/moby.sshforward.v1.SSH/CheckAgent");
             m.push("/moby.sshforward.v1.SSH/ForwardAgent");
+        }
+        if !self.content_stores.is_empty() {
+            m.push(content::INFO);
+            m.push(content::READ);
+            m.push(content::WRITE);
         }
         m
     }
@@ -1065,6 +1083,11 @@ impl tower::Service<http::Request<hyper::body::Incoming>> for SessionServer {
                         _ => tonic::Status::unimplemented("no output target").into_http(),
                     }
                 }
+                content::INFO | content::READ | content::WRITE
+                    if !state.content_stores.is_empty() =>
+                {
+                    content::serve(state.clone(), req).await
+                }
                 other => {
                     tonic::Status::unimplemented(format!("{other} is not served by this session"))
                         .into_http()
@@ -1251,4 +1274,319 @@ async fn file_write(
         .join("\n");
     let _ = tokio::fs::write(file.with_extension("chunks"), sizes).await;
     Ok(tonic::Response::new(Box::pin(futures::stream::empty())))
+}
+
+/// The client's content stores (`containerd.services.content.v1.Content`, chosen by the
+/// `buildkit-attachable-store-id` header), as BuildKit's client serves them over the session:
+/// `Info`, `Read` and `Write` on OCI layout directories. Messages are containerd's
+/// (`api/services/content/v1/content.proto`), declared with the fields used.
+mod content {
+    use super::*;
+    use sha2::{Digest as _, Sha256};
+
+    pub const INFO: &str = "/containerd.services.content.v1.Content/Info";
+    pub const READ: &str = "/containerd.services.content.v1.Content/Read";
+    pub const WRITE: &str = "/containerd.services.content.v1.Content/Write";
+    const STORE_ID: &str = "buildkit-attachable-store-id";
+    const STAT: i32 = 0;
+    const COMMIT: i32 = 2;
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct InfoRequest {
+        #[prost(string, tag = "1")]
+        pub digest: String,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Info {
+        #[prost(string, tag = "1")]
+        pub digest: String,
+        #[prost(int64, tag = "2")]
+        pub size: i64,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct InfoResponse {
+        #[prost(message, optional, tag = "1")]
+        pub info: Option<Info>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ReadContentRequest {
+        #[prost(string, tag = "1")]
+        pub digest: String,
+        #[prost(int64, tag = "2")]
+        pub offset: i64,
+        #[prost(int64, tag = "3")]
+        pub size: i64,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ReadContentResponse {
+        #[prost(int64, tag = "1")]
+        pub offset: i64,
+        #[prost(bytes = "bytes", tag = "2")]
+        pub data: Bytes,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct WriteContentRequest {
+        #[prost(int32, tag = "1")]
+        pub action: i32,
+        #[prost(string, tag = "2")]
+        pub r#ref: String,
+        #[prost(int64, tag = "3")]
+        pub total: i64,
+        #[prost(string, tag = "4")]
+        pub expected: String,
+        #[prost(int64, tag = "5")]
+        pub offset: i64,
+        #[prost(bytes = "bytes", tag = "6")]
+        pub data: Bytes,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct WriteContentResponse {
+        #[prost(int32, tag = "1")]
+        pub action: i32,
+        #[prost(int64, tag = "4")]
+        pub offset: i64,
+        #[prost(int64, tag = "5")]
+        pub total: i64,
+        #[prost(string, tag = "6")]
+        pub digest: String,
+    }
+
+    /// `<dir>/blobs/sha256/<hex>` of a well-formed digest.
+    fn blob(dir: &Path, digest: &str) -> Result<PathBuf, tonic::Status> {
+        let hex = digest
+            .strip_prefix("sha256:")
+            .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+            .ok_or_else(|| tonic::Status::invalid_argument(format!("invalid digest {digest:?}")))?;
+        Ok(dir.join("blobs").join("sha256").join(hex))
+    }
+
+    fn store<T>(
+        st: &Attachables,
+        r: &tonic::Request<T>,
+    ) -> Result<(String, PathBuf), tonic::Status> {
+        let id = md_values(r.metadata(), STORE_ID)
+            .into_iter()
+            .next()
+            .unwrap_or_default();
+        match st.content_stores.get(&id) {
+            Some(d) => Ok((id, d.clone())),
+            // BuildKit's client answers an unknown id with a plain error.
+            None => Err(tonic::Status::unknown(format!(
+                "content store {id} not found"
+            ))),
+        }
+    }
+
+    pub async fn serve(
+        state: Arc<Attachables>,
+        req: http::Request<tonic::body::Body>,
+    ) -> http::Response<tonic::body::Body> {
+        match req.uri().path() {
+            INFO => {
+                let codec: tonic_prost::ProstCodec<InfoResponse, InfoRequest> = Default::default();
+                let svc = Unary(move |r: tonic::Request<InfoRequest>| {
+                    let st = state.clone();
+                    async move {
+                        let (_, dir) = store(&st, &r)?;
+                        let d = r.get_ref().digest.clone();
+                        match std::fs::metadata(blob(&dir, &d)?) {
+                            Ok(m) => Ok(tonic::Response::new(InfoResponse {
+                                info: Some(Info {
+                                    digest: d,
+                                    size: m.len() as i64,
+                                }),
+                            })),
+                            Err(_) => Err(tonic::Status::not_found(format!(
+                                "content digest {d}: not found"
+                            ))),
+                        }
+                    }
+                });
+                tonic::server::Grpc::new(codec).unary(svc, req).await
+            }
+            READ => {
+                let codec: tonic_prost::ProstCodec<ReadContentResponse, ReadContentRequest> =
+                    Default::default();
+                tonic::server::Grpc::new(codec)
+                    .server_streaming(ReadSvc(state), req)
+                    .await
+            }
+            _ => {
+                let codec: tonic_prost::ProstCodec<WriteContentResponse, WriteContentRequest> =
+                    Default::default();
+                tonic::server::Grpc::new(codec)
+                    .streaming(WriteSvc(state), req)
+                    .await
+            }
+        }
+    }
+
+    struct ReadSvc(Arc<Attachables>);
+    impl tonic::server::ServerStreamingService<ReadContentRequest> for ReadSvc {
+        type Response = ReadContentResponse;
+        type ResponseStream = BoxBodyStream<ReadContentResponse>;
+        type Future = Pin<
+            Box<
+                dyn std::future::Future<
+                        Output = Result<tonic::Response<Self::ResponseStream>, tonic::Status>,
+                    > + Send,
+            >,
+        >;
+        fn call(&mut self, r: tonic::Request<ReadContentRequest>) -> Self::Future {
+            let st = self.0.clone();
+            Box::pin(async move {
+                let (_, dir) = store(&st, &r)?;
+                let req = r.into_inner();
+                let path = blob(&dir, &req.digest)?;
+                let data = tokio::fs::read(&path).await.map_err(|_| {
+                    tonic::Status::not_found(format!("content digest {}: not found", req.digest))
+                })?;
+                let start = (req.offset.max(0) as usize).min(data.len());
+                let end = if req.size > 0 {
+                    (start + req.size as usize).min(data.len())
+                } else {
+                    data.len()
+                };
+                let data = Bytes::from(data).slice(start..end);
+                let chunks: Vec<Result<ReadContentResponse, tonic::Status>> = (0..data.len())
+                    .step_by(1 << 20)
+                    .map(|o| {
+                        Ok(ReadContentResponse {
+                            offset: (start + o) as i64,
+                            data: data.slice(o..(o + (1 << 20)).min(data.len())),
+                        })
+                    })
+                    .collect();
+                Ok(tonic::Response::new(
+                    Box::pin(futures::stream::iter(chunks)) as BoxBodyStream<_>,
+                ))
+            })
+        }
+    }
+
+    struct WriteSvc(Arc<Attachables>);
+    impl tonic::server::StreamingService<WriteContentRequest> for WriteSvc {
+        type Response = WriteContentResponse;
+        type ResponseStream = BoxBodyStream<WriteContentResponse>;
+        type Future = Pin<
+            Box<
+                dyn std::future::Future<
+                        Output = Result<tonic::Response<Self::ResponseStream>, tonic::Status>,
+                    > + Send,
+            >,
+        >;
+        fn call(
+            &mut self,
+            r: tonic::Request<tonic::Streaming<WriteContentRequest>>,
+        ) -> Self::Future {
+            let st = self.0.clone();
+            Box::pin(async move {
+                let (id, dir) = store(&st, &r)?;
+                let (tx, rx) = mpsc::channel(16);
+                tokio::spawn(write(st, id, dir, r.into_inner(), tx));
+                Ok(tonic::Response::new(
+                    Box::pin(ReceiverStream::new(rx)) as BoxBodyStream<_>
+                ))
+            })
+        }
+    }
+
+    /// One `Write` stream, as containerd's content service answers it: the blob goes to
+    /// `ingest/<sha256 of ref>/data`, each message is answered with the offset reached, and the
+    /// commit checks size and digest, then moves it into `blobs/sha256/`. An expected digest the
+    /// store already has ends the stream with `AlreadyExists`.
+    async fn write(
+        st: Arc<Attachables>,
+        id: String,
+        dir: PathBuf,
+        mut s: tonic::Streaming<WriteContentRequest>,
+        tx: mpsc::Sender<Result<WriteContentResponse, tonic::Status>>,
+    ) {
+        let mut file: Option<(PathBuf, tokio::fs::File)> = None;
+        let mut hash = Sha256::new();
+        let (mut offset, mut total, mut expected) = (0i64, 0i64, String::new());
+        while let Some(m) = s.next().await {
+            let m = match m {
+                Ok(m) => m,
+                Err(_) => return,
+            };
+            let res: Result<WriteContentResponse, tonic::Status> = async {
+                if m.total > 0 {
+                    total = m.total;
+                }
+                if !m.expected.is_empty() {
+                    expected = m.expected.clone();
+                }
+                if file.is_none() {
+                    if !expected.is_empty() && blob(&dir, &expected)?.exists() {
+                        return Err(tonic::Status::already_exists(format!(
+                            "content {expected}: already exists"
+                        )));
+                    }
+                    let ingest = dir
+                        .join("ingest")
+                        .join(hex::encode(Sha256::digest(m.r#ref.as_bytes())));
+                    std::fs::create_dir_all(&ingest)
+                        .map_err(|e| tonic::Status::internal(e.to_string()))?;
+                    let f = tokio::fs::File::create(ingest.join("data"))
+                        .await
+                        .map_err(|e| tonic::Status::internal(e.to_string()))?;
+                    file = Some((ingest, f));
+                }
+                let (ingest, f) = file.as_mut().expect("opened above");
+                if m.action != STAT && !m.data.is_empty() {
+                    if m.offset != offset {
+                        return Err(tonic::Status::invalid_argument(format!(
+                            "write at offset {} but {offset} bytes were written",
+                            m.offset
+                        )));
+                    }
+                    f.write_all(&m.data)
+                        .await
+                        .map_err(|e| tonic::Status::internal(e.to_string()))?;
+                    hash.update(&m.data);
+                    offset += m.data.len() as i64;
+                }
+                let mut resp = WriteContentResponse {
+                    action: m.action,
+                    offset,
+                    total,
+                    digest: String::new(),
+                };
+                if m.action == COMMIT {
+                    f.flush()
+                        .await
+                        .map_err(|e| tonic::Status::internal(e.to_string()))?;
+                    let got = format!("sha256:{}", hex::encode(hash.clone().finalize()));
+                    if total > 0 && total != offset {
+                        return Err(tonic::Status::failed_precondition(format!(
+                            "unexpected commit size {offset}, expected {total}"
+                        )));
+                    }
+                    if !expected.is_empty() && expected != got {
+                        return Err(tonic::Status::failed_precondition(format!(
+                            "unexpected commit digest {got}, expected {expected}"
+                        )));
+                    }
+                    let target = blob(&dir, &got)?;
+                    std::fs::create_dir_all(target.parent().expect("blob dir"))
+                        .map_err(|e| tonic::Status::internal(e.to_string()))?;
+                    std::fs::rename(ingest.join("data"), &target)
+                        .map_err(|e| tonic::Status::internal(e.to_string()))?;
+                    let _ = std::fs::remove_dir_all(&*ingest);
+                    st.content_writes
+                        .lock()
+                        .unwrap()
+                        .push((id.clone(), got.clone()));
+                    resp.digest = got;
+                }
+                Ok(resp)
+            }
+            .await;
+            let stop = res.is_err() || m.action == COMMIT;
+            if tx.send(res).await.is_err() || stop {
+                return;
+            }
+        }
+    }
 }

@@ -24,8 +24,13 @@
 //! `oci` takes `name`, `source-date-epoch`, `compression` (`gzip` default, `zstd`,
 //! `uncompressed`), `compression-level`, `force-compression` (every layer is compressed afresh
 //! anyway: berth keeps layers as trees, not blobs), `oci-mediatypes` (default true; zstd does not
-//! force it, as in v0.11.6) and `tar` (only `true`: the `tar=false` layout directory goes through the session's content
-//! store, which berthd does not drive).
+//! force it, as in v0.11.6) and `tar`.
+//!
+//! `tar=false` (`oci` and `docker`, as buildkitd's): no stream; the image's blobs (layers,
+//! config, manifest, children before the manifest, blobs the store has skipped) are written into
+//! the client's content store `export` over the session (`containerd.services.content.v1.Content`,
+//! which buildctl and the Go client serve on the output directory), and the client writes
+//! `index.json` from `containerimage.descriptor`. The blobs are the ones the tar would carry.
 
 use crate::errors::{Error, Result};
 use crate::progress::{synthetic_digest, Progress};
@@ -129,6 +134,10 @@ pub async fn export(
         }
         _ => false,
     };
+    let docker_tar = match kind {
+        ClientExporter::Docker => bool_attr(attrs, "tar", true)?.unwrap_or(true),
+        _ => true,
+    };
     progress.vertex_started(&vertex, name, &[], None, SystemTime::now());
     let started = SystemTime::now();
     let report = {
@@ -157,6 +166,9 @@ pub async fn export(
             fs,
             report: report.clone(),
         };
+        if kind == ClientExporter::Docker && !docker_tar {
+            return store_docker(&image, attrs).await;
+        }
         if kind == ClientExporter::Docker {
             return send_docker(&image, attrs, thin).await;
         }
@@ -439,6 +451,24 @@ impl ImageCtx<'_> {
             .transpose()
     }
 
+    /// The client's content store `export` as a blob sink for `tar=false`; refused up front when
+    /// the session serves no content store.
+    fn content_sink(&self) -> Result<SessionBlobSink> {
+        if !self.session.supports(crate::session::content::CONTENT_INFO) {
+            return Err(Error::invalid(format!(
+                "tar=false needs the client's content store, which session {} does not serve (an output directory, e.g. buildctl --output type=oci,tar=false,dest=DIR)",
+                self.session.id
+            )));
+        }
+        Ok(SessionBlobSink {
+            rt: tokio::runtime::Handle::current(),
+            store: Arc::new(crate::session::content::SessionContentStore::new(
+                self.session.clone(),
+                "export",
+            )),
+        })
+    }
+
     /// A finished status of the export vertex.
     fn done(&self, id: &str, current: u64, total: u64, started: SystemTime) {
         self.progress.status(
@@ -482,7 +512,7 @@ impl ImageCtx<'_> {
                 Ok(())
             };
             let r = write(&mut w, &mut ready)
-                .map_err(|e| Error::unavailable(format!("{what}: {}", chain(&e))))?;
+                .map_err(|e| Error::unavailable(format!("{what}: {}", chain_err(&e))))?;
             w.flush()
                 .map_err(|e| Error::unavailable(format!("{what}: {e}")))?;
             Ok::<_, Error>(r)
@@ -514,7 +544,7 @@ impl ImageCtx<'_> {
 }
 
 /// An error with its causes, `: `-separated.
-fn chain(e: &dyn std::error::Error) -> String {
+fn chain_err(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
@@ -542,17 +572,15 @@ fn bool_attr(attrs: &BTreeMap<String, String>, key: &str, empty: bool) -> Result
 /// `type=oci` attributes, checked.
 #[derive(Debug, Clone, PartialEq)]
 struct OciAttrs {
+    /// `tar` (default true); false: the blobs go into the client's content store `export`.
+    tar: bool,
     compression: exporter::Compression,
     level: Option<i32>,
     oci_types: bool,
 }
 
 fn oci_attrs(attrs: &BTreeMap<String, String>) -> Result<OciAttrs> {
-    if bool_attr(attrs, "tar", true)? == Some(false) {
-        return Err(Error::unimplemented(
-            "exporter oci: tar=false (an OCI layout directory written through the session's content store) is not supported by berthd; use tar=true (the default) and unpack the tarball",
-        ));
-    }
+    let tar = bool_attr(attrs, "tar", true)?.unwrap_or(true);
     if let Some(k) = attrs.keys().find(|k| k.starts_with("annotation")) {
         return Err(Error::unimplemented(format!(
             "exporter oci: attribute {k:?}: annotations are not supported by berthd yet"
@@ -587,6 +615,7 @@ fn oci_attrs(attrs: &BTreeMap<String, String>) -> Result<OciAttrs> {
     bool_attr(attrs, "force-compression", true)?;
     let oci_types = bool_attr(attrs, "oci-mediatypes", true)?.unwrap_or(true);
     Ok(OciAttrs {
+        tar,
         compression,
         level,
         oci_types,
@@ -721,7 +750,8 @@ async fn send_docker(
     Ok(response)
 }
 
-/// `type=oci`: the image as an OCI image layout tar streamed to the client.
+/// `type=oci`: the image as an OCI image layout tar streamed to the client, or with `tar=false`
+/// its blobs written into the client's content store.
 async fn send_oci(
     cx: &ImageCtx<'_>,
     attrs: &BTreeMap<String, String>,
@@ -747,6 +777,24 @@ async fn send_oci(
     let progress = cx.progress.clone();
     let vertex = cx.vertex.to_string();
     let started = SystemTime::now();
+    if !oci.tar {
+        let sink = cx.content_sink()?;
+        return tokio::task::spawn_blocking(move || {
+            let req = exporter::ImageExportRequest {
+                chain: &chain,
+                config: config.as_deref(),
+                names: opts.names.clone(),
+                epoch,
+            };
+            let mut on = oci_progress(progress, vertex, opts.compression, started);
+            let mut sink = sink;
+            exporter::write_oci_image_blobs(&store, &req, &opts, &mut sink, &mut on)
+                .map(|r| image_response(&r))
+                .map_err(|e| Error::unavailable(format!("exporter oci: {}", chain_err(&e))))
+        })
+        .await
+        .map_err(|e| Error::internal(format!("exporter oci task: {e}")))?;
+    }
     cx.stream_image("exporter oci", move |w, ready| {
         let req = exporter::ImageExportRequest {
             chain: &chain,
@@ -754,8 +802,23 @@ async fn send_oci(
             names: opts.names.clone(),
             epoch,
         };
-        let mut layer_started = SystemTime::now();
-        let mut done_bytes = 0u64;
+        let mut on = oci_progress(progress, vertex, opts.compression, started);
+        exporter::write_oci_image_archive(&store, &req, &opts, w, &mut on, ready)
+    })
+    .await
+}
+
+/// The `type=oci` export's statuses: one per layer while it is compressed or sent, then its
+/// sizes, `exporting layers` in total, the config and the manifest.
+fn oci_progress(
+    progress: Arc<Progress>,
+    vertex: String,
+    compression: exporter::Compression,
+    started: SystemTime,
+) -> impl FnMut(exporter::OciProgress) {
+    let mut layer_started = SystemTime::now();
+    let mut done_bytes = 0u64;
+    move |p: exporter::OciProgress| {
         let st = |id: &str, action: &str, cur: u64, tot: u64, from: SystemTime, end: bool| {
             progress.status(
                 &vertex,
@@ -767,7 +830,7 @@ async fn send_oci(
                 end.then(SystemTime::now),
             );
         };
-        let mut on = |p: exporter::OciProgress| match p {
+        match p {
             exporter::OciProgress::Layer {
                 diff_id,
                 done,
@@ -776,7 +839,7 @@ async fn send_oci(
                 if done == 0 {
                     layer_started = SystemTime::now();
                 }
-                let action = if opts.compression == exporter::Compression::Uncompressed {
+                let action = if compression == exporter::Compression::Uncompressed {
                     "sending"
                 } else {
                     "compressing"
@@ -808,7 +871,7 @@ async fn send_oci(
                 );
                 let id = format!(
                     "layer {diff_id}: {size} bytes, {} blob {blob_digest}: {blob_size} bytes",
-                    opts.compression.name()
+                    compression.name()
                 );
                 st(&id, "", blob_size, blob_size, layer_started, true);
             }
@@ -840,10 +903,147 @@ async fn send_oci(
                     true,
                 );
             }
+        }
+    }
+}
+
+/// `type=docker,tar=false`: the image's blobs (uncompressed layers, config, manifest) written into
+/// the client's content store `export`, as buildkitd does; the client names the manifest in the
+/// directory's `index.json`.
+async fn store_docker(
+    cx: &ImageCtx<'_>,
+    attrs: &BTreeMap<String, String>,
+) -> Result<BTreeMap<String, String>> {
+    let chain = cx.chain();
+    let names = normalized_names(attrs, cx.metadata)?;
+    let config = cx.metadata.get("containerimage.config").map(|b| b.to_vec());
+    let epoch = cx.epoch()?;
+    let created = epoch.unwrap_or_else(chrono::Utc::now);
+    let sink = cx.content_sink()?;
+    let store = cx.backend.store.clone();
+    let progress = cx.progress.clone();
+    let vertex = cx.vertex.to_string();
+    let started = SystemTime::now();
+    tokio::task::spawn_blocking(move || {
+        let req = exporter::ImageExportRequest {
+            chain: &chain,
+            config: config.as_deref(),
+            names,
+            epoch,
         };
-        exporter::write_oci_image_archive(&store, &req, &opts, w, &mut on, ready)
+        let mut on_layer = |diff_id: &str, size: u64, written: bool| {
+            let id = if written {
+                format!("layer {diff_id}: {size} bytes")
+            } else {
+                format!("layer {diff_id}: already in the client's store, {size} bytes not sent")
+            };
+            progress.status(
+                &vertex,
+                &id,
+                "",
+                size as i64,
+                size as i64,
+                Some(started),
+                Some(SystemTime::now()),
+            );
+        };
+        let mut sink = sink;
+        exporter::write_docker_image_blobs(&store, &req, &created, &mut sink, &mut on_layer)
+            .map(|r| image_response(&r))
+            .map_err(|e| Error::unavailable(format!("exporter docker: {}", chain_err(&e))))
     })
     .await
+    .map_err(|e| Error::internal(format!("exporter docker task: {e}")))?
+}
+
+/// The client's content store `export` (what buildctl and the Go client serve for an `oci` or
+/// `docker` output directory) as the exporter's blob sink: blocking calls from the exporter's
+/// thread, each write streamed to the session in chunks.
+struct SessionBlobSink {
+    rt: tokio::runtime::Handle,
+    store: Arc<crate::session::content::SessionContentStore>,
+}
+
+impl exporter::BlobSink for SessionBlobSink {
+    fn describe(&self) -> String {
+        "the client's content store export".into()
+    }
+
+    fn has(&mut self, digest: &str) -> std::io::Result<bool> {
+        use remotecache::ContentStore as _;
+        self.rt
+            .block_on(self.store.info(digest))
+            .map(|s| s.is_some())
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    }
+
+    fn write(
+        &mut self,
+        digest: &str,
+        size: u64,
+        fill: &mut dyn FnMut(&mut dyn Write) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        let (tx, rx) = mpsc::channel::<std::io::Result<Bytes>>(8);
+        let store = self.store.clone();
+        let d = digest.to_string();
+        let task = self.rt.spawn(async move {
+            let reader =
+                tokio_util::io::StreamReader::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+            store.write_from(&d, size, reader).await
+        });
+        let mut w = BlockingChunks {
+            tx,
+            buf: Vec::with_capacity(TAR_CHUNK),
+        };
+        let filled = fill(&mut w).and_then(|()| w.send_buf());
+        if let Err(e) = &filled {
+            // The store must not commit a short blob: end the stream with the error.
+            let _ =
+                w.tx.blocking_send(Err(std::io::Error::new(e.kind(), e.to_string())));
+        }
+        drop(w);
+        let stored = self
+            .rt
+            .block_on(task)
+            .map_err(|e| std::io::Error::other(format!("content store write task: {e}")))?;
+        filled?;
+        stored.map_err(|e| std::io::Error::other(e.to_string()))
+    }
+}
+
+/// A blocking writer whose bytes go out as chunks of at most [`TAR_CHUNK`] on a channel.
+struct BlockingChunks {
+    tx: mpsc::Sender<std::io::Result<Bytes>>,
+    buf: Vec<u8>,
+}
+
+impl BlockingChunks {
+    fn send_buf(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = Bytes::from(std::mem::replace(
+            &mut self.buf,
+            Vec::with_capacity(TAR_CHUNK),
+        ));
+        self.tx
+            .blocking_send(Ok(chunk))
+            .map_err(|_| std::io::Error::other("the content store write ended early"))
+    }
+}
+
+impl Write for BlockingChunks {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let n = data.len().min(TAR_CHUNK - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == TAR_CHUNK {
+            self.send_buf()?;
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Forwards chunks from `rx`, reporting the running byte count (and a final report at the end).

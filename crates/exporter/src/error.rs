@@ -119,6 +119,17 @@ pub enum Error {
         #[source]
         source: layerstore::Error,
     },
+    /// Writing a blob into a content store (the client's, for `tar=false`) failed.
+    #[error("write blob {digest} to {store}")]
+    ContentStore {
+        /// The store.
+        store: String,
+        /// The blob's digest.
+        digest: String,
+        /// What the store (or the writer) said.
+        #[source]
+        source: std::io::Error,
+    },
     /// A file operation failed.
     #[error("{what} {}", path.display())]
     Io {

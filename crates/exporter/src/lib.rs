@@ -9,7 +9,8 @@
 //! - `docker_image`: the `image` exporter: picks thin load, offline write or containerd.
 //! - `docker_load`: export into a live classic-store Docker Engine by a thin `POST /images/load`.
 //! - `docker_archive`: the docker-archive streamed to the client (`type=docker`), thin or whole.
-//! - `oci`: the OCI image layout tar streamed to the client (`type=oci`), compressed layers.
+//! - `oci`: the OCI image layout tar streamed to the client (`type=oci`), compressed layers, or
+//!   its blobs written into a content store ([`BlobSink`], `tar=false`).
 //! - `push`: an exported image pushed to registries with berth's registry client.
 //! - [`attestation`]: in-toto statements and attestation manifests of a result's attestations.
 #![forbid(unsafe_code)]
@@ -40,7 +41,8 @@ pub use layers::{
     berth_layer_dir, docker_layerdb_dir, export_layer_tars, export_layers, layer_created,
 };
 pub use oci::{
-    familiar_name, normalize_name, write_oci_image_archive, Compression, OciOptions, OciProgress,
+    familiar_name, normalize_name, write_docker_image_blobs, write_oci_image_archive,
+    write_oci_image_blobs, BlobSink, Compression, OciOptions, OciProgress,
 };
 pub use push::{
     push_image, push_index, PlatformImage, PushEvent, PushOptions, PushProgress, PushedImage,

@@ -281,29 +281,31 @@ enum Staged {
     Again,
 }
 
-/// Writes the result as an OCI image layout tar to `out`. Blocking; reads each layer from the
-/// layer store (and Docker's store, via tar-split), never holding one in memory.
-///
-/// The digests are known before the first byte is written, as buildkitd's exporter knows them
-/// (its blobs are in its content store): compressed layers are staged first, then `ready` is
-/// called with the result (the exporter sends the manifest digest to the client with the stream's
-/// headers), then the tar is written. Disk use is the sum of the compressed layers while the
-/// export runs (unnamed temporary files, gone when it ends); uncompressed layers are streamed
-/// straight from the layer store and need none.
-pub fn write_oci_image_archive(
+/// An image's layout, staged: compressed layers in unnamed temporary files, the documents naming
+/// every blob encoded, the digests known.
+struct StagedOci {
+    layers: Vec<crate::ExportLayer>,
+    blobs: Vec<Blob>,
+    staged: Vec<Staged>,
+    config: crate::image::ImageConfig,
+    manifest: Vec<u8>,
+    index: Vec<u8>,
+    result: ImageExportResult,
+}
+
+/// Stages the layers (compressed ones into temporary files, reporting progress) and encodes the
+/// config, manifest and `index.json`.
+fn stage_oci_image(
     store: &SnapshotStore,
     req: &ImageExportRequest<'_>,
     opts: &OciOptions,
-    out: &mut dyn Write,
     progress: &mut dyn FnMut(OciProgress),
-    ready: &mut dyn FnMut(&ImageExportResult) -> Result<()>,
-) -> Result<ImageExportResult> {
+) -> Result<StagedOci> {
     let (layers, _) = export_layer_tars(store, req.chain)?;
     let config = image_config(store, req, &layers)?;
     let oci = opts.oci_types;
     let media_type = opts.compression.layer_media_type(oci);
 
-    // 1. Stage the blobs.
     let mut staged: Vec<Staged> = Vec::with_capacity(layers.len());
     let mut blobs: Vec<Blob> = Vec::with_capacity(layers.len());
     let mut result = ImageExportResult::default();
@@ -374,7 +376,6 @@ pub fn write_oci_image_archive(
         staged.push(Staged::File(tmp));
     }
 
-    // 2. The documents naming every blob.
     let (manifest_type, config_type) = if oci {
         (
             "application/vnd.oci.image.manifest.v1+json",
@@ -400,16 +401,52 @@ pub fn write_oci_image_archive(
         what: "encode image manifest",
         source,
     })?;
-    let manifest_digest = sha256_digest(&manifest);
     let (index, descriptor) =
         index_and_descriptor(manifest_type, &manifest, &opts.names, &opts.created)?;
     result.config_digest = config.digest.clone();
-    result.manifest_digest = manifest_digest.clone();
+    result.manifest_digest = sha256_digest(&manifest);
     result.descriptor = base64::engine::general_purpose::STANDARD.encode(descriptor);
     result.names = opts.names.clone();
+    Ok(StagedOci {
+        layers,
+        blobs,
+        staged,
+        config,
+        manifest,
+        index,
+        result,
+    })
+}
+
+/// Writes the result as an OCI image layout tar to `out`. Blocking; reads each layer from the
+/// layer store (and Docker's store, via tar-split), never holding one in memory.
+///
+/// The digests are known before the first byte is written, as buildkitd's exporter knows them
+/// (its blobs are in its content store): compressed layers are staged first, then `ready` is
+/// called with the result (the exporter sends the manifest digest to the client with the stream's
+/// headers), then the tar is written. Disk use is the sum of the compressed layers while the
+/// export runs (unnamed temporary files, gone when it ends); uncompressed layers are streamed
+/// straight from the layer store and need none.
+pub fn write_oci_image_archive(
+    store: &SnapshotStore,
+    req: &ImageExportRequest<'_>,
+    opts: &OciOptions,
+    out: &mut dyn Write,
+    progress: &mut dyn FnMut(OciProgress),
+    ready: &mut dyn FnMut(&ImageExportResult) -> Result<()>,
+) -> Result<ImageExportResult> {
+    let StagedOci {
+        layers,
+        blobs,
+        staged,
+        config,
+        manifest,
+        index,
+        mut result,
+    } = stage_oci_image(store, req, opts, progress)?;
+    let manifest_digest = result.manifest_digest.clone();
     ready(&result)?;
 
-    // 3. The tar.
     let mut out = CountingWriter::new(out);
     archive::write_dir(&mut out, "blobs/")?;
     archive::write_dir(&mut out, "blobs/sha256/")?;
@@ -448,13 +485,7 @@ pub fn write_oci_image_archive(
                 let copied = io::copy(&mut io::Read::take(&mut tmp, blob.size), &mut out)
                     .map_err(|source| Error::ArchiveWrite { source })?;
                 if copied != blob.size {
-                    return Err(stream_err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        format!(
-                            "compressed blob shrank from {} to {copied} bytes",
-                            blob.size
-                        ),
-                    )));
+                    return Err(stream_err(shrank(blob.size, copied)));
                 }
                 archive::pad(&mut out, blob.size)?;
             }
@@ -473,6 +504,215 @@ pub fn write_oci_image_archive(
     archive::write_file(&mut out, "index.json", &index, 0o644)?;
     archive::write_file(&mut out, "oci-layout", OCI_LAYOUT, 0o444)?;
     archive::finish(&mut out)?;
+    Ok(result)
+}
+
+fn shrank(expected: u64, copied: u64) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        format!("compressed blob shrank from {expected} to {copied} bytes"),
+    )
+}
+
+/// A content store an image's blobs are written into by digest, as buildkitd's `oci` and
+/// `docker` exporters with `tar=false` write into the client's store (`export`, over the
+/// session); the client then names the manifest in its `index.json`. Called on a blocking thread.
+pub trait BlobSink {
+    /// Names the store in errors.
+    fn describe(&self) -> String;
+    /// Whether the store already holds `digest` (it is then not written again).
+    fn has(&mut self, digest: &str) -> io::Result<bool>;
+    /// Writes blob `digest` of `size` bytes; `fill` produces the bytes (exactly `size` of them,
+    /// hashing to `digest`).
+    fn write(
+        &mut self,
+        digest: &str,
+        size: u64,
+        fill: &mut dyn FnMut(&mut dyn Write) -> io::Result<()>,
+    ) -> io::Result<()>;
+}
+
+fn sink_err(sink: &dyn BlobSink, digest: &str, source: io::Error) -> Error {
+    Error::ContentStore {
+        store: sink.describe(),
+        digest: digest.to_string(),
+        source,
+    }
+}
+
+/// Writes `bytes` as blob `digest` unless the store has it.
+fn put_bytes(sink: &mut dyn BlobSink, digest: &str, bytes: &[u8]) -> Result<bool> {
+    if sink.has(digest).map_err(|e| sink_err(sink, digest, e))? {
+        return Ok(false);
+    }
+    sink.write(digest, bytes.len() as u64, &mut |w| w.write_all(bytes))
+        .map_err(|e| sink_err(sink, digest, e))?;
+    Ok(true)
+}
+
+/// Writes layer `layer`'s uncompressed tar (its diffID is the blob digest) unless the store has
+/// it, checking the bytes against the diffID; `report` sees the bytes written so far.
+fn put_plain_layer(
+    sink: &mut dyn BlobSink,
+    layer: &crate::ExportLayer,
+    report: &mut dyn FnMut(u64),
+) -> Result<bool> {
+    let digest = layer.diff_id.as_str();
+    if sink.has(digest).map_err(|e| sink_err(sink, digest, e))? {
+        return Ok(false);
+    }
+    let source = layer
+        .source
+        .as_ref()
+        .ok_or_else(|| Error::LayerUnavailable {
+            diff_id: layer.diff_id.clone(),
+        })?;
+    let mut produced: Option<io::Error> = None;
+    let res = sink.write(digest, layer.size, &mut |w| {
+        let mut w = w;
+        let mut c = CheckedTar::new(&mut w, report);
+        let r = source
+            .write_tar(&mut c)
+            .and_then(|()| c.verify(&layer.diff_id, layer.size));
+        if let Err(e) = &r {
+            produced = Some(io::Error::new(e.kind(), e.to_string()));
+        }
+        r
+    });
+    match (res, produced) {
+        (Ok(()), _) => Ok(true),
+        // The layer itself failed: that, not the store's view of the aborted write, is the cause.
+        (Err(_), Some(e)) => Err(Error::LayerStream {
+            diff_id: layer.diff_id.clone(),
+            source: e,
+        }),
+        (Err(e), None) => Err(sink_err(sink, digest, e)),
+    }
+}
+
+/// Writes the result's blobs (layers, config, manifest, in that order: a manifest is never in
+/// the store before what it names) into `sink`, as `type=oci,tar=false` does. Blobs the store
+/// already has are not written again. The client writes `index.json` from the descriptor in the
+/// result (`containerimage.descriptor`). Blocking; layers are streamed as for the tar.
+pub fn write_oci_image_blobs(
+    store: &SnapshotStore,
+    req: &ImageExportRequest<'_>,
+    opts: &OciOptions,
+    sink: &mut dyn BlobSink,
+    progress: &mut dyn FnMut(OciProgress),
+) -> Result<ImageExportResult> {
+    let StagedOci {
+        layers,
+        blobs,
+        staged,
+        config,
+        manifest,
+        mut result,
+        ..
+    } = stage_oci_image(store, req, opts, progress)?;
+    for ((layer, blob), stage) in layers.iter().zip(&blobs).zip(staged) {
+        let written = match stage {
+            Staged::Again => continue,
+            Staged::Plain => {
+                let mut report = |done: u64| {
+                    progress(OciProgress::Layer {
+                        diff_id: layer.diff_id.clone(),
+                        done,
+                        size: layer.size,
+                    })
+                };
+                report(0);
+                let w = put_plain_layer(sink, layer, &mut report)?;
+                progress(OciProgress::LayerDone {
+                    diff_id: layer.diff_id.clone(),
+                    size: layer.size,
+                    blob_digest: blob.digest.clone(),
+                    blob_size: blob.size,
+                });
+                w
+            }
+            Staged::File(mut tmp) => {
+                let digest = blob.digest.as_str();
+                if sink.has(digest).map_err(|e| sink_err(sink, digest, e))? {
+                    false
+                } else {
+                    let size = blob.size;
+                    sink.write(digest, size, &mut |w| {
+                        tmp.rewind()?;
+                        let copied = io::copy(&mut io::Read::take(&mut tmp, size), w)?;
+                        if copied != size {
+                            return Err(shrank(size, copied));
+                        }
+                        Ok(())
+                    })
+                    .map_err(|e| sink_err(sink, digest, e))?;
+                    true
+                }
+            }
+        };
+        if written {
+            result.layers_sent += 1;
+            result.bytes_sent += blob.size;
+        } else {
+            result.layers_skipped += 1;
+            result.bytes_skipped += blob.size;
+        }
+    }
+    put_bytes(sink, &config.digest, &config.bytes)?;
+    progress(OciProgress::Config {
+        digest: config.digest.clone(),
+    });
+    let manifest_digest = result.manifest_digest.clone();
+    put_bytes(sink, &manifest_digest, &manifest)?;
+    progress(OciProgress::Manifest {
+        digest: manifest_digest,
+    });
+    Ok(result)
+}
+
+/// Writes the blobs of the `docker` exporter's image (uncompressed layers, the config, the
+/// Docker schema 2 manifest: the same blobs as its archive's `blobs/sha256/`) into `sink`, as
+/// `type=docker,tar=false` does. `on_layer(diff_id, size, written)` is told about every distinct
+/// layer.
+pub fn write_docker_image_blobs(
+    store: &SnapshotStore,
+    req: &ImageExportRequest<'_>,
+    created: &DateTime<Utc>,
+    sink: &mut dyn BlobSink,
+    on_layer: &mut dyn FnMut(&str, u64, bool),
+) -> Result<ImageExportResult> {
+    let (layers, _) = export_layer_tars(store, req.chain)?;
+    let config = image_config(store, req, &layers)?;
+    let manifest = crate::docker_image::docker_manifest(&config, &layers);
+    let (_, descriptor) = index_and_descriptor(
+        crate::DOCKER_MANIFEST_MEDIA_TYPE,
+        &manifest,
+        &req.names,
+        created,
+    )?;
+    let mut result = ImageExportResult {
+        config_digest: config.digest.clone(),
+        manifest_digest: sha256_digest(&manifest),
+        descriptor: base64::engine::general_purpose::STANDARD.encode(descriptor),
+        names: req.names.clone(),
+        ..Default::default()
+    };
+    for (i, layer) in layers.iter().enumerate() {
+        if layers[..i].iter().any(|l| l.diff_id == layer.diff_id) {
+            continue;
+        }
+        let written = put_plain_layer(sink, layer, &mut |_| {})?;
+        on_layer(&layer.diff_id, layer.size, written);
+        if written {
+            result.layers_sent += 1;
+            result.bytes_sent += layer.size;
+        } else {
+            result.layers_skipped += 1;
+            result.bytes_skipped += layer.size;
+        }
+    }
+    put_bytes(sink, &config.digest, &config.bytes)?;
+    put_bytes(sink, &result.manifest_digest, &manifest)?;
     Ok(result)
 }
 

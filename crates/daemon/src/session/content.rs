@@ -165,7 +165,7 @@ impl SessionContentStore {
     }
 
     /// Streams `size` bytes from `src` into the store under `digest`.
-    async fn write_from(
+    pub(crate) async fn write_from(
         &self,
         digest: &str,
         size: u64,
