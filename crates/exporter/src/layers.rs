@@ -159,16 +159,24 @@ impl LayerSource for ContainerdBlobTar {
     }
 }
 
-/// When a layer's content was last changed: the mtime of its tree's root directory. Layers are
-/// immutable once committed, so this is stable across exports, which keeps the image config (and
-/// so the image ID) of a fully cached rebuild identical, as with BuildKit.
+/// When a layer was created, as image history reports it. A berth layer: the mtime of its tree's
+/// root directory (layers are immutable once committed, and an imported layer's root gets the
+/// cache's creation time), so it is stable across exports, which keeps the image config (and so
+/// the image ID) of a fully cached rebuild identical, as with BuildKit. A Docker layer: the time
+/// berth recorded for its chainID (an imported cache's, when the cache's chain was found in
+/// Docker and used in place), else its diff dir's mtime (when Docker registered it).
 pub fn layer_created(
     store: &SnapshotStore,
     layer: &LayerRef,
 ) -> Option<chrono::DateTime<chrono::Utc>> {
     let dir = match layer {
         LayerRef::Berth(id) => berth_layer_dir(store, id),
-        LayerRef::Docker(d) => d.diff_dir.clone(),
+        LayerRef::Docker(d) => {
+            if let Ok(Some(t)) = store.docker_layer_created_at(&d.chain_id) {
+                return Some(t);
+            }
+            d.diff_dir.clone()
+        }
     };
     let modified = std::fs::metadata(dir).and_then(|m| m.modified()).ok()?;
     Some(chrono::DateTime::<chrono::Utc>::from(modified))

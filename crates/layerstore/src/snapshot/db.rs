@@ -1,7 +1,8 @@
 //! The snapshot store's metadata database (redb). Values are JSON so that records can grow fields.
 //!
 //! Tables: `snapshots` (id → [`SnapRec`]), `layers` (id → [`LayerRec`]), `cache_keys` (key → snapshot id),
-//! `leases` (id → [`LeaseRec`]), `docker_adapters` (Docker diff dir → [`AdapterRec`]).
+//! `leases` (id → [`LeaseRec`]), `docker_adapters` (Docker diff dir → [`AdapterRec`]),
+//! `docker_layer_times` (a Docker layer's chainID → its creation time as berth knows it, RFC 3339).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -20,6 +21,8 @@ pub(crate) const CACHE_KEYS: TableDefinition<'_, &str, &str> = TableDefinition::
 pub(crate) const LEASES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("leases");
 pub(crate) const ADAPTERS: TableDefinition<'_, &str, &[u8]> =
     TableDefinition::new("docker_adapters");
+pub(crate) const DOCKER_LAYER_TIMES: TableDefinition<'_, &str, &[u8]> =
+    TableDefinition::new("docker_layer_times");
 
 /// A snapshot record.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -91,6 +94,7 @@ pub(crate) struct State {
     pub cache_keys: BTreeMap<String, SnapshotId>,
     pub leases: BTreeMap<String, LeaseRec>,
     pub adapters: BTreeMap<String, AdapterRec>,
+    pub docker_layer_times: BTreeMap<String, DateTime<Utc>>,
 }
 
 impl State {
@@ -115,6 +119,7 @@ impl State {
             self.adapters.remove(&k);
         }
         self.adapters.extend(b.put_adapters);
+        self.docker_layer_times.extend(b.put_docker_layer_times);
     }
 }
 
@@ -131,6 +136,7 @@ pub(crate) struct Batch {
     pub del_leases: Vec<String>,
     pub put_adapters: Vec<(String, AdapterRec)>,
     pub del_adapters: Vec<String>,
+    pub put_docker_layer_times: Vec<(String, DateTime<Utc>)>,
 }
 
 /// The database plus an in-memory copy of its state. The store holds the only handle (redb locks the file), so the
@@ -219,6 +225,14 @@ impl Db {
                 dec("docker_adapters", k.value(), v.value())?,
             );
         }
+        let t = tx.open_table(DOCKER_LAYER_TIMES).map_err(read)?;
+        for row in t.iter().map_err(|e| db_err("read")(e.into()))? {
+            let (k, v) = row.map_err(|e| db_err("read")(e.into()))?;
+            st.docker_layer_times.insert(
+                k.value().to_string(),
+                dec("docker_layer_times", k.value(), v.value())?,
+            );
+        }
         Ok(st)
     }
 
@@ -284,6 +298,10 @@ impl Db {
             }
             for (k, rec) in &b.put_adapters {
                 t.insert(k.as_str(), enc(rec).as_slice()).map_err(w)?;
+            }
+            let mut t = tx.open_table(DOCKER_LAYER_TIMES).map_err(open)?;
+            for (k, at) in &b.put_docker_layer_times {
+                t.insert(k.as_str(), enc(at).as_slice()).map_err(w)?;
             }
         }
         tx.commit().map_err(|e| db_err("commit")(e.into()))?;

@@ -321,6 +321,38 @@ impl SnapshotStore {
             .ok_or_else(|| Error::LayerNotFound { id: id.to_string() })
     }
 
+    /// When berth last learnt that the Docker layer with this chainID was created (an imported
+    /// cache's creation time for a layer its chain found in Docker), if it did: image history
+    /// reports that time instead of the time Docker registered the layer.
+    pub fn docker_layer_created_at(&self, chain_id: &str) -> Result<Option<DateTime<Utc>>> {
+        Ok(self
+            .inner
+            .db
+            .load()?
+            .docker_layer_times
+            .get(chain_id)
+            .copied())
+    }
+
+    /// Records the creation time of Docker layers by chainID (see
+    /// [`SnapshotStore::docker_layer_created_at`]); a later record replaces an earlier one.
+    pub fn set_docker_layer_created_at(
+        &self,
+        times: &[(String, std::time::SystemTime)],
+    ) -> Result<()> {
+        if times.is_empty() {
+            return Ok(());
+        }
+        let _g = self.locked();
+        self.inner.db.apply(Batch {
+            put_docker_layer_times: times
+                .iter()
+                .map(|(k, t)| (k.clone(), (*t).into()))
+                .collect(),
+            ..Default::default()
+        })
+    }
+
     /// Records a layer's diffID, tar size and tar-split presence (after the exporter wrote its tar).
     pub fn set_layer_meta(&self, id: &LayerId, meta: LayerMeta) -> Result<()> {
         let _g = self.locked();

@@ -100,10 +100,28 @@ impl Imported {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        // The longest prefix Docker has, used in place.
+        // The longest prefix Docker has, used in place. Its layers keep the cache's creation
+        // times in berth's records (Docker's own time is when it registered them), so an image
+        // rebuilt from the cache has the exporter's history, as with a downloaded layer.
         let prefix = {
             let diff_ids = diff_ids.clone();
-            blocking(move || Ok(docker_prefix(docker.as_ref(), &diff_ids))).await?
+            let times: Vec<Option<SystemTime>> = layers.iter().map(|l| l.created_at).collect();
+            let st = store.clone();
+            blocking(move || {
+                let prefix = docker_prefix(docker.as_ref(), &diff_ids);
+                let known: Vec<(String, SystemTime)> = prefix
+                    .iter()
+                    .zip(&times)
+                    .filter_map(|(r, t)| match (r, t) {
+                        (LayerRef::Docker(d), Some(t)) => Some((d.chain_id.clone(), *t)),
+                        _ => None,
+                    })
+                    .collect();
+                st.set_docker_layer_created_at(&known)
+                    .map_err(Error::store("record imported layer times"))?;
+                Ok(prefix)
+            })
+            .await?
         };
         let mut chain = Chain(prefix);
         // Snapshots made on the way (each applied layer needs its parent as one); removed once
