@@ -435,6 +435,144 @@ async fn lazily_solved_step_shows_its_vertex_and_warning_in_status() {
     assert!(session.close(Duration::from_secs(5)).await);
 }
 
+/// The `errdefs.Solve` detail of a gateway call's error.
+fn solve_detail(err: &tonic::Status) -> protos::errdefs::Solve {
+    let st = protos::google::rpc::Status::decode(err.details()).unwrap();
+    st.details
+        .iter()
+        .find_map(|d| protos::details::solve_from_any(d).ok())
+        .unwrap_or_else(|| panic!("no errdefs.Solve detail in {err:?}"))
+}
+
+/// A failed gateway solve carries buildkitd's `errdefs.Solve` detail: the failing exec op, and
+/// per mount its input and its state as the process left it, as refs of the build (readable like
+/// any result). A selected read-only mount whose selector is missing fails its content checksum
+/// before the step runs: subject `cache`, the input it failed on, no mounts.
+#[tokio::test(flavor = "multi_thread")]
+async fn failed_solve_hands_out_the_failed_states() {
+    require_root();
+    let engine = DockerEngine::system().unwrap();
+    let image = busybox_image(&engine).await.unwrap();
+    let d = Berthd::start(&[]).unwrap();
+    let c = d.client().await.unwrap();
+    let mut session = c.open_session(Attachables::default()).await.unwrap();
+    let build_ref = new_id();
+    let mut ctl = c.control();
+    let sid = session.id.clone();
+    let br = build_ref.clone();
+    let solve = tokio::spawn(async move {
+        ctl.solve(control::SolveRequest {
+            r#ref: br,
+            session: sid,
+            ..Default::default()
+        })
+        .await
+    });
+    let mut g = c.gateway();
+    let evaluate = |def: pb::Definition| gw::SolveRequest {
+        definition: Some(def),
+        evaluate: true,
+        ..Default::default()
+    };
+    let read = |id: &str, path: &str| gw::ReadFileRequest {
+        r#ref: id.to_string(),
+        file_path: path.to_string(),
+        ..Default::default()
+    };
+    let marker = new_id();
+
+    // An exec that writes into its root and a writable scratch mount, then fails.
+    let st = llb::State::from(llb::image(image.reference()))
+        .run(
+            llb::RunOpts::shell(format!(
+                "echo {marker} > /data && echo {marker} > /rw/data && exit 3"
+            ))
+            .mount(llb::Mount::bind("/rw", &llb::scratch())),
+        )
+        .root();
+    let err = g
+        .solve(with_build_id(evaluate(st.marshal().unwrap()), &build_ref))
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("exit code: 3"), "{err:?}");
+    let se = solve_detail(&err);
+    let Some(OpKind::Exec(exec)) = se.op.as_ref().and_then(|o| o.op.clone()) else {
+        panic!("the detail names the exec op: {se:?}");
+    };
+    assert_eq!(exec.mounts.len(), 2);
+    assert_eq!(se.input_i_ds.len(), 2, "{se:?}");
+    assert_eq!(se.mount_i_ds.len(), 2, "{se:?}");
+    assert!(!se.input_i_ds[0].is_empty(), "the root has an input");
+    assert!(se.input_i_ds[1].is_empty(), "scratch is no input");
+    assert!(se.subject.is_none());
+    for (i, path) in [(0, "/data"), (1, "/data")] {
+        let data = g
+            .read_file(with_build_id(read(&se.mount_i_ds[i], path), &build_ref))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(String::from_utf8_lossy(&data.data).trim(), marker);
+    }
+    // The input is the state before the run.
+    let before = g
+        .read_file(with_build_id(read(&se.input_i_ds[0], "/data"), &build_ref))
+        .await
+        .unwrap_err();
+    assert_eq!(before.code(), tonic::Code::NotFound, "{before:?}");
+
+    // The content checksum of a missing selector.
+    let input = llb::scratch().file(llb::mkdir("/found", 0o700, Default::default()).mkfile(
+        "/found/data",
+        0o600,
+        marker.clone(),
+        Default::default(),
+    ));
+    let st = llb::State::from(llb::image(image.reference()))
+        .run(
+            llb::RunOpts::shell("echo never").mount(
+                llb::Mount::bind("/src", &input)
+                    .selector("/notfound")
+                    .readonly(),
+            ),
+        )
+        .root();
+    let err = g
+        .solve(with_build_id(evaluate(st.marshal().unwrap()), &build_ref))
+        .await
+        .unwrap_err();
+    let se = solve_detail(&err);
+    assert!(matches!(
+        se.op.as_ref().and_then(|o| o.op.as_ref()),
+        Some(OpKind::Exec(_))
+    ));
+    assert!(
+        matches!(se.subject, Some(protos::errdefs::solve::Subject::Cache(_))),
+        "{se:?}"
+    );
+    assert_eq!(se.input_i_ds.len(), 1, "{se:?}");
+    assert!(se.mount_i_ds.is_empty(), "{se:?}");
+    let data = g
+        .read_file(with_build_id(
+            read(&se.input_i_ds[0], "/found/data"),
+            &build_ref,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(String::from_utf8_lossy(&data.data), marker);
+
+    g.r#return(with_build_id(gw::ReturnRequest::default(), &build_ref))
+        .await
+        .unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(30), solve)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(r.is_ok(), "{r:?}");
+    assert!(session.close(Duration::from_secs(5)).await);
+    drop(image);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn accepts_buildkitd_harness_command_line_and_config() {
     require_root();

@@ -192,6 +192,15 @@ impl Error {
         }
     }
 
+    /// The worker's error inside this one (through details wrappers), if it is one.
+    pub fn worker_error(&self) -> Option<&worker::Error> {
+        match self {
+            Error::Worker(e) => Some(e),
+            Error::Detailed { error, .. } => error.worker_error(),
+            _ => None,
+        }
+    }
+
     /// The error a peer reported as a `google.rpc.Status` (e.g. in `LLBBridge.Return`), with
     /// its details.
     pub fn from_rpc_status(st: &protos::google::rpc::Status) -> Self {

@@ -153,7 +153,12 @@ impl Gateway {
         let id = if r.evaluate {
             let fs = match self.backend.solve(def, &ctx).await {
                 Err(_) if job.cancel.is_cancelled() => return Err(job.cancel_error()),
-                r => r?,
+                Err(e) => {
+                    return Err(
+                        job.solve_error(r.definition.as_ref().unwrap_or(&Default::default()), e)
+                    )
+                }
+                Ok(fs) => fs,
             };
             job.add_ref(fs)
         } else {

@@ -208,9 +208,56 @@ impl Job {
                     .await;
                 match fs {
                     Err(_) if self.cancel.is_cancelled() => Err(self.cancel_error()),
-                    r => r.cloned(),
+                    Err(e) => Err(self.solve_error(&lazy.def, e)),
+                    Ok(r) => Ok(r.clone()),
                 }
             }
+        }
+    }
+
+    /// The error of a gateway solve of `def` as buildkitd's LLBBridge returns it: with an
+    /// `errdefs.Solve` detail (outermost) naming the op that failed and, when the step left
+    /// states for inspection, their refs, registered in this job like any result so that a
+    /// client can mount them in a container (`InputIDs`/`MountIDs`, `""` where there is none).
+    pub fn solve_error(&self, def: &protos::pb::Definition, e: Error) -> Error {
+        let Some(we) = e.worker_error() else {
+            return e;
+        };
+        let op = we.vertex_digest().and_then(|d| op_of(def, d));
+        let mut solve = protos::errdefs::Solve {
+            op,
+            ..Default::default()
+        };
+        if let Some(f) = we.step_failure() {
+            let ids = |refs: &[Option<worker::SolvedRef>]| -> Vec<String> {
+                refs.iter()
+                    .map(|r| match r {
+                        Some(r) => self.add_ref(FsRef::Solved(r.clone())),
+                        None => String::new(),
+                    })
+                    .collect()
+            };
+            solve.input_i_ds = ids(&f.inputs);
+            solve.mount_i_ds = ids(&f.mounts);
+            use protos::errdefs::solve::Subject;
+            solve.subject = f.subject.and_then(|s| match s {
+                worker::FailedSubject::FileAction(i) => {
+                    Some(Subject::File(protos::errdefs::FileAction {
+                        index: i as i64,
+                    }))
+                }
+                worker::FailedSubject::ContentCache(i) => {
+                    Some(Subject::Cache(protos::errdefs::ContentCache {
+                        index: i as i64,
+                    }))
+                }
+                // The enum is non-exhaustive: a subject the protocol cannot name is left out.
+                _ => None,
+            });
+        }
+        Error::Detailed {
+            error: Box::new(e),
+            details: vec![protos::details::solve_to_any(&solve)],
         }
     }
 
@@ -227,6 +274,16 @@ impl Job {
             ))),
         }
     }
+}
+
+/// The op of `def` whose digest is `digest`.
+fn op_of(def: &protos::pb::Definition, digest: &str) -> Option<protos::pb::Op> {
+    use prost::Message as _;
+    use sha2::Digest as _;
+    def.def
+        .iter()
+        .find(|b| format!("sha256:{}", hex::encode(sha2::Sha256::digest(b))) == digest)
+        .and_then(|b| protos::pb::Op::decode(&b[..]).ok())
 }
 
 /// All jobs.

@@ -33,6 +33,30 @@ pub enum ErrorKind {
     Internal,
 }
 
+/// What a failed step left for inspection, in BuildKit's terms (`solver/errdefs.Solve`).
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct StepFailure {
+    /// The step's inputs: for an exec one per mount (`None` where the mount has no input), for
+    /// a file op one per op input; for a content checksum, the input it failed on.
+    pub inputs: Vec<Option<crate::SolvedRef>>,
+    /// The states after the failure: for an exec one per mount (a writable mount's state as the
+    /// process left it, else the mount's input), for a file op one per action.
+    pub mounts: Vec<Option<crate::SolvedRef>>,
+    /// What failed inside the step.
+    pub subject: Option<FailedSubject>,
+}
+
+/// The part of a step that failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FailedSubject {
+    /// The file action at this index of the file op.
+    FileAction(usize),
+    /// The content checksum of the op's input at this index (a selected read-only mount).
+    ContentCache(usize),
+}
+
 /// Everything that can go wrong while solving a build.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -150,6 +174,17 @@ pub enum Error {
     /// The build was canceled.
     #[error("context canceled")]
     Canceled,
+    /// A step failed and left states a client can inspect (BuildKit's `ExecError`,
+    /// `FileActionError` and `SlowCacheError`): the gateway hands them out as refs in the
+    /// `errdefs.Solve` detail, so that a client can open a container on the failed state.
+    /// The message is the step's error alone.
+    #[error("{error}")]
+    StepFailed {
+        /// The step's error.
+        error: Box<Error>,
+        /// What was left.
+        failure: Box<StepFailure>,
+    },
     /// An error shared by several waiters (the same failed vertex seen from several users).
     #[error(transparent)]
     Shared(std::sync::Arc<Error>),
@@ -180,6 +215,7 @@ impl Error {
                 _ => ErrorKind::Internal,
             },
             Error::Vertex { error, .. } => error.kind(),
+            Error::StepFailed { error, .. } => error.kind(),
             Error::Op { kind, .. } => *kind,
             Error::Canceled => ErrorKind::Canceled,
             Error::Shared(e) => e.kind(),
@@ -193,6 +229,24 @@ impl Error {
             Error::Vertex { digest, .. } => Some(digest),
             Error::Shared(e) => e.vertex_digest(),
             _ => None,
+        }
+    }
+
+    /// The states a failed step left (see [`Error::StepFailed`]), if this error has them.
+    pub fn step_failure(&self) -> Option<&StepFailure> {
+        match self {
+            Error::StepFailed { failure, .. } => Some(failure),
+            Error::Vertex { error, .. } => error.step_failure(),
+            Error::Shared(e) => e.step_failure(),
+            _ => None,
+        }
+    }
+
+    /// Wraps this error with the states its step left.
+    pub(crate) fn with_failure(self, failure: StepFailure) -> Error {
+        Error::StepFailed {
+            error: Box::new(self),
+            failure: Box::new(failure),
         }
     }
 

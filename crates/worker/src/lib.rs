@@ -34,7 +34,7 @@ mod solver;
 mod worker;
 
 pub use container::ContainerMounts;
-pub use error::{BoxError, Error, ErrorKind, Result};
+pub use error::{BoxError, Error, ErrorKind, FailedSubject, Result, StepFailure};
 pub use layerstore::snapshot::{Chain, LayerRef, SnapshotId, SnapshotStore};
 pub use ops::image_pull::SessionAuth as RegistryAuth;
 pub use progress::{LogStream, ProgressEvent, ProgressGroup, ProgressSink};

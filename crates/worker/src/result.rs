@@ -85,6 +85,18 @@ impl std::fmt::Debug for SolvedRef {
 static EMPTY_CHAIN: std::sync::OnceLock<Chain> = std::sync::OnceLock::new();
 
 impl SolvedRef {
+    /// A bare result for snapshot `snap` (a failed step's state handed out for inspection; no
+    /// sources, bases or trace).
+    pub(crate) fn of_snap(store: &SnapshotStore, snap: Snap) -> SolvedRef {
+        SolvedRef {
+            snap: Some(snap),
+            store: store.clone(),
+            sources: Default::default(),
+            bases: None,
+            trace: None,
+        }
+    }
+
     /// The source ops of the definition this result was solved from (those its target depends
     /// on), sorted and without duplicates; empty for scratch.
     pub fn sources(&self) -> &[ResultSource] {

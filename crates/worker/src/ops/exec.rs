@@ -173,8 +173,21 @@ async fn selector_checksums(
         let mut selectors: Vec<String> = uses.iter().map(|m| m.selector.clone()).collect();
         selectors.sort();
         selectors.dedup();
-        let store = store.clone();
+        let store2 = store.clone();
         let snap = input.result.clone();
+        let store = store.clone();
+        // A checksum that fails (a selector that does not exist) leaves the input for
+        // inspection, as buildkitd's `SlowCacheError` does.
+        let failed = |e: Error| {
+            e.with_failure(crate::error::StepFailure {
+                inputs: vec![Some(crate::SolvedRef::of_snap(
+                    &store2,
+                    input.result.clone(),
+                ))],
+                mounts: vec![],
+                subject: Some(crate::error::FailedSubject::ContentCache(i)),
+            })
+        };
         out[i] = Some(
             blocking(move || {
                 let m = store
@@ -184,6 +197,9 @@ async fn selector_checksums(
                     .map_err(|e| Error::io("open input", m.path(), e))?;
                 let mut h = crate::digest::KeyHasher::new("exec-selectors");
                 for sel in &selectors {
+                    // Unlike a copy source, a selected mount must exist: buildkitd's content
+                    // checksum fails on a missing selector, before the step runs.
+                    select(m.path(), sel)?;
                     let sum = crate::file::checksum::checksum(&root, sel, true).map_err(|e| {
                         Error::io("checksum", m.path().join(sel.trim_start_matches('/')), e)
                     })?;
@@ -191,7 +207,8 @@ async fn selector_checksums(
                 }
                 Ok(h.finish())
             })
-            .await?,
+            .await
+            .map_err(failed)?,
         );
     }
     Ok(out)
@@ -366,6 +383,8 @@ struct Prepared {
     after: After,
     /// Whether this mount produces an output (bind with `output >= 0`).
     outputs: bool,
+    /// Its index in the op's mounts.
+    index: usize,
 }
 
 /// Everything held while the process runs.
@@ -541,36 +560,76 @@ impl Inner {
         };
         let ok = matches!(&res, Ok(r) if valid(r.exit.code()));
         layerstore::dockerstore::fault::hold_point("exec:before-commit").await;
-        let outputs = blocking(move || finish(held, ok)).await;
+        if !ok {
+            let left = blocking(move || Ok(finish_failed(held))).await?;
+            let err = self.run_error(res, &meta, &tail);
+            return Err(err.with_failure(self.failure(inputs, left)));
+        }
+        blocking(move || finish(held, true)).await
+    }
+
+    /// The error of a run that did not succeed.
+    fn run_error(
+        &self,
+        res: std::result::Result<executor::ExecResult, executor::Error>,
+        meta: &pb::Meta,
+        tail: &Mutex<VecDeque<u8>>,
+    ) -> Error {
         let res = match res {
             // The process never started (no such executable, …): buildkitd says which process,
             // as for a failing one.
             Err(executor::Error::RuncRun { message, .. }) => {
-                return Err(op_err(
+                return op_err(
                     ErrorKind::FailedPrecondition,
                     format!(
                         "process \"{}\" did not complete successfully: {message}",
                         meta.args.join(" ")
                     ),
                     None,
-                ));
+                );
             }
-            r => r.map_err(executor_err)?,
+            Err(e) => return executor_err(e),
+            Ok(r) => r,
         };
-        if !valid(res.exit.code()) {
-            let lines = tail_lines(&tail.lock().unwrap());
-            let mut message = format!(
-                "process \"{}\" did not complete successfully: {}",
-                meta.args.join(" "),
-                res.exit
-            );
-            if !lines.is_empty() {
-                message.push_str("\nlast output:\n");
-                message.push_str(&lines);
-            }
-            return Err(op_err(ErrorKind::FailedPrecondition, message, None));
+        let lines = tail_lines(&tail.lock().unwrap());
+        let mut message = format!(
+            "process \"{}\" did not complete successfully: {}",
+            meta.args.join(" "),
+            res.exit
+        );
+        if !lines.is_empty() {
+            message.push_str("\nlast output:\n");
+            message.push_str(&lines);
         }
-        outputs
+        op_err(ErrorKind::FailedPrecondition, message, None)
+    }
+
+    /// What a failed run left: per mount its input, and its state after the run (a writable
+    /// mount's committed state, else the input).
+    fn failure(&self, inputs: &[Snap], left: Vec<(usize, Snap)>) -> crate::error::StepFailure {
+        let store = &self.env.store;
+        let ins: Vec<Option<crate::SolvedRef>> = self
+            .exec
+            .mounts
+            .iter()
+            .map(|m| {
+                usize::try_from(m.input)
+                    .ok()
+                    .and_then(|i| inputs.get(i))
+                    .map(|s| crate::SolvedRef::of_snap(store, s.clone()))
+            })
+            .collect();
+        let mut mounts = ins.clone();
+        for (i, snap) in left {
+            if let Some(slot) = mounts.get_mut(i) {
+                *slot = Some(crate::SolvedRef::of_snap(store, snap));
+            }
+        }
+        crate::error::StepFailure {
+            inputs: ins,
+            mounts,
+            subject: None,
+        }
     }
 }
 
@@ -688,7 +747,7 @@ pub(crate) async fn prepare_mounts(
             match mt {
                 pb::MountType::Bind => {
                     let input = input_of(m, &inputs_v)?;
-                    let p = prepare_bind(&store, m, input, &name)?;
+                    let p = prepare_bind(&store, i, m, input, &name)?;
                     let path = p.mount.as_ref().expect("bind mounts").path().to_path_buf();
                     let source = select(&path, &m.selector)?;
                     held.binds.push(p);
@@ -780,6 +839,7 @@ fn input_of<'a>(m: &pb::Mount, inputs: &'a [Snap]) -> Result<Option<&'a Snap>> {
 
 fn prepare_bind(
     store: &SnapshotStore,
+    index: usize,
     m: &pb::Mount,
     input: Option<&Snap>,
     name: &str,
@@ -814,6 +874,7 @@ fn prepare_bind(
             mount: Some(mount),
             after,
             outputs,
+            index,
         });
     }
     let what = format!("mount {} from exec {}", m.dest, name);
@@ -829,6 +890,7 @@ fn prepare_bind(
             After::Discard(ms)
         },
         outputs,
+        index,
     })
 }
 
@@ -903,6 +965,34 @@ fn finish(held: Held, ok: bool) -> Result<Vec<Snap>> {
         Some(e) => Err(e),
         None => Ok(out),
     }
+}
+
+/// After a failed run: unmount everything and commit every writable mount's state as the
+/// process left it (outputs or not, as buildkitd's exec does for `ExecError`), by mount index.
+/// A state that cannot be committed is logged and left out: the step's own error matters more.
+fn finish_failed(held: Held) -> Vec<(usize, Snap)> {
+    let Held { mut binds, caches } = held;
+    drop(caches);
+    for p in &mut binds {
+        if let Some(m) = p.mount.take() {
+            if let Err(e) = m.unmount() {
+                tracing::warn!(error = %e, "unmounting exec mount failed");
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for p in binds {
+        match p.after {
+            After::Commit(ms) | After::Discard(ms) => match ms.commit() {
+                Ok(s) => out.push((p.index, s)),
+                Err(e) => {
+                    tracing::warn!(error = %e, mount = p.index, "keeping a failed exec's state failed")
+                }
+            },
+            After::Nothing | After::Reexport(_) => {}
+        }
+    }
+    out
 }
 
 async fn pump(
