@@ -447,7 +447,8 @@ fn solve_detail(err: &tonic::Status) -> protos::errdefs::Solve {
 /// A failed gateway solve carries buildkitd's `errdefs.Solve` detail: the failing exec op, and
 /// per mount its input and its state as the process left it, as refs of the build (readable like
 /// any result). A selected read-only mount whose selector is missing fails its content checksum
-/// before the step runs: subject `cache`, the input it failed on, no mounts.
+/// before the step runs: subject `cache`, the input it failed on, no mounts. A failed file op
+/// names the failed action (subject `file`) and has one state per action.
 #[tokio::test(flavor = "multi_thread")]
 async fn failed_solve_hands_out_the_failed_states() {
     require_root();
@@ -554,6 +555,41 @@ async fn failed_solve_hands_out_the_failed_states() {
     let data = g
         .read_file(with_build_id(
             read(&se.input_i_ds[0], "/found/data"),
+            &build_ref,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(String::from_utf8_lossy(&data.data), marker);
+
+    // A file op whose third action fails: subject `file` with that index, no op inputs, one
+    // state per action; the failed action's state has what the earlier actions made.
+    let st = llb::scratch().file(
+        llb::mkdir("/found", 0o700, Default::default())
+            .mkfile("/found/foo", 0o600, marker.clone(), Default::default())
+            .mkfile("/notfound/foo", 0o600, marker.clone(), Default::default()),
+    );
+    let err = g
+        .solve(with_build_id(evaluate(st.marshal().unwrap()), &build_ref))
+        .await
+        .unwrap_err();
+    let se = solve_detail(&err);
+    let Some(OpKind::File(file)) = se.op.as_ref().and_then(|o| o.op.clone()) else {
+        panic!("the detail names the file op: {se:?}");
+    };
+    let Some(protos::errdefs::solve::Subject::File(fa)) = se.subject else {
+        panic!("subject file: {se:?}");
+    };
+    assert_eq!(fa.index, 2);
+    assert!(matches!(
+        file.actions[2].action,
+        Some(pb::file_action::Action::Mkfile(_))
+    ));
+    assert!(se.input_i_ds.is_empty(), "{se:?}");
+    assert_eq!(se.mount_i_ds.len(), 3, "{se:?}");
+    let data = g
+        .read_file(with_build_id(
+            read(&se.mount_i_ds[2], "/found/foo"),
             &build_ref,
         ))
         .await

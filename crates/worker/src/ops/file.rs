@@ -364,77 +364,88 @@ fn run(
                 }
             }
         };
-        let dst = target.root()?;
-        // Read-only roots for copy sources and owner lookups; mounts live until the action ends.
-        let mounts: RefCell<Vec<Mount>> = RefCell::new(vec![]);
-        let ro_root = |i: i64| -> Result<Option<Root>> {
-            let snap = match i {
-                -1 => return Ok(None),
-                i if i < n_in => inputs[i as usize].clone(),
-                i => match &results[(i - n_in) as usize] {
-                    St::Committed(s) => s.clone(),
-                    St::Scratch => return Ok(None),
-                    St::Mutable(m) => return m.root().map(Some),
-                    St::Taken => {
-                        return Err(Error::Internal("reading a consumed action result".into()))
-                    }
-                },
+        // The action itself; a failure keeps the states for inspection (see `failed`).
+        let acted = (|| -> Result<()> {
+            let dst = target.root()?;
+            // Read-only roots for copy sources and owner lookups; mounts live until the action ends.
+            let mounts: RefCell<Vec<Mount>> = RefCell::new(vec![]);
+            let ro_root = |i: i64| -> Result<Option<Root>> {
+                let snap = match i {
+                    -1 => return Ok(None),
+                    i if i < n_in => inputs[i as usize].clone(),
+                    i => match &results[(i - n_in) as usize] {
+                        St::Committed(s) => s.clone(),
+                        St::Scratch => return Ok(None),
+                        St::Mutable(m) => return m.root().map(Some),
+                        St::Taken => {
+                            return Err(Error::Internal("reading a consumed action result".into()))
+                        }
+                    },
+                };
+                let m = store
+                    .mount(snap.id(), None)
+                    .map_err(Error::store("mount input"))?;
+                let r = Root::open(m.path()).map_err(|e| Error::io("open", m.path(), e))?;
+                mounts.borrow_mut().push(m);
+                Ok(Some(r))
             };
-            let m = store
-                .mount(snap.id(), None)
-                .map_err(Error::store("mount input"))?;
-            let r = Root::open(m.path()).map_err(|e| Error::io("open", m.path(), e))?;
-            mounts.borrow_mut().push(m);
-            Ok(Some(r))
-        };
-        let owner_of = |o: &Option<pb::ChownOpt>| -> Result<Option<(u32, u32)>> {
-            match o {
-                None => Ok(None),
-                Some(c) => user::resolve(&Owner::from_pb(c), &ro_root).map(Some),
+            let owner_of = |o: &Option<pb::ChownOpt>| -> Result<Option<(u32, u32)>> {
+                match o {
+                    None => Ok(None),
+                    Some(c) => user::resolve(&Owner::from_pb(c), &ro_root).map(Some),
+                }
+            };
+            match action {
+                Action::Mkdir(m) => {
+                    let attrs = Attrs {
+                        owner: owner_of(&m.owner)?,
+                        time: Attrs::time_from_pb(m.timestamp),
+                    };
+                    fileops::mkdir(&dst, m, &attrs)?;
+                }
+                Action::Mkfile(m) => {
+                    let attrs = Attrs {
+                        owner: owner_of(&m.owner)?,
+                        time: Attrs::time_from_pb(m.timestamp),
+                    };
+                    fileops::mkfile(&dst, m, &attrs)?;
+                }
+                Action::Rm(r) => fileops::rm(&dst, r)?,
+                Action::Copy(c) => {
+                    let owner = owner_of(&c.owner)?;
+                    let src = match ro_root(a.secondary_input)? {
+                        Some(r) => r,
+                        None => {
+                            // Copy from scratch: an empty read-only mount.
+                            let m = store
+                                .mount_chain(&Chain::default(), None)
+                                .map_err(Error::store("mount scratch"))?;
+                            let r =
+                                Root::open(m.path()).map_err(|e| Error::io("open", m.path(), e))?;
+                            mounts.borrow_mut().push(m);
+                            r
+                        }
+                    };
+                    fileops::copy(&src, &dst, c, owner, cancelled)?;
+                }
+                Action::Symlink(l) => {
+                    let attrs = Attrs {
+                        owner: owner_of(&l.owner)?,
+                        time: Attrs::time_from_pb(l.timestamp),
+                    };
+                    fileops::symlink(&dst, l, &attrs)?;
+                }
             }
-        };
-        match action {
-            Action::Mkdir(m) => {
-                let attrs = Attrs {
-                    owner: owner_of(&m.owner)?,
-                    time: Attrs::time_from_pb(m.timestamp),
-                };
-                fileops::mkdir(&dst, m, &attrs)?;
+            drop(mounts);
+            drop(dst);
+            Ok(())
+        })();
+        if let Err(e) = acted {
+            if matches!(e, Error::Canceled) {
+                return Err(e);
             }
-            Action::Mkfile(m) => {
-                let attrs = Attrs {
-                    owner: owner_of(&m.owner)?,
-                    time: Attrs::time_from_pb(m.timestamp),
-                };
-                fileops::mkfile(&dst, m, &attrs)?;
-            }
-            Action::Rm(r) => fileops::rm(&dst, r)?,
-            Action::Copy(c) => {
-                let owner = owner_of(&c.owner)?;
-                let src = match ro_root(a.secondary_input)? {
-                    Some(r) => r,
-                    None => {
-                        // Copy from scratch: an empty read-only mount.
-                        let m = store
-                            .mount_chain(&Chain::default(), None)
-                            .map_err(Error::store("mount scratch"))?;
-                        let r = Root::open(m.path()).map_err(|e| Error::io("open", m.path(), e))?;
-                        mounts.borrow_mut().push(m);
-                        r
-                    }
-                };
-                fileops::copy(&src, &dst, c, owner, cancelled)?;
-            }
-            Action::Symlink(l) => {
-                let attrs = Attrs {
-                    owner: owner_of(&l.owner)?,
-                    time: Attrs::time_from_pb(l.timestamp),
-                };
-                fileops::symlink(&dst, l, &attrs)?;
-            }
+            return Err(e.with_failure(failed(store, inputs, n_act, k, target, results)));
         }
-        drop(mounts);
-        drop(dst);
         let (primary, other) = uses[k];
         let keep_mutable = a.output < 0 && primary == 1 && other == 0;
         let st = if keep_mutable {
@@ -458,6 +469,43 @@ fn run(
         .enumerate()
         .map(|(i, o)| o.ok_or_else(|| Error::Internal(format!("file op output {i} not produced"))))
         .collect()
+}
+
+/// What a file op whose action `k` failed leaves for inspection, as buildkitd's
+/// `FileActionError`: the op's inputs, and per action its state (the failed action's as it
+/// left it; an earlier action's unless a later action consumed it in place; `None` after `k`).
+fn failed(
+    store: &SnapshotStore,
+    inputs: &[Snap],
+    n_act: usize,
+    k: usize,
+    target: Mutable,
+    results: Vec<St>,
+) -> crate::error::StepFailure {
+    let keep = |m: Mutable| match m.commit() {
+        Ok(s) => Some(crate::SolvedRef::of_snap(store, s)),
+        Err(e) => {
+            tracing::warn!(error = %e, "keeping a failed file action's state failed");
+            None
+        }
+    };
+    let mut mounts: Vec<Option<crate::SolvedRef>> = vec![None; n_act];
+    for (j, st) in results.into_iter().enumerate() {
+        mounts[j] = match st {
+            St::Committed(s) => Some(crate::SolvedRef::of_snap(store, s)),
+            St::Mutable(m) => keep(m),
+            St::Scratch | St::Taken => None,
+        };
+    }
+    mounts[k] = keep(target);
+    crate::error::StepFailure {
+        inputs: inputs
+            .iter()
+            .map(|s| Some(crate::SolvedRef::of_snap(store, s.clone())))
+            .collect(),
+        mounts,
+        subject: Some(crate::error::FailedSubject::FileAction(k)),
+    }
 }
 
 fn owner_inputs(a: &pb::FileAction) -> Vec<i64> {
