@@ -350,9 +350,9 @@ impl Control {
                 BuildResult {
                     fs: Some(fs),
                     refs: Default::default(),
+                    defs: Default::default(),
                     metadata: Default::default(),
                     attestations: Default::default(),
-                    defs: Default::default(),
                 }
             }
         } else {
@@ -503,6 +503,8 @@ impl Control {
             return Err(Error::unimplemented(
                 "attestations of a single-platform result (no ref map) are only exported by the image (push=true), local and tar exporters in berthd yet",
             ));
+        } else if !result.refs.is_empty() && kind == ExporterKind::None {
+            // A multi-platform result built for nothing (no exporter): solved, nothing to write.
         } else if !result.refs.is_empty() && kind != ExporterKind::Image {
             // A multi-platform result: a directory per platform (local, tar), or an index.
             let ExporterKind::Client(

@@ -330,14 +330,14 @@ async fn dockerfile_v0(
     })?;
     Ok(BuildResult {
         fs: res.r#ref,
-        refs: Default::default(),
+        refs: res.refs,
+        defs: res.defs,
         metadata: res
             .metadata
             .into_iter()
             .map(|(k, v)| (k, Bytes::from(v)))
             .collect(),
         attestations: Default::default(),
-        defs: Default::default(),
     })
 }
 
@@ -426,6 +426,8 @@ impl Bridge for InProcess<'_> {
             .map_err(boxed)?;
             return Ok(dockerfile::BuildResult {
                 r#ref: r.fs,
+                refs: r.refs,
+                defs: r.defs,
                 metadata: r
                     .metadata
                     .into_iter()
@@ -454,6 +456,8 @@ impl Bridge for InProcess<'_> {
         };
         Ok(dockerfile::BuildResult {
             r#ref: Some(fs),
+            refs: BTreeMap::new(),
+            defs: BTreeMap::new(),
             metadata: BTreeMap::new(),
         })
     }

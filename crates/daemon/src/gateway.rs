@@ -100,13 +100,43 @@ impl Gateway {
                 r.frontend_inputs.clone(),
             )
             .await?;
+            if !res.refs.is_empty() {
+                // A multi-platform result (e.g. dockerfile.v0 with several platforms): a ref map.
+                let ids: BTreeMap<String, String> = res
+                    .refs
+                    .into_iter()
+                    .map(|(k, fs)| (k, job.add_ref(fs)))
+                    .collect();
+                #[allow(deprecated)]
+                return Ok(gw::SolveResponse {
+                    r#ref: String::new(),
+                    result: Some(gw::Result {
+                        result: Some(if r.allow_result_return || r.allow_result_array_ref {
+                            gw::result::Result::Refs(gw::RefMap {
+                                refs: ids
+                                    .into_iter()
+                                    .map(|(k, id)| {
+                                        let def = res.defs.get(&k).cloned().map(output_definition);
+                                        (k, gw::Ref { id, def })
+                                    })
+                                    .collect(),
+                            })
+                        } else {
+                            gw::result::Result::RefsDeprecated(gw::RefMapDeprecated { refs: ids })
+                        }),
+                        metadata: res.metadata,
+                        ..Default::default()
+                    }),
+                });
+            }
             let id = job.add_ref(res.fs.unwrap_or(crate::solver::FsRef::Scratch));
+            let def = res.defs.get("").cloned().map(output_definition);
             #[allow(deprecated)]
             return Ok(gw::SolveResponse {
                 r#ref: id.clone(),
                 result: Some(gw::Result {
                     result: Some(if r.allow_result_return || r.allow_result_array_ref {
-                        gw::result::Result::Ref(gw::Ref { id, def: None })
+                        gw::result::Result::Ref(gw::Ref { id, def })
                     } else {
                         gw::result::Result::RefDeprecated(id)
                     }),
@@ -235,9 +265,9 @@ async fn return_result(
         return Ok(BuildResult {
             fs: None,
             refs: Default::default(),
+            defs: Default::default(),
             metadata: Default::default(),
             attestations: Default::default(),
-            defs: Default::default(),
         });
     };
     let attestations = crate::attestations::from_wire(backend, job, res.attestations).await?;
@@ -271,9 +301,9 @@ async fn return_result(
     Ok(BuildResult {
         fs,
         refs,
+        defs,
         metadata: res.metadata,
         attestations,
-        defs,
     })
 }
 

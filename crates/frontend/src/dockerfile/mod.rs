@@ -198,8 +198,14 @@ pub struct SolveRequest {
 /// What a solve returned.
 #[derive(Debug, Clone)]
 pub struct BuildResult<R> {
-    /// The result (`None`: nothing).
+    /// The result (`None`: nothing, or a multi-platform result in `refs`).
     pub r#ref: Option<R>,
+    /// A multi-platform result: one ref per platform ID (`linux/amd64`), their platforms in
+    /// the `refs.platforms` metadata. Empty for a single result.
+    pub refs: BTreeMap<String, R>,
+    /// The definitions the results were solved from, by the key in `refs` (`""` for `ref`):
+    /// a gateway client turns a result back into LLB with them (`Ref.ToState`).
+    pub defs: BTreeMap<String, llb::pb::Definition>,
     /// Metadata.
     pub metadata: BTreeMap<String, Vec<u8>>,
 }
@@ -327,7 +333,42 @@ pub fn is_builtin_syntax(image: &str) -> bool {
 
 const DEFAULT_DOCKERFILE: &str = "Dockerfile";
 
-/// Options parsed from the frontend opts.
+/// The target platforms of a build: `platform` (comma-separated; `[None]` = the default) and
+/// whether the result is a map by platform (several platforms, or `multi-platform=true`).
+fn target_platforms(
+    opts: &BTreeMap<String, String>,
+) -> Result<(Vec<Option<Platform>>, bool), Error> {
+    let mut targets = vec![None];
+    if let Some(p) = opts.get("platform").filter(|p| !p.is_empty()) {
+        targets = p
+            .split(',')
+            .map(|s| Platform::parse(s.trim()).map(Some))
+            .collect::<Result<_, _>>()
+            .map_err(invalid)?;
+    }
+    let mut export_map = targets.len() > 1;
+    let multi = opts
+        .get("build-arg:BUILDKIT_MULTI_PLATFORM")
+        .filter(|v| !v.is_empty())
+        .or(opts.get("multi-platform"))
+        .filter(|v| !v.is_empty());
+    if let Some(v) = multi {
+        match crate::instructions::parse_bool_go(v) {
+            Some(b) => {
+                if !b && export_map {
+                    return Err(invalid(
+                        "returning multiple target platforms is not allowed",
+                    ));
+                }
+                export_map = b;
+            }
+            None => return Err(invalid(format!("invalid boolean value {v}"))),
+        }
+    }
+    Ok((targets, export_map))
+}
+
+/// Options parsed from the frontend opts (the target platform is the first one).
 fn parse_opts(b: &BuildOpts) -> Result<ConvertOpt, Error> {
     let opts = &b.opts;
     let mut c = ConvertOpt {
@@ -355,30 +396,9 @@ fn parse_opts(b: &BuildOpts) -> Result<ConvertOpt, Error> {
             c.labels.insert(l.to_string(), v.clone());
         }
     }
-    if let Some(p) = opts.get("platform").filter(|p| !p.is_empty()) {
-        let ps: Vec<&str> = p.split(',').map(str::trim).collect();
-        if ps.len() > 1 {
-            return Err(invalid(
-                "building several target platforms at once is not supported by berthd yet",
-            ));
-        }
-        c.target_platform = Some(Platform::parse(ps[0]).map_err(invalid)?);
-    }
-    let multi = opts
-        .get("build-arg:BUILDKIT_MULTI_PLATFORM")
-        .or(opts.get("multi-platform"))
-        .filter(|v| !v.is_empty());
-    if let Some(v) = multi {
-        match crate::instructions::parse_bool_go(v) {
-            Some(true) => {
-                return Err(invalid(
-                    "multi-platform results are not supported by berthd yet",
-                ))
-            }
-            Some(false) => {}
-            None => return Err(invalid(format!("invalid boolean value {v}"))),
-        }
-    }
+    let (targets, export_map) = target_platforms(opts)?;
+    c.target_platform = targets[0].clone();
+    c.prefix_platform = export_map;
     c.image_resolve_mode = match opts.get("image-resolve-mode").map(String::as_str) {
         None | Some("") | Some("default") => "default".into(),
         Some("pull") => "pull".into(),
@@ -781,36 +801,102 @@ pub async fn build<B: Bridge>(bridge: &B) -> Result<BuildResult<B::Ref>, Error> 
     copt.excludes = excludes;
     copt.source_map = Some(source_map.clone());
     copt.build_context = build_context;
-    let converted = dockerfile_to_llb(&dt, &copt, &Resolver(bridge))
-        .await
-        .map_err(|e| e.with_source(&source_map))?;
-    for w in &converted.warnings {
-        let location = w.location.map(|r| {
-            (
-                llb::pb::SourceInfo {
-                    filename: filename.clone(),
-                    data: dt.clone().into(),
-                    definition: Some(src_def.clone()),
-                    language: String::new(),
-                },
-                Located::lines(&[r]).pb_ranges(),
-            )
-        });
-        bridge
-            .warn(Warning {
-                vertex: def_vertex.clone(),
-                short: w.short.clone(),
-                detail: w.detail.iter().map(|d| d.clone().into_bytes()).collect(),
-                url: w.url.clone(),
-                location,
-            })
-            .await;
+    let (targets, export_map) = target_platforms(opts)?;
+    let cache_imports = cache_imports(opts)?;
+    // Every platform converts and solves at once; only the first one shows the Dockerfile's
+    // warnings (they are the same for all).
+    let built = futures::future::try_join_all(targets.iter().enumerate().map(|(i, tp)| {
+        let mut copt = copt.clone();
+        copt.target_platform = tp.clone();
+        let cache_imports = cache_imports.clone();
+        let (filename, dt, src_def, def_vertex) = (&filename, &dt, &src_def, &def_vertex);
+        let source_map = &source_map;
+        async move {
+            let converted = dockerfile_to_llb(dt, &copt, &Resolver(bridge))
+                .await
+                .map_err(|e| e.with_source(source_map))?;
+            if i == 0 {
+                for w in &converted.warnings {
+                    let location = w.location.map(|r| {
+                        (
+                            llb::pb::SourceInfo {
+                                filename: filename.clone(),
+                                data: dt.clone().into(),
+                                definition: Some(src_def.clone()),
+                                language: String::new(),
+                            },
+                            Located::lines(&[r]).pb_ranges(),
+                        )
+                    });
+                    bridge
+                        .warn(Warning {
+                            vertex: def_vertex.clone(),
+                            short: w.short.clone(),
+                            detail: w.detail.iter().map(|d| d.clone().into_bytes()).collect(),
+                            url: w.url.clone(),
+                            location,
+                        })
+                        .await;
+                }
+            }
+            let def = converted
+                .state
+                .marshal()
+                .map_err(|e| invalid(format!("failed to marshal LLB definition: {e}")))?;
+            let res = bridge
+                .solve(SolveRequest {
+                    definition: Some(def.clone()),
+                    cache_imports,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| Error::bridge("", e))?;
+            let p = tp.clone().unwrap_or_else(Platform::host);
+            Ok::<_, Error>((p, converted.image.to_go_json(), res.r#ref, def))
+        }
+    }))
+    .await?;
+    let mut metadata = BTreeMap::new();
+    let mut refs = BTreeMap::new();
+    let mut defs = BTreeMap::new();
+    let mut single = None;
+    let mut platforms = vec![];
+    for (p, config, r, def) in built {
+        let id = p.format();
+        if export_map {
+            metadata.insert(format!("containerimage.config/{id}"), config);
+            if let Some(r) = r {
+                refs.insert(id.clone(), r);
+            }
+            defs.insert(id.clone(), def);
+        } else {
+            metadata.insert("containerimage.config".to_string(), config);
+            single = r;
+            defs.insert(String::new(), def);
+        }
+        platforms.push(serde_json::json!({
+            "ID": id,
+            "Platform": platform_json(&p),
+        }));
     }
-    let def = converted
-        .state
-        .marshal()
-        .map_err(|e| invalid(format!("failed to marshal LLB definition: {e}")))?;
-    let config = converted.image.to_go_json();
+    metadata.insert(
+        "refs.platforms".to_string(),
+        serde_json::to_vec(&serde_json::json!({ "Platforms": platforms })).expect("json"),
+    );
+    Ok(BuildResult {
+        r#ref: single,
+        refs,
+        defs,
+        metadata,
+    })
+}
+
+/// A cache to import: its type and attributes.
+type CacheImport = (String, BTreeMap<String, String>);
+
+/// The caches to import (`cache-imports` JSON, and the older `cache-from` list of registry
+/// references).
+fn cache_imports(opts: &BTreeMap<String, String>) -> Result<Vec<CacheImport>, Error> {
     let mut cache_imports = vec![];
     if let Some(s) = opts.get("cache-imports").filter(|s| !s.is_empty()) {
         #[derive(serde::Deserialize)]
@@ -838,31 +924,7 @@ pub async fn build<B: Bridge>(bridge: &B) -> Result<BuildResult<B::Ref>, Error> 
             ));
         }
     }
-    let res = bridge
-        .solve(SolveRequest {
-            definition: Some(def),
-            cache_imports,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| Error::bridge("", e))?;
-    let p = copt.target_platform.clone().unwrap_or_else(Platform::host);
-    let platforms = serde_json::json!({
-        "Platforms": [{
-            "ID": p.format(),
-            "Platform": platform_json(&p),
-        }]
-    });
-    let mut metadata = BTreeMap::new();
-    metadata.insert("containerimage.config".to_string(), config);
-    metadata.insert(
-        "refs.platforms".to_string(),
-        serde_json::to_vec(&platforms).expect("json"),
-    );
-    Ok(BuildResult {
-        r#ref: res.r#ref,
-        metadata,
-    })
+    Ok(cache_imports)
 }
 
 fn platform_json(p: &Platform) -> serde_json::Value {

@@ -10,7 +10,7 @@
 //!   and its output index in range; the graph must be acyclic;
 //! * every cap in op metadata must be one the worker supports;
 //! * per-op structural checks (exec mounts, file action indices, merge/diff inputs...),
-//!   platform OS, and exec entitlements.
+//!   the platform of exec ops, and exec entitlements.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -229,17 +229,8 @@ fn validate_op(
         })?;
         inputs.push((i, out));
     }
-    if let Some(p) = &op.platform {
-        if !p.os.is_empty() && p.os != opts.platform.os {
-            return Err(invalid(
-                dgst,
-                format!(
-                    "platform {}/{} is not supported by this worker",
-                    p.os, p.architecture
-                ),
-            ));
-        }
-    }
+    // Only processes need the worker's platform: source, file, merge and diff ops of any
+    // platform run here (buildkitd builds `FROM scratch` stages for darwin or windows alike).
     let n_in = op.inputs.len() as i64;
     let payload = op
         .op
@@ -369,7 +360,10 @@ fn validate_exec(
         }
     }
     if let Some(p) = &op.platform {
-        if !p.architecture.is_empty() && p.architecture != opts.platform.architecture {
+        let foreign_os = !p.os.is_empty() && p.os != opts.platform.os;
+        if foreign_os
+            || (!p.architecture.is_empty() && p.architecture != opts.platform.architecture)
+        {
             return Err(invalid(
                 dgst,
                 format!(

@@ -267,3 +267,44 @@ fn corrupted_definitions_never_panic() {
     }
     assert!(errors > 0, "corruptions must be detected");
 }
+
+/// A file op may carry any platform (a `FROM scratch` stage built for darwin); an exec op of
+/// another OS or architecture than the worker's is refused before anything runs.
+#[test]
+fn only_exec_ops_must_match_the_worker_platform() {
+    let darwin = pb::Platform {
+        os: "darwin".into(),
+        architecture: "ppc64le".into(),
+        ..Default::default()
+    };
+    let file = pb::Op {
+        op: Some(OpPayload::File(pb::FileOp {
+            actions: vec![pb::FileAction {
+                input: -1,
+                secondary_input: -1,
+                output: 0,
+                action: Some(pb::file_action::Action::Mkdir(pb::FileActionMkDir {
+                    path: "/out".into(),
+                    mode: 0o755,
+                    ..Default::default()
+                })),
+            }],
+        })),
+        platform: Some(darwin.clone()),
+        ..Default::default()
+    };
+    load_ops(vec![file], &[], &[]).expect("a darwin file op loads");
+
+    let host = Platform::host();
+    let mut exec = exec_op(vec![root_mount()], pb::NetMode::Unset);
+    exec.platform = Some(pb::Platform {
+        os: "windows".into(),
+        architecture: host.architecture.clone(),
+        ..Default::default()
+    });
+    let err = load_ops(vec![exec], &[], &[]).unwrap_err().to_string();
+    assert!(
+        err.contains("cannot run windows/") && err.contains("processes on a"),
+        "{err}"
+    );
+}
