@@ -1,7 +1,8 @@
 //! What `dockerfile.v0` returns: with `platform=a,b` one result per platform (each built with
 //! its own `TARGETARCH`), pushed as an index, with the Dockerfile's warnings shown once, and
 //! buildable without an exporter; with a target platform the worker cannot run
-//! (darwin/ppc64le), the stages that run nothing there; and, through `LLBBridge.Solve`, refs
+//! (darwin/ppc64le), the stages that run nothing there, and target-platform RUNs on a
+//! build-platform stage; and, through `LLBBridge.Solve`, refs
 //! that carry the definition they were solved from, which solves again to the same files (a
 //! gateway client's `Ref.ToState`). Needs root, runc, overlayfs, the system Docker Engine and
 //! a local registry.
@@ -190,6 +191,32 @@ async fn a_foreign_target_platform_builds_what_runs_on_the_build_platform() {
     let read = |f: &str| std::fs::read_to_string(dest.path().join(f)).unwrap();
     assert_eq!(read("platform"), "darwin/ppc64le");
     assert_eq!(read("os"), "freebsd");
+
+    // A RUN of the target platform (arm64) in a stage holding the build platform's binaries
+    // runs them as they are, as buildkitd does without an emulator.
+    write(
+        dir.path(),
+        "Dockerfile",
+        &format!(
+            "FROM --platform=$BUILDPLATFORM {} AS base\nFROM scratch AS build\n\
+             COPY --from=base / /\nARG TARGETARCH\n\
+             RUN echo -n $TARGETARCH > /arch\nFROM scratch\nCOPY --from=build /arch /\n",
+            base.reference()
+        ),
+    );
+    let dest = tempfile::tempdir().unwrap();
+    let report = build(
+        &berthd,
+        dir.path(),
+        &[("platform", "linux/arm64")],
+        Output::Local(dest.path().to_path_buf()),
+    )
+    .await;
+    ok(&report, &berthd);
+    assert_eq!(
+        std::fs::read_to_string(dest.path().join("arch")).unwrap(),
+        "arm64"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,7 +10,7 @@
 //!   and its output index in range; the graph must be acyclic;
 //! * every cap in op metadata must be one the worker supports;
 //! * per-op structural checks (exec mounts, file action indices, merge/diff inputs...),
-//!   the platform of exec ops, and exec entitlements.
+//!   the OS of exec ops, and exec entitlements.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -359,11 +359,11 @@ fn validate_exec(
             ));
         }
     }
+    // A process of another architecture runs as it is, as buildkitd runs it without an
+    // emulator (its binaries may be the worker's: a stage built on $BUILDPLATFORM used by a
+    // target-platform RUN); one of another OS cannot run in a Linux container at all.
     if let Some(p) = &op.platform {
-        let foreign_os = !p.os.is_empty() && p.os != opts.platform.os;
-        if foreign_os
-            || (!p.architecture.is_empty() && p.architecture != opts.platform.architecture)
-        {
+        if !p.os.is_empty() && p.os != opts.platform.os {
             return Err(invalid(
                 dgst,
                 format!(

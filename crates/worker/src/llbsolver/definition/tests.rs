@@ -268,10 +268,11 @@ fn corrupted_definitions_never_panic() {
     assert!(errors > 0, "corruptions must be detected");
 }
 
-/// A file op may carry any platform (a `FROM scratch` stage built for darwin); an exec op of
-/// another OS or architecture than the worker's is refused before anything runs.
+/// A file op may carry any platform (a `FROM scratch` stage built for darwin) and an exec op
+/// any architecture (it runs as it is, as without an emulator in buildkitd); an exec op of
+/// another OS than the worker's is refused before anything runs.
 #[test]
-fn only_exec_ops_must_match_the_worker_platform() {
+fn only_exec_ops_must_match_the_worker_os() {
     let darwin = pb::Platform {
         os: "darwin".into(),
         architecture: "ppc64le".into(),
@@ -296,6 +297,19 @@ fn only_exec_ops_must_match_the_worker_platform() {
     load_ops(vec![file], &[], &[]).expect("a darwin file op loads");
 
     let host = Platform::host();
+    let other_arch = if host.architecture == "arm64" {
+        "amd64"
+    } else {
+        "arm64"
+    };
+    let mut exec = exec_op(vec![root_mount()], pb::NetMode::Unset);
+    exec.platform = Some(pb::Platform {
+        os: host.os.clone(),
+        architecture: other_arch.into(),
+        ..Default::default()
+    });
+    load_ops(vec![exec], &[], &[]).expect("an exec op of another architecture loads");
+
     let mut exec = exec_op(vec![root_mount()], pb::NetMode::Unset);
     exec.platform = Some(pb::Platform {
         os: "windows".into(),
