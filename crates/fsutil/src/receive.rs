@@ -552,6 +552,13 @@ impl Validator {
 struct Root {
     path: PathBuf,
     fd: OwnedFd,
+    /// An open description of the destination holding an exclusive `flock` for as long as any
+    /// part of this receive can still write into it. The blocking threads (listing diff, file
+    /// writer, finish) each hold the `Root`, and they run to completion even when the receive's
+    /// future is dropped (a cancelled build, a closed session); the next receive into the same
+    /// destination waits here for them instead of racing them (it would delete their temporary
+    /// files mid-write, and they would write into its tree). Released when the last holder drops.
+    _lock: OwnedFd,
 }
 
 fn errno(op: &'static str, path: PathBuf) -> impl FnOnce(rustix::io::Errno) -> Error {
@@ -559,6 +566,9 @@ fn errno(op: &'static str, path: PathBuf) -> impl FnOnce(rustix::io::Errno) -> E
 }
 
 impl Root {
+    /// Opens the destination and waits for the exclusive lock on it (see `_lock`). Runs on a
+    /// blocking thread; the wait ends when an earlier receive's threads have finished their
+    /// bounded remaining work.
     fn open(path: &Path) -> Result<Self, Error> {
         let fd = rustix::fs::open(
             path,
@@ -566,9 +576,25 @@ impl Root {
             Mode::empty(),
         )
         .map_err(errno("open", path.to_path_buf()))?;
+        // flock needs a real open description (not O_PATH); a read-only one of the same inode.
+        let lock = rustix::fs::openat(
+            &fd,
+            ".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(errno("open", path.to_path_buf()))?;
+        loop {
+            match rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive) {
+                Err(rustix::io::Errno::INTR) => continue,
+                other => break other,
+            }
+        }
+        .map_err(errno("lock", path.to_path_buf()))?;
         Ok(Root {
             path: path.to_path_buf(),
             fd,
+            _lock: lock,
         })
     }
 

@@ -380,3 +380,43 @@ async fn a_failed_file_write_is_reported_as_the_cause() {
         "{msg}"
     );
 }
+
+/// A receive owns its destination until every thread that can still write into it has finished:
+/// it holds an exclusive `flock` on the directory, and the next receive waits for it. Here the
+/// test holds that lock (as an earlier, cancelled receive's file writer still would): the new
+/// receive neither deletes nor writes anything until the lock is released, then completes.
+#[tokio::test]
+async fn a_receive_waits_while_the_destination_is_still_owned() {
+    let src = tempfile::tempdir().unwrap();
+    let dst = tempfile::tempdir().unwrap();
+    make_tree(src.path());
+    let dest = dst.path().join("out");
+    fs::create_dir_all(&dest).unwrap();
+    fs::write(dest.join("left-by-the-earlier-receive"), "x").unwrap();
+    let holder = fs::File::open(&dest).unwrap();
+    rustix::fs::flock(&holder, rustix::fs::FlockOperation::LockExclusive).unwrap();
+
+    let (s, d) = (src.path().to_path_buf(), dest.clone());
+    let t = tokio::spawn(async move {
+        transfer(&s, &d, SendOptions::default(), ReceiveOptions::default()).await
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(!t.is_finished(), "the receive must wait for the lock");
+    let names: Vec<_> = fs::read_dir(&dest)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        names,
+        vec![std::ffi::OsString::from("left-by-the-earlier-receive")],
+        "nothing may be deleted or created while another receive owns the destination"
+    );
+
+    drop(holder);
+    let stats = tokio::time::timeout(std::time::Duration::from_secs(30), t)
+        .await
+        .expect("the receive completes once the lock is released")
+        .unwrap();
+    assert_eq!(stats.deleted, 1, "{stats:?}");
+    assert_eq!(listing(src.path()), listing(&dest));
+}
