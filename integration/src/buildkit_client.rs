@@ -503,6 +503,9 @@ impl BuildkitClient {
                     },
                     allow_result_return: true,
                     allow_result_array_ref: true,
+                    // Solved at once, so a failing definition fails this call (what the tests
+                    // check); without it the daemon solves lazily, on first use of the ref.
+                    evaluate: true,
                     cache_imports: opts
                         .cache_imports
                         .iter()

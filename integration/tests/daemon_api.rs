@@ -352,6 +352,7 @@ async fn failing_vertex_errors_carry_vertex_and_source_details() {
         .gateway()
         .solve(b.req(gw::SolveRequest {
             definition: Some(def),
+            evaluate: true,
             ..Default::default()
         }))
         .await

@@ -246,10 +246,17 @@ impl Gateway {
 /// A solved definition as `Solve` returns it with its ref (`reference.output`), for the client's
 /// `Ref.ToState`. Source-map entries without locations are dropped: Go clients send one per op
 /// even when empty, prost leaves an empty map value out when encoding, and Go decodes an entry
-/// without value as a nil `*Locations` that `llb.NewDefinitionOp` dereferences.
+/// without value as a nil `*Locations` that `llb.NewDefinitionOp` dereferences. The same holds
+/// for the definitions nested in the source infos (a source map made from an LLB state), which
+/// `NewDefinitionOp` parses too, so they are cleaned the same way.
 fn output_definition(mut def: pb::Definition) -> pb::Definition {
     if let Some(src) = def.source.as_mut() {
         src.locations.retain(|_, l| !l.locations.is_empty());
+        for info in &mut src.infos {
+            if let Some(nested) = info.definition.take() {
+                info.definition = Some(output_definition(nested));
+            }
+        }
     }
     def
 }
@@ -595,5 +602,56 @@ impl gw::llb_bridge_server::LlbBridge for Gateway {
                 ranges: r.ranges,
             });
         Ok(Response::new(gw::WarnResponse {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_empty_location(op: &'static [u8], nested: Option<pb::Definition>) -> pb::Definition {
+        pb::Definition {
+            def: vec![bytes::Bytes::from_static(op)],
+            source: Some(pb::Source {
+                locations: [
+                    ("sha256:empty".to_string(), pb::Locations::default()),
+                    (
+                        "sha256:used".to_string(),
+                        pb::Locations {
+                            locations: vec![pb::Location::default()],
+                        },
+                    ),
+                ]
+                .into_iter()
+                .collect(),
+                infos: vec![pb::SourceInfo {
+                    filename: "bar".into(),
+                    definition: nested,
+                    ..Default::default()
+                }],
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// Go's `llb.NewDefinitionOp` dereferences every location entry, also in the definitions a
+    /// source map carries (upstream TestSourceMapFromRef crashed the client on `Ref.ToState`):
+    /// empty entries go at every level, used ones stay.
+    #[test]
+    fn output_definition_drops_empty_locations_at_every_level() {
+        let nested = with_empty_location(b"nested", None);
+        let out = output_definition(with_empty_location(b"top", Some(nested)));
+        let src = out.source.unwrap();
+        assert_eq!(
+            src.locations.keys().collect::<Vec<_>>(),
+            vec!["sha256:used"]
+        );
+        let inner = src.infos[0].definition.clone().unwrap();
+        assert_eq!(inner.def, vec![bytes::Bytes::from_static(b"nested")]);
+        let inner_src = inner.source.unwrap();
+        assert_eq!(
+            inner_src.locations.keys().collect::<Vec<_>>(),
+            vec!["sha256:used"]
+        );
     }
 }
