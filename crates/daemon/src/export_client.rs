@@ -697,19 +697,14 @@ async fn send_docker(
                 epoch,
             };
             let mut on_layer = |diff_id: &str, size: u64, sent: bool| {
-                let id = if sent {
-                    format!("layer {diff_id}: {size} bytes")
-                } else {
-                    format!("layer {diff_id}: already in Docker, {size} bytes not sent")
-                };
-                progress.status(
+                layer_status(
+                    &progress,
                     &vertex,
-                    &id,
-                    "",
-                    size as i64,
-                    size as i64,
-                    Some(started),
-                    Some(SystemTime::now()),
+                    started,
+                    diff_id,
+                    size,
+                    sent,
+                    "in Docker",
                 );
             };
             let r = exporter::write_docker_client_archive(
@@ -932,20 +927,8 @@ async fn store_docker(
             epoch,
         };
         let mut on_layer = |diff_id: &str, size: u64, written: bool| {
-            let id = if written {
-                format!("layer {diff_id}: {size} bytes")
-            } else {
-                format!("layer {diff_id}: already in the client's store, {size} bytes not sent")
-            };
-            progress.status(
-                &vertex,
-                &id,
-                "",
-                size as i64,
-                size as i64,
-                Some(started),
-                Some(SystemTime::now()),
-            );
+            let place = "in the client's store";
+            layer_status(&progress, &vertex, started, diff_id, size, written, place);
         };
         let mut sink = sink;
         exporter::write_docker_image_blobs(&store, &req, &created, &mut sink, &mut on_layer)
@@ -1239,6 +1222,33 @@ fn write_tar_entries(
     let mut w = b.into_inner().map_err(|e| tar_err("<end>", e))?;
     w.flush().map_err(|e| tar_err("<end>", e))?;
     Ok(())
+}
+
+/// One completed status line per exported layer: its size when sent, or that `place` already
+/// had it (the docker archive for the Engine and the client's content store say the same).
+fn layer_status(
+    progress: &Progress,
+    vertex: &str,
+    started: SystemTime,
+    diff_id: &str,
+    size: u64,
+    sent: bool,
+    place: &str,
+) {
+    let id = if sent {
+        format!("layer {diff_id}: {size} bytes")
+    } else {
+        format!("layer {diff_id}: already {place}, {size} bytes not sent")
+    };
+    progress.status(
+        vertex,
+        &id,
+        "",
+        size as i64,
+        size as i64,
+        Some(started),
+        Some(SystemTime::now()),
+    );
 }
 
 #[cfg(test)]
