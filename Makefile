@@ -25,9 +25,12 @@ run: build
 
 ## Benchmarks berth against `docker load` on this machine (needs root and Docker; ~15 min on
 ## 2 cores); prints the table and writes docs/benchmarks.md. berthd is built for its idle RSS.
+## Scenario 7's baseline is the same berthd with every tracing callsite compiled out, built into
+## its own target dir (tracing's max-level features unify across the build).
 bench:
 	$(WITH_PROTOC) $(CARGO) build --release -p daemon --bin berthd
-	$(WITH_PROTOC) $(CARGO) run --release -p bench --bin berth-bench
+	$(WITH_PROTOC) $(CARGO) build --release -p daemon --bin berthd --features tracing/max_level_off --target-dir $(TARGET_DIR)/bench-baseline
+	BERTH_BENCH_BASELINE_BERTHD=$(abspath $(TARGET_DIR))/bench-baseline/release/berthd $(WITH_PROTOC) $(CARGO) run --release -p bench --bin berth-bench
 
 fmt:
 	$(CARGO) fmt --all

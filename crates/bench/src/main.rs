@@ -1229,13 +1229,38 @@ async fn scenario_idle_rss(b: &mut Bench) -> Result<()> {
     Ok(())
 }
 
-/// Scenario 7: what telemetry costs on a cached rebuild through berthd: one daemon with it off,
-/// one with `--debugaddr` and OTLP/gRPC traces to a local collector stand-in, builds alternating
-/// between them (order swapped every round) so machine load hits both alike.
+/// Scenario 7: what telemetry costs on a cached rebuild through berthd. Three daemons built from
+/// the same commit take turns (order rotated every round, so machine load hits all alike):
+/// - **baseline**: berthd built with every `tracing` callsite compiled out
+///   (`--features tracing/max_level_off`, `make bench` builds it into `target/bench-baseline`,
+///   path in `BERTH_BENCH_BASELINE_BERTHD`): no spans, no log events, no subscriber work, no
+///   recorder: a lower bound for what berthd cost before telemetry existed, without the
+///   confounding of comparing against an older commit. (The `metrics` macros stay compiled in;
+///   without a recorder each is one atomic load.)
+/// - **off**: the release berthd without `--debugaddr` or `OTEL_*` (the default).
+/// - **on**: `--debugaddr` and OTLP/gRPC traces to a local collector stand-in.
 async fn scenario_telemetry(b: &mut Bench) -> Result<()> {
-    const ROUNDS: usize = 9;
+    const ROUNDS: usize = 15;
     let bin = Bench::berthd_bin()?;
-    eprintln!("scenario 7: telemetry off vs on, cached rebuild through berthd");
+    let baseline_bin = match std::env::var_os("BERTH_BENCH_BASELINE_BERTHD") {
+        Some(p) => {
+            let p = PathBuf::from(p);
+            ensure!(
+                p.is_file(),
+                "BERTH_BENCH_BASELINE_BERTHD={} is not a file (`make bench` builds it)",
+                p.display()
+            );
+            Some(p)
+        }
+        None => {
+            eprintln!(
+                "scenario 7: BERTH_BENCH_BASELINE_BERTHD unset: no compiled-out baseline row \
+                 (`make bench` builds one)"
+            );
+            None
+        }
+    };
+    eprintln!("scenario 7: telemetry compiled out vs off vs on, cached rebuild through berthd");
     let base = b.base_image("telemetry-base", sz(b.scale, MIB), 7).await?;
     let ctx = b.scratch.join("telemetry-ctx");
     std::fs::create_dir_all(&ctx)?;
@@ -1265,20 +1290,30 @@ async fn scenario_telemetry(b: &mut Bench) -> Result<()> {
         .port();
     let debug_addr = format!("127.0.0.1:{debug_port}");
     let endpoint = format!("http://{}", collector.addr);
-    let off = berthd::Berthd::start(&bin, &b.scratch.join("berthd-tel-off"), SYSTEM_DOCKER).await?;
-    let on = berthd::Berthd::start_with(
-        &bin,
-        &b.scratch.join("berthd-tel-on"),
-        SYSTEM_DOCKER,
-        &["--debugaddr", &debug_addr],
-        &[("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)],
-    )
-    .await?;
-    let name_off = format!("{}telemetry-off:bench", b.tag_prefix);
-    let name_on = format!("{}telemetry-on:bench", b.tag_prefix);
-    b.images.push(name_off.clone());
-    b.images.push(name_on.clone());
-    let (mut t_off, mut t_on) = (vec![], vec![]);
+    // (daemon, image name, samples); index 0 = off, 1 = on, 2 = compiled-out baseline.
+    let mut daemons = vec![
+        berthd::Berthd::start(&bin, &b.scratch.join("berthd-tel-off"), SYSTEM_DOCKER).await?,
+        berthd::Berthd::start_with(
+            &bin,
+            &b.scratch.join("berthd-tel-on"),
+            SYSTEM_DOCKER,
+            &["--debugaddr", &debug_addr],
+            &[("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)],
+        )
+        .await?,
+    ];
+    if let Some(bb) = &baseline_bin {
+        daemons.push(
+            berthd::Berthd::start(bb, &b.scratch.join("berthd-tel-baseline"), SYSTEM_DOCKER)
+                .await?,
+        );
+    }
+    let names: Vec<String> = ["off", "on", "baseline"][..daemons.len()]
+        .iter()
+        .map(|k| format!("{}telemetry-{k}:bench", b.tag_prefix))
+        .collect();
+    b.images.extend(names.iter().cloned());
+    let mut samples: Vec<Vec<f64>> = vec![vec![]; daemons.len()];
     // Round 0 executes everything and round 1 is the cached warm-up; rounds 2.. are measured.
     for round in 0..ROUNDS + 2 {
         // Every build is traced by the client, as buildctl/buildx under a traced context: the
@@ -1291,20 +1326,14 @@ async fn scenario_telemetry(b: &mut Bench) -> Result<()> {
                 hex::encode(rand_bytes::<8>())
             ),
         )];
-        let order = if round % 2 == 0 {
-            [false, true]
-        } else {
-            [true, false]
-        };
-        for telemetry in order {
-            let (d, name) = if telemetry {
-                (&on, &name_on)
-            } else {
-                (&off, &name_off)
-            };
-            let took = d.timed_build(def.clone(), &ctx, name, &md).await?;
+        let n = daemons.len();
+        for k in 0..n {
+            let i = (k + round) % n;
+            let took = daemons[i]
+                .timed_build(def.clone(), &ctx, &names[i], &md)
+                .await?;
             if round >= 2 {
-                if telemetry { &mut t_on } else { &mut t_off }.push(secs(took));
+                samples[i].push(secs(took));
             }
         }
     }
@@ -1323,23 +1352,60 @@ async fn scenario_telemetry(b: &mut Bench) -> Result<()> {
         "telemetry-on berthd's /metrics counted {finished} finished builds, expected {}",
         ROUNDS + 2
     );
-    off.stop().await?;
-    on.terminate().await?;
+    for d in daemons {
+        d.terminate().await?;
+    }
     let spans = collector.spans();
     ensure!(
         spans > 0,
         "the collector stand-in received no spans: tracing was not on"
     );
+    let t_base = samples.get(2).cloned();
+    let t_on = samples.remove(1);
+    let t_off = samples.remove(0);
     let (m_off, m_on) = (median(&t_off), median(&t_on));
-    b.row(
-        7,
-        "cached rebuild through berthd (`--output type=image`, client-traced), telemetry off"
-            .into(),
-        t_off,
-        Unit::Secs,
-        String::new(),
-        "no `--debugaddr`, no `OTEL_*`".into(),
-    );
+    if let Some(t_base) = t_base {
+        let m_base = median(&t_base);
+        let (lo, hi) = t_base
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+        b.row(
+            7,
+            "cached rebuild through berthd built with tracing compiled out \
+             (`tracing/max_level_off`): the baseline"
+                .into(),
+            t_base,
+            Unit::Secs,
+            String::new(),
+            format!(
+                "same commit; no spans, no logs, no recorder; range {:.0}-{:.0} ms",
+                lo * 1e3,
+                hi * 1e3
+            ),
+        );
+        b.row(
+            7,
+            "same, release berthd, telemetry off (the default)".into(),
+            t_off,
+            Unit::Secs,
+            if m_base > 0.0 {
+                format!("off / baseline = {:.2}×", m_off / m_base)
+            } else {
+                "n/a".into()
+            },
+            "no `--debugaddr`, no `OTEL_*`".into(),
+        );
+    } else {
+        b.row(
+            7,
+            "cached rebuild through berthd (`--output type=image`, client-traced), telemetry off"
+                .into(),
+            t_off,
+            Unit::Secs,
+            "no baseline row: BERTH_BENCH_BASELINE_BERTHD unset".into(),
+            "no `--debugaddr`, no `OTEL_*`".into(),
+        );
+    }
     b.row(
         7,
         "same, telemetry on: `--debugaddr` + OTLP/gRPC to a local collector stand-in".into(),
@@ -1692,7 +1758,7 @@ const SCENARIOS: &[&str] = &[
     "4. **Local context** (worker in this process, fsutil DiffCopy sender → receiver over in-memory channels, no gRPC): first sync of a 1 GiB context of 20 000 files, then again with one file changed.",
     "5. **Layer tars**: berth's `write_layer` (tar + diffID + tar-split in one pass) of the 1 GiB tree, as a ratio to `tar c | sha256sum`.",
     "6. **Memory**: berthd's idle RSS, and berthd's peak RSS (VmHWM, reset before each build) during the builds of scenario 2 with a 50 MiB and a 2 GiB change: it must stay flat in the layer size.",
-    "7. **Telemetry cost** (issue #18): a cached rebuild (docker-image base + RUN + a 20-file local context copy + a file, `--output type=image`) through two real berthds at once, one with telemetry off and one with `--debugaddr` and `OTEL_EXPORTER_OTLP_ENDPOINT` pointing at an OTLP/gRPC collector stand-in in the bench process (it decodes and counts spans); every build carries a client `traceparent`, so the traced daemon records and exports all its spans. Builds alternate between the daemons, order swapped each round; one executing and one cached warm-up each. Wall time of the client's whole build.",
+    "7. **Telemetry cost** (issue #18): a cached rebuild (docker-image base + RUN + a 20-file local context copy + a file, `--output type=image`) through three real berthds at once, built from the same commit: the baseline built with every `tracing` callsite compiled out (`--features tracing/max_level_off`: no spans, no log events, no recorder; `make bench` builds it into `target/bench-baseline`), the release berthd with telemetry off (the default), and one with `--debugaddr` and `OTEL_EXPORTER_OTLP_ENDPOINT` pointing at an OTLP/gRPC collector stand-in in the bench process (it decodes and counts spans). Every build carries a client `traceparent`, so the traced daemon records and exports all its spans. Builds rotate between the daemons, the order shifted each round; one executing and one cached warm-up round, then 15 measured rounds. Wall time of the client's whole build.",
     "8. **Base-image pins** (issue #17): the pin container that keeps a base image used in place from Docker's prunes, directly through `layerstore::dockerstore` on the system dockerd (create; created → running, i.e. upload of the pin program and start; release = stop + remove, which berthd does in the background), then the same solve (docker-image base + a RUN differing per build, no export) through two real berthds, builds alternating: one whose pin of the base is held by a long build (shared pin: no pin work), one that pins afresh every build (waiting until the previous pin, which lingers 3 s, is gone) followed at once by a back-to-back build that reuses the lingering pin; cold − warm and back-to-back − warm are the pin's cost on a build's critical path (target < 50 ms).",
     "9. **Rebuilds with a local context vs stock buildkitd** (issue #14): berthd and stock buildkitd v0.11.6 (OCI worker) side by side, both driven by the same stock `buildctl` (`BERTH_BENCH_BUILDCTL`) with `buildctl build --local ctx=… --progress=plain` and no `--output`; the graph copies the whole context onto scratch and adds a file (FileOps). Contexts: 20 files (80 KiB) and 20 000 files (1 GiB, 100 per directory). Cases: no-op rebuild, and one file rewritten (same size, new content) before each round. Paired rounds, order swapped each round, 1-min load sampled per round; wall time of `buildctl`. On fresh roots, then on roots aged by `BERTH_BENCH_AGE_BUILDS` earlier builds (default 40 in `make bench`; 300 for the issue's \"few hundred\"), each with its own local name and 8 MiB of fresh data. Then a per-phase breakdown from berthd's own OTLP spans (see below the table).",
 ];
