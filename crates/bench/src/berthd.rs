@@ -30,6 +30,11 @@ pub struct GrpcBuild {
 }
 
 impl Berthd {
+    /// The daemon's gRPC socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
     /// Starts `bin` on `dir/root` with its socket in `dir`, bound to the Docker Engine at
     /// `docker_host`; returns once the socket accepts connections (≤ 30 s).
     pub async fn start(bin: &Path, dir: &Path, docker_host: &str) -> Result<Self> {

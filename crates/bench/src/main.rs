@@ -18,6 +18,7 @@
 
 mod berthd;
 mod buildkitd;
+mod buildx;
 mod collector;
 mod fixtures;
 mod rebuild;
@@ -1761,6 +1762,7 @@ const SCENARIOS: &[&str] = &[
     "7. **Telemetry cost** (issue #18): a cached rebuild (docker-image base + RUN + a 20-file local context copy + a file, `--output type=image`) through three real berthds at once, built from the same commit: the baseline built with every `tracing` callsite compiled out (`--features tracing/max_level_off`: no spans, no log events, no recorder; `make bench` builds it into `target/bench-baseline`), the release berthd with telemetry off (the default), and one with `--debugaddr` and `OTEL_EXPORTER_OTLP_ENDPOINT` pointing at an OTLP/gRPC collector stand-in in the bench process (it decodes and counts spans). Every build carries a client `traceparent`, so the traced daemon records and exports all its spans. Builds rotate between the daemons, the order shifted each round; one executing and one cached warm-up round, then 15 measured rounds. Wall time of the client's whole build.",
     "8. **Base-image pins** (issue #17): the pin container that keeps a base image used in place from Docker's prunes, directly through `layerstore::dockerstore` on the system dockerd (create; created → running, i.e. upload of the pin program and start; release = stop + remove, which berthd does in the background), then the same solve (docker-image base + a RUN differing per build, no export) through two real berthds, builds alternating: one whose pin of the base is held by a long build (shared pin: no pin work), one that pins afresh every build (waiting until the previous pin, which lingers 3 s, is gone) followed at once by a back-to-back build that reuses the lingering pin; cold − warm and back-to-back − warm are the pin's cost on a build's critical path (target < 50 ms).",
     "9. **Rebuilds with a local context vs stock buildkitd** (issue #14): berthd and stock buildkitd v0.11.6 (OCI worker) side by side, both driven by the same stock `buildctl` (`BERTH_BENCH_BUILDCTL`) with `buildctl build --local ctx=… --progress=plain` and no `--output`; the graph copies the whole context onto scratch and adds a file (FileOps). Contexts: 20 files (80 KiB) and 20 000 files (1 GiB, 100 per directory). Cases: no-op rebuild, and one file rewritten (same size, new content) before each round. Paired rounds, order swapped each round, 1-min load sampled per round; wall time of `buildctl`. On fresh roots, then on roots aged by `BERTH_BENCH_AGE_BUILDS` earlier builds (default 40 in `make bench`; 300 for the issue's \"few hundred\"), each with its own local name and 8 MiB of fresh data. Then a per-phase breakdown from berthd's own OTLP spans (see below the table).",
+    "10. **Dockerfile rebuilds through buildx vs stock buildkitd** (issue #11): Debian 13's `docker-buildx` 0.13.1 (standalone, private `DOCKER_CONFIG`) with a `remote` builder on berthd and one on stock buildkitd v0.11.6, same run. Dockerfile: `FROM` a base in a local registry (both daemons resolve the same reference), `RUN`, `COPY` of a 20-file context, `RUN`. One executing build and one cached warm-up per case, then 9 rounds (order reversed every other round); every timed build is checked to have served each `RUN` from the cache. Cases: no output; the image made runnable in the local Docker (stock `--load`, berthd `--output type=image` and berthd `--load`). Wall time of the buildx process.",
 ];
 
 async fn cleanup(b: &Bench) {
@@ -1847,6 +1849,9 @@ async fn run() -> Result<()> {
         }
         if wants(&[9]) {
             rebuild::scenario_rebuild(&mut b).await?;
+        }
+        if wants(&[10]) {
+            buildx::scenario_buildx(&mut b).await?;
         }
         if wants(&[3]) {
             scenario_cache(&mut b).await?;
