@@ -257,11 +257,18 @@ impl Berthd {
     }
 }
 
+/// How long a dropped [`Berthd`] gets to stop after SIGTERM before it is killed.
+const DROP_GRACE: Duration = Duration::from_secs(10);
+
 impl Drop for Berthd {
+    /// Stops berthd as a service manager would (SIGTERM, so it removes its pins, unmounts and
+    /// closes its stores; SIGKILL after [`DROP_GRACE`]): a test that means a crash calls
+    /// [`Berthd::kill`].
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+            if let Err(e) = crate::process::terminate(&mut c, "berthd", DROP_GRACE) {
+                eprintln!("stopping berthd at drop: {e:#}");
+            }
         }
     }
 }

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{bail, ensure, Context as _, Result};
 use integration::buildkit_client::{BuildOptions, BuildkitClient, Output};
 
-/// A running berthd, killed (by its PID, through the child handle) when dropped.
+/// A running berthd, killed (by its PID, through the child handle) when dropped without
+/// [`Berthd::stop`] or [`Berthd::terminate`].
 pub struct Berthd {
     child: tokio::process::Child,
     pid: String,
@@ -196,9 +197,21 @@ impl Berthd {
         Ok(took)
     }
 
-    /// Kills the daemon and waits for it.
+    /// Stops the daemon as a service manager would: SIGTERM (it removes its base-image pins and
+    /// unmounts), SIGKILL if it has not exited after 20 s; waits for it either way. (Not a
+    /// crash: a killed berthd's pins go by themselves, but its mounts stay until its next start.)
     pub async fn stop(mut self) -> Result<()> {
-        self.child.kill().await.context("stop berthd")
+        let _ = tokio::process::Command::new("kill")
+            .args(["-TERM", &self.pid])
+            .status()
+            .await;
+        match tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await {
+            Ok(st) => st.map(drop).context("wait for berthd"),
+            Err(_) => {
+                self.child.kill().await.context("kill berthd")?;
+                bail!("berthd did not exit within 20 s of SIGTERM and was killed")
+            }
+        }
     }
 
     /// Builds `def` with `--local ctx=<ctx>` and `--output type=image,name=<name>` the way

@@ -1584,7 +1584,7 @@ async fn scenario_pins(b: &mut Bench) -> Result<()> {
     let roots = [warm.root().to_path_buf(), cold.root().to_path_buf()];
     warm.stop().await?;
     cold.stop().await?;
-    // Killed berthds leave their pins (a restart would remove them): remove them here.
+    // berthd removes its pins when it stops; this only catches what a failed stop left.
     for root in roots {
         layerstore::dockerstore::remove_stale_pins(
             &b.docker,

@@ -11,9 +11,19 @@
 //! prune` removes first.)
 //!
 //! The container runs berth's own pin process (`pause/berth-pause.rs`, built by `build.rs` and
-//! embedded here): a static ELF of about a kilobyte that sleeps in `rt_sigtimedwait` until
-//! SIGTERM/SIGINT, so it needs nothing from the image (works on `scratch`-like images), costs no
-//! CPU and ~8 KiB of memory, and `docker stop` ends it at once. It is uploaded into the created
+//! embedded here): a static ELF of about a kilobyte that sleeps in `ppoll` until SIGTERM/SIGINT
+//! or end-of-file on its stdin, so it needs nothing from the image (works on `scratch`-like
+//! images), costs no CPU and ~8 KiB of memory, and `docker stop` ends it at once.
+//!
+//! A pin dies with the berthd that made it, without that berthd's help: the container is created
+//! with `OpenStdin` + `StdinOnce` and its supervisor (below) attaches to its stdin before
+//! starting it and holds the attach while it runs. When berthd exits in any way (a SIGKILL, a
+//! crash, the OOM killer), the kernel closes its connection to dockerd, dockerd closes the
+//! container's stdin (`StdinOnce`: its one attached client left), the pin process sees
+//! end-of-file and exits, and `AutoRemove` removes the container: nothing is left in `docker ps
+//! -a`, also for a `--root` that is never used again. A container that was only created when
+//! berthd died stays (not running, which `docker container prune` removes) until the next
+//! berthd on the same root sweeps it ([`remove_stale_pins`]). It is uploaded into the created
 //! container with `PUT /containers/{id}/archive` (to `/.berth-pin`, in the container's own
 //! writable layer, removed with the container), not bind-mounted: a bind mount needs a path on
 //! the host of dockerd, which berthd cannot know when it runs in a container or talks to a
@@ -40,7 +50,7 @@
 //! last handle is dropped it stays [`LINGER`] (back-to-back builds of the same base reuse the
 //! running container instead of each paying for a new one on their critical path) and is then
 //! removed in the background ([`Pin::release`] removes it at once and waits for its supervisor,
-//! so nothing it was making is left). [`pin_image`] returns once the container is created: from then on `docker rmi` and
+//! so nothing it was making is left; a released supervisor also drops its stdin attach). [`pin_image`] returns once the container is created: from then on `docker rmi` and
 //! `docker image prune` already refuse the image. The upload and the start (0.3-0.5 s on an idle
 //! host, seconds on a loaded one) run in a supervisor task; a created container is what `docker
 //! container prune` removes, so callers wait for [`Pin::wait_running`] just before the image's
@@ -384,6 +394,11 @@ async fn create(cfg: &Config) -> Result<(String, String)> {
         labels: Some(labels),
         working_dir: Some("/".to_string()),
         user: Some("65534:65534".to_string()),
+        // berthd holds the pin's stdin open through an attach: when berthd goes (also killed),
+        // dockerd closes it and the pin process exits (module docs).
+        open_stdin: Some(true),
+        stdin_once: Some(true),
+        attach_stdin: Some(true),
         network_disabled: Some(true),
         stop_signal: Some("SIGTERM".to_string()),
         healthcheck: Some(bollard::models::HealthConfig {
@@ -400,6 +415,8 @@ async fn create(cfg: &Config) -> Result<(String, String)> {
             }),
             init: Some(false),
             cpu_shares: Some(2),
+            // An exited pin (its berthd gone, stopped) leaves nothing in `docker ps -a`.
+            auto_remove: Some(true),
             ..Default::default()
         }),
         ..Default::default()
@@ -433,22 +450,37 @@ fn pause_tar() -> Vec<u8> {
     b.into_inner().expect("in-memory tar cannot fail")
 }
 
-/// Uploads the pin process and starts the container.
-async fn start(docker: &Docker, id: &str) -> std::result::Result<(), DockerError> {
-    let opts = bollard::query_parameters::UploadToContainerOptions {
+/// berthd's attach to a running pin container's stdin: the pin lives while it is held
+/// (dropping it, or berthd's exit, closes the container's stdin and the pin process exits).
+type StdinHold = bollard::container::AttachContainerResults;
+
+/// Attaches to the container's stdin (the [`StdinHold`]) and uploads the pin process, both at
+/// once, then starts the container. The attach comes first so that a pin never runs without
+/// one: a container started before it would outlive a berthd killed in between.
+async fn start(docker: &Docker, id: &str) -> std::result::Result<StdinHold, DockerError> {
+    let attach = bollard::query_parameters::AttachContainerOptions {
+        stdin: true,
+        stream: true,
+        ..Default::default()
+    };
+    let upload = bollard::query_parameters::UploadToContainerOptions {
         path: "/".to_string(),
         ..Default::default()
     };
-    docker
-        .upload_to_container(
+    let (hold, uploaded) = tokio::join!(
+        docker.attach_container(id, Some(attach)),
+        docker.upload_to_container(
             id,
-            Some(opts),
+            Some(upload),
             bollard::body_full(bytes::Bytes::from(pause_tar())),
         )
-        .await?;
+    );
+    let hold = hold?;
+    uploaded?;
     docker
         .start_container(id, None::<bollard::query_parameters::StartContainerOptions>)
-        .await
+        .await?;
+    Ok(hold)
 }
 
 /// How a pin container ended, in words for the build error.
@@ -459,6 +491,9 @@ fn describe_exit(name: &str, code: i64) -> String {
             "pin container {name} was stopped (SIGTERM: docker stop, or dockerd shutting down)"
         ),
         130 => format!("pin container {name} was interrupted (SIGINT)"),
+        0 => format!(
+            "pin container {name} exited: its stdin closed (berthd's attach to it ended)"
+        ),
         c => format!("pin container {name} exited with code {c}"),
     }
 }
@@ -506,11 +541,12 @@ async fn supervise(
             return;
         }
         let event = match r {
-            Ok(()) => {
+            Ok(hold) => {
                 state.lock().unwrap().running = true;
                 settled.0.send_replace(true);
                 tracing::debug!(container = %id, took_ms = started.elapsed().as_millis() as u64, "pin container started");
                 let event = wait_stopped(docker, &id, &name).await;
+                drop(hold);
                 if released(&state) {
                     return;
                 }
