@@ -458,10 +458,8 @@ async fn pins_go_when_berthd_stops_and_after_a_crash() {
             // the next start on the same root removes it.
             let instance = format!("worker:{}", s.berthd.root().join("worker").display());
             let label = format!("dev.berth.pin={instance}");
-            let (ok, created, err) = docker(
-                &s.host,
-                &["create", "--label", &label, &s.base_id, "true"],
-            );
+            let (ok, created, err) =
+                docker(&s.host, &["create", "--label", &label, &s.base_id, "true"]);
             assert!(ok, "docker create: {err}");
             s.berthd.restart().unwrap();
             wait_no_pins(&s.host, "after restarting a killed berthd").await;

@@ -1441,7 +1441,8 @@ async fn scenario_pins(b: &mut Bench) -> Result<()> {
         .await?
         .id
         .context("base image without ID")?;
-    let instance = format!("bench:{}", std::process::id());
+    // Named like a berthd's (`worker:<root>`): the pin program is bind-mounted from that root.
+    let instance = format!("worker:{}", b.scratch.join("pins-root").display());
     let (mut create, mut start, mut release) = (vec![], vec![], vec![]);
     for round in 0..ROUNDS + 1 {
         let t = Instant::now();
@@ -1473,7 +1474,7 @@ async fn scenario_pins(b: &mut Bench) -> Result<()> {
     );
     b.row(
         8,
-        "pin: created → running (upload of the 1 KB pin program, start)".into(),
+        "pin: created → running (stdin attach, start; the pin program is bind-mounted)".into(),
         start,
         Unit::Secs,
         format!(

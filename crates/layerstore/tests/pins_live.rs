@@ -114,7 +114,10 @@ async fn pin_runs_in_an_empty_image_is_shared_costs_nothing_and_reports_loss() -
     );
     let img = resolve_base_image(&docker, &store, &tag).await?;
     let id = img.id.to_string();
-    let instance = format!("berth-test-pins-{}", std::process::id());
+    // A berthd's instance names its worker root: the pin program is bind-mounted from a file
+    // there (dockerd runs on this host and sees the same path).
+    let root = tempfile::tempdir()?;
+    let instance = format!("worker:{}", root.path().display());
     let _cleanup = PinsOf(instance.clone());
 
     // Created on the caller's path, started in the background.
@@ -151,6 +154,25 @@ async fn pin_runs_in_an_empty_image_is_shared_costs_nothing_and_reports_loss() -
     ensure!(hc.cap_drop == Some(vec!["ALL".to_string()]));
     ensure!(c.config.as_ref().and_then(|c| c.user.clone()).as_deref() == Some("65534:65534"));
     let pid = c.state.as_ref().and_then(|s| s.pid).context("pid")?;
+    // The pin program comes read-only from the root (nothing uploaded), and the pin holds its
+    // stdin open through berth's attach.
+    let mounts = c.mounts.clone().unwrap_or_default();
+    ensure!(
+        mounts
+            .iter()
+            .any(|m| m.destination.as_deref() == Some("/.berth-pin")
+                && m.rw == Some(false)
+                && m.source
+                    .as_deref()
+                    .is_some_and(|s| s.starts_with(&*root.path().to_string_lossy()))),
+        "pin program not bind-mounted from the root: {mounts:?}"
+    );
+    let cfg = c.config.clone().unwrap_or_default();
+    ensure!(
+        cfg.open_stdin == Some(true) && cfg.stdin_once == Some(true),
+        "{cfg:?}"
+    );
+    ensure!(hc.auto_remove == Some(true), "{hc:?}");
 
     // Docker itself refuses to remove the image, even with -f; prunes are not tried here (system
     // daemon; the integration tests prune a private one).
@@ -269,4 +291,74 @@ impl Drop for PinsOf {
             }
         }
     }
+}
+
+/// Measures the pin's critical path (create, then created → running) with the pin program
+/// bind-mounted (an instance naming a worker root) against uploaded (an instance naming none),
+/// alternating, 9 rounds each after a warm-up; prints the medians. A measurement, not a check:
+/// `cargo test -p layerstore --test pins_live -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement (about a minute)"]
+async fn pin_start_bind_vs_upload() -> Result<()> {
+    let docker = docker();
+    let tag = format!("berth-test-pins-ab:{}", std::process::id());
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("data"), "pinned")?;
+    let tar = Command::new("tar")
+        .arg("-C")
+        .arg(dir.path())
+        .args(["-cf", "-", "."])
+        .output()?;
+    let mut import = Command::new("docker")
+        .args(["import", "-", &tag])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(import.stdin.as_mut().unwrap(), &tar.stdout)?;
+    drop(import.stdin.take());
+    ensure!(
+        import.wait_with_output()?.status.success(),
+        "docker import failed"
+    );
+    let _image = Image(tag.clone());
+    let id = docker.inspect_image(&tag).await?.id.context("image id")?;
+    let root = tempfile::tempdir()?;
+    let bound = format!("worker:{}", root.path().display());
+    let uploaded = format!("berth-test-pins-ab-{}", std::process::id());
+    let (_c1, _c2) = (PinsOf(bound.clone()), PinsOf(uploaded.clone()));
+    let mut t: HashMap<&str, (Vec<f64>, Vec<f64>)> = HashMap::new();
+    for round in 0..10 {
+        for (what, instance) in [("bind", &bound), ("upload", &uploaded)] {
+            let t0 = Instant::now();
+            let pin = pin_image(&docker, &id, instance, "ab").await?;
+            let created = t0.elapsed();
+            ensure!(
+                pin.wait_running(Duration::from_secs(60)).await,
+                "{what}: not running"
+            );
+            let running = t0.elapsed();
+            pin.release().await?;
+            if round > 0 {
+                let e = t.entry(what).or_default();
+                e.0.push(created.as_secs_f64() * 1000.0);
+                e.1.push((running - created).as_secs_f64() * 1000.0);
+            }
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    };
+    for (what, (mut c, mut s)) in t {
+        let (mc, ms) = (median(&mut c), median(&mut s));
+        println!(
+            "{what}: create {mc:.0} ms, created->running {ms:.0} ms, sum {:.0} ms (create {:.0}-{:.0}, start {:.0}-{:.0})",
+            mc + ms,
+            c[0],
+            c[c.len() - 1],
+            s[0],
+            s[s.len() - 1]
+        );
+    }
+    Ok(())
 }

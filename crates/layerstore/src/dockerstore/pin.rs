@@ -23,12 +23,20 @@
 //! end-of-file and exits, and `AutoRemove` removes the container: nothing is left in `docker ps
 //! -a`, also for a `--root` that is never used again. A container that was only created when
 //! berthd died stays (not running, which `docker container prune` removes) until the next
-//! berthd on the same root sweeps it ([`remove_stale_pins`]). It is uploaded into the created
-//! container with `PUT /containers/{id}/archive` (to `/.berth-pin`, in the container's own
-//! writable layer, removed with the container), not bind-mounted: a bind mount needs a path on
-//! the host of dockerd, which berthd cannot know when it runs in a container or talks to a
-//! remote Engine. The price is that the root filesystem cannot be read-only (Docker refuses
-//! archive uploads into a read-only rootfs); nothing in the container writes to it.
+//! berthd on the same root sweeps it ([`remove_stale_pins`]).
+//!
+//! The pin process gets into the container at `/.berth-pin` in one of two ways:
+//! * **bind-mounted** read-only from `<worker root>/pin-program-<sha256 prefix>`, a file berthd
+//!   writes once per process ([`pause_file`]): nothing to do between create and start. It needs
+//!   dockerd to see berthd's root at the same path (the usual case: berthd reads Docker's layer
+//!   directories in place anyway). When it does not (berthd in a container, a remote Engine),
+//!   dockerd refuses the create ("bind source path does not exist"), or, for a different file at
+//!   that path, the start; berth then switches to
+//! * **uploaded** into the created container with `PUT /containers/{id}/archive` (in the
+//!   container's own writable layer, removed with it), for the rest of the process. The upload
+//!   mounts the container's root filesystem once more (100-300 ms with fuse-overlayfs on a busy
+//!   host) on the pin's critical path, and it keeps the root filesystem writable (Docker refuses
+//!   archive uploads into a read-only rootfs); nothing in the container writes to it.
 //!
 //! Everything else is switched off: network `none`, all capabilities dropped,
 //! `no-new-privileges`, user `65534:65534` (numeric: no `/etc/passwd` needed), log driver
@@ -50,13 +58,14 @@
 //! last handle is dropped it stays [`LINGER`] (back-to-back builds of the same base reuse the
 //! running container instead of each paying for a new one on their critical path) and is then
 //! removed in the background ([`Pin::release`] removes it at once and waits for its supervisor,
-//! so nothing it was making is left; a released supervisor also drops its stdin attach). [`pin_image`] returns once the container is created: from then on `docker rmi` and
-//! `docker image prune` already refuse the image. The upload and the start (0.3-0.5 s on an idle
+//! //! so nothing it was making is left; a released supervisor also drops its stdin attach).
+//! [`pin_image`] returns once the container is created: from then on `docker rmi` and
+//! `docker image prune` already refuse the image. The attach, upload and start (0.3-0.5 s on an idle
 //! host, seconds on a loaded one) run in a supervisor task; a created container is what `docker
 //! container prune` removes, so callers wait for [`Pin::wait_running`] just before the image's
 //! layers are first read, which lets the start overlap the rest of the build's resolution and
-//! its other steps. Pins left by a crashed process are removed by [`remove_stale_pins`] (berthd
-//! calls it at start and, after [`stop_pinning`], at stop).
+//! its other steps. Pins that a crashed process had only created are removed by
+//! [`remove_stale_pins`] (berthd calls it at start and, after [`stop_pinning`], at stop).
 //!
 //! # When a pin does not hold
 //!
@@ -124,6 +133,12 @@ const LINGER: Duration = Duration::from_secs(3);
 /// sees the pin released, i.e. when its in-flight Docker request returns (a create, a start, the
 /// long poll that the container's removal ends).
 const SUPERVISOR_END: Duration = Duration::from_secs(30);
+
+/// Whether pin containers get the pin process through a read-only bind mount of a file berthd
+/// writes under its root (no upload on the pin's critical path; module docs). Cleared for the
+/// rest of the process when dockerd does not see that file (berthd in a container, a remote
+/// Engine): pins then get it uploaded.
+static BIND_PAUSE: AtomicBool = AtomicBool::new(true);
 
 /// Pin containers alive in this process.
 static PINS_HELD: AtomicUsize = AtomicUsize::new(0);
@@ -323,18 +338,18 @@ pub async fn pin_image(
     shared
         .ready
         .get_or_try_init(|| async {
-            let (id, name) = match create(&shared.cfg).await {
+            let made = match create(&shared.cfg).await {
                 Ok(c) => c,
                 Err(e) => return Err(missing_or(&shared.cfg, e).await),
             };
             PINS_HELD.fetch_add(1, Ordering::Relaxed);
-            shared.state.lock().unwrap().container = Some((id.clone(), name));
+            shared.state.lock().unwrap().container = Some((made.id.clone(), made.name.clone()));
             let task = tokio::spawn(supervise(
                 shared.cfg.clone(),
                 shared.state.clone(),
                 SettledOnExit(shared.settled.clone()),
                 Arc::downgrade(&shared),
-                id,
+                made,
             ));
             *shared.supervisor.lock().unwrap() = Some(task);
             Ok::<_, Error>(())
@@ -355,8 +370,89 @@ async fn missing_or(cfg: &Config, e: Error) -> Error {
     }
 }
 
-/// Creates a pin container of `cfg.image` (not started).
-async fn create(cfg: &Config) -> Result<(String, String)> {
+/// A pin container made by [`create`]: ID, name, and whether the pin process is bind-mounted
+/// (else [`start`] uploads it).
+struct Made {
+    id: String,
+    name: String,
+    bound: bool,
+}
+
+/// The file berthd bind-mounts into pin containers as the pin process: `<root>/pin-program-<sha256
+/// prefix>` under the instance's root (`worker:<root>`), written once per process; `None` when
+/// the instance names no absolute root or the file cannot be written (pins upload it then).
+fn pause_file(instance: &str) -> Option<PathBuf> {
+    use sha2::Digest as _;
+    static WRITTEN: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+    let root = std::path::Path::new(instance.strip_prefix("worker:")?);
+    if !root.is_absolute() {
+        return None;
+    }
+    let sum = hex::encode(sha2::Sha256::digest(PAUSE));
+    let path = root.join(format!("pin-program-{}", &sum[..16]));
+    let mut written = WRITTEN.lock().unwrap();
+    if written.contains(&path) {
+        return Some(path);
+    }
+    // Written whole under a temporary name and renamed: dockerd never sees a partial file. An
+    // existing file is rewritten (it may have been changed).
+    let write = || -> std::io::Result<()> {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::create_dir_all(root)?;
+        let tmp = root.join(format!(".pin-program-{}", crate::snapshot::random_token(8)));
+        let r = std::fs::write(&tmp, PAUSE)
+            .and_then(|()| std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o555)))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if r.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        r
+    };
+    match write() {
+        Ok(()) => {
+            written.push(path.clone());
+            Some(path)
+        }
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "writing the pin program failed; pins get it uploaded");
+            None
+        }
+    }
+}
+
+/// dockerd refused a bind mount because its source does not exist on its host.
+fn is_missing_bind_source(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::DockerApi { op: "create pin container", source } if matches!(
+            source.as_ref(),
+            DockerError::DockerResponseServerError { status_code: 400, message }
+                if message.contains("bind source path does not exist")
+        )
+    )
+}
+
+/// Creates a pin container of `cfg.image` (not started), with the pin process bind-mounted when
+/// dockerd sees berthd's file ([`BIND_PAUSE`]), else to be uploaded by [`start`].
+async fn create(cfg: &Config) -> Result<Made> {
+    let bind = if BIND_PAUSE.load(Ordering::Relaxed) {
+        pause_file(&cfg.key.0)
+    } else {
+        None
+    };
+    if let Some(file) = bind {
+        match create_with(cfg, Some(&file)).await {
+            Err(e) if is_missing_bind_source(&e) => {
+                tracing::info!(path = %file.display(), "dockerd does not see berthd's root at the same path; pins get the pin program uploaded");
+                BIND_PAUSE.store(false, Ordering::Relaxed);
+            }
+            r => return r,
+        }
+    }
+    create_with(cfg, None).await
+}
+
+async fn create_with(cfg: &Config, bind: Option<&std::path::Path>) -> Result<Made> {
     let (instance, image) = (&cfg.key.0, &cfg.image);
     let short = image
         .trim_start_matches("sha256:")
@@ -415,6 +511,15 @@ async fn create(cfg: &Config) -> Result<(String, String)> {
             }),
             init: Some(false),
             cpu_shares: Some(2),
+            mounts: bind.map(|file| {
+                vec![bollard::models::Mount {
+                    target: Some(PAUSE_PATH.to_string()),
+                    source: Some(file.display().to_string()),
+                    typ: Some(bollard::models::MountTypeEnum::BIND),
+                    read_only: Some(true),
+                    ..Default::default()
+                }]
+            }),
             // An exited pin (its berthd gone, stopped) leaves nothing in `docker ps -a`.
             auto_remove: Some(true),
             ..Default::default()
@@ -430,8 +535,12 @@ async fn create(cfg: &Config) -> Result<(String, String)> {
         .create_container(Some(opts), body)
         .await
         .map_err(api_err("create pin container"))?;
-    tracing::debug!(container = %resp.id, %name, image, build_id = %cfg.build_id, "image pinned");
-    Ok((resp.id, name))
+    tracing::debug!(container = %resp.id, %name, image, build_id = %cfg.build_id, bound = bind.is_some(), "image pinned");
+    Ok(Made {
+        id: resp.id,
+        name,
+        bound: bind.is_some(),
+    })
 }
 
 /// The tar uploaded into a pin container: the pin process at [`PAUSE_PATH`].
@@ -454,10 +563,15 @@ fn pause_tar() -> Vec<u8> {
 /// (dropping it, or berthd's exit, closes the container's stdin and the pin process exits).
 type StdinHold = bollard::container::AttachContainerResults;
 
-/// Attaches to the container's stdin (the [`StdinHold`]) and uploads the pin process, both at
-/// once, then starts the container. The attach comes first so that a pin never runs without
-/// one: a container started before it would outlive a berthd killed in between.
-async fn start(docker: &Docker, id: &str) -> std::result::Result<StdinHold, DockerError> {
+/// Attaches to the container's stdin (the [`StdinHold`]) and, unless it is `bound`, uploads the
+/// pin process, both at once, then starts the container. The attach comes first so that a pin
+/// never runs without one: a container started before it would outlive a berthd killed in
+/// between.
+async fn start(
+    docker: &Docker,
+    id: &str,
+    bound: bool,
+) -> std::result::Result<StdinHold, DockerError> {
     let attach = bollard::query_parameters::AttachContainerOptions {
         stdin: true,
         stream: true,
@@ -467,14 +581,19 @@ async fn start(docker: &Docker, id: &str) -> std::result::Result<StdinHold, Dock
         path: "/".to_string(),
         ..Default::default()
     };
-    let (hold, uploaded) = tokio::join!(
-        docker.attach_container(id, Some(attach)),
-        docker.upload_to_container(
-            id,
-            Some(upload),
-            bollard::body_full(bytes::Bytes::from(pause_tar())),
-        )
-    );
+    let upload = async {
+        if bound {
+            return Ok(());
+        }
+        docker
+            .upload_to_container(
+                id,
+                Some(upload),
+                bollard::body_full(bytes::Bytes::from(pause_tar())),
+            )
+            .await
+    };
+    let (hold, uploaded) = tokio::join!(docker.attach_container(id, Some(attach)), upload);
     let hold = hold?;
     uploaded?;
     docker
@@ -491,9 +610,7 @@ fn describe_exit(name: &str, code: i64) -> String {
             "pin container {name} was stopped (SIGTERM: docker stop, or dockerd shutting down)"
         ),
         130 => format!("pin container {name} was interrupted (SIGINT)"),
-        0 => format!(
-            "pin container {name} exited: its stdin closed (berthd's attach to it ended)"
-        ),
+        0 => format!("pin container {name} exited: its stdin closed (berthd's attach to it ended)"),
         c => format!("pin container {name} exited with code {c}"),
     }
 }
@@ -516,8 +633,9 @@ async fn supervise(
     state: Arc<Mutex<State>>,
     settled: SettledOnExit,
     owner: Weak<Shared>,
-    mut id: String,
+    made: Made,
 ) {
+    let (mut id, mut bound) = (made.id, made.bound);
     let docker = &cfg.docker;
     let name_of = |state: &Mutex<State>| {
         state
@@ -536,7 +654,7 @@ async fn supervise(
         let name = name_of(&state);
         super::fault::hold_point("pin:created").await;
         let started = std::time::Instant::now();
-        let r = start(docker, &id).await;
+        let r = start(docker, &id, bound).await;
         if released(&state) {
             return;
         }
@@ -558,6 +676,12 @@ async fn supervise(
             Err(e) if is_unreachable(&e) => format!(
                 "dockerd did not answer while starting pin container {name} ({e}); it stopped or restarted"
             ),
+            Err(e) if bound => {
+                // dockerd's host has a different file at that path: upload from now on.
+                BIND_PAUSE.store(false, Ordering::Relaxed);
+                tracing::warn!(image = %cfg.image, container = %id, error = %e, "starting a pin container with the bind-mounted pin program failed; pinning again with it uploaded");
+                format!("pin container {name} could not be started with the bind-mounted pin program ({e})")
+            }
             Err(e) => {
                 // Not going to change by trying again; the created container still keeps the
                 // image from `docker rmi` and image prunes, and is removed with the pin.
@@ -602,7 +726,12 @@ async fn supervise(
             return;
         }
         match create(&cfg).await {
-            Ok((new_id, new_name)) => {
+            Ok(Made {
+                id: new_id,
+                name: new_name,
+                bound: new_bound,
+            }) => {
+                bound = new_bound;
                 let released = {
                     let mut st = state.lock().unwrap();
                     if !st.released {
