@@ -482,6 +482,43 @@ async fn pins_go_when_berthd_stops_and_after_a_crash() {
     );
 }
 
+/// A dockerd restart mid-build stops the pin (its shim goes with containerd; Docker removes it,
+/// `AutoRemove`); berthd pins the base again with a new container once dockerd answers, and the
+/// build, whose RUN runs under berth's own runc, succeeds with a runnable image.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dockerd_restart_mid_build_pins_the_base_again() {
+    let (mut s, _base) = setup().await;
+    let name = format!("{}:1", unique_name("berth-test/dockerd-restart"));
+    let client = s.berthd.client().await.unwrap();
+    let opts = long_build(&s.base_ref, 25, &name);
+    let build = tokio::spawn(async move { client.build(opts).await });
+    let first = wait_running_pin(&s.host, 60).await;
+    tokio::task::block_in_place(|| {
+        s.dockerd.stop().unwrap();
+        s.dockerd.start().unwrap();
+    });
+    let again = wait_running_pin(&s.host, 60).await;
+    assert_ne!(
+        first, again,
+        "the pin running after the restart is the old one"
+    );
+    let report = tokio::time::timeout(Duration::from_secs(240), build)
+        .await
+        .expect("the build did not end within 240 s")
+        .unwrap()
+        .unwrap();
+    report
+        .solve
+        .as_ref()
+        .unwrap_or_else(|e| panic!("build failed: {e}\nberthd log:\n{}", s.berthd.log_text()));
+    let (ok, out, err) = docker(&s.host, &["run", "--rm", &name, "cat", "/sum"]);
+    assert!(
+        ok && out.contains("/bin/busybox"),
+        "run {name}: {out} {err}"
+    );
+    wait_no_pins(&s.host, "after the build").await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Each phase of a build, reached exactly through berthd's hold points (`BERTH_FAULT_HOLD`, see
 // `layerstore::dockerstore::fault::hold_point`) and, for the running exec, a RUN that waits for
