@@ -56,6 +56,7 @@ mod containerd;
 mod engine;
 mod http;
 mod images;
+mod moto;
 mod precheck;
 mod private_dockerd;
 mod process;
@@ -70,6 +71,7 @@ pub use images::{
     busybox_image, multi_layer_image, program_image, TestImage, MULTI_LAYER_ABSENT,
     MULTI_LAYER_FILES,
 };
+pub use moto::MotoS3;
 pub use precheck::{require_root, require_tool};
 pub use private_dockerd::{PrivateDockerd, PrivateDockerdOptions, TRIXIE_ROOT};
 pub use process::git;

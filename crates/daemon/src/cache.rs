@@ -124,6 +124,10 @@ pub async fn resolve_imports(
                 let s = registry_session(backend, sessions, session_id);
                 remotecache::RemoteCache::from_registry(s, reference).await
             }
+            ImportSpec::S3(cfg) => match remotecache::S3Client::new((**cfg).clone()) {
+                Ok(c) => remotecache::RemoteCache::from_s3(c).await,
+                Err(e) => Err(e),
+            },
             ImportSpec::Local { src, digest } => match sessions.get(session_id).await {
                 Ok(session) => {
                     let store = Arc::new(SessionContentStore::new(session, format!("local:{src}")));
@@ -157,7 +161,11 @@ pub async fn export(
         if spec.target == ExportTarget::Inline {
             continue;
         }
-        let name = "exporting content cache";
+        // buildkitd's names of its cache exporters.
+        let name = match spec.target {
+            ExportTarget::S3(_) => "exporting cache to s3",
+            _ => "exporting content cache",
+        };
         let vertex = synthetic_digest(&format!(
             "{session_id}-cache-{i}-{}",
             SystemTime::now()
@@ -208,20 +216,15 @@ async fn export_one(
         target: None,
     };
     let trace = trace.unwrap_or(&empty);
-    if let ExportTarget::S3 {
-        bucket,
-        endpoint_url,
-    } = &spec.target
-    {
-        // Refused here, before any layer is compressed for it.
-        return Err(Error::unimplemented(format!(
-            "export cache: exporting cache to s3 bucket {bucket:?}{}: berthd has no s3 cache backend",
-            endpoint_url
-                .as_deref()
-                .map(|u| format!(" at {u}"))
-                .unwrap_or_default()
-        )));
-    }
+    // The S3 client (its credentials, its endpoint) is checked before any layer is compressed
+    // for it.
+    let s3 = match &spec.target {
+        ExportTarget::S3(cfg) => Some(
+            remotecache::S3Client::new((**cfg).clone())
+                .map_err(|e| Error::invalid(format!("export cache: {e}")))?,
+        ),
+        _ => None,
+    };
     let built = remotecache::build(
         trace,
         spec.mode,
@@ -249,7 +252,23 @@ async fn export_one(
                 Err(e) => Err(e),
             }
         }
-        ExportTarget::S3 { .. } | ExportTarget::Inline => return Ok(None),
+        ExportTarget::S3(_) => {
+            let client = s3.expect("made above for s3");
+            let sent = built
+                .write_s3(&client, &report)
+                .await
+                .map_err(|e| Error::unavailable(format!("export cache: {e}")))?;
+            tracing::info!(
+                cache = %client.config().describe(),
+                records = built.config.records.len(),
+                layers = built.config.layers.len(),
+                sent,
+                "cache exported"
+            );
+            // As buildkitd's s3 exporter: no descriptor in the response.
+            return Ok(None);
+        }
+        ExportTarget::Inline => return Ok(None),
     }
     .map_err(|e| Error::unavailable(format!("export cache: {e}")))?;
     tracing::info!(

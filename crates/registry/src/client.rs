@@ -276,7 +276,7 @@ fn backoff(attempt: u32) -> Duration {
 /// Describes a failed request to `host` (`name:port`) the way Go's `net` package does, because
 /// clients and tests of buildkitd match on those words (`dial tcp: lookup fake-url`, `no such
 /// host`, `connection refused`); anything else is the innermost cause's own text.
-fn network_reason(host: &str, e: &(dyn std::error::Error + 'static)) -> String {
+pub fn network_reason(host: &str, e: &(dyn std::error::Error + 'static)) -> String {
     let mut chain: Vec<&(dyn std::error::Error + 'static)> = vec![e];
     while let Some(next) = chain.last().and_then(|c| c.source()) {
         chain.push(next);

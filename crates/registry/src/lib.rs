@@ -26,8 +26,8 @@ pub use blobs::{
     BlobCache, BlockingBlob, CachedBlob, Compression, LayerSourceRecord, LayerVerifier,
 };
 pub use client::{
-    BlobStream, Descriptor, Fetched, Image, IndexPlatform, Manifest, ProgressFn, PushedBlob,
-    Registry, Session, ATTEMPTS, MAX_MANIFEST_SIZE, MEDIA_TYPE_DOCKER_LIST,
+    network_reason, BlobStream, Descriptor, Fetched, Image, IndexPlatform, Manifest, ProgressFn,
+    PushedBlob, Registry, Session, ATTEMPTS, MAX_MANIFEST_SIZE, MEDIA_TYPE_DOCKER_LIST,
     MEDIA_TYPE_DOCKER_MANIFEST, MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_OCI_MANIFEST, RESUMES,
 };
 pub use error::{BoxError, Error, ErrorKind, Result};

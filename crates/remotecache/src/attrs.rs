@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use registry::Compression;
 
+use crate::s3::S3Config;
 use crate::{Error, Result};
 
 /// `mode`: which results go into the cache.
@@ -33,15 +34,8 @@ pub enum ExportTarget {
     },
     /// `type=inline`: records in the exported image's config.
     Inline,
-    /// `type=s3`: accepted as buildkitd accepts it (its bucket and region checked), but berthd
-    /// has no S3 backend, so the export itself fails (a build with `ignore-error=true` still
-    /// succeeds, as with buildkitd when the bucket cannot be reached).
-    S3 {
-        /// `bucket` (or `$AWS_BUCKET`).
-        bucket: String,
-        /// `endpoint_url`, when given.
-        endpoint_url: Option<String>,
-    },
+    /// `type=s3`: a bucket (see [`crate::s3`]).
+    S3(Box<S3Config>),
 }
 
 /// Layer compression of an export.
@@ -86,6 +80,8 @@ pub enum ImportSpec {
         /// The cache index's digest.
         digest: String,
     },
+    /// `type=s3`: the config of the first `name` in a bucket.
+    S3(Box<S3Config>),
 }
 
 fn parse_bool(key: &str, v: &str) -> Result<bool> {
@@ -125,25 +121,7 @@ pub fn parse_export(kind: &str, attrs: &BTreeMap<String, String>) -> Result<Expo
             }
         }
         "inline" => ExportTarget::Inline,
-        "s3" => {
-            // buildkitd falls back to the daemon's environment for these two.
-            let from = |attr: &str, env: &str| {
-                attrs
-                    .get(attr)
-                    .cloned()
-                    .or_else(|| std::env::var(env).ok())
-                    .filter(|v| !v.is_empty())
-            };
-            let bucket = from("bucket", "AWS_BUCKET")
-                .ok_or_else(|| Error::invalid("bucket ($AWS_BUCKET) not set for s3 cache"))?;
-            if from("region", "AWS_REGION").is_none() {
-                return Err(Error::invalid("region ($AWS_REGION) not set for s3 cache"));
-            }
-            ExportTarget::S3 {
-                bucket,
-                endpoint_url: attrs.get("endpoint_url").cloned(),
-            }
-        }
+        "s3" => ExportTarget::S3(Box::new(S3Config::from_attrs(attrs)?)),
         other => {
             return Err(Error::invalid(format!("unknown cache exporter: {other:?}")));
         }
@@ -221,6 +199,7 @@ pub fn parse_import(kind: &str, attrs: &BTreeMap<String, String>) -> Result<Impo
             }
             Ok(ImportSpec::Local { src, digest })
         }
+        "s3" => Ok(ImportSpec::S3(Box::new(S3Config::from_attrs(attrs)?))),
         other => Err(Error::invalid(format!("unknown cache importer: {other:?}"))),
     }
 }
@@ -285,24 +264,22 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("unknown cache exporter: \"s4\""));
-        // s3 is accepted as buildkitd accepts it; its bucket is required (the test process
-        // has no $AWS_BUCKET).
-        assert_eq!(
-            parse_export(
-                "s3",
-                &a(&[
-                    ("bucket", "b"),
-                    ("region", "us-east-1"),
-                    ("endpoint_url", "http://fake-url:9000")
-                ])
-            )
-            .unwrap()
-            .target,
-            ExportTarget::S3 {
-                bucket: "b".into(),
-                endpoint_url: Some("http://fake-url:9000".into())
-            }
-        );
+        // s3: its bucket is required (the test process has no $AWS_BUCKET).
+        let ExportTarget::S3(c) = parse_export(
+            "s3",
+            &a(&[
+                ("bucket", "b"),
+                ("region", "us-east-1"),
+                ("endpoint_url", "http://fake-url:9000"),
+            ]),
+        )
+        .unwrap()
+        .target
+        else {
+            panic!("not s3")
+        };
+        assert_eq!(c.bucket, "b");
+        assert_eq!(c.endpoint_url.as_deref(), Some("http://fake-url:9000"));
         if std::env::var_os("AWS_BUCKET").is_none() {
             assert_eq!(
                 parse_export("s3", &a(&[("region", "r")]))

@@ -77,6 +77,7 @@ enum Fetch {
         reference: Reference,
     },
     Store(Arc<dyn ContentStore>),
+    S3(Arc<crate::s3::S3Client>),
 }
 
 /// An imported cache: cache key → layer chain, and where its blobs are.
@@ -352,6 +353,22 @@ impl RemoteCache {
         })
     }
 
+    /// The cache in the bucket of `client` (empty when it holds no config under the first
+    /// name, as with buildkitd).
+    pub async fn from_s3(client: crate::s3::S3Client) -> Result<RemoteCache> {
+        let describe = format!("s3 {}", client.config().describe());
+        let keys = crate::s3::load(&client).await.map_err(|e| match e {
+            Error::Invalid(m) => Error::invalid(format!("import cache {describe}: {m}")),
+            other => other,
+        })?;
+        tracing::info!(cache = %describe, results = keys.len(), "cache imported");
+        Ok(RemoteCache {
+            describe,
+            keys,
+            fetch: Fetch::S3(Arc::new(client)),
+        })
+    }
+
     /// Number of cache keys with results.
     pub fn len(&self) -> usize {
         self.keys.len()
@@ -387,6 +404,7 @@ impl CacheSource for RemoteCache {
                 )))
             }
             Fetch::Store(s) => Ok(s.open(&layer.digest).await?),
+            Fetch::S3(c) => Ok(Box::new(crate::s3::open_blob(c, &layer.digest).await?)),
         }
     }
 }

@@ -10,6 +10,8 @@
 //!   time) and the config blob; pushed under a registry reference, or written into a
 //!   [`ContentStore`] (the client's store for `type=local`); or, for `type=inline`, the records
 //!   alone for the image config's `moby.buildkit.cache.v0`.
+//! - [`s3`]: `type=s3`, a bucket holding the config and the layer blobs under their own keys
+//!   (BuildKit's layout, no index).
 //! - [`import`]: such an index (or an image carrying inline cache) read back into a
 //!   [`worker::CacheSource`] whose layers are fetched only when a matching step's result is
 //!   built.
@@ -22,6 +24,7 @@ pub mod attrs;
 pub mod config;
 pub mod export;
 pub mod import;
+pub mod s3;
 pub mod store;
 
 pub use attrs::{
@@ -31,6 +34,7 @@ pub use attrs::{
 pub use config::{CacheConfig, CACHE_CONFIG_MEDIA_TYPE};
 pub use export::{build, Built, ExportProgress, Exported};
 pub use import::RemoteCache;
+pub use s3::{S3Client, S3Config};
 pub use store::{ContentStore, LocalDir};
 
 /// Errors of cache export and import. Messages name the cache (reference or directory) and the
@@ -58,6 +62,9 @@ pub enum Error {
         #[source]
         source: Box<exporter::Error>,
     },
+    /// An S3 call failed (the text reads as the Go SDK's: `operation error S3: …`).
+    #[error("{0}")]
+    S3(String),
     /// Anything else (content store, I/O, tasks).
     #[error("{0}")]
     Other(String),
