@@ -50,6 +50,11 @@ pub struct ResultAttestation {
     pub predicate_type: String,
     /// Its subjects.
     pub subjects: Vec<Subject>,
+    /// berthd's own predicate (provenance, [`crate::provenance`]), used as is: no file read.
+    pub content: Option<Bytes>,
+    /// With `content` of a `mode=max` provenance: each build step's layers
+    /// ([`exporter::attestation::Attestation::provenance_layers`]).
+    pub provenance_layers: Vec<(String, Vec<layerstore::snapshot::LayerRef>)>,
 }
 
 /// Attestations by platform key.
@@ -102,6 +107,8 @@ pub async fn from_wire(
                 path: a.path,
                 predicate_type: a.in_toto_predicate_type,
                 subjects,
+                content: None,
+                provenance_layers: vec![],
             });
         }
     }
@@ -114,6 +121,9 @@ pub fn inline_only(a: &ResultAttestation) -> bool {
 }
 
 fn validate(a: &ResultAttestation) -> Result<()> {
+    if a.content.is_some() {
+        return Ok(());
+    }
     if a.kind != Kind::Bundle && a.path.is_empty() {
         return Err(Error::invalid("attestation does not have set path"));
     }
@@ -134,6 +144,17 @@ pub async fn resolve(backend: &Backend, atts: &[ResultAttestation]) -> Result<Ve
     let mut core = Vec::new();
     let mut rest = Vec::new();
     for a in atts {
+        if let Some(predicate) = &a.content {
+            rest.push(Attestation {
+                path: a.path.clone(),
+                predicate_type: a.predicate_type.clone(),
+                subjects: a.subjects.clone(),
+                predicate: predicate.to_vec(),
+                sbom_core: false,
+                provenance_layers: a.provenance_layers.clone(),
+            });
+            continue;
+        }
         let fs = a.fs.as_ref().expect("validated");
         let view = backend.view(fs).await?;
         match a.kind {
@@ -152,6 +173,7 @@ pub async fn resolve(backend: &Backend, atts: &[ResultAttestation]) -> Result<Ve
                     subjects: a.subjects.clone(),
                     predicate,
                     sbom_core: false,
+                    provenance_layers: vec![],
                 };
                 att.sbom_core = is_core(a, &att.path);
                 if att.sbom_core {
@@ -238,6 +260,7 @@ async fn unbundle(root: &std::path::Path, a: &ResultAttestation) -> Result<Vec<A
             subjects,
             predicate,
             sbom_core: false,
+            provenance_layers: vec![],
         });
     }
     Ok(out)
@@ -258,6 +281,8 @@ mod tests {
             path: "/sbom.spdx.json".into(),
             predicate_type: String::new(),
             subjects: vec![],
+            content: None,
+            provenance_layers: vec![],
         }
     }
 

@@ -42,7 +42,7 @@ struct BuildInfo<'a> {
 }
 
 /// `user:password@` of a URL replaced by `xxxxx:xxxxx@` (Go `urlutil.RedactCredentials`).
-fn redact_credentials(s: &str) -> String {
+pub(crate) fn redact_credentials(s: &str) -> String {
     let Some((scheme, rest)) = s.split_once("://") else {
         return s.to_string();
     };
@@ -62,7 +62,7 @@ fn redact_credentials(s: &str) -> String {
 }
 
 /// The frontend options kept in build information (provenance `FilterArgs`).
-fn filter_args(opts: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+pub(crate) fn filter_args(opts: &BTreeMap<String, String>) -> BTreeMap<String, String> {
     const HOST_SPECIFIC: &[&str] = &[
         "cgroup-parent",
         "image-resolve-mode",
@@ -155,6 +155,7 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            pin: String::new(),
         }
     }
 

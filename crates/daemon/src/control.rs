@@ -346,13 +346,30 @@ impl Control {
                     entitlements: job.entitlements.clone(),
                     cache_imports: job.cache_imports.lock().unwrap().clone(),
                 };
-                let fs = self.backend.solve(req.definition.take(), &ctx).await?;
+                let def = req.definition.take();
+                let fs = self.backend.solve(def.clone(), &ctx).await?;
+                // A direct solve's provenance: its definition, no frontend.
+                let recorder = Arc::new(crate::provenance::Recorder::default());
+                let mut defs = BTreeMap::new();
+                if let Some(d) = def.filter(|d| !d.def.is_empty()) {
+                    recorder.solved(&d, &fs);
+                    defs.insert(String::new(), d);
+                }
                 BuildResult {
                     fs: Some(fs),
                     refs: Default::default(),
-                    defs: Default::default(),
+                    defs,
                     metadata: Default::default(),
                     attestations: Default::default(),
+                    provenance: BTreeMap::from([(
+                        String::new(),
+                        Arc::new(crate::provenance::Captured {
+                            frontend: String::new(),
+                            opts: BTreeMap::new(),
+                            has_inputs: false,
+                            recorder,
+                        }),
+                    )]),
                 }
             }
         } else {
@@ -391,6 +408,12 @@ impl Control {
                 &mut result,
             )
             .await?;
+        }
+        if let Some(attrs) = crate::provenance::requested(&req.frontend_attrs)? {
+            let platforms = result_platforms(&result)?;
+            let started = chrono::Utc::now()
+                - chrono::Duration::from_std(job.started.elapsed()).unwrap_or_default();
+            crate::provenance::attach(&attrs, &mut result, &platforms, started, &job.id)?;
         }
         // An image of a single result with attestations for its platform is an index of that
         // one platform, as in buildkitd.

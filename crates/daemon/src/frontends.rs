@@ -303,9 +303,18 @@ async fn dockerfile_v0(
     opts: BTreeMap<String, String>,
     inputs: BTreeMap<String, pb::Definition>,
 ) -> Result<BuildResult> {
+    let recorder = Arc::new(crate::provenance::Recorder::default());
+    let captured = crate::provenance::Captured {
+        frontend: "dockerfile.v0".into(),
+        opts: opts.clone(),
+        has_inputs: !inputs.is_empty(),
+        recorder: recorder.clone(),
+    };
     let bridge = InProcess {
         fe,
         job,
+        recorder,
+        forwarded: Default::default(),
         opts: dockerfile::BuildOpts {
             opts,
             session_id: job.session_id.clone(),
@@ -328,6 +337,19 @@ async fn dockerfile_v0(
         }
         to_error(e)
     })?;
+    // A result another frontend made (`# syntax=`) has that frontend's provenance.
+    let provenance = match bridge.forwarded.lock().unwrap().take() {
+        Some(p) => p,
+        None => {
+            let captured = Arc::new(captured);
+            let keys: Vec<String> = if res.refs.is_empty() {
+                vec![String::new()]
+            } else {
+                res.refs.keys().cloned().collect()
+            };
+            keys.into_iter().map(|k| (k, captured.clone())).collect()
+        }
+    };
     Ok(BuildResult {
         fs: res.r#ref,
         refs: res.refs,
@@ -338,6 +360,7 @@ async fn dockerfile_v0(
             .map(|(k, v)| (k, Bytes::from(v)))
             .collect(),
         attestations: Default::default(),
+        provenance,
     })
 }
 
@@ -382,6 +405,10 @@ struct InProcess<'a> {
     fe: &'a Frontends,
     job: &'a Arc<Job>,
     opts: dockerfile::BuildOpts,
+    /// What the frontend asked for (provenance).
+    recorder: Arc<crate::provenance::Recorder>,
+    /// The provenance of the last result another frontend made for this one.
+    forwarded: std::sync::Mutex<Option<BTreeMap<String, Arc<crate::provenance::Captured>>>>,
 }
 
 fn boxed(e: Error) -> BridgeError {
@@ -424,6 +451,7 @@ impl Bridge for InProcess<'_> {
             )
             .await
             .map_err(boxed)?;
+            *self.forwarded.lock().unwrap() = Some(r.provenance.clone());
             return Ok(dockerfile::BuildResult {
                 r#ref: r.fs,
                 refs: r.refs,
@@ -450,10 +478,12 @@ impl Bridge for InProcess<'_> {
                 *held = imports;
             }
         }
+        let def = req.definition.clone();
         let fs = match self.fe.backend.solve(req.definition, &self.ctx()).await {
             Err(_) if self.job.cancel.is_cancelled() => return Err(boxed(self.job.cancel_error())),
             r => r.map_err(boxed)?,
         };
+        crate::provenance::record_solved(&Some(self.recorder.clone()), &def, &fs);
         Ok(dockerfile::BuildResult {
             r#ref: Some(fs),
             refs: BTreeMap::new(),
@@ -517,6 +547,15 @@ impl Bridge for InProcess<'_> {
             std::time::SystemTime::now(),
         );
         let (digest, config) = res.map_err(boxed)?;
+        self.recorder.image(
+            reference,
+            Some(crate::provenance::Platform {
+                os: platform.os.clone(),
+                architecture: platform.architecture.clone(),
+                variant: platform.variant.clone(),
+            }),
+            &digest,
+        );
         // An image the bound Docker Engine has is not pinned as `name@digest`: Docker indexes
         // repository digests only for what it pulled itself (an image built, loaded or
         // imported there has none, or one of another repository), so the worker would not

@@ -107,6 +107,11 @@ impl Gateway {
                     .into_iter()
                     .map(|(k, fs)| (k, job.add_ref(fs)))
                     .collect();
+                for (k, id) in &ids {
+                    if let (Some(c), Some(d)) = (res.provenance.get(k), res.defs.get(k)) {
+                        job.set_ref_provenance(id, c.clone(), d.clone());
+                    }
+                }
                 #[allow(deprecated)]
                 return Ok(gw::SolveResponse {
                     r#ref: String::new(),
@@ -130,6 +135,9 @@ impl Gateway {
                 });
             }
             let id = job.add_ref(res.fs.unwrap_or(crate::solver::FsRef::Scratch));
+            if let (Some(c), Some(d)) = (res.provenance.get(""), res.defs.get("")) {
+                job.set_ref_provenance(&id, c.clone(), d.clone());
+            }
             let def = res.defs.get("").cloned().map(output_definition);
             #[allow(deprecated)]
             return Ok(gw::SolveResponse {
@@ -275,22 +283,37 @@ async fn return_result(
             defs: Default::default(),
             metadata: Default::default(),
             attestations: Default::default(),
+            provenance: Default::default(),
         });
     };
     let attestations = crate::attestations::from_wire(backend, job, res.attestations).await?;
     let mut refs = BTreeMap::new();
     let mut defs = BTreeMap::new();
+    let mut provenance = BTreeMap::new();
+    // The provenance of a ref a frontend berthd ran made (with its definition, if the client
+    // did not send it back).
+    let mut captured = |key: &str, id: &str, defs: &mut BTreeMap<String, pb::Definition>| {
+        if let Some((c, d)) = job.ref_provenance(id) {
+            provenance.insert(key.to_string(), c);
+            defs.entry(key.to_string()).or_insert(d);
+        }
+    };
     let fs = match res.result {
         None => None,
-        Some(gw::result::Result::RefDeprecated(id)) => Some(job.get_ref(backend, &id).await?),
+        Some(gw::result::Result::RefDeprecated(id)) => {
+            captured("", &id, &mut defs);
+            Some(job.get_ref(backend, &id).await?)
+        }
         Some(gw::result::Result::Ref(r)) => {
             if let Some(d) = r.def {
                 defs.insert(String::new(), d);
             }
+            captured("", &r.id, &mut defs);
             Some(job.get_ref(backend, &r.id).await?)
         }
         Some(gw::result::Result::RefsDeprecated(m)) => {
             for (k, id) in m.refs {
+                captured(&k, &id, &mut defs);
                 refs.insert(k, job.get_ref(backend, &id).await?);
             }
             None
@@ -300,6 +323,7 @@ async fn return_result(
                 if let Some(d) = r.def {
                     defs.insert(k.clone(), d);
                 }
+                captured(&k, &r.id, &mut defs);
                 refs.insert(k, job.get_ref(backend, &r.id).await?);
             }
             None
@@ -311,6 +335,7 @@ async fn return_result(
         defs,
         metadata: res.metadata,
         attestations,
+        provenance,
     })
 }
 

@@ -33,6 +33,10 @@ pub struct BuildResult {
     /// Definitions of the returned refs as the client sent them (`""` for a single ref, else
     /// the platform key), for scanning the result ([`crate::sbom`]).
     pub defs: BTreeMap<String, protos::pb::Definition>,
+    /// What the frontend berthd ran asked for, for provenance ([`crate::provenance`]), by the
+    /// key of the ref it made (`""` for a single ref); none for a frontend image's result and
+    /// for a gateway client's own definitions.
+    pub provenance: BTreeMap<String, Arc<crate::provenance::Captured>>,
 }
 
 /// A gateway ref: a solved result, or a definition that is solved the first time the ref is
@@ -71,6 +75,10 @@ pub struct Job {
     pub frontend_attrs: BTreeMap<String, String>,
     /// Gateway results by ref id.
     refs: Mutex<HashMap<String, GatewayRef>>,
+    /// For gateway refs a frontend berthd ran made: its provenance capture and the ref's
+    /// definition, by ref id.
+    ref_provenance:
+        Mutex<HashMap<String, (Arc<crate::provenance::Captured>, protos::pb::Definition)>>,
     /// Where `Return` delivers.
     returned: Mutex<Option<oneshot::Sender<Result<BuildResult>>>>,
     /// Set when the job ended.
@@ -123,6 +131,7 @@ impl Job {
                 entitlements,
                 frontend_attrs,
                 refs: Mutex::new(HashMap::new()),
+                ref_provenance: Mutex::new(HashMap::new()),
                 returned: Mutex::new(Some(tx)),
                 ended: CancellationToken::new(),
                 started: std::time::Instant::now(),
@@ -166,6 +175,29 @@ impl Job {
             .unwrap()
             .insert(id.clone(), GatewayRef::Ready(r));
         id
+    }
+
+    /// Records what made gateway ref `id` (a frontend berthd ran), for provenance.
+    pub fn set_ref_provenance(
+        &self,
+        id: &str,
+        captured: Arc<crate::provenance::Captured>,
+        def: protos::pb::Definition,
+    ) {
+        if !id.is_empty() {
+            self.ref_provenance
+                .lock()
+                .unwrap()
+                .insert(id.to_string(), (captured, def));
+        }
+    }
+
+    /// What [`Job::set_ref_provenance`] recorded for ref `id`.
+    pub fn ref_provenance(
+        &self,
+        id: &str,
+    ) -> Option<(Arc<crate::provenance::Captured>, protos::pb::Definition)> {
+        self.ref_provenance.lock().unwrap().get(id).cloned()
     }
 
     /// Stores a definition that is solved (with `ctx`) when the ref is first used, and returns

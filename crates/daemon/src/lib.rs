@@ -48,6 +48,7 @@ pub mod jobs;
 pub mod listener;
 pub mod observe;
 pub mod progress;
+pub mod provenance;
 pub mod sbom;
 pub mod session;
 pub mod solver;

@@ -155,6 +155,8 @@ pub async fn scan(
                 path: String::new(),
                 predicate_type: PREDICATE_SPDX.to_string(),
                 subjects: vec![],
+                content: None,
+                provenance_layers: vec![],
             });
     }
     Ok(())

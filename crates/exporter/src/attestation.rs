@@ -72,6 +72,49 @@ pub struct Attestation {
     /// The result's core SBOM (`sbom-core` metadata naming its file): an SPDX one gets, for
     /// each file it lists, the layer of the image that holds the file ([`supplement_spdx`]).
     pub sbom_core: bool,
+    /// A `mode=max` SLSA provenance's build steps (`step<i>:<output>`) with the layers of each
+    /// step's result: a push lists, for the steps whose layers all have a blob, their
+    /// descriptors ([`supplement_provenance`]).
+    pub provenance_layers: Vec<(String, Vec<layerstore::snapshot::LayerRef>)>,
+}
+
+/// Key of BuildKit's metadata in a provenance predicate's `metadata`.
+const BUILDKIT_METADATA: &str = "https://mobyproject.org/buildkit@v1#metadata";
+
+/// A provenance predicate with `layers` (in its BuildKit metadata) set to the descriptors of
+/// each step of `steps` whose layers `find` all knows (BuildKit's provenance `addLayers`:
+/// `step<i>:<output>` → the list of layer chains of that step's result). `None` when no step
+/// qualifies or the predicate is not a JSON object.
+pub fn supplement_provenance(
+    predicate: &[u8],
+    steps: &[(String, Vec<layerstore::snapshot::LayerRef>)],
+    find: &dyn Fn(&layerstore::snapshot::LayerRef) -> Option<serde_json::Value>,
+) -> Option<Vec<u8>> {
+    let mut layers = serde_json::Map::new();
+    for (step, chain) in steps {
+        if chain.is_empty() {
+            continue;
+        }
+        let descs: Option<Vec<serde_json::Value>> = chain.iter().map(find).collect();
+        if let Some(d) = descs {
+            layers.insert(step.clone(), serde_json::json!([d]));
+        }
+    }
+    if layers.is_empty() {
+        return None;
+    }
+    let Ok(serde_json::Value::Object(mut pred)) = serde_json::from_slice(predicate) else {
+        return None;
+    };
+    let meta = pred
+        .entry("metadata")
+        .or_insert_with(|| serde_json::json!({}))
+        .as_object_mut()?
+        .entry(BUILDKIT_METADATA)
+        .or_insert_with(|| serde_json::json!({}))
+        .as_object_mut()?;
+    meta.insert("layers".into(), serde_json::Value::Object(layers));
+    Some(serde_json::to_vec_pretty(&pred).expect("JSON value serialises"))
 }
 
 /// `predicateType` of SPDX SBOMs.
@@ -596,6 +639,7 @@ mod tests {
             subjects,
             predicate: predicate.to_vec(),
             sbom_core: false,
+            provenance_layers: vec![],
         };
         let head = "{\"_type\":\"https://in-toto.io/Statement/v0.1\",\"predicateType\":\"https://example.com/t\",";
         let cases: Vec<(Attestation, String)> = vec![
@@ -686,5 +730,45 @@ mod tests {
         assert_eq!(c["architecture"], "unknown");
         assert_eq!(c["rootfs"]["diff_ids"][0], sha256(b"{}"));
         assert_eq!(m.digest, sha256(&m.manifest));
+    }
+
+    #[test]
+    fn provenance_gets_the_layers_of_steps_with_blobs() {
+        use layerstore::snapshot::{DockerLayer, LayerRef, WhiteoutFormat};
+        let layer = |n: &str| {
+            LayerRef::Docker(DockerLayer {
+                chain_id: format!("sha256:c{n}"),
+                diff_id: format!("sha256:d{n}"),
+                diff_dir: format!("/d/{n}").into(),
+                whiteouts: WhiteoutFormat::Overlay,
+                blob: None,
+            })
+        };
+        let find = |r: &LayerRef| match r {
+            LayerRef::Docker(d) if d.diff_id != "sha256:d3" => {
+                Some(serde_json::json!({"digest": d.diff_id.replace("sha256:d", "sha256:b")}))
+            }
+            _ => None,
+        };
+        let steps = vec![
+            ("step0:0".to_string(), vec![layer("1")]),
+            ("step1:0".to_string(), vec![layer("1"), layer("2")]),
+            // a layer without a blob: the step is left out
+            ("step2:0".to_string(), vec![layer("1"), layer("3")]),
+            ("step3:0".to_string(), vec![]),
+        ];
+        let pred =
+            br#"{"metadata":{"https://mobyproject.org/buildkit@v1#metadata":{"vcs":{"a":"b"}}}}"#;
+        let out = supplement_provenance(pred, &steps, &find).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            v["metadata"][BUILDKIT_METADATA],
+            serde_json::json!({"vcs": {"a": "b"}, "layers": {
+                "step0:0": [[{"digest": "sha256:b1"}]],
+                "step1:0": [[{"digest": "sha256:b1"}, {"digest": "sha256:b2"}]],
+            }})
+        );
+        assert!(supplement_provenance(pred, &steps[2..], &find).is_none());
+        assert!(supplement_provenance(b"not json", &steps, &find).is_none());
     }
 }

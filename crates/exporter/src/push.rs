@@ -642,9 +642,24 @@ pub async fn push_index(
     // Attestation manifests, each with the digest of the manifest it is about.
     let mut attestations: Vec<(BuiltManifest, BTreeMap<String, String>)> = Vec::new();
     let mut compressed = 0;
+    // The descriptor of every layer pushed so far (provenance layers).
+    let mut known: Vec<(LayerRef, serde_json::Value)> = Vec::new();
     for img in images {
         let (layers, exported, n) = prepare_layers(store, &img.chain, cache, opts, oci).await?;
         compressed += n;
+        for (r, l) in img.chain.iter().zip(&layers) {
+            if !known.iter().any(|(k, _)| k == r) {
+                let mut d = serde_json::json!({
+                    "mediaType": l.media_type,
+                    "digest": l.blob.digest,
+                    "size": l.blob.size,
+                });
+                if !l.urls.is_empty() {
+                    d["urls"] = serde_json::json!(l.urls);
+                }
+                known.push((r.clone(), d));
+            }
+        }
         let infos: Vec<LayerInfo> = exported
             .iter()
             .zip(&img.chain)
@@ -671,6 +686,17 @@ pub async fn push_index(
         if !img.attestations.is_empty() {
             let mut img = img.clone();
             supplement_sboms(&mut img.attestations, &exported, &layers).await?;
+            for a in img.attestations.iter_mut() {
+                let find =
+                    |r: &LayerRef| known.iter().find(|(k, _)| k == r).map(|(_, d)| d.clone());
+                if let Some(p) = crate::attestation::supplement_provenance(
+                    &a.predicate,
+                    &a.provenance_layers,
+                    &find,
+                ) {
+                    a.predicate = p;
+                }
+            }
             attestations.push(attestation_manifest(&img, names, &m.digest, cache, oci)?);
         }
         manifests.push(m);

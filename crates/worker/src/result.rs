@@ -72,6 +72,10 @@ pub struct ResultSource {
     pub identifier: String,
     /// Its attributes (`git.fullurl`, `http.checksum`, …).
     pub attrs: std::collections::BTreeMap<String, String>,
+    /// What the build resolved it to (empty when the build did not resolve it): a git commit,
+    /// an HTTP content digest, an image's digest (the one the reference pins, else the image ID
+    /// the worker used).
+    pub pin: String,
 }
 
 impl std::fmt::Debug for SolvedRef {

@@ -131,8 +131,13 @@ pub(crate) async fn solve_traced(
     });
     let bases = env.bases.clone();
     let mut graph: Vec<Vertex<Snap>> = Vec::with_capacity(loaded.ops.len());
-    for op in &loaded.ops {
+    // The source ops, kept to read what they resolved to once the build ran.
+    let mut source_ops: Vec<(usize, Arc<dyn crate::solver::Op<Snap>>)> = Vec::new();
+    for (i, op) in loaded.ops.iter().enumerate() {
         let imp = ops::make_op(op, &env)?;
+        if matches!(op.payload(), pb::op::Op::Source(_)) {
+            source_ops.push((i, imp.clone()));
+        }
         graph.push(Vertex {
             digest: op.digest.clone(),
             name: op.name.clone(),
@@ -204,13 +209,13 @@ pub(crate) async fn solve_traced(
         }
     };
     tracing::info!(build_id = %ctx.build_id, cached = stats.cached, imported = stats.imported, executed = stats.executed, "solved");
-    let mut sources: Vec<crate::result::ResultSource> = loaded
-        .ops
+    let mut sources: Vec<crate::result::ResultSource> = source_ops
         .iter()
-        .filter_map(|op| match op.payload() {
+        .filter_map(|(i, imp)| match loaded.ops[*i].payload() {
             pb::op::Op::Source(s) => Some(crate::result::ResultSource {
                 identifier: s.identifier.clone(),
                 attrs: s.attrs.clone().into_iter().collect(),
+                pin: imp.pin().unwrap_or_default(),
             }),
             _ => None,
         })

@@ -486,6 +486,10 @@ mod base64_lite {
 
 #[async_trait]
 impl Op<Snap> for GitSource {
+    fn pin(&self) -> Option<String> {
+        self.resolved.get().map(|(commit, _)| commit.clone())
+    }
+
     async fn cache_key(&self, ctx: &OpContext, _inputs: &[Solved<Snap>]) -> Result<String> {
         let (commit, _) = self.resolve(ctx).await?;
         let mut h = crate::digest::KeyHasher::new("git");

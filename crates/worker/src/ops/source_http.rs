@@ -456,6 +456,12 @@ impl Drop for TempFile {
 
 #[async_trait]
 impl Op<Snap> for HttpSource {
+    fn pin(&self) -> Option<String> {
+        self.checksum
+            .clone()
+            .or_else(|| self.fetched.get().map(|(digest, _, _)| digest.clone()))
+    }
+
     async fn cache_key(&self, ctx: &OpContext, _inputs: &[Solved<Snap>]) -> Result<String> {
         if let Some(c) = &self.checksum {
             return Ok(self.key_for(c, None));

@@ -962,6 +962,14 @@ impl ImageSource {
 
 #[async_trait]
 impl Op<Snap> for ImageSource {
+    fn pin(&self) -> Option<String> {
+        // The digest the reference pins, else the image the worker resolved it to.
+        match self.reference.rsplit_once('@') {
+            Some((_, digest)) => Some(digest.to_string()),
+            None => self.resolved.get().map(|r| r.id.clone()),
+        }
+    }
+
     async fn cache_key(&self, ctx: &OpContext, _inputs: &[Solved<Snap>]) -> Result<String> {
         let r = self.resolve(ctx).await?;
         // The image ID and the layers used (a layer limit may cut the chain): the same on every

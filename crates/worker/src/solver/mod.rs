@@ -79,6 +79,12 @@ pub(crate) trait Op<R>: Send + Sync {
     }
     /// Executes the vertex; returns one result per output.
     async fn exec(&self, ctx: &OpContext, inputs: &[Solved<R>]) -> Result<Vec<R>>;
+    /// What a source resolved to in this build, once its cache key is known (BuildKit's
+    /// `SourceOp.Pin`: a git commit, an HTTP content digest, an image digest); `None` for other
+    /// ops and before resolution.
+    fn pin(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A cache imported for one build (`--import-cache`), asked when the local store misses. A hit
