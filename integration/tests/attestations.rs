@@ -815,6 +815,25 @@ async fn local_output_of_a_single_result_carries_its_statement() {
     )
     .await
     .unwrap();
+    // into Docker's image store: refused, naming the reason
+    let e = build_single_to(
+        &c,
+        "image",
+        Output::None,
+        &[("name", "berth-test/attsingle:v1")],
+        &[],
+        definition_of(files_op(&[("/att.json", SUCCESS)])),
+        &[("refs.platforms", platforms.to_string())],
+        Some("/att.json"),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        e.message().contains(
+            "a result with attestations is an index, which Docker's image store cannot hold"
+        ),
+        "{e:?}"
+    );
     let mut names: Vec<String> = std::fs::read_dir(&out)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

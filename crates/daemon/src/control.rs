@@ -421,6 +421,11 @@ impl Control {
         {
             if let (Some(fs), [(id, p)]) = (result.fs.clone(), &result_platforms(&result)?[..]) {
                 if result.attestations.contains_key(id) {
+                    if !crate::export_image::truthy(&exp_attrs, "push")? {
+                        return Err(Error::unimplemented(
+                            "exporter image: a result with attestations is an index, which Docker's image store cannot hold; push it to a registry (push=true with name=…)",
+                        ));
+                    }
                     let ps = serde_json::json!({"Platforms": [{"ID": id, "Platform": {
                         "os": p.os, "architecture": p.architecture, "variant": p.variant}}]});
                     result

@@ -279,7 +279,7 @@ pub(crate) fn names(
     out
 }
 
-fn truthy(attrs: &BTreeMap<String, String>, key: &str) -> Result<bool> {
+pub(crate) fn truthy(attrs: &BTreeMap<String, String>, key: &str) -> Result<bool> {
     match attrs.get(key).map(String::as_str) {
         None | Some("") | Some("false") => Ok(false),
         Some("true") => Ok(true),
