@@ -759,10 +759,11 @@ fn dispatch_all(
         }
         let d = &mut states[i];
         if !build_envs(&d.image.config.env).contains_key("PATH") {
+            let os = d.platform.as_ref().map(|p| p.os.as_str()).unwrap_or("");
             d.image
                 .config
                 .env
-                .push(format!("PATH={}", super::image::DEFAULT_PATH));
+                .push(format!("PATH={}", super::image::default_path(os)));
         }
         for e in d.image.config.env.clone() {
             let (k, v) = e.split_once('=').unwrap_or((e.as_str(), ""));
@@ -1051,8 +1052,12 @@ fn add_env(env: &mut Vec<String>, k: &str, v: &str) {
     env.push(format!("{k}={v}"));
 }
 
+/// Go's `withShell`: the image's `SHELL`, else the default one of its OS (`cmd /S /C` on
+/// Windows).
 fn with_shell(img: &Image, args: &[String]) -> Vec<String> {
-    let mut shell = if img.config.shell.is_empty() {
+    let mut shell = if img.config.shell.is_empty() && img.os == "windows" {
+        ["cmd", "/S", "/C"].map(String::from).to_vec()
+    } else if img.config.shell.is_empty() {
         vec!["/bin/sh".to_string(), "-c".to_string()]
     } else {
         img.config.shell.clone()

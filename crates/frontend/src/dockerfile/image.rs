@@ -265,6 +265,18 @@ pub struct Image {
 /// Go's `system.DefaultPathEnv` for Linux.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
+/// Go's `system.DefaultPathEnv` for Windows.
+pub const DEFAULT_PATH_WINDOWS: &str = "c:\\Windows\\System32;c:\\Windows";
+
+/// Go's `system.DefaultPathEnv(os)`: the `PATH` an image of `os` starts with.
+pub fn default_path(os: &str) -> &'static str {
+    if os == "windows" {
+        DEFAULT_PATH_WINDOWS
+    } else {
+        DEFAULT_PATH
+    }
+}
+
 impl Image {
     /// `emptyImage`: the config of `FROM scratch`.
     pub fn empty(os: &str, architecture: &str, variant: &str) -> Image {
@@ -278,7 +290,7 @@ impl Image {
             },
             config: ImageConfig {
                 working_dir: "/".into(),
-                env: vec![format!("PATH={DEFAULT_PATH}")],
+                env: vec![format!("PATH={}", default_path(os))],
                 ..Default::default()
             },
             ..Default::default()

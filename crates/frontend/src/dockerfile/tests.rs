@@ -492,3 +492,37 @@ fn epoch_clamps_times_of_named_stage_images() {
         ]
     );
 }
+
+#[test]
+fn windows_targets_get_cmd_as_shell_and_windows_path() {
+    // TestDefaultShellAndPath: the default shell and PATH follow the target's OS.
+    let df = "FROM scratch\nENTRYPOINT foo bar\n";
+    let opt = ConvertOpt {
+        target_platform: Some(Platform {
+            os: "windows".into(),
+            architecture: "amd64".into(),
+            variant: String::new(),
+        }),
+        ..Default::default()
+    };
+    let (c, _) = convert(df, opt).unwrap();
+    let cfg = config_json(&c);
+    assert_eq!(
+        cfg["config"]["Entrypoint"],
+        serde_json::json!(["cmd", "/S", "/C", "foo bar"])
+    );
+    assert_eq!(
+        cfg["config"]["Env"],
+        serde_json::json!(["PATH=c:\\Windows\\System32;c:\\Windows"])
+    );
+    let (c, _) = convert(df, ConvertOpt::default()).unwrap();
+    let cfg = config_json(&c);
+    assert_eq!(
+        cfg["config"]["Entrypoint"],
+        serde_json::json!(["/bin/sh", "-c", "foo bar"])
+    );
+    assert_eq!(
+        cfg["config"]["Env"],
+        serde_json::json!([format!("PATH={}", super::image::DEFAULT_PATH)])
+    );
+}
