@@ -496,7 +496,68 @@ impl Control {
         }
         let single_with_attestations =
             result.refs.is_empty() && result.attestations.values().any(|a| !a.is_empty());
-        if let (
+        let oci = kind == ExporterKind::Client(export_client::ClientExporter::Oci);
+        // `oci`: a single result with attestations (other than inline-only ones) is an index of
+        // its one platform, as in buildkitd; a multi-platform result is an index (`docker`
+        // refuses it, naming why).
+        let image_index = (!result.refs.is_empty()
+            && matches!(
+                kind,
+                ExporterKind::Client(
+                    export_client::ClientExporter::Oci | export_client::ClientExporter::Docker
+                )
+            ))
+            || (oci
+                && result.refs.is_empty()
+                && result
+                    .attestations
+                    .values()
+                    .flatten()
+                    .any(|a| !crate::attestations::inline_only(a)));
+        if let (true, ExporterKind::Client(exp)) = (image_index, kind) {
+            let mut metadata = export_md.clone();
+            let refs = if result.refs.is_empty() {
+                let platforms = result_platforms(&result)?;
+                let fs = result.fs.clone().unwrap_or(crate::solver::FsRef::Scratch);
+                if let [(id, p)] = &platforms[..] {
+                    let ps = serde_json::json!({"Platforms": [{"ID": id, "Platform": {
+                        "os": p.os, "architecture": p.architecture, "variant": p.variant}}]});
+                    metadata
+                        .entry("refs.platforms".into())
+                        .or_insert_with(|| Bytes::from(ps.to_string()));
+                }
+                platforms
+                    .into_iter()
+                    .map(|(id, _)| (id, fs.clone()))
+                    .collect()
+            } else {
+                result.refs.clone()
+            };
+            let mut attestations = BTreeMap::new();
+            for (k, atts) in &result.attestations {
+                attestations.insert(
+                    k.clone(),
+                    crate::attestations::resolve(&self.backend, atts).await?,
+                );
+            }
+            let (images, _) =
+                crate::export_image::platform_images(&metadata, &refs, &attestations)?;
+            let session = self.sessions.get(&req.session).await?;
+            let r = tokio::select! {
+                r = export_client::export(
+                    &self.backend,
+                    &session,
+                    &job.progress,
+                    exp,
+                    &exp_attrs,
+                    &metadata,
+                    &crate::solver::FsRef::Scratch,
+                    Some(&images),
+                ).instrument(export_span.clone()) => r?,
+                _ = job.cancel.cancelled() => return Err(job.cancel_error()),
+            };
+            response.extend(r);
+        } else if let (
             true,
             ExporterKind::Client(
                 exp @ (export_client::ClientExporter::Local | export_client::ClientExporter::Tar),
@@ -526,10 +587,10 @@ impl Control {
                 _ = job.cancel.cancelled() => return Err(job.cancel_error()),
             };
             response.extend(r);
-        } else if single_with_attestations && kind != ExporterKind::None {
+        } else if single_with_attestations && kind != ExporterKind::None && !oci {
             // Dropping them would export without the attestations the frontend asked for.
             return Err(Error::unimplemented(
-                "attestations of a single-platform result (no ref map) are only exported by the image (push=true), local and tar exporters in berthd yet",
+                "attestations of a single-platform result (no ref map) are only exported by the image (push=true), local, tar and oci exporters in berthd yet",
             ));
         } else if !result.refs.is_empty() && kind == ExporterKind::None {
             // A multi-platform result built for nothing (no exporter): solved, nothing to write.
@@ -540,7 +601,7 @@ impl Control {
             ) = kind
             else {
                 return Err(Error::unimplemented(format!(
-                    "exporter {exp_type}: multi-platform results ({} platforms) are only exported by the image (push=true), local and tar exporters in berthd yet",
+                    "exporter {exp_type}: multi-platform results ({} platforms) are only exported by the image (push=true), local, tar and oci exporters in berthd yet",
                     result.refs.len()
                 )));
             };
@@ -589,7 +650,7 @@ impl Control {
             let fs = result.fs.clone().unwrap_or(crate::solver::FsRef::Scratch);
             let session = self.sessions.get(&req.session).await?;
             let r = tokio::select! {
-                r = export_client::export(&self.backend, &session, &job.progress, exp, &exp_attrs, &export_md, &fs).instrument(export_span.clone()) => match r {
+                r = export_client::export(&self.backend, &session, &job.progress, exp, &exp_attrs, &export_md, &fs, None).instrument(export_span.clone()) => match r {
                     Ok(r) => r,
                     Err(e) => return Err(crate::solver::base_image_lost(&fs).await.unwrap_or(e)),
                 },

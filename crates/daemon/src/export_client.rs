@@ -105,7 +105,10 @@ fn source_date_epoch(attrs: &BTreeMap<String, String>) -> Result<Option<i64>> {
     }
 }
 
-/// Exports `fs` through `session` and returns the exporter response (empty for these types).
+/// Exports `fs` through `session` and returns the exporter response (empty for `local` and
+/// `tar`). With `index` (`type=oci` only), the result is a multi-platform one (or a single one
+/// with attestations): an image index over those images, `fs` unused.
+#[allow(clippy::too_many_arguments)]
 pub async fn export(
     backend: &Arc<Backend>,
     session: &Arc<Session>,
@@ -114,7 +117,22 @@ pub async fn export(
     attrs: &BTreeMap<String, String>,
     metadata: &BTreeMap<String, Bytes>,
     fs: &FsRef,
+    index: Option<&[exporter::PlatformImage]>,
 ) -> Result<BTreeMap<String, String>> {
+    match (kind, index) {
+        (_, None) | (ClientExporter::Oci, Some(_)) => {}
+        (ClientExporter::Docker, Some(_)) => {
+            // buildkitd's wording.
+            return Err(Error::invalid(
+                "docker exporter does not currently support exporting manifest lists",
+            ));
+        }
+        (_, Some(_)) => {
+            return Err(Error::internal(
+                "an image index is only exported by the oci exporter",
+            ))
+        }
+    }
     let epoch = source_date_epoch(attrs)?;
     let vertex = synthetic_digest(&format!("{}-export", session.id));
     let (name, status) = match kind {
@@ -164,6 +182,7 @@ pub async fn export(
             metadata,
             epoch,
             fs,
+            index,
             report: report.clone(),
         };
         if kind == ClientExporter::Docker && !docker_tar {
@@ -431,6 +450,8 @@ struct ImageCtx<'a> {
     metadata: &'a BTreeMap<String, Bytes>,
     epoch: Option<i64>,
     fs: &'a FsRef,
+    /// The images of a multi-platform `oci` export (`fs` unused).
+    index: Option<&'a [exporter::PlatformImage]>,
     report: Arc<dyn Fn(u64, bool) + Send + Sync>,
 }
 
@@ -581,11 +602,6 @@ struct OciAttrs {
 
 fn oci_attrs(attrs: &BTreeMap<String, String>) -> Result<OciAttrs> {
     let tar = bool_attr(attrs, "tar", true)?.unwrap_or(true);
-    if let Some(k) = attrs.keys().find(|k| k.starts_with("annotation")) {
-        return Err(Error::unimplemented(format!(
-            "exporter oci: attribute {k:?}: annotations are not supported by berthd yet"
-        )));
-    }
     let compression = match attrs.get("compression").map(String::as_str) {
         None | Some("") => exporter::Compression::Gzip,
         Some(v) => exporter::Compression::parse(v)
@@ -639,10 +655,13 @@ fn image_response(r: &exporter::ImageExportResult) -> BTreeMap<String, String> {
         "containerimage.digest".to_string(),
         r.manifest_digest.clone(),
     );
-    response.insert(
-        "containerimage.config.digest".to_string(),
-        r.config_digest.clone(),
-    );
+    // An index has no config.
+    if !r.config_digest.is_empty() {
+        response.insert(
+            "containerimage.config.digest".to_string(),
+            r.config_digest.clone(),
+        );
+    }
     response.insert(
         "containerimage.descriptor".to_string(),
         r.descriptor.clone(),
@@ -745,8 +764,11 @@ async fn send_docker(
     Ok(response)
 }
 
-/// `type=oci`: the image as an OCI image layout tar streamed to the client, or with `tar=false`
-/// its blobs written into the client's content store.
+/// `type=oci`: the image (or, for a multi-platform result, the index over its images) as an OCI
+/// image layout tar streamed to the client, or with `tar=false` its blobs written into the
+/// client's content store. Annotations (`annotation*` keys of the result's metadata and the
+/// attributes) go where buildkitd puts them; index and descriptor annotations, and attestations,
+/// force OCI media types.
 async fn send_oci(
     cx: &ImageCtx<'_>,
     attrs: &BTreeMap<String, String>,
@@ -754,8 +776,25 @@ async fn send_oci(
 ) -> Result<BTreeMap<String, String>> {
     let chain = cx.chain();
     let names = normalized_names(attrs, cx.metadata)?;
+    let raw_names = crate::export_image::names(attrs, cx.metadata);
     let config = cx.metadata.get("containerimage.config").map(|b| b.to_vec());
     let epoch = cx.epoch()?;
+    let annotations = crate::export_image::Annotations::parse(cx.metadata)?;
+    let (manifest_annotations, descriptor_annotations) = match cx.index {
+        Some(_) => (BTreeMap::new(), annotations.index_descriptor.clone()),
+        None => {
+            if !annotations.index.is_empty() || !annotations.index_descriptor.is_empty() {
+                // buildkitd's wording.
+                return Err(Error::invalid(
+                    "index annotations not supported for single platform export",
+                ));
+            }
+            annotations.for_platform("")
+        }
+    };
+    let with_attestations = cx
+        .index
+        .is_some_and(|i| i.iter().any(|i| !i.attestations.is_empty()));
     let temp_dir = cx.backend.root.join("export-tmp");
     std::fs::create_dir_all(&temp_dir).map_err(|e| {
         Error::unavailable(format!("exporter oci: create {}: {e}", temp_dir.display()))
@@ -763,42 +802,72 @@ async fn send_oci(
     let opts = exporter::OciOptions {
         compression: oci.compression,
         level: oci.level,
-        oci_types: oci.oci_types,
+        oci_types: oci.oci_types || annotations.needs_oci() || with_attestations,
         names,
         created: epoch.unwrap_or_else(chrono::Utc::now),
         temp_dir,
+        manifest_annotations,
+        descriptor_annotations,
     };
     let store = cx.backend.store.clone();
     let progress = cx.progress.clone();
     let vertex = cx.vertex.to_string();
     let started = SystemTime::now();
+    let images = cx.index.map(<[_]>::to_vec);
+    let index_annotations = annotations.index;
     if !oci.tar {
         let sink = cx.content_sink()?;
         return tokio::task::spawn_blocking(move || {
-            let req = exporter::ImageExportRequest {
-                chain: &chain,
-                config: config.as_deref(),
-                names: opts.names.clone(),
-                epoch,
-            };
             let mut on = oci_progress(progress, vertex, opts.compression, started);
             let mut sink = sink;
-            exporter::write_oci_image_blobs(&store, &req, &opts, &mut sink, &mut on)
-                .map(|r| image_response(&r))
+            let r = match &images {
+                Some(images) => {
+                    let req = exporter::OciIndexRequest {
+                        images,
+                        names: &raw_names,
+                        index_annotations: &index_annotations,
+                        epoch,
+                    };
+                    exporter::write_oci_index_blobs(&store, &req, &opts, &mut sink, &mut on)
+                }
+                None => {
+                    let req = exporter::ImageExportRequest {
+                        chain: &chain,
+                        config: config.as_deref(),
+                        names: opts.names.clone(),
+                        epoch,
+                    };
+                    exporter::write_oci_image_blobs(&store, &req, &opts, &mut sink, &mut on)
+                }
+            };
+            r.map(|r| image_response(&r))
                 .map_err(|e| Error::unavailable(format!("exporter oci: {}", chain_err(&e))))
         })
         .await
         .map_err(|e| Error::internal(format!("exporter oci task: {e}")))?;
     }
     cx.stream_image("exporter oci", move |w, ready| {
-        let req = exporter::ImageExportRequest {
-            chain: &chain,
-            config: config.as_deref(),
-            names: opts.names.clone(),
-            epoch,
-        };
         let mut on = oci_progress(progress, vertex, opts.compression, started);
-        exporter::write_oci_image_archive(&store, &req, &opts, w, &mut on, ready)
+        match &images {
+            Some(images) => {
+                let req = exporter::OciIndexRequest {
+                    images,
+                    names: &raw_names,
+                    index_annotations: &index_annotations,
+                    epoch,
+                };
+                exporter::write_oci_index_archive(&store, &req, &opts, w, &mut on, ready)
+            }
+            None => {
+                let req = exporter::ImageExportRequest {
+                    chain: &chain,
+                    config: config.as_deref(),
+                    names: opts.names.clone(),
+                    epoch,
+                };
+                exporter::write_oci_image_archive(&store, &req, &opts, w, &mut on, ready)
+            }
+        }
     })
     .await
 }

@@ -740,9 +740,9 @@ const PLATFORMS_KEY: &str = "refs.platforms";
 /// Exporter annotations (`exptypes.ParseAnnotationKey`): `annotation[-TYPE][[PLATFORM]].KEY`
 /// with TYPE `index`, `index-descriptor`, `manifest` (the default) or `manifest-descriptor`.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-struct Annotations {
-    index: BTreeMap<String, String>,
-    index_descriptor: BTreeMap<String, String>,
+pub(crate) struct Annotations {
+    pub(crate) index: BTreeMap<String, String>,
+    pub(crate) index_descriptor: BTreeMap<String, String>,
     /// Manifest annotations by platform (`""` = every platform).
     manifest: BTreeMap<String, BTreeMap<String, String>>,
     /// Manifest descriptor annotations by platform (`""` = every platform).
@@ -751,7 +751,7 @@ struct Annotations {
 
 impl Annotations {
     /// The annotations among `metadata` (the result's, the exporter attributes over them).
-    fn parse(metadata: &BTreeMap<String, Bytes>) -> Result<Self> {
+    pub(crate) fn parse(metadata: &BTreeMap<String, Bytes>) -> Result<Self> {
         let mut a = Annotations::default();
         for (k, v) in metadata {
             let Some(rest) = k.strip_prefix("annotation") else {
@@ -816,7 +816,7 @@ impl Annotations {
     }
 
     /// Forces OCI media types (Docker's have no index or descriptor annotations).
-    fn needs_oci(&self) -> bool {
+    pub(crate) fn needs_oci(&self) -> bool {
         !self.index.is_empty()
             || !self.index_descriptor.is_empty()
             || self.manifest_descriptor.values().any(|m| !m.is_empty())
@@ -824,7 +824,10 @@ impl Annotations {
 
     /// The annotations of one platform's manifest and its descriptor (generic ones, then the
     /// platform's over them).
-    fn for_platform(&self, platform: &str) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
+    pub(crate) fn for_platform(
+        &self,
+        platform: &str,
+    ) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
         let pick = |m: &BTreeMap<String, BTreeMap<String, String>>| {
             let mut out = m.get("").cloned().unwrap_or_default();
             if !platform.is_empty() {
@@ -853,22 +856,15 @@ fn normalize_platform(p: &str) -> String {
     }
 }
 
-/// The `image` exporter for a multi-platform result: an index pushed to every name (Docker's
-/// classic store holds one image per name, so berth does not store it there). Annotations
-/// from the result and the attributes go where BuildKit puts them; index or descriptor
-/// annotations force OCI media types.
-#[allow(clippy::too_many_arguments)]
-pub async fn export_multi(
-    opts: &ImageExportOptions,
-    store: &SnapshotStore,
-    sessions: &Arc<SessionManager>,
-    session_id: &str,
-    progress: &Arc<Progress>,
-    attrs: &BTreeMap<String, String>,
+/// The images of a multi-platform result (`metadata` has its platforms and the annotations,
+/// the exporter attributes over the result's), one per platform in the frontend's order, each
+/// with its config (`containerimage.config/<id>`, else the result's), annotations and
+/// attestations; and the annotations, whose platforms must be the result's.
+pub(crate) fn platform_images(
     metadata: &BTreeMap<String, Bytes>,
     refs: &BTreeMap<String, FsRef>,
     attestations: &BTreeMap<String, Vec<exporter::attestation::Attestation>>,
-) -> Result<BTreeMap<String, String>> {
+) -> Result<(Vec<exporter::PlatformImage>, Annotations)> {
     let platforms = parse_platforms(metadata)?;
     let annotations = Annotations::parse(metadata)?;
     for p in annotations.platforms() {
@@ -877,14 +873,6 @@ pub async fn export_multi(
                 "invalid annotation: no platform {p} found in source"
             )));
         }
-    }
-    let push = truthy(attrs, "push")?;
-    let names = names(attrs, metadata);
-    if !push || names.is_empty() {
-        return Err(Error::unimplemented(format!(
-            "exporter image: a multi-platform result ({} platforms) cannot be stored in Docker's image store; push it to a registry (push=true with name=…)",
-            platforms.len()
-        )));
     }
     let mut images = Vec::with_capacity(platforms.len());
     for (id, platform) in &platforms {
@@ -909,6 +897,34 @@ pub async fn export_multi(
             descriptor_annotations,
             attestations: attestations.get(id).cloned().unwrap_or_default(),
         });
+    }
+    Ok((images, annotations))
+}
+
+/// The `image` exporter for a multi-platform result: an index pushed to every name (Docker's
+/// classic store holds one image per name, so berth does not store it there). Annotations
+/// from the result and the attributes go where BuildKit puts them; index or descriptor
+/// annotations force OCI media types.
+#[allow(clippy::too_many_arguments)]
+pub async fn export_multi(
+    opts: &ImageExportOptions,
+    store: &SnapshotStore,
+    sessions: &Arc<SessionManager>,
+    session_id: &str,
+    progress: &Arc<Progress>,
+    attrs: &BTreeMap<String, String>,
+    metadata: &BTreeMap<String, Bytes>,
+    refs: &BTreeMap<String, FsRef>,
+    attestations: &BTreeMap<String, Vec<exporter::attestation::Attestation>>,
+) -> Result<BTreeMap<String, String>> {
+    let (images, annotations) = platform_images(metadata, refs, attestations)?;
+    let push = truthy(attrs, "push")?;
+    let names = names(attrs, metadata);
+    if !push || names.is_empty() {
+        return Err(Error::unimplemented(format!(
+            "exporter image: a multi-platform result ({} platforms) cannot be stored in Docker's image store; push it to a registry (push=true with name=…)",
+            images.len()
+        )));
     }
     let mut popts = push_options(attrs)?;
     // Attestation manifests (and index or descriptor annotations) need OCI media types.

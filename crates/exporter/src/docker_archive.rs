@@ -44,8 +44,13 @@ pub fn write_docker_client_archive(
     let (layers, in_docker) = export_layer_tars(store, req.chain)?;
     let config = image_config(store, req, &layers)?;
     let manifest = docker_manifest(&config, &layers);
-    let (index, descriptor) =
-        index_and_descriptor(DOCKER_MANIFEST_MEDIA_TYPE, &manifest, &req.names, created)?;
+    let (index, descriptor) = index_and_descriptor(
+        DOCKER_MANIFEST_MEDIA_TYPE,
+        &manifest,
+        &req.names,
+        created,
+        &Default::default(),
+    )?;
     let include = match thin {
         Some(p) => p.include(&layers, &in_docker)?,
         None => vec![true; layers.len()],

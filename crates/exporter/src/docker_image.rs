@@ -375,9 +375,29 @@ pub(crate) fn image_config(
     req: &ImageExportRequest<'_>,
     layers: &[ExportLayer],
 ) -> Result<ImageConfig> {
+    image_config_for(
+        store,
+        req.chain,
+        req.config,
+        req.epoch,
+        &Platform::native(),
+        layers,
+    )
+}
+
+/// [`image_config`] of one image of `chain` for `platform` (the default config's, when the
+/// frontend gave none).
+pub(crate) fn image_config_for(
+    store: &SnapshotStore,
+    chain: &[LayerRef],
+    config: Option<&[u8]>,
+    epoch: Option<DateTime<Utc>>,
+    platform: &Platform,
+    layers: &[ExportLayer],
+) -> Result<ImageConfig> {
     let infos: Vec<LayerInfo> = layers
         .iter()
-        .zip(req.chain)
+        .zip(chain)
         .map(|(l, r)| LayerInfo {
             diff_id: l.diff_id.clone(),
             description: "created by berth".into(),
@@ -385,10 +405,10 @@ pub(crate) fn image_config(
         })
         .collect();
     build_config(&ConfigInput {
-        base: req.config,
+        base: config,
         layers: &infos,
-        epoch: req.epoch,
-        platform: &Platform::native(),
+        epoch,
+        platform,
         now: Utc::now(),
     })
 }

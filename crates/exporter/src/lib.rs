@@ -42,7 +42,8 @@ pub use layers::{
 };
 pub use oci::{
     familiar_name, normalize_name, write_docker_image_blobs, write_oci_image_archive,
-    write_oci_image_blobs, BlobSink, Compression, OciOptions, OciProgress,
+    write_oci_image_blobs, write_oci_index_archive, write_oci_index_blobs, BlobSink, Compression,
+    OciIndexRequest, OciOptions, OciProgress,
 };
 pub use push::{
     push_image, push_index, PlatformImage, PushEvent, PushOptions, PushProgress, PushedImage,

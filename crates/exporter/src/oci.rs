@@ -32,6 +32,7 @@
 //! Uncompressed layers need neither: their size and digest (the diffID) are known and they are
 //! streamed straight from the layer store.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{self, Seek, Write};
 use std::path::PathBuf;
@@ -43,9 +44,12 @@ use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 
 use crate::archive::{self, CountingWriter};
-use crate::docker_image::{image_config, ImageExportRequest, ImageExportResult};
+use crate::docker_image::{image_config, image_config_for, ImageExportRequest, ImageExportResult};
+use crate::image::Platform;
 use crate::layers::export_layer_tars;
+use crate::push::PlatformImage;
 use crate::{Error, Result};
+use layerstore::snapshot::LayerRef;
 
 /// `org.opencontainers.image.ref.name`: the tag part of a name (OCI image layout).
 pub const ANNOTATION_REF_NAME: &str = "org.opencontainers.image.ref.name";
@@ -129,6 +133,14 @@ pub struct OciOptions {
     pub created: DateTime<Utc>,
     /// Directory for the unnamed temporary files compressed layers pass through.
     pub temp_dir: PathBuf,
+    /// Annotations of a single image's manifest (`annotation-manifest.*`); a multi-platform
+    /// image carries its own per platform.
+    pub manifest_annotations: BTreeMap<String, String>,
+    /// Annotations of the descriptor of the layout's top document in `index.json` and
+    /// `containerimage.descriptor` (`annotation-manifest-descriptor.*` for a single image,
+    /// `annotation-index-descriptor.*` for an index); they may replace
+    /// `org.opencontainers.image.created`.
+    pub descriptor_annotations: BTreeMap<String, String>,
 }
 
 /// Progress of an OCI export, reported from the writing thread.
@@ -173,7 +185,7 @@ struct Desc<'a> {
     digest: &'a str,
     size: u64,
     #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
-    annotations: std::collections::BTreeMap<&'a str, &'a str>,
+    annotations: BTreeMap<&'a str, &'a str>,
 }
 
 impl<'a> Desc<'a> {
@@ -195,6 +207,8 @@ struct Manifest<'a> {
     schema_version: u32,
     config: Desc<'a>,
     layers: Vec<Desc<'a>>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    annotations: &'a BTreeMap<String, String>,
 }
 
 #[derive(Serialize)]
@@ -205,6 +219,7 @@ struct Index<'a> {
 }
 
 /// The blob of one layer as it went into the tar.
+#[derive(Clone)]
 struct Blob {
     media_type: &'static str,
     digest: String,
@@ -232,11 +247,17 @@ pub(crate) fn index_and_descriptor(
     manifest: &[u8],
     names: &[String],
     created: &DateTime<Utc>,
+    annotations: &BTreeMap<String, String>,
 ) -> Result<(Vec<u8>, Vec<u8>)> {
     let manifest_digest = sha256_digest(manifest);
     let created = created.to_rfc3339_opts(SecondsFormat::Secs, true);
+    let mut base: BTreeMap<&str, &str> = BTreeMap::new();
+    base.insert(ANNOTATION_CREATED, &created);
+    for (k, v) in annotations {
+        base.insert(k, v);
+    }
     let mut desc = Desc::new(manifest_type, &manifest_digest, manifest.len() as u64);
-    desc.annotations.insert(ANNOTATION_CREATED, &created);
+    desc.annotations = base.clone();
     let descriptor = serde_json::to_vec(&desc).map_err(|source| Error::ImageConfig {
         what: "encode manifest descriptor",
         source,
@@ -250,7 +271,7 @@ pub(crate) fn index_and_descriptor(
             .zip(&ref_names)
             .map(|(name, tag)| {
                 let mut d = Desc::new(manifest_type, &manifest_digest, manifest.len() as u64);
-                d.annotations.insert(ANNOTATION_CREATED, &created);
+                d.annotations = base.clone();
                 d.annotations.insert(ANNOTATION_IMAGE_NAME, name);
                 d.annotations.insert(ANNOTATION_REF_NAME, tag);
                 d
@@ -284,39 +305,57 @@ enum Staged {
 /// An image's layout, staged: compressed layers in unnamed temporary files, the documents naming
 /// every blob encoded, the digests known.
 struct StagedOci {
+    image: StagedImage,
+    index: Vec<u8>,
+    result: ImageExportResult,
+}
+
+/// One image, staged: its layers, their blobs (in order), its config and manifest.
+struct StagedImage {
     layers: Vec<crate::ExportLayer>,
     blobs: Vec<Blob>,
     staged: Vec<Staged>,
     config: crate::image::ImageConfig,
     manifest: Vec<u8>,
-    index: Vec<u8>,
-    result: ImageExportResult,
+    manifest_type: &'static str,
 }
 
-/// Stages the layers (compressed ones into temporary files, reporting progress) and encodes the
-/// config, manifest and `index.json`.
-fn stage_oci_image(
+/// What one image of a layout is made of.
+struct ImageInput<'a> {
+    chain: &'a [LayerRef],
+    config: Option<&'a [u8]>,
+    epoch: Option<DateTime<Utc>>,
+    platform: &'a Platform,
+    annotations: &'a BTreeMap<String, String>,
+}
+
+/// Stages one image's layers (compressed ones into temporary files, reporting progress) and
+/// encodes its config and manifest. A layer already in `seen` (by diffID: an earlier layer of
+/// this image or of another image of the same layout) is not staged again: one blob serves all.
+fn stage_image(
     store: &SnapshotStore,
-    req: &ImageExportRequest<'_>,
+    input: &ImageInput<'_>,
     opts: &OciOptions,
+    seen: &mut BTreeMap<String, Blob>,
     progress: &mut dyn FnMut(OciProgress),
-) -> Result<StagedOci> {
-    let (layers, _) = export_layer_tars(store, req.chain)?;
-    let config = image_config(store, req, &layers)?;
+) -> Result<StagedImage> {
+    let (layers, _) = export_layer_tars(store, input.chain)?;
+    let config = image_config_for(
+        store,
+        input.chain,
+        input.config,
+        input.epoch,
+        input.platform,
+        &layers,
+    )?;
     let oci = opts.oci_types;
     let media_type = opts.compression.layer_media_type(oci);
 
     let mut staged: Vec<Staged> = Vec::with_capacity(layers.len());
     let mut blobs: Vec<Blob> = Vec::with_capacity(layers.len());
-    let mut result = ImageExportResult::default();
-    for (i, layer) in layers.iter().enumerate() {
-        if let Some(j) = layers[..i].iter().position(|l| l.diff_id == layer.diff_id) {
-            let b = &blobs[j];
-            blobs.push(Blob {
-                media_type: b.media_type,
-                digest: b.digest.clone(),
-                size: b.size,
-            });
+    for layer in &layers {
+        if let Some(b) = seen.get(&layer.diff_id) {
+            blobs.push(b.clone());
             staged.push(Staged::Again);
             continue;
         }
@@ -327,11 +366,13 @@ fn stage_oci_image(
                 diff_id: layer.diff_id.clone(),
             })?;
         if opts.compression == Compression::Uncompressed {
-            blobs.push(Blob {
+            let b = Blob {
                 media_type,
                 digest: layer.diff_id.clone(),
                 size: layer.size,
-            });
+            };
+            seen.insert(layer.diff_id.clone(), b.clone());
+            blobs.push(b);
             staged.push(Staged::Plain);
             continue;
         }
@@ -368,11 +409,13 @@ fn stage_oci_image(
             blob_digest: digest.clone(),
             blob_size: size,
         });
-        blobs.push(Blob {
+        let b = Blob {
             media_type,
             digest,
             size,
-        });
+        };
+        seen.insert(layer.diff_id.clone(), b.clone());
+        blobs.push(b);
         staged.push(Staged::File(tmp));
     }
 
@@ -395,27 +438,134 @@ fn stage_oci_image(
             .iter()
             .map(|b| Desc::new(b.media_type, &b.digest, b.size))
             .collect(),
+        annotations: input.annotations,
     };
     // Indented like buildkitd's (Go's json.MarshalIndent with two spaces).
     let manifest = serde_json::to_vec_pretty(&manifest).map_err(|source| Error::ImageConfig {
         what: "encode image manifest",
         source,
     })?;
-    let (index, descriptor) =
-        index_and_descriptor(manifest_type, &manifest, &opts.names, &opts.created)?;
-    result.config_digest = config.digest.clone();
-    result.manifest_digest = sha256_digest(&manifest);
-    result.descriptor = base64::engine::general_purpose::STANDARD.encode(descriptor);
-    result.names = opts.names.clone();
-    Ok(StagedOci {
+    Ok(StagedImage {
         layers,
         blobs,
         staged,
         config,
         manifest,
+        manifest_type,
+    })
+}
+
+/// Stages a single image and encodes its `index.json`.
+fn stage_oci_image(
+    store: &SnapshotStore,
+    req: &ImageExportRequest<'_>,
+    opts: &OciOptions,
+    progress: &mut dyn FnMut(OciProgress),
+) -> Result<StagedOci> {
+    let input = ImageInput {
+        chain: req.chain,
+        config: req.config,
+        epoch: req.epoch,
+        platform: &Platform::native(),
+        annotations: &opts.manifest_annotations,
+    };
+    let image = stage_image(store, &input, opts, &mut BTreeMap::new(), progress)?;
+    let (index, descriptor) = index_and_descriptor(
+        image.manifest_type,
+        &image.manifest,
+        &opts.names,
+        &opts.created,
+        &opts.descriptor_annotations,
+    )?;
+    let result = ImageExportResult {
+        config_digest: image.config.digest.clone(),
+        manifest_digest: sha256_digest(&image.manifest),
+        descriptor: base64::engine::general_purpose::STANDARD.encode(descriptor),
+        names: opts.names.clone(),
+        ..Default::default()
+    };
+    Ok(StagedOci {
+        image,
         index,
         result,
     })
+}
+
+/// Writes `image`'s layer blobs (those not staged earlier), then its config and manifest, into
+/// the tar; `written` holds the digests of the blobs already in it.
+fn write_image_blobs<W: Write>(
+    out: &mut W,
+    image: StagedImage,
+    written: &mut BTreeSet<String>,
+    result: &mut ImageExportResult,
+    progress: &mut dyn FnMut(OciProgress),
+) -> Result<()> {
+    let StagedImage {
+        layers,
+        blobs,
+        staged,
+        config,
+        manifest,
+        ..
+    } = image;
+    for ((layer, blob), stage) in layers.iter().zip(&blobs).zip(staged) {
+        let stream_err = |source: io::Error| Error::LayerStream {
+            diff_id: layer.diff_id.clone(),
+            source,
+        };
+        match stage {
+            Staged::Again => continue,
+            Staged::Plain => {
+                let source = layer.source.as_ref().expect("staged layers have a source");
+                let mut report = |done: u64| {
+                    progress(OciProgress::Layer {
+                        diff_id: layer.diff_id.clone(),
+                        done,
+                        size: layer.size,
+                    })
+                };
+                report(0);
+                archive::write_header(out, &blob_path(&layer.diff_id), layer.size, 0o444)?;
+                let mut w = CheckedTar::new(out, &mut report);
+                source.write_tar(&mut w).map_err(stream_err)?;
+                w.verify(&layer.diff_id, layer.size).map_err(stream_err)?;
+                archive::pad(out, layer.size)?;
+                progress(OciProgress::LayerDone {
+                    diff_id: layer.diff_id.clone(),
+                    size: layer.size,
+                    blob_digest: blob.digest.clone(),
+                    blob_size: blob.size,
+                });
+            }
+            Staged::File(mut tmp) => {
+                tmp.rewind().map_err(stream_err)?;
+                archive::write_header(out, &blob_path(&blob.digest), blob.size, 0o444)?;
+                let copied = io::copy(&mut io::Read::take(&mut tmp, blob.size), out)
+                    .map_err(|source| Error::ArchiveWrite { source })?;
+                if copied != blob.size {
+                    return Err(stream_err(shrank(blob.size, copied)));
+                }
+                archive::pad(out, blob.size)?;
+            }
+        }
+        written.insert(blob.digest.clone());
+        result.layers_sent += 1;
+        result.bytes_sent += blob.size;
+    }
+    if written.insert(config.digest.clone()) {
+        archive::write_file(out, &blob_path(&config.digest), &config.bytes, 0o444)?;
+    }
+    progress(OciProgress::Config {
+        digest: config.digest.clone(),
+    });
+    let manifest_digest = sha256_digest(&manifest);
+    if written.insert(manifest_digest.clone()) {
+        archive::write_file(out, &blob_path(&manifest_digest), &manifest, 0o444)?;
+    }
+    progress(OciProgress::Manifest {
+        digest: manifest_digest,
+    });
+    Ok(())
 }
 
 /// Writes the result as an OCI image layout tar to `out`. Blocking; reads each layer from the
@@ -436,74 +586,223 @@ pub fn write_oci_image_archive(
     ready: &mut dyn FnMut(&ImageExportResult) -> Result<()>,
 ) -> Result<ImageExportResult> {
     let StagedOci {
-        layers,
-        blobs,
-        staged,
-        config,
-        manifest,
+        image,
         index,
         mut result,
     } = stage_oci_image(store, req, opts, progress)?;
-    let manifest_digest = result.manifest_digest.clone();
     ready(&result)?;
 
     let mut out = CountingWriter::new(out);
     archive::write_dir(&mut out, "blobs/")?;
     archive::write_dir(&mut out, "blobs/sha256/")?;
-    for ((layer, blob), stage) in layers.iter().zip(&blobs).zip(staged) {
-        let stream_err = |source: io::Error| Error::LayerStream {
-            diff_id: layer.diff_id.clone(),
-            source,
-        };
-        match stage {
-            Staged::Again => continue,
-            Staged::Plain => {
-                let source = layer.source.as_ref().expect("staged layers have a source");
-                let mut report = |done: u64| {
-                    progress(OciProgress::Layer {
-                        diff_id: layer.diff_id.clone(),
-                        done,
-                        size: layer.size,
-                    })
-                };
-                report(0);
-                archive::write_header(&mut out, &blob_path(&layer.diff_id), layer.size, 0o444)?;
-                let mut w = CheckedTar::new(&mut out, &mut report);
-                source.write_tar(&mut w).map_err(stream_err)?;
-                w.verify(&layer.diff_id, layer.size).map_err(stream_err)?;
-                archive::pad(&mut out, layer.size)?;
-                progress(OciProgress::LayerDone {
-                    diff_id: layer.diff_id.clone(),
-                    size: layer.size,
-                    blob_digest: blob.digest.clone(),
-                    blob_size: blob.size,
-                });
-            }
-            Staged::File(mut tmp) => {
-                tmp.rewind().map_err(stream_err)?;
-                archive::write_header(&mut out, &blob_path(&blob.digest), blob.size, 0o444)?;
-                let copied = io::copy(&mut io::Read::take(&mut tmp, blob.size), &mut out)
-                    .map_err(|source| Error::ArchiveWrite { source })?;
-                if copied != blob.size {
-                    return Err(stream_err(shrank(blob.size, copied)));
-                }
-                archive::pad(&mut out, blob.size)?;
-            }
-        }
-        result.layers_sent += 1;
-        result.bytes_sent += blob.size;
-    }
-    archive::write_file(&mut out, &blob_path(&config.digest), &config.bytes, 0o444)?;
-    progress(OciProgress::Config {
-        digest: config.digest.clone(),
-    });
-    archive::write_file(&mut out, &blob_path(&manifest_digest), &manifest, 0o444)?;
-    progress(OciProgress::Manifest {
-        digest: manifest_digest,
-    });
+    write_image_blobs(&mut out, image, &mut BTreeSet::new(), &mut result, progress)?;
     archive::write_file(&mut out, "index.json", &index, 0o644)?;
     archive::write_file(&mut out, "oci-layout", OCI_LAYOUT, 0o444)?;
     archive::finish(&mut out)?;
+    Ok(result)
+}
+
+/// A multi-platform result (or a single one with attestations) as an OCI image index.
+#[derive(Debug, Clone)]
+pub struct OciIndexRequest<'a> {
+    /// One image per platform, in the frontend's order.
+    pub images: &'a [PlatformImage],
+    /// The names as given (the default subjects of attestations are their package URLs).
+    pub names: &'a [String],
+    /// Annotations of the index (`annotation-index.*`).
+    pub index_annotations: &'a BTreeMap<String, String>,
+    /// `source-date-epoch`.
+    pub epoch: Option<DateTime<Utc>>,
+}
+
+/// A staged index: its images, their attestation manifests and the index document.
+struct StagedIndex {
+    images: Vec<StagedImage>,
+    attestations: Vec<crate::attestation::AttestationManifest>,
+    index: Vec<u8>,
+    layout_index: Vec<u8>,
+    result: ImageExportResult,
+}
+
+/// Stages every platform's image, the attestation manifests about them, the index over them
+/// (the platforms' manifests in order, then the attestation manifests, as buildkitd's image
+/// writer) and `index.json` naming the index.
+fn stage_oci_index(
+    store: &SnapshotStore,
+    req: &OciIndexRequest<'_>,
+    opts: &OciOptions,
+    progress: &mut dyn FnMut(OciProgress),
+) -> Result<StagedIndex> {
+    let oci = opts.oci_types;
+    let mut seen = BTreeMap::new();
+    let mut images = Vec::with_capacity(req.images.len());
+    let mut attestations = Vec::new();
+    let mut attestation_targets = Vec::new();
+    for img in req.images {
+        let input = ImageInput {
+            chain: &img.chain,
+            config: img.config.as_deref(),
+            epoch: req.epoch,
+            platform: &img.platform,
+            annotations: &img.manifest_annotations,
+        };
+        let staged = stage_image(store, &input, opts, &mut seen, progress)?;
+        if !img.attestations.is_empty() {
+            let mut img = img.clone();
+            let digests: Vec<String> = staged.blobs.iter().map(|b| b.digest.clone()).collect();
+            crate::push::supplement_sboms_blocking(
+                &mut img.attestations,
+                &staged.layers,
+                &digests,
+            )?;
+            let target = sha256_digest(&staged.manifest);
+            attestations.push(crate::push::attestation_document(
+                &img, req.names, &target, oci,
+            )?);
+            attestation_targets.push(crate::push::attestation_descriptor_annotations(&target));
+        }
+        images.push(staged);
+    }
+    let media_type = if oci {
+        "application/vnd.oci.image.index.v1+json"
+    } else {
+        "application/vnd.docker.distribution.manifest.list.v2+json"
+    };
+    let digests: Vec<String> = images.iter().map(|i| sha256_digest(&i.manifest)).collect();
+    let unknown = crate::push::IndexPlatform {
+        architecture: "unknown",
+        os: "unknown",
+        variant: "",
+    };
+    let index = serde_json::to_vec_pretty(&crate::push::Index {
+        media_type,
+        schema_version: 2,
+        manifests: images
+            .iter()
+            .zip(req.images)
+            .zip(&digests)
+            .map(|((staged, img), digest)| crate::push::IndexDesc {
+                media_type: staged.manifest_type,
+                digest,
+                size: staged.manifest.len() as u64,
+                annotations: &img.descriptor_annotations,
+                platform: crate::push::IndexPlatform {
+                    architecture: &img.platform.architecture,
+                    os: &img.platform.os,
+                    variant: &img.platform.variant,
+                },
+            })
+            .chain(
+                attestations
+                    .iter()
+                    .zip(&attestation_targets)
+                    .map(|(m, annotations)| crate::push::IndexDesc {
+                        media_type: m.media_type,
+                        digest: &m.digest,
+                        size: m.manifest.len() as u64,
+                        annotations,
+                        platform: crate::push::IndexPlatform { ..unknown },
+                    }),
+            )
+            .collect(),
+        annotations: req.index_annotations,
+    })
+    .map_err(|source| Error::ImageConfig {
+        what: "encode image index",
+        source,
+    })?;
+    let (layout_index, descriptor) = index_and_descriptor(
+        media_type,
+        &index,
+        &opts.names,
+        &opts.created,
+        &opts.descriptor_annotations,
+    )?;
+    let result = ImageExportResult {
+        manifest_digest: sha256_digest(&index),
+        descriptor: base64::engine::general_purpose::STANDARD.encode(descriptor),
+        names: opts.names.clone(),
+        ..Default::default()
+    };
+    Ok(StagedIndex {
+        images,
+        attestations,
+        index,
+        layout_index,
+        result,
+    })
+}
+
+/// Writes a multi-platform result as an OCI image layout tar to `out`: every platform's blobs
+/// (a layer shared by platforms once), the attestation manifests' blobs, the index, then
+/// `index.json` naming the index (one entry per name, with the `annotation-index-descriptor.*`
+/// annotations). As [`write_oci_image_archive`], everything is staged (and `ready` called with
+/// the index's digest and descriptor) before the first byte. The result has no config digest.
+pub fn write_oci_index_archive(
+    store: &SnapshotStore,
+    req: &OciIndexRequest<'_>,
+    opts: &OciOptions,
+    out: &mut dyn Write,
+    progress: &mut dyn FnMut(OciProgress),
+    ready: &mut dyn FnMut(&ImageExportResult) -> Result<()>,
+) -> Result<ImageExportResult> {
+    let StagedIndex {
+        images,
+        attestations,
+        index,
+        layout_index,
+        mut result,
+    } = stage_oci_index(store, req, opts, progress)?;
+    ready(&result)?;
+    let mut out = CountingWriter::new(out);
+    archive::write_dir(&mut out, "blobs/")?;
+    archive::write_dir(&mut out, "blobs/sha256/")?;
+    let mut written = BTreeSet::new();
+    for image in images {
+        write_image_blobs(&mut out, image, &mut written, &mut result, progress)?;
+    }
+    for m in &attestations {
+        for b in m.layers.iter().chain([&m.config, &m.manifest]) {
+            let digest = sha256_digest(b);
+            if written.insert(digest.clone()) {
+                archive::write_file(&mut out, &blob_path(&digest), b, 0o444)?;
+            }
+        }
+    }
+    archive::write_file(&mut out, &blob_path(&result.manifest_digest), &index, 0o444)?;
+    archive::write_file(&mut out, "index.json", &layout_index, 0o644)?;
+    archive::write_file(&mut out, "oci-layout", OCI_LAYOUT, 0o444)?;
+    archive::finish(&mut out)?;
+    Ok(result)
+}
+
+/// Writes a multi-platform result's blobs into `sink` (`type=oci,tar=false`): each image's as
+/// [`write_oci_image_blobs`] does, the attestation manifests' blobs, then the index; the client
+/// names the index in its `index.json` from `containerimage.descriptor`.
+pub fn write_oci_index_blobs(
+    store: &SnapshotStore,
+    req: &OciIndexRequest<'_>,
+    opts: &OciOptions,
+    sink: &mut dyn BlobSink,
+    progress: &mut dyn FnMut(OciProgress),
+) -> Result<ImageExportResult> {
+    let StagedIndex {
+        images,
+        attestations,
+        index,
+        mut result,
+        ..
+    } = stage_oci_index(store, req, opts, progress)?;
+    for image in images {
+        put_image_blobs(sink, image, &mut result, progress)?;
+    }
+    for m in &attestations {
+        for b in m.layers.iter().chain([&m.config, &m.manifest]) {
+            put_bytes(sink, &sha256_digest(b), b)?;
+        }
+    }
+    let digest = result.manifest_digest.clone();
+    put_bytes(sink, &digest, &index)?;
     Ok(result)
 }
 
@@ -602,14 +901,27 @@ pub fn write_oci_image_blobs(
     progress: &mut dyn FnMut(OciProgress),
 ) -> Result<ImageExportResult> {
     let StagedOci {
+        image, mut result, ..
+    } = stage_oci_image(store, req, opts, progress)?;
+    put_image_blobs(sink, image, &mut result, progress)?;
+    Ok(result)
+}
+
+/// Writes one staged image's blobs (layers, config, manifest) into `sink`, counting layers.
+fn put_image_blobs(
+    sink: &mut dyn BlobSink,
+    image: StagedImage,
+    result: &mut ImageExportResult,
+    progress: &mut dyn FnMut(OciProgress),
+) -> Result<()> {
+    let StagedImage {
         layers,
         blobs,
         staged,
         config,
         manifest,
-        mut result,
         ..
-    } = stage_oci_image(store, req, opts, progress)?;
+    } = image;
     for ((layer, blob), stage) in layers.iter().zip(&blobs).zip(staged) {
         let written = match stage {
             Staged::Again => continue,
@@ -662,12 +974,12 @@ pub fn write_oci_image_blobs(
     progress(OciProgress::Config {
         digest: config.digest.clone(),
     });
-    let manifest_digest = result.manifest_digest.clone();
+    let manifest_digest = sha256_digest(&manifest);
     put_bytes(sink, &manifest_digest, &manifest)?;
     progress(OciProgress::Manifest {
         digest: manifest_digest,
     });
-    Ok(result)
+    Ok(())
 }
 
 /// Writes the blobs of the `docker` exporter's image (uncompressed layers, the config, the
@@ -689,6 +1001,7 @@ pub fn write_docker_image_blobs(
         &manifest,
         &req.names,
         created,
+        &BTreeMap::new(),
     )?;
     let mut result = ImageExportResult {
         config_digest: config.digest.clone(),

@@ -364,28 +364,7 @@ async fn supplement_sboms(
     let digests: Vec<String> = layers.iter().map(|l| l.blob.digest.clone()).collect();
     let mut list = atts.to_vec();
     let list = tokio::task::spawn_blocking(move || -> Result<Vec<_>> {
-        // file -> layer digest, filled from the top layer down as files are asked for
-        let mut found: BTreeMap<String, String> = BTreeMap::new();
-        let mut next = exported.len();
-        for a in list
-            .iter_mut()
-            .filter(|a| a.sbom_core && a.predicate_type == at::PREDICATE_SPDX)
-        {
-            let mut find = |name: &str| -> Result<Option<String>> {
-                let name = format!("/{}", name.trim_start_matches('/'));
-                let name = name.trim_end_matches('/').to_string();
-                while !found.contains_key(&name) && next > 0 {
-                    next -= 1;
-                    for f in layer_files(&exported[next])? {
-                        found.entry(f).or_insert_with(|| digests[next].clone());
-                    }
-                }
-                Ok(found.get(&name).cloned())
-            };
-            if let Some(p) = at::supplement_spdx(&a.predicate, &mut find)? {
-                a.predicate = p;
-            }
-        }
+        supplement_sboms_blocking(&mut list, &exported, &digests)?;
         Ok(list)
     })
     .await
@@ -393,6 +372,38 @@ async fn supplement_sboms(
         message: format!("sbom layer task: {e}"),
     })??;
     atts.clone_from_slice(&list);
+    Ok(())
+}
+
+/// [`supplement_sboms`] on the calling thread: `digests` are the blob digests of `exported`.
+pub(crate) fn supplement_sboms_blocking(
+    atts: &mut [crate::attestation::Attestation],
+    exported: &[crate::archive::ExportLayer],
+    digests: &[String],
+) -> Result<()> {
+    use crate::attestation as at;
+    // file -> layer digest, filled from the top layer down as files are asked for
+    let mut found: BTreeMap<String, String> = BTreeMap::new();
+    let mut next = exported.len();
+    for a in atts
+        .iter_mut()
+        .filter(|a| a.sbom_core && a.predicate_type == at::PREDICATE_SPDX)
+    {
+        let mut find = |name: &str| -> Result<Option<String>> {
+            let name = format!("/{}", name.trim_start_matches('/'));
+            let name = name.trim_end_matches('/').to_string();
+            while !found.contains_key(&name) && next > 0 {
+                next -= 1;
+                for f in layer_files(&exported[next])? {
+                    found.entry(f).or_insert_with(|| digests[next].clone());
+                }
+            }
+            Ok(found.get(&name).cloned())
+        };
+        if let Some(p) = at::supplement_spdx(&a.predicate, &mut find)? {
+            a.predicate = p;
+        }
+    }
     Ok(())
 }
 
@@ -451,6 +462,31 @@ fn attestation_manifest(
     cache: &BlobCache,
     oci: bool,
 ) -> Result<(BuiltManifest, BTreeMap<String, String>)> {
+    let m = attestation_document(img, names, target, oci)?;
+    let put = |b: &[u8], what: &str| cache.put_bytes(b).map_err(reg_err(format!("store {what}")));
+    let layers = m
+        .layers
+        .iter()
+        .map(|l| put(l, "attestation"))
+        .collect::<Result<Vec<_>>>()?;
+    let built = BuiltManifest {
+        bytes: Bytes::from(m.manifest),
+        digest: m.digest,
+        media_type: m.media_type,
+        config: put(&m.config, "attestation config")?,
+        layers,
+    };
+    Ok((built, attestation_descriptor_annotations(target)))
+}
+
+/// The attestation manifest (and its blobs) of `img`'s attestations about its manifest
+/// `target`, whose default subjects are each name's package URL with `target`.
+pub(crate) fn attestation_document(
+    img: &PlatformImage,
+    names: &[String],
+    target: &str,
+    oci: bool,
+) -> Result<crate::attestation::AttestationManifest> {
     use crate::attestation as at;
     let defaults = names
         .iter()
@@ -466,28 +502,19 @@ fn attestation_manifest(
         .iter()
         .map(|a| Ok((a.predicate_type.clone(), at::statement(a, &defaults)?)))
         .collect::<Result<Vec<_>>>()?;
-    let m = at::attestation_manifest(&statements, oci);
-    let put = |b: &[u8], what: &str| cache.put_bytes(b).map_err(reg_err(format!("store {what}")));
-    let layers = m
-        .layers
-        .iter()
-        .map(|l| put(l, "attestation"))
-        .collect::<Result<Vec<_>>>()?;
-    let built = BuiltManifest {
-        bytes: Bytes::from(m.manifest),
-        digest: m.digest,
-        media_type: m.media_type,
-        config: put(&m.config, "attestation config")?,
-        layers,
-    };
-    let annotations = BTreeMap::from([
+    Ok(at::attestation_manifest(&statements, oci))
+}
+
+/// The index descriptor annotations of an attestation manifest about `target`.
+pub(crate) fn attestation_descriptor_annotations(target: &str) -> BTreeMap<String, String> {
+    use crate::attestation as at;
+    BTreeMap::from([
         (at::REFERENCE_DIGEST.to_string(), target.to_string()),
         (
             at::REFERENCE_TYPE.to_string(),
             at::ATTESTATION_MANIFEST.to_string(),
         ),
-    ]);
-    Ok((built, annotations))
+    ])
 }
 
 fn sha256_digest(b: &[u8]) -> String {
@@ -590,33 +617,33 @@ pub struct PlatformImage {
 }
 
 #[derive(Serialize)]
-struct IndexPlatform<'a> {
-    architecture: &'a str,
-    os: &'a str,
+pub(crate) struct IndexPlatform<'a> {
+    pub(crate) architecture: &'a str,
+    pub(crate) os: &'a str,
     #[serde(skip_serializing_if = "str::is_empty")]
-    variant: &'a str,
+    pub(crate) variant: &'a str,
 }
 
 #[derive(Serialize)]
-struct IndexDesc<'a> {
+pub(crate) struct IndexDesc<'a> {
     #[serde(rename = "mediaType")]
-    media_type: &'a str,
-    digest: &'a str,
-    size: u64,
+    pub(crate) media_type: &'a str,
+    pub(crate) digest: &'a str,
+    pub(crate) size: u64,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    annotations: &'a BTreeMap<String, String>,
-    platform: IndexPlatform<'a>,
+    pub(crate) annotations: &'a BTreeMap<String, String>,
+    pub(crate) platform: IndexPlatform<'a>,
 }
 
 #[derive(Serialize)]
-struct Index<'a> {
+pub(crate) struct Index<'a> {
     #[serde(rename = "mediaType")]
-    media_type: &'a str,
+    pub(crate) media_type: &'a str,
     #[serde(rename = "schemaVersion")]
-    schema_version: u32,
-    manifests: Vec<IndexDesc<'a>>,
+    pub(crate) schema_version: u32,
+    pub(crate) manifests: Vec<IndexDesc<'a>>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    annotations: &'a BTreeMap<String, String>,
+    pub(crate) annotations: &'a BTreeMap<String, String>,
 }
 
 /// Pushes a multi-platform image (BuildKit's `ImageWriter.Commit` for a ref map): one manifest
