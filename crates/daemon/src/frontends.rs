@@ -511,6 +511,46 @@ impl Bridge for InProcess<'_> {
             .map_err(boxed)
     }
 
+    async fn resolve_oci_layout_config(
+        &self,
+        reference: &str,
+        platform: &dockerfile::Platform,
+        session_id: &str,
+        store_id: &str,
+        log_name: &str,
+    ) -> std::result::Result<(String, Vec<u8>), BridgeError> {
+        let job = self.job;
+        let req = gw::ResolveImageConfigRequest {
+            r#ref: reference.to_string(),
+            platform: Some(pb::Platform {
+                architecture: platform.architecture.clone(),
+                os: platform.os.clone(),
+                variant: platform.variant.clone(),
+                ..Default::default()
+            }),
+            log_name: log_name.to_string(),
+            resolver_type: crate::gateway::RESOLVER_TYPE_OCI_LAYOUT,
+            session_id: session_id.to_string(),
+            store_id: store_id.to_string(),
+            ..Default::default()
+        };
+        let d = crate::progress::synthetic_digest(&format!(
+            "resolve-image-config-{}-{}",
+            job.id, reference
+        ));
+        job.progress
+            .vertex_started(&d, log_name, &[], None, std::time::SystemTime::now());
+        let res =
+            crate::gateway::resolve_config(&self.fe.backend, &self.fe.docker, job, &req).await;
+        job.progress.vertex_completed(
+            &d,
+            false,
+            res.as_ref().err().map(|e| e.to_string()),
+            std::time::SystemTime::now(),
+        );
+        res.map_err(boxed)
+    }
+
     async fn resolve_image_config(
         &self,
         reference: &str,

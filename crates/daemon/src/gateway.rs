@@ -359,6 +359,9 @@ pub(crate) async fn resolve_config(
     job: &Arc<Job>,
     r: &gw::ResolveImageConfigRequest,
 ) -> Result<(String, Vec<u8>)> {
+    if r.resolver_type == RESOLVER_TYPE_OCI_LAYOUT {
+        return resolve_config_oci_layout(backend, job, r).await;
+    }
     let mode = r.resolve_mode.as_str();
     let mut local_miss = None;
     if mode != "pull" {
@@ -385,6 +388,35 @@ pub(crate) async fn resolve_config(
             _ => Err(e),
         },
     }
+}
+
+/// `ResolveImageConfigRequest.ResolverType` of an `oci-layout://` reference (Go
+/// `llb.ResolverTypeOCILayout`): the image comes from the client's content store `StoreID`.
+pub(crate) const RESOLVER_TYPE_OCI_LAYOUT: i32 = 1;
+
+/// `ResolveImageConfig` of an image in an OCI layout the client serves (content store
+/// `oci:<StoreID>` of session `SessionID`, else the job's): the digest is the reference's root
+/// digest, the config that of the request's platform.
+async fn resolve_config_oci_layout(
+    backend: &Arc<Backend>,
+    job: &Arc<Job>,
+    r: &gw::ResolveImageConfigRequest,
+) -> Result<(String, Vec<u8>)> {
+    let reference = r.r#ref.strip_prefix("oci-layout://").unwrap_or(&r.r#ref);
+    let oref = worker::OciLayoutRef::parse(reference, &r.store_id, Some(&r.session_id))?;
+    let platform = r
+        .platform
+        .as_ref()
+        .map(|p| registry::Platform {
+            os: p.os.clone(),
+            architecture: p.architecture.clone(),
+            variant: p.variant.clone(),
+        })
+        .unwrap_or_else(registry::Platform::native);
+    let session =
+        crate::session::provider::JobSession::new(backend.sessions.clone(), job.session_id.clone());
+    let img = worker::resolve_oci_layout(&session, &oref, &platform).await?;
+    Ok((oref.digest, img.config))
 }
 
 /// `ResolveImageConfig` from the reference's registry.

@@ -33,7 +33,9 @@ pub use file::{
     RmOpts, UserOpt,
 };
 pub use protos::pb;
-pub use source::{git, http, image, local, normalize_ref, Git, Http, Image, Local};
+pub use source::{
+    git, http, image, local, normalize_ref, oci_layout, Git, Http, Image, Local, OciLayout,
+};
 
 /// Errors while building or marshalling a graph.
 #[derive(Debug, thiserror::Error)]

@@ -495,3 +495,72 @@ impl From<Http> for State {
         h.state()
     }
 }
+
+/// Builder for an `oci-layout://` source (Go `llb.OCILayout`).
+#[derive(Debug, Clone)]
+pub struct OciLayout {
+    reference: String,
+    session_id: Option<String>,
+    store_id: Option<String>,
+    layer_limit: Option<i64>,
+    platform: Platform,
+}
+
+/// An image of an OCI layout the client serves as a content store; `reference` is
+/// `name@sha256:…` (the digest of an index or a manifest in the store).
+pub fn oci_layout(reference: impl Into<String>) -> OciLayout {
+    OciLayout {
+        reference: reference.into(),
+        session_id: None,
+        store_id: None,
+        layer_limit: None,
+        platform: Platform::host(),
+    }
+}
+
+impl OciLayout {
+    /// `oci.session` and `oci.store` (Go `llb.OCIStore`; an empty session means the build's).
+    pub fn store(mut self, session_id: impl Into<String>, store_id: impl Into<String>) -> Self {
+        self.session_id = Some(session_id.into()).filter(|s| !s.is_empty());
+        self.store_id = Some(store_id.into()).filter(|s| !s.is_empty());
+        self
+    }
+
+    /// `oci.layerlimit`.
+    pub fn layer_limit(mut self, n: i64) -> Self {
+        self.layer_limit = Some(n);
+        self
+    }
+
+    /// The platform to use.
+    pub fn platform(mut self, p: Platform) -> Self {
+        self.platform = p;
+        self
+    }
+
+    /// The source state.
+    pub fn state(self) -> State {
+        let mut attrs = BTreeMap::new();
+        if let Some(s) = self.session_id {
+            attrs.insert("oci.session".into(), s);
+        }
+        if let Some(s) = self.store_id {
+            attrs.insert("oci.store".into(), s);
+        }
+        if let Some(n) = self.layer_limit {
+            attrs.insert("oci.layerlimit".into(), n.to_string());
+        }
+        source_state(
+            format!("oci-layout://{}", self.reference),
+            attrs,
+            &["source.ocilayout"],
+            Some(self.platform),
+        )
+    }
+}
+
+impl From<OciLayout> for State {
+    fn from(o: OciLayout) -> State {
+        o.state()
+    }
+}

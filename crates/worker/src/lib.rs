@@ -37,6 +37,9 @@ pub use container::ContainerMounts;
 pub use error::{BoxError, Error, ErrorKind, FailedSubject, Result, StepFailure};
 pub use layerstore::snapshot::{Chain, LayerRef, SnapshotId, SnapshotStore};
 pub use ops::image_pull::SessionAuth as RegistryAuth;
+pub use ops::source_oci_layout::{
+    resolve as resolve_oci_layout, OciLayoutRef, ResolvedOciImage, MAX_MANIFEST,
+};
 pub use progress::{LogStream, ProgressEvent, ProgressGroup, ProgressSink};
 pub use remote::{
     CacheSource, CacheSourceRef, RemoteLayer, SolveTrace, TracedOutput, TracedVertex,

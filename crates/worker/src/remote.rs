@@ -50,6 +50,11 @@ pub struct RemoteLayer {
 pub trait CacheSource: Send + Sync {
     /// Names the cache in logs and errors (e.g. `registry localhost:5000/cache:latest`).
     fn describe(&self) -> String;
+    /// What the source is, in front of [`CacheSource::describe`] in errors and snapshot
+    /// descriptions (`layer sha256:… of imported cache registry …`).
+    fn noun(&self) -> &'static str {
+        "imported cache"
+    }
     /// The layer chain (bottom first) recorded for cache key `key` (one output's key), if any.
     fn lookup(&self, key: &str) -> Option<Vec<RemoteLayer>>;
     /// Opens a layer blob for reading (compressed bytes; read on a blocking thread).

@@ -243,6 +243,40 @@ pub trait SessionProvider: Send + Sync {
     async fn forward_ssh_agent(&self, id: &str) -> Result<SshAgentConn> {
         Err(no_ssh(id))
     }
+
+    /// The size of blob `digest` in the client's content store `store` (the full store id, e.g.
+    /// `oci:NAME` for an `oci-layout://` source), asked of session `session` (`None`: the
+    /// build's session); `Ok(None)` when the store does not have it (`Content/Info`).
+    async fn content_info(
+        &self,
+        session: Option<&str>,
+        store: &str,
+        digest: &str,
+    ) -> Result<Option<u64>> {
+        let _ = (session, digest);
+        Err(no_content_store(store))
+    }
+
+    /// Opens blob `digest` of the client's content store `store` for reading
+    /// (`Content/Read`); the reader blocks, so it is read on a blocking thread. The bytes are
+    /// the client's: the caller checks them against `digest`.
+    async fn content_read(
+        &self,
+        session: Option<&str>,
+        store: &str,
+        digest: &str,
+    ) -> Result<Box<dyn std::io::Read + Send>> {
+        let _ = (session, digest);
+        Err(no_content_store(store))
+    }
+}
+
+fn no_content_store(store: &str) -> crate::Error {
+    crate::Error::session(
+        crate::ErrorKind::Unimplemented,
+        format!("content store {store:?}: the session serves no content store"),
+        None,
+    )
 }
 
 /// A session that has nothing: every local sync fails with `NotFound`.

@@ -1,12 +1,14 @@
 //! The worker's [`worker::SessionProvider`] for one job, on top of this daemon's sessions.
 //!
 //! Local sources go to the session named by `local.session` (or the job's session) through
-//! `FileSync/DiffCopy`; secrets, registry credentials and SSH agents go to the job's session.
+//! `FileSync/DiffCopy`; `oci-layout://` sources read the content store the client serves
+//! (`oci.session`, else the job's session); secrets, registry credentials and SSH agents go to the job's session.
 //! Each SSH agent connection is one `SSH/ForwardAgent` stream, bridged to an in-memory duplex
 //! pipe that the worker copies to and from the exec's socket. Errors carry
 //! the worker's [`worker::ErrorKind`] so the gRPC code comes out right.
 
 use super::calls::{self, LocalSyncRequest};
+use super::content::SessionContentStore;
 use super::SessionManager;
 use crate::errors::Error as DaemonError;
 use async_trait::async_trait;
@@ -58,6 +60,20 @@ fn kind_of(code: tonic::Code) -> ErrorKind {
         tonic::Code::Unimplemented => ErrorKind::Unimplemented,
         _ => ErrorKind::Internal,
     }
+}
+
+/// A content store failure; the store's messages already name the store and the digest
+/// (remotecache's errors are text only: the kind is read from the words).
+fn content_err(e: remotecache::Error) -> worker::Error {
+    let msg = e.to_string();
+    let kind = if msg.contains("does not serve the content store") {
+        ErrorKind::Unimplemented
+    } else if msg.contains("not found") {
+        ErrorKind::NotFound
+    } else {
+        ErrorKind::Unavailable
+    };
+    worker::Error::session(kind, msg, None)
 }
 
 fn to_worker(what: &str, e: DaemonError) -> worker::Error {
@@ -161,6 +177,36 @@ impl worker::SessionProvider for JobSession {
         calls::ssh_check_agent(&session, id)
             .await
             .map_err(|e| to_worker(&what, e))
+    }
+
+    async fn content_info(
+        &self,
+        session: Option<&str>,
+        store: &str,
+        digest: &str,
+    ) -> worker::Result<Option<u64>> {
+        use remotecache::ContentStore as _;
+        let what = format!("content store {store:?}");
+        let session = self.session(session, &what).await?;
+        SessionContentStore::new(session, store)
+            .info(digest)
+            .await
+            .map_err(content_err)
+    }
+
+    async fn content_read(
+        &self,
+        session: Option<&str>,
+        store: &str,
+        digest: &str,
+    ) -> worker::Result<Box<dyn std::io::Read + Send>> {
+        use remotecache::ContentStore as _;
+        let what = format!("content store {store:?}");
+        let session = self.session(session, &what).await?;
+        SessionContentStore::new(session, store)
+            .open(digest)
+            .await
+            .map_err(content_err)
     }
 
     async fn forward_ssh_agent(&self, id: &str) -> worker::Result<SshAgentConn> {

@@ -282,6 +282,24 @@ pub trait Bridge: Sync {
         log_name: &str,
     ) -> impl Future<Output = Result<(String, Vec<u8>), BridgeError>> + Send;
 
+    /// `ResolveImageConfig` with `ResolverType` OCI layout: the config of image `reference`
+    /// (`name@sha256:…`) of the OCI layout the client serves as content store `oci:<store_id>`
+    /// (in session `session_id`), for `platform`; returns the root digest and the config JSON.
+    fn resolve_oci_layout_config(
+        &self,
+        reference: &str,
+        platform: &Platform,
+        session_id: &str,
+        store_id: &str,
+        log_name: &str,
+    ) -> impl Future<Output = Result<(String, Vec<u8>), BridgeError>> + Send {
+        let _ = (platform, session_id, store_id, log_name);
+        let msg = format!(
+            "oci-layout reference {reference:?}: this frontend host cannot read OCI layouts"
+        );
+        async move { Err(msg.into()) }
+    }
+
     /// Shows a warning.
     fn warn(&self, w: Warning) -> impl Future<Output = ()> + Send;
 }

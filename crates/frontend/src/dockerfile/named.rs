@@ -1,7 +1,8 @@
 //! Named contexts (`context:NAME=…` options, `dockerfile/builder/build.go`'s `contextByName` at
 //! v0.11.6): a stage name, a `FROM` image or a `COPY --from`/`--mount from=` name that the
-//! client mapped to another image (`docker-image://`), a client directory (`local:`), a
-//! frontend input (`input:`) or nothing (`docker-image://scratch`).
+//! client mapped to another image (`docker-image://`), an image of an OCI layout the client
+//! serves (`oci-layout://STORE@sha256:…`), a client directory (`local:`), a frontend input
+//! (`input:`) or nothing (`docker-image://scratch`).
 
 use super::image::Image;
 use super::support::Platform;
@@ -185,11 +186,64 @@ async fn by_key<B: Bridge>(
             }
             Ok(Some(NamedContext { state: st, image }))
         }
-        "git" | "http" | "https" | "oci-layout" => Err(invalid(format!(
+        "oci-layout" => oci_layout(b, name, pname, rest, platform).await.map(Some),
+        "git" | "http" | "https" => Err(invalid(format!(
             "{kind} named contexts ({name}={v}) are not supported by berthd yet"
         ))),
         _ => Err(invalid(format!(
             "unsupported context source {kind} for {pname}"
         ))),
     }
+}
+
+/// `context:NAME=oci-layout://STORE@sha256:…`: the image `sha256:…` of the OCI layout the
+/// client serves as content store `oci:STORE`, named `NAME@sha256:…` in progress and errors.
+async fn oci_layout<B: Bridge>(
+    b: &B,
+    name: &str,
+    pname: &str,
+    rest: &str,
+    platform: &Platform,
+) -> Result<NamedContext, Error> {
+    let spec = rest.strip_prefix("//").unwrap_or(rest);
+    let Some((store, digest)) = spec.split_once('@') else {
+        return Err(invalid(format!(
+            "oci-layout reference {spec:?} has no digest"
+        )));
+    };
+    let store = store.split(':').next().unwrap_or_default();
+    if store.is_empty()
+        || store
+            .chars()
+            .any(|c| c.is_ascii_uppercase() || c.is_whitespace() || c.is_control())
+    {
+        return Err(invalid(format!(
+            "could not parse oci-layout reference {spec:?}: invalid store name"
+        )));
+    }
+    let hex = digest.strip_prefix("sha256:").unwrap_or_default();
+    if hex.len() != 64 || !hex.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')) {
+        return Err(invalid(format!(
+            "could not parse oci-layout reference {spec:?}: invalid digest {digest:?}"
+        )));
+    }
+    // The name shown for the image: the context's name with the layout's digest.
+    let dummy = llb::normalize_ref(&format!("{name}@{digest}"));
+    let bo = b.build_opts();
+    let log_name = format!("[context {pname}] load metadata for {dummy}");
+    let (_, config) = b
+        .resolve_oci_layout_config(&dummy, platform, &bo.session_id, store, &log_name)
+        .await
+        .map_err(|e| Error::bridge("", e))?;
+    let img: Image = serde_json::from_slice(&config)
+        .map_err(|e| invalid(format!("could not parse oci-layout image config: {e}")))?;
+    let st = llb::oci_layout(dummy)
+        .store(bo.session_id.clone(), store)
+        .platform(platform.to_llb())
+        .state()
+        .custom_name(format!("[context {pname}] OCI load from client"));
+    Ok(NamedContext {
+        state: with_image_config(st, &img),
+        image: Some(img),
+    })
 }

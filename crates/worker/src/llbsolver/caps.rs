@@ -28,6 +28,7 @@ pub(crate) const SUPPORTED: &[&str] = &[
     "source.git.fullurl",
     "source.git.subdir",
     "source.git.httpauth",
+    "source.ocilayout",
     // exec
     "exec.meta.base",
     "exec.meta.cgroup.parent",

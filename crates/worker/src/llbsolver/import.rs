@@ -76,8 +76,9 @@ impl Imported {
             .clone()
     }
 
-    /// Builds the snapshot of `layers` (bottom first) from `source`.
-    async fn materialize(
+    /// Builds the snapshot of `layers` (bottom first) from `source`. Also used by
+    /// `oci-layout://` sources (`ops::source_oci_layout`), whose blobs come from the client.
+    pub(crate) async fn materialize(
         &self,
         ctx: &OpContext,
         source: &CacheSourceRef,
@@ -90,7 +91,8 @@ impl Imported {
             .map(|l| {
                 l.diff_id.parse::<Digest>().map_err(|_| Error::Op {
                     message: format!(
-                        "imported cache {}: layer {} has an invalid diffID {:?}",
+                        "{} {}: layer {} has an invalid diffID {:?}",
+                        source.noun(),
                         source.describe(),
                         l.digest,
                         l.diff_id
@@ -155,7 +157,7 @@ impl Imported {
             }
         }
         let st = store.clone();
-        let desc = format!("imported from {}", source.describe());
+        let desc = format!("{} {}", source.noun(), source.describe());
         blocking(move || {
             let snap = res.and_then(|()| {
                 let id = st
@@ -181,7 +183,12 @@ impl Imported {
         chain: Chain,
         temps: &mut Vec<SnapshotId>,
     ) -> Result<Chain> {
-        let what = format!("layer {} of imported cache {}", l.digest, source.describe());
+        let what = format!(
+            "layer {} of {} {}",
+            l.digest,
+            source.noun(),
+            source.describe()
+        );
         let started = SystemTime::now();
         let status = |current: u64, done: bool| {
             ctx.progress.send(ProgressEvent::VertexStatus {
@@ -295,7 +302,7 @@ fn apply_blob(
     }
     if stats.diff_id.to_string() != l.diff_id {
         return Err(bad(format!(
-            "{what}: uncompressed content is {}, the cache says {}",
+            "{what}: uncompressed content is {}, expected diffID {}",
             stats.diff_id, l.diff_id
         )));
     }

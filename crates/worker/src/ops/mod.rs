@@ -5,6 +5,7 @@
 //! |---|---|
 //! | `SourceOp` `local://` | [`source_local`] |
 //! | `SourceOp` `docker-image://` | [`source_image`] |
+//! | `SourceOp` `oci-layout://` | [`source_oci_layout`] |
 //! | `FileOp` | [`file`] |
 //! | `ExecOp` | [`exec`] |
 //! | `MergeOp` | [`merge`] |
@@ -23,6 +24,7 @@ pub(crate) mod source_git;
 pub(crate) mod source_http;
 pub(crate) mod source_image;
 pub(crate) mod source_local;
+pub(crate) mod source_oci_layout;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -156,6 +158,7 @@ pub(crate) fn make_op(op: &LoadedOp, env: &Arc<BuildEnv>) -> Result<Arc<dyn Op<S
                 "docker-image" => source_image::new(op, env),
                 "https" | "http" => source_http::new(op, env),
                 "git" => source_git::new(op, env),
+                "oci-layout" => source_oci_layout::new(op, env),
                 other => Err(Error::not_implemented(format!("{other} sources"))),
             }
         }
