@@ -428,6 +428,31 @@ impl InProcess<'_> {
             cache_imports: self.job.cache_imports.lock().unwrap().clone(),
         }
     }
+
+    /// Resolves an image config for the frontend behind its own progress vertex (named
+    /// `log_name`), as buildkitd shows `[internal] load metadata for …`.
+    async fn resolve_config_step(
+        &self,
+        req: &gw::ResolveImageConfigRequest,
+        reference: &str,
+        log_name: &str,
+    ) -> Result<(String, Vec<u8>)> {
+        let job = self.job;
+        let d = crate::progress::synthetic_digest(&format!(
+            "resolve-image-config-{}-{}",
+            job.id, reference
+        ));
+        job.progress
+            .vertex_started(&d, log_name, &[], None, std::time::SystemTime::now());
+        let res = crate::gateway::resolve_config(&self.fe.backend, &self.fe.docker, job, req).await;
+        job.progress.vertex_completed(
+            &d,
+            false,
+            res.as_ref().err().map(|e| e.to_string()),
+            std::time::SystemTime::now(),
+        );
+        res
+    }
 }
 
 impl Bridge for InProcess<'_> {
@@ -519,7 +544,6 @@ impl Bridge for InProcess<'_> {
         store_id: &str,
         log_name: &str,
     ) -> std::result::Result<(String, Vec<u8>), BridgeError> {
-        let job = self.job;
         let req = gw::ResolveImageConfigRequest {
             r#ref: reference.to_string(),
             platform: Some(pb::Platform {
@@ -534,20 +558,7 @@ impl Bridge for InProcess<'_> {
             store_id: store_id.to_string(),
             ..Default::default()
         };
-        let d = crate::progress::synthetic_digest(&format!(
-            "resolve-image-config-{}-{}",
-            job.id, reference
-        ));
-        job.progress
-            .vertex_started(&d, log_name, &[], None, std::time::SystemTime::now());
-        let res =
-            crate::gateway::resolve_config(&self.fe.backend, &self.fe.docker, job, &req).await;
-        job.progress.vertex_completed(
-            &d,
-            false,
-            res.as_ref().err().map(|e| e.to_string()),
-            std::time::SystemTime::now(),
-        );
+        let res = self.resolve_config_step(&req, reference, log_name).await;
         res.map_err(boxed)
     }
 
@@ -572,20 +583,7 @@ impl Bridge for InProcess<'_> {
             session_id: job.session_id.clone(),
             ..Default::default()
         };
-        let d = crate::progress::synthetic_digest(&format!(
-            "resolve-image-config-{}-{}",
-            job.id, reference
-        ));
-        job.progress
-            .vertex_started(&d, log_name, &[], None, std::time::SystemTime::now());
-        let res =
-            crate::gateway::resolve_config(&self.fe.backend, &self.fe.docker, job, &req).await;
-        job.progress.vertex_completed(
-            &d,
-            false,
-            res.as_ref().err().map(|e| e.to_string()),
-            std::time::SystemTime::now(),
-        );
+        let res = self.resolve_config_step(&req, reference, log_name).await;
         let (digest, config) = res.map_err(boxed)?;
         self.recorder.image(
             reference,
