@@ -520,6 +520,43 @@ async fn exec_selector_content_key() -> Result<()> {
     Ok(())
 }
 
+/// A writable mount without an output (a Dockerfile `RUN --mount=from=…,src=…,rw`) is keyed by
+/// the selected content too, as buildkitd does (upstream TestMountRWCache): the step's own
+/// writes to it are discarded, so a change elsewhere in the input keeps the step cached.
+#[tokio::test]
+async fn exec_rw_no_output_mount_content_key() -> Result<()> {
+    let _timing = shared().await;
+    let w = TestWorker::new()?;
+    let (_img, base) = base().await?;
+    let data = |other: &str| {
+        base.run(RunOpts::shell(format!(
+            "mkdir -p /out && echo foo > /out/foo && echo {other} > /other"
+        )))
+        .root()
+    };
+    let step = |d: &llb::State| {
+        base.run(
+            RunOpts::shell("touch /m/bar && head -c 32 /dev/urandom | od -x > /unique")
+                .mount(Mount::bind("/m", d).selector("/out").no_output()),
+        )
+        .root()
+    };
+    let s1 = solve(&w.worker, &step(&data("1"))).await;
+    let u1 = read(s1.ok(), "/unique").await?.unwrap();
+    // Only /other differs: the data step runs, the step mounting /out is cached.
+    let s2 = solve(&w.worker, &step(&data("2"))).await;
+    let u2 = read(s2.ok(), "/unique").await?.unwrap();
+    let done = s2.completed();
+    assert!(!done.iter().find(|(n, _)| n.contains("echo 2")).unwrap().1);
+    let rw = done
+        .iter()
+        .find(|(n, _)| n.contains("touch /m/bar"))
+        .unwrap();
+    assert!(rw.1, "step re-ran: {done:?}");
+    assert_eq!(u1, u2);
+    Ok(())
+}
+
 /// One exec mounting the same cache twice (same ID, LOCKED, also PRIVATE) gets one directory at
 /// both mount points, as buildkitd's per-exec mount manager gives; a LOCKED cache does not wait
 /// for itself (upstream TestDuplicateCacheMount deadlocked berthd).

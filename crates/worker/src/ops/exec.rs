@@ -47,7 +47,8 @@
 //!
 //! Like buildkitd: the op without extra-host IPs and proxy env (which do not change what is
 //! built), the platform, and per input either its cache key or, when every mount of that input
-//! is a read-only non-root bind with a selector, a content checksum of the selected paths
+//! is a bind with a selector that is read-only and not the root, or writable without an output
+//! (a Dockerfile `RUN --mount=…,rw`), a content checksum of the selected paths
 //! (`file::checksum`, mtimes excluded), so a change elsewhere in such an input does not re-run
 //! the step. Selectors stay in the key. (buildkitd also content-hashes read-only mounts without
 //! a selector; berth does not, to avoid hashing whole base images.)
@@ -143,22 +144,24 @@ impl Op<Snap> for ExecOp {
     }
 }
 
-/// Whether input `i` is keyed by content: every mount of it is a read-only, non-root bind mount
-/// with a selector.
+/// Whether input `i` is keyed by content: every mount of it is a bind mount with a selector
+/// whose changes are not kept, that is read-only and not the root, or writable without an
+/// output (`output = -1`: a Dockerfile `RUN --mount=…,rw`), as buildkitd's exec op allows a
+/// content-based key for an input unless a mount of it is writable or the root and has an
+/// output.
 fn content_keyed(exec: &pb::ExecOp, i: usize) -> bool {
     let uses: Vec<&pb::Mount> = exec.mounts.iter().filter(|m| m.input == i as i64).collect();
     !uses.is_empty()
         && uses.iter().all(|m| {
             m.mount_type == pb::MountType::Bind as i32
-                && m.readonly
-                && m.dest != "/"
+                && ((m.readonly && m.dest != "/") || m.output == -1)
                 && !m.selector.trim_matches('/').is_empty()
         })
 }
 
-/// For each input, a checksum of the selected content when every mount of that input is a
-/// read-only, non-root bind mount with a selector (buildkitd's content-based dependency keys);
-/// `None` otherwise (the input's cache key is used).
+/// For each input, a checksum of the selected content when that input is keyed by content
+/// ([`content_keyed`]: buildkitd's content-based dependency keys); `None` otherwise (the
+/// input's cache key is used).
 async fn selector_checksums(
     store: &SnapshotStore,
     exec: &pb::ExecOp,
