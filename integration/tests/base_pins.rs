@@ -21,6 +21,10 @@
 //!   `docker ps` shows its one running pin with the owner's labels); the pin and the base
 //!   removed by force fail the build with the clear error and leave nothing, at every phase
 //!   before the load (after it, the loaded image holds the layers and the build succeeds);
+//! - pins start in the background, so a step may read the base before its pin runs: `docker
+//!   container prune` and `image prune` deleting the base under such a RUN (its pin held before
+//!   its start) make berth drop what the RUN made and run the build again on the base pulled
+//!   again, which succeeds with the right image;
 //! - `soak_builds_under_prunes` (ignored): 200 builds with a prune every few seconds.
 //!
 //! Needs root, runc, overlayfs, dockerd and containerd, busybox-static.
@@ -529,7 +533,7 @@ async fn a_dockerd_restart_mid_build_pins_the_base_again() {
 /// running exec, which the test holds itself).
 const PHASES: &[(&str, Option<&str>)] = &[
     (
-        "base resolution (pinned, no layer read yet)",
+        "base resolution (pin running, no layer read yet)",
         Some("base:pinned"),
     ),
     ("a running exec", None),
@@ -756,11 +760,15 @@ async fn every_cleanup_at_each_phase_leaves_the_build_alone() {
             match step {
                 Some(step) => {
                     holds.reached(step, &s.berthd).await;
+                    // The pin starts in the background; this test is about the build once it
+                    // runs (the window before is `a_prune_while_a_step_reads_the_base_...`).
+                    wait_running_pin(&s.host, 60).await;
                     routine_cleanups(&s, phase).await;
                     holds.release(step);
                 }
                 None => {
                     let pid = wait_process(&marker, &s.berthd).await;
+                    wait_running_pin(&s.host, 60).await;
                     routine_cleanups(&s, phase).await;
                     assert!(
                         running(pid),
@@ -847,6 +855,9 @@ async fn forced_removal_at_each_phase_fails_clearly_or_succeeds() {
                 }
                 None => Some(wait_process(&marker, &s.berthd).await),
             };
+            // Removed by force once it runs (before, a routine cleanup could remove it too:
+            // `a_prune_while_a_step_reads_the_base_before_its_pin_runs_runs_the_build_again`).
+            wait_running_pin(&s.host, 60).await;
             remove_base_by_force(&api, &s.base_id).await;
             match (step, pid) {
                 (Some(step), _) => holds.release(step),
@@ -1182,9 +1193,10 @@ async fn push_base(
 
 /// `docker system prune -af` while the base's first pin is only created (held there), shared by
 /// two concurrent builds of the base: the prune removes the created container and then the image.
-/// No layer was read yet: berth resolves the image again (pulls it from its registry) once, in the
-/// build that executes the base's vertex, and both builds (the other shares that execution) use
-/// the new image and pin and succeed with the right images.
+/// berth resolves the image again (pulls it from its registry): before the base's layers were
+/// read, once, in the build that executes the base's vertex (the other shares that execution);
+/// or, for a build whose RUN read them already (pins start in the background), by dropping what
+/// it made and running it again. Both builds succeed with the right images.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prune_before_the_first_pin_runs_resolves_the_base_again() {
     let holds = Holds::new();
@@ -1263,10 +1275,13 @@ async fn a_prune_before_the_first_pin_runs_resolves_the_base_again() {
             .as_ref()
             .unwrap_or_else(|e| panic!("build failed: {e}\nberthd log:\n{log}"));
     }
-    assert_eq!(
-        log.matches("base image deleted before its pin ran").count(),
-        1,
-        "berth did not resolve the base again exactly once:\n{log}"
+    // Resolved again before its layers were read (`base image deleted before its pin ran`, once
+    // for the builds that share the base's vertex), or, when a build's RUN had read them
+    // already, by running that build again.
+    assert!(
+        log.contains("base image deleted before its pin ran")
+            || log.contains("running the build again"),
+        "berth did not resolve the base again:\n{log}"
     );
     let want = Command::new("md5sum").arg("/bin/busybox").output().unwrap();
     let want = String::from_utf8_lossy(&want.stdout).into_owned();
@@ -1288,4 +1303,104 @@ async fn a_prune_before_the_first_pin_runs_resolves_the_base_again() {
         assert_eq!(got, format!("{want}{}\n", i + 1));
     }
     wait_no_pins(&s.host, "after the builds").await;
+}
+
+/// The window pins starting in the background opened: a RUN reads the base while its pin is
+/// only created (held there), and `docker container prune -f` (the created pin) then `docker
+/// image prune -af` (the base, unused now) delete the layers under it. What the RUN made is
+/// never kept or exported: berth drops it and runs the build again, pulling the base again from
+/// its registry, and the build succeeds with the right image; no pin is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prune_while_a_step_reads_the_base_before_its_pin_runs_runs_the_build_again() {
+    let holds = Holds::new();
+    let (s, base) = setup_held(&holds).await;
+    let registry = integration::Registry::start().unwrap();
+    let client = s.berthd.client().await.unwrap();
+    let remote = push_base(&client, base.reference(), &registry).await;
+    wait_no_pins(&s.host, "after the push").await;
+    holds.arm("pin:created");
+    let name = format!("{}:1", unique_name("berth-test/early-prune"));
+    let marker = unique_name("berth-early-run");
+    let build = client.build(phased_build(&remote, &marker, &name));
+    let drive = async {
+        holds.reached("pin:created", &s.berthd).await;
+        let first = wait_process(&marker, &s.berthd).await;
+        let (_, state, _) = docker_async(
+            &s.host,
+            &[
+                "ps",
+                "-a",
+                "--filter",
+                "label=dev.berth.pin",
+                "--format",
+                "{{.State}}",
+            ],
+        )
+        .await;
+        assert_eq!(
+            state.trim(),
+            "created",
+            "the RUN does not run before the pin"
+        );
+        for args in [
+            vec!["container", "prune", "-f"],
+            vec!["image", "prune", "-af"],
+        ] {
+            let (ok, _, err) = docker_async(&s.host, &args).await;
+            assert!(ok, "docker {args:?}: {err}");
+        }
+        assert!(
+            !docker_async(&s.host, &["image", "inspect", &remote])
+                .await
+                .0,
+            "the prunes left the base"
+        );
+        // The RUN reads the deleted base now, and the pin's start finds its container gone.
+        release_process(first);
+        holds.release("pin:created");
+        // The build again, on the base pulled again.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let second = loop {
+            let pid = wait_process(&marker, &s.berthd).await;
+            if pid != first {
+                break pid;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the build did not run again:\n{}",
+                s.berthd.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        release_process(second);
+    };
+    let (report, ()) = tokio::join!(build, drive);
+    let log = s.berthd.log_text();
+    let resp = report
+        .unwrap()
+        .solve
+        .unwrap_or_else(|e| panic!("build failed: {e}\nberthd log:\n{log}"));
+    assert!(resp.exporter_response.contains_key("containerimage.digest"));
+    assert!(
+        log.contains("a base image went before its pin ran; running the build again"),
+        "{log}"
+    );
+    let want = Command::new("md5sum").arg("/bin/busybox").output().unwrap();
+    let want = String::from_utf8_lossy(&want.stdout).into_owned();
+    let (ok, got, err) = docker(
+        &s.host,
+        &[
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            &name,
+            "sh",
+            "-c",
+            "cat /sum; md5sum /bin/busybox; wc -c < /big; cat /soak-base",
+        ],
+    );
+    assert!(ok, "built image does not run: {err}");
+    assert_eq!(got, format!("{want}{want}4194304\nsoak"));
+    wait_no_pins(&s.host, "after the build").await;
 }

@@ -347,7 +347,13 @@ impl Control {
                     cache_imports: job.cache_imports.lock().unwrap().clone(),
                 };
                 let def = req.definition.take();
-                let fs = self.backend.solve(def.clone(), &ctx).await?;
+                // Nothing reads the result of a build without exports: it does not wait for
+                // its base images' pins.
+                let fs = if kind == ExporterKind::None && cache_exports.is_empty() {
+                    self.backend.solve_unread(def.clone(), &ctx).await?
+                } else {
+                    self.backend.solve(def.clone(), &ctx).await?
+                };
                 // A direct solve's provenance: its definition, no frontend.
                 let recorder = Arc::new(crate::provenance::Recorder::default());
                 let mut defs = BTreeMap::new();

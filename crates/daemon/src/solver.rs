@@ -184,6 +184,25 @@ impl Backend {
         def: Option<protos::pb::Definition>,
         ctx: &SolveCtx,
     ) -> Result<FsRef> {
+        self.solve_read(def, ctx, true).await
+    }
+
+    /// [`Backend::solve`] of a result whose files nothing reads (a build without exports): the
+    /// solve does not wait for the pins of its base images (`worker::SolveContext::result_unread`).
+    pub async fn solve_unread(
+        self: &Arc<Self>,
+        def: Option<protos::pb::Definition>,
+        ctx: &SolveCtx,
+    ) -> Result<FsRef> {
+        self.solve_read(def, ctx, false).await
+    }
+
+    async fn solve_read(
+        self: &Arc<Self>,
+        def: Option<protos::pb::Definition>,
+        ctx: &SolveCtx,
+        read: bool,
+    ) -> Result<FsRef> {
         let Some(def) = def else {
             return Ok(FsRef::Scratch);
         };
@@ -199,6 +218,7 @@ impl Backend {
             worker::SolveContext::new(ctx.job_id.clone(), provider, sink, ctx.cancel.clone())
                 .with_entitlements(ctx.entitlements.clone())
                 .with_cache_imports(ctx.cache_imports.clone());
+        let wctx = if read { wctx } else { wctx.result_unread() };
         let source = def.source.clone();
         let r = self.worker.solve(def, wctx).await.map_err(|e| {
             let details = vertex_details(source.as_ref(), &e);

@@ -1,7 +1,9 @@
 //! Pins against the real system dockerd: a running container of berth's pin process in an image
 //! with no binaries at all, shared by builds, refused removal by Docker itself, costing no CPU;
 //! `docker stop` ends it at once and it comes back; a forced removal is reported by
-//! `Pin::check` with the image and what removed it. The test touches only its own image and
+//! `Pin::check` with the image and what removed it; a pin made in the background returns at
+//! once, runs shortly after (`Pin::holding`), and one of a deleted image gives up with the
+//! reason. The test touches only its own image and
 //! pin containers (no prunes on the system daemon). Needs root and `/var/run/docker.sock`.
 
 use std::collections::HashMap;
@@ -13,8 +15,8 @@ use bollard::query_parameters::{InspectContainerOptions, ListContainersOptions};
 use bollard::Docker;
 use futures::StreamExt as _;
 use layerstore::dockerstore::{
-    pin_image, resolve_base_image, DockerStore, StorageDriver, PIN_IMAGE_LABEL, PIN_LABEL,
-    PIN_PID_LABEL,
+    pin_image, pin_image_in_background, resolve_base_image, DockerStore, StorageDriver,
+    PIN_IMAGE_LABEL, PIN_LABEL, PIN_PID_LABEL,
 };
 
 fn docker() -> Docker {
@@ -360,5 +362,99 @@ async fn pin_start_bind_vs_upload() -> Result<()> {
             s[s.len() - 1]
         );
     }
+    Ok(())
+}
+
+/// Imports a one-file image without binaries as `tag`; returns its ID.
+async fn import_image(docker: &Docker, tag: &str) -> Result<String> {
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("data"), "pinned")?;
+    let tar = Command::new("tar")
+        .arg("-C")
+        .arg(dir.path())
+        .args(["-cf", "-", "."])
+        .output()?;
+    let mut import = Command::new("docker")
+        .args(["import", "-", tag])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(import.stdin.as_mut().unwrap(), &tar.stdout)?;
+    drop(import.stdin.take());
+    ensure!(
+        import.wait_with_output()?.status.success(),
+        "docker import failed"
+    );
+    docker.inspect_image(tag).await?.id.context("image id")
+}
+
+/// `pin_image_in_background` puts no Docker round trip on the caller's path: it returns before
+/// the container exists; the pin then runs and holds (never lost), and is shared with a later
+/// `pin_image`. For an image that is gone (deleted after the caller's lookup) it gives up, and
+/// says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pin_in_the_background_returns_at_once_then_holds_or_gives_up() -> Result<()> {
+    let docker = docker();
+    let tag = format!("berth-test-pins-bg:{}", std::process::id());
+    let id = import_image(&docker, &tag).await?;
+    let _image = Image(tag.clone());
+    let root = tempfile::tempdir()?;
+    let instance = format!("worker:{}", root.path().display());
+    let _cleanup = PinsOf(instance.clone());
+
+    let t = Instant::now();
+    let pin = pin_image_in_background(&docker, &id, &instance, "bg-1")?;
+    let returned = t.elapsed();
+    ensure!(!pin.holding() && !pin.ever_ran(), "holding before it ran");
+    ensure!(
+        pin.wait_running(Duration::from_secs(60)).await,
+        "the background pin did not run"
+    );
+    println!(
+        "pin_image_in_background returned in {returned:?}; running after {:?}",
+        t.elapsed()
+    );
+    ensure!(
+        returned < Duration::from_millis(20),
+        "returned after {returned:?}"
+    );
+    ensure!(pin.holding() && pin.ever_ran() && !pin.lost());
+    let cid = running_pin(&docker, &instance, None).await?;
+    ensure!(cid == pin.container_id());
+    let again = pin_image(&docker, &id, &instance, "bg-2").await?;
+    ensure!(again.same_pin(&pin), "a later pin_image made another pin");
+    // Released, not dropped: a dropped handle lingers (3 s), a released one does not.
+    again.release().await?;
+    pin.release().await?;
+    ensure!(
+        pins(&docker, &instance).await?.is_empty(),
+        "the released pin is left"
+    );
+
+    // An image deleted between the caller's lookup and the pin's creation: given up, with the
+    // reason; `check` names the image.
+    let gone_tag = format!("berth-test-pins-gone:{}", std::process::id());
+    let gone = import_image(&docker, &gone_tag).await?;
+    ensure!(Command::new("docker")
+        .args(["rmi", &gone_tag])
+        .output()?
+        .status
+        .success());
+    let pin = pin_image_in_background(&docker, &gone, &instance, "bg-3")?;
+    ensure!(
+        !pin.wait_running(Duration::from_secs(60)).await,
+        "a pin of a deleted image runs"
+    );
+    ensure!(pin.given_up() && pin.lost() && !pin.ever_ran());
+    let err = pin.check(&gone_tag, &[]).await.unwrap_err().to_string();
+    ensure!(
+        err.contains(&gone)
+            && err.contains("deleted from Docker before its pin container was created"),
+        "{err}"
+    );
+    ensure!(
+        pins(&docker, &instance).await?.is_empty(),
+        "a pin container is left"
+    );
     Ok(())
 }

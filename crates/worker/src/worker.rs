@@ -129,6 +129,10 @@ pub struct SolveContext {
     pub entitlements: Vec<String>,
     /// Caches imported for this build (`--import-cache`), asked after the local cache.
     pub cache_imports: Vec<crate::remote::CacheSourceRef>,
+    /// Whether anything reads the result's files after the solve (an export, a frontend): then
+    /// the solve ends only once the pins of the base images used in place run (see
+    /// [`SolveContext::result_unread`]).
+    pub result_read: bool,
 }
 
 impl std::fmt::Debug for SolveContext {
@@ -155,7 +159,17 @@ impl SolveContext {
             cancel,
             entitlements: vec![],
             cache_imports: vec![],
+            result_read: true,
         }
+    }
+
+    /// Nothing reads the result's files after the solve (a build without exports): the solve
+    /// does not wait for the pins of its base images to run. (They start in the background; a
+    /// result that is read must not be handed on before they run, as `docker container prune`
+    /// removes a pin container that does not run yet, and the base with it.)
+    pub fn result_unread(mut self) -> Self {
+        self.result_read = false;
+        self
     }
 
     /// Sets the caches imported for this build.

@@ -60,12 +60,19 @@
 //! removed in the background ([`Pin::release`] removes it at once and waits for its supervisor,
 //! //! so nothing it was making is left; a released supervisor also drops its stdin attach).
 //! [`pin_image`] returns once the container is created: from then on `docker rmi` and
-//! `docker image prune` already refuse the image. The attach, upload and start (0.3-0.5 s on an idle
-//! host, seconds on a loaded one) run in a supervisor task; a created container is what `docker
-//! container prune` removes, so callers wait for [`Pin::wait_running`] just before the image's
-//! layers are first read, which lets the start overlap the rest of the build's resolution and
-//! its other steps. Pins that a crashed process had only created are removed by
-//! [`remove_stale_pins`] (berthd calls it at start and, after [`stop_pinning`], at stop).
+//! `docker image prune` already refuse the image. The attach, upload and start (0.3-0.5 s on an
+//! idle host, seconds on a loaded one) run in a supervisor task; a created container is what
+//! `docker container prune` removes. Pins that a crashed process had only created are removed
+//! by [`remove_stale_pins`] (berthd calls it at start and, after [`stop_pinning`], at stop).
+//!
+//! Builds use [`pin_image_in_background`], which creates the container in the background too:
+//! no Docker round trip of the pin is on the build's path. Its steps read the base while the pin
+//! is created and started, so nothing they make is kept before [`Pin::holding`] (the pin runs
+//! and none of its containers was ever lost: nothing could delete the image without force since
+//! its creation) or [`Pin::check`] says the layers were there all along; a build whose base
+//! went before its pin ran ([`Pin::ever_ran`]) is run again on the base resolved again (the
+//! worker's `llbsolver`). What reads a build's result afterwards (an export) waits for
+//! [`Pin::wait_running`] first.
 //!
 //! # When a pin does not hold
 //!
@@ -78,11 +85,11 @@
 //!
 //! Until its first container runs, an image's pin is a created container, which `docker
 //! container prune` removes; the `image prune` of the same `docker system prune` may then delete
-//! the image before the supervisor pins it again (it gives up: [`Pin::given_up`]). No layer has
-//! been read at that point (callers wait for [`Pin::wait_running`] first), so the worker
-//! resolves the image again (pulling it if it can); likewise when the image vanishes between
-//! the caller's lookup and the pin's creation, or while dockerd creates the pin container
-//! ([`is_image_missing`]). That resolution runs once per lost pin ([`Pin::resolve_again`]): the
+//! the image before the supervisor pins it again (it gives up: [`Pin::given_up`]). A build that
+//! learns this before reading the layers resolves the image again (pulling it if it can); one
+//! whose steps read them already drops what they made and runs again (see above); likewise when
+//! the image vanishes between the caller's lookup and the pin's creation, or while dockerd
+//! creates the pin container ([`is_image_missing`]). That resolution runs once per lost pin ([`Pin::resolve_again`]): the
 //! builds that hold the same pin (they share the work of the base's vertex, so only one of them
 //! sees the loss) find the new image and pin with [`Pin::latest`].
 //!
@@ -259,6 +266,8 @@ struct Shared {
     state: Arc<Mutex<State>>,
     /// Set once the first container exists.
     ready: tokio::sync::OnceCell<()>,
+    /// Set once [`pin_image_in_background`] started creating the first container.
+    creating: AtomicBool,
     /// `false` while a pin container is being started; `true` once it runs or the supervisor
     /// stopped trying.
     settled: Arc<tokio::sync::watch::Sender<bool>>,
@@ -284,6 +293,8 @@ struct State {
     container: Option<(String, String)>,
     /// Whether it is known to run.
     running: bool,
+    /// Whether a container of this pin ever ran.
+    ever_ran: bool,
     /// What happened to earlier pin containers of this image, oldest first.
     events: Vec<String>,
     /// Set when the pin cannot be kept any more (image gone, too many losses).
@@ -302,39 +313,96 @@ pub async fn pin_image(
     instance: &str,
     build_id: &str,
 ) -> Result<Pin> {
+    let shared = shared_pin(docker, image, instance, build_id)?;
+    create_first(&shared).await?;
+    Ok(Pin {
+        lease: Lease::new(shared),
+    })
+}
+
+/// [`pin_image`] without waiting for anything: the pin container is created (and started) in the
+/// background, so neither round trip is on the caller's path. Until its container exists the
+/// image is not protected at all, and until it runs only from `docker rmi` and image prunes:
+/// a caller that reads the image's layers meanwhile must make sure nothing it made from them is
+/// used before [`Pin::holding`] (or [`Pin::check`]) says the layers were there all along. A
+/// failed creation gives the pin up ([`Pin::given_up`]; the event says why).
+pub fn pin_image_in_background(
+    docker: &Docker,
+    image: &str,
+    instance: &str,
+    build_id: &str,
+) -> Result<Pin> {
+    let shared = shared_pin(docker, image, instance, build_id)?;
+    if shared.ready.get().is_none() && !shared.creating.swap(true, Ordering::SeqCst) {
+        // Holds the pin until the container exists: a build that let go meanwhile still gets
+        // it removed (the last handle's drop removes it).
+        let s = shared.clone();
+        tokio::spawn(async move {
+            if let Err(e) = create_first(&s).await {
+                let what = if is_image_missing(&e) {
+                    format!(
+                        "image {} was deleted from Docker before its pin container was created",
+                        s.cfg.image
+                    )
+                } else {
+                    format!(
+                        "creating a pin container of image {} failed: {e}",
+                        s.cfg.image
+                    )
+                };
+                tracing::warn!(image = %s.cfg.image, error = %e, "pinning in the background failed");
+                {
+                    let mut st = s.state.lock().unwrap();
+                    st.events.push(what);
+                    give_up(&mut st);
+                }
+                s.settled.send_replace(true);
+            }
+        });
+    }
+    Ok(Pin {
+        lease: Lease::new(shared),
+    })
+}
+
+/// This process's live pin of `image` for `instance`, or a new one (no container yet).
+fn shared_pin(docker: &Docker, image: &str, instance: &str, build_id: &str) -> Result<Arc<Shared>> {
     if STOPPING.load(Ordering::SeqCst) {
         return Err(Error::DockerStoreMismatch {
             what: format!("not pinning image {image}: berthd is stopping"),
         });
     }
     let key = (instance.to_string(), image.to_string());
-    let shared = {
-        let mut reg = registry().lock().unwrap();
-        let live = reg
-            .get(&key)
-            .and_then(Weak::upgrade)
-            .filter(|s| !s.state.lock().unwrap().given_up);
-        match live {
-            Some(s) => s,
-            None => {
-                let s = Arc::new(Shared {
-                    cfg: Arc::new(Config {
-                        docker: docker.clone(),
-                        key: key.clone(),
-                        image: image.to_string(),
-                        build_id: build_id.to_string(),
-                    }),
-                    state: Default::default(),
-                    ready: tokio::sync::OnceCell::new(),
-                    settled: Arc::new(tokio::sync::watch::Sender::new(false)),
-                    supervisor: Mutex::new(None),
-                    replacement: tokio::sync::OnceCell::new(),
-                });
-                reg.insert(key, Arc::downgrade(&s));
-                s
-            }
+    let mut reg = registry().lock().unwrap();
+    let live = reg
+        .get(&key)
+        .and_then(Weak::upgrade)
+        .filter(|s| !s.state.lock().unwrap().given_up);
+    Ok(match live {
+        Some(s) => s,
+        None => {
+            let s = Arc::new(Shared {
+                cfg: Arc::new(Config {
+                    docker: docker.clone(),
+                    key: key.clone(),
+                    image: image.to_string(),
+                    build_id: build_id.to_string(),
+                }),
+                state: Default::default(),
+                ready: tokio::sync::OnceCell::new(),
+                creating: AtomicBool::new(false),
+                settled: Arc::new(tokio::sync::watch::Sender::new(false)),
+                supervisor: Mutex::new(None),
+                replacement: tokio::sync::OnceCell::new(),
+            });
+            reg.insert(key, Arc::downgrade(&s));
+            s
         }
-    };
+    })
+}
+
+/// Creates the pin's first container (once; callers share it) and starts its supervisor.
+async fn create_first(shared: &Arc<Shared>) -> Result<()> {
     shared
         .ready
         .get_or_try_init(|| async {
@@ -348,16 +416,14 @@ pub async fn pin_image(
                 shared.cfg.clone(),
                 shared.state.clone(),
                 SettledOnExit(shared.settled.clone()),
-                Arc::downgrade(&shared),
+                Arc::downgrade(shared),
                 made,
             ));
             *shared.supervisor.lock().unwrap() = Some(task);
             Ok::<_, Error>(())
         })
         .await?;
-    Ok(Pin {
-        lease: Lease::new(shared),
-    })
+    Ok(())
 }
 
 /// `e`, a failed create, unless the image is gone: a prune deleted it just before (404) or
@@ -660,7 +726,11 @@ async fn supervise(
         }
         let event = match r {
             Ok(hold) => {
-                state.lock().unwrap().running = true;
+                {
+                    let mut st = state.lock().unwrap();
+                    st.running = true;
+                    st.ever_ran = true;
+                }
                 settled.0.send_replace(true);
                 tracing::debug!(container = %id, took_ms = started.elapsed().as_millis() as u64, "pin container started");
                 let event = wait_stopped(docker, &id, &name).await;
@@ -881,6 +951,19 @@ impl Pin {
     /// Whether the current pin container is known to run (its start may still be under way).
     pub fn is_running(&self) -> bool {
         self.shared().state.lock().unwrap().running
+    }
+
+    /// Whether the pin's first container runs and no container of it was ever lost: since that
+    /// container's creation, the image could not have been deleted without force.
+    pub fn holding(&self) -> bool {
+        let st = self.shared().state.lock().unwrap();
+        st.running && st.events.is_empty() && !st.given_up
+    }
+
+    /// Whether a container of this pin ever ran (a pin lost before that was lost to a routine
+    /// cleanup, e.g. `docker container prune`, not only to a forced removal).
+    pub fn ever_ran(&self) -> bool {
+        self.shared().state.lock().unwrap().ever_ran
     }
 
     /// Waits (at most `timeout`) until the pin container runs, or the pin stopped trying; returns

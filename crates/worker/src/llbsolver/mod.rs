@@ -70,17 +70,103 @@ pub(crate) async fn solve(
     solve_traced(inner, def, ctx).await.map(|(r, _)| r)
 }
 
+/// How many times a build runs at most when a base image goes before its pin ran (see
+/// [`solve_traced`]).
+const MAX_ATTEMPTS: usize = 3;
+
 /// Solves `def`, consulting the context's imported caches, and returns what was evaluated (see
 /// [`crate::Worker::solve_traced`]).
+///
+/// Base images used in place are pinned in the background (`ops::source_image`): the build's
+/// steps read their layers while the pin starts, and nothing a step made is kept before
+/// [`Gated`] confirmed the layers were there all along. When a base went before its pin ran (a
+/// `docker system prune` in that window), what was made from it was dropped, and the build runs
+/// again from its definition, resolving the base again (pulling it if it can); steps that did
+/// not use it are cache hits then. If that resolution fails, the error is the one naming the
+/// lost base.
 pub(crate) async fn solve_traced(
     inner: &Inner,
     def: pb::Definition,
     ctx: SolveContext,
 ) -> Result<(SolvedRef, SolveTrace)> {
+    let mut first_loss: Option<(String, Error)> = None;
+    for attempt in 1..=MAX_ATTEMPTS {
+        let (r, bases) = solve_once(inner, &def, ctx.clone()).await;
+        match r {
+            Err(Attempt::Failed(e)) => {
+                return Err(match first_loss {
+                    // The lost base could not be resolved again: that is what the user needs.
+                    Some((reference, lost)) if !bases.has(&reference) => {
+                        tracing::warn!(build_id = %ctx.build_id, %reference, error = %e, "resolving a lost base image again failed");
+                        lost
+                    }
+                    _ => e,
+                });
+            }
+            Err(Attempt::BaseLost(reference, lost)) if attempt < MAX_ATTEMPTS => {
+                tracing::warn!(build_id = %ctx.build_id, %reference, attempt, error = %lost, "a base image went before its pin ran; running the build again");
+                first_loss.get_or_insert((reference, lost));
+            }
+            Err(Attempt::BaseLost(_, lost)) => return Err(first_loss.map(|l| l.1).unwrap_or(lost)),
+            Ok(r) => return Ok(r),
+        }
+    }
+    unreachable!("the last attempt returns")
+}
+
+/// How one run of a build ended unsuccessfully.
+enum Attempt {
+    /// With this error.
+    Failed(Error),
+    /// A base image (this reference) went before its pin ran: the build may run again.
+    BaseLost(String, Error),
+}
+
+impl From<Error> for Attempt {
+    fn from(e: Error) -> Self {
+        Attempt::Failed(e)
+    }
+}
+
+/// Why a failed run failed: a base lost before its pin ran explains it (and makes it worth
+/// running again); a base lost after (removed by force) gives the clear error naming it.
+async fn failed(bases: &ops::source_image::BaseImages, e: Error) -> Attempt {
+    if matches!(e, Error::Canceled) {
+        return Attempt::Failed(e);
+    }
+    if let Some((reference, lost)) = bases.lost_before_pinned().await {
+        return Attempt::BaseLost(reference, lost.in_vertex_of(&e));
+    }
+    match bases.check().await {
+        Err(lost) => Attempt::Failed(lost.in_vertex_of(&e)),
+        Ok(()) => Attempt::Failed(e),
+    }
+}
+
+/// One run of [`solve_traced`]; also returns the bases it resolved.
+async fn solve_once(
+    inner: &Inner,
+    def: &pb::Definition,
+    ctx: SolveContext,
+) -> (
+    std::result::Result<(SolvedRef, SolveTrace), Attempt>,
+    Arc<ops::source_image::BaseImages>,
+) {
+    let bases: Arc<ops::source_image::BaseImages> = Default::default();
+    let r = solve_with_bases(inner, def, ctx, bases.clone()).await;
+    (r, bases)
+}
+
+async fn solve_with_bases(
+    inner: &Inner,
+    def: &pb::Definition,
+    ctx: SolveContext,
+    bases: Arc<ops::source_image::BaseImages>,
+) -> std::result::Result<(SolvedRef, SolveTrace), Attempt> {
     let span = tracing::info_span!("solve", build_id = %ctx.build_id);
     let loaded = span.in_scope(|| {
         definition::load(
-            &def,
+            def,
             &definition::ValidateOpts {
                 platform: &inner.opts.default_platform,
                 allowed_entitlements: &inner.opts.allowed_entitlements,
@@ -127,7 +213,7 @@ pub(crate) async fn solve_traced(
         shared: inner.shared.clone(),
         session: ctx.session.clone(),
         opts: inner.opts.clone(),
-        bases: Default::default(),
+        bases,
     });
     let bases = env.bases.clone();
     let mut graph: Vec<Vertex<Snap>> = Vec::with_capacity(loaded.ops.len());
@@ -135,9 +221,16 @@ pub(crate) async fn solve_traced(
     let mut source_ops: Vec<(usize, Arc<dyn crate::solver::Op<Snap>>)> = Vec::new();
     for (i, op) in loaded.ops.iter().enumerate() {
         let imp = ops::make_op(op, &env)?;
-        if matches!(op.payload(), pb::op::Op::Source(_)) {
+        let imp: Arc<dyn crate::solver::Op<Snap>> = if matches!(op.payload(), pb::op::Op::Source(_))
+        {
             source_ops.push((i, imp.clone()));
-        }
+            imp
+        } else {
+            Arc::new(Gated {
+                op: imp,
+                bases: bases.clone(),
+            })
+        };
         graph.push(Vertex {
             digest: op.digest.clone(),
             name: op.name.clone(),
@@ -193,18 +286,22 @@ pub(crate) async fn solve_traced(
     // A base image used in place that lost its layers during the build explains any failure
     // (and makes a success suspect: a step may have read a vanishing lower dir).
     let (solved, stats, evaluated) = match r {
-        Err(Error::Canceled) => return Err(Error::Canceled),
         Err(e) => {
-            if let Err(lost) = bases.check().await {
-                tracing::warn!(build_id = %ctx.build_id, error = %e, "build failed after a base image was removed");
-                return Err(lost.in_vertex_of(&e));
+            let why = failed(&bases, e).await;
+            if let Attempt::BaseLost(_, e) = &why {
+                tracing::warn!(build_id = %ctx.build_id, error = %e, "build failed after a base image went before its pin ran");
             }
-            return Err(e);
+            return Err(why);
         }
         Ok(r) => {
-            // Export comes next: the pins must run by then (a cached build read no layer yet).
-            bases.wait_running().await;
-            bases.check().await?;
+            // What reads the result's files next (an export) needs the pins to run by then (a
+            // cached build read no layer yet); a build whose result nobody reads does not wait.
+            if ctx.result_read {
+                bases.wait_running().await;
+            }
+            if let Err(e) = bases.confirm().await {
+                return Err(failed(&bases, e).await);
+            }
             r
         }
     };
@@ -265,4 +362,45 @@ pub(crate) async fn solve_traced(
         },
         trace,
     ))
+}
+
+/// A step of a build that may use base images in place: what it made (its results, or its cache
+/// key when that reads its inputs' content) is handed on only once [`BaseImages::confirm`] says
+/// the bases' layers were there all along (their pins start in the background while steps run).
+///
+/// [`BaseImages::confirm`]: ops::source_image::BaseImages::confirm
+struct Gated {
+    op: Arc<dyn crate::solver::Op<Snap>>,
+    bases: Arc<ops::source_image::BaseImages>,
+}
+
+#[async_trait::async_trait]
+impl crate::solver::Op<Snap> for Gated {
+    async fn cache_key(
+        &self,
+        ctx: &crate::solver::OpContext,
+        inputs: &[crate::solver::Solved<Snap>],
+    ) -> Result<String> {
+        let key = self.op.cache_key(ctx, inputs).await?;
+        self.bases.confirm().await?;
+        Ok(key)
+    }
+
+    fn key_from_input_keys(&self, input_keys: &[&str]) -> Option<String> {
+        self.op.key_from_input_keys(input_keys)
+    }
+
+    async fn exec(
+        &self,
+        ctx: &crate::solver::OpContext,
+        inputs: &[crate::solver::Solved<Snap>],
+    ) -> Result<Vec<Snap>> {
+        let results = self.op.exec(ctx, inputs).await?;
+        self.bases.confirm().await?;
+        Ok(results)
+    }
+
+    fn pin(&self) -> Option<String> {
+        self.op.pin()
+    }
 }

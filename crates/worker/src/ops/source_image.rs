@@ -25,12 +25,17 @@
 //! copied. When the build ends (either way) [`BaseImages::check`] makes sure those directories
 //! are all still there; if the pin could not hold (removed by force, dockerd restarted, then
 //! the image deleted) the build fails with an error naming the image and what removed it.
-//! A prune may also take the image before its pin runs (between the lookup and the pin's
-//! creation, or the created pin container and then the image in one `docker system prune`):
-//! no layer has been read then, and the image is resolved again (pulled, if it can be), once
-//! for all the builds that share the base's vertex (they hold the same pin; see
-//! `ImageSource::live_layers`); a pull whose untagged image a prune deletes before the tag is
-//! loaded again.
+//! The pin is created and started in the background
+//! ([`layerstore::dockerstore::pin_image_in_background`]): the build's steps read the layers
+//! meanwhile, and what they make is kept (cached, handed to later steps) only once
+//! [`BaseImages::confirm`] says the layers were there all along; a build whose result is read
+//! (exported) ends its solve once the pins run. A prune may take the image before its pin runs
+//! (between the lookup and the pin's creation, or the created pin container and then the image
+//! in one `docker system prune`): if that is known before the layers are read, the image is
+//! resolved again (pulled, if it can be), once for all the builds that share the base's vertex
+//! (they hold the same pin; see `ImageSource::live_layers`); otherwise what was made from it is
+//! dropped and the build runs again (`llbsolver::solve_traced`). A pull whose untagged image a
+//! prune deletes before the tag is loaded again.
 //! `image.layerlimit` keeps only the first N layers.
 //!
 //! Cache key: the image ID plus the layer directories. The image ID makes a re-tag to a different
@@ -93,9 +98,10 @@ const API_TIMEOUT_SECS: u64 = 3600;
 const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 /// Longest look at the registry for the layer descriptors of an image Docker already has.
 const LEARN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
-/// Longest wait for a new pin container to run before the image's layers are first read (the
-/// start takes 0.3-0.5 s on an idle host, seconds on a loaded one); after it, the build goes on
-/// with the created container's weaker protection and the end-of-build check.
+/// Longest wait at the end of a solve for a new pin container to run before the result is handed
+/// on (an export reads the layers; the start takes 0.3-0.5 s on an idle host, seconds on a loaded
+/// one); after it, the build goes on with the created container's weaker protection and the
+/// end-of-build check.
 const PIN_START_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 /// How often an offline-resolved build checks whether dockerd has been started (to pin).
 const OFFLINE_WATCH: std::time::Duration = std::time::Duration::from_millis(250);
@@ -206,6 +212,50 @@ impl BaseImages {
                 );
             }
         }
+    }
+
+    /// Before anything a step made from the bases is kept (saved in berth's cache, handed to the
+    /// steps after it): makes sure every base's layers were there all along, since the step may
+    /// have read them before the base's pin ran (pins start in the background, see
+    /// [`dockerstore::pin_image_in_background`]). Free once a pin holds (it runs and was never
+    /// lost: nothing could delete the image without force since the pin was created, and the
+    /// dirs, named at random by Docker, show that they are the ones that were read); otherwise
+    /// asks dockerd ([`Pin::check`]). A base that went gives the error naming it (the build is
+    /// then run again if the pin had not run yet, see [`BaseImages::lost_before_pinned`]).
+    pub(crate) async fn confirm(&self) -> Result<()> {
+        for (reference, dirs, pin) in self.current() {
+            if pin.holding() && dirs.iter().all(|d| d.is_dir()) {
+                continue;
+            }
+            pin.check(&reference, &dirs).await.map_err(lost_err)?;
+        }
+        Ok(())
+    }
+
+    /// A base whose layers are gone although no container of its pin ever ran (a routine
+    /// cleanup in the window between the base's resolution and its pin's start, where berth's
+    /// steps already read it): its reference and the error naming it. Nothing the build made
+    /// from it was kept ([`BaseImages::confirm`]), so the build can run again, resolving the
+    /// base again (pulling it if it can).
+    pub(crate) async fn lost_before_pinned(&self) -> Option<(String, Error)> {
+        for (reference, dirs, pin) in self.current() {
+            if pin.ever_ran() {
+                continue;
+            }
+            if let Err(e) = pin.check(&reference, &dirs).await {
+                return Some((reference, lost_err(e)));
+            }
+        }
+        None
+    }
+
+    /// Whether a base with this reference was resolved (and pinned) in this build.
+    pub(crate) fn has(&self, reference: &str) -> bool {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|h| h.reference == reference)
     }
 
     /// Checks that every base still has all its layers; the first that does not gives the error
@@ -581,13 +631,11 @@ impl ImageSource {
                 .clone()
                 .unwrap_or_else(|| "/var/lib/docker".into());
             let store = DockerStore::new(data_root, driver);
-            // The pin's creation and the reading of the image's layers overlap; the layers read
-            // are the pinned image's if their dirs are still there once the pin exists (a prune
-            // and a new pull in between would have given the image new dirs).
-            let (pin, image) = tokio::join!(
-                dockerstore::pin_image(docker, &id, &instance, &self.reference),
-                dockerstore::resolve_base_image(docker, &store, &id)
-            );
+            // The pin is created and started in the background: neither is on the build's
+            // path. Until it runs, what the steps make from the layers is confirmed before it
+            // is kept (`BaseImages::confirm`).
+            let pin = dockerstore::pin_image_in_background(docker, &id, &instance, &self.reference);
+            let image = dockerstore::resolve_base_image(docker, &store, &id).await;
             let pinned = match (pin, image) {
                 (Err(e), _) => Err((e, "pin image")),
                 (_, Err(e)) => Err((e, "resolve image")),
@@ -899,14 +947,15 @@ impl ImageSource {
 }
 
 impl ImageSource {
-    /// Before the layers of a base used in place are first read: waits until its pin runs (its
-    /// start overlapped the resolution and whatever else the build did meanwhile). If the pin
-    /// was lost before it ran (`docker container prune` takes a created container) and the
-    /// image deleted (the `image prune` of the same `docker system prune`), no layer was read
-    /// yet: returns the image resolved again (a pull, if it can be pulled), which replaces the
-    /// lost one for every build that holds the same pin. Concurrent builds of the same base
-    /// share one execution of this vertex; the others find the replacement through the pin
-    /// ([`BaseImages::current`]) and use it too. `None`: the resolved image stands.
+    /// Before the layers of a base used in place are first read. The pin is not waited for: it
+    /// starts while the steps after this one run, and [`BaseImages::confirm`] checks what they
+    /// made before it is kept. Only a pin already known lost (its creation found the image gone,
+    /// or `docker container prune` took the created container and the `image prune` of the same
+    /// `docker system prune` the image) is acted on: no layer was read yet, so this returns the
+    /// image resolved again (a pull, if it can be pulled), which replaces the lost one for every
+    /// build that holds the same pin. Concurrent builds of the same base share one execution of
+    /// this vertex; the others find the replacement through the pin ([`BaseImages::current`])
+    /// and use it too. `None`: the resolved image stands.
     async fn live_layers(
         &self,
         ctx: &OpContext,
@@ -918,12 +967,14 @@ impl ImageSource {
             attempt += 1;
             let (current, again) = pin.latest();
             let dirs = again.as_ref().unwrap_or(image).layer_dirs.clone();
-            let running = tokio::select! {
-                running = current.wait_running(PIN_START_WAIT) => running,
-                _ = ctx.cancel.cancelled() => return Err(Error::Canceled),
-            };
-            if running {
+            // Not waiting for the pin to run: the steps after this one read the layers while it
+            // starts, and what they make is confirmed before it is kept. Only a pin already
+            // known lost is looked at here.
+            if !current.lost() {
                 return Ok(again);
+            }
+            if ctx.cancel.is_cancelled() {
+                return Err(Error::Canceled);
             }
             let Err(lost) = current.check(&self.reference, &dirs).await else {
                 tracing::warn!(reference = %self.reference, "pin container not running; the image is protected by a created container only");
