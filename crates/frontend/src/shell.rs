@@ -99,6 +99,9 @@ impl Lex {
 
     /// Expands `word` with a map.
     pub fn process_word_with_map(&self, word: &str, env: &Env) -> Result<String, LexError> {
+        if self.is_literal(word) {
+            return Ok(word.to_string());
+        }
         self.process(word, env).map(|r| r.0)
     }
 
@@ -119,7 +122,21 @@ impl Lex {
     }
 
     fn process(&self, word: &str, env: &Env) -> Result<(String, Vec<String>), LexError> {
+        if self.is_literal(word) {
+            // what the full scan gives for a word of ordinary characters only
+            let words = word.split(is_space).filter(|w| !w.is_empty());
+            return Ok((word.to_string(), words.map(String::from).collect()));
+        }
         ShellWord::new(self, word, env).process(word)
+    }
+
+    /// Whether expanding `word` changes nothing: no `$`, quote, escape token or leading byte
+    /// order mark, so every character is copied as it is (most paths, keys and mount options).
+    fn is_literal(&self, word: &str) -> bool {
+        !word.starts_with('\u{feff}')
+            && !word
+                .chars()
+                .any(|c| matches!(c, '$' | '\'' | '"') || c == self.escape_token)
     }
 }
 

@@ -10,9 +10,9 @@
 //!
 //! The build context is a `local` source whose `followpaths` are the context paths every
 //! dispatched instruction used; upstream fills it in after dispatching through a mutable
-//! output. Here LLB states are immutable, so dispatching runs twice: once to learn the paths,
-//! once with the final context (dispatch is deterministic and cheap; image configs are
-//! resolved once).
+//! output. Here LLB states are immutable, so dispatching runs twice: first a paths-only pass
+//! that expands every instruction and tracks the environment but builds no ops (it only learns
+//! the paths), then the full pass with the final context (image configs are resolved once).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -22,7 +22,7 @@ use super::support::{self, clean, join, Platform};
 use super::{Error, Located};
 use crate::instructions::{self, Command, KeyValuePairOptional, Stage};
 use crate::parser::{self, go_quote, go_quote_list, Range};
-use crate::shell::{build_envs, Lex};
+use crate::shell::{Env, Lex};
 
 const EMPTY_IMAGE_NAME: &str = "scratch";
 const HISTORY_COMMENT: &str = "buildkit.dockerfile.v0";
@@ -159,13 +159,25 @@ impl DispatchState {
         }
     }
 
-    fn env_list(&self) -> Vec<String> {
-        self.state
-            .get_env()
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect()
+    /// The state's environment as the expansion map: what `shell::build_envs` makes of the
+    /// `KEY=value` strings of the process environment, built without them (a key holding `=`
+    /// splits at its first `=`, as there).
+    fn env_map(&self) -> Env {
+        let mut m = Env::new();
+        for (k, v) in self.state.get_env() {
+            match k.split_once('=') {
+                None => m.insert(k.clone(), v.clone()),
+                Some((a, b)) => m.insert(a.to_string(), format!("{b}={v}")),
+            };
+        }
+        m
     }
+}
+
+/// Replaces `st` by `f(st)` without cloning it (states carry their whole environment).
+fn update(st: &mut llb::State, f: impl FnOnce(llb::State) -> llb::State) {
+    let old = std::mem::replace(st, llb::scratch());
+    *st = f(old);
 }
 
 struct States {
@@ -218,6 +230,10 @@ struct DispatchOpt<'a> {
     opt: &'a ConvertOpt,
     target_platform: Platform,
     proxy_env: Vec<(String, String)>,
+    /// The first pass: only the context paths (and the environment and image config they
+    /// depend on) are worked out; no LLB op is built. Errors of the parts it skips surface in
+    /// the full pass.
+    paths_only: bool,
 }
 
 fn located(message: impl Into<String>, location: &[Range]) -> Error {
@@ -587,7 +603,6 @@ pub async fn dockerfile_to_llb<R: MetaResolver>(
                 &format!("FROM {reference}"),
                 opt.prefix_platform,
                 Some(&platform),
-                &[],
             );
             let mut st = ib
                 .state()
@@ -604,25 +619,34 @@ pub async fn dockerfile_to_llb<R: MetaResolver>(
         d.platform = Some(platform);
     }
 
-    // Two passes: the first learns the context paths, the second uses them.
-    let first = dispatch_all(
-        &all,
-        target,
-        opt,
-        &opt_meta_args,
-        shlex,
-        &target_platform,
-        &proxy_env,
-        llb::local(ctx_name(opt)).state(),
-    )?;
+    // Two passes: the first learns the context paths, the second uses them. A given context
+    // needs no paths. The paths-only pass skips checks of the full one; when it fails, the
+    // full pass with a stand-in context reports the error a full first pass reports.
     let build_context = match &opt.build_context {
         Some(bc) => bc.clone(),
         None => {
+            let first = |paths_only| {
+                dispatch_all(
+                    &all,
+                    target,
+                    opt,
+                    &opt_meta_args,
+                    shlex,
+                    &target_platform,
+                    &proxy_env,
+                    llb::local(ctx_name(opt)).state(),
+                    paths_only,
+                )
+            };
+            let paths = match first(true) {
+                Ok((_, paths)) => paths,
+                Err(_) => first(false)?.1,
+            };
             let mut l = llb::local(ctx_name(opt))
                 .session_id(opt.session_id.clone())
                 .exclude(opt.excludes.clone())
                 .shared_key_hint(ctx_name(opt));
-            if let Some(paths) = normalize_context_paths(&first.1) {
+            if let Some(paths) = normalize_context_paths(&paths) {
                 l = l.follow_paths(paths);
             }
             l.state().custom_name("[internal] load build context")
@@ -637,6 +661,7 @@ pub async fn dockerfile_to_llb<R: MetaResolver>(
         &target_platform,
         &proxy_env,
         build_context,
+        false,
     )?;
     let mut t = states.swap_remove(target);
     if !opt.labels.is_empty() {
@@ -734,6 +759,7 @@ fn dispatch_all(
     target_platform: &Platform,
     proxy_env: &[(String, String)],
     build_context: llb::State,
+    paths_only: bool,
 ) -> Result<(Vec<DispatchState>, BTreeSet<String>), Error> {
     let mut states: Vec<DispatchState> = all.states.clone();
     let mut ctx_paths = BTreeSet::new();
@@ -745,6 +771,7 @@ fn dispatch_all(
         opt,
         target_platform: target_platform.clone(),
         proxy_env: proxy_env.to_vec(),
+        paths_only,
     };
     for i in 0..states.len() {
         if !all.reachable(target, i) || states[i].noinit {
@@ -758,30 +785,34 @@ fn dispatch_all(
             d.image = base.image;
         }
         let d = &mut states[i];
-        if !build_envs(&d.image.config.env).contains_key("PATH") {
+        if !d
+            .image
+            .config
+            .env
+            .iter()
+            .any(|e| e.split('=').next() == Some("PATH"))
+        {
             let os = d.platform.as_ref().map(|p| p.os.as_str()).unwrap_or("");
             d.image
                 .config
                 .env
                 .push(format!("PATH={}", super::image::default_path(os)));
         }
-        for e in d.image.config.env.clone() {
+        for e in &d.image.config.env {
             let (k, v) = e.split_once('=').unwrap_or((e.as_str(), ""));
-            d.state = d.state.clone().env(k, v);
+            update(&mut d.state, |s| s.env(k, v));
         }
-        if let Some(p) = &d.platform {
-            d.state = d.state.clone().with_platform(p.to_llb());
-        } else {
-            d.state = d.state.clone().with_platform(target_platform.to_llb());
-        }
+        let p = d.platform.as_ref().unwrap_or(target_platform).to_llb();
+        update(&mut d.state, |s| s.with_platform(p));
         let loc = d.stage.location.clone();
         if !d.image.config.working_dir.is_empty() {
             let wd = d.image.config.working_dir.clone();
-            dispatch_workdir(d, &wd, "", &[], false, &dopt).map_err(|e| with_location(e, &loc))?;
+            dispatch_workdir(d, &wd, "", &[], false, &dopt, &Env::new())
+                .map_err(|e| with_location(e, &loc))?;
         }
         if !d.image.config.user.is_empty() {
             let u = d.image.config.user.clone();
-            d.state = d.state.clone().user(u);
+            update(&mut d.state, |s| s.user(u));
         }
         let triggers = d.image.config.on_build.take().unwrap_or_default();
         for trigger in triggers {
@@ -985,7 +1016,6 @@ fn prefix_command(
     s: &str,
     prefix_platform: bool,
     platform: Option<&Platform>,
-    _env: &[String],
 ) -> String {
     if ds.cmd_total == 0 {
         return s.to_string();
@@ -1019,9 +1049,9 @@ fn uppercase_cmd(s: &str) -> String {
     }
 }
 
-fn process_cmd_env(shlex: &Lex, cmd: &str, env: &[String]) -> String {
+fn process_cmd_env(shlex: &Lex, cmd: &str, env: &Env) -> String {
     shlex
-        .process_word(cmd, env)
+        .process_word_with_map(cmd, env)
         .unwrap_or_else(|_| cmd.to_string())
 }
 
@@ -1084,10 +1114,10 @@ fn dispatch(
     mut cmd: Cmd,
     dopt: &DispatchOpt<'_>,
 ) -> Result<(), Error> {
+    let env = states[i].env_map();
     {
         // One map for every word of the command (a 200-line Dockerfile spent a third of its
         // conversion rebuilding it per word).
-        let env = build_envs(&states[i].env_list());
         let shlex = dopt.shlex;
         let word = |w: &str| {
             shlex
@@ -1115,17 +1145,26 @@ fn dispatch(
             let mut msg = "ENV".to_string();
             for kv in kvs {
                 msg.push_str(&format!(" {kv}"));
-                d.state = d.state.clone().env(&kv.key, &kv.value);
+                update(&mut d.state, |s| s.env(&kv.key, &kv.value));
                 add_env(&mut d.image.config.env, &kv.key, &kv.value);
             }
             commit_to_history(d, msg, false, false);
         }
-        Command::Run(r) => dispatch_run(states, i, r, &sources, dopt)?,
+        Command::Run(r) if dopt.paths_only => run_context_paths(&mut states[i], &r),
+        Command::Run(r) => dispatch_run(states, i, r, &sources, dopt, &env)?,
         Command::Workdir(m, p) => {
             let d = &mut states[i];
-            dispatch_workdir(d, &p, &m.code, &m.location, true, dopt)?;
+            dispatch_workdir(d, &p, &m.code, &m.location, true, dopt, &env)?;
         }
         Command::Add(a) => {
+            if dopt.paths_only {
+                for src in &a.sources.source_paths {
+                    if !is_http(src) {
+                        states[i].ctx_paths.insert(join(&["/", src]));
+                    }
+                }
+                return Ok(());
+            }
             let cfg = CopyConfig {
                 params: a.sources.clone(),
                 source: dopt.build_context.clone(),
@@ -1137,7 +1176,7 @@ fn dispatch(
                 checksum: a.checksum.clone(),
                 location: a.meta.location.clone(),
             };
-            dispatch_copy(&mut states[i], cfg, dopt)?;
+            dispatch_copy(&mut states[i], cfg, dopt, &env)?;
             for src in &a.sources.source_paths {
                 if !is_http(src) {
                     states[i].ctx_paths.insert(join(&["/", src]));
@@ -1145,6 +1184,14 @@ fn dispatch(
             }
         }
         Command::Copy(c) => {
+            if dopt.paths_only {
+                if sources.is_empty() {
+                    for src in &c.sources.source_paths {
+                        states[i].ctx_paths.insert(join(&["/", src]));
+                    }
+                }
+                return Ok(());
+            }
             let source = match sources.first() {
                 Some(&s) => states[s].state.clone(),
                 None => dopt.build_context.clone(),
@@ -1160,7 +1207,7 @@ fn dispatch(
                 checksum: String::new(),
                 location: c.meta.location.clone(),
             };
-            dispatch_copy(&mut states[i], cfg, dopt)?;
+            dispatch_copy(&mut states[i], cfg, dopt, &env)?;
             if sources.is_empty() {
                 for src in &c.sources.source_paths {
                     states[i].ctx_paths.insert(join(&["/", src]));
@@ -1236,12 +1283,11 @@ fn dispatch(
         }
         Command::Expose(_, ports) => {
             let d = &mut states[i];
-            let env = d.env_list();
             let mut all_ports = vec![];
             for p in &ports {
                 let ps = dopt
                     .shlex
-                    .process_words(p, &env)
+                    .process_words_with_map(p, &env)
                     .map_err(|e| plain(e.to_string()))?;
                 all_ports.extend(ps);
             }
@@ -1259,7 +1305,7 @@ fn dispatch(
         }
         Command::User(_, u) => {
             let d = &mut states[i];
-            d.state = d.state.clone().user(u.clone());
+            update(&mut d.state, |s| s.user(u.clone()));
             d.image.config.user = u.clone();
             commit_to_history(d, format!("USER {u}"), false, false);
         }
@@ -1310,7 +1356,7 @@ fn dispatch(
                     if build_arg.key != "BUILDKIT_SBOM_SCAN_CONTEXT"
                         && build_arg.key != "BUILDKIT_SBOM_SCAN_STAGE"
                     {
-                        d.state = d.state.clone().env(&build_arg.key, v);
+                        update(&mut d.state, |s| s.env(&build_arg.key, v));
                     }
                 }
                 d.build_args.push(build_arg);
@@ -1332,14 +1378,18 @@ fn dispatch_workdir(
     location: &[Range],
     commit: bool,
     dopt: &DispatchOpt<'_>,
+    env: &Env,
 ) -> Result<(), Error> {
-    d.state = d.state.clone().dir(path);
+    update(&mut d.state, |s| s.dir(path));
     let wd = if path.starts_with('/') {
         path.to_string()
     } else {
         join(&["/", &d.image.config.working_dir, path])
     };
     d.image.config.working_dir = wd.clone();
+    if commit && dopt.paths_only {
+        return Ok(());
+    }
     if commit {
         let mut with_layer = false;
         if wd != "/" {
@@ -1351,13 +1401,11 @@ fn dispatch_workdir(
                 .platform
                 .clone()
                 .unwrap_or_else(|| dopt.target_platform.clone());
-            let env = d.env_list();
             let name = prefix_command(
                 d,
-                &uppercase_cmd(&process_cmd_env(&dopt.shlex, code, &env)),
+                &uppercase_cmd(&process_cmd_env(&dopt.shlex, code, env)),
                 dopt.opt.prefix_platform,
                 Some(&platform),
-                &env,
             );
             let mut st = d
                 .state
@@ -1393,6 +1441,7 @@ fn dispatch_copy(
     d: &mut DispatchState,
     cfg: CopyConfig,
     dopt: &DispatchOpt<'_>,
+    env: &Env,
 ) -> Result<(), Error> {
     let dest_path = &cfg.params.dest_path;
     let pp = if dest_path.starts_with('/') {
@@ -1509,8 +1558,7 @@ fn dispatch_copy(
         .platform
         .clone()
         .unwrap_or_else(|| dopt.target_platform.clone());
-    let env = d.env_list();
-    let name = uppercase_cmd(&process_cmd_env(&dopt.shlex, &cfg.cmd_to_print, &env));
+    let name = uppercase_cmd(&process_cmd_env(&dopt.shlex, &cfg.cmd_to_print, env));
     let decorate = |st: llb::State, name: String| {
         let mut st = st.custom_name(name);
         if let Some(sm) = &dopt.opt.source_map {
@@ -1521,10 +1569,10 @@ fn dispatch_copy(
     if cfg.link && cfg.chmod.is_empty() {
         // Upstream's options for the two ops are copied into nil slices (a no-op), so the copy
         // gets only its progress group and the merge only the group and the `LINK` name.
-        let _ = prefix_command(d, &name, dopt.opt.prefix_platform, Some(&platform), &env);
+        let _ = prefix_command(d, &name, dopt.opt.prefix_platform, Some(&platform));
         d.cmd_index -= 1;
         let pg_id = progress_group_id(&name, d.cmd_index);
-        let pg_name = prefix_command(d, &name, dopt.opt.prefix_platform, Some(&platform), &env);
+        let pg_name = prefix_command(d, &name, dopt.opt.prefix_platform, Some(&platform));
         d.cmd_index -= 1;
         let copied = llb::scratch()
             .with_platform(platform.to_llb())
@@ -1535,14 +1583,13 @@ fn dispatch_copy(
             &format!("LINK {name}"),
             dopt.opt.prefix_platform,
             Some(&platform),
-            &env,
         );
         let merged = llb::merge(&[d.state.clone(), copied])
             .progress_group(pg_id, pg_name, false)
             .custom_name(link_name);
         d.state = d.state.clone().with_output_of(&merged);
     } else {
-        let pname = prefix_command(d, &name, dopt.opt.prefix_platform, Some(&platform), &env);
+        let pname = prefix_command(d, &name, dopt.opt.prefix_platform, Some(&platform));
         let mut st = decorate(d.state.file(action), pname);
         if d.ignore_cache {
             st = st.ignore_cache();
@@ -1590,6 +1637,7 @@ fn dispatch_run(
     c: instructions::RunCommand,
     sources: &[usize],
     dopt: &DispatchOpt<'_>,
+    env: &Env,
 ) -> Result<(), Error> {
     let mut custom_name = c.meta.code.clone();
     let mut args = c.cmd.cmd_line.clone();
@@ -1641,8 +1689,6 @@ fn dispatch_run(
     if c.cmd.prepend_shell {
         args = with_shell(&states[i].image, &args);
     }
-    let env = states[i].env_list();
-
     let mut run = llb::RunOpts::args(args.clone());
     for m in opts_mounts {
         run = run.mount(m);
@@ -1809,10 +1855,9 @@ fn dispatch_run(
         .unwrap_or_else(|| dopt.target_platform.clone());
     let name = prefix_command(
         d,
-        &uppercase_cmd(&process_cmd_env(&shlex, &custom_name, &env)),
+        &uppercase_cmd(&process_cmd_env(&shlex, &custom_name, env)),
         dopt.opt.prefix_platform,
         Some(&platform),
-        &env,
     );
     let mut root = d
         .state
@@ -1827,10 +1872,20 @@ fn dispatch_run(
         root = root.ignore_cache();
     }
     d.state = root;
-    let env_map = build_envs(&env);
-    let msg = format!("RUN {}", run_command_string(&args, &d.build_args, &env_map));
+    let msg = format!("RUN {}", run_command_string(&args, &d.build_args, env));
     commit_to_history(d, msg, true, true);
     Ok(())
+}
+
+/// The context paths `RUN` mounts read (the paths-only pass): the sources of the mounts from
+/// the context, except secret and ssh mounts (a cache mount without `from` reads scratch).
+fn run_context_paths(d: &mut DispatchState, c: &instructions::RunCommand) {
+    for m in &c.mounts {
+        let from_context = m.from.is_empty() && m.mount_type != "cache";
+        if from_context && m.mount_type != "secret" && m.mount_type != "ssh" {
+            d.ctx_paths.insert(join(&["/", &m.source]));
+        }
+    }
 }
 
 fn summarize_heredoc(doc: &str) -> String {

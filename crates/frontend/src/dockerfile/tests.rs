@@ -345,6 +345,70 @@ fn copy_link_is_a_merge() {
         .any(|o| matches!(o.op, Some(llb::pb::op::Op::Merge(_)))));
 }
 
+/// The `local.followpaths` of the build context (`None`: no such attribute).
+fn follow_paths(c: &Converted) -> Option<String> {
+    let local = ops(c)
+        .into_iter()
+        .find_map(|o| match o.op {
+            Some(llb::pb::op::Op::Source(s)) if s.identifier == "local://context" => Some(s),
+            _ => None,
+        })
+        .unwrap();
+    local.attrs.get("local.followpaths").cloned()
+}
+
+#[test]
+fn context_paths_of_every_kind() {
+    // The paths-only first pass must find exactly what a full dispatch uses: sources expanded
+    // with the environment (also one inherited from the base stage), ONBUILD triggers run in a
+    // child stage, ADD without URLs, RUN bind mounts from the context; not COPY --from, cache,
+    // secret and ssh mounts, mounts from a stage, or stages the target does not reach.
+    let df = "FROM busybox AS base\n\
+              ENV SRC=fromenv\n\
+              ONBUILD COPY onb /onb\n\
+              COPY ${SRC} /x\n\
+              FROM base AS child\n\
+              ADD http://example.com/f /f\n\
+              ADD addsrc /a\n\
+              COPY --from=base /x /y\n\
+              RUN --mount=type=cache,target=/c --mount=type=secret,id=s \\\n  \
+              --mount=type=ssh --mount=type=bind,from=base,source=b,target=/b \\\n  \
+              --mount=type=bind,source=${SRC}/bind,target=/m true\n\
+              FROM busybox AS unused\n\
+              COPY unusedsrc /u\n\
+              FROM child\n";
+    let (c, _) = convert(df, ConvertOpt::default()).unwrap();
+    assert_eq!(
+        follow_paths(&c).as_deref(),
+        Some(r#"["addsrc","fromenv","fromenv/bind","onb"]"#)
+    );
+    // A mount of the whole context (here a tmpfs mount, which counts its empty source) means
+    // every path: no followpaths.
+    let df = "FROM busybox\nCOPY a /a\nRUN --mount=type=tmpfs,target=/t true\n";
+    let (c, _) = convert(df, ConvertOpt::default()).unwrap();
+    assert_eq!(follow_paths(&c), None);
+}
+
+#[test]
+fn first_error_wins_over_later_ones() {
+    // The first pass skips the mount checks of RUN; a later expansion error must not be
+    // reported in place of the first error a full dispatch meets.
+    let e = convert(
+        "FROM busybox\nRUN --mount=type=bind,target=/ true\nENV A=${B:?boom}\n",
+        ConvertOpt::default(),
+    )
+    .unwrap_err();
+    assert_eq!(e.to_string(), "invalid mount target \"/\"");
+    assert_eq!(e.location().unwrap().ranges, crate::parser::to_ranges(2, 2));
+    let e = convert(
+        "FROM busybox\nENV A=${B:?boom}\nRUN --mount=type=bind,target=/ true\n",
+        ConvertOpt::default(),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("B: boom"), "{e}");
+    assert_eq!(e.location().unwrap().ranges, crate::parser::to_ranges(2, 2));
+}
+
 #[test]
 fn errors_name_lines() {
     let e = convert(

@@ -152,3 +152,28 @@ fn build_envs_last_wins() {
     assert_eq!(m["A"], "2=3");
     assert_eq!(m["B"], "");
 }
+
+proptest::proptest! {
+    /// The shortcut for words without anything to expand gives what the full scan gives, with
+    /// every lexer variant, for words of ordinary characters, (Unicode) spaces and the
+    /// characters that make a word not literal.
+    #[test]
+    fn literal_shortcut_matches_full_scan(
+        word in "[a-z0-9/=,. \\t\\u{a0}\\u{2003}\\u{feff}`$'\"\\\\-]{0,24}",
+        esc in proptest::prop_oneof![proptest::strategy::Just('\\'), proptest::strategy::Just('`')],
+        raw_quotes: bool,
+        raw_escapes: bool,
+        skip_process_quotes: bool,
+        skip_unset_env: bool,
+    ) {
+        let mut lex = Lex::new(esc);
+        lex.raw_quotes = raw_quotes;
+        lex.raw_escapes = raw_escapes;
+        lex.skip_process_quotes = skip_process_quotes;
+        lex.skip_unset_env = skip_unset_env;
+        let env = build_envs(&env());
+        let full = ShellWord::new(&lex, &word, &env).process(&word);
+        proptest::prop_assert_eq!(&lex.process(&word, &env), &full);
+        proptest::prop_assert_eq!(lex.process_word_with_map(&word, &env), full.map(|r| r.0));
+    }
+}
