@@ -123,7 +123,8 @@ struct DispatchState {
     base: Option<usize>,
     deps: BTreeSet<usize>,
     build_args: Vec<KeyValuePairOptional>,
-    commands: Vec<Cmd>,
+    /// The stage's commands (shared: each pass dispatches a copy of every state).
+    commands: Arc<Vec<Cmd>>,
     ctx_paths: BTreeSet<String>,
     ignore_cache: bool,
     cmd_set: bool,
@@ -147,7 +148,7 @@ impl DispatchState {
             base: None,
             deps: BTreeSet::new(),
             build_args: vec![],
-            commands: vec![],
+            commands: Arc::default(),
             ctx_paths: BTreeSet::new(),
             ignore_cache: false,
             cmd_set: false,
@@ -384,7 +385,9 @@ pub async fn dockerfile_to_llb<R: MetaResolver>(
             ));
         }
         st.base_name = name;
+        let commands = std::mem::take(&mut st.commands);
         let mut ds = DispatchState::new(st.clone());
+        ds.stage.commands = commands;
         ds.epoch = opt.source_date_epoch.clone();
         if !st.platform.is_empty() {
             let v = shlex
@@ -469,7 +472,7 @@ pub async fn dockerfile_to_llb<R: MetaResolver>(
     // commands and their sources (stage dependencies)
     let mut i = 0;
     while i < all.states.len() {
-        let cmds: Vec<Command> = all.states[i].stage.commands.clone();
+        let cmds = std::mem::take(&mut all.states[i].stage.commands);
         let mut out = vec![];
         for c in cmds {
             let cmd = to_command(c, &mut all)?;
@@ -478,7 +481,7 @@ pub async fn dockerfile_to_llb<R: MetaResolver>(
             }
             out.push(cmd);
         }
-        all.states[i].commands = out;
+        all.states[i].commands = Arc::new(out);
         i += 1;
     }
     if let Some(name) = circular(&all) {
@@ -778,11 +781,16 @@ fn dispatch_all(
             continue;
         }
         if let Some(b) = states[i].base {
-            let base = states[b].clone();
+            let base = &states[b];
+            let (state, platform, image) = (
+                base.state.clone(),
+                base.platform.clone(),
+                base.image.clone(),
+            );
             let d = &mut states[i];
-            d.state = base.state;
-            d.platform = base.platform;
-            d.image = base.image;
+            d.state = state;
+            d.platform = platform;
+            d.image = image;
         }
         let d = &mut states[i];
         if !d
@@ -820,9 +828,9 @@ fn dispatch_all(
                 .map_err(|e| with_location(e, &loc))?;
         }
         let cmds = states[i].commands.clone();
-        for cmd in cmds {
-            let cloc = cmd.command.location().to_vec();
-            dispatch(&mut states, i, cmd, &dopt).map_err(|e| with_location(e, &cloc))?;
+        for cmd in cmds.iter() {
+            dispatch(&mut states, i, cmd.clone(), &dopt)
+                .map_err(|e| with_location(e, cmd.command.location()))?;
         }
         ctx_paths.extend(states[i].ctx_paths.iter().cloned());
     }

@@ -511,6 +511,11 @@ pub fn must_parse_heredoc(src: &str) -> Option<Heredoc> {
 }
 
 fn heredocs_from_line(line: &str) -> Result<Vec<Heredoc>, String> {
+    // The lexer below only splits at whitespace and keeps every other character (raw quotes,
+    // raw escapes, unset variables as written), so a word can hold `<<` only if the line does.
+    if !line.contains("<<") {
+        return Ok(vec![]);
+    }
     let mut lex = Lex::new('\\');
     lex.raw_quotes = true;
     lex.raw_escapes = true;
