@@ -54,6 +54,19 @@ pub struct Lex {
 /// An environment for expansion: `KEY=value` pairs, later entries win.
 pub type Env = BTreeMap<String, String>;
 
+/// Where expansion looks variables up: an [`Env`], or a view of another representation that
+/// answers as the `Env` built from it would.
+pub trait Lookup {
+    /// The value of `name`, if it is set.
+    fn lookup(&self, name: &str) -> Option<String>;
+}
+
+impl Lookup for Env {
+    fn lookup(&self, name: &str) -> Option<String> {
+        self.get(name).cloned()
+    }
+}
+
 /// Builds an [`Env`] from `KEY=value` strings (a key without `=` gets an empty value).
 pub fn build_envs<S: AsRef<str>>(env: &[S]) -> Env {
     let mut m = Env::new();
@@ -98,7 +111,7 @@ impl Lex {
     }
 
     /// Expands `word` with a map.
-    pub fn process_word_with_map(&self, word: &str, env: &Env) -> Result<String, LexError> {
+    pub fn process_word_with_map(&self, word: &str, env: &impl Lookup) -> Result<String, LexError> {
         if self.is_literal(word) {
             return Ok(word.to_string());
         }
@@ -106,7 +119,11 @@ impl Lex {
     }
 
     /// Splits with a map.
-    pub fn process_words_with_map(&self, word: &str, env: &Env) -> Result<Vec<String>, LexError> {
+    pub fn process_words_with_map(
+        &self,
+        word: &str,
+        env: &impl Lookup,
+    ) -> Result<Vec<String>, LexError> {
         self.process(word, env).map(|r| r.1)
     }
 
@@ -121,7 +138,7 @@ impl Lex {
         Ok((r.0, sw.matches))
     }
 
-    fn process(&self, word: &str, env: &Env) -> Result<(String, Vec<String>), LexError> {
+    fn process(&self, word: &str, env: &dyn Lookup) -> Result<(String, Vec<String>), LexError> {
         if self.is_literal(word) {
             // what the full scan gives for a word of ordinary characters only
             let words = word.split(is_space).filter(|w| !w.is_empty());
@@ -130,9 +147,9 @@ impl Lex {
         ShellWord::new(self, word, env).process(word)
     }
 
-    /// Whether expanding `word` changes nothing: no `$`, quote, escape token or leading byte
+    /// Whether expanding `word` changes nothing, whatever the environment: no `$`, quote, escape token or leading byte
     /// order mark, so every character is copied as it is (most paths, keys and mount options).
-    fn is_literal(&self, word: &str) -> bool {
+    pub fn is_literal(&self, word: &str) -> bool {
         !word.starts_with('\u{feff}')
             && !word
                 .chars()
@@ -143,7 +160,7 @@ impl Lex {
 struct ShellWord<'a> {
     chars: Vec<char>,
     pos: usize,
-    envs: &'a Env,
+    envs: &'a dyn Lookup,
     lex: Lex,
     matches: BTreeSet<String>,
 }
@@ -194,7 +211,7 @@ impl Words {
 type Msg = String;
 
 impl<'a> ShellWord<'a> {
-    fn new(lex: &Lex, word: &str, envs: &'a Env) -> Self {
+    fn new(lex: &Lex, word: &str, envs: &'a dyn Lookup) -> Self {
         let mut chars: Vec<char> = word.chars().collect();
         // text/scanner skips a byte order mark at the very start
         if chars.first() == Some(&'\u{feff}') {
@@ -499,10 +516,10 @@ impl<'a> ShellWord<'a> {
     }
 
     fn get_env(&mut self, name: &str) -> (String, bool) {
-        match self.envs.get(name) {
+        match self.envs.lookup(name) {
             Some(v) => {
                 self.matches.insert(name.to_string());
-                (v.clone(), true)
+                (v, true)
             }
             None => (String::new(), false),
         }

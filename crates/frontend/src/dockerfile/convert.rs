@@ -22,7 +22,7 @@ use super::support::{self, clean, join, Platform};
 use super::{Error, Located};
 use crate::instructions::{self, Command, KeyValuePairOptional, Stage};
 use crate::parser::{self, go_quote, go_quote_list, Range};
-use crate::shell::{Env, Lex};
+use crate::shell::{Lex, Lookup};
 
 const EMPTY_IMAGE_NAME: &str = "scratch";
 const HISTORY_COMMENT: &str = "buildkit.dockerfile.v0";
@@ -160,18 +160,26 @@ impl DispatchState {
         }
     }
 
-    /// The state's environment as the expansion map: what `shell::build_envs` makes of the
-    /// `KEY=value` strings of the process environment, built without them (a key holding `=`
-    /// splits at its first `=`, as there).
-    fn env_map(&self) -> Env {
-        let mut m = Env::new();
-        for (k, v) in self.state.get_env() {
-            match k.split_once('=') {
-                None => m.insert(k.clone(), v.clone()),
-                Some((a, b)) => m.insert(a.to_string(), format!("{b}={v}")),
-            };
-        }
-        m
+    /// The environment expansion sees: the state's process environment.
+    fn env(&self) -> StateEnv<'_> {
+        StateEnv(self.state.get_env())
+    }
+}
+
+/// A process environment as expansion sees it, looked up in place: answers as the map
+/// `shell::build_envs` makes of its `KEY=value` strings (a key holding `=` splits at its first
+/// `=`, later entries win), without building that map for every instruction.
+struct StateEnv<'a>(&'a [(String, String)]);
+
+impl Lookup for StateEnv<'_> {
+    fn lookup(&self, name: &str) -> Option<String> {
+        self.0
+            .iter()
+            .rev()
+            .find_map(|(k, v)| match k.split_once('=') {
+                None => (k == name).then(|| v.clone()),
+                Some((a, b)) => (a == name).then(|| format!("{b}={v}")),
+            })
     }
 }
 
@@ -815,8 +823,7 @@ fn dispatch_all(
         let loc = d.stage.location.clone();
         if !d.image.config.working_dir.is_empty() {
             let wd = d.image.config.working_dir.clone();
-            dispatch_workdir(d, &wd, "", &[], false, &dopt, &Env::new())
-                .map_err(|e| with_location(e, &loc))?;
+            dispatch_workdir(d, &wd, "", &[], false, &dopt).map_err(|e| with_location(e, &loc))?;
         }
         if !d.image.config.user.is_empty() {
             let u = d.image.config.user.clone();
@@ -1057,7 +1064,7 @@ fn uppercase_cmd(s: &str) -> String {
     }
 }
 
-fn process_cmd_env(shlex: &Lex, cmd: &str, env: &Env) -> String {
+fn process_cmd_env(shlex: &Lex, cmd: &str, env: &impl Lookup) -> String {
     shlex
         .process_word_with_map(cmd, env)
         .unwrap_or_else(|_| cmd.to_string())
@@ -1122,10 +1129,10 @@ fn dispatch(
     mut cmd: Cmd,
     dopt: &DispatchOpt<'_>,
 ) -> Result<(), Error> {
-    let env = states[i].env_map();
     {
-        // One map for every word of the command (a 200-line Dockerfile spent a third of its
-        // conversion rebuilding it per word).
+        // The environment is looked up in place (building a map of it for every command, or
+        // worse every word, was most of the conversion of a 200-line Dockerfile).
+        let env = states[i].env();
         let shlex = dopt.shlex;
         let word = |w: &str| {
             shlex
@@ -1159,10 +1166,10 @@ fn dispatch(
             commit_to_history(d, msg, false, false);
         }
         Command::Run(r) if dopt.paths_only => run_context_paths(&mut states[i], &r),
-        Command::Run(r) => dispatch_run(states, i, r, &sources, dopt, &env)?,
+        Command::Run(r) => dispatch_run(states, i, r, &sources, dopt)?,
         Command::Workdir(m, p) => {
             let d = &mut states[i];
-            dispatch_workdir(d, &p, &m.code, &m.location, true, dopt, &env)?;
+            dispatch_workdir(d, &p, &m.code, &m.location, true, dopt)?;
         }
         Command::Add(a) => {
             if dopt.paths_only {
@@ -1184,7 +1191,7 @@ fn dispatch(
                 checksum: a.checksum.clone(),
                 location: a.meta.location.clone(),
             };
-            dispatch_copy(&mut states[i], cfg, dopt, &env)?;
+            dispatch_copy(&mut states[i], cfg, dopt)?;
             for src in &a.sources.source_paths {
                 if !is_http(src) {
                     states[i].ctx_paths.insert(join(&["/", src]));
@@ -1215,7 +1222,7 @@ fn dispatch(
                 checksum: String::new(),
                 location: c.meta.location.clone(),
             };
-            dispatch_copy(&mut states[i], cfg, dopt, &env)?;
+            dispatch_copy(&mut states[i], cfg, dopt)?;
             if sources.is_empty() {
                 for src in &c.sources.source_paths {
                     states[i].ctx_paths.insert(join(&["/", src]));
@@ -1290,16 +1297,16 @@ fn dispatch(
             commit_to_history(d, msg, false, false);
         }
         Command::Expose(_, ports) => {
-            let d = &mut states[i];
             let mut all_ports = vec![];
             for p in &ports {
                 let ps = dopt
                     .shlex
-                    .process_words_with_map(p, &env)
+                    .process_words_with_map(p, &states[i].env())
                     .map_err(|e| plain(e.to_string()))?;
                 all_ports.extend(ps);
             }
             let ps = support::parse_port_specs(&all_ports).map_err(plain)?;
+            let d = &mut states[i];
             let exposed = d
                 .image
                 .config
@@ -1386,7 +1393,6 @@ fn dispatch_workdir(
     location: &[Range],
     commit: bool,
     dopt: &DispatchOpt<'_>,
-    env: &Env,
 ) -> Result<(), Error> {
     update(&mut d.state, |s| s.dir(path));
     let wd = if path.starts_with('/') {
@@ -1409,12 +1415,8 @@ fn dispatch_workdir(
                 .platform
                 .clone()
                 .unwrap_or_else(|| dopt.target_platform.clone());
-            let name = prefix_command(
-                d,
-                &uppercase_cmd(&process_cmd_env(&dopt.shlex, code, env)),
-                dopt.opt.prefix_platform,
-                Some(&platform),
-            );
+            let expanded = uppercase_cmd(&process_cmd_env(&dopt.shlex, code, &d.env()));
+            let name = prefix_command(d, &expanded, dopt.opt.prefix_platform, Some(&platform));
             let mut st = d
                 .state
                 .file(llb::mkdir(wd.clone(), 0o755, mk))
@@ -1449,7 +1451,6 @@ fn dispatch_copy(
     d: &mut DispatchState,
     cfg: CopyConfig,
     dopt: &DispatchOpt<'_>,
-    env: &Env,
 ) -> Result<(), Error> {
     let dest_path = &cfg.params.dest_path;
     let pp = if dest_path.starts_with('/') {
@@ -1566,7 +1567,7 @@ fn dispatch_copy(
         .platform
         .clone()
         .unwrap_or_else(|| dopt.target_platform.clone());
-    let name = uppercase_cmd(&process_cmd_env(&dopt.shlex, &cfg.cmd_to_print, env));
+    let name = uppercase_cmd(&process_cmd_env(&dopt.shlex, &cfg.cmd_to_print, &d.env()));
     let decorate = |st: llb::State, name: String| {
         let mut st = st.custom_name(name);
         if let Some(sm) = &dopt.opt.source_map {
@@ -1645,7 +1646,6 @@ fn dispatch_run(
     c: instructions::RunCommand,
     sources: &[usize],
     dopt: &DispatchOpt<'_>,
-    env: &Env,
 ) -> Result<(), Error> {
     let mut custom_name = c.meta.code.clone();
     let mut args = c.cmd.cmd_line.clone();
@@ -1853,20 +1853,16 @@ fn dispatch_run(
     if !dopt.opt.cgroup_parent.is_empty() {
         run = run.cgroup_parent(dopt.opt.cgroup_parent.clone());
     }
-    let d = &mut states[i];
     let mut shlex = dopt.shlex;
     shlex.raw_quotes = true;
     shlex.skip_unset_env = true;
+    let expanded = uppercase_cmd(&process_cmd_env(&shlex, &custom_name, &states[i].env()));
+    let d = &mut states[i];
     let platform = d
         .platform
         .clone()
         .unwrap_or_else(|| dopt.target_platform.clone());
-    let name = prefix_command(
-        d,
-        &uppercase_cmd(&process_cmd_env(&shlex, &custom_name, env)),
-        dopt.opt.prefix_platform,
-        Some(&platform),
-    );
+    let name = prefix_command(d, &expanded, dopt.opt.prefix_platform, Some(&platform));
     let mut root = d
         .state
         .run(run)
@@ -1880,7 +1876,7 @@ fn dispatch_run(
         root = root.ignore_cache();
     }
     d.state = root;
-    let msg = format!("RUN {}", run_command_string(&args, &d.build_args, env));
+    let msg = format!("RUN {}", run_command_string(&args, &d.build_args, &d.env()));
     commit_to_history(d, msg, true, true);
     Ok(())
 }
@@ -1911,11 +1907,11 @@ fn summarize_heredoc(doc: &str) -> String {
 fn run_command_string(
     args: &[String],
     build_args: &[KeyValuePairOptional],
-    env: &BTreeMap<String, String>,
+    env: &impl Lookup,
 ) -> String {
     let mut tmp: Vec<String> = vec![];
     for a in build_args {
-        let v = env.get(&a.key).cloned().unwrap_or_else(|| a.value_string());
+        let v = env.lookup(&a.key).unwrap_or_else(|| a.value_string());
         tmp.push(format!("{}={v}", a.key));
     }
     if !tmp.is_empty() {
@@ -1923,4 +1919,32 @@ fn run_command_string(
     }
     tmp.extend(args.iter().cloned());
     tmp.join(" ")
+}
+
+#[cfg(test)]
+mod state_env_tests {
+    use super::*;
+    use crate::shell::build_envs;
+
+    #[test]
+    fn state_env_answers_as_the_built_map() {
+        // keys holding `=` (split at the first one) and later entries shadowing earlier ones
+        let env: Vec<(String, String)> = [
+            ("A", "1"),
+            ("B=x", "2"),
+            ("B", "3"),
+            ("C", ""),
+            ("D=", "4"),
+            ("A=y", "5"),
+            ("E", "a=b"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let strings: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let map = build_envs(&strings);
+        for name in ["A", "B", "C", "D", "E", "F", "", "B=x", "A=y"] {
+            assert_eq!(StateEnv(&env).lookup(name), map.lookup(name), "{name}");
+        }
+    }
 }
