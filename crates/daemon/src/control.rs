@@ -449,20 +449,26 @@ impl Control {
             .iter()
             .any(|c| c.target == remotecache::ExportTarget::Inline)
         {
-            if let Some(fs @ crate::solver::FsRef::Solved(r)) = result.fs.as_ref() {
+            // The single result's config, or each platform's (`containerimage.config/ID`).
+            let mut targets: Vec<(String, crate::solver::FsRef)> = vec![];
+            if let Some(fs) = result.fs.clone() {
+                targets.push(("containerimage.config".into(), fs));
+            }
+            for (id, fs) in &result.refs {
+                targets.push((format!("containerimage.config/{id}"), fs.clone()));
+            }
+            for (md_key, fs) in targets {
+                let crate::solver::FsRef::Solved(r) = &fs else {
+                    continue;
+                };
                 if let Some(trace) = fs.trace() {
-                    let base = result
-                        .metadata
-                        .get("containerimage.config")
-                        .map(|b| b.to_vec());
+                    let base = result.metadata.get(&md_key).map(|b| b.to_vec());
                     let chain = r.chain().layers().to_vec();
                     if let Some(cfg) =
                         crate::cache::inline_config(&self.backend, trace, &chain, base.as_deref())
                             .await?
                     {
-                        result
-                            .metadata
-                            .insert("containerimage.config".into(), cfg.into());
+                        result.metadata.insert(md_key, cfg.into());
                     }
                 }
             }

@@ -19,6 +19,12 @@ pub const CACHE_CONFIG_MEDIA_TYPE: &str = "application/vnd.buildkit.cacheconfig.
 pub const ANNOTATION_UNCOMPRESSED: &str = "containerd.io/uncompressed";
 /// Annotation of a layer descriptor: when the layer was made.
 pub const ANNOTATION_CREATED_AT: &str = "buildkit/createdat";
+/// Selector of berth's alias links: a record whose digest is a vertex's cache key links with
+/// this selector to the record whose digest is that vertex's alias key (its definition and its
+/// inputs' keys, for a vertex keyed by input content), so an importer finds the vertex's key
+/// from the alias without checksumming the inputs. Not a path: BuildKit matches no selector of
+/// its own against it.
+pub const ALIAS_SELECTOR: &str = "berth.alias.v1";
 /// Image config field holding the inline cache (the records, base64 as Go writes `[]byte`).
 pub const INLINE_CACHE_FIELD: &str = "moby.buildkit.cache.v0";
 

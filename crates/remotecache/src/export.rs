@@ -21,7 +21,7 @@ use worker::SolveTrace;
 use crate::attrs::{CompressionOpts, Mode};
 use crate::config::{
     go_time, CacheConfig, CacheInput, CacheLayer, CacheRecord, CacheResult, ChainedResult,
-    ANNOTATION_CREATED_AT, ANNOTATION_UNCOMPRESSED, CACHE_CONFIG_MEDIA_TYPE,
+    ALIAS_SELECTOR, ANNOTATION_CREATED_AT, ANNOTATION_UNCOMPRESSED, CACHE_CONFIG_MEDIA_TYPE,
 };
 use crate::store::ContentStore;
 use crate::{Error, Result};
@@ -150,6 +150,30 @@ pub async fn build(
                         .unwrap_or_default()
                 })
                 .collect();
+        }
+    }
+    // Alias links: vertex key → alias key (see `ALIAS_SELECTOR`).
+    for v in trace.vertices.iter().flatten() {
+        let Some(alias) = v.alias.as_ref().filter(|_| !v.ignore_cache) else {
+            continue;
+        };
+        let mut record = |digest: &str| {
+            *by_key.entry(digest.to_string()).or_insert_with(|| {
+                records.push(CacheRecord {
+                    digest: digest.to_string(),
+                    ..Default::default()
+                });
+                results.push(None);
+                records.len() - 1
+            })
+        };
+        let a = record(alias);
+        let k = record(&v.key);
+        if records[k].inputs.is_empty() {
+            records[k].inputs = vec![vec![CacheInput {
+                selector: ALIAS_SELECTOR.to_string(),
+                link_index: a as i64,
+            }]];
         }
     }
     let prepare = "preparing build cache for export";
@@ -442,5 +466,80 @@ impl Built {
             }
         }
         any.then(|| serde_json::to_vec(&records).expect("records serialise"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use worker::{TracedOutput, TracedVertex};
+
+    fn vertex(key: &str, alias: Option<&str>, inputs: Vec<(usize, usize)>) -> TracedVertex {
+        TracedVertex {
+            digest: format!("sha256:op-{key}"),
+            key: key.into(),
+            alias: alias.map(str::to_string),
+            inputs,
+            outputs: vec![TracedOutput {
+                key: format!("{key}@0"),
+                result: None,
+            }],
+            ignore_cache: false,
+        }
+    }
+
+    /// A content-keyed step's alias is recorded as a record of its own, linked from a record
+    /// named by the step's key with the alias selector; the importer reads it back as alias →
+    /// key, through the JSON the config is written as. Steps that ignore the cache give none.
+    #[tokio::test]
+    async fn aliases_are_recorded_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = BlobCache::open(dir.path()).unwrap();
+        let mut ignored = vertex("k2", Some("a2"), vec![(0, 0)]);
+        ignored.ignore_cache = true;
+        let trace = SolveTrace {
+            vertices: vec![
+                Some(vertex("k0", None, vec![])),
+                Some(vertex("k1", Some("a1"), vec![(0, 0)])),
+                Some(ignored),
+            ],
+            target: Some((1, 0)),
+        };
+        let quiet: ExportProgress = Arc::new(|_: &str, _: bool| {});
+        let built = build(
+            &trace,
+            Mode::Min,
+            CompressionOpts {
+                compression: registry::Compression::Gzip,
+                level: None,
+                force: false,
+            },
+            true,
+            &blobs,
+            &quiet,
+        )
+        .await
+        .unwrap();
+        let digests: Vec<&str> = built
+            .config
+            .records
+            .iter()
+            .map(|r| r.digest.as_str())
+            .collect();
+        assert_eq!(digests, ["k0@0", "k1@0", "a1", "k1"]);
+        assert_eq!(
+            built.config.records[3].inputs,
+            vec![vec![CacheInput {
+                selector: ALIAS_SELECTOR.into(),
+                link_index: 2,
+            }]]
+        );
+        // The step's own record still links to its input's record.
+        assert_eq!(built.config.records[1].inputs[0][0].link_index, 0);
+        let back: CacheConfig = serde_json::from_slice(&built.config_bytes()).unwrap();
+        assert_eq!(
+            crate::import::aliases(&back),
+            HashMap::from([("a1".to_string(), "k1".to_string())])
+        );
     }
 }

@@ -17,7 +17,7 @@ use serde::Deserialize;
 use worker::{CacheSource, RemoteLayer};
 
 use crate::config::{
-    CacheConfig, CacheLayer, ANNOTATION_CREATED_AT, ANNOTATION_UNCOMPRESSED,
+    CacheConfig, CacheLayer, ALIAS_SELECTOR, ANNOTATION_CREATED_AT, ANNOTATION_UNCOMPRESSED,
     CACHE_CONFIG_MEDIA_TYPE,
 };
 use crate::store::{read_all, ContentStore};
@@ -84,6 +84,8 @@ enum Fetch {
 pub struct RemoteCache {
     describe: String,
     keys: HashMap<String, Vec<RemoteLayer>>,
+    /// Alias key → vertex key ([`aliases`]).
+    aliases: HashMap<String, String>,
     fetch: Fetch,
 }
 
@@ -135,6 +137,34 @@ pub fn results_by_key(
     out
 }
 
+/// The vertex keys recorded for alias keys in `config`: a record linking with
+/// [`ALIAS_SELECTOR`] to another record names the vertex key (its digest) of that record's
+/// alias key (see `worker::TracedVertex::alias`).
+pub fn aliases(config: &CacheConfig) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    for r in &config.records {
+        for link in r.inputs.iter().flatten() {
+            if link.selector != ALIAS_SELECTOR {
+                continue;
+            }
+            let Some(a) = usize::try_from(link.link_index)
+                .ok()
+                .and_then(|i| config.records.get(i))
+            else {
+                continue;
+            };
+            if !a.digest.is_empty() && !r.digest.is_empty() {
+                out.entry(a.digest.clone())
+                    .or_insert_with(|| r.digest.clone());
+            }
+        }
+    }
+    out
+}
+
+/// Cache keys with results and alias keys of a cache.
+pub(crate) type Parsed = (HashMap<String, Vec<RemoteLayer>>, HashMap<String, String>);
+
 /// The layer `d` of a cache; `diff_id` and `created` (from an image config) override the
 /// descriptor's annotations.
 fn remote_layer(
@@ -164,6 +194,10 @@ fn remote_layer(
 #[async_trait]
 trait Reader: Send + Sync {
     async fn small(&self, d: &Desc) -> Result<Vec<u8>>;
+    /// A manifest an index names (a content store holds it as a blob).
+    async fn manifest(&self, d: &Desc) -> Result<Vec<u8>> {
+        self.small(d).await
+    }
 }
 
 struct RegistryReader<'a>(&'a Session, &'a Reference);
@@ -193,6 +227,21 @@ impl Reader for RegistryReader<'_> {
         }
         Ok(out)
     }
+
+    async fn manifest(&self, d: &Desc) -> Result<Vec<u8>> {
+        if d.size > MAX_SMALL_BLOB {
+            return Err(Error::invalid(format!(
+                "manifest {} is too large ({} > {MAX_SMALL_BLOB})",
+                d.digest, d.size
+            )));
+        }
+        let r = self.1.with_digest(&d.digest);
+        let m = self.0.resolve(&r).await.map_err(|source| Error::Registry {
+            what: format!("import cache {}: manifest {}", self.1, d.digest),
+            source: Box::new(source),
+        })?;
+        Ok(m.bytes.to_vec())
+    }
 }
 
 struct StoreReader<'a>(&'a dyn ContentStore);
@@ -215,11 +264,7 @@ fn registry_desc(digest: &str, media_type: &str, size: u64) -> registry::Descrip
 }
 
 /// Keys from an index or manifest `top` (see the module docs).
-async fn parse(
-    describe: &str,
-    top: &[u8],
-    reader: &dyn Reader,
-) -> Result<HashMap<String, Vec<RemoteLayer>>> {
+async fn parse(describe: &str, top: &[u8], reader: &dyn Reader) -> Result<Parsed> {
     let bad = |m: String| Error::invalid(format!("import cache {describe}: {m}"));
     let top: IndexOrManifest =
         serde_json::from_slice(top).map_err(|e| bad(format!("invalid index: {e}")))?;
@@ -233,34 +278,35 @@ async fn parse(
                 .filter(|m| m.media_type != CACHE_CONFIG_MEDIA_TYPE)
                 .filter_map(|m| remote_layer(m, None, None).map(|l| (m.digest.clone(), l)))
                 .collect();
-            return Ok(results_by_key(&config, &descs));
+            return Ok((results_by_key(&config, &descs), aliases(&config)));
         }
-        // An image index: inline cache of each image.
-        let mut out = HashMap::new();
+        // An image index: inline cache of each image (a manifest is read from the registry's
+        // manifest endpoint: registries serve no manifest as a blob).
+        let (mut out, mut al) = (HashMap::new(), HashMap::new());
         for m in ms.iter().take(16) {
-            let dt = reader.small(m).await?;
+            let dt = reader.manifest(m).await?;
             let sub: IndexOrManifest = serde_json::from_slice(&dt)
                 .map_err(|e| bad(format!("invalid manifest {}: {e}", m.digest)))?;
-            for (k, v) in inline(describe, &sub, reader).await? {
+            let (keys, aliases) = inline(describe, &sub, reader).await?;
+            for (k, v) in keys {
                 out.entry(k).or_insert(v);
             }
+            for (k, v) in aliases {
+                al.entry(k).or_insert(v);
+            }
         }
-        return Ok(out);
+        return Ok((out, al));
     }
     inline(describe, &top, reader).await
 }
 
 /// Keys of the inline cache in an image manifest's config.
-async fn inline(
-    describe: &str,
-    m: &IndexOrManifest,
-    reader: &dyn Reader,
-) -> Result<HashMap<String, Vec<RemoteLayer>>> {
+async fn inline(describe: &str, m: &IndexOrManifest, reader: &dyn Reader) -> Result<Parsed> {
     let (Some(cfg), Some(layers)) = (&m.config, &m.layers) else {
-        return Ok(HashMap::new());
+        return Ok(Default::default());
     };
     if layers.is_empty() {
-        return Ok(HashMap::new());
+        return Ok(Default::default());
     }
     let dt = reader.small(cfg).await?;
     let img: ImageConfig = serde_json::from_slice(&dt).map_err(|e| {
@@ -269,7 +315,7 @@ async fn inline(
         ))
     })?;
     let Some(cache) = img.cache else {
-        return Ok(HashMap::new());
+        return Ok(Default::default());
     };
     let diff_ids = img.rootfs.map(|r| r.diff_ids).unwrap_or_default();
     if diff_ids.len() != layers.len() {
@@ -277,7 +323,7 @@ async fn inline(
             cache = describe,
             "invalid image with mismatching manifest and config"
         );
-        return Ok(HashMap::new());
+        return Ok(Default::default());
     }
     let raw = base64::engine::general_purpose::STANDARD
         .decode(cache.as_bytes())
@@ -310,7 +356,7 @@ async fn inline(
             descs.insert(l.digest.clone(), rl);
         }
     }
-    Ok(results_by_key(&config, &descs))
+    Ok((results_by_key(&config, &descs), aliases(&config)))
 }
 
 impl RemoteCache {
@@ -328,11 +374,12 @@ impl RemoteCache {
                 source: Box::new(source),
             })?;
         let describe = format!("registry {r}");
-        let keys = parse(&describe, &top.bytes, &RegistryReader(&session, &r)).await?;
-        tracing::info!(cache = %describe, results = keys.len(), "cache imported");
+        let (keys, aliases) = parse(&describe, &top.bytes, &RegistryReader(&session, &r)).await?;
+        tracing::info!(cache = %describe, results = keys.len(), aliases = aliases.len(), "cache imported");
         Ok(RemoteCache {
             describe,
             keys,
+            aliases,
             fetch: Fetch::Registry {
                 session,
                 reference: r,
@@ -344,11 +391,12 @@ impl RemoteCache {
     pub async fn from_store(store: Arc<dyn ContentStore>, digest: &str) -> Result<RemoteCache> {
         let describe = format!("local {}", store.describe());
         let top = read_all(store.as_ref(), digest, MAX_SMALL_BLOB).await?;
-        let keys = parse(&describe, &top, &StoreReader(store.as_ref())).await?;
-        tracing::info!(cache = %describe, results = keys.len(), "cache imported");
+        let (keys, aliases) = parse(&describe, &top, &StoreReader(store.as_ref())).await?;
+        tracing::info!(cache = %describe, results = keys.len(), aliases = aliases.len(), "cache imported");
         Ok(RemoteCache {
             describe,
             keys,
+            aliases,
             fetch: Fetch::Store(store),
         })
     }
@@ -357,14 +405,15 @@ impl RemoteCache {
     /// name, as with buildkitd).
     pub async fn from_s3(client: crate::s3::S3Client) -> Result<RemoteCache> {
         let describe = format!("s3 {}", client.config().describe());
-        let keys = crate::s3::load(&client).await.map_err(|e| match e {
+        let (keys, aliases) = crate::s3::load(&client).await.map_err(|e| match e {
             Error::Invalid(m) => Error::invalid(format!("import cache {describe}: {m}")),
             other => other,
         })?;
-        tracing::info!(cache = %describe, results = keys.len(), "cache imported");
+        tracing::info!(cache = %describe, results = keys.len(), aliases = aliases.len(), "cache imported");
         Ok(RemoteCache {
             describe,
             keys,
+            aliases,
             fetch: Fetch::S3(Arc::new(client)),
         })
     }
@@ -388,6 +437,10 @@ impl CacheSource for RemoteCache {
 
     fn lookup(&self, key: &str) -> Option<Vec<RemoteLayer>> {
         self.keys.get(key).cloned()
+    }
+
+    fn alias(&self, alias: &str) -> Option<String> {
+        self.aliases.get(alias).cloned()
     }
 
     async fn open(

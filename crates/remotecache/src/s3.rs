@@ -34,7 +34,7 @@ use worker::RemoteLayer;
 
 use crate::config::{CacheConfig, LayerAnnotations};
 use crate::export::{Built, ExportProgress};
-use crate::import::results_by_key;
+use crate::import::{aliases, results_by_key};
 use crate::{Error, Result};
 
 /// Largest cache config read back (the config of a `mode=max` export of a large build is a few
@@ -651,12 +651,12 @@ impl Built {
 
 /// The cache keys of the config named first in `client`'s names (empty when the bucket has no
 /// such config), each with its layers.
-pub(crate) async fn load(client: &S3Client) -> Result<HashMap<String, Vec<RemoteLayer>>> {
+pub(crate) async fn load(client: &S3Client) -> Result<crate::import::Parsed> {
     let cfg = client.config();
     let key = cfg.manifest_key(cfg.names.first().map(String::as_str).unwrap_or("buildkit"));
     let Some(dt) = client.get_small(&key, MAX_CONFIG).await? else {
         tracing::info!(cache = %cfg.describe(), key, "no s3 cache config");
-        return Ok(HashMap::new());
+        return Ok(Default::default());
     };
     let config: CacheConfig = serde_json::from_slice(&dt)
         .map_err(|e| Error::invalid(format!("invalid s3 cache config {key}: {e}")))?;
@@ -680,7 +680,7 @@ pub(crate) async fn load(client: &S3Client) -> Result<HashMap<String, Vec<Remote
             },
         );
     }
-    Ok(results_by_key(&config, &descs))
+    Ok((results_by_key(&config, &descs), aliases(&config)))
 }
 
 /// A blob being read from S3 on a blocking thread.

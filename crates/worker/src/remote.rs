@@ -57,6 +57,10 @@ pub trait CacheSource: Send + Sync {
     }
     /// The layer chain (bottom first) recorded for cache key `key` (one output's key), if any.
     fn lookup(&self, key: &str) -> Option<Vec<RemoteLayer>>;
+    /// The vertex key recorded for alias key `alias` (see [`TracedVertex::alias`]), if any.
+    fn alias(&self, _alias: &str) -> Option<String> {
+        None
+    }
     /// Opens a layer blob for reading (compressed bytes; read on a blocking thread).
     async fn open(&self, layer: &RemoteLayer) -> Result<Box<dyn Read + Send>, BoxError>;
 }
@@ -80,6 +84,12 @@ pub struct SolveTrace {
 pub struct TracedVertex {
     /// LLB op digest.
     pub digest: String,
+    /// The vertex's cache key (its outputs' keys derive from it).
+    pub key: String,
+    /// For a vertex keyed by input content: the key of its definition and its inputs' keys
+    /// (`Op::alias_key`). An export records that `alias` leads to `key`, so an importing build
+    /// finds the vertex without checksumming its inputs.
+    pub alias: Option<String>,
     /// `(vertex, output)` per input, in op order.
     pub inputs: Vec<(usize, usize)>,
     /// Per output: its cache key and result.

@@ -405,6 +405,10 @@ impl ImportStore<Snap> for Imported {
         }
         Some(out)
     }
+
+    fn alias(&self, alias: &str) -> Option<String> {
+        self.sources.iter().find_map(|s| s.alias(alias))
+    }
 }
 
 impl std::fmt::Debug for Imported {

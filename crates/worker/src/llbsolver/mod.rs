@@ -326,6 +326,8 @@ async fn solve_with_bases(
         .map(|(ev, (digest, inputs, ignore_cache, n))| {
             ev.map(|ev| TracedVertex {
                 digest,
+                key: ev.key.clone(),
+                alias: ev.alias.clone(),
                 inputs,
                 ignore_cache,
                 outputs: (0..n)

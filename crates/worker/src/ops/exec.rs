@@ -133,6 +133,20 @@ impl Op<Snap> for ExecOp {
         ))
     }
 
+    fn alias_key(&self, input_keys: &[&str]) -> Option<String> {
+        // As if no input were keyed by content: every input by its key.
+        let as_keys = cache_key(
+            &self.0.op,
+            &self.0.exec,
+            &self.0.env.opts.default_platform,
+            input_keys,
+            &vec![None; input_keys.len()],
+        );
+        let mut h = crate::digest::KeyHasher::new("berth.exec.alias.v1");
+        h.field(as_keys.as_bytes());
+        Some(h.finish())
+    }
+
     async fn exec(&self, ctx: &OpContext, inputs: &[Solved<Snap>]) -> Result<Vec<Snap>> {
         let inner = self.0.clone();
         let ctx = ctx.clone();

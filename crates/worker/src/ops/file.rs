@@ -152,6 +152,16 @@ impl Op<Snap> for FileOpImpl {
         Some(h.finish())
     }
 
+    fn alias_key(&self, input_keys: &[&str]) -> Option<String> {
+        // The definition and every input's key, copy sources included (their content is what
+        // those keys produced).
+        Some(crate::ops::standard_key_from(
+            "berth.fileop.alias.v1",
+            &self.op,
+            input_keys,
+        ))
+    }
+
     async fn exec(&self, ctx: &OpContext, inputs: &[Solved<Snap>]) -> Result<Vec<Snap>> {
         let store = self.store.clone();
         let file = self.file.clone();

@@ -77,6 +77,14 @@ pub(crate) trait Op<R>: Send + Sync {
     fn key_from_input_keys(&self, _input_keys: &[&str]) -> Option<String> {
         None
     }
+    /// For ops keyed by input content ([`Op::key_from_input_keys`] is `None`): a key of the
+    /// definition and the inputs' keys alone (BuildKit's definition-based key next to the
+    /// content-based one). A build records it with the vertex's key, so that an imported cache
+    /// gives the vertex's key for this alias without building the inputs to checksum them (a
+    /// `mode=min` cache has no result for them). `None` (the default): no alias.
+    fn alias_key(&self, _input_keys: &[&str]) -> Option<String> {
+        None
+    }
     /// Executes the vertex; returns one result per output.
     async fn exec(&self, ctx: &OpContext, inputs: &[Solved<R>]) -> Result<Vec<R>>;
     /// What a source resolved to in this build, once its cache key is known (BuildKit's
@@ -97,6 +105,10 @@ pub(crate) trait ImportStore<R>: Send + Sync {
     /// output of a step with several). May download layers (statuses go to `ctx`). Failures are
     /// misses: the vertex then runs.
     async fn load(&self, ctx: &OpContext, key: &str, needed: &[bool]) -> Option<Vec<Option<R>>>;
+    /// The vertex key the imported cache recorded for the alias key `alias` ([`Op::alias_key`]).
+    fn alias(&self, _alias: &str) -> Option<String> {
+        None
+    }
 }
 
 /// Persistent map from cache keys to results.
@@ -133,6 +145,8 @@ pub(crate) type Outputs<R> = Arc<Vec<Option<Solved<R>>>>;
 /// A vertex's cache key, and the span its work runs in.
 struct Keyed {
     key: String,
+    /// The op's alias key ([`Op::alias_key`]), recorded with `key` in exports.
+    alias: Option<String>,
     span: tracing::Span,
 }
 type KeyFuture = Shared<BoxFuture<'static, std::result::Result<Arc<Keyed>, Arc<Error>>>>;
@@ -156,6 +170,8 @@ pub(crate) struct SolveStats {
 pub(crate) struct Evaluation<R> {
     /// The vertex's cache key (outputs: [`output_key`]).
     pub key: String,
+    /// Its alias key ([`Op::alias_key`]), if the op has one.
+    pub alias: Option<String>,
     /// The outputs, when built or loaded.
     pub outputs: Option<Outputs<R>>,
 }
@@ -184,8 +200,8 @@ struct Job<R> {
     stats: Mutex<SolveStats>,
     /// Outputs of the vertices evaluated so far, by graph index.
     evaluated: Mutex<HashMap<usize, Outputs<R>>>,
-    /// Cache keys of the vertices keyed so far, by graph index.
-    keys: Mutex<HashMap<usize, String>>,
+    /// Cache keys (and alias keys) of the vertices keyed so far, by graph index.
+    keys: Mutex<HashMap<usize, (String, Option<String>)>>,
     /// The build's imported cache, if any.
     import: Option<Arc<dyn ImportStore<R>>>,
     /// Parent of the vertex spans.
@@ -349,7 +365,10 @@ impl<R: Clone + Send + Sync + 'static> Solver<R> {
                         .vertex_key(&job, &v, in_keys, in_res, input_digests, eager)
                         .await
                         .map_err(Arc::new)?;
-                    job.keys.lock().unwrap().insert(i, k.key.clone());
+                    job.keys
+                        .lock()
+                        .unwrap()
+                        .insert(i, (k.key.clone(), k.alias.clone()));
                     Ok(Arc::new(k))
                 }
                 .boxed()
@@ -398,9 +417,10 @@ impl<R: Clone + Send + Sync + 'static> Solver<R> {
         let stats = *job.stats.lock().unwrap();
         let mut evaluated: Evaluated<R> = vec![None; graph.len()];
         let mut outs = std::mem::take(&mut *job.evaluated.lock().unwrap());
-        for (i, key) in job.keys.lock().unwrap().drain() {
+        for (i, (key, alias)) in job.keys.lock().unwrap().drain() {
             evaluated[i] = Some(Evaluation {
                 key,
+                alias,
                 outputs: outs.remove(&i),
             });
         }
@@ -465,12 +485,24 @@ impl<R: Clone + Send + Sync + 'static> Solver<R> {
                 .ok_or_else(|| Error::Internal(format!("input vertex {vi} missing")))?;
             input_keys.push(output_key(&k.key, out));
         }
-        let from_keys = if v.inputs.is_empty() || eager {
-            None
-        } else {
+        let (mut from_keys, mut alias) = (None, None);
+        if !v.inputs.is_empty() && !eager {
             let refs: Vec<&str> = input_keys.iter().map(String::as_str).collect();
-            v.op.key_from_input_keys(&refs)
-        };
+            from_keys = v.op.key_from_input_keys(&refs);
+            if from_keys.is_none() {
+                alias = v.op.alias_key(&refs);
+            }
+        }
+        // A key the imported cache recorded for the alias: the inputs need not be built to
+        // checksum their content (their records may have no result, `mode=min`).
+        if let (None, Some(a), Some(import), false) =
+            (&from_keys, &alias, &job.import, v.ignore_cache)
+        {
+            from_keys = import.alias(a);
+            if let Some(k) = &from_keys {
+                tracing::debug!(vertex = %v.digest, alias = %a, key = %k, "key from imported alias");
+            }
+        }
         let solved = if v.inputs.is_empty() || from_keys.is_some() {
             Vec::new()
         } else {
@@ -502,7 +534,7 @@ impl<R: Clone + Send + Sync + 'static> Solver<R> {
             }
         };
         match key {
-            Ok(key) => Ok(Keyed { key, span }),
+            Ok(key) => Ok(Keyed { key, alias, span }),
             Err(e) => {
                 span.record("otel.status_code", "ERROR");
                 job.complete(&v.digest, false, Some(e.to_string()));

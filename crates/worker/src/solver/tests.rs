@@ -824,3 +824,166 @@ async fn import_with_only_the_used_output_of_a_multi_output_step_is_a_hit() {
     assert_eq!(r0.result, ">x:1>y:0");
     assert_eq!(execs_b.load(Ordering::SeqCst), 2, "x and y ran");
 }
+
+/// A step whose output differs on every run (a RUN writing random bytes): `<label>#<n>`, `n`
+/// from its own counter (the second one counts executions).
+struct Random(String, Arc<AtomicUsize>, Arc<AtomicUsize>);
+
+#[async_trait]
+impl Op<String> for Random {
+    async fn cache_key(&self, _ctx: &OpContext, inputs: &[Solved<String>]) -> Result<String> {
+        let keys: Vec<&str> = inputs.iter().map(|i| i.key.as_str()).collect();
+        Ok(self.key_from_input_keys(&keys).expect("keyed from inputs"))
+    }
+
+    fn key_from_input_keys(&self, input_keys: &[&str]) -> Option<String> {
+        let mut h = crate::digest::KeyHasher::new("random");
+        h.field(self.0.as_bytes());
+        for k in input_keys {
+            h.field(k.as_bytes());
+        }
+        Some(h.finish())
+    }
+
+    async fn exec(&self, _ctx: &OpContext, _inputs: &[Solved<String>]) -> Result<Vec<String>> {
+        self.2.fetch_add(1, Ordering::SeqCst);
+        let n = self.1.fetch_add(1, Ordering::SeqCst);
+        Ok(vec![format!("{}#{n}", self.0)])
+    }
+}
+
+/// A copy: keyed by its inputs' content (their results), with an alias of its inputs' keys.
+struct CopyContent(String, Arc<AtomicUsize>);
+
+#[async_trait]
+impl Op<String> for CopyContent {
+    async fn cache_key(&self, _ctx: &OpContext, inputs: &[Solved<String>]) -> Result<String> {
+        let mut h = crate::digest::KeyHasher::new("copy-content");
+        h.field(self.0.as_bytes());
+        for i in inputs {
+            h.field(i.result.as_bytes());
+        }
+        Ok(h.finish())
+    }
+
+    fn alias_key(&self, input_keys: &[&str]) -> Option<String> {
+        let mut h = crate::digest::KeyHasher::new("copy-alias");
+        h.field(self.0.as_bytes());
+        for k in input_keys {
+            h.field(k.as_bytes());
+        }
+        Some(h.finish())
+    }
+
+    async fn exec(&self, _ctx: &OpContext, inputs: &[Solved<String>]) -> Result<Vec<String>> {
+        self.1.fetch_add(1, Ordering::SeqCst);
+        let parts: Vec<String> = inputs.iter().map(|i| i.result.clone()).collect();
+        Ok(vec![format!("copy({})", parts.join(","))])
+    }
+}
+
+/// [`MemImport`] with alias keys → vertex keys, as an export records them.
+struct AliasImport(MemImport, HashMap<String, String>);
+
+#[async_trait]
+impl ImportStore<String> for AliasImport {
+    async fn load(
+        &self,
+        ctx: &OpContext,
+        key: &str,
+        needed: &[bool],
+    ) -> Option<Vec<Option<String>>> {
+        self.0.load(ctx, key, needed).await
+    }
+
+    fn alias(&self, alias: &str) -> Option<String> {
+        self.1.get(alias).cloned()
+    }
+}
+
+/// source → random RUN (numbered from `first`) → copy from the RUN (keyed by content).
+fn copy_from_random(execs: &Arc<AtomicUsize>, first: usize) -> Vec<Vertex<String>> {
+    let v = |name: &str, inputs: Vec<usize>, op: Arc<dyn Op<String>>| Vertex {
+        digest: format!("sha256:{name}"),
+        name: name.into(),
+        inputs: inputs.into_iter().map(|i| (i, 0)).collect(),
+        outputs: 1,
+        ignore_cache: false,
+        progress_group: None,
+        op,
+    };
+    vec![
+        v("src", vec![], Arc::new(Concat::new("src", execs))),
+        v(
+            "run",
+            vec![0],
+            Arc::new(Random(
+                "run".into(),
+                Arc::new(AtomicUsize::new(first)),
+                execs.clone(),
+            )),
+        ),
+        v(
+            "copy",
+            vec![1],
+            Arc::new(CopyContent("copy".into(), execs.clone())),
+        ),
+    ]
+}
+
+/// A mode=min import of a step keyed by its input's content: the imported alias gives its key
+/// without running the input (whose record has no result), so the result is the exporter's
+/// (BuildKit's TestCacheImportExport). Without the alias the input runs, its new output gives
+/// another key, and the step runs too.
+#[tokio::test]
+async fn imported_alias_keys_a_content_keyed_step_without_running_its_input() {
+    let execs_a = Arc::new(AtomicUsize::new(0));
+    let a = Arc::new(Solver::new(Arc::new(MemCache::default()), 4));
+    let (ra, _, ev) = a
+        .solve_with(
+            copy_from_random(&execs_a, 1),
+            (2, 0),
+            ProgressSink::discard(),
+            CancellationToken::new(),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(ra.result, "copy(run#1)");
+    let copy = ev[2].as_ref().unwrap();
+    let alias = copy.alias.clone().expect("the copy has an alias");
+    assert_ne!(alias, copy.key);
+    assert!(ev[1].as_ref().unwrap().alias.is_none(), "keyed from inputs");
+    // mode=min: the target's result only, and the alias.
+    let exported: HashMap<String, String> = [(output_key(&copy.key, 0), ra.result.clone())].into();
+    let aliases: HashMap<String, String> = [(alias, copy.key.clone())].into();
+
+    for with_alias in [true, false] {
+        let execs_b = Arc::new(AtomicUsize::new(0));
+        let b = Arc::new(Solver::new(Arc::new(MemCache::default()), 4));
+        let import = MemImport(exported.clone(), Arc::new(AtomicUsize::new(0)));
+        let import: Arc<dyn ImportStore<String>> = if with_alias {
+            Arc::new(AliasImport(import, aliases.clone()))
+        } else {
+            Arc::new(import)
+        };
+        let (rb, stats, _) = b
+            .solve_with(
+                copy_from_random(&execs_b, 2),
+                (2, 0),
+                ProgressSink::discard(),
+                CancellationToken::new(),
+                Some(import),
+            )
+            .await
+            .unwrap();
+        if with_alias {
+            assert_eq!(rb.result, "copy(run#1)");
+            assert_eq!(execs_b.load(Ordering::SeqCst), 0, "nothing ran on B");
+            assert_eq!((stats.imported, stats.executed), (1, 0), "{stats:?}");
+        } else {
+            assert_eq!(rb.result, "copy(run#2)", "the input ran again: {stats:?}");
+            assert_eq!(execs_b.load(Ordering::SeqCst), 3, "{stats:?}");
+        }
+    }
+}
