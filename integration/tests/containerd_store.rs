@@ -11,6 +11,11 @@
 //!   listed at once, runs, `docker save` carries every layer blob, `docker push` sends them to
 //!   a registry (run in the Engine's network namespace), its base layers keep their blobs, and
 //!   `docker image rm` lets containerd's GC free what the export added;
+//! - pulls from a registry (host network; berthd pulls, not the Engine) land through
+//!   containerd as Docker's own pull puts them there (record name, labels, snapshots under
+//!   chainIDs), run, download each blob once for concurrent builds and only the missing layers
+//!   of a partly present image; a SIGKILL at each pull step leaves nothing the next berthd and
+//!   containerd's GC do not free;
 //! - detection: without the containerd address (Engine 26 does not report it) the build fails
 //!   naming `--containerd-worker-addr`.
 //!
@@ -736,5 +741,448 @@ async fn docker_oci_and_tar_outputs_of_a_containerd_store_base() {
     assert_eq!(fs["out"], b"built\n");
     assert!(fs.contains_key("bin/busybox"));
     assert!(fs.contains_key("etc/passwd"));
+    drop(bb);
+}
+
+/// An image pushed to a (host network) registry with berth's registry client: gzip layers.
+struct Pushed {
+    reference: String,
+    manifest_digest: String,
+    config_digest: String,
+    layer_digests: Vec<String>,
+    diff_ids: Vec<String>,
+}
+
+/// Pushes `addr/repo:tag` made of `layers` (uncompressed tars, pushed gzip-compressed).
+async fn push_image(addr: &str, repo: &str, tag: &str, layers: &[Vec<u8>]) -> Pushed {
+    use export_support::{gzip, sha};
+    let reference = format!("{addr}/{repo}:{tag}");
+    let r = registry::Reference::parse(&reference).unwrap();
+    let client = registry::Registry::new(registry::Hosts::new(Default::default()));
+    let session = client.session(std::sync::Arc::new(registry::Anonymous));
+    let dir = tempfile::tempdir().unwrap();
+    let diff_ids: Vec<String> = layers.iter().map(|t| sha(t)).collect();
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/busybox", "sh"]},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    }))
+    .unwrap();
+    let mut descs = Vec::new();
+    let mut layer_digests = Vec::new();
+    for (i, tar) in layers.iter().enumerate() {
+        let blob = gzip(tar);
+        let d = sha(&blob);
+        let p = dir.path().join(format!("l{i}"));
+        std::fs::write(&p, &blob).unwrap();
+        session
+            .push_blob(&r, &d, blob.len() as u64, &p, None, None)
+            .await
+            .unwrap();
+        descs.push(serde_json::json!({
+            "mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip",
+            "digest": d,
+            "size": blob.len(),
+        }));
+        layer_digests.push(d);
+    }
+    let config_digest = sha(&config);
+    let p = dir.path().join("config");
+    std::fs::write(&p, &config).unwrap();
+    session
+        .push_blob(&r, &config_digest, config.len() as u64, &p, None, None)
+        .await
+        .unwrap();
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": registry::MEDIA_TYPE_DOCKER_MANIFEST,
+        "config": {
+            "mediaType": "application/vnd.docker.container.image.v1+json",
+            "digest": config_digest,
+            "size": config.len(),
+        },
+        "layers": descs,
+    }))
+    .unwrap();
+    let manifest_digest = session
+        .push_manifest(
+            &r,
+            tag,
+            registry::MEDIA_TYPE_DOCKER_MANIFEST,
+            manifest.into(),
+        )
+        .await
+        .unwrap();
+    Pushed {
+        reference,
+        manifest_digest,
+        config_digest,
+        layer_digests,
+        diff_ids,
+    }
+}
+
+/// An uncompressed layer tar of regular files `(path, content, mode)`, owned by root, with a
+/// fixed mtime. (Numeric header fields are all set, as every image builder writes them:
+/// berth's tar reader refuses NUL-filled uid fields, which Go's reader reads as 0.)
+fn layer_tar(files: &[(&str, &[u8], u32)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, data, mode) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(*mode);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_600_000_000);
+        h.set_entry_type(tar::EntryType::Regular);
+        b.append_data(&mut h, path, *data).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+/// A busybox layer unique to `seed` (so no other test's pull provides it).
+fn unique_base_layer(seed: &str) -> Vec<u8> {
+    let bb = export_support::busybox();
+    layer_tar(&[
+        ("bin/busybox", &bb, 0o755),
+        ("etc/berth-test-image", seed.as_bytes(), 0o644),
+    ])
+}
+
+fn file_layer(path: &str, text: &str) -> Vec<u8> {
+    layer_tar(&[(path, text.as_bytes(), 0o644)])
+}
+
+/// Successful GETs of blob `digest` in the registry's log.
+fn blob_gets(reg: &Registry, digest: &str) -> usize {
+    reg.log_tail()
+        .lines()
+        .filter(|l| {
+            l.contains("GET") && l.contains(&format!("blobs/{digest}")) && l.contains("\" 200 ")
+        })
+        .count()
+}
+
+/// A solve (no export) of `reference` with a file on top: it makes berthd resolve the image.
+async fn solve_on(
+    env: &Env,
+    reference: &str,
+    data: &str,
+) -> integration::buildkit_client::BuildReport {
+    let def = llb::State::from(llb::image(reference))
+        .file(llb::mkfile("/data", 0o644, data, Default::default()))
+        .marshal()
+        .unwrap();
+    env.client()
+        .await
+        .build(BuildOptions {
+            definition: Some(def),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+}
+
+/// `ctr content ls` line of `digest`.
+fn content_line(env: &Env, digest: &str) -> String {
+    env.ctr(&["content", "ls"])
+        .lines()
+        .find(|l| l.starts_with(digest))
+        .unwrap_or_else(|| panic!("{digest} not in the content store"))
+        .to_string()
+}
+
+/// Images berth pulls land in this Engine through its containerd, as Docker's own pull puts
+/// them there: the record is named as Docker names it and lists in `docker images` at once
+/// under Docker's image ID (the manifest digest), blobs carry Docker's labels, layers are
+/// unpacked under their chainIDs, and the image runs. Two concurrent builds download each blob
+/// once; a second image sharing the base layer downloads and unpacks only its own layer; no
+/// lease is left; `docker image rm` then lets containerd's GC free all of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulls_land_through_containerd_once_and_run() {
+    let env = Env::start(true);
+    let engine = env.dockerd.engine().clone();
+    let reg = Registry::start().unwrap();
+    let repo = unique_name("berth-test/ctrd-pull");
+    let (hello_a, hello_b) = (unique_name("a"), unique_name("b"));
+    let base = unique_base_layer(&repo);
+    let a = push_image(
+        reg.addr(),
+        &repo,
+        "a",
+        &[base.clone(), file_layer("hello", &hello_a)],
+    )
+    .await;
+    let b = push_image(
+        reg.addr(),
+        &repo,
+        "b",
+        &[base, file_layer("hello", &hello_b)],
+    )
+    .await;
+    let snaps_base = env.snapshots();
+    let content_base = env.content();
+
+    // Two builds at once: one download per blob.
+    let (ra, rb) = tokio::join!(
+        solve_on(&env, &a.reference, "1"),
+        solve_on(&env, &a.reference, "2")
+    );
+    for r in [&ra, &rb] {
+        if let Err(e) = &r.solve {
+            panic!(
+                "build failed: {e}\n{}\n{}",
+                env.berthd.log_text(),
+                reg.log_tail()
+            );
+        }
+    }
+    for d in &a.layer_digests {
+        assert_eq!(
+            blob_gets(&reg, d),
+            1,
+            "blob {d} fetched once\n{}",
+            reg.log_tail()
+        );
+    }
+    // Progress: one status per layer, ending at its size.
+    let statuses = [ra.vertex_statuses(), rb.vertex_statuses()].concat();
+    for d in &a.layer_digests {
+        let last = statuses.iter().rfind(|s| &s.id == d);
+        let last = last.unwrap_or_else(|| panic!("no progress for layer {d}: {statuses:?}"));
+        assert!(last.total > 0 && last.current == last.total, "{last:?}");
+        assert!(last.completed.is_some(), "{last:?}");
+    }
+
+    // The record as Docker names a pull; Docker's image ID is the manifest digest.
+    let records = env.ctr(&["images", "ls", "-q"]);
+    assert!(records.lines().any(|l| l == a.reference), "{records}");
+    let inspect = engine.inspect_image(&a.reference).await.unwrap();
+    assert_eq!(inspect.id.as_deref(), Some(a.manifest_digest.as_str()));
+    let out = engine
+        .run(&a.reference, &["/bin/busybox", "cat", "/hello"])
+        .await
+        .unwrap();
+    assert_eq!(out.assert_success().stdout, hello_a);
+
+    // Docker's labels.
+    let chains = chain_ids(&a.diff_ids);
+    let source = format!("containerd.io/distribution.source.127.0.0.1={repo}");
+    for (d, diff_id) in a.layer_digests.iter().zip(&a.diff_ids) {
+        let line = content_line(&env, d);
+        assert!(line.contains(&source), "{line}");
+        assert!(
+            line.contains(&format!("containerd.io/uncompressed={diff_id}")),
+            "{line}"
+        );
+    }
+    let line = content_line(&env, &a.manifest_digest);
+    assert!(
+        line.contains(&format!(
+            "containerd.io/gc.ref.content.config={}",
+            a.config_digest
+        )),
+        "{line}"
+    );
+    for (i, d) in a.layer_digests.iter().enumerate() {
+        assert!(
+            line.contains(&format!("containerd.io/gc.ref.content.l.{i}={d}")),
+            "{line}"
+        );
+    }
+    let line = content_line(&env, &a.config_digest);
+    assert!(
+        line.contains(&format!(
+            "containerd.io/gc.ref.snapshot.overlayfs={}",
+            chains[1]
+        )),
+        "{line}"
+    );
+    let added: Vec<String> = env
+        .snapshots()
+        .into_iter()
+        .filter(|s| !snaps_base.contains(s))
+        .collect();
+    assert_eq!(added.len(), 2, "{added:?}");
+    for c in &chains {
+        assert!(added.contains(c), "{c} not in {added:?}");
+    }
+    let all = env.ctr(&["snapshots", "--snapshotter", "overlayfs", "ls"]);
+    assert!(!all.contains("berth-unpack-"), "{all}");
+    env.wait_for("berth's leases to be deleted", || {
+        env.leases().iter().all(|l| !l.starts_with("berth-"))
+    });
+
+    // The second image shares the base layer: only its own layer is fetched and unpacked.
+    let r = solve_on(&env, &b.reference, "3").await;
+    if let Err(e) = &r.solve {
+        panic!("build failed: {e}\n{}", env.berthd.log_text());
+    }
+    assert_eq!(a.layer_digests[0], b.layer_digests[0]);
+    assert_eq!(
+        blob_gets(&reg, &b.layer_digests[0]),
+        1,
+        "{}",
+        reg.log_tail()
+    );
+    assert_eq!(
+        blob_gets(&reg, &b.layer_digests[1]),
+        1,
+        "{}",
+        reg.log_tail()
+    );
+    let added: Vec<String> = env
+        .snapshots()
+        .into_iter()
+        .filter(|s| !snaps_base.contains(s))
+        .collect();
+    assert_eq!(added.len(), 3, "{added:?}");
+    let out = engine
+        .run(&b.reference, &["/bin/busybox", "cat", "/hello"])
+        .await
+        .unwrap();
+    assert_eq!(out.assert_success().stdout, hello_b);
+
+    // A third build finds the image in the Engine: nothing more is fetched.
+    solve_on(&env, &a.reference, "4").await.solve.unwrap();
+    for d in &a.layer_digests {
+        assert_eq!(blob_gets(&reg, d), 1, "blob {d} fetched once");
+    }
+
+    // `docker image rm` frees all of it.
+    engine.remove_image(&a.reference).await.unwrap();
+    engine.remove_image(&b.reference).await.unwrap();
+    env.wait_for("containerd's GC to free the pulled images", || {
+        let mut s = env.snapshots();
+        s.sort();
+        let mut base = snaps_base.clone();
+        base.sort();
+        s == base && env.content().iter().all(|c| content_base.contains(c))
+    });
+}
+
+/// SIGKILL at each step of a pull into containerd (`BERTH_FAULT_KILL`): the next berthd removes
+/// the killed pull's lease, prepared snapshots and unfinished blob writes before its first
+/// resolution, and containerd's GC then frees everything the pull wrote (an image whose record
+/// was created runs, and is freed once removed). The same pull then succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_each_pull_step_leaves_nothing_the_gc_cannot_free() {
+    use layerstore::dockerstore::fault::FAULT_ENV;
+    use std::os::unix::process::ExitStatusExt;
+
+    let mut env = Env::start(true);
+    let engine = env.dockerd.engine().clone();
+    let bb = busybox_image(&engine).await.unwrap();
+    let reg = Registry::start().unwrap();
+    let repo = unique_name("berth-test/ctrd-kill-pull");
+    let hello = unique_name("k");
+    // Big enough layers that a kill at the first chunk is in the middle of the stream.
+    let big = export_support::noise(&repo, 8 << 20);
+    let base = layer_tar(&[
+        ("bin/busybox", &export_support::busybox(), 0o755),
+        ("big", &big, 0o644),
+    ]);
+    let img = push_image(
+        reg.addr(),
+        &repo,
+        "v1",
+        &[base, file_layer("hello", &hello)],
+    )
+    .await;
+    let chains = chain_ids(&img.diff_ids);
+    let snaps_base = env.snapshots();
+    let content_base = env.content();
+    let no_env = ("BERTH_CONTAINERD_ADDRESS", "");
+    for step in containerdstore::PULL_STEPS {
+        env.berthd.set_env(&[no_env, (FAULT_ENV, step)]);
+        let _ = env.berthd.kill();
+        env.berthd.restart().unwrap();
+        let r = tokio::time::timeout(
+            Duration::from_secs(120),
+            solve_on(&env, &img.reference, step),
+        )
+        .await
+        .expect("the client noticed berthd's death");
+        let status = env
+            .berthd
+            .wait_exit(Duration::from_secs(20))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{e}: berthd did not die at {step} ({:?})\n{}",
+                    r.solve,
+                    env.berthd.log_text()
+                )
+            });
+        assert_eq!(status.signal(), Some(9), "{step}: {status:?}");
+        assert!(
+            env.berthd
+                .log_text()
+                .contains(&format!("SIGKILL at {step}")),
+            "berthd died elsewhere than {step}:\n{}",
+            env.berthd.log_text()
+        );
+        // What the killed pull left: its lease; mid-layer also an unfinished blob write and a
+        // prepared snapshot; from the first committed layer on, that layer's snapshot.
+        let leases = env.leases();
+        assert!(
+            leases.iter().any(|l| l.starts_with("berth-pull-")),
+            "{step}: {leases:?}"
+        );
+        let all = env.ctr(&["snapshots", "--snapshotter", "overlayfs", "ls"]);
+        if *step == "containerd-pull:mid-layer" {
+            assert!(all.contains("berth-unpack-"), "{step}: {all}");
+            let active = env.ctr(&["content", "active"]);
+            assert!(active.contains("berth-pull-"), "{step}: {active}");
+        }
+        if !["containerd-pull:lease", "containerd-pull:mid-layer"].contains(step) {
+            assert!(all.contains(&chains[0]), "{step}: {all}");
+        }
+        // The next berthd sweeps before its first resolution (here of a local base).
+        env.berthd.set_env(&[no_env]);
+        env.berthd.restart().unwrap();
+        let r = solve_on(&env, bb.reference(), step).await;
+        if let Err(e) = &r.solve {
+            panic!("{step}: build failed: {e}\n{}", env.berthd.log_text());
+        }
+        env.wait_for("the killed pull's lease to be deleted", || {
+            env.leases().iter().all(|l| !l.starts_with("berth-"))
+        });
+        let all = env.ctr(&["snapshots", "--snapshotter", "overlayfs", "ls"]);
+        assert!(!all.contains("berth-unpack-"), "{step}: {all}");
+        let active = env.ctr(&["content", "active"]);
+        assert!(!active.contains("berth-pull-"), "{step}: {active}");
+        let records = env.ctr(&["images", "ls", "-q"]);
+        if records.lines().any(|l| l == img.reference) {
+            assert_eq!(*step, "containerd-pull:image", "{records}");
+            let out = engine
+                .run(&img.reference, &["/bin/busybox", "cat", "/hello"])
+                .await
+                .unwrap();
+            assert_eq!(out.assert_success().stdout, hello, "{step}");
+            engine.remove_image(&img.reference).await.unwrap();
+        }
+        env.wait_for(
+            &format!("containerd's GC to free what the pull killed at {step} wrote"),
+            || {
+                let mut s = env.snapshots();
+                s.sort();
+                let mut base = snaps_base.clone();
+                base.sort();
+                s == base && env.content().iter().all(|c| content_base.contains(c))
+            },
+        );
+    }
+    // The same pull succeeds.
+    let r = solve_on(&env, &img.reference, "done").await;
+    if let Err(e) = &r.solve {
+        panic!("build failed: {e}\n{}", env.berthd.log_text());
+    }
+    let out = engine
+        .run(&img.reference, &["/bin/busybox", "cat", "/hello"])
+        .await
+        .unwrap();
+    assert_eq!(out.assert_success().stdout, hello);
+    engine.remove_image(&img.reference).await.unwrap();
     drop(bb);
 }

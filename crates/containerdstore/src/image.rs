@@ -38,8 +38,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection to the Engine's containerd.
 #[derive(Debug, Clone)]
 pub struct Client {
-    channel: Channel,
-    endpoint: Endpoint,
+    pub(crate) channel: Channel,
+    pub(crate) endpoint: Endpoint,
 }
 
 /// A base image resolved in place.
@@ -77,6 +77,14 @@ impl BaseLease {
     pub fn id(&self) -> &str {
         &self.id
     }
+
+    /// Deletes the lease now (dropping it deletes it in the background).
+    pub async fn release(mut self) -> Result<()> {
+        match self.client.take() {
+            Some(client) => client.delete_lease(&self.id).await,
+            None => Ok(()),
+        }
+    }
 }
 
 impl Drop for BaseLease {
@@ -104,13 +112,17 @@ pub struct Leftovers {
     pub leases: usize,
     /// Views removed.
     pub views: usize,
+    /// Snapshots a pull had prepared to unpack a layer into, never committed.
+    pub unpacks: usize,
+    /// Unfinished blob writes of a pull.
+    pub ingests: usize,
 }
 
 #[derive(Deserialize)]
-struct Descriptor {
+pub(crate) struct Descriptor {
     #[serde(rename = "mediaType", default)]
     media_type: String,
-    digest: String,
+    pub(crate) digest: String,
     #[serde(default)]
     size: i64,
     #[serde(default)]
@@ -130,11 +142,11 @@ struct Platform {
 }
 
 #[derive(Deserialize)]
-struct Document {
+pub(crate) struct Document {
     #[serde(rename = "mediaType", default)]
     media_type: String,
     #[serde(default)]
-    manifests: Option<Vec<Descriptor>>,
+    pub(crate) manifests: Option<Vec<Descriptor>>,
     #[serde(default)]
     config: Option<Descriptor>,
     #[serde(default)]
@@ -152,11 +164,11 @@ struct Rootfs {
     diff_ids: Vec<String>,
 }
 
-fn sha256(data: &[u8]) -> String {
+pub(crate) fn sha256(data: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(data)))
 }
 
-fn token() -> String {
+pub(crate) fn token() -> String {
     static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let seed = format!(
@@ -167,7 +179,7 @@ fn token() -> String {
     sha256(seed.as_bytes())[7..23].to_string()
 }
 
-fn cd_err(what: impl Into<String>) -> impl FnOnce(tonic::Status) -> Error {
+pub(crate) fn cd_err(what: impl Into<String>) -> impl FnOnce(tonic::Status) -> Error {
     let what = what.into();
     move |s| Error::Containerd {
         what,
@@ -263,7 +275,7 @@ impl Client {
         &self.endpoint
     }
 
-    fn req<T>(&self, msg: T, lease: Option<&str>) -> Request<T> {
+    pub(crate) fn req<T>(&self, msg: T, lease: Option<&str>) -> Request<T> {
         let mut r = Request::new(msg);
         let md = r.metadata_mut();
         if let Ok(ns) = self.endpoint.namespace.parse() {
@@ -572,9 +584,20 @@ impl Client {
     }
 
     async fn create_lease(&self, owner: &str) -> Result<BaseLease> {
-        let id = format!("{LEASE_PREFIX}{}", token());
+        self.create_lease_as(LEASE_PREFIX, owner, LEASE_EXPIRY)
+            .await
+    }
+
+    /// A lease `<prefix><token>` labelled with `owner`, expiring on its own after `expiry`.
+    pub(crate) async fn create_lease_as(
+        &self,
+        prefix: &str,
+        owner: &str,
+        expiry: Duration,
+    ) -> Result<BaseLease> {
+        let id = format!("{prefix}{}", token());
         let expire = chrono::Utc::now()
-            + chrono::Duration::from_std(LEASE_EXPIRY).unwrap_or(chrono::Duration::hours(24));
+            + chrono::Duration::from_std(expiry).unwrap_or(chrono::Duration::hours(24));
         let labels = HashMap::from([
             (
                 "containerd.io/gc.expire".to_string(),
@@ -598,7 +621,7 @@ impl Client {
         })
     }
 
-    async fn delete_lease(&self, id: &str) -> Result<()> {
+    pub(crate) async fn delete_lease(&self, id: &str) -> Result<()> {
         match LeasesClient::new(self.channel.clone())
             .delete(self.req(
                 LeaseDelete {
@@ -639,8 +662,17 @@ impl Client {
             .map_err(cd_err("list leases"))?
             .into_inner()
             .leases;
+        out.unpacks = crate::remove_snapshots(
+            &self.channel,
+            &self.endpoint.namespace,
+            &self.endpoint.snapshotter,
+            (OWNER_LABEL, owner),
+            crate::pull::UNPACK_PREFIX,
+        )
+        .await?;
+        out.ingests = self.abort_pull_ingests(owner).await?;
         for l in leases {
-            if l.id.starts_with(LEASE_PREFIX) {
+            if l.id.starts_with(LEASE_PREFIX) || l.id.starts_with(crate::pull::PULL_LEASE_PREFIX) {
                 self.delete_lease(&l.id).await?;
                 out.leases += 1;
             }

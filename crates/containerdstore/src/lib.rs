@@ -18,6 +18,10 @@
 //!   image's content and its top snapshot, and so every parent snapshot) keeps all of it from
 //!   containerd's garbage collector, even when the image is removed from Docker meanwhile,
 //!   until the build drops it. Nothing is pulled, unpacked or copied.
+//! - [`Client::pull`]: an image resolved in a registry written into containerd as Docker's own
+//!   pull writes it (blobs streamed into the content store with Docker's labels, layers unpacked
+//!   under their chainIDs while they stream, the image record named as Docker names it), under a
+//!   lease, so a killed pull leaves nothing containerd's GC cannot free.
 //! - [`Client::read_blob`]: a blob of the content store (`ResolveImageConfig`).
 //! - [`content_blob_path`]: where a base layer's blob is on disk, for outputs that need its tar.
 //! - [`remove_snapshots`]: removes a killed berthd's active snapshots (views, prepared keys).
@@ -35,11 +39,13 @@
 mod content;
 mod endpoint;
 mod image;
+mod pull;
 mod snapshots;
 
 pub use content::content_blob_path;
 pub use endpoint::{AddressSource, Endpoint, EndpointOptions, DEFAULT_ADDRESS, DEFAULT_NAMESPACE};
 pub use image::{BaseImage, BaseLease, Client, Leftovers, LEASE_EXPIRY, OWNER_LABEL};
+pub use pull::{record_name, PullProgress, Pulled, PULL_LEASE_EXPIRY, PULL_STEPS};
 pub use snapshots::remove_snapshots;
 
 /// What went wrong talking to the Engine's containerd.
@@ -107,6 +113,14 @@ pub enum Error {
         /// The image or blob.
         image: String,
         /// What is wrong.
+        message: String,
+    },
+    /// A pull into containerd failed (registry, verification, unpacking).
+    #[error("pull {reference} into containerd: {message}")]
+    Pull {
+        /// The reference pulled.
+        reference: String,
+        /// What failed.
         message: String,
     },
     /// No manifest of the index matches the platform.

@@ -212,6 +212,8 @@ pub struct Image {
     pub endpoint: Endpoint,
     /// Digest of what the reference points at (the index for a multi-platform image).
     pub digest: String,
+    /// The index as fetched when the reference points at an index (`digest` is its digest).
+    pub index: Option<Fetched>,
     /// Digest of the platform's manifest.
     pub manifest_digest: String,
     /// Media type of the platform's manifest.
@@ -792,6 +794,7 @@ impl Session {
         Ok(Image {
             reference: r.clone(),
             endpoint: manifest.endpoint.clone(),
+            index: is_index.then(|| top.clone()),
             digest: top.digest,
             manifest_digest: manifest.digest,
             manifest_media_type: manifest.media_type,

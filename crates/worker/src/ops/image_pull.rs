@@ -3,7 +3,11 @@
 //! and registers it in Docker's store once, so the source then uses it in place like any base
 //! image (and `docker run` of it works).
 //!
-//! - **Live engine** (classic store, and also a containerd-store engine for now): a thin
+//! - **Containerd image store** (an Engine whose `GET /info` reports the containerd
+//!   snapshotter): straight into its containerd ([`containerdstore::Client::pull`]: blobs
+//!   streamed into the content store with Docker's labels, layers unpacked under their chainIDs,
+//!   the record named as Docker names it, all under a lease); no tag through the Engine.
+//! - **Live engine** (classic store): a thin
 //!   `POST /images/load` whose docker-archive lists every layer but carries only the blobs Docker
 //!   lacks (Docker's `layerdb/sha256/<chainID>` is the read-only presence hint, as for exports;
 //!   if the hint was wrong Docker says so and the load is sent again with every layer). The
@@ -122,6 +126,16 @@ impl PullProgress {
                 me.layer(&digest, n, total, started, n >= total);
             }
         })
+    }
+}
+
+impl containerdstore::PullProgress for PullProgress {
+    fn downloading(&self, digest: &str, size: u64) -> Option<registry::ProgressFn> {
+        Some(self.reporter(digest, size))
+    }
+
+    fn present(&self, digest: &str, size: u64) {
+        self.layer(digest, size, size, SystemTime::now(), true);
     }
 }
 

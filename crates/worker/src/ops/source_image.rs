@@ -417,8 +417,8 @@ async fn remove_containerd_leftovers_once(client: &containerdstore::Client, inst
         .clone();
     cell.get_or_init(|| async {
         match client.remove_leftovers(instance).await {
-            Ok(l) if l.leases + l.views == 0 => {}
-            Ok(l) => tracing::info!(instance, leases = l.leases, views = l.views, "base-image leases of a previous berthd removed"),
+            Ok(l) if l.leases + l.views + l.unpacks + l.ingests == 0 => {}
+            Ok(l) => tracing::info!(instance, leases = l.leases, views = l.views, unpacks = l.unpacks, ingests = l.ingests, "base-image and pull leftovers of a previous berthd removed"),
             Err(e) => tracing::warn!(instance, error = %e, "removing base-image leases of a previous berthd failed"),
         }
     })
@@ -858,6 +858,14 @@ impl ImageSource {
     /// the image ID.
     async fn pull(&self, docker: &Docker, ctx: &OpContext) -> Result<String> {
         let (session, img) = self.resolve_remote().await?;
+        let info = docker
+            .info()
+            .await
+            .map_err(|e| engine_err("docker info".into(), e))?;
+        if let Some(endpoint) = containerdstore::Endpoint::detect(&info, &self.env.opts.containerd)
+        {
+            return self.pull_containerd(&endpoint, &session, &img, ctx).await;
+        }
         let id = img.config_digest().to_string();
         let host = self
             .env
@@ -919,6 +927,39 @@ impl ImageSource {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Pulls the image straight into the Engine's containerd image store
+    /// ([`containerdstore::Client::pull`]): only missing blobs are fetched and missing layers
+    /// unpacked; concurrent builds of the same image wait for one pull. Returns Docker's image
+    /// ID on that store (the digest the reference points at).
+    async fn pull_containerd(
+        &self,
+        endpoint: &containerdstore::Endpoint,
+        session: &registry::Session,
+        img: &registry::Image,
+        ctx: &OpContext,
+    ) -> Result<String> {
+        let client = containerdstore::Client::connect(endpoint)
+            .await
+            .map_err(containerd_err)?;
+        let instance = format!("worker:{}", self.env.opts.root.display());
+        remove_containerd_leftovers_once(&client, &instance).await;
+        let place = format!("{}|{}", endpoint.address.display(), endpoint.namespace);
+        let lock = image_pull::pull_lock(&place, &img.digest);
+        let _held = lock.lock().await;
+        let progress = image_pull::PullProgress {
+            sink: ctx.progress.clone(),
+            vertex: ctx.vertex.clone(),
+        };
+        tracing::info!(reference = %img.reference, id = %img.digest, "pulling image into the Engine's containerd");
+        let pulled = client
+            .pull(session, img, &instance, &progress)
+            .await
+            .map_err(containerd_err)?;
+        tracing::info!(reference = %img.reference, id = %pulled.id, record = %pulled.name, fetched = pulled.fetched.len(), unpacked = pulled.unpacked.len(), skipped = pulled.skipped.len(), "image pulled into the Engine's containerd");
+        image_pull::record_sources(self.env.opts.blobs.as_ref(), img);
+        Ok(pulled.id)
     }
 
     /// Pulls the image into a stopped daemon's data root unless it has it.
