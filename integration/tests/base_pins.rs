@@ -1123,6 +1123,7 @@ async fn soak_builds_under_prunes() {
         "deleted and stored again while it was pinned",
         "pulled image deleted before it was tagged",
         "image pin lost",
+        "a base image went before its pin ran; running the build again",
     ] {
         println!("berthd log: {} × {what:?}", log.matches(what).count());
     }

@@ -175,35 +175,58 @@ struct HeldBase {
     reference: String,
     layer_dirs: Vec<std::path::PathBuf>,
     pin: Pin,
+    /// The image's record in Docker's imagedb (`imagedb/content/sha256/<id>`).
+    record: std::path::PathBuf,
 }
 
+/// A base as it stands now (see [`BaseImages::current`]): reference, layer dirs, pin, and the
+/// image's imagedb record (`None` for a base resolved again).
+type Current = (
+    String,
+    Vec<std::path::PathBuf>,
+    Pin,
+    Option<std::path::PathBuf>,
+);
+
 impl BaseImages {
-    fn add(&self, reference: &str, image: &dockerstore::BaseImage, pin: Pin) {
+    fn add(
+        &self,
+        reference: &str,
+        image: &dockerstore::BaseImage,
+        pin: Pin,
+        record: std::path::PathBuf,
+    ) {
         self.0.lock().unwrap().push(HeldBase {
             reference: reference.to_string(),
             layer_dirs: image.layer_dirs.clone(),
             pin,
+            record,
         });
     }
 
     /// The bases held, each as it stands now: a base that was resolved again (by this build or
     /// by another one whose work on the same base vertex this build shares, see
     /// `ImageSource::live_layers`) as the image and pin resolved again.
-    fn current(&self) -> Vec<(String, Vec<std::path::PathBuf>, Pin)> {
+    fn current(&self) -> Vec<Current> {
         self.0
             .lock()
             .unwrap()
             .iter()
             .map(|h| match h.pin.latest() {
-                (pin, Some(image)) => (h.reference.clone(), image.layer_dirs, pin),
-                (pin, None) => (h.reference.clone(), h.layer_dirs.clone(), pin),
+                (pin, Some(image)) => (h.reference.clone(), image.layer_dirs, pin, None),
+                (pin, None) => (
+                    h.reference.clone(),
+                    h.layer_dirs.clone(),
+                    pin,
+                    Some(h.record.clone()),
+                ),
             })
             .collect()
     }
 
     /// Waits until each base's pin runs (bounded by [`PIN_START_WAIT`]).
     pub(crate) async fn wait_running(&self) {
-        let pins: Vec<Pin> = self.current().into_iter().map(|(_, _, p)| p).collect();
+        let pins: Vec<Pin> = self.current().into_iter().map(|(_, _, p, _)| p).collect();
         for p in pins {
             if !p.wait_running(PIN_START_WAIT).await {
                 tracing::warn!(
@@ -217,14 +240,23 @@ impl BaseImages {
     /// Before anything a step made from the bases is kept (saved in berth's cache, handed to the
     /// steps after it): makes sure every base's layers were there all along, since the step may
     /// have read them before the base's pin ran (pins start in the background, see
-    /// [`dockerstore::pin_image_in_background`]). Free once a pin holds (it runs and was never
-    /// lost: nothing could delete the image without force since the pin was created, and the
-    /// dirs, named at random by Docker, show that they are the ones that were read); otherwise
+    /// [`dockerstore::pin_image_in_background`]). No Docker round trip: once a pin holds (it
+    /// runs and was never lost) nothing could delete the image without force since the pin was
+    /// created; before, the image's record in Docker's imagedb tells, as dockerd deletes an
+    /// image's record before it releases (deletes) its layers (`image/store.go` `Delete` in moby
+    /// v20.10): record there now, so no deletion had begun when the step read the layers. The
+    /// layer dirs, named at random by Docker when it stores a layer, being there too shows they
+    /// are the ones that were read (an image deleted and stored again has new ones). Otherwise
     /// asks dockerd ([`Pin::check`]). A base that went gives the error naming it (the build is
     /// then run again if the pin had not run yet, see [`BaseImages::lost_before_pinned`]).
     pub(crate) async fn confirm(&self) -> Result<()> {
-        for (reference, dirs, pin) in self.current() {
-            if pin.holding() && dirs.iter().all(|d| d.is_dir()) {
+        for (reference, dirs, pin, record) in self.current() {
+            let dirs_there = || dirs.iter().all(|d| d.is_dir());
+            if pin.holding() && dirs_there() {
+                continue;
+            }
+            // Record first, dirs after (the order dockerd deletes them in, reversed).
+            if record.is_some_and(|r| r.is_file()) && dirs_there() {
                 continue;
             }
             pin.check(&reference, &dirs).await.map_err(lost_err)?;
@@ -238,7 +270,7 @@ impl BaseImages {
     /// from it was kept ([`BaseImages::confirm`]), so the build can run again, resolving the
     /// base again (pulling it if it can).
     pub(crate) async fn lost_before_pinned(&self) -> Option<(String, Error)> {
-        for (reference, dirs, pin) in self.current() {
+        for (reference, dirs, pin, _) in self.current() {
             if pin.ever_ran() {
                 continue;
             }
@@ -261,7 +293,7 @@ impl BaseImages {
     /// Checks that every base still has all its layers; the first that does not gives the error
     /// (naming the image and what removed it).
     pub(crate) async fn check(&self) -> Result<()> {
-        for (reference, dirs, pin) in self.current() {
+        for (reference, dirs, pin, _) in self.current() {
             pin.check(&reference, &dirs).await.map_err(lost_err)?;
         }
         Ok(())
@@ -303,7 +335,7 @@ enum Hold {
 /// What [`ImageSource::resolve_live`] found.
 enum Live {
     /// The image in Docker's classic store, pinned.
-    Pinned(dockerstore::BaseImage, Pin),
+    Pinned(dockerstore::BaseImage, Pin, std::path::PathBuf),
     /// The Engine uses the containerd image store: resolved there.
     Containerd(Resolved),
 }
@@ -541,12 +573,14 @@ impl ImageSource {
                 self.env.opts.docker_host.as_deref(),
             )?,
         };
-        let (image, pin) = match self.resolve_live(&docker, ctx).await? {
-            Live::Pinned(image, pin) => (image, pin),
+        let (image, pin, record) = match self.resolve_live(&docker, ctx).await? {
+            Live::Pinned(image, pin, record) => (image, pin, record),
             Live::Containerd(r) => return Ok(r),
         };
         let chain = self.limit(image.chain())?;
-        self.env.bases.add(&self.reference, &image, pin.clone());
+        self.env
+            .bases
+            .add(&self.reference, &image, pin.clone(), record);
         tracing::debug!(reference = %self.reference, id = %image.id, layers = chain.0.len(), "image resolved in place");
         Ok(Resolved {
             id: image.id.to_string(),
@@ -658,7 +692,13 @@ impl ImageSource {
                 }
             };
             match pinned {
-                Ok((image, pin)) => return Ok(Live::Pinned(image, pin)),
+                Ok((image, pin)) => {
+                    let record = store
+                        .image_dir()
+                        .join("imagedb/content/sha256")
+                        .join(image.id.hex());
+                    return Ok(Live::Pinned(image, pin, record));
+                }
                 Err((e, _)) if attempt < 3 && dockerstore::is_image_missing(&e) => {
                     tracing::warn!(reference = %self.reference, %id, "image deleted before it could be pinned (a prune?); resolving it again");
                 }
@@ -1033,7 +1073,7 @@ impl ImageSource {
                         self.env.opts.docker_host.as_deref(),
                     )?;
                     match self.resolve_live(&docker, ctx).await {
-                        Ok(Live::Pinned(image, pin)) => Ok((pin, image)),
+                        Ok(Live::Pinned(image, pin, _)) => Ok((pin, image)),
                         Ok(Live::Containerd(_)) => Err(Error::Op {
                             message: format!(
                                 "{lost} (the Docker Engine uses the containerd image store now)"
