@@ -115,7 +115,9 @@ impl Lex {
         if self.is_literal(word) {
             return Ok(word.to_string());
         }
-        self.process(word, env).map(|r| r.0)
+        let mut sw = ShellWord::new(self, word, env);
+        sw.want_words = false;
+        sw.process(word).map(|r| r.0)
     }
 
     /// Splits with a map.
@@ -134,6 +136,7 @@ impl Lex {
         env: &Env,
     ) -> Result<(String, BTreeSet<String>), LexError> {
         let mut sw = ShellWord::new(self, word, env);
+        sw.want_words = false;
         let r = sw.process(word)?;
         Ok((r.0, sw.matches))
     }
@@ -158,8 +161,12 @@ impl Lex {
 }
 
 struct ShellWord<'a> {
-    chars: Vec<char>,
+    /// The word (without a leading byte order mark).
+    src: &'a str,
+    /// Byte offset of the next character.
     pos: usize,
+    /// Whether the top-level scan collects the split words (expansion alone does not).
+    want_words: bool,
     envs: &'a dyn Lookup,
     lex: Lex,
     matches: BTreeSet<String>,
@@ -170,10 +177,15 @@ struct Words {
     word: String,
     words: Vec<String>,
     in_word: bool,
+    /// Nobody reads the words: every `add_*` does nothing.
+    off: bool,
 }
 
 impl Words {
     fn add_char(&mut self, ch: char) {
+        if self.off {
+            return;
+        }
         if is_space(ch) && self.in_word {
             if !self.word.is_empty() {
                 self.words.push(std::mem::take(&mut self.word));
@@ -185,17 +197,26 @@ impl Words {
     }
 
     fn add_raw_char(&mut self, ch: char) {
+        if self.off {
+            return;
+        }
         self.word.push(ch);
         self.in_word = true;
     }
 
     fn add_string(&mut self, s: &str) {
+        if self.off {
+            return;
+        }
         for ch in s.chars() {
             self.add_char(ch);
         }
     }
 
     fn add_raw_string(&mut self, s: &str) {
+        if self.off {
+            return;
+        }
         self.word.push_str(s);
         self.in_word = true;
     }
@@ -211,15 +232,13 @@ impl Words {
 type Msg = String;
 
 impl<'a> ShellWord<'a> {
-    fn new(lex: &Lex, word: &str, envs: &'a dyn Lookup) -> Self {
-        let mut chars: Vec<char> = word.chars().collect();
+    fn new(lex: &Lex, word: &'a str, envs: &'a dyn Lookup) -> Self {
         // text/scanner skips a byte order mark at the very start
-        if chars.first() == Some(&'\u{feff}') {
-            chars.remove(0);
-        }
+        let src = word.strip_prefix('\u{feff}').unwrap_or(word);
         ShellWord {
-            chars,
+            src,
             pos: 0,
+            want_words: true,
             envs,
             lex: *lex,
             matches: BTreeSet::new(),
@@ -227,13 +246,13 @@ impl<'a> ShellWord<'a> {
     }
 
     fn peek(&self) -> Option<char> {
-        self.chars.get(self.pos).copied()
+        self.src[self.pos..].chars().next()
     }
 
     fn next(&mut self) -> Option<char> {
-        let c = self.chars.get(self.pos).copied();
-        if c.is_some() {
-            self.pos += 1;
+        let c = self.peek();
+        if let Some(c) = c {
+            self.pos += c.len_utf8();
         }
         c
     }
@@ -247,7 +266,11 @@ impl<'a> ShellWord<'a> {
 
     fn process_stop_on(&mut self, stop: Option<char>) -> Result<(String, Vec<String>), Msg> {
         let mut result = String::new();
-        let mut words = Words::default();
+        // only the top-level scan's words are ever read
+        let mut words = Words {
+            off: stop.is_some() || !self.want_words,
+            ..Default::default()
+        };
         while let Some(ch) = self.peek() {
             if stop == Some(ch) {
                 self.next();

@@ -154,12 +154,13 @@ fn build_envs_last_wins() {
 }
 
 proptest::proptest! {
-    /// The shortcut for words without anything to expand gives what the full scan gives, with
-    /// every lexer variant, for words of ordinary characters, (Unicode) spaces and the
-    /// characters that make a word not literal.
+    /// The shortcut for words without anything to expand, and expansion without collecting the
+    /// split words, give what the full scan gives, with every lexer variant, for words of
+    /// ordinary characters, (Unicode) spaces, variable names and references and the characters
+    /// that make a word not literal.
     #[test]
     fn literal_shortcut_matches_full_scan(
-        word in "[a-z0-9/=,. \\t\\u{a0}\\u{2003}\\u{feff}`$'\"\\\\-]{0,24}",
+        word in "(PWD|SPACED|EMPTY|[a-zA-Z0-9_/=,.:?+{} \\t\\u{a0}\\u{2003}\\u{feff}`$'\"\\\\-]){0,24}",
         esc in proptest::prop_oneof![proptest::strategy::Just('\\'), proptest::strategy::Just('`')],
         raw_quotes: bool,
         raw_escapes: bool,
