@@ -836,6 +836,9 @@ fn dispatch_all(
         }
         let cmds = states[i].commands.clone();
         for cmd in cmds.iter() {
+            if paths_only && !affects_context_paths(&cmd.command) {
+                continue;
+            }
             dispatch(&mut states, i, cmd.clone(), &dopt)
                 .map_err(|e| with_location(e, cmd.command.location()))?;
         }
@@ -1129,6 +1132,9 @@ fn dispatch(
     mut cmd: Cmd,
     dopt: &DispatchOpt<'_>,
 ) -> Result<(), Error> {
+    if dopt.paths_only && !affects_context_paths(&cmd.command) {
+        return Ok(());
+    }
     {
         // The environment is looked up in place (building a map of it for every command, or
         // worse every word, was most of the conversion of a 200-line Dockerfile).
@@ -1380,6 +1386,20 @@ fn dispatch(
         }
     }
     Ok(())
+}
+
+/// Whether the paths-only pass dispatches `c`: it reads the context, or changes what later
+/// instructions expand with (the environment) or run (`ONBUILD` triggers of a child stage).
+fn affects_context_paths(c: &Command) -> bool {
+    matches!(
+        c,
+        Command::Env(..)
+            | Command::Arg(..)
+            | Command::Add(_)
+            | Command::Copy(_)
+            | Command::Run(_)
+            | Command::Onbuild(..)
+    )
 }
 
 fn is_http(s: &str) -> bool {
@@ -1863,10 +1883,9 @@ fn dispatch_run(
         .clone()
         .unwrap_or_else(|| dopt.target_platform.clone());
     let name = prefix_command(d, &expanded, dopt.opt.prefix_platform, Some(&platform));
-    let mut root = d
-        .state
-        .run(run)
-        .root()
+    // the exec state is dropped first: its root is then the only holder of the new op
+    let root = d.state.run(run).root();
+    let mut root = root
         .description("com.docker.dockerfile.v1.command", c.meta.code.clone())
         .custom_name(name);
     if let Some(sm) = &dopt.opt.source_map {
