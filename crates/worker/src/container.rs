@@ -123,6 +123,7 @@ impl Worker {
             opts: self.inner.opts.clone(),
             // The refs mounted hold their own base images' pins.
             bases: Default::default(),
+            build_id: String::new(),
         };
         // Scratch refs have no snapshot: their mounts become input-less.
         let mut inputs: Vec<Snap> = Vec::new();
@@ -161,6 +162,7 @@ impl Worker {
             session: Arc::new(crate::session::NoSession),
             opts: self.inner.opts.clone(),
             bases: Default::default(),
+            build_id: String::new(),
         };
         crate::ops::exec::executor_for(&env).await
     }

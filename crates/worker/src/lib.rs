@@ -47,7 +47,7 @@ pub use remote::{
 pub use result::{ReadOnlyMount, ResultSource, SolvedRef};
 pub use session::{
     registry_host, Credentials, LocalDiffer, LocalSync, NoSession, SessionProvider, SshAgentConn,
-    SshAgentStream, SyncStats, TransferProgress,
+    SshAgentStream, SyncStats, TransferProgress, UploadStream,
 };
 pub use worker::{
     Platform, SolveContext, Worker, WorkerOptions, ENTITLEMENT_NETWORK_HOST,

@@ -269,7 +269,23 @@ pub trait SessionProvider: Send + Sync {
         let _ = (session, digest);
         Err(no_content_store(store))
     }
+
+    /// Opens the file the client serves at `http://buildkit-session/<path>` (an `http` source
+    /// on that host: BuildKit's session `Upload/Pull`, e.g. a build context sent as a tar
+    /// stream). `host` and `path` are the URL's (`buildkit-session`, `/<id>`). The client hands
+    /// each upload out once.
+    async fn upload_pull(&self, host: &str, path: &str) -> Result<UploadStream> {
+        Err(crate::Error::session(
+            crate::ErrorKind::Unimplemented,
+            format!("http://{host}{path}: the session serves no uploads"),
+            None,
+        ))
+    }
 }
+
+/// The bytes of a file the client serves over its session (see
+/// [`SessionProvider::upload_pull`]), in order.
+pub type UploadStream = futures::stream::BoxStream<'static, Result<bytes::Bytes>>;
 
 fn no_content_store(store: &str) -> crate::Error {
     crate::Error::session(

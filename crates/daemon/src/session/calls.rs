@@ -1,5 +1,5 @@
 //! Calls berthd makes into a client session: FileSync (pull a local directory), FileSend (push an
-//! output as fsutil packets or raw tar bytes), Auth, Secrets, SSH and Health.
+//! output as fsutil packets or raw tar bytes), Auth, Secrets, SSH, Upload and Health.
 //!
 //! FileSend's proto says `BytesMessage`, but for `type=local` the client expects fsutil `Packet`s
 //! on the same method path; both are sent here with a prost codec of the right message type.
@@ -33,6 +33,8 @@ pub const SECRETS_GET: &str = "/moby.buildkit.secrets.v1.Secrets/GetSecret";
 pub const SSH_CHECK: &str = "/moby.sshforward.v1.SSH/CheckAgent";
 /// `SSH/ForwardAgent`.
 pub const SSH_FORWARD: &str = "/moby.sshforward.v1.SSH/ForwardAgent";
+/// `Upload/Pull`.
+pub const UPLOAD_PULL: &str = "/moby.upload.v1.Upload/Pull";
 
 const MAX_MSG: usize = 64 << 20;
 
@@ -487,4 +489,61 @@ pub async fn ssh_forward_agent(
         })
         .boxed();
     Ok((tx, stream))
+}
+
+/// Pulls the file the client serves at `http://<host><path>` (`Upload/Pull` with the
+/// `urlhost`/`urlpath` headers, as buildkitd's HTTP source sends for host `buildkit-session`).
+/// Nothing is sent to the client; the returned stream yields its bytes as they arrive (the
+/// HTTP/2 flow control of the session holds the client back while they are not read).
+pub async fn upload_pull(
+    session: &Session,
+    host: &str,
+    path: &str,
+) -> Result<futures::stream::BoxStream<'static, Result<Bytes>>> {
+    require(session, UPLOAD_PULL, "upload")?;
+    let mut g = grpc(session);
+    ready(&mut g, session).await?;
+    let mut request = tonic::Request::new(futures::stream::empty::<
+        protos::moby::upload::v1::BytesMessage,
+    >());
+    insert_md(request.metadata_mut(), "urlpath", path)?;
+    insert_md(request.metadata_mut(), "urlhost", host)?;
+    let codec: ProstCodec<
+        protos::moby::upload::v1::BytesMessage,
+        protos::moby::upload::v1::BytesMessage,
+    > = ProstCodec::default();
+    let resp = tokio::select! {
+        r = g.streaming(request, PathAndQuery::from_static(UPLOAD_PULL), codec) => r,
+        _ = session.closed.cancelled() => {
+            return Err(Error::unavailable(format!("session {} closed", session.id)))
+        }
+    }
+    // The caller names the URL.
+    .map_err(|st| Error::from_status("", &st))?;
+    let closed = session.closed.clone();
+    let sid = session.id.clone();
+    let stream = resp.into_inner();
+    // The session's end ends the stream with an error, never a silent short read.
+    let stream = futures::stream::unfold(
+        (stream, closed, sid, false),
+        |(mut s, closed, sid, done)| async move {
+            if done {
+                return None;
+            }
+            let item = tokio::select! {
+                biased;
+                m = s.next() => m,
+                _ = closed.cancelled() => Some(Err(tonic::Status::unavailable(format!("session {sid} closed")))),
+            }?;
+            match item {
+                Ok(m) => Some((Ok(m.data), (s, closed, sid, false))),
+                Err(st) => {
+                    let e = Error::from_status("", &st);
+                    Some((Err(e), (s, closed, sid, true)))
+                }
+            }
+        },
+    )
+    .boxed();
+    Ok(stream)
 }

@@ -2,7 +2,8 @@
 //!
 //! Local sources go to the session named by `local.session` (or the job's session) through
 //! `FileSync/DiffCopy`; `oci-layout://` sources read the content store the client serves
-//! (`oci.session`, else the job's session); secrets, registry credentials and SSH agents go to the job's session.
+//! (`oci.session`, else the job's session); secrets, registry credentials, SSH agents and
+//! uploads (`http://buildkit-session/…` sources) go to the job's session.
 //! Each SSH agent connection is one `SSH/ForwardAgent` stream, bridged to an in-memory duplex
 //! pipe that the worker copies to and from the exec's socket. Errors carry
 //! the worker's [`worker::ErrorKind`] so the gRPC code comes out right.
@@ -207,6 +208,18 @@ impl worker::SessionProvider for JobSession {
             .open(digest)
             .await
             .map_err(content_err)
+    }
+
+    async fn upload_pull(&self, host: &str, path: &str) -> worker::Result<worker::UploadStream> {
+        use futures::StreamExt as _;
+        let what = format!("http://{host}{path}");
+        let session = self.session(None, &what).await?;
+        let stream = calls::upload_pull(&session, host, path)
+            .await
+            .map_err(|e| to_worker(&what, e))?;
+        Ok(stream
+            .map(move |r| r.map_err(|e| to_worker(&what, e)))
+            .boxed())
     }
 
     async fn forward_ssh_agent(&self, id: &str) -> worker::Result<SshAgentConn> {

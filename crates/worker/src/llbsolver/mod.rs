@@ -214,6 +214,7 @@ async fn solve_with_bases(
         session: ctx.session.clone(),
         opts: inner.opts.clone(),
         bases,
+        build_id: ctx.build_id.clone(),
     });
     let bases = env.bases.clone();
     let mut graph: Vec<Vertex<Snap>> = Vec::with_capacity(loaded.ops.len());

@@ -50,6 +50,39 @@ pub(crate) struct Shared {
     local_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Content checksums of paths in committed snapshots (see [`ChecksumMemo`]).
     pub(crate) checksums: ChecksumMemo,
+    /// Files the clients uploaded through their sessions, per build (see [`SessionUploads`]).
+    pub(crate) uploads: SessionUploads,
+}
+
+/// What a file uploaded through a client's session (`http://buildkit-session/…`) became: the
+/// content digest and the snapshot holding it.
+pub(crate) type Upload = (String, SnapshotId);
+
+/// Session uploads by (build, URL, file options). A client serves each upload once, while a
+/// build may solve the same source several times (a frontend reads the context, then solves
+/// the build on it): later solves of the build take the first one's snapshot. Only the last
+/// [`SessionUploads::KEEP`] uploads are remembered (a build only needs its own while it runs).
+#[derive(Default)]
+pub(crate) struct SessionUploads(Mutex<std::collections::VecDeque<(String, UploadCell)>>);
+
+type UploadCell = Arc<tokio::sync::OnceCell<Upload>>;
+
+impl SessionUploads {
+    const KEEP: usize = 256;
+
+    /// The cell for `key`, created empty if new.
+    pub(crate) fn cell(&self, key: &str) -> UploadCell {
+        let mut q = self.0.lock().unwrap();
+        if let Some((_, c)) = q.iter().find(|(k, _)| k == key) {
+            return c.clone();
+        }
+        if q.len() >= Self::KEEP {
+            q.pop_front();
+        }
+        let c = UploadCell::default();
+        q.push_back((key.to_string(), c.clone()));
+        c
+    }
 }
 
 /// What a content checksum was taken of: a path in a committed snapshot, whether a symlink at
@@ -121,6 +154,7 @@ impl Shared {
             local_root,
             local_locks: Mutex::new(HashMap::new()),
             checksums: ChecksumMemo::default(),
+            uploads: SessionUploads::default(),
         })
     }
 
@@ -146,6 +180,8 @@ pub(crate) struct BuildEnv {
     /// The base images this build uses in place from Docker, with their pins; the build's
     /// result keeps them (so they stay pinned until it is exported).
     pub(crate) bases: Arc<source_image::BaseImages>,
+    /// The build (job) the solve belongs to (empty outside a build).
+    pub(crate) build_id: String,
 }
 
 /// The solver op for a validated LLB op.

@@ -16,6 +16,11 @@
 //! snapshot): the next build sends `If-None-Match`/`If-Modified-Since`, and a `304 Not Modified`
 //! reuses the recorded snapshot without transferring the body.
 //!
+//! Host `buildkit-session` (`http://buildkit-session/<id>`, e.g. a build context a client sends
+//! as a tar stream): the file comes from the build's session (`Upload/Pull`, see
+//! [`crate::SessionProvider::upload_pull`]), never from the network, streamed the same way; no
+//! record is kept for it.
+//!
 //! Client: `reqwest` with rustls (no system OpenSSL), streaming the body to a temporary file
 //! while hashing it, so a download is never held in memory. Redirects are followed (10 at most).
 
@@ -40,6 +45,9 @@ use crate::ops::BuildEnv;
 use crate::progress::ProgressEvent;
 use crate::result::Snap;
 use crate::solver::{Op, OpContext, Solved};
+
+/// The host of URLs the client serves through its session (BuildKit's `uploadprovider`).
+const SESSION_HOST: &str = "buildkit-session";
 
 /// The solver op for `op`.
 pub(crate) fn new(op: &LoadedOp, env: &Arc<BuildEnv>) -> Result<Arc<dyn Op<Snap>>> {
@@ -212,6 +220,9 @@ impl HttpSource {
     }
 
     async fn fetch_now(&self, ctx: &OpContext) -> Result<(String, Option<String>, Snap)> {
+        if let Some(url) = self.session_url() {
+            return self.fetch_from_session(ctx, &url).await;
+        }
         let store = self.env.store.clone();
         let record_path = self.record_path();
         let previous: Option<Record> = std::fs::read(&record_path)
@@ -315,7 +326,106 @@ impl HttpSource {
             .as_deref()
             .and_then(parse_http_time)
             .unwrap_or(SystemTime::UNIX_EPOCH);
+        let url = &self.url;
+        let body = resp.bytes_stream().map(|chunk| {
+            chunk.map_err(|e| {
+                http_err(
+                    ErrorKind::Unavailable,
+                    format!("reading {url}: {e}"),
+                    Some(Box::new(e)),
+                )
+            })
+        });
+        let (digest, snap) = self.store_body(ctx, body, filename, mtime, started).await?;
+        let record = Record {
+            etag,
+            last_modified: last_modified.clone(),
+            digest: digest.clone(),
+            snapshot: snap.id().clone(),
+        };
+        let path = self.record_path();
+        if let Err(e) = write_record(&path, &record) {
+            tracing::warn!(path = %path.display(), error = %e, "recording download failed");
+        }
+        Ok((digest, last_modified, snap))
+    }
 
+    /// The URL when it names the client's session (host `buildkit-session`): the file comes
+    /// through the session's `Upload/Pull`, never from the network.
+    fn session_url(&self) -> Option<reqwest::Url> {
+        let url = reqwest::Url::parse(&self.url).ok()?;
+        (url.host_str() == Some(SESSION_HOST)).then_some(url)
+    }
+
+    /// A file the client uploads through its session (`session/upload` and the HTTP source's
+    /// session transport in buildkitd): no headers, so the name is `http.filename` or the
+    /// URL's last path segment, the mtime the Unix epoch; nothing is recorded for conditional
+    /// requests (each upload is served once).
+    async fn fetch_from_session(
+        &self,
+        ctx: &OpContext,
+        url: &reqwest::Url,
+    ) -> Result<(String, Option<String>, Snap)> {
+        let key = format!(
+            "{}\n{}\n{}",
+            self.env.build_id,
+            self.url,
+            serde_json::to_string(&self.opts).unwrap_or_default()
+        );
+        let cell = self.env.shared.uploads.cell(&key);
+        let mut fresh = None;
+        let (digest, id) = cell
+            .get_or_try_init(|| async {
+                let (digest, snap) = self.pull_from_session(ctx, url).await?;
+                let id = snap.id().clone();
+                fresh = Some(snap);
+                Ok::<_, Error>((digest, id))
+            })
+            .await?
+            .clone();
+        let snap = match fresh {
+            Some(s) => s,
+            None => {
+                // An earlier solve of this build pulled it.
+                let store = self.env.store.clone();
+                blocking(move || Snap::acquire(&store, id)).await?
+            }
+        };
+        Ok((digest, None, snap))
+    }
+
+    async fn pull_from_session(
+        &self,
+        ctx: &OpContext,
+        url: &reqwest::Url,
+    ) -> Result<(String, Snap)> {
+        let started = SystemTime::now();
+        self.status(ctx, started, 0, false);
+        let body = self
+            .env
+            .session
+            .upload_pull(SESSION_HOST, url.path())
+            .await?;
+        let filename = self
+            .opts
+            .filename
+            .clone()
+            .or_else(|| url_filename(url))
+            .unwrap_or_else(|| "download".into());
+        self.store_body(ctx, body, filename, SystemTime::UNIX_EPOCH, started)
+            .await
+    }
+
+    /// Streams `body` into a temporary file while hashing it, checks `http.checksum` and makes
+    /// the one-file layer; returns the content digest and the snapshot.
+    async fn store_body(
+        &self,
+        ctx: &OpContext,
+        body: impl futures::Stream<Item = Result<bytes::Bytes>>,
+        filename: String,
+        mtime: SystemTime,
+        started: SystemTime,
+    ) -> Result<(String, Snap)> {
         // Stream into a temporary file next to the store (same filesystem: renamed into the
         // layer, never copied).
         let tmp_dir = self.env.opts.root.join("worker").join("http").join("tmp");
@@ -334,15 +444,10 @@ impl HttpSource {
         let mut hasher = Sha256::new();
         let mut n: u64 = 0;
         let mut last_report = std::time::Instant::now();
-        let mut body = resp.bytes_stream();
+        let body = std::pin::pin!(body);
+        let mut body = body;
         while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| {
-                http_err(
-                    ErrorKind::Unavailable,
-                    format!("reading {}: {e}", self.url),
-                    Some(Box::new(e)),
-                )
-            })?;
+            let chunk = chunk?;
             hasher.update(&chunk);
             file.write_all(&chunk)
                 .await
@@ -392,17 +497,7 @@ impl HttpSource {
             Snap::acquire(&store, id)
         })
         .await?;
-        let record = Record {
-            etag,
-            last_modified: last_modified.clone(),
-            digest: digest.clone(),
-            snapshot: snap.id().clone(),
-        };
-        let path = self.record_path();
-        if let Err(e) = write_record(&path, &record) {
-            tracing::warn!(path = %path.display(), error = %e, "recording download failed");
-        }
-        Ok((digest, last_modified, snap))
+        Ok((digest, snap))
     }
 }
 
