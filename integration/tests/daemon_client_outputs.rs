@@ -571,7 +571,8 @@ async fn docker_output_is_an_oci_layout_too_and_headers_carry_the_digests() {
         .collect();
     assert_eq!(dm[0]["Layers"], serde_json::json!(dm_layers));
 
-    // containerimage.buildinfo: the sources of the result, images named as BuildKit does.
+    // containerimage.buildinfo: the sources of the result, images named as BuildKit does; an
+    // image only Docker has (no registry digest) is pinned to its image ID.
     use base64_decode::decode;
     let bi = json(&decode(&resp["containerimage.buildinfo"]));
     assert_eq!(
@@ -579,6 +580,7 @@ async fn docker_output_is_an_oci_layout_too_and_headers_carry_the_digests() {
         serde_json::json!([{
             "type": "docker-image",
             "ref": format!("docker.io/{}", base.reference()),
+            "pin": base.id(),
         }]),
         "{bi}"
     );

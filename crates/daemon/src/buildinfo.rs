@@ -8,9 +8,14 @@
 //! can change the result (`attrs`: BuildKit's provenance `FilterArgs`: host-specific options,
 //! `attest:*` and `cache-imports` left out, credentials in context URLs redacted).
 //!
-//! Limits: `pin` is given only when the definition itself pins the source (an image digest,
-//! `http.checksum`); buildkitd also reports the pins it resolved (manifest digest, git commit,
-//! content digest).
+//! `pin` of an image is the digest the reference pins, else the one the worker resolved it to:
+//! the digest of what the reference names in its registry (as buildkitd reports it), or, for
+//! an image only Docker has (no registry knows it), Docker's image ID. A `name:tag@digest`
+//! reference (what the Dockerfile frontend makes of a `FROM name:tag` it resolved) is named
+//! `name:tag`, as buildkitd names the tag it resolved.
+//!
+//! Limits: for git and HTTP sources `pin` is given only when the definition pins the source
+//! (`http.checksum`); buildkitd also reports the commit and content digest it resolved.
 
 use std::collections::BTreeMap;
 
@@ -90,11 +95,20 @@ fn source(s: &ResultSource) -> Option<Source> {
     let (scheme, rest) = s.identifier.split_once("://")?;
     match scheme {
         "docker-image" => {
-            let reference = exporter::normalize_name(rest).unwrap_or_else(|_| rest.to_string());
-            let pin = rest
-                .split_once('@')
-                .map(|(_, d)| d.to_string())
-                .unwrap_or_default();
+            let mut reference = exporter::normalize_name(rest).unwrap_or_else(|_| rest.to_string());
+            let pin = match reference.split_once('@') {
+                Some((named, digest)) => {
+                    let digest = digest.to_string();
+                    // `name:tag@digest` is what a frontend makes of `name:tag` once it resolved
+                    // it; buildkitd names the tag it resolved (its `OptimizeImageSources`).
+                    let last = named.rfind('/').map_or(0, |i| i + 1);
+                    if named[last..].contains(':') {
+                        reference = named.to_string();
+                    }
+                    digest
+                }
+                None => s.pin.clone(),
+            };
             Some(Source {
                 kind: "docker-image",
                 reference,
@@ -157,6 +171,30 @@ mod tests {
                 .collect(),
             pin: String::new(),
         }
+    }
+
+    #[test]
+    fn image_pins_are_the_resolved_digests() {
+        let d = format!("sha256:{}", "d".repeat(64));
+        let w = format!("sha256:{}", "e".repeat(64));
+        let mut resolved = src("docker-image://docker.io/library/busybox:latest", &[]);
+        resolved.pin = w.clone();
+        let v = decode(&encode(
+            &[
+                resolved,
+                src(&format!("docker-image://alpine:3.18@{d}"), &[]),
+                src("docker-image://scratchy", &[]),
+            ],
+            None,
+        ));
+        assert_eq!(
+            v,
+            serde_json::json!({"sources": [
+                {"type": "docker-image", "ref": "docker.io/library/alpine:3.18", "pin": d},
+                {"type": "docker-image", "ref": "docker.io/library/busybox:latest", "pin": w},
+                {"type": "docker-image", "ref": "docker.io/library/scratchy:latest"},
+            ]})
+        );
     }
 
     fn decode(s: &str) -> serde_json::Value {

@@ -163,7 +163,19 @@ pub(crate) fn new(op: &LoadedOp, env: &Arc<BuildEnv>) -> Result<Arc<dyn Op<Snap>
         platform,
         env: env.clone(),
         resolved: tokio::sync::OnceCell::new(),
+        manifest: std::sync::OnceLock::new(),
     }))
+}
+
+/// The digest among Docker's repository digests of an image (`name@sha256:…`) that belongs to
+/// `reference`'s repository.
+fn repo_digest(reference: &str, repo_digests: Option<&[String]>) -> Option<String> {
+    let want = registry::Reference::parse(reference).ok()?.name();
+    repo_digests?.iter().find_map(|rd| {
+        let r = registry::Reference::parse(rd).ok()?;
+        let d = r.digest()?;
+        (r.name() == want).then(|| d.to_string())
+    })
 }
 
 /// The base images a build uses in place from the live Docker Engine, each with its pin (see
@@ -309,6 +321,10 @@ struct ImageSource {
     env: Arc<BuildEnv>,
     /// Resolved once per build (cache key and exec share it); holds the pin.
     resolved: tokio::sync::OnceCell<Resolved>,
+    /// The digest the reference resolves to in its registry (the index's for a multi-platform
+    /// image, as buildkitd pins image sources), when known: from the pull, Docker's repository
+    /// digests of the image, or one bounded registry lookup ([`ImageSource::learn_sources`]).
+    manifest: std::sync::OnceLock<String>,
 }
 
 struct Resolved {
@@ -607,6 +623,10 @@ impl ImageSource {
                         (ResolveMode::Pull, _) => self.pull(docker, ctx).await?,
                         (mode, Ok(i)) => {
                             let id = i.id.unwrap_or_default();
+                            if let Some(d) = repo_digest(&self.reference, i.repo_digests.as_deref())
+                            {
+                                let _ = self.manifest.set(d);
+                            }
                             if mode == ResolveMode::Default {
                                 self.learn_sources(
                                     &id,
@@ -859,15 +879,27 @@ impl ImageSource {
     }
 
     /// For an image found in Docker whose layers berth has no registry descriptors for (it was
-    /// not pulled by this berth root): one quick, bounded look at the registry, so a later push
-    /// can keep foreign and uncompressed layers as they were. Recorded only when the registry's
-    /// image is this image ID; failures (offline, no such registry) are ignored, and each image
-    /// ID is tried once per process.
+    /// not pulled by this berth root), or whose registry digest is not known (Docker has no
+    /// repository digest of it: built, loaded or imported there): one quick, bounded look at
+    /// the registry, so a later push can keep foreign and uncompressed layers as they were, and
+    /// build information can name the digest the reference resolves to, as buildkitd's does.
+    /// Recorded only when the registry's image is this image ID; failures (offline, no such
+    /// registry) are ignored, and each (reference, image ID) is tried once per process (the
+    /// digest found is remembered for the process's later builds).
     async fn learn_sources(&self, id: &str, diff_ids: Vec<String>) {
-        let Some(cache) = self.env.opts.blobs.as_ref() else {
-            return;
-        };
-        if diff_ids.iter().all(|d| cache.source(d).is_some()) {
+        static MANIFESTS: std::sync::OnceLock<
+            std::sync::Mutex<std::collections::HashMap<String, String>>,
+        > = std::sync::OnceLock::new();
+        let key = format!("{}|{id}", self.reference);
+        let manifests = MANIFESTS.get_or_init(Default::default);
+        if self.manifest.get().is_none() {
+            if let Some(d) = manifests.lock().unwrap().get(&key) {
+                let _ = self.manifest.set(d.clone());
+            }
+        }
+        let cache = self.env.opts.blobs.as_ref();
+        let need_sources = cache.is_some_and(|c| !diff_ids.iter().all(|d| c.source(d).is_some()));
+        if !need_sources && self.manifest.get().is_some() {
             return;
         }
         static TRIED: std::sync::OnceLock<std::sync::Mutex<std::collections::HashSet<String>>> =
@@ -876,13 +908,17 @@ impl ImageSource {
             .get_or_init(Default::default)
             .lock()
             .unwrap()
-            .insert(format!("{}|{id}", self.reference))
+            .insert(key.clone())
         {
             return;
         }
         match tokio::time::timeout(LEARN_TIMEOUT, self.resolve_remote()).await {
             Ok(Ok((_, img))) if img.config_digest() == id => {
-                image_pull::record_sources(Some(cache), &img);
+                if need_sources {
+                    image_pull::record_sources(cache, &img);
+                }
+                manifests.lock().unwrap().insert(key, img.digest.clone());
+                let _ = self.manifest.set(img.digest.clone());
             }
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
@@ -907,6 +943,7 @@ impl ImageSource {
             return self.pull_containerd(&endpoint, &session, &img, ctx).await;
         }
         let id = img.config_digest().to_string();
+        let _ = self.manifest.set(img.digest.clone());
         let host = self
             .env
             .opts
@@ -1006,6 +1043,7 @@ impl ImageSource {
     async fn pull_offline(&self, root: &std::path::Path, ctx: &OpContext) -> Result<()> {
         let (session, img) = self.resolve_remote().await?;
         let id = img.config_digest().to_string();
+        let _ = self.manifest.set(img.digest.clone());
         let lock = image_pull::pull_lock(&root.display().to_string(), &id);
         let _held = lock.lock().await;
         let progress = image_pull::PullProgress {
@@ -1095,10 +1133,15 @@ impl ImageSource {
 #[async_trait]
 impl Op<Snap> for ImageSource {
     fn pin(&self) -> Option<String> {
-        // The digest the reference pins, else the image the worker resolved it to.
+        // The digest the reference pins, else the one it resolved to in its registry, else the
+        // image the worker resolved it to.
         match self.reference.rsplit_once('@') {
             Some((_, digest)) => Some(digest.to_string()),
-            None => self.resolved.get().map(|r| r.id.clone()),
+            None => self
+                .manifest
+                .get()
+                .cloned()
+                .or_else(|| self.resolved.get().map(|r| r.id.clone())),
         }
     }
 
@@ -1139,6 +1182,34 @@ impl Op<Snap> for ImageSource {
 #[cfg(test)]
 mod tests {
     use crate::session::registry_host;
+
+    #[test]
+    fn repo_digest_of_the_reference_repository() {
+        let a = format!("sha256:{}", "a".repeat(64));
+        let b = format!("sha256:{}", "b".repeat(64));
+        let digests = vec![
+            format!("localhost:5000/busybox@{a}"),
+            format!("busybox@{b}"),
+        ];
+        for r in [
+            "busybox",
+            "busybox:latest",
+            "docker.io/library/busybox:1.36",
+        ] {
+            assert_eq!(
+                super::repo_digest(r, Some(&digests)),
+                Some(b.clone()),
+                "{r}"
+            );
+        }
+        assert_eq!(
+            super::repo_digest("localhost:5000/busybox:x", Some(&digests)),
+            Some(a.clone())
+        );
+        assert_eq!(super::repo_digest("alpine", Some(&digests)), None);
+        assert_eq!(super::repo_digest("busybox", None), None);
+        assert_eq!(super::repo_digest("busybox", Some(&[])), None);
+    }
 
     #[test]
     fn registry_hosts() {
