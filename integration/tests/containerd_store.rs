@@ -16,6 +16,8 @@
 //!   chainIDs), run, download each blob once for concurrent builds and only the missing layers
 //!   of a partly present image; a SIGKILL at each pull step leaves nothing the next berthd and
 //!   containerd's GC do not free;
+//! - `--export-cache type=registry` of a build on such a base carries the base layer, read from
+//!   containerd's content store;
 //! - detection: without the containerd address (Engine 26 does not report it) the build fails
 //!   naming `--containerd-worker-addr`.
 //!
@@ -1184,5 +1186,90 @@ async fn sigkill_at_each_pull_step_leaves_nothing_the_gc_cannot_free() {
         .unwrap();
     assert_eq!(out.assert_success().stdout, hello);
     engine.remove_image(&img.reference).await.unwrap();
+    drop(bb);
+}
+
+/// `--export-cache type=registry,mode=max` of a build on a base image of this store: the base
+/// layer's blob comes from containerd's content store (a gzip blob, as `docker import` stores
+/// it), so the cache carries every layer; each exported layer blob decompresses to its diffID,
+/// the base's among them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_cache_export_reads_base_blobs_from_containerd() {
+    use protos::moby::buildkit::v1 as control;
+    use std::io::Read as _;
+
+    let env = Env::start(true);
+    let engine = env.dockerd.engine().clone();
+    let bb = busybox_image(&engine).await.unwrap();
+    let (bb_diff_ids, _) = layers_of(&env, bb.id());
+    let reg = Registry::start().unwrap();
+    let cache_ref = format!(
+        "{}/{}:cache",
+        reg.addr(),
+        unique_name("berth-test/ctrd-cache")
+    );
+    let st = sh(
+        &llb::image(bb.reference()).state(),
+        &format!("echo {} > /out", unique_name("c")),
+    );
+    let r = env
+        .client()
+        .await
+        .build(BuildOptions {
+            definition: Some(st.marshal().unwrap()),
+            cache_exports: vec![control::CacheOptionsEntry {
+                r#type: "registry".into(),
+                attrs: [("ref", cache_ref.as_str()), ("mode", "max")]
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    if let Err(e) = &r.solve {
+        panic!("build failed: {e}\n{}", env.berthd.log_text());
+    }
+
+    // The cache's index lists the layer blobs; each decompresses to a diffID.
+    let rc = registry::Registry::new(registry::Hosts::new(Default::default()));
+    let session = rc.session(std::sync::Arc::new(registry::Anonymous));
+    let reference = registry::Reference::parse(&cache_ref).unwrap();
+    let index = session.resolve(&reference).await.unwrap();
+    let index: serde_json::Value = serde_json::from_slice(&index.bytes).unwrap();
+    let mut diff_ids = Vec::new();
+    for m in index["manifests"].as_array().unwrap() {
+        let media_type = m["mediaType"].as_str().unwrap();
+        let Some(compression) = registry::Compression::from_media_type(media_type) else {
+            continue;
+        };
+        let desc: registry::Descriptor = serde_json::from_value(m.clone()).unwrap();
+        let mut s = session
+            .open_blob(&[], &reference, &desc, None)
+            .await
+            .unwrap();
+        let mut blob = Vec::new();
+        while let Some(c) = s.next_chunk().await.unwrap() {
+            blob.extend_from_slice(&c);
+        }
+        let tar = match compression {
+            registry::Compression::Gzip => {
+                let mut out = Vec::new();
+                flate2::read::GzDecoder::new(&blob[..])
+                    .read_to_end(&mut out)
+                    .unwrap();
+                out
+            }
+            registry::Compression::Uncompressed => blob,
+            other => panic!("unexpected {other:?} layer in the cache (default is gzip)"),
+        };
+        diff_ids.push(sha256_hex(&tar));
+    }
+    assert_eq!(diff_ids.len(), 2, "{index}");
+    assert!(
+        diff_ids.contains(&bb_diff_ids[0]),
+        "{diff_ids:?} lacks the base {bb_diff_ids:?}"
+    );
     drop(bb);
 }

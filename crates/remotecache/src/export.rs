@@ -190,13 +190,14 @@ pub async fn build(
         let chain: Vec<LayerRef> = res.chain().0.clone();
         let st = store.clone();
         let ch = chain.clone();
-        let (exported, _) = tokio::task::spawn_blocking(move || exporter::export_layers(&st, &ch))
-            .await
-            .map_err(|e| Error::Other(format!("layer task: {e}")))?
-            .map_err(|source| Error::Export {
-                what: "export cache layers".into(),
-                source: Box::new(source),
-            })?;
+        let (exported, _) =
+            tokio::task::spawn_blocking(move || exporter::export_layer_tars(&st, &ch))
+                .await
+                .map_err(|e| Error::Other(format!("layer task: {e}")))?
+                .map_err(|source| Error::Export {
+                    what: "export cache layers".into(),
+                    source: Box::new(source),
+                })?;
         let mut parent = String::new();
         let mut top = -1i64;
         let mut created = None;
