@@ -393,6 +393,10 @@ impl crate::solver::Op<Snap> for Gated {
         self.op.key_from_input_keys(input_keys)
     }
 
+    fn alias_key(&self, input_keys: &[&str]) -> Option<String> {
+        self.op.alias_key(input_keys)
+    }
+
     async fn exec(
         &self,
         ctx: &crate::solver::OpContext,

@@ -147,6 +147,8 @@ struct Keyed {
     key: String,
     /// The op's alias key ([`Op::alias_key`]), recorded with `key` in exports.
     alias: Option<String>,
+    /// `key` came from an imported alias, not from the inputs' content.
+    via_alias: bool,
     span: tracing::Span,
 }
 type KeyFuture = Shared<BoxFuture<'static, std::result::Result<Arc<Keyed>, Arc<Error>>>>;
@@ -380,7 +382,7 @@ impl<R: Clone + Send + Sync + 'static> Solver<R> {
                 async move {
                     let k = keyf.await?;
                     let outs = solver
-                        .vertex_result(&job, &v, &k, &needed, in_res)
+                        .vertex_result(&job, i, &v, &k, &needed, in_res)
                         .await
                         .map_err(Arc::new)?;
                     job.evaluated.lock().unwrap().insert(i, outs.clone());
@@ -485,7 +487,7 @@ impl<R: Clone + Send + Sync + 'static> Solver<R> {
                 .ok_or_else(|| Error::Internal(format!("input vertex {vi} missing")))?;
             input_keys.push(output_key(&k.key, out));
         }
-        let (mut from_keys, mut alias) = (None, None);
+        let (mut from_keys, mut alias, mut via_alias) = (None, None, false);
         if !v.inputs.is_empty() && !eager {
             let refs: Vec<&str> = input_keys.iter().map(String::as_str).collect();
             from_keys = v.op.key_from_input_keys(&refs);
@@ -499,6 +501,7 @@ impl<R: Clone + Send + Sync + 'static> Solver<R> {
             (&from_keys, &alias, &job.import, v.ignore_cache)
         {
             from_keys = import.alias(a);
+            via_alias = from_keys.is_some();
             if let Some(k) = &from_keys {
                 tracing::debug!(vertex = %v.digest, alias = %a, key = %k, "key from imported alias");
             }
@@ -534,7 +537,12 @@ impl<R: Clone + Send + Sync + 'static> Solver<R> {
             }
         };
         match key {
-            Ok(key) => Ok(Keyed { key, alias, span }),
+            Ok(key) => Ok(Keyed {
+                key,
+                alias,
+                via_alias,
+                span,
+            }),
             Err(e) => {
                 span.record("otel.status_code", "ERROR");
                 job.complete(&v.digest, false, Some(e.to_string()));
@@ -548,6 +556,7 @@ impl<R: Clone + Send + Sync + 'static> Solver<R> {
     async fn vertex_result(
         self: &Arc<Self>,
         job: &Arc<Job<R>>,
+        index: usize,
         v: &Vertex<R>,
         k: &Keyed,
         needed: &[bool],
@@ -558,8 +567,8 @@ impl<R: Clone + Send + Sync + 'static> Solver<R> {
             progress: job.progress.clone(),
             cancel: job.cancel.clone(),
         };
-        let key = &k.key;
-        let wrap = |results: Vec<Option<R>>| -> Outputs<R> {
+        let mut key = &k.key;
+        let wrap = |key: &str, results: Vec<Option<R>>| -> Outputs<R> {
             Arc::new(
                 results
                     .into_iter()
@@ -578,15 +587,42 @@ impl<R: Clone + Send + Sync + 'static> Solver<R> {
             .instrument(k.span.clone())
             .await;
         let res = match res {
-            Ok(Some(results)) => Ok((wrap(results), true)),
+            Ok(Some(results)) => Ok((wrap(key, results), true)),
             Ok(None) => {
                 // A failed input is reported by its own vertex; this one stays running until
                 // the build ends (then it is completed as canceled).
                 let inputs = Self::input_results(&v.inputs, in_res).await?;
-                self.execute(job, v, &ctx, key, &inputs)
-                    .instrument(k.span.clone())
-                    .await
-                    .map(|r| (wrap(r.iter().cloned().map(Some).collect()), false))
+                // A key taken from an imported alias stands for the exporter's input content;
+                // built here, the inputs may differ (a RUN with random output ran again), and
+                // the result must not be recorded under a content key it does not have.
+                let real;
+                let mut again = None;
+                if k.via_alias {
+                    real =
+                        v.op.cache_key(&ctx, &inputs)
+                            .instrument(k.span.clone())
+                            .await?;
+                    if real != *key {
+                        tracing::debug!(vertex = %v.digest, alias_key = %key, key = %real, "inputs built differ from the imported alias's");
+                        job.keys
+                            .lock()
+                            .unwrap()
+                            .insert(index, (real.clone(), k.alias.clone()));
+                        key = &real;
+                        again = self
+                            .cached_result(job, v, &ctx, key, needed)
+                            .instrument(k.span.clone())
+                            .await?;
+                    }
+                }
+                match again {
+                    Some(results) => Ok((wrap(key, results), true)),
+                    None => self
+                        .execute(job, v, &ctx, key, &inputs)
+                        .instrument(k.span.clone())
+                        .await
+                        .map(|r| (wrap(key, r.iter().cloned().map(Some).collect()), false)),
+                }
             }
             Err(e) => Err(e),
         };

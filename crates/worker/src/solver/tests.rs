@@ -987,3 +987,56 @@ async fn imported_alias_keys_a_content_keyed_step_without_running_its_input() {
         }
     }
 }
+
+/// An imported alias whose step has no result and must run (a later step missed): its inputs
+/// are built and differ from the exporter's (the RUN ran again), so the step is recorded under
+/// the key of its real input content, never under the alias's key, which stands for other
+/// content.
+#[tokio::test]
+async fn alias_step_that_runs_is_recorded_under_its_real_key() {
+    let execs_a = Arc::new(AtomicUsize::new(0));
+    let a = Arc::new(Solver::new(Arc::new(MemCache::default()), 4));
+    let (_, _, ev) = a
+        .solve_with(
+            copy_from_random(&execs_a, 1),
+            (2, 0),
+            ProgressSink::discard(),
+            CancellationToken::new(),
+            None,
+        )
+        .await
+        .unwrap();
+    let copy = ev[2].as_ref().unwrap();
+    let aliases: HashMap<String, String> = [(copy.alias.clone().unwrap(), copy.key.clone())].into();
+    // Node B builds one more step after the copy; the import has no result at all.
+    let execs_b = Arc::new(AtomicUsize::new(0));
+    let mut g = copy_from_random(&execs_b, 2);
+    let mut last = Concat::new("last", &execs_b);
+    last.keys_only = true;
+    g.push(vertex("last", vec![2], last));
+    let cache_b = Arc::new(MemCache::default());
+    let b = Arc::new(Solver::new(cache_b.clone(), 4));
+    let import: Arc<dyn ImportStore<String>> = Arc::new(AliasImport(
+        MemImport(HashMap::new(), Arc::new(AtomicUsize::new(0))),
+        aliases,
+    ));
+    let (rb, _, evb) = b
+        .solve_with(
+            g,
+            (3, 0),
+            ProgressSink::discard(),
+            CancellationToken::new(),
+            Some(import),
+        )
+        .await
+        .unwrap();
+    assert_eq!(rb.result, "copy(run#2)+last");
+    let copy_b = evb[2].as_ref().unwrap();
+    assert_ne!(copy_b.key, copy.key, "recorded under the alias's key");
+    let map = cache_b.0.lock().unwrap();
+    assert!(!map.contains_key(&output_key(&copy.key, 0)));
+    assert_eq!(
+        map.get(&output_key(&copy_b.key, 0)).map(String::as_str),
+        Some("copy(run#2)")
+    );
+}
