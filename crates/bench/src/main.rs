@@ -13,13 +13,15 @@
 //! `--output type=docker | docker load`. The offline mode (dockerd stopped) runs the worker and
 //! exporter in this process: berthd's worker resolves `docker-image` sources through the Engine
 //! API, so a build cannot run while the daemon is stopped. Scenarios 3 to 5 drive the worker in
-//! this process. Scenario 8 calls the pin API directly and builds through two berthds. The
+//! this process. Scenario 8 calls the pin API directly and builds through two berthds. Scenario 11
+//! builds through a berthd bound to a private Docker Engine on the containerd image store. The
 //! scenario lines in the report say which path each row took.
 
 mod berthd;
 mod buildkitd;
 mod buildx;
 mod collector;
+mod containerd_store;
 mod fixtures;
 mod rebuild;
 mod report;
@@ -1924,6 +1926,9 @@ async fn run() -> Result<()> {
         if wants(&[1, 2]) {
             scenario_build_end(&mut b).await?;
         }
+        if wants(&[11]) {
+            containerd_store::scenario(&mut b).await?;
+        }
         Ok::<_, anyhow::Error>(())
     }
     .await;
@@ -2011,7 +2016,6 @@ async fn run() -> Result<()> {
         md.push_str("- Stock buildkitd with `--output type=docker | docker load`: `--stock-bin DIR` or `BERTH_BENCH_BUILDKITD` and `BERTH_BENCH_BUILDCTL` name stock binaries (none found for this run).\n");
     }
     md.push_str("- The offline mode through berthd: the offline rows run the worker and exporter (the code berthd runs) in this process; berthd itself can build from a stopped daemon's data root since c06460d (tested in `integration/tests/daemon_offline_base.rs`), but the bench does not drive it that way yet.\n");
-    md.push_str("- The containerd-store mode: Docker 20.10 has no containerd image store, so no Docker here can use it.\n");
     md.push_str(
         "- Scenarios 3 and 4 through berthd's gRPC API (they drive the worker in this process).\n",
     );
