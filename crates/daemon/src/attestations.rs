@@ -115,6 +115,50 @@ pub async fn from_wire(
     Ok(out)
 }
 
+/// The attestations of a frontend result as an `LLBBridge.Solve` answer carries them, each ref
+/// added to `job` (a gateway client such as buildx returns them with the result). berthd's own
+/// predicates (`content`, provenance) are not frontend attestations and are left out.
+pub fn to_wire(job: &Job, atts: &Attestations) -> BTreeMap<String, gw::Attestations> {
+    atts.iter()
+        .map(|(key, list)| {
+            let attestation = list
+                .iter()
+                .filter(|a| a.content.is_none())
+                .map(|a| gw::Attestation {
+                    kind: match a.kind {
+                        Kind::InToto => gw::AttestationKind::InToto,
+                        Kind::Bundle => gw::AttestationKind::Bundle,
+                    } as i32,
+                    metadata: a.metadata.clone(),
+                    r#ref: a.fs.clone().map(|fs| gw::Ref {
+                        id: job.add_ref(fs),
+                        def: None,
+                    }),
+                    path: a.path.clone(),
+                    in_toto_predicate_type: a.predicate_type.clone(),
+                    in_toto_subjects: a
+                        .subjects
+                        .iter()
+                        .map(|s| match s {
+                            Subject::Own { name } => gw::InTotoSubject {
+                                kind: gw::InTotoSubjectKind::Self_ as i32,
+                                name: name.clone(),
+                                digest: vec![],
+                            },
+                            Subject::Raw { name, digests } => gw::InTotoSubject {
+                                kind: gw::InTotoSubjectKind::Raw as i32,
+                                name: name.clone(),
+                                digest: digests.clone(),
+                            },
+                        })
+                        .collect(),
+                })
+                .collect();
+            (key.clone(), gw::Attestations { attestation })
+        })
+        .collect()
+}
+
 /// Whether an attestation is only for inline use (left out of local and tar exports).
 pub fn inline_only(a: &ResultAttestation) -> bool {
     a.metadata.get(INLINE_ONLY).map(|v| v.as_ref()) == Some(b"true")

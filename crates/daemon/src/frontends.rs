@@ -359,9 +359,34 @@ async fn dockerfile_v0(
             .into_iter()
             .map(|(k, v)| (k, Bytes::from(v)))
             .collect(),
-        attestations: Default::default(),
+        attestations: res
+            .attestations
+            .into_iter()
+            .map(|(k, atts)| (k, atts.into_iter().map(attestation).collect()))
+            .collect(),
         provenance,
     })
+}
+
+/// A frontend attestation as the daemon keeps it.
+fn attestation(a: dockerfile::Attestation<FsRef>) -> crate::attestations::ResultAttestation {
+    crate::attestations::ResultAttestation {
+        kind: match a.kind {
+            dockerfile::AttestationKind::InToto => crate::attestations::Kind::InToto,
+            dockerfile::AttestationKind::Bundle => crate::attestations::Kind::Bundle,
+        },
+        metadata: a
+            .metadata
+            .into_iter()
+            .map(|(k, v)| (k, Bytes::from(v)))
+            .collect(),
+        fs: a.r#ref,
+        path: a.path,
+        predicate_type: a.predicate_type,
+        subjects: vec![],
+        content: None,
+        provenance_layers: vec![],
+    }
 }
 
 /// The daemon error of a frontend error: a daemon error passed through keeps its code and
@@ -486,6 +511,7 @@ impl Bridge for InProcess<'_> {
                     .into_iter()
                     .map(|(k, v)| (k, v.to_vec()))
                     .collect(),
+                attestations: BTreeMap::new(),
             });
         }
         if !req.cache_imports.is_empty() && self.job.cache_imports.lock().unwrap().is_empty() {
@@ -514,6 +540,7 @@ impl Bridge for InProcess<'_> {
             refs: BTreeMap::new(),
             defs: BTreeMap::new(),
             metadata: BTreeMap::new(),
+            attestations: BTreeMap::new(),
         })
     }
 

@@ -130,7 +130,7 @@ impl Gateway {
                             gw::result::Result::RefsDeprecated(gw::RefMapDeprecated { refs: ids })
                         }),
                         metadata: res.metadata,
-                        ..Default::default()
+                        attestations: crate::attestations::to_wire(&job, &res.attestations),
                     }),
                 });
             }
@@ -149,7 +149,7 @@ impl Gateway {
                         gw::result::Result::RefDeprecated(id)
                     }),
                     metadata: res.metadata,
-                    ..Default::default()
+                    attestations: crate::attestations::to_wire(&job, &res.attestations),
                 }),
             });
         }

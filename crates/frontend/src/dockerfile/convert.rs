@@ -104,6 +104,20 @@ pub struct Converted {
     pub image: Image,
     /// Parser warnings (short text, line).
     pub warnings: Vec<parser::Warning>,
+    /// What an SBOM scanner scans besides the final stage.
+    pub sbom: SbomTargets,
+}
+
+/// What an SBOM scanner scans besides the final stage (`SBOMTargets`): the build context when
+/// the final stage has `BUILDKIT_SBOM_SCAN_CONTEXT`, and each stage the final one depends on
+/// that has `BUILDKIT_SBOM_SCAN_STAGE` (global or stage `ARG`s, build args overriding them: a
+/// boolean, or a comma-separated list of stage names).
+#[derive(Debug, Clone, Default)]
+pub struct SbomTargets {
+    /// By name: `context`, or the stage's name.
+    pub extras: BTreeMap<String, llb::State>,
+    /// The final stage or one of the extra stages does not use the cache (`no-cache`).
+    pub ignore_cache: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -289,7 +303,7 @@ fn meta_args_map(args: &[KeyValuePairOptional]) -> BTreeMap<String, String> {
 
 /// Docker's reference normalization with `TagNameOnly` (`busybox` →
 /// `docker.io/library/busybox:latest`); errors as `reference.ParseNormalizedNamed`.
-fn normalize_image_name(name: &str) -> Result<String, String> {
+pub(crate) fn normalize_image_name(name: &str) -> Result<String, String> {
     let valid = !name.is_empty()
         && name == name.trim()
         && !name.contains("//")
@@ -671,9 +685,10 @@ pub async fn dockerfile_to_llb<R: MetaResolver>(
         shlex,
         &target_platform,
         &proxy_env,
-        build_context,
+        build_context.clone(),
         false,
     )?;
+    let sbom = sbom_targets(&all, &states, target, &opt_meta_args, build_context);
     let mut t = states.swap_remove(target);
     if !opt.labels.is_empty() {
         let labels = t.image.config.labels.get_or_insert_with(Default::default);
@@ -690,7 +705,49 @@ pub async fn dockerfile_to_llb<R: MetaResolver>(
         state: t.state,
         image: t.image,
         warnings,
+        sbom,
     })
+}
+
+/// The [`SbomTargets`] of the dispatched `states` for `target`.
+fn sbom_targets(
+    all: &States,
+    states: &[DispatchState],
+    target: usize,
+    meta_args: &[KeyValuePairOptional],
+    build_context: llb::State,
+) -> SbomTargets {
+    // The last value among the global ARGs and then the stage's own (`isEnabledForStage`).
+    let enabled = |d: &DispatchState, key: &str| {
+        let value = meta_args
+            .iter()
+            .chain(&d.build_args)
+            .rfind(|a| a.key == key)
+            .map(|a| a.value.clone().unwrap_or_default());
+        value.is_some_and(|v| match v.as_str() {
+            "1" | "t" | "T" | "TRUE" | "true" | "True" => true,
+            "0" | "f" | "F" | "FALSE" | "false" | "False" => false,
+            list => list.split(',').any(|s| s == d.stage_name),
+        })
+    };
+    let t = &states[target];
+    let mut sbom = SbomTargets {
+        ignore_cache: t.ignore_cache,
+        ..Default::default()
+    };
+    if enabled(t, "BUILDKIT_SBOM_SCAN_CONTEXT") {
+        sbom.extras.insert("context".into(), build_context);
+    }
+    for (i, d) in states.iter().enumerate() {
+        if i == target || d.noinit || !all.reachable(target, i) {
+            continue;
+        }
+        if enabled(d, "BUILDKIT_SBOM_SCAN_STAGE") {
+            sbom.extras.insert(d.stage_name.clone(), d.state.clone());
+            sbom.ignore_cache |= d.ignore_cache;
+        }
+    }
+    sbom
 }
 
 /// Nanoseconds since the epoch of an RFC 3339 time (`Z` or `±hh:mm`, optional fraction).

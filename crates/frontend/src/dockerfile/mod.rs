@@ -14,6 +14,7 @@
 pub mod convert;
 pub mod image;
 pub mod named;
+pub mod sbom;
 pub mod support;
 
 use std::collections::BTreeMap;
@@ -208,6 +209,32 @@ pub struct BuildResult<R> {
     pub defs: BTreeMap<String, llb::pb::Definition>,
     /// Metadata.
     pub metadata: BTreeMap<String, Vec<u8>>,
+    /// Attestations by platform ID (the frontend's SBOMs, [`sbom`]).
+    pub attestations: BTreeMap<String, Vec<Attestation<R>>>,
+}
+
+/// What an [`Attestation`] holds (gateway `AttestationKind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttestationKind {
+    /// One in-toto statement whose predicate is the file at `path`.
+    InToto,
+    /// A directory of in-toto statements at `path`.
+    Bundle,
+}
+
+/// An attestation of a result (gateway `Attestation`).
+#[derive(Debug, Clone)]
+pub struct Attestation<R> {
+    /// In-toto or bundle.
+    pub kind: AttestationKind,
+    /// The result holding its files.
+    pub r#ref: Option<R>,
+    /// The file or directory in `ref`.
+    pub path: String,
+    /// Its metadata (`reason`, `sbom-core`).
+    pub metadata: BTreeMap<String, Vec<u8>>,
+    /// The in-toto predicate type.
+    pub predicate_type: String,
 }
 
 /// The build's options as the daemon got them.
@@ -807,13 +834,18 @@ pub async fn build<B: Bridge>(bridge: &B) -> Result<BuildResult<B::Ref>, Error> 
     if let Some(req) = opts.get("requestid") {
         return Err(invalid(format!("unsupported request {req}")));
     }
-    for (k, v) in opts {
-        if k == "attest:sbom" && !v.is_empty() && v != "false" && !v.contains("disabled=true") {
-            return Err(invalid(
-                "SBOM attestations (attest:sbom) are not supported by berthd yet",
-            ));
+    let scanner = match sbom::requested(opts)?.get("sbom") {
+        Some(attrs) => {
+            let generator = attrs.get("generator").map(String::as_str).unwrap_or("");
+            let host = bo
+                .worker_platforms
+                .first()
+                .cloned()
+                .unwrap_or_else(Platform::host);
+            Some(sbom::Scanner::new(bridge, generator, &host).await?)
         }
-    }
+        None => None,
+    };
 
     let mut copt = parse_opts(&bo)?;
     copt.excludes = excludes;
@@ -870,7 +902,8 @@ pub async fn build<B: Bridge>(bridge: &B) -> Result<BuildResult<B::Ref>, Error> 
                 .await
                 .map_err(|e| Error::bridge("", e))?;
             let p = tp.clone().unwrap_or_else(Platform::host);
-            Ok::<_, Error>((p, converted.image.to_go_json(), res.r#ref, def))
+            let scan = (converted.state, converted.sbom);
+            Ok::<_, Error>((p, converted.image.to_go_json(), res.r#ref, def, scan))
         }
     }))
     .await?;
@@ -879,8 +912,20 @@ pub async fn build<B: Bridge>(bridge: &B) -> Result<BuildResult<B::Ref>, Error> 
     let mut defs = BTreeMap::new();
     let mut single = None;
     let mut platforms = vec![];
-    for (p, config, r, def) in built {
+    let mut attestations = BTreeMap::new();
+    for (p, config, r, def, (core, targets)) in built {
         let id = p.format();
+        if let Some(scanner) = &scanner {
+            let def = scanner.definition(&id, &core, &targets)?;
+            let res = bridge
+                .solve(SolveRequest {
+                    definition: Some(def),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| Error::bridge("", e))?;
+            attestations.insert(id.clone(), vec![sbom::attestation(res.r#ref)]);
+        }
         if export_map {
             metadata.insert(format!("containerimage.config/{id}"), config);
             if let Some(r) = r {
@@ -906,6 +951,7 @@ pub async fn build<B: Bridge>(bridge: &B) -> Result<BuildResult<B::Ref>, Error> 
         refs,
         defs,
         metadata,
+        attestations,
     })
 }
 
