@@ -149,9 +149,8 @@ impl<'a, R: Read> TarReader<'a, R> {
                 return Err(self.corrupt("header checksum mismatch"));
             }
             let typeflag = block[156];
-            let mut size = hdr
-                .entry_size()
-                .map_err(|_| self.corrupt("invalid size field"))?;
+            let mut size = go_numeric(&block, SIZE_FIELD, hdr.entry_size())
+                .ok_or_else(|| self.corrupt("invalid size field"))?;
             match typeflag {
                 b'x' | b'g' | b'L' | b'K' => {
                     let data = self.meta(size)?;
@@ -179,12 +178,15 @@ impl<'a, R: Read> TarReader<'a, R> {
                 ..Default::default()
             };
             self.cur = e.name.clone();
-            e.mode = hdr.mode().map_err(|_| self.corrupt("invalid mode field"))? & 0o7777;
-            e.uid = hdr.uid().map_err(|_| self.corrupt("invalid uid field"))?;
-            e.gid = hdr.gid().map_err(|_| self.corrupt("invalid gid field"))?;
-            e.mtime = hdr
-                .mtime()
-                .map_err(|_| self.corrupt("invalid mtime field"))? as i64;
+            e.mode = go_numeric(&block, MODE_FIELD, hdr.mode().map(u64::from))
+                .ok_or_else(|| self.corrupt("invalid mode field"))? as u32
+                & 0o7777;
+            e.uid = go_numeric(&block, UID_FIELD, hdr.uid())
+                .ok_or_else(|| self.corrupt("invalid uid field"))?;
+            e.gid = go_numeric(&block, GID_FIELD, hdr.gid())
+                .ok_or_else(|| self.corrupt("invalid gid field"))?;
+            e.mtime = go_numeric(&block, MTIME_FIELD, hdr.mtime())
+                .ok_or_else(|| self.corrupt("invalid mtime field"))? as i64;
             if matches!(typeflag, b'3' | b'4') {
                 e.devmajor = hdr
                     .device_major()
@@ -423,6 +425,28 @@ fn parse_pax_time(v: &[u8]) -> Option<i64> {
     int.parse().ok()
 }
 
+/// Byte ranges of the ustar header's numeric fields that [`go_numeric`] reads.
+const MODE_FIELD: std::ops::Range<usize> = 100..108;
+const UID_FIELD: std::ops::Range<usize> = 108..116;
+const GID_FIELD: std::ops::Range<usize> = 116..124;
+const SIZE_FIELD: std::ops::Range<usize> = 124..136;
+const MTIME_FIELD: std::ops::Range<usize> = 136..148;
+
+/// A numeric header field as Go's `archive/tar` (what dockerd and buildkitd read layers with)
+/// reads it: a field of only NULs and spaces is 0 (writers such as some hand-made or minimal
+/// tools leave uid/gid empty), anything else as the `tar` crate parses it (octal or GNU
+/// base-256). `None` for a field neither accepts.
+fn go_numeric(
+    block: &[u8; 512],
+    field: std::ops::Range<usize>,
+    parsed: std::io::Result<u64>,
+) -> Option<u64> {
+    if block[field].iter().all(|&b| b == 0 || b == b' ') {
+        return Some(0);
+    }
+    parsed.ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -453,5 +477,53 @@ mod tests {
         assert_eq!(parse_pax_time(b"-5"), Some(-5));
         assert_eq!(parse_pax_time(b"x"), None);
         assert_eq!(parse_pax_time(b""), None);
+    }
+
+    /// One regular-file member with `content`, its uid/gid/mtime fields blank as `blank`
+    /// leaves them, and a valid checksum; then the end-of-archive marker.
+    fn tar_with_blank_fields(content: &[u8], blank: u8) -> Vec<u8> {
+        let mut h = tar::Header::new_ustar();
+        h.set_path("f").unwrap();
+        h.set_size(content.len() as u64);
+        h.set_mode(0o644);
+        h.set_entry_type(tar::EntryType::Regular);
+        let raw = h.as_mut_bytes();
+        for f in [UID_FIELD, GID_FIELD, MTIME_FIELD] {
+            raw[f].fill(blank);
+        }
+        h.set_cksum();
+        let mut out = h.as_bytes().to_vec();
+        out.extend_from_slice(content);
+        out.resize(512 + content.len().div_ceil(512) * 512 + 1024, 0);
+        out
+    }
+
+    #[test]
+    fn blank_numeric_fields_read_as_zero_like_go() {
+        for blank in [0u8, b' '] {
+            let tar = tar_with_blank_fields(b"hello", blank);
+            let mut r = TarReader::new(&tar[..], None, u64::MAX);
+            let e = r.next_entry().unwrap().expect("one member");
+            assert_eq!((e.uid, e.gid, e.mtime, e.mode, e.size), (0, 0, 0, 0o644, 5));
+            let mut buf = [0u8; 16];
+            let n = r.read_data(&mut buf).unwrap();
+            assert_eq!(&buf[..n], b"hello");
+            assert!(r.next_entry().unwrap().is_none());
+        }
+    }
+
+    #[test]
+    fn garbage_numeric_field_is_still_refused() {
+        let mut tar = tar_with_blank_fields(b"x", 0);
+        tar[UID_FIELD.start] = b'z';
+        let h = tar::Header::from_byte_slice(&tar[..512]);
+        let mut h = h.clone();
+        h.set_cksum();
+        tar[..512].copy_from_slice(h.as_bytes());
+        let err = TarReader::new(&tar[..], None, u64::MAX)
+            .next_entry()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("invalid uid field"), "{err}");
     }
 }
