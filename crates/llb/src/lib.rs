@@ -281,8 +281,14 @@ impl State {
     }
 
     /// Rebuilds the producing node with changed metadata (nodes are immutable and shared).
+    /// A node nobody else holds is changed in place (its op can be large: an exec's whole
+    /// environment); a shared one is copied.
     fn map_meta(mut self, f: impl FnOnce(&mut Meta)) -> State {
-        if let Some(out) = &self.output {
+        if let Some(out) = &mut self.output {
+            if let Some(node) = Arc::get_mut(&mut out.node) {
+                f(&mut node.meta);
+                return self;
+            }
             let mut meta = out.node.meta.clone();
             f(&mut meta);
             let node = Node {
@@ -290,10 +296,7 @@ impl State {
                 inputs: out.node.inputs.clone(),
                 meta,
             };
-            self.output = Some(Output {
-                node: Arc::new(node),
-                index: out.index,
-            });
+            out.node = Arc::new(node);
         }
         self
     }

@@ -402,3 +402,24 @@ fn definitions_read_back_into_states() {
         "{e}"
     );
 }
+
+#[test]
+fn metadata_of_a_shared_node_is_copied_not_changed() {
+    // `base` and `named` share the image op until `named` gets a name: the name must not show
+    // on `base`, whether the node was shared (copied) or not (changed in place).
+    let base = image("busybox").state();
+    let named = base.clone().custom_name("one");
+    let desc = |st: &State| {
+        let def = st.marshal().unwrap();
+        let (dgst, _) = decode(&def).into_iter().next().unwrap();
+        def.metadata[&dgst].description.clone()
+    };
+    assert!(desc(&base).is_empty());
+    assert_eq!(desc(&named)["llb.customname"], "one");
+    // unshared: the same result as building the node with the name from the start
+    let alone = image("busybox").state().custom_name("one");
+    assert_eq!(alone.marshal().unwrap(), named.marshal().unwrap());
+    drop(base);
+    let renamed = named.custom_name("two");
+    assert_eq!(desc(&renamed)["llb.customname"], "two");
+}
