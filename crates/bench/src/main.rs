@@ -1649,7 +1649,7 @@ async fn scenario_pins(b: &mut Bench) -> Result<()> {
         t_cold,
         Unit::Secs,
         format!(
-            "cold − warm = {:.0} ms (pin on the critical path: none waited for), cold / warm = {:.2}×",
+            "cold − warm = {:.0} ms (pin cost on the build: nothing waits for the pin; its start competes with the build for the cores), cold / warm = {:.2}×",
             (m_cold - m_warm) * 1000.0,
             if m_warm > 0.0 { m_cold / m_warm } else { 0.0 }
         ),
