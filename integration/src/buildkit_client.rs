@@ -675,6 +675,34 @@ pub struct BuildOptions {
     pub content_writes: Arc<std::sync::Mutex<Vec<(String, String)>>>,
 }
 
+/// A `dockerfile.v0` build of `dir` (both the `context` and the `dockerfile` local) with the
+/// frontend attributes `attrs` and `output`, through a fresh client of `berthd`.
+pub async fn dockerfile_build(
+    berthd: &Berthd,
+    dir: &std::path::Path,
+    attrs: &[(&str, &str)],
+    output: Output,
+) -> BuildReport {
+    let client = berthd.client().await.expect("connect to berthd");
+    let locals = BTreeMap::from([
+        ("context".to_string(), dir.to_path_buf()),
+        ("dockerfile".to_string(), dir.to_path_buf()),
+    ]);
+    client
+        .build(BuildOptions {
+            frontend: Some("dockerfile.v0".into()),
+            frontend_attrs: attrs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            locals,
+            output,
+            ..Default::default()
+        })
+        .await
+        .expect("build through berthd")
+}
+
 /// Everything observed during one build.
 #[derive(Debug)]
 pub struct BuildReport {

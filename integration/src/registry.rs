@@ -211,6 +211,21 @@ impl Registry {
         self.dir.path().join("storage")
     }
 
+    /// A blob (`sha256:<hex>`) as the filesystem driver stored it; panics naming the path when
+    /// it is not there (tests read what a push must have written).
+    pub fn stored_blob(&self, digest: &str) -> Vec<u8> {
+        let hex = digest
+            .strip_prefix("sha256:")
+            .unwrap_or_else(|| panic!("not a sha256 digest: {digest}"));
+        let p = self
+            .storage_dir()
+            .join("docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data");
+        std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    }
+
     /// `GET <path>` on the registry (e.g. `/v2/_catalog`).
     pub fn get(&self, path: &str) -> Result<HttpResponse> {
         in_netns(self.netns.as_deref(), || http_get(&self.addr, path))

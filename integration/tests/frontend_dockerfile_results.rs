@@ -10,31 +10,13 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use integration::buildkit_client::{Berthd, BuildOptions, BuildReport, Output};
+use integration::buildkit_client::{
+    dockerfile_build as build, Berthd, BuildOptions, BuildReport, Output,
+};
 use integration::{busybox_image, require_root, unique_name, DockerEngine, Registry};
 
 fn write(dir: &Path, rel: &str, content: &str) {
     std::fs::write(dir.join(rel), content).unwrap();
-}
-
-async fn build(berthd: &Berthd, dir: &Path, attrs: &[(&str, &str)], output: Output) -> BuildReport {
-    let client = berthd.client().await.unwrap();
-    let mut locals = BTreeMap::new();
-    locals.insert("context".to_string(), dir.to_path_buf());
-    locals.insert("dockerfile".to_string(), dir.to_path_buf());
-    client
-        .build(BuildOptions {
-            frontend: Some("dockerfile.v0".into()),
-            frontend_attrs: attrs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            locals,
-            output,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
 }
 
 fn ok(report: &BuildReport, berthd: &Berthd) -> BTreeMap<String, String> {
@@ -42,18 +24,6 @@ fn ok(report: &BuildReport, berthd: &Berthd) -> BTreeMap<String, String> {
         Ok(r) => r.exporter_response.clone().into_iter().collect(),
         Err(e) => panic!("solve failed: {e:?}\n{}", berthd.log_text()),
     }
-}
-
-/// A blob of the registry, read from its filesystem storage.
-fn blob(reg: &Registry, digest: &str) -> Vec<u8> {
-    let hex = digest.strip_prefix("sha256:").unwrap();
-    let p = reg
-        .storage_dir()
-        .join("docker/registry/v2/blobs/sha256")
-        .join(&hex[..2])
-        .join(hex)
-        .join("data");
-    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
 fn json(b: &[u8]) -> serde_json::Value {
@@ -115,7 +85,7 @@ async fn several_target_platforms_build_one_image_each() {
     )
     .await;
     let resp = ok(&report, &berthd);
-    let index = json(&blob(&registry, &resp["containerimage.digest"]));
+    let index = json(&registry.stored_blob(&resp["containerimage.digest"]));
     let manifests = index["manifests"].as_array().unwrap();
     let got: Vec<String> = manifests
         .iter()
@@ -130,11 +100,8 @@ async fn several_target_platforms_build_one_image_each() {
     assert_eq!(got, ["linux/amd64", "linux/arm64"], "{index}");
     let mut layers = vec![];
     for m in manifests {
-        let manifest = json(&blob(&registry, m["digest"].as_str().unwrap()));
-        let config = json(&blob(
-            &registry,
-            manifest["config"]["digest"].as_str().unwrap(),
-        ));
+        let manifest = json(&registry.stored_blob(m["digest"].as_str().unwrap()));
+        let config = json(&registry.stored_blob(manifest["config"]["digest"].as_str().unwrap()));
         assert_eq!(config["architecture"], m["platform"]["architecture"]);
         assert_eq!(config["os"], "linux");
         let l = manifest["layers"].as_array().unwrap();

@@ -8,31 +8,11 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use integration::buildkit_client::{Berthd, BuildOptions, BuildReport, Output};
+use integration::buildkit_client::{dockerfile_build as build, Berthd, BuildReport, Output};
 use integration::{busybox_image, require_root, unique_name, DockerEngine, Registry};
 
 fn write(dir: &Path, rel: &str, content: &str) {
     std::fs::write(dir.join(rel), content).unwrap();
-}
-
-async fn build(berthd: &Berthd, dir: &Path, attrs: &[(&str, &str)], output: Output) -> BuildReport {
-    let client = berthd.client().await.unwrap();
-    let mut locals = BTreeMap::new();
-    locals.insert("context".to_string(), dir.to_path_buf());
-    locals.insert("dockerfile".to_string(), dir.to_path_buf());
-    client
-        .build(BuildOptions {
-            frontend: Some("dockerfile.v0".into()),
-            frontend_attrs: attrs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            locals,
-            output,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
 }
 
 fn ok(report: &BuildReport, berthd: &Berthd) -> BTreeMap<String, String> {
@@ -40,18 +20,6 @@ fn ok(report: &BuildReport, berthd: &Berthd) -> BTreeMap<String, String> {
         Ok(r) => r.exporter_response.clone().into_iter().collect(),
         Err(e) => panic!("solve failed: {e:?}\n{}", berthd.log_text()),
     }
-}
-
-/// A blob of the registry, read from its filesystem storage.
-fn blob(reg: &Registry, digest: &str) -> Vec<u8> {
-    let hex = digest.strip_prefix("sha256:").unwrap();
-    let p = reg
-        .storage_dir()
-        .join("docker/registry/v2/blobs/sha256")
-        .join(&hex[..2])
-        .join(hex)
-        .join("data");
-    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
 fn json(b: &[u8]) -> serde_json::Value {
@@ -72,19 +40,19 @@ fn push(name: &str) -> Output {
 /// The scanner's statements in the pushed image `resp` names, as `name: files` (sorted), and
 /// the platform image's config.
 fn statements(reg: &Registry, resp: &BTreeMap<String, String>) -> (Vec<String>, serde_json::Value) {
-    let index = json(&blob(reg, &resp["containerimage.digest"]));
+    let index = json(&reg.stored_blob(&resp["containerimage.digest"]));
     let manifests = index["manifests"].as_array().unwrap();
     assert_eq!(manifests.len(), 2, "{index}");
     assert_eq!(manifests[1]["platform"]["os"], "unknown", "{index}");
-    let img = json(&blob(reg, manifests[0]["digest"].as_str().unwrap()));
-    let config = json(&blob(reg, img["config"]["digest"].as_str().unwrap()));
-    let att = json(&blob(reg, manifests[1]["digest"].as_str().unwrap()));
+    let img = json(&reg.stored_blob(manifests[0]["digest"].as_str().unwrap()));
+    let config = json(&reg.stored_blob(img["config"]["digest"].as_str().unwrap()));
+    let att = json(&reg.stored_blob(manifests[1]["digest"].as_str().unwrap()));
     let mut got: Vec<String> = att["layers"]
         .as_array()
         .unwrap()
         .iter()
         .map(|l| {
-            let st = json(&blob(reg, l["digest"].as_str().unwrap()));
+            let st = json(&reg.stored_blob(l["digest"].as_str().unwrap()));
             assert_eq!(st["predicateType"], "https://spdx.dev/Document");
             format!(
                 "{}: {}",

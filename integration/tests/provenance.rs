@@ -9,39 +9,11 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use integration::buildkit_client::{Berthd, BuildOptions, BuildReport, Output};
+use integration::buildkit_client::{dockerfile_build as build, Berthd, Output};
 use integration::{busybox_image, require_root, unique_name, DockerEngine, Registry};
 
-async fn build(berthd: &Berthd, dir: &Path, attrs: &[(&str, &str)], output: Output) -> BuildReport {
-    let client = berthd.client().await.unwrap();
-    let mut locals = BTreeMap::new();
-    locals.insert("context".to_string(), dir.to_path_buf());
-    locals.insert("dockerfile".to_string(), dir.to_path_buf());
-    client
-        .build(BuildOptions {
-            frontend: Some("dockerfile.v0".into()),
-            frontend_attrs: attrs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            locals,
-            output,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-}
-
 fn blob(reg: &Registry, digest: &str) -> serde_json::Value {
-    let hex = digest.strip_prefix("sha256:").unwrap();
-    let p = reg
-        .storage_dir()
-        .join("docker/registry/v2/blobs/sha256")
-        .join(&hex[..2])
-        .join(hex)
-        .join("data");
-    let b = std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    serde_json::from_slice(&b).unwrap()
+    serde_json::from_slice(&reg.stored_blob(digest)).unwrap()
 }
 
 /// Pushes the build of `dir` with `attrs` and returns the image manifest, its digest and the
