@@ -46,12 +46,14 @@ pub fn from_env() -> Option<(PathBuf, PathBuf)> {
 }
 
 /// A running stock buildkitd and the registry holding its base images; both stopped on drop
-/// (buildkitd through its child handle, the registry by integration's `Registry`).
+/// (buildkitd through its child handle, a registry it started by integration's `Registry`).
 pub struct Stock {
     buildctl: PathBuf,
     addr: String,
     daemon: tokio::process::Child,
-    registry: integration::Registry,
+    /// The registry this instance started (`None` when it uses another instance's).
+    registry: Option<integration::Registry>,
+    registry_addr: String,
 }
 
 impl Stock {
@@ -59,14 +61,35 @@ impl Stock {
     pub async fn start(buildkitd: &Path, buildctl: &Path, dir: &Path) -> Result<Self> {
         let registry = tokio::task::block_in_place(integration::Registry::start)
             .context("start a local registry")?;
+        let addr = registry.addr().to_string();
+        Self::start_with_registry(buildkitd, buildctl, dir, &addr, Some(registry)).await
+    }
+
+    /// Starts buildkitd (root and socket under `dir`) using the plain-HTTP registry at
+    /// `registry_addr` (`host:port`), which another [`Stock`] started (a second build node).
+    pub async fn start_on(
+        buildkitd: &Path,
+        buildctl: &Path,
+        dir: &Path,
+        registry_addr: &str,
+    ) -> Result<Self> {
+        Self::start_with_registry(buildkitd, buildctl, dir, registry_addr, None).await
+    }
+
+    async fn start_with_registry(
+        buildkitd: &Path,
+        buildctl: &Path,
+        dir: &Path,
+        registry_addr: &str,
+        registry: Option<integration::Registry>,
+    ) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         let config = dir.join("buildkitd.toml");
         std::fs::write(
             &config,
             format!(
                 "[worker.oci]\n  enabled = true\n[worker.containerd]\n  enabled = false\n\
-                 [registry.\"{}\"]\n  http = true\n  insecure = true\n",
-                registry.addr()
+                 [registry.\"{registry_addr}\"]\n  http = true\n  insecure = true\n",
             ),
         )?;
         let socket = dir.join("buildkitd.sock");
@@ -104,7 +127,13 @@ impl Stock {
             addr,
             daemon,
             registry,
+            registry_addr: registry_addr.to_string(),
         })
+    }
+
+    /// The registry's `host:port` (plain HTTP).
+    pub fn registry_addr(&self) -> &str {
+        &self.registry_addr
     }
 
     /// buildkitd's gRPC address (`unix://…`).
@@ -115,7 +144,7 @@ impl Stock {
     /// Pushes the Docker image `image` to the registry; returns its reference there.
     pub async fn push(&self, image: &str) -> Result<String> {
         let path = image.replace([':', '/'], "-");
-        let remote = format!("{}/{path}:bench", self.registry.addr());
+        let remote = format!("{}/{path}:bench", self.registry_addr);
         crate::docker_cmd(&["tag", image, &remote]).await?;
         let pushed = crate::docker_cmd(&["push", &remote]).await;
         crate::rmi(&remote).await;
@@ -217,6 +246,9 @@ impl Stock {
                 let _ = self.daemon.kill().await;
             }
         }
-        tokio::task::block_in_place(|| self.registry.stop())
+        match self.registry.take() {
+            Some(mut r) => tokio::task::block_in_place(|| r.stop()),
+            None => Ok(()),
+        }
     }
 }

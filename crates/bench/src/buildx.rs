@@ -93,7 +93,7 @@ impl Buildx {
 }
 
 /// Whether every step of a buildx progress log was served from the cache (no `RUN` executed).
-fn all_cached(log: &str) -> bool {
+pub(crate) fn all_cached(log: &str) -> bool {
     // A step that ran prints its output or `DONE` without a preceding `CACHED`; plain progress
     // prints `#N CACHED` for steps served from the cache.
     let run_steps: Vec<&str> = log

@@ -23,6 +23,7 @@ mod buildx;
 mod collector;
 mod containerd_store;
 mod fixtures;
+mod nodeb;
 mod rebuild;
 mod report;
 mod session;
@@ -1827,6 +1828,8 @@ const SCENARIOS: &[&str] = &[
     "8. **Base-image pins** (issue #17): the pin container that keeps a base image used in place from Docker's prunes, directly through `layerstore::dockerstore` on the system dockerd (create; created → running, i.e. the stdin attach and the start, the pin program bind-mounted from the pinning root; both in the background of a build, whose steps read the base meanwhile and are confirmed before they are kept; release = stop + remove, which berthd does in the background), then the same solve (docker-image base + a RUN differing per build) through two real berthds, builds alternating: one whose pin of the base is held by a long build (shared pin: no pin work), one that pins afresh every build (waiting until the previous pin, which lingers 3 s, is gone) followed at once by a back-to-back build that reuses the lingering pin; without an export (nothing waits for the pin) and with `--output type=image` (the solve ends once the pin runs); cold − warm and back-to-back − warm are the pin's cost on a build's critical path (target < 50 ms).",
     "9. **Rebuilds with a local context vs stock buildkitd** (issue #14): berthd and stock buildkitd v0.11.6 (OCI worker) side by side, both driven by the same stock `buildctl` (`BERTH_BENCH_BUILDCTL`) with `buildctl build --local ctx=… --progress=plain` and no `--output`; the graph copies the whole context onto scratch and adds a file (FileOps). Contexts: 20 files (80 KiB) and 20 000 files (1 GiB, 100 per directory). Cases: no-op rebuild, and one file rewritten (same size, new content) before each round. Paired rounds, order swapped each round, 1-min load sampled per round; wall time of `buildctl`. On fresh roots, then on roots aged by `BERTH_BENCH_AGE_BUILDS` earlier builds (default 40 in `make bench`; 300 for the issue's \"few hundred\"), each with its own local name and 8 MiB of fresh data. Then a per-phase breakdown from berthd's own OTLP spans (see below the table).",
     "10. **Dockerfile rebuilds through buildx vs stock buildkitd** (issue #11): Debian 13's `docker-buildx` 0.13.1 (standalone, private `DOCKER_CONFIG`) with a `remote` builder on berthd and one on stock buildkitd v0.11.6, same run. Dockerfile: `FROM` a base in a local registry (both daemons resolve the same reference), `RUN`, `COPY` of a 20-file context, `RUN`. One executing build and one cached warm-up per case, then 9 rounds (order reversed every other round); every timed build is checked to have served each `RUN` from the cache. Cases: no output; the image made runnable in the local Docker (stock `--load`, berthd `--output type=image` and berthd `--load`). Wall time of the buildx process.",
+    "11. **Docker Engine on the containerd image store** (issue #12): a private Docker 26.1.5 with `containerd-snapshotter` and its own containerd 1.7.24 (Debian 13's packages); build end → runnable for the 2 GiB base + 50 MiB change through a real berthd bound to it (base layers used in place as snapshots, the new layer committed as a snapshot), next to `docker load` of the same image (its `docker save` archive) into the same Engine plus the first run, a plain `cp -a` of the change, and a container start of the base alone, in the same run.",
+    "12. **A second build node's cached build from a registry cache** (issue #15): node A of berthd and of stock buildkitd v0.11.6 builds a Dockerfile (`FROM` a 256 MiB base in a local registry, `RUN` writing 64 MiB, `RUN` writing 16 MiB, `COPY` of 20 files) and exports its cache (`--export-cache type=registry,mode=max`, each its own ref); each round, node B is a daemon on an empty root building the same Dockerfile with `--import-cache type=registry` through `dockerfile.v0` (same stock `buildctl` for both), every `RUN` checked CACHED, the image checked runnable: berthd with `--output type=image` (lands in the bound Docker, which holds the base), stock with `--output type=docker | docker load` (its empty root pulls the base too), and stock without an output. 5 rounds, order reversed every other round; wall time of `buildctl` (and `docker load`); daemon start/stop outside it.",
 ];
 
 async fn cleanup(b: &Bench) {
@@ -1928,6 +1931,9 @@ async fn run() -> Result<()> {
         }
         if wants(&[11]) {
             containerd_store::scenario(&mut b).await?;
+        }
+        if wants(&[12]) {
+            nodeb::scenario_node_b(&mut b).await?;
         }
         Ok::<_, anyhow::Error>(())
     }
