@@ -194,3 +194,48 @@ async fn frontend_failures_reach_the_client() {
         .unwrap()
         .ends_with("\nx\n"));
 }
+
+/// A `# syntax=` frontend's attestations reach the exporter as the built-in frontend's do
+/// (they were dropped when `dockerfile.v0` forwarded to `gateway.v0`): the frontend returns an
+/// in-toto attestation of its own predicate type, and the local export writes its statement
+/// beside the result, its subjects the result's files, as buildkitd does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn syntax_frontend_attestations_are_exported() {
+    require_root();
+    let engine = DockerEngine::system().unwrap();
+    let image = frontend_image(&engine).await;
+    let berthd = Berthd::start(&[]).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let ctx = tmp.path().join("ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    let dockerfile = format!("# syntax={}\nFROM scratch\n", image.reference());
+    std::fs::write(ctx.join("Dockerfile"), &dockerfile).unwrap();
+    let predicate_type = "https://example.com/berth-test/v1";
+    let out = tmp.path().join("out");
+    let r = build(
+        &berthd,
+        &ctx,
+        "dockerfile.v0",
+        &[("attest-predicate", predicate_type)],
+        Some(&out),
+    )
+    .await;
+    if let Err(e) = &r.solve {
+        panic!("solve failed: {e:?}\n{}", berthd.log_text());
+    }
+    assert!(out.join("hello").is_file(), "result file missing");
+    let stmt = std::fs::read(out.join("predicate.json"))
+        .unwrap_or_else(|e| panic!("statement predicate.json: {e}\n{}", berthd.log_text()));
+    let stmt: serde_json::Value = serde_json::from_slice(&stmt).unwrap();
+    assert_eq!(stmt["_type"], "https://in-toto.io/Statement/v0.1", "{stmt}");
+    assert_eq!(stmt["predicateType"], predicate_type, "{stmt}");
+    assert_eq!(stmt["predicate"]["frontend"], "berth-test", "{stmt}");
+    let subjects: Vec<&str> = stmt["subject"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(subjects.len(), 1, "{stmt}");
+    assert_eq!(subjects[0].trim_start_matches('/'), "hello", "{stmt}");
+}

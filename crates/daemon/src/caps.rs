@@ -26,10 +26,19 @@ pub const FRONTEND_CAPS: &[&str] = &[
     "gateway.exec.extrahosts",
     "gateway.exec.signals",
     "gateway.evaluate",
+    // A `Return`'s result may carry attestations ([`crate::attestations::from_wire`]).
+    "reference.attestations",
 ];
 
 /// Caps of the exporters that are not worker ops, advertised with the worker's LLB caps.
-pub const EXPORTER_CAPS: &[&str] = &["exporter.sourcedateepoch"];
+///
+/// `exporter.image.attestations`: every exporter takes a result with attestations as
+/// buildkitd v0.11.6 does, as far as its target holds them (a pushed image and `oci`/`docker`
+/// archives carry them in an index; Docker's image store holds no index, so `image` without
+/// push registers the image alone). buildx 0.13.1 sends `--sbom`/`--provenance` only with it,
+/// and then asks for a provenance (`mode=min,inline-only=true`) on every build.
+/// `exporter.image.annotations` is not advertised: the `docker` exporter does not write them.
+pub const EXPORTER_CAPS: &[&str] = &["exporter.sourcedateepoch", "exporter.image.attestations"];
 
 fn to_caps(ids: &[&str]) -> Vec<ApiCap> {
     ids.iter()

@@ -421,17 +421,46 @@ impl Control {
                 - chrono::Duration::from_std(job.started.elapsed()).unwrap_or_default();
             crate::provenance::attach(&attrs, &mut result, &platforms, started, &job.id)?;
         }
+        // The `docker` exporter leaves out inline-only attestations (buildx's default
+        // provenance) unless `attestation-inline=true`, as buildkitd's image writer does for
+        // the `docker` and `oci` exporters (`oci` filters them where it builds its index).
+        if kind == ExporterKind::Client(export_client::ClientExporter::Docker)
+            && !crate::export_image::truthy(&exp_attrs, "attestation-inline")?
+        {
+            let before: usize = result.attestations.values().map(Vec::len).sum();
+            for atts in result.attestations.values_mut() {
+                atts.retain(|a| !crate::attestations::inline_only(a));
+            }
+            result.attestations.retain(|_, atts| !atts.is_empty());
+            let after: usize = result.attestations.values().map(Vec::len).sum();
+            if after < before {
+                tracing::debug!(
+                    dropped = before - after,
+                    "exporter docker: inline-only attestations left out"
+                );
+            }
+        }
         // An image of a single result with attestations for its platform is an index of that
-        // one platform, as in buildkitd.
+        // one platform, as in buildkitd (whose `image` exporter keeps inline-only ones too).
+        // Docker's classic image store holds one image per name, never an index: without push
+        // the image is registered as without attestations (same image ID) and the
+        // attestations are dropped; with push the index goes to the registry and the image is
+        // registered in Docker too, as it is without attestations.
+        let mut store_before_push = None;
         if kind == ExporterKind::Image && result.refs.is_empty() && !result.attestations.is_empty()
         {
-            if let (Some(fs), [(id, p)]) = (result.fs.clone(), &result_platforms(&result)?[..]) {
+            if !crate::export_image::truthy(&exp_attrs, "push")? {
+                let n: usize = result.attestations.values().map(Vec::len).sum();
+                tracing::debug!(
+                    dropped = n,
+                    "exporter image: Docker's image store holds no index; attestations dropped, image registered alone"
+                );
+                result.attestations.clear();
+            } else if let (Some(fs), [(id, p)]) =
+                (result.fs.clone(), &result_platforms(&result)?[..])
+            {
                 if result.attestations.contains_key(id) {
-                    if !crate::export_image::truthy(&exp_attrs, "push")? {
-                        return Err(Error::unimplemented(
-                            "exporter image: a result with attestations is an index, which Docker's image store cannot hold; push it to a registry (push=true with name=…)",
-                        ));
-                    }
+                    store_before_push = Some(fs.clone());
                     let ps = serde_json::json!({"Platforms": [{"ID": id, "Platform": {
                         "os": p.os, "architecture": p.architecture, "variant": p.variant}}]});
                     result
@@ -512,13 +541,18 @@ impl Control {
         // `oci`: a single result with attestations (other than inline-only ones) is an index of
         // its one platform, as in buildkitd; a multi-platform result is an index (`docker`
         // refuses it, naming why).
-        let image_index = (!result.refs.is_empty()
-            && matches!(
-                kind,
-                ExporterKind::Client(
-                    export_client::ClientExporter::Oci | export_client::ClientExporter::Docker
-                )
-            ))
+        let docker = kind == ExporterKind::Client(export_client::ClientExporter::Docker);
+        if docker && !result.refs.is_empty() {
+            // buildkitd's wording.
+            return Err(Error::invalid(
+                "docker exporter does not currently support exporting manifest lists",
+            ));
+        }
+        // `docker`: a single result with attestations left after the inline-only ones is an
+        // index of its one platform too (in the archive's OCI layout; `docker load` reads
+        // `manifest.json`).
+        let image_index = (!result.refs.is_empty() && oci)
+            || (docker && single_with_attestations)
             || (oci
                 && result.refs.is_empty()
                 && result
@@ -601,9 +635,11 @@ impl Control {
             response.extend(r);
         } else if single_with_attestations && kind != ExporterKind::None && !oci {
             // Dropping them would export without the attestations the frontend asked for.
-            return Err(Error::unimplemented(
-                "attestations of a single-platform result (no ref map) are only exported by the image (push=true), local, tar and oci exporters in berthd yet",
-            ));
+            // (Reached only when the attestations name no platform of the result.)
+            let keys: Vec<&String> = result.attestations.keys().collect();
+            return Err(Error::invalid(format!(
+                "exporter {exp_type}: attestations for {keys:?} match no platform of the result"
+            )));
         } else if !result.refs.is_empty() && kind == ExporterKind::None {
             // A multi-platform result built for nothing (no exporter): solved, nothing to write.
         } else if !result.refs.is_empty() && kind != ExporterKind::Image {
@@ -636,6 +672,30 @@ impl Control {
             response.extend(r);
         } else if !result.refs.is_empty() {
             // A multi-platform result: only a pushed image can carry it (an index).
+            if let Some(fs) = &store_before_push {
+                // The single image of a pushed index with attestations lands in Docker as it
+                // would without them (same image ID); the response is the index's.
+                let mut store_attrs = exp_attrs.clone();
+                store_attrs.remove("push");
+                let mut store_md = export_md.clone();
+                store_md.remove("push");
+                tokio::select! {
+                    r = crate::export_image::export(
+                        &self.backend.image_export,
+                        &self.backend.store,
+                        &self.sessions,
+                        &req.session,
+                        &job.progress,
+                        &store_attrs,
+                        &store_md,
+                        fs,
+                    ).instrument(export_span.clone()) => match r {
+                        Ok(_) => {}
+                        Err(e) => return Err(crate::solver::base_image_lost(fs).await.unwrap_or(e)),
+                    },
+                    _ = job.cancel.cancelled() => return Err(job.cancel_error()),
+                };
+            }
             let mut attestations = BTreeMap::new();
             for (k, atts) in &result.attestations {
                 attestations.insert(

@@ -121,6 +121,9 @@ pub async fn export(
 ) -> Result<BTreeMap<String, String>> {
     match (kind, index) {
         (_, None) | (ClientExporter::Oci, Some(_)) => {}
+        // A single image with its attestations (a multi-platform result is refused by the
+        // caller, as buildkitd does).
+        (ClientExporter::Docker, Some([_])) => {}
         (ClientExporter::Docker, Some(_)) => {
             // buildkitd's wording.
             return Err(Error::invalid(
@@ -129,7 +132,7 @@ pub async fn export(
         }
         (_, Some(_)) => {
             return Err(Error::internal(
-                "an image index is only exported by the oci exporter",
+                "an image index is only exported by the oci and docker exporters",
             ))
         }
     }
@@ -185,6 +188,9 @@ pub async fn export(
             index,
             report: report.clone(),
         };
+        if kind == ClientExporter::Docker && index.is_some() {
+            return send_docker_index(&image, attrs, docker_tar).await;
+        }
         if kind == ClientExporter::Docker && !docker_tar {
             return store_docker(&image, attrs).await;
         }
@@ -762,6 +768,81 @@ async fn send_docker(
         }
     }
     Ok(response)
+}
+
+/// `type=docker` of a single image with attestations that are not inline-only, as buildkitd
+/// writes it: the OCI layout of an index over the image and its attestation manifests (OCI
+/// media types, uncompressed layers as every `docker` archive of berthd), with `manifest.json`
+/// listing the image for `docker load`, which loads it with the image ID it has without
+/// attestations. Every layer travels (no thin archive: the layout's blobs must be complete).
+/// With `tar=false` the blobs go into the client's content store as `type=oci,tar=false`'s.
+async fn send_docker_index(
+    cx: &ImageCtx<'_>,
+    attrs: &BTreeMap<String, String>,
+    tar: bool,
+) -> Result<BTreeMap<String, String>> {
+    let names = normalized_names(attrs, cx.metadata)?;
+    let raw_names = crate::export_image::names(attrs, cx.metadata);
+    let epoch = cx.epoch()?;
+    let annotations = crate::export_image::Annotations::parse(cx.metadata)?;
+    let temp_dir = cx.backend.root.join("export-tmp");
+    std::fs::create_dir_all(&temp_dir).map_err(|e| {
+        Error::unavailable(format!(
+            "exporter docker: create {}: {e}",
+            temp_dir.display()
+        ))
+    })?;
+    let repo_tags: Vec<String> = names
+        .iter()
+        .filter(|n| !n.contains('@'))
+        .map(|n| exporter::familiar_name(n))
+        .collect();
+    let compression = exporter::Compression::Uncompressed;
+    let opts = exporter::OciOptions {
+        compression,
+        level: None,
+        oci_types: true,
+        names,
+        created: epoch.unwrap_or_else(chrono::Utc::now),
+        temp_dir,
+        manifest_annotations: BTreeMap::new(),
+        descriptor_annotations: annotations.index_descriptor.clone(),
+    };
+    let store = cx.backend.store.clone();
+    let progress = cx.progress.clone();
+    let vertex = cx.vertex.to_string();
+    let started = SystemTime::now();
+    let images = cx.index.map(<[_]>::to_vec).unwrap_or_default();
+    let index_annotations = annotations.index;
+    if !tar {
+        let sink = cx.content_sink()?;
+        return tokio::task::spawn_blocking(move || {
+            let mut on = oci_progress(progress, vertex, compression, started);
+            let mut sink = sink;
+            let req = exporter::OciIndexRequest {
+                images: &images,
+                names: &raw_names,
+                index_annotations: &index_annotations,
+                epoch,
+            };
+            exporter::write_oci_index_blobs(&store, &req, &opts, &mut sink, &mut on)
+                .map(|r| image_response(&r))
+                .map_err(|e| Error::unavailable(format!("exporter docker: {}", chain_err(&e))))
+        })
+        .await
+        .map_err(|e| Error::internal(format!("exporter docker task: {e}")))?;
+    }
+    cx.stream_image("exporter docker", move |w, ready| {
+        let mut on = oci_progress(progress, vertex, compression, started);
+        let req = exporter::OciIndexRequest {
+            images: &images,
+            names: &raw_names,
+            index_annotations: &index_annotations,
+            epoch,
+        };
+        exporter::write_docker_index_archive(&store, &req, &opts, &repo_tags, w, &mut on, ready)
+    })
+    .await
 }
 
 /// `type=oci`: the image (or, for a multi-platform result, the index over its images) as an OCI

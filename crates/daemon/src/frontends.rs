@@ -315,6 +315,7 @@ async fn dockerfile_v0(
         job,
         recorder,
         forwarded: Default::default(),
+        forwarded_attestations: Default::default(),
         opts: dockerfile::BuildOpts {
             opts,
             session_id: job.session_id.clone(),
@@ -350,6 +351,15 @@ async fn dockerfile_v0(
             keys.into_iter().map(|k| (k, captured.clone())).collect()
         }
     };
+    // Likewise its attestations (a `# syntax=` frontend's SBOM or its own statements).
+    let attestations = match bridge.forwarded_attestations.lock().unwrap().take() {
+        Some(a) => a,
+        None => res
+            .attestations
+            .into_iter()
+            .map(|(k, atts)| (k, atts.into_iter().map(attestation).collect()))
+            .collect(),
+    };
     Ok(BuildResult {
         fs: res.r#ref,
         refs: res.refs,
@@ -359,11 +369,7 @@ async fn dockerfile_v0(
             .into_iter()
             .map(|(k, v)| (k, Bytes::from(v)))
             .collect(),
-        attestations: res
-            .attestations
-            .into_iter()
-            .map(|(k, atts)| (k, atts.into_iter().map(attestation).collect()))
-            .collect(),
+        attestations,
         provenance,
     })
 }
@@ -434,6 +440,9 @@ struct InProcess<'a> {
     recorder: Arc<crate::provenance::Recorder>,
     /// The provenance of the last result another frontend made for this one.
     forwarded: std::sync::Mutex<Option<BTreeMap<String, Arc<crate::provenance::Captured>>>>,
+    /// The attestations of that result, kept as the daemon holds them (with their subjects):
+    /// the Dockerfile frontend returns that result as it is (`# syntax=`).
+    forwarded_attestations: std::sync::Mutex<Option<crate::attestations::Attestations>>,
 }
 
 fn boxed(e: Error) -> BridgeError {
@@ -502,6 +511,7 @@ impl Bridge for InProcess<'_> {
             .await
             .map_err(boxed)?;
             *self.forwarded.lock().unwrap() = Some(r.provenance.clone());
+            *self.forwarded_attestations.lock().unwrap() = Some(r.attestations.clone());
             return Ok(dockerfile::BuildResult {
                 r#ref: r.fs,
                 refs: r.refs,

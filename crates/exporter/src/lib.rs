@@ -41,9 +41,9 @@ pub use layers::{
     berth_layer_dir, docker_layerdb_dir, export_layer_tars, export_layers, layer_created,
 };
 pub use oci::{
-    familiar_name, normalize_name, write_docker_image_blobs, write_oci_image_archive,
-    write_oci_image_blobs, write_oci_index_archive, write_oci_index_blobs, BlobSink, Compression,
-    OciIndexRequest, OciOptions, OciProgress,
+    familiar_name, normalize_name, write_docker_image_blobs, write_docker_index_archive,
+    write_oci_image_archive, write_oci_image_blobs, write_oci_index_archive, write_oci_index_blobs,
+    BlobSink, Compression, OciIndexRequest, OciOptions, OciProgress,
 };
 pub use push::{
     push_image, push_index, PlatformImage, PushEvent, PushOptions, PushProgress, PushedImage,

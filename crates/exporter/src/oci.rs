@@ -746,6 +746,47 @@ pub fn write_oci_index_archive(
     progress: &mut dyn FnMut(OciProgress),
     ready: &mut dyn FnMut(&ImageExportResult) -> Result<()>,
 ) -> Result<ImageExportResult> {
+    write_index_archive(store, req, opts, None, out, progress, ready)
+}
+
+/// Writes a single image with attestations as buildkitd's `docker` exporter does: the OCI
+/// image layout of [`write_oci_index_archive`] (the index over the image and its attestation
+/// manifests, named in `index.json`) plus `manifest.json` listing the image (config and layer
+/// blobs of the layout, `repo_tags` its familiar names), which is what `docker load` reads; the
+/// attestation manifests stay in the layout only. `opts.compression` should be
+/// [`Compression::Uncompressed`], as `docker load` of this archive reads its layer blobs as
+/// they are.
+pub fn write_docker_index_archive(
+    store: &SnapshotStore,
+    req: &OciIndexRequest<'_>,
+    opts: &OciOptions,
+    repo_tags: &[String],
+    out: &mut dyn Write,
+    progress: &mut dyn FnMut(OciProgress),
+    ready: &mut dyn FnMut(&ImageExportResult) -> Result<()>,
+) -> Result<ImageExportResult> {
+    write_index_archive(store, req, opts, Some(repo_tags), out, progress, ready)
+}
+
+#[derive(Serialize)]
+struct DockerManifestEntry<'a> {
+    #[serde(rename = "Config")]
+    config: String,
+    #[serde(rename = "RepoTags")]
+    repo_tags: &'a [String],
+    #[serde(rename = "Layers")]
+    layers: Vec<String>,
+}
+
+fn write_index_archive(
+    store: &SnapshotStore,
+    req: &OciIndexRequest<'_>,
+    opts: &OciOptions,
+    docker_tags: Option<&[String]>,
+    out: &mut dyn Write,
+    progress: &mut dyn FnMut(OciProgress),
+    ready: &mut dyn FnMut(&ImageExportResult) -> Result<()>,
+) -> Result<ImageExportResult> {
     let StagedIndex {
         images,
         attestations,
@@ -758,6 +799,24 @@ pub fn write_oci_index_archive(
     archive::write_dir(&mut out, "blobs/")?;
     archive::write_dir(&mut out, "blobs/sha256/")?;
     let mut written = BTreeSet::new();
+    // `manifest.json` of a docker archive: every image of the index, with the names.
+    let docker_manifest = docker_tags.map(|tags| {
+        images
+            .iter()
+            .map(|i| DockerManifestEntry {
+                config: blob_path(&i.config.digest),
+                repo_tags: tags,
+                layers: i.blobs.iter().map(|b| blob_path(&b.digest)).collect(),
+            })
+            .collect::<Vec<_>>()
+    });
+    let docker_manifest = docker_manifest
+        .map(|m| serde_json::to_vec(&m))
+        .transpose()
+        .map_err(|source| Error::ImageConfig {
+            what: "encode manifest.json",
+            source,
+        })?;
     for image in images {
         write_image_blobs(&mut out, image, &mut written, &mut result, progress)?;
     }
@@ -771,6 +830,9 @@ pub fn write_oci_index_archive(
     }
     archive::write_file(&mut out, &blob_path(&result.manifest_digest), &index, 0o444)?;
     archive::write_file(&mut out, "index.json", &layout_index, 0o644)?;
+    if let Some(m) = &docker_manifest {
+        archive::write_file(&mut out, "manifest.json", m, 0o644)?;
+    }
     archive::write_file(&mut out, "oci-layout", OCI_LAYOUT, 0o444)?;
     archive::finish(&mut out)?;
     Ok(result)

@@ -11,6 +11,9 @@
 //!   own `frontend.bin` present, `BUILDKIT_EXPORTEDPRODUCT`) and the Dockerfile's text; `ReadFile`
 //!   `/hello` back from that result and check it; `Return` the ref with metadata
 //!   `frontend.test=ok`;
+//! * `attest-predicate=<type>`: also `Solve` a file `/predicate.json` (`{"frontend":"berth-test"}`)
+//!   and return it as an in-toto attestation of that predicate type for the host platform
+//!   (`linux/<arch>`), as a frontend's own SBOM would be returned;
 //! * `fail=<text>`: `Return` an error with that message (code Unknown);
 //! * `exit=<n>`: write a line to stderr and exit with code n without returning.
 
@@ -215,6 +218,39 @@ async fn run() -> anyhow::Result<()> {
     result
         .metadata
         .insert("frontend.test".into(), bytes::Bytes::from_static(b"ok"));
+    if let Some(predicate_type) = opts.get("attest-predicate") {
+        let res = g
+            .solve(gw::SolveRequest {
+                definition: Some(mkfile_def(
+                    "/predicate.json",
+                    br#"{"frontend":"berth-test"}"#,
+                )),
+                allow_result_return: true,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        let arch = match std::env::consts::ARCH {
+            "x86_64" => "amd64",
+            "aarch64" => "arm64",
+            a => a,
+        };
+        result.attestations.insert(
+            format!("linux/{arch}"),
+            gw::Attestations {
+                attestation: vec![gw::Attestation {
+                    kind: gw::AttestationKind::InToto as i32,
+                    r#ref: Some(gw::Ref {
+                        id: ref_id(res)?,
+                        def: None,
+                    }),
+                    path: "/predicate.json".into(),
+                    in_toto_predicate_type: predicate_type.clone(),
+                    ..Default::default()
+                }],
+            },
+        );
+    }
     g.r#return(gw::ReturnRequest {
         result: Some(result),
         ..Default::default()
