@@ -227,6 +227,8 @@ async fn buildx_sbom_and_provenance_push_carry_attestation_manifests() {
         &dockerfile_build(&berthd, &scanner_dir, &[], push).await,
         &berthd,
     );
+    // the push registered it in Docker too
+    let _scanner_img = TestImage::adopt(&engine, &scanner).await.unwrap();
 
     let dir = tmp.path().join("ctx");
     write(
