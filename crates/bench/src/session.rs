@@ -60,6 +60,7 @@ impl SessionProvider for DirSession {
         ));
         let recv_opts = fsutil::ReceiveOptions {
             differ_none: req.differ == LocalDiffer::None,
+            state: req.receive_state.clone(),
             ..Default::default()
         };
         let stats = fsutil::receive(

@@ -1,30 +1,41 @@
 //! The receiver role: write a tree sent by a peer into a destination directory.
 //!
-//! Follows `tonistiigi/fsutil` `receive.go`, `validator.go` and `diskwriter.go`:
+//! Follows `tonistiigi/fsutil` `receive.go`, `validator.go` and `diskwriter.go`, and like them
+//! diffs while the listing streams in:
 //!
-//! 1. Read the listing (`STAT` packets until the empty one), validating that every path is clean,
-//!    relative, ordered after its previous sibling (bytewise, `/` lowest) and below a directory
-//!    listed earlier, and that hardlinks name an earlier non-directory entry.
-//! 2. Unless in merge mode, walk the destination and diff: entries whose metadata is unchanged
-//!    (mode, uid, gid, device numbers, link target, and for non-directories size and mtime) are
-//!    left alone and never requested; destination entries missing from the listing are deleted.
-//! 3. Create directories, symlinks, devices and fifos at once; regular files are created under a
-//!    temporary name, requested with `REQ`, filled from `DATA` and renamed into place when their
-//!    empty `DATA` arrives. Hardlinks are made after all file data arrived.
-//! 4. Restore directory mtimes, send `FIN`, and read until the peer ends the stream.
+//! 1. Open and lock the destination and learn what it holds (unless in merge mode, where it counts
+//!    as empty): the listing the previous receive left in [`ReceiveOptions::state`] when that file
+//!    is there and the destination's root directory is as that receive left it, else a walk of the
+//!    destination. Either way the previous entries are in listing order.
+//! 2. For each `STAT` packet as it arrives: validate it (clean, relative, ordered after its
+//!    previous sibling bytewise with `/` lowest, below a directory listed earlier; a hardlink
+//!    names an earlier non-directory entry), then merge it with the previous entries: previous
+//!    entries ordered before it are gone and are deleted (top-most only); an entry whose metadata
+//!    is unchanged (mode, uid, gid, device numbers, link target, and for non-directories size and
+//!    mtime in nanoseconds) is left alone without a system call; anything else is applied at once
+//!    by the applier thread: directories, symlinks, devices and fifos are created, regular files
+//!    are created under a temporary name and then requested with `REQ`.
+//! 3. `DATA` (which may arrive while the listing still streams) fills the temporary files; a
+//!    file's empty `DATA` renames it into place. Hardlinks are made after all file data arrived.
+//! 4. Restore the mtimes of the directories whose entries changed, write the new listing to the
+//!    state file (when anything changed), send `FIN`, and read until the peer ends the stream.
+//!
+//! A no-op receive into a destination with a state file thus costs one pass over the packets and
+//! no system call per entry. The state file is removed before the first change to the destination
+//! and written again only once the receive has completed, so a receive that fails or is cancelled
+//! half-way leaves no state file, and the next one walks the destination.
 //!
 //! Every path is resolved inside the destination with `openat2(RESOLVE_IN_ROOT)`; entries are
 //! created with `*at` calls relative to their parent directory, so a symlink in the tree can never
 //! redirect a write outside the destination.
 
 use crate::filemode::{posix_perm_from_go_mode, FileKind};
-use crate::patterns::go_clean;
 use crate::walk::{walk, MapResult, WalkOptions};
 use crate::{Error, Packet, Stat};
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags, Timespec, Timestamps};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -42,6 +53,12 @@ pub struct ReceiveOptions {
     pub merge: bool,
     /// Re-request every regular file even when its metadata is unchanged (`local.differ=none`).
     pub differ_none: bool,
+    /// A file outside the destination where the receive keeps the listing it applied, so the
+    /// next receive into the same destination diffs against it instead of walking the
+    /// destination. `None`: every receive walks the destination. The file is trusted only while
+    /// the destination's root directory has the inode and change time recorded with it: nothing
+    /// but these receives may change the tree below it.
+    pub state: Option<PathBuf>,
     /// Optional progress callback.
     pub progress: Option<ProgressFn>,
 }
@@ -51,6 +68,7 @@ impl std::fmt::Debug for ReceiveOptions {
         f.debug_struct("ReceiveOptions")
             .field("merge", &self.merge)
             .field("differ_none", &self.differ_none)
+            .field("state", &self.state)
             .finish_non_exhaustive()
     }
 }
@@ -69,6 +87,9 @@ pub struct ReceiveStats {
     /// Listing entries created or replaced in the destination (requested files, hardlinks,
     /// directories, symlinks, devices and fifos whose metadata differed or that were missing).
     pub changed: u64,
+    /// Whether the destination's previous content came from the state file
+    /// ([`ReceiveOptions::state`]) instead of a walk of the destination.
+    pub state_reused: bool,
 }
 
 impl ReceiveStats {
@@ -98,6 +119,12 @@ where
     res
 }
 
+fn task_failed(what: &'static str) -> impl FnOnce(tokio::task::JoinError) -> Error {
+    move |e| Error::Transport {
+        message: format!("{what} task failed: {e}"),
+    }
+}
+
 async fn receive_inner<S>(
     dest: &Path,
     opts: &ReceiveOptions,
@@ -107,192 +134,140 @@ async fn receive_inner<S>(
 where
     S: Stream<Item = Result<Packet, Error>> + Unpin + Send,
 {
-    let mut received: u64 = 0;
-    let progress = |n: u64, last: bool| {
-        if let Some(p) = &opts.progress {
-            p(n, last)
-        }
-    };
-
-    // 1. listing
-    let listing_span = tracing::debug_span!("local.sync.listing", entries = tracing::field::Empty);
-    let listing: Vec<Stat> = async {
-        let mut listing = Vec::new();
-        let mut validator = Validator::default();
-        loop {
-            let pkt = next_packet(incoming).await?;
-            received += packet_size(&pkt);
-            progress(received, false);
-            match pkt {
-                Packet::Stat(None) => break,
-                Packet::Stat(Some(st)) => {
-                    validator.check(&st)?;
-                    listing.push(st);
-                }
-                Packet::Err(message) => {
-                    return Err(Error::Remote {
-                        peer: "sender",
-                        message,
-                    })
-                }
-                other => {
-                    return Err(Error::protocol(format!(
-                        "unexpected {} packet before the end of the listing",
-                        crate::send::packet_kind(&other)
-                    )))
-                }
-            }
-        }
-        Ok(listing)
-    }
-    .instrument(listing_span.clone())
-    .await?;
-    listing_span.record("entries", listing.len());
-
-    // 2 + 3a. diff and apply metadata changes on a blocking thread.
-    let plan = {
+    // 1. the destination and what it holds
+    let prepared = {
         let dest = dest.to_path_buf();
-        let opts = opts.clone();
-        let span = tracing::debug_span!("local.sync.diff");
-        tokio::task::spawn_blocking(move || span.in_scope(|| apply_listing(&dest, listing, &opts)))
-            .await
-            .map_err(|e| Error::Transport {
-                message: format!("apply task failed: {e}"),
-            })??
-    };
-    let Plan {
-        root,
-        listing,
-        mut pending,
-        hardlinks,
-        deleted,
-        changed,
-    } = plan;
-    let mut stats = ReceiveStats {
-        entries: listing.len() as u64,
-        files_requested: pending.len() as u64,
-        deleted,
-        changed,
-        ..Default::default()
-    };
-
-    // 3b. request and receive file data. Files are written on a blocking writer thread.
-    let (wtx, mut wrx) = mpsc::channel::<WriteCmd>(16);
-    let writer = {
-        let root = root.clone();
-        tokio::task::spawn_blocking(move || -> Result<u64, Error> {
-            let mut open: HashMap<u32, (std::fs::File, PendingFile)> = HashMap::new();
-            let mut written = 0u64;
-            while let Some(cmd) = wrx.blocking_recv() {
-                match cmd {
-                    WriteCmd::Chunk(pf, data) => {
-                        let id = pf.id;
-                        let (f, pf) = match open.entry(id) {
-                            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                            std::collections::hash_map::Entry::Vacant(e) => {
-                                let f = root.open_tmp_for_write(&pf)?;
-                                e.insert((f, pf))
-                            }
-                        };
-                        f.write_all(&data)
-                            .map_err(|e| Error::io("write", root.display(&pf.rel), e))?;
-                        written += data.len() as u64;
-                    }
-                    WriteCmd::Finish(pf) => {
-                        let f = open.remove(&pf.id).map(|(f, _)| f);
-                        root.finish_file(&pf, f)?;
-                    }
-                }
-            }
-            Ok(written)
+        let (merge, state) = (opts.merge, opts.state.clone());
+        let span = tracing::debug_span!(
+            "local.sync.prepare",
+            state_reused = tracing::field::Empty,
+            previous = tracing::field::Empty
+        );
+        tokio::task::spawn_blocking(move || {
+            span.in_scope(|| {
+                let p = prepare(&dest, merge, state.as_deref())?;
+                span.record("state_reused", p.state_reused);
+                span.record("previous", p.previous.len());
+                Ok::<_, Error>(p)
+            })
         })
+        .await
+        .map_err(task_failed("prepare"))??
     };
-    let mut ids: Vec<u32> = pending.keys().copied().collect();
-    ids.sort_unstable();
-    // Requests are sent from a separate task so a slow sender cannot deadlock us.
+    let Prepared {
+        root,
+        previous,
+        state_reused,
+    } = prepared;
+
+    // The applier makes the changes on a blocking thread, in the order they are found; a file's
+    // REQ goes out (through the request task, so a sender slow to read requests cannot block
+    // the applier) once its temporary file exists.
+    let (req_tx, mut req_rx) = mpsc::unbounded_channel::<u32>();
+    let (atx, arx) = mpsc::channel::<Apply>(64);
+    let applier = {
+        let root = root.clone();
+        // A state file that was read stays until the first change; one that was not is gone.
+        let stale_state = opts.state.clone().filter(|_| state_reused);
+        tokio::task::spawn_blocking(move || run_applier(&root, arx, req_tx, stale_state))
+    };
     let req_task = {
         let out = out.clone();
         tokio::spawn(async move {
-            for id in ids {
+            while let Some(id) = req_rx.recv().await {
                 if out.send(Packet::Req { id }).await.is_err() {
                     return;
                 }
             }
         })
     };
-    let data_span = tracing::debug_span!("local.sync.data", files = pending.len());
-    let data_result: Result<(), Error> = async {
-        while !pending.is_empty() {
-            let pkt = next_packet(incoming).await?;
-            received += packet_size(&pkt);
-            progress(received, false);
-            match pkt {
-                Packet::Data { id, data } => {
-                    let Some(pf) = pending.get(&id) else {
-                        return Err(Error::protocol(format!("invalid file request {id}")));
-                    };
-                    if data.is_empty() {
-                        let pf = pending.remove(&id).expect("checked above");
-                        wtx.send(WriteCmd::Finish(pf))
-                            .await
-                            .map_err(|_| writer_gone())?;
-                    } else {
-                        wtx.send(WriteCmd::Chunk(pf.clone(), data))
-                            .await
-                            .map_err(|_| writer_gone())?;
-                    }
-                }
-                Packet::Err(message) => {
-                    return Err(Error::Remote {
-                        peer: "sender",
-                        message,
-                    })
-                }
-                other => {
-                    return Err(Error::protocol(format!(
-                        "unexpected {} packet while receiving file data",
-                        crate::send::packet_kind(&other)
-                    )))
-                }
-            }
-        }
-        Ok(())
+
+    let mut rx = Receiving {
+        opts,
+        received: 0,
+        listing: Vec::new(),
+        validator: Validator::default(),
+        previous,
+        cursor: 0,
+        last_deleted: None,
+        pending: HashSet::new(),
+        hardlinks: Vec::new(),
+        touched: BTreeSet::new(),
+        stats: ReceiveStats {
+            state_reused,
+            ..Default::default()
+        },
+        atx,
+    };
+    // 2 + 3. the listing (with any early data), then the rest of the data
+    let listing_span = tracing::debug_span!(
+        "local.sync.listing",
+        entries = tracing::field::Empty,
+        changed = tracing::field::Empty,
+        deleted = tracing::field::Empty,
+        state_reused
+    );
+    let mut loop_result = rx.listing(incoming).instrument(listing_span.clone()).await;
+    listing_span.record("entries", rx.listing.len());
+    listing_span.record("changed", rx.stats.changed);
+    listing_span.record("deleted", rx.stats.deleted);
+    if loop_result.is_ok() {
+        let data_span = tracing::debug_span!("local.sync.data", files = rx.pending.len());
+        loop_result = rx.data(incoming).instrument(data_span).await;
     }
-    .instrument(data_span)
-    .await;
-    drop(wtx);
+    let Receiving {
+        listing,
+        hardlinks,
+        touched,
+        mut stats,
+        atx,
+        received,
+        ..
+    } = rx;
+    drop(atx);
+    let written = applier.await.map_err(task_failed("applier"))?;
     req_task.abort();
-    let written = writer.await.map_err(|e| Error::Transport {
-        message: format!("writer task failed: {e}"),
-    })?;
-    // The writer stops early only on an error of its own (which file, which operation); the
-    // data loop then fails with just "file writer stopped", so the writer's error is the cause.
-    stats.bytes_written = match (data_result, written) {
+    // The applier stops early only on an error of its own (which file, which operation); the
+    // receive loop then fails with just "file writer stopped", so the applier's error is the
+    // cause.
+    stats.bytes_written = match (loop_result, written) {
         (Ok(()), Ok(n)) => n,
         (Err(e), Ok(_)) => return Err(e),
         (Ok(()), Err(cause)) => return Err(cause),
         (Err(e), Err(cause)) if is_writer_gone(&e) => return Err(cause),
         (Err(e), Err(_)) => return Err(e),
     };
+    stats.entries = listing.len() as u64;
 
-    // 3c + 4. hardlinks, directory mtimes.
+    // 3c + 4. hardlinks, directory mtimes, the state for the next receive.
     {
-        let root = root.clone();
-        let span = tracing::debug_span!("local.sync.finish");
+        let write_state = opts
+            .state
+            .clone()
+            // Not needed when the state file read at the start is still true.
+            .filter(|_| !(opts.merge || state_reused && stats.unchanged()));
+        let span = tracing::debug_span!(
+            "local.sync.finish",
+            dirs = touched.len(),
+            state_written = write_state.is_some()
+        );
         tokio::task::spawn_blocking(move || -> Result<(), Error> {
             let _entered = span.enter();
-            for st in &hardlinks {
-                root.make_hardlink(st)?;
+            for &idx in &hardlinks {
+                root.make_hardlink(&listing[idx])?;
             }
             for st in listing.iter().rev().filter(|s| s.is_dir()) {
-                root.set_mtime(&st.path, st.mod_time)?;
+                if touched.contains(st.path.as_str()) {
+                    root.set_mtime(&st.path, st.mod_time)?;
+                }
+            }
+            if let Some(path) = write_state {
+                write_state_file(&path, &root, &listing)?;
             }
             Ok(())
         })
         .await
-        .map_err(|e| Error::Transport {
-            message: format!("finish task failed: {e}"),
-        })??;
+        .map_err(task_failed("finish"))??;
     }
     out.send(Packet::Fin).await.map_err(|_| Error::Transport {
         message: "sender closed the stream before FIN".into(),
@@ -311,8 +286,197 @@ where
             Some(Err(e)) => return Err(e),
         }
     }
-    progress(received, true);
+    if let Some(p) = &opts.progress {
+        p(received, true);
+    }
     Ok(stats)
+}
+
+/// The state of one receive between packets.
+struct Receiving<'a> {
+    opts: &'a ReceiveOptions,
+    /// Packet bytes so far (for progress).
+    received: u64,
+    /// The entries received so far (entry `id` is `listing[id]`).
+    listing: Vec<Stat>,
+    validator: Validator,
+    /// What the destination held, in listing order, and the first entry not yet merged.
+    previous: Vec<Stat>,
+    cursor: usize,
+    /// The last previous entry deleted (its descendants go with it).
+    last_deleted: Option<String>,
+    /// Requested files whose data has not ended yet.
+    pending: HashSet<u32>,
+    /// Listing positions of the hardlinks to make once all data arrived.
+    hardlinks: Vec<usize>,
+    /// Directories (by path) whose entries were changed: their mtimes are restored at the end.
+    touched: BTreeSet<String>,
+    stats: ReceiveStats,
+    atx: mpsc::Sender<Apply>,
+}
+
+impl Receiving<'_> {
+    async fn next<S>(&mut self, incoming: &mut S) -> Result<Packet, Error>
+    where
+        S: Stream<Item = Result<Packet, Error>> + Unpin + Send,
+    {
+        let pkt = next_packet(incoming).await?;
+        self.received += packet_size(&pkt);
+        if let Some(p) = &self.opts.progress {
+            p(self.received, false);
+        }
+        Ok(pkt)
+    }
+
+    /// Reads until the end of the listing, applying each entry as it arrives.
+    async fn listing<S>(&mut self, incoming: &mut S) -> Result<(), Error>
+    where
+        S: Stream<Item = Result<Packet, Error>> + Unpin + Send,
+    {
+        loop {
+            match self.next(incoming).await? {
+                Packet::Stat(Some(st)) => self.entry(st).await?,
+                Packet::Stat(None) => {
+                    // Whatever the destination still holds after the last entry is gone.
+                    while self.cursor < self.previous.len() {
+                        self.delete_previous().await?;
+                    }
+                    return Ok(());
+                }
+                pkt @ Packet::Data { .. } => self.data_packet(pkt).await?,
+                other => return Err(unexpected(other, "before the end of the listing")),
+            }
+        }
+    }
+
+    /// Reads until every requested file has arrived.
+    async fn data<S>(&mut self, incoming: &mut S) -> Result<(), Error>
+    where
+        S: Stream<Item = Result<Packet, Error>> + Unpin + Send,
+    {
+        while !self.pending.is_empty() {
+            match self.next(incoming).await? {
+                pkt @ Packet::Data { .. } => self.data_packet(pkt).await?,
+                other => return Err(unexpected(other, "while receiving file data")),
+            }
+        }
+        Ok(())
+    }
+
+    async fn apply(&self, cmd: Apply) -> Result<(), Error> {
+        self.atx.send(cmd).await.map_err(|_| writer_gone())
+    }
+
+    async fn data_packet(&mut self, pkt: Packet) -> Result<(), Error> {
+        let Packet::Data { id, data } = pkt else {
+            unreachable!("called with DATA only")
+        };
+        if !self.pending.contains(&id) {
+            return Err(Error::protocol(format!("invalid file request {id}")));
+        }
+        if data.is_empty() {
+            self.pending.remove(&id);
+            self.apply(Apply::FileDone { id }).await
+        } else {
+            self.apply(Apply::Chunk { id, data }).await
+        }
+    }
+
+    /// Deletes `previous[cursor]` (unless below a deleted directory) and moves past it.
+    async fn delete_previous(&mut self) -> Result<(), Error> {
+        let path = std::mem::take(&mut self.previous[self.cursor].path);
+        self.cursor += 1;
+        if self
+            .last_deleted
+            .as_deref()
+            .is_some_and(|d| is_below(&path, d))
+        {
+            return Ok(());
+        }
+        self.touch_parent(&path);
+        self.stats.deleted += 1;
+        self.last_deleted = Some(path.clone());
+        self.apply(Apply::Delete(path)).await
+    }
+
+    fn touch_parent(&mut self, path: &str) {
+        if let Some((dir, _)) = path.rsplit_once('/') {
+            if !self.touched.contains(dir) {
+                self.touched.insert(dir.to_string());
+            }
+        }
+    }
+
+    /// One listing entry: validated, merged with the previous entries, applied if it differs.
+    async fn entry(&mut self, st: Stat) -> Result<(), Error> {
+        self.validator.check(&st, &self.listing)?;
+        let id = self.listing.len();
+        while self.cursor < self.previous.len()
+            && compare_path(&self.previous[self.cursor].path, &st.path) == std::cmp::Ordering::Less
+        {
+            self.delete_previous().await?;
+        }
+        let mut replaces_dir = false;
+        if self.cursor < self.previous.len() && self.previous[self.cursor].path == st.path {
+            let old = &self.previous[self.cursor];
+            self.cursor += 1;
+            if !self.opts.differ_none && same_file(old, &st) {
+                self.listing.push(st);
+                return Ok(());
+            }
+            replaces_dir = old.is_dir() && !st.is_dir();
+        }
+        self.stats.changed += 1;
+        self.touch_parent(&st.path);
+        if replaces_dir {
+            // The old directory and everything below it go before the new entry takes its
+            // place; its previous descendants, next in line, are skipped as deleted.
+            self.last_deleted = Some(st.path.clone());
+            self.apply(Apply::Delete(st.path.clone())).await?;
+        }
+        if st.is_hardlink() {
+            self.hardlinks.push(id);
+        } else {
+            match st.kind() {
+                FileKind::Regular | FileKind::Irregular => {
+                    self.pending.insert(id as u32);
+                    self.stats.files_requested += 1;
+                    self.apply(Apply::File {
+                        id: id as u32,
+                        stat: st.clone(),
+                    })
+                    .await?;
+                }
+                kind => {
+                    if kind == FileKind::Dir {
+                        // Its own mtime is set now; changes below it would move it again.
+                        self.touched.insert(st.path.clone());
+                    }
+                    self.apply(Apply::Entry(st.clone())).await?;
+                }
+            }
+        }
+        self.listing.push(st);
+        Ok(())
+    }
+}
+
+/// Whether `path` is strictly below directory `dir`.
+fn is_below(path: &str, dir: &str) -> bool {
+    path.len() > dir.len() && path.starts_with(dir) && path.as_bytes()[dir.len()] == b'/'
+}
+
+fn unexpected(p: Packet, when: &str) -> Error {
+    match p {
+        Packet::Err(message) => Error::Remote {
+            peer: "sender",
+            message,
+        },
+        other => Error::protocol(format!(
+            "unexpected {} packet {when}",
+            crate::send::packet_kind(&other)
+        )),
+    }
 }
 
 const WRITER_GONE: &str = "file writer stopped";
@@ -347,103 +511,215 @@ fn packet_size(p: &Packet) -> u64 {
     }
 }
 
-enum WriteCmd {
-    Chunk(PendingFile, Bytes),
-    Finish(PendingFile),
+/// A change for the applier thread.
+enum Apply {
+    /// Remove this previous entry and everything below it.
+    Delete(String),
+    /// Create or update a directory, symlink, device or fifo.
+    Entry(Stat),
+    /// Create the temporary file of requested entry `id`, then request it.
+    File { id: u32, stat: Stat },
+    /// Content of file `id`.
+    Chunk { id: u32, data: Bytes },
+    /// File `id` is complete: give it its metadata and rename it into place.
+    FileDone { id: u32 },
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct PendingFile {
-    id: u32,
     rel: String,
     tmp_name: String,
     stat: Stat,
 }
 
-struct Plan {
-    root: Arc<Root>,
-    listing: Vec<Stat>,
-    pending: HashMap<u32, PendingFile>,
-    hardlinks: Vec<Stat>,
-    deleted: u64,
-    changed: u64,
+/// Runs the changes of one receive in order; returns the content bytes written.
+fn run_applier(
+    root: &Root,
+    mut rx: mpsc::Receiver<Apply>,
+    reqs: mpsc::UnboundedSender<u32>,
+    mut stale_state: Option<PathBuf>,
+) -> Result<u64, Error> {
+    let mut files: HashMap<u32, (PendingFile, Option<std::fs::File>)> = HashMap::new();
+    let mut written = 0u64;
+    while let Some(cmd) = rx.blocking_recv() {
+        if let Some(path) = stale_state.take() {
+            // From here on the destination no longer matches the listing in the state file.
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io("remove", path, e)),
+            }
+        }
+        match cmd {
+            Apply::Delete(rel) => root.remove_all(&rel)?,
+            Apply::Entry(st) => root.create_entry(&st)?,
+            Apply::File { id, stat } => {
+                let tmp_name = root.create_tmp_file(&stat)?;
+                let pf = PendingFile {
+                    rel: stat.path.clone(),
+                    tmp_name,
+                    stat,
+                };
+                files.insert(id, (pf, None));
+                // The request task ends only after this thread (abort after the receive).
+                let _ = reqs.send(id);
+            }
+            Apply::Chunk { id, data } => {
+                let Some((pf, f)) = files.get_mut(&id) else {
+                    return Err(Error::protocol(format!("invalid file request {id}")));
+                };
+                if f.is_none() {
+                    *f = Some(root.open_tmp_for_write(pf)?);
+                }
+                let f = f.as_mut().expect("opened above");
+                f.write_all(&data)
+                    .map_err(|e| Error::io("write", root.display(&pf.rel), e))?;
+                written += data.len() as u64;
+            }
+            Apply::FileDone { id } => {
+                let Some((pf, f)) = files.remove(&id) else {
+                    return Err(Error::protocol(format!("invalid file request {id}")));
+                };
+                root.finish_file(&pf, f)?;
+            }
+        }
+    }
+    Ok(written)
 }
 
-fn apply_listing(dest: &Path, listing: Vec<Stat>, opts: &ReceiveOptions) -> Result<Plan, Error> {
+/// The locked destination and what it held before this receive.
+struct Prepared {
+    root: Arc<Root>,
+    previous: Vec<Stat>,
+    state_reused: bool,
+}
+
+fn prepare(dest: &Path, merge: bool, state: Option<&Path>) -> Result<Prepared, Error> {
     std::fs::create_dir_all(dest).map_err(|e| Error::io("mkdir", dest, e))?;
     let root = Arc::new(Root::open(dest)?);
-    let mut existing: HashMap<String, Stat> = HashMap::new();
-    if !opts.merge {
-        walk(
-            dest,
-            &WalkOptions::default(),
-            &mut |_| MapResult::Keep,
-            &mut |st| {
-                existing.insert(st.path.clone(), st);
-                Ok(())
-            },
-        )?;
+    if merge {
+        return Ok(Prepared {
+            root,
+            previous: Vec::new(),
+            state_reused: false,
+        });
     }
-    // deletions: existing paths not in the listing, top-most only
-    let wanted: HashSet<&str> = listing.iter().map(|s| s.path.as_str()).collect();
-    let mut deletions: Vec<&String> = existing
-        .keys()
-        .filter(|p| !wanted.contains(p.as_str()))
-        .collect();
-    deletions.sort();
-    let mut deleted = 0u64;
-    let mut last_deleted: Option<String> = None;
-    for p in deletions {
-        if let Some(ld) = &last_deleted {
-            if p.starts_with(&format!("{ld}/")) {
-                continue;
+    if let Some(path) = state {
+        match read_state_file(path, &root) {
+            Ok(Some(previous)) => {
+                return Ok(Prepared {
+                    root,
+                    previous,
+                    state_reused: true,
+                })
+            }
+            Ok(None) => {}
+            Err(reason) => {
+                tracing::debug!(state = %path.display(), %reason, "walking the destination");
+                match std::fs::remove_file(path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(Error::io("remove", path, e)),
+                }
             }
         }
-        root.remove_all(p)?;
-        deleted += 1;
-        last_deleted = Some(p.clone());
     }
-
-    let mut pending = HashMap::new();
-    let mut hardlinks = Vec::new();
-    let mut changed = 0u64;
-    for (idx, st) in listing.iter().enumerate() {
-        let id = idx as u32;
-        let old = existing.get(&st.path);
-        if let Some(old) = old {
-            if !opts.differ_none && same_file(old, st) {
-                continue;
-            }
-        }
-        changed += 1;
-        if st.is_hardlink() {
-            hardlinks.push(st.clone());
-            continue;
-        }
-        match st.kind() {
-            FileKind::Regular | FileKind::Irregular => {
-                let tmp_name = root.create_tmp_file(st)?;
-                pending.insert(
-                    id,
-                    PendingFile {
-                        id,
-                        rel: st.path.clone(),
-                        tmp_name,
-                        stat: st.clone(),
-                    },
-                );
-            }
-            _ => root.create_entry(st)?,
-        }
-    }
-    Ok(Plan {
+    let mut previous = Vec::new();
+    walk(
+        dest,
+        &WalkOptions::default(),
+        &mut |_| MapResult::Keep,
+        &mut |st| {
+            previous.push(st);
+            Ok(())
+        },
+    )?;
+    Ok(Prepared {
         root,
-        listing,
-        pending,
-        hardlinks,
-        deleted,
-        changed,
+        previous,
+        state_reused: false,
     })
+}
+
+/// First line of a state file.
+const STATE_MAGIC: &[u8] = b"berth.fsutil.receive-state.v1\n";
+
+/// What identifies the destination's root directory as a receive left it: device, inode and
+/// change time (any entry created, renamed or removed directly in it, or a change of its own
+/// metadata, moves the change time; a directory replaced by another has another inode).
+fn root_identity(root: &Root) -> Result<[i64; 4], Error> {
+    let st = rustix::fs::fstat(&root.fd).map_err(errno("stat", root.path.clone()))?;
+    Ok([
+        st.st_dev as i64,
+        st.st_ino as i64,
+        st.st_ctime as i64,
+        st.st_ctime_nsec as i64,
+    ])
+}
+
+/// The listing in the state file at `path`: `Ok(None)` when there is none, `Err(reason)` when
+/// it cannot be trusted.
+///
+/// Layout (hand-written, as small as the data: the entries are the wire's `fsutil.types.Stat`
+/// messages, so no second encoding of a stat exists): [`STATE_MAGIC`], the root identity as four
+/// little-endian `i64`, the entry count as a little-endian `u64`, then each entry as a
+/// length-delimited protobuf `Stat`.
+fn read_state_file(path: &Path, root: &Root) -> Result<Option<Vec<Stat>>, String> {
+    use prost::Message as _;
+    let data = match std::fs::read(path) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("read: {e}")),
+    };
+    let mut buf = data
+        .strip_prefix(STATE_MAGIC)
+        .ok_or("not a receive state file")?;
+    let mut word = || -> Result<[u8; 8], String> {
+        let (w, rest) = buf.split_first_chunk::<8>().ok_or("truncated header")?;
+        buf = rest;
+        Ok(*w)
+    };
+    let mut identity = [0i64; 4];
+    for v in &mut identity {
+        *v = i64::from_le_bytes(word()?);
+    }
+    let count = u64::from_le_bytes(word()?);
+    let now = root_identity(root).map_err(|e| crate::error_chain(&e))?;
+    if identity != now {
+        return Err("the destination changed since the state was written".into());
+    }
+    let mut listing = Vec::with_capacity(count.min(1 << 20) as usize);
+    for _ in 0..count {
+        let st = protos::fsutil::types::Stat::decode_length_delimited(&mut buf)
+            .map_err(|e| format!("entry {}: {e}", listing.len()))?;
+        listing.push(Stat::from(st));
+    }
+    if !buf.is_empty() {
+        return Err("trailing bytes".into());
+    }
+    Ok(Some(listing))
+}
+
+/// Writes `listing` as the state of the destination `root` (temporary file + rename: a reader
+/// sees the old file, none, or the new one).
+fn write_state_file(path: &Path, root: &Root, listing: &[Stat]) -> Result<(), Error> {
+    use prost::Message as _;
+    let mut data = Vec::with_capacity(STATE_MAGIC.len() + 40 + listing.len() * 48);
+    data.extend_from_slice(STATE_MAGIC);
+    for v in root_identity(root)? {
+        data.extend_from_slice(&v.to_le_bytes());
+    }
+    data.extend_from_slice(&(listing.len() as u64).to_le_bytes());
+    for st in listing {
+        protos::fsutil::types::Stat::from(st.clone())
+            .encode_length_delimited(&mut data)
+            .expect("a Vec grows as needed");
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, &data).map_err(|e| Error::io("write", &tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io("rename", path, e))
 }
 
 fn same_file(old: &Stat, new: &Stat) -> bool {
@@ -477,21 +753,21 @@ pub(crate) fn compare_path(a: &str, b: &str) -> std::cmp::Ordering {
     a.len().cmp(&b.len())
 }
 
-/// Checks listing order, cleanliness and hardlink targets.
+/// Checks listing order, cleanliness and hardlink targets, without allocating per entry.
+///
+/// Invariant: every accepted entry sorts after the previous one in [`compare_path`] order
+/// (siblings strictly increasing, a directory before its contents), so the accepted entries form
+/// a sorted list in which a hardlink's target is found by binary search.
 #[derive(Default)]
 struct Validator {
-    /// Stack of (dir, last child name seen).
+    /// Stack of (listed directory, last child name seen); the bottom is the root `""`.
     parents: Vec<(String, String)>,
-    seen_files: HashSet<String>,
-    dirs: HashSet<String>,
 }
 
 impl Validator {
-    fn check(&mut self, st: &Stat) -> Result<(), Error> {
+    /// Checks `st`, to come after the entries `earlier` (all accepted by this validator).
+    fn check(&mut self, st: &Stat, earlier: &[Stat]) -> Result<(), Error> {
         let p = st.path.as_str();
-        if p.is_empty() || p != go_clean(p) || p == "." {
-            return Err(Error::protocol(format!("unclean path {p:?}")));
-        }
         if p.starts_with('/') {
             return Err(Error::protocol(format!("absolute path {p:?}")));
         }
@@ -499,6 +775,11 @@ impl Validator {
             return Err(Error::protocol(format!(
                 "path escapes the destination: {p:?}"
             )));
+        }
+        // Clean in Go's sense (`path.Clean(p) == p`) and not the root: no empty, `.` or `..`
+        // component.
+        if p.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+            return Err(Error::protocol(format!("unclean path {p:?}")));
         }
         if p.contains('\0') {
             return Err(Error::protocol(format!("path contains NUL: {p:?}")));
@@ -510,7 +791,9 @@ impl Validator {
         if self.parents.is_empty() {
             self.parents.push((String::new(), String::new()));
         }
-        // pop back to the parent of this entry
+        // Back up to the parent of this entry. What remains on top is the root or a directory
+        // that was listed (only listed directories are pushed), so a parent that is not on the
+        // stack was never listed, or the entry is out of order.
         while self.parents.len() > 1
             && compare_path(&self.parents.last().unwrap().0, dir) == std::cmp::Ordering::Greater
         {
@@ -526,23 +809,22 @@ impl Validator {
                 top.0, top.1
             )));
         }
-        if !dir.is_empty() && !self.dirs.contains(dir) {
-            return Err(Error::protocol(format!(
-                "parent of {p:?} is not a listed directory"
-            )));
-        }
-        top.1 = base.to_string();
-        if st.is_dir() {
-            self.parents.push((p.to_string(), String::new()));
-            self.dirs.insert(p.to_string());
-        } else {
-            if st.is_hardlink() && !self.seen_files.contains(&st.linkname) {
+        if st.is_hardlink() {
+            let target = earlier
+                .binary_search_by(|e| compare_path(&e.path, &st.linkname))
+                .ok()
+                .map(|i| &earlier[i]);
+            if target.is_none_or(|t| t.is_dir()) {
                 return Err(Error::protocol(format!(
                     "invalid hardlink {p:?} to {:?}",
                     st.linkname
                 )));
             }
-            self.seen_files.insert(p.to_string());
+        }
+        top.1.clear();
+        top.1.push_str(base);
+        if st.is_dir() {
+            self.parents.push((p.to_string(), String::new()));
         }
         Ok(())
     }
@@ -870,6 +1152,17 @@ mod tests {
         assert_eq!(compare_path("abc", "abc"), Equal);
     }
 
+    /// Feeds `list` to a fresh validator, keeping the accepted entries as the receiver does.
+    fn validate(list: &[Stat]) -> Result<(), Error> {
+        let mut v = Validator::default();
+        let mut accepted: Vec<Stat> = vec![];
+        for s in list {
+            v.check(s, &accepted)?;
+            accepted.push(s.clone());
+        }
+        Ok(())
+    }
+
     #[test]
     fn validator_table() {
         const D: u32 = crate::filemode::MODE_DIR | 0o755;
@@ -883,12 +1176,10 @@ mod tests {
                 ("z", 0o644),
             ],
         ];
+        let stats =
+            |list: &[(&str, u32)]| -> Vec<Stat> { list.iter().map(|(p, m)| st(p, *m)).collect() };
         for list in ok {
-            let mut v = Validator::default();
-            for (p, m) in list.iter() {
-                v.check(&st(p, *m))
-                    .unwrap_or_else(|e| panic!("{list:?}: {e}"));
-            }
+            validate(&stats(list)).unwrap_or_else(|e| panic!("{list:?}: {e}"));
         }
         let bad: &[&[(&str, u32)]] = &[
             &[("b", 0o644), ("a", 0o644)],
@@ -896,19 +1187,43 @@ mod tests {
             &[("a/b", 0o644)],
             &[("a", 0o644), ("a/b", 0o644)],
             &[("../x", 0o644)],
+            &[("..", 0o644)],
             &[("/etc/passwd", 0o644)],
             &[("a/./b", 0o644)],
+            &[(".", D)],
+            &[("", 0o644)],
+            &[("a//b", 0o644)],
+            &[("a/", 0o644)],
             &[("a", D), ("a/../../x", 0o644)],
             &[("a-b", 0o644), ("a", D), ("a/x", 0o644)],
         ];
         for list in bad {
-            let mut v = Validator::default();
-            let res: Result<(), Error> = list.iter().try_for_each(|(p, m)| v.check(&st(p, *m)));
-            assert!(res.is_err(), "{list:?} should be rejected");
+            assert!(
+                validate(&stats(list)).is_err(),
+                "{list:?} should be rejected"
+            );
         }
-        let mut v = Validator::default();
-        let mut hl = st("b", 0o644);
-        hl.linkname = "nope".into();
-        assert!(v.check(&hl).is_err());
+        let hardlink = |p: &str, target: &str| {
+            let mut hl = st(p, 0o644);
+            hl.linkname = target.into();
+            hl
+        };
+        // A hardlink names an earlier non-directory entry, anywhere in the listing so far.
+        let good = [
+            st("a", D),
+            st("a/f", 0o644),
+            st("b", 0o644),
+            hardlink("c", "a/f"),
+            hardlink("d", "c"),
+        ];
+        validate(&good).unwrap();
+        for bad in [
+            vec![hardlink("b", "nope")],
+            vec![st("a", D), hardlink("b", "a")],
+            vec![st("a", 0o644), hardlink("b", "c")],
+            vec![hardlink("a", "a")],
+        ] {
+            assert!(validate(&bad).is_err(), "{bad:?} should be rejected");
+        }
     }
 }

@@ -325,10 +325,12 @@ async fn a_failed_file_write_is_reported_as_the_cause() {
         to_recv.send(Packet::Stat(Some(st))).await.unwrap();
     }
     to_recv.send(Packet::Stat(None)).await.unwrap();
-    // REQs come after the receiver created its temporary files.
-    match from_recv.recv().await {
-        Some(Packet::Req { .. }) => {}
-        other => panic!("expected a REQ, got {other:?}"),
+    // Each REQ comes after the receiver created that file's temporary file.
+    for _ in 0..2 {
+        match from_recv.recv().await {
+            Some(Packet::Req { .. }) => {}
+            other => panic!("expected a REQ, got {other:?}"),
+        }
     }
     let tmps: Vec<_> = fs::read_dir(&dest)
         .unwrap()
@@ -418,5 +420,156 @@ async fn a_receive_waits_while_the_destination_is_still_owned() {
         .expect("the receive completes once the lock is released")
         .unwrap();
     assert_eq!(stats.deleted, 1, "{stats:?}");
+    assert_eq!(listing(src.path()), listing(&dest));
+}
+
+/// Receive options keeping the destination's state in `dir/state`.
+fn with_state(dir: &Path) -> ReceiveOptions {
+    ReceiveOptions {
+        state: Some(dir.join("state")),
+        ..Default::default()
+    }
+}
+
+/// With a state file, a re-sync diffs the listing against the listing the last receive applied
+/// instead of walking the destination; it still catches every kind of change, and it falls back
+/// to the walk when the destination's root was changed behind its back.
+#[tokio::test]
+async fn resync_with_a_state_file_diffs_against_the_last_listing() {
+    let src = tempfile::tempdir().unwrap();
+    let dst = tempfile::tempdir().unwrap();
+    make_tree(src.path());
+    let dest = dst.path().join("out");
+    let state = dst.path().join("state");
+    let sync = || {
+        transfer(
+            src.path(),
+            &dest,
+            SendOptions::default(),
+            with_state(dst.path()),
+        )
+    };
+
+    let first = sync().await;
+    assert!(!first.state_reused, "{first:?}");
+    assert!(state.exists(), "the first receive leaves its state");
+    assert_eq!(listing(src.path()), listing(&dest));
+
+    // Nothing changed: the state is read, nothing requested or touched, the file stays.
+    let written = fs::metadata(&state).unwrap().modified().unwrap();
+    let noop = sync().await;
+    assert!(noop.state_reused && noop.unchanged(), "{noop:?}");
+    assert_eq!(noop.files_requested, 0, "{noop:?}");
+    assert_eq!(fs::metadata(&state).unwrap().modified().unwrap(), written);
+
+    // Same size, same mtime second, other nanoseconds: caught.
+    let f = src.path().join("dir/sub/small.txt");
+    let m = fs::metadata(&f).unwrap();
+    fs::write(&f, "HELLO\n").unwrap();
+    let same_second = std::time::UNIX_EPOCH
+        + std::time::Duration::new(
+            m.mtime() as u64,
+            (m.mtime_nsec() as u32 + 1) % 1_000_000_000,
+        );
+    fs::File::options()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_modified(same_second)
+        .unwrap();
+    let changed = sync().await;
+    assert!(changed.state_reused, "{changed:?}");
+    assert_eq!(changed.files_requested, 1, "{changed:?}");
+    assert_eq!(
+        fs::read_to_string(dest.join("dir/sub/small.txt")).unwrap(),
+        "HELLO\n"
+    );
+    assert_eq!(listing(src.path()), listing(&dest));
+
+    // A directory with contents becomes a file, a file becomes a directory with contents, a
+    // file is removed, one is added below a new directory.
+    fs::remove_dir_all(src.path().join("dir/sub")).unwrap();
+    fs::write(src.path().join("dir/sub"), "now a file").unwrap();
+    fs::remove_file(src.path().join("exec.sh")).unwrap();
+    fs::create_dir(src.path().join("exec.sh")).unwrap();
+    fs::write(src.path().join("exec.sh/inner"), "inside").unwrap();
+    fs::remove_file(src.path().join("empty")).unwrap();
+    fs::create_dir_all(src.path().join("new/deeper")).unwrap();
+    fs::write(src.path().join("new/deeper/f"), "f").unwrap();
+    let reshaped = sync().await;
+    assert!(reshaped.state_reused, "{reshaped:?}");
+    assert_eq!(reshaped.deleted, 1, "only `empty` is gone: {reshaped:?}");
+    assert_eq!(listing(src.path()), listing(&dest));
+    assert_eq!(sync().await.changed, 0);
+
+    // Something else wrote into the destination's root: the state is not trusted.
+    fs::write(dest.join("stray"), "x").unwrap();
+    let walked = sync().await;
+    assert!(!walked.state_reused, "{walked:?}");
+    assert_eq!(walked.deleted, 1, "{walked:?}");
+    assert_eq!(listing(src.path()), listing(&dest));
+    assert!(sync().await.state_reused);
+}
+
+/// A receive that fails after changing the destination leaves no state behind: the next one
+/// walks the destination instead of trusting a listing it no longer matches.
+#[tokio::test]
+async fn a_failed_receive_drops_the_state() {
+    let src = tempfile::tempdir().unwrap();
+    let dst = tempfile::tempdir().unwrap();
+    make_tree(src.path());
+    let dest = dst.path().join("out");
+    let state = dst.path().join("state");
+    transfer(
+        src.path(),
+        &dest,
+        SendOptions::default(),
+        with_state(dst.path()),
+    )
+    .await;
+    assert!(state.exists());
+
+    let file = |p: &str| Stat {
+        path: p.into(),
+        mode: 0o644,
+        ..Default::default()
+    };
+    let (to_recv, from_send) = mpsc::channel::<Packet>(64);
+    let (to_send, mut from_recv) = mpsc::channel::<Packet>(64);
+    // A new file (applied at once: its temporary file is created), then a listing error.
+    for p in [
+        Packet::Stat(Some(file("a"))),
+        Packet::Stat(Some(file("0"))),
+        Packet::Stat(None),
+    ] {
+        to_recv.send(p).await.unwrap();
+    }
+    drop(to_recv);
+    let drain = tokio::spawn(async move { while from_recv.recv().await.is_some() {} });
+    let res = receive(
+        dest.clone(),
+        with_state(dst.path()),
+        to_send,
+        ReceiverStream::new(from_send).map(Ok::<_, Error>),
+    )
+    .await;
+    drain.await.unwrap();
+    assert!(
+        matches!(res, Err(Error::Protocol { .. })),
+        "out of order: {res:?}"
+    );
+    assert!(
+        !state.exists(),
+        "the destination changed: the state must go"
+    );
+
+    let again = transfer(
+        src.path(),
+        &dest,
+        SendOptions::default(),
+        with_state(dst.path()),
+    )
+    .await;
+    assert!(!again.state_reused, "{again:?}");
     assert_eq!(listing(src.path()), listing(&dest));
 }

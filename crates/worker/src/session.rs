@@ -9,7 +9,7 @@
 //! process makes to the socket; the returned [`SshAgentConn`] carries the agent protocol bytes
 //! both ways (upstream: `session/sshforward`).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 
@@ -44,6 +44,11 @@ pub struct LocalSync {
     pub shared_key_hint: Option<String>,
     /// `local.differ`.
     pub differ: LocalDiffer,
+    /// A file beside the destination where the receiver may keep the listing it applied, to
+    /// diff the next sync into the same destination against instead of walking it
+    /// (`fsutil::ReceiveOptions::state`). Set by the worker for its own sync directories,
+    /// which nothing else changes.
+    pub receive_state: Option<PathBuf>,
 }
 
 impl LocalSync {
@@ -57,6 +62,7 @@ impl LocalSync {
             follow_paths: vec![],
             shared_key_hint: None,
             differ: LocalDiffer::Metadata,
+            receive_state: None,
         }
     }
 }

@@ -96,6 +96,9 @@ pub struct LocalSyncRequest {
     pub follow_paths: Vec<String>,
     /// Re-request every file (`local.differ=none`).
     pub differ_none: bool,
+    /// Where the receiver keeps the destination's listing between syncs
+    /// (`fsutil::ReceiveOptions::state`).
+    pub state: Option<PathBuf>,
 }
 
 /// Receives the client directory `req.name` into `dest` (incremental against what `dest` holds).
@@ -155,6 +158,7 @@ pub async fn sync_local(
     let opts = fsutil::ReceiveOptions {
         merge: false,
         differ_none: req.differ_none,
+        state: req.state.clone(),
         progress,
     };
     let fut = fsutil::receive(dest, opts, tx_for_recv, Box::pin(incoming));

@@ -99,6 +99,7 @@ impl worker::SessionProvider for JobSession {
             exclude_patterns: req.exclude_patterns.clone(),
             follow_paths: req.follow_paths.clone(),
             differ_none: req.differ == LocalDiffer::None,
+            state: req.receive_state.clone(),
         };
         // TransferProgress is borrowed; forward byte counts through a channel.
         let (tx, mut rx) = tokio::sync::watch::channel(0u64);
@@ -109,7 +110,8 @@ impl worker::SessionProvider for JobSession {
             "local.sync",
             name = %req.name,
             bytes = tracing::field::Empty,
-            changed = tracing::field::Empty
+            changed = tracing::field::Empty,
+            state_reused = tracing::field::Empty
         );
         let fut = calls::sync_local(&session, &sync, dest.to_path_buf(), Some(cb))
             .instrument(span.clone());
@@ -128,6 +130,7 @@ impl worker::SessionProvider for JobSession {
         progress.report(*rx.borrow());
         span.record("bytes", stats.bytes_written);
         span.record("changed", stats.changed);
+        span.record("state_reused", stats.state_reused);
         crate::observe::local_bytes(stats.bytes_written);
         Ok(worker::SyncStats {
             bytes: stats.bytes_written,

@@ -3,7 +3,9 @@
 //!
 //! Cache-key phase: the directory is synced through [`SessionProvider::sync_local`] into a
 //! persistent per-(name, shared key hint) directory under `<root>/worker/local/` (so a re-sync
-//! only transfers changes), and its content checksum (paths, modes, owners, contents; no
+//! only transfers changes; the receiver keeps the listing it applied in `<dir>.listing` and
+//! diffs the next listing against it, so a re-sync that changes nothing makes no system call
+//! per entry), and its content checksum (paths, modes, owners, contents; no
 //! times) becomes the key together with the name and filters — not the session id or
 //! `local.unique`, which change between invocations. The checksum keeps a digest cache next to
 //! the directory (`<dir>.digests`, see [`DigestCache`]), so a re-sync reads only the files the
@@ -96,6 +98,7 @@ pub(crate) fn new(op: &LoadedOp, env: &Arc<BuildEnv>) -> Result<Arc<dyn Op<Snap>
         .shared
         .local_root
         .join(&crate::digest::sha256_hex(lock_key.as_bytes())[..32]);
+    req.receive_state = Some(receive_state_path(&dir));
     Ok(Arc::new(LocalSource {
         req,
         dir,
@@ -273,6 +276,12 @@ impl Op<Snap> for LocalSource {
 /// Where the digest cache of sync directory `dir` lives (next to it, outside the synced tree).
 fn digest_cache_path(dir: &Path) -> PathBuf {
     dir.with_extension("digests")
+}
+
+/// Where the receiver keeps the listing it applied to sync directory `dir` (next to it): a no-op
+/// re-sync compares the client's listing with it instead of walking the directory.
+fn receive_state_path(dir: &Path) -> PathBuf {
+    dir.with_extension("listing")
 }
 
 /// Where the checksum of sync directory `dir` lives while it is known to be true of the tree.
