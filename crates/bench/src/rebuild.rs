@@ -11,7 +11,10 @@
 //!
 //! Each case runs in rounds; a round builds once on each daemon, the order swapped every round,
 //! so both see the same machine load; the 1-minute load average is sampled every round. Times
-//! are `buildctl build`'s wall time (process start to exit), the same binary for both.
+//! are `buildctl build`'s wall time (process start to exit), the same binary for both. For the
+//! no-op cases, `buildctl`'s own CPU time is reported too: the client's walk of the context and
+//! the listing it streams are the floor no daemon can go below (the issue's target for the
+//! 20 000-file no-op is 0.5× stock, so the floor row shows how much of that is the client's).
 //!
 //! Everything runs twice: on fresh roots (after one warm-up build), and on roots aged by
 //! `BERTH_BENCH_AGE_BUILDS` earlier builds (default [`DEFAULT_AGE_BUILDS`]; the issue's "few
@@ -63,6 +66,30 @@ struct Target<'a> {
     buildctl: &'a Path,
 }
 
+/// CPU time (user + system) of this process's children that have ended and been waited for,
+/// from `/proc/self/stat` (`cutime`, `cstime`, in USER_HZ ticks, 100 per second on Linux).
+/// Around one `buildctl` run (the daemons keep running, so they are not counted), the
+/// difference is that `buildctl`'s CPU time: its walk of the context and sending the listing.
+fn children_cpu() -> Duration {
+    let ticks = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name (which may hold spaces) start at field 3.
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            // cutime and cstime are fields 16 and 17 of the whole line.
+            Some(f.get(13)?.parse::<u64>().ok()? + f.get(14)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0);
+    Duration::from_millis(ticks * 10)
+}
+
+/// One `buildctl build`: wall time, and its own CPU time (see [`children_cpu`]).
+struct Run {
+    wall: Duration,
+    client_cpu: Duration,
+}
+
 /// `buildctl --addr <addr> build --local <name>=<dir>` with `def` on stdin and no output;
 /// returns its wall time.
 async fn buildctl_build(
@@ -71,6 +98,16 @@ async fn buildctl_build(
     locals: &[(&str, &Path)],
     env: &[(&str, String)],
 ) -> Result<Duration> {
+    Ok(buildctl_run(t, def, locals, env).await?.wall)
+}
+
+/// [`buildctl_build`] with the client's CPU time.
+async fn buildctl_run(
+    t: &Target<'_>,
+    def: &[u8],
+    locals: &[(&str, &Path)],
+    env: &[(&str, String)],
+) -> Result<Run> {
     let mut cmd = tokio::process::Command::new(t.buildctl);
     cmd.arg("--addr").arg(&t.addr).arg("build");
     for (name, dir) in locals {
@@ -80,6 +117,7 @@ async fn buildctl_build(
     for (k, v) in env {
         cmd.env(k, v);
     }
+    let cpu_before = children_cpu();
     let start = Instant::now();
     let mut child = cmd
         .arg("--progress=plain")
@@ -94,6 +132,7 @@ async fn buildctl_build(
     drop(stdin);
     let out = child.wait_with_output().await?;
     let took = start.elapsed();
+    let client_cpu = children_cpu().saturating_sub(cpu_before);
     ensure!(
         out.status.success(),
         "buildctl build against {} failed ({}): {}",
@@ -101,7 +140,10 @@ async fn buildctl_build(
         out.status,
         String::from_utf8_lossy(&out.stderr).trim()
     );
-    Ok(took)
+    Ok(Run {
+        wall: took,
+        client_cpu,
+    })
 }
 
 /// The scenario's graph for local name `name`.
@@ -141,6 +183,8 @@ struct Pair {
     berth: Vec<f64>,
     stock: Vec<f64>,
     load: Vec<f64>,
+    /// `buildctl`'s own CPU time per build (both daemons).
+    client_cpu: Vec<f64>,
 }
 
 /// Runs `rounds` paired rounds; `before` runs before each round (e.g. changes a file).
@@ -156,8 +200,9 @@ async fn paired(
         before(round)?;
         let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
         for i in order {
-            let took = buildctl_build(&targets[i], def, &[("ctx", &ctx.dir)], &[]).await?;
-            if i == 0 { &mut p.berth } else { &mut p.stock }.push(secs(took));
+            let run = buildctl_run(&targets[i], def, &[("ctx", &ctx.dir)], &[]).await?;
+            if i == 0 { &mut p.berth } else { &mut p.stock }.push(secs(run.wall));
+            p.client_cpu.push(secs(run.client_cpu));
         }
         p.load.push(loadavg_value());
     }
@@ -290,8 +335,27 @@ pub async fn scenario_rebuild(b: &mut Bench) -> Result<()> {
                     } else {
                         "n/a".into()
                     },
-                    note,
+                    note.clone(),
                 );
+                if case == "no-op rebuild" {
+                    let floor = median(&p.client_cpu);
+                    b.row(
+                        9,
+                        format!("{case}, {what}: client floor (`buildctl`'s own CPU time, user + system)"),
+                        p.client_cpu,
+                        Unit::Secs,
+                        if ms > 0.0 {
+                            format!("floor / stock = {:.2}×", floor / ms)
+                        } else {
+                            "n/a".into()
+                        },
+                        format!(
+                            "{note}; both daemons' builds; the walk of the context and the listing it \
+                             streams, which every daemon waits for (Go may spread it over both cores, so \
+                             its wall time can be lower)"
+                        ),
+                    );
+                }
             }
         }
     }
@@ -372,7 +436,11 @@ async fn phases(
          berthd restarted on its aged root with OTLP traces on; each build under its own \
          `TRACEPARENT`, so its spans share one trace. Median over the builds of each span's \
          summed duration per build (spans nest: `solve` contains the vertices, a vertex its \
-         cache-key work, `local.sync` its `local.sync.*` steps). Tracing itself costs time, so \
+         cache-key work, `local.sync` its `local.sync.*` steps: `prepare` opens the sync \
+         directory and reads the listing the last sync left, `listing` runs until the listing's \
+         last packet and includes the diff (done per entry as the listing streams in), `data` \
+         receives the requested files, `finish` makes hardlinks, restores the changed \
+         directories' mtimes and writes the new listing). Tracing itself costs time, so \
          these totals exceed the untraced times above.\n\n",
     );
     let mut seed = 5000;

@@ -268,8 +268,8 @@ fn set_mtime(path: &std::path::Path, secs: u64, nanos: u32) -> Result<()> {
 }
 
 /// A content change that keeps the size and the mtime's second (only the nanoseconds differ)
-/// is still caught: the receiver compares mtimes in nanoseconds, re-requests the file, and
-/// the key follows; an untouched re-sync right after stays cached on the new content.
+/// is still caught: the receiver compares mtimes in nanoseconds (with the listing it kept from
+/// the last sync), re-requests the file, and the key follows; an untouched re-sync right after stays cached on the new content.
 #[tokio::test]
 async fn same_size_same_mtime_second_change_is_caught() -> Result<()> {
     let w = TestWorker::new()?;
@@ -282,6 +282,9 @@ async fn same_size_same_mtime_second_change_is_caught() -> Result<()> {
     let st: llb::State = llb::local("ctx").into();
     let s1 = solve(&w.worker, &st, session.clone()).await;
     assert_eq!(s1.executed(), vec!["local://ctx"]);
+    // The re-syncs diff against the listing the receiver kept, not a walk of the directory.
+    let state = sync_dir(&w)?.with_extension("listing");
+    assert!(state.is_file(), "{state:?} kept after the sync");
 
     std::fs::write(&f, "AAAA")?;
     set_mtime(&f, 1_700_000_000, 200_000_000)?;
