@@ -14,8 +14,13 @@
 //! - pulls from a registry (host network; berthd pulls, not the Engine) land through
 //!   containerd as Docker's own pull puts them there (record name, labels, snapshots under
 //!   chainIDs), run, download each blob once for concurrent builds and only the missing layers
-//!   of a partly present image; a SIGKILL at each pull step leaves nothing the next berthd and
-//!   containerd's GC do not free;
+//!   of a partly present image, download layers in parallel; a SIGKILL at each pull step
+//!   leaves nothing the next berthd and containerd's GC do not free;
+//! - a `docker image prune -a` (with containerd's GC right after it) between a pull and the
+//!   build's first read takes nothing the build needs; one between finding an image and
+//!   holding it makes the build pull it again;
+//! - a multi-platform index: a build for linux/arm64 after one for the host pulls the arm64
+//!   manifest into the same index and exports an arm64 image;
 //! - `--export-cache type=registry` of a build on such a base carries the base layer, read from
 //!   containerd's content store;
 //! - detection: without the containerd address (Engine 26 does not report it) the build fails
@@ -46,6 +51,10 @@ struct Env {
 
 impl Env {
     fn start(with_address: bool) -> Env {
+        Env::start_with_env(with_address, &[])
+    }
+
+    fn start_with_env(with_address: bool, env: &[(&str, &str)]) -> Env {
         let dockerd = PrivateDockerd::new(PrivateDockerdOptions::containerd_store())
             .expect("private Docker 26.1.5 on the containerd store");
         let host = dockerd.engine().host();
@@ -55,8 +64,9 @@ impl Env {
             args.extend(["--containerd-worker-addr", sock.as_str()]);
         }
         // A containerd address in the environment would hide what this test checks.
-        let berthd =
-            Berthd::start_with_env(&args, &[("BERTH_CONTAINERD_ADDRESS", "")]).expect("berthd");
+        let mut vars = vec![("BERTH_CONTAINERD_ADDRESS", "")];
+        vars.extend_from_slice(env);
+        let berthd = Berthd::start_with_env(&args, &vars).expect("berthd");
         Env { dockerd, berthd }
     }
 
@@ -94,6 +104,29 @@ impl Env {
 
     fn blob(&self, digest: &str) -> serde_json::Value {
         serde_json::from_str(&self.ctr(&["content", "get", digest])).expect("JSON blob")
+    }
+
+    /// Runs containerd's garbage collector now (the synchronous delete of a fresh lease
+    /// collects everything nothing references).
+    fn gc(&self) {
+        let id = self.ctr(&["leases", "create"]).trim().to_string();
+        assert!(id.len() > 8, "lease id {id:?}");
+        self.ctr(&["leases", "delete", "--sync", &id]);
+    }
+
+    /// `docker image prune -a`: every image no container uses.
+    async fn prune_all_images(&self) {
+        let filters =
+            std::collections::HashMap::from([("dangling".to_string(), vec!["false".to_string()])]);
+        let opts = bollard::query_parameters::PruneImagesOptionsBuilder::default()
+            .filters(&filters)
+            .build();
+        self.dockerd
+            .engine()
+            .client()
+            .prune_images(Some(opts))
+            .await
+            .expect("docker image prune -a");
     }
 
     async fn client(&self) -> BuildkitClient {
@@ -412,8 +445,9 @@ async fn containerd_address_missing_names_the_setting() {
     );
 }
 
-/// SIGKILL at every step of the export into this Engine (`BERTH_FAULT_KILL`), with the base
-/// image's lease held: the Engine stays usable and every name it shows runs; the restarted
+/// SIGKILL at every step of a base image's resolution (`containerdstore::BASE_STEPS`: its
+/// lease holding the image, its short-lived view) and of the export into this Engine
+/// (`BERTH_FAULT_KILL`), with the base image's lease held: the Engine stays usable and every name it shows runs; the restarted
 /// berthd removes its leases and prepared snapshots before serving; the same build then
 /// succeeds; and once the images are removed, containerd's GC frees everything the killed and
 /// finished exports added (only the base image's snapshots and blobs remain).
@@ -429,7 +463,8 @@ async fn sigkill_at_each_export_step_leaves_nothing_unusable_or_unfreeable() {
     let content_base = env.content();
     let no_env = ("BERTH_CONTAINERD_ADDRESS", "");
     let mut names = Vec::new();
-    for step in CONTAINERD_STEPS {
+    // The base image's resolution first (its lease and its short-lived view), then the export.
+    for step in containerdstore::BASE_STEPS.iter().chain(CONTAINERD_STEPS) {
         let data = unique_name("k");
         let name = format!("berth-test/ctrd-kill:{data}");
         names.push(name.clone());
@@ -956,6 +991,21 @@ async fn pulls_land_through_containerd_once_and_run() {
         assert!(last.total > 0 && last.current == last.total, "{last:?}");
         assert!(last.completed.is_some(), "{last:?}");
     }
+    // Layers download in parallel: the second layer's download starts before the first one's
+    // (a busybox layer) ends. One after the other, it would start after the first was unpacked.
+    let first = |id: &str, started: bool| {
+        statuses
+            .iter()
+            .filter(|s| s.id == id)
+            .filter_map(|s| if started { &s.started } else { &s.completed }.as_ref())
+            .map(|t| (t.seconds, t.nanos))
+            .min()
+            .unwrap_or_else(|| panic!("no times for {id}: {statuses:?}"))
+    };
+    assert!(
+        first(&a.layer_digests[1], true) < first(&a.layer_digests[0], false),
+        "second layer started after the first ended: {statuses:?}"
+    );
 
     // The record as Docker names a pull; Docker's image ID is the manifest digest.
     let records = env.ctr(&["images", "ls", "-q"]);
@@ -1127,8 +1177,9 @@ async fn sigkill_at_each_pull_step_leaves_nothing_the_gc_cannot_free() {
         // What the killed pull left: its lease; mid-layer also an unfinished blob write and a
         // prepared snapshot; from the first committed layer on, that layer's snapshot.
         let leases = env.leases();
+        // (A pull writes under the build's base-image lease.)
         assert!(
-            leases.iter().any(|l| l.starts_with("berth-pull-")),
+            leases.iter().any(|l| l.starts_with("berth-base-")),
             "{step}: {leases:?}"
         );
         let all = env.ctr(&["snapshots", "--snapshotter", "overlayfs", "ls"]);
@@ -1187,6 +1238,277 @@ async fn sigkill_at_each_pull_step_leaves_nothing_the_gc_cannot_free() {
     assert_eq!(out.assert_success().stdout, hello);
     engine.remove_image(&img.reference).await.unwrap();
     drop(bb);
+}
+
+/// berthd's hold points (`BERTH_FAULT_HOLD`), armed through files in a directory of the test's.
+struct Holds {
+    dir: tempfile::TempDir,
+}
+
+impl Holds {
+    fn new() -> Holds {
+        Holds {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn path(&self) -> String {
+        self.dir.path().display().to_string()
+    }
+
+    fn arm(&self, step: &str) {
+        std::fs::write(self.dir.path().join(step), b"").unwrap();
+    }
+
+    /// Waits (≤ 60 s) until berthd holds at `step`.
+    async fn reached(&self, step: &str, berthd: &Berthd) {
+        let held = self.dir.path().join(format!("{step}.held"));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !held.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "berthd did not reach {step} within 60 s\nberthd log:\n{}",
+                berthd.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn release(&self, step: &str) {
+        std::fs::remove_file(self.dir.path().join(format!("{step}.held"))).unwrap();
+    }
+}
+
+/// A build on `reference` copying its `/hello` to `/out` with an exec, exported as `name`,
+/// started in the background.
+async fn start_copy_build(
+    env: &Env,
+    reference: &str,
+    name: &str,
+) -> tokio::task::JoinHandle<anyhow::Result<integration::buildkit_client::BuildReport>> {
+    let def = llb::State::from(llb::image(reference))
+        .run(RunOpts::args(["/bin/busybox", "cp", "/hello", "/out"]))
+        .root()
+        .marshal()
+        .unwrap();
+    let client = env.client().await;
+    let names = vec![name.to_string()];
+    tokio::spawn(async move { export_image(&client, &def, &names, &[]).await })
+}
+
+/// A `docker image prune -a`, with containerd's GC run right after it, in the two windows a
+/// build has before it reads a base image of this store:
+/// - between the pull (the image record exists, nothing uses it) and the build's first read:
+///   the build's lease, taken before the pull, holds the image, so its snapshots survive the
+///   prune and the GC and the build succeeds without fetching anything again;
+/// - between finding an image the Engine has and holding it: the GC takes it, and the build
+///   pulls it again (each blob fetched a second time) instead of failing with "image not
+///   found".
+/// Both builds' exported images run and show the base's file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_before_the_build_reads_its_base_takes_nothing_it_needs() {
+    let holds = Holds::new();
+    let hold_env = (layerstore::dockerstore::fault::HOLD_ENV, holds.path());
+    let env = Env::start_with_env(true, &[(hold_env.0, hold_env.1.as_str())]);
+    let engine = env.dockerd.engine().clone();
+    let reg = Registry::start().unwrap();
+    let repo = unique_name("berth-test/ctrd-prune");
+    let hello = unique_name("p");
+    let img = push_image(
+        reg.addr(),
+        &repo,
+        "v1",
+        &[unique_base_layer(&repo), file_layer("hello", &hello)],
+    )
+    .await;
+    let chains = chain_ids(&img.diff_ids);
+
+    // 1. Pulled, not read yet.
+    let step = "containerd-pull:pulled";
+    holds.arm(step);
+    let first = unique_name("berth-test/ctrd-prune-out1");
+    let build = start_copy_build(&env, &img.reference, &first).await;
+    holds.reached(step, &env.berthd).await;
+    let records = env.ctr(&["images", "ls", "-q"]);
+    assert!(records.lines().any(|l| l == img.reference), "{records}");
+    env.prune_all_images().await;
+    env.gc();
+    let records = env.ctr(&["images", "ls", "-q"]);
+    assert!(
+        !records.lines().any(|l| l == img.reference),
+        "the prune removed the pulled image's record: {records}"
+    );
+    let snaps = env.snapshots();
+    for c in &chains {
+        assert!(
+            snaps.contains(c),
+            "layer {c} collected while the build's lease held it: {snaps:?}"
+        );
+    }
+    holds.release(step);
+    let r = build.await.unwrap().expect("build");
+    if let Err(e) = &r.solve {
+        panic!("build failed: {e}\n{}", env.berthd.log_text());
+    }
+    for d in &img.layer_digests {
+        assert_eq!(blob_gets(&reg, d), 1, "blob {d} fetched once");
+    }
+    let out = engine
+        .run(&first, &["/bin/busybox", "cat", "/out"])
+        .await
+        .unwrap();
+    assert_eq!(out.assert_success().stdout, hello);
+    env.wait_for("the build's lease to be deleted", || {
+        env.leases().iter().all(|l| !l.starts_with("berth-"))
+    });
+
+    // 2. Found in the Engine, not held yet.
+    engine.remove_image(&first).await.unwrap();
+    solve_on(&env, &img.reference, "pull again")
+        .await
+        .solve
+        .unwrap();
+    for d in &img.layer_digests {
+        assert_eq!(blob_gets(&reg, d), 2, "blob {d} fetched again");
+    }
+    let step = "containerd-base:found";
+    holds.arm(step);
+    let second = unique_name("berth-test/ctrd-prune-out2");
+    let build = start_copy_build(&env, &img.reference, &second).await;
+    holds.reached(step, &env.berthd).await;
+    env.prune_all_images().await;
+    env.gc();
+    let snaps = env.snapshots();
+    assert!(
+        !snaps.contains(&chains[1]),
+        "the prune and the GC took the unused image: {snaps:?}"
+    );
+    holds.release(step);
+    let r = build.await.unwrap().expect("build");
+    if let Err(e) = &r.solve {
+        panic!("build failed: {e}\n{}", env.berthd.log_text());
+    }
+    for d in &img.layer_digests {
+        assert_eq!(
+            blob_gets(&reg, d),
+            3,
+            "blob {d} pulled again after the prune"
+        );
+    }
+    let out = engine
+        .run(&second, &["/bin/busybox", "cat", "/out"])
+        .await
+        .unwrap();
+    assert_eq!(out.assert_success().stdout, hello);
+    engine.remove_image(&second).await.unwrap();
+    engine.remove_image(&img.reference).await.unwrap();
+}
+
+/// A Dockerfile `FROM --platform=linux/arm64 <reference>` + `COPY`, exported as image `name`.
+fn arm64_dockerfile(reference: &str, name: &str) -> (tempfile::TempDir, Output) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("Dockerfile"),
+        format!("FROM --platform=linux/arm64 {reference}\nCOPY data /data\n"),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("data"), b"arm").unwrap();
+    let attrs = BTreeMap::from([("name".to_string(), name.to_string())]);
+    (dir, Output::Raw("image".into(), attrs))
+}
+
+/// A multi-platform image (an index of a runnable linux/amd64 image and a linux/arm64 one made
+/// of files only) on this store: a build for the host pulls the index with the amd64 image
+/// only (as Docker's pull does); a FileOp-only build for linux/arm64 of the same tag then finds
+/// the arm64 manifest missing under the same index and pulls just that platform into it (no
+/// amd64 blob fetched again, the record still names the index), and a Dockerfile
+/// `FROM --platform=linux/arm64` + `COPY` of it exports an arm64 image whose first layer is
+/// the arm64 one. Both runs' exports keep the right layers and
+/// `docker image inspect` shows each one's platform.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_platform_builds_pick_the_platform() {
+    let env = Env::start(true);
+    let engine = env.dockerd.engine().clone();
+    let reg = Registry::start().unwrap();
+    let repo = unique_name("berth-test/ctrd-multi");
+    let arm_layer = layer_tar(&[
+        ("platform", b"arm64\n", 0o644),
+        ("arm64-only", repo.as_bytes(), 0o644),
+    ]);
+    let idx = export_support::push_index(
+        reg.addr(),
+        &repo,
+        "multi",
+        &[
+            (
+                "amd64",
+                vec![unique_base_layer(&repo), file_layer("platform", "amd64\n")],
+            ),
+            ("arm64", vec![arm_layer]),
+        ],
+    )
+    .await;
+    let (amd, arm) = (&idx.platforms[0], &idx.platforms[1]);
+    let (out_amd, out_arm) = (
+        unique_name("berth-test/ctrd-multi-amd"),
+        unique_name("berth-test/ctrd-multi-arm"),
+    );
+
+    // The host's platform: the index with the amd64 image.
+    let host = llb::State::from(llb::image(&idx.reference)).file(llb::mkfile(
+        "/data",
+        0o644,
+        "amd",
+        Default::default(),
+    ));
+    let (_, _client) = build_image(&env, &host, &out_amd).await;
+    let inspect = engine.inspect_image(&idx.reference).await.unwrap();
+    assert_eq!(inspect.id.as_deref(), Some(idx.digest.as_str()));
+    let content = env.content();
+    assert!(!content.contains(&arm.manifest_digest), "{content:?}");
+    let out = engine
+        .run(&out_amd, &["/bin/busybox", "cat", "/platform"])
+        .await
+        .unwrap();
+    assert_eq!(out.assert_success().stdout, "amd64\n");
+    let i = engine.inspect_image(&out_amd).await.unwrap();
+    assert_eq!(i.architecture.as_deref(), Some("amd64"));
+
+    // linux/arm64 of the same tag, through the Dockerfile frontend (its image config, and so
+    // the result's platform, comes from the base).
+    let (dir, output) = arm64_dockerfile(&idx.reference, &out_arm);
+    let r =
+        integration::buildkit_client::dockerfile_build(&env.berthd, dir.path(), &[], output).await;
+    if let Err(e) = &r.solve {
+        panic!("build failed: {e}\n{}", env.berthd.log_text());
+    }
+    let i = engine.inspect_image(&out_arm).await.unwrap();
+    assert_eq!(i.architecture.as_deref(), Some("arm64"), "{i:?}");
+    assert_eq!(i.os.as_deref(), Some("linux"));
+    let layers = i.root_fs.and_then(|r| r.layers).unwrap_or_default();
+    assert_eq!(layers.len(), 2, "{layers:?}");
+    assert_eq!(layers[0], arm.diff_ids[0]);
+    // The arm64 manifest joined the same index; the record still names the index.
+    let inspect = engine.inspect_image(&idx.reference).await.unwrap();
+    assert_eq!(inspect.id.as_deref(), Some(idx.digest.as_str()));
+    let line = content_line(&env, &idx.digest);
+    assert!(line.contains(&arm.manifest_digest), "{line}");
+    assert!(line.contains(&amd.manifest_digest), "{line}");
+    assert!(env.snapshots().contains(&arm.diff_ids[0]));
+    for d in amd.layer_digests.iter().chain(&arm.layer_digests) {
+        assert_eq!(
+            blob_gets(&reg, d),
+            1,
+            "blob {d} fetched once\n{}",
+            reg.log_tail()
+        );
+    }
+    env.wait_for("the builds' leases to be deleted", || {
+        env.leases().iter().all(|l| !l.starts_with("berth-"))
+    });
+    for name in [&out_amd, &out_arm, &idx.reference] {
+        engine.remove_image(name).await.unwrap();
+    }
 }
 
 /// `--export-cache type=registry,mode=max` of a build on a base image of this store: the base

@@ -350,3 +350,138 @@ async fn bad_registries_and_blobs_fail_clearly_and_leave_nothing_in_docker() {
         started.elapsed()
     );
 }
+
+/// A multi-platform image (an index of a runnable linux/amd64 image and a linux/arm64 one made
+/// of files only) on the classic store: a build for the host pulls the amd64 image and tags it;
+/// a Dockerfile `FROM --platform=linux/arm64` + `COPY` of the same tag then pulls the arm64 image (the classic
+/// store keeps one image per tag: the tag moves to it, as `docker pull --platform` moves it,
+/// instead of the build using the amd64 image), and exports an arm64 image whose first layer
+/// is the arm64 one. Each blob is fetched once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_platform_builds_pick_the_platform_on_the_classic_store() {
+    require_root();
+    let reg = Registry::start().unwrap();
+    let repo = unique_name("berth-test/multi");
+    let seed = unique_name("seed");
+    let amd = vec![
+        layer_tar(&[
+            ("bin/busybox", &busybox(), 0o755),
+            ("etc/berth-test-image", seed.as_bytes(), 0o644),
+        ]),
+        layer_tar(&[("platform", b"amd64\n", 0o644)]),
+    ];
+    let arm = vec![layer_tar(&[
+        ("platform", b"arm64\n", 0o644),
+        ("arm64-only", seed.as_bytes(), 0o644),
+    ])];
+    let idx = push_index(
+        reg.addr(),
+        &repo,
+        "multi",
+        &[("amd64", amd), ("arm64", arm)],
+    )
+    .await;
+    let (amd, arm) = (&idx.platforms[0], &idx.platforms[1]);
+    let berthd = Berthd::start(&[]).unwrap();
+    let client = berthd.client().await.unwrap();
+    let (out_amd, out_arm) = (
+        unique_name("berth-test/multi-amd"),
+        unique_name("berth-test/multi-arm"),
+    );
+    let _cleanup = RemoveImages(
+        None,
+        vec![
+            out_amd.clone(),
+            out_arm.clone(),
+            idx.reference.clone(),
+            amd.config_digest.clone(),
+            arm.config_digest.clone(),
+        ],
+    );
+    let inspect = |name: &str| {
+        docker(
+            None,
+            &[
+                "image",
+                "inspect",
+                "--format",
+                "{{.Os}}/{{.Architecture}} {{json .RootFS.Layers}}",
+                name,
+            ],
+        )
+    };
+
+    // The host's platform.
+    let r = export_image(
+        &client,
+        &pull_def(&idx.reference, "amd"),
+        std::slice::from_ref(&out_amd),
+        &[],
+    )
+    .await
+    .unwrap();
+    if let Err(e) = &r.solve {
+        panic!("build failed: {e}\nberthd log:\n{}", berthd.log_text());
+    }
+    assert_eq!(
+        tag_target(None, &idx.reference).as_deref(),
+        Some(amd.config_digest.as_str())
+    );
+    let out = docker(
+        None,
+        &[
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            &out_amd,
+            "/bin/busybox",
+            "cat",
+            "/platform",
+        ],
+    );
+    assert_eq!(out, "amd64\n");
+    let info = inspect(&out_amd);
+    assert!(info.starts_with("linux/amd64 "), "{info}");
+
+    // linux/arm64 of the same tag, through the Dockerfile frontend (its image config, and so
+    // the result's platform, comes from the base): the arm64 manifest and its layer.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("Dockerfile"),
+        format!(
+            "FROM --platform=linux/arm64 {}\nCOPY data /data\n",
+            idx.reference
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("data"), b"arm").unwrap();
+    let attrs = std::collections::BTreeMap::from([("name".to_string(), out_arm.clone())]);
+    let r = integration::buildkit_client::dockerfile_build(
+        &berthd,
+        dir.path(),
+        &[],
+        integration::buildkit_client::Output::Raw("image".into(), attrs),
+    )
+    .await;
+    if let Err(e) = &r.solve {
+        panic!("build failed: {e}\nberthd log:\n{}", berthd.log_text());
+    }
+    let info = inspect(&out_arm);
+    assert!(info.starts_with("linux/arm64 "), "{info}");
+    let layers: Vec<String> = serde_json::from_str(info.split_once(' ').unwrap().1.trim()).unwrap();
+    assert_eq!(layers.len(), 2, "{info}");
+    assert_eq!(layers[0], arm.diff_ids[0], "{info}");
+    assert_eq!(
+        tag_target(None, &idx.reference).as_deref(),
+        Some(arm.config_digest.as_str())
+    );
+    for d in amd.layer_digests.iter().chain(&arm.layer_digests) {
+        assert_eq!(
+            blob_gets(&reg, d),
+            1,
+            "blob {d} fetched once\n{}",
+            reg.log_tail()
+        );
+    }
+}

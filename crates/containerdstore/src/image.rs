@@ -14,6 +14,7 @@ use containerd_client::services::v1::{
     ListRequest as LeaseList, ReadContentRequest, Resource,
 };
 use containerd_client::types::Mount;
+use layerstore::dockerstore::fault_point;
 use layerstore::snapshot::{BlobDescriptor, Chain, DockerLayer, LayerRef, WhiteoutFormat};
 use layerstore::Digest;
 use serde::Deserialize;
@@ -30,6 +31,16 @@ pub const LEASE_EXPIRY: Duration = Duration::from_secs(24 * 3600);
 /// Prefix of berth's base-image lease ids and view keys.
 const LEASE_PREFIX: &str = "berth-base-";
 const VIEW_PREFIX: &str = "berth-view-";
+/// Fault points of a base image's resolution (`BERTH_FAULT_KILL`, see
+/// `layerstore::dockerstore::fault`), in order.
+pub const BASE_STEPS: &[&str] = &[
+    // The build's lease holds the image's blobs and top snapshot; no view yet.
+    "containerd-base:held",
+    // The short-lived view of the top snapshot exists (an active snapshot), not removed yet.
+    "containerd-base:view",
+];
+/// The lease resource type of a blob.
+pub(crate) const CONTENT: &str = "content";
 /// Largest manifest, index or config berth reads (they are JSON documents of a few KiB).
 const MAX_DOCUMENT: i64 = 16 << 20;
 /// How long connecting to the socket may take.
@@ -69,6 +80,8 @@ impl BaseImage {
 #[derive(Debug)]
 pub struct BaseLease {
     id: String,
+    /// The berthd instance it is labelled with.
+    owner: String,
     client: Option<Client>,
 }
 
@@ -76,6 +89,11 @@ impl BaseLease {
     /// The lease id.
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// The berthd instance the lease is labelled with.
+    pub fn owner(&self) -> &str {
+        &self.owner
     }
 
     /// Deletes the lease now (dropping it deletes it in the background).
@@ -343,8 +361,17 @@ impl Client {
         Ok(out)
     }
 
-    /// The manifest (and its digest) an image ID names for a platform.
-    async fn manifest(&self, id: &str, platform: (&str, &str, &str)) -> Result<(String, Document)> {
+    /// The manifest (and its digest) an image ID names for a platform. With `lease`, each blob
+    /// is added to it before it is read: once read, it is held.
+    async fn manifest(
+        &self,
+        id: &str,
+        platform: (&str, &str, &str),
+        lease: Option<&str>,
+    ) -> Result<(String, Document)> {
+        if let Some(lease) = lease {
+            self.hold(lease, &[(CONTENT, id)]).await?;
+        }
         let top = self.read_blob(id, MAX_DOCUMENT).await.map_err(|e| {
             if e.is_not_found() {
                 Error::ImageNotFound {
@@ -374,6 +401,9 @@ impl Client {
                 .collect::<Vec<_>>()
                 .join("/"),
         })?;
+        if let Some(lease) = lease {
+            self.hold(lease, &[(CONTENT, &m.digest)]).await?;
+        }
         let bytes = self.read_blob(&m.digest, MAX_DOCUMENT).await?;
         let doc: Document = serde_json::from_slice(&bytes)
             .map_err(|e| bad(format!("manifest {}: {e}", m.digest)))?;
@@ -390,7 +420,7 @@ impl Client {
         id: &str,
         platform: (&str, &str, &str),
     ) -> Result<(String, Vec<u8>)> {
-        let (manifest_digest, doc) = self.manifest(id, platform).await?;
+        let (manifest_digest, doc) = self.manifest(id, platform, None).await?;
         let config = doc.config.ok_or_else(|| Error::BadImage {
             image: id.into(),
             message: format!("manifest {manifest_digest} has no config"),
@@ -399,15 +429,19 @@ impl Client {
         Ok((manifest_digest, bytes))
     }
 
-    /// Resolves an image in place for a build (crate docs) under a new lease labelled with
-    /// `owner`.
+    /// Resolves an image in place for a build (crate docs) under `lease` (from [`Client::lease`],
+    /// possibly the one a [`Client::pull`] of the image wrote under). Each blob and the top
+    /// snapshot are added to the lease before they are read or looked at, so what this finds
+    /// is held until the lease is dropped, with no window in which a `docker image prune` or
+    /// `docker rmi` could let containerd's GC take it; an image removed before that fails
+    /// with an error for which [`Error::is_not_found`] holds (the caller may pull it again).
     pub async fn base_image(
         &self,
         id: &str,
         platform: (&str, &str, &str),
-        owner: &str,
+        lease: BaseLease,
     ) -> Result<(BaseImage, BaseLease)> {
-        let (manifest_digest, doc) = self.manifest(id, platform).await?;
+        let (manifest_digest, doc) = self.manifest(id, platform, Some(&lease.id)).await?;
         let bad = |message: String| Error::BadImage {
             image: id.into(),
             message,
@@ -418,10 +452,13 @@ impl Client {
         let config_desc = doc
             .config
             .ok_or_else(|| bad(format!("manifest {manifest_digest} has no config")))?;
+        let blobs = doc.layers.unwrap_or_default();
+        let mut held = vec![(CONTENT, config_desc.digest.as_str())];
+        held.extend(blobs.iter().map(|b| (CONTENT, b.digest.as_str())));
+        self.hold(&lease.id, &held).await?;
         let config = self.read_blob(&config_desc.digest, MAX_DOCUMENT).await?;
         let rootfs: ConfigRootfs = serde_json::from_slice(&config)
             .map_err(|e| bad(format!("config {}: {e}", config_desc.digest)))?;
-        let blobs = doc.layers.unwrap_or_default();
         if blobs.len() != rootfs.rootfs.diff_ids.len() {
             return Err(bad(format!(
                 "manifest lists {} layers, config {} diffIDs",
@@ -437,46 +474,18 @@ impl Client {
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(|e| bad(format!("diffID: {e}")))?;
         let chain_ids = layerstore::tar::chain_ids(&diff_ids);
-
-        // The lease first: from here on nothing of the image can be collected.
-        let lease = self.create_lease(owner).await?;
-        let mut resources = vec![
-            ("content".to_string(), id.to_string()),
-            ("content".to_string(), manifest_digest.clone()),
-            ("content".to_string(), config_desc.digest.clone()),
-        ];
-        resources.extend(
-            blobs
-                .iter()
-                .map(|b| ("content".to_string(), b.digest.clone())),
-        );
         if let Some(top) = chain_ids.last() {
-            resources.push((
-                format!("snapshots/{}", self.endpoint.snapshotter),
-                top.to_string(),
-            ));
+            // The top snapshot holds every parent.
+            let kind = self.snapshot_resource();
+            self.hold(&lease.id, &[(&kind, &top.to_string())]).await?;
         }
-        let mut leases = LeasesClient::new(self.channel.clone());
-        for (kind, rid) in resources {
-            leases
-                .add_resource(self.req(
-                    AddResourceRequest {
-                        id: lease.id.clone(),
-                        resource: Some(Resource {
-                            id: rid.clone(),
-                            r#type: kind.clone(),
-                        }),
-                    },
-                    None,
-                ))
-                .await
-                .map_err(cd_err(format!("add {kind} {rid} to lease {}", lease.id)))?;
-        }
+        let owner = lease.owner.clone();
+        fault_point("containerd-base:held");
 
         let dirs = match chain_ids.last() {
             None => Vec::new(),
             Some(top) => {
-                self.layer_dirs(id, &top.to_string(), owner, &lease.id)
+                self.layer_dirs(id, &top.to_string(), &owner, &lease.id)
                     .await?
             }
         };
@@ -561,6 +570,7 @@ impl Client {
             .await
             .map_err(cd_err(format!("view snapshot {top}")))?
             .into_inner();
+        fault_point("containerd-base:view");
         let removed = snaps
             .remove(self.req(
                 RemoveSnapshotRequest {
@@ -583,21 +593,13 @@ impl Client {
         })
     }
 
-    async fn create_lease(&self, owner: &str) -> Result<BaseLease> {
-        self.create_lease_as(LEASE_PREFIX, owner, LEASE_EXPIRY)
-            .await
-    }
-
-    /// A lease `<prefix><token>` labelled with `owner`, expiring on its own after `expiry`.
-    pub(crate) async fn create_lease_as(
-        &self,
-        prefix: &str,
-        owner: &str,
-        expiry: Duration,
-    ) -> Result<BaseLease> {
-        let id = format!("{prefix}{}", token());
+    /// A new base-image lease labelled with `owner` (the berthd instance; expiring on its own
+    /// after [`LEASE_EXPIRY`]): take it before the image is pulled or looked up, and hand it
+    /// to [`Client::pull`] and [`Client::base_image`].
+    pub async fn lease(&self, owner: &str) -> Result<BaseLease> {
+        let id = format!("{LEASE_PREFIX}{}", token());
         let expire = chrono::Utc::now()
-            + chrono::Duration::from_std(expiry).unwrap_or(chrono::Duration::hours(24));
+            + chrono::Duration::from_std(LEASE_EXPIRY).unwrap_or(chrono::Duration::hours(24));
         let labels = HashMap::from([
             (
                 "containerd.io/gc.expire".to_string(),
@@ -617,8 +619,36 @@ impl Client {
             .map_err(cd_err(format!("create lease {id}")))?;
         Ok(BaseLease {
             id,
+            owner: owner.to_string(),
             client: Some(self.clone()),
         })
+    }
+
+    /// The lease resource type of a snapshot in the Engine's snapshotter.
+    pub(crate) fn snapshot_resource(&self) -> String {
+        format!("snapshots/{}", self.endpoint.snapshotter)
+    }
+
+    /// Adds resources `(type, id)` to lease `lease`. containerd records a resource whether or
+    /// not it exists yet: added before it is read or written, it is held from then on.
+    pub(crate) async fn hold(&self, lease: &str, resources: &[(&str, &str)]) -> Result<()> {
+        let mut leases = LeasesClient::new(self.channel.clone());
+        for (kind, rid) in resources {
+            leases
+                .add_resource(self.req(
+                    AddResourceRequest {
+                        id: lease.to_string(),
+                        resource: Some(Resource {
+                            id: rid.to_string(),
+                            r#type: kind.to_string(),
+                        }),
+                    },
+                    None,
+                ))
+                .await
+                .map_err(cd_err(format!("add {kind} {rid} to lease {lease}")))?;
+        }
+        Ok(())
     }
 
     pub(crate) async fn delete_lease(&self, id: &str) -> Result<()> {

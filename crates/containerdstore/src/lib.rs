@@ -15,13 +15,16 @@
 //!   build's platform, the config read from containerd's content store, and the layers'
 //!   snapshots (named by chainID in the Engine's snapshotter) turned into read-only lower
 //!   directories through one short-lived view. A [`BaseLease`] (a containerd lease holding the
-//!   image's content and its top snapshot, and so every parent snapshot) keeps all of it from
+//!   image's content and its top snapshot, and so every parent snapshot, each added before it
+//!   is read) keeps all of it from
 //!   containerd's garbage collector, even when the image is removed from Docker meanwhile,
 //!   until the build drops it. Nothing is pulled, unpacked or copied.
 //! - [`Client::pull`]: an image resolved in a registry written into containerd as Docker's own
 //!   pull writes it (blobs streamed into the content store with Docker's labels, layers unpacked
-//!   under their chainIDs while they stream, the image record named as Docker names it), under a
-//!   lease, so a killed pull leaves nothing containerd's GC cannot free.
+//!   under their chainIDs, three downloads at a time, the image record named as Docker names
+//!   it), under the build's [`BaseLease`] ([`Client::lease`], taken before the pull and handed
+//!   on to [`Client::base_image`]), so no prune can take the image between its pull and its
+//!   use, and a killed pull leaves nothing containerd's GC cannot free.
 //! - [`Client::read_blob`]: a blob of the content store (`ResolveImageConfig`).
 //! - [`content_blob_path`]: where a base layer's blob is on disk, for outputs that need its tar.
 //! - [`remove_snapshots`]: removes a killed berthd's active snapshots (views, prepared keys).
@@ -44,8 +47,8 @@ mod snapshots;
 
 pub use content::content_blob_path;
 pub use endpoint::{AddressSource, Endpoint, EndpointOptions, DEFAULT_ADDRESS, DEFAULT_NAMESPACE};
-pub use image::{BaseImage, BaseLease, Client, Leftovers, LEASE_EXPIRY, OWNER_LABEL};
-pub use pull::{record_name, PullProgress, Pulled, PULL_LEASE_EXPIRY, PULL_STEPS};
+pub use image::{BaseImage, BaseLease, Client, Leftovers, BASE_STEPS, LEASE_EXPIRY, OWNER_LABEL};
+pub use pull::{record_name, PullProgress, Pulled, MAX_DOWNLOADS, PULL_STEPS};
 pub use snapshots::remove_snapshots;
 
 /// What went wrong talking to the Engine's containerd.

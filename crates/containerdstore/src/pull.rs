@@ -1,18 +1,27 @@
 //! [`Client::pull`]: an image berth resolved in a registry lands in the Engine's containerd the
 //! way Docker's own pull puts it there, through containerd's API directly.
 //!
-//! Under one lease (labelled with the berthd instance, expiring on its own after
-//! [`PULL_LEASE_EXPIRY`]):
+//! Under the build's base-image lease ([`Client::lease`], labelled with the berthd instance),
+//! taken before the pull starts and kept after it for the build ([`Client::base_image`]), so
+//! nothing the pull wrote or found is ever unheld before the build ends:
+//! - first, every blob the image names and every chainID of its layers are added to the lease
+//!   (containerd records a lease resource whether it exists yet or not): what other images
+//!   already provide cannot be collected midway either;
 //! - each layer blob the content store lacks is streamed from the registry into it, chunk by
 //!   chunk (never whole in memory; the registry stream checks size and digest, containerd checks
 //!   them again at commit), labelled `containerd.io/distribution.source.<host>=<repository>` and
-//!   `containerd.io/uncompressed=<diffID>`;
-//! - each layer whose chainID has no snapshot in the Engine's snapshotter is unpacked while it
-//!   streams: the same chunks are decompressed and applied (berth's hostile-tar applier, overlay
-//!   whiteouts) into a snapshot prepared on its parent, checked against the config's diffID,
-//!   and committed under the chainID (labelled `containerd.io/snapshot.ref`). Layers whose
-//!   snapshot exists are not unpacked again (and not downloaded when their blob is there too);
-//!   a blob present without its snapshot is unpacked from the content store;
+//!   `containerd.io/uncompressed=<diffID>`; [`MAX_DOWNLOADS`] layers at a time, each with its
+//!   own progress;
+//! - each layer whose chainID has no snapshot in the Engine's snapshotter is unpacked: the
+//!   blob is decompressed and applied (berth's hostile-tar applier, overlay whiteouts) into a
+//!   snapshot prepared on its parent, checked against the config's diffID, and committed under
+//!   the chainID (labelled `containerd.io/snapshot.ref`). A layer needs its parent committed,
+//!   so unpacks go bottom up, one at a time: the first layer to unpack is unpacked from its
+//!   download's own stream (the same chunks go to the content writer and the unpacker), each
+//!   later one from the content store as soon as its blob is committed and its parent
+//!   unpacked, while the other downloads go on. Layers whose snapshot exists are not unpacked
+//!   again (and not downloaded when their blob is there too); a blob present without its
+//!   snapshot is unpacked from the content store;
 //! - config (`containerd.io/gc.ref.snapshot.<snapshotter>` = top chainID), manifest
 //!   (`gc.ref.content.config`, `gc.ref.content.l.<i>`) and index (`gc.ref.content.m.<i>` for the
 //!   platform's manifest) are written with the distribution-source label (blobs already there
@@ -24,7 +33,9 @@
 //!   pointing elsewhere is moved, and its previous image kept as `moby-dangling@<digest>` when no
 //!   other name holds it (as Docker does).
 //!
-//! Then the lease is deleted: from then on the record holds everything through the GC labels.
+//! The lease is deleted when the build drops it: from then on the record holds everything
+//! through the GC labels (a `docker image prune -a` meanwhile removes the record, and the GC
+//! frees the image once the build ends, as for any base image removed while in use).
 //! A berthd killed at any point leaves only leased content, snapshots and ingests, which the
 //! next berthd on the same root deletes before its first resolution
 //! ([`Client::remove_leftovers`]) and containerd's GC then frees; the prepared snapshots of a
@@ -33,7 +44,6 @@
 use std::collections::HashMap;
 use std::io::{self, Read};
 use std::path::PathBuf;
-use std::time::Duration;
 
 use bytes::Bytes;
 use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
@@ -49,17 +59,20 @@ use containerd_client::types::Descriptor;
 use layerstore::dockerstore::fault_point;
 use tonic::Code;
 
-use crate::image::{cd_err, sha256, token};
-use crate::{Client, Error, Result};
+use futures::StreamExt;
 
-/// Prefix of a pull's lease ids.
+use crate::image::{cd_err, sha256, token, CONTENT};
+use crate::{BaseLease, Client, Error, Result};
+
+/// Prefix of the leases pulls of berthd before 2026-12-08 took (a pull now writes under the
+/// build's base-image lease); swept like those.
 pub(crate) const PULL_LEASE_PREFIX: &str = "berth-pull-";
 /// Prefix of the keys of snapshots a pull prepares to unpack a layer into.
 pub(crate) const UNPACK_PREFIX: &str = "berth-unpack-";
 /// Prefix of a pull's content ingest refs (`berth-pull-<owner hash>-…`).
 const INGEST_PREFIX: &str = "berth-pull-";
-/// How long a pull's lease outlives a berthd killed before deleting it.
-pub const PULL_LEASE_EXPIRY: Duration = Duration::from_secs(3600);
+/// Layer downloads of one pull at a time (containerd's and Docker's default is 3).
+pub const MAX_DOWNLOADS: usize = 3;
 /// Docker's record name for an image no name holds.
 const DANGLING_PREFIX: &str = "moby-dangling@";
 /// Chunks in flight between the registry stream, the content writer and the unpacker.
@@ -69,13 +82,14 @@ const CHANNEL_CHUNKS: usize = 8;
 pub const PULL_STEPS: &[&str] = &[
     // The pull's lease exists; nothing else.
     "containerd-pull:lease",
-    // Half of a layer went to the content writer and the unpacker; nothing committed.
+    // Half of the first layer to unpack went to the content writer and the unpacker; nothing
+    // committed.
     "containerd-pull:mid-layer",
-    // A layer's blob and snapshot are committed (under the lease).
+    // The first unpacked layer's blob and snapshot are committed (under the lease).
     "containerd-pull:layer-committed",
     // Every blob and snapshot is written; no image record.
     "containerd-pull:content",
-    // The image record exists; the lease is not deleted yet.
+    // The image record exists; the build's lease still holds the image.
     "containerd-pull:image",
 ];
 
@@ -189,39 +203,21 @@ fn pull_error(r: &registry::Reference, message: String) -> Error {
 }
 
 impl Client {
-    /// Pulls `img` (resolved by `session`) into the Engine's containerd under a lease labelled
-    /// with `owner` (module docs). Safe to call again for an image that is (partly) there: only
-    /// what is missing is fetched and unpacked.
+    /// Pulls `img` (resolved by `session`) into the Engine's containerd under `lease` (from
+    /// [`Client::lease`]; module docs). The lease holds everything the image names from the
+    /// start and is not deleted here: hand it to [`Client::base_image`], so no prune can take
+    /// the image between its pull and its use. Safe to call again for an image that is (partly)
+    /// there: only what is missing is fetched and unpacked.
     pub async fn pull(
         &self,
         session: &registry::Session,
         img: &registry::Image,
-        owner: &str,
+        lease: &BaseLease,
         progress: &dyn PullProgress,
     ) -> Result<Pulled> {
-        let lease = self
-            .create_lease_as(PULL_LEASE_PREFIX, owner, PULL_LEASE_EXPIRY)
-            .await?;
         fault_point("containerd-pull:lease");
-        let result = self
-            .pull_leased(session, img, owner, lease.id(), progress)
-            .await;
-        let id = lease.id().to_string();
-        if let Err(e) = lease.release().await {
-            tracing::warn!(lease = %id, error = %e, "could not delete a pull lease; it expires on its own");
-        }
-        result
-    }
-
-    async fn pull_leased(
-        &self,
-        session: &registry::Session,
-        img: &registry::Image,
-        owner: &str,
-        lease: &str,
-        progress: &dyn PullProgress,
-    ) -> Result<Pulled> {
         let r = &img.reference;
+        let (owner, lease) = (lease.owner(), lease.id());
         let diff_ids = img
             .diff_ids
             .iter()
@@ -232,12 +228,40 @@ impl Client {
             .iter()
             .map(ToString::to_string)
             .collect();
+        if img.manifest.layers.len() != chains.len() {
+            return Err(pull_error(
+                r,
+                format!(
+                    "manifest lists {} layers, config {} diffIDs",
+                    img.manifest.layers.len(),
+                    chains.len()
+                ),
+            ));
+        }
         let source = source_label(r);
         let mut out = Pulled {
             id: img.digest.clone(),
             name: record_name(r),
             ..Default::default()
         };
+
+        // Everything the image names is added to the lease before it is looked at: what is
+        // there already (blobs and snapshots of other images) cannot be collected while the rest
+        // is written, nor afterwards while the build uses the image.
+        let snapshot = self.snapshot_resource();
+        let mut held = vec![
+            (CONTENT, img.digest.as_str()),
+            (CONTENT, img.manifest_digest.as_str()),
+            (CONTENT, img.config_digest()),
+        ];
+        held.extend(
+            img.manifest
+                .layers
+                .iter()
+                .map(|l| (CONTENT, l.digest.as_str())),
+        );
+        held.extend(chains.iter().map(|c| (snapshot.as_str(), c.as_str())));
+        self.hold(lease, &held).await?;
 
         // The snapshots present: a chainID's snapshot implies its parents'.
         let mut present = 0;
@@ -247,66 +271,137 @@ impl Client {
                 break;
             }
         }
+        let mut labels = Vec::new();
+        let mut missing = Vec::new();
         for (i, (desc, diff_id)) in img.manifest.layers.iter().zip(&img.diff_ids).enumerate() {
-            let labels = HashMap::from([
+            let l = HashMap::from([
                 source.clone(),
                 ("containerd.io/uncompressed".to_string(), diff_id.clone()),
             ]);
-            let blob = self.blob_info(&desc.digest, lease).await?;
-            let unpack = i >= present;
-            if let Some(info) = &blob {
-                self.ensure_labels(info, &labels, lease).await?;
-                progress.present(&desc.digest, desc.size);
-                if !unpack {
-                    out.skipped.push(chains[i].clone());
-                    continue;
+            match self.blob_info(&desc.digest, lease).await? {
+                Some(info) => {
+                    self.ensure_labels(&info, &l, lease).await?;
+                    progress.present(&desc.digest, desc.size);
                 }
+                None => missing.push(i),
             }
-            let src = match &blob {
-                Some(_) => Source::Content(Box::new(
-                    ContentClient::new(self.channel.clone())
-                        .read(self.req(
-                            ReadContentRequest {
-                                digest: desc.digest.clone(),
-                                offset: 0,
-                                size: 0,
-                            },
-                            Some(lease),
-                        ))
-                        .await
-                        .map_err(cd_err(format!("read content {}", desc.digest)))?
-                        .into_inner(),
-                )),
-                None => Source::Registry(Box::new(
-                    session
+            labels.push(l);
+        }
+
+        // Downloads run [`MAX_DOWNLOADS`] at a time, each streamed into the content store. The
+        // first layer to unpack is unpacked from its download's stream as it arrives (its
+        // parent is there); each later one is unpacked from the content store once its blob is
+        // committed and its parent unpacked, while the next downloads go on.
+        let tee = (present < chains.len() && missing.contains(&present)).then_some(present);
+        let mut done = HashMap::new();
+        let mut senders = HashMap::new();
+        for &i in &missing {
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            senders.insert(i, tx);
+            done.insert(i, rx);
+        }
+        let failed = std::sync::atomic::AtomicBool::new(false);
+        let layer = |i: usize| Layer {
+            reference: r,
+            desc: &img.manifest.layers[i],
+            diff_id: &img.diff_ids[i],
+            chain: &chains[i],
+            parent: if i == 0 { "" } else { chains[i - 1].as_str() },
+            labels: None,
+            unpack: false,
+            owner,
+            lease,
+        };
+        // Boxed and collected first: a stream over a borrowing closure trips the compiler's
+        // `Send` check of the caller's future (higher-ranked lifetimes).
+        let mut jobs: Vec<futures::future::BoxFuture<'_, Result<()>>> = Vec::new();
+        for &i in &missing {
+            let (layer, labels, failed) = (&layer, &labels, &failed);
+            let sender = senders.remove(&i);
+            jobs.push(Box::pin(async move {
+                if failed.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Ok(());
+                }
+                let desc = &img.manifest.layers[i];
+                let result = async {
+                    let src = session
                         .open_image_blob(img, desc, progress.downloading(&desc.digest, desc.size))
                         .await
-                        .map_err(|e| pull_error(r, e.to_string()))?,
-                )),
-            };
-            let parent = if i == 0 { "" } else { chains[i - 1].as_str() };
-            let layer = Layer {
-                reference: r,
-                desc,
-                diff_id,
-                chain: &chains[i],
-                parent,
-                labels: (blob.is_none()).then_some(labels),
-                unpack,
-                owner,
-                lease,
-            };
-            self.layer(layer, src).await?;
-            if blob.is_none() {
-                out.fetched.push(desc.digest.clone());
-            }
-            if unpack {
-                out.unpacked.push(chains[i].clone());
-            } else {
-                out.skipped.push(chains[i].clone());
-            }
-            fault_point("containerd-pull:layer-committed");
+                        .map_err(|e| pull_error(r, e.to_string()))?;
+                    let l = Layer {
+                        labels: Some(labels[i].clone()),
+                        unpack: tee == Some(i),
+                        ..layer(i)
+                    };
+                    self.layer(l, Source::Registry(Box::new(src))).await?;
+                    if tee == Some(i) {
+                        fault_point("containerd-pull:layer-committed");
+                    }
+                    Ok(())
+                }
+                .await;
+                match &result {
+                    Ok(()) => {
+                        if let Some(tx) = sender {
+                            let _ = tx.send(());
+                        }
+                    }
+                    Err(_) => failed.store(true, std::sync::atomic::Ordering::Relaxed),
+                }
+                result
+            }));
         }
+        let downloads = futures::stream::iter(jobs)
+            .buffer_unordered(MAX_DOWNLOADS)
+            .collect::<Vec<Result<()>>>();
+        let unpacks = async {
+            for i in present..chains.len() {
+                if let Some(rx) = done.remove(&i) {
+                    // The download failed when this ends without a signal: its own error says why.
+                    if rx.await.is_err() {
+                        failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                        return Ok(());
+                    }
+                }
+                if tee == Some(i) {
+                    continue;
+                }
+                let desc = &img.manifest.layers[i];
+                let src = ContentClient::new(self.channel.clone())
+                    .read(self.req(
+                        ReadContentRequest {
+                            digest: desc.digest.clone(),
+                            offset: 0,
+                            size: 0,
+                        },
+                        Some(lease),
+                    ))
+                    .await
+                    .map_err(cd_err(format!("read content {}", desc.digest)))?
+                    .into_inner();
+                let l = Layer {
+                    unpack: true,
+                    ..layer(i)
+                };
+                if let Err(e) = self.layer(l, Source::Content(Box::new(src))).await {
+                    failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                    return Err(e);
+                }
+                fault_point("containerd-pull:layer-committed");
+            }
+            Ok::<_, Error>(())
+        };
+        let (downloaded, unpacked) = tokio::join!(downloads, unpacks);
+        for r in downloaded {
+            r?;
+        }
+        unpacked?;
+        out.fetched = missing
+            .iter()
+            .map(|&i| img.manifest.layers[i].digest.clone())
+            .collect();
+        out.skipped = chains[..present].to_vec();
+        out.unpacked = chains[present..].to_vec();
 
         let mut config_labels = HashMap::from([source.clone()]);
         if let Some(top) = chains.last() {
@@ -629,7 +724,7 @@ impl Client {
                     }
                 }
                 offset += n;
-                if !halfway && offset as u64 >= l.desc.size / 2 {
+                if l.unpack && !halfway && offset as u64 >= l.desc.size / 2 {
                     halfway = true;
                     fault_point("containerd-pull:mid-layer");
                 }

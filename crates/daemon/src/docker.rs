@@ -136,6 +136,27 @@ impl Docker {
                 path.display()
             ))
         })?;
+        // The classic store keeps one image per tag: one of another platform is not this
+        // platform's config (the caller then asks the registry, and the build pulls it).
+        if let Some((os, arch, _)) = &platform {
+            #[derive(serde::Deserialize)]
+            struct Plat {
+                #[serde(default)]
+                os: String,
+                #[serde(default)]
+                architecture: String,
+            }
+            if let Ok(p) = serde_json::from_slice::<Plat>(&config) {
+                let differs =
+                    |have: &str, want: &str| !have.is_empty() && !want.is_empty() && have != want;
+                if differs(&p.os, os) || differs(&p.architecture, arch) {
+                    return Err(Error::not_found(format!(
+                        "image {reference} in Docker is {}/{}, not {os}/{arch}",
+                        p.os, p.architecture
+                    )));
+                }
+            }
+        }
         let digest = img
             .repo_digests
             .unwrap_or_default()

@@ -269,3 +269,130 @@ pub fn gzip(b: &[u8]) -> Vec<u8> {
     e.write_all(b).unwrap();
     e.finish().unwrap()
 }
+
+/// One platform's image of a [`push_index`].
+pub struct PushedPlatform {
+    /// `amd64`, `arm64`.
+    pub architecture: String,
+    /// The platform manifest's digest.
+    pub manifest_digest: String,
+    /// Its config's digest (Docker's image ID on the classic store).
+    pub config_digest: String,
+    /// Its layer blobs (gzip).
+    pub layer_digests: Vec<String>,
+    /// Its layers' diffIDs.
+    pub diff_ids: Vec<String>,
+}
+
+/// A multi-platform image pushed by [`push_index`].
+pub struct PushedIndex {
+    /// `addr/repo:tag`.
+    pub reference: String,
+    /// The index's digest.
+    pub digest: String,
+    /// The platforms, in the index's order.
+    pub platforms: Vec<PushedPlatform>,
+}
+
+/// Pushes `addr/repo:tag` as an OCI index of one `linux/<architecture>` image per entry of
+/// `platforms`, made of its layers (uncompressed tars, pushed gzip-compressed), with berth's
+/// registry client. The images need not run on this host: nothing checks a layer's machine code.
+pub async fn push_index(
+    addr: &str,
+    repo: &str,
+    tag: &str,
+    platforms: &[(&str, Vec<Vec<u8>>)],
+) -> PushedIndex {
+    let reference = format!("{addr}/{repo}:{tag}");
+    let r = registry::Reference::parse(&reference).unwrap();
+    let client = registry::Registry::new(registry::Hosts::new(Default::default()));
+    let session = client.session(std::sync::Arc::new(registry::Anonymous));
+    let dir = tempfile::tempdir().unwrap();
+    let mut pushed = Vec::new();
+    let mut entries = Vec::new();
+    for (arch, layers) in platforms {
+        let diff_ids: Vec<String> = layers.iter().map(|t| sha(t)).collect();
+        let config = serde_json::to_vec(&serde_json::json!({
+            "architecture": arch,
+            "os": "linux",
+            "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/busybox", "sh"]},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        }))
+        .unwrap();
+        let mut descs = Vec::new();
+        let mut layer_digests = Vec::new();
+        for tar in layers {
+            let blob = gzip(tar);
+            let d = sha(&blob);
+            let p = dir.path().join(d.replace(':', "-"));
+            std::fs::write(&p, &blob).unwrap();
+            session
+                .push_blob(&r, &d, blob.len() as u64, &p, None, None)
+                .await
+                .unwrap();
+            descs.push(serde_json::json!({
+                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                "digest": d,
+                "size": blob.len(),
+            }));
+            layer_digests.push(d);
+        }
+        let config_digest = sha(&config);
+        let p = dir.path().join(config_digest.replace(':', "-"));
+        std::fs::write(&p, &config).unwrap();
+        session
+            .push_blob(&r, &config_digest, config.len() as u64, &p, None, None)
+            .await
+            .unwrap();
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": registry::MEDIA_TYPE_OCI_MANIFEST,
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": config_digest,
+                "size": config.len(),
+            },
+            "layers": descs,
+        }))
+        .unwrap();
+        let manifest_digest = sha(&manifest);
+        let size = manifest.len();
+        session
+            .push_manifest(
+                &r,
+                &manifest_digest,
+                registry::MEDIA_TYPE_OCI_MANIFEST,
+                manifest.into(),
+            )
+            .await
+            .unwrap();
+        entries.push(serde_json::json!({
+            "mediaType": registry::MEDIA_TYPE_OCI_MANIFEST,
+            "digest": manifest_digest,
+            "size": size,
+            "platform": {"os": "linux", "architecture": arch},
+        }));
+        pushed.push(PushedPlatform {
+            architecture: arch.to_string(),
+            manifest_digest,
+            config_digest,
+            layer_digests,
+            diff_ids,
+        });
+    }
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": registry::MEDIA_TYPE_OCI_INDEX,
+        "manifests": entries,
+    }))
+    .unwrap();
+    let digest = session
+        .push_manifest(&r, tag, registry::MEDIA_TYPE_OCI_INDEX, index.into())
+        .await
+        .unwrap();
+    PushedIndex {
+        reference,
+        digest,
+        platforms: pushed,
+    }
+}

@@ -131,6 +131,12 @@ pub const HOLD_STEPS: &[&str] = &[
     "live:before-load",
     // dockerd registered the exported image; it is not tagged yet.
     "live:loaded",
+    // Containerd image store (`source_image.rs`): a pull wrote the image and its record under
+    // the build's lease; the build has not read it yet.
+    "containerd-pull:pulled",
+    // Containerd image store: the Engine has the image and the build's lease exists, holding
+    // nothing of it yet.
+    "containerd-base:found",
 ];
 
 fn hold_dir() -> Option<&'static std::path::Path> {

@@ -64,8 +64,13 @@
 //! base_image`] narrows it to the op's platform, reads the config from containerd's content
 //! store and returns the layers' `overlayfs` snapshot dirs (chainIDs) as the chain, with a lease
 //! that holds the image's content and snapshots until the build's graph is dropped (instead of a
-//! pin container). Leases a killed berthd left are deleted on the first resolution of the next
-//! one (and expire after a day).
+//! pin container). The lease is taken before the image is pulled (the pull writes under it) or,
+//! for an image the Engine has, before any of it is read (each blob and the top snapshot added
+//! before they are looked at), so there is no window for a prune: an image removed between the
+//! lookup and its lease, or an index without the op's platform's content, is pulled (again).
+//! On the classic store, an image of another platform under the tag is pulled for the op's
+//! platform (the tag moves, as with `docker pull --platform`). Leases a killed berthd left are
+//! deleted on the first resolution of the next one (and expire after a day).
 //!
 //! Not carried yet: the image config (the result type has no place for it; the exporter and
 //! frontend read it from the Engine, or the stopped data root, by image ID).
@@ -348,6 +353,15 @@ enum Hold {
     Containerd { _lease: containerdstore::BaseLease },
 }
 
+/// Why [`ImageSource::resolve_containerd`] failed.
+enum ContainerdResolve {
+    /// The image, or its content for the op's platform, is not in the store (removed since the
+    /// lookup, or an index of which another platform was pulled): pulling it may help.
+    Missing(Error),
+    /// Anything else.
+    Failed(Error),
+}
+
 /// What [`ImageSource::resolve_live`] found.
 enum Live {
     /// The image in Docker's classic store, pinned.
@@ -614,13 +628,22 @@ impl ImageSource {
         // A prune may delete the image (unused until pinned) between the lookup and the pin's
         // creation: then resolve again (pulling it again if it can be pulled).
         let mut attempt = 0;
+        // Set when the image the Engine has is not usable for this op (another platform on the
+        // classic store, its platform's content missing or the image removed on the containerd
+        // store): pull it (`image.resolvemode=default`).
+        let mut force_pull = false;
         loop {
             attempt += 1;
-            // `docker info` (tens of ms on a busy Engine) runs alongside the lookup.
+            // `docker info` (tens of ms on a busy Engine) runs alongside the lookup. The lookup
+            // gives the image ID, the found image's `os/architecture` (none when pulled), and on
+            // the containerd store the lease a pull wrote under.
             let lookup = async {
                 Ok(
                     match (self.mode, docker.inspect_image(&self.reference).await) {
                         (ResolveMode::Pull, _) => self.pull(docker, ctx).await?,
+                        (ResolveMode::Default, Ok(_)) if force_pull => {
+                            self.pull(docker, ctx).await?
+                        }
                         (mode, Ok(i)) => {
                             let id = i.id.unwrap_or_default();
                             if let Some(d) = repo_digest(&self.reference, i.repo_digests.as_deref())
@@ -634,7 +657,12 @@ impl ImageSource {
                                 )
                                 .await;
                             }
-                            id
+                            let found = format!(
+                                "{}/{}",
+                                i.os.unwrap_or_default(),
+                                i.architecture.unwrap_or_default()
+                            );
+                            (id, Some(found), None)
                         }
                         (
                             ResolveMode::Default,
@@ -665,17 +693,57 @@ impl ImageSource {
                     },
                 )
             };
-            let (id, info) = tokio::join!(lookup, docker.info());
+            let (found, info) = tokio::join!(lookup, docker.info());
             // From here on the image ID, so a concurrent re-tag cannot mix two images.
-            let id: String = id?;
+            let (id, found_platform, pull_lease): (String, Option<String>, _) = found?;
             let info = info.map_err(|e| engine_err("docker info".into(), e))?;
             let instance = format!("worker:{}", self.env.opts.root.display());
             if let Some(endpoint) =
                 containerdstore::Endpoint::detect(&info, &self.env.opts.containerd)
             {
-                return Ok(Live::Containerd(
-                    self.resolve_containerd(&endpoint, &id, &instance).await?,
-                ));
+                match self
+                    .resolve_containerd(&endpoint, &id, &instance, pull_lease)
+                    .await
+                {
+                    Ok(r) => return Ok(Live::Containerd(r)),
+                    Err(ContainerdResolve::Missing(e))
+                        if attempt < 3 && self.mode != ResolveMode::Local =>
+                    {
+                        tracing::warn!(reference = %self.reference, %id, error = %e, "image (or its content for this platform) not in the containerd store; pulling it");
+                        force_pull = true;
+                        continue;
+                    }
+                    Err(ContainerdResolve::Missing(e) | ContainerdResolve::Failed(e)) => {
+                        return Err(e)
+                    }
+                }
+            }
+            // The classic store keeps one image per tag: one of another platform is pulled
+            // (and the tag moved to it, as `docker pull --platform` does).
+            if let (Some(want), Some(found)) = (self.platform.as_deref(), found_platform) {
+                let want_os_arch = want.splitn(3, '/').take(2).collect::<Vec<_>>().join("/");
+                // An image without os or architecture in its config is taken as it is.
+                let known = !found.starts_with('/') && !found.ends_with('/');
+                if known && found != want_os_arch {
+                    if self.mode == ResolveMode::Local || attempt >= 3 {
+                        return Err(Error::Op {
+                            message: format!(
+                                "image {} in the Docker Engine is {found}, not {want_os_arch}{}",
+                                self.reference,
+                                if self.mode == ResolveMode::Local {
+                                    " (image.resolvemode=local)"
+                                } else {
+                                    ""
+                                }
+                            ),
+                            kind: ErrorKind::NotFound,
+                            source: None,
+                        });
+                    }
+                    tracing::info!(reference = %self.reference, %found, want = %want_os_arch, "the Engine's image is of another platform; pulling");
+                    force_pull = true;
+                    continue;
+                }
             }
             remove_stale_pins_once(docker, &instance).await;
             let driver = StorageDriver::from_name(info.driver.as_deref().unwrap_or_default())
@@ -729,16 +797,30 @@ impl ImageSource {
 
     /// Resolution on the Engine's containerd image store (`containerdstore`): the layers'
     /// snapshots are the lower dirs, a lease holds them and the image's content for the build.
+    /// `lease`: the one a pull of the image just wrote under (it holds the image already);
+    /// otherwise a new one is taken before the image is read. An image removed since the
+    /// lookup, or whose content for this platform is not there, is [`ContainerdResolve::Missing`].
     async fn resolve_containerd(
         &self,
         endpoint: &containerdstore::Endpoint,
         id: &str,
         instance: &str,
-    ) -> Result<Resolved> {
+        lease: Option<containerdstore::BaseLease>,
+    ) -> std::result::Result<Resolved, ContainerdResolve> {
+        let failed = |e| ContainerdResolve::Failed(containerd_err(e));
         let client = containerdstore::Client::connect(endpoint)
             .await
-            .map_err(containerd_err)?;
+            .map_err(failed)?;
         remove_containerd_leftovers_once(&client, instance).await;
+        let lease = match lease {
+            Some(l) => l,
+            None => {
+                let lease = client.lease(instance).await.map_err(failed)?;
+                // Test hook: the image was found and the lease taken, nothing of it held yet.
+                dockerstore::fault::hold_point("containerd-base:found").await;
+                lease
+            }
+        };
         let p = match self.platform.as_deref() {
             Some(p) => {
                 let mut it = p.splitn(3, '/');
@@ -754,10 +836,19 @@ impl ImageSource {
             }
         };
         let (image, lease) = client
-            .base_image(id, (&p.0, &p.1, &p.2), instance)
+            .base_image(id, (&p.0, &p.1, &p.2), lease)
             .await
-            .map_err(containerd_err)?;
-        let chain = self.limit(image.chain())?;
+            .map_err(|e| match e {
+                e if e.is_not_found()
+                    || matches!(e, containerdstore::Error::NotUnpacked { .. }) =>
+                {
+                    ContainerdResolve::Missing(containerd_err(e))
+                }
+                e => ContainerdResolve::Failed(containerd_err(e)),
+            })?;
+        let chain = self
+            .limit(image.chain())
+            .map_err(ContainerdResolve::Failed)?;
         tracing::debug!(reference = %self.reference, id = %image.id, layers = chain.0.len(), lease = lease.id(), "image resolved in place from the containerd image store");
         Ok(Resolved {
             id: image.id,
@@ -931,8 +1022,13 @@ impl ImageSource {
     }
 
     /// Pulls the image into the live Engine unless it has it (module `image_pull`); returns
-    /// the image ID.
-    async fn pull(&self, docker: &Docker, ctx: &OpContext) -> Result<String> {
+    /// the image ID, no platform (nothing was inspected), and on the containerd store the
+    /// lease the pull wrote under.
+    async fn pull(
+        &self,
+        docker: &Docker,
+        ctx: &OpContext,
+    ) -> Result<(String, Option<String>, Option<containerdstore::BaseLease>)> {
         let (session, img) = self.resolve_remote().await?;
         let info = docker
             .info()
@@ -940,7 +1036,8 @@ impl ImageSource {
             .map_err(|e| engine_err("docker info".into(), e))?;
         if let Some(endpoint) = containerdstore::Endpoint::detect(&info, &self.env.opts.containerd)
         {
-            return self.pull_containerd(&endpoint, &session, &img, ctx).await;
+            let (id, lease) = self.pull_containerd(&endpoint, &session, &img, ctx).await?;
+            return Ok((id, None, Some(lease)));
         }
         let id = img.config_digest().to_string();
         let _ = self.manifest.set(img.digest.clone());
@@ -988,7 +1085,7 @@ impl ImageSource {
                 image_pull::record_sources(self.env.opts.blobs.as_ref(), &img);
             }
             match image_pull::tag_in_engine(docker, &img).await {
-                Ok(()) => return Ok(id),
+                Ok(()) => return Ok((id, None, None)),
                 Err(e)
                     if attempt < 3
                         && matches!(
@@ -1009,19 +1106,22 @@ impl ImageSource {
     /// Pulls the image straight into the Engine's containerd image store
     /// ([`containerdstore::Client::pull`]): only missing blobs are fetched and missing layers
     /// unpacked; concurrent builds of the same image wait for one pull. Returns Docker's image
-    /// ID on that store (the digest the reference points at).
+    /// ID on that store (the digest the reference points at) and the build's base-image lease,
+    /// taken before the pull and holding the image from then on (no prune can take it before
+    /// the build reads it).
     async fn pull_containerd(
         &self,
         endpoint: &containerdstore::Endpoint,
         session: &registry::Session,
         img: &registry::Image,
         ctx: &OpContext,
-    ) -> Result<String> {
+    ) -> Result<(String, containerdstore::BaseLease)> {
         let client = containerdstore::Client::connect(endpoint)
             .await
             .map_err(containerd_err)?;
         let instance = format!("worker:{}", self.env.opts.root.display());
         remove_containerd_leftovers_once(&client, &instance).await;
+        let lease = client.lease(&instance).await.map_err(containerd_err)?;
         let place = format!("{}|{}", endpoint.address.display(), endpoint.namespace);
         let lock = image_pull::pull_lock(&place, &img.digest);
         let _held = lock.lock().await;
@@ -1031,12 +1131,14 @@ impl ImageSource {
         };
         tracing::info!(reference = %img.reference, id = %img.digest, "pulling image into the Engine's containerd");
         let pulled = client
-            .pull(session, img, &instance, &progress)
+            .pull(session, img, &lease, &progress)
             .await
             .map_err(containerd_err)?;
         tracing::info!(reference = %img.reference, id = %pulled.id, record = %pulled.name, fetched = pulled.fetched.len(), unpacked = pulled.unpacked.len(), skipped = pulled.skipped.len(), "image pulled into the Engine's containerd");
         image_pull::record_sources(self.env.opts.blobs.as_ref(), img);
-        Ok(pulled.id)
+        // Test hook: the image is pulled and its record exists; the build has not read it yet.
+        dockerstore::fault::hold_point("containerd-pull:pulled").await;
+        Ok((pulled.id, lease))
     }
 
     /// Pulls the image into a stopped daemon's data root unless it has it.
