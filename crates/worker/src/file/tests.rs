@@ -476,3 +476,123 @@ fn symlink_action_creates_link_inside_root() {
     // Existing path: error.
     assert!(symlink(&r, &a, &Attrs::default()).is_err());
 }
+
+#[test]
+fn copy_regular_files_keep_xattrs_and_replace_existing_files() {
+    let s = tempfile::tempdir().unwrap();
+    let t = tempfile::tempdir().unwrap();
+    std::fs::create_dir(s.path().join("d")).unwrap();
+    let f = s.path().join("d/f");
+    std::fs::write(&f, "new contents").unwrap();
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o4751)).unwrap();
+    rustix::fs::setxattr(&f, "user.berth", b"kept", rustix::fs::XattrFlags::empty()).unwrap();
+    std::fs::create_dir(t.path().join("d")).unwrap();
+    std::fs::write(t.path().join("d/f"), "old contents that are longer").unwrap();
+    // Before the copy: reading the source may move its atime.
+    let ms = std::fs::metadata(&f).unwrap();
+    copy(
+        &root_of(s.path()),
+        &root_of(t.path()),
+        &copy_pb("/d", "/"),
+        None,
+        &never,
+    )
+    .unwrap();
+    let out = t.path().join("d/f");
+    let md = std::fs::metadata(&out).unwrap();
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "new contents");
+    assert_eq!(md.permissions().mode() & 0o7777, 0o4751);
+    assert_eq!(
+        (md.mtime(), md.mtime_nsec(), md.atime(), md.atime_nsec()),
+        (ms.mtime(), ms.mtime_nsec(), ms.atime(), ms.atime_nsec())
+    );
+    let mut v = [0u8; 16];
+    let n = rustix::fs::getxattr(&out, "user.berth", &mut v[..]).unwrap();
+    assert_eq!(&v[..n], b"kept");
+}
+
+/// A sparse file larger than 4 GiB: the data extents land at the same offsets, the size is
+/// kept and the holes stay holes (the copy writes a few blocks, not gigabytes).
+#[test]
+fn copy_large_sparse_file() {
+    use std::os::unix::fs::FileExt;
+    let s = tempfile::tempdir().unwrap();
+    let t = tempfile::tempdir().unwrap();
+    let size: u64 = 5 << 30;
+    let marks: [(u64, &[u8]); 3] = [
+        (0, b"head"),
+        ((5 << 30) / 2 + 12_345, b"middle"),
+        (size - 4, b"tail"),
+    ];
+    {
+        let f = std::fs::File::create(s.path().join("big")).unwrap();
+        f.set_len(size).unwrap();
+        for (off, data) in marks {
+            f.write_all_at(data, off).unwrap();
+        }
+    }
+    copy(
+        &root_of(s.path()),
+        &root_of(t.path()),
+        &copy_pb("/big", "/big"),
+        None,
+        &never,
+    )
+    .unwrap();
+    let out = std::fs::File::open(t.path().join("big")).unwrap();
+    let md = out.metadata().unwrap();
+    assert_eq!(md.len(), size);
+    for (off, data) in marks {
+        let mut buf = vec![0u8; data.len()];
+        out.read_exact_at(&mut buf, off).unwrap();
+        assert_eq!(buf, data, "bytes at {off}");
+    }
+    // Zeros between the marks read back as zeros.
+    let mut gap = vec![1u8; 4096];
+    out.read_exact_at(&mut gap, 1 << 30).unwrap();
+    assert!(gap.iter().all(|b| *b == 0));
+    assert!(
+        md.blocks() * 512 < 64 << 20,
+        "holes were filled: {} blocks",
+        md.blocks()
+    );
+}
+
+/// Every data-copy mechanism gives the same bytes, and a copy across filesystems (tmpfs to
+/// the test's disk, where `copy_file_range` may refuse with EXDEV) falls back instead of
+/// failing.
+#[test]
+fn copy_data_mechanisms_and_cross_filesystem_fallback() {
+    use super::copy::{copy_data, DataCopy};
+    let s = tempfile::tempdir().unwrap();
+    let t = tempfile::tempdir().unwrap();
+    let content: Vec<u8> = (0..3 * 1024 * 1024 + 17)
+        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let src = s.path().join("src");
+    std::fs::write(&src, &content).unwrap();
+    let st = rustix::fs::stat(&src).unwrap();
+    for start in [DataCopy::Clone, DataCopy::Range, DataCopy::ReadWrite] {
+        let dst = t.path().join(format!("{start:?}"));
+        let mut how = start;
+        copy_data(
+            &mut how,
+            &std::fs::File::open(&src).unwrap(),
+            &std::fs::File::create(&dst).unwrap(),
+            &st,
+        )
+        .unwrap();
+        assert!(std::fs::read(&dst).unwrap() == content, "{start:?}");
+    }
+    let shm = tempfile::tempdir_in("/dev/shm").expect("tmpfs at /dev/shm");
+    std::fs::write(shm.path().join("f"), &content).unwrap();
+    copy(
+        &root_of(shm.path()),
+        &root_of(t.path()),
+        &copy_pb("/f", "/from-tmpfs"),
+        None,
+        &never,
+    )
+    .unwrap();
+    assert!(std::fs::read(t.path().join("from-tmpfs")).unwrap() == content);
+}

@@ -255,10 +255,20 @@ fn copy_sums(
 }
 
 /// An uncommitted mutable snapshot; removed on drop unless committed.
+///
+/// On scratch (no parent) the actions write straight into the snapshot's upper dir instead of
+/// through an overlay mount of it: with no lower layer the two views are the same tree (nothing
+/// to copy up, hide or merge), and every create through overlayfs costs several times the
+/// system time of a plain ext4 create (measured with `cp -a` of a 20 000-file tree: 2.0–2.2 s
+/// system time into a plain directory, 5.6–17 s into an overlay upper on an empty lower).
+/// containerd's overlay snapshotter does the same for a parentless snapshot (a bind mount of
+/// its upper dir), which is what stock buildkitd's FileOp writes into.
 struct Mutable {
     store: SnapshotStore,
     id: Option<SnapshotId>,
     mount: Option<Mount>,
+    /// The upper dir, used as the root when there is no mount (scratch parent).
+    upper: Option<std::path::PathBuf>,
 }
 
 impl Mutable {
@@ -270,18 +280,32 @@ impl Mutable {
             store: store.clone(),
             id: Some(id),
             mount: None,
+            upper: None,
         };
-        m.mount = Some(
-            store
-                .mount(m.id.as_ref().expect("set"), None)
-                .map_err(Error::store("mount snapshot"))?,
-        );
+        let id = m.id.as_ref().expect("set");
+        if parent.is_none() {
+            m.upper = Some(
+                store
+                    .upper_dir(id)
+                    .map_err(Error::store("snapshot upper dir"))?,
+            );
+        } else {
+            m.mount = Some(
+                store
+                    .mount(id, None)
+                    .map_err(Error::store("mount snapshot"))?,
+            );
+        }
         Ok(m)
     }
 
     fn root(&self) -> Result<Root> {
-        let m = self.mount.as_ref().expect("mounted while mutable");
-        Root::open(m.path()).map_err(|e| Error::io("open", m.path(), e))
+        let path = match (&self.mount, &self.upper) {
+            (Some(m), _) => m.path(),
+            (None, Some(u)) => u.as_path(),
+            (None, None) => return Err(Error::Internal("mutable snapshot has no root".into())),
+        };
+        Root::open(path).map_err(|e| Error::io("open", path, e))
     }
 
     fn commit(mut self) -> Result<Snap> {
