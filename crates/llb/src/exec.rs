@@ -519,10 +519,20 @@ pub(crate) fn build(base: &State, opts: RunOpts) -> ExecState {
         meta: Some(pb::Meta {
             args: opts.args,
             env,
-            cwd: base.cwd.clone(),
+            // BuildKit's LLB client starts every state at `/` (`NewState(…).Dir("/")`) and
+            // always writes the directory; an op digest (and stock's cache key of it) needs the
+            // same bytes.
+            cwd: if base.cwd.is_empty() {
+                "/".to_string()
+            } else {
+                base.cwd.clone()
+            },
             user: base.user.clone(),
             hostname: opts.hostname,
             cgroup_parent: opts.cgroup_parent,
+            // As BuildKit's LLB client always sets it (v0.11.6 `client/llb/exec.go`; no cap): the
+            // op's digest, and BuildKit's own cache key of it, then match stock's.
+            remove_mount_stubs_recursive: true,
             proxy_env: opts.proxy_env,
             valid_exit_codes: opts.valid_exit_codes,
             extra_hosts: opts
@@ -535,7 +545,6 @@ pub(crate) fn build(base: &State, opts: RunOpts) -> ExecState {
                 .into_iter()
                 .map(|(name, soft, hard)| pb::Ulimit { name, soft, hard })
                 .collect(),
-            ..Default::default()
         }),
         mounts,
         network: match opts.network {

@@ -112,8 +112,11 @@ pub fn results_by_key(
             .and_then(|l| descs.get(&l.blob))
             .cloned()
     };
-    for r in &config.records {
-        if r.digest.is_empty() || out.contains_key(&r.digest) {
+    let mut found = Vec::new();
+    for (idx, r) in config.records.iter().enumerate() {
+        // Several records may share a digest (stock's records of one op on different inputs):
+        // each is found by its stock ids below, the first by the digest.
+        if r.digest.is_empty() {
             continue;
         }
         let mut chains: Vec<Vec<usize>> = r
@@ -129,12 +132,93 @@ pub fn results_by_key(
         }));
         for ch in chains {
             if let Some(ls) = ch.into_iter().map(layer).collect::<Option<Vec<_>>>() {
-                out.insert(r.digest.clone(), ls);
+                found.push((idx, ls.clone()));
+                out.entry(r.digest.clone()).or_insert(ls);
                 break;
             }
         }
     }
+    // Records written by stock buildkitd: also by their ids with their inputs.
+    let ids = stock_ids(config);
+    for (idx, ls) in found {
+        for id in &ids[idx] {
+            out.entry(id.clone()).or_insert_with(|| ls.clone());
+        }
+    }
     out
+}
+
+/// Most ids one record gets (one per combination of its slots' alternatives; stock writes at
+/// most a few links per slot).
+const MAX_STOCK_IDS: usize = 16;
+
+/// The stock record ids (`worker::stock_record_id`) of each record of `config`, by record
+/// index: a record without inputs is its digest; otherwise its digest with, per input slot, one
+/// link's selector and one id of the linked record, for each combination (at most
+/// [`MAX_STOCK_IDS`]). A record on a link cycle, or one whose slot has no usable link, has none.
+pub fn stock_ids(config: &CacheConfig) -> Vec<Vec<String>> {
+    #[derive(Clone)]
+    enum State {
+        New,
+        Visiting,
+        Done(Vec<String>),
+    }
+    fn visit(config: &CacheConfig, i: usize, st: &mut Vec<State>) -> Vec<String> {
+        match &st[i] {
+            State::Done(ids) => return ids.clone(),
+            State::Visiting => return vec![],
+            State::New => {}
+        }
+        st[i] = State::Visiting;
+        let r = &config.records[i];
+        let mut combos: Vec<Vec<(String, String)>> = vec![vec![]];
+        for slot in &r.inputs {
+            let mut alts = Vec::new();
+            for link in slot {
+                if link.selector == ALIAS_SELECTOR {
+                    continue;
+                }
+                let Some(j) = usize::try_from(link.link_index)
+                    .ok()
+                    .filter(|&j| j < config.records.len())
+                else {
+                    continue;
+                };
+                for id in visit(config, j, st) {
+                    alts.push((link.selector.clone(), id));
+                }
+            }
+            combos = combos
+                .iter()
+                .flat_map(|c| {
+                    alts.iter().map(move |a| {
+                        let mut c = c.clone();
+                        c.push(a.clone());
+                        c
+                    })
+                })
+                .take(MAX_STOCK_IDS)
+                .collect();
+        }
+        let ids: Vec<String> = if r.digest.is_empty() {
+            vec![]
+        } else {
+            combos
+                .iter()
+                .map(|c| {
+                    let slots: Vec<(&str, &str)> =
+                        c.iter().map(|(s, i)| (s.as_str(), i.as_str())).collect();
+                    worker::stock_record_id(&r.digest, &slots)
+                })
+                .collect()
+        };
+        st[i] = State::Done(ids.clone());
+        ids
+    }
+    let mut st = vec![State::New; config.records.len()];
+    (0..config.records.len())
+        .map(|i| visit(config, i, &mut st))
+        .collect()
 }
 
 /// The vertex keys recorded for alias keys in `config`: a record linking with
@@ -535,5 +619,44 @@ mod tests {
             !keys.contains_key("k3"),
             "a layer without descriptor drops the result"
         );
+    }
+
+    /// The cache config a stock buildkitd v0.11.6 exported for `FROM` + two `RUN` + `COPY
+    /// Dockerfile` (commands and record digests in `worker`'s `bkkeys` tests): each record with
+    /// a result is found by the id a berth vertex computes from its stock record digest and
+    /// its inputs' ids.
+    #[test]
+    fn stock_records_found_by_their_ids_with_inputs() {
+        let config: CacheConfig =
+            serde_json::from_str(include_str!("../testdata/stock-v0.11.6-cacheconfig.json"))
+                .unwrap();
+        // Record digests (worker::bkkeys tests reproduce each from the Dockerfile).
+        let by_config = "sha256:46aef56ca724ae4f4ffad53284525f512fe75ae8bc6638a84861144bcef78e56";
+        let by_manifest = "sha256:47d425c3a51eed124700d97146c0b54071c8b73495eae05714b3fa950ee7db48";
+        let run1 = "sha256:64e6ee8fbdefdb27a56653894df4fa506d14068dc32cf5b713fd29b2c6ebf45b";
+        let run2 = "sha256:294a35e4fbfd1744611325ef5402c1bce4ec386bf0c194e7e58db44e76872ebd";
+        let content = "sha256:9fcafc423f99ff9fb0877f5ff70d29e0cf7d79b222e455dcde1e48edf49128ee";
+        let copy = "sha256:c3683cc92effcfcc5db999181ced1d8dbb770872159f6ffd5373c24a86f88457";
+        let id = worker::stock_record_id;
+        let descs: HashMap<String, RemoteLayer> = config
+            .layers
+            .iter()
+            .map(|l| (l.blob.clone(), rl(&l.blob)))
+            .collect();
+        let keys = results_by_key(&config, &descs);
+        let layers = |idxs: &[usize]| -> Vec<RemoteLayer> {
+            idxs.iter().map(|&i| rl(&config.layers[i].blob)).collect()
+        };
+        // RUN 1 through either image-source record.
+        let run1_id = id(run1, &[("", by_config)]);
+        assert_eq!(keys[&run1_id], layers(&[0, 3]));
+        assert_eq!(keys[&id(run1, &[("", by_manifest)])], layers(&[0, 3]));
+        let run2_id = id(run2, &[("", &run1_id)]);
+        assert_eq!(keys[&run2_id], layers(&[0, 3, 1]));
+        // COPY: slot 0 its base, slot 1 the content record of the copied file.
+        let copy_id = id(copy, &[("", &run2_id), ("", content)]);
+        assert_eq!(keys[&copy_id], layers(&[0, 3, 1, 2]));
+        // Another input gives another id: nothing found.
+        assert!(!keys.contains_key(&id(run2, &[("", by_config)])));
     }
 }

@@ -16,9 +16,10 @@
 //!   [`worker::CacheSource`] whose layers are fetched only when a matching step's result is
 //!   built.
 //!
-//! Keys are berth's cache keys (node independent, see `worker::remote`), not BuildKit's: berth
-//! and buildkitd can read each other's caches but find no matching records (the notes in
-//! `docs/cache.md` say what BuildKit-compatible keys would need).
+//! Keys are berth's cache keys (node independent, see `worker::remote`). A cache written by
+//! stock buildkitd is also found by BuildKit's own keys: [`import::stock_ids`] indexes its
+//! records with their inputs (`worker::stock_record_id`), which berth's solver computes per vertex
+//! (`docs/cache.md`). Exports hold berth's keys only (stock finds nothing in them yet).
 
 pub mod attrs;
 pub mod config;

@@ -69,7 +69,10 @@ pub(crate) fn source_key(key: &str) -> Option<String> {
 
 /// The source key of output 0 of an image source, by its manifest:
 /// `sha256(GoJSON({Digest, OS, Arch, Variant (omitempty), Limit (omitempty)}))` where `Digest`
-/// is the digest the reference resolved to (the image manifest).
+/// is the digest the reference resolved to (the image manifest). Matching uses the config key
+/// (berth knows it from Docker's layers without the manifest); this one is for writing stock's
+/// records (not yet done).
+#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) fn image_manifest_key(
     manifest_digest: &str,
     os: &str,
@@ -416,6 +419,133 @@ fn go_path_base(p: &str) -> String {
         Some(i) => trimmed[i + 1..].to_string(),
         None => trimmed.to_string(),
     }
+}
+
+/// What a vertex's stock records are made of: its cache map digest (a record per output is
+/// [`root_key`]`(digest, output)`) and, per input, the selector stock writes on the link to that
+/// input's record (empty for none).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct StockMap {
+    /// The cache map digest.
+    pub digest: String,
+    /// Per input, in op order: the link selector.
+    pub selectors: Vec<String>,
+    /// Per input (may be shorter): the input's content record ([`content_key`]) when the op
+    /// reads it by content and berth computed it; the link is then to that record, with no
+    /// selector, as stock links a content-keyed input (a local source has no record of its own).
+    pub content: Vec<Option<String>>,
+}
+
+/// berth's id of a stock record *with its inputs*: stock record digests leave the inputs out
+/// (they are in the links), so an importer indexes each record by the record digest and, per
+/// input slot, the link selector and the id of one linked record; a vertex computes the same
+/// from its stock record digest and its inputs' ids. A record without inputs is its digest.
+pub fn stock_record_id(record: &str, slots: &[(&str, &str)]) -> String {
+    if slots.is_empty() {
+        return record.to_string();
+    }
+    let mut h = crate::digest::KeyHasher::new("berth.stock-record.v1");
+    h.field(record.as_bytes());
+    for (selector, id) in slots {
+        h.field(selector.as_bytes()).field(id.as_bytes());
+    }
+    h.finish()
+}
+
+/// The link selectors of an exec op's inputs: `sha256(join(path.Join("/", selector), "\0"))`
+/// over the selectors of the mounts of that input, in mount order; empty when none has one.
+pub(crate) fn exec_selectors(exec: &pb::ExecOp, num_inputs: usize) -> Vec<String> {
+    let mut per_input: Vec<Vec<String>> = vec![Vec::new(); num_inputs];
+    for m in &exec.mounts {
+        let Ok(i) = usize::try_from(m.input) else {
+            continue;
+        };
+        if i < num_inputs && !m.selector.is_empty() {
+            per_input[i].push(go_path_clean(&format!("/{}", m.selector)));
+        }
+    }
+    per_input
+        .into_iter()
+        .map(|s| selector_digest(s, false))
+        .collect()
+}
+
+/// The link selectors of a file op's inputs: for an input read as a copy source (and not
+/// modified by an action), `sha256(join(paths, "\0"))` over the copy sources (and the
+/// `/etc/passwd`, `/etc/group` of by-name owners) read from it, sorted in descending byte order.
+pub(crate) fn file_selectors(file: &pb::FileOp, num_inputs: usize) -> Vec<String> {
+    let mut per_input: Vec<Vec<String>> = vec![Vec::new(); num_inputs];
+    let mut invalid = vec![false; num_inputs];
+    let mut add = |i: i64, p: &str| {
+        if let Some(v) = usize::try_from(i).ok().and_then(|i| per_input.get_mut(i)) {
+            v.push(p.to_string());
+        }
+    };
+    for a in &file.actions {
+        if let Some(slot) = usize::try_from(a.input)
+            .ok()
+            .and_then(|i| invalid.get_mut(i))
+        {
+            *slot = true;
+        }
+        let owner = match &a.action {
+            Some(Action::Copy(c)) => c.owner.as_ref(),
+            Some(Action::Mkfile(m)) => m.owner.as_ref(),
+            Some(Action::Mkdir(m)) => m.owner.as_ref(),
+            _ => None,
+        };
+        if let Some(o) = owner {
+            for (u, file) in [(&o.user, "/etc/passwd"), (&o.group, "/etc/group")] {
+                if let Some(pb::UserOpt {
+                    user: Some(User::ByName(n)),
+                }) = u
+                {
+                    add(n.input, file);
+                }
+            }
+        }
+        if let Some(Action::Copy(c)) = &a.action {
+            if a.secondary_input != -1 && a.secondary_input < num_inputs as i64 {
+                add(a.secondary_input, &c.src);
+            }
+        }
+    }
+    per_input
+        .into_iter()
+        .zip(invalid)
+        .map(|(s, invalid)| {
+            if invalid {
+                String::new()
+            } else {
+                selector_digest(s, true)
+            }
+        })
+        .collect()
+}
+
+fn selector_digest(mut paths: Vec<String>, sort_desc: bool) -> String {
+    if paths.is_empty() {
+        return String::new();
+    }
+    if sort_desc {
+        paths.sort_by(|a, b| b.as_bytes().cmp(a.as_bytes()));
+    }
+    sha256_digest(paths.join("\0").as_bytes())
+}
+
+/// Go's `path.Clean` for an absolute slash path (`path.Join("/", p)`).
+fn go_path_clean(p: &str) -> String {
+    let mut out: Vec<&str> = Vec::new();
+    for part in p.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                out.pop();
+            }
+            x => out.push(x),
+        }
+    }
+    format!("/{}", out.join("/"))
 }
 
 /// What the content checksum of one filesystem entry covers besides its data (stock's

@@ -20,11 +20,8 @@
 //! under that source's lock).
 #![deny(unsafe_code)]
 
-mod container;
-// Stock BuildKit cache keys: pinned by tests; the import/export of stock records that uses
-// them is the next step of issue #15 item 4 (see docs/cache.md).
-#[allow(dead_code)]
 mod bkkeys;
+mod container;
 mod digest;
 mod error;
 mod file;
@@ -37,6 +34,7 @@ mod session;
 mod solver;
 mod worker;
 
+pub use bkkeys::stock_record_id;
 pub use container::ContainerMounts;
 pub use error::{BoxError, Error, ErrorKind, FailedSubject, Result, StepFailure};
 pub use layerstore::snapshot::{Chain, LayerRef, SnapshotId, SnapshotStore};

@@ -379,12 +379,41 @@ fn docker_prefix(docker: Option<&DockerStore>, diff_ids: &[Digest]) -> Vec<Layer
 #[async_trait]
 impl ImportStore<Snap> for Imported {
     async fn load(&self, ctx: &OpContext, key: &str, needed: &[bool]) -> Option<Vec<Option<Snap>>> {
+        let keys: Vec<Option<String>> = (0..needed.len())
+            .map(|i| Some(crate::solver::output_key(key, i)))
+            .collect();
+        self.load_keys(ctx, &keys, needed).await
+    }
+
+    async fn load_stock(
+        &self,
+        ctx: &OpContext,
+        ids: &[Option<String>],
+        needed: &[bool],
+    ) -> Option<Vec<Option<Snap>>> {
+        self.load_keys(ctx, ids, needed).await
+    }
+
+    fn alias(&self, alias: &str) -> Option<String> {
+        self.sources.iter().find_map(|s| s.alias(alias))
+    }
+}
+
+impl Imported {
+    /// The results recorded for `keys` (one per output; `None`: none), see [`ImportStore::load`].
+    async fn load_keys(
+        &self,
+        ctx: &OpContext,
+        keys: &[Option<String>],
+        needed: &[bool],
+    ) -> Option<Vec<Option<Snap>>> {
         let mut out = Vec::with_capacity(needed.len());
         for (i, &need) in needed.iter().enumerate() {
-            let k = crate::solver::output_key(key, i);
+            let k = keys.get(i).cloned().flatten().unwrap_or_default();
             let found = self
                 .sources
                 .iter()
+                .filter(|_| !k.is_empty())
                 .find_map(|s| s.lookup(&k).map(|l| (s.clone(), l)));
             // An output the build does not use is not fetched (a mode=min export records only
             // the build result's output of a step with several).
@@ -404,10 +433,6 @@ impl ImportStore<Snap> for Imported {
             }
         }
         Some(out)
-    }
-
-    fn alias(&self, alias: &str) -> Option<String> {
-        self.sources.iter().find_map(|s| s.alias(alias))
     }
 }
 

@@ -410,4 +410,8 @@ impl crate::solver::Op<Snap> for Gated {
     fn pin(&self) -> Option<String> {
         self.op.pin()
     }
+
+    fn stock_map(&self) -> Option<crate::bkkeys::StockMap> {
+        self.op.stock_map()
+    }
 }

@@ -147,6 +147,15 @@ impl Op<Snap> for ExecOp {
         Some(h.finish())
     }
 
+    fn stock_map(&self) -> Option<crate::bkkeys::StockMap> {
+        let n = self.0.op.inputs.len();
+        Some(crate::bkkeys::StockMap {
+            digest: crate::bkkeys::exec_cache_map(&self.0.exec, self.0.op.platform.as_ref())?,
+            selectors: crate::bkkeys::exec_selectors(&self.0.exec, n),
+            content: vec![],
+        })
+    }
+
     async fn exec(&self, ctx: &OpContext, inputs: &[Solved<Snap>]) -> Result<Vec<Snap>> {
         let inner = self.0.clone();
         let ctx = ctx.clone();

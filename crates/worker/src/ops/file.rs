@@ -38,6 +38,9 @@ struct FileOpImpl {
     name: String,
     store: SnapshotStore,
     shared: Arc<crate::ops::Shared>,
+    /// Per input: stock's content record of what the op copies from it (`bkkeys`), set by
+    /// [`Op::cache_key`] when berth can compute it.
+    stock_content: std::sync::Mutex<Vec<Option<String>>>,
 }
 
 /// The solver op for `op`.
@@ -51,6 +54,7 @@ pub(crate) fn new(op: &LoadedOp, env: &Arc<BuildEnv>) -> Result<Arc<dyn Op<Snap>
         name: op.name.clone(),
         store: env.store.clone(),
         shared: env.shared.clone(),
+        stock_content: std::sync::Mutex::new(vec![None; op.op.inputs.len()]),
     }))
 }
 
@@ -118,6 +122,13 @@ impl Op<Snap> for FileOpImpl {
                             _ => None,
                         })
                         .collect();
+                    let stock = {
+                        let (store, snap, copies) = (store.clone(), snap.clone(), copies.clone());
+                        blocking(move || Ok(stock_content(&store, &snap, &copies))).await?
+                    };
+                    if let Some(slot) = self.stock_content.lock().unwrap().get_mut(i) {
+                        *slot = stock;
+                    }
                     let sums = match memoized_sums(&self.shared.checksums, snap.id(), &copies) {
                         Some(sums) => sums,
                         None => {
@@ -160,6 +171,15 @@ impl Op<Snap> for FileOpImpl {
             &self.op,
             input_keys,
         ))
+    }
+
+    fn stock_map(&self) -> Option<crate::bkkeys::StockMap> {
+        let n = self.op.inputs.len();
+        Some(crate::bkkeys::StockMap {
+            digest: crate::bkkeys::file_cache_map(&self.file, n)?,
+            selectors: crate::bkkeys::file_selectors(&self.file, n),
+            content: self.stock_content.lock().unwrap().clone(),
+        })
     }
 
     async fn exec(&self, ctx: &OpContext, inputs: &[Solved<Snap>]) -> Result<Vec<Snap>> {
@@ -252,6 +272,65 @@ fn copy_sums(
         }
     }
     Ok(sums)
+}
+
+/// Stock's content record ([`crate::bkkeys::content_key`]) of a copy-only input: computed for
+/// one copy of one regular file (a literal path, no include/exclude patterns, no symlink on the
+/// way); `None` otherwise (directories and wildcards need stock's directory records, not
+/// implemented yet) or when the file cannot be read.
+fn stock_content(
+    store: &SnapshotStore,
+    snap: &Snap,
+    copies: &[pb::FileActionCopy],
+) -> Option<String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let [c] = copies else { return None };
+    if !c.include_patterns.is_empty() || !c.exclude_patterns.is_empty() {
+        return None;
+    }
+    let [path] = literal_paths(c)?.try_into().ok()?;
+    let m = store.mount(snap.id(), None).ok()?;
+    let mut p = m.path().to_path_buf();
+    let parts: Vec<&str> = path
+        .split('/')
+        .filter(|s| !s.is_empty() && *s != ".")
+        .collect();
+    if parts.is_empty() || parts.contains(&"..") {
+        return None;
+    }
+    // No symlink anywhere on the path: the file is read where the copy would read it.
+    for part in &parts {
+        p.push(part);
+        if std::fs::symlink_metadata(&p).ok()?.file_type().is_symlink() {
+            return None;
+        }
+    }
+    let md = std::fs::symlink_metadata(&p).ok()?;
+    if !md.file_type().is_file() {
+        return None;
+    }
+    let data = std::fs::read(&p).ok()?;
+    let mut xattrs = vec![];
+    let mut names = vec![0u8; 64 * 1024];
+    let n = rustix::fs::llistxattr(&p, &mut names[..]).ok()?;
+    for name in names[..n].split(|b| *b == 0).filter(|n| !n.is_empty()) {
+        let cname = std::ffi::CString::new(name).ok()?;
+        let mut val = vec![0u8; 64 * 1024];
+        let vn = rustix::fs::lgetxattr(&p, cname.as_c_str(), &mut val[..]).ok()?;
+        val.truncate(vn);
+        xattrs.push((String::from_utf8(name.to_vec()).ok()?, val));
+    }
+    let st = crate::bkkeys::EntryStat {
+        mode: md.mode(),
+        uid: md.uid(),
+        gid: md.gid(),
+        size: md.len(),
+        xattrs,
+        ..Default::default()
+    };
+    Some(crate::bkkeys::content_key(&[
+        crate::bkkeys::file_content_checksum(&st, &data),
+    ]))
 }
 
 /// An uncommitted mutable snapshot; removed on drop unless committed.

@@ -1259,6 +1259,29 @@ impl Op<Snap> for ImageSource {
         Ok(h.finish())
     }
 
+    fn stock_map(&self) -> Option<crate::bkkeys::StockMap> {
+        // Stock keys output 0 both by the manifest and by the config's ChainID of the diffIDs
+        // (cut to the layer limit, as the resolved chain is); records of either match a stock
+        // export's links. The ChainID is Docker's chainID of the top layer, known here without
+        // the manifest.
+        let r = self.resolved.get()?;
+        let diff_ids = r
+            .chain
+            .layers()
+            .iter()
+            .map(|l| match l {
+                layerstore::snapshot::LayerRef::Docker(d) => Some(d.diff_id.clone()),
+                layerstore::snapshot::LayerRef::Berth(_) => None,
+            })
+            .collect::<Option<Vec<String>>>()?;
+        let key = crate::bkkeys::image_config_key(&diff_ids, None)?;
+        Some(crate::bkkeys::StockMap {
+            digest: crate::bkkeys::source_key(&key)?,
+            selectors: vec![],
+            content: vec![],
+        })
+    }
+
     async fn exec(&self, ctx: &OpContext, _inputs: &[Solved<Snap>]) -> Result<Vec<Snap>> {
         let r = self.resolve(ctx).await?;
         let (mut chain, mut id) = (r.chain.clone(), r.id.clone());

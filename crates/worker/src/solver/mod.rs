@@ -93,6 +93,13 @@ pub(crate) trait Op<R>: Send + Sync {
     fn pin(&self) -> Option<String> {
         None
     }
+    /// BuildKit v0.11.6's own cache map of the vertex (`crate::bkkeys`), asked once its key is
+    /// known (a source knows it after resolving): an imported cache exported by stock
+    /// buildkitd is searched by it when berth's key misses. `None` (the default): the op has no
+    /// stock key (or one berth cannot compute yet).
+    fn stock_map(&self) -> Option<crate::bkkeys::StockMap> {
+        None
+    }
 }
 
 /// A cache imported for one build (`--import-cache`), asked when the local store misses. A hit
@@ -105,6 +112,16 @@ pub(crate) trait ImportStore<R>: Send + Sync {
     /// output of a step with several). May download layers (statuses go to `ctx`). Failures are
     /// misses: the vertex then runs.
     async fn load(&self, ctx: &OpContext, key: &str, needed: &[bool]) -> Option<Vec<Option<R>>>;
+    /// As [`ImportStore::load`], for a vertex whose outputs have the stock record ids `ids`
+    /// (`crate::bkkeys::stock_record_id`; `None`: that output has none).
+    async fn load_stock(
+        &self,
+        _ctx: &OpContext,
+        _ids: &[Option<String>],
+        _needed: &[bool],
+    ) -> Option<Vec<Option<R>>> {
+        None
+    }
     /// The vertex key the imported cache recorded for the alias key `alias` ([`Op::alias_key`]).
     fn alias(&self, _alias: &str) -> Option<String> {
         None
@@ -149,6 +166,9 @@ struct Keyed {
     alias: Option<String>,
     /// `key` came from an imported alias, not from the inputs' content.
     via_alias: bool,
+    /// Per output: its stock record id (`crate::bkkeys::stock_record_id`), when the op and all
+    /// its inputs have one.
+    stock: Vec<Option<String>>,
     span: tracing::Span,
 }
 type KeyFuture = Shared<BoxFuture<'static, std::result::Result<Arc<Keyed>, Arc<Error>>>>;
@@ -541,6 +561,7 @@ impl<R: Clone + Send + Sync + 'static> Solver<R> {
                 key,
                 alias,
                 via_alias,
+                stock: stock_ids(v, &vertex_keys),
                 span,
             }),
             Err(e) => {
@@ -582,10 +603,16 @@ impl<R: Clone + Send + Sync + 'static> Solver<R> {
                     .collect(),
             )
         };
-        let res = self
+        let mut res = self
             .cached_result(job, v, &ctx, key, needed)
             .instrument(k.span.clone())
             .await;
+        if matches!(res, Ok(None)) {
+            res = self
+                .stock_result(job, v, &ctx, key, &k.stock, needed)
+                .instrument(k.span.clone())
+                .await;
+        }
         let res = match res {
             Ok(Some(results)) => Ok((wrap(key, results), true)),
             Ok(None) => {
@@ -678,6 +705,41 @@ impl<R: Clone + Send + Sync + 'static> Solver<R> {
         Ok(None)
     }
 
+    /// The results for the vertex's stock record ids from the build's imported cache (a cache
+    /// exported by stock buildkitd), recorded in the local cache under `key`.
+    async fn stock_result(
+        &self,
+        job: &Job<R>,
+        v: &Vertex<R>,
+        ctx: &OpContext,
+        key: &str,
+        ids: &[Option<String>],
+        needed: &[bool],
+    ) -> Result<Option<Vec<Option<R>>>> {
+        let Some(import) = &job.import else {
+            return Ok(None);
+        };
+        if v.ignore_cache || ids.iter().all(Option::is_none) {
+            return Ok(None);
+        }
+        let Some(results) = import.load_stock(ctx, ids, needed).await else {
+            tracing::debug!(vertex = %v.digest, stock = ?ids, "no imported stock record");
+            return Ok(None);
+        };
+        let complete = results.len() == v.outputs
+            && results.iter().zip(needed).all(|(r, n)| r.is_some() || !n);
+        if !complete {
+            return Ok(None);
+        }
+        self.cache.save(key, &results).await?;
+        let mut st = job.stats.lock().unwrap();
+        st.cached += 1;
+        st.imported += 1;
+        metrics::counter!(CACHE_HITS).increment(1);
+        tracing::debug!(vertex = %v.digest, key = %key, "imported cache hit by stock record");
+        Ok(Some(results))
+    }
+
     /// Executes the vertex (identical keys of concurrent builds execute once).
     async fn execute(
         &self,
@@ -738,6 +800,41 @@ impl<R: Clone + Send + Sync + 'static> Solver<R> {
         }
         r
     }
+}
+
+/// The stock record id of each output of `v` ([`Op::stock_map`] with its inputs' ids), or
+/// `None` per output when the op or one of its inputs has none.
+fn stock_ids<R>(v: &Vertex<R>, input_keys: &[(usize, Arc<Keyed>)]) -> Vec<Option<String>> {
+    let none = || vec![None; v.outputs];
+    let Some(map) = v.op.stock_map() else {
+        return none();
+    };
+    tracing::debug!(vertex = %v.digest, record = %crate::bkkeys::root_key(&map.digest, 0), "stock record of output 0");
+    let mut slots = Vec::with_capacity(v.inputs.len());
+    for (j, &(vi, out)) in v.inputs.iter().enumerate() {
+        if let Some(Some(content)) = map.content.get(j) {
+            slots.push((String::new(), content.clone()));
+            continue;
+        }
+        let id = input_keys
+            .iter()
+            .find(|(i, _)| *i == vi)
+            .and_then(|(_, k)| k.stock.get(out).cloned().flatten());
+        let Some(id) = id else {
+            return none();
+        };
+        slots.push((map.selectors.get(j).cloned().unwrap_or_default(), id));
+    }
+    let slots: Vec<(&str, &str)> = slots
+        .iter()
+        .map(|(s, i)| (s.as_str(), i.as_str()))
+        .collect();
+    (0..v.outputs)
+        .map(|o| {
+            let record = crate::bkkeys::root_key(&map.digest, o as i64);
+            Some(crate::bkkeys::stock_record_id(&record, &slots))
+        })
+        .collect()
 }
 
 /// Which outputs of each vertex the build can use: the target's output and every output that a
