@@ -312,6 +312,9 @@ impl Control {
         // to the empty result, as buildkitd does; only a request with neither a definition nor
         // a frontend waits for the client's LLBBridge calls.
         let direct = req.definition.is_some() || !req.frontend.is_empty();
+        // A direct solve whose pins were not waited for, and what runs it again if the export
+        // fails on a base image that went before its pin ran (see the image export below).
+        let mut rerun: Option<(protos::pb::Definition, SolveCtx)> = None;
         let result = if direct {
             if req.definition.as_ref().is_some_and(|d| !d.def.is_empty())
                 && !req.frontend.is_empty()
@@ -347,10 +350,23 @@ impl Control {
                     cache_imports: job.cache_imports.lock().unwrap().clone(),
                 };
                 let def = req.definition.take();
-                // Nothing reads the result of a build without exports: it does not wait for
-                // its base images' pins.
-                let fs = if kind == ExporterKind::None && cache_exports.is_empty() {
-                    self.backend.solve_unread(def.clone(), &ctx).await?
+                // Nothing reads the result of a build without exports, and the image exporter
+                // reads none of the base images' files when it loads the result into this
+                // Docker (its thin load names their layers by chain ID, and Docker takes its
+                // own references on them or refuses the load if they are gone): such a build
+                // does not wait for its base images' pins, which start only if it outlives a
+                // short delay (`worker::SolveContext::result_unread`). A push, an SBOM scan or a
+                // cache export reads the layers: those wait.
+                let loaded_only = kind == ExporterKind::Image
+                    && !crate::export_image::truthy(&exp_attrs, "push")?
+                    && crate::sbom::generator(&req.frontend_attrs)?.is_none();
+                let fs = if (kind == ExporterKind::None || loaded_only) && cache_exports.is_empty()
+                {
+                    let fs = self.backend.solve_unread(def.clone(), &ctx).await?;
+                    if kind == ExporterKind::Image {
+                        rerun = def.clone().map(|d| (d, ctx.clone()));
+                    }
+                    fs
                 } else {
                     self.backend.solve(def.clone(), &ctx).await?
                 };
@@ -731,23 +747,39 @@ impl Control {
             response.extend(r);
         }
         if kind == ExporterKind::Image && result.refs.is_empty() {
-            let fs = result.fs.clone().unwrap_or(crate::solver::FsRef::Scratch);
-            let r = tokio::select! {
-                r = crate::export_image::export(
-                    &self.backend.image_export,
-                    &self.backend.store,
-                    &self.sessions,
-                    &req.session,
-                    &job.progress,
-                    &exp_attrs,
-                    &export_md,
-                    &fs,
-                ).instrument(export_span.clone()) => match r {
-                    Ok(r) => r,
-                    // A base image removed under the export explains its failure.
-                    Err(e) => return Err(crate::solver::base_image_lost(&fs).await.unwrap_or(e)),
-                },
-                _ = job.cancel.cancelled() => return Err(job.cancel_error()),
+            let mut fs = result.fs.clone().unwrap_or(crate::solver::FsRef::Scratch);
+            let r = loop {
+                let r = tokio::select! {
+                    r = crate::export_image::export(
+                        &self.backend.image_export,
+                        &self.backend.store,
+                        &self.sessions,
+                        &req.session,
+                        &job.progress,
+                        &exp_attrs,
+                        &export_md,
+                        &fs,
+                    ).instrument(export_span.clone()) => r,
+                    _ = job.cancel.cancelled() => return Err(job.cancel_error()),
+                };
+                match r {
+                    Ok(r) => break r,
+                    Err(e) => {
+                        // Exported without waiting for the pins, the load may have found a base
+                        // gone that a routine cleanup deleted before its pin ran: the build
+                        // runs again, on the base resolved again (pulled again if it can be),
+                        // and this time waits for the pins before the export.
+                        if let Some((def, ctx)) = rerun.take() {
+                            if let Some(lost) = crate::solver::base_lost_before_pinned(&fs).await {
+                                tracing::warn!(build = %job.id, error = %lost, export_error = %e, "a base image went before its pin ran and the export failed on it; running the build again");
+                                fs = self.backend.solve(Some(def), &ctx).await?;
+                                continue;
+                            }
+                        }
+                        // A base image removed under the export explains its failure.
+                        return Err(crate::solver::base_image_lost(&fs).await.unwrap_or(e));
+                    }
+                }
             };
             response.extend(r);
         }

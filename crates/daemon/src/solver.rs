@@ -49,6 +49,15 @@ pub async fn base_image_lost(fs: &FsRef) -> Option<Error> {
     }
 }
 
+/// The error naming a base image of `fs` that went before its pin ever ran (see
+/// [`worker::SolvedRef::base_lost_before_pinned`]), if one did.
+pub async fn base_lost_before_pinned(fs: &FsRef) -> Option<Error> {
+    match fs {
+        FsRef::Solved(r) => r.base_lost_before_pinned().await.map(Error::from),
+        FsRef::Scratch => None,
+    }
+}
+
 /// Per-solve context.
 #[derive(Clone)]
 pub struct SolveCtx {
@@ -187,8 +196,10 @@ impl Backend {
         self.solve_read(def, ctx, true).await
     }
 
-    /// [`Backend::solve`] of a result whose files nothing reads (a build without exports): the
-    /// solve does not wait for the pins of its base images (`worker::SolveContext::result_unread`).
+    /// [`Backend::solve`] of a result whose files nothing reads (a build without exports, or one
+    /// only loaded into this Docker by the image exporter): the solve does not wait for the pins
+    /// of its base images, which start only if it outlives a short delay
+    /// (`worker::SolveContext::result_unread`).
     pub async fn solve_unread(
         self: &Arc<Self>,
         def: Option<protos::pb::Definition>,

@@ -458,3 +458,60 @@ async fn a_pin_in_the_background_returns_at_once_then_holds_or_gives_up() -> Res
     );
     Ok(())
 }
+
+/// `pin_image_after`: a pin whose every handle goes before its delay makes no container at all;
+/// one still held when the delay ends is made and runs; one that something waits for
+/// (`Pin::wait_running`) is made at once, without waiting out the delay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_pin_is_made_only_if_still_held_or_waited_for() -> Result<()> {
+    let docker = docker();
+    let tag = format!("berth-test-pins-delay:{}", std::process::id());
+    let id = import_image(&docker, &tag).await?;
+    let _image = Image(tag.clone());
+    let root = tempfile::tempdir()?;
+    let instance = format!("worker:{}", root.path().display());
+    let _cleanup = PinsOf(instance.clone());
+    let delay = Duration::from_millis(500);
+
+    // Dropped within the delay: nothing is ever made.
+    let pin = layerstore::dockerstore::pin_image_after(&docker, &id, &instance, "d-1", delay)?;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    ensure!(!pin.ever_ran() && pin.container_id().is_empty());
+    drop(pin);
+    tokio::time::sleep(delay + Duration::from_millis(700)).await;
+    ensure!(
+        pins(&docker, &instance).await?.is_empty(),
+        "a pin dropped within its delay made a container"
+    );
+
+    // Held past the delay: made, and it runs.
+    let t = Instant::now();
+    let pin = layerstore::dockerstore::pin_image_after(&docker, &id, &instance, "d-2", delay)?;
+    tokio::time::sleep(delay / 2).await;
+    ensure!(
+        pins(&docker, &instance).await?.is_empty(),
+        "a container before the delay ended"
+    );
+    running_pin(&docker, &instance, None).await?;
+    ensure!(t.elapsed() >= delay, "made after {:?}", t.elapsed());
+    ensure!(pin.holding());
+    pin.release().await?;
+    ensure!(pins(&docker, &instance).await?.is_empty());
+
+    // Waited for: made at once.
+    let long = Duration::from_secs(60);
+    let t = Instant::now();
+    let pin = layerstore::dockerstore::pin_image_after(&docker, &id, &instance, "d-3", long)?;
+    ensure!(
+        pin.wait_running(Duration::from_secs(30)).await,
+        "a delayed pin waited for did not run"
+    );
+    ensure!(
+        t.elapsed() < Duration::from_secs(30),
+        "ran after {:?}",
+        t.elapsed()
+    );
+    pin.release().await?;
+    ensure!(pins(&docker, &instance).await?.is_empty());
+    Ok(())
+}

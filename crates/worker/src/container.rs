@@ -124,6 +124,7 @@ impl Worker {
             // The refs mounted hold their own base images' pins.
             bases: Default::default(),
             build_id: String::new(),
+            pin_delay: std::time::Duration::ZERO,
         };
         // Scratch refs have no snapshot: their mounts become input-less.
         let mut inputs: Vec<Snap> = Vec::new();
@@ -163,6 +164,7 @@ impl Worker {
             opts: self.inner.opts.clone(),
             bases: Default::default(),
             build_id: String::new(),
+            pin_delay: std::time::Duration::ZERO,
         };
         crate::ops::exec::executor_for(&env).await
     }

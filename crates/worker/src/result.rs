@@ -137,6 +137,17 @@ impl SolvedRef {
         }
     }
 
+    /// The error naming a Docker base image the result was built on in place that went before
+    /// its pin ever ran (a routine cleanup in the window before a build is pinned, see
+    /// `layerstore::dockerstore::pin_image_after`), if one did: what failed on it (an export
+    /// into Docker) may succeed when the build runs again on the image resolved again.
+    pub async fn base_lost_before_pinned(&self) -> Option<Error> {
+        match &self.bases {
+            Some(b) => b.lost_before_pinned().await.map(|(_, e)| e),
+            None => None,
+        }
+    }
+
     /// What the solve that produced this result evaluated (for cache exports); `None` for
     /// results inside a trace and for scratch.
     pub fn trace(&self) -> Option<&crate::remote::SolveTrace> {

@@ -43,8 +43,9 @@ pub use fault::fault_point;
 pub use live::{resolve_base_image, BaseImage};
 pub use offline::{offline_driver, resolve_offline_image};
 pub use pin::{
-    is_image_missing, pin_image, pin_image_in_background, pins_held, remove_stale_pins,
-    stop_pinning, Pin, PIN_ABOUT_LABEL, PIN_BUILD_LABEL, PIN_IMAGE_LABEL, PIN_LABEL, PIN_PID_LABEL,
+    is_image_missing, pin_image, pin_image_after, pin_image_in_background, pins_held,
+    remove_stale_pins, stop_pinning, Pin, PIN_ABOUT_LABEL, PIN_BUILD_LABEL, PIN_IMAGE_LABEL,
+    PIN_LABEL, PIN_PID_LABEL,
 };
 pub use reader::{DockerStore, LayerEntry};
 pub use writer::{recover, DaemonCheck, LayerSource, OfflineWriter, RecoverReport, WrittenLayer};

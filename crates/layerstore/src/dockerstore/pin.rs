@@ -74,6 +74,13 @@
 //! worker's `llbsolver`). What reads a build's result afterwards (an export) waits for
 //! [`Pin::wait_running`] first.
 //!
+//! Builds whose result nothing reads (no export) or is only loaded into this Docker (the
+//! `image` exporter's thin load, which takes Docker's own references on the base's layers) use
+//! [`pin_image_after`] with a short delay instead: the container is created only if the build
+//! still uses the image by then (or something waits for the pin to run), so a short build (a
+//! cached rebuild, a quick step) makes none, and Docker's work of creating and starting one
+//! never competes with it. Its steps are confirmed as above, for the whole build.
+//!
 //! # When a pin does not hold
 //!
 //! The supervisor waits on the running pin (`POST /containers/{id}/wait`, a long poll, no
@@ -238,7 +245,11 @@ impl Drop for Lease {
         let Some(shared) = self.shared.take() else {
             return;
         };
-        let keep = !STOPPING.load(Ordering::SeqCst) && !shared.state.lock().unwrap().given_up;
+        // A pin without a container yet (a delayed one, see [`pin_image_after`]) has nothing
+        // to reuse: it goes at once, and its creation with it.
+        let keep = !STOPPING.load(Ordering::SeqCst)
+            && !shared.state.lock().unwrap().given_up
+            && shared.ready.get().is_some();
         match tokio::runtime::Handle::try_current() {
             Ok(rt) if keep => {
                 rt.spawn(async move {
@@ -276,6 +287,8 @@ struct Shared {
     /// read: the pin and image every build that holds this pin uses instead (see
     /// [`Pin::resolve_again`]).
     replacement: tokio::sync::OnceCell<(Pin, super::BaseImage)>,
+    /// Wakes a delayed first creation ([`pin_image_after`]) at once.
+    start_now: Arc<tokio::sync::Notify>,
 }
 
 /// How to make (another) pin container of the image.
@@ -332,12 +345,45 @@ pub fn pin_image_in_background(
     instance: &str,
     build_id: &str,
 ) -> Result<Pin> {
+    pin_image_after(docker, image, instance, build_id, Duration::ZERO)
+}
+
+/// [`pin_image_in_background`], but the pin container is created only once `delay` has passed
+/// and some handle on the pin is still held (a build still uses the image), or at once when
+/// something needs it to run ([`Pin::wait_running`], a later call without delay). A build that
+/// ends within `delay` never makes a pin container: none of Docker's work of creating and
+/// starting one competes with it. Until the pin runs, the caller's checks stand in for it
+/// exactly as with [`pin_image_in_background`] (module docs).
+pub fn pin_image_after(
+    docker: &Docker,
+    image: &str,
+    instance: &str,
+    build_id: &str,
+    delay: Duration,
+) -> Result<Pin> {
     let shared = shared_pin(docker, image, instance, build_id)?;
-    if shared.ready.get().is_none() && !shared.creating.swap(true, Ordering::SeqCst) {
-        // Holds the pin until the container exists: a build that let go meanwhile still gets
-        // it removed (the last handle's drop removes it).
-        let s = shared.clone();
+    if shared.ready.get().is_none() && shared.creating.swap(true, Ordering::SeqCst) {
+        // Already under way, perhaps waiting out another build's delay.
+        if delay.is_zero() {
+            shared.start_now.notify_one();
+        }
+    } else if shared.ready.get().is_none() {
+        let weak = Arc::downgrade(&shared);
+        let start_now = shared.start_now.clone();
         tokio::spawn(async move {
+            if !delay.is_zero() {
+                // Not holding the pin meanwhile: when every build let go of it, it is gone and
+                // nothing is made.
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = start_now.notified() => {}
+                }
+            }
+            // Holds the pin until the container exists: a build that let go meanwhile still
+            // gets it removed (the last handle's drop removes it).
+            let Some(s) = weak.upgrade() else {
+                return;
+            };
             if let Err(e) = create_first(&s).await {
                 let what = if is_image_missing(&e) {
                     format!(
@@ -394,6 +440,7 @@ fn shared_pin(docker: &Docker, image: &str, instance: &str, build_id: &str) -> R
                 settled: Arc::new(tokio::sync::watch::Sender::new(false)),
                 supervisor: Mutex::new(None),
                 replacement: tokio::sync::OnceCell::new(),
+                start_now: Arc::new(tokio::sync::Notify::new()),
             });
             reg.insert(key, Arc::downgrade(&s));
             s
@@ -970,6 +1017,8 @@ impl Pin {
     /// whether it runs. Until then only a created container keeps the image, which `docker
     /// container prune` removes: callers wait before the image's layers are first read.
     pub async fn wait_running(&self, timeout: Duration) -> bool {
+        // Whoever waits needs it now: a delayed creation starts at once.
+        self.shared().start_now.notify_one();
         let mut rx = self.shared().settled.subscribe();
         let _ = tokio::time::timeout(timeout, rx.wait_for(|s| *s)).await;
         self.is_running()
@@ -1086,6 +1135,9 @@ impl Pin {
                     Ok(_) => format!("pin container {name} is running"),
                     Err(e) => format!("pin container {name} could not be inspected ({e})"),
                 },
+                None if self.shared().ready.get().is_none() => {
+                    "the image had no pin container yet (a build is pinned once it outlives the pin delay)".to_string()
+                }
                 None => "the image had no pin container".to_string(),
             };
             format!("{pin}; {why_image}")

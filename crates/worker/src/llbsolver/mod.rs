@@ -215,6 +215,12 @@ async fn solve_with_bases(
         opts: inner.opts.clone(),
         bases,
         build_id: ctx.build_id.clone(),
+        // A result that is read waits for its pins: they start at once.
+        pin_delay: if ctx.result_read {
+            std::time::Duration::ZERO
+        } else {
+            ops::source_image::pin_delay()
+        },
     });
     let bases = env.bases.clone();
     let mut graph: Vec<Vertex<Snap>> = Vec::with_capacity(loaded.ops.len());

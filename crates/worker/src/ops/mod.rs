@@ -182,6 +182,10 @@ pub(crate) struct BuildEnv {
     pub(crate) bases: Arc<source_image::BaseImages>,
     /// The build (job) the solve belongs to (empty outside a build).
     pub(crate) build_id: String,
+    /// How long a base image used in place waits before its pin container is made
+    /// ([`layerstore::dockerstore::pin_image_after`]): zero when something reads the build's
+    /// result (it waits for the pins to run), else [`source_image::pin_delay`].
+    pub(crate) pin_delay: std::time::Duration,
 }
 
 /// The solver op for a validated LLB op.

@@ -108,6 +108,32 @@ const LEARN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 /// one); after it, the build goes on with the created container's weaker protection and the
 /// end-of-build check.
 const PIN_START_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a build whose result nothing reads, or that is only loaded into this Docker, uses a
+/// base image before its pin container is made (see [`dockerstore::pin_image_after`]): a build
+/// that ends sooner makes none, so Docker's work of creating and starting a container (about
+/// 0.1 s of CPU on the host, which the build would compete with) is spent only on builds long
+/// enough for it not to matter. Until the pin runs, every step's result is confirmed before it
+/// is kept ([`BaseImages::confirm`]), so a shorter build is as safe as the pin's own start
+/// window. Longer than a cached rebuild with an image export takes on an idle host; short
+/// next to a prune timer. `BERTH_PIN_DELAY_MS` overrides it (0: pin every build at once).
+const PIN_DELAY: std::time::Duration = std::time::Duration::from_millis(250);
+/// The environment variable that overrides [`PIN_DELAY`] (milliseconds).
+const PIN_DELAY_ENV: &str = "BERTH_PIN_DELAY_MS";
+
+/// [`PIN_DELAY`], or `BERTH_PIN_DELAY_MS` when it is set to a number of milliseconds.
+pub(crate) fn pin_delay() -> std::time::Duration {
+    static DELAY: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
+    *DELAY.get_or_init(|| match std::env::var(PIN_DELAY_ENV) {
+        Ok(v) => match v.trim().parse::<u64>() {
+            Ok(ms) => std::time::Duration::from_millis(ms),
+            Err(_) => {
+                tracing::warn!(value = %v, "{PIN_DELAY_ENV} is not a number of milliseconds; using {PIN_DELAY:?}");
+                PIN_DELAY
+            }
+        },
+        Err(_) => PIN_DELAY,
+    })
+}
 /// How often an offline-resolved build checks whether dockerd has been started (to pin).
 const OFFLINE_WATCH: std::time::Duration = std::time::Duration::from_millis(250);
 
@@ -756,7 +782,13 @@ impl ImageSource {
             // The pin is created and started in the background: neither is on the build's
             // path. Until it runs, what the steps make from the layers is confirmed before it
             // is kept (`BaseImages::confirm`).
-            let pin = dockerstore::pin_image_in_background(docker, &id, &instance, &self.reference);
+            let pin = dockerstore::pin_image_after(
+                docker,
+                &id,
+                &instance,
+                &self.reference,
+                self.env.pin_delay,
+            );
             let image = dockerstore::resolve_base_image(docker, &store, &id).await;
             let pinned = match (pin, image) {
                 (Err(e), _) => Err((e, "pin image")),
