@@ -448,6 +448,11 @@ impl BuildkitClient {
             exporter_deprecated: exporter,
             exporter_attrs_deprecated: exporter_attrs,
             frontend_attrs: opts.frontend_attrs.clone(),
+            definition: if opts.direct {
+                opts.definition.clone()
+            } else {
+                None
+            },
             cache: (!opts.cache_exports.is_empty()).then(|| control::CacheOptions {
                 exports: opts.cache_exports.clone(),
                 ..Default::default()
@@ -490,13 +495,18 @@ impl BuildkitClient {
         // gateway: Ping, Solve, Return
         let mut g = self.gateway();
         let md = &opts.metadata;
-        let pong = g
-            .ping(with_metadata(
+        let pong = if opts.direct {
+            Err(tonic::Status::failed_precondition(
+                "direct solve: no gateway calls",
+            ))
+        } else {
+            g.ping(with_metadata(
                 with_build_id(gw::PingRequest {}, &build_ref),
                 md,
             ))
             .await
-            .map(|r| r.into_inner());
+            .map(|r| r.into_inner())
+        };
         let gw_solve = match &pong {
             Ok(_) => {
                 let req = gw::SolveRequest {
@@ -644,8 +654,12 @@ pub enum Output {
 /// What to build.
 #[derive(Debug, Clone, Default)]
 pub struct BuildOptions {
-    /// LLB (sent through `LLBBridge.Solve`).
+    /// LLB (sent through `LLBBridge.Solve`, or in `Control.Solve` itself with `direct`).
     pub definition: Option<protos::pb::Definition>,
+    /// Send `definition` in `Control.Solve` itself, as `buildctl build` does with LLB on stdin,
+    /// instead of through the gateway (`LLBBridge` `Ping`/`Solve`/`Return`, as BuildKit's Go
+    /// client's `Build` and buildx do). The report's gateway fields are then absent.
+    pub direct: bool,
     /// Frontend name instead of LLB.
     pub frontend: Option<String>,
     /// `--local name=dir`.

@@ -1208,6 +1208,9 @@ async fn a_prune_before_the_first_pin_runs_resolves_the_base_again() {
     // The push build's pin is gone: the next pin of the base is a first one.
     wait_no_pins(&s.host, "after the push").await;
     holds.arm("pin:created");
+    // The builds (image exports, which do not wait for their pins) are held before the base's
+    // layers are read, so the prune comes before any step made something from them.
+    holds.arm("base:pinned");
     let names: Vec<String> = (1..=2)
         .map(|i| format!("{}:{i}", unique_name("berth-test/repinned")))
         .collect();
@@ -1267,6 +1270,8 @@ async fn a_prune_before_the_first_pin_runs_resolves_the_base_again() {
             "the prune left the base: {out}"
         );
         holds.release("pin:created");
+        holds.reached("base:pinned", &s.berthd).await;
+        holds.release("base:pinned");
     };
     let (r1, r2, ()) = tokio::join!(build(1), build(2), prune);
     let log = s.berthd.log_text();
@@ -1404,4 +1409,102 @@ async fn a_prune_while_a_step_reads_the_base_before_its_pin_runs_runs_the_build_
     assert!(ok, "built image does not run: {err}");
     assert_eq!(got, format!("{want}{want}4194304\nsoak"));
     wait_no_pins(&s.host, "after the build").await;
+}
+
+/// An image export of LLB sent with `Control.Solve` (as `buildctl build` sends it) does not
+/// wait for the base's pin (its thin load reads no base file), so a
+/// routine cleanup may delete a base that is not pinned yet before the load: here the pin delay
+/// is a minute (no pin is made), the build is held before the load, and `docker system prune -af`
+/// deletes the base. The load fails on the missing layers; berth runs the build again on the
+/// base pulled again, pinned at once and waited for this time, and the build succeeds with the
+/// right image; no pin is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prune_before_an_unpinned_export_loads_runs_the_build_again() {
+    require_root();
+    let holds = Holds::new();
+    let dockerd = PrivateDockerd::new(PrivateDockerdOptions::default()).unwrap();
+    let host = dockerd.engine().host();
+    let base = busybox_image(dockerd.engine()).await.unwrap();
+    let (k, v) = holds.env();
+    let berthd = Berthd::start_with_env(
+        &["--docker-host", &host],
+        &[(k, &v), ("BERTH_PIN_DELAY_MS", "60000")],
+    )
+    .unwrap();
+    let registry = integration::Registry::start().unwrap();
+    let client = berthd.client().await.unwrap();
+    let remote = push_base(&client, base.reference(), &registry).await;
+    wait_no_pins(&host, "after the push").await;
+    holds.arm("live:before-load");
+    let name = format!("{}:1", unique_name("berth-test/unpinned-export"));
+    let def = llb::State::from(llb::image(&remote))
+        .run(RunOpts::shell("md5sum /bin/busybox > /sum"))
+        .root()
+        .marshal()
+        .unwrap();
+    let mut attrs = BTreeMap::new();
+    attrs.insert("name".to_string(), name.clone());
+    // Sent as `buildctl build` sends LLB: the exporter is known with the definition.
+    let build = client.build(BuildOptions {
+        definition: Some(def),
+        direct: true,
+        output: Output::Raw("image".into(), attrs),
+        ..Default::default()
+    });
+    let drive = async {
+        holds.reached("live:before-load", &berthd).await;
+        let made = pins(&host, false);
+        let labels = docker(
+            &host,
+            &[
+                "ps",
+                "-a",
+                "--format",
+                "{{.Names}} {{.Label \"dev.berth.pin.build\"}} {{.Label \"dev.berth.pin.image\"}} {{.Status}}",
+            ],
+        )
+        .1;
+        let images = docker(&host, &["images", "--no-trunc"]).1;
+        assert!(
+            made.is_empty(),
+            "a pin was made within the pin delay: {labels}\n{images}\nberthd log:\n{}",
+            berthd.log_text()
+        );
+        let (ok, _, err) = docker_async(&host, &["system", "prune", "-af"]).await;
+        assert!(ok, "docker system prune: {err}");
+        assert!(
+            !docker_async(&host, &["image", "inspect", &remote]).await.0,
+            "the prune left the base"
+        );
+        holds.release("live:before-load");
+    };
+    let (report, ()) = tokio::join!(build, drive);
+    let log = berthd.log_text();
+    let resp = report
+        .unwrap()
+        .solve
+        .unwrap_or_else(|e| panic!("build failed: {e}\nberthd log:\n{log}"));
+    assert!(resp.exporter_response.contains_key("containerimage.digest"));
+    assert!(
+        log.contains("the export failed on it; running the build again"),
+        "{log}"
+    );
+    let want = Command::new("md5sum").arg("/bin/busybox").output().unwrap();
+    let want = String::from_utf8_lossy(&want.stdout).into_owned();
+    let (ok, got, err) = docker(
+        &host,
+        &[
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            &name,
+            "sh",
+            "-c",
+            "cat /sum; md5sum /bin/busybox; cat /soak-base",
+        ],
+    );
+    assert!(ok, "built image does not run: {err}");
+    assert_eq!(got, format!("{want}{want}soak"));
+    wait_no_pins(&host, "after the build").await;
 }

@@ -106,12 +106,19 @@ impl Berthd {
     }
 
     /// One build of `def` without exports (solve only); the client's wall time of the build.
-    pub async fn timed_solve(&self, def: protos::pb::Definition) -> Result<Duration> {
+    /// With `direct`, the definition goes in `Control.Solve` itself (as `buildctl build` sends
+    /// LLB) instead of through the gateway.
+    pub async fn timed_solve_via(
+        &self,
+        def: protos::pb::Definition,
+        direct: bool,
+    ) -> Result<Duration> {
         let t = Instant::now();
         let client = BuildkitClient::connect_unix(&self.socket).await?;
         let report = client
             .build(BuildOptions {
                 definition: Some(def),
+                direct,
                 ..Default::default()
             })
             .await
@@ -175,6 +182,19 @@ impl Berthd {
         name: &str,
         metadata: &[(String, String)],
     ) -> Result<Duration> {
+        self.timed_build_via(def, ctx, name, metadata, false).await
+    }
+
+    /// [`Berthd::timed_build`], with `direct`: the definition in `Control.Solve` itself (as
+    /// `buildctl build` sends LLB) instead of through the gateway.
+    pub async fn timed_build_via(
+        &self,
+        def: protos::pb::Definition,
+        ctx: &Path,
+        name: &str,
+        metadata: &[(String, String)],
+        direct: bool,
+    ) -> Result<Duration> {
         let t = Instant::now();
         let client = BuildkitClient::connect_unix(&self.socket).await?;
         let report = client
@@ -186,6 +206,7 @@ impl Berthd {
                     BTreeMap::from([("name".to_string(), name.to_string())]),
                 ),
                 metadata: metadata.to_vec(),
+                direct,
                 ..Default::default()
             })
             .await

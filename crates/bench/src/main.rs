@@ -1534,71 +1534,39 @@ async fn scenario_pins(b: &mut Bench) -> Result<()> {
         "label=dev.berth.pin=worker:{}",
         cold.root().join("worker").display()
     );
-    let (mut t_warm, mut t_cold, mut t_next) = (vec![], vec![], vec![]);
-    let (mut x_warm, mut x_cold) = (vec![], vec![]);
+    // Per client path: [0] through the gateway (`LLBBridge.Solve` + `Return`, as BuildKit's Go
+    // client's `Build` and buildx send a build), [1] LLB in `Control.Solve` itself (as
+    // `buildctl build` sends it).
+    let (mut t_warm, mut t_cold, mut t_next): ([Vec<f64>; 2], [Vec<f64>; 2], [Vec<f64>; 2]) =
+        Default::default();
+    let (mut x_warm, mut x_cold): ([Vec<f64>; 2], [Vec<f64>; 2]) = Default::default();
     let ctx_dir = b.scratch.join("pins-ctx");
     std::fs::create_dir_all(&ctx_dir)?;
     let mut exported = Vec::new();
-    for round in 0..ROUNDS + 1 {
-        let order = if round % 2 == 0 {
-            [false, true]
-        } else {
-            [true, false]
-        };
-        for is_cold in order {
-            let def = llb::State::from(llb::image(&base))
-                .run(llb::RunOpts::shell(format!(
-                    "echo {} > /r",
-                    hex::encode(rand_bytes::<8>())
-                )))
-                .root()
-                .marshal()?;
-            if !is_cold {
-                let took = warm.timed_solve(def).await?;
-                if round > 0 {
-                    t_warm.push(secs(took));
+    for direct in [false, true] {
+        let d = usize::from(direct);
+        for round in 0..ROUNDS + 1 {
+            let order = if round % 2 == 0 {
+                [false, true]
+            } else {
+                [true, false]
+            };
+            for is_cold in order {
+                let def = llb::State::from(llb::image(&base))
+                    .run(llb::RunOpts::shell(format!(
+                        "echo {} > /r",
+                        hex::encode(rand_bytes::<8>())
+                    )))
+                    .root()
+                    .marshal()?;
+                if !is_cold {
+                    let took = warm.timed_solve_via(def, direct).await?;
+                    if round > 0 {
+                        t_warm[d].push(secs(took));
+                    }
+                    continue;
                 }
-                continue;
-            }
-            // Afresh: the lingering pin of the cold berthd's previous build is gone.
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while !docker_cmd(&["ps", "-aq", "--filter", &cold_pins])
-                .await?
-                .trim()
-                .is_empty()
-            {
-                ensure!(
-                    Instant::now() < deadline,
-                    "the cold berthd's pin was not removed within 60 s"
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            let took = cold.timed_solve(def).await?;
-            let next = llb::State::from(llb::image(&base))
-                .run(llb::RunOpts::shell(format!(
-                    "echo {} > /r",
-                    hex::encode(rand_bytes::<8>())
-                )))
-                .root()
-                .marshal()?;
-            let took_next = cold.timed_solve(next).await?;
-            if round > 0 {
-                t_cold.push(secs(took));
-                t_next.push(secs(took_next));
-            }
-        }
-        // The same with an export into Docker, warm and afresh (the pin of the solves above
-        // gone first).
-        for is_cold in order {
-            let def = llb::State::from(llb::image(&base))
-                .run(llb::RunOpts::shell(format!(
-                    "echo {} > /r",
-                    hex::encode(rand_bytes::<8>())
-                )))
-                .root()
-                .marshal()?;
-            let name = format!("berth-bench-pins-export:{round}-{is_cold}");
-            let took = if is_cold {
+                // Afresh: the lingering pin of the cold berthd's previous build is gone.
                 let deadline = Instant::now() + Duration::from_secs(60);
                 while !docker_cmd(&["ps", "-aq", "--filter", &cold_pins])
                     .await?
@@ -1611,13 +1579,59 @@ async fn scenario_pins(b: &mut Bench) -> Result<()> {
                     );
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                cold.timed_build(def, &ctx_dir, &name, &[]).await?
-            } else {
-                warm.timed_build(def, &ctx_dir, &name, &[]).await?
-            };
-            exported.push(name);
-            if round > 0 {
-                if is_cold { &mut x_cold } else { &mut x_warm }.push(secs(took));
+                let took = cold.timed_solve_via(def, direct).await?;
+                let next = llb::State::from(llb::image(&base))
+                    .run(llb::RunOpts::shell(format!(
+                        "echo {} > /r",
+                        hex::encode(rand_bytes::<8>())
+                    )))
+                    .root()
+                    .marshal()?;
+                let took_next = cold.timed_solve_via(next, direct).await?;
+                if round > 0 {
+                    t_cold[d].push(secs(took));
+                    t_next[d].push(secs(took_next));
+                }
+            }
+            // The same with an export into Docker, warm and afresh (the pin of the solves above
+            // gone first).
+            for is_cold in order {
+                let def = llb::State::from(llb::image(&base))
+                    .run(llb::RunOpts::shell(format!(
+                        "echo {} > /r",
+                        hex::encode(rand_bytes::<8>())
+                    )))
+                    .root()
+                    .marshal()?;
+                let name = format!("berth-bench-pins-export:{round}-{is_cold}-{direct}");
+                let took = if is_cold {
+                    let deadline = Instant::now() + Duration::from_secs(60);
+                    while !docker_cmd(&["ps", "-aq", "--filter", &cold_pins])
+                        .await?
+                        .trim()
+                        .is_empty()
+                    {
+                        ensure!(
+                            Instant::now() < deadline,
+                            "the cold berthd's pin was not removed within 60 s"
+                        );
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    cold.timed_build_via(def, &ctx_dir, &name, &[], direct)
+                        .await?
+                } else {
+                    warm.timed_build_via(def, &ctx_dir, &name, &[], direct)
+                        .await?
+                };
+                exported.push(name);
+                if round > 0 {
+                    if is_cold {
+                        &mut x_cold[d]
+                    } else {
+                        &mut x_warm[d]
+                    }
+                    .push(secs(took));
+                }
             }
         }
     }
@@ -1656,7 +1670,7 @@ async fn scenario_pins(b: &mut Bench) -> Result<()> {
                     );
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                let took = cold.timed_solve(def).await?;
+                let took = cold.timed_solve_via(def, true).await?;
                 ensure!(
                     !docker_cmd(&["ps", "-aq", "--filter", &cold_pins])
                         .await?
@@ -1666,7 +1680,7 @@ async fn scenario_pins(b: &mut Bench) -> Result<()> {
                 );
                 took
             } else {
-                warm.timed_solve(def).await?
+                warm.timed_solve_via(def, true).await?
             };
             if round > 0 {
                 if is_cold { &mut l_cold } else { &mut l_warm }.push(secs(took));
@@ -1688,68 +1702,88 @@ async fn scenario_pins(b: &mut Bench) -> Result<()> {
         )
         .await?;
     }
-    let (m_warm, m_cold, m_next) = (median(&t_warm), median(&t_cold), median(&t_next));
-    b.row(
-        8,
-        "build through berthd (docker-image base + RUN, no export), base pin already held".into(),
-        t_warm,
-        Unit::Secs,
-        String::new(),
-        "a long build of the same base on this berthd holds the (shared) pin".into(),
-    );
-    b.row(
-        8,
-        "same, on a berthd holding no pin of the base (pinning afresh)".into(),
-        t_cold,
-        Unit::Secs,
-        format!(
-            "cold − warm = {:.0} ms (the pin's cost on the build's critical path), cold / warm = {:.2}×",
-            (m_cold - m_warm) * 1000.0,
-            if m_warm > 0.0 { m_cold / m_warm } else { 0.0 }
-        ),
-        "builds alternate between the two berthds (order swapped each round), each once the \
-         previous build's pin is gone; nothing waits for the pin, which is made only if the \
-         build outlives the pin delay (`BERTH_PIN_DELAY_MS`, 250 ms): a shorter one makes none"
-            .into(),
-    );
-    b.row(
-        8,
-        "same, a back-to-back build right after the fresh one (reuses its lingering pin)".into(),
-        t_next,
-        Unit::Secs,
-        format!(
-            "back-to-back − warm = {:.0} ms (pin on the critical path)",
-            (m_next - m_warm) * 1000.0
-        ),
-        "pins linger 3 s after their last build".into(),
-    );
-    let (mx_warm, mx_cold) = (median(&x_warm), median(&x_cold));
-    b.row(
-        8,
-        "build with an export (`--output type=image`), base pin already held".into(),
-        x_warm,
-        Unit::Secs,
-        String::new(),
-        "the same solve, then loaded into the system dockerd".into(),
-    );
-    b.row(
-        8,
-        "same with an export, on a berthd holding no pin of the base".into(),
-        x_cold,
-        Unit::Secs,
-        format!(
-            "cold − warm = {:.0} ms (the pin's cost on the build's critical path)",
-            (mx_cold - mx_warm) * 1000.0
-        ),
-        "the thin load reads no base file, so the solve and the export do not wait for the pin \
-         (made only after the pin delay, 250 ms)"
-            .into(),
-    );
+    for d in [0, 1] {
+        let (path, wait) = if d == 0 {
+            (
+                "gateway (`LLBBridge.Solve`, as buildx)",
+                "the gateway's solve waits for the pin to run (a client may read the result)",
+            )
+        } else {
+            (
+                "LLB in `Control.Solve` (as `buildctl build`)",
+                "nothing waits for the pin, which is made only if the build outlives the pin \
+                 delay (`BERTH_PIN_DELAY_MS`, 250 ms): a shorter one makes none",
+            )
+        };
+        let (m_warm, m_cold, m_next) = (median(&t_warm[d]), median(&t_cold[d]), median(&t_next[d]));
+        b.row(
+            8,
+            format!("{path}: build (docker-image base + RUN, no export), base pin already held"),
+            std::mem::take(&mut t_warm[d]),
+            Unit::Secs,
+            String::new(),
+            "a long build of the same base on this berthd holds the (shared) pin".into(),
+        );
+        b.row(
+            8,
+            "same, on a berthd holding no pin of the base (pinning afresh)".into(),
+            std::mem::take(&mut t_cold[d]),
+            Unit::Secs,
+            format!(
+                "cold − warm = {:.0} ms (the pin's cost on the build's critical path), cold / warm = {:.2}×",
+                (m_cold - m_warm) * 1000.0,
+                if m_warm > 0.0 { m_cold / m_warm } else { 0.0 }
+            ),
+            format!(
+                "builds alternate between the two berthds (order swapped each round), each once \
+                 the previous build's pin is gone; {wait}"
+            ),
+        );
+        b.row(
+            8,
+            "same, a back-to-back build right after the fresh one (reuses a lingering pin)".into(),
+            std::mem::take(&mut t_next[d]),
+            Unit::Secs,
+            format!(
+                "back-to-back − warm = {:.0} ms (pin on the critical path)",
+                (m_next - m_warm) * 1000.0
+            ),
+            "pins linger 3 s after their last build".into(),
+        );
+        let (mx_warm, mx_cold) = (median(&x_warm[d]), median(&x_cold[d]));
+        b.row(
+            8,
+            format!("{path}: build with an export (`--output type=image`), base pin already held"),
+            std::mem::take(&mut x_warm[d]),
+            Unit::Secs,
+            String::new(),
+            "the same solve, then loaded into the system dockerd".into(),
+        );
+        b.row(
+            8,
+            "same with an export, on a berthd holding no pin of the base".into(),
+            std::mem::take(&mut x_cold[d]),
+            Unit::Secs,
+            format!(
+                "cold − warm = {:.0} ms (the pin's cost on the build's critical path)",
+                (mx_cold - mx_warm) * 1000.0
+            ),
+            if d == 0 {
+                "the gateway's solve ends once the pin runs: a build shorter than the pin's \
+                 create + start waits for the rest"
+                    .into()
+            } else {
+                "the thin load reads no base file: neither the solve nor the export waits for \
+                 the pin, made only after the pin delay (250 ms)"
+                    .into()
+            },
+        );
+    }
     let (ml_warm, ml_cold) = (median(&l_warm), median(&l_cold));
     b.row(
         8,
         format!(
-            "build outliving the pin delay (RUN `sleep {sleep}`, no export), base pin already held"
+            "LLB in `Control.Solve`: build outliving the pin delay (RUN `sleep {sleep}`, no export), base pin already held"
         ),
         l_warm,
         Unit::Secs,

@@ -29,7 +29,10 @@
 //! ([`layerstore::dockerstore::pin_image_in_background`]): the build's steps read the layers
 //! meanwhile, and what they make is kept (cached, handed to later steps) only once
 //! [`BaseImages::confirm`] says the layers were there all along; a build whose result is read
-//! (exported) ends its solve once the pins run. A prune may take the image before its pin runs
+//! (exported) ends its solve once the pins run. A build whose result nothing reads (no export,
+//! or only the image exporter's load into this Docker) neither waits nor pins at once: its pin
+//! is made only once it has used the base for [`PIN_DELAY`] (`BERTH_PIN_DELAY_MS`), so short
+//! builds make none. A prune may take the image before its pin runs
 //! (between the lookup and the pin's creation, or the created pin container and then the image
 //! in one `docker system prune`): if that is known before the layers are read, the image is
 //! resolved again (pulled, if it can be), once for all the builds that share the base's vertex
