@@ -1537,9 +1537,9 @@ async fn scenario_pins(b: &mut Bench) -> Result<()> {
     // Per client path: [0] through the gateway (`LLBBridge.Solve` + `Return`, as BuildKit's Go
     // client's `Build` and buildx send a build), [1] LLB in `Control.Solve` itself (as
     // `buildctl build` sends it).
-    let (mut t_warm, mut t_cold, mut t_next): ([Vec<f64>; 2], [Vec<f64>; 2], [Vec<f64>; 2]) =
-        Default::default();
-    let (mut x_warm, mut x_cold): ([Vec<f64>; 2], [Vec<f64>; 2]) = Default::default();
+    type PerPath = [Vec<f64>; 2];
+    let (mut t_warm, mut t_cold, mut t_next): (PerPath, PerPath, PerPath) = Default::default();
+    let (mut x_warm, mut x_cold): (PerPath, PerPath) = Default::default();
     let ctx_dir = b.scratch.join("pins-ctx");
     std::fs::create_dir_all(&ctx_dir)?;
     let mut exported = Vec::new();
