@@ -686,8 +686,11 @@ fn copy_range(
                 Err(e) => return Err(e.into()),
             }
         }
+        // Sized to what is left (a context file is often a few KiB), at most 256 KiB. This
+        // path is the common one when the source is an overlay mount and the destination a
+        // plain upper dir: `copy_file_range` refuses across superblocks (EXDEV).
         if buf.is_empty() {
-            buf = vec![0u8; 256 * 1024];
+            buf = vec![0u8; len.min(256 * 1024)];
         }
         let want = len.min(buf.len());
         let n = s.read_at(&mut buf[..want], off)?;
