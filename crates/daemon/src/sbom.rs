@@ -234,6 +234,8 @@ fn scan_definition(
                 } else {
                     cwd.into()
                 },
+                // As upstream's LLB client marshals every ExecOp (the scanner run included).
+                remove_mount_stubs_recursive: true,
                 ..Default::default()
             }),
             mounts: vec![
