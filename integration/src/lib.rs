@@ -51,6 +51,7 @@
 //! ```
 
 pub mod buildkit_client;
+mod buildx;
 mod certs;
 mod containerd;
 mod engine;
@@ -63,6 +64,7 @@ mod process;
 mod registry;
 
 pub use bollard;
+pub use buildx::BuildxBuilder;
 pub use certs::make_certs;
 pub use containerd::PrivateContainerd;
 pub use engine::{DockerEngine, Output, RunOptions, MIN_API_VERSION};

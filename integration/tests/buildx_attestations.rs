@@ -18,7 +18,9 @@ use std::path::Path;
 use std::process::Command;
 
 use integration::buildkit_client::{dockerfile_build, Berthd, BuildReport, Output};
-use integration::{busybox_image, require_root, unique_name, DockerEngine, Registry, TestImage};
+use integration::{
+    busybox_image, require_root, unique_name, BuildxBuilder, DockerEngine, Registry, TestImage,
+};
 use serde_json::Value;
 
 const SPDX: &str = "https://spdx.dev/Document";
@@ -43,30 +45,11 @@ fn ok(report: &BuildReport, berthd: &Berthd) -> BTreeMap<String, String> {
 }
 
 /// A buildx remote builder on berthd, removed on drop.
-struct Builder(String);
+struct Builder(BuildxBuilder);
 
 impl Builder {
     fn create(berthd: &Berthd) -> Self {
-        let version = Command::new("docker")
-            .args(["buildx", "version"])
-            .output()
-            .expect("run docker buildx version");
-        assert!(
-            String::from_utf8_lossy(&version.stdout).contains(" 0.13.1"),
-            "docker buildx 0.13.1 is required (bash .ci/trixie-packages.sh installs it)"
-        );
-        let name = unique_name("berth-attest");
-        let created = Command::new("docker")
-            .args(["buildx", "create", "--name", &name, "--driver", "remote"])
-            .arg(format!("unix://{}", berthd.socket().display()))
-            .output()
-            .unwrap();
-        assert!(
-            created.status.success(),
-            "buildx create: {}",
-            String::from_utf8_lossy(&created.stderr)
-        );
-        Builder(name)
+        Builder(BuildxBuilder::create("berth-attest", berthd.socket()))
     }
 
     /// `docker buildx build` with `args` on `dir`; `no_default` sets
@@ -77,7 +60,7 @@ impl Builder {
             "buildx",
             "build",
             "--builder",
-            &self.0,
+            self.0.name(),
             "--progress",
             "plain",
         ])
@@ -89,14 +72,6 @@ impl Builder {
             cmd.env_remove("BUILDX_NO_DEFAULT_ATTESTATIONS");
         }
         cmd.output().unwrap()
-    }
-}
-
-impl Drop for Builder {
-    fn drop(&mut self) {
-        let _ = Command::new("docker")
-            .args(["buildx", "rm", &self.0])
-            .output();
     }
 }
 

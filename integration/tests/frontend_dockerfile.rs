@@ -11,7 +11,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use integration::buildkit_client::{Berthd, BuildOptions, BuildReport, Output};
-use integration::{busybox_image, git, require_root, unique_name, DockerEngine, TestImage};
+use integration::{
+    busybox_image, git, require_root, unique_name, BuildxBuilder, DockerEngine, TestImage,
+};
 
 fn write(dir: &Path, rel: &str, content: &str) {
     let p = dir.join(rel);
@@ -368,26 +370,7 @@ async fn buildx_load_and_image_output() {
             base.reference()
         ),
     );
-    let builder = unique_name("berth-df");
-    let created = Command::new("docker")
-        .args(["buildx", "create", "--name", &builder, "--driver", "remote"])
-        .arg(format!("unix://{}", berthd.socket().display()))
-        .output()
-        .unwrap();
-    assert!(
-        created.status.success(),
-        "buildx create: {}",
-        String::from_utf8_lossy(&created.stderr)
-    );
-    struct RmBuilder(String);
-    impl Drop for RmBuilder {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("docker")
-                .args(["buildx", "rm", &self.0])
-                .output();
-        }
-    }
-    let _rm = RmBuilder(builder.clone());
+    let builder = BuildxBuilder::create("berth-df", berthd.socket());
     for (i, output) in ["--load", "--output=type=image,name={NAME}"]
         .iter()
         .enumerate()
@@ -398,7 +381,7 @@ async fn buildx_load_and_image_output() {
                 "buildx",
                 "build",
                 "--builder",
-                &builder,
+                builder.name(),
                 "--progress",
                 "plain",
             ])

@@ -9,7 +9,9 @@ use std::io::Write as _;
 use std::process::{Command, Stdio};
 
 use integration::buildkit_client::Berthd;
-use integration::{busybox_image, require_root, unique_name, DockerEngine, TestImage};
+use integration::{
+    busybox_image, require_root, unique_name, BuildxBuilder, DockerEngine, TestImage,
+};
 use sha2::Digest as _;
 
 /// A tar of `files` (path, content), mode 0644, owned by 0:0.
@@ -26,16 +28,6 @@ fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
         b.append_data(&mut h, path, *data).unwrap();
     }
     b.into_inner().unwrap()
-}
-
-struct RmBuilder(String);
-
-impl Drop for RmBuilder {
-    fn drop(&mut self) {
-        let _ = Command::new("docker")
-            .args(["buildx", "rm", &self.0])
-            .output();
-    }
 }
 
 /// Runs `docker buildx build` on `builder` with `args`, the tar on stdin.
@@ -71,26 +63,7 @@ async fn tar_context_through_the_session() {
     let engine = DockerEngine::system().unwrap();
     let base = busybox_image(&engine).await.unwrap();
     let berthd = Berthd::start(&[]).unwrap();
-    let version = Command::new("docker")
-        .args(["buildx", "version"])
-        .output()
-        .expect("run docker buildx version");
-    assert!(
-        String::from_utf8_lossy(&version.stdout).contains(" 0.13.1"),
-        "docker buildx 0.13.1 is required (bash .ci/trixie-packages.sh installs it)"
-    );
-    let builder = unique_name("berth-tarctx");
-    let created = Command::new("docker")
-        .args(["buildx", "create", "--name", &builder, "--driver", "remote"])
-        .arg(format!("unix://{}", berthd.socket().display()))
-        .output()
-        .unwrap();
-    assert!(
-        created.status.success(),
-        "buildx create: {}",
-        String::from_utf8_lossy(&created.stderr)
-    );
-    let _rm = RmBuilder(builder.clone());
+    let builder = BuildxBuilder::create("berth-tarctx", berthd.socket());
 
     // 8 MiB of pseudo-random bytes (several session messages and flow-control windows), checked
     // inside the build.
@@ -115,7 +88,7 @@ async fn tar_context_through_the_session() {
 
     let name = format!("{}:1", unique_name("berth-test/df-tarctx"));
     let out = buildx_build(
-        &builder,
+        builder.name(),
         &["--output", &format!("type=image,name={name}"), "-"],
         &ctx,
     );
@@ -148,7 +121,7 @@ async fn tar_context_through_the_session() {
     ]);
     let name2 = format!("{}:2", unique_name("berth-test/df-tarctx"));
     let out = buildx_build(
-        &builder,
+        builder.name(),
         &["--output", &format!("type=image,name={name2}"), "-"],
         &ctx2,
     );
