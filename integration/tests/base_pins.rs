@@ -1508,3 +1508,288 @@ async fn a_prune_before_an_unpinned_export_loads_runs_the_build_again() {
     assert_eq!(got, format!("{want}{want}soak"));
     wait_no_pins(&host, "after the build").await;
 }
+
+/// A berthd (with hold points `holds`) whose pins are made only after a minute unless something
+/// waits for them, on a private dockerd with the busybox base; and a registry holding that base
+/// plus `/soak-base`, pushed by berthd (its reference, also tagged in the dockerd).
+async fn setup_delayed(
+    holds: &Holds,
+) -> (Setup, integration::TestImage, integration::Registry, String) {
+    require_root();
+    let dockerd = PrivateDockerd::new(PrivateDockerdOptions::default()).unwrap();
+    let host = dockerd.engine().host();
+    let base = busybox_image(dockerd.engine()).await.unwrap();
+    let (k, v) = holds.env();
+    let berthd = Berthd::start_with_env(
+        &["--docker-host", &host],
+        &[(k, &v), ("BERTH_PIN_DELAY_MS", "60000")],
+    )
+    .unwrap();
+    let registry = integration::Registry::start().unwrap();
+    let client = berthd.client().await.unwrap();
+    let remote = push_base(&client, base.reference(), &registry).await;
+    wait_no_pins(&host, "after the push").await;
+    let s = Setup {
+        host,
+        base_ref: base.reference().to_string(),
+        base_id: base.id().to_string(),
+        berthd,
+        dockerd,
+    };
+    (s, base, registry, remote)
+}
+
+/// A Dockerfile build through `dockerfile.v0` (the frontend solving its LLB, as buildx sends
+/// it) exported with `--output type=image` into this Docker does not wait for its base's pin:
+/// with the pin delay at a minute, no pin container was made when the export is about to load
+/// (held there) — a solve that waited for its pin would have made it at once. `docker system
+/// prune -af` then deletes the unpinned base; the load fails on the missing layers, berth solves
+/// the result's definition again on the base pulled again (waiting for its pin this time), and
+/// the build succeeds with the right image; no pin is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dockerfile_image_build_does_not_wait_for_its_pin() {
+    let holds = Holds::new();
+    let (s, _base, _registry, remote) = setup_delayed(&holds).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("Dockerfile"),
+        format!("FROM {remote}\nRUN md5sum /bin/busybox > /sum\n"),
+    )
+    .unwrap();
+    holds.arm("live:before-load");
+    let name = format!("{}:1", unique_name("berth-test/dockerfile-unpinned"));
+    let attrs = BTreeMap::from([("name".to_string(), name.clone())]);
+    let build = integration::buildkit_client::dockerfile_build(
+        &s.berthd,
+        dir.path(),
+        &[],
+        Output::Raw("image".into(), attrs),
+    );
+    let drive = async {
+        holds.reached("live:before-load", &s.berthd).await;
+        let made = pins(&s.host, false);
+        assert!(
+            made.is_empty(),
+            "the Dockerfile build waited for its pin: {made:?}\nberthd log:\n{}",
+            s.berthd.log_text()
+        );
+        let (ok, _, err) = docker_async(&s.host, &["system", "prune", "-af"]).await;
+        assert!(ok, "docker system prune: {err}");
+        assert!(
+            !docker_async(&s.host, &["image", "inspect", &remote])
+                .await
+                .0,
+            "the prune left the base"
+        );
+        holds.release("live:before-load");
+    };
+    let (report, ()) = tokio::join!(build, drive);
+    let log = s.berthd.log_text();
+    let resp = report
+        .solve
+        .unwrap_or_else(|e| panic!("build failed: {e}\nberthd log:\n{log}"));
+    assert!(resp.exporter_response.contains_key("containerimage.digest"));
+    assert!(
+        log.contains("the export failed on it; running the build again"),
+        "{log}"
+    );
+    let want = Command::new("md5sum").arg("/bin/busybox").output().unwrap();
+    let want = String::from_utf8_lossy(&want.stdout).into_owned();
+    let (ok, got, err) = docker(
+        &s.host,
+        &[
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            &name,
+            "sh",
+            "-c",
+            "cat /sum; md5sum /bin/busybox; cat /soak-base",
+        ],
+    );
+    assert!(ok, "built image does not run: {err}");
+    assert_eq!(got, format!("{want}{want}soak"));
+    wait_no_pins(&s.host, "after the build").await;
+}
+
+/// A gateway client's build: `LLBBridge.Solve` (evaluated) of a RUN on the base, then `Return`
+/// of nothing, with `check` called in between with the gateway, the build's ref and the ref of
+/// the solved RUN. Returns how `Control.Solve` ended.
+async fn gateway_build<F, Fut>(
+    client: &BuildkitClient,
+    base: &str,
+    run: &str,
+    check: F,
+) -> Result<(), tonic::Status>
+where
+    F: FnOnce(
+        protos::moby::buildkit::v1::frontend::llb_bridge_client::LlbBridgeClient<
+            tonic::transport::Channel,
+        >,
+        String,
+        String,
+    ) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    use integration::buildkit_client::{new_id, with_build_id, Attachables};
+    use protos::moby::buildkit::v1 as control;
+    use protos::moby::buildkit::v1::frontend as gw;
+    let mut session = client.open_session(Attachables::default()).await.unwrap();
+    let build_ref = new_id();
+    let mut ctl = client.control();
+    let (sid, br) = (session.id.clone(), build_ref.clone());
+    let solve = tokio::spawn(async move {
+        ctl.solve(control::SolveRequest {
+            r#ref: br,
+            session: sid,
+            ..Default::default()
+        })
+        .await
+    });
+    let mut g = client.gateway();
+    let def = llb::State::from(llb::image(base))
+        .run(RunOpts::shell(run))
+        .root()
+        .marshal()
+        .unwrap();
+    let res = g
+        .solve(with_build_id(
+            gw::SolveRequest {
+                definition: Some(def),
+                evaluate: true,
+                allow_result_return: true,
+                allow_result_array_ref: true,
+                ..Default::default()
+            },
+            &build_ref,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(gw::result::Result::Ref(rf)) = res.result.and_then(|r| r.result) else {
+        panic!("expected a ref result");
+    };
+    check(g.clone(), build_ref.clone(), rf.id).await;
+    g.r#return(with_build_id(gw::ReturnRequest::default(), &build_ref))
+        .await
+        .unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(60), solve)
+        .await
+        .expect("Control.Solve answers")
+        .unwrap();
+    assert!(session.close(Duration::from_secs(5)).await);
+    r.map(|_| ())
+}
+
+/// `ReadFile` of a file of the result's base image through the gateway.
+async fn gateway_read(
+    mut g: protos::moby::buildkit::v1::frontend::llb_bridge_client::LlbBridgeClient<
+        tonic::transport::Channel,
+    >,
+    build_ref: &str,
+    id: &str,
+    path: &str,
+) -> Result<Vec<u8>, tonic::Status> {
+    use protos::moby::buildkit::v1::frontend as gw;
+    g.read_file(integration::buildkit_client::with_build_id(
+        gw::ReadFileRequest {
+            r#ref: id.to_string(),
+            file_path: path.to_string(),
+            ..Default::default()
+        },
+        build_ref,
+    ))
+    .await
+    .map(|r| r.into_inner().data.to_vec())
+}
+
+/// A gateway client's evaluated solve does not wait for its base's pin (none made within the
+/// minute's delay), and reading the ref's files waits for it then: the first `ReadFile` makes
+/// the pin at once (`docker ps` shows it running after the read), every routine cleanup and
+/// `docker rmi` of the base after that leave the base alone, and `ReadFile` of the base's
+/// `/bin/busybox` gives its exact bytes. In a second build, the cleanups delete the base while
+/// the read's pin is only created (held there): the read fails with the error naming the base
+/// image, never with a missing file or wrong bytes; no pin is left after either build.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_read_of_a_ref_waits_for_its_pin_then() {
+    let holds = Holds::new();
+    let (s, _base, _registry, _remote) = setup_delayed(&holds).await;
+    let client = s.berthd.client().await.unwrap();
+    let busybox = std::fs::read("/bin/busybox").unwrap();
+    let s_ref = &s;
+    let r = gateway_build(
+        &client,
+        &s.base_ref,
+        "md5sum /bin/busybox > /sum",
+        |g, build_ref, id| async move {
+            let s = s_ref;
+            let made = pins(&s.host, false);
+            assert!(
+                made.is_empty(),
+                "the gateway solve waited for its pin: {made:?}"
+            );
+            let sum = gateway_read(g.clone(), &build_ref, &id, "/sum")
+                .await
+                .unwrap();
+            assert!(
+                String::from_utf8_lossy(&sum).contains("/bin/busybox"),
+                "{sum:?}"
+            );
+            assert_one_running_pin(s, "after the first ReadFile");
+            routine_cleanups(s, "between two ReadFiles").await;
+            let got = gateway_read(g, &build_ref, &id, "/bin/busybox")
+                .await
+                .unwrap();
+            assert!(
+                got == busybox,
+                "ReadFile gave other bytes than the base's /bin/busybox"
+            );
+        },
+    )
+    .await;
+    r.unwrap_or_else(|e| panic!("build failed: {e}\nberthd log:\n{}", s.berthd.log_text()));
+    wait_no_pins(&s.host, "after the first build").await;
+
+    let holds_r = &holds;
+    let r = gateway_build(
+        &client,
+        &s.base_ref,
+        "md5sum /bin/busybox > /sum2",
+        |g, build_ref, id| async move {
+            let s = s_ref;
+            assert!(
+                pins(&s.host, false).is_empty(),
+                "the gateway solve waited for its pin"
+            );
+            holds_r.arm("pin:created");
+            let read =
+                tokio::spawn(async move { gateway_read(g, &build_ref, &id, "/bin/busybox").await });
+            holds_r.reached("pin:created", &s.berthd).await;
+            for args in [
+                vec!["container", "prune", "-f"],
+                vec!["image", "prune", "-af"],
+            ] {
+                let (ok, _, err) = docker_async(&s.host, &args).await;
+                assert!(ok, "docker {args:?}: {err}");
+            }
+            assert!(
+                !docker_async(&s.host, &["image", "inspect", &s.base_id])
+                    .await
+                    .0,
+                "the prunes left the base"
+            );
+            holds_r.release("pin:created");
+            let err = read.await.unwrap().expect_err("ReadFile of a deleted base");
+            assert!(
+                err.message().contains("was removed from Docker")
+                    && err.message().contains(&s.base_id),
+                "{err:?}\nberthd log:\n{}",
+                s.berthd.log_text()
+            );
+        },
+    )
+    .await;
+    assert!(r.is_ok(), "the build itself returned nothing: {r:?}");
+    wait_no_pins(&s.host, "after the second build").await;
+}

@@ -175,6 +175,33 @@ fn exporter_of(req: &pb::SolveRequest) -> Result<(String, BTreeMap<String, Strin
 
 /// The entitlements a build asks for must be known and allowed by the daemon's
 /// `insecure-entitlements`, checked before anything runs, with buildkitd's wording.
+/// Waits for the pins of the base images that every ref of `result` (and its attestations) uses
+/// in place, before anything reads their files (see `Control::run`). A ref whose base went
+/// before its pin ever ran (a routine cleanup in that window) is solved again from its
+/// definition, on the base resolved again (pulled again if it can be), waiting for its pins this
+/// time; any other loss gives the error naming the image and what removed it.
+async fn wait_for_pins(backend: &Arc<Backend>, job: &Job, result: &mut BuildResult) -> Result<()> {
+    for fs in result.fs.iter_mut().chain(result.refs.values_mut()) {
+        let Err(e) = fs.wait_for_pins().await else {
+            continue;
+        };
+        let Some(def) = fs.definition().cloned() else {
+            return Err(e);
+        };
+        if crate::solver::base_lost_before_pinned(fs).await.is_none() {
+            return Err(e);
+        }
+        tracing::warn!(build = %job.id, error = %e, "a base image went before its pin ran and the result is read; running the build again");
+        *fs = backend.solve(Some(def), &job.solve_ctx()).await?;
+    }
+    for a in result.attestations.values().flatten() {
+        if let Some(fs) = &a.fs {
+            fs.wait_for_pins().await?;
+        }
+    }
+    Ok(())
+}
+
 fn check_entitlements(requested: &[String], allowed: &[String]) -> Result<()> {
     for e in requested {
         if e != "security.insecure" && e != "network.host" {
@@ -312,9 +339,20 @@ impl Control {
         // to the empty result, as buildkitd does; only a request with neither a definition nor
         // a frontend waits for the client's LLBBridge calls.
         let direct = req.definition.is_some() || !req.frontend.is_empty();
-        // A direct solve whose pins were not waited for, and what runs it again if the export
-        // fails on a base image that went before its pin ran (see the image export below).
-        let mut rerun: Option<(protos::pb::Definition, SolveCtx)> = None;
+        // Whether anything reads the result's files after the solve. Nothing does in a build
+        // without exports, and the image exporter reads none of the base images' files when it
+        // loads the result into this Docker (its thin load names their layers by chain ID, and
+        // Docker takes its own references on them or refuses the load if they are gone). A
+        // push, an SBOM scan, a cache export and the exporters that write files read the layers.
+        // Solves do not wait for their base images' pins, which start only if the build outlives
+        // a short delay (`worker::SolveContext::result_unread`), unless they are direct solves
+        // of a result that is read; a result that is read waits for them before the export
+        // (below), and a frontend that reads a ref's files or runs a container on it waits for
+        // that ref's pins then (`worker::SolvedRef::wait_for_pins`).
+        let loaded_only = kind == ExporterKind::Image
+            && !crate::export_image::truthy(&exp_attrs, "push")?
+            && crate::sbom::generator(&req.frontend_attrs)?.is_none();
+        let unread = (kind == ExporterKind::None || loaded_only) && cache_exports.is_empty();
         let result = if direct {
             if req.definition.as_ref().is_some_and(|d| !d.def.is_empty())
                 && !req.frontend.is_empty()
@@ -350,23 +388,8 @@ impl Control {
                     cache_imports: job.cache_imports.lock().unwrap().clone(),
                 };
                 let def = req.definition.take();
-                // Nothing reads the result of a build without exports, and the image exporter
-                // reads none of the base images' files when it loads the result into this
-                // Docker (its thin load names their layers by chain ID, and Docker takes its
-                // own references on them or refuses the load if they are gone): such a build
-                // does not wait for its base images' pins, which start only if it outlives a
-                // short delay (`worker::SolveContext::result_unread`). A push, an SBOM scan or a
-                // cache export reads the layers: those wait.
-                let loaded_only = kind == ExporterKind::Image
-                    && !crate::export_image::truthy(&exp_attrs, "push")?
-                    && crate::sbom::generator(&req.frontend_attrs)?.is_none();
-                let fs = if (kind == ExporterKind::None || loaded_only) && cache_exports.is_empty()
-                {
-                    let fs = self.backend.solve_unread(def.clone(), &ctx).await?;
-                    if kind == ExporterKind::Image {
-                        rerun = def.clone().map(|d| (d, ctx.clone()));
-                    }
-                    fs
+                let fs = if unread {
+                    self.backend.solve_unread(def.clone(), &ctx).await?
                 } else {
                     self.backend.solve(def.clone(), &ctx).await?
                 };
@@ -405,6 +428,9 @@ impl Control {
         };
 
         let mut result = result;
+        if !unread {
+            wait_for_pins(&self.backend, job, &mut result).await?;
+        }
         if let Some(generator) = crate::sbom::generator(&req.frontend_attrs)? {
             let platforms = result_platforms(&result)?;
             let ctx = SolveCtx {
@@ -748,6 +774,8 @@ impl Control {
         }
         if kind == ExporterKind::Image && result.refs.is_empty() {
             let mut fs = result.fs.clone().unwrap_or(crate::solver::FsRef::Scratch);
+            // Whether the build ran again for the export already (at most once).
+            let mut rerun = false;
             let r = loop {
                 let r = tokio::select! {
                     r = crate::export_image::export(
@@ -769,10 +797,11 @@ impl Control {
                         // gone that a routine cleanup deleted before its pin ran: the build
                         // runs again, on the base resolved again (pulled again if it can be),
                         // and this time waits for the pins before the export.
-                        if let Some((def, ctx)) = rerun.take() {
+                        if let Some(def) = fs.definition().filter(|_| !rerun).cloned() {
                             if let Some(lost) = crate::solver::base_lost_before_pinned(&fs).await {
                                 tracing::warn!(build = %job.id, error = %lost, export_error = %e, "a base image went before its pin ran and the export failed on it; running the build again");
-                                fs = self.backend.solve(Some(def), &ctx).await?;
+                                rerun = true;
+                                fs = self.backend.solve(Some(def), &job.solve_ctx()).await?;
                                 continue;
                             }
                         }

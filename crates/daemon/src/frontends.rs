@@ -540,7 +540,15 @@ impl Bridge for InProcess<'_> {
             }
         }
         let def = req.definition.clone();
-        let fs = match self.fe.backend.solve(req.definition, &self.ctx()).await {
+        // Not waiting for the base images' pins: a read of the result's files, or an export that
+        // reads them, waits for them then (`FsRef::wait_for_pins`); the Dockerfile frontend
+        // handing the result to the image exporter into this Docker reads nothing.
+        let fs = match self
+            .fe
+            .backend
+            .solve_unread(req.definition, &self.ctx())
+            .await
+        {
             Err(_) if self.job.cancel.is_cancelled() => return Err(boxed(self.job.cancel_error())),
             r => r.map_err(boxed)?,
         };

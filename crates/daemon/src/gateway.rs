@@ -188,8 +188,11 @@ impl Gateway {
         let def = r.definition.clone();
         // Without `Evaluate` nothing runs yet: the ref is solved when it is first used (a file
         // call, a container mount, `Return`), so a ref that is never used never runs.
+        // Neither waits for the base images' pins: a file call or a container on the ref waits
+        // for them (`worker::SolvedRef::wait_for_pins`), and so does an export that reads the
+        // result's files (`Control.Solve`).
         let id = if r.evaluate {
-            let fs = match self.backend.solve(def, &ctx).await {
+            let fs = match self.backend.solve_unread(def, &ctx).await {
                 Err(_) if job.cancel.is_cancelled() => return Err(job.cancel_error()),
                 Err(e) => {
                     return Err(

@@ -113,6 +113,19 @@ impl std::fmt::Debug for Job {
 }
 
 impl Job {
+    /// A context for solving in this job: its session, progress, cancellation, entitlements
+    /// and imported caches.
+    pub fn solve_ctx(&self) -> SolveCtx {
+        SolveCtx {
+            job_id: self.id.clone(),
+            session_id: self.session_id.clone(),
+            progress: self.progress.clone(),
+            cancel: self.cancel.clone(),
+            entitlements: self.entitlements.clone(),
+            cache_imports: self.cache_imports.lock().unwrap().clone(),
+        }
+    }
+
     /// A new job and the receiver of its `Return`.
     pub fn new(
         id: String,
@@ -236,7 +249,7 @@ impl Job {
             GatewayRef::Lazy(lazy) => {
                 let fs = lazy
                     .solved
-                    .get_or_try_init(|| backend.solve(Some(lazy.def.clone()), &lazy.ctx))
+                    .get_or_try_init(|| backend.solve_unread(Some(lazy.def.clone()), &lazy.ctx))
                     .await;
                 match fs {
                     Err(_) if self.cancel.is_cancelled() => Err(self.cancel_error()),

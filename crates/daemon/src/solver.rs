@@ -38,6 +38,25 @@ impl FsRef {
             FsRef::Solved(r) => r.is_empty() && r.snapshot_id().is_none(),
         }
     }
+
+    /// The definition the result was solved from, if the worker kept it (see
+    /// [`worker::SolvedRef::definition`]).
+    pub fn definition(&self) -> Option<&protos::pb::Definition> {
+        match self {
+            FsRef::Scratch => None,
+            FsRef::Solved(r) => r.definition(),
+        }
+    }
+
+    /// Before the result's files are read by anything but a mount of it (which waits itself):
+    /// waits for the pins of the base images it uses in place (see
+    /// [`worker::SolvedRef::wait_for_pins`]).
+    pub async fn wait_for_pins(&self) -> Result<()> {
+        match self {
+            FsRef::Scratch => Ok(()),
+            FsRef::Solved(r) => r.wait_for_pins().await.map_err(Error::from),
+        }
+    }
 }
 
 /// The error of a base image of `fs` that lost its layers (see
@@ -196,10 +215,11 @@ impl Backend {
         self.solve_read(def, ctx, true).await
     }
 
-    /// [`Backend::solve`] of a result whose files nothing reads (a build without exports, or one
-    /// only loaded into this Docker by the image exporter): the solve does not wait for the pins
-    /// of its base images, which start only if it outlives a short delay
-    /// (`worker::SolveContext::result_unread`).
+    /// [`Backend::solve`] of a result whose files nothing reads yet (a build without exports, one
+    /// only loaded into this Docker by the image exporter, a frontend's solve): the solve does not
+    /// wait for the pins of its base images, which start only if it outlives a short delay
+    /// (`worker::SolveContext::result_unread`). Whatever reads the result's files later waits for
+    /// them first ([`FsRef::wait_for_pins`]; [`Backend::view`] does).
     pub async fn solve_unread(
         self: &Arc<Self>,
         def: Option<protos::pb::Definition>,

@@ -80,7 +80,8 @@ impl Worker {
     /// Prepares the mounts of a gateway container. `mounts[i].input` indexes `refs` (`-1`: no
     /// input, e.g. scratch, tmpfs, cache without seed); `name` names the mutable snapshots
     /// (`container <id>`). Secrets and SSH agents come from `session`. Errors as an exec's
-    /// mounts fail (a root mount that is not a bind, a missing required secret...).
+    /// mounts fail (a root mount that is not a bind, a missing required secret...). Waits for
+    /// the pins of the refs' base images first ([`SolvedRef::wait_for_pins`]).
     pub async fn prepare_container(
         &self,
         name: &str,
@@ -115,6 +116,10 @@ impl Worker {
             return Err(Error::InvalidRequest {
                 reason: "container has no root mount".into(),
             });
+        }
+        // The container reads the refs' files: their base images' pins must run first.
+        for r in refs {
+            r.wait_for_pins().await?;
         }
         let env = BuildEnv {
             store: self.inner.store.clone(),

@@ -62,6 +62,9 @@ pub struct SolvedRef {
     pub(crate) bases: Option<Arc<crate::ops::source_image::BaseImages>>,
     /// What the solve that made this result evaluated (set on results of [`crate::Worker::solve`]).
     pub(crate) trace: Option<Arc<crate::remote::SolveTrace>>,
+    /// The definition the result was solved from (set on results of [`crate::Worker::solve`]):
+    /// solving it again makes the same result on base images resolved again.
+    pub(crate) definition: Option<Arc<protos::pb::Definition>>,
 }
 
 /// A source op of the definition a result was solved from (build information: BuildKit's
@@ -98,6 +101,7 @@ impl SolvedRef {
             sources: Default::default(),
             bases: None,
             trace: None,
+            definition: None,
         }
     }
 
@@ -148,6 +152,31 @@ impl SolvedRef {
         }
     }
 
+    /// Before the result's files are read: waits until the pins of the Docker base images it was
+    /// built on in place run (a solve whose result nothing was to read did not wait for them, and
+    /// made them only if it outlived the pin delay, see `crate::SolveContext::result_unread`;
+    /// waiting here makes a delayed pin at once), then checks that their layers were there all
+    /// along. [`SolvedRef::mount`] and gateway containers do this themselves; an exporter that
+    /// reads the layers of [`SolvedRef::chain`] calls it first. Cheap once the pins run.
+    ///
+    /// Errors: a base that went (before its pin ran, or removed by force), naming the image and
+    /// what removed it; [`SolvedRef::base_lost_before_pinned`] tells whether solving
+    /// [`SolvedRef::definition`] again may help.
+    pub async fn wait_for_pins(&self) -> Result<()> {
+        let Some(bases) = &self.bases else {
+            return Ok(());
+        };
+        bases.wait_running().await;
+        bases.confirm().await
+    }
+
+    /// The definition this result was solved from (`None` for scratch, a failed step's state
+    /// and results inside a trace): solving it again (e.g. after a base image went before its
+    /// pin ran) makes the same result.
+    pub fn definition(&self) -> Option<&protos::pb::Definition> {
+        self.definition.as_deref()
+    }
+
     /// What the solve that produced this result evaluated (for cache exports); `None` for
     /// results inside a trace and for scratch.
     pub fn trace(&self) -> Option<&crate::remote::SolveTrace> {
@@ -159,8 +188,10 @@ impl SolvedRef {
         &self.store
     }
 
-    /// Mounts the result read-only; the mount lives as long as the returned guard.
+    /// Mounts the result read-only; the mount lives as long as the returned guard. Waits for
+    /// the base images' pins first ([`SolvedRef::wait_for_pins`]).
     pub async fn mount(&self) -> Result<ReadOnlyMount> {
+        self.wait_for_pins().await?;
         let store = self.store.clone();
         let snap = self.snap.clone();
         let m = tokio::task::spawn_blocking(move || match &snap {

@@ -166,9 +166,12 @@ impl SolveContext {
     /// Nothing reads the result's files after the solve (a build without exports, or one only
     /// loaded into Docker by the image exporter): the solve does not wait for the pins of its
     /// base images to run, and they are made only if the build outlives a short delay
-    /// (`BERTH_PIN_DELAY_MS`, see `layerstore::dockerstore::pin_image_after`). (A result that is
-    /// read must not be handed on before they run, as `docker container prune` removes a pin
-    /// container that does not run yet, and the base with it.)
+    /// (`BERTH_PIN_DELAY_MS`, see `layerstore::dockerstore::pin_image_after`). Whatever reads
+    /// the result's files later waits for them then ([`SolvedRef::wait_for_pins`]; a mount of
+    /// the result and a gateway container do): `docker container prune` removes a pin container
+    /// that does not run yet, and the base with it.
+    ///
+    /// [`SolvedRef::wait_for_pins`]: crate::SolvedRef::wait_for_pins
     pub fn result_unread(mut self) -> Self {
         self.result_read = false;
         self

@@ -57,6 +57,7 @@ impl Inner {
             sources: Default::default(),
             bases: None,
             trace: None,
+            definition: None,
         }
     }
 }
@@ -351,6 +352,7 @@ async fn solve_with_bases(
                                 sources: sources.clone(),
                                 bases: Some(bases.clone()),
                                 trace: None,
+                                definition: None,
                             }),
                     })
                     .collect(),
@@ -368,6 +370,7 @@ async fn solve_with_bases(
             sources,
             bases: Some(bases),
             trace: Some(Arc::new(trace.clone())),
+            definition: Some(Arc::new(def.clone())),
         },
         trace,
     ))
