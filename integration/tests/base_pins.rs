@@ -1124,6 +1124,8 @@ async fn soak_builds_under_prunes() {
         "pulled image deleted before it was tagged",
         "image pin lost",
         "a base image went before its pin ran; running the build again",
+        "the export failed on it; running the build again",
+        "the result is read; running the build again",
     ] {
         println!("berthd log: {} × {what:?}", log.matches(what).count());
     }
