@@ -1345,7 +1345,26 @@ async fn prune_before_the_build_reads_its_base_takes_nothing_it_needs() {
             "layer {c} collected while the build's lease held it: {snaps:?}"
         );
     }
+    // The solve ends and drops its ops before the export starts: the result must still hold
+    // the base's layers (the image record is gone), or a GC in that window takes them and the
+    // export finds a layer neither Docker nor berth has (seen in CI before the lease moved from
+    // the source op to the build's result).
+    let export = "containerd-export:start";
+    holds.arm(export);
     holds.release(step);
+    holds.reached(export, &env.berthd).await;
+    // Lets a lease dropped with the ops be deleted (in the background) before the GC runs, so
+    // this fails when only the ops held the base.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    env.gc();
+    let snaps = env.snapshots();
+    for c in &chains {
+        assert!(
+            snaps.contains(c),
+            "layer {c} collected between the solve and the export: {snaps:?}"
+        );
+    }
+    holds.release(export);
     let r = build.await.unwrap().expect("build");
     if let Err(e) = &r.solve {
         panic!("build failed: {e}\n{}", env.berthd.log_text());

@@ -315,6 +315,8 @@ impl ContainerdStore {
         layers: &[ContainerdLayer],
         record_name: &str,
     ) -> Result<ContainerdReport> {
+        // Test hook: the build's solve is over (its op graph dropped), nothing exported yet.
+        layerstore::dockerstore::fault::hold_point("containerd-export:start").await;
         let lease_id = format!("berth-export-{}", unique_token());
         let mut leases = LeasesClient::new(self.channel.clone());
         let mut labels = HashMap::new();

@@ -118,7 +118,7 @@ pub const HOLD_MAX: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// Hold points in the order a build with an exec on a base image used in place reaches them
 /// (`pin.rs`, `crates/worker/src/ops/source_image.rs`, `ops/exec.rs`,
-/// `crates/exporter/src/docker_load.rs`).
+/// `crates/exporter/src/docker_load.rs`, `crates/exporter/src/containerd.rs`).
 pub const HOLD_STEPS: &[&str] = &[
     // A pin container is created, not started yet (`docker container prune` removes it).
     "pin:created",
@@ -137,6 +137,9 @@ pub const HOLD_STEPS: &[&str] = &[
     // Containerd image store: the Engine has the image and the build's lease exists, holding
     // nothing of it yet.
     "containerd-base:found",
+    // Containerd image store (`crates/exporter/src/containerd.rs`): the build's solve is over
+    // and its ops are dropped; the export has not started (the result alone holds the bases).
+    "containerd-export:start",
 ];
 
 fn hold_dir() -> Option<&'static std::path::Path> {

@@ -213,9 +213,16 @@ fn repo_digest(reference: &str, repo_digests: Option<&[String]>) -> Option<Strin
 }
 
 /// The base images a build uses in place from the live Docker Engine, each with its pin (see
-/// [`layerstore::dockerstore::Pin`]); shared by the build's ops and its result.
+/// [`layerstore::dockerstore::Pin`]), and the containerd leases of the bases it uses from the
+/// Engine's containerd image store; shared by the build's ops and its result, so the bases stay
+/// held until the result is exported and dropped, not only while the source op lives (a
+/// `docker image prune` between the solve and the export could otherwise let containerd's GC take
+/// the layers the result is made of).
 #[derive(Default)]
-pub(crate) struct BaseImages(std::sync::Mutex<Vec<HeldBase>>);
+pub(crate) struct BaseImages {
+    held: std::sync::Mutex<Vec<HeldBase>>,
+    leases: std::sync::Mutex<Vec<Arc<containerdstore::BaseLease>>>,
+}
 
 struct HeldBase {
     reference: String,
@@ -242,7 +249,7 @@ impl BaseImages {
         pin: Pin,
         record: std::path::PathBuf,
     ) {
-        self.0.lock().unwrap().push(HeldBase {
+        self.held.lock().unwrap().push(HeldBase {
             reference: reference.to_string(),
             layer_dirs: image.layer_dirs.clone(),
             pin,
@@ -250,11 +257,19 @@ impl BaseImages {
         });
     }
 
+    /// Holds a containerd-store base's lease for as long as the build's result lives.
+    fn add_lease(&self, lease: Arc<containerdstore::BaseLease>) {
+        let mut leases = self.leases.lock().unwrap();
+        if !leases.iter().any(|l| l.id() == lease.id()) {
+            leases.push(lease);
+        }
+    }
+
     /// The bases held, each as it stands now: a base that was resolved again (by this build or
     /// by another one whose work on the same base vertex this build shares, see
     /// `ImageSource::live_layers`) as the image and pin resolved again.
     fn current(&self) -> Vec<Current> {
-        self.0
+        self.held
             .lock()
             .unwrap()
             .iter()
@@ -329,7 +344,7 @@ impl BaseImages {
 
     /// Whether a base with this reference was resolved (and pinned) in this build.
     pub(crate) fn has(&self, reference: &str) -> bool {
-        self.0
+        self.held
             .lock()
             .unwrap()
             .iter()
@@ -379,7 +394,9 @@ enum Hold {
     /// Resolved from a stopped daemon's data root: pins through the API if dockerd starts.
     Offline { _watch: OfflineWatch },
     /// A containerd lease on the Engine's containerd image store.
-    Containerd { _lease: containerdstore::BaseLease },
+    Containerd {
+        lease: Arc<containerdstore::BaseLease>,
+    },
 }
 
 /// Why [`ImageSource::resolve_containerd`] failed.
@@ -634,7 +651,12 @@ impl ImageSource {
         };
         let (image, pin, record) = match self.resolve_live(&docker, ctx).await? {
             Live::Pinned(image, pin, record) => (image, pin, record),
-            Live::Containerd(r) => return Ok(r),
+            Live::Containerd(r) => {
+                if let Hold::Containerd { lease } = &r.hold {
+                    self.env.bases.add_lease(lease.clone());
+                }
+                return Ok(r);
+            }
         };
         let chain = self.limit(image.chain())?;
         self.env
@@ -888,7 +910,9 @@ impl ImageSource {
         Ok(Resolved {
             id: image.id,
             chain,
-            hold: Hold::Containerd { _lease: lease },
+            hold: Hold::Containerd {
+                lease: Arc::new(lease),
+            },
         })
     }
 
