@@ -25,6 +25,12 @@
 //!   container prune` and `image prune` deleting the base under such a RUN (its pin held before
 //!   its start) make berth drop what the RUN made and run the build again on the base pulled
 //!   again, which succeeds with the right image;
+//! - a build whose result nothing reads (an image export into this Docker), sent as LLB with
+//!   `Control.Solve` or through the Dockerfile frontend, makes no pin before its load (pin delay
+//!   a minute), and a base deleted then makes berth run the build again; a gateway client's
+//!   solve makes no pin either, its first `ReadFile` on the ref makes it (cleanups after leave
+//!   the base, the bytes are right), and a base deleted before that pin runs fails the read with
+//!   the error naming the image;
 //! - `soak_builds_under_prunes` (ignored): 200 builds with a prune every few seconds.
 //!
 //! Needs root, runc, overlayfs, dockerd and containerd, busybox-static.
@@ -1413,104 +1419,6 @@ async fn a_prune_while_a_step_reads_the_base_before_its_pin_runs_runs_the_build_
     wait_no_pins(&s.host, "after the build").await;
 }
 
-/// An image export of LLB sent with `Control.Solve` (as `buildctl build` sends it) does not
-/// wait for the base's pin (its thin load reads no base file), so a
-/// routine cleanup may delete a base that is not pinned yet before the load: here the pin delay
-/// is a minute (no pin is made), the build is held before the load, and `docker system prune -af`
-/// deletes the base. The load fails on the missing layers; berth runs the build again on the
-/// base pulled again, pinned at once and waited for this time, and the build succeeds with the
-/// right image; no pin is left.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_prune_before_an_unpinned_export_loads_runs_the_build_again() {
-    require_root();
-    let holds = Holds::new();
-    let dockerd = PrivateDockerd::new(PrivateDockerdOptions::default()).unwrap();
-    let host = dockerd.engine().host();
-    let base = busybox_image(dockerd.engine()).await.unwrap();
-    let (k, v) = holds.env();
-    let berthd = Berthd::start_with_env(
-        &["--docker-host", &host],
-        &[(k, &v), ("BERTH_PIN_DELAY_MS", "60000")],
-    )
-    .unwrap();
-    let registry = integration::Registry::start().unwrap();
-    let client = berthd.client().await.unwrap();
-    let remote = push_base(&client, base.reference(), &registry).await;
-    wait_no_pins(&host, "after the push").await;
-    holds.arm("live:before-load");
-    let name = format!("{}:1", unique_name("berth-test/unpinned-export"));
-    let def = llb::State::from(llb::image(&remote))
-        .run(RunOpts::shell("md5sum /bin/busybox > /sum"))
-        .root()
-        .marshal()
-        .unwrap();
-    let mut attrs = BTreeMap::new();
-    attrs.insert("name".to_string(), name.clone());
-    // Sent as `buildctl build` sends LLB: the exporter is known with the definition.
-    let build = client.build(BuildOptions {
-        definition: Some(def),
-        direct: true,
-        output: Output::Raw("image".into(), attrs),
-        ..Default::default()
-    });
-    let drive = async {
-        holds.reached("live:before-load", &berthd).await;
-        let made = pins(&host, false);
-        let labels = docker(
-            &host,
-            &[
-                "ps",
-                "-a",
-                "--format",
-                "{{.Names}} {{.Label \"dev.berth.pin.build\"}} {{.Label \"dev.berth.pin.image\"}} {{.Status}}",
-            ],
-        )
-        .1;
-        let images = docker(&host, &["images", "--no-trunc"]).1;
-        assert!(
-            made.is_empty(),
-            "a pin was made within the pin delay: {labels}\n{images}\nberthd log:\n{}",
-            berthd.log_text()
-        );
-        let (ok, _, err) = docker_async(&host, &["system", "prune", "-af"]).await;
-        assert!(ok, "docker system prune: {err}");
-        assert!(
-            !docker_async(&host, &["image", "inspect", &remote]).await.0,
-            "the prune left the base"
-        );
-        holds.release("live:before-load");
-    };
-    let (report, ()) = tokio::join!(build, drive);
-    let log = berthd.log_text();
-    let resp = report
-        .unwrap()
-        .solve
-        .unwrap_or_else(|e| panic!("build failed: {e}\nberthd log:\n{log}"));
-    assert!(resp.exporter_response.contains_key("containerimage.digest"));
-    assert!(
-        log.contains("the export failed on it; running the build again"),
-        "{log}"
-    );
-    let want = Command::new("md5sum").arg("/bin/busybox").output().unwrap();
-    let want = String::from_utf8_lossy(&want.stdout).into_owned();
-    let (ok, got, err) = docker(
-        &host,
-        &[
-            "run",
-            "--rm",
-            "--network",
-            "none",
-            &name,
-            "sh",
-            "-c",
-            "cat /sum; md5sum /bin/busybox; cat /soak-base",
-        ],
-    );
-    assert!(ok, "built image does not run: {err}");
-    assert_eq!(got, format!("{want}{want}soak"));
-    wait_no_pins(&host, "after the build").await;
-}
-
 /// A berthd (with hold points `holds`) whose pins are made only after a minute unless something
 /// waits for them, on a private dockerd with the busybox base; and a registry holding that base
 /// plus `/soak-base`, pushed by berthd (its reference, also tagged in the dockerd).
@@ -1541,46 +1449,31 @@ async fn setup_delayed(
     (s, base, registry, remote)
 }
 
-/// A Dockerfile build through `dockerfile.v0` (the frontend solving its LLB, as buildx sends
-/// it) exported with `--output type=image` into this Docker does not wait for its base's pin:
-/// with the pin delay at a minute, no pin container was made when the export is about to load
-/// (held there) — a solve that waited for its pin would have made it at once. `docker system
-/// prune -af` then deletes the unpinned base; the load fails on the missing layers, berth solves
-/// the result's definition again on the base pulled again (waiting for its pin this time), and
-/// the build succeeds with the right image; no pin is left.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dockerfile_image_build_does_not_wait_for_its_pin() {
-    let holds = Holds::new();
-    let (s, _base, _registry, remote) = setup_delayed(&holds).await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("Dockerfile"),
-        format!("FROM {remote}\nRUN md5sum /bin/busybox > /sum\n"),
-    )
-    .unwrap();
+/// Holds `build` (an image export of `name` on `remote`, a RUN writing `/sum`) before its load,
+/// checks that no pin was made (the pin delay is a minute: only a solve waiting for its pin makes
+/// one at once), deletes the unpinned base with `docker system prune -af`, and lets the load go
+/// on: the load fails on the missing layers and berth runs the build again on the base pulled
+/// again; the build succeeds with the right image and no pin is left.
+async fn prune_before_an_unpinned_load(
+    s: &Setup,
+    holds: &Holds,
+    remote: &str,
+    name: &str,
+    build: impl std::future::Future<Output = BuildReport>,
+) {
     holds.arm("live:before-load");
-    let name = format!("{}:1", unique_name("berth-test/dockerfile-unpinned"));
-    let attrs = BTreeMap::from([("name".to_string(), name.clone())]);
-    let build = integration::buildkit_client::dockerfile_build(
-        &s.berthd,
-        dir.path(),
-        &[],
-        Output::Raw("image".into(), attrs),
-    );
     let drive = async {
         holds.reached("live:before-load", &s.berthd).await;
         let made = pins(&s.host, false);
         assert!(
             made.is_empty(),
-            "the Dockerfile build waited for its pin: {made:?}\nberthd log:\n{}",
+            "the build waited for its pin: {made:?}\nberthd log:\n{}",
             s.berthd.log_text()
         );
         let (ok, _, err) = docker_async(&s.host, &["system", "prune", "-af"]).await;
         assert!(ok, "docker system prune: {err}");
         assert!(
-            !docker_async(&s.host, &["image", "inspect", &remote])
-                .await
-                .0,
+            !docker_async(&s.host, &["image", "inspect", remote]).await.0,
             "the prune left the base"
         );
         holds.release("live:before-load");
@@ -1604,7 +1497,7 @@ async fn a_dockerfile_image_build_does_not_wait_for_its_pin() {
             "--rm",
             "--network",
             "none",
-            &name,
+            name,
             "sh",
             "-c",
             "cat /sum; md5sum /bin/busybox; cat /soak-base",
@@ -1613,6 +1506,62 @@ async fn a_dockerfile_image_build_does_not_wait_for_its_pin() {
     assert!(ok, "built image does not run: {err}");
     assert_eq!(got, format!("{want}{want}soak"));
     wait_no_pins(&s.host, "after the build").await;
+}
+
+/// An image export of LLB sent with `Control.Solve` (as `buildctl build` sends it) does not
+/// wait for the base's pin (its thin load reads no base file), so a routine cleanup may delete a
+/// base that is not pinned yet before the load; berth runs the build again then, on the base
+/// pulled again, pinned at once and waited for this time (`prune_before_an_unpinned_load`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prune_before_an_unpinned_export_loads_runs_the_build_again() {
+    let holds = Holds::new();
+    let (s, _base, _registry, remote) = setup_delayed(&holds).await;
+    let client = s.berthd.client().await.unwrap();
+    let name = format!("{}:1", unique_name("berth-test/unpinned-export"));
+    let def = llb::State::from(llb::image(&remote))
+        .run(RunOpts::shell("md5sum /bin/busybox > /sum"))
+        .root()
+        .marshal()
+        .unwrap();
+    let attrs = BTreeMap::from([("name".to_string(), name.clone())]);
+    // Sent as `buildctl build` sends LLB: the exporter is known with the definition.
+    let build = async {
+        client
+            .build(BuildOptions {
+                definition: Some(def),
+                direct: true,
+                output: Output::Raw("image".into(), attrs),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+    };
+    prune_before_an_unpinned_load(&s, &holds, &remote, &name, build).await;
+}
+
+/// A Dockerfile build through `dockerfile.v0` (the frontend solving its LLB, as buildx sends
+/// it) exported with `--output type=image` into this Docker does not wait for its base's pin
+/// either: no pin container was made when the export is about to load, and a base deleted then
+/// makes berth solve the result's definition again (`prune_before_an_unpinned_load`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dockerfile_image_build_does_not_wait_for_its_pin() {
+    let holds = Holds::new();
+    let (s, _base, _registry, remote) = setup_delayed(&holds).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("Dockerfile"),
+        format!("FROM {remote}\nRUN md5sum /bin/busybox > /sum\n"),
+    )
+    .unwrap();
+    let name = format!("{}:1", unique_name("berth-test/dockerfile-unpinned"));
+    let attrs = BTreeMap::from([("name".to_string(), name.clone())]);
+    let build = integration::buildkit_client::dockerfile_build(
+        &s.berthd,
+        dir.path(),
+        &[],
+        Output::Raw("image".into(), attrs),
+    );
+    prune_before_an_unpinned_load(&s, &holds, &remote, &name, build).await;
 }
 
 /// A gateway client's build: `LLBBridge.Solve` (evaluated) of a RUN on the base, then `Return`
