@@ -1,15 +1,24 @@
-//! Caches interoperate with stock buildkitd v0.11.6 (issue #15 item 4): stock buildkitd builds
-//! a Dockerfile (`FROM`, two `RUN`, `COPY` of a context file) through `dockerfile.v0` and
-//! exports its cache to a real registry (`mode=max`); berthd, bound to its own private dockerd,
-//! builds the same Dockerfile with that cache imported (the `cache-imports` frontend attribute,
-//! as buildctl passes `--import-cache`): every step is CACHED and the image has stock's RUN
-//! output (random bytes), not a rerun. berth finds stock's records by BuildKit's own keys
-//! (`worker::bkkeys`, pinned there against a stock export without needing stock).
+//! Caches interoperate with stock buildkitd v0.11.6 (issue #15 item 4), in both directions, for
+//! a Dockerfile with `FROM`, two `RUN` (one writing random bytes), `COPY` of a context file, of
+//! a context directory (`COPY dir/ /dst/`) and of a wildcard (`COPY *.txt /dst/`), built
+//! through `dockerfile.v0`:
+//!
+//! - stock → berth: stock buildkitd exports its cache to a real registry (`mode=max`); berthd,
+//!   bound to its own private dockerd, builds the same Dockerfile with that cache imported (the
+//!   `cache-imports` frontend attribute, as buildctl passes `--import-cache`): every step is
+//!   CACHED and the image has stock's RUN output, not a rerun. berth finds stock's records by
+//!   BuildKit's own keys (`worker::bkkeys`, pinned there against a stock export).
+//! - berth → stock: berthd builds and exports its cache (`type=registry,mode=max`,
+//!   `type=local,mode=max`, and the inline cache of a pushed image), driven by stock buildctl;
+//!   a fresh stock buildkitd builds the same Dockerfile with stock buildctl `--import-cache`:
+//!   stock's own progress stream (`--progress plain`; v0.11.6's buildctl has no `rawjson`)
+//!   shows every step CACHED, and stock's output has berth's RUN output.
 //!
 //! Needs root, runc, overlayfs, dockerd/containerd binaries, Debian's docker-registry, and a
-//! stock buildkitd v0.11.6: `$BERTH_STOCK_BUILDKITD`, else `/work/anchors/bin/buildkitd`. CI
-//! cannot build stock: without the binary the test says so and passes without checking
-//! anything (the digests stay pinned by `worker`'s unit tests).
+//! stock buildkitd v0.11.6: `$BERTH_STOCK_BUILDKITD`, else `/work/anchors/bin/buildkitd` (and
+//! stock buildctl next to it for the reverse direction). CI cannot build stock: without the
+//! binaries the tests say so and pass without checking anything (the digests stay pinned by
+//! `worker`'s unit tests).
 
 mod export_support;
 
@@ -29,6 +38,92 @@ fn stock_binary() -> Option<PathBuf> {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/work/anchors/bin/buildkitd"));
     p.is_file().then_some(p)
+}
+
+/// Stock buildctl v0.11.6: next to the stock buildkitd.
+fn stock_buildctl(buildkitd: &Path) -> Option<PathBuf> {
+    let p = buildkitd.with_file_name("buildctl");
+    p.is_file().then_some(p)
+}
+
+/// Runs stock buildctl against `sock` with `args` (killed after 5 minutes); returns its
+/// stderr (the progress) and panics when it fails.
+async fn run_buildctl(buildctl: &Path, sock: &Path, args: &[String], what: &str) -> String {
+    let mut cmd = tokio::process::Command::new(buildctl);
+    cmd.arg("--addr")
+        .arg(format!("unix://{}", sock.display()))
+        .args(args)
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(300), cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("{what}: buildctl did not finish within 5 minutes"))
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "{what}: buildctl {args:?} failed ({}):\n{stderr}",
+        out.status
+    );
+    stderr
+}
+
+/// The Dockerfile steps (`[n/m] …`) of buildctl's plain progress, with whether each was
+/// CACHED.
+fn plain_steps(progress: &str) -> Vec<(String, bool)> {
+    let mut names: BTreeMap<String, String> = BTreeMap::new();
+    let mut cached: BTreeMap<String, bool> = BTreeMap::new();
+    for line in progress.lines() {
+        let Some(rest) = line.strip_prefix('#') else {
+            continue;
+        };
+        let Some((n, text)) = rest.split_once(' ') else {
+            continue;
+        };
+        if text.starts_with('[') && !names.contains_key(n) {
+            names.insert(n.to_string(), text.to_string());
+        }
+        if text == "CACHED" {
+            cached.insert(n.to_string(), true);
+        }
+    }
+    let mut v: Vec<(String, bool)> = names
+        .into_iter()
+        .filter(|(_, name)| !name.starts_with("[internal]"))
+        .map(|(n, name)| {
+            let c = cached.get(&n).copied().unwrap_or(false);
+            (name, c)
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// The Dockerfile of both directions (`base`: the base image) and its context in `dir`: a
+/// file, a directory with a subdirectory, and files a wildcard takes; `marker` in the file.
+fn write_context(dir: &Path, base: &str, marker: &str) {
+    std::fs::write(
+        dir.join("Dockerfile"),
+        format!(
+            "FROM {base}\n\
+             SHELL [\"/bin/busybox\", \"sh\", \"-c\"]\n\
+             RUN /bin/busybox head -c 100000 /dev/urandom > /rand && /bin/busybox md5sum /rand > /rand.sum && echo one > /one\n\
+             RUN echo two > /two\n\
+             COPY hello.txt /hello.txt\n\
+             COPY dir/ /dst/\n\
+             COPY *.txt /dst/\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.join("hello.txt"), format!("{marker}\n")).unwrap();
+    std::fs::write(dir.join("other.txt"), "other\n").unwrap();
+    std::fs::write(dir.join("notes.md"), "not copied by the wildcard\n").unwrap();
+    std::fs::create_dir_all(dir.join("dir/sub")).unwrap();
+    std::fs::write(dir.join("dir/a"), "a\n").unwrap();
+    std::fs::write(dir.join("dir/sub/b"), format!("b {marker}\n")).unwrap();
+    std::os::unix::fs::symlink("a", dir.join("dir/link")).unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(dir.join("dir/sub"), std::fs::Permissions::from_mode(0o750)).unwrap();
 }
 
 /// A stock buildkitd on its own root and socket, killed (by PID) on drop.
@@ -232,18 +327,7 @@ async fn berthd_imports_a_stock_buildkitd_cache_with_every_step_cached() {
     let cache_ref = format!("{addr}/berth-interop/cache:{marker}");
 
     let ctx = tempfile::tempdir().unwrap();
-    std::fs::write(
-        ctx.path().join("Dockerfile"),
-        format!(
-            "FROM {base}\n\
-             SHELL [\"/bin/busybox\", \"sh\", \"-c\"]\n\
-             RUN /bin/busybox head -c 100000 /dev/urandom > /rand && echo one > /one\n\
-             RUN echo two > /two\n\
-             COPY hello.txt /hello.txt\n"
-        ),
-    )
-    .unwrap();
-    std::fs::write(ctx.path().join("hello.txt"), format!("{marker}\n")).unwrap();
+    write_context(ctx.path(), &base, &marker);
 
     // Stock: builds everything and exports its cache.
     let stock = Stock::start(&stock_bin, &addr);
@@ -282,7 +366,7 @@ async fn berthd_imports_a_stock_buildkitd_cache_with_every_step_cached() {
         panic!("berthd build failed: {e}\n{}", berthd.log_text());
     }
     let st = steps(&rb);
-    assert!(st.len() >= 4, "steps: {st:?}");
+    assert!(st.len() >= 6, "steps: {st:?}");
     for (name, cached) in &st {
         assert!(
             *cached,
@@ -293,7 +377,202 @@ async fn berthd_imports_a_stock_buildkitd_cache_with_every_step_cached() {
     assert_eq!(run_cat(Some(&host), &image, "/one").trim(), "one");
     assert_eq!(run_cat(Some(&host), &image, "/two").trim(), "two");
     assert_eq!(run_cat(Some(&host), &image, "/hello.txt").trim(), marker);
+    assert_eq!(
+        run_cat(Some(&host), &image, "/dst/sub/b").trim(),
+        format!("b {marker}")
+    );
+    assert_eq!(
+        run_cat(Some(&host), &image, "/dst/other.txt").trim(),
+        "other"
+    );
     drop(client);
     drop(berthd);
     drop(dockerd);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stock_buildkitd_imports_berthd_caches_with_every_step_cached() {
+    require_root();
+    let Some((stock_bin, buildctl)) =
+        stock_binary().and_then(|b| stock_buildctl(&b).map(|c| (b, c)))
+    else {
+        eprintln!(
+            "SKIPPED: no stock buildkitd/buildctl v0.11.6 (set BERTH_STOCK_BUILDKITD or install \
+             /work/anchors/bin/buildkitd and buildctl); the stock key formulas stay pinned by \
+             worker's bkkeys unit tests"
+        );
+        return;
+    };
+    let reg = Registry::start().unwrap();
+    let addr = reg.addr().to_string();
+    let marker = unique_name("stockexp");
+    let base = push_base(&addr, "berth-interop/base").await;
+    let ctx = tempfile::tempdir().unwrap();
+    write_context(ctx.path(), &base, &marker);
+    let work = tempfile::tempdir().unwrap();
+    let local_cache = work.path().join("cache");
+    let registry_cache = format!("{addr}/berth-interop/cache:{marker}");
+    let inline_image = format!("{addr}/berth-interop/inline:{marker}");
+    let dockerfile_args = |extra: &[String]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "build",
+            "--progress",
+            "plain",
+            "--frontend",
+            "dockerfile.v0",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.push("--local".into());
+        v.push(format!("context={}", ctx.path().display()));
+        v.push("--local".into());
+        v.push(format!("dockerfile={}", ctx.path().display()));
+        v.extend_from_slice(extra);
+        v
+    };
+
+    // berthd: builds once, exports its cache three ways (the later builds are cached locally,
+    // so every export carries the same RUN output).
+    let dockerd = PrivateDockerd::new(Default::default()).unwrap();
+    let host = dockerd.engine().host();
+    let berthd = Berthd::start(&["--docker-host", &host]).unwrap();
+    let image = format!("berth-test/stock-exp:{marker}");
+    let exports: [(&str, Vec<String>); 3] = [
+        (
+            "registry",
+            vec![
+                "--export-cache".into(),
+                format!("type=registry,ref={registry_cache},mode=max"),
+                "--output".into(),
+                format!("type=image,name={image}"),
+            ],
+        ),
+        (
+            "local",
+            vec![
+                "--export-cache".into(),
+                format!("type=local,dest={},mode=max", local_cache.display()),
+            ],
+        ),
+        (
+            "inline",
+            vec![
+                "--export-cache".into(),
+                "type=inline".into(),
+                "--output".into(),
+                format!("type=image,name={inline_image},push=true"),
+            ],
+        ),
+    ];
+    for (what, extra) in &exports {
+        let progress = run_buildctl(
+            &buildctl,
+            berthd.socket(),
+            &dockerfile_args(extra),
+            &format!("berthd build exporting a {what} cache"),
+        )
+        .await;
+        eprintln!("berthd ({what} export):\n{progress}");
+    }
+    let berth_sum = run_cat(Some(&host), &image, "/rand.sum");
+    assert!(berth_sum.contains("/rand"), "{berth_sum}");
+    drop(berthd);
+    drop(dockerd);
+
+    // Stock's own round trip of the same Dockerfile, for what "every step" means there: a
+    // fresh stock importing stock's cache reports every step CACHED but `FROM` (a source whose
+    // record carries no result in stock's export is resolved, not loaded).
+    let stock_cache = format!("{addr}/berth-interop/cache:{marker}-stock");
+    let st = Stock::start(&stock_bin, &addr);
+    drop(st.client().await);
+    run_buildctl(
+        &buildctl,
+        &st.dir.path().join("sock"),
+        &dockerfile_args(&[
+            "--export-cache".into(),
+            format!("type=registry,ref={stock_cache},mode=max"),
+        ]),
+        "stock build exporting its cache",
+    )
+    .await;
+    drop(st);
+    let st = Stock::start(&stock_bin, &addr);
+    drop(st.client().await);
+    let progress = run_buildctl(
+        &buildctl,
+        &st.dir.path().join("sock"),
+        &dockerfile_args(&[
+            "--import-cache".into(),
+            format!("type=registry,ref={stock_cache}"),
+        ]),
+        "stock build importing stock's cache",
+    )
+    .await;
+    drop(st);
+    let baseline = plain_steps(&progress);
+    eprintln!("stock importing stock's cache: {baseline:?}");
+    assert_eq!(baseline.len(), 6, "{progress}");
+    for (name, cached) in &baseline {
+        assert_eq!(
+            *cached,
+            !name.contains("] FROM "),
+            "{baseline:?}\n{progress}"
+        );
+    }
+
+    // A fresh stock buildkitd per cache of berth's imports it (no output, so nothing pulls
+    // the result's layers after the steps): every step CACHED, as in stock's own round trip.
+    // Then, with a local output, stock's files are berth's RUN output.
+    let imports: [(&str, String); 3] = [
+        ("registry", format!("type=registry,ref={registry_cache}")),
+        ("local", format!("type=local,src={}", local_cache.display())),
+        ("inline", format!("type=registry,ref={inline_image}")),
+    ];
+    for (what, import) in &imports {
+        let stock = Stock::start(&stock_bin, &addr);
+        drop(stock.client().await);
+        let sock = stock.dir.path().join("sock");
+        let progress = run_buildctl(
+            &buildctl,
+            &sock,
+            &dockerfile_args(&["--import-cache".into(), import.clone()]),
+            &format!("stock build importing berth's {what} cache"),
+        )
+        .await;
+        let st = plain_steps(&progress);
+        assert_eq!(
+            st,
+            baseline,
+            "{what}: stock importing berth's cache vs stock's own\n{progress}\n{}",
+            stock.log_text()
+        );
+        let out = work.path().join(format!("out-{what}"));
+        run_buildctl(
+            &buildctl,
+            &sock,
+            &dockerfile_args(&[
+                "--import-cache".into(),
+                import.clone(),
+                "--output".into(),
+                format!("type=local,dest={}", out.display()),
+            ]),
+            &format!("stock build importing berth's {what} cache, local output"),
+        )
+        .await;
+        let sum = std::fs::read_to_string(out.join("rand.sum")).unwrap();
+        assert_eq!(sum, berth_sum, "{what}: stock's RUN output is not berth's");
+        assert_eq!(
+            std::fs::read_to_string(out.join("dst/sub/b"))
+                .unwrap()
+                .trim(),
+            format!("b {marker}")
+        );
+        assert_eq!(
+            std::fs::read_to_string(out.join("dst/other.txt"))
+                .unwrap()
+                .trim(),
+            "other"
+        );
+    }
 }

@@ -322,6 +322,10 @@ impl Control {
             Some(c) => crate::cache::parse_exports(&c.exports)?,
             None => vec![],
         };
+        job.cache_export.store(
+            !cache_exports.is_empty(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         self.watch_session(job);
         if let Some(c) = req.cache.as_ref().filter(|c| !c.imports.is_empty()) {
             let entries = crate::cache::request_imports(&c.imports);
@@ -386,6 +390,7 @@ impl Control {
                     cancel: job.cancel.clone(),
                     entitlements: job.entitlements.clone(),
                     cache_imports: job.cache_imports.lock().unwrap().clone(),
+                    cache_export: job.cache_export.load(std::sync::atomic::Ordering::Relaxed),
                 };
                 let def = req.definition.take();
                 let fs = if unread {
@@ -440,6 +445,7 @@ impl Control {
                 cancel: job.cancel.clone(),
                 entitlements: job.entitlements.clone(),
                 cache_imports: job.cache_imports.lock().unwrap().clone(),
+                cache_export: job.cache_export.load(std::sync::atomic::Ordering::Relaxed),
             };
             let no_cache = req
                 .frontend_attrs

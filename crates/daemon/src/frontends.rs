@@ -107,6 +107,7 @@ async fn gateway_v0(
         cancel: job.cancel.clone(),
         entitlements: job.entitlements.clone(),
         cache_imports: job.cache_imports.lock().unwrap().clone(),
+        cache_export: job.cache_export.load(std::sync::atomic::Ordering::Relaxed),
     };
     let rootfs = match fe.backend.solve(Some(definition.clone()), &ctx).await {
         Err(_) if job.cancel.is_cancelled() => return Err(job.cancel_error()),
@@ -460,6 +461,10 @@ impl InProcess<'_> {
             // The build's --import-cache (Control.Solve's Cache.Imports, which buildctl and
             // buildx send along with the cache-imports attribute).
             cache_imports: self.job.cache_imports.lock().unwrap().clone(),
+            cache_export: self
+                .job
+                .cache_export
+                .load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 

@@ -184,6 +184,7 @@ impl Gateway {
             cancel: job.cancel.clone(),
             entitlements: job.entitlements.clone(),
             cache_imports,
+            cache_export: job.cache_export.load(std::sync::atomic::Ordering::Relaxed),
         };
         let def = r.definition.clone();
         // Without `Evaluate` nothing runs yet: the ref is solved when it is first used (a file

@@ -89,6 +89,9 @@ pub struct Job {
     pub containers: gateway::ContainerSet,
     /// Caches imported for the job's solves (`SolveRequest.cache.imports`, see `crate::cache`).
     pub cache_imports: Mutex<Vec<worker::CacheSourceRef>>,
+    /// The job exports its build cache (`SolveRequest.cache.exports`): its solves compute
+    /// stock BuildKit's cache keys for the export (`worker::SolveContext::stock_keys`).
+    pub cache_export: std::sync::atomic::AtomicBool,
 }
 
 /// A job as `/debug/state` shows it.
@@ -150,6 +153,7 @@ impl Job {
                 started: std::time::Instant::now(),
                 containers: gateway::ContainerSet::new(),
                 cache_imports: Mutex::new(Vec::new()),
+                cache_export: std::sync::atomic::AtomicBool::new(false),
             }),
             rx,
         )

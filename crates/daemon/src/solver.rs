@@ -92,6 +92,8 @@ pub struct SolveCtx {
     pub entitlements: Vec<String>,
     /// Caches imported for this solve (`crate::cache`).
     pub cache_imports: Vec<worker::CacheSourceRef>,
+    /// The job exports its build cache ([`crate::jobs::Job::cache_export`]).
+    pub cache_export: bool,
 }
 
 /// Options the backend takes from the daemon config.
@@ -248,7 +250,8 @@ impl Backend {
         let wctx =
             worker::SolveContext::new(ctx.job_id.clone(), provider, sink, ctx.cancel.clone())
                 .with_entitlements(ctx.entitlements.clone())
-                .with_cache_imports(ctx.cache_imports.clone());
+                .with_cache_imports(ctx.cache_imports.clone())
+                .with_cache_export(ctx.cache_export);
         let wctx = if read { wctx } else { wctx.result_unread() };
         let source = def.source.clone();
         let r = self.worker.solve(def, wctx).await.map_err(|e| {

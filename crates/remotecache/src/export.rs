@@ -6,6 +6,10 @@
 //! `mode=min` only the build result's. Layers are compressed once per (diffID, compression) into
 //! berth's blob cache (shared with pushes) and listed as BuildKit lists them: one config layer
 //! per (blob, parent) chain position.
+//!
+//! Next to them, the records of stock BuildKit v0.11.6's keys of every step that has them
+//! (`worker::StockVertex`), linked as stock links them and given the same results, so stock
+//! buildkitd importing the cache finds its steps (`docs/cache.md`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -176,6 +180,7 @@ pub async fn build(
             }]];
         }
     }
+    let stock_of = stock_records(trace, &index, &mut records, &mut results);
     let prepare = "preparing build cache for export";
     progress(prepare, false);
     // Layer blobs, once per diffID.
@@ -261,10 +266,14 @@ pub async fn build(
             parent = id;
             top = li as i64;
         }
-        records[idx].results.push(CacheResult {
+        let result = CacheResult {
             layer_index: top,
             created_at: created,
-        });
+        };
+        for &s in stock_of.get(&idx).into_iter().flatten() {
+            records[s].results.push(result.clone());
+        }
+        records[idx].results.push(result);
     }
     progress(prepare, true);
     Ok(Built {
@@ -272,6 +281,102 @@ pub async fn build(
         blobs: layer_blobs,
         oci,
     })
+}
+
+/// Adds the records of the trace's vertices in stock BuildKit v0.11.6's keys
+/// ([`worker::StockVertex`]) to `records` (and a `None` result slot each to `results`), linked
+/// as stock links them: per input to the input's stock records with the op's selector, or to
+/// a content record. Records with the same digest and links are written once. Returns, per
+/// berth record index (`index` values), the stock records that get the same results.
+fn stock_records(
+    trace: &SolveTrace,
+    index: &HashMap<(usize, usize), usize>,
+    records: &mut Vec<CacheRecord>,
+    results: &mut Vec<Option<worker::SolvedRef>>,
+) -> HashMap<usize, Vec<usize>> {
+    struct State<'a> {
+        trace: &'a SolveTrace,
+        records: &'a mut Vec<CacheRecord>,
+        results: &'a mut Vec<Option<worker::SolvedRef>>,
+        /// (digest, links) → record index.
+        by_id: HashMap<(String, Vec<(String, usize)>), usize>,
+        /// (vertex, output) → its stock record, once decided.
+        memo: HashMap<(usize, usize), Option<usize>>,
+    }
+    impl State<'_> {
+        fn record(&mut self, digest: &str, links: Vec<(String, usize)>) -> usize {
+            let id = (digest.to_string(), links);
+            if let Some(&i) = self.by_id.get(&id) {
+                return i;
+            }
+            self.records.push(CacheRecord {
+                digest: digest.to_string(),
+                inputs: id
+                    .1
+                    .iter()
+                    .map(|(selector, l)| {
+                        vec![CacheInput {
+                            selector: selector.clone(),
+                            link_index: *l as i64,
+                        }]
+                    })
+                    .collect(),
+                ..Default::default()
+            });
+            self.results.push(None);
+            self.by_id.insert(id, self.records.len() - 1);
+            self.records.len() - 1
+        }
+        fn output(&mut self, vi: usize, oi: usize) -> Option<usize> {
+            if let Some(r) = self.memo.get(&(vi, oi)) {
+                return *r;
+            }
+            // Marked first: a (malformed) cycle ends as "no record".
+            self.memo.insert((vi, oi), None);
+            let r = self.make(vi, oi);
+            self.memo.insert((vi, oi), r);
+            r
+        }
+        fn make(&mut self, vi: usize, oi: usize) -> Option<usize> {
+            let trace = self.trace;
+            let v = trace.vertices.get(vi)?.as_ref()?;
+            if v.ignore_cache {
+                return None;
+            }
+            let sv = v.stock.as_ref()?;
+            let digest = sv.records.get(oi)?.clone();
+            let mut links = Vec::with_capacity(sv.inputs.len());
+            for (j, link) in sv.inputs.iter().enumerate() {
+                links.push(match link {
+                    worker::StockLink::Content(c) => (String::new(), self.record(c, vec![])),
+                    worker::StockLink::Input(selector) => {
+                        let &(ivi, ioi) = v.inputs.get(j)?;
+                        (selector.clone(), self.output(ivi, ioi)?)
+                    }
+                });
+            }
+            Some(self.record(&digest, links))
+        }
+    }
+    let mut st = State {
+        trace,
+        records,
+        results,
+        by_id: HashMap::new(),
+        memo: HashMap::new(),
+    };
+    let mut keys: Vec<(usize, usize)> = index.keys().copied().collect();
+    keys.sort_unstable();
+    let mut out: HashMap<usize, Vec<usize>> = HashMap::new();
+    for (vi, oi) in keys {
+        if let Some(s) = st.output(vi, oi) {
+            let v = out.entry(index[&(vi, oi)]).or_default();
+            if !v.contains(&s) {
+                v.push(s);
+            }
+        }
+    }
+    out
 }
 
 impl Built {
@@ -486,6 +591,7 @@ mod tests {
                 result: None,
             }],
             ignore_cache: false,
+            stock: None,
         }
     }
 
@@ -542,5 +648,104 @@ mod tests {
             crate::import::aliases(&back),
             HashMap::from([("a1".to_string(), "k1".to_string())])
         );
+    }
+
+    /// Stock records: a source, a step reading it, and a copy linking its second input to a
+    /// content record; each stock record links to its input's stock record with the op's
+    /// selector, a step whose input has no stock record gets none, and records shared by two
+    /// outputs are written once.
+    #[tokio::test]
+    async fn stock_records_are_linked_like_stock() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = BlobCache::open(dir.path()).unwrap();
+        let stock = |records: &[&str], inputs: Vec<worker::StockLink>| {
+            Some(worker::StockVertex {
+                records: records.iter().map(|r| r.to_string()).collect(),
+                inputs,
+            })
+        };
+        let mut src = vertex("k0", None, vec![]);
+        src.stock = stock(&["s0"], vec![]);
+        let mut run = vertex("k1", None, vec![(0, 0)]);
+        run.stock = stock(&["s1"], vec![worker::StockLink::Input("sel".into())]);
+        // A local source: no stock record.
+        let local = vertex("k2", None, vec![]);
+        let mut copy = vertex("k3", None, vec![(1, 0), (2, 0)]);
+        copy.stock = stock(
+            &["s3"],
+            vec![
+                worker::StockLink::Input(String::new()),
+                worker::StockLink::Content("c".into()),
+            ],
+        );
+        // Reads the local source through a link: no stock record.
+        let mut orphan = vertex("k4", None, vec![(2, 0)]);
+        orphan.stock = stock(&["s4"], vec![worker::StockLink::Input(String::new())]);
+        // The same op again (same stock record and links): written once.
+        let mut again = vertex("k5", None, vec![(0, 0)]);
+        again.stock = stock(&["s1"], vec![worker::StockLink::Input("sel".into())]);
+        let trace = SolveTrace {
+            vertices: vec![
+                Some(src),
+                Some(run),
+                Some(local),
+                Some(copy),
+                Some(orphan),
+                Some(again),
+            ],
+            target: Some((3, 0)),
+        };
+        let quiet: ExportProgress = Arc::new(|_: &str, _: bool| {});
+        let built = build(
+            &trace,
+            Mode::Max,
+            CompressionOpts {
+                compression: registry::Compression::Gzip,
+                level: None,
+                force: false,
+            },
+            true,
+            &blobs,
+            &quiet,
+        )
+        .await
+        .unwrap();
+        let recs = &built.config.records;
+        let find = |d: &str| -> Vec<usize> {
+            recs.iter()
+                .enumerate()
+                .filter(|(_, r)| r.digest == d)
+                .map(|(i, _)| i)
+                .collect()
+        };
+        let link = |i: usize, slot: usize| -> (&str, &str) {
+            let l = &recs[i].inputs[slot][0];
+            (
+                l.selector.as_str(),
+                recs[l.link_index as usize].digest.as_str(),
+            )
+        };
+        let [s0] = find("s0")[..] else {
+            panic!("{recs:?}")
+        };
+        assert!(recs[s0].inputs.is_empty());
+        let [s1] = find("s1")[..] else {
+            panic!("{recs:?}")
+        };
+        assert_eq!(link(s1, 0), ("sel", "s0"));
+        let [s3] = find("s3")[..] else {
+            panic!("{recs:?}")
+        };
+        assert_eq!(link(s3, 0), ("", "s1"));
+        assert_eq!(link(s3, 1), ("", "c"));
+        let [c] = find("c")[..] else {
+            panic!("{recs:?}")
+        };
+        assert!(recs[c].inputs.is_empty());
+        assert!(find("s4").is_empty(), "{recs:?}");
+        // berth's own records are all there.
+        for k in ["k0@0", "k1@0", "k2@0", "k3@0", "k4@0", "k5@0"] {
+            assert_eq!(find(k).len(), 1, "{k}: {recs:?}");
+        }
     }
 }

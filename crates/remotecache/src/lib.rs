@@ -19,7 +19,8 @@
 //! Keys are berth's cache keys (node independent, see `worker::remote`). A cache written by
 //! stock buildkitd is also found by BuildKit's own keys: [`import::stock_ids`] indexes its
 //! records with their inputs (`worker::stock_record_id`), which berth's solver computes per vertex
-//! (`docs/cache.md`). Exports hold berth's keys only (stock finds nothing in them yet).
+//! (`docs/cache.md`). Exports write stock's records next to berth's ([`export`]: the trace's
+//! `worker::StockVertex`), so stock buildkitd importing them finds its steps too.
 
 pub mod attrs;
 pub mod config;

@@ -630,6 +630,111 @@ pub(crate) fn file_content_checksum(st: &EntryStat, data: &[u8]) -> String {
     sha256_digest(&b)
 }
 
+/// As [`file_content_checksum`], reading the data from `r` (a regular file of any size).
+pub(crate) fn file_content_checksum_from(
+    st: &EntryStat,
+    r: &mut dyn std::io::Read,
+) -> std::io::Result<String> {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    h.update(tarsum_header(st));
+    std::io::copy(r, &mut h)?;
+    Ok(format!("sha256:{}", hex::encode(h.finalize())))
+}
+
+/// The content checksum of a directory (`cache/contenthash` `checksum` of a directory record):
+/// `sha256("\0" + header + ("\0" + name + checksum)…)` where `header` is the directory's own
+/// [`file_content_checksum`] (no data) and the entries are its direct children in byte order
+/// of their names, each with its own content checksum (a subdirectory's is this one, recursively;
+/// a symlink's is its header with its target, not followed). Checksums are written as their
+/// `sha256:…` text.
+pub(crate) fn dir_content_checksum(header: &str, entries: &[(Vec<u8>, String)]) -> String {
+    let mut b = Vec::new();
+    b.push(0);
+    b.extend_from_slice(header.as_bytes());
+    for (name, sum) in entries {
+        b.push(0);
+        b.extend_from_slice(name);
+        b.extend_from_slice(sum.as_bytes());
+    }
+    sha256_digest(&b)
+}
+
+/// The checksum of a selector with a wildcard (stock's `Checksum` with `Wildcard`): `included`
+/// are the paths the pattern takes, as stock lists them (in tree order: a matched file, or a
+/// matched directory's header followed by everything below it, files with their content
+/// checksums and subdirectories with their headers; directory records themselves are not
+/// included), each with its checksum. Nothing included: the digest of no bytes; one entry
+/// with the pattern's base name: its checksum; else `sha256` over `base name + checksum` of
+/// each entry, separated by `\0`.
+pub(crate) fn wildcard_checksum(pattern: &str, included: &[(String, String)]) -> String {
+    if included.is_empty() {
+        return sha256_digest(b"");
+    }
+    if let [(p, sum)] = included {
+        if go_path_base(pattern) == go_path_base(p) {
+            return sum.clone();
+        }
+    }
+    let mut b = Vec::new();
+    for (i, (p, sum)) in included.iter().enumerate() {
+        if i != 0 {
+            b.push(0);
+        }
+        b.extend_from_slice(go_path_base(p).as_bytes());
+        b.extend_from_slice(sum.as_bytes());
+    }
+    sha256_digest(&b)
+}
+
+/// The selectors stock checksums in an input read by copies (`solver/llbsolver/ops/file.go`
+/// `dedupeSelectors`): `(path, wildcard)` per copy source as the op writes it, literal paths
+/// without those below another one, all sorted by path. `None` when a copy has
+/// include/exclude patterns, or the copies differ in following symlinks (not reproduced).
+pub(crate) fn copy_selectors(copies: &[pb::FileActionCopy]) -> Option<Vec<(String, bool)>> {
+    let follow = copies.first()?.follow_symlink;
+    let mut literal: Vec<String> = vec![];
+    let mut sels: Vec<(String, bool)> = vec![];
+    for c in copies {
+        if !c.include_patterns.is_empty()
+            || !c.exclude_patterns.is_empty()
+            || c.follow_symlink != follow
+        {
+            return None;
+        }
+        if c.allow_wildcard && go_contains_wildcards(&c.src) {
+            sels.push((c.src.clone(), true));
+        } else if !literal.contains(&c.src) {
+            literal.push(c.src.clone());
+        }
+    }
+    for p in &literal {
+        if !literal
+            .iter()
+            .any(|q| q != p && p.starts_with(&format!("{q}/")))
+        {
+            sels.push((p.clone(), false));
+        }
+    }
+    sels.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    Some(sels)
+}
+
+/// Go's `containsWildcards` of the file op: an unescaped `*`, `?` or `[`.
+fn go_contains_wildcards(p: &str) -> bool {
+    let b = p.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'\\' => i += 1,
+            b'*' | b'?' | b'[' => return true,
+            _ => {}
+        }
+        i += 1;
+    }
+    false
+}
+
 /// The content-based record of a dependency from the checksums of its selectors (in the
 /// op's selector order): `rootKey(sha256(join(checksums, "\0")), -1)`.
 pub(crate) fn content_key(checksums: &[String]) -> String {

@@ -130,6 +130,7 @@ impl Worker {
             bases: Default::default(),
             build_id: String::new(),
             pin_delay: std::time::Duration::ZERO,
+            stock_keys: false,
         };
         // Scratch refs have no snapshot: their mounts become input-less.
         let mut inputs: Vec<Snap> = Vec::new();
@@ -170,6 +171,7 @@ impl Worker {
             bases: Default::default(),
             build_id: String::new(),
             pin_delay: std::time::Duration::ZERO,
+            stock_keys: false,
         };
         crate::ops::exec::executor_for(&env).await
     }

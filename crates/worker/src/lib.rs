@@ -44,7 +44,8 @@ pub use ops::source_oci_layout::{
 };
 pub use progress::{LogStream, ProgressEvent, ProgressGroup, ProgressSink};
 pub use remote::{
-    CacheSource, CacheSourceRef, RemoteLayer, SolveTrace, TracedOutput, TracedVertex,
+    CacheSource, CacheSourceRef, RemoteLayer, SolveTrace, StockLink, StockVertex, TracedOutput,
+    TracedVertex,
 };
 pub use result::{ReadOnlyMount, ResultSource, SolvedRef};
 pub use session::{

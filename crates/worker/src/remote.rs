@@ -96,6 +96,31 @@ pub struct TracedVertex {
     pub outputs: Vec<TracedOutput>,
     /// The vertex's results must not be reused (`ignore_cache`): left out of exports.
     pub ignore_cache: bool,
+    /// The vertex's records in BuildKit v0.11.6's own keys, when berth computed them (the op
+    /// and every input have them): an export writes them next to berth's, so that stock
+    /// buildkitd importing the cache finds its steps.
+    pub stock: Option<StockVertex>,
+}
+
+/// A vertex's records in stock BuildKit v0.11.6's keys: a record per output whose digest is
+/// `sha256("<cache map>@<output>")`, linked per input to the records of that input (or to a
+/// content record), as stock's own exports link them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StockVertex {
+    /// Per output: its record digest.
+    pub records: Vec<String>,
+    /// Per input, in op order: what its link points to.
+    pub inputs: Vec<StockLink>,
+}
+
+/// The link of one input of a [`StockVertex`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StockLink {
+    /// To the stock records of the input's output, with this selector (empty: none).
+    Input(String),
+    /// To the content record with this digest (a record without links), with no selector:
+    /// the op reads the input by content (copies), as stock links a content-keyed input.
+    Content(String),
 }
 
 /// One output of a [`TracedVertex`].

@@ -133,6 +133,11 @@ pub struct SolveContext {
     /// the solve ends only once the pins of the base images used in place run (see
     /// [`SolveContext::result_unread`]).
     pub result_read: bool,
+    /// Whether the build's cache is exported (`--export-cache`): then its steps compute
+    /// BuildKit v0.11.6's own cache keys too (content keys of copied files), so that the export
+    /// carries records stock buildkitd finds. A build with an imported cache computes them
+    /// anyway (to find a stock export's records); other builds skip that work.
+    pub stock_keys: bool,
 }
 
 impl std::fmt::Debug for SolveContext {
@@ -160,7 +165,14 @@ impl SolveContext {
             entitlements: vec![],
             cache_imports: vec![],
             result_read: true,
+            stock_keys: false,
         }
+    }
+
+    /// Sets whether the build's cache is exported (see [`SolveContext::stock_keys`]).
+    pub fn with_cache_export(mut self, exported: bool) -> Self {
+        self.stock_keys = exported;
+        self
     }
 
     /// Nothing reads the result's files after the solve (a build without exports, or one only

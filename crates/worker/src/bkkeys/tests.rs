@@ -288,3 +288,130 @@ fn tarsum_header_fields() {
          security.capabilitycuser.a1user.b2"
     );
 }
+
+/// The context of a second stock export (2026-12-08, stock buildkitd v0.11.6,
+/// `--export-cache type=registry,mode=max` through `dockerfile.v0`, Dockerfile `… COPY
+/// hello.txt /hello.txt` / `COPY dir/ /dst/` / `COPY *.txt /dst/`), every entry owned by 0:0:
+/// `hello.txt` (`hi\n`), `other.txt` (`other\n`), `notes.md` (`md\n`), all 0644; `dir/`
+/// 0755 with `a` (`a\n`, 0644), `link -> a`, and `sub/` 0750 with `b` (`b\n`, 0644).
+fn entry(mode: u32, data: &[u8]) -> String {
+    let st = EntryStat {
+        mode,
+        size: data.len() as u64,
+        ..Default::default()
+    };
+    file_content_checksum(&st, data)
+}
+
+fn dir_header(perm: u32) -> String {
+    entry(libc::S_IFDIR | perm, b"")
+}
+
+/// `COPY dir/ /dst/`: stock's content record of the context (`sha256:3d2ee6e8…`) is that of
+/// the directory checksum: its header, then each child by name, a subdirectory recursively
+/// and a symlink by its target.
+#[test]
+fn directory_content_record_matches_stock() {
+    let link = file_content_checksum(
+        &EntryStat {
+            mode: libc::S_IFLNK | 0o777,
+            linkname: "a".into(),
+            ..Default::default()
+        },
+        b"",
+    );
+    let sub = dir_content_checksum(
+        &dir_header(0o750),
+        &[(b"b".to_vec(), entry(libc::S_IFREG | 0o644, b"b\n"))],
+    );
+    let dir = dir_content_checksum(
+        &dir_header(0o755),
+        &[
+            (b"a".to_vec(), entry(libc::S_IFREG | 0o644, b"a\n")),
+            (b"link".to_vec(), link),
+            (b"sub".to_vec(), sub),
+        ],
+    );
+    assert_eq!(
+        content_key(&[dir]),
+        "sha256:3d2ee6e829ee8a097484d920768e12b059658597ad3aaf45509e44ef4dfb032c"
+    );
+}
+
+/// `COPY *.txt /dst/`: the wildcard takes `hello.txt` and `other.txt` (not `notes.md`);
+/// stock's content record (`sha256:01a05812…`) hashes each match's base name and checksum.
+#[test]
+fn wildcard_content_record_matches_stock() {
+    let included = [
+        (
+            "/hello.txt".to_string(),
+            entry(libc::S_IFREG | 0o644, b"hi\n"),
+        ),
+        (
+            "/other.txt".to_string(),
+            entry(libc::S_IFREG | 0o644, b"other\n"),
+        ),
+    ];
+    assert_eq!(
+        content_key(&[wildcard_checksum("/*.txt", &included)]),
+        "sha256:01a05812237b5e313cb4326896220874379c5fccea24bf977fcceda9d4812fcd"
+    );
+    // No match: the digest of nothing; one match named like the pattern: its own checksum.
+    assert_eq!(wildcard_checksum("/*.none", &[]), sha256_digest(b""));
+    let one = [included[0].clone()];
+    assert_eq!(wildcard_checksum("/hello.txt", &one), one[0].1);
+}
+
+/// The same file checksum whether the data comes as bytes or from a reader.
+#[test]
+fn file_checksum_from_reader() {
+    let st = EntryStat {
+        mode: libc::S_IFREG | 0o600,
+        size: 5,
+        ..Default::default()
+    };
+    assert_eq!(
+        file_content_checksum_from(&st, &mut &b"hello"[..]).unwrap(),
+        file_content_checksum(&st, b"hello")
+    );
+}
+
+fn copy(src: &str, wildcard: bool) -> pb::FileActionCopy {
+    pb::FileActionCopy {
+        src: src.into(),
+        follow_symlink: true,
+        allow_wildcard: wildcard,
+        ..Default::default()
+    }
+}
+
+/// Stock's selectors of an input: literal paths deduplicated (a path below another one
+/// dropped), wildcards kept, all sorted by path; patterns or mixed symlink following: none.
+#[test]
+fn copy_selectors_like_stock() {
+    assert_eq!(
+        copy_selectors(&[
+            copy("/b", true),
+            copy("/a/x", true),
+            copy("/*.txt", true),
+            copy("/a", true),
+            copy("/b", true),
+        ]),
+        Some(vec![
+            ("/*.txt".to_string(), true),
+            ("/a".to_string(), false),
+            ("/b".to_string(), false),
+        ])
+    );
+    // A wildcard character without allow_wildcard is a literal name.
+    assert_eq!(
+        copy_selectors(&[copy("/a*", false)]),
+        Some(vec![("/a*".to_string(), false)])
+    );
+    let mut patterned = copy("/a", true);
+    patterned.include_patterns = vec!["x".into()];
+    assert_eq!(copy_selectors(&[patterned]), None);
+    let mut nofollow = copy("/b", true);
+    nofollow.follow_symlink = false;
+    assert_eq!(copy_selectors(&[copy("/a", true), nofollow]), None);
+}

@@ -145,7 +145,7 @@ pub(crate) fn glob_match(pattern: &str, name: &str) -> Result<bool, String> {
 }
 
 /// Splits a clean absolute path at the first component containing a wildcard.
-fn split_wildcards(p: &str) -> (String, Option<String>) {
+pub(crate) fn split_wildcards(p: &str) -> (String, Option<String>) {
     let c = clean_abs(p);
     let comps: Vec<&str> = c.split('/').filter(|s| !s.is_empty()).collect();
     match comps.iter().position(|s| has_wildcards(s)) {

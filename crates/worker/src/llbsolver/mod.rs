@@ -14,7 +14,7 @@ use tracing::Instrument;
 
 use crate::error::{Error, Result};
 use crate::ops::{self, BuildEnv, Shared};
-use crate::remote::{SolveTrace, TracedOutput, TracedVertex};
+use crate::remote::{SolveTrace, StockLink, StockVertex, TracedOutput, TracedVertex};
 use crate::result::{Snap, SolvedRef};
 use crate::solver::{Solver, Vertex};
 use crate::worker::{SolveContext, WorkerOptions};
@@ -222,6 +222,7 @@ async fn solve_with_bases(
         } else {
             ops::source_image::pin_delay()
         },
+        stock_keys: ctx.stock_keys || !ctx.cache_imports.is_empty(),
     });
     let bases = env.bases.clone();
     let mut graph: Vec<Vertex<Snap>> = Vec::with_capacity(loaded.ops.len());
@@ -336,6 +337,17 @@ async fn solve_with_bases(
                 digest,
                 key: ev.key.clone(),
                 alias: ev.alias.clone(),
+                stock: ev.stock.as_ref().map(|m| StockVertex {
+                    records: (0..n)
+                        .map(|o| crate::bkkeys::root_key(&m.digest, o as i64))
+                        .collect(),
+                    inputs: (0..inputs.len())
+                        .map(|j| match m.content.get(j) {
+                            Some(Some(c)) => StockLink::Content(c.clone()),
+                            _ => StockLink::Input(m.selectors.get(j).cloned().unwrap_or_default()),
+                        })
+                        .collect(),
+                }),
                 inputs,
                 ignore_cache,
                 outputs: (0..n)

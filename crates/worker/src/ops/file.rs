@@ -41,6 +41,9 @@ struct FileOpImpl {
     /// Per input: stock's content record of what the op copies from it (`bkkeys`), set by
     /// [`Op::cache_key`] when berth can compute it.
     stock_content: std::sync::Mutex<Vec<Option<String>>>,
+    /// Whether to compute `stock_content` (the build imports or exports a cache:
+    /// [`BuildEnv::stock_keys`]).
+    stock_keys: bool,
 }
 
 /// The solver op for `op`.
@@ -55,6 +58,7 @@ pub(crate) fn new(op: &LoadedOp, env: &Arc<BuildEnv>) -> Result<Arc<dyn Op<Snap>
         store: env.store.clone(),
         shared: env.shared.clone(),
         stock_content: std::sync::Mutex::new(vec![None; op.op.inputs.len()]),
+        stock_keys: env.stock_keys,
     }))
 }
 
@@ -122,12 +126,15 @@ impl Op<Snap> for FileOpImpl {
                             _ => None,
                         })
                         .collect();
-                    let stock = {
-                        let (store, snap, copies) = (store.clone(), snap.clone(), copies.clone());
-                        blocking(move || Ok(stock_content(&store, &snap, &copies))).await?
-                    };
-                    if let Some(slot) = self.stock_content.lock().unwrap().get_mut(i) {
-                        *slot = stock;
+                    if self.stock_keys {
+                        let stock = {
+                            let (store, snap, copies) =
+                                (store.clone(), snap.clone(), copies.clone());
+                            blocking(move || Ok(stock_content(&store, &snap, &copies))).await?
+                        };
+                        if let Some(slot) = self.stock_content.lock().unwrap().get_mut(i) {
+                            *slot = stock;
+                        }
                     }
                     let sums = match memoized_sums(&self.shared.checksums, snap.id(), &copies) {
                         Some(sums) => sums,
@@ -274,63 +281,187 @@ fn copy_sums(
     Ok(sums)
 }
 
-/// Stock's content record ([`crate::bkkeys::content_key`]) of a copy-only input: computed for
-/// one copy of one regular file (a literal path, no include/exclude patterns, no symlink on the
-/// way); `None` otherwise (directories and wildcards need stock's directory records, not
-/// implemented yet) or when the file cannot be read.
+/// Stock's content record ([`crate::bkkeys::content_key`]) of a copy-only input: the
+/// checksums of stock's selectors of the copies ([`crate::bkkeys::copy_selectors`]), each a
+/// literal path (a file, a directory with everything below it) or a wildcard in the last
+/// component. `None` when berth does not reproduce stock's checksum (include/exclude patterns,
+/// a symlink on the way or among the matches, a wildcard before the last component, a socket)
+/// or the source cannot be read.
 fn stock_content(
     store: &SnapshotStore,
     snap: &Snap,
     copies: &[pb::FileActionCopy],
 ) -> Option<String> {
-    use std::os::unix::fs::MetadataExt as _;
-    let [c] = copies else { return None };
-    if !c.include_patterns.is_empty() || !c.exclude_patterns.is_empty() {
-        return None;
-    }
-    let [path] = literal_paths(c)?.try_into().ok()?;
+    let sels = crate::bkkeys::copy_selectors(copies)?;
     let m = store.mount(snap.id(), None).ok()?;
-    let mut p = m.path().to_path_buf();
+    let mut sums = Vec::with_capacity(sels.len());
+    for (path, wildcard) in sels {
+        let sum = if wildcard {
+            stock_wildcard_checksum(m.path(), &path)?
+        } else {
+            let p = stock_literal_path(m.path(), &path)?;
+            let md = std::fs::symlink_metadata(&p).ok()?;
+            if md.file_type().is_symlink() {
+                return None;
+            }
+            stock_entry_checksum(&p, &md)?
+        };
+        sums.push(sum);
+    }
+    Some(crate::bkkeys::content_key(&sums))
+}
+
+/// `path` (absolute in the source) under `root`, when no component on the way is a symlink
+/// (the last one is not checked) and none is `..`.
+fn stock_literal_path(root: &std::path::Path, path: &str) -> Option<std::path::PathBuf> {
     let parts: Vec<&str> = path
         .split('/')
         .filter(|s| !s.is_empty() && *s != ".")
         .collect();
-    if parts.is_empty() || parts.contains(&"..") {
+    if parts.contains(&"..") {
         return None;
     }
-    // No symlink anywhere on the path: the file is read where the copy would read it.
-    for part in &parts {
+    let mut p = root.to_path_buf();
+    for (i, part) in parts.iter().enumerate() {
         p.push(part);
-        if std::fs::symlink_metadata(&p).ok()?.file_type().is_symlink() {
+        if i + 1 < parts.len() && !std::fs::symlink_metadata(&p).ok()?.file_type().is_dir() {
             return None;
         }
     }
-    let md = std::fs::symlink_metadata(&p).ok()?;
-    if !md.file_type().is_file() {
+    Some(p)
+}
+
+/// Stock's checksum of a wildcard selector whose wildcard is in its last component: the
+/// matches in the (literal) parent directory, in name order, as
+/// [`crate::bkkeys::wildcard_checksum`] lists them.
+fn stock_wildcard_checksum(root: &std::path::Path, path: &str) -> Option<String> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let (prefix, pattern) = glob::split_wildcards(path);
+    let pattern = pattern?;
+    if pattern.contains('/') {
         return None;
     }
-    let data = std::fs::read(&p).ok()?;
+    let dir = stock_literal_path(root, &prefix)?;
+    let md = std::fs::symlink_metadata(&dir).ok()?;
+    let mut included = vec![];
+    if md.file_type().is_dir() {
+        for (name, p) in sorted_entries(&dir)? {
+            let name_str = std::str::from_utf8(name.as_bytes()).ok()?;
+            if !glob::glob_match(&pattern, name_str).ok()? {
+                continue;
+            }
+            let rel = format!("{}/{name_str}", prefix.trim_end_matches('/'));
+            stock_include(&p, &rel, &mut included)?;
+        }
+    }
+    Some(crate::bkkeys::wildcard_checksum(
+        &format!("{}/{pattern}", prefix.trim_end_matches('/')),
+        &included,
+    ))
+}
+
+/// Adds what a wildcard match at `p` (`rel` in the source) includes: a file with its checksum,
+/// a directory's header and then everything below it. `None` for a symlink (stock follows
+/// those; not reproduced).
+fn stock_include(
+    p: &std::path::Path,
+    rel: &str,
+    included: &mut Vec<(String, String)>,
+) -> Option<()> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let md = std::fs::symlink_metadata(p).ok()?;
+    let ft = md.file_type();
+    if ft.is_symlink() {
+        return None;
+    }
+    if ft.is_dir() {
+        let header = crate::bkkeys::file_content_checksum(&stock_stat(p, &md)?, &[]);
+        included.push((rel.to_string(), header));
+        for (name, cp) in sorted_entries(p)? {
+            let name = std::str::from_utf8(name.as_bytes()).ok()?;
+            stock_include(&cp, &format!("{rel}/{name}"), included)?;
+        }
+    } else {
+        included.push((rel.to_string(), stock_entry_checksum(p, &md)?));
+    }
+    Some(())
+}
+
+/// The entries of directory `dir` sorted by the bytes of their names.
+fn sorted_entries(dir: &std::path::Path) -> Option<Vec<(std::ffi::OsString, std::path::PathBuf)>> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let mut v = vec![];
+    for e in std::fs::read_dir(dir).ok()? {
+        let e = e.ok()?;
+        v.push((e.file_name(), e.path()));
+    }
+    v.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    Some(v)
+}
+
+/// Stock's checksum of the entry at `p` (not following it): a regular file's header and data,
+/// a directory's [`crate::bkkeys::dir_content_checksum`], the header alone for a symlink, a
+/// device or a fifo. `None` for a socket or when something cannot be read.
+fn stock_entry_checksum(p: &std::path::Path, md: &std::fs::Metadata) -> Option<String> {
+    use std::os::unix::ffi::OsStrExt as _;
+    use std::os::unix::fs::FileTypeExt as _;
+    let ft = md.file_type();
+    let st = stock_stat(p, md)?;
+    if ft.is_dir() {
+        let header = crate::bkkeys::file_content_checksum(&st, &[]);
+        let mut entries = vec![];
+        for (name, cp) in sorted_entries(p)? {
+            let cmd = std::fs::symlink_metadata(&cp).ok()?;
+            entries.push((name.as_bytes().to_vec(), stock_entry_checksum(&cp, &cmd)?));
+        }
+        Some(crate::bkkeys::dir_content_checksum(&header, &entries))
+    } else if ft.is_file() {
+        let mut f = std::fs::File::open(p).ok()?;
+        crate::bkkeys::file_content_checksum_from(&st, &mut f).ok()
+    } else if ft.is_socket() {
+        None
+    } else {
+        Some(crate::bkkeys::file_content_checksum(&st, &[]))
+    }
+}
+
+/// What stock's content checksum of the entry at `p` covers besides its data.
+fn stock_stat(p: &std::path::Path, md: &std::fs::Metadata) -> Option<crate::bkkeys::EntryStat> {
+    use std::os::unix::ffi::OsStrExt as _;
+    use std::os::unix::fs::MetadataExt as _;
     let mut xattrs = vec![];
     let mut names = vec![0u8; 64 * 1024];
-    let n = rustix::fs::llistxattr(&p, &mut names[..]).ok()?;
+    let n = rustix::fs::llistxattr(p, &mut names[..]).ok()?;
     for name in names[..n].split(|b| *b == 0).filter(|n| !n.is_empty()) {
         let cname = std::ffi::CString::new(name).ok()?;
         let mut val = vec![0u8; 64 * 1024];
-        let vn = rustix::fs::lgetxattr(&p, cname.as_c_str(), &mut val[..]).ok()?;
+        let vn = rustix::fs::lgetxattr(p, cname.as_c_str(), &mut val[..]).ok()?;
         val.truncate(vn);
         xattrs.push((String::from_utf8(name.to_vec()).ok()?, val));
     }
-    let st = crate::bkkeys::EntryStat {
+    let linkname = if md.file_type().is_symlink() {
+        std::str::from_utf8(std::fs::read_link(p).ok()?.as_os_str().as_bytes())
+            .ok()?
+            .to_string()
+    } else {
+        String::new()
+    };
+    let (devmajor, devminor) = if md.file_type().is_dir() {
+        (0, 0)
+    } else {
+        let rdev = md.rdev();
+        (u64::from(libc::major(rdev)), u64::from(libc::minor(rdev)))
+    };
+    Some(crate::bkkeys::EntryStat {
         mode: md.mode(),
         uid: md.uid(),
         gid: md.gid(),
         size: md.len(),
+        linkname,
+        devmajor,
+        devminor,
         xattrs,
-        ..Default::default()
-    };
-    Some(crate::bkkeys::content_key(&[
-        crate::bkkeys::file_content_checksum(&st, &data),
-    ]))
+    })
 }
 
 /// An uncommitted mutable snapshot; removed on drop unless committed.
@@ -669,5 +800,91 @@ mod tests {
             actions: vec![copy(1, 1)],
         };
         assert!(copy_only_inputs(&f, 2)[1].is_none());
+    }
+
+    /// berth's walk of a real tree gives the checksums of the formulas pinned against stock
+    /// (`bkkeys` tests `directory_content_record_matches_stock` and
+    /// `wildcard_content_record_matches_stock`, same tree), with the files' own owners.
+    #[test]
+    fn stock_checksums_of_a_real_tree() {
+        use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        std::fs::write(root.join("hello.txt"), "hi\n").unwrap();
+        std::fs::write(root.join("other.txt"), "other\n").unwrap();
+        std::fs::write(root.join("notes.md"), "md\n").unwrap();
+        std::fs::create_dir_all(root.join("dir/sub")).unwrap();
+        std::fs::write(root.join("dir/a"), "a\n").unwrap();
+        std::fs::write(root.join("dir/sub/b"), "b\n").unwrap();
+        std::os::unix::fs::symlink("a", root.join("dir/link")).unwrap();
+        let perm = |p: &str, m: u32| {
+            std::fs::set_permissions(root.join(p), std::fs::Permissions::from_mode(m)).unwrap()
+        };
+        for f in ["hello.txt", "other.txt", "notes.md", "dir/a", "dir/sub/b"] {
+            perm(f, 0o644);
+        }
+        perm("dir", 0o755);
+        perm("dir/sub", 0o750);
+        let md = std::fs::metadata(root.join("dir")).unwrap();
+        let (uid, gid) = (md.uid(), md.gid());
+        let st = |mode: u32, data: &[u8], link: &str| crate::bkkeys::EntryStat {
+            mode,
+            uid,
+            gid,
+            size: data.len() as u64,
+            linkname: link.into(),
+            ..Default::default()
+        };
+        let sum = |mode: u32, data: &[u8], link: &str| {
+            crate::bkkeys::file_content_checksum(&st(mode, data, link), data)
+        };
+        let sub = crate::bkkeys::dir_content_checksum(
+            &sum(libc::S_IFDIR | 0o750, b"", ""),
+            &[(b"b".to_vec(), sum(libc::S_IFREG | 0o644, b"b\n", ""))],
+        );
+        let dir = crate::bkkeys::dir_content_checksum(
+            &sum(libc::S_IFDIR | 0o755, b"", ""),
+            &[
+                (b"a".to_vec(), sum(libc::S_IFREG | 0o644, b"a\n", "")),
+                (b"link".to_vec(), sum(libc::S_IFLNK | 0o777, b"", "a")),
+                (b"sub".to_vec(), sub),
+            ],
+        );
+        let p = stock_literal_path(root, "/dir/").unwrap();
+        assert_eq!(
+            stock_entry_checksum(&p, &std::fs::symlink_metadata(&p).unwrap()),
+            Some(dir)
+        );
+        let wild = crate::bkkeys::wildcard_checksum(
+            "/*.txt",
+            &[
+                ("/hello.txt".into(), sum(libc::S_IFREG | 0o644, b"hi\n", "")),
+                (
+                    "/other.txt".into(),
+                    sum(libc::S_IFREG | 0o644, b"other\n", ""),
+                ),
+            ],
+        );
+        assert_eq!(stock_wildcard_checksum(root, "/*.txt"), Some(wild));
+        // A wildcard matching a directory includes its header and everything below it.
+        let d_header = sum(libc::S_IFDIR | 0o755, b"", "");
+        let mut included = vec![];
+        stock_include(&root.join("dir/sub"), "/dir/sub", &mut included).unwrap();
+        assert_eq!(
+            included,
+            vec![
+                ("/dir/sub".to_string(), sum(libc::S_IFDIR | 0o750, b"", "")),
+                (
+                    "/dir/sub/b".to_string(),
+                    sum(libc::S_IFREG | 0o644, b"b\n", "")
+                ),
+            ]
+        );
+        assert_ne!(included[0].1, d_header);
+        // A symlink among the matches: stock follows it; not reproduced, so no key.
+        assert_eq!(stock_wildcard_checksum(root, "/dir/l*"), None);
+        // A symlink on the way: no key.
+        std::os::unix::fs::symlink("dir", root.join("via")).unwrap();
+        assert_eq!(stock_literal_path(root, "/via/a"), None);
     }
 }

@@ -186,6 +186,9 @@ pub(crate) struct BuildEnv {
     /// ([`layerstore::dockerstore::pin_image_after`]): zero when something reads the build's
     /// result (it waits for the pins to run), else [`source_image::pin_delay`].
     pub(crate) pin_delay: std::time::Duration,
+    /// Whether ops compute BuildKit v0.11.6's content keys of what they copy (`crate::bkkeys`):
+    /// only a build that imports or exports a cache needs them (they read every copied file).
+    pub(crate) stock_keys: bool,
 }
 
 /// The solver op for a validated LLB op.

@@ -169,6 +169,8 @@ struct Keyed {
     /// Per output: its stock record id (`crate::bkkeys::stock_record_id`), when the op and all
     /// its inputs have one.
     stock: Vec<Option<String>>,
+    /// The op's stock cache map, when `stock` has ids.
+    stock_map: Option<crate::bkkeys::StockMap>,
     span: tracing::Span,
 }
 type KeyFuture = Shared<BoxFuture<'static, std::result::Result<Arc<Keyed>, Arc<Error>>>>;
@@ -194,6 +196,9 @@ pub(crate) struct Evaluation<R> {
     pub key: String,
     /// Its alias key ([`Op::alias_key`]), if the op has one.
     pub alias: Option<String>,
+    /// Its stock cache map ([`Op::stock_map`]), when the op and every input have stock
+    /// records (see [`Keyed::stock`]).
+    pub stock: Option<crate::bkkeys::StockMap>,
     /// The outputs, when built or loaded.
     pub outputs: Option<Outputs<R>>,
 }
@@ -223,12 +228,16 @@ struct Job<R> {
     /// Outputs of the vertices evaluated so far, by graph index.
     evaluated: Mutex<HashMap<usize, Outputs<R>>>,
     /// Cache keys (and alias keys) of the vertices keyed so far, by graph index.
-    keys: Mutex<HashMap<usize, (String, Option<String>)>>,
+    keys: Mutex<HashMap<usize, KeyRecord>>,
     /// The build's imported cache, if any.
     import: Option<Arc<dyn ImportStore<R>>>,
     /// Parent of the vertex spans.
     span: tracing::Span,
 }
+
+/// What a build records of a vertex's key: the key, its alias key ([`Op::alias_key`]), and the
+/// op's stock cache map ([`Op::stock_map`]) when every input has stock records.
+type KeyRecord = (String, Option<String>, Option<crate::bkkeys::StockMap>);
 
 /// Counter of vertex executions (`telemetry::metrics::VERTEX_EXECUTIONS`).
 const EXECUTIONS: &str = "berth_vertex_executions_total";
@@ -390,7 +399,7 @@ impl<R: Clone + Send + Sync + 'static> Solver<R> {
                     job.keys
                         .lock()
                         .unwrap()
-                        .insert(i, (k.key.clone(), k.alias.clone()));
+                        .insert(i, (k.key.clone(), k.alias.clone(), k.stock_map.clone()));
                     Ok(Arc::new(k))
                 }
                 .boxed()
@@ -439,10 +448,11 @@ impl<R: Clone + Send + Sync + 'static> Solver<R> {
         let stats = *job.stats.lock().unwrap();
         let mut evaluated: Evaluated<R> = vec![None; graph.len()];
         let mut outs = std::mem::take(&mut *job.evaluated.lock().unwrap());
-        for (i, (key, alias)) in job.keys.lock().unwrap().drain() {
+        for (i, (key, alias, stock)) in job.keys.lock().unwrap().drain() {
             evaluated[i] = Some(Evaluation {
                 key,
                 alias,
+                stock,
                 outputs: outs.remove(&i),
             });
         }
@@ -557,13 +567,17 @@ impl<R: Clone + Send + Sync + 'static> Solver<R> {
             }
         };
         match key {
-            Ok(key) => Ok(Keyed {
-                key,
-                alias,
-                via_alias,
-                stock: stock_ids(v, &vertex_keys),
-                span,
-            }),
+            Ok(key) => {
+                let (stock, stock_map) = stock_ids(v, &vertex_keys);
+                Ok(Keyed {
+                    key,
+                    alias,
+                    via_alias,
+                    stock,
+                    stock_map,
+                    span,
+                })
+            }
             Err(e) => {
                 span.record("otel.status_code", "ERROR");
                 job.complete(&v.digest, false, Some(e.to_string()));
@@ -634,7 +648,7 @@ impl<R: Clone + Send + Sync + 'static> Solver<R> {
                         job.keys
                             .lock()
                             .unwrap()
-                            .insert(index, (real.clone(), k.alias.clone()));
+                            .insert(index, (real.clone(), k.alias.clone(), k.stock_map.clone()));
                         key = &real;
                         again = self
                             .cached_result(job, v, &ctx, key, needed)
@@ -803,9 +817,13 @@ impl<R: Clone + Send + Sync + 'static> Solver<R> {
 }
 
 /// The stock record id of each output of `v` ([`Op::stock_map`] with its inputs' ids), or
-/// `None` per output when the op or one of its inputs has none.
-fn stock_ids<R>(v: &Vertex<R>, input_keys: &[(usize, Arc<Keyed>)]) -> Vec<Option<String>> {
-    let none = || vec![None; v.outputs];
+/// `None` per output when the op or one of its inputs has none; and the op's stock map when
+/// the ids are there.
+fn stock_ids<R>(
+    v: &Vertex<R>,
+    input_keys: &[(usize, Arc<Keyed>)],
+) -> (Vec<Option<String>>, Option<crate::bkkeys::StockMap>) {
+    let none = || (vec![None; v.outputs], None);
     let Some(map) = v.op.stock_map() else {
         return none();
     };
@@ -829,12 +847,13 @@ fn stock_ids<R>(v: &Vertex<R>, input_keys: &[(usize, Arc<Keyed>)]) -> Vec<Option
         .iter()
         .map(|(s, i)| (s.as_str(), i.as_str()))
         .collect();
-    (0..v.outputs)
+    let ids = (0..v.outputs)
         .map(|o| {
             let record = crate::bkkeys::root_key(&map.digest, o as i64);
             Some(crate::bkkeys::stock_record_id(&record, &slots))
         })
-        .collect()
+        .collect();
+    (ids, Some(map))
 }
 
 /// Which outputs of each vertex the build can use: the target's output and every output that a
