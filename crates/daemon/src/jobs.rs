@@ -116,8 +116,8 @@ impl std::fmt::Debug for Job {
 }
 
 impl Job {
-    /// A context for solving in this job: its session, progress, cancellation, entitlements
-    /// and imported caches.
+    /// A context for solving in this job: its session, progress, cancellation, entitlements,
+    /// imported caches and whether it exports its cache.
     pub fn solve_ctx(&self) -> SolveCtx {
         SolveCtx {
             job_id: self.id.clone(),
@@ -126,6 +126,7 @@ impl Job {
             cancel: self.cancel.clone(),
             entitlements: self.entitlements.clone(),
             cache_imports: self.cache_imports.lock().unwrap().clone(),
+            cache_export: self.cache_export.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 
