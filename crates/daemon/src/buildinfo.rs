@@ -142,20 +142,135 @@ pub fn encode(
     sources: &[ResultSource],
     frontend: Option<(&str, &BTreeMap<String, String>)>,
 ) -> String {
+    encode_with(sources, frontend, true)
+}
+
+/// The image config's `moby.buildkit.buildinfo.v1` value (what BuildKit v0.11.6's image and
+/// OCI exporters write with their default `buildinfo=true`): the same build information as
+/// [`encode`], without the frontend options unless `with_attrs` (`buildinfo-attrs=true`).
+pub fn image_config_value(
+    sources: &[ResultSource],
+    frontend: Option<(&str, &BTreeMap<String, String>)>,
+    with_attrs: bool,
+) -> String {
+    encode_with(sources, frontend, with_attrs)
+}
+
+fn encode_with(
+    sources: &[ResultSource],
+    frontend: Option<(&str, &BTreeMap<String, String>)>,
+    with_attrs: bool,
+) -> String {
     let mut sources: Vec<Source> = sources.iter().filter_map(source).collect();
     sources.sort_by(|a, b| a.reference.cmp(&b.reference));
     sources.dedup();
     let (frontend, attrs) = match frontend {
-        Some((name, opts)) => (name, filter_args(opts)),
+        Some((name, opts)) if with_attrs => (name, filter_args(opts)),
+        Some((name, _)) => (name, BTreeMap::new()),
         None => ("", BTreeMap::new()),
     };
-    let json = serde_json::to_vec(&BuildInfo {
+    let json = serde_json::to_string(&BuildInfo {
         frontend,
         attrs,
         sources,
     })
     .expect("build info serialises");
-    base64::engine::general_purpose::STANDARD.encode(json)
+    base64::engine::general_purpose::STANDARD.encode(go_html_escape(json))
+}
+
+/// Go's `json.Marshal` writes `<`, `>`, `&`, U+2028 and U+2029 in strings as `\u003c`…; they
+/// cannot occur outside strings in JSON, so replacing them in the whole text is exact.
+fn go_html_escape(text: String) -> String {
+    if !text.contains(['<', '>', '&', '\u{2028}', '\u{2029}']) {
+        return text;
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        match c {
+            '<' => out.push_str("\\u003c"),
+            '>' => out.push_str("\\u003e"),
+            '&' => out.push_str("\\u0026"),
+            '\u{2028}' => out.push_str("\\u2028"),
+            '\u{2029}' => out.push_str("\\u2029"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Sets (or, with `buildinfo=false` or for a result without a filesystem, removes) the build
+/// information field of every image config an image, `docker` or `oci` export writes from
+/// `metadata` (naming the frontend berthd ran for that result, else the request's): `containerimage.config`, and `containerimage.config/ID` for each platform of a
+/// multi-platform result (where the single config, else the platform's default one, is the
+/// starting point). `buildinfo` comes from the exporter attributes, else from the
+/// `BUILDKIT_BUILDINFO` build argument, as in buildkitd.
+pub(crate) fn patch_image_configs(
+    metadata: &mut BTreeMap<String, bytes::Bytes>,
+    result: &crate::jobs::BuildResult,
+    exp_attrs: &BTreeMap<String, String>,
+    frontend: Option<(&str, &BTreeMap<String, String>)>,
+) -> crate::errors::Result<()> {
+    let mut attrs = exp_attrs.clone();
+    if !attrs.contains_key("buildinfo") {
+        if let Some(v) = frontend
+            .and_then(|(_, o)| o.get("build-arg:BUILDKIT_BUILDINFO"))
+            .filter(|v| !v.is_empty())
+        {
+            attrs.insert("buildinfo".into(), v.clone());
+        }
+    }
+    let enabled = crate::export_client::bool_attr(&attrs, "buildinfo", true)?.unwrap_or(true);
+    let with_attrs =
+        crate::export_client::bool_attr(&attrs, "buildinfo-attrs", false)?.unwrap_or(false);
+    // The frontend berthd ran for this result (also inside a gateway client's Solve, as
+    // buildx drives it), else the request's; none for a direct LLB solve.
+    let value = |key: &str, fs: &crate::solver::FsRef| match fs {
+        crate::solver::FsRef::Solved(r) if enabled => {
+            let fe = match result.provenance.get(key) {
+                Some(c) if c.frontend.is_empty() => None,
+                Some(c) => Some((c.frontend.as_str(), &c.opts)),
+                None => frontend,
+            };
+            Some(image_config_value(r.sources(), fe, with_attrs))
+        }
+        _ => None,
+    };
+    let invalid = |e: exporter::Error| crate::errors::Error::invalid(format!("image config: {e}"));
+    const CONFIG: &str = "containerimage.config";
+    if let Some(fs) = &result.fs {
+        let platform = exporter::image::Platform::native();
+        let v = value("", fs);
+        if v.is_some() || metadata.contains_key(CONFIG) {
+            let patched = exporter::image::with_build_info(
+                metadata.get(CONFIG).map(|b| &b[..]),
+                &platform,
+                v.as_deref(),
+            )
+            .map_err(invalid)?;
+            metadata.insert(CONFIG.into(), patched.into());
+        }
+    }
+    if !result.refs.is_empty() {
+        let platforms = crate::export_image::parse_platforms(metadata)?;
+        for (id, platform) in platforms {
+            let Some(fs) = result.refs.get(&id) else {
+                continue;
+            };
+            let key = format!("{CONFIG}/{id}");
+            let base = metadata
+                .get(&key)
+                .or_else(|| metadata.get(CONFIG))
+                .map(|b| b.to_vec());
+            let v = value(&id, fs);
+            if v.is_some() || base.is_some() {
+                let patched =
+                    exporter::image::with_build_info(base.as_deref(), &platform, v.as_deref())
+                        .map_err(invalid)?;
+                metadata.insert(key, patched.into());
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -228,6 +343,60 @@ mod tests {
             ]})
         );
         assert_eq!(decode(&encode(&[], None)), serde_json::json!({}));
+    }
+
+    #[test]
+    fn image_config_value_is_stocks_bytes() {
+        // Stock buildkitd v0.11.6's `moby.buildkit.buildinfo.v1` for `FROM
+        // localhost:5102/library/busybox:latest` + COPY through dockerfile.v0 with
+        // `build-arg:SOURCE_DATE_EPOCH` (its exporter drops the attrs by default).
+        let stock = "eyJmcm9udGVuZCI6ImRvY2tlcmZpbGUudjAiLCJzb3VyY2VzIjpbeyJ0eXBlIjoiZG9ja2VyLWltYWdlIiwicmVmIjoibG9jYWxob3N0OjUxMDIvbGlicmFyeS9idXN5Ym94OmxhdGVzdCIsInBpbiI6InNoYTI1NjpiNDk4ZGMwYmVlOGVkZjMzMTQ2YTY4YWU3OTA2ZjEwYzJiM2I0ODQ5MTBlZmIyODdjYjNjMzY4YjUwM2EyMDk1In1dfQ==";
+        let pin = "sha256:b498dc0bee8edf33146a68ae7906f10c2b3b484910efb287cb3c368b503a2095";
+        let opts: BTreeMap<String, String> = [
+            ("build-arg:SOURCE_DATE_EPOCH", "1700000000"),
+            ("filename", "Dockerfile"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let sources = [
+            src("local://context", &[]),
+            src(
+                &format!("docker-image://localhost:5102/library/busybox:latest@{pin}"),
+                &[],
+            ),
+        ];
+        assert_eq!(
+            image_config_value(&sources, Some(("dockerfile.v0", &opts)), false),
+            stock
+        );
+        // FROM scratch only: the frontend alone (stock: {"frontend":"dockerfile.v0"}).
+        assert_eq!(
+            image_config_value(&sources[..1], Some(("dockerfile.v0", &opts)), false),
+            "eyJmcm9udGVuZCI6ImRvY2tlcmZpbGUudjAifQ=="
+        );
+        // buildinfo-attrs=true keeps the filtered options, written as Go escapes them.
+        let mut opts = opts;
+        opts.insert("build-arg:X".into(), "<a&b>".into());
+        let v = decode(&image_config_value(
+            &[],
+            Some(("dockerfile.v0", &opts)),
+            true,
+        ));
+        assert_eq!(v["attrs"]["build-arg:X"], "<a&b>");
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(image_config_value(
+                &[],
+                Some(("dockerfile.v0", &opts)),
+                true,
+            ))
+            .unwrap();
+        assert!(
+            String::from_utf8(raw)
+                .unwrap()
+                .contains(r#""\u003ca\u0026b\u003e""#),
+            "Go's HTML-safe escaping"
+        );
     }
 
     #[test]

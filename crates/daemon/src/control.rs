@@ -583,6 +583,19 @@ impl Control {
                 export_md.insert(k.clone(), Bytes::from(v.clone()));
             }
         }
+        if matches!(
+            kind,
+            ExporterKind::Image
+                | ExporterKind::Client(export_client::ClientExporter::Docker)
+                | ExporterKind::Client(export_client::ClientExporter::Oci)
+        ) {
+            crate::buildinfo::patch_image_configs(
+                &mut export_md,
+                &result,
+                &exp_attrs,
+                (!req.frontend.is_empty()).then_some((req.frontend.as_str(), &req.frontend_attrs)),
+            )?;
+        }
         let single_with_attestations =
             result.refs.is_empty() && result.attestations.values().any(|a| !a.is_empty());
         let oci = kind == ExporterKind::Client(export_client::ClientExporter::Oci);

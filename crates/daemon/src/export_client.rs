@@ -584,7 +584,11 @@ fn chain_err(e: &dyn std::error::Error) -> String {
 
 /// A boolean attribute as buildkitd parses it (`strconv.ParseBool`; an empty value means
 /// `empty`); `None` when absent.
-fn bool_attr(attrs: &BTreeMap<String, String>, key: &str, empty: bool) -> Result<Option<bool>> {
+pub(crate) fn bool_attr(
+    attrs: &BTreeMap<String, String>,
+    key: &str,
+    empty: bool,
+) -> Result<Option<bool>> {
     match attrs.get(key).map(String::as_str) {
         None => Ok(None),
         Some("") => Ok(Some(empty)),

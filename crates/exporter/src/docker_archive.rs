@@ -50,6 +50,7 @@ pub fn write_docker_client_archive(
         &req.names,
         created,
         &Default::default(),
+        Some(&crate::oci::config_platform(&config.bytes)),
     )?;
     let include = match thin {
         Some(p) => p.include(&layers, &in_docker)?,

@@ -10,6 +10,8 @@
 //!   the top; missing entries are appended from the layers' own metadata (description and creation
 //!   time, comment `buildkit.exporter.image.v0`); entries without a time inherit one.
 //! - `SOURCE_DATE_EPOCH` clamps every history time and `created` to the epoch.
+//! - `moby.buildkit.buildinfo.v1` (build information, base64) is set or removed by the caller
+//!   before ([`with_build_info`]), as upstream's exporter does from the result's metadata.
 //! - The top-level object is written with its keys sorted and its values kept as they came, which is
 //!   what Go's `json.Marshal(map[string]json.RawMessage)` produces, so the same inputs give the same
 //!   bytes (and so the same image ID) as upstream.
@@ -181,8 +183,7 @@ pub fn build_config(input: &ConfigInput<'_>) -> Result<ImageConfig> {
         };
         doc.insert("created".into(), to_raw(&value)?);
     }
-    // Build info is deprecated upstream and never produced by berth.
-    doc.remove("moby.buildkit.buildinfo.v1");
+    // `moby.buildkit.buildinfo.v1` stays as the caller left it ([`with_build_info`]).
 
     let bytes = serde_json::to_vec(&doc).map_err(|source| Error::ImageConfig {
         what: "encode image config",
@@ -190,6 +191,41 @@ pub fn build_config(input: &ConfigInput<'_>) -> Result<ImageConfig> {
     })?;
     let digest = format!("sha256:{}", hex::encode(Sha256::digest(&bytes)));
     Ok(ImageConfig { bytes, digest })
+}
+
+/// The image config field holding build information (`binfotypes.ImageConfigField`).
+pub const BUILD_INFO_FIELD: &str = "moby.buildkit.buildinfo.v1";
+
+/// `config` (or, when there is none, the default config of `platform`) with its build
+/// information field set to `value` (base64 of the build information JSON) or, for `None`,
+/// removed, as BuildKit v0.11.6's image exporter patches every config it writes. The other
+/// fields keep their bytes; the top-level keys come out sorted, as [`build_config`] writes them.
+pub fn with_build_info(
+    config: Option<&[u8]>,
+    platform: &Platform,
+    value: Option<&str>,
+) -> Result<Vec<u8>> {
+    let base = match config {
+        Some(b) if !b.is_empty() => b.to_vec(),
+        _ => default_config(platform)?,
+    };
+    let mut doc: BTreeMap<String, Box<RawValue>> =
+        serde_json::from_slice(&base).map_err(|source| Error::ImageConfig {
+            what: "parse containerimage.config",
+            source,
+        })?;
+    match value {
+        Some(v) => {
+            doc.insert(BUILD_INFO_FIELD.into(), to_raw(&v)?);
+        }
+        None => {
+            doc.remove(BUILD_INFO_FIELD);
+        }
+    }
+    serde_json::to_vec(&doc).map_err(|source| Error::ImageConfig {
+        what: "encode image config",
+        source,
+    })
 }
 
 /// The config BuildKit starts from when the frontend gave none.
@@ -338,6 +374,41 @@ mod go_time_opt {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn build_info_is_set_replaced_or_removed_and_kept_by_build_config() {
+        let p = Platform {
+            os: "linux".into(),
+            architecture: "amd64".into(),
+            variant: String::new(),
+        };
+        // No config: the default one gets the field.
+        let with = with_build_info(None, &p, Some("e30=")).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&with).unwrap();
+        assert_eq!(v[BUILD_INFO_FIELD], "e30=");
+        assert_eq!(v["architecture"], "amd64");
+        // A base image's value is replaced, other bytes kept, keys sorted.
+        let base = br#"{"os":"linux","architecture":"amd64","moby.buildkit.buildinfo.v1":"old","config":{"Cmd":["a & b"]}}"#;
+        let replaced = with_build_info(Some(base), &p, Some("bmV3")).unwrap();
+        assert_eq!(
+            std::str::from_utf8(&replaced).unwrap(),
+            r#"{"architecture":"amd64","config":{"Cmd":["a & b"]},"moby.buildkit.buildinfo.v1":"bmV3","os":"linux"}"#
+        );
+        // buildinfo=false removes it.
+        let removed = with_build_info(Some(base), &p, None).unwrap();
+        assert!(!std::str::from_utf8(&removed).unwrap().contains("buildinfo"));
+        // build_config keeps what the caller set.
+        let cfg = build_config(&ConfigInput {
+            base: Some(&replaced),
+            layers: &[],
+            epoch: None,
+            platform: &p,
+            now: Utc::now(),
+        })
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&cfg.bytes).unwrap();
+        assert_eq!(v[BUILD_INFO_FIELD], "bmV3");
+    }
+
     use super::*;
     use chrono::TimeZone;
 

@@ -186,6 +186,8 @@ struct Desc<'a> {
     size: u64,
     #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     annotations: BTreeMap<&'a str, &'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    platform: Option<crate::push::IndexPlatform<'a>>,
 }
 
 impl<'a> Desc<'a> {
@@ -195,7 +197,38 @@ impl<'a> Desc<'a> {
             digest,
             size,
             annotations: Default::default(),
+            platform: None,
         }
+    }
+}
+
+/// The platform an image config names (`architecture`, `os`, `variant`), else berthd's own, as
+/// buildkitd's exporter takes a single image's platform from its config (`ParsePlatforms`, with
+/// containerd's normalization: arm64's `v8` variant is dropped).
+pub(crate) fn config_platform(config: &[u8]) -> Platform {
+    #[derive(serde::Deserialize)]
+    struct Cfg {
+        #[serde(default)]
+        os: String,
+        #[serde(default)]
+        architecture: String,
+        #[serde(default)]
+        variant: String,
+    }
+    match serde_json::from_slice::<Cfg>(config) {
+        Ok(c) if !c.os.is_empty() && !c.architecture.is_empty() => {
+            let variant = if c.architecture == "arm64" && matches!(c.variant.as_str(), "v8" | "8") {
+                String::new()
+            } else {
+                c.variant
+            };
+            Platform {
+                os: c.os,
+                architecture: c.architecture,
+                variant,
+            }
+        }
+        _ => Platform::native(),
     }
 }
 
@@ -240,15 +273,24 @@ pub(crate) fn blob_path(digest: &str) -> String {
 /// The `index.json` of a layout holding one manifest, and the manifest's descriptor (what
 /// `containerimage.descriptor` carries): one index entry per normalized name (with
 /// `io.containerd.image.name` and `org.opencontainers.image.ref.name`), or one unnamed entry;
-/// every descriptor has `org.opencontainers.image.created`, as buildkitd's `oci` and `docker`
-/// exporters write them.
+/// every descriptor has `org.opencontainers.image.created` and the image's `platform` (none for
+/// an index), as
+/// buildkitd's `oci` and `docker` exporters write them.
 pub(crate) fn index_and_descriptor(
     manifest_type: &str,
     manifest: &[u8],
     names: &[String],
     created: &DateTime<Utc>,
     annotations: &BTreeMap<String, String>,
+    platform: Option<&Platform>,
 ) -> Result<(Vec<u8>, Vec<u8>)> {
+    let index_platform = || {
+        platform.map(|p| crate::push::IndexPlatform {
+            architecture: &p.architecture,
+            os: &p.os,
+            variant: &p.variant,
+        })
+    };
     let manifest_digest = sha256_digest(manifest);
     let created = created.to_rfc3339_opts(SecondsFormat::Secs, true);
     let mut base: BTreeMap<&str, &str> = BTreeMap::new();
@@ -258,6 +300,7 @@ pub(crate) fn index_and_descriptor(
     }
     let mut desc = Desc::new(manifest_type, &manifest_digest, manifest.len() as u64);
     desc.annotations = base.clone();
+    desc.platform = index_platform();
     let descriptor = serde_json::to_vec(&desc).map_err(|source| Error::ImageConfig {
         what: "encode manifest descriptor",
         source,
@@ -274,6 +317,7 @@ pub(crate) fn index_and_descriptor(
                 d.annotations = base.clone();
                 d.annotations.insert(ANNOTATION_IMAGE_NAME, name);
                 d.annotations.insert(ANNOTATION_REF_NAME, tag);
+                d.platform = index_platform();
                 d
             })
             .collect()
@@ -476,6 +520,7 @@ fn stage_oci_image(
         &opts.names,
         &opts.created,
         &opts.descriptor_annotations,
+        Some(&config_platform(&image.config.bytes)),
     )?;
     let result = ImageExportResult {
         config_digest: image.config.digest.clone(),
@@ -568,6 +613,30 @@ fn write_image_blobs<W: Write>(
     Ok(())
 }
 
+/// The `manifest.json` buildkitd's `oci` exporter writes beside a single image's layout
+/// (containerd's archive exporter with `WithSkipDockerManifest`: the image's config and layer
+/// blobs, `RepoTags` null), so `docker load` reads it too.
+fn docker_manifest_json(image: &StagedImage) -> Result<Vec<u8>> {
+    #[derive(Serialize)]
+    struct Entry {
+        #[serde(rename = "Config")]
+        config: String,
+        #[serde(rename = "RepoTags")]
+        repo_tags: Option<Vec<String>>,
+        #[serde(rename = "Layers")]
+        layers: Vec<String>,
+    }
+    serde_json::to_vec(&[Entry {
+        config: blob_path(&image.config.digest),
+        repo_tags: None,
+        layers: image.blobs.iter().map(|b| blob_path(&b.digest)).collect(),
+    }])
+    .map_err(|source| Error::ImageConfig {
+        what: "encode manifest.json",
+        source,
+    })
+}
+
 /// Writes the result as an OCI image layout tar to `out`. Blocking; reads each layer from the
 /// layer store (and Docker's store, via tar-split), never holding one in memory.
 ///
@@ -595,8 +664,10 @@ pub fn write_oci_image_archive(
     let mut out = CountingWriter::new(out);
     archive::write_dir(&mut out, "blobs/")?;
     archive::write_dir(&mut out, "blobs/sha256/")?;
+    let docker_manifest = docker_manifest_json(&image)?;
     write_image_blobs(&mut out, image, &mut BTreeSet::new(), &mut result, progress)?;
     archive::write_file(&mut out, "index.json", &index, 0o644)?;
+    archive::write_file(&mut out, "manifest.json", &docker_manifest, 0o644)?;
     archive::write_file(&mut out, "oci-layout", OCI_LAYOUT, 0o444)?;
     archive::finish(&mut out)?;
     Ok(result)
@@ -717,6 +788,7 @@ fn stage_oci_index(
         &opts.names,
         &opts.created,
         &opts.descriptor_annotations,
+        None,
     )?;
     let result = ImageExportResult {
         manifest_digest: sha256_digest(&index),
@@ -1064,6 +1136,7 @@ pub fn write_docker_image_blobs(
         &req.names,
         created,
         &BTreeMap::new(),
+        Some(&config_platform(&config.bytes)),
     )?;
     let mut result = ImageExportResult {
         config_digest: config.digest.clone(),
