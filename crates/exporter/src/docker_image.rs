@@ -119,10 +119,10 @@ struct Desc<'a> {
 
 #[derive(Serialize)]
 struct DockerManifest<'a> {
-    #[serde(rename = "schemaVersion")]
-    schema_version: u32,
     #[serde(rename = "mediaType")]
     media_type: &'a str,
+    #[serde(rename = "schemaVersion")]
+    schema_version: u32,
     config: Desc<'a>,
     layers: Vec<Desc<'a>>,
 }
@@ -145,7 +145,8 @@ pub(crate) fn docker_manifest(config: &ImageConfig, layers: &[ExportLayer]) -> V
             })
             .collect(),
     };
-    serde_json::to_vec(&m).expect("manifest serialises")
+    // As buildkitd writes it (Go's `json.MarshalIndent` with two spaces).
+    serde_json::to_vec_pretty(&m).expect("manifest serialises")
 }
 
 pub(crate) fn descriptor(media_type: &str, manifest: &[u8]) -> (String, String) {

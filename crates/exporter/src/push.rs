@@ -127,10 +127,10 @@ struct PushLayer {
 
 #[derive(Serialize)]
 struct Manifest<'a> {
-    #[serde(rename = "schemaVersion")]
-    schema_version: u32,
     #[serde(rename = "mediaType")]
     media_type: &'a str,
+    #[serde(rename = "schemaVersion")]
+    schema_version: u32,
     config: Desc<'a>,
     layers: Vec<Desc<'a>>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
@@ -311,7 +311,9 @@ fn manifest(
     } else {
         "application/vnd.docker.container.image.v1+json"
     };
-    let bytes = serde_json::to_vec(&Manifest {
+    // Field order and two-space indentation as buildkitd writes it (Go's `json.MarshalIndent`
+    // of `ocispecs.Manifest`), so the same image has the same manifest digest.
+    let bytes = serde_json::to_vec_pretty(&Manifest {
         schema_version: 2,
         media_type,
         config: Desc {
