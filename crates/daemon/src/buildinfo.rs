@@ -12,12 +12,18 @@
 //! the digest of what the reference names in its registry (as buildkitd reports it), or, for
 //! an image only Docker has (no registry knows it), Docker's image ID. A `name:tag@digest`
 //! reference (what the Dockerfile frontend makes of a `FROM name:tag` it resolved) is named
-//! `name:tag`, as buildkitd names the tag it resolved.
+//! `name:tag`, as buildkitd names the tag it resolved, but only when the frontend resolved that
+//! tag: `FROM name:tag@digest` as written stays `name:tag@digest` (BuildKit's
+//! `OptimizeImageSources`; for a result whose frontend berthd did not run, always `name:tag`).
+//!
+//! The image exporters (`image`, `docker`, `oci`) also write it into each image config as
+//! `moby.buildkit.buildinfo.v1`, without the frontend options unless `buildinfo-attrs=true`,
+//! and not at all with `buildinfo=false` ([`patch_image_configs`]), as v0.11.6's do.
 //!
 //! Limits: for git and HTTP sources `pin` is given only when the definition pins the source
 //! (`http.checksum`); buildkitd also reports the commit and content digest it resolved.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use base64::Engine as _;
 use serde::Serialize;
@@ -91,7 +97,10 @@ pub(crate) fn filter_args(opts: &BTreeMap<String, String>) -> BTreeMap<String, S
         .collect()
 }
 
-fn source(s: &ResultSource) -> Option<Source> {
+/// `resolved`: the references the frontend resolved by tag ([`crate::provenance::Recorder::resolved_tags`]),
+/// if known: a `name:tag@digest` source is named `name:tag` only when `name:tag` is among them
+/// (else it was written with its digest, and BuildKit keeps it so); unknown: always.
+fn source(s: &ResultSource, resolved: Option<&BTreeSet<String>>) -> Option<Source> {
     let (scheme, rest) = s.identifier.split_once("://")?;
     match scheme {
         "docker-image" => {
@@ -102,7 +111,7 @@ fn source(s: &ResultSource) -> Option<Source> {
                     // `name:tag@digest` is what a frontend makes of `name:tag` once it resolved
                     // it; buildkitd names the tag it resolved (its `OptimizeImageSources`).
                     let last = named.rfind('/').map_or(0, |i| i + 1);
-                    if named[last..].contains(':') {
+                    if named[last..].contains(':') && resolved.is_none_or(|r| r.contains(named)) {
                         reference = named.to_string();
                     }
                     digest
@@ -141,8 +150,9 @@ fn source(s: &ResultSource) -> Option<Source> {
 pub fn encode(
     sources: &[ResultSource],
     frontend: Option<(&str, &BTreeMap<String, String>)>,
+    resolved: Option<&BTreeSet<String>>,
 ) -> String {
-    encode_with(sources, frontend, true)
+    encode_with(sources, frontend, true, resolved)
 }
 
 /// The image config's `moby.buildkit.buildinfo.v1` value (what BuildKit v0.11.6's image and
@@ -152,16 +162,18 @@ pub fn image_config_value(
     sources: &[ResultSource],
     frontend: Option<(&str, &BTreeMap<String, String>)>,
     with_attrs: bool,
+    resolved: Option<&BTreeSet<String>>,
 ) -> String {
-    encode_with(sources, frontend, with_attrs)
+    encode_with(sources, frontend, with_attrs, resolved)
 }
 
 fn encode_with(
     sources: &[ResultSource],
     frontend: Option<(&str, &BTreeMap<String, String>)>,
     with_attrs: bool,
+    resolved: Option<&BTreeSet<String>>,
 ) -> String {
-    let mut sources: Vec<Source> = sources.iter().filter_map(source).collect();
+    let mut sources: Vec<Source> = sources.iter().filter_map(|s| source(s, resolved)).collect();
     sources.sort_by(|a, b| a.reference.cmp(&b.reference));
     sources.dedup();
     let (frontend, attrs) = match frontend {
@@ -198,6 +210,21 @@ fn go_html_escape(text: String) -> String {
     out
 }
 
+/// The frontend (name and options) that made the result under `key` (`""` for a single
+/// result): the one berthd ran for it (also inside a gateway client's Solve, as buildx and
+/// buildctl drive it), else the request's `frontend`; none for a direct LLB solve.
+pub(crate) fn frontend_of<'a>(
+    result: &'a crate::jobs::BuildResult,
+    key: &str,
+    frontend: Option<(&'a str, &'a BTreeMap<String, String>)>,
+) -> Option<(&'a str, &'a BTreeMap<String, String>)> {
+    match result.provenance.get(key) {
+        Some(c) if c.frontend.is_empty() => None,
+        Some(c) => Some((c.frontend.as_str(), &c.opts)),
+        None => frontend,
+    }
+}
+
 /// Sets (or, with `buildinfo=false` or for a result without a filesystem, removes) the build
 /// information field of every image config an image, `docker` or `oci` export writes from
 /// `metadata` (naming the frontend berthd ran for that result, else the request's): `containerimage.config`, and `containerimage.config/ID` for each platform of a
@@ -222,16 +249,17 @@ pub(crate) fn patch_image_configs(
     let enabled = crate::export_client::bool_attr(&attrs, "buildinfo", true)?.unwrap_or(true);
     let with_attrs =
         crate::export_client::bool_attr(&attrs, "buildinfo-attrs", false)?.unwrap_or(false);
-    // The frontend berthd ran for this result (also inside a gateway client's Solve, as
-    // buildx drives it), else the request's; none for a direct LLB solve.
     let value = |key: &str, fs: &crate::solver::FsRef| match fs {
         crate::solver::FsRef::Solved(r) if enabled => {
-            let fe = match result.provenance.get(key) {
-                Some(c) if c.frontend.is_empty() => None,
-                Some(c) => Some((c.frontend.as_str(), &c.opts)),
-                None => frontend,
-            };
-            Some(image_config_value(r.sources(), fe, with_attrs))
+            let captured = result.provenance.get(key);
+            let fe = frontend_of(result, key, frontend);
+            let resolved = captured.map(|c| c.recorder.resolved_tags());
+            Some(image_config_value(
+                r.sources(),
+                fe,
+                with_attrs,
+                resolved.as_ref(),
+            ))
         }
         _ => None,
     };
@@ -301,6 +329,7 @@ mod tests {
                 src("docker-image://scratchy", &[]),
             ],
             None,
+            None,
         ));
         assert_eq!(
             v,
@@ -310,6 +339,30 @@ mod tests {
                 {"type": "docker-image", "ref": "docker.io/library/scratchy:latest"},
             ]})
         );
+    }
+
+    #[test]
+    fn digested_tag_is_named_by_its_tag_only_when_the_frontend_resolved_the_tag() {
+        // Stock v0.11.6: `FROM x:tag` (resolved by tag, LLB `x:tag@d`) is reported as `x:tag`;
+        // `FROM x:tag@d` as written is reported as `x:tag@d`.
+        let d = format!("sha256:{}", "d".repeat(64));
+        let sources = [src(
+            &format!("docker-image://localhost:5102/library/busybox:latest@{d}"),
+            &[],
+        )];
+        let by_tag = BTreeSet::from(["localhost:5102/library/busybox:latest".to_string()]);
+        let v = decode(&encode(&sources, None, Some(&by_tag)));
+        assert_eq!(
+            v["sources"][0]["ref"],
+            "localhost:5102/library/busybox:latest"
+        );
+        let by_digest = BTreeSet::new();
+        let v = decode(&image_config_value(&sources, None, false, Some(&by_digest)));
+        assert_eq!(
+            v["sources"][0]["ref"],
+            format!("localhost:5102/library/busybox:latest@{d}")
+        );
+        assert_eq!(v["sources"][0]["pin"], d);
     }
 
     fn decode(s: &str) -> serde_json::Value {
@@ -332,6 +385,7 @@ mod tests {
                 ),
             ],
             None,
+            None,
         ));
         assert_eq!(
             v,
@@ -342,7 +396,7 @@ mod tests {
                 {"type": "git", "ref": "https://github.com/moby/buildkit#v1"},
             ]})
         );
-        assert_eq!(decode(&encode(&[], None)), serde_json::json!({}));
+        assert_eq!(decode(&encode(&[], None, None)), serde_json::json!({}));
     }
 
     #[test]
@@ -367,12 +421,12 @@ mod tests {
             ),
         ];
         assert_eq!(
-            image_config_value(&sources, Some(("dockerfile.v0", &opts)), false),
+            image_config_value(&sources, Some(("dockerfile.v0", &opts)), false, None),
             stock
         );
         // FROM scratch only: the frontend alone (stock: {"frontend":"dockerfile.v0"}).
         assert_eq!(
-            image_config_value(&sources[..1], Some(("dockerfile.v0", &opts)), false),
+            image_config_value(&sources[..1], Some(("dockerfile.v0", &opts)), false, None),
             "eyJmcm9udGVuZCI6ImRvY2tlcmZpbGUudjAifQ=="
         );
         // buildinfo-attrs=true keeps the filtered options, written as Go escapes them.
@@ -382,6 +436,7 @@ mod tests {
             &[],
             Some(("dockerfile.v0", &opts)),
             true,
+            None,
         ));
         assert_eq!(v["attrs"]["build-arg:X"], "<a&b>");
         let raw = base64::engine::general_purpose::STANDARD
@@ -389,6 +444,7 @@ mod tests {
                 &[],
                 Some(("dockerfile.v0", &opts)),
                 true,
+                None,
             ))
             .unwrap();
         assert!(
@@ -412,7 +468,7 @@ mod tests {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-        let v = decode(&encode(&[], Some(("dockerfile.v0", &opts))));
+        let v = decode(&encode(&[], Some(("dockerfile.v0", &opts)), None));
         assert_eq!(
             v,
             serde_json::json!({

@@ -565,8 +565,17 @@ impl Control {
                 crate::buildinfo::KEY.to_string(),
                 crate::buildinfo::encode(
                     r.sources(),
-                    (!req.frontend.is_empty())
-                        .then_some((req.frontend.as_str(), &req.frontend_attrs)),
+                    crate::buildinfo::frontend_of(
+                        &result,
+                        "",
+                        (!req.frontend.is_empty())
+                            .then_some((req.frontend.as_str(), &req.frontend_attrs)),
+                    ),
+                    result
+                        .provenance
+                        .get("")
+                        .map(|c| c.recorder.resolved_tags())
+                        .as_ref(),
                 ),
             );
         }

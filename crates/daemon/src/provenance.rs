@@ -118,6 +118,19 @@ impl Recorder {
     pub fn solved(&self, def: &pb::Definition, fs: &FsRef) {
         self.solved.lock().unwrap().push((def.clone(), fs.clone()));
     }
+
+    /// The references the frontend resolved by tag (normalized, no digest): the images whose
+    /// digested `name:tag@digest` sources BuildKit reports as `name:tag`
+    /// (`OptimizeImageSources`).
+    pub fn resolved_tags(&self) -> std::collections::BTreeSet<String> {
+        self.images
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|i| !i.reference.contains('@'))
+            .map(|i| i.reference.clone())
+            .collect()
+    }
 }
 
 /// The frontend side of a result's provenance.
