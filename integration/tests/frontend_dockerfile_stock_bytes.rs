@@ -52,6 +52,11 @@ const STOCK_DOCKER_INDEX_JSON: &str =
 const STOCK_DOCKER_MANIFEST_JSON: &str =
     "e7c1e76f995577382f7453b5fb607d9e9776ec95c50c80bbdab50e686aa7a1e6";
 
+/// sha256 of stock's whole `type=oci` tar (uncompressed) and `type=docker` tar (uncompressed):
+/// the tar framing too (entry order, modes, ustar headers as Go writes them).
+const STOCK_OCI_TAR: &str = "597861dcb8ed7f0454f06c3ea19f4a2ad647a4d96a0c2d80e0fb3d806e0aa9ce";
+const STOCK_DOCKER_TAR: &str = "1bd84cd8a16dde0de41194a3b21ec3b0cc64606803fe1f9bff3c1b9646cca5e4";
+
 /// The build context, every entry with mode and mtime fixed (COPY keeps them).
 fn context(dir: &Path) {
     std::fs::create_dir_all(dir.join("dir/sub")).unwrap();
@@ -188,6 +193,11 @@ async fn oci_and_docker_exports_match_stock_bytes() {
         String::from_utf8_lossy(&files["manifest.json"])
     );
     assert_eq!(
+        sha256_hex(&std::fs::read(&out).unwrap()),
+        STOCK_OCI_TAR,
+        "the oci tar's framing differs from stock's"
+    );
+    assert_eq!(
         resp.get("containerimage.digest").map(String::as_str),
         Some(STOCK_MANIFEST)
     );
@@ -225,6 +235,11 @@ async fn oci_and_docker_exports_match_stock_bytes() {
     );
     sha256_matches(blob(&files, STOCK_DOCKER_MANIFEST), STOCK_DOCKER_MANIFEST);
     assert_eq!(sha256_hex(&files["index.json"]), STOCK_DOCKER_INDEX_JSON);
+    assert_eq!(
+        sha256_hex(&std::fs::read(&out).unwrap()),
+        STOCK_DOCKER_TAR,
+        "the docker tar's framing differs from stock's"
+    );
     assert_eq!(
         sha256_hex(&files["manifest.json"]),
         STOCK_DOCKER_MANIFEST_JSON,

@@ -23,7 +23,7 @@
 //! Limits: for git and HTTP sources `pin` is given only when the definition pins the source
 //! (`http.checksum`); buildkitd also reports the commit and content digest it resolved.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use base64::Engine as _;
 use serde::Serialize;
@@ -99,8 +99,10 @@ pub(crate) fn filter_args(opts: &BTreeMap<String, String>) -> BTreeMap<String, S
 
 /// `resolved`: the references the frontend resolved by tag ([`crate::provenance::Recorder::resolved_tags`]),
 /// if known: a `name:tag@digest` source is named `name:tag` only when `name:tag` is among them
-/// (else it was written with its digest, and BuildKit keeps it so); unknown: always.
-fn source(s: &ResultSource, resolved: Option<&BTreeSet<String>>) -> Option<Source> {
+/// (else it was written with its digest, and BuildKit keeps it so); unknown: always. A source
+/// without a digest that the frontend resolved by tag is pinned to what the tag resolved to
+/// (the worker may have used Docker's image in place, whose pin is the image ID).
+fn source(s: &ResultSource, resolved: Option<&BTreeMap<String, String>>) -> Option<Source> {
     let (scheme, rest) = s.identifier.split_once("://")?;
     match scheme {
         "docker-image" => {
@@ -111,12 +113,17 @@ fn source(s: &ResultSource, resolved: Option<&BTreeSet<String>>) -> Option<Sourc
                     // `name:tag@digest` is what a frontend makes of `name:tag` once it resolved
                     // it; buildkitd names the tag it resolved (its `OptimizeImageSources`).
                     let last = named.rfind('/').map_or(0, |i| i + 1);
-                    if named[last..].contains(':') && resolved.is_none_or(|r| r.contains(named)) {
+                    if named[last..].contains(':') && resolved.is_none_or(|r| r.contains_key(named))
+                    {
                         reference = named.to_string();
                     }
                     digest
                 }
-                None => s.pin.clone(),
+                None => resolved
+                    .and_then(|r| r.get(&reference))
+                    .filter(|d| !d.is_empty())
+                    .cloned()
+                    .unwrap_or_else(|| s.pin.clone()),
             };
             Some(Source {
                 kind: "docker-image",
@@ -150,7 +157,7 @@ fn source(s: &ResultSource, resolved: Option<&BTreeSet<String>>) -> Option<Sourc
 pub fn encode(
     sources: &[ResultSource],
     frontend: Option<(&str, &BTreeMap<String, String>)>,
-    resolved: Option<&BTreeSet<String>>,
+    resolved: Option<&BTreeMap<String, String>>,
 ) -> String {
     encode_with(sources, frontend, true, resolved)
 }
@@ -162,7 +169,7 @@ pub fn image_config_value(
     sources: &[ResultSource],
     frontend: Option<(&str, &BTreeMap<String, String>)>,
     with_attrs: bool,
-    resolved: Option<&BTreeSet<String>>,
+    resolved: Option<&BTreeMap<String, String>>,
 ) -> String {
     encode_with(sources, frontend, with_attrs, resolved)
 }
@@ -171,7 +178,7 @@ fn encode_with(
     sources: &[ResultSource],
     frontend: Option<(&str, &BTreeMap<String, String>)>,
     with_attrs: bool,
-    resolved: Option<&BTreeSet<String>>,
+    resolved: Option<&BTreeMap<String, String>>,
 ) -> String {
     let mut sources: Vec<Source> = sources.iter().filter_map(|s| source(s, resolved)).collect();
     sources.sort_by(|a, b| a.reference.cmp(&b.reference));
@@ -208,6 +215,26 @@ fn go_html_escape(text: String) -> String {
         }
     }
     out
+}
+
+/// The sources of the result under `key` (`""` for a single result): what it loaded, plus what
+/// its definition reaches (inputs of steps found in an imported cache were never loaded, but
+/// BuildKit captures sources from the definition whatever was cached).
+pub(crate) fn result_sources(
+    result: &crate::jobs::BuildResult,
+    key: &str,
+    r: &worker::SolvedRef,
+) -> Vec<ResultSource> {
+    let mut all: Vec<ResultSource> = r.sources().to_vec();
+    let def = result.defs.get(key).or_else(|| result.defs.get(""));
+    if let Some(def) = def {
+        for s in crate::provenance::definition_sources(def).unwrap_or_default() {
+            if !all.iter().any(|a| a.identifier == s.identifier) {
+                all.push(s);
+            }
+        }
+    }
+    all
 }
 
 /// The frontend (name and options) that made the result under `key` (`""` for a single
@@ -255,7 +282,7 @@ pub(crate) fn patch_image_configs(
             let fe = frontend_of(result, key, frontend);
             let resolved = captured.map(|c| c.recorder.resolved_tags());
             Some(image_config_value(
-                r.sources(),
+                &result_sources(result, key, r),
                 fe,
                 with_attrs,
                 resolved.as_ref(),
@@ -350,18 +377,27 @@ mod tests {
             &format!("docker-image://localhost:5102/library/busybox:latest@{d}"),
             &[],
         )];
-        let by_tag = BTreeSet::from(["localhost:5102/library/busybox:latest".to_string()]);
+        let by_tag = BTreeMap::from([(
+            "localhost:5102/library/busybox:latest".to_string(),
+            d.clone(),
+        )]);
         let v = decode(&encode(&sources, None, Some(&by_tag)));
         assert_eq!(
             v["sources"][0]["ref"],
             "localhost:5102/library/busybox:latest"
         );
-        let by_digest = BTreeSet::new();
+        let by_digest = BTreeMap::new();
         let v = decode(&image_config_value(&sources, None, false, Some(&by_digest)));
         assert_eq!(
             v["sources"][0]["ref"],
             format!("localhost:5102/library/busybox:latest@{d}")
         );
+        assert_eq!(v["sources"][0]["pin"], d);
+        // Used from Docker in place (not pinned in the definition, the worker's pin is the
+        // image ID): reported with the digest the tag resolved to, as stock does.
+        let mut local = src("docker-image://localhost:5102/library/busybox:latest", &[]);
+        local.pin = format!("sha256:{}", "1".repeat(64));
+        let v = decode(&encode(&[local], None, Some(&by_tag)));
         assert_eq!(v["sources"][0]["pin"], d);
     }
 

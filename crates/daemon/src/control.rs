@@ -564,7 +564,7 @@ impl Control {
             response.insert(
                 crate::buildinfo::KEY.to_string(),
                 crate::buildinfo::encode(
-                    r.sources(),
+                    &crate::buildinfo::result_sources(&result, "", r),
                     crate::buildinfo::frontend_of(
                         &result,
                         "",

@@ -24,7 +24,9 @@
 //! `oci` takes `name`, `source-date-epoch`, `compression` (`gzip` default, `zstd`,
 //! `uncompressed`), `compression-level`, `force-compression` (every layer is compressed afresh
 //! anyway: berth keeps layers as trees, not blobs), `oci-mediatypes` (default true; zstd does not
-//! force it, as in v0.11.6) and `tar`.
+//! force it, as in v0.11.6) and `tar`. Both (and `image`) take `buildinfo` and
+//! `buildinfo-attrs`, which decide the config's `moby.buildkit.buildinfo.v1`
+//! ([`crate::buildinfo::patch_image_configs`]).
 //!
 //! `tar=false` (`oci` and `docker`, as buildkitd's): no stream; the image's blobs (layers,
 //! config, manifest, children before the manifest, blobs the store has skipped) are written into

@@ -298,6 +298,25 @@ impl tokio::io::AsyncWrite for FrontendIo {
     }
 }
 
+/// The registry digest berth's pull of `reference` recorded for the image whose config is
+/// `config` (the pull source of its top layer, `name:tag@digest` for this name), if any.
+fn pulled_digest(backend: &Backend, reference: &str, config: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct RootFs {
+        diff_ids: Vec<String>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Cfg {
+        rootfs: RootFs,
+    }
+    let cfg: Cfg = serde_json::from_slice(config).ok()?;
+    let top = cfg.rootfs.diff_ids.last()?;
+    let record = backend.image_export.blobs.source(top)?;
+    let (name, digest) = record.reference.split_once('@')?;
+    let norm = |r: &str| exporter::normalize_name(r).unwrap_or_else(|_| r.to_string());
+    (norm(name) == norm(reference)).then(|| digest.to_string())
+}
+
 async fn dockerfile_v0(
     fe: &Frontends,
     job: &Arc<Job>,
@@ -635,15 +654,6 @@ impl Bridge for InProcess<'_> {
         };
         let res = self.resolve_config_step(&req, reference, log_name).await;
         let (digest, config) = res.map_err(boxed)?;
-        self.recorder.image(
-            reference,
-            Some(crate::provenance::Platform {
-                os: platform.os.clone(),
-                architecture: platform.architecture.clone(),
-                variant: platform.variant.clone(),
-            }),
-            &digest,
-        );
         // An image the bound Docker Engine has is not pinned as `name@digest`: Docker indexes
         // repository digests only for what it pulled itself (an image built, loaded or
         // imported there has none, or one of another repository), so the worker would not
@@ -652,6 +662,21 @@ impl Bridge for InProcess<'_> {
         let id = format!(
             "sha256:{}",
             hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&config))
+        );
+        // Provenance and build information name what the tag resolved to in its registry, as
+        // buildkitd does: for an image berth pulled into Docker earlier (answered from Docker,
+        // by ID), the digest its pull recorded for this reference.
+        let recorded = (digest == id)
+            .then(|| pulled_digest(&self.fe.backend, reference, &config))
+            .flatten();
+        self.recorder.image(
+            reference,
+            Some(crate::provenance::Platform {
+                os: platform.os.clone(),
+                architecture: platform.architecture.clone(),
+                variant: platform.variant.clone(),
+            }),
+            recorded.as_deref().unwrap_or(&digest),
         );
         let wanted = Some((
             platform.os.clone(),

@@ -119,17 +119,19 @@ impl Recorder {
         self.solved.lock().unwrap().push((def.clone(), fs.clone()));
     }
 
-    /// The references the frontend resolved by tag (normalized, no digest): the images whose
-    /// digested `name:tag@digest` sources BuildKit reports as `name:tag`
-    /// (`OptimizeImageSources`).
-    pub fn resolved_tags(&self) -> std::collections::BTreeSet<String> {
-        self.images
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|i| !i.reference.contains('@'))
-            .map(|i| i.reference.clone())
-            .collect()
+    /// The references the frontend resolved by tag (normalized, no digest) and the digest each
+    /// resolved to (the first one): the images whose digested `name:tag@digest` sources
+    /// BuildKit reports as `name:tag` (`OptimizeImageSources`), pinned to what the registry
+    /// answered even where the worker used Docker's image in place.
+    pub fn resolved_tags(&self) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        for i in self.images.lock().unwrap().iter() {
+            if !i.reference.contains('@') {
+                out.entry(i.reference.clone())
+                    .or_insert_with(|| i.digest.clone());
+            }
+        }
+        out
     }
 }
 
@@ -327,6 +329,23 @@ impl Capture {
 }
 
 /// The ops `def`'s terminal op reaches, by digest.
+/// The sources a definition reaches (identifier and attributes, no pin), for results whose
+/// inputs came from a cache and so were never loaded: BuildKit captures them from the
+/// definition whatever was cached.
+pub(crate) fn definition_sources(def: &pb::Definition) -> Result<Vec<worker::ResultSource>> {
+    Ok(reachable(def)?
+        .into_values()
+        .filter_map(|op| match op.op {
+            Some(pb::op::Op::Source(s)) => Some(worker::ResultSource {
+                identifier: s.identifier,
+                attrs: s.attrs.into_iter().collect(),
+                pin: String::new(),
+            }),
+            _ => None,
+        })
+        .collect())
+}
+
 fn reachable(def: &pb::Definition) -> Result<BTreeMap<String, pb::Op>> {
     let bad = |e: String| Error::invalid(format!("provenance: invalid definition: {e}"));
     let mut ops = BTreeMap::new();

@@ -75,13 +75,14 @@ pub struct ArchiveStats {
 }
 
 #[derive(Serialize)]
-struct ManifestEntry<'a> {
+pub(crate) struct ManifestEntry<'a> {
     #[serde(rename = "Config")]
-    config: String,
+    pub(crate) config: String,
+    /// `null` without names, as Go writes a nil slice.
     #[serde(rename = "RepoTags")]
-    repo_tags: &'a [String],
+    pub(crate) repo_tags: Option<&'a [String]>,
     #[serde(rename = "Layers")]
-    layers: Vec<String>,
+    pub(crate) layers: Vec<String>,
 }
 
 fn layer_path(diff_id: &str, oci: bool) -> String {
@@ -117,48 +118,13 @@ pub fn write_docker_archive(
     let mut out = CountingWriter::new(out);
     let mut stats = ArchiveStats::default();
     let mut written = std::collections::HashSet::new();
-    if oci.is_some() {
-        write_dir(&mut out, "blobs/")?;
-        write_dir(&mut out, "blobs/sha256/")?;
-    }
+    let mut sent = Vec::new();
     for (layer, &inc) in layers.iter().zip(include) {
-        if !inc {
-            continue;
-        }
         let path = layer_path(&layer.diff_id, oci.is_some());
-        if !written.insert(path.clone()) {
-            continue;
+        if inc && written.insert(path.clone()) {
+            sent.push((path, layer));
         }
-        let source = layer
-            .source
-            .as_ref()
-            .ok_or_else(|| Error::LayerUnavailable {
-                diff_id: layer.diff_id.clone(),
-            })?;
-        if oci.is_none() {
-            write_dir(&mut out, path.trim_end_matches("layer.tar"))?;
-        }
-        write_header(&mut out, &path, layer.size, 0o644)?;
-        let start = out.count;
-        source
-            .write_tar(&mut out)
-            .map_err(|source| Error::LayerStream {
-                diff_id: layer.diff_id.clone(),
-                source,
-            })?;
-        let produced = out.count - start;
-        if produced != layer.size {
-            return Err(Error::LayerSizeMismatch {
-                diff_id: layer.diff_id.clone(),
-                expected: layer.size,
-                found: produced,
-            });
-        }
-        pad(&mut out, layer.size)?;
-        stats.layers_sent.push(layer.diff_id.clone());
-        stats.layer_bytes_sent += layer.size;
     }
-
     let config_name = match oci {
         Some(_) => crate::oci::blob_path(&config.digest),
         None => format!(
@@ -169,15 +135,9 @@ pub fn write_docker_archive(
                 .unwrap_or(&config.digest)
         ),
     };
-    write_file(&mut out, &config_name, &config.bytes, 0o644)?;
-    if let Some(l) = oci {
-        let path = crate::oci::blob_path(&crate::oci::sha256_digest(l.manifest));
-        write_file(&mut out, &path, l.manifest, 0o644)?;
-        write_file(&mut out, "index.json", l.index, 0o644)?;
-    }
     let manifest = [ManifestEntry {
-        config: config_name,
-        repo_tags,
+        config: config_name.clone(),
+        repo_tags: (!repo_tags.is_empty()).then_some(repo_tags),
         layers: layers
             .iter()
             .map(|l| layer_path(&l.diff_id, oci.is_some()))
@@ -187,13 +147,80 @@ pub fn write_docker_archive(
         what: "encode manifest.json",
         source,
     })?;
-    write_file(&mut out, "manifest.json", &manifest, 0o644)?;
-    if oci.is_some() {
-        write_file(&mut out, "oci-layout", crate::oci::OCI_LAYOUT, 0o644)?;
+    match oci {
+        None => {
+            for (path, layer) in sent {
+                write_dir(&mut out, path.trim_end_matches("layer.tar"))?;
+                write_layer(&mut out, &path, layer, 0o644, &mut stats)?;
+            }
+            write_file(&mut out, &config_name, &config.bytes, 0o644)?;
+            write_file(&mut out, "manifest.json", &manifest, 0o644)?;
+        }
+        Some(l) => {
+            // An OCI layout as buildkitd's docker exporter writes it: blobs read-only and in
+            // name order (containerd's archive exporter sorts its records), then the documents.
+            write_dir(&mut out, "blobs/")?;
+            write_dir(&mut out, "blobs/sha256/")?;
+            let manifest_path = crate::oci::blob_path(&crate::oci::sha256_digest(l.manifest));
+            let mut blobs: Vec<(&str, Option<&ExportLayer>, &[u8])> = sent
+                .iter()
+                .map(|(p, layer)| (p.as_str(), Some(*layer), &[][..]))
+                .collect();
+            if !written.contains(&config_name) {
+                blobs.push((&config_name, None, &config.bytes));
+            }
+            if !written.contains(&manifest_path) {
+                blobs.push((&manifest_path, None, l.manifest));
+            }
+            blobs.sort_by(|a, b| a.0.cmp(b.0));
+            for (path, layer, data) in blobs {
+                match layer {
+                    Some(layer) => write_layer(&mut out, path, layer, 0o444, &mut stats)?,
+                    None => write_file(&mut out, path, data, 0o444)?,
+                }
+            }
+            write_file(&mut out, "index.json", l.index, 0o644)?;
+            write_file(&mut out, "manifest.json", &manifest, 0o644)?;
+            write_file(&mut out, "oci-layout", crate::oci::OCI_LAYOUT, 0o444)?;
+        }
     }
     finish(&mut out)?;
     stats.archive_bytes = out.count;
     Ok(stats)
+}
+
+/// Writes one layer's tar as the file `path` (header, data from its source, padding).
+fn write_layer(
+    out: &mut CountingWriter<'_>,
+    path: &str,
+    layer: &ExportLayer,
+    mode: u32,
+    stats: &mut ArchiveStats,
+) -> Result<()> {
+    let source = layer
+        .source
+        .as_ref()
+        .ok_or_else(|| Error::LayerUnavailable {
+            diff_id: layer.diff_id.clone(),
+        })?;
+    write_header(out, path, layer.size, mode)?;
+    let start = out.count;
+    source.write_tar(out).map_err(|source| Error::LayerStream {
+        diff_id: layer.diff_id.clone(),
+        source,
+    })?;
+    let produced = out.count - start;
+    if produced != layer.size {
+        return Err(Error::LayerSizeMismatch {
+            diff_id: layer.diff_id.clone(),
+            expected: layer.size,
+            found: produced,
+        });
+    }
+    pad(out, layer.size)?;
+    stats.layers_sent.push(layer.diff_id.clone());
+    stats.layer_bytes_sent += layer.size;
+    Ok(())
 }
 
 /// Ends an archive: two zero blocks, then a flush.
@@ -206,6 +233,8 @@ fn archive_io(source: io::Error) -> Error {
     Error::ArchiveWrite { source }
 }
 
+/// A ustar header as Go's `archive/tar` writes it for buildkitd's archives: every numeric field
+/// written (device numbers `0000000`), the checksum as six octal digits, NUL, space.
 fn header(path: &str, size: u64, kind: tar::EntryType, mode: u32) -> Result<tar::Header> {
     let mut h = tar::Header::new_ustar();
     h.set_path(path).map_err(archive_io)?;
@@ -215,7 +244,12 @@ fn header(path: &str, size: u64, kind: tar::EntryType, mode: u32) -> Result<tar:
     h.set_uid(0);
     h.set_gid(0);
     h.set_entry_type(kind);
-    h.set_cksum();
+    h.set_device_major(0).map_err(archive_io)?;
+    h.set_device_minor(0).map_err(archive_io)?;
+    let bytes = h.as_mut_bytes();
+    bytes[148..156].fill(b' ');
+    let sum: u32 = bytes.iter().map(|&b| u32::from(b)).sum();
+    bytes[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
     Ok(h)
 }
 

@@ -536,8 +536,9 @@ fn stage_oci_image(
     })
 }
 
-/// Writes `image`'s layer blobs (those not staged earlier), then its config and manifest, into
-/// the tar; `written` holds the digests of the blobs already in it.
+/// Writes `image`'s blobs (layers not staged earlier, its config and manifest) into the tar in
+/// name order, as containerd's archive exporter sorts its records for buildkitd; `written` holds
+/// the digests of the blobs already in it.
 fn write_image_blobs<W: Write>(
     out: &mut W,
     image: StagedImage,
@@ -553,63 +554,82 @@ fn write_image_blobs<W: Write>(
         manifest,
         ..
     } = image;
+    enum Item<'a> {
+        Layer(&'a archive::ExportLayer, &'a Blob, Staged),
+        Config,
+        Manifest,
+    }
+    let manifest_digest = sha256_digest(&manifest);
+    let mut items: Vec<(String, Item<'_>)> = Vec::with_capacity(layers.len() + 2);
     for ((layer, blob), stage) in layers.iter().zip(&blobs).zip(staged) {
-        let stream_err = |source: io::Error| Error::LayerStream {
-            diff_id: layer.diff_id.clone(),
-            source,
-        };
-        match stage {
-            Staged::Again => continue,
-            Staged::Plain => {
-                let source = layer.source.as_ref().expect("staged layers have a source");
-                let mut report = |done: u64| {
-                    progress(OciProgress::Layer {
-                        diff_id: layer.diff_id.clone(),
-                        done,
-                        size: layer.size,
-                    })
-                };
-                report(0);
-                archive::write_header(out, &blob_path(&layer.diff_id), layer.size, 0o444)?;
-                let mut w = CheckedTar::new(out, &mut report);
-                source.write_tar(&mut w).map_err(stream_err)?;
-                w.verify(&layer.diff_id, layer.size).map_err(stream_err)?;
-                archive::pad(out, layer.size)?;
-                progress(OciProgress::LayerDone {
+        if matches!(stage, Staged::Again) || written.contains(&blob.digest) {
+            continue;
+        }
+        items.push((blob.digest.clone(), Item::Layer(layer, blob, stage)));
+    }
+    items.push((config.digest.clone(), Item::Config));
+    items.push((manifest_digest.clone(), Item::Manifest));
+    items.sort_by(|a, b| a.0.cmp(&b.0));
+    for (digest, item) in items {
+        match item {
+            Item::Layer(layer, blob, stage) => {
+                let stream_err = |source: io::Error| Error::LayerStream {
                     diff_id: layer.diff_id.clone(),
-                    size: layer.size,
-                    blob_digest: blob.digest.clone(),
-                    blob_size: blob.size,
-                });
-            }
-            Staged::File(mut tmp) => {
-                tmp.rewind().map_err(stream_err)?;
-                archive::write_header(out, &blob_path(&blob.digest), blob.size, 0o444)?;
-                let copied = io::copy(&mut io::Read::take(&mut tmp, blob.size), out)
-                    .map_err(|source| Error::ArchiveWrite { source })?;
-                if copied != blob.size {
-                    return Err(stream_err(shrank(blob.size, copied)));
+                    source,
+                };
+                match stage {
+                    Staged::Again => continue,
+                    Staged::Plain => {
+                        let source = layer.source.as_ref().expect("staged layers have a source");
+                        let mut report = |done: u64| {
+                            progress(OciProgress::Layer {
+                                diff_id: layer.diff_id.clone(),
+                                done,
+                                size: layer.size,
+                            })
+                        };
+                        report(0);
+                        archive::write_header(out, &blob_path(&layer.diff_id), layer.size, 0o444)?;
+                        let mut w = CheckedTar::new(out, &mut report);
+                        source.write_tar(&mut w).map_err(stream_err)?;
+                        w.verify(&layer.diff_id, layer.size).map_err(stream_err)?;
+                        archive::pad(out, layer.size)?;
+                        progress(OciProgress::LayerDone {
+                            diff_id: layer.diff_id.clone(),
+                            size: layer.size,
+                            blob_digest: blob.digest.clone(),
+                            blob_size: blob.size,
+                        });
+                    }
+                    Staged::File(mut tmp) => {
+                        tmp.rewind().map_err(stream_err)?;
+                        archive::write_header(out, &blob_path(&blob.digest), blob.size, 0o444)?;
+                        let copied = io::copy(&mut io::Read::take(&mut tmp, blob.size), out)
+                            .map_err(|source| Error::ArchiveWrite { source })?;
+                        if copied != blob.size {
+                            return Err(stream_err(shrank(blob.size, copied)));
+                        }
+                        archive::pad(out, blob.size)?;
+                    }
                 }
-                archive::pad(out, blob.size)?;
+                written.insert(blob.digest.clone());
+                result.layers_sent += 1;
+                result.bytes_sent += blob.size;
+            }
+            Item::Config => {
+                if written.insert(digest.clone()) {
+                    archive::write_file(out, &blob_path(&digest), &config.bytes, 0o444)?;
+                }
+                progress(OciProgress::Config { digest });
+            }
+            Item::Manifest => {
+                if written.insert(digest.clone()) {
+                    archive::write_file(out, &blob_path(&digest), &manifest, 0o444)?;
+                }
+                progress(OciProgress::Manifest { digest });
             }
         }
-        written.insert(blob.digest.clone());
-        result.layers_sent += 1;
-        result.bytes_sent += blob.size;
     }
-    if written.insert(config.digest.clone()) {
-        archive::write_file(out, &blob_path(&config.digest), &config.bytes, 0o444)?;
-    }
-    progress(OciProgress::Config {
-        digest: config.digest.clone(),
-    });
-    let manifest_digest = sha256_digest(&manifest);
-    if written.insert(manifest_digest.clone()) {
-        archive::write_file(out, &blob_path(&manifest_digest), &manifest, 0o444)?;
-    }
-    progress(OciProgress::Manifest {
-        digest: manifest_digest,
-    });
     Ok(())
 }
 
@@ -617,16 +637,7 @@ fn write_image_blobs<W: Write>(
 /// (containerd's archive exporter with `WithSkipDockerManifest`: the image's config and layer
 /// blobs, `RepoTags` null), so `docker load` reads it too.
 fn docker_manifest_json(image: &StagedImage) -> Result<Vec<u8>> {
-    #[derive(Serialize)]
-    struct Entry {
-        #[serde(rename = "Config")]
-        config: String,
-        #[serde(rename = "RepoTags")]
-        repo_tags: Option<Vec<String>>,
-        #[serde(rename = "Layers")]
-        layers: Vec<String>,
-    }
-    serde_json::to_vec(&[Entry {
+    serde_json::to_vec(&[crate::archive::ManifestEntry {
         config: blob_path(&image.config.digest),
         repo_tags: None,
         layers: image.blobs.iter().map(|b| blob_path(&b.digest)).collect(),
@@ -840,16 +851,6 @@ pub fn write_docker_index_archive(
     write_index_archive(store, req, opts, Some(repo_tags), out, progress, ready)
 }
 
-#[derive(Serialize)]
-struct DockerManifestEntry<'a> {
-    #[serde(rename = "Config")]
-    config: String,
-    #[serde(rename = "RepoTags")]
-    repo_tags: &'a [String],
-    #[serde(rename = "Layers")]
-    layers: Vec<String>,
-}
-
 fn write_index_archive(
     store: &SnapshotStore,
     req: &OciIndexRequest<'_>,
@@ -875,9 +876,9 @@ fn write_index_archive(
     let docker_manifest = docker_tags.map(|tags| {
         images
             .iter()
-            .map(|i| DockerManifestEntry {
+            .map(|i| crate::archive::ManifestEntry {
                 config: blob_path(&i.config.digest),
-                repo_tags: tags,
+                repo_tags: (!tags.is_empty()).then_some(tags),
                 layers: i.blobs.iter().map(|b| blob_path(&b.digest)).collect(),
             })
             .collect::<Vec<_>>()
