@@ -30,7 +30,8 @@
 //!   a minute), and a base deleted then makes berth run the build again; a gateway client's
 //!   solve makes no pin either, its first `ReadFile` on the ref makes it (cleanups after leave
 //!   the base, the bytes are right), and a base deleted before that pin runs fails the read with
-//!   the error naming the image;
+//!   the error naming the image; the state a failed RUN left (the gateway's `errdefs.Solve`)
+//!   holds its base's pin the same way;
 //! - `soak_builds_under_prunes` (ignored): 200 builds with a prune every few seconds.
 //!
 //! Needs root, runc, overlayfs, dockerd and containerd, busybox-static.
@@ -1565,8 +1566,8 @@ async fn a_dockerfile_image_build_does_not_wait_for_its_pin() {
 }
 
 /// A gateway client's build: `LLBBridge.Solve` (evaluated) of a RUN on the base, then `Return`
-/// of nothing, with `check` called in between with the gateway, the build's ref and the ref of
-/// the solved RUN. Returns how `Control.Solve` ended.
+/// of nothing, with `check` called in between with the gateway, the build's ref and how the
+/// solve ended (the ref of the solved RUN, or its error). Returns how `Control.Solve` ended.
 async fn gateway_build<F, Fut>(
     client: &BuildkitClient,
     base: &str,
@@ -1579,7 +1580,7 @@ where
             tonic::transport::Channel,
         >,
         String,
-        String,
+        Result<String, tonic::Status>,
     ) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
@@ -1616,12 +1617,11 @@ where
             &build_ref,
         ))
         .await
-        .unwrap()
-        .into_inner();
-    let Some(gw::result::Result::Ref(rf)) = res.result.and_then(|r| r.result) else {
-        panic!("expected a ref result");
-    };
-    check(g.clone(), build_ref.clone(), rf.id).await;
+        .map(|r| match r.into_inner().result.and_then(|r| r.result) {
+            Some(gw::result::Result::Ref(rf)) => rf.id,
+            other => panic!("expected a ref result, got {other:?}"),
+        });
+    check(g.clone(), build_ref.clone(), res).await;
     g.r#return(with_build_id(gw::ReturnRequest::default(), &build_ref))
         .await
         .unwrap();
@@ -1675,6 +1675,7 @@ async fn a_gateway_read_of_a_ref_waits_for_its_pin_then() {
         "md5sum /bin/busybox > /sum",
         |g, build_ref, id| async move {
             let s = s_ref;
+            let id = id.expect("the RUN solves");
             let made = pins(&s.host, false);
             assert!(
                 made.is_empty(),
@@ -1709,6 +1710,7 @@ async fn a_gateway_read_of_a_ref_waits_for_its_pin_then() {
         "md5sum /bin/busybox > /sum2",
         |g, build_ref, id| async move {
             let s = s_ref;
+            let id = id.expect("the RUN solves");
             assert!(
                 pins(&s.host, false).is_empty(),
                 "the gateway solve waited for its pin"
@@ -1743,4 +1745,54 @@ async fn a_gateway_read_of_a_ref_waits_for_its_pin_then() {
     .await;
     assert!(r.is_ok(), "the build itself returned nothing: {r:?}");
     wait_no_pins(&s.host, "after the second build").await;
+}
+
+/// The state a failed RUN left (handed out in the gateway's `errdefs.Solve` detail, for a
+/// client to inspect) holds its base image's pin like any result: the failed solve made no pin
+/// (delay a minute), `ReadFile` of the base's `/bin/busybox` from the RUN's root state makes it
+/// and gives the exact bytes, and every routine cleanup and `docker rmi` after that leave the base
+/// (one running pin, the owner's labels) and the state readable; no pin is left after the build.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_steps_state_holds_its_base_pin() {
+    use prost::Message as _;
+    let holds = Holds::new();
+    let (s, _base, _registry, _remote) = setup_delayed(&holds).await;
+    let client = s.berthd.client().await.unwrap();
+    let busybox = std::fs::read("/bin/busybox").unwrap();
+    let s_ref = &s;
+    let r = gateway_build(
+        &client,
+        &s.base_ref,
+        "echo left > /left; exit 3",
+        |g, build_ref, res| async move {
+            let s = s_ref;
+            let err = res.expect_err("the RUN fails");
+            let st = protos::google::rpc::Status::decode(err.details()).unwrap();
+            let detail = st
+                .details
+                .iter()
+                .find_map(|d| protos::details::solve_from_any(d).ok())
+                .unwrap_or_else(|| panic!("no errdefs.Solve detail in {err:?}"));
+            let root = detail.mount_i_ds.first().cloned().unwrap_or_default();
+            assert!(!root.is_empty(), "no state for the root mount: {detail:?}");
+            assert!(
+                pins(&s.host, false).is_empty(),
+                "the failed solve made a pin"
+            );
+            let got = gateway_read(g.clone(), &build_ref, &root, "/bin/busybox")
+                .await
+                .unwrap();
+            assert!(
+                got == busybox,
+                "ReadFile gave other bytes than the base's /bin/busybox"
+            );
+            assert_one_running_pin(s, "after reading the failed state");
+            routine_cleanups(s, "after reading the failed state").await;
+            let left = gateway_read(g, &build_ref, &root, "/left").await.unwrap();
+            assert_eq!(left, b"left\n");
+        },
+    )
+    .await;
+    r.unwrap_or_else(|e| panic!("build failed: {e}\nberthd log:\n{}", s.berthd.log_text()));
+    wait_no_pins(&s.host, "after the build").await;
 }

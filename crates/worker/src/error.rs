@@ -242,6 +242,22 @@ impl Error {
         }
     }
 
+    /// Gives the states a failed step left (see [`Error::StepFailed`]) the base images of the
+    /// build that made them: their pins live as long as those states do, and whatever reads
+    /// their files waits for the pins ([`crate::SolvedRef::wait_for_pins`]).
+    pub(crate) fn with_bases(
+        mut self,
+        bases: &std::sync::Arc<crate::ops::source_image::BaseImages>,
+    ) -> Error {
+        if let Error::StepFailed { failure, .. } = &mut self {
+            let refs = failure.inputs.iter_mut().chain(failure.mounts.iter_mut());
+            for r in refs.flatten() {
+                r.bases.get_or_insert_with(|| bases.clone());
+            }
+        }
+        self
+    }
+
     /// Wraps this error with the states its step left.
     pub(crate) fn with_failure(self, failure: StepFailure) -> Error {
         Error::StepFailed {

@@ -405,7 +405,11 @@ impl crate::solver::Op<Snap> for Gated {
         ctx: &crate::solver::OpContext,
         inputs: &[crate::solver::Solved<Snap>],
     ) -> Result<String> {
-        let key = self.op.cache_key(ctx, inputs).await?;
+        let key = self
+            .op
+            .cache_key(ctx, inputs)
+            .await
+            .map_err(|e| e.with_bases(&self.bases))?;
         self.bases.confirm().await?;
         Ok(key)
     }
@@ -423,7 +427,12 @@ impl crate::solver::Op<Snap> for Gated {
         ctx: &crate::solver::OpContext,
         inputs: &[crate::solver::Solved<Snap>],
     ) -> Result<Vec<Snap>> {
-        let results = self.op.exec(ctx, inputs).await?;
+        // The states a failed step left hold the bases' pins (a client may read them).
+        let results = self
+            .op
+            .exec(ctx, inputs)
+            .await
+            .map_err(|e| e.with_bases(&self.bases))?;
         self.bases.confirm().await?;
         Ok(results)
     }
