@@ -135,6 +135,14 @@ async fn runs(
             .duration_since(g.last_vertex)
             .context("the last vertex completed after docker run")?;
         d.stop().await?;
+        if let Some(keep) = std::env::var_os("BERTH_BENCH_KEEP_LOGS") {
+            let keep = std::path::Path::new(&keep);
+            std::fs::create_dir_all(keep)?;
+            std::fs::copy(
+                dir.join("berthd.log"),
+                keep.join(format!("ctrd-{}.log", b.builds)),
+            )?;
+        }
         remove_tree(&dir)?;
 
         // The stock path: the same image as `docker save` writes it, loaded again.

@@ -101,7 +101,9 @@ fn parse_args() -> Result<Opts> {
                      --stock-bin DIR  stock buildkitd and buildctl v0.11.6 for the stock rows (scenario\n                  \
                      9 and the `docker load` path); default {}, overridden by\n                  \
                      BERTH_BENCH_BUILDKITD and BERTH_BENCH_BUILDCTL\n\n\
-                     Environment: BERTH_BENCH_AGE_BUILDS (scenario 9's aging builds, default {})",
+                     Environment: BERTH_BENCH_AGE_BUILDS (scenario 9's aging builds, default {}),\n                  \
+                     BERTH_BENCH_KEEP_LOGS=DIR (scenario 11 copies each berthd's log there; with\n                  \
+                     BERTHD_LOG=info,exporter=debug,daemon::export_image=debug it has the export phases)",
                     buildkitd::DEFAULT_STOCK_BIN,
                     rebuild::DEFAULT_AGE_BUILDS
                 );

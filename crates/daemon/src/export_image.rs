@@ -324,8 +324,29 @@ pub async fn export(
     let vertex = synthetic_digest(&format!("{session_id}-export"));
     progress.vertex_started(&vertex, "exporting to image", &[], None, SystemTime::now());
     let res = async {
-        let target = target(opts, store).await?;
-        tracing::debug!(mode = target.mode(), ?chain, "exporting image");
+        let t = std::time::Instant::now();
+        // The diffIDs of berth's new layers (one hashing pass each, unless known) do not depend
+        // on the target: compute them while the target is detected (GET /info, connects); the
+        // export then finds them in the layers' metadata. Its errors come back from the export.
+        let berth_layers: Vec<_> = chain
+            .iter()
+            .filter(|l| matches!(l, layerstore::snapshot::LayerRef::Berth(_)))
+            .cloned()
+            .collect();
+        let st = store.clone();
+        let digests = tokio::task::spawn_blocking(move || {
+            if !berth_layers.is_empty() {
+                let _ = exporter::export_layers(&st, &berth_layers);
+            }
+        });
+        let (target, _) = tokio::join!(target(opts, store), digests);
+        let target = target?;
+        tracing::debug!(
+            mode = target.mode(),
+            ?chain,
+            target_ms = t.elapsed().as_secs_f64() * 1000.0,
+            "exporting image"
+        );
         let started = SystemTime::now();
         progress.status(&vertex, "exporting layers", "", 0, 0, Some(started), None);
         let result = target

@@ -17,6 +17,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Instant;
 
 use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
 use containerd_client::services::v1::snapshots::{
@@ -24,8 +25,7 @@ use containerd_client::services::v1::snapshots::{
 };
 use containerd_client::services::v1::{
     content_client::ContentClient, images_client::ImagesClient, leases_client::LeasesClient,
-    CreateImageRequest, GetImageRequest, Image, InfoRequest, UpdateImageRequest, WriteAction,
-    WriteContentRequest,
+    CreateImageRequest, Image, InfoRequest, UpdateImageRequest, WriteAction, WriteContentRequest,
 };
 use containerd_client::services::v1::{
     CreateRequest as LeaseCreate, DeleteRequest as LeaseDelete, ListRequest as LeaseList,
@@ -52,6 +52,23 @@ pub const LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar";
 pub trait LayerFiles: Send + Sync {
     /// Fills `dest` (an empty snapshot upper directory) with the layer's tree.
     fn write_into(&self, dest: &Path) -> std::io::Result<()>;
+
+    /// Whether [`LayerFiles::write_into_with_tar`] gives the layer's tar (default: no).
+    fn gives_tar(&self) -> bool {
+        false
+    }
+
+    /// [`LayerFiles::write_into`], and in the same pass the layer's tar (whose sha256 is its
+    /// diffID) to `tar`, for sources that make the tree from their tar ([`LayerFiles::gives_tar`]);
+    /// the default writes only the tree.
+    fn write_into_with_tar(
+        &self,
+        dest: &Path,
+        tar: &mut (dyn std::io::Write + Send),
+    ) -> std::io::Result<()> {
+        let _ = tar;
+        self.write_into(dest)
+    }
 }
 
 /// One layer of an image exported to containerd, bottom to top.
@@ -211,6 +228,30 @@ fn unique_token() -> String {
     sha256(seed.as_bytes())[7..23].to_string()
 }
 
+/// The outcome of a layer blob's stream: a blob another writer stored first is success.
+fn blob_written(
+    sent: std::result::Result<(), tonic::Status>,
+    diff_id: &str,
+    size: u64,
+) -> Result<()> {
+    match sent {
+        Err(s) if s.code() != Code::AlreadyExists => {
+            Err(cd_err(format!("write layer blob {diff_id} ({size} bytes)"))(s))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Logs how long a phase of an export into containerd took (debug, target
+/// `exporter::containerd`: `BERTHD_LOG=exporter::containerd=debug`).
+fn phase(name: &'static str, started: Instant) {
+    tracing::debug!(
+        phase = name,
+        ms = started.elapsed().as_secs_f64() * 1000.0,
+        "containerd export phase"
+    );
+}
+
 fn sha256(data: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(data)))
 }
@@ -327,6 +368,7 @@ impl ContainerdStore {
             expire.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         );
         labels.insert(OWNER_LABEL.to_string(), self.owner.clone());
+        let t = Instant::now();
         leases
             .create(self.req(
                 LeaseCreate {
@@ -337,10 +379,12 @@ impl ContainerdStore {
             ))
             .await
             .map_err(cd_err("create lease"))?;
+        phase("lease-create", t);
         fault_point("containerd:lease");
         let result = self
             .export_leased(config, layers, record_name, &lease_id)
             .await;
+        let t = Instant::now();
         let deleted = leases
             .delete(self.req(
                 LeaseDelete {
@@ -350,6 +394,7 @@ impl ContainerdStore {
                 None,
             ))
             .await;
+        phase("lease-delete", t);
         if let Err(status) = deleted {
             tracing::warn!(lease = %lease_id, %status, "could not delete export lease; it expires on its own");
         }
@@ -368,8 +413,155 @@ impl ContainerdStore {
             config_digest: config.digest.clone(),
             ..Default::default()
         };
+        let top = chains.last().cloned().unwrap_or_default();
+        let mut config_labels = HashMap::new();
+        if !top.is_empty() {
+            config_labels.insert(
+                format!("containerd.io/gc.ref.snapshot.{}", self.snapshotter),
+                top,
+            );
+        }
+        let layer_descs = layer_descriptors(layers);
+        let manifest = oci_manifest_with(config, &layer_descs);
+        let manifest_digest = sha256(&manifest);
+        let mut manifest_labels = HashMap::new();
+        manifest_labels.insert(
+            "containerd.io/gc.ref.content.config".to_string(),
+            config.digest.clone(),
+        );
+        for (i, (_, d, _)) in layer_descs.iter().enumerate() {
+            manifest_labels.insert(format!("containerd.io/gc.ref.content.l.{i}"), d.clone());
+        }
+
+        // Everything below the image record is independent and held by the lease (GC labels
+        // may name what is not written yet): the new layers (snapshots and tar blobs) and the
+        // config and manifest are written at once. A new layer's snapshot and blob come from
+        // one pass over its files: the tar that fills the snapshot streams into the content
+        // store too. containerd commits each write in its own metadata transaction, one after
+        // another, so the small config and manifest wait until the first snapshot is
+        // prepared: the big layer copy starts first. Each branch cleans up after itself, so all
+        // are awaited even when one fails.
+        let started = Instant::now();
+        let (prepared_tx, prepared_rx) = tokio::sync::oneshot::channel();
+        let new_layers = async {
+            let t = Instant::now();
+            // Layer blobs berth holds and the content store lacks (docker save/push read them).
+            let mut blob_needed = Vec::with_capacity(layers.len());
+            for l in layers {
+                blob_needed.push(
+                    l.blob.is_none()
+                        && l.tar.is_some()
+                        && !self.has_blob(&l.diff_id, lease).await?,
+                );
+            }
+            let (written, skipped, streamed) = self
+                .write_snapshots(layers, &chains, lease, prepared_tx, &blob_needed)
+                .await?;
+            phase("snapshots", t);
+            // Blobs of layers whose snapshot was there already.
+            for ((l, needed), done) in layers.iter().zip(&blob_needed).zip(&streamed) {
+                if let (true, false, Some(tar)) = (*needed, *done, &l.tar) {
+                    self.write_tar_blob(&l.diff_id, l.size, tar.clone(), lease)
+                        .await?;
+                }
+            }
+            fault_point("containerd:layer-blobs");
+            phase("layers", t);
+            Ok::<_, Error>((written, skipped))
+        };
+        let small = async {
+            // Sent after the first prepare, or dropped when there is none (or it failed).
+            let _ = prepared_rx.await;
+            let config_written = async {
+                let t = Instant::now();
+                self.write_blob(&config.bytes, &config.digest, config_labels, lease)
+                    .await?;
+                fault_point("containerd:config");
+                phase("config", t);
+                Ok::<_, Error>(())
+            };
+            let manifest_written = async {
+                let t = Instant::now();
+                self.write_blob(&manifest, &manifest_digest, manifest_labels, lease)
+                    .await?;
+                fault_point("containerd:manifest");
+                phase("manifest", t);
+                Ok::<_, Error>(())
+            };
+            let (c, m) = tokio::join!(config_written, manifest_written);
+            c.and(m)
+        };
+        let (new_layers, small) = tokio::join!(new_layers, small);
+        (report.snapshots_written, report.snapshots_skipped) = new_layers?;
+        small?;
+        phase("content", started);
+
+        let t = Instant::now();
+        let image = Image {
+            name: record_name.to_string(),
+            labels: HashMap::new(),
+            target: Some(Descriptor {
+                media_type: MANIFEST_MEDIA_TYPE.into(),
+                digest: manifest_digest.clone(),
+                size: manifest.len() as i64,
+                annotations: HashMap::new(),
+            }),
+            created_at: None,
+            updated_at: None,
+        };
+        let mut images = ImagesClient::new(self.channel.clone());
+        // Create first (the usual case); a record of that name already there is updated.
+        let created = images
+            .create(self.req(
+                CreateImageRequest {
+                    image: Some(image.clone()),
+                    source_date_epoch: None,
+                },
+                Some(lease),
+            ))
+            .await;
+        match created {
+            Ok(_) => {}
+            Err(s) if s.code() == Code::AlreadyExists => {
+                images
+                    .update(self.req(
+                        UpdateImageRequest {
+                            image: Some(image),
+                            update_mask: None,
+                            source_date_epoch: None,
+                        },
+                        Some(lease),
+                    ))
+                    .await
+                    .map_err(cd_err(format!("update image {record_name}")))?;
+            }
+            Err(s) => return Err(cd_err(format!("create image {record_name}"))(s)),
+        }
+        fault_point("containerd:image");
+        phase("image", t);
+        report.manifest_digest = manifest_digest;
+        Ok(report)
+    }
+
+    /// Commits a snapshot under its chainID for each layer whose chainID has none yet, bottom
+    /// to top; returns the chainIDs written and those already present.
+    /// `first_prepared` is sent once the first snapshot is prepared. The tar blob of a layer
+    /// whose `blob_needed` is set is streamed into the content store while its snapshot is
+    /// written, when its files can give their tar in the same pass; the third list says for
+    /// which layers that happened.
+    async fn write_snapshots(
+        &self,
+        layers: &[ContainerdLayer],
+        chains: &[String],
+        lease: &str,
+        first_prepared: tokio::sync::oneshot::Sender<()>,
+        blob_needed: &[bool],
+    ) -> Result<(Vec<String>, Vec<String>, Vec<bool>)> {
+        let mut first_prepared = Some(first_prepared);
+        let (mut written, mut skipped) = (Vec::new(), Vec::new());
+        let mut streamed = vec![false; layers.len()];
         let mut snaps = SnapshotsClient::new(self.channel.clone());
-        for (i, (layer, chain)) in layers.iter().zip(&chains).enumerate() {
+        for (i, (layer, chain)) in layers.iter().zip(chains).enumerate() {
             let stat = snaps
                 .stat(self.req(
                     StatSnapshotRequest {
@@ -381,7 +573,7 @@ impl ContainerdStore {
                 .await;
             match stat {
                 Ok(_) => {
-                    report.snapshots_skipped.push(chain.clone());
+                    skipped.push(chain.clone());
                     continue;
                 }
                 Err(s) if s.code() == Code::NotFound => {}
@@ -401,6 +593,7 @@ impl ContainerdStore {
             // Unique per export: concurrent exports of the same layer each write their own
             // snapshot, and the first commit wins.
             let key = format!("{EXTRACT_PREFIX}{}-{}", &chain[7..19], unique_token());
+            let t = Instant::now();
             let prepared = snaps
                 .prepare(self.req(
                     PrepareSnapshotRequest {
@@ -414,6 +607,10 @@ impl ContainerdStore {
                 .await
                 .map_err(cd_err(format!("prepare snapshot for {chain}")))?
                 .into_inner();
+            phase("snapshot-prepare", t);
+            if let Some(p) = first_prepared.take() {
+                let _ = p.send(());
+            }
             let upper = writable_dir(&prepared.mounts).ok_or_else(|| Error::Containerd {
                 what: format!("prepare snapshot for {chain}"),
                 code: Code::Unimplemented,
@@ -423,14 +620,53 @@ impl ContainerdStore {
                 ),
             })?;
             fault_point("containerd:snapshot-prepared");
+            let t = Instant::now();
             let files = files.clone();
-            let written = tokio::task::spawn_blocking(move || files.write_into(&upper))
-                .await
-                .map_err(|e| Error::LayerStream {
-                    diff_id: layer.diff_id.clone(),
-                    source: std::io::Error::other(e),
-                })?;
-            if let Err(source) = written {
+            let with_blob = blob_needed[i] && files.gives_tar();
+            let written_into = if with_blob {
+                let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+                let producer = tokio::task::spawn_blocking(move || {
+                    let mut w = ChunkWriter {
+                        tx,
+                        buf: Vec::with_capacity(CHUNK),
+                    };
+                    files.write_into_with_tar(&upper, &mut w)?;
+                    std::io::Write::flush(&mut w)
+                });
+                let sent = self.stream_blob(&layer.diff_id, rx, lease).await;
+                match producer.await {
+                    Ok(Ok(())) => blob_written(sent, &layer.diff_id, layer.size),
+                    // Unless containerd ended the stream: then its answer says why.
+                    Ok(Err(_))
+                        if sent
+                            .as_ref()
+                            .is_err_and(|s| s.code() != Code::AlreadyExists) =>
+                    {
+                        blob_written(sent, &layer.diff_id, layer.size)
+                    }
+                    Ok(Err(source)) => Err(Error::LayerStream {
+                        diff_id: layer.diff_id.clone(),
+                        source,
+                    }),
+                    Err(e) => Err(Error::LayerStream {
+                        diff_id: layer.diff_id.clone(),
+                        source: std::io::Error::other(e),
+                    }),
+                }
+            } else {
+                match tokio::task::spawn_blocking(move || files.write_into(&upper)).await {
+                    Ok(r) => r.map_err(|source| Error::LayerStream {
+                        diff_id: layer.diff_id.clone(),
+                        source,
+                    }),
+                    Err(e) => Err(Error::LayerStream {
+                        diff_id: layer.diff_id.clone(),
+                        source: std::io::Error::other(e),
+                    }),
+                }
+            };
+            phase("snapshot-write", t);
+            if let Err(e) = written_into {
                 let _ = snaps
                     .remove(self.req(
                         RemoveSnapshotRequest {
@@ -440,12 +676,11 @@ impl ContainerdStore {
                         Some(lease),
                     ))
                     .await;
-                return Err(Error::LayerStream {
-                    diff_id: layer.diff_id.clone(),
-                    source,
-                });
+                return Err(e);
             }
+            streamed[i] = with_blob;
             fault_point("containerd:snapshot-written");
+            let t = Instant::now();
             let committed = snaps
                 .commit(self.req(
                     CommitSnapshotRequest {
@@ -457,10 +692,11 @@ impl ContainerdStore {
                     Some(lease),
                 ))
                 .await;
+            phase("snapshot-commit", t);
             match committed {
                 Ok(_) => {
                     fault_point("containerd:snapshot-committed");
-                    report.snapshots_written.push(chain.clone())
+                    written.push(chain.clone())
                 }
                 Err(s) if s.code() == Code::AlreadyExists => {
                     // Another export committed the same chainID meanwhile: drop ours.
@@ -473,99 +709,12 @@ impl ContainerdStore {
                             Some(lease),
                         ))
                         .await;
-                    report.snapshots_skipped.push(chain.clone());
+                    skipped.push(chain.clone());
                 }
                 Err(s) => return Err(cd_err(format!("commit snapshot {chain}"))(s)),
             }
         }
-
-        let top = chains.last().cloned().unwrap_or_default();
-        let mut config_labels = HashMap::new();
-        if !top.is_empty() {
-            config_labels.insert(
-                format!("containerd.io/gc.ref.snapshot.{}", self.snapshotter),
-                top,
-            );
-        }
-        self.write_blob(&config.bytes, &config.digest, config_labels, lease)
-            .await?;
-        fault_point("containerd:config");
-
-        // Layer blobs berth holds and the content store lacks (docker save/push read them).
-        for l in layers.iter().filter(|l| l.blob.is_none()) {
-            if let Some(tar) = &l.tar {
-                self.write_tar_blob(&l.diff_id, l.size, tar.clone(), lease)
-                    .await?;
-            }
-        }
-        fault_point("containerd:layer-blobs");
-        let layer_descs = layer_descriptors(layers);
-        let manifest = oci_manifest_with(config, &layer_descs);
-        let manifest_digest = sha256(&manifest);
-        let mut manifest_labels = HashMap::new();
-        manifest_labels.insert(
-            "containerd.io/gc.ref.content.config".to_string(),
-            config.digest.clone(),
-        );
-        for (i, (_, d, _)) in layer_descs.iter().enumerate() {
-            manifest_labels.insert(format!("containerd.io/gc.ref.content.l.{i}"), d.clone());
-        }
-        self.write_blob(&manifest, &manifest_digest, manifest_labels, lease)
-            .await?;
-        fault_point("containerd:manifest");
-
-        let image = Image {
-            name: record_name.to_string(),
-            labels: HashMap::new(),
-            target: Some(Descriptor {
-                media_type: MANIFEST_MEDIA_TYPE.into(),
-                digest: manifest_digest.clone(),
-                size: manifest.len() as i64,
-                annotations: HashMap::new(),
-            }),
-            created_at: None,
-            updated_at: None,
-        };
-        let mut images = ImagesClient::new(self.channel.clone());
-        let exists = images
-            .get(self.req(
-                GetImageRequest {
-                    name: record_name.to_string(),
-                },
-                Some(lease),
-            ))
-            .await;
-        match exists {
-            Ok(_) => {
-                images
-                    .update(self.req(
-                        UpdateImageRequest {
-                            image: Some(image),
-                            update_mask: None,
-                            source_date_epoch: None,
-                        },
-                        Some(lease),
-                    ))
-                    .await
-                    .map_err(cd_err(format!("update image {record_name}")))?;
-            }
-            Err(s) if s.code() == Code::NotFound => {
-                images
-                    .create(self.req(
-                        CreateImageRequest {
-                            image: Some(image),
-                            source_date_epoch: None,
-                        },
-                        Some(lease),
-                    ))
-                    .await
-                    .map_err(cd_err(format!("create image {record_name}")))?;
-            }
-            Err(s) => return Err(cd_err(format!("get image {record_name}"))(s)),
-        }
-        fault_point("containerd:image");
-        report.manifest_digest = manifest_digest;
-        Ok(report)
+        Ok((written, skipped, streamed))
     }
 
     /// Whether the content store has `digest`.
@@ -607,9 +756,29 @@ impl ContainerdStore {
             tar.write_tar(&mut w)?;
             std::io::Write::flush(&mut w)
         });
+        let sent = self.stream_blob(diff_id, rx, lease).await;
+        let produced = producer.await.map_err(|e| Error::LayerStream {
+            diff_id: diff_id.to_string(),
+            source: std::io::Error::other(e),
+        })?;
+        // The producer's error explains a failed write best (the stream just ended early).
+        produced.map_err(|source| Error::LayerStream {
+            diff_id: diff_id.to_string(),
+            source,
+        })?;
+        blob_written(sent, diff_id, size)
+    }
+
+    /// Writes the chunks `rx` yields into the content store as blob `diff_id`: WRITEs carry
+    /// the running offset; the COMMIT after the last one states the total and the digest.
+    async fn stream_blob(
+        &self,
+        diff_id: &str,
+        rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+        lease: &str,
+    ) -> std::result::Result<(), tonic::Status> {
         let r#ref = format!("berth-{}-{}", &diff_id[7..19], unique_token());
         let expected = diff_id.to_string();
-        // WRITEs carry the running offset; the COMMIT after the last one states the total.
         let msgs = futures::stream::unfold(
             (rx, 0i64, false, r#ref, expected),
             |(mut rx, offset, done, r#ref, expected)| async move {
@@ -643,30 +812,12 @@ impl ContainerdStore {
             },
         );
         let mut content = ContentClient::new(self.channel.clone());
-        let sent = async {
-            let mut stream = content
-                .write(self.req(msgs, Some(lease)))
-                .await?
-                .into_inner();
-            while stream.message().await?.is_some() {}
-            Ok::<_, tonic::Status>(())
-        }
-        .await;
-        let produced = producer.await.map_err(|e| Error::LayerStream {
-            diff_id: diff_id.to_string(),
-            source: std::io::Error::other(e),
-        })?;
-        // The producer's error explains a failed write best (the stream just ended early).
-        produced.map_err(|source| Error::LayerStream {
-            diff_id: diff_id.to_string(),
-            source,
-        })?;
-        match sent {
-            Err(s) if s.code() != Code::AlreadyExists => {
-                Err(cd_err(format!("write layer blob {diff_id} ({size} bytes)"))(s))
-            }
-            _ => Ok(()),
-        }
+        let mut stream = content
+            .write(self.req(msgs, Some(lease)))
+            .await?
+            .into_inner();
+        while stream.message().await?.is_some() {}
+        Ok(())
     }
 
     async fn write_blob(

@@ -13,6 +13,7 @@
 //! the Docker image ID in the classic store. A Docker-style manifest (uncompressed layers, digests
 //! = diffIDs) gives `containerimage.digest`.
 
+use std::io::Write;
 use std::path::PathBuf;
 
 use base64::Engine as _;
@@ -165,26 +166,77 @@ pub(crate) fn descriptor(media_type: &str, manifest: &[u8]) -> (String, String) 
 
 /// Copies a berth layer's tree into a containerd snapshot's upper directory by piping the layer
 /// writer into the applier: both keep overlay whiteouts, opaque dirs, hardlinks and xattrs exactly,
-/// and both are the code that defines berth's layer format.
+/// and both are the code that defines berth's layer format. The same tar can go to the content
+/// store in the same pass ([`LayerFiles::write_into_with_tar`]).
 struct BerthFiles(PathBuf, layerstore::tar::WriteOptions);
+
+impl BerthFiles {
+    fn copy(
+        &self,
+        dest: &std::path::Path,
+        tee: Option<&mut (dyn Write + Send)>,
+    ) -> std::io::Result<()> {
+        use layerstore::tar::{apply_layer, write_layer, ApplyOptions};
+        let (rd, wr) = std::io::pipe()?;
+        // The diffID is known: neither side hashes (containerd checks the blob it receives).
+        let opts = layerstore::tar::WriteOptions {
+            skip_digest: true,
+            ..self.1.clone()
+        };
+        let apply_opts = ApplyOptions {
+            skip_digest: true,
+            ..ApplyOptions::default()
+        };
+        std::thread::scope(|scope| {
+            let producer = scope.spawn(move || {
+                let r = match tee {
+                    Some(t) => write_layer(&self.0, Tee(wr, t), None, &opts),
+                    None => write_layer(&self.0, wr, None, &opts),
+                };
+                r.map(|_| ())
+            });
+            let applied = apply_layer(rd, dest, None, &apply_opts);
+            let written = producer
+                .join()
+                .map_err(|_| std::io::Error::other("layer writer panicked"))?;
+            written.map_err(std::io::Error::other)?;
+            applied.map_err(std::io::Error::other)?;
+            Ok(())
+        })
+    }
+}
+
+/// Writes everything to both: the applier's pipe and the content stream.
+struct Tee<'a>(std::io::PipeWriter, &'a mut (dyn Write + Send));
+
+impl Write for Tee<'_> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.0.write_all(data)?;
+        self.1.write_all(data)?;
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()?;
+        self.1.flush()
+    }
+}
+
 impl LayerFiles for BerthFiles {
     fn write_into(&self, dest: &std::path::Path) -> std::io::Result<()> {
-        use layerstore::tar::{apply_layer, write_layer, ApplyOptions};
-        let (rd, mut wr) = std::io::pipe()?;
-        let src = self.0.clone();
-        let opts = self.1.clone();
-        let producer = std::thread::spawn(move || {
-            let r = write_layer(&src, &mut wr, None, &opts);
-            drop(wr);
-            r
-        });
-        let applied = apply_layer(rd, dest, None, &ApplyOptions::default());
-        let written = producer
-            .join()
-            .map_err(|_| std::io::Error::other("layer writer panicked"))?;
-        written.map_err(std::io::Error::other)?;
-        applied.map_err(std::io::Error::other)?;
-        Ok(())
+        self.copy(dest, None)
+    }
+
+    fn gives_tar(&self) -> bool {
+        true
+    }
+
+    fn write_into_with_tar(
+        &self,
+        dest: &std::path::Path,
+        tar: &mut (dyn Write + Send),
+    ) -> std::io::Result<()> {
+        self.copy(dest, Some(tar))
     }
 }
 
@@ -197,6 +249,7 @@ impl ImageTarget {
     ) -> Result<ImageExportResult> {
         let chain = req.chain.to_vec();
         let st = store.clone();
+        let t = std::time::Instant::now();
         let (layers, in_docker) = tokio::task::spawn_blocking(move || export_layers(&st, &chain))
             .instrument(tracing::debug_span!(
                 "export.layers",
@@ -206,6 +259,10 @@ impl ImageTarget {
             .map_err(|e| Error::DockerLoad {
                 message: format!("layer digest task: {e}"),
             })??;
+        tracing::debug!(
+            ms = t.elapsed().as_secs_f64() * 1000.0,
+            "export layers: diffIDs known"
+        );
         let span = tracing::debug_span!("export.register", mode = self.mode());
         let config = image_config(store, &req, &layers)?;
         let mut result = ImageExportResult {
@@ -358,10 +415,16 @@ impl ImageTarget {
                     });
                 }
                 let engine = DockerEngine::new(docker.clone(), None);
+                let t = std::time::Instant::now();
                 engine
                     .tag(&result.manifest_digest, &req.names)
                     .instrument(tracing::debug_span!("export.tag"))
                     .await?;
+                tracing::debug!(
+                    ms = t.elapsed().as_secs_f64() * 1000.0,
+                    names = req.names.len(),
+                    "export: tagged through the Docker API"
+                );
             }
         }
         result.names = req.names;

@@ -104,6 +104,45 @@ fn rich_tree_round_trips_overlay() {
     assert!(!names.contains(&b"etc/gone".to_vec()));
 }
 
+/// `skip_digest` (exports copying a layer whose diffID is known) changes nothing but the
+/// digest: the writer gives the same bytes, the applier the same tree, both report the size,
+/// and the digest they report is all zeros.
+#[test]
+fn skip_digest_writes_and_applies_the_same() {
+    require_root();
+    let work = tempdir();
+    let src = work.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    rich_tree(&src, true, b"s");
+    let hashed = tar_of(&src, WhiteoutFormat::Overlay);
+    let mut tar = Vec::new();
+    let d = write_layer(
+        &src,
+        &mut tar,
+        None,
+        &WriteOptions {
+            whiteouts: WhiteoutFormat::Overlay,
+            skip_digest: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(tar == hashed.tar, "same bytes without the digest");
+    assert_eq!(d.size, tar.len() as u64);
+    let zeros = format!("sha256:{}", "0".repeat(64));
+    assert_eq!(d.diff_id.to_string(), zeros);
+
+    let dst = work.path().join("applied");
+    let opts = ApplyOptions {
+        skip_digest: true,
+        ..Default::default()
+    };
+    let stats = apply_layer(&tar[..], &dst, None, &opts).unwrap();
+    assert_eq!(stats.size, tar.len() as u64);
+    assert_eq!(stats.diff_id.to_string(), zeros);
+    assert_same_tree(&snapshot(&src).unwrap(), &snapshot(&dst).unwrap());
+}
+
 #[test]
 fn plain_format_keeps_devices_as_devices() {
     require_root();

@@ -53,6 +53,7 @@ fuzz_target!(|data: &[u8]| {
         max_depth: 64,
         max_size: 64 << 20,
         remove_on_error: mode & 2 != 0,
+        skip_digest: false,
     };
     // Record tar-split too, so that path of the reader is exercised.
     let mut split = Vec::new();

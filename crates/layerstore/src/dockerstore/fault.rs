@@ -56,6 +56,10 @@ pub const OFFLINE_STEPS: &[&str] = &[
 ];
 
 /// Steps of the export into a containerd image store (`crates/exporter/src/containerd.rs`).
+/// After the lease, the new layers' snapshots, their tar blobs and the config and manifest are
+/// written concurrently (config and manifest once the first snapshot is prepared), so when one
+/// of the middle steps is reached the others may be done or under way; only the image record
+/// waits for all of them.
 pub const CONTAINERD_STEPS: &[&str] = &[
     // The export lease exists; nothing else.
     "containerd:lease",
@@ -65,9 +69,9 @@ pub const CONTAINERD_STEPS: &[&str] = &[
     "containerd:snapshot-written",
     // The snapshot is committed under its chainID.
     "containerd:snapshot-committed",
-    // The config blob is in the content store; no manifest.
+    // The config blob is in the content store.
     "containerd:config",
-    // The new layers' tar blobs are in the content store; no manifest.
+    // The new layers' tar blobs are in the content store.
     "containerd:layer-blobs",
     // The manifest blob is in the content store; no image record.
     "containerd:manifest",

@@ -286,6 +286,7 @@ impl SnapshotStore {
         Ok(WriteOptions {
             whiteouts: crate::tar::WhiteoutFormat::Overlay,
             omit_dirs: self.quiet_dirs(id)?,
+            skip_digest: false,
         })
     }
 

@@ -47,6 +47,9 @@ pub struct ApplyOptions {
     pub max_size: u64,
     /// Remove `dest` entirely when applying fails.
     pub remove_on_error: bool,
+    /// Do not hash the tar (the returned `diff_id` is then all zeros): for copies of a layer
+    /// whose diffID is known, where nothing reads the digest.
+    pub skip_digest: bool,
 }
 
 impl Default for ApplyOptions {
@@ -57,6 +60,7 @@ impl Default for ApplyOptions {
             max_depth: 1024,
             max_size: u64::MAX,
             remove_on_error: false,
+            skip_digest: false,
         }
     }
 }
@@ -183,7 +187,12 @@ fn apply_inner(
         source: e.into(),
     })?;
 
-    let mut tr = TarReader::new(reader, tar_split.map(TarSplitWriter::new), opts.max_size);
+    let split = tar_split.map(TarSplitWriter::new);
+    let mut tr = if opts.skip_digest {
+        TarReader::unhashed(reader, split, opts.max_size)
+    } else {
+        TarReader::new(reader, split, opts.max_size)
+    };
     let mut ap = Applier {
         root: Rc::new(root),
         cache: None,

@@ -119,10 +119,11 @@ impl Sha256 {
     }
 }
 
-/// A writer that hashes and counts everything passed through to `inner`.
+/// A writer that hashes (unless made with [`HashingWriter::counting`]) and counts everything
+/// passed through to `inner`.
 pub(crate) struct HashingWriter<W> {
     pub(crate) inner: W,
-    pub(crate) hash: Sha256,
+    pub(crate) hash: Option<Sha256>,
     pub(crate) pos: u64,
 }
 
@@ -130,7 +131,16 @@ impl<W: Write> HashingWriter<W> {
     pub(crate) fn new(inner: W) -> Self {
         HashingWriter {
             inner,
-            hash: Sha256::new(),
+            hash: Some(Sha256::new()),
+            pos: 0,
+        }
+    }
+
+    /// Counts without hashing.
+    pub(crate) fn counting(inner: W) -> Self {
+        HashingWriter {
+            inner,
+            hash: None,
             pos: 0,
         }
     }
@@ -138,16 +148,19 @@ impl<W: Write> HashingWriter<W> {
     /// Writes all of `buf`, hashing it.
     pub(crate) fn put(&mut self, buf: &[u8]) -> io::Result<()> {
         self.inner.write_all(buf)?;
-        self.hash.update(buf);
+        if let Some(h) = &mut self.hash {
+            h.update(buf);
+        }
         self.pos += buf.len() as u64;
         Ok(())
     }
 }
 
-/// A reader that hashes and counts everything read from `inner`.
+/// A reader that hashes (unless made with [`HashingReader::counting`]) and counts everything
+/// read from `inner`.
 pub(crate) struct HashingReader<R> {
     pub(crate) inner: R,
-    pub(crate) hash: Sha256,
+    pub(crate) hash: Option<Sha256>,
     pub(crate) pos: u64,
 }
 
@@ -155,7 +168,16 @@ impl<R: Read> HashingReader<R> {
     pub(crate) fn new(inner: R) -> Self {
         HashingReader {
             inner,
-            hash: Sha256::new(),
+            hash: Some(Sha256::new()),
+            pos: 0,
+        }
+    }
+
+    /// Counts without hashing.
+    pub(crate) fn counting(inner: R) -> Self {
+        HashingReader {
+            inner,
+            hash: None,
             pos: 0,
         }
     }
@@ -164,10 +186,17 @@ impl<R: Read> HashingReader<R> {
 impl<R: Read> Read for HashingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.hash.update(&buf[..n]);
+        if let Some(h) = &mut self.hash {
+            h.update(&buf[..n]);
+        }
         self.pos += n as u64;
         Ok(n)
     }
+}
+
+/// The digest of what `hash` saw; all zeros when nothing was hashed.
+pub(crate) fn finish(hash: Option<Sha256>) -> Digest {
+    hash.map(Sha256::finish).unwrap_or(Digest([0u8; 32]))
 }
 
 #[cfg(test)]

@@ -65,9 +65,18 @@ pub(crate) struct TarReader<'a, R> {
 
 impl<'a, R: Read> TarReader<'a, R> {
     pub(crate) fn new(r: R, split: Option<TarSplitWriter<'a>>, max_size: u64) -> Self {
+        Self::with_reader(HashingReader::new(r), split, max_size)
+    }
+
+    /// A reader that counts but does not hash (its [`TarReader::digest`] is all zeros).
+    pub(crate) fn unhashed(r: R, split: Option<TarSplitWriter<'a>>, max_size: u64) -> Self {
+        Self::with_reader(HashingReader::counting(r), split, max_size)
+    }
+
+    fn with_reader(r: HashingReader<R>, split: Option<TarSplitWriter<'a>>, max_size: u64) -> Self {
         TarReader {
             max_size,
-            r: HashingReader::new(r),
+            r,
             split,
             seg: Vec::with_capacity(4096),
             cur: Vec::new(),
@@ -348,7 +357,7 @@ impl<'a, R: Read> TarReader<'a, R> {
 
     /// (sha256, length) of every byte read so far.
     pub(crate) fn digest(self) -> (super::Digest, u64) {
-        (self.r.hash.finish(), self.r.pos)
+        (super::digest::finish(self.r.hash), self.r.pos)
     }
 
     /// Whether the end-of-archive marker was reached.

@@ -30,6 +30,9 @@ pub struct WriteOptions {
     /// Directories (paths relative to the tree's root, no leading or trailing `/`) left out of
     /// the tar together with everything below them.
     pub omit_dirs: Vec<Vec<u8>>,
+    /// Do not hash the tar (the returned `diff_id` is then all zeros): for copies of a layer
+    /// whose diffID is known, where nothing reads the digest.
+    pub skip_digest: bool,
 }
 
 /// What [`write_layer`] (and [`apply_layer`](super::apply_layer)) measured.
@@ -68,7 +71,14 @@ pub fn write_layer(
     .map_err(|e| io_err("open layer dir", dir, e))?;
     let mut w = LayerWriter {
         // Headers are small writes; content goes through in 1 MiB chunks.
-        out: HashingWriter::new(std::io::BufWriter::with_capacity(1 << 18, out)),
+        out: {
+            let buffered = std::io::BufWriter::with_capacity(1 << 18, out);
+            if opts.skip_digest {
+                HashingWriter::counting(buffered)
+            } else {
+                HashingWriter::new(buffered)
+            }
+        },
         split: tar_split.map(TarSplitWriter::new),
         pending: Vec::with_capacity(4096),
         links: HashMap::new(),
@@ -400,7 +410,7 @@ impl<W: Write> LayerWriter<'_, '_, W> {
         }
         self.out.inner.flush().map_err(out_err)?;
         Ok(LayerDigest {
-            diff_id: self.out.hash.finish(),
+            diff_id: super::digest::finish(self.out.hash.take()),
             size: self.out.pos,
             entries: self.entries,
         })
