@@ -513,6 +513,52 @@ async fn build_local_output_tree_status_and_incremental_resync() {
     assert!(!out3.join("out/ctx/dir/b.txt").exists());
 }
 
+/// A local sync reports its transfer progress at most every 100 ms and once at the end (as
+/// buildkitd rate-limits it), not once per received packet: the receiver's callback runs per
+/// listing entry, and a status per entry cost berthd a status event and the client a Status
+/// message per file of a large context.
+#[tokio::test(flavor = "multi_thread")]
+async fn local_sync_progress_is_rate_limited() {
+    require_root();
+    let d = Berthd::start(&[]).unwrap();
+    let c = d.client().await.unwrap();
+    let ctx = d.scratch().join("ctx");
+    for i in 0..3000 {
+        let dir = ctx.join(format!("d{:02}", i / 100));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(format!("f{i:04}")), format!("file {i}\n")).unwrap();
+    }
+    let src = local("context", &[]);
+    let sd = digest(&src.encode_to_vec());
+    let (def, digests) = definition(&[src, assemble_op(&sd)]);
+    let start = Instant::now();
+    let r = c
+        .build(BuildOptions {
+            definition: Some(def),
+            locals: [("context".to_string(), ctx.clone())].into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let took = start.elapsed();
+    assert!(r.solve.is_ok(), "{:?}\n{}", r.solve, d.log_text());
+    let transfers: Vec<_> = r
+        .statuses
+        .iter()
+        .flat_map(|m| &m.statuses)
+        .filter(|s| s.id == "transferring context:" && s.vertex == digests[0])
+        .collect();
+    // The final status carries the whole listing's size.
+    let last = transfers.last().expect("a transferring status");
+    assert!(last.completed.is_some() && last.current > 3000, "{last:?}");
+    let limit = 2 + took.as_millis() / 100;
+    assert!(
+        transfers.len() as u128 <= limit,
+        "{} transferring statuses in {took:?} (at most {limit})",
+        transfers.len()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn build_go_fixture_definition_to_tar() {
     require_root();

@@ -63,6 +63,8 @@ fn main() -> anyhow::Result<()> {
         let telemetry = telemetry::init(&telemetry::Options {
             log_format: cfg.log_format,
             log_filter,
+            // `BERTHD_LOG_SPANS=1`: a line with busy/idle time per closed span (debugging aid).
+            log_span_close: std::env::var_os("BERTHD_LOG_SPANS").is_some_and(|v| v == "1"),
             metrics: cfg.debug_address.is_some(),
             service_name: "berthd".into(),
             service_version: cli::VERSION.into(),

@@ -112,6 +112,9 @@ pub struct Options {
     pub log_format: LogFormat,
     /// `tracing_subscriber::EnvFilter` directives for the log lines (e.g. `info`).
     pub log_filter: String,
+    /// Also log one line per closed span with its busy and idle time (for finding where a
+    /// build's time goes without a trace collector; only spans the filter enables).
+    pub log_span_close: bool,
     /// Install the Prometheus recorder (berthd does when `--debugaddr` is given).
     pub metrics: bool,
     /// `service.name` of the traces unless `OTEL_SERVICE_NAME` says otherwise.
@@ -145,8 +148,14 @@ static INSTRUMENT_DOCKER: AtomicBool = AtomicBool::new(false);
 pub fn init(opts: &Options) -> Result<Telemetry> {
     let filter = tracing_subscriber::EnvFilter::try_new(&opts.log_filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let span_events = if opts.log_span_close {
+        tracing_subscriber::fmt::format::FmtSpan::CLOSE
+    } else {
+        tracing_subscriber::fmt::format::FmtSpan::NONE
+    };
     let fmt = match opts.log_format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_span_events(span_events)
             .with_writer(std::io::stderr)
             // Colours only on a terminal: `docker logs` and log files get plain text.
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -155,6 +164,7 @@ pub fn init(opts: &Options) -> Result<Telemetry> {
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .flatten_event(true)
+            .with_span_events(span_events)
             .with_writer(std::io::stderr)
             .with_filter(filter)
             .boxed(),

@@ -14,9 +14,14 @@ use super::SessionManager;
 use crate::errors::Error as DaemonError;
 use async_trait::async_trait;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 use tracing::Instrument as _;
 use worker::{Credentials, ErrorKind, LocalDiffer, LocalSync, SshAgentConn, TransferProgress};
+
+/// Least time between two transfer progress reports of one local sync (buildkitd's limit).
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Buffer of the in-memory pipe between the worker and one `ForwardAgent` stream.
 const SSH_PIPE_BUFFER: usize = 64 * 1024;
@@ -101,33 +106,45 @@ impl worker::SessionProvider for JobSession {
             differ_none: req.differ == LocalDiffer::None,
             state: req.receive_state.clone(),
         };
-        // TransferProgress is borrowed; forward byte counts through a channel.
-        let (tx, mut rx) = tokio::sync::watch::channel(0u64);
-        let cb: fsutil::receive::ProgressFn = Arc::new(move |n: u64, _last: bool| {
-            let _ = tx.send(n);
-        });
+        // The receiver calls back once per packet, so the callback only stores the count; it is
+        // reported at most every PROGRESS_INTERVAL (and once at the end), as buildkitd
+        // rate-limits its transfer status to one per 100 ms. A report per packet cost a wake-up,
+        // a status event and a Status message to the client per STAT of a no-op listing.
+        let received = Arc::new(AtomicU64::new(0));
+        let cb: fsutil::receive::ProgressFn = {
+            let received = received.clone();
+            Arc::new(move |n: u64, _last: bool| received.store(n, Ordering::Relaxed))
+        };
         let span = tracing::debug_span!(
             "local.sync",
             name = %req.name,
             bytes = tracing::field::Empty,
             changed = tracing::field::Empty,
-            state_reused = tracing::field::Empty
+            state_reused = tracing::field::Empty,
+            progress_reports = tracing::field::Empty
         );
         let fut = calls::sync_local(&session, &sync, dest.to_path_buf(), Some(cb))
             .instrument(span.clone());
         tokio::pin!(fut);
+        let mut tick = tokio::time::interval(PROGRESS_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (mut reported, mut reports) = (0u64, 0u32);
         let stats = loop {
             tokio::select! {
                 r = &mut fut => break r,
-                changed = rx.changed() => {
-                    if changed.is_ok() {
-                        progress.report(*rx.borrow());
+                _ = tick.tick() => {
+                    let n = received.load(Ordering::Relaxed);
+                    if n != reported {
+                        reported = n;
+                        reports += 1;
+                        progress.report(n);
                     }
                 }
             }
         }
         .map_err(|e| to_worker(&what, e))?;
-        progress.report(*rx.borrow());
+        progress.report(received.load(Ordering::Relaxed));
+        span.record("progress_reports", reports + 1);
         span.record("bytes", stats.bytes_written);
         span.record("changed", stats.changed);
         span.record("state_reused", stats.state_reused);
