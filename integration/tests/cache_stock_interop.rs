@@ -8,8 +8,9 @@
 //!   `cache-imports` frontend attribute, as buildctl passes `--import-cache`): every step is
 //!   CACHED and the image has stock's RUN output, not a rerun. berth finds stock's records by
 //!   BuildKit's own keys (`worker::bkkeys`, pinned there against a stock export).
-//! - berth → stock: berthd builds and exports its cache (`type=registry,mode=max`,
-//!   `type=local,mode=max`, and the inline cache of a pushed image), driven by stock buildctl;
+//! - berth → stock: berthd builds and exports its cache (`type=registry,mode=max` and
+//!   `type=local,mode=max`; berth's inline cache carries berth's records only), driven by stock
+//!   buildctl;
 //!   a fresh stock buildkitd builds the same Dockerfile with stock buildctl `--import-cache`:
 //!   stock's own progress stream (`--progress plain`; v0.11.6's buildctl has no `rawjson`)
 //!   shows every step CACHED, and stock's output has berth's RUN output.
@@ -412,7 +413,6 @@ async fn stock_buildkitd_imports_berthd_caches_with_every_step_cached() {
     let work = tempfile::tempdir().unwrap();
     let local_cache = work.path().join("cache");
     let registry_cache = format!("{addr}/berth-interop/cache:{marker}");
-    let inline_image = format!("{addr}/berth-interop/inline:{marker}");
     let dockerfile_args = |extra: &[String]| -> Vec<String> {
         let mut v: Vec<String> = [
             "build",
@@ -432,13 +432,13 @@ async fn stock_buildkitd_imports_berthd_caches_with_every_step_cached() {
         v
     };
 
-    // berthd: builds once, exports its cache three ways (the later builds are cached locally,
+    // berthd: builds once, exports its cache two ways (the later builds are cached locally,
     // so every export carries the same RUN output).
     let dockerd = PrivateDockerd::new(Default::default()).unwrap();
     let host = dockerd.engine().host();
     let berthd = Berthd::start(&["--docker-host", &host]).unwrap();
     let image = format!("berth-test/stock-exp:{marker}");
-    let exports: [(&str, Vec<String>); 3] = [
+    let exports: [(&str, Vec<String>); 2] = [
         (
             "registry",
             vec![
@@ -453,15 +453,6 @@ async fn stock_buildkitd_imports_berthd_caches_with_every_step_cached() {
             vec![
                 "--export-cache".into(),
                 format!("type=local,dest={},mode=max", local_cache.display()),
-            ],
-        ),
-        (
-            "inline",
-            vec![
-                "--export-cache".into(),
-                "type=inline".into(),
-                "--output".into(),
-                format!("type=image,name={inline_image},push=true"),
             ],
         ),
     ];
@@ -524,10 +515,9 @@ async fn stock_buildkitd_imports_berthd_caches_with_every_step_cached() {
     // A fresh stock buildkitd per cache of berth's imports it (no output, so nothing pulls
     // the result's layers after the steps): every step CACHED, as in stock's own round trip.
     // Then, with a local output, stock's files are berth's RUN output.
-    let imports: [(&str, String); 3] = [
+    let imports: [(&str, String); 2] = [
         ("registry", format!("type=registry,ref={registry_cache}")),
         ("local", format!("type=local,src={}", local_cache.display())),
-        ("inline", format!("type=registry,ref={inline_image}")),
     ];
     for (what, import) in &imports {
         let stock = Stock::start(&stock_bin, &addr);

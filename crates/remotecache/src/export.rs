@@ -59,6 +59,9 @@ pub struct Built {
     pub blobs: Vec<LayerBlob>,
     /// `oci-mediatypes`.
     pub oci: bool,
+    /// `config.records[..berth_records]` are berth's records (the rest are in stock's keys,
+    /// linking only among themselves and left out of the inline cache).
+    pub berth_records: usize,
 }
 
 /// What a written cache left: the index's descriptor (`cache.manifest` in the response).
@@ -180,6 +183,7 @@ pub async fn build(
             }]];
         }
     }
+    let berth_records = records.len();
     let stock_of = stock_records(trace, &index, &mut records, &mut results);
     let prepare = "preparing build cache for export";
     progress(prepare, false);
@@ -280,6 +284,7 @@ pub async fn build(
         config: CacheConfig { layers, records },
         blobs: layer_blobs,
         oci,
+        berth_records,
     })
 }
 
@@ -534,13 +539,19 @@ impl Built {
     /// with results given as indexes into the image's layers (a prefix of the image as its top
     /// layer, otherwise the list of layers; results with a layer the image lacks are dropped).
     /// `None` when no result is in the image.
+    ///
+    /// Only berth's records: a rebuild from the inline cache that takes a step's key from its
+    /// alias does not checksum the copy sources, so it could not write the stock records of
+    /// the copies again, and the rebuilt image's config (and digest) would differ from the
+    /// first one's (`cache_content_keyed`'s multi-platform test). Stock finds nothing in a
+    /// berth inline cache yet.
     pub fn inline_records(&self, diff_ids: &[String]) -> Option<Vec<u8>> {
         let pos: HashMap<&str, usize> = diff_ids
             .iter()
             .enumerate()
             .map(|(i, d)| (d.as_str(), i))
             .collect();
-        let mut records = self.config.records.clone();
+        let mut records = self.config.records[..self.berth_records].to_vec();
         let mut any = false;
         for r in &mut records {
             let results = std::mem::take(&mut r.results);
