@@ -749,6 +749,14 @@ impl Control {
                 store_attrs.remove("push");
                 let mut store_md = export_md.clone();
                 store_md.remove("push");
+                // Docker gets the config the pushed index names for this platform (its image ID
+                // is that config's digest): the per-platform config carries the buildinfo and
+                // inline cache computed for the ref the index is made of.
+                if let [id] = result.refs.keys().collect::<Vec<_>>()[..] {
+                    if let Some(c) = export_md.get(&format!("containerimage.config/{id}")) {
+                        store_md.insert("containerimage.config".into(), c.clone());
+                    }
+                }
                 tokio::select! {
                     r = crate::export_image::export(
                         &self.backend.image_export,
