@@ -194,27 +194,7 @@ fn encode_with(
         sources,
     })
     .expect("build info serialises");
-    base64::engine::general_purpose::STANDARD.encode(go_html_escape(json))
-}
-
-/// Go's `json.Marshal` writes `<`, `>`, `&`, U+2028 and U+2029 in strings as `\u003c`…; they
-/// cannot occur outside strings in JSON, so replacing them in the whole text is exact.
-fn go_html_escape(text: String) -> String {
-    if !text.contains(['<', '>', '&', '\u{2028}', '\u{2029}']) {
-        return text;
-    }
-    let mut out = String::with_capacity(text.len() + 16);
-    for c in text.chars() {
-        match c {
-            '<' => out.push_str("\\u003c"),
-            '>' => out.push_str("\\u003e"),
-            '&' => out.push_str("\\u0026"),
-            '\u{2028}' => out.push_str("\\u2028"),
-            '\u{2029}' => out.push_str("\\u2029"),
-            c => out.push(c),
-        }
-    }
-    out
+    base64::engine::general_purpose::STANDARD.encode(exporter::image::go_html_escape(json))
 }
 
 /// The sources of the result under `key` (`""` for a single result): what it loaded, plus what

@@ -323,8 +323,9 @@ fn to_raw<T: Serialize>(value: &T) -> Result<Box<RawValue>> {
 
 /// Go's `json.Marshal` escapes `<`, `>`, `&`, U+2028 and U+2029 in strings (so that the same
 /// history gives the same config bytes, and image ID, as upstream). Outside strings these
-/// characters cannot occur in JSON, so replacing them in the whole text is exact.
-fn go_html_escape(text: String) -> String {
+/// characters cannot occur in JSON, so replacing them in the whole text is exact. Also used for
+/// the buildinfo JSON the daemon writes into image configs.
+pub fn go_html_escape(text: String) -> String {
     if !text.contains(['<', '>', '&', '\u{2028}', '\u{2029}']) {
         return text;
     }
