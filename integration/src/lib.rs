@@ -79,6 +79,25 @@ pub use private_dockerd::{PrivateDockerd, PrivateDockerdOptions, TRIXIE_ROOT};
 pub use process::git;
 pub use registry::Registry;
 
+/// Every regular file of the tar archive at `path`, by its path in the archive (tests read
+/// exported archives with it).
+pub fn tar_files(path: &std::path::Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    use std::io::Read;
+    let mut out = std::collections::BTreeMap::new();
+    let mut ar = tar::Archive::new(std::fs::File::open(path).unwrap());
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        if e.header().entry_type() != tar::EntryType::Regular {
+            continue;
+        }
+        let p = e.path().unwrap().to_string_lossy().into_owned();
+        let mut v = Vec::new();
+        e.read_to_end(&mut v).unwrap();
+        out.insert(p, v);
+    }
+    out
+}
+
 /// A name unique to this process and call: `<prefix>-<pid>-<8 random hex digits>`.
 ///
 /// Lowercase ASCII only when `prefix` is, so it is valid as a Docker repository path component,

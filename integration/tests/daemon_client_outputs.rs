@@ -14,34 +14,17 @@
 //! Needs root, runc, overlayfs, containerd/ctr and the system Docker Engine.
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::Path;
 use std::process::Command;
 
 use integration::buildkit_client::{Berthd, BuildOptions, BuildReport, Output};
+use integration::tar_files;
 use integration::{busybox_image, require_root, unique_name, DockerEngine};
 use llb::RunOpts;
 use sha2::{Digest as _, Sha256};
 
 fn sha256(b: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(b)))
-}
-
-/// Every regular file of a tar, by path.
-fn tar_files(path: &Path) -> BTreeMap<String, Vec<u8>> {
-    let mut out = BTreeMap::new();
-    let mut ar = tar::Archive::new(std::fs::File::open(path).unwrap());
-    for e in ar.entries().unwrap() {
-        let mut e = e.unwrap();
-        if e.header().entry_type() != tar::EntryType::Regular {
-            continue;
-        }
-        let p = e.path().unwrap().to_string_lossy().into_owned();
-        let mut v = Vec::new();
-        e.read_to_end(&mut v).unwrap();
-        out.insert(p, v);
-    }
-    out
 }
 
 /// Decompresses with the system tool (`gzip -dc` / `zstd -dc`).

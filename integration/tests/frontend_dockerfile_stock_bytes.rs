@@ -9,13 +9,13 @@
 //! Needs root, runc, overlayfs and the system Docker Engine.
 
 use std::collections::BTreeMap;
-use std::io::Read as _;
 use std::path::Path;
 use std::process::Command;
 
 use base64::Engine as _;
 use integration::buildkit_client::{dockerfile_build, Berthd, Output};
 use integration::require_root;
+use integration::tar_files;
 use sha2::{Digest as _, Sha256};
 
 /// Stock's config digest (the image ID) for the Dockerfile below.
@@ -86,23 +86,6 @@ fn context(dir: &Path) {
             .unwrap();
         assert!(ok.success(), "touch {}", path.display());
     }
-}
-
-/// Regular files of the tar at `path`, by name.
-fn tar_files(path: &Path) -> BTreeMap<String, Vec<u8>> {
-    let mut out = BTreeMap::new();
-    let mut ar = tar::Archive::new(std::fs::File::open(path).unwrap());
-    for e in ar.entries().unwrap() {
-        let mut e = e.unwrap();
-        if e.header().entry_type() != tar::EntryType::Regular {
-            continue;
-        }
-        let p = e.path().unwrap().to_string_lossy().into_owned();
-        let mut v = Vec::new();
-        e.read_to_end(&mut v).unwrap();
-        out.insert(p, v);
-    }
-    out
 }
 
 fn sha256_hex(b: &[u8]) -> String {

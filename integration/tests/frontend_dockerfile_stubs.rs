@@ -7,28 +7,10 @@
 //! Needs root, runc, overlayfs and the system Docker Engine.
 
 use std::collections::BTreeMap;
-use std::io::Read as _;
-use std::path::Path;
 
 use integration::buildkit_client::{dockerfile_build, Berthd, Output};
+use integration::tar_files;
 use integration::{busybox_image, require_root, DockerEngine};
-
-/// Regular files of the tar at `path`, by name.
-fn tar_files(path: &Path) -> BTreeMap<String, Vec<u8>> {
-    let mut out = BTreeMap::new();
-    let mut ar = tar::Archive::new(std::fs::File::open(path).unwrap());
-    for e in ar.entries().unwrap() {
-        let mut e = e.unwrap();
-        if e.header().entry_type() != tar::EntryType::Regular {
-            continue;
-        }
-        let p = e.path().unwrap().to_string_lossy().into_owned();
-        let mut v = Vec::new();
-        e.read_to_end(&mut v).unwrap();
-        out.insert(p, v);
-    }
-    out
-}
 
 fn blob<'a>(files: &'a BTreeMap<String, Vec<u8>>, digest: &serde_json::Value) -> &'a [u8] {
     let d = digest.as_str().unwrap().strip_prefix("sha256:").unwrap();
